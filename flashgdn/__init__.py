@@ -1,0 +1,15 @@
+"""flashgdn: CuTe DSL kernels for the decode step of Gated Delta Net linear attention."""
+__version__ = "0.1.0"
+
+from .api import gated_delta_rule_decode, gated_delta_rule_decode_pretranspose, gated_delta_rule_mtp
+from .device import UnsupportedGPUError
+from . import reference
+
+__all__ = [
+    "gated_delta_rule_decode_pretranspose",
+    "gated_delta_rule_decode",
+    "gated_delta_rule_mtp",
+    "reference",
+    "UnsupportedGPUError",
+    "__version__",
+]

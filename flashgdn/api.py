@@ -1,0 +1,202 @@
+"""Public torch API, flashinfer-compatible (`flashinfer.gdn_decode` names, argument names and order).
+
+This layer validates, picks the kernel variant (layout, batch regime, flags), fetches it from the
+compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
+as they are (strided views included), on the current torch stream.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import validation as val
+from .cache import kernel_cache
+from .device import arch_of
+from .logging_utils import logged
+from .spec import KernelSpec
+
+CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
+
+# Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
+# wins; measured on the H100 (benchmarks/RESULTS.md).
+SMALL_REGIME_HEADS_PER_SM = 2
+
+
+def pick_regime(B: int, HV: int, sm_count: int) -> str:
+    return "small" if B * HV <= SMALL_REGIME_HEADS_PER_SM * sm_count else "large"
+
+
+def _name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def kernel_spec(
+    layout: str, p: val.Problem, io_dtype, state_dtype, gate_dtype, dt_bias_dtype, scale, use_l2norm: bool,
+    arch: str, sm_count: int, index_dtype=None, has_out_indices=False, has_intermediate=False,
+    update_state=True, has_accepted=False, softplus_beta=1.0, softplus_threshold=20.0, regime=None,
+) -> KernelSpec:
+    """The compiled variant a call with these facts uses (dtypes as torch dtypes)."""
+    return KernelSpec(
+        layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=_name(io_dtype),
+        state_dtype=_name(state_dtype), gate_dtype=_name(gate_dtype), dt_bias_dtype=_name(dt_bias_dtype),
+        scale=float(p.K ** -0.5 if scale is None else scale), use_l2norm=bool(use_l2norm), arch=arch,
+        regime=regime or pick_regime(p.B, p.HV, sm_count), softplus_beta=float(softplus_beta),
+        softplus_threshold=float(softplus_threshold), index_dtype=_name(index_dtype),
+        has_out_indices=has_out_indices, has_intermediate=has_intermediate, update_state=update_state,
+        has_accepted=has_accepted,
+    )
+
+
+_fn_memo: dict = {}  # raw call facts -> compiled function (skips building a KernelSpec per call)
+
+
+def _launch(layout, p, device, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output,
+            scale, use_l2norm, update_state, softplus_beta, softplus_threshold):
+    arch, sm_count = arch_of(device)
+    regime = pick_regime(p.B, p.HV, sm_count)
+    raw = (layout, p.H, p.HV, p.K, p.V, p.T, q.dtype, pool.dtype, a.dtype, dt_bias.dtype, scale, use_l2norm,
+           arch, regime, None if idx is None else idx.dtype, out_idx is not None, inter is not None,
+           update_state, acc is not None, softplus_beta, softplus_threshold)
+    fn = _fn_memo.get(raw)
+    if fn is None:
+        spec = kernel_spec(
+            layout, p, q.dtype, pool.dtype, a.dtype, dt_bias.dtype, scale, use_l2norm, arch, sm_count,
+            None if idx is None else idx.dtype, out_idx is not None, inter is not None, update_state,
+            acc is not None, softplus_beta, softplus_threshold, regime,
+        )
+        fn = _fn_memo[raw] = kernel_cache.get(spec)
+    if CHECK_INDICES:
+        for name, t in (("initial_state_indices", idx), ("output_state_indices", out_idx)):
+            if t is not None:
+                val.check_index_values(name, t, pool.shape[0], allow_negative=True)
+        if acc is not None:
+            val.check_index_values("accepted_tokens", acc, p.T + 1, allow_negative=False)
+    if output is None:
+        output = torch.empty(p.B, p.T, p.HV, p.V, dtype=q.dtype, device=device)
+    if p.B:
+        fn(q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output)
+    return output
+
+
+def _check_common(p, output, scale, q, **tensors) -> torch.device:
+    val.check_output(output, p, q.dtype)
+    val.check_scale(scale)
+    return val.check_devices(dict(q=q, output=output, **tensors))
+
+
+@logged
+def gated_delta_rule_decode_pretranspose(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[torch.Tensor],
+    A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
+    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
+    initial_state: Optional[torch.Tensor] = None, initial_state_indices: Optional[torch.Tensor] = None,
+    output_state_indices: Optional[torch.Tensor] = None, *,
+    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decode step, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K]
+    read at `initial_state_indices` [B] and written at `output_state_indices` [B] (default: the
+    same slots). A negative index marks padding: its output row is zero and no state is touched.
+
+    q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]; A_log [HV] fp32; dt_bias [HV].
+    Returns (output [B, 1, HV, V] in q's dtype, the updated state or pool).
+    """
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
+    if initial_state is not None:
+        if initial_state_indices is None:
+            raise ValueError("initial_state (a state pool) needs initial_state_indices [B]")
+        if state is not None and state is not initial_state:
+            raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
+        pool = initial_state
+        val.check_state("initial_state", pool, (None,), p, kv_last=True)
+        val.check_indices("initial_state_indices", initial_state_indices, p)
+        if output_state_indices is not None:
+            val.check_indices("output_state_indices", output_state_indices, p)
+            if output_state_indices.dtype != initial_state_indices.dtype:
+                raise TypeError(
+                    f"output_state_indices must have the dtype of initial_state_indices "
+                    f"({initial_state_indices.dtype}), got {output_state_indices.dtype}"
+                )
+    else:
+        if initial_state_indices is not None or output_state_indices is not None:
+            raise ValueError("initial_state_indices / output_state_indices need the pool initial_state")
+        if state is None:
+            raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
+        pool = state
+        val.check_state("state", pool, (p.B,), p, kv_last=True)
+    device = _check_common(
+        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool,
+        initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
+    )
+    out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
+                  output_state_indices, None, None, output, scale, use_qk_l2norm, True,
+                  softplus_beta, softplus_threshold)
+    return out, pool
+
+
+@logged
+def gated_delta_rule_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+    A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
+    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True, *,
+    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decode step, state K-major: `state` [B, HV, K, V] (V contiguous), updated in place.
+
+    q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
+    """
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
+    val.check_state("state", state, (p.B,), p, kv_last=False)
+    device = _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
+    out = _launch("kmajor", p, device, q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
+                  output, scale, use_qk_l2norm, True, softplus_beta, softplus_threshold)
+    return out, state
+
+
+@logged
+def gated_delta_rule_mtp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor,
+    initial_state_indices: torch.Tensor, A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor,
+    b: torch.Tensor, scale: Optional[float] = None, output: Optional[torch.Tensor] = None,
+    intermediate_states_buffer: Optional[torch.Tensor] = None, disable_state_update: bool = False,
+    use_qk_l2norm: bool = True, *, accepted_tokens: Optional[torch.Tensor] = None,
+    output_state_indices: Optional[torch.Tensor] = None,
+    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """T tokens per sequence (speculative-decode verify) in one launch; pool [P, HV, V, K].
+
+    q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]. `intermediate_states_buffer`
+    [B, >=T, HV, V, K] (state dtype) receives the state after every token. With
+    `disable_state_update` the pool is left untouched. `accepted_tokens` [B] int32 (beyond
+    flashinfer) commits the state after that many tokens (0..T) instead of after T.
+    Returns (output [B, T, HV, V], pool).
+    """
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
+    val.check_state("initial_state", initial_state, (None,), p, kv_last=True)
+    val.check_indices("initial_state_indices", initial_state_indices, p)
+    if output_state_indices is not None:
+        val.check_indices("output_state_indices", output_state_indices, p)
+        if output_state_indices.dtype != initial_state_indices.dtype:
+            raise TypeError("output_state_indices must have the dtype of initial_state_indices")
+    if intermediate_states_buffer is not None:
+        val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
+                        kv_last=True, dtype=initial_state.dtype)
+        if intermediate_states_buffer.shape[1] < p.T:
+            raise ValueError(
+                f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
+            )
+    if accepted_tokens is not None:
+        val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
+        val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)
+        if disable_state_update:
+            raise ValueError("accepted_tokens selects the state to commit; it cannot go with disable_state_update=True")
+    device = _check_common(
+        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
+        initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
+        intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
+    )
+    out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
+                  output_state_indices, accepted_tokens, intermediate_states_buffer, output, scale,
+                  use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold)
+    return out, initial_state

@@ -1,0 +1,1 @@
+"""Benchmark support: timing core, metrics and the flashgdn-bench CLI."""

@@ -1,0 +1,35 @@
+"""GPU gating: which compute capabilities the kernels are built for, and cached device facts."""
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import torch
+
+# compute capability -> CuTe DSL target. Hopper is verified on hardware; Blackwell (SM100/SM103)
+# is compiled in CI and correct by construction, but not yet run on hardware.
+SUPPORTED_ARCHS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
+
+
+class UnsupportedGPUError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts(index: int) -> Tuple[str, int]:
+    """(target arch, SM count) of CUDA device `index`; raises for GPUs we do not build for."""
+    props = torch.cuda.get_device_properties(index)
+    cc = (props.major, props.minor)
+    arch = SUPPORTED_ARCHS.get(cc)
+    if arch is None:
+        supported = ", ".join(f"SM{a}{b}" for a, b in SUPPORTED_ARCHS)
+        raise UnsupportedGPUError(
+            f"flashgdn kernels support {supported} (Hopper H100/H200, Blackwell B200/B300); "
+            f"{props.name} is SM{cc[0]}{cc[1]}, which is not supported"
+        )
+    return arch, props.multi_processor_count
+
+
+def arch_of(device: torch.device) -> Tuple[str, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return device_facts(index)

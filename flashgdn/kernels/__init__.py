@@ -1,0 +1,1 @@
+"""Kernel layer: CuTe DSL kernels and their compilation (never imports torch)."""

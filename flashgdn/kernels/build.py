@@ -1,0 +1,128 @@
+"""Compile a kernel variant once, against fake tensors, into a TVM-FFI callable.
+
+Batch size and pool size are symbolic, so one compiled function serves every batch. The callable
+takes torch tensors (through DLPack) in the order of `argument_names(spec)` and launches on the
+current torch stream. This module is the kernel layer's only entry point; it never imports torch.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import cutlass
+import cutlass.cute as cute
+from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+from ..spec import KernelSpec
+from .common import CUTLASS_DTYPES, vec_elems
+from .klast import KLastDecode
+from .kmajor import KMajorDecode
+
+# CTA shapes by (layout, regime, state dtype): (warps, rows per thread, lanes per row) for K-last,
+# (warps, row lanes) for K-major. Chosen on the H100 with benchmarks/tune.py
+# (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. K-last with T > 1 uses the MTP table.
+TILES = {
+    ("klast", "small", "float32"): (4, 1, 16),
+    ("klast", "large", "float32"): (4, 2, 16),
+    ("klast", "small", "bfloat16"): (4, 2, 16),
+    ("klast", "large", "bfloat16"): (4, 2, 8),
+    ("mtp", "small", "float32"): (4, 1, 4),
+    ("mtp", "large", "float32"): (4, 2, 8),
+    ("mtp", "small", "bfloat16"): (4, 1, 4),
+    ("mtp", "large", "bfloat16"): (4, 2, 8),
+    ("kmajor", "small", "float32"): (8, 4),
+    ("kmajor", "large", "float32"): (4, 2),
+    ("kmajor", "small", "bfloat16"): (8, 4),
+    ("kmajor", "large", "bfloat16"): (4, 4),
+}
+
+
+def tile_for(spec: KernelSpec) -> tuple:
+    if spec.tile is not None:
+        return spec.tile
+    table = "mtp" if spec.layout == "klast" and spec.T > 1 else spec.layout
+    if spec.layout == "klast":
+        warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]
+        lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
+        # Small head dims: keep at least one full tile per head.
+        while warps * (32 // lanes) * rows > spec.V and rows > 1:
+            rows //= 2
+        while warps * (32 // lanes) * rows > spec.V:
+            warps //= 2
+        return warps, rows, lanes
+    warps, row_lanes = TILES[(table, spec.regime, spec.state_dtype)]
+    while (32 // row_lanes) * vec_elems(spec.state_dtype) > spec.V:
+        row_lanes *= 2  # more row lanes, fewer column lanes: the column tile fits in V
+    while warps * row_lanes > spec.K:
+        warps //= 2
+    return warps, row_lanes
+
+
+def make_kernel(spec: KernelSpec):
+    tile = tile_for(spec)
+    if spec.layout == "klast":
+        return KLastDecode(spec, num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
+    return KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
+
+
+def argument_names(spec: KernelSpec) -> tuple[str, ...]:
+    """Order of the compiled function's tensor arguments (None where a tensor is absent)."""
+    return (
+        "q", "k", "v", "a", "b", "A_log", "dt_bias", "state", "state_indices",
+        "output_state_indices", "accepted_tokens", "intermediate_states", "output",
+    )
+
+
+def _strided(dtype, shape, divisibility: int, inner_static: tuple = (1,)):
+    """Fake tensor whose trailing strides are static and whose leading strides are dynamic
+    (64-bit, multiples of `divisibility` elements, so 16-byte accesses stay provably aligned)."""
+    n_dyn = len(shape) - len(inner_static)
+    stride = tuple(cute.sym_int64(divisibility=divisibility) for _ in range(n_dyn)) + tuple(inner_static)
+    align = max(divisibility * dtype.width // 8, dtype.width // 8)
+    return make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
+
+
+def fake_arguments(spec: KernelSpec) -> tuple:
+    io = CUTLASS_DTYPES[spec.io_dtype]
+    st = CUTLASS_DTYPES[spec.state_dtype]
+    gate = CUTLASS_DTYPES[spec.gate_dtype]
+    B = cute.sym_int()
+    T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
+    io_div = vec_elems(spec.io_dtype)
+    st_div = vec_elems(spec.state_dtype)
+    q = _strided(io, (B, T, H, K), io_div)
+    k = _strided(io, (B, T, H, K), io_div)
+    v = _strided(io, (B, T, HV, V), io_div)
+    a = _strided(gate, (B, T, HV), 1)
+    b = _strided(gate, (B, T, HV), 1)
+    a_log = make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4)
+    dt_bias = make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,))
+    rows, cols = (V, K) if spec.layout == "klast" else (K, V)
+    pool = cute.sym_int() if spec.pool else B
+    state = _strided(st, (pool, HV, rows, cols), st_div, inner_static=(rows * cols, cols, 1))
+    idx_t = CUTLASS_DTYPES[spec.index_dtype] if spec.pool else None
+    idx = make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool else None
+    out_idx = make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None
+    acc = make_fake_tensor(cutlass.Int32, (B,), stride=(1,)) if spec.has_accepted else None
+    inter = (
+        _strided(st, (B, cute.sym_int(), HV, rows, cols), st_div, inner_static=(rows * cols, cols, 1))
+        if spec.has_intermediate
+        else None
+    )
+    out = _strided(io, (B, T, HV, V), 1)
+    return (q, k, v, a, b, a_log, dt_bias, state, idx, out_idx, acc, inter, out)
+
+
+def compile_kernel(spec: KernelSpec, *, keep_dir: Optional[str] = None) -> Callable:
+    """Compile `spec` for `spec.arch`; returns the TVM-FFI callable (no GPU needed to compile)."""
+    options = f"--enable-tvm-ffi --gpu-arch={spec.arch}"
+    if keep_dir:
+        options += f" --keep-ptx --keep-cubin --dump-dir={keep_dir}"
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    return cute.compile(make_kernel(spec), *fake_arguments(spec), stream, options=options)
+
+
+def timed_compile(spec: KernelSpec, **kw) -> tuple[Callable, float]:
+    start = time.perf_counter()
+    fn = compile_kernel(spec, **kw)
+    return fn, time.perf_counter() - start

@@ -1,0 +1,119 @@
+"""Device helpers shared by the GDN decode kernels: dtypes, gates, q/k norms, slot resolution.
+
+Everything here is traced into the calling kernel; nothing allocates shared memory or synchronises
+the CTA, so a kernel built from these helpers has no serial CTA-wide phase.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, const_expr
+
+CUTLASS_DTYPES = {
+    "float32": cutlass.Float32,
+    "bfloat16": cutlass.BFloat16,
+    "float16": cutlass.Float16,
+    "int32": cutlass.Int32,
+    "int64": cutlass.Int64,
+}
+
+L2NORM_EPS = 1e-6
+VEC_BYTES = 16  # one 128-bit global access per lane and chunk
+
+# Row status computed by resolve_slots.
+RUN, PADDING, INVALID = 0, 1, 2
+
+
+def vec_elems(dtype_name: str) -> int:
+    """Elements of `dtype_name` in one 16-byte access."""
+    return VEC_BYTES * 8 // CUTLASS_DTYPES[dtype_name].width
+
+
+@cute.jit
+def softplus(x: Float32, beta: cutlass.Constexpr[float], threshold: cutlass.Constexpr[float]) -> Float32:
+    """torch.nn.functional.softplus: linear above `threshold` (in units of beta * x)."""
+    bx = x * Float32(beta)
+    out = x
+    if bx <= Float32(threshold):
+        out = cute.math.log1p(cute.math.exp(bx))
+        if const_expr(beta != 1.0):
+            out = out * Float32(1.0 / beta)
+    return out
+
+
+@cute.jit
+def gdn_gates(
+    mA: cute.Tensor,
+    mB: cute.Tensor,
+    mALog: cute.Tensor,
+    mDtBias: cute.Tensor,
+    b: Int32,
+    t: Int32,
+    hv: Int32,
+    sp_beta: cutlass.Constexpr[float],
+    sp_threshold: cutlass.Constexpr[float],
+):
+    """Decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b), in fp32."""
+    x = mA[b, t, hv].to(Float32) + mDtBias[hv].to(Float32)
+    g = cute.math.exp(-cute.math.exp(mALog[hv].to(Float32)) * softplus(x, sp_beta, sp_threshold))
+    beta = Float32(1.0) / (Float32(1.0) + cute.math.exp(-mB[b, t, hv].to(Float32)))
+    return g, beta
+
+
+@cute.jit
+def qk_factors(
+    sum_qq: Float32,
+    sum_kk: Float32,
+    sum_qk: Float32,
+    group: cutlass.Constexpr[int],
+    use_l2norm: cutlass.Constexpr[bool],
+    scale: cutlass.Constexpr[float],
+):
+    """Reduce per-lane partial sums over a lane group; return (q_factor, k_factor, k_hat . q_hat).
+
+    The caller holds raw q and k: q_hat = q * q_factor (scale included), k_hat = k * k_factor.
+    """
+    sum_qk = cute.arch.warp_reduction_sum(sum_qk, threads_in_group=group)
+    q_factor = Float32(scale)
+    k_factor = Float32(1.0)
+    if const_expr(use_l2norm):
+        sum_qq = cute.arch.warp_reduction_sum(sum_qq, threads_in_group=group)
+        sum_kk = cute.arch.warp_reduction_sum(sum_kk, threads_in_group=group)
+        q_factor = cute.math.rsqrt(sum_qq + Float32(L2NORM_EPS)) * Float32(scale)
+        k_factor = cute.math.rsqrt(sum_kk + Float32(L2NORM_EPS))
+    return q_factor, k_factor, sum_qk * q_factor * k_factor
+
+
+@cute.jit
+def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int]):
+    """Read/write slots of batch row b (64-bit), tokens to commit, and the row status.
+
+    status RUN; PADDING for a negative index (zero output, state untouched); INVALID for an index
+    >= pool size or accepted tokens outside [0, T] (NaN output so the error shows, state untouched).
+    """
+    read_slot = Int64(b)
+    if const_expr(mIdx is not None):
+        read_slot = Int64(mIdx[b])
+    write_slot = read_slot
+    if const_expr(mOutIdx is not None):
+        write_slot = Int64(mOutIdx[b])
+    accepted = Int32(num_tokens)
+    if const_expr(mAcc is not None):
+        accepted = Int32(mAcc[b])
+    status = Int32(RUN)
+    if read_slot < Int64(0) or write_slot < Int64(0):
+        status = Int32(PADDING)
+    elif read_slot >= Int64(pool_size) or write_slot >= Int64(pool_size):
+        status = Int32(INVALID)
+    elif accepted < Int32(0) or accepted > Int32(num_tokens):
+        status = Int32(INVALID)
+    return read_slot, write_slot, accepted, status
+
+
+@cute.jit
+def skipped_output(status: Int32) -> Float32:
+    """Output value of a row that does not run: 0 for padding, NaN for an invalid row."""
+    out = Float32(0.0)
+    if status == Int32(INVALID):
+        out = Float32(float("nan"))
+    return out

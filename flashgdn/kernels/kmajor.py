@@ -1,0 +1,164 @@
+"""K-major GDN decode kernel: state [B, HV, K, V] (V contiguous), one token per sequence.
+
+One CTA owns a tile of value columns of one (sequence, value head) across all K rows. Within a
+warp, `row_lanes` consecutive lanes hold different rows of the same 16-byte column chunk, and the
+warps split the remaining rows; so the reductions over K (S^T k and S^T q, both taken from the
+state before the update: o = g S^T q + u (k . q)) are a lane-group butterfly, then one shared-memory
+exchange across warps and a single CTA barrier. Every state element is read and written once.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, const_expr
+
+from ..spec import KernelSpec
+from . import common
+from .common import CUTLASS_DTYPES
+
+
+class KMajorDecode:
+    def __init__(self, spec: KernelSpec, num_warps: int, row_lanes: int):
+        self.spec = spec
+        self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
+        self.io_dtype = CUTLASS_DTYPES[spec.io_dtype]
+        self.vec = common.vec_elems(spec.state_dtype)
+        self.num_warps = num_warps
+        self.row_lanes = row_lanes
+        self.col_lanes = 32 // row_lanes
+        self.cols_per_cta = self.col_lanes * self.vec
+        self.row_step = num_warps * row_lanes
+        if spec.V % self.cols_per_cta or spec.K % self.row_step:
+            raise ValueError(
+                f"K={spec.K}, V={spec.V} do not tile by {self.row_step} rows x {self.cols_per_cta} columns"
+            )
+        self.num_tiles = spec.V // self.cols_per_cta
+        self.rows_per_thread = spec.K // self.row_step
+        self.norm_elems = spec.K // 32  # q/k elements per lane for the norms (whole warp)
+
+    @cute.jit
+    def __call__(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO, stream):
+        grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
+        self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
+            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mA: cute.Tensor,
+        mB: cute.Tensor,
+        mALog: cute.Tensor,
+        mDtBias: cute.Tensor,
+        mS: cute.Tensor,
+        mIdx,
+        mOutIdx,
+        mAcc,
+        mInter,
+        mO: cute.Tensor,
+    ):
+        spec = self.spec
+        VEC = self.vec
+        RL = self.row_lanes
+        M = self.rows_per_thread
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        tile = bidx % self.num_tiles
+        bh = bidx // self.num_tiles
+        hv = bh % spec.HV
+        b = bh // spec.HV
+        h = hv // (spec.HV // spec.H)
+        rl = lane % RL
+        col_chunk = tile * self.col_lanes + lane // RL
+        row0 = warp * RL + rl
+
+        smem = cutlass.utils.SmemAllocator()
+        sPart = None
+        if const_expr(self.num_warps > 1):
+            sPart = smem.allocate_tensor(
+                Float32, cute.make_layout((2 * VEC, self.col_lanes, self.num_warps)), byte_alignment=16
+            )
+
+        _, _, _, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], 1)
+        gO = cute.local_tile(mO[b, 0, hv, None], (VEC,), (col_chunk,))
+        writes_output = warp == 0 and rl == 0
+        if status == common.RUN:
+            mRows = mS[b, hv, None, None]
+            rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
+            for m in cutlass.range_constexpr(M):
+                cute.autovec_copy(
+                    cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,)), rRaw[None, m]
+                )
+            rS = cute.make_rmem_tensor((VEC, M), Float32)
+            rS.store(rRaw.load().to(Float32))
+
+            g, beta = common.gdn_gates(mA, mB, mALog, mDtBias, b, 0, hv, spec.softplus_beta, spec.softplus_threshold)
+            # Norms: the whole warp covers K, each lane a contiguous slice.
+            rQn = cute.make_rmem_tensor((self.norm_elems,), self.io_dtype)
+            rKn = cute.make_rmem_tensor((self.norm_elems,), self.io_dtype)
+            cute.autovec_copy(cute.local_tile(mQ[b, 0, h, None], (self.norm_elems,), (lane,)), rQn)
+            cute.autovec_copy(cute.local_tile(mK[b, 0, h, None], (self.norm_elems,), (lane,)), rKn)
+            qn = rQn.load().to(Float32)
+            kn = rKn.load().to(Float32)
+            sum_qq = Float32(0.0)
+            sum_kk = Float32(0.0)
+            sum_qk = Float32(0.0)
+            for e in cutlass.range_constexpr(self.norm_elems):
+                sum_qq += qn[e] * qn[e]
+                sum_kk += kn[e] * kn[e]
+                sum_qk += qn[e] * kn[e]
+            q_factor, k_factor, kq = common.qk_factors(sum_qq, sum_kk, sum_qk, 32, spec.use_l2norm, spec.scale)
+
+            # Partial S^T k and S^T q over this thread's rows (raw q: its factor is applied later).
+            rDot = cute.make_rmem_tensor((2 * VEC,), Float32)
+            rDot.fill(0.0)
+            rKr = cute.make_rmem_tensor((M,), Float32)
+            for m in cutlass.range_constexpr(M):
+                row = row0 + m * self.row_step
+                rKr[m] = mK[b, 0, h, row].to(Float32) * k_factor
+                q_m = mQ[b, 0, h, row].to(Float32)
+                for e in cutlass.range_constexpr(VEC):
+                    rDot[e] += rS[e, m] * rKr[m]
+                    rDot[VEC + e] += rS[e, m] * q_m
+            for e in cutlass.range_constexpr(2 * VEC):
+                rDot[e] = cute.arch.warp_reduction_sum(rDot[e], threads_in_group=RL)
+            if const_expr(self.num_warps > 1):
+                if rl == 0:
+                    for e in cutlass.range_constexpr(2 * VEC):
+                        sPart[e, lane // RL, warp] = rDot[e]
+                cute.arch.barrier()
+                for e in cutlass.range_constexpr(2 * VEC):
+                    acc = Float32(0.0)
+                    for w in cutlass.range_constexpr(self.num_warps):
+                        acc += sPart[e, lane // RL, w]
+                    rDot[e] = acc
+
+            rVraw = cute.make_rmem_tensor((VEC,), self.io_dtype)
+            cute.autovec_copy(cute.local_tile(mV[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
+            vv = rVraw.load().to(Float32)
+            rU = cute.make_rmem_tensor((VEC,), Float32)
+            rOut = cute.make_rmem_tensor((VEC,), Float32)
+            for e in cutlass.range_constexpr(VEC):
+                rU[e] = (vv[e] - g * rDot[e]) * beta
+                rOut[e] = g * rDot[VEC + e] * q_factor + rU[e] * kq
+            for m in cutlass.range_constexpr(M):
+                for e in cutlass.range_constexpr(VEC):
+                    rS[e, m] = g * rS[e, m] + rKr[m] * rU[e]
+            rRaw.store(rS.load().to(self.state_dtype))
+            for m in cutlass.range_constexpr(M):
+                cute.autovec_copy(
+                    rRaw[None, m], cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,))
+                )
+            if writes_output:
+                rO = cute.make_rmem_tensor((VEC,), mO.element_type)
+                rO.store(rOut.load().to(mO.element_type))
+                cute.autovec_copy(rO, gO)
+        else:
+            if writes_output:
+                rO = cute.make_rmem_tensor((VEC,), mO.element_type)
+                rO.fill(common.skipped_output(status).to(mO.element_type))
+                cute.autovec_copy(rO, gO)

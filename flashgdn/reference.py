@@ -1,0 +1,146 @@
+"""Plain torch reference of the GDN decode functions: the oracle for tests and `--verify`.
+
+Runs on any device, computes in fp32 (or fp64 with `compute_dtype=torch.float64`), and follows
+the public API exactly (pools, padding, separate write slots, intermediate states, accepted
+tokens). The state is updated in place, like the kernels, and stored back in its own dtype only
+after the last token (intermediate states are rounded copies), as the kernels do.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+L2NORM_EPS = 1e-6
+
+
+def gates(A_log, a, dt_bias, b, softplus_beta=1.0, softplus_threshold=20.0, dtype=torch.float32):
+    """g = exp(-exp(A_log) * softplus(a + dt_bias)), beta = sigmoid(b); a, b [..., HV]."""
+    x = a.to(dtype) + dt_bias.to(dtype)
+    sp = F.softplus(x, beta=softplus_beta, threshold=softplus_threshold)
+    g = torch.exp(-torch.exp(A_log.to(dtype)) * sp)
+    return g, torch.sigmoid(b.to(dtype))
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def step(S, q, k, v, g, beta):
+    """One token of the recurrence for a batch of heads, written as in the paper.
+
+    S [N, HV, K, V]; q, k [N, HV, K]; v [N, HV, V]; g, beta [N, HV]. Returns (o, S_new).
+    """
+    S = S * g[..., None, None]
+    u = (v - torch.einsum("nhkv,nhk->nhv", S, k)) * beta[..., None]
+    S = S + k[..., :, None] * u[..., None, :]
+    return torch.einsum("nhkv,nhk->nhv", S, q), S
+
+
+def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta, softplus_threshold, dtype):
+    """Run T tokens for N sequences. S [N, HV, K, V] in `dtype`; returns (o [N,T,HV,V], states list)."""
+    N, T, H, K = q.shape
+    HV = v.shape[2]
+    if scale is None:
+        scale = K ** -0.5
+    qf, kf = q.to(dtype), k.to(dtype)
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    qf = qf * scale
+    rep = HV // H
+    qf = qf.repeat_interleave(rep, dim=2)
+    kf = kf.repeat_interleave(rep, dim=2)
+    g, beta = gates(A_log, a, dt_bias, b, softplus_beta, softplus_threshold, dtype)
+    outs, states = [], []
+    for t in range(T):
+        o, S = step(S, qf[:, t], kf[:, t], v[:, t].to(dtype), g[:, t], beta[:, t])
+        outs.append(o)
+        states.append(S)
+    return torch.stack(outs, 1), states
+
+
+def _decode(
+    q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, kv_last, scale, use_qk_l2norm,
+    output, intermediate_states_buffer=None, update_state=True, accepted_tokens=None,
+    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
+):
+    B, T = q.shape[:2]
+    HV, V = v.shape[2], v.shape[3]
+    out = torch.zeros(B, T, HV, V, dtype=q.dtype, device=q.device)
+    if read_idx is None:
+        read_idx = torch.arange(B, device=q.device)
+    write_idx = read_idx if write_idx is None else write_idx
+    run = (read_idx >= 0) & (write_idx >= 0)
+    # Rows the kernels refuse (slot past the pool, accepted count outside [0, T]) get NaN output.
+    bad = run & ((read_idx >= pool.shape[0]) | (write_idx >= pool.shape[0]))
+    if accepted_tokens is not None:
+        bad |= run & ((accepted_tokens < 0) | (accepted_tokens > T))
+    out[bad] = float("nan")
+    run &= ~bad
+    rows = torch.nonzero(run).flatten()
+    if rows.numel():
+        ri, wi = read_idx[rows].long(), write_idx[rows].long()
+        S = pool[ri].to(compute_dtype)
+        if kv_last:
+            S = S.transpose(-1, -2)
+        o, states = _recur(
+            q[rows], k[rows], v[rows], a[rows], b[rows], A_log, dt_bias, S, scale, use_qk_l2norm,
+            softplus_beta, softplus_threshold, compute_dtype,
+        )
+        out[rows] = o.to(q.dtype)
+        as_stored = (lambda s: s.transpose(-1, -2)) if kv_last else (lambda s: s)
+        if intermediate_states_buffer is not None:
+            for t, s in enumerate(states):
+                intermediate_states_buffer[rows, t] = as_stored(s).to(intermediate_states_buffer.dtype)
+        if update_state:
+            final = torch.stack([S] + states, 1)  # [n, T+1, ...]: state after 0..T tokens
+            n_acc = torch.full_like(rows, T) if accepted_tokens is None else accepted_tokens[rows].long()
+            chosen = final[torch.arange(rows.numel(), device=q.device), n_acc]
+            pool[wi] = as_stored(chosen).to(pool.dtype)
+    if output is not None:
+        output.copy_(out)
+        out = output
+    return out
+
+
+def gated_delta_rule_decode_pretranspose(
+    q, k, v, state, A_log, a, dt_bias, b, scale=None, output=None, use_qk_l2norm=True,
+    initial_state=None, initial_state_indices=None, output_state_indices=None, *,
+    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
+):
+    """Reference of flashgdn.gated_delta_rule_decode_pretranspose (state [B|P, HV, V, K])."""
+    pool = initial_state if initial_state is not None else state
+    out = _decode(
+        q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, True,
+        scale, use_qk_l2norm, output, softplus_beta=softplus_beta,
+        softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
+    )
+    return out, pool
+
+
+def gated_delta_rule_decode(
+    q, k, v, state, A_log, a, dt_bias, b, scale=None, output=None, use_qk_l2norm=True, *,
+    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
+):
+    """Reference of flashgdn.gated_delta_rule_decode (state [B, HV, K, V])."""
+    out = _decode(
+        q, k, v, a, b, A_log, dt_bias, state, None, None, False, scale, use_qk_l2norm, output,
+        softplus_beta=softplus_beta, softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
+    )
+    return out, state
+
+
+def gated_delta_rule_mtp(
+    q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale=None, output=None,
+    intermediate_states_buffer=None, disable_state_update=False, use_qk_l2norm=True, *,
+    accepted_tokens: Optional[torch.Tensor] = None, output_state_indices=None,
+    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
+):
+    """Reference of flashgdn.gated_delta_rule_mtp (pool [P, HV, V, K], T tokens per sequence)."""
+    out = _decode(
+        q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
+        True, scale, use_qk_l2norm, output, intermediate_states_buffer, not disable_state_update,
+        accepted_tokens, softplus_beta, softplus_threshold, compute_dtype,
+    )
+    return out, initial_state

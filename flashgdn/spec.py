@@ -1,0 +1,93 @@
+"""Static description of one compiled kernel variant: the compile-cache key.
+
+Plain Python (no torch, no CuTe) so that both the API layer and the kernel layer can use it.
+Everything in here changes the generated code; nothing in here depends on the batch size or
+on the pool size, which stay dynamic in the compiled kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+IO_DTYPES = ("bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")
+GATE_DTYPES = ("bfloat16", "float16", "float32")
+DT_BIAS_DTYPES = ("float32", "bfloat16")
+INDEX_DTYPES = ("int32", "int64")
+ARCHS = ("sm_90a", "sm_100a", "sm_103a")
+LAYOUTS = ("klast", "kmajor")  # state [.., V, K] ("pretranspose") or [.., K, V]
+REGIMES = ("small", "large")
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Compile-time facts of one GDN decode kernel variant (hashable: the cache key)."""
+
+    layout: str  # "klast" or "kmajor"
+    H: int
+    HV: int
+    K: int
+    V: int
+    T: int
+    io_dtype: str  # q, k, v and output
+    state_dtype: str
+    gate_dtype: str  # a and b
+    dt_bias_dtype: str
+    scale: float
+    use_l2norm: bool
+    arch: str
+    regime: str
+    softplus_beta: float = 1.0
+    softplus_threshold: float = 20.0
+    index_dtype: Optional[str] = None  # None: dense state indexed by batch row
+    has_out_indices: bool = False
+    has_intermediate: bool = False
+    update_state: bool = True
+    has_accepted: bool = False
+    tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the regime's
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}"),
+            (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
+            (1 <= self.T <= 64, "T must be in [1, 64]"),
+            (self.io_dtype in IO_DTYPES, f"io_dtype must be one of {IO_DTYPES}"),
+            (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
+            (self.gate_dtype in GATE_DTYPES, f"gate_dtype must be one of {GATE_DTYPES}"),
+            (self.dt_bias_dtype in DT_BIAS_DTYPES, f"dt_bias_dtype must be one of {DT_BIAS_DTYPES}"),
+            (self.index_dtype in (None,) + INDEX_DTYPES, f"index_dtype must be None or one of {INDEX_DTYPES}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
+            (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
+            (self.index_dtype is not None or not self.has_out_indices, "out indices need a pool"),
+            (self.layout == "klast" or (self.T == 1 and self.index_dtype is None), "kmajor is dense T=1 only"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid KernelSpec: {msg} (got {self})")
+
+    @property
+    def pool(self) -> bool:
+        return self.index_dtype is not None
+
+    def short_name(self) -> str:
+        """A compact, human-readable label for logs and benchmark tables."""
+        parts = [
+            self.layout, f"T{self.T}", f"H{self.H}", f"HV{self.HV}", f"K{self.K}", f"V{self.V}",
+            self.io_dtype, f"state-{self.state_dtype}", self.regime, self.arch,
+        ]
+        if self.pool:
+            parts.append("pool")
+        if self.has_intermediate:
+            parts.append("inter")
+        if not self.update_state:
+            parts.append("noupdate")
+        if self.has_accepted:
+            parts.append("accepted")
+        if not self.use_l2norm:
+            parts.append("nol2")
+        return "/".join(parts)

@@ -1,0 +1,150 @@
+"""Argument checks run before any kernel touches memory.
+
+Each failure raises TypeError (wrong type or dtype) or ValueError (shape, stride, alignment,
+device, value) naming the argument, what was expected and what came. Nothing here reads tensor
+values on the GPU (no host sync), except `check_index_values`, which the API runs only when
+FLASHGDN_CHECK_INDICES=1 (debugging); without it the kernels themselves turn an out-of-range
+slot or accepted count into a NaN output row and leave the state untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from .spec import SUPPORTED_HEAD_DIMS
+
+IO_DTYPES = (torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+MAX_TOKENS = 16
+ALIGN = 16  # bytes: kernels use 16-byte vector accesses
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(_dtype_name(d) for d in dtypes)
+
+
+def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]]) -> None:
+    """Type, dtype and shape (None entries are free) of one tensor argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {_dtype_name(t.dtype)}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_inner_contiguous(name: str, t: torch.Tensor, inner: int, align_leading: bool) -> None:
+    """The last `inner` dims are packed row-major; with `align_leading`, every other stride keeps
+    16-byte alignment and the data pointer is 16-byte aligned (strided views are fine)."""
+    expect = 1
+    for d in range(t.dim() - 1, t.dim() - 1 - inner, -1):
+        if t.shape[d] != 1 and t.stride(d) != expect:
+            dims = "last dim" if inner == 1 else f"last {inner} dims"
+            raise ValueError(
+                f"{name} must have its {dims} contiguous (expected stride {expect} at dim {d}), "
+                f"got strides {list(t.stride())}"
+            )
+        expect *= t.shape[d]
+    if align_leading:
+        elems = ALIGN // t.element_size()
+        for d in range(t.dim() - inner):
+            if t.shape[d] != 1 and t.stride(d) % elems:
+                raise ValueError(
+                    f"{name} stride {t.stride(d)} at dim {d} must be a multiple of {elems} elements "
+                    f"({ALIGN} bytes), got strides {list(t.stride())}"
+                )
+        if t.data_ptr() % ALIGN:
+            raise ValueError(f"{name} data pointer must be {ALIGN}-byte aligned (got address % {ALIGN} = {t.data_ptr() % ALIGN})")
+
+
+def check_devices(named: dict) -> torch.device:
+    """All given tensors on one CUDA device."""
+    device = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the other arguments are on {device}")
+    return device
+
+
+def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
+    """q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]."""
+    check_tensor("q", q, IO_DTYPES, (None,) * 4)
+    B, T, H, K = q.shape
+    check_tensor("k", k, (q.dtype,), (B, T, H, K))
+    check_tensor("v", v, (q.dtype,), (B, T, None, None))
+    HV, V = v.shape[2], v.shape[3]
+    if not 1 <= T <= max_tokens:
+        raise ValueError(f"q.shape[1] (tokens per sequence T) must be in [1, {max_tokens}] here, got {T}")
+    if H < 1 or HV % H:
+        raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
+    for nm, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{nm} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    check_tensor("a", a, (q.dtype, torch.float32), (B, T, HV))
+    check_tensor("b", b, (a.dtype,), (B, T, HV))
+    check_tensor("A_log", A_log, (torch.float32,), (HV,))
+    check_tensor("dt_bias", dt_bias, (torch.float32, torch.bfloat16), (HV,))
+    for nm, t in (("q", q), ("k", k), ("v", v)):
+        check_inner_contiguous(nm, t, 1, align_leading=True)
+    for nm, t, n in (("a", a, 1), ("b", b, 1), ("A_log", A_log, 1), ("dt_bias", dt_bias, 1)):
+        check_inner_contiguous(nm, t, n, align_leading=False)
+    return Problem(B, T, H, HV, K, V)
+
+
+def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_last: bool, dtype=None) -> None:
+    """A state tensor [*leading, HV, V, K] (kv_last) or [*leading, HV, K, V]."""
+    rows, cols = (p.V, p.K) if kv_last else (p.K, p.V)
+    check_tensor(name, t, (dtype,) if dtype is not None else STATE_DTYPES, (*leading, p.HV, rows, cols))
+    check_inner_contiguous(name, t, 3, align_leading=True)
+
+
+def check_indices(name: str, t, p: Problem) -> None:
+    check_tensor(name, t, INDEX_DTYPES, (p.B,))
+    check_inner_contiguous(name, t, 1, align_leading=False)
+
+
+def check_output(output, p: Problem, dtype: torch.dtype) -> None:
+    if output is not None:
+        check_tensor("output", output, (dtype,), (p.B, p.T, p.HV, p.V))
+        check_inner_contiguous("output", output, 1, align_leading=False)
+
+
+def check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_index_values(name: str, idx: torch.Tensor, upper: int, allow_negative: bool, lower: int = 0) -> None:
+    """Value range of an index tensor (syncs with the GPU: debugging only)."""
+    vals = idx[idx >= 0] if allow_negative else idx
+    if vals.numel() and (int(vals.max()) >= upper or int(vals.min()) < lower):
+        raise ValueError(
+            f"{name} values must be in [{lower}, {upper}){' or negative (padding)' if allow_negative else ''}, "
+            f"got min {int(vals.min())}, max {int(vals.max())}"
+        )

@@ -1,0 +1,61 @@
+"""Shared test helpers: random GDN inputs (never zeros), strided variants, tolerance checks."""
+from __future__ import annotations
+
+import torch
+
+
+def make_inputs(B, T, H, HV, K, V, dtype=torch.bfloat16, device="cpu", gate_dtype=None, strided=False, seed=None):
+    """Random q, k, v, a, b, A_log, dt_bias. With `strided`, q/k/v are views of one packed
+    projection row [B, T, 2HK + HV*V + pad] and a/b views of [B, T, 2HV + pad], as serving
+    engines pass them."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(torch.seed() if seed is None else seed)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=gen).to(dt).to(device)  # noqa: E731
+    gate_dtype = gate_dtype or dtype
+    if strided:
+        width = 2 * H * K + HV * V + 16
+        mixed = rnd(B, T, width)
+        q = mixed[..., : H * K].unflatten(-1, (H, K))
+        k = mixed[..., H * K : 2 * H * K].unflatten(-1, (H, K))
+        v = mixed[..., 2 * H * K : 2 * H * K + HV * V].unflatten(-1, (HV, V))
+        ab = rnd(B, T, 2 * HV + 8, dt=gate_dtype)
+        a, b = ab[..., :HV], ab[..., HV : 2 * HV]
+    else:
+        q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, HV, V)
+        a, b = rnd(B, T, HV, dt=gate_dtype), rnd(B, T, HV, dt=gate_dtype)
+    A_log = torch.log(torch.rand(HV, generator=gen) * 15 + 1).to(device)
+    dt_bias = rnd(HV, dt=torch.float32)
+    return q, k, v, a, b, A_log, dt_bias
+
+
+def make_state(n, HV, rows, cols, dtype, device="cpu", pad=0, seed=None):
+    """Random state [n, HV, rows, cols]; with pad > 0 the slot stride is padded (non-contiguous)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(torch.seed() if seed is None else seed)
+    flat = torch.randn(n, HV * rows * cols + pad, generator=gen).to(dtype).to(device)
+    return flat[:, : HV * rows * cols].unflatten(-1, (HV, rows, cols))
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at |x| (8 significand bits)."""
+    ax = x.abs().clamp_min(2.0 ** -126)
+    return torch.exp2(torch.floor(torch.log2(ax)) - 7)
+
+
+def assert_close_state(actual: torch.Tensor, ref32: torch.Tensor, what="state"):
+    """fp32 state: within 1e-2 abs and rel of the fp32 reference. bf16 state: within one bf16
+    rounding step of the fp32 reference (the reference's own bf16 rounding), plus fp32 noise."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, ref32.float(), atol=1e-2, rtol=1e-2, msg=lambda m: f"{what}: {m}")
+    else:
+        ref = ref32.float()
+        err = (actual.float() - ref).abs()
+        tol = bf16_ulp(ref) + 1e-4 * ref.abs() + 1e-5
+        bad = err > tol
+        assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond bf16 rounding, max err {err.max():.3g}"
+
+
+def assert_close_output(actual: torch.Tensor, ref: torch.Tensor, what="output"):
+    assert not torch.isnan(actual).any(), f"{what}: NaN (unwritten or wrong)"
+    torch.testing.assert_close(actual.float(), ref.float(), atol=1e-2, rtol=1e-2, msg=lambda m: f"{what}: {m}")

@@ -1,0 +1,206 @@
+"""CPU tests of the benchmark CLI: flags, FLOP/byte formulas, writers, verify plumbing, and one
+real `--compile-only` run (CuTe DSL compiles without a GPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from flashgdn.bench import cli
+from flashgdn.bench.metrics import gdn_bytes, gdn_flops
+from flashgdn.bench.rows import REFERENCE, Impl, Row, Unavailable, make_inputs, verify
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_defaults():
+    a = cli.parse_args([])
+    assert a.version == "all"
+    assert a.batch_size == [1, 4, 16, 64, 256, 512]
+    assert a.seq_len == [2, 4, 8]
+    assert (a.num_q_heads, a.num_v_heads, a.head_size) == (16, 32, 128)
+    assert (a.dtype, a.state_dtype) == ("bf16", ["fp32"])
+    assert (a.iters, a.warmup, a.timer) == (100, 10, "auto")
+    assert not (a.no_l2norm or a.pool or a.cache_intermediate or a.compare or a.verify or a.compile_only)
+    assert (a.json, a.csv, a.plot) == (None, None, None)
+    assert (a.arch, a.sm_count) == ("sm_90a", 132)
+
+
+def test_lists_and_sweep_rows():
+    a = cli.parse_args(["--batch-size", "1", "8", "--seq-len", "3", "5", "--state-dtype", "fp32", "bf16",
+                        "--pool", "--cache-intermediate", "--no-l2norm"])
+    assert a.batch_size == [1, 8] and a.seq_len == [3, 5] and a.state_dtype == ["fp32", "bf16"]
+    rows = cli.sweep_rows(a)
+    # pretranspose and nontranspose: 2 state dtypes x 2 B; mtp: 2 state dtypes x 2 T x 2 B.
+    assert [r.version for r in rows].count("pretranspose") == 4
+    assert [r.version for r in rows].count("nontranspose") == 4
+    assert [r.version for r in rows].count("mtp") == 8
+    for r in rows:
+        assert r.pool == (r.version != "nontranspose")
+        assert r.intermediate == (r.version == "mtp")
+        assert not r.l2norm and (r.version == "mtp" or r.T == 1)
+    assert {r.T for r in rows if r.version == "mtp"} == {3, 5}
+
+
+def test_default_sweep_size():
+    rows = cli.sweep_rows(cli.parse_args([]))
+    assert len(rows) == 6 + 6 + 3 * 6
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--version", "bogus"], "--version"),
+    (["--num-q-heads", "3", "--num-v-heads", "32"], "multiple"),
+    (["--head-size", "96"], "--head-size"),
+    (["--batch-size", "0"], "positive"),
+    (["--batch-size", "4", "-2"], "positive"),
+    (["--seq-len", "32"], "--seq-len"),
+    (["--arch", "sm_90a"], "--compile-only"),
+    (["--dtype", "fp32"], "--dtype"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, phrase, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err and phrase in err
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def test_flops_hand_computed():
+    # 7 FLOPs per state element per token: B=2, T=3, HV=2, K=V=64 -> 7 * 2*3*2 * 64*64.
+    assert gdn_flops(B=2, T=3, H=1, HV=2, K=64, V=64) == 7 * 12 * 4096 == 344064
+    assert gdn_flops(B=2, T=3, H=2, HV=2, K=64, V=64) == 344064  # H does not change the work
+
+
+def test_bytes_hand_computed():
+    kw = dict(B=2, T=3, H=1, HV=2, K=64, V=64, io_bytes=2, state_bytes=4, gate_bytes=2, dt_bias_bytes=4)
+    state = 2 * 2 * 64 * 64 * 4  # B*HV*K*V*4 = 65536
+    q_k = 2 * 2 * 3 * 1 * 64 * 2  # 2 tensors * B*T*H*K * 2 B = 1536
+    v_o = 2 * 2 * 3 * 2 * 64 * 2  # 2 tensors * B*T*HV*V * 2 B = 3072
+    a_b = 2 * 2 * 3 * 2 * 2  # 2 tensors * B*T*HV * 2 B = 48
+    params = 2 * 4 + 2 * 4  # A_log + dt_bias, HV fp32 each = 16
+    assert (state, q_k, v_o, a_b, params) == (65536, 1536, 3072, 48, 16)
+    # Pool (int32 indices), state updated, 3 intermediate states cached:
+    full = gdn_bytes(**kw, index_bytes=4, update_state=True, intermediate=True)
+    assert full == 2 * state + 3 * state + q_k + v_o + a_b + params + 2 * 4 == 332360
+    # Dense state, no update, nothing cached:
+    assert gdn_bytes(**kw, update_state=False) == state + q_k + v_o + a_b + params == 70208
+
+
+def test_row_metrics_use_the_formulas():
+    r = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True)
+    assert r.flops() == 344064 and r.bytes() == 332360
+    r16 = Row("nontranspose", 2, 1, 1, 2, 64, 64, "fp16", "bf16", pool=False)
+    assert r16.bytes() == gdn_bytes(B=2, T=1, H=1, HV=2, K=64, V=64, io_bytes=2, state_bytes=2, gate_bytes=2)
+
+
+# ----------------------------------------------------------------------------- writers and table
+
+
+def _fake_rows():
+    rec = dict.fromkeys(cli.result_fields())
+    rec.update(version="pretranspose", B=4, T=1, H=16, HV=32, K=128, V=128, dtype="bf16", state_dtype="fp32",
+               pool=False, intermediate=False, l2norm=True, kernel="klast/T1/...", flops=1, bytes=2,
+               median_us=5.0, p10_us=4.5, p90_us=5.5, tflops=0.1, tbps=1.5, pct_copy_bw=50.0, verify="ok",
+               error="", fla_us=10.0, fla_speedup=2.0, fla_pct_copy_bw=25.0, fla_verify="ok",
+               flashinfer_note="baseline unavailable: cannot import flashinfer.gdn_decode: nope")
+    return [rec, dict(rec, B=64, median_us=20.0, verify="FAILED: output: 3/10 elements off")]
+
+
+def test_json_schema(tmp_path):
+    env = cli.environment(copy_bw=3.0e12, timers=["cupti"], command=["--json", "x"])
+    path = tmp_path / "r.json"
+    cli.write_json(str(path), _fake_rows(), env)
+    data = json.loads(path.read_text())
+    assert set(data) == {"environment", "rows"}
+    for key in ("date", "flashgdn", "torch", "nvidia-cutlass-dsl", "timer", "copy_bandwidth_GBps", "command"):
+        assert key in data["environment"]
+    assert data["environment"]["timer"] == "cupti" and data["environment"]["copy_bandwidth_GBps"] == 3000.0
+    assert list(data["rows"][0]) == cli.result_fields()
+    for name in ("fla", "flashinfer"):
+        for suffix in ("us", "speedup", "pct_copy_bw", "verify", "note"):
+            assert f"{name}_{suffix}" in data["rows"][0]
+
+
+def test_csv_schema(tmp_path):
+    path = tmp_path / "r.csv"
+    cli.write_csv(str(path), _fake_rows(), cli.environment(copy_bw=2e12, timers=["events"]))
+    lines = path.read_text().splitlines()
+    env_lines = [ln for ln in lines if ln.startswith("#")]
+    assert "# timer: events" in env_lines and "# copy_bandwidth_GBps: 2000.0" in env_lines
+    rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
+    assert list(rows[0]) == cli.result_fields()
+    assert rows[0]["median_us"] == "5.0" and rows[1]["B"] == "64"
+
+
+def test_results_table_marks_failures_and_notes():
+    text = cli.results_table(_fake_rows(), compare=True)
+    header, rule, first, second = text.splitlines()[:4]
+    assert "median µs" in header and "vs fla" in header and set(rule) <= {"-", " "}
+    assert "2.00x" in first and "ok" in first
+    assert "FAILED" in second
+    assert "flashinfer: baseline unavailable" in text and "3/10 elements off" in text
+    assert cli.row_failed(_fake_rows()[1]) and not cli.row_failed(_fake_rows()[0])
+
+
+def test_plot(tmp_path):
+    path = tmp_path / "p.png"
+    cli.write_plot(str(path), _fake_rows())
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- inputs and verify (CPU)
+
+
+def test_inputs_and_verify_on_cpu():
+    row = Row("mtp", 2, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True)
+    inp = make_inputs(row, "cpu", seed=0)
+    assert inp["state"].shape == (4, 2, 64, 64) and inp["indices"].dtype == torch.int32
+    assert inp["inter"].shape == (2, 2, 2, 64, 64)
+    assert all(float(inp[k].abs().sum()) > 0 for k in ("q", "k", "v", "a", "b", "state"))
+    assert bool(((inp["A_log"].exp() >= 1) & (inp["A_log"].exp() <= 16)).all())
+    assert torch.equal(make_inputs(row, "cpu", seed=0)["q"], inp["q"])
+    assert verify(REFERENCE, row, "cpu", seed=1) is None
+
+    def off_by_one(r, i):
+        call, collect = REFERENCE.prepare(r, i)
+        return call, lambda ret: (collect(ret)[0] + 1, *collect(ret)[1:])
+
+    problem = verify(Impl("broken", off_by_one), row, "cpu", seed=1)
+    assert problem is not None and problem.startswith("output:")
+
+
+def test_fla_unavailable_is_reported():
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        row = Row("pretranspose", 1, 1, 1, 2, 64, 64, "bf16", "fp32", pool=False)
+        with pytest.raises(Unavailable, match="cannot import"):
+            cli.BASELINES[0].prepare(row, make_inputs(row, "cpu", 0))
+    else:
+        pytest.skip("fla is installed")
+
+
+# ----------------------------------------------------------------------------- compile-only
+
+
+def test_compile_only_pretranspose_sm90(capsys, tmp_path):
+    out_json = tmp_path / "c.json"
+    rc = cli.main(["--compile-only", "--arch", "sm_90a", "--version", "pretranspose", "--batch-size", "1",
+                   "--head-size", "128", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured
+    name = "klast/T1/H16/HV32/K128/V128/bfloat16/state-float32/small/sm_90a"
+    assert name in captured.out and "compile s" in captured.out
+    assert "compiling" in captured.err
+    rec = json.loads(out_json.read_text())["rows"][0]
+    assert rec["kernel"] == name and rec["compile_s"] > 0 and not rec.get("error")
+    if shutil.which("ptxas"):
+        assert rec["registers"].split()[0].isdigit()

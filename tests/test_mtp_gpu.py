@@ -1,0 +1,87 @@
+"""MTP (T > 1 tokens) kernel: outputs, intermediates slot by slot, state commit, padding."""
+import itertools
+
+import pytest
+import torch
+
+import flashgdn
+from flashgdn import reference as ref
+from helpers import assert_close_output, assert_close_state, make_inputs, make_state
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _cases():
+    cases = []
+    for n, (T, B) in enumerate(itertools.product((2, 3, 4, 8, 16), (1, 5, 64, 200))):
+        cases.append(dict(T=T, B=B, ratio=(1, 2)[n % 2], sdt=(torch.float32, torch.bfloat16)[(n // 2) % 2],
+                          inter=bool((n // 3) % 2), update=(n % 5 != 4), accepted=(n % 4 == 1), pad=(n % 3 == 0)))
+    return cases
+
+
+def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False):
+    H, K = 2, 128
+    HV = H * ratio
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, strided=strided)
+    P = B + 4
+    pool = make_state(P, HV, K, K, sdt, DEV)
+    before = pool.clone()
+    idx = torch.randperm(P, device=DEV)[:B].to(torch.int32)
+    if pad:
+        idx[::2] = -1
+    acc = torch.randint(0, T + 1, (B,), dtype=torch.int32, device=DEV) if accepted and update else None
+    ibuf = torch.full((B, T, HV, K, K), float("nan"), dtype=sdt, device=DEV) if inter else None
+    ref_ibuf = torch.zeros(B, T, HV, K, K, device=DEV) if inter else None
+    ref_pool = before.float()
+    o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, ref_ibuf,
+                                        not update, accepted_tokens=acc)
+    out = torch.full((B, T, HV, K), float("nan"), dtype=q.dtype, device=DEV)
+    o, st = flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, ibuf, not update,
+                                         accepted_tokens=acc)
+    assert o is out and st is pool
+    run = idx >= 0
+    assert torch.all(o[~run] == 0)
+    assert_close_output(o[run], o_ref[run])
+    touched = torch.zeros(P, dtype=torch.bool, device=DEV)
+    if update:
+        touched[idx[run].long()] = True
+        assert_close_state(pool[touched], ref_pool[touched])
+    assert torch.equal(pool[~touched], before[~touched]), "pool slots that must stay untouched changed"
+    if inter:
+        for t in range(T):
+            assert_close_state(ibuf[run, t], ref_ibuf[run, t], f"intermediate state after token {t + 1}")
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
+def test_mtp_matches_reference(case):
+    _run(**case)
+
+
+def test_mtp_strided_inputs():
+    _run(4, 33, 2, torch.float32, True, True, False, True, strided=True)
+
+
+def test_mtp_cuda_graph_replay_equals_eager():
+    B, T, H, HV, K = 16, 4, 2, 4, 128
+    static = list(make_inputs(B, T, H, HV, K, K, device=DEV))
+    q, k, v, a, b, A_log, dt_bias = static
+    pool = make_state(B + 2, HV, K, K, torch.float32, DEV)
+    idx = torch.arange(B, dtype=torch.int32, device=DEV)
+    ibuf = torch.empty(B, T, HV, K, K, device=DEV)
+    out = torch.empty(B, T, HV, K, dtype=torch.bfloat16, device=DEV)
+    flashgdn.gated_delta_rule_mtp(q, k, v, pool.clone(), idx, A_log, a, dt_bias, b)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, output=out,
+                                      intermediate_states_buffer=ibuf)
+    for _ in range(2):
+        for s, f in zip(static, make_inputs(B, T, H, HV, K, K, device=DEV)):
+            s.copy_(f)
+        eager_pool, eager_ibuf = pool.clone(), torch.empty_like(ibuf)
+        o_eager, _ = flashgdn.gated_delta_rule_mtp(q, k, v, eager_pool, idx, A_log, a, dt_bias, b,
+                                                   intermediate_states_buffer=eager_ibuf)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, o_eager) and torch.equal(pool, eager_pool) and torch.equal(ibuf, eager_ibuf)

@@ -1,0 +1,566 @@
+"""CPU tests of argument validation of the three public functions.
+
+Every bad argument must raise TypeError (type / dtype) or ValueError (shape, stride, alignment,
+value) naming the argument, before anything touches memory: all tensor arguments are compared
+bit for bit after the failed call. Valid CPU arguments pass every structural check and fail only
+at the device check ("must be a CUDA tensor"), which runs last.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import flashgdn
+from helpers import make_inputs, make_state
+
+B, H, HV, K, V = 2, 2, 4, 64, 128  # K != V: a state in the wrong layout has the wrong shape
+P = 5  # pool slots
+T_MTP = 3
+BF16, F32 = torch.bfloat16, torch.float32
+
+FNS = {
+    "pre": flashgdn.gated_delta_rule_decode_pretranspose,  # dense state [B, HV, V, K]
+    "pool": flashgdn.gated_delta_rule_decode_pretranspose,  # pool initial_state [P, HV, V, K]
+    "dec": flashgdn.gated_delta_rule_decode,  # dense state [B, HV, K, V]
+    "mtp": flashgdn.gated_delta_rule_mtp,  # pool [P, HV, V, K], T tokens
+}
+STATE_ARG = {"pre": "state", "pool": "initial_state", "dec": "state", "mtp": "initial_state"}
+
+
+def tokens(api):
+    return T_MTP if api == "mtp" else 1
+
+
+def valid_kwargs(api, *, strided=False, state_dtype=F32, pad=0, seed=0):
+    """Valid keyword arguments (CPU tensors) for one API."""
+    T = tokens(api)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, V, seed=seed, strided=strided)
+    kw = dict(q=q, k=k, v=v, A_log=A_log, a=a, dt_bias=dt_bias, b=b)
+    if api == "pre":
+        kw["state"] = make_state(B, HV, V, K, state_dtype, pad=pad, seed=seed + 1)
+    elif api == "dec":
+        kw["state"] = make_state(B, HV, K, V, state_dtype, pad=pad, seed=seed + 1)
+    else:
+        kw["initial_state"] = make_state(P, HV, V, K, state_dtype, pad=pad, seed=seed + 1)
+        kw["initial_state_indices"] = torch.tensor([3, 0], dtype=torch.int32)
+        if api == "pool":
+            kw["state"] = None
+    return kw
+
+
+def snapshot(kw):
+    return {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
+
+
+def assert_untouched(kw, snap):
+    for n, before in snap.items():
+        after = kw[n]
+        assert after.dtype == before.dtype and after.shape == before.shape, n
+        assert torch.equal(after, before), f"{n} changed by a call that failed validation"
+
+
+def expect_error(api, kw, exc, match):
+    snap = snapshot(kw)
+    with pytest.raises(exc, match=match):
+        FNS[api](**kw)
+    assert_untouched(kw, snap)
+
+
+def expect_only_device_error(api, kw):
+    expect_error(api, kw, ValueError, r"must be a CUDA tensor")
+
+
+# ----------------------------------------------------------------------------- tensor builders
+
+
+def not_last_contiguous(t):
+    """Same shape and values, last-dim stride != 1."""
+    if t.dim() >= 2 and t.shape[-2] > 1:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return torch.stack([t, t], -1)[..., 0]
+
+
+def misaligned_leading_stride(t):
+    """Same shape and values, last dim contiguous, dim-0 stride one element past a packed row
+    (not a multiple of 16 bytes)."""
+    n = t[0].numel()
+    buf = torch.zeros(t.shape[0], n + 1, dtype=t.dtype)
+    out = buf[:, :n].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def misaligned_pointer(t):
+    """Same shape, packed strides, data pointer one element past a 16-byte boundary."""
+    buf = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16
+    return out
+
+
+def with_shape(t, shape):
+    return torch.randn(*shape).to(t.dtype)
+
+
+# ----------------------------------------------------------------------------- cases
+
+ALL = ("pre", "pool", "dec", "mtp")
+
+
+def _set(**changes):
+    def mutate(api, kw):
+        for name, fn in changes.items():
+            kw[name] = fn(api, kw)
+    return mutate
+
+
+def _shape_of(name, dims):
+    """Replace argument `name` by a random tensor of its dtype with shape dims(api, T)."""
+    return {name: lambda api, kw: with_shape(kw[name], dims(api, tokens(api)))}
+
+
+# (id, apis, mutate, exception, regex)
+INPUT_CASES = [
+    # not a tensor
+    ("q-none", ALL, _set(q=lambda api, kw: None), TypeError, r"^q must be a torch\.Tensor, got NoneType"),
+    ("q-list", ALL, _set(q=lambda api, kw: kw["q"].float().tolist()), TypeError, r"^q must be a torch\.Tensor, got list"),
+    ("k-list", ALL, _set(k=lambda api, kw: [1.0]), TypeError, r"^k must be a torch\.Tensor"),
+    ("v-none", ALL, _set(v=lambda api, kw: None), TypeError, r"^v must be a torch\.Tensor"),
+    ("a-float", ALL, _set(a=lambda api, kw: 0.5), TypeError, r"^a must be a torch\.Tensor"),
+    ("b-none", ALL, _set(b=lambda api, kw: None), TypeError, r"^b must be a torch\.Tensor"),
+    ("A_log-list", ALL, _set(A_log=lambda api, kw: kw["A_log"].tolist()), TypeError, r"^A_log must be a torch\.Tensor"),
+    ("dt_bias-none", ALL, _set(dt_bias=lambda api, kw: None), TypeError, r"^dt_bias must be a torch\.Tensor"),
+    # dtypes
+    ("q-fp32", ALL, _set(q=lambda api, kw: kw["q"].float()), TypeError, r"^q must have dtype bfloat16 or float16, got float32"),
+    ("q-int", ALL, _set(q=lambda api, kw: kw["q"].to(torch.int16)), TypeError, r"^q must have dtype"),
+    ("k-fp16", ALL, _set(k=lambda api, kw: kw["k"].half()), TypeError, r"^k must have dtype bfloat16, got float16"),
+    ("v-fp32", ALL, _set(v=lambda api, kw: kw["v"].float()), TypeError, r"^v must have dtype bfloat16, got float32"),
+    ("a-fp16", ALL, _set(a=lambda api, kw: kw["a"].half()), TypeError, r"^a must have dtype bfloat16 or float32, got float16"),
+    ("b-fp32", ALL, _set(b=lambda api, kw: kw["b"].float()), TypeError, r"^b must have dtype bfloat16, got float32"),
+    ("A_log-bf16", ALL, _set(A_log=lambda api, kw: kw["A_log"].bfloat16()), TypeError, r"^A_log must have dtype float32, got bfloat16"),
+    ("A_log-fp64", ALL, _set(A_log=lambda api, kw: kw["A_log"].double()), TypeError, r"^A_log must have dtype float32"),
+    ("dt_bias-fp16", ALL, _set(dt_bias=lambda api, kw: kw["dt_bias"].half()), TypeError, r"^dt_bias must have dtype float32 or bfloat16, got float16"),
+    # shapes and cross-argument mismatches
+    ("q-3d", ALL, _set(q=lambda api, kw: kw["q"][:, 0]), ValueError, r"^q must have shape \[\*, \*, \*, \*\]"),
+    ("k-B", ALL, _shape_of("k", lambda api, T: (B + 1, T, H, K)), ValueError, r"^k must have shape \[2, \d+, 2, 64\]"),
+    ("k-H", ALL, _shape_of("k", lambda api, T: (B, T, H + 1, K)), ValueError, r"^k must have shape"),
+    ("k-K", ALL, _shape_of("k", lambda api, T: (B, T, H, 128)), ValueError, r"^k must have shape"),
+    ("k-T", ALL, _shape_of("k", lambda api, T: (B, T + 1, H, K)), ValueError, r"^k must have shape"),
+    ("v-B", ALL, _shape_of("v", lambda api, T: (B + 1, T, HV, V)), ValueError, r"^v must have shape \[2, \d+, \*, \*\]"),
+    ("v-T", ALL, _shape_of("v", lambda api, T: (B, T + 1, HV, V)), ValueError, r"^v must have shape"),
+    ("v-3d", ALL, _set(v=lambda api, kw: kw["v"][:, 0]), ValueError, r"^v must have shape"),
+    ("HV-not-multiple", ALL, _shape_of("v", lambda api, T: (B, T, 3, V)), ValueError,
+     r"^v\.shape\[2\] \(HV=3\) must be a positive multiple of q\.shape\[2\] \(H=2\)"),
+    ("K-96", ALL, _set(q=lambda api, kw: with_shape(kw["q"], (B, tokens(api), H, 96)),
+                       k=lambda api, kw: with_shape(kw["k"], (B, tokens(api), H, 96))),
+     ValueError, r"^q\.shape\[3\] \(K\) must be one of \(64, 128, 256\), got 96"),
+    ("K-32", ALL, _set(q=lambda api, kw: with_shape(kw["q"], (B, tokens(api), H, 32)),
+                       k=lambda api, kw: with_shape(kw["k"], (B, tokens(api), H, 32))),
+     ValueError, r"^q\.shape\[3\] \(K\) must be one of"),
+    ("V-96", ALL, _shape_of("v", lambda api, T: (B, T, HV, 96)), ValueError, r"^v\.shape\[3\] \(V\) must be one of .*got 96"),
+    ("a-HV", ALL, _shape_of("a", lambda api, T: (B, T, HV + 1)), ValueError, r"^a must have shape \[2, \d+, 4\]"),
+    ("a-B", ALL, _shape_of("a", lambda api, T: (B + 1, T, HV)), ValueError, r"^a must have shape"),
+    ("b-T", ALL, _shape_of("b", lambda api, T: (B, T + 1, HV)), ValueError, r"^b must have shape"),
+    ("b-4d", ALL, _shape_of("b", lambda api, T: (B, T, HV, 1)), ValueError, r"^b must have shape"),
+    ("A_log-HV", ALL, _shape_of("A_log", lambda api, T: (HV + 1,)), ValueError, r"^A_log must have shape \[4\]"),
+    ("A_log-2d", ALL, _shape_of("A_log", lambda api, T: (1, HV)), ValueError, r"^A_log must have shape \[4\]"),
+    ("dt_bias-HV", ALL, _shape_of("dt_bias", lambda api, T: (HV - 1,)), ValueError, r"^dt_bias must have shape \[4\]"),
+    # token counts
+    ("T0", ALL, _set(**{n: (lambda n: lambda api, kw: kw[n][:, :0])(n) for n in ("q", "k", "v", "a", "b")}),
+     ValueError, r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, \d+\] here, got 0"),
+    # contiguity of the last dim
+    ("q-last-dim-strided", ALL, _set(q=lambda api, kw: not_last_contiguous(kw["q"])), ValueError,
+     r"^q must have its last dim contiguous"),
+    ("k-last-dim-strided", ALL, _set(k=lambda api, kw: not_last_contiguous(kw["k"])), ValueError,
+     r"^k must have its last dim contiguous"),
+    ("v-last-dim-strided", ALL, _set(v=lambda api, kw: not_last_contiguous(kw["v"])), ValueError,
+     r"^v must have its last dim contiguous"),
+    ("a-last-dim-strided", ALL, _set(a=lambda api, kw: not_last_contiguous(kw["a"])), ValueError,
+     r"^a must have its last dim contiguous"),
+    ("b-last-dim-strided", ALL, _set(b=lambda api, kw: not_last_contiguous(kw["b"])), ValueError,
+     r"^b must have its last dim contiguous"),
+    ("A_log-strided", ALL, _set(A_log=lambda api, kw: not_last_contiguous(kw["A_log"])), ValueError,
+     r"^A_log must have its last dim contiguous"),
+    ("dt_bias-strided", ALL, _set(dt_bias=lambda api, kw: not_last_contiguous(kw["dt_bias"])), ValueError,
+     r"^dt_bias must have its last dim contiguous"),
+    # 16-byte alignment of q, k, v
+    ("q-misaligned-stride", ALL, _set(q=lambda api, kw: misaligned_leading_stride(kw["q"])), ValueError,
+     r"^q stride \d+ at dim 0 must be a multiple of 8 elements \(16 bytes\)"),
+    ("k-misaligned-stride", ALL, _set(k=lambda api, kw: misaligned_leading_stride(kw["k"])), ValueError,
+     r"^k stride \d+ at dim 0 must be a multiple of 8 elements"),
+    ("v-misaligned-stride", ALL, _set(v=lambda api, kw: misaligned_leading_stride(kw["v"])), ValueError,
+     r"^v stride \d+ at dim 0 must be a multiple of 8 elements"),
+    ("q-misaligned-head-stride", ALL,
+     _set(q=lambda api, kw: torch.zeros(B, tokens(api), H, K + 4, dtype=BF16)[..., :K]), ValueError,
+     r"^q stride 68 at dim 2 must be a multiple of 8"),
+    ("q-misaligned-pointer", ALL, _set(q=lambda api, kw: misaligned_pointer(kw["q"])), ValueError,
+     r"^q data pointer must be 16-byte aligned"),
+    ("k-misaligned-pointer", ALL, _set(k=lambda api, kw: misaligned_pointer(kw["k"])), ValueError,
+     r"^k data pointer must be 16-byte aligned"),
+    ("v-misaligned-pointer", ALL, _set(v=lambda api, kw: misaligned_pointer(kw["v"])), ValueError,
+     r"^v data pointer must be 16-byte aligned"),
+    # output
+    ("output-list", ALL, _set(output=lambda api, kw: [0.0]), TypeError, r"^output must be a torch\.Tensor"),
+    ("output-fp32", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), HV, V)), TypeError,
+     r"^output must have dtype bfloat16, got float32"),
+    ("output-shape-HV", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), H, V, dtype=BF16)), ValueError,
+     r"^output must have shape \[2, \d+, 4, 128\]"),
+    ("output-shape-T", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api) + 1, HV, V, dtype=BF16)),
+     ValueError, r"^output must have shape"),
+    ("output-last-dim-strided", ALL,
+     _set(output=lambda api, kw: not_last_contiguous(torch.zeros(B, tokens(api), HV, V, dtype=BF16))),
+     ValueError, r"^output must have its last dim contiguous"),
+    # scale
+    ("scale-str", ALL, _set(scale=lambda api, kw: "0.1"), TypeError, r"^scale must be a float or None, got str"),
+    ("scale-bool", ALL, _set(scale=lambda api, kw: True), TypeError, r"^scale must be a float or None, got bool"),
+    ("scale-tensor", ALL, _set(scale=lambda api, kw: torch.tensor(0.1)), TypeError, r"^scale must be a float or None"),
+    ("scale-inf", ALL, _set(scale=lambda api, kw: float("inf")), ValueError, r"^scale must be finite, got inf"),
+    ("scale-neg-inf", ALL, _set(scale=lambda api, kw: float("-inf")), ValueError, r"^scale must be finite"),
+    ("scale-nan", ALL, _set(scale=lambda api, kw: float("nan")), ValueError, r"^scale must be finite, got nan"),
+]
+
+
+def _state(api, kw):
+    return kw[STATE_ARG[api]]
+
+
+def _replace_state(fn):
+    def mutate(api, kw):
+        kw[STATE_ARG[api]] = fn(api, kw)
+    return mutate
+
+
+def _state_rows(api):
+    return B if api in ("pre", "dec") else P
+
+
+def _state_dims(api):
+    return (V, K) if api != "dec" else (K, V)
+
+
+STATE_CASES = [
+    ("state-list", ALL, _replace_state(lambda api, kw: _state(api, kw).tolist()), TypeError,
+     lambda api: rf"^{STATE_ARG[api]} must be a torch\.Tensor"),
+    ("state-fp16", ALL, _replace_state(lambda api, kw: _state(api, kw).half()), TypeError,
+     lambda api: rf"^{STATE_ARG[api]} must have dtype float32 or bfloat16, got float16"),
+    ("state-fp64", ALL, _replace_state(lambda api, kw: _state(api, kw).double()), TypeError,
+     lambda api: rf"^{STATE_ARG[api]} must have dtype float32 or bfloat16, got float64"),
+    ("state-HV", ALL, _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV + 1, *_state_dims(api))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have shape"),
+    ("state-wrong-layout", ALL,
+     _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV, *reversed(_state_dims(api)))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have shape \[[\d*]+, 4, {_state_dims(api)[0]}, {_state_dims(api)[1]}\]"),
+    ("state-3d", ALL, _replace_state(lambda api, kw: _state(api, kw)[0]), ValueError,
+     lambda api: rf"^{STATE_ARG[api]} must have shape"),
+    ("state-5d", ALL, _replace_state(lambda api, kw: _state(api, kw)[None]), ValueError,
+     lambda api: rf"^{STATE_ARG[api]} must have shape"),
+    ("state-dense-B", ("pre", "dec"), _replace_state(lambda api, kw: torch.randn(B + 1, HV, *_state_dims(api))),
+     ValueError, lambda api: r"^state must have shape \[2, 4, "),
+    ("state-transposed-view", ALL,
+     _replace_state(lambda api, kw: _state(api, kw).transpose(-1, -2).contiguous().transpose(-1, -2)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
+    ("state-row-padded", ALL,
+     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, _state_dims(api)[0], _state_dims(api)[1] + 4)
+                    [..., : _state_dims(api)[1]]),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
+    ("state-head-padded", ALL,
+     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, K * V + 4)[..., : K * V]
+                    .unflatten(-1, _state_dims(api))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous \(expected stride {K * V} at dim 1\)"),
+    ("state-misaligned-slot-stride", ALL,
+     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *_state_dims(api), F32, pad=1)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} stride {HV * K * V + 1} at dim 0 must be a multiple of 4 elements"),
+    ("state-bf16-misaligned-slot-stride", ALL,
+     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *_state_dims(api), BF16, pad=4)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} stride \d+ at dim 0 must be a multiple of 8 elements"),
+    ("state-misaligned-pointer", ALL, _replace_state(lambda api, kw: misaligned_pointer(_state(api, kw))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} data pointer must be 16-byte aligned"),
+]
+
+
+def _case_params(cases):
+    params = []
+    for cid, apis, mutate, exc, match in cases:
+        for api in apis:
+            params.append(pytest.param(api, mutate, exc, match, id=f"{api}-{cid}"))
+    return params
+
+
+@pytest.mark.parametrize("api,mutate,exc,match", _case_params(INPUT_CASES))
+def test_input_errors(api, mutate, exc, match):
+    kw = valid_kwargs(api)
+    mutate(api, kw)
+    expect_error(api, kw, exc, match)
+
+
+@pytest.mark.parametrize("api,mutate,exc,match", _case_params(STATE_CASES))
+def test_state_errors(api, mutate, exc, match):
+    kw = valid_kwargs(api)
+    mutate(api, kw)
+    expect_error(api, kw, exc, match(api))
+
+
+# ----------------------------------------------------------------------------- token limits
+
+
+@pytest.mark.parametrize("api", ["pre", "pool", "dec"])
+def test_t1_apis_reject_two_tokens(api):
+    kw = valid_kwargs(api)
+    q, k, v, a, b, _, _ = make_inputs(B, 2, H, HV, K, V, seed=5)
+    kw.update(q=q, k=k, v=v, a=a, b=b)
+    expect_error(api, kw, ValueError, r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 1\] here, got 2")
+
+
+def test_mtp_rejects_17_tokens():
+    kw = valid_kwargs("mtp")
+    q, k, v, a, b, _, _ = make_inputs(B, 17, H, HV, K, V, seed=6)
+    kw.update(q=q, k=k, v=v, a=a, b=b)
+    expect_error("mtp", kw, ValueError, r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 16\] here, got 17")
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_mtp_token_bounds_are_valid(T):
+    kw = valid_kwargs("mtp")
+    q, k, v, a, b, _, _ = make_inputs(B, T, H, HV, K, V, seed=7)
+    kw.update(q=q, k=k, v=v, a=a, b=b)
+    expect_only_device_error("mtp", kw)
+
+
+@pytest.mark.xfail(strict=True, reason="validation.check_inputs accepts HV=0 (0 % H == 0) although its message "
+                                       "promises 'a positive multiple'; the call reaches the device check")
+@pytest.mark.parametrize("api", ["pre", "mtp"])
+def test_zero_value_heads_rejected(api):
+    T = tokens(api)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, 0, K, V, seed=8)
+    kw = valid_kwargs(api)
+    kw.update(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias)
+    kw[STATE_ARG[api]] = torch.zeros(_state_rows(api), 0, V, K)
+    expect_error(api, kw, ValueError, r"^v\.shape\[2\] \(HV=0\) must be a positive multiple")
+
+
+# ----------------------------------------------------------------------------- indices
+
+
+@pytest.mark.parametrize("api", ["pool", "mtp"])
+@pytest.mark.parametrize("name", ["initial_state_indices", "output_state_indices"])
+class TestIndices:
+    def _kw(self, api, name, idx):
+        kw = valid_kwargs(api)
+        kw[name] = idx
+        return kw
+
+    def test_not_a_tensor(self, api, name):
+        expect_error(api, self._kw(api, name, [0, 1]), TypeError, rf"^{name} must be a torch\.Tensor, got list")
+
+    def test_float_dtype(self, api, name):
+        expect_error(api, self._kw(api, name, torch.tensor([0.0, 1.0])), TypeError,
+                     rf"^{name} must have dtype int32 or int64, got float32")
+
+    def test_int16_dtype(self, api, name):
+        expect_error(api, self._kw(api, name, torch.tensor([0, 1], dtype=torch.int16)), TypeError,
+                     rf"^{name} must have dtype int32 or int64, got int16")
+
+    def test_2d(self, api, name):
+        expect_error(api, self._kw(api, name, torch.tensor([[0], [1]], dtype=torch.int32)), ValueError,
+                     rf"^{name} must have shape \[2\], got \[2, 1\]")
+
+    def test_too_long(self, api, name):
+        expect_error(api, self._kw(api, name, torch.tensor([0, 1, 2], dtype=torch.int32)), ValueError,
+                     rf"^{name} must have shape \[2\], got \[3\]")
+
+    def test_too_short(self, api, name):
+        expect_error(api, self._kw(api, name, torch.tensor([0], dtype=torch.int32)), ValueError,
+                     rf"^{name} must have shape \[2\]")
+
+    def test_not_contiguous(self, api, name):
+        idx = torch.tensor([0, 9, 1, 9], dtype=torch.int32)[::2]
+        expect_error(api, self._kw(api, name, idx), ValueError, rf"^{name} must have its last dim contiguous")
+
+
+@pytest.mark.parametrize("api", ["pool", "mtp"])
+def test_output_indices_dtype_must_match(api):
+    kw = valid_kwargs(api)
+    kw["output_state_indices"] = torch.tensor([1, 2], dtype=torch.int64)
+    expect_error(api, kw, TypeError, r"^output_state_indices must have the dtype of initial_state_indices")
+
+
+def test_mtp_indices_required():
+    kw = valid_kwargs("mtp")
+    kw["initial_state_indices"] = None
+    expect_error("mtp", kw, TypeError, r"^initial_state_indices must be a torch\.Tensor, got NoneType")
+
+
+# ----------------------------------------------------------------------------- pool / state combinations
+
+
+def test_pool_without_indices():
+    kw = valid_kwargs("pool")
+    del kw["initial_state_indices"]
+    expect_error("pool", kw, ValueError, r"^initial_state \(a state pool\) needs initial_state_indices")
+
+
+@pytest.mark.parametrize("name", ["initial_state_indices", "output_state_indices"])
+def test_indices_without_pool(name):
+    kw = valid_kwargs("pre")
+    kw[name] = torch.tensor([0, 1], dtype=torch.int32)
+    expect_error("pre", kw, ValueError, r"^initial_state_indices / output_state_indices need the pool initial_state")
+
+
+def test_state_and_different_pool():
+    kw = valid_kwargs("pool")
+    kw["state"] = make_state(P, HV, V, K, F32, seed=9)
+    expect_error("pool", kw, ValueError, r"state .*initial_state.*not both")
+
+
+def test_no_state_at_all():
+    kw = valid_kwargs("pre")
+    kw["state"] = None
+    expect_error("pre", kw, ValueError, r"^state \[B, HV, V, K\] is required")
+
+
+def test_state_is_the_pool_is_fine():
+    kw = valid_kwargs("pool")
+    kw["state"] = kw["initial_state"]
+    expect_only_device_error("pool", kw)
+
+
+# ----------------------------------------------------------------------------- MTP extras
+
+
+def _ibuf(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
+    return torch.full((n, T, hv, rows, cols), 3.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("ibuf,exc,match", [
+    pytest.param([0.0], TypeError, r"^intermediate_states_buffer must be a torch\.Tensor", id="list"),
+    pytest.param(_ibuf(dtype=BF16), TypeError, r"^intermediate_states_buffer must have dtype float32, got bfloat16",
+                 id="dtype-differs-from-pool"),
+    pytest.param(_ibuf(n=B + 1), ValueError, r"^intermediate_states_buffer must have shape \[2, \*, 4, 128, 64\]",
+                 id="B"),
+    pytest.param(_ibuf(hv=HV // 2), ValueError, r"^intermediate_states_buffer must have shape", id="HV"),
+    pytest.param(_ibuf(rows=K, cols=V), ValueError, r"^intermediate_states_buffer must have shape", id="layout"),
+    pytest.param(_ibuf()[:, 0], ValueError, r"^intermediate_states_buffer must have shape", id="4d"),
+    pytest.param(_ibuf(T=T_MTP - 1), ValueError, r"^intermediate_states_buffer\.shape\[1\] must be >= T=3, got 2",
+                 id="too-few-slots"),
+    pytest.param(_ibuf().transpose(-1, -2).contiguous().transpose(-1, -2), ValueError,
+                 r"^intermediate_states_buffer must have its last 3 dims contiguous", id="transposed"),
+    pytest.param(make_state(B, T_MTP * HV, V, K, F32, pad=2).unflatten(1, (T_MTP, HV)), ValueError,
+                 r"^intermediate_states_buffer stride \d+ at dim 0 must be a multiple of 4", id="misaligned-stride"),
+    pytest.param(misaligned_pointer(_ibuf()), ValueError,
+                 r"^intermediate_states_buffer data pointer must be 16-byte aligned", id="misaligned-pointer"),
+])
+def test_mtp_intermediate_errors(ibuf, exc, match):
+    kw = valid_kwargs("mtp")
+    kw["intermediate_states_buffer"] = ibuf
+    expect_error("mtp", kw, exc, match)
+
+
+@pytest.mark.parametrize("acc,exc,match", [
+    pytest.param([1, 2], TypeError, r"^accepted_tokens must be a torch\.Tensor", id="list"),
+    pytest.param(torch.tensor([1, 2], dtype=torch.int64), TypeError,
+                 r"^accepted_tokens must have dtype int32, got int64", id="int64"),
+    pytest.param(torch.tensor([1.0, 2.0]), TypeError, r"^accepted_tokens must have dtype int32", id="float"),
+    pytest.param(torch.tensor([1, 2, 3], dtype=torch.int32), ValueError,
+                 r"^accepted_tokens must have shape \[2\], got \[3\]", id="length"),
+    pytest.param(torch.tensor([[1, 2]], dtype=torch.int32), ValueError, r"^accepted_tokens must have shape \[2\]",
+                 id="2d"),
+    pytest.param(torch.tensor([1, 0, 2, 0], dtype=torch.int32)[::2], ValueError,
+                 r"^accepted_tokens must have its last dim contiguous", id="strided"),
+])
+def test_mtp_accepted_errors(acc, exc, match):
+    kw = valid_kwargs("mtp")
+    kw["accepted_tokens"] = acc
+    expect_error("mtp", kw, exc, match)
+
+
+def test_mtp_accepted_with_disable_state_update():
+    kw = valid_kwargs("mtp")
+    kw["accepted_tokens"] = torch.tensor([1, 2], dtype=torch.int32)
+    kw["disable_state_update"] = True
+    expect_error("mtp", kw, ValueError, r"^accepted_tokens .*disable_state_update=True")
+
+
+def test_mtp_intermediate_dtype_follows_pool():
+    """A bf16 pool wants a bf16 intermediate buffer."""
+    kw = valid_kwargs("mtp", state_dtype=BF16)
+    kw["intermediate_states_buffer"] = _ibuf(dtype=F32)
+    expect_error("mtp", kw, TypeError, r"^intermediate_states_buffer must have dtype bfloat16, got float32")
+
+
+# ----------------------------------------------------------------------------- valid inputs: device check last
+
+
+@pytest.mark.parametrize("api", ALL)
+@pytest.mark.parametrize("state_dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_valid_cpu_inputs_fail_only_on_device(api, state_dtype):
+    kw = valid_kwargs(api, state_dtype=state_dtype)
+    expect_error(api, kw, ValueError, r"^q must be a CUDA tensor, got device cpu")
+
+
+@pytest.mark.parametrize("api", ALL)
+@pytest.mark.parametrize("state_dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_strided_views_pass_structural_checks(api, state_dtype):
+    """q/k/v as views of one packed projection, a/b as views of one gate tensor, and a state with
+    a padded slot stride (16 elements) are valid."""
+    kw = valid_kwargs(api, strided=True, state_dtype=state_dtype, pad=16)
+    assert not kw["q"].is_contiguous() and not kw["a"].is_contiguous()
+    assert not kw[STATE_ARG[api]].is_contiguous()
+    expect_only_device_error(api, kw)
+
+
+def _all_options(api):
+    kw = valid_kwargs(api)
+    T = tokens(api)
+    # gates in fp32, dt_bias in bf16, int64 indices, a given output with odd leading strides, scale int
+    kw["a"], kw["b"] = kw["a"].float(), kw["b"].float()
+    kw["dt_bias"] = kw["dt_bias"].bfloat16()
+    kw["output"] = torch.zeros(B, T * HV * V + 3, dtype=BF16)[:, : T * HV * V].view(B, T, HV, V)
+    kw["scale"] = 1
+    kw["use_qk_l2norm"] = False
+    if api in ("pool", "mtp"):
+        kw["initial_state_indices"] = torch.tensor([-1, 7], dtype=torch.int64)  # values are not checked here
+        kw["output_state_indices"] = torch.tensor([4, 1], dtype=torch.int64)
+    if api == "mtp":
+        kw["intermediate_states_buffer"] = _ibuf(T=T + 2)
+        kw["accepted_tokens"] = torch.tensor([0, 3], dtype=torch.int32)
+    return kw
+
+
+@pytest.mark.parametrize("api", ALL)
+def test_all_options_pass_structural_checks(api):
+    expect_only_device_error(api, _all_options(api))
+
+
+def test_fp16_io_passes_structural_checks():
+    kw = valid_kwargs("pre")
+    for n in ("q", "k", "v", "a", "b"):
+        kw[n] = kw[n].half()
+    expect_only_device_error("pre", kw)
+
+
+def test_mtp_disable_state_update_without_accepted_is_fine():
+    kw = valid_kwargs("mtp")
+    kw["disable_state_update"] = True
+    kw["intermediate_states_buffer"] = _ibuf()
+    expect_only_device_error("mtp", kw)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_shape_one_dims_skip_stride_checks(name):
+    """A size-1 dim (T=1) may carry any stride: only dims with more than one index are checked."""
+    kw = valid_kwargs("pre")
+    t = kw[name]
+    kw[name] = t.as_strided(t.shape, (t.stride(0), 3, t.stride(2), 1))
+    expect_only_device_error("pre", kw)
+
+
+def test_error_messages_name_expected_and_got():
+    kw = valid_kwargs("dec")
+    kw["state"] = torch.randn(B, HV, V, K)
+    with pytest.raises(ValueError) as e:
+        FNS["dec"](**kw)
+    msg = str(e.value)
+    assert re.search(r"\[2, 4, 64, 128\]", msg) and re.search(r"got \[2, 4, 128, 64\]", msg), msg
