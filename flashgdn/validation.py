@@ -99,7 +99,7 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     HV, V = v.shape[2], v.shape[3]
     if not 1 <= T <= max_tokens:
         raise ValueError(f"q.shape[1] (tokens per sequence T) must be in [1, {max_tokens}] here, got {T}")
-    if H < 1 or HV % H:
+    if H < 1 or HV < 1 or HV % H:
         raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
     for nm, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
         if d not in SUPPORTED_HEAD_DIMS:

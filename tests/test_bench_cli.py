@@ -202,5 +202,5 @@ def test_compile_only_pretranspose_sm90(capsys, tmp_path):
     assert "compiling" in captured.err
     rec = json.loads(out_json.read_text())["rows"][0]
     assert rec["kernel"] == name and rec["compile_s"] > 0 and not rec.get("error")
-    if shutil.which("ptxas"):
-        assert rec["registers"].split()[0].isdigit()
+    # Registers come from ptxas when one on PATH reads the kept PTX, else "n/a" (best effort).
+    assert rec["registers"] == "n/a" or rec["registers"].split()[0].isdigit()

@@ -32,10 +32,10 @@ def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False):
         idx[::2] = -1
     acc = torch.randint(0, T + 1, (B,), dtype=torch.int32, device=DEV) if accepted and update else None
     ibuf = torch.full((B, T, HV, K, K), float("nan"), dtype=sdt, device=DEV) if inter else None
-    ref_ibuf = torch.zeros(B, T, HV, K, K, device=DEV) if inter else None
-    ref_pool = before.float()
+    ref_ibuf = torch.zeros(B, T, HV, K, K, device=DEV, dtype=torch.float64) if inter else None
+    ref_pool = before.double()
     o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, ref_ibuf,
-                                        not update, accepted_tokens=acc)
+                                        not update, accepted_tokens=acc, compute_dtype=torch.float64)
     out = torch.full((B, T, HV, K), float("nan"), dtype=q.dtype, device=DEV)
     o, st = flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, ibuf, not update,
                                          accepted_tokens=acc)

@@ -31,8 +31,8 @@ def test_nontranspose_matches_reference(case):
     q, k, v, a, b, A_log, dt_bias = make_inputs(B, 1, H, HV, K, V, io, DEV, strided=strided)
     scale = None if l2 else 0.5 * K ** -0.5
     state = make_state(B, HV, K, V, sdt, DEV)
-    ref_state = state.float().clone()
-    o_ref, _ = ref.gated_delta_rule_decode(q, k, v, ref_state, A_log, a, dt_bias, b, scale, None, l2)
+    ref_state = state.double().clone()
+    o_ref, _ = ref.gated_delta_rule_decode(q, k, v, ref_state, A_log, a, dt_bias, b, scale, None, l2, compute_dtype=torch.float64)
     out = torch.full((B, 1, HV, V), float("nan"), dtype=io, device=DEV)
     o, st = flashgdn.gated_delta_rule_decode(q, k, v, state, A_log, a, dt_bias, b, scale, out, l2)
     assert o is out and st is state

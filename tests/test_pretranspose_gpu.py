@@ -1,4 +1,4 @@
-"""Pretranspose (K-last) decode kernel against the reference, on the GPU."""
+"""Pretranspose (K-last) decode kernel against the reference (computed in fp64: the oracle), on the GPU."""
 import itertools
 
 import pytest
@@ -47,9 +47,9 @@ def _run_case(B, K, sdt, ratio, io, l2, pool, strided, out_slots=False, pad_ever
             free = torch.tensor(sorted(set(range(P)) - set(idx.tolist())), device=DEV)
             out_idx = free[torch.randperm(free.numel(), device=DEV)[:B]].to(idx.dtype)
         before = pool_t.clone()
-        ref_pool32 = before.float()
+        ref_pool32 = before.double()
         o_ref, _ = ref.gated_delta_rule_decode_pretranspose(
-            q, k, v, None, A_log, a, dt_bias, b, scale, None, l2, ref_pool32, idx, out_idx)
+            q, k, v, None, A_log, a, dt_bias, b, scale, None, l2, ref_pool32, idx, out_idx, compute_dtype=torch.float64)
         o, st = flashgdn.gated_delta_rule_decode_pretranspose(
             q, k, v, None, A_log, a, dt_bias, b, scale, output, l2, pool_t, idx, out_idx)
         assert o is output and st is pool_t
@@ -64,8 +64,8 @@ def _run_case(B, K, sdt, ratio, io, l2, pool, strided, out_slots=False, pad_ever
         assert_close_output(o[run], o_ref[run])
     else:
         state = make_state(B, HV, V, K, sdt, DEV)
-        ref_state = state.float().clone()
-        o_ref, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, ref_state, A_log, a, dt_bias, b, scale, None, l2)
+        ref_state = state.double().clone()
+        o_ref, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, ref_state, A_log, a, dt_bias, b, scale, None, l2, compute_dtype=torch.float64)
         o, st = flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, l2)
         assert o is output and st is state
         assert_close_state(state, ref_state)

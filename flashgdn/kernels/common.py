@@ -117,3 +117,33 @@ def skipped_output(status: Int32) -> Float32:
     if status == Int32(INVALID):
         out = Float32(float("nan"))
     return out
+
+
+@cute.jit
+def warp_qk(
+    mQrow: cute.Tensor,
+    mKrow: cute.Tensor,
+    lane: Int32,
+    head_dim: cutlass.Constexpr[int],
+    use_l2norm: cutlass.Constexpr[bool],
+    scale: cutlass.Constexpr[float],
+):
+    """Whole-warp view of one token's q and k (length head_dim): each lane loads a contiguous
+    slice, the norms reduce over the warp. Returns (q, k) slices in fp32, raw, and
+    (q_factor, k_factor, k_hat . q_hat) as qk_factors does."""
+    n = head_dim // 32
+    rQ = cute.make_rmem_tensor((n,), mQrow.element_type)
+    rK = cute.make_rmem_tensor((n,), mKrow.element_type)
+    cute.autovec_copy(cute.local_tile(mQrow, (n,), (lane,)), rQ)
+    cute.autovec_copy(cute.local_tile(mKrow, (n,), (lane,)), rK)
+    q = rQ.load().to(Float32)
+    k = rK.load().to(Float32)
+    sum_qq = Float32(0.0)
+    sum_kk = Float32(0.0)
+    sum_qk = Float32(0.0)
+    for e in cutlass.range_constexpr(n):
+        sum_qq += q[e] * q[e]
+        sum_kk += k[e] * k[e]
+        sum_qk += q[e] * k[e]
+    q_factor, k_factor, kq = qk_factors(sum_qq, sum_kk, sum_qk, 32, use_l2norm, scale)
+    return q, k, q_factor, k_factor, kq

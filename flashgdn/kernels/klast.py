@@ -93,13 +93,34 @@ class KLastDecode:
 
     @cute.jit
     def _load_vec(self, mX: cute.Tensor, lane_in_row) -> cute.Tensor:
-        """This lane's chunks of a length-K io vector (q or k), as fp32 registers."""
-        rRaw = cute.make_rmem_tensor((self.vec, self.chunks), self.io_dtype)
+        """This lane's chunks of a length-K vector (q or k, global io dtype or staged fp32) in fp32."""
+        rRaw = cute.make_rmem_tensor((self.vec, self.chunks), mX.element_type)
         for j in cutlass.range_constexpr(self.chunks):
             cute.autovec_copy(cute.local_tile(mX, (self.vec,), (j * self.lanes_per_row + lane_in_row,)), rRaw[None, j])
         rX = cute.make_rmem_tensor((self.vec, self.chunks), Float32)
         rX.store(rRaw.load().to(Float32))
         return rX
+
+    @cute.jit
+    def _stage_tokens(self, mQ, mK, mA, mB, mALog, mDtBias, sQK, sGate, b, h, hv, warp, lane):
+        """Warp t % num_warps writes token t's q_hat (scale folded in), k_hat, g, beta, k.q."""
+        spec = self.spec
+        n = spec.K // 32
+        for t in cutlass.range_constexpr(spec.T):
+            if warp == t % self.num_warps:
+                q, k, q_factor, k_factor, kq = common.warp_qk(
+                    mQ[b, t, h, None], mK[b, t, h, None], lane, spec.K, spec.use_l2norm, spec.scale
+                )
+                for e in cutlass.range_constexpr(n):
+                    sQK[lane * n + e, 0, t] = q[e] * q_factor
+                    sQK[lane * n + e, 1, t] = k[e] * k_factor
+                g, beta = common.gdn_gates(
+                    mA, mB, mALog, mDtBias, b, t, hv, spec.softplus_beta, spec.softplus_threshold
+                )
+                if lane == 0:
+                    sGate[0, t] = g
+                    sGate[1, t] = beta
+                    sGate[2, t] = kq
 
     @cute.kernel
     def kernel(
@@ -133,32 +154,50 @@ class KLastDecode:
         lane_in_row = lane % L
         row0 = tile * self.rows_per_cta + warp * self.groups_per_warp + lane // L
 
+        # T > 1: normalised q/k and the gates of each token are computed once per CTA (one warp
+        # per token) and staged in shared memory; per-lane recomputation would cost more ALU work
+        # than the recurrence itself. T = 1 keeps everything in registers (no barrier).
+        staged = const_expr(T > 1)
+        if const_expr(staged):
+            smem = cutlass.memory.SmemAllocator()
+            sQK = smem.allocate_tensor(Float32, cute.make_layout((spec.K, 2, T)), byte_alignment=16)
+            sGate = smem.allocate_tensor(Float32, cute.make_layout((3, T)), byte_alignment=16)
+
         read_slot, write_slot, accepted, status = common.resolve_slots(
             mIdx, mOutIdx, mAcc, b, mS.shape[0], T
         )
         if status == common.RUN:
             rS = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
+            if const_expr(staged):
+                self._stage_tokens(mQ, mK, mA, mB, mALog, mDtBias, sQK, sGate, b, h, hv, warp, lane)
+                cute.arch.barrier()
             if const_expr(spec.update_state and spec.has_accepted):
                 if accepted == 0:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
             for t in cutlass.range_constexpr(T):
-                g, beta = common.gdn_gates(
-                    mA, mB, mALog, mDtBias, b, t, hv, spec.softplus_beta, spec.softplus_threshold
-                )
-                rQ = self._load_vec(mQ[b, t, h, None], lane_in_row)
-                rK = self._load_vec(mK[b, t, h, None], lane_in_row)
-                sum_qq = Float32(0.0)
-                sum_kk = Float32(0.0)
-                sum_qk = Float32(0.0)
-                for e in cutlass.range_constexpr(self.vec * self.chunks):
-                    sum_qq += rQ[e] * rQ[e]
-                    sum_kk += rK[e] * rK[e]
-                    sum_qk += rQ[e] * rK[e]
-                q_factor, k_factor, kq = common.qk_factors(
-                    sum_qq, sum_kk, sum_qk, L, spec.use_l2norm, spec.scale
-                )
-                for e in cutlass.range_constexpr(self.vec * self.chunks):
-                    rK[e] = rK[e] * k_factor
+                if const_expr(staged):
+                    rQ = self._load_vec(sQK[None, 0, t], lane_in_row)
+                    rK = self._load_vec(sQK[None, 1, t], lane_in_row)
+                    g, beta, kq = sGate[0, t], sGate[1, t], sGate[2, t]
+                    q_factor = Float32(1.0)
+                else:
+                    g, beta = common.gdn_gates(
+                        mA, mB, mALog, mDtBias, b, t, hv, spec.softplus_beta, spec.softplus_threshold
+                    )
+                    rQ = self._load_vec(mQ[b, t, h, None], lane_in_row)
+                    rK = self._load_vec(mK[b, t, h, None], lane_in_row)
+                    sum_qq = Float32(0.0)
+                    sum_kk = Float32(0.0)
+                    sum_qk = Float32(0.0)
+                    for e in cutlass.range_constexpr(self.vec * self.chunks):
+                        sum_qq += rQ[e] * rQ[e]
+                        sum_kk += rK[e] * rK[e]
+                        sum_qk += rQ[e] * rK[e]
+                    q_factor, k_factor, kq = common.qk_factors(
+                        sum_qq, sum_kk, sum_qk, L, spec.use_l2norm, spec.scale
+                    )
+                    for e in cutlass.range_constexpr(self.vec * self.chunks):
+                        rK[e] = rK[e] * k_factor
                 for i in cutlass.range_constexpr(R):
                     row = row0 + i * self.row_step
                     dot_k = Float32(0.0)

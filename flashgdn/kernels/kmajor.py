@@ -34,7 +34,6 @@ class KMajorDecode:
             )
         self.num_tiles = spec.V // self.cols_per_cta
         self.rows_per_thread = spec.K // self.row_step
-        self.norm_elems = spec.K // 32  # q/k elements per lane for the norms (whole warp)
 
     @cute.jit
     def __call__(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO, stream):
@@ -76,7 +75,7 @@ class KMajorDecode:
         col_chunk = tile * self.col_lanes + lane // RL
         row0 = warp * RL + rl
 
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()
         sPart = None
         if const_expr(self.num_warps > 1):
             sPart = smem.allocate_tensor(
@@ -97,21 +96,9 @@ class KMajorDecode:
             rS.store(rRaw.load().to(Float32))
 
             g, beta = common.gdn_gates(mA, mB, mALog, mDtBias, b, 0, hv, spec.softplus_beta, spec.softplus_threshold)
-            # Norms: the whole warp covers K, each lane a contiguous slice.
-            rQn = cute.make_rmem_tensor((self.norm_elems,), self.io_dtype)
-            rKn = cute.make_rmem_tensor((self.norm_elems,), self.io_dtype)
-            cute.autovec_copy(cute.local_tile(mQ[b, 0, h, None], (self.norm_elems,), (lane,)), rQn)
-            cute.autovec_copy(cute.local_tile(mK[b, 0, h, None], (self.norm_elems,), (lane,)), rKn)
-            qn = rQn.load().to(Float32)
-            kn = rKn.load().to(Float32)
-            sum_qq = Float32(0.0)
-            sum_kk = Float32(0.0)
-            sum_qk = Float32(0.0)
-            for e in cutlass.range_constexpr(self.norm_elems):
-                sum_qq += qn[e] * qn[e]
-                sum_kk += kn[e] * kn[e]
-                sum_qk += qn[e] * kn[e]
-            q_factor, k_factor, kq = common.qk_factors(sum_qq, sum_kk, sum_qk, 32, spec.use_l2norm, spec.scale)
+            _, _, q_factor, k_factor, kq = common.warp_qk(
+                mQ[b, 0, h, None], mK[b, 0, h, None], lane, spec.K, spec.use_l2norm, spec.scale
+            )
 
             # Partial S^T k and S^T q over this thread's rows (raw q: its factor is applied later).
             rDot = cute.make_rmem_tensor((2 * VEC,), Float32)

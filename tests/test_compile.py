@@ -1,0 +1,76 @@
+"""Compile-only tests (no GPU): every kernel variant the API can ask for compiles for Hopper
+(sm_90a) and Blackwell (sm_100a) into a TVM-FFI callable.
+
+Each compile takes about 0.3 to 2.5 s; the list below stays at about 20 variants per arch.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
+
+from flashgdn.kernels.build import compile_kernel  # noqa: E402
+from flashgdn.spec import KernelSpec  # noqa: E402
+
+ARCHS = ("sm_90a", "sm_100a")
+SCALE = 128 ** -0.5
+
+
+def spec(arch, layout="klast", T=1, state="float32", regime="small", H=16, HV=32, K=128, V=128, io="bfloat16",
+         gate="bfloat16", dt_bias="float32", scale=SCALE, l2norm=True, **kw) -> KernelSpec:
+    return KernelSpec(layout, H, HV, K, V, T, io, state, gate, dt_bias, scale, l2norm, arch, regime, **kw)
+
+
+# (id, keyword arguments of `spec`)
+VARIANTS = [
+    # K-last (pretranspose) T=1, dense state
+    *[(f"klast-T1-dense-{r}-{s}", dict(regime=r, state=s))
+      for r in ("small", "large") for s in ("float32", "bfloat16")],
+    # K-last T=1, pool with int64 indices and separate write slots
+    ("klast-T1-pool-int64-outidx-small-float32",
+     dict(regime="small", state="float32", index_dtype="int64", has_out_indices=True)),
+    ("klast-T1-pool-int64-outidx-large-bfloat16",
+     dict(regime="large", state="bfloat16", index_dtype="int64", has_out_indices=True)),
+    ("klast-T1-pool-int32-large-float32", dict(regime="large", state="float32", index_dtype="int32")),
+    # K-major (nontranspose) T=1
+    *[(f"kmajor-T1-{r}-{s}", dict(layout="kmajor", regime=r, state=s))
+      for r in ("small", "large") for s in ("float32", "bfloat16")],
+    # MTP: T=4, int32 indices, intermediate states, accepted tokens
+    *[(f"mtp-T4-inter-accepted-large-{s}",
+       dict(T=4, regime="large", state=s, index_dtype="int32", has_intermediate=True, has_accepted=True))
+      for s in ("float32", "bfloat16")],
+    ("mtp-T4-inter-accepted-outidx-small-float32",
+     dict(T=4, regime="small", state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True,
+          has_out_indices=True)),
+    ("mtp-T4-noupdate-inter-large-float32",
+     dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False)),
+    ("mtp-T16-small-bfloat16", dict(T=16, regime="small", state="bfloat16", index_dtype="int64")),
+    ("mtp-T2-large-float32-gva1", dict(T=2, regime="large", state="float32", index_dtype="int32", H=32, HV=32)),
+    # head dims
+    ("klast-T1-K64V64-small-float32", dict(K=64, V=64)),
+    ("klast-T1-K256V256-small-float32", dict(K=256, V=256)),
+    ("kmajor-T1-K64V64-large-bfloat16", dict(layout="kmajor", regime="large", state="bfloat16", K=64, V=64)),
+    # dtypes and options
+    ("klast-T1-fp16io-nol2norm-small-float32",
+     dict(io="float16", gate="float16", l2norm=False, scale=0.25)),
+    ("klast-T1-fp32gates-bf16dtbias-large-bfloat16",
+     dict(regime="large", state="bfloat16", gate="float32", dt_bias="bfloat16")),
+    ("kmajor-T1-softplus-custom-small-float32",
+     dict(layout="kmajor", softplus_beta=2.0, softplus_threshold=10.0)),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kw", [pytest.param(kw, id=vid) for vid, kw in VARIANTS])
+def test_compiles(monkeypatch, arch, kw):
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    s = spec(arch, **kw)
+    fn = compile_kernel(s)
+    assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
+def test_variant_ids_are_unique():
+    ids = [vid for vid, _ in VARIANTS]
+    assert len(ids) == len(set(ids))
+    assert len(ids) * len(ARCHS) <= 60
+
