@@ -147,3 +147,39 @@ def warp_qk(
         sum_qk += q[e] * k[e]
     q_factor, k_factor, kq = qk_factors(sum_qq, sum_kk, sum_qk, 32, use_l2norm, scale)
     return q, k, q_factor, k_factor, kq
+
+
+class DecodeKernel:
+    """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
+    (batch row, value head, tile of that head's state). Subclasses set spec, num_tiles and
+    num_warps and define the @cute.kernel `kernel` taking the same tensors."""
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # [B, T, H, K]
+        mK: cute.Tensor,  # [B, T, H, K]
+        mV: cute.Tensor,  # [B, T, HV, V]
+        mA: cute.Tensor,  # [B, T, HV]
+        mB: cute.Tensor,  # [B, T, HV]
+        mALog: cute.Tensor,  # [HV] fp32
+        mDtBias: cute.Tensor,  # [HV]
+        mS: cute.Tensor,  # [P, HV, V, K] or [B, HV, K, V] (P = B when dense)
+        mIdx,  # [B] or None (dense)
+        mOutIdx,  # [B] or None
+        mAcc,  # [B] int32 or None
+        mInter,  # [B, T', HV, V, K] or None
+        mO: cute.Tensor,  # [B, T, HV, V]
+        stream,
+    ):
+        grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
+        self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
+            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
+        )
+
+    def cta_coords(self):
+        """(tile, batch row b, value head hv, q/k head h) of this CTA."""
+        bidx, _, _ = cute.arch.block_idx()
+        bh = bidx // self.num_tiles
+        hv = bh % self.spec.HV
+        return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)

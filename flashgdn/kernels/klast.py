@@ -22,7 +22,7 @@ from . import common
 from .common import CUTLASS_DTYPES
 
 
-class KLastDecode:
+class KLastDecode(common.DecodeKernel):
     def __init__(self, spec: KernelSpec, num_warps: int, rows_per_thread: int, lanes_per_row: int):
         self.spec = spec
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
@@ -41,29 +41,6 @@ class KLastDecode:
         if spec.V % self.rows_per_cta:
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
-
-    @cute.jit
-    def __call__(
-        self,
-        mQ: cute.Tensor,  # [B, T, H, K]
-        mK: cute.Tensor,  # [B, T, H, K]
-        mV: cute.Tensor,  # [B, T, HV, V]
-        mA: cute.Tensor,  # [B, T, HV]
-        mB: cute.Tensor,  # [B, T, HV]
-        mALog: cute.Tensor,  # [HV] fp32
-        mDtBias: cute.Tensor,  # [HV]
-        mS: cute.Tensor,  # [P, HV, V, K] (P = B when dense)
-        mIdx,  # [B] or None (dense)
-        mOutIdx,  # [B] or None
-        mAcc,  # [B] int32 or None
-        mInter,  # [B, T', HV, V, K] or None
-        mO: cute.Tensor,  # [B, T, HV, V]
-        stream,
-    ):
-        grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
-        self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
-            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
-        )
 
     def _reg_shape(self):
         """Registers of this thread's rows: ((chunk elements, chunks), rows)."""
@@ -145,12 +122,7 @@ class KLastDecode:
         T = spec.T
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
-        bidx, _, _ = cute.arch.block_idx()
-        tile = bidx % self.num_tiles
-        bh = bidx // self.num_tiles
-        hv = bh % spec.HV
-        b = bh // spec.HV
-        h = hv // (spec.HV // spec.H)
+        tile, b, hv, h = self.cta_coords()
         lane_in_row = lane % L
         row0 = tile * self.rows_per_cta + warp * self.groups_per_warp + lane // L
 

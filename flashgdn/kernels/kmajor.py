@@ -17,7 +17,7 @@ from . import common
 from .common import CUTLASS_DTYPES
 
 
-class KMajorDecode:
+class KMajorDecode(common.DecodeKernel):
     def __init__(self, spec: KernelSpec, num_warps: int, row_lanes: int):
         self.spec = spec
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
@@ -34,13 +34,6 @@ class KMajorDecode:
             )
         self.num_tiles = spec.V // self.cols_per_cta
         self.rows_per_thread = spec.K // self.row_step
-
-    @cute.jit
-    def __call__(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO, stream):
-        grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
-        self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
-            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
-        )
 
     @cute.kernel
     def kernel(
@@ -65,12 +58,7 @@ class KMajorDecode:
         M = self.rows_per_thread
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
-        bidx, _, _ = cute.arch.block_idx()
-        tile = bidx % self.num_tiles
-        bh = bidx // self.num_tiles
-        hv = bh % spec.HV
-        b = bh // spec.HV
-        h = hv // (spec.HV // spec.H)
+        tile, b, hv, h = self.cta_coords()
         rl = lane % RL
         col_chunk = tile * self.col_lanes + lane // RL
         row0 = warp * RL + rl
