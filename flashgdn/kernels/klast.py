@@ -2,10 +2,11 @@
 
 One CTA owns `rows_per_cta` rows (value channels) of one (sequence, value head). A row is split
 over a group of `lanes_per_row` lanes, each holding 16-byte chunks of it in registers, so the two
-dot products over K (S k and S q) are lane-group butterfly reductions and the whole kernel runs
-without shared memory or CTA barriers: state loads are issued first and are in flight while the
-gates and the q/k norms are computed. The state stays in registers across the T tokens, so it is
-read once and written once (plus one write per token into the optional intermediate buffer).
+dot products over K (S k and S q) are lane-group butterfly reductions. With T = 1 the kernel uses
+no shared memory and no barrier: state loads are issued first and are in flight while the gates and
+the q/k norms are computed. With T > 1 the normalised q/k and gates of every token are staged once
+per CTA in shared memory behind one barrier. The state stays in registers across the T tokens, so
+it is read once and written once (plus one write per token into the optional intermediate buffer).
 
 Regimes differ only in CTA shape (warps, rows per thread, lanes per row): many small CTAs to fill
 the GPU at small batch, bigger CTAs at large batch, fewer lanes per row when T > 1 (the per-token
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, const_expr
 
 from ..spec import KernelSpec
 from . import common
@@ -26,7 +27,6 @@ class KLastDecode(common.DecodeKernel):
     def __init__(self, spec: KernelSpec, num_warps: int, rows_per_thread: int, lanes_per_row: int):
         self.spec = spec
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
-        self.io_dtype = CUTLASS_DTYPES[spec.io_dtype]
         self.vec = common.vec_elems(spec.state_dtype)
         # Fewer lanes per row: fewer butterfly levels per dot product, more elements per lane.
         self.lanes_per_row = min(lanes_per_row, spec.K // self.vec)
