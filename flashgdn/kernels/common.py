@@ -62,17 +62,23 @@ def gdn_gates(
 
 @cute.jit
 def qk_factors(
-    sum_qq: Float32,
-    sum_kk: Float32,
-    sum_qk: Float32,
+    q,
+    k,
+    n: cutlass.Constexpr[int],
     group: cutlass.Constexpr[int],
     use_l2norm: cutlass.Constexpr[bool],
     scale: cutlass.Constexpr[float],
 ):
-    """Reduce per-lane partial sums over a lane group; return (q_factor, k_factor, k_hat . q_hat).
-
-    The caller holds raw q and k: q_hat = q * q_factor (scale included), k_hat = k * k_factor.
-    """
+    """From this lane's n raw q and k values (fp32), reduced over a lane group of `group` lanes
+    that together hold the whole vectors: (q_factor, k_factor, k_hat . q_hat), where
+    q_hat = q * q_factor (scale included) and k_hat = k * k_factor."""
+    sum_qq = Float32(0.0)
+    sum_kk = Float32(0.0)
+    sum_qk = Float32(0.0)
+    for e in cutlass.range_constexpr(n):
+        sum_qq += q[e] * q[e]
+        sum_kk += k[e] * k[e]
+        sum_qk += q[e] * k[e]
     sum_qk = cute.arch.warp_reduction_sum(sum_qk, threads_in_group=group)
     q_factor = Float32(scale)
     k_factor = Float32(1.0)
@@ -138,14 +144,7 @@ def warp_qk(
     cute.autovec_copy(cute.local_tile(mKrow, (n,), (lane,)), rK)
     q = rQ.load().to(Float32)
     k = rK.load().to(Float32)
-    sum_qq = Float32(0.0)
-    sum_kk = Float32(0.0)
-    sum_qk = Float32(0.0)
-    for e in cutlass.range_constexpr(n):
-        sum_qq += q[e] * q[e]
-        sum_kk += k[e] * k[e]
-        sum_qk += q[e] * k[e]
-    q_factor, k_factor, kq = qk_factors(sum_qq, sum_kk, sum_qk, 32, use_l2norm, scale)
+    q_factor, k_factor, kq = qk_factors(q, k, n, 32, use_l2norm, scale)
     return q, k, q_factor, k_factor, kq
 
 

@@ -158,15 +158,8 @@ class KLastDecode(common.DecodeKernel):
                     )
                     rQ = self._load_vec(mQ[b, t, h, None], lane_in_row)
                     rK = self._load_vec(mK[b, t, h, None], lane_in_row)
-                    sum_qq = Float32(0.0)
-                    sum_kk = Float32(0.0)
-                    sum_qk = Float32(0.0)
-                    for e in cutlass.range_constexpr(self.vec * self.chunks):
-                        sum_qq += rQ[e] * rQ[e]
-                        sum_kk += rK[e] * rK[e]
-                        sum_qk += rQ[e] * rK[e]
                     q_factor, k_factor, kq = common.qk_factors(
-                        sum_qq, sum_kk, sum_qk, L, spec.use_l2norm, spec.scale
+                        rQ, rK, self.vec * self.chunks, L, spec.use_l2norm, spec.scale
                     )
                     for e in cutlass.range_constexpr(self.vec * self.chunks):
                         rK[e] = rK[e] * k_factor
