@@ -120,6 +120,8 @@ def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_l
     rows, cols = (p.V, p.K) if kv_last else (p.K, p.V)
     check_tensor(name, t, (dtype,) if dtype is not None else STATE_DTYPES, (*leading, p.HV, rows, cols))
     check_inner_contiguous(name, t, 3, align_leading=True)
+    if t.shape[0] == 0 and p.B > 0:
+        raise ValueError(f"{name} has no slots (shape {tuple(t.shape)}); a pool needs at least one slot")
 
 
 def check_indices(name: str, t, p: Problem) -> None:

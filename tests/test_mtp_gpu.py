@@ -20,10 +20,11 @@ def _cases():
     return cases
 
 
-def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False):
+def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=None):
     H, K = 2, 128
     HV = H * ratio
-    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, strided=strided)
+    q, k, v, a, b, A_log_rand, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, strided=strided)
+    A_log = A_log_rand if A_log is None else A_log.to(DEV)
     P = B + 4
     pool = make_state(P, HV, K, K, sdt, DEV)
     before = pool.clone()
@@ -56,6 +57,14 @@ def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False):
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
 def test_mtp_matches_reference(case):
     _run(**case)
+
+
+@pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_mtp_extreme_decay(sdt):
+    """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
+    the kernel's folded decay scale takes its rescale path, with and without a zero g."""
+    A_log = torch.tensor([-6.0, 2.0, 4.0, 7.0])
+    _run(16, 5, 2, sdt, True, True, False, False, A_log=A_log)
 
 
 def test_mtp_strided_inputs():

@@ -562,3 +562,10 @@ def test_error_messages_name_expected_and_got():
         FNS["dec"](**kw)
     msg = str(e.value)
     assert re.search(r"\[2, 4, 64, 128\]", msg) and re.search(r"got \[2, 4, 128, 64\]", msg), msg
+
+
+@pytest.mark.parametrize("api", ["pool", "mtp"])
+def test_empty_pool(api):
+    kw = valid_kwargs(api)
+    kw["initial_state"] = kw["initial_state"][:0]
+    expect_error(api, kw, ValueError, r"^initial_state has no slots")

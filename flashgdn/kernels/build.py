@@ -23,17 +23,17 @@ from .kmajor import KMajorDecode
 # (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. K-last with T > 1 uses the MTP table.
 TILES = {
     ("klast", "small", "float32"): (4, 1, 16),
-    ("klast", "large", "float32"): (4, 2, 16),
-    ("klast", "small", "bfloat16"): (4, 2, 16),
-    ("klast", "large", "bfloat16"): (4, 2, 8),
+    ("klast", "large", "float32"): (4, 1, 16),
+    ("klast", "small", "bfloat16"): (4, 2, 8),
+    ("klast", "large", "bfloat16"): (4, 1, 8),
     ("mtp", "small", "float32"): (4, 1, 8),
-    ("mtp", "large", "float32"): (4, 1, 8),
-    ("mtp", "small", "bfloat16"): (4, 1, 8),
-    ("mtp", "large", "bfloat16"): (4, 2, 8),
-    ("kmajor", "small", "float32"): (8, 4),
-    ("kmajor", "large", "float32"): (4, 2),
-    ("kmajor", "small", "bfloat16"): (8, 4),
-    ("kmajor", "large", "bfloat16"): (4, 4),
+    ("mtp", "large", "float32"): (4, 2, 8),
+    ("mtp", "small", "bfloat16"): (4, 2, 8),
+    ("mtp", "large", "bfloat16"): (2, 4, 8),
+    ("kmajor", "small", "float32"): (4, 4),
+    ("kmajor", "large", "float32"): (8, 2),
+    ("kmajor", "small", "bfloat16"): (4, 4),
+    ("kmajor", "large", "bfloat16"): (4, 2),
 }
 
 

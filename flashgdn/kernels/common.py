@@ -31,33 +31,41 @@ def vec_elems(dtype_name: str) -> int:
 
 @cute.jit
 def softplus(x: Float32, beta: cutlass.Constexpr[float], threshold: cutlass.Constexpr[float]) -> Float32:
-    """torch.nn.functional.softplus: linear above `threshold` (in units of beta * x)."""
+    """torch.nn.functional.softplus: linear above `threshold` (in units of beta * x).
+
+    Branch-free (clamp, then select): a branch here would keep the loads that follow the gates
+    from being issued before the gate inputs arrive."""
     bx = x * Float32(beta)
-    out = x
-    if bx <= Float32(threshold):
-        out = cute.math.log1p(cute.math.exp(bx))
-        if const_expr(beta != 1.0):
-            out = out * Float32(1.0 / beta)
-    return out
+    out = cute.math.log1p(cute.math.exp(cute.arch.fmin(bx, Float32(threshold))))
+    if const_expr(beta != 1.0):
+        out = out * Float32(1.0 / beta)
+    return Float32(cutlass.select_(bx > Float32(threshold), x, out))
 
 
 @cute.jit
-def gdn_gates(
-    mA: cute.Tensor,
-    mB: cute.Tensor,
-    mALog: cute.Tensor,
-    mDtBias: cute.Tensor,
-    b: Int32,
-    t: Int32,
-    hv: Int32,
-    sp_beta: cutlass.Constexpr[float],
-    sp_threshold: cutlass.Constexpr[float],
-):
-    """Decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b), in fp32."""
-    x = mA[b, t, hv].to(Float32) + mDtBias[hv].to(Float32)
-    g = cute.math.exp(-cute.math.exp(mALog[hv].to(Float32)) * softplus(x, sp_beta, sp_threshold))
-    beta = Float32(1.0) / (Float32(1.0) + cute.math.exp(-mB[b, t, hv].to(Float32)))
+def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Constexpr[float]):
+    """Decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b), in fp32, from the
+    raw (a, b, A_log, dt_bias) values of load_gates."""
+    a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
+    g = cute.math.exp(-cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold))
+    # Approximate reciprocal (1 ulp): IEEE division adds a slow-path branch.
+    beta = cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-b))
     return g, beta
+
+
+def load_gates(mA: cute.Tensor, mB: cute.Tensor, mALog: cute.Tensor, mDtBias: cute.Tensor, b, t, hv):
+    """The raw gate inputs (a, b, A_log, dt_bias) of (batch row b, token t, value head hv), in
+    their own dtypes: converting here would make the caller wait for them."""
+    return mA[b, t, hv], mB[b, t, hv], mALog[hv], mDtBias[hv]
+
+
+def load_fence():
+    """Pins the global loads issued before it above the ones issued after it (a warp sync: it
+    waits for nothing, but no load moves across it). The compiler schedules a load next to its
+    first use; kernels put the loads needed last (state, v) before this fence and the ones whose
+    arithmetic comes first (gates, q/k) after it, so no load waits behind arithmetic on another
+    and all DRAM round trips overlap."""
+    cute.arch.sync_warp()
 
 
 @cute.jit
@@ -113,6 +121,9 @@ def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.
         status = Int32(INVALID)
     elif accepted < Int32(0) or accepted > Int32(num_tokens):
         status = Int32(INVALID)
+    # A row that does not run reads slot 0 (validation requires a non-empty pool) and writes
+    # nothing: its state load needs no branch, which would pin the conversions behind it.
+    read_slot = Int64(cutlass.select_(status == Int32(RUN), read_slot, Int64(0)))
     return read_slot, write_slot, accepted, status
 
 
@@ -126,26 +137,13 @@ def skipped_output(status: Int32) -> Float32:
 
 
 @cute.jit
-def warp_qk(
-    mQrow: cute.Tensor,
-    mKrow: cute.Tensor,
-    lane: Int32,
-    head_dim: cutlass.Constexpr[int],
-    use_l2norm: cutlass.Constexpr[bool],
-    scale: cutlass.Constexpr[float],
-):
-    """Whole-warp view of one token's q and k (length head_dim): each lane loads a contiguous
-    slice, the norms reduce over the warp. Returns (q, k) slices in fp32, raw, and
-    (q_factor, k_factor, k_hat . q_hat) as qk_factors does."""
+def warp_slice(mRow: cute.Tensor, lane: Int32, head_dim: cutlass.Constexpr[int]) -> cute.Tensor:
+    """This lane's contiguous slice (head_dim / 32 elements) of a length-head_dim vector, raw: the
+    whole-warp view of one q or k row that qk_factors reduces over 32 lanes."""
     n = head_dim // 32
-    rQ = cute.make_rmem_tensor((n,), mQrow.element_type)
-    rK = cute.make_rmem_tensor((n,), mKrow.element_type)
-    cute.autovec_copy(cute.local_tile(mQrow, (n,), (lane,)), rQ)
-    cute.autovec_copy(cute.local_tile(mKrow, (n,), (lane,)), rK)
-    q = rQ.load().to(Float32)
-    k = rK.load().to(Float32)
-    q_factor, k_factor, kq = qk_factors(q, k, n, 32, use_l2norm, scale)
-    return q, k, q_factor, k_factor, kq
+    rRaw = cute.make_rmem_tensor((n,), mRow.element_type)
+    cute.autovec_copy(cute.local_tile(mRow, (n,), (lane,)), rRaw)
+    return rRaw
 
 
 class DecodeKernel:

@@ -70,56 +70,65 @@ class KMajorDecode(common.DecodeKernel):
                 Float32, cute.make_layout((2 * VEC, self.col_lanes, self.num_warps)), byte_alignment=16
             )
 
-        _, _, _, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], 1)
-        gO = cute.local_tile(mO[b, 0, hv, None], (VEC,), (col_chunk,))
-        writes_output = warp == 0 and rl == 0
-        if status == common.RUN:
-            mRows = mS[b, hv, None, None]
-            rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
-            for m in cutlass.range_constexpr(M):
-                cute.autovec_copy(
-                    cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,)), rRaw[None, m]
-                )
-            rS = cute.make_rmem_tensor((VEC, M), Float32)
-            rS.store(rRaw.load().to(Float32))
-
-            g, beta = common.gdn_gates(mA, mB, mALog, mDtBias, b, 0, hv, spec.softplus_beta, spec.softplus_threshold)
-            _, _, q_factor, k_factor, kq = common.warp_qk(
-                mQ[b, 0, h, None], mK[b, 0, h, None], lane, spec.K, spec.use_l2norm, spec.scale
+        # Load phase: every global load is issued up front, in fenced groups (common.load_fence),
+        # into raw registers; the state and v first, the loads with arithmetic right behind last.
+        read_slot, _, _, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], 1)
+        mRows = mS[read_slot, hv, None, None]
+        rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
+        for m in cutlass.range_constexpr(M):
+            cute.autovec_copy(
+                cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,)), rRaw[None, m]
             )
+        rVraw = cute.make_rmem_tensor((VEC,), self.io_dtype)
+        cute.autovec_copy(cute.local_tile(mV[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
+        common.load_fence()
+        raw = common.load_gates(mA, mB, mALog, mDtBias, b, 0, hv)
+        common.load_fence()
+        rQraw = common.warp_slice(mQ[b, 0, h, None], lane, spec.K)
+        rKraw = common.warp_slice(mK[b, 0, h, None], lane, spec.K)
 
-            # Partial S^T k and S^T q over this thread's rows (raw q: its factor is applied later).
-            rDot = cute.make_rmem_tensor((2 * VEC,), Float32)
-            rDot.fill(0.0)
-            rKr = cute.make_rmem_tensor((M,), Float32)
-            for m in cutlass.range_constexpr(M):
-                row = row0 + m * self.row_step
-                rKr[m] = mK[b, 0, h, row].to(Float32) * k_factor
-                q_m = mQ[b, 0, h, row].to(Float32)
-                for e in cutlass.range_constexpr(VEC):
-                    rDot[e] += rS[e, m] * rKr[m]
-                    rDot[VEC + e] += rS[e, m] * q_m
-            for e in cutlass.range_constexpr(2 * VEC):
-                rDot[e] = cute.arch.warp_reduction_sum(rDot[e], threads_in_group=RL)
-            if const_expr(self.num_warps > 1):
-                if rl == 0:
-                    for e in cutlass.range_constexpr(2 * VEC):
-                        sPart[e, lane // RL, warp] = rDot[e]
-                cute.arch.barrier()
-                for e in cutlass.range_constexpr(2 * VEC):
-                    acc = Float32(0.0)
-                    for w in cutlass.range_constexpr(self.num_warps):
-                        acc += sPart[e, lane // RL, w]
-                    rDot[e] = acc
+        # Compute unconditionally (on slot 0 for a row that does not run); only stores depend on
+        # the row status, so the compiler has no branch to sink the loads into.
+        run = status == common.RUN
+        rS = cute.make_rmem_tensor((VEC, M), Float32)
+        rS.store(rRaw.load().to(Float32))
+        g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+        q_factor, k_factor, kq = common.qk_factors(
+            rQraw.load().to(Float32), rKraw.load().to(Float32), spec.K // 32, 32, spec.use_l2norm, spec.scale
+        )
 
-            rVraw = cute.make_rmem_tensor((VEC,), self.io_dtype)
-            cute.autovec_copy(cute.local_tile(mV[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
-            vv = rVraw.load().to(Float32)
-            rU = cute.make_rmem_tensor((VEC,), Float32)
-            rOut = cute.make_rmem_tensor((VEC,), Float32)
+        # Partial S^T k and S^T q over this thread's rows (raw q: its factor is applied later).
+        rDot = cute.make_rmem_tensor((2 * VEC,), Float32)
+        rDot.fill(0.0)
+        rKr = cute.make_rmem_tensor((M,), Float32)
+        for m in cutlass.range_constexpr(M):
+            # This thread's rows of q and k: L1 hits by now (the warp slices loaded the lines).
+            rKr[m] = mK[b, 0, h, row0 + m * self.row_step].to(Float32) * k_factor
+            q_m = mQ[b, 0, h, row0 + m * self.row_step].to(Float32)
             for e in cutlass.range_constexpr(VEC):
-                rU[e] = (vv[e] - g * rDot[e]) * beta
-                rOut[e] = g * rDot[VEC + e] * q_factor + rU[e] * kq
+                rDot[e] += rS[e, m] * rKr[m]
+                rDot[VEC + e] += rS[e, m] * q_m
+        for e in cutlass.range_constexpr(2 * VEC):
+            rDot[e] = cute.arch.warp_reduction_sum(rDot[e], threads_in_group=RL)
+        if const_expr(self.num_warps > 1):
+            if rl == 0:
+                for e in cutlass.range_constexpr(2 * VEC):
+                    sPart[e, lane // RL, warp] = rDot[e]
+            cute.arch.barrier()
+            for e in cutlass.range_constexpr(2 * VEC):
+                acc = Float32(0.0)
+                for w in cutlass.range_constexpr(self.num_warps):
+                    acc += sPart[e, lane // RL, w]
+                rDot[e] = acc
+
+        vv = rVraw.load().to(Float32)
+        rU = cute.make_rmem_tensor((VEC,), Float32)
+        rOut = cute.make_rmem_tensor((VEC,), Float32)
+        fill = common.skipped_output(status)
+        for e in cutlass.range_constexpr(VEC):
+            rU[e] = (vv[e] - g * rDot[e]) * beta
+            rOut[e] = Float32(cutlass.select_(run, g * rDot[VEC + e] * q_factor + rU[e] * kq, fill))
+        if run:
             for m in cutlass.range_constexpr(M):
                 for e in cutlass.range_constexpr(VEC):
                     rS[e, m] = g * rS[e, m] + rKr[m] * rU[e]
@@ -128,12 +137,7 @@ class KMajorDecode(common.DecodeKernel):
                 cute.autovec_copy(
                     rRaw[None, m], cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,))
                 )
-            if writes_output:
-                rO = cute.make_rmem_tensor((VEC,), mO.element_type)
-                rO.store(rOut.load().to(mO.element_type))
-                cute.autovec_copy(rO, gO)
-        else:
-            if writes_output:
-                rO = cute.make_rmem_tensor((VEC,), mO.element_type)
-                rO.fill(common.skipped_output(status).to(mO.element_type))
-                cute.autovec_copy(rO, gO)
+        if warp == 0 and rl == 0:
+            rO = cute.make_rmem_tensor((VEC,), mO.element_type)
+            rO.store(rOut.load().to(mO.element_type))
+            cute.autovec_copy(rO, cute.local_tile(mO[b, 0, hv, None], (VEC,), (col_chunk,)))
