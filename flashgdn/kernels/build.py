@@ -26,7 +26,7 @@ TILES = {
     ("klast", "large", "float32"): (4, 1, 16),
     ("klast", "small", "bfloat16"): (4, 2, 8),
     ("klast", "large", "bfloat16"): (4, 1, 8),
-    ("mtp", "small", "float32"): (4, 1, 8),
+    ("mtp", "small", "float32"): (4, 2, 8),
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
     ("mtp", "large", "bfloat16"): (2, 4, 8),

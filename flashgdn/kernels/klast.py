@@ -9,7 +9,8 @@ common.load_fence, so no load waits behind arithmetic on another: one DRAM round
 with a pool index. With T = 1 everything then stays in registers. With T > 1 the normalised
 q/k, gates and v of every token are staged once per CTA in shared memory behind a second barrier;
 the state stays in registers across the T tokens (read once, written once, plus one write per
-token into the optional intermediate buffer) as S = c * rS, with the decay folded into the scalar c.
+token into the optional intermediate buffer) as S = c * rS, with the decay folded into the scalar c;
+the outputs of all tokens go through shared memory and are written coalesced at the end.
 
 Regimes differ only in CTA shape (warps, rows per thread, lanes per row): many small CTAs to fill
 the GPU at small batch, bigger CTAs at large batch; with T > 1 more rows per thread share each
@@ -198,10 +199,12 @@ class KLastDecode(common.DecodeKernel):
             t_pad = self.tokens_per_warp * self.num_warps
             v_cols = (self.v_per_thread * self.num_warps * 32 + self.rows_per_cta - 1) // self.rows_per_cta
             sQK = smem.allocate_tensor(Float32, cute.make_layout((spec.K, 2, t_pad)), byte_alignment=16)
+            # (g, beta, k.q, unused) of a token are one 16-byte shared load.
             sGate = smem.allocate_tensor(
-                Float32, cute.make_layout((3, max(t_pad, self.gate_cols), self.num_warps)), byte_alignment=16
+                Float32, cute.make_layout((4, max(t_pad, self.gate_cols), self.num_warps)), byte_alignment=16
             )
             sV = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, v_cols)), byte_alignment=16)
+            sO = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, v_cols)), byte_alignment=16)
             self._stage_store(values, tokens, gates, sQK, sGate, sV, warp, lane)
             cute.arch.barrier()
         else:
@@ -226,7 +229,9 @@ class KLastDecode(common.DecodeKernel):
             if const_expr(staged):
                 rQ = self._f32(self._load_vec(sQK[None, 0, t], lane_in_row))
                 rK = self._f32(self._load_vec(sQK[None, 1, t], lane_in_row))
-                g, beta, kq = sGate[0, t, 0], sGate[1, t, 0], sGate[2, t, 0]
+                rGate = cute.make_rmem_tensor((4,), Float32)
+                cute.autovec_copy(sGate[None, t, 0], rGate)
+                g, beta, kq = rGate[0], rGate[1], rGate[2]
                 c = c * g
                 if c < Float32(RESCALE_MIN):
                     # 1 / c would overflow (or g is 0): apply c to the registers, restart at 1.
@@ -263,7 +268,11 @@ class KLastDecode(common.DecodeKernel):
                     w = u * k_factor  # rK holds the raw k
                     for e in cutlass.range_constexpr(E):
                         rS[e, i] = g * rS[e, i] + rK[e] * w
-                if lane_in_row == 0:
+                if const_expr(staged):
+                    # Every lane of the row group writes the same o; the CTA writes all outputs
+                    # coalesced after the loop.
+                    sO[row - tile * self.rows_per_cta, t] = decay * dot_q + u * kq
+                elif lane_in_row == 0:
                     out = Float32(cutlass.select_(run, decay * dot_q + u * kq, fill))
                     mO[b, t, hv, row] = out.to(mO.element_type)
             scale = c if const_expr(staged) else None
@@ -276,3 +285,20 @@ class KLastDecode(common.DecodeKernel):
         if const_expr(spec.update_state and not spec.has_accepted):
             if run:
                 self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, scale)
+        if const_expr(staged):
+            cute.arch.barrier()
+            self._write_outputs(sO, mO, b, hv, tile, warp * 32 + lane, run, fill)
+
+    @cute.jit
+    def _write_outputs(self, sO, mO, b, hv, tile, tid, run, fill):
+        """T > 1: the outputs of the CTA's rows for every token, from shared memory, coalesced
+        (the (row, token) mapping of the v staging)."""
+        T, rpc = self.spec.T, self.rows_per_cta
+        threads = self.num_warps * 32
+        for m in cutlass.range_constexpr(self.v_per_thread):
+            f = tid + m * threads
+            out = Float32(cutlass.select_(run, sO[f % rpc, f // rpc], fill)).to(mO.element_type)
+            if const_expr(T * rpc % threads == 0):
+                mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
+            elif f < T * rpc:
+                mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
