@@ -86,27 +86,42 @@ def _check_common(p, output, scale, q, **tensors) -> torch.device:
     return val.check_devices(dict(q=q, output=output, **tensors))
 
 
-@logged
-def gated_delta_rule_decode_pretranspose(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[torch.Tensor],
-    A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
-    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
-    initial_state: Optional[torch.Tensor] = None, initial_state_indices: Optional[torch.Tensor] = None,
-    output_state_indices: Optional[torch.Tensor] = None, *,
-    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One decode step, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K]
-    read at `initial_state_indices` [B] and written at `output_state_indices` [B] (default: the
-    same slots). A negative index marks padding: its output row is zero and no state is touched.
+_VALIDATED: dict = {}  # call signature -> (Problem, device) of a call that passed validation
+_VALIDATED_MAX = 1024
 
-    q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]; A_log [HV] fp32; dt_bias [HV].
-    Returns (output [B, 1, HV, V] in q's dtype, the updated state or pool).
-    """
+
+def _meta(x):
+    """What validation reads of an argument: a tensor's shape, strides, dtype, device and 16-byte
+    alignment; any other value with its type (True and 1 are different arguments)."""
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16)
+    return (type(x), x)
+
+
+def _validated(check, *args):
+    """check(*args) -> (Problem, device), skipped when a call with the same signature already
+    passed it: the full checks cost 20-30 us of Python per call, the signature about 5 us. Index
+    values are not validated on the host (the kernel handles them), so no check depends on data."""
+    key = (check,) + tuple(map(_meta, args))
+    try:
+        hit = _VALIDATED.get(key)
+    except TypeError:  # an unhashable argument: validate every time (and report it, if invalid)
+        return check(*args)
+    if hit is None:
+        hit = check(*args)
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = hit
+    return hit
+
+
+def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
+                        initial_state_indices, output_state_indices, state_is_pool):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
     if initial_state is not None:
         if initial_state_indices is None:
             raise ValueError("initial_state (a state pool) needs initial_state_indices [B]")
-        if state is not None and state is not initial_state:
+        if state is not None and not state_is_pool:
             raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
         pool = initial_state
         val.check_state("initial_state", pool, (None,), p, kv_last=True)
@@ -125,10 +140,67 @@ def gated_delta_rule_decode_pretranspose(
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
         val.check_state("state", pool, (p.B,), p, kv_last=True)
-    device = _check_common(
+    return p, _check_common(
         p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
     )
+
+
+def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output):
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
+    val.check_state("state", state, (p.B,), p, kv_last=False)
+    return p, _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
+
+
+def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+               intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices):
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
+    val.check_state("initial_state", initial_state, (None,), p, kv_last=True)
+    val.check_indices("initial_state_indices", initial_state_indices, p)
+    if output_state_indices is not None:
+        val.check_indices("output_state_indices", output_state_indices, p)
+        if output_state_indices.dtype != initial_state_indices.dtype:
+            raise TypeError("output_state_indices must have the dtype of initial_state_indices")
+    if intermediate_states_buffer is not None:
+        val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
+                        kv_last=True, dtype=initial_state.dtype)
+        if intermediate_states_buffer.shape[1] < p.T:
+            raise ValueError(
+                f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
+            )
+    if accepted_tokens is not None:
+        val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
+        val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)
+        if disable_state_update:
+            raise ValueError("accepted_tokens selects the state to commit; it cannot go with disable_state_update=True")
+    return p, _check_common(
+        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
+        initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
+        intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
+    )
+
+
+@logged
+def gated_delta_rule_decode_pretranspose(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[torch.Tensor],
+    A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
+    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
+    initial_state: Optional[torch.Tensor] = None, initial_state_indices: Optional[torch.Tensor] = None,
+    output_state_indices: Optional[torch.Tensor] = None, *,
+    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decode step, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K]
+    read at `initial_state_indices` [B] and written at `output_state_indices` [B] (default: the
+    same slots). A negative index marks padding: its output row is zero and no state is touched.
+
+    q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]; A_log [HV] fp32; dt_bias [HV].
+    Returns (output [B, 1, HV, V] in q's dtype, the updated state or pool).
+    """
+    p, device = _validated(
+        _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
+        initial_state_indices, output_state_indices, state is initial_state,
+    )
+    pool = state if initial_state is None else initial_state
     out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
                   output_state_indices, None, None, output, scale, use_qk_l2norm, True,
                   softplus_beta, softplus_threshold)
@@ -146,9 +218,7 @@ def gated_delta_rule_decode(
 
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
     """
-    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
-    val.check_state("state", state, (p.B,), p, kv_last=False)
-    device = _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
+    p, device = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output)
     out = _launch("kmajor", p, device, q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
                   output, scale, use_qk_l2norm, True, softplus_beta, softplus_threshold)
     return out, state
@@ -172,29 +242,9 @@ def gated_delta_rule_mtp(
     flashinfer) commits the state after that many tokens (0..T) instead of after T.
     Returns (output [B, T, HV, V], pool).
     """
-    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
-    val.check_state("initial_state", initial_state, (None,), p, kv_last=True)
-    val.check_indices("initial_state_indices", initial_state_indices, p)
-    if output_state_indices is not None:
-        val.check_indices("output_state_indices", output_state_indices, p)
-        if output_state_indices.dtype != initial_state_indices.dtype:
-            raise TypeError("output_state_indices must have the dtype of initial_state_indices")
-    if intermediate_states_buffer is not None:
-        val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
-                        kv_last=True, dtype=initial_state.dtype)
-        if intermediate_states_buffer.shape[1] < p.T:
-            raise ValueError(
-                f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
-            )
-    if accepted_tokens is not None:
-        val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
-        val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)
-        if disable_state_update:
-            raise ValueError("accepted_tokens selects the state to commit; it cannot go with disable_state_update=True")
-    device = _check_common(
-        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
-        initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
-        intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
+    p, device = _validated(
+        _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+        intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
     )
     out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
                   output_state_indices, accepted_tokens, intermediate_states_buffer, output, scale,

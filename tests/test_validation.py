@@ -569,3 +569,59 @@ def test_empty_pool(api):
     kw = valid_kwargs(api)
     kw["initial_state"] = kw["initial_state"][:0]
     expect_error(api, kw, ValueError, r"^initial_state has no slots")
+
+
+# ----------------------------------------------------------------------------- validation memo
+
+
+def _counting_check(calls, fail=False):
+    def check(*args):
+        calls.append(args)
+        if fail:
+            raise ValueError("bad")
+        return "p", "device"
+    return check
+
+
+def test_validation_memo_skips_repeated_signatures():
+    from flashgdn import api
+
+    calls = []
+    check = _counting_check(calls)
+    base = torch.zeros(4, 8)
+    assert api._validated(check, torch.zeros(4, 8), 0.5, None) == ("p", "device")
+    assert api._validated(check, torch.ones(4, 8), 0.5, None) == ("p", "device")  # same signature
+    assert len(calls) == 1
+    api._validated(check, base.t().contiguous().t(), 0.5, None)  # other strides
+    api._validated(check, torch.zeros(8, 5)[:, 1:], 0.5, None)  # other alignment and shape
+    api._validated(check, torch.zeros(4, 8, dtype=torch.float16), 0.5, None)  # other dtype
+    api._validated(check, torch.zeros(4, 8), 1, None)  # other scalar
+    api._validated(check, torch.zeros(4, 8), True, None)  # True is not 1
+    assert len(calls) == 6
+
+
+def test_validation_memo_never_caches_failures_or_unhashables():
+    from flashgdn import api
+
+    calls = []
+    failing = _counting_check(calls, fail=True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="bad"):
+            api._validated(failing, torch.zeros(3), 0.5)
+    assert len(calls) == 2
+    calls.clear()
+    check = _counting_check(calls)
+    for _ in range(2):
+        api._validated(check, torch.zeros(3), [0.5])
+    assert len(calls) == 2
+
+
+def test_validation_memo_is_bounded(monkeypatch):
+    from flashgdn import api
+
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api, "_VALIDATED_MAX", 4)
+    check = _counting_check([])
+    for n in range(10):
+        api._validated(check, torch.zeros(n + 1))
+    assert len(api._VALIDATED) <= 4
