@@ -46,6 +46,9 @@ VARIANTS = [
      dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False)),
     ("mtp-T16-small-bfloat16", dict(T=16, regime="small", state="bfloat16", index_dtype="int64")),
     ("mtp-T2-large-float32-gva1", dict(T=2, regime="large", state="float32", index_dtype="int32", H=32, HV=32)),
+    # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
+    ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
+    ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # head dims
     ("klast-T1-K64V64-small-float32", dict(K=64, V=64)),
     ("klast-T1-K256V256-small-float32", dict(K=256, V=256)),
