@@ -96,6 +96,16 @@ class KLastDecode(common.DecodeKernel):
         rX.store(rRaw.load().to(Float32))
         return rX
 
+    def _entry(self, tid, m: int):
+        """Entry m of this thread in the flat (row, token) order the v staging and the output
+        writes share: f = tid + m * threads is (row f % rows_per_cta, token f // rows_per_cta).
+        Returns (f, f clamped to the last real entry, whether f may be past it)."""
+        T, rpc, threads = self.spec.T, self.rows_per_cta, self.num_warps * 32
+        f = tid + m * threads
+        padded = (T * rpc) % threads != 0
+        fc = Int32(cutlass.select_(f < T * rpc, f, T * rpc - 1)) if padded else f
+        return f, fc, padded
+
     @cute.jit
     def _stage_loads(self, mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane):
         """T > 1: the CTA loads the v values of its rows for every token; warp w loads q, k and the
@@ -103,11 +113,9 @@ class KLastDecode(common.DecodeKernel):
         Fenced in groups so that no load waits behind arithmetic on another."""
         spec = self.spec
         T, W, rpc = spec.T, self.num_warps, self.rows_per_cta
-        threads = W * 32
         values = []
         for m in cutlass.range_constexpr(self.v_per_thread):
-            f = warp * 32 + lane + m * threads  # (row, token) = (f % rpc, f // rpc)
-            fc = f if const_expr(T * rpc % threads == 0) else Int32(cutlass.select_(f < T * rpc, f, T * rpc - 1))
+            f, fc, _ = self._entry(warp * 32 + lane, m)
             values.append((f, mV[b, fc // rpc, hv, tile * rpc + fc % rpc]))
         common.load_fence()
         tokens = []
@@ -294,11 +302,9 @@ class KLastDecode(common.DecodeKernel):
         """T > 1: the outputs of the CTA's rows for every token, from shared memory, coalesced
         (the (row, token) mapping of the v staging)."""
         T, rpc = self.spec.T, self.rows_per_cta
-        threads = self.num_warps * 32
         for m in cutlass.range_constexpr(self.v_per_thread):
-            f = tid + m * threads
+            f, _, padded = self._entry(tid, m)
             out = Float32(cutlass.select_(run, sO[f % rpc, f // rpc], fill)).to(mO.element_type)
-            if const_expr(T * rpc % threads == 0):
-                mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
-            elif f < T * rpc:
+            in_range = (f < T * rpc) if const_expr(padded) else True  # a static True: no branch
+            if in_range:
                 mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
