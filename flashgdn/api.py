@@ -49,24 +49,18 @@ def kernel_spec(
     )
 
 
-_fn_memo: dict = {}  # raw call facts -> compiled function (skips building a KernelSpec per call)
-
-
-def _launch(layout, p, device, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output,
+def _launch(plan, layout, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output,
             scale, use_l2norm, update_state, softplus_beta, softplus_threshold):
-    arch, sm_count = arch_of(device)
-    regime = pick_regime(p.B, p.HV, sm_count)
-    raw = (layout, p.H, p.HV, p.K, p.V, p.T, q.dtype, pool.dtype, a.dtype, dt_bias.dtype, scale, use_l2norm,
-           arch, regime, None if idx is None else idx.dtype, out_idx is not None, inter is not None,
-           update_state, acc is not None, softplus_beta, softplus_threshold)
-    fn = _fn_memo.get(raw)
-    if fn is None:
+    p, device = plan.problem, plan.device
+    fn = plan.fn
+    if fn is None:  # first call of this signature: look the compiled variant up once
+        arch, sm_count = arch_of(device)
         spec = kernel_spec(
             layout, p, q.dtype, pool.dtype, a.dtype, dt_bias.dtype, scale, use_l2norm, arch, sm_count,
             None if idx is None else idx.dtype, out_idx is not None, inter is not None, update_state,
-            acc is not None, softplus_beta, softplus_threshold, regime,
+            acc is not None, softplus_beta, softplus_threshold,
         )
-        fn = _fn_memo[raw] = kernel_cache.get(spec)
+        fn = plan.fn = kernel_cache.get(spec)
     if CHECK_INDICES:
         for name, t in (("initial_state_indices", idx), ("output_state_indices", out_idx)):
             if t is not None:
@@ -86,7 +80,17 @@ def _check_common(p, output, scale, q, **tensors) -> torch.device:
     return val.check_devices(dict(q=q, output=output, **tensors))
 
 
-_VALIDATED: dict = {}  # call signature -> (Problem, device) of a call that passed validation
+class _Plan:
+    """A call signature that passed validation: its Problem, device and (after the first launch)
+    compiled function."""
+
+    __slots__ = ("problem", "device", "fn")
+
+    def __init__(self, problem, device):
+        self.problem, self.device, self.fn = problem, device, None
+
+
+_VALIDATED: dict = {}  # call signature -> _Plan
 _VALIDATED_MAX = 1024
 
 
@@ -98,21 +102,23 @@ def _meta(x):
     return (type(x), x)
 
 
-def _validated(check, *args):
-    """check(*args) -> (Problem, device), skipped when a call with the same signature already
-    passed it: the full checks cost 20-30 us of Python per call, the signature about 5 us. Index
-    values are not validated on the host (the kernel handles them), so no check depends on data."""
-    key = (check,) + tuple(map(_meta, args))
+def _validated(check, *args, options=()) -> _Plan:
+    """The _Plan of check(*args) -> (Problem, device), remembered per signature: the full checks
+    cost 20-30 us of Python per call, the signature about 5 us; the plan also keeps the compiled
+    function, so a repeated call skips the kernel lookup too. `options` (the other arguments that
+    select the kernel) are part of the signature but not checked. Index values are not validated
+    on the host (the kernel handles them), so no check depends on data."""
+    key = (check,) + tuple(map(_meta, args + tuple(options)))
     try:
-        hit = _VALIDATED.get(key)
+        plan = _VALIDATED.get(key)
     except TypeError:  # an unhashable argument: validate every time (and report it, if invalid)
-        return check(*args)
-    if hit is None:
-        hit = check(*args)
+        return _Plan(*check(*args))
+    if plan is None:
+        plan = _Plan(*check(*args))
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
-        _VALIDATED[key] = hit
-    return hit
+        _VALIDATED[key] = plan
+    return plan
 
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
@@ -196,12 +202,13 @@ def gated_delta_rule_decode_pretranspose(
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]; A_log [HV] fp32; dt_bias [HV].
     Returns (output [B, 1, HV, V] in q's dtype, the updated state or pool).
     """
-    p, device = _validated(
+    plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
         initial_state_indices, output_state_indices, state is initial_state,
+        options=(use_qk_l2norm, softplus_beta, softplus_threshold),
     )
     pool = state if initial_state is None else initial_state
-    out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
+    out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
                   output_state_indices, None, None, output, scale, use_qk_l2norm, True,
                   softplus_beta, softplus_threshold)
     return out, pool
@@ -218,8 +225,9 @@ def gated_delta_rule_decode(
 
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
     """
-    p, device = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output)
-    out = _launch("kmajor", p, device, q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
+    plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output,
+                      options=(use_qk_l2norm, softplus_beta, softplus_threshold))
+    out = _launch(plan, "kmajor", q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
                   output, scale, use_qk_l2norm, True, softplus_beta, softplus_threshold)
     return out, state
 
@@ -242,11 +250,12 @@ def gated_delta_rule_mtp(
     flashinfer) commits the state after that many tokens (0..T) instead of after T.
     Returns (output [B, T, HV, V], pool).
     """
-    p, device = _validated(
+    plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
+        options=(use_qk_l2norm, softplus_beta, softplus_threshold),
     )
-    out = _launch("klast", p, device, q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
+    out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
                   output_state_indices, accepted_tokens, intermediate_states_buffer, output, scale,
                   use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold)
     return out, initial_state

@@ -74,6 +74,11 @@ class KernelSpec:
     def pool(self) -> bool:
         return self.index_dtype is not None
 
+    @property
+    def multi_token(self) -> bool:
+        """Built by the multi-token (MTP) kernel: K-last with T > 1, intermediates or accepted counts."""
+        return self.layout == "klast" and (self.T > 1 or self.has_intermediate or self.has_accepted)
+
     def short_name(self) -> str:
         """A compact, human-readable label for logs and benchmark tables."""
         parts = [

@@ -20,8 +20,8 @@ def _cases():
     return cases
 
 
-def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=None):
-    H, K = 2, 128
+def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=None, K=128):
+    H = 2
     HV = H * ratio
     q, k, v, a, b, A_log_rand, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, strided=strided)
     A_log = A_log_rand if A_log is None else A_log.to(DEV)
@@ -59,12 +59,23 @@ def test_mtp_matches_reference(case):
     _run(**case)
 
 
+@pytest.mark.parametrize("inter", (True, False), ids=("inter", "accepted"))
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-def test_mtp_extreme_decay(sdt):
+def test_mtp_extreme_decay(sdt, inter):
     """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
-    the kernel's folded decay scale takes its rescale path, with and without a zero g."""
+    the kernel's folded decay scale takes its rescale path, with and without a zero g; with the
+    intermediates written, and with accepted counts instead."""
     A_log = torch.tensor([-6.0, 2.0, 4.0, 7.0])
-    _run(16, 5, 2, sdt, True, True, False, False, A_log=A_log)
+    _run(16, 5, 2, sdt, inter, True, not inter, False, A_log=A_log)
+
+
+@pytest.mark.parametrize("K", (64, 256))
+@pytest.mark.parametrize("T", (1, 5))
+def test_mtp_head_dims(K, T):
+    """Other head dims (other chunk counts per lane and staging shapes) and T=1 through the MTP
+    entry point (with intermediates or accepted counts, the multi-token kernel builds it)."""
+    _run(T, 7, 2, torch.float32, True, True, True, True, K=K)
+    _run(T, 7, 1, torch.bfloat16, False, True, True, False, K=K)
 
 
 def test_mtp_strided_inputs():

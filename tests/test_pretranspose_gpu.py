@@ -120,3 +120,26 @@ def test_pretranspose_cuda_graph_replay_equals_eager():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, o_eager) and torch.equal(graph_state, eager_state)
+
+
+def test_repeated_signature_reuses_the_compiled_function(monkeypatch):
+    """A repeated call signature skips validation and the kernel lookup; its results stay right
+    with new values (the remembered plan holds no data)."""
+    from flashgdn import api
+
+    def lookup_forbidden(spec):
+        raise AssertionError(f"kernel lookup on a repeated signature: {spec.short_name()}")
+
+    B, H, HV, K = 3, 2, 4, 128
+    state = make_state(B, HV, K, K, torch.float32, DEV)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, 1, H, HV, K, K, device=DEV)
+    flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, state.clone(), A_log, a, dt_bias, b)
+    monkeypatch.setattr(api.kernel_cache, "get", lookup_forbidden)
+    for _ in range(2):
+        q, k, v, a, b, A_log, dt_bias = make_inputs(B, 1, H, HV, K, K, device=DEV)
+        ref_state = state.double()
+        o_ref, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, ref_state, A_log, a, dt_bias, b,
+                                                            compute_dtype=torch.float64)
+        o, _ = flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b)
+        assert_close_output(o, o_ref)
+        assert_close_state(state, ref_state)

@@ -589,8 +589,9 @@ def test_validation_memo_skips_repeated_signatures():
     calls = []
     check = _counting_check(calls)
     base = torch.zeros(4, 8)
-    assert api._validated(check, torch.zeros(4, 8), 0.5, None) == ("p", "device")
-    assert api._validated(check, torch.ones(4, 8), 0.5, None) == ("p", "device")  # same signature
+    plan = api._validated(check, torch.zeros(4, 8), 0.5, None)
+    assert (plan.problem, plan.device, plan.fn) == ("p", "device", None)
+    assert api._validated(check, torch.ones(4, 8), 0.5, None) is plan  # same signature: same plan
     assert len(calls) == 1
     api._validated(check, base.t().contiguous().t(), 0.5, None)  # other strides
     api._validated(check, torch.zeros(8, 5)[:, 1:], 0.5, None)  # other alignment and shape
@@ -598,6 +599,9 @@ def test_validation_memo_skips_repeated_signatures():
     api._validated(check, torch.zeros(4, 8), 1, None)  # other scalar
     api._validated(check, torch.zeros(4, 8), True, None)  # True is not 1
     assert len(calls) == 6
+    # Options select the kernel: part of the signature, not passed to the check.
+    other = api._validated(check, torch.zeros(4, 8), 0.5, None, options=(False, 1.0, 20.0))
+    assert other is not plan and len(calls) == 7 and len(calls[-1]) == 3
 
 
 def test_validation_memo_never_caches_failures_or_unhashables():

@@ -17,10 +17,11 @@ from ..spec import KernelSpec
 from .common import CUTLASS_DTYPES, vec_elems
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
+from .kmtp import KLastMTP
 
 # CTA shapes by (layout, regime, state dtype): (warps, rows per thread, lanes per row) for K-last,
 # (warps, row lanes) for K-major. Chosen on the H100 with benchmarks/tune.py
-# (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. K-last with T > 1 uses the MTP table.
+# (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. The MTP kernel uses the "mtp" rows.
 TILES = {
     ("klast", "small", "float32"): (4, 1, 16),
     ("klast", "large", "float32"): (4, 1, 16),
@@ -40,7 +41,7 @@ TILES = {
 def tile_for(spec: KernelSpec) -> tuple:
     if spec.tile is not None:
         return spec.tile
-    table = "mtp" if spec.layout == "klast" and spec.T > 1 else spec.layout
+    table = "mtp" if spec.multi_token else spec.layout
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]
         lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
@@ -61,7 +62,8 @@ def tile_for(spec: KernelSpec) -> tuple:
 def make_kernel(spec: KernelSpec):
     tile = tile_for(spec)
     if spec.layout == "klast":
-        return KLastDecode(spec, num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
+        cls = KLastMTP if spec.multi_token else KLastDecode
+        return cls(spec, num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
     return KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
 
 

@@ -1,0 +1,186 @@
+"""K-last GDN kernel for T tokens per sequence (MTP / speculative-decode verify), state [.., HV, V, K].
+
+Same CTA shape and register layout as klast.KLastDecode. The state rows stay in registers across
+the T tokens (read once, written once, plus one write per token into the optional intermediate
+buffer). Every global load is issued up front as in klast; then the normalised q/k, gates and v
+of every token are staged once per CTA in shared memory behind one barrier, and the tokens run one
+after another as S = c * rS, with the decay folded into the scalar c (one FMA per element and token
+in the update). The outputs of all tokens go through shared memory and are written coalesced.
+
+With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
+not the bytes, bounds this kernel. (A closed form with every dot product against the initial state
+and a per-row triangular solve, free of the serial chain, was measured slower on the H100: it adds
+per-CTA coefficient tables and about a third more instructions; see benchmarks/RESULTS.md.)
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from . import common
+from .klast import KLastDecode
+
+# Smallest folded decay c kept as a scale; below it c is applied to the state itself.
+RESCALE_MIN = 2.0 ** -64
+
+
+class KLastMTP(KLastDecode):
+    def __init__(self, spec, num_warps: int, rows_per_thread: int, lanes_per_row: int):
+        super().__init__(spec, num_warps, rows_per_thread, lanes_per_row)
+        threads = num_warps * 32
+        # Staging work per thread, padded so there are no tail branches on the loads.
+        self.tokens_per_warp = (spec.T + num_warps - 1) // num_warps
+        self.v_per_thread = (spec.T * self.rows_per_cta + threads - 1) // threads
+        self.gate_cols = 32 * ((spec.T + 31) // 32)  # one token per lane
+        self.t_pad = self.tokens_per_warp * num_warps
+        self.v_cols = (self.v_per_thread * threads + self.rows_per_cta - 1) // self.rows_per_cta
+
+    def _entry(self, tid, m: int):
+        """Entry m of this thread in the flat (row, token) order the v staging and the output
+        writes share: f = tid + m * threads is (row f % rows_per_cta, token f // rows_per_cta).
+        Returns (f, f clamped to the last real entry, whether f may be past it)."""
+        T, rpc, threads = self.spec.T, self.rows_per_cta, self.num_warps * 32
+        f = tid + m * threads
+        padded = (T * rpc) % threads != 0
+        fc = Int32(cutlass.select_(f < T * rpc, f, T * rpc - 1)) if padded else f
+        return f, fc, padded
+
+    @cute.jit
+    def _stage_loads(self, mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane):
+        """The CTA loads the v values of its rows for every token; warp w loads q, k and the gate
+        inputs of tokens w, w + num_warps, ... Token indices past T are clamped (no branch).
+        Fenced in groups so that no load waits behind arithmetic on another."""
+        spec = self.spec
+        T, W, rpc = spec.T, self.num_warps, self.rows_per_cta
+        values = []
+        for m in cutlass.range_constexpr(self.v_per_thread):
+            f, fc, _ = self._entry(warp * 32 + lane, m)
+            values.append((f, mV[b, fc // rpc, hv, tile * rpc + fc % rpc]))
+        common.load_fence()
+        tokens = []
+        for j in cutlass.range_constexpr(self.tokens_per_warp):
+            t = warp + j * W
+            tc = t if const_expr(T % W == 0) else Int32(cutlass.select_(t < T, t, T - 1))
+            tokens.append((t, common.warp_slice(mQ[b, tc, h, None], lane, spec.K),
+                           common.warp_slice(mK[b, tc, h, None], lane, spec.K)))
+        common.load_fence()
+        # Gates: lane t loads token t's inputs (few loads, simple addresses, issued together).
+        gates = []
+        for j in cutlass.range_constexpr(self.gate_cols // 32):
+            t = lane + 32 * j
+            tc = Int32(cutlass.select_(t < T, t, T - 1))
+            gates.append((t, common.load_gates(mA, mB, mALog, mDtBias, b, tc, hv)))
+        return values, tokens, gates
+
+    @cute.jit
+    def _stage_store(self, values, tokens, gates, sQK, sGate, sV, warp, lane):
+        """Into shared memory: v; q_hat (scale folded in), k_hat and k.q (sQK, sGate[2]); g and beta
+        (sGate[0:2], one copy per warp, copy 0 is read). Padded work writes spare columns and
+        every lane of a warp writes the same k.q: no branch."""
+        spec = self.spec
+        n = spec.K // 32
+        for f, val in values:
+            sV[f % self.rows_per_cta, f // self.rows_per_cta] = val.to(Float32)
+        for t, rQ, rK in tokens:
+            q = rQ.load().to(Float32)
+            k = rK.load().to(Float32)
+            q_factor, k_factor, kq = common.qk_factors(q, k, n, 32, spec.use_l2norm, spec.scale)
+            for e in cutlass.range_constexpr(n):
+                sQK[lane * n + e, 0, t] = q[e] * q_factor
+                sQK[lane * n + e, 1, t] = k[e] * k_factor
+            sGate[2, t, 0] = kq
+        for t, raw in gates:
+            g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+            sGate[0, t, warp] = g
+            sGate[1, t, warp] = beta
+
+    @cute.kernel
+    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
+        """The tensors of common.DecodeKernel.__call__, in its order."""
+        spec = self.spec
+        R = self.rows_per_thread
+        T = spec.T
+        E = self.vec * self.chunks  # elements of one row held by this lane
+        lane, warp, tile, b, hv, h, lane_in_row, row0 = self._thread_coords()
+        local0 = row0 - tile * self.rows_per_cta  # first row of this thread within the CTA tile
+
+        # Loads: raw registers only, no arithmetic that waits for a load.
+        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
+        run = status == common.RUN
+        # The state first even with a pool (unlike T = 1): placed after the others, its loads end
+        # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
+        rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
+        common.load_fence()
+        values, tokens, gates = self._stage_loads(mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane)
+
+        # Per-token q/k norms and gates once per CTA (per-lane recomputation would cost more ALU
+        # work than the recurrence), read back from shared memory by every row.
+        smem = cutlass.memory.SmemAllocator()
+        sQK = smem.allocate_tensor(Float32, cute.make_layout((spec.K, 2, self.t_pad)), byte_alignment=16)
+        # (g, beta, k.q, unused) of a token are one 16-byte shared load.
+        sGate = smem.allocate_tensor(
+            Float32, cute.make_layout((4, max(self.t_pad, self.gate_cols), self.num_warps)), byte_alignment=16
+        )
+        sV = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
+        sO = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
+        rS = self._f32(rRaw)
+        self._stage_store(values, tokens, gates, sQK, sGate, sV, warp, lane)
+        cute.arch.barrier()
+
+        # The recurrence runs unconditionally (on slot 0 for a row that does not run) and only the
+        # stores depend on the row status: a branch around the compute would let the compiler
+        # sink loads into it.
+        if const_expr(spec.update_state and spec.has_accepted):
+            if run and accepted == 0:
+                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
+        # S = c * rS: the decay of each token goes into the scalar c, so the update is one FMA per
+        # element (rS += k (u / c)) instead of a multiply and an FMA.
+        c = Float32(1.0)
+        for t in cutlass.range_constexpr(T):
+            rQ = self._f32(self._load_vec(sQK[None, 0, t], lane_in_row))
+            rK = self._f32(self._load_vec(sQK[None, 1, t], lane_in_row))
+            rGate = cute.make_rmem_tensor((4,), Float32)
+            cute.autovec_copy(sGate[None, t, 0], rGate)
+            g, beta, kq = rGate[0], rGate[1], rGate[2]
+            c = c * g
+            if c < Float32(RESCALE_MIN):
+                # 1 / c would overflow (or g is 0): apply c to the registers, restart at 1.
+                for i in cutlass.range_constexpr(R):
+                    for e in cutlass.range_constexpr(E):
+                        rS[e, i] = rS[e, i] * c
+                c = Float32(1.0)
+            inv_c = cute.arch.rcp_approx(c)
+            for i in cutlass.range_constexpr(R):
+                dot_k, dot_q = self._row_dots(rS, rK, rQ, i)
+                # S' = g S + k u^T  =>  o = S'^T q = g (S^T q) + u (k . q), with S = c rS
+                u = (sV[local0 + i * self.row_step, t] - c * dot_k) * beta
+                w = u * inv_c
+                for e in cutlass.range_constexpr(E):
+                    rS[e, i] = rS[e, i] + rK[e] * w
+                # Every lane of the row group writes the same o; the CTA writes all outputs
+                # coalesced after the loop.
+                sO[local0 + i * self.row_step, t] = c * dot_q + u * kq
+            if const_expr(spec.has_intermediate):
+                if run:
+                    self._store_rows(rS, mInter[b, t, hv, None, None], row0, lane_in_row, c)
+            if const_expr(spec.update_state and spec.has_accepted):
+                if run and accepted == t + 1:
+                    self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
+        if const_expr(spec.update_state and not spec.has_accepted):
+            if run:
+                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
+        cute.arch.barrier()
+        self._write_outputs(sO, mO, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
+
+    @cute.jit
+    def _write_outputs(self, sO, mO, b, hv, tile, tid, run, fill):
+        """The outputs of the CTA's rows for every token, from shared memory, coalesced (the
+        (row, token) mapping of the v staging)."""
+        T, rpc = self.spec.T, self.rows_per_cta
+        for m in cutlass.range_constexpr(self.v_per_thread):
+            f, _, padded = self._entry(tid, m)
+            out = Float32(cutlass.select_(run, sO[f % rpc, f // rpc], fill)).to(mO.element_type)
+            in_range = (f < T * rpc) if const_expr(padded) else True  # a static True: no branch
+            if in_range:
+                mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
