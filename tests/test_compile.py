@@ -49,7 +49,7 @@ VARIANTS = [
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
-    # T=1 through the MTP entry point (intermediates, accepted counts), K=64: the coefficient tables
+    # T=1 through the MTP entry point (intermediates, accepted counts build the multi-token kernel), K=64
     ("mtp-T1-inter-accepted-K64V64-small-float32",
      dict(T=1, K=64, V=64, state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True)),
     # head dims
