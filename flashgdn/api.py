@@ -67,6 +67,11 @@ def _launch(plan, layout, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc
                 val.check_index_values(name, t, pool.shape[0], allow_negative=True)
         if acc is not None:
             val.check_index_values("accepted_tokens", acc, p.T + 1, allow_negative=False)
+        if update_state and idx is not None:  # a pool: rows must not write one slot
+            if out_idx is None:
+                val.check_distinct_slots("initial_state_indices", idx, idx)
+            else:
+                val.check_distinct_slots("output_state_indices", out_idx, idx)
     if output is None:
         output = torch.empty(p.B, p.T, p.HV, p.V, dtype=q.dtype, device=device)
     if p.B:
@@ -95,8 +100,9 @@ _VALIDATED_MAX = 1024
 
 
 def _meta(x):
-    """What validation reads of an argument: a tensor's shape, strides, dtype, device and 16-byte
-    alignment; any other value with its type (True and 1 are different arguments)."""
+    """What validation reads of an argument: a tensor's shape, strides (internal overlap too is a
+    function of these two), dtype, device and 16-byte alignment; any other value with its type
+    (True and 1 are different arguments)."""
     if isinstance(x, torch.Tensor):
         return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16)
     return (type(x), x)
@@ -131,6 +137,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
         pool = initial_state
         val.check_state("initial_state", pool, (None,), p, kv_last=True)
+        val.check_no_overlap("initial_state", pool)
         val.check_indices("initial_state_indices", initial_state_indices, p)
         if output_state_indices is not None:
             val.check_indices("output_state_indices", output_state_indices, p)
@@ -146,6 +153,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
         val.check_state("state", pool, (p.B,), p, kv_last=True)
+        val.check_no_overlap("state", pool)
     return p, _check_common(
         p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
@@ -155,6 +163,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
 def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
     val.check_state("state", state, (p.B,), p, kv_last=False)
+    val.check_no_overlap("state", state)
     return p, _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
 
 
@@ -162,6 +171,8 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
                intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
     val.check_state("initial_state", initial_state, (None,), p, kv_last=True)
+    if not disable_state_update:  # otherwise the pool is only read
+        val.check_no_overlap("initial_state", initial_state)
     val.check_indices("initial_state_indices", initial_state_indices, p)
     if output_state_indices is not None:
         val.check_indices("output_state_indices", output_state_indices, p)
@@ -174,6 +185,7 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
             raise ValueError(
                 f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
             )
+        val.check_no_overlap("intermediate_states_buffer", intermediate_states_buffer)
     if accepted_tokens is not None:
         val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
         val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)

@@ -2,9 +2,10 @@
 
 Each failure raises TypeError (wrong type or dtype) or ValueError (shape, stride, alignment,
 device, value) naming the argument, what was expected and what came. Nothing here reads tensor
-values on the GPU (no host sync), except `check_index_values`, which the API runs only when
-FLASHGDN_CHECK_INDICES=1 (debugging); without it the kernels themselves turn an out-of-range
-slot or accepted count into a NaN output row and leave the state untouched.
+values on the GPU (no host sync), except `check_index_values` and `check_distinct_slots`, which
+the API runs only when FLASHGDN_CHECK_INDICES=1 (debugging); without it the kernels themselves
+turn an out-of-range slot or accepted count into a NaN output row and leave the state untouched,
+and two rows writing one slot race.
 """
 from __future__ import annotations
 
@@ -124,6 +125,40 @@ def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_l
         raise ValueError(f"{name} has no slots (shape {tuple(t.shape)}); a pool needs at least one slot")
 
 
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two indices of `t` share an address. torch decides packed layouts and zero strides;
+    for the strided views it finds too hard, one rule that never errs: merge adjacent dims packed
+    into each other (a packed block becomes one dim of stride 1); if one dim's stride is m times
+    another's, 0 <= m < that other dim's size, then one step along the first lands where m steps
+    along the other do. This decides a packed block under one strided dim (a pool with any slot
+    stride) exactly; a layout the rule does not settle is accepted."""
+    verdict = torch._debug_has_internal_overlap(t)  # 0: no overlap, 1: overlap, 2: too hard
+    if verdict != 2:
+        return verdict == 1
+    dims = []  # (size, stride), outermost first, size-1 dims dropped, adjacent packed dims merged
+    for size, stride in zip(t.shape, t.stride()):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return any(
+        sd == 0 or (e != d and se % sd == 0 and se // sd < nd)
+        for e, (_, se) in enumerate(dims) for d, (nd, sd) in enumerate(dims)
+    )
+
+
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """A tensor the kernel writes must not overlap itself (e.g. an expand() view, or a stride
+    smaller than the block it steps over): two CTAs would write one address."""
+    if t.numel() and _overlaps_itself(t):
+        raise ValueError(
+            f"{name} must not overlap itself (it is written: no expand() views, zero strides or strides "
+            f"smaller than the block they step over), got shape {list(t.shape)} strides {list(t.stride())}"
+        )
+
+
 def check_indices(name: str, t, p: Problem) -> None:
     check_tensor(name, t, INDEX_DTYPES, (p.B,))
     check_inner_contiguous(name, t, 1, align_leading=False)
@@ -133,6 +168,7 @@ def check_output(output, p: Problem, dtype: torch.dtype) -> None:
     if output is not None:
         check_tensor("output", output, (dtype,), (p.B, p.T, p.HV, p.V))
         check_inner_contiguous("output", output, 1, align_leading=False)
+        check_no_overlap("output", output)
 
 
 def check_scale(scale) -> None:
@@ -149,4 +185,17 @@ def check_index_values(name: str, idx: torch.Tensor, upper: int, allow_negative:
         raise ValueError(
             f"{name} values must be in [{lower}, {upper}){' or negative (padding)' if allow_negative else ''}, "
             f"got min {int(vals.min())}, max {int(vals.max())}"
+        )
+
+
+def check_distinct_slots(name: str, slots: torch.Tensor, read: torch.Tensor) -> None:
+    """No pool slot written by two rows (syncs with the GPU: debugging only). Row i writes
+    slots[i] unless it is padding (slots[i] or its read index read[i] negative)."""
+    written = slots[(slots >= 0) & (read >= 0)]
+    values, counts = torch.unique(written, return_counts=True)
+    repeated = counts > 1
+    if repeated.any():
+        raise ValueError(
+            f"{name} must not repeat a written slot (rows writing one slot race), "
+            f"got slot {int(values[repeated][0])} in {int(counts[repeated][0])} rows"
         )

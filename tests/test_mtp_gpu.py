@@ -59,14 +59,15 @@ def test_mtp_matches_reference(case):
     _run(**case)
 
 
+@pytest.mark.parametrize("B", (5, 200), ids=("small", "large"))
 @pytest.mark.parametrize("inter", (True, False), ids=("inter", "accepted"))
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-def test_mtp_extreme_decay(sdt, inter):
+def test_mtp_extreme_decay(sdt, inter, B):
     """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
     the kernel's folded decay scale takes its rescale path, with and without a zero g; with the
-    intermediates written, and with accepted counts instead."""
+    intermediates written, and with accepted counts instead; in both regimes (CTA shapes)."""
     A_log = torch.tensor([-6.0, 2.0, 4.0, 7.0])
-    _run(16, 5, 2, sdt, inter, True, not inter, False, A_log=A_log)
+    _run(16, B, 2, sdt, inter, True, not inter, False, A_log=A_log)
 
 
 @pytest.mark.parametrize("K", (64, 256))
@@ -76,6 +77,7 @@ def test_mtp_head_dims(K, T):
     entry point (with intermediates or accepted counts, the multi-token kernel builds it)."""
     _run(T, 7, 2, torch.float32, True, True, True, True, K=K)
     _run(T, 7, 1, torch.bfloat16, False, True, True, False, K=K)
+    _run(T, 70, 2, torch.bfloat16, True, True, False, True, K=K)  # large regime
 
 
 def test_mtp_strided_inputs():

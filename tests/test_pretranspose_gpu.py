@@ -143,3 +143,72 @@ def test_repeated_signature_reuses_the_compiled_function(monkeypatch):
         o, _ = flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b)
         assert_close_output(o, o_ref)
         assert_close_state(state, ref_state)
+
+
+def test_pretranspose_duplicate_write_slot_rejected_with_index_checks(monkeypatch):
+    """FLASHGDN_CHECK_INDICES=1: two rows writing one pool slot (a race otherwise) raise before the
+    launch, nothing written; a padding row does not count as a write."""
+    from flashgdn import api
+
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    B, H, HV, K = 4, 2, 4, 128
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, 1, H, HV, K, K, device=DEV)
+    pool = make_state(8, HV, K, K, torch.float32, DEV)
+    before = pool.clone()
+    output = torch.full((B, 1, HV, K), float("nan"), dtype=q.dtype, device=DEV)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
+    for idx, out_idx, name, slot in (
+        (i32(0, 1, 2, 3), i32(5, 6, 7, 5), "output_state_indices", 5),
+        (i32(2, 1, 2, -1), None, "initial_state_indices", 2),
+    ):
+        match = rf"^{name} must not repeat a written slot .*got slot {slot} in 2 rows"
+        with pytest.raises(ValueError, match=match):
+            flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, None, A_log, a, dt_bias, b, None, output, True,
+                                                          pool, idx, out_idx)
+        assert torch.equal(pool, before), "pool written by a call that failed the index check"
+        assert torch.isnan(output).all(), "output written by a call that failed the index check"
+    # Row 1 reads slot -1 (padding): its write slot 5 repeats row 0's, but it writes nothing.
+    idx, out_idx = i32(0, -1, 2, 3), i32(5, 5, 6, 7)
+    ref_pool = before.double()
+    o_ref, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, None, A_log, a, dt_bias, b, None, None, True, ref_pool,
+                                                        idx, out_idx, compute_dtype=torch.float64)
+    o, _ = flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, None, A_log, a, dt_bias, b, None, output, True,
+                                                         pool, idx, out_idx)
+    assert_close_output(o, o_ref)
+    assert_close_state(pool, ref_pool)
+
+
+def test_pretranspose_fp16_output_overflows_to_inf():
+    """fp16 inputs: the fp32 output is converted without clamping, so beyond ±65504 it is ±inf;
+    outputs inside the range stay right, and the fp32 state stays finite and right."""
+    B, H, HV, K = 8, 2, 4, 128
+    fp16_max, margin = 65504.0, 0.05
+    scale = 64.0  # q = 64 * unit vector: a moderate state (|S| up to ~1e5) reaches the fp16 limit
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, 1, H, HV, K, K, torch.float16, DEV, seed=11)
+    base = make_state(B, HV, K, K, torch.float32, DEV, seed=12)
+
+    def reference(state64):  # fp64 inputs: the reference output stays fp64, unrounded and unclamped
+        o, _ = ref.gated_delta_rule_decode_pretranspose(q.double(), k.double(), v.double(), state64, A_log, a,
+                                                        dt_bias, b, scale, None, True, compute_dtype=torch.float64)
+        return o
+
+    # The output is the state's share (linear in the state) plus v's (small): scaling the state so
+    # the median |o| sits at the fp16 limit makes many outputs overflow, and many not.
+    state = base * float(fp16_max / reference(base.double()).abs().median())
+    ref_state = state.double()
+    o_ref = reference(ref_state)
+    over = o_ref.abs() > fp16_max * (1 + margin)
+    under = o_ref.abs() < fp16_max * (1 - margin)
+    n = o_ref.numel()
+    assert (o_ref.abs() > 7e4).sum() > n // 5 and (o_ref.abs() < 6e4).sum() > n // 5, "inputs do not straddle the limit"
+
+    output = torch.full((B, 1, HV, K), float("nan"), dtype=torch.float16, device=DEV)
+    o, st = flashgdn.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, True)
+    assert o is output and st is state
+    assert not torch.isnan(o).any(), "NaN output (unwritten or wrong)"
+    inf = torch.full_like(o[over], float("inf"))
+    assert torch.equal(o[over], torch.where(o_ref[over] > 0, inf, -inf)), "outputs beyond the fp16 range must be ±inf"
+    assert torch.isfinite(o[under]).all(), "outputs inside the fp16 range must be finite"
+    assert_close_output(o[under], o_ref[under])
+    assert torch.isfinite(state).all(), "state not finite"
+    assert_close_state(state, ref_state)

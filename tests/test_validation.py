@@ -7,6 +7,8 @@ at the device check ("must be a CUDA tensor"), which runs last.
 """
 from __future__ import annotations
 
+import itertools
+import random
 import re
 
 import pytest
@@ -103,6 +105,12 @@ def misaligned_pointer(t):
 
 def with_shape(t, shape):
     return torch.randn(*shape).to(t.dtype)
+
+
+def strided_view(shape, strides, dtype=F32):
+    """Random values in a view with exactly these strides (storage just large enough)."""
+    n = 1 + sum((d - 1) * s for d, s in zip(shape, strides))
+    return torch.randn(n).to(dtype).as_strided(shape, strides)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -213,6 +221,17 @@ INPUT_CASES = [
     ("output-last-dim-strided", ALL,
      _set(output=lambda api, kw: not_last_contiguous(torch.zeros(B, tokens(api), HV, V, dtype=BF16))),
      ValueError, r"^output must have its last dim contiguous"),
+    # written tensors must not overlap themselves
+    ("output-expanded", ALL,
+     _set(output=lambda api, kw: torch.zeros(1, tokens(api), HV, V, dtype=BF16).expand(B, -1, -1, -1)), ValueError,
+     r"^output must not overlap itself \(it is written.*\), got shape \[2, \d+, 4, 128\] strides \[0, "),
+    ("output-heads-overlap", ALL,
+     _set(output=lambda api, kw: strided_view((B, tokens(api), HV, V), (tokens(api) * HV * V, HV * V, V // 2, 1),
+                                              BF16)),
+     ValueError, rf"^output must not overlap itself .*strides \[\d+, \d+, {V // 2}, 1\]"),
+    ("output-tokens-share-rows", ("mtp",),
+     _set(output=lambda api, kw: strided_view((B, tokens(api), HV, V), (HV * V, HV * V, V, 1), BF16)),
+     ValueError, r"^output must not overlap itself"),
     # scale
     ("scale-str", ALL, _set(scale=lambda api, kw: "0.1"), TypeError, r"^scale must be a float or None, got str"),
     ("scale-bool", ALL, _set(scale=lambda api, kw: True), TypeError, r"^scale must be a float or None, got bool"),
@@ -278,6 +297,13 @@ STATE_CASES = [
      ValueError, lambda api: rf"^{STATE_ARG[api]} stride \d+ at dim 0 must be a multiple of 8 elements"),
     ("state-misaligned-pointer", ALL, _replace_state(lambda api, kw: misaligned_pointer(_state(api, kw))),
      ValueError, lambda api: rf"^{STATE_ARG[api]} data pointer must be 16-byte aligned"),
+    # written, so no internal overlap (a padded slot stride is fine: test_strided_views_pass_structural_checks)
+    ("state-expanded", ALL, _replace_state(lambda api, kw: _state(api, kw)[:1].expand(_state_rows(api), -1, -1, -1)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must not overlap itself .*strides \[0, {K * V}, "),
+    ("state-slot-stride-too-small", ALL,
+     _replace_state(lambda api, kw: strided_view((_state_rows(api), HV, *_state_dims(api)),
+                                                 (HV * K * V - 16, K * V, _state_dims(api)[1], 1))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must not overlap itself .*strides \[{HV * K * V - 16}, "),
 ]
 
 
@@ -449,6 +475,10 @@ def _ibuf(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
                  r"^intermediate_states_buffer stride \d+ at dim 0 must be a multiple of 4", id="misaligned-stride"),
     pytest.param(misaligned_pointer(_ibuf()), ValueError,
                  r"^intermediate_states_buffer data pointer must be 16-byte aligned", id="misaligned-pointer"),
+    pytest.param(_ibuf(T=1).expand(-1, T_MTP, -1, -1, -1), ValueError,
+                 r"^intermediate_states_buffer must not overlap itself .*strides \[\d+, 0, ", id="expanded-tokens"),
+    pytest.param(strided_view((B, T_MTP, HV, V, K), (T_MTP * HV * V * K, HV * V * K // 2, V * K, K, 1)), ValueError,
+                 r"^intermediate_states_buffer must not overlap itself", id="token-stride-too-small"),
 ])
 def test_mtp_intermediate_errors(ibuf, exc, match):
     kw = valid_kwargs("mtp")
@@ -544,6 +574,96 @@ def test_mtp_disable_state_update_without_accepted_is_fine():
     kw["disable_state_update"] = True
     kw["intermediate_states_buffer"] = _ibuf()
     expect_only_device_error("mtp", kw)
+
+
+def test_mtp_disable_state_update_reads_an_overlapping_pool():
+    """Without a state update the pool is only read, so it may overlap itself; written, it may not."""
+    kw = valid_kwargs("mtp")
+    kw["initial_state"] = kw["initial_state"][:1].expand(P, -1, -1, -1)
+    kw["disable_state_update"] = True
+    expect_only_device_error("mtp", kw)
+    kw["disable_state_update"] = False
+    expect_error("mtp", kw, ValueError, r"^initial_state must not overlap itself")
+
+
+@pytest.mark.parametrize("api", ALL)
+def test_zero_batch_written_tensors_pass(api):
+    """B = 0: written tensors without elements pass the overlap check, expand() views included."""
+    T = tokens(api)
+    kw = valid_kwargs(api)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(0, T, H, HV, K, V, seed=10)
+    kw.update(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias)
+    kw["output"] = torch.zeros(1, T, HV, V, dtype=BF16).expand(0, -1, -1, -1)
+    if api in ("pre", "dec"):
+        kw["state"] = torch.zeros(1, HV, *_state_dims(api)).expand(0, -1, -1, -1)
+    else:
+        kw["initial_state_indices"] = torch.zeros(0, dtype=torch.int32)
+    if api == "mtp":
+        kw["intermediate_states_buffer"] = _ibuf(n=1, T=1).expand(0, T, -1, -1, -1)
+    expect_only_device_error(api, kw)
+
+
+def _brute_force_overlaps(shape, strides):
+    offsets = [sum(i * s for i, s in zip(ix, strides)) for ix in itertools.product(*map(range, shape))]
+    return len(offsets) != len(set(offsets))
+
+
+def test_overlap_rule_is_sound_and_exact_for_pools():
+    """The overlap check never rejects a layout without overlap, and decides a packed block under
+    one strided dim (a pool with any slot stride) exactly."""
+    from flashgdn import validation as val
+
+    rng = random.Random(0)
+    storage = torch.empty(4096, device="meta")
+    beyond_torch = 0  # overlaps torch finds too hard to tell, caught by the stride rule
+    for _ in range(3000):
+        ndim = rng.randint(1, 4)
+        shape = tuple(rng.randint(0, 4) for _ in range(ndim))
+        strides = tuple(rng.randint(0, 12) for _ in range(ndim))
+        t = storage.as_strided(shape, strides)
+        if val._overlaps_itself(t):
+            assert _brute_force_overlaps(shape, strides), (shape, strides)
+            beyond_torch += torch._debug_has_internal_overlap(t) == 2
+    assert beyond_torch > 100
+    for n, rows, cols, slot in itertools.product((2, 3), (1, 2, 3), (1, 4), range(1, 14)):
+        t = storage.as_strided((n, rows, cols), (slot, cols, 1))
+        assert val._overlaps_itself(t) == _brute_force_overlaps(t.shape, t.stride()), (n, rows, cols, slot)
+
+
+_SLOTS = [  # (initial_state_indices, output_state_indices, update_state, error or None)
+    pytest.param([3, 3], None, True, r"^initial_state_indices must not repeat a written slot .*got slot 3 in 2 rows",
+                 id="read-and-write-slot-twice"),
+    pytest.param([3, 0], [4, 4], True, r"^output_state_indices must not repeat a written slot .*got slot 4 in 2 rows",
+                 id="write-slot-twice"),
+    pytest.param([3, -1], [4, 4], True, None, id="padding-row-writes-nothing"),
+    pytest.param([-1, -1], None, True, None, id="padding-repeats"),
+    pytest.param([3, 0], [-1, -1], True, None, id="write-padding-repeats"),
+    pytest.param([3, 3], [1, 2], True, None, id="read-slot-twice"),
+    pytest.param([3, 3], None, False, None, id="no-state-update"),  # MTP with disable_state_update
+]
+
+
+@pytest.mark.parametrize("idx,out_idx,update,error", _SLOTS)
+def test_index_checks_reject_duplicate_write_slots(monkeypatch, idx, out_idx, update, error):
+    """FLASHGDN_CHECK_INDICES=1: slots written by two rows raise before the launch (a fake kernel
+    here; tests/test_pretranspose_gpu.py runs the real one)."""
+    from flashgdn import api
+
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    launches = []
+    plan = api._Plan(api.val.Problem(B, 1, H, HV, K, V), torch.device("cpu"))
+    plan.fn = lambda *args: launches.append(args)
+    kw = valid_kwargs("pool")
+    as_idx = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    args = (plan, "klast", kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"],
+            kw["initial_state"], as_idx(idx), as_idx(out_idx), None, None, None, None, True, update, 1.0, 20.0)
+    if error is None:
+        api._launch(*args)
+        assert len(launches) == 1
+    else:
+        with pytest.raises(ValueError, match=error):
+            api._launch(*args)
+        assert not launches
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v"])

@@ -98,6 +98,30 @@ def qk_factors(
     return q_factor, k_factor, sum_qk * q_factor * k_factor
 
 
+def group_reduce_scatter(values, group: int, lane_in_group):
+    """Sums of n values (n a power of two, n <= group) over each group of `group` lanes, one sum
+    per lane: lane l of a group holds the sum of values[l // (group // n)]. Each butterfly level
+    first halves the list (a lane keeps one half and sends the other), so it costs
+    n - 1 + log2(group / n) shuffles where n separate reductions (warp_reduction_sum) cost
+    n * log2(group)."""
+    vals = list(values)
+    offset = group // 2
+    while len(vals) > 1:
+        half = len(vals) // 2
+        upper = (lane_in_group & offset) != 0
+        vals = [
+            Float32(cutlass.select_(upper, vals[j + half], vals[j]))
+            + cute.arch.shuffle_sync_bfly(Float32(cutlass.select_(upper, vals[j], vals[j + half])), offset)
+            for j in range(half)
+        ]
+        offset //= 2
+    total = vals[0]
+    while offset:
+        total = total + cute.arch.shuffle_sync_bfly(total, offset)
+        offset //= 2
+    return total
+
+
 @cute.jit
 def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int]):
     """Read/write slots of batch row b (64-bit), tokens to commit, and the row status.

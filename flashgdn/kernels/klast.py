@@ -97,13 +97,18 @@ class KLastDecode(common.DecodeKernel):
         return lane, warp, tile, b, hv, h, lane % self.lanes_per_row, row0
 
     @cute.jit
-    def _row_dots(self, rS: cute.Tensor, rK: cute.Tensor, rQ: cute.Tensor, i: int):
-        """(S k, S q) of this thread's row i, reduced over the row's lane group."""
+    def _row_partials(self, rS: cute.Tensor, rK: cute.Tensor, rQ: cute.Tensor, i: int):
+        """This lane's parts of (S k, S q) of its row i, before the lane-group reduction."""
         dot_k = Float32(0.0)
         dot_q = Float32(0.0)
         for e in cutlass.range_constexpr(self.vec * self.chunks):
             dot_k += rS[e, i] * rK[e]
             dot_q += rS[e, i] * rQ[e]
+        return dot_k, dot_q
+
+    def _row_dots(self, rS: cute.Tensor, rK: cute.Tensor, rQ: cute.Tensor, i: int):
+        """(S k, S q) of this thread's row i, reduced over the row's lane group."""
+        dot_k, dot_q = self._row_partials(rS, rK, rQ, i)
         L = self.lanes_per_row
         return (cute.arch.warp_reduction_sum(dot_k, threads_in_group=L),
                 cute.arch.warp_reduction_sum(dot_q, threads_in_group=L))

@@ -35,6 +35,11 @@ class KLastMTP(KLastDecode):
         self.gate_cols = 32 * ((spec.T + 31) // 32)  # one token per lane
         self.t_pad = self.tokens_per_warp * num_warps
         self.v_cols = (self.v_per_thread * threads + self.rows_per_cta - 1) // self.rows_per_cta
+        # One reduce-scatter for the 2R dot products of a token (common.group_reduce_scatter)
+        # when they fill the lane group, one sum per lane: 2R - 1 shuffles instead of
+        # 2R log2(L). With fewer sums than lanes the extra butterfly levels lengthen the serial
+        # token chain more than they save (measured slower on the H100).
+        self.scatter = 2 * rows_per_thread == self.lanes_per_row
 
     def _entry(self, tid, m: int):
         """Entry m of this thread in the flat (row, token) order the v staging and the output
@@ -136,6 +141,11 @@ class KLastMTP(KLastDecode):
                 self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
         # S = c * rS: the decay of each token goes into the scalar c, so the update is one FMA per
         # element (rS += k (u / c)) instead of a multiply and an FMA.
+        L = self.lanes_per_row
+        span = L // (2 * R)  # lanes per reduce-scatter sum
+        part = lane_in_row // span
+        group_base = lane - lane_in_row
+        q_writer = part >= R and lane_in_row % span == 0
         c = Float32(1.0)
         for t in cutlass.range_constexpr(T):
             rQ = self._f32(self._load_vec(sQK[None, 0, t], lane_in_row))
@@ -151,16 +161,34 @@ class KLastMTP(KLastDecode):
                         rS[e, i] = rS[e, i] * c
                 c = Float32(1.0)
             inv_c = cute.arch.rcp_approx(c)
+            if const_expr(self.scatter):
+                # The 2R dot products of the thread's rows in one reduce-scatter: lane group
+                # part j = lane_in_row // span ends with sum j (S k of rows 0..R-1, then S q).
+                dots = []
+                for i in cutlass.range_constexpr(R):
+                    dots.append(self._row_partials(rS, rK, rQ, i))
+                held = common.group_reduce_scatter([d[0] for d in dots] + [d[1] for d in dots], L, lane_in_row)
+            u_mine = Float32(0.0)
             for i in cutlass.range_constexpr(R):
-                dot_k, dot_q = self._row_dots(rS, rK, rQ, i)
+                if const_expr(self.scatter):
+                    dot_k = cute.arch.shuffle_sync(held, group_base + i * span)
+                else:
+                    dot_k, dot_q = self._row_dots(rS, rK, rQ, i)
                 # S' = g S + k u^T  =>  o = S'^T q = g (S^T q) + u (k . q), with S = c rS
                 u = (sV[local0 + i * self.row_step, t] - c * dot_k) * beta
                 w = u * inv_c
                 for e in cutlass.range_constexpr(E):
                     rS[e, i] = rS[e, i] + rK[e] * w
-                # Every lane of the row group writes the same o; the CTA writes all outputs
-                # coalesced after the loop.
-                sO[local0 + i * self.row_step, t] = c * dot_q + u * kq
+                if const_expr(self.scatter):
+                    u_mine = Float32(cutlass.select_(part == R + i, u, u_mine))
+                else:
+                    # Every lane of the row group writes the same o; the CTA writes all outputs
+                    # coalesced after the loop.
+                    sO[local0 + i * self.row_step, t] = c * dot_q + u * kq
+            if const_expr(self.scatter):
+                # The first lane holding S q of a row writes its output.
+                if q_writer:
+                    sO[local0 + (part - R) * self.row_step, t] = c * held + u_mine * kq
             if const_expr(spec.has_intermediate):
                 if run:
                     self._store_rows(rS, mInter[b, t, hv, None, None], row0, lane_in_row, c)
