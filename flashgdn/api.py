@@ -99,22 +99,19 @@ _VALIDATED: dict = {}  # call signature -> _Plan
 _VALIDATED_MAX = 1024
 
 
-def _meta(x):
-    """What validation reads of an argument: a tensor's shape, strides (internal overlap too is a
-    function of these two), dtype, device and 16-byte alignment; any other value with its type
-    (True and 1 are different arguments)."""
-    if isinstance(x, torch.Tensor):
-        return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16)
-    return (type(x), x)
-
-
 def _validated(check, *args, options=()) -> _Plan:
     """The _Plan of check(*args) -> (Problem, device), remembered per signature: the full checks
     cost 20-30 us of Python per call, the signature about 5 us; the plan also keeps the compiled
     function, so a repeated call skips the kernel lookup too. `options` (the other arguments that
     select the kernel) are part of the signature but not checked. Index values are not validated
     on the host (the kernel handles them), so no check depends on data."""
-    key = (check,) + tuple(map(_meta, args + tuple(options)))
+    # What validation reads of an argument: a tensor's shape, strides (internal overlap too is a
+    # function of these two), dtype, device and 16-byte alignment; any other value with its type
+    # (True and 1 are different arguments). Inline, not a helper per argument: this runs on every call.
+    key = (check, *[
+        (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) if isinstance(x, torch.Tensor) else (type(x), x)
+        for x in (*args, *options)
+    ])
     try:
         plan = _VALIDATED.get(key)
     except TypeError:  # an unhashable argument: validate every time (and report it, if invalid)
