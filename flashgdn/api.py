@@ -134,7 +134,6 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
         pool = initial_state
         val.check_state("initial_state", pool, (None,), p, kv_last=True)
-        val.check_no_overlap("initial_state", pool)
         val.check_indices("initial_state_indices", initial_state_indices, p)
         if output_state_indices is not None:
             val.check_indices("output_state_indices", output_state_indices, p)
@@ -150,7 +149,6 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
         val.check_state("state", pool, (p.B,), p, kv_last=True)
-        val.check_no_overlap("state", pool)
     return p, _check_common(
         p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
@@ -160,16 +158,14 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
 def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
     val.check_state("state", state, (p.B,), p, kv_last=False)
-    val.check_no_overlap("state", state)
     return p, _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
 
 
 def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
-    val.check_state("initial_state", initial_state, (None,), p, kv_last=True)
-    if not disable_state_update:  # otherwise the pool is only read
-        val.check_no_overlap("initial_state", initial_state)
+    # With disable_state_update the pool is only read (it may overlap itself).
+    val.check_state("initial_state", initial_state, (None,), p, kv_last=True, written=not disable_state_update)
     val.check_indices("initial_state_indices", initial_state_indices, p)
     if output_state_indices is not None:
         val.check_indices("output_state_indices", output_state_indices, p)
@@ -182,7 +178,6 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
             raise ValueError(
                 f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
             )
-        val.check_no_overlap("intermediate_states_buffer", intermediate_states_buffer)
     if accepted_tokens is not None:
         val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
         val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)

@@ -116,13 +116,17 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     return Problem(B, T, H, HV, K, V)
 
 
-def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_last: bool, dtype=None) -> None:
-    """A state tensor [*leading, HV, V, K] (kv_last) or [*leading, HV, K, V]."""
+def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_last: bool, dtype=None,
+                written: bool = True) -> None:
+    """A state tensor [*leading, HV, V, K] (kv_last) or [*leading, HV, K, V]; one the kernel writes
+    must not overlap itself."""
     rows, cols = (p.V, p.K) if kv_last else (p.K, p.V)
     check_tensor(name, t, (dtype,) if dtype is not None else STATE_DTYPES, (*leading, p.HV, rows, cols))
     check_inner_contiguous(name, t, 3, align_leading=True)
     if t.shape[0] == 0 and p.B > 0:
         raise ValueError(f"{name} has no slots (shape {tuple(t.shape)}); a pool needs at least one slot")
+    if written:
+        check_no_overlap(name, t)
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:

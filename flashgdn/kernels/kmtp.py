@@ -142,10 +142,11 @@ class KLastMTP(KLastDecode):
         # S = c * rS: the decay of each token goes into the scalar c, so the update is one FMA per
         # element (rS += k (u / c)) instead of a multiply and an FMA.
         L = self.lanes_per_row
-        span = L // (2 * R)  # lanes per reduce-scatter sum
-        part = lane_in_row // span
-        group_base = lane - lane_in_row
-        q_writer = part >= R and lane_in_row % span == 0
+        if const_expr(self.scatter):
+            span = L // (2 * R)  # lanes per reduce-scatter sum
+            part = lane_in_row // span
+            group_base = lane - lane_in_row
+            q_writer = part >= R and lane_in_row % span == 0
         c = Float32(1.0)
         for t in cutlass.range_constexpr(T):
             rQ = self._f32(self._load_vec(sQK[None, 0, t], lane_in_row))
