@@ -34,17 +34,42 @@ def _args(layout, p, sdt, pool, inter):
     return (q, k, v, a, b, A_log, dt_bias, state, idx, None, None, ib, out)
 
 
+def _triton_copy():
+    """A plain Triton copy kernel, run at several block sizes: the copy floor taken is the fastest
+    of these and torch's own copy (one copy engine or kernel may not be the best at every size)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    def run(src, dst, block, warps):
+        copy_kernel[(triton.cdiv(src.numel(), block),)](src, dst, src.numel(), BLOCK=block, num_warps=warps)
+
+    return run
+
+
 def calibrate(iters):
-    """Floors to read kernel times against: a one-element kernel and device copies of the sizes
-    the K=V=128 fp32 decode moves (state read + write) at B = 1, 4, 16, 64."""
+    """Floors to read kernel times against: a one-element kernel, and the fastest device copy of
+    the bytes the K=V=128 decode moves (state read + write) at the batch sizes of the targets, for
+    fp32 state (2, 8, 32, 128 MiB at B = 1, 4, 16, 64) and bf16 state (half of those)."""
     x = torch.zeros(1, device="cuda")
     print(f"1-element kernel: {summarize(time_fn(lambda: x.add_(1), iters=iters)[0])['median_us']:.2f} us")
-    for B in (1, 4, 16, 64):
-        n = B * 32 * 128 * 128 * 4
-        src = torch.randn(n // 4, device="cuda")
+    triton_copy = _triton_copy()
+    configs = [(block, warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8)]
+    print("state MiB | torch copy_ us | best Triton copy us (BLOCK, warps) | floor us | TB/s")
+    for mib in (1, 2, 4, 8, 16, 32, 64, 128):
+        src = torch.randn(mib << 18, device="cuda")
         dst = torch.empty_like(src)
-        us = summarize(time_fn(lambda: dst.copy_(src), iters=iters)[0])["median_us"]
-        print(f"copy {n / 2**20:.0f} MiB (B={B} state): {us:.2f} us = {2 * n / us / 1e6:.2f} TB/s")
+        torch_us = summarize(time_fn(lambda: dst.copy_(src), iters=iters)[0])["median_us"]
+        best = min(
+            (summarize(time_fn(lambda: triton_copy(src, dst, *c), iters=iters)[0])["median_us"], c) for c in configs
+        )
+        torch.testing.assert_close(dst, src)  # the Triton copy really copied
+        floor = min(torch_us, best[0])
+        print(f"{mib:9d} | {torch_us:14.2f} | {best[0]:10.2f} {best[1]} | {floor:8.2f} | {2 * (mib << 20) / floor / 1e6:.2f}")
 
 
 def main():

@@ -24,9 +24,9 @@ from .kmtp import KLastMTP
 # (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. The MTP kernel uses the "mtp" rows.
 TILES = {
     ("klast", "small", "float32"): (4, 1, 16),
-    ("klast", "large", "float32"): (4, 1, 16),
-    ("klast", "small", "bfloat16"): (4, 2, 8),
-    ("klast", "large", "bfloat16"): (4, 1, 8),
+    ("klast", "large", "float32"): (4, 4, 16),
+    ("klast", "small", "bfloat16"): (8, 1, 8),
+    ("klast", "large", "bfloat16"): (4, 4, 8),
     ("mtp", "small", "float32"): (4, 2, 8),
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
