@@ -20,16 +20,13 @@ from .spec import KernelSpec
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
 
 # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
-# wins; measured on the H100 (benchmarks/RESULTS.md).
+# wins; measured in the second pass and not re-measured after the fifth-pass CTA-shape retune
+# (benchmarks/RESULTS.md).
 SMALL_REGIME_HEADS_PER_SM = 2
 
 
 def pick_regime(B: int, HV: int, sm_count: int) -> str:
     return "small" if B * HV <= SMALL_REGIME_HEADS_PER_SM * sm_count else "large"
-
-
-def _name(dtype: Optional[torch.dtype]) -> Optional[str]:
-    return None if dtype is None else str(dtype).replace("torch.", "")
 
 
 def kernel_spec(
@@ -39,11 +36,12 @@ def kernel_spec(
 ) -> KernelSpec:
     """The compiled variant a call with these facts uses (dtypes as torch dtypes)."""
     return KernelSpec(
-        layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=_name(io_dtype),
-        state_dtype=_name(state_dtype), gate_dtype=_name(gate_dtype), dt_bias_dtype=_name(dt_bias_dtype),
+        layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=val.dtype_name(io_dtype),
+        state_dtype=val.dtype_name(state_dtype), gate_dtype=val.dtype_name(gate_dtype),
+        dt_bias_dtype=val.dtype_name(dt_bias_dtype),
         scale=float(p.K ** -0.5 if scale is None else scale), use_l2norm=bool(use_l2norm), arch=arch,
         regime=regime or pick_regime(p.B, p.HV, sm_count), softplus_beta=float(softplus_beta),
-        softplus_threshold=float(softplus_threshold), index_dtype=_name(index_dtype),
+        softplus_threshold=float(softplus_threshold), index_dtype=val.dtype_name(index_dtype),
         has_out_indices=has_out_indices, has_intermediate=has_intermediate, update_state=update_state,
         has_accepted=has_accepted,
     )
@@ -79,9 +77,10 @@ def _launch(plan, layout, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc
     return output
 
 
-def _check_common(p, output, scale, q, **tensors) -> torch.device:
+def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
     val.check_output(output, p, q.dtype)
     val.check_scale(scale)
+    val.check_softplus(softplus_beta, softplus_threshold)
     return val.check_devices(dict(q=q, output=output, **tensors))
 
 
@@ -96,6 +95,8 @@ class _Plan:
 
 
 _VALIDATED: dict = {}  # call signature -> _Plan
+# Bounded, for programs that cycle through many shapes; clearing all on overflow is cheap (a
+# re-validation per signature) and rare (serving uses a handful of signatures).
 _VALIDATED_MAX = 1024
 
 
@@ -125,7 +126,8 @@ def _validated(check, *args, options=()) -> _Plan:
 
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
-                        initial_state_indices, output_state_indices, state_is_pool):
+                        initial_state_indices, output_state_indices, state_is_pool, softplus_beta,
+                        softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
     if initial_state is not None:
         if initial_state_indices is None:
@@ -135,13 +137,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
         pool = initial_state
         val.check_state("initial_state", pool, (None,), p, kv_last=True)
         val.check_indices("initial_state_indices", initial_state_indices, p)
-        if output_state_indices is not None:
-            val.check_indices("output_state_indices", output_state_indices, p)
-            if output_state_indices.dtype != initial_state_indices.dtype:
-                raise TypeError(
-                    f"output_state_indices must have the dtype of initial_state_indices "
-                    f"({initial_state_indices.dtype}), got {output_state_indices.dtype}"
-                )
+        val.check_output_indices(output_state_indices, initial_state_indices, p)
     else:
         if initial_state_indices is not None or output_state_indices is not None:
             raise ValueError("initial_state_indices / output_state_indices need the pool initial_state")
@@ -150,27 +146,27 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
         pool = state
         val.check_state("state", pool, (p.B,), p, kv_last=True)
     return p, _check_common(
-        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool,
+        p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
+        dt_bias=dt_bias, state=pool,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
     )
 
 
-def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output):
+def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta, softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
     val.check_state("state", state, (p.B,), p, kv_last=False)
-    return p, _check_common(p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state)
+    return p, _check_common(p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b,
+                            A_log=A_log, dt_bias=dt_bias, state=state)
 
 
 def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
-               intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices):
+               intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
+               softplus_beta, softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
     # With disable_state_update the pool is only read (it may overlap itself).
     val.check_state("initial_state", initial_state, (None,), p, kv_last=True, written=not disable_state_update)
     val.check_indices("initial_state_indices", initial_state_indices, p)
-    if output_state_indices is not None:
-        val.check_indices("output_state_indices", output_state_indices, p)
-        if output_state_indices.dtype != initial_state_indices.dtype:
-            raise TypeError("output_state_indices must have the dtype of initial_state_indices")
+    val.check_output_indices(output_state_indices, initial_state_indices, p)
     if intermediate_states_buffer is not None:
         val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
                         kv_last=True, dtype=initial_state.dtype)
@@ -184,7 +180,8 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
         if disable_state_update:
             raise ValueError("accepted_tokens selects the state to commit; it cannot go with disable_state_update=True")
     return p, _check_common(
-        p, output, scale, q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
+        p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
+        dt_bias=dt_bias, initial_state=initial_state,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
         intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
     )
@@ -208,8 +205,8 @@ def gated_delta_rule_decode_pretranspose(
     """
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
-        initial_state_indices, output_state_indices, state is initial_state,
-        options=(use_qk_l2norm, softplus_beta, softplus_threshold),
+        initial_state_indices, output_state_indices, state is initial_state, softplus_beta, softplus_threshold,
+        options=(use_qk_l2norm,),
     )
     pool = state if initial_state is None else initial_state
     out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
@@ -229,8 +226,8 @@ def gated_delta_rule_decode(
 
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
     """
-    plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output,
-                      options=(use_qk_l2norm, softplus_beta, softplus_threshold))
+    plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
+                      softplus_threshold, options=(use_qk_l2norm,))
     out = _launch(plan, "kmajor", q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
                   output, scale, use_qk_l2norm, True, softplus_beta, softplus_threshold)
     return out, state
@@ -257,7 +254,7 @@ def gated_delta_rule_mtp(
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
-        options=(use_qk_l2norm, softplus_beta, softplus_threshold),
+        softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
     )
     out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
                   output_state_indices, accepted_tokens, intermediate_states_buffer, output, scale,

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_TOKENS = 16  # tokens per sequence (MTP): the most the GPU tests cover
 IO_DTYPES = ("bfloat16", "float16")
 STATE_DTYPES = ("float32", "bfloat16")
 GATE_DTYPES = ("bfloat16", "float16", "float32")
@@ -55,7 +56,7 @@ class KernelSpec:
             (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
             (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
             (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
-            (1 <= self.T <= 64, "T must be in [1, 64]"),
+            (1 <= self.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
             (self.io_dtype in IO_DTYPES, f"io_dtype must be one of {IO_DTYPES}"),
             (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
             (self.gate_dtype in GATE_DTYPES, f"gate_dtype must be one of {GATE_DTYPES}"),

@@ -10,16 +10,16 @@ and two rows writing one slot race.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
 
-from .spec import SUPPORTED_HEAD_DIMS
+from .spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS  # noqa: F401 (MAX_TOKENS: for the API and bench CLI)
 
 IO_DTYPES = (torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_TOKENS = 16
 ALIGN = 16  # bytes: kernels use 16-byte vector accesses
 
 
@@ -33,12 +33,13 @@ class Problem:
     V: int
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
+def dtype_name(dt: Optional[torch.dtype]) -> Optional[str]:
+    """"bfloat16" for torch.bfloat16 (None stays None): messages and KernelSpec use these names."""
+    return None if dt is None else str(dt).replace("torch.", "")
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
-    return " or ".join(_dtype_name(d) for d in dtypes)
+    return " or ".join(dtype_name(d) for d in dtypes)
 
 
 def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[Optional[int]]) -> None:
@@ -46,7 +47,7 @@ def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[Op
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {_dtype_name(t.dtype)}")
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {dtype_name(t.dtype)}")
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
@@ -168,6 +169,19 @@ def check_indices(name: str, t, p: Problem) -> None:
     check_inner_contiguous(name, t, 1, align_leading=False)
 
 
+def check_output_indices(t, initial_state_indices: torch.Tensor, p: Problem) -> None:
+    """Optional output_state_indices [B], of the dtype of initial_state_indices (the kernel is
+    compiled for one index type)."""
+    if t is None:
+        return
+    check_indices("output_state_indices", t, p)
+    if t.dtype != initial_state_indices.dtype:
+        raise TypeError(
+            f"output_state_indices must have the dtype of initial_state_indices "
+            f"({dtype_name(initial_state_indices.dtype)}), got {dtype_name(t.dtype)}"
+        )
+
+
 def check_output(output, p: Problem, dtype: torch.dtype) -> None:
     if output is not None:
         check_tensor("output", output, (dtype,), (p.B, p.T, p.HV, p.V))
@@ -175,19 +189,35 @@ def check_output(output, p: Problem, dtype: torch.dtype) -> None:
         check_no_overlap("output", output)
 
 
+def _check_finite(name: str, x, expected: str) -> None:
+    """A finite int or float (bool excluded: True is no number here)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__}")
+    if isinstance(x, float) and not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+
+
 def check_scale(scale) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if scale is not None and not (scale == scale and abs(scale) != float("inf")):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if scale is not None:
+        _check_finite("scale", scale, "a float or None")
 
 
-def check_index_values(name: str, idx: torch.Tensor, upper: int, allow_negative: bool, lower: int = 0) -> None:
+def check_softplus(softplus_beta, softplus_threshold) -> None:
+    """softplus(x) = log(1 + exp(beta x)) / beta, linear where beta x > threshold (torch's
+    definition): beta divides and sets the slope, so it must be positive; torch takes any
+    finite threshold."""
+    _check_finite("softplus_beta", softplus_beta, "a float")
+    if softplus_beta <= 0:
+        raise ValueError(f"softplus_beta must be > 0, got {softplus_beta}")
+    _check_finite("softplus_threshold", softplus_threshold, "a float")
+
+
+def check_index_values(name: str, idx: torch.Tensor, upper: int, allow_negative: bool) -> None:
     """Value range of an index tensor (syncs with the GPU: debugging only)."""
     vals = idx[idx >= 0] if allow_negative else idx
-    if vals.numel() and (int(vals.max()) >= upper or int(vals.min()) < lower):
+    if vals.numel() and (int(vals.max()) >= upper or int(vals.min()) < 0):
         raise ValueError(
-            f"{name} values must be in [{lower}, {upper}){' or negative (padding)' if allow_negative else ''}, "
+            f"{name} values must be in [0, {upper}){' or negative (padding)' if allow_negative else ''}, "
             f"got min {int(vals.min())}, max {int(vals.max())}"
         )
 

@@ -1,7 +1,11 @@
-"""Shared test helpers: random GDN inputs (never zeros), strided variants, tolerance checks."""
+"""Shared test helpers: random GDN inputs (never zeros), strided variants, tolerance checks, and
+the validation tests' valid arguments and failure checks."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+import flashgdn
 
 
 def make_inputs(B, T, H, HV, K, V, dtype=torch.bfloat16, device="cpu", gate_dtype=None, strided=False, seed=None):
@@ -59,3 +63,66 @@ def assert_close_state(actual: torch.Tensor, ref32: torch.Tensor, what="state"):
 def assert_close_output(actual: torch.Tensor, ref: torch.Tensor, what="output"):
     assert not torch.isnan(actual).any(), f"{what}: NaN (unwritten or wrong)"
     torch.testing.assert_close(actual.float(), ref.float(), atol=1e-2, rtol=1e-2, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- validation tests
+# Valid CPU arguments of each public function and the checks of a call that must fail before
+# touching memory (tests/test_validation.py, tests/test_validation_valid.py).
+
+B, H, HV, K, V = 2, 2, 4, 64, 128  # K != V: a state in the wrong layout has the wrong shape
+P = 5  # pool slots
+T_MTP = 3
+BF16, F32 = torch.bfloat16, torch.float32
+
+FNS = {
+    "pre": flashgdn.gated_delta_rule_decode_pretranspose,  # dense state [B, HV, V, K]
+    "pool": flashgdn.gated_delta_rule_decode_pretranspose,  # pool initial_state [P, HV, V, K]
+    "dec": flashgdn.gated_delta_rule_decode,  # dense state [B, HV, K, V]
+    "mtp": flashgdn.gated_delta_rule_mtp,  # pool [P, HV, V, K], T tokens
+}
+ALL = tuple(FNS)
+STATE_ARG = {"pre": "state", "pool": "initial_state", "dec": "state", "mtp": "initial_state"}
+
+
+def tokens(api):
+    return T_MTP if api == "mtp" else 1
+
+
+def state_dims(api):
+    """The last two dims of a state slot: [V, K] (K-last) or [K, V] (K-major)."""
+    return (V, K) if api != "dec" else (K, V)
+
+
+def valid_kwargs(api, *, strided=False, state_dtype=F32, pad=0, seed=0):
+    """Valid keyword arguments (CPU tensors) for one API."""
+    T = tokens(api)
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, V, seed=seed, strided=strided)
+    kw = dict(q=q, k=k, v=v, A_log=A_log, a=a, dt_bias=dt_bias, b=b)
+    if api in ("pre", "dec"):
+        kw["state"] = make_state(B, HV, *state_dims(api), state_dtype, pad=pad, seed=seed + 1)
+    else:
+        kw["initial_state"] = make_state(P, HV, V, K, state_dtype, pad=pad, seed=seed + 1)
+        kw["initial_state_indices"] = torch.tensor([3, 0], dtype=torch.int32)
+        if api == "pool":
+            kw["state"] = None
+    return kw
+
+
+def make_intermediate(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
+    """An MTP intermediate_states_buffer [n, T, hv, rows, cols]."""
+    return torch.full((n, T, hv, rows, cols), 3.0, dtype=dtype)
+
+
+def expect_error(api, kw, exc, match):
+    """The call raises `exc` matching `match` and leaves every tensor argument bit for bit as it was."""
+    before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(exc, match=match):
+        FNS[api](**kw)
+    for n, t in before.items():
+        after = kw[n]
+        assert after.dtype == t.dtype and after.shape == t.shape, n
+        assert torch.equal(after, t), f"{n} changed by a call that failed validation"
+
+
+def expect_only_device_error(api, kw):
+    expect_error(api, kw, ValueError, r"must be a CUDA tensor")

@@ -231,7 +231,7 @@ def test_short_name():
     (dict(layout="kmajor", T=2), "kmajor is dense T=1 only"),
     (dict(layout="kmajor", index_dtype="int32"), "kmajor is dense T=1 only"),
     (dict(T=0), "T must be in"),
-    (dict(T=65), "T must be in"),
+    (dict(T=17), r"T must be in \[1, 16\]"),
     (dict(io_dtype="float32"), "io_dtype must be one of"),
     (dict(state_dtype="float16"), "state_dtype must be one of"),
     (dict(gate_dtype="int8"), "gate_dtype must be one of"),

@@ -1,77 +1,20 @@
-"""CPU tests of argument validation of the three public functions.
+"""CPU tests of argument validation of the three public functions: the errors.
 
 Every bad argument must raise TypeError (type / dtype) or ValueError (shape, stride, alignment,
 value) naming the argument, before anything touches memory: all tensor arguments are compared
-bit for bit after the failed call. Valid CPU arguments pass every structural check and fail only
-at the device check ("must be a CUDA tensor"), which runs last.
+bit for bit after the failed call (valid arguments: tests/test_validation_valid.py).
 """
 from __future__ import annotations
 
-import itertools
-import random
 import re
 
 import pytest
 import torch
 
-import flashgdn
-from helpers import make_inputs, make_state
-
-B, H, HV, K, V = 2, 2, 4, 64, 128  # K != V: a state in the wrong layout has the wrong shape
-P = 5  # pool slots
-T_MTP = 3
-BF16, F32 = torch.bfloat16, torch.float32
-
-FNS = {
-    "pre": flashgdn.gated_delta_rule_decode_pretranspose,  # dense state [B, HV, V, K]
-    "pool": flashgdn.gated_delta_rule_decode_pretranspose,  # pool initial_state [P, HV, V, K]
-    "dec": flashgdn.gated_delta_rule_decode,  # dense state [B, HV, K, V]
-    "mtp": flashgdn.gated_delta_rule_mtp,  # pool [P, HV, V, K], T tokens
-}
-STATE_ARG = {"pre": "state", "pool": "initial_state", "dec": "state", "mtp": "initial_state"}
-
-
-def tokens(api):
-    return T_MTP if api == "mtp" else 1
-
-
-def valid_kwargs(api, *, strided=False, state_dtype=F32, pad=0, seed=0):
-    """Valid keyword arguments (CPU tensors) for one API."""
-    T = tokens(api)
-    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, V, seed=seed, strided=strided)
-    kw = dict(q=q, k=k, v=v, A_log=A_log, a=a, dt_bias=dt_bias, b=b)
-    if api == "pre":
-        kw["state"] = make_state(B, HV, V, K, state_dtype, pad=pad, seed=seed + 1)
-    elif api == "dec":
-        kw["state"] = make_state(B, HV, K, V, state_dtype, pad=pad, seed=seed + 1)
-    else:
-        kw["initial_state"] = make_state(P, HV, V, K, state_dtype, pad=pad, seed=seed + 1)
-        kw["initial_state_indices"] = torch.tensor([3, 0], dtype=torch.int32)
-        if api == "pool":
-            kw["state"] = None
-    return kw
-
-
-def snapshot(kw):
-    return {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
-
-
-def assert_untouched(kw, snap):
-    for n, before in snap.items():
-        after = kw[n]
-        assert after.dtype == before.dtype and after.shape == before.shape, n
-        assert torch.equal(after, before), f"{n} changed by a call that failed validation"
-
-
-def expect_error(api, kw, exc, match):
-    snap = snapshot(kw)
-    with pytest.raises(exc, match=match):
-        FNS[api](**kw)
-    assert_untouched(kw, snap)
-
-
-def expect_only_device_error(api, kw):
-    expect_error(api, kw, ValueError, r"must be a CUDA tensor")
+from helpers import (
+    ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, T_MTP, V, expect_error, expect_only_device_error,
+    make_inputs, make_intermediate, make_state, state_dims, tokens, valid_kwargs,
+)
 
 
 # ----------------------------------------------------------------------------- tensor builders
@@ -115,7 +58,6 @@ def strided_view(shape, strides, dtype=F32):
 
 # ----------------------------------------------------------------------------- cases
 
-ALL = ("pre", "pool", "dec", "mtp")
 
 
 def _set(**changes):
@@ -239,6 +181,25 @@ INPUT_CASES = [
     ("scale-inf", ALL, _set(scale=lambda api, kw: float("inf")), ValueError, r"^scale must be finite, got inf"),
     ("scale-neg-inf", ALL, _set(scale=lambda api, kw: float("-inf")), ValueError, r"^scale must be finite"),
     ("scale-nan", ALL, _set(scale=lambda api, kw: float("nan")), ValueError, r"^scale must be finite, got nan"),
+    # softplus of the gates: beta divides, so it must be positive; any finite threshold (as torch)
+    ("softplus_beta-str", ALL, _set(softplus_beta=lambda api, kw: "1"), TypeError,
+     r"^softplus_beta must be a float, got str"),
+    ("softplus_beta-bool", ALL, _set(softplus_beta=lambda api, kw: True), TypeError,
+     r"^softplus_beta must be a float, got bool"),
+    ("softplus_beta-0", ALL, _set(softplus_beta=lambda api, kw: 0.0), ValueError, r"^softplus_beta must be > 0, got 0\.0"),
+    ("softplus_beta-int-0", ALL, _set(softplus_beta=lambda api, kw: 0), ValueError, r"^softplus_beta must be > 0, got 0$"),
+    ("softplus_beta-negative", ALL, _set(softplus_beta=lambda api, kw: -1.0), ValueError,
+     r"^softplus_beta must be > 0, got -1\.0"),
+    ("softplus_beta-nan", ALL, _set(softplus_beta=lambda api, kw: float("nan")), ValueError,
+     r"^softplus_beta must be finite, got nan"),
+    ("softplus_beta-inf", ALL, _set(softplus_beta=lambda api, kw: float("inf")), ValueError,
+     r"^softplus_beta must be finite, got inf"),
+    ("softplus_threshold-nan", ALL, _set(softplus_threshold=lambda api, kw: float("nan")), ValueError,
+     r"^softplus_threshold must be finite, got nan"),
+    ("softplus_threshold-inf", ALL, _set(softplus_threshold=lambda api, kw: float("inf")), ValueError,
+     r"^softplus_threshold must be finite, got inf"),
+    ("softplus_threshold-none", ALL, _set(softplus_threshold=lambda api, kw: None), TypeError,
+     r"^softplus_threshold must be a float, got NoneType"),
 ]
 
 
@@ -255,11 +216,6 @@ def _replace_state(fn):
 def _state_rows(api):
     return B if api in ("pre", "dec") else P
 
-
-def _state_dims(api):
-    return (V, K) if api != "dec" else (K, V)
-
-
 STATE_CASES = [
     ("state-list", ALL, _replace_state(lambda api, kw: _state(api, kw).tolist()), TypeError,
      lambda api: rf"^{STATE_ARG[api]} must be a torch\.Tensor"),
@@ -267,33 +223,33 @@ STATE_CASES = [
      lambda api: rf"^{STATE_ARG[api]} must have dtype float32 or bfloat16, got float16"),
     ("state-fp64", ALL, _replace_state(lambda api, kw: _state(api, kw).double()), TypeError,
      lambda api: rf"^{STATE_ARG[api]} must have dtype float32 or bfloat16, got float64"),
-    ("state-HV", ALL, _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV + 1, *_state_dims(api))),
+    ("state-HV", ALL, _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV + 1, *state_dims(api))),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must have shape"),
     ("state-wrong-layout", ALL,
-     _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV, *reversed(_state_dims(api)))),
-     ValueError, lambda api: rf"^{STATE_ARG[api]} must have shape \[[\d*]+, 4, {_state_dims(api)[0]}, {_state_dims(api)[1]}\]"),
+     _replace_state(lambda api, kw: torch.randn(_state_rows(api), HV, *reversed(state_dims(api)))),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have shape \[[\d*]+, 4, {state_dims(api)[0]}, {state_dims(api)[1]}\]"),
     ("state-3d", ALL, _replace_state(lambda api, kw: _state(api, kw)[0]), ValueError,
      lambda api: rf"^{STATE_ARG[api]} must have shape"),
     ("state-5d", ALL, _replace_state(lambda api, kw: _state(api, kw)[None]), ValueError,
      lambda api: rf"^{STATE_ARG[api]} must have shape"),
-    ("state-dense-B", ("pre", "dec"), _replace_state(lambda api, kw: torch.randn(B + 1, HV, *_state_dims(api))),
+    ("state-dense-B", ("pre", "dec"), _replace_state(lambda api, kw: torch.randn(B + 1, HV, *state_dims(api))),
      ValueError, lambda api: r"^state must have shape \[2, 4, "),
     ("state-transposed-view", ALL,
      _replace_state(lambda api, kw: _state(api, kw).transpose(-1, -2).contiguous().transpose(-1, -2)),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
     ("state-row-padded", ALL,
-     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, _state_dims(api)[0], _state_dims(api)[1] + 4)
-                    [..., : _state_dims(api)[1]]),
+     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, state_dims(api)[0], state_dims(api)[1] + 4)
+                    [..., : state_dims(api)[1]]),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
     ("state-head-padded", ALL,
      _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, K * V + 4)[..., : K * V]
-                    .unflatten(-1, _state_dims(api))),
+                    .unflatten(-1, state_dims(api))),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous \(expected stride {K * V} at dim 1\)"),
     ("state-misaligned-slot-stride", ALL,
-     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *_state_dims(api), F32, pad=1)),
+     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *state_dims(api), F32, pad=1)),
      ValueError, lambda api: rf"^{STATE_ARG[api]} stride {HV * K * V + 1} at dim 0 must be a multiple of 4 elements"),
     ("state-bf16-misaligned-slot-stride", ALL,
-     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *_state_dims(api), BF16, pad=4)),
+     _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *state_dims(api), BF16, pad=4)),
      ValueError, lambda api: rf"^{STATE_ARG[api]} stride \d+ at dim 0 must be a multiple of 8 elements"),
     ("state-misaligned-pointer", ALL, _replace_state(lambda api, kw: misaligned_pointer(_state(api, kw))),
      ValueError, lambda api: rf"^{STATE_ARG[api]} data pointer must be 16-byte aligned"),
@@ -301,8 +257,8 @@ STATE_CASES = [
     ("state-expanded", ALL, _replace_state(lambda api, kw: _state(api, kw)[:1].expand(_state_rows(api), -1, -1, -1)),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must not overlap itself .*strides \[0, {K * V}, "),
     ("state-slot-stride-too-small", ALL,
-     _replace_state(lambda api, kw: strided_view((_state_rows(api), HV, *_state_dims(api)),
-                                                 (HV * K * V - 16, K * V, _state_dims(api)[1], 1))),
+     _replace_state(lambda api, kw: strided_view((_state_rows(api), HV, *state_dims(api)),
+                                                 (HV * K * V - 16, K * V, state_dims(api)[1], 1))),
      ValueError, lambda api: rf"^{STATE_ARG[api]} must not overlap itself .*strides \[{HV * K * V - 16}, "),
 ]
 
@@ -408,7 +364,8 @@ class TestIndices:
 def test_output_indices_dtype_must_match(api):
     kw = valid_kwargs(api)
     kw["output_state_indices"] = torch.tensor([1, 2], dtype=torch.int64)
-    expect_error(api, kw, TypeError, r"^output_state_indices must have the dtype of initial_state_indices")
+    expect_error(api, kw, TypeError,
+                 r"^output_state_indices must have the dtype of initial_state_indices \(int32\), got int64$")
 
 
 def test_mtp_indices_required():
@@ -454,28 +411,25 @@ def test_state_is_the_pool_is_fine():
 # ----------------------------------------------------------------------------- MTP extras
 
 
-def _ibuf(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
-    return torch.full((n, T, hv, rows, cols), 3.0, dtype=dtype)
-
-
 @pytest.mark.parametrize("ibuf,exc,match", [
     pytest.param([0.0], TypeError, r"^intermediate_states_buffer must be a torch\.Tensor", id="list"),
-    pytest.param(_ibuf(dtype=BF16), TypeError, r"^intermediate_states_buffer must have dtype float32, got bfloat16",
-                 id="dtype-differs-from-pool"),
-    pytest.param(_ibuf(n=B + 1), ValueError, r"^intermediate_states_buffer must have shape \[2, \*, 4, 128, 64\]",
-                 id="B"),
-    pytest.param(_ibuf(hv=HV // 2), ValueError, r"^intermediate_states_buffer must have shape", id="HV"),
-    pytest.param(_ibuf(rows=K, cols=V), ValueError, r"^intermediate_states_buffer must have shape", id="layout"),
-    pytest.param(_ibuf()[:, 0], ValueError, r"^intermediate_states_buffer must have shape", id="4d"),
-    pytest.param(_ibuf(T=T_MTP - 1), ValueError, r"^intermediate_states_buffer\.shape\[1\] must be >= T=3, got 2",
-                 id="too-few-slots"),
-    pytest.param(_ibuf().transpose(-1, -2).contiguous().transpose(-1, -2), ValueError,
+    pytest.param(make_intermediate(dtype=BF16), TypeError,
+                 r"^intermediate_states_buffer must have dtype float32, got bfloat16", id="dtype-differs-from-pool"),
+    pytest.param(make_intermediate(n=B + 1), ValueError,
+                 r"^intermediate_states_buffer must have shape \[2, \*, 4, 128, 64\]", id="B"),
+    pytest.param(make_intermediate(hv=HV // 2), ValueError, r"^intermediate_states_buffer must have shape", id="HV"),
+    pytest.param(make_intermediate(rows=K, cols=V), ValueError, r"^intermediate_states_buffer must have shape",
+                 id="layout"),
+    pytest.param(make_intermediate()[:, 0], ValueError, r"^intermediate_states_buffer must have shape", id="4d"),
+    pytest.param(make_intermediate(T=T_MTP - 1), ValueError,
+                 r"^intermediate_states_buffer\.shape\[1\] must be >= T=3, got 2", id="too-few-slots"),
+    pytest.param(make_intermediate().transpose(-1, -2).contiguous().transpose(-1, -2), ValueError,
                  r"^intermediate_states_buffer must have its last 3 dims contiguous", id="transposed"),
     pytest.param(make_state(B, T_MTP * HV, V, K, F32, pad=2).unflatten(1, (T_MTP, HV)), ValueError,
                  r"^intermediate_states_buffer stride \d+ at dim 0 must be a multiple of 4", id="misaligned-stride"),
-    pytest.param(misaligned_pointer(_ibuf()), ValueError,
+    pytest.param(misaligned_pointer(make_intermediate()), ValueError,
                  r"^intermediate_states_buffer data pointer must be 16-byte aligned", id="misaligned-pointer"),
-    pytest.param(_ibuf(T=1).expand(-1, T_MTP, -1, -1, -1), ValueError,
+    pytest.param(make_intermediate(T=1).expand(-1, T_MTP, -1, -1, -1), ValueError,
                  r"^intermediate_states_buffer must not overlap itself .*strides \[\d+, 0, ", id="expanded-tokens"),
     pytest.param(strided_view((B, T_MTP, HV, V, K), (T_MTP * HV * V * K, HV * V * K // 2, V * K, K, 1)), ValueError,
                  r"^intermediate_states_buffer must not overlap itself", id="token-stride-too-small"),
@@ -514,165 +468,8 @@ def test_mtp_accepted_with_disable_state_update():
 def test_mtp_intermediate_dtype_follows_pool():
     """A bf16 pool wants a bf16 intermediate buffer."""
     kw = valid_kwargs("mtp", state_dtype=BF16)
-    kw["intermediate_states_buffer"] = _ibuf(dtype=F32)
+    kw["intermediate_states_buffer"] = make_intermediate(dtype=F32)
     expect_error("mtp", kw, TypeError, r"^intermediate_states_buffer must have dtype bfloat16, got float32")
-
-
-# ----------------------------------------------------------------------------- valid inputs: device check last
-
-
-@pytest.mark.parametrize("api", ALL)
-@pytest.mark.parametrize("state_dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_valid_cpu_inputs_fail_only_on_device(api, state_dtype):
-    kw = valid_kwargs(api, state_dtype=state_dtype)
-    expect_error(api, kw, ValueError, r"^q must be a CUDA tensor, got device cpu")
-
-
-@pytest.mark.parametrize("api", ALL)
-@pytest.mark.parametrize("state_dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_strided_views_pass_structural_checks(api, state_dtype):
-    """q/k/v as views of one packed projection, a/b as views of one gate tensor, and a state with
-    a padded slot stride (16 elements) are valid."""
-    kw = valid_kwargs(api, strided=True, state_dtype=state_dtype, pad=16)
-    assert not kw["q"].is_contiguous() and not kw["a"].is_contiguous()
-    assert not kw[STATE_ARG[api]].is_contiguous()
-    expect_only_device_error(api, kw)
-
-
-def _all_options(api):
-    kw = valid_kwargs(api)
-    T = tokens(api)
-    # gates in fp32, dt_bias in bf16, int64 indices, a given output with odd leading strides, scale int
-    kw["a"], kw["b"] = kw["a"].float(), kw["b"].float()
-    kw["dt_bias"] = kw["dt_bias"].bfloat16()
-    kw["output"] = torch.zeros(B, T * HV * V + 3, dtype=BF16)[:, : T * HV * V].view(B, T, HV, V)
-    kw["scale"] = 1
-    kw["use_qk_l2norm"] = False
-    if api in ("pool", "mtp"):
-        kw["initial_state_indices"] = torch.tensor([-1, 7], dtype=torch.int64)  # values are not checked here
-        kw["output_state_indices"] = torch.tensor([4, 1], dtype=torch.int64)
-    if api == "mtp":
-        kw["intermediate_states_buffer"] = _ibuf(T=T + 2)
-        kw["accepted_tokens"] = torch.tensor([0, 3], dtype=torch.int32)
-    return kw
-
-
-@pytest.mark.parametrize("api", ALL)
-def test_all_options_pass_structural_checks(api):
-    expect_only_device_error(api, _all_options(api))
-
-
-def test_fp16_io_passes_structural_checks():
-    kw = valid_kwargs("pre")
-    for n in ("q", "k", "v", "a", "b"):
-        kw[n] = kw[n].half()
-    expect_only_device_error("pre", kw)
-
-
-def test_mtp_disable_state_update_without_accepted_is_fine():
-    kw = valid_kwargs("mtp")
-    kw["disable_state_update"] = True
-    kw["intermediate_states_buffer"] = _ibuf()
-    expect_only_device_error("mtp", kw)
-
-
-def test_mtp_disable_state_update_reads_an_overlapping_pool():
-    """Without a state update the pool is only read, so it may overlap itself; written, it may not."""
-    kw = valid_kwargs("mtp")
-    kw["initial_state"] = kw["initial_state"][:1].expand(P, -1, -1, -1)
-    kw["disable_state_update"] = True
-    expect_only_device_error("mtp", kw)
-    kw["disable_state_update"] = False
-    expect_error("mtp", kw, ValueError, r"^initial_state must not overlap itself")
-
-
-@pytest.mark.parametrize("api", ALL)
-def test_zero_batch_written_tensors_pass(api):
-    """B = 0: written tensors without elements pass the overlap check, expand() views included."""
-    T = tokens(api)
-    kw = valid_kwargs(api)
-    q, k, v, a, b, A_log, dt_bias = make_inputs(0, T, H, HV, K, V, seed=10)
-    kw.update(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias)
-    kw["output"] = torch.zeros(1, T, HV, V, dtype=BF16).expand(0, -1, -1, -1)
-    if api in ("pre", "dec"):
-        kw["state"] = torch.zeros(1, HV, *_state_dims(api)).expand(0, -1, -1, -1)
-    else:
-        kw["initial_state_indices"] = torch.zeros(0, dtype=torch.int32)
-    if api == "mtp":
-        kw["intermediate_states_buffer"] = _ibuf(n=1, T=1).expand(0, T, -1, -1, -1)
-    expect_only_device_error(api, kw)
-
-
-def _brute_force_overlaps(shape, strides):
-    offsets = [sum(i * s for i, s in zip(ix, strides)) for ix in itertools.product(*map(range, shape))]
-    return len(offsets) != len(set(offsets))
-
-
-def test_overlap_rule_is_sound_and_exact_for_pools():
-    """The overlap check never rejects a layout without overlap, and decides a packed block under
-    one strided dim (a pool with any slot stride) exactly."""
-    from flashgdn import validation as val
-
-    rng = random.Random(0)
-    storage = torch.empty(4096, device="meta")
-    beyond_torch = 0  # overlaps torch finds too hard to tell, caught by the stride rule
-    for _ in range(3000):
-        ndim = rng.randint(1, 4)
-        shape = tuple(rng.randint(0, 4) for _ in range(ndim))
-        strides = tuple(rng.randint(0, 12) for _ in range(ndim))
-        t = storage.as_strided(shape, strides)
-        if val._overlaps_itself(t):
-            assert _brute_force_overlaps(shape, strides), (shape, strides)
-            beyond_torch += torch._debug_has_internal_overlap(t) == 2
-    assert beyond_torch > 100
-    for n, rows, cols, slot in itertools.product((2, 3), (1, 2, 3), (1, 4), range(1, 14)):
-        t = storage.as_strided((n, rows, cols), (slot, cols, 1))
-        assert val._overlaps_itself(t) == _brute_force_overlaps(t.shape, t.stride()), (n, rows, cols, slot)
-
-
-_SLOTS = [  # (initial_state_indices, output_state_indices, update_state, error or None)
-    pytest.param([3, 3], None, True, r"^initial_state_indices must not repeat a written slot .*got slot 3 in 2 rows",
-                 id="read-and-write-slot-twice"),
-    pytest.param([3, 0], [4, 4], True, r"^output_state_indices must not repeat a written slot .*got slot 4 in 2 rows",
-                 id="write-slot-twice"),
-    pytest.param([3, -1], [4, 4], True, None, id="padding-row-writes-nothing"),
-    pytest.param([-1, -1], None, True, None, id="padding-repeats"),
-    pytest.param([3, 0], [-1, -1], True, None, id="write-padding-repeats"),
-    pytest.param([3, 3], [1, 2], True, None, id="read-slot-twice"),
-    pytest.param([3, 3], None, False, None, id="no-state-update"),  # MTP with disable_state_update
-]
-
-
-@pytest.mark.parametrize("idx,out_idx,update,error", _SLOTS)
-def test_index_checks_reject_duplicate_write_slots(monkeypatch, idx, out_idx, update, error):
-    """FLASHGDN_CHECK_INDICES=1: slots written by two rows raise before the launch (a fake kernel
-    here; tests/test_pretranspose_gpu.py runs the real one)."""
-    from flashgdn import api
-
-    monkeypatch.setattr(api, "CHECK_INDICES", True)
-    launches = []
-    plan = api._Plan(api.val.Problem(B, 1, H, HV, K, V), torch.device("cpu"))
-    plan.fn = lambda *args: launches.append(args)
-    kw = valid_kwargs("pool")
-    as_idx = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    args = (plan, "klast", kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"],
-            kw["initial_state"], as_idx(idx), as_idx(out_idx), None, None, None, None, True, update, 1.0, 20.0)
-    if error is None:
-        api._launch(*args)
-        assert len(launches) == 1
-    else:
-        with pytest.raises(ValueError, match=error):
-            api._launch(*args)
-        assert not launches
-
-
-@pytest.mark.parametrize("name", ["q", "k", "v"])
-def test_shape_one_dims_skip_stride_checks(name):
-    """A size-1 dim (T=1) may carry any stride: only dims with more than one index are checked."""
-    kw = valid_kwargs("pre")
-    t = kw[name]
-    kw[name] = t.as_strided(t.shape, (t.stride(0), 3, t.stride(2), 1))
-    expect_only_device_error("pre", kw)
 
 
 def test_error_messages_name_expected_and_got():
@@ -689,63 +486,3 @@ def test_empty_pool(api):
     kw = valid_kwargs(api)
     kw["initial_state"] = kw["initial_state"][:0]
     expect_error(api, kw, ValueError, r"^initial_state has no slots")
-
-
-# ----------------------------------------------------------------------------- validation memo
-
-
-def _counting_check(calls, fail=False):
-    def check(*args):
-        calls.append(args)
-        if fail:
-            raise ValueError("bad")
-        return "p", "device"
-    return check
-
-
-def test_validation_memo_skips_repeated_signatures():
-    from flashgdn import api
-
-    calls = []
-    check = _counting_check(calls)
-    base = torch.zeros(4, 8)
-    plan = api._validated(check, torch.zeros(4, 8), 0.5, None)
-    assert (plan.problem, plan.device, plan.fn) == ("p", "device", None)
-    assert api._validated(check, torch.ones(4, 8), 0.5, None) is plan  # same signature: same plan
-    assert len(calls) == 1
-    api._validated(check, base.t().contiguous().t(), 0.5, None)  # other strides
-    api._validated(check, torch.zeros(8, 5)[:, 1:], 0.5, None)  # other alignment and shape
-    api._validated(check, torch.zeros(4, 8, dtype=torch.float16), 0.5, None)  # other dtype
-    api._validated(check, torch.zeros(4, 8), 1, None)  # other scalar
-    api._validated(check, torch.zeros(4, 8), True, None)  # True is not 1
-    assert len(calls) == 6
-    # Options select the kernel: part of the signature, not passed to the check.
-    other = api._validated(check, torch.zeros(4, 8), 0.5, None, options=(False, 1.0, 20.0))
-    assert other is not plan and len(calls) == 7 and len(calls[-1]) == 3
-
-
-def test_validation_memo_never_caches_failures_or_unhashables():
-    from flashgdn import api
-
-    calls = []
-    failing = _counting_check(calls, fail=True)
-    for _ in range(2):
-        with pytest.raises(ValueError, match="bad"):
-            api._validated(failing, torch.zeros(3), 0.5)
-    assert len(calls) == 2
-    calls.clear()
-    check = _counting_check(calls)
-    for _ in range(2):
-        api._validated(check, torch.zeros(3), [0.5])
-    assert len(calls) == 2
-
-
-def test_validation_memo_is_bounded(monkeypatch):
-    from flashgdn import api
-
-    monkeypatch.setattr(api, "_VALIDATED", {})
-    monkeypatch.setattr(api, "_VALIDATED_MAX", 4)
-    check = _counting_check([])
-    for n in range(10):
-        api._validated(check, torch.zeros(n + 1))
-    assert len(api._VALIDATED) <= 4
