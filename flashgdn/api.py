@@ -15,7 +15,7 @@ from . import validation as val
 from .cache import kernel_cache
 from .device import arch_of
 from .logging_utils import logged
-from .spec import KernelSpec
+from .spec import MAX_TOKENS, KernelSpec
 
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
 
@@ -162,7 +162,7 @@ def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_
 def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
                softplus_beta, softplus_threshold):
-    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=val.MAX_TOKENS)
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     # With disable_state_update the pool is only read (it may overlap itself).
     val.check_state("initial_state", initial_state, (None,), p, kv_last=True, written=not disable_state_update)
     val.check_indices("initial_state_indices", initial_state_indices, p)

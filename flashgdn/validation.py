@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS  # noqa: F401 (MAX_TOKENS: for the API and bench CLI)
+from .spec import SUPPORTED_HEAD_DIMS
 
 IO_DTYPES = (torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)

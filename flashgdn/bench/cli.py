@@ -27,8 +27,7 @@ import tempfile
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from ..spec import SUPPORTED_HEAD_DIMS
-from ..validation import MAX_TOKENS
+from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .rows import (
     BASELINES, FLASHGDN, IO_DTYPES, STATE_DTYPES, VERSIONS, Impl, Row, Unavailable, make_inputs, row_spec, verify,
 )
