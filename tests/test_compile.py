@@ -46,6 +46,9 @@ VARIANTS = [
      dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False)),
     ("mtp-T16-small-bfloat16", dict(T=16, regime="small", state="bfloat16", index_dtype="int64")),
     ("mtp-T2-large-float32-gva1", dict(T=2, regime="large", state="float32", index_dtype="int32", H=32, HV=32)),
+    # fp32 large batch at T=8 (launch bound and the unchecked token loop) and T=16 (launch bound only)
+    ("mtp-T8-accepted-large-float32", dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True)),
+    ("mtp-T16-large-float32", dict(T=16, regime="large", state="float32", index_dtype="int32")),
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
@@ -73,6 +76,23 @@ def test_compiles(monkeypatch, arch, kw):
     s = spec(arch, **kw)
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
+def test_mtp_options_follow_the_measured_cases():
+    """The fp32 large-batch MTP knobs apply only to the shape and token counts they were measured on."""
+    from flashgdn.kernels.build import mtp_options, tile_for
+
+    def options(**kw):
+        s = spec("sm_90a", index_dtype="int32", **kw)
+        return mtp_options(s, tile_for(s))
+
+    assert options(T=8, regime="large") == dict(min_ctas_per_sm=5, unchecked_loop=True)
+    assert options(T=16, regime="large") == dict(min_ctas_per_sm=5, unchecked_loop=False)
+    assert options(T=4, regime="large") == dict(min_ctas_per_sm=0, unchecked_loop=False)
+    assert options(T=8, regime="small") == {}
+    assert options(T=8, regime="large", state="bfloat16") == {}
+    assert options(T=8, regime="large", tile=(4, 4, 8)) == {}
+    assert options(T=8, regime="large", has_intermediate=True) == {}
 
 
 def test_variant_ids_are_unique():

@@ -59,15 +59,26 @@ def test_mtp_matches_reference(case):
     _run(**case)
 
 
+@pytest.mark.parametrize("T", (8, 16))
 @pytest.mark.parametrize("B", (5, 200), ids=("small", "large"))
 @pytest.mark.parametrize("inter", (True, False), ids=("inter", "accepted"))
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-def test_mtp_extreme_decay(sdt, inter, B):
+def test_mtp_extreme_decay(sdt, inter, B, T):
     """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
     the kernel's folded decay scale takes its rescale path, with and without a zero g; with the
-    intermediates written, and with accepted counts instead; in both regimes (CTA shapes)."""
+    intermediates written, and with accepted counts instead; in both regimes (CTA shapes). At T=8
+    the fp32 large-batch build runs both token loops in one launch: the unchecked one for the heads
+    whose decays stay above the rescale bound (A_log = -6, 2), the checked one for the others."""
     A_log = torch.tensor([-6.0, 2.0, 4.0, 7.0])
-    _run(16, B, 2, sdt, inter, True, not inter, False, A_log=A_log)
+    _run(T, B, 2, sdt, inter, True, not inter, False, A_log=A_log)
+
+
+@pytest.mark.parametrize("inter,update,accepted", [(False, True, False), (False, True, True), (True, False, False)],
+                         ids=("plain", "accepted", "inter-noupdate"))
+def test_mtp_fp32_large_t8(inter, update, accepted):
+    """fp32 state, large-batch regime, T=8: the launch-bounded build with the unchecked token loop
+    (without intermediates; with them, the plain build)."""
+    _run(8, 200, 2, torch.float32, inter, update, accepted, True)
 
 
 @pytest.mark.parametrize("K", (64, 256))

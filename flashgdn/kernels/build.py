@@ -59,11 +59,24 @@ def tile_for(spec: KernelSpec) -> tuple:
     return warps, row_lanes
 
 
+def mtp_options(spec: KernelSpec, tile: tuple) -> dict:
+    """Two more MTP knobs, measured for the fp32 large-batch shape (4, 2, 8) without intermediates
+    only (benchmarks/RESULTS.md, sixth pass): a launch bound of 5 CTAs per SM for T >= 8 (96
+    registers instead of 100-124; it spills and is slower at T = 4), and the unchecked token loop
+    for 4 < T <= 8 (slower at T = 16, neutral at T <= 4, slower for a bf16 state, at small batch
+    and with intermediates, where both together cost 2 %)."""
+    if spec.state_dtype != "float32" or spec.regime != "large" or tile != (4, 2, 8) or spec.has_intermediate:
+        return {}
+    return dict(min_ctas_per_sm=5 if spec.T >= 8 else 0, unchecked_loop=4 < spec.T <= 8)
+
+
 def make_kernel(spec: KernelSpec):
     tile = tile_for(spec)
     if spec.layout == "klast":
-        cls = KLastMTP if spec.multi_token else KLastDecode
-        return cls(spec, num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
+        shape = dict(num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
+        if spec.multi_token:
+            return KLastMTP(spec, **shape, **mtp_options(spec, tile))
+        return KLastDecode(spec, **shape)
     return KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
 
 

@@ -175,6 +175,8 @@ class DecodeKernel:
     (batch row, value head, tile of that head's state). Subclasses set spec, num_tiles and
     num_warps and define the @cute.kernel `kernel` taking the same tensors."""
 
+    min_ctas_per_sm = 0  # launch bound (0: none)
+
     @cute.jit
     def __call__(
         self,
@@ -194,8 +196,13 @@ class DecodeKernel:
         stream,
     ):
         grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
+        # A launch bound caps the registers so that min_ctas_per_sm CTAs fit on an SM. The carveout
+        # is left to the driver (-1); naming it also keeps the compile free of a device query.
+        bound = (
+            dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=-1) if self.min_ctas_per_sm else {}
+        )
         self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
-            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
+            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream, **bound
         )
 
     def cta_coords(self):

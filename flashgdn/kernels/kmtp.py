@@ -26,8 +26,13 @@ RESCALE_MIN = 2.0 ** -64
 
 
 class KLastMTP(KLastDecode):
-    def __init__(self, spec, num_warps: int, rows_per_thread: int, lanes_per_row: int):
+    def __init__(self, spec, num_warps: int, rows_per_thread: int, lanes_per_row: int,
+                 min_ctas_per_sm: int = 0, unchecked_loop: bool = False):
         super().__init__(spec, num_warps, rows_per_thread, lanes_per_row)
+        self.min_ctas_per_sm = min_ctas_per_sm
+        # A second copy of the token loop without the per-token rescale test, taken by the CTAs
+        # whose decays cannot trigger it: without the branch, ptxas schedules across tokens.
+        self.unchecked_loop = unchecked_loop
         threads = num_warps * 32
         # Staging work per thread, padded so there are no tail branches on the loads.
         self.tokens_per_warp = (spec.T + num_warps - 1) // num_warps
@@ -139,6 +144,37 @@ class KLastMTP(KLastDecode):
         if const_expr(spec.update_state and spec.has_accepted):
             if run and accepted == 0:
                 self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
+        loop_args = (rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0, lane, lane_in_row, local0, run, accepted,
+                     write_slot)
+        c = Float32(1.0)
+        if const_expr(self.unchecked_loop):
+            # Every decay is <= 1, so if the product of all T stays above the bound, so does every
+            # partial product (a NaN fails the test and takes the checked loop).
+            total = Float32(1.0)
+            for t in cutlass.range_constexpr(T):
+                total = total * sGate[0, t, 0]
+            if total >= Float32(RESCALE_MIN):
+                c = self._token_loop(False, *loop_args)
+            else:
+                c = self._token_loop(True, *loop_args)
+        else:
+            c = self._token_loop(True, *loop_args)
+        if const_expr(spec.update_state and not spec.has_accepted):
+            if run:
+                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
+        cute.arch.barrier()
+        self._write_outputs(sO, mO, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
+
+    @cute.jit
+    def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0,
+                    lane, lane_in_row, local0, run, accepted, write_slot):
+        """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
+        test c against RESCALE_MIN every token (a branch); without it the caller has made sure
+        no partial product of the decays falls below it."""
+        spec = self.spec
+        R = self.rows_per_thread
+        T = spec.T
+        E = self.vec * self.chunks
         # S = c * rS: the decay of each token goes into the scalar c, so the update is one FMA per
         # element (rS += k (u / c)) instead of a multiply and an FMA.
         L = self.lanes_per_row
@@ -155,12 +191,13 @@ class KLastMTP(KLastDecode):
             cute.autovec_copy(sGate[None, t, 0], rGate)
             g, beta, kq = rGate[0], rGate[1], rGate[2]
             c = c * g
-            if c < Float32(RESCALE_MIN):
-                # 1 / c would overflow (or g is 0): apply c to the registers, restart at 1.
-                for i in cutlass.range_constexpr(R):
-                    for e in cutlass.range_constexpr(E):
-                        rS[e, i] = rS[e, i] * c
-                c = Float32(1.0)
+            if const_expr(checked):
+                if c < Float32(RESCALE_MIN):
+                    # 1 / c would overflow (or g is 0): apply c to the registers, restart at 1.
+                    for i in cutlass.range_constexpr(R):
+                        for e in cutlass.range_constexpr(E):
+                            rS[e, i] = rS[e, i] * c
+                    c = Float32(1.0)
             inv_c = cute.arch.rcp_approx(c)
             if const_expr(self.scatter):
                 # The 2R dot products of the thread's rows in one reduce-scatter: lane group
@@ -196,11 +233,7 @@ class KLastMTP(KLastDecode):
             if const_expr(spec.update_state and spec.has_accepted):
                 if run and accepted == t + 1:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
-        if const_expr(spec.update_state and not spec.has_accepted):
-            if run:
-                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
-        cute.arch.barrier()
-        self._write_outputs(sO, mO, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
+        return c
 
     @cute.jit
     def _write_outputs(self, sO, mO, b, hv, tile, tid, run, fill):
