@@ -67,8 +67,9 @@ def test_mtp_extreme_decay(sdt, inter, B, T):
     """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
     the kernel's folded decay scale takes its rescale path, with and without a zero g; with the
     intermediates written, and with accepted counts instead; in both regimes (CTA shapes). At T=8
-    the fp32 large-batch build runs both token loops in one launch: the unchecked one for the heads
-    whose decays stay above the rescale bound (A_log = -6, 2), the checked one for the others."""
+    with accepted counts, the fp32 large-batch build runs both token loops in one launch: the
+    unchecked one for the heads whose decays stay above the rescale bound (A_log = -6), the checked
+    one for those whose decays underflow (A_log = 4, 7)."""
     A_log = torch.tensor([-6.0, 2.0, 4.0, 7.0])
     _run(T, B, 2, sdt, inter, True, not inter, False, A_log=A_log)
 

@@ -5,7 +5,9 @@ the T tokens (read once, written once, plus one write per token into the optiona
 buffer). Every global load is issued up front as in klast; then the normalised q/k, gates and v
 of every token are staged once per CTA in shared memory behind one barrier, and the tokens run one
 after another as S = c * rS, with the decay folded into the scalar c (one FMA per element and token
-in the update). The outputs of all tokens go through shared memory and are written coalesced.
+in the update); c is tested against a rescale bound every token, or, where build.mtp_options asks
+for it, by the CTAs whose decays could reach the bound only, the others running a copy of the
+loop without the test. The outputs of all tokens go through shared memory and are written coalesced.
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
 not the bytes, bounds this kernel. (A closed form with every dot product against the initial state
