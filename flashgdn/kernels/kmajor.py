@@ -35,6 +35,10 @@ class KMajorDecode(common.DecodeKernel):
         self.num_tiles = spec.V // self.cols_per_cta
         self.rows_per_thread = spec.K // self.row_step
 
+    def _chunk(self, mRows: cute.Tensor, row0, m: int, col_chunk):
+        """This thread's 16-byte chunk of its row m in a (K, V) view (read, then written back)."""
+        return cute.local_tile(mRows[row0 + m * self.row_step, None], (self.vec,), (col_chunk,))
+
     @cute.kernel
     def kernel(
         self,
@@ -76,9 +80,7 @@ class KMajorDecode(common.DecodeKernel):
         mRows = mS[read_slot, hv, None, None]
         rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
         for m in cutlass.range_constexpr(M):
-            cute.autovec_copy(
-                cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,)), rRaw[None, m]
-            )
+            cute.autovec_copy(self._chunk(mRows, row0, m, col_chunk), rRaw[None, m])
         rVraw = cute.make_rmem_tensor((VEC,), self.io_dtype)
         cute.autovec_copy(cute.local_tile(mV[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
         common.load_fence()
@@ -134,9 +136,7 @@ class KMajorDecode(common.DecodeKernel):
                     rS[e, m] = g * rS[e, m] + rKr[m] * rU[e]
             rRaw.store(rS.load().to(self.state_dtype))
             for m in cutlass.range_constexpr(M):
-                cute.autovec_copy(
-                    rRaw[None, m], cute.local_tile(mRows[row0 + m * self.row_step, None], (VEC,), (col_chunk,))
-                )
+                cute.autovec_copy(rRaw[None, m], self._chunk(mRows, row0, m, col_chunk))
         if warp == 0 and rl == 0:
             rO = cute.make_rmem_tensor((VEC,), mO.element_type)
             rO.store(rOut.load().to(mO.element_type))

@@ -148,13 +148,13 @@ class KLastMTP(KLastDecode):
                 self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
         loop_args = (rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0, lane, lane_in_row, local0, run, accepted,
                      write_slot)
-        c = Float32(1.0)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
             # partial product (a NaN fails the test and takes the checked loop).
             total = Float32(1.0)
             for t in cutlass.range_constexpr(T):
                 total = total * sGate[0, t, 0]
+            c = Float32(1.0)  # assigned in both branches below
             if total >= Float32(RESCALE_MIN):
                 c = self._token_loop(False, *loop_args)
             else:
