@@ -1,7 +1,7 @@
 """Compile-only tests (no GPU): every kernel variant the API can ask for compiles for Hopper
 (sm_90a) and Blackwell (sm_100a) into a TVM-FFI callable.
 
-Each compile takes about 0.3 to 2.5 s; the list below stays at about 20 variants per arch.
+Each compile takes about 0.3 to 2.5 s; the list below stays at about 30 variants per arch.
 """
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ VARIANTS = [
     # fp32 large batch at T=8 (launch bound and the unchecked token loop) and T=16 (launch bound only)
     ("mtp-T8-accepted-large-float32", dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True)),
     ("mtp-T16-large-float32", dict(T=16, regime="large", state="float32", index_dtype="int32")),
+    # bf16 state, large batch, T >= 5: the tensor-core MTP kernel (kmtp_mma)
+    ("mtp-mma-T8-accepted-outidx-large-bfloat16",
+     dict(T=8, regime="large", state="bfloat16", index_dtype="int32", has_accepted=True, has_out_indices=True)),
+    ("mtp-mma-T16-noupdate-large-bfloat16", dict(T=16, regime="large", state="bfloat16", index_dtype="int64",
+                                                 update_state=False)),
+    ("mtp-mma-T5-K256V256-nol2norm-large-bfloat16",
+     dict(T=5, K=256, V=256, regime="large", state="bfloat16", index_dtype="int32", l2norm=False, scale=0.25)),
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
@@ -95,8 +102,28 @@ def test_mtp_options_follow_the_measured_cases():
     assert options(T=8, regime="large", has_intermediate=True) == {}
 
 
+def test_mma_kernel_follows_the_measured_cases():
+    """The tensor-core MTP kernel builds only what it was measured faster on: bf16 state and q/k/v,
+    no intermediates, large batch, T >= 5; a 2-tuple tile asks for it, a 3-tuple for kmtp."""
+    from flashgdn.kernels.build import make_kernel, uses_mma
+    from flashgdn.kernels.kmtp_mma import KLastMTPMma
+
+    def mma(**kw):
+        kw = dict(T=8, regime="large", state="bfloat16", index_dtype="int32") | kw
+        return uses_mma(spec("sm_90a", **kw))
+
+    assert mma() and mma(T=5) and mma(T=16) and mma(has_accepted=True) and mma(update_state=False)
+    assert not mma(T=4) and not mma(regime="small") and not mma(has_intermediate=True)
+    assert not mma(state="float32") and not mma(io="float16") and not mma(T=1, has_accepted=True)
+    assert mma(T=2, regime="small", tile=(1, 1)) and not mma(tile=(2, 4, 8))
+    assert isinstance(make_kernel(spec("sm_90a", T=8, regime="large", state="bfloat16", index_dtype="int32")),
+                      KLastMTPMma)
+    with pytest.raises(ValueError, match="no intermediates"):
+        KLastMTPMma(spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True), 1, 2)
+
+
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS]
     assert len(ids) == len(set(ids))
-    assert len(ids) * len(ARCHS) <= 60
+    assert len(ids) * len(ARCHS) <= 64
 

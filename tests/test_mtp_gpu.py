@@ -65,7 +65,9 @@ def test_mtp_matches_reference(case):
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_mtp_extreme_decay(sdt, inter, B, T):
     """Decays from ~1 to exactly 0 in fp32 (A_log = 7: g = exp(-1097 softplus(.)) underflows), so
-    the kernel's folded decay scale takes its rescale path, with and without a zero g; with the
+    the token-by-token kernel's folded decay scale takes its rescale path, with and without a zero g
+    (bf16 at large batch without intermediates runs the tensor-core kernel, whose decay products
+    underflow to 0 instead); with the
     intermediates written, and with accepted counts instead; in both regimes (CTA shapes). At T=8
     with accepted counts, the fp32 large-batch build runs both token loops in one launch: the
     unchecked one for the heads whose decays stay above the rescale bound (A_log = -6), the checked
@@ -80,6 +82,17 @@ def test_mtp_fp32_large_t8(inter, update, accepted):
     """fp32 state, large-batch regime, T=8: the launch-bounded build with the unchecked token loop
     (without intermediates; with them, the plain build)."""
     _run(8, 200, 2, torch.float32, inter, update, accepted, True)
+
+
+@pytest.mark.parametrize("T,update,accepted,pad,ratio,K", [
+    (5, True, False, True, 1, 128), (6, True, True, False, 2, 128), (7, False, False, True, 2, 128),
+    (8, True, True, True, 1, 128), (16, True, False, False, 2, 128), (16, True, True, True, 1, 128),
+    (8, True, True, True, 2, 64), (5, True, False, True, 2, 256), (16, True, True, False, 1, 256),
+])
+def test_mtp_bf16_tensor_core(T, update, accepted, pad, ratio, K):
+    """bf16 state, large batch, T >= 5: the tensor-core kernel (closed form, the state update as a
+    matrix product), with padding, accepted counts, no state update, GVA and other head dims."""
+    _run(T, 200, ratio, torch.bfloat16, False, update, accepted, pad, K=K)
 
 
 @pytest.mark.parametrize("K", (64, 256))

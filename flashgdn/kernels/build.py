@@ -18,10 +18,12 @@ from .common import CUTLASS_DTYPES, vec_elems
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
 from .kmtp import KLastMTP
+from .kmtp_mma import KLastMTPMma
 
 # CTA shapes by (layout, regime, state dtype): (warps, rows per thread, lanes per row) for K-last,
-# (warps, row lanes) for K-major. Chosen on the H100 with benchmarks/tune.py
-# (benchmarks/RESULTS.md); `KernelSpec.tile` overrides them. The MTP kernel uses the "mtp" rows.
+# (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core MTP kernel.
+# Chosen on the H100 with benchmarks/tune.py (benchmarks/RESULTS.md); `KernelSpec.tile` overrides
+# them. The MTP kernels use the "mtp" and "mtp_mma" rows.
 TILES = {
     ("klast", "small", "float32"): (4, 1, 16),
     ("klast", "large", "float32"): (4, 4, 16),
@@ -31,6 +33,7 @@ TILES = {
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
     ("mtp", "large", "bfloat16"): (2, 4, 8),
+    ("mtp_mma", "large", "bfloat16"): (1, 2),
     ("kmajor", "small", "float32"): (4, 4),
     ("kmajor", "large", "float32"): (8, 2),
     ("kmajor", "small", "bfloat16"): (4, 4),
@@ -38,9 +41,31 @@ TILES = {
 }
 
 
+# Fewest tokens for which the tensor-core MTP kernel is used (large batch, bf16 state).
+MMA_MIN_TOKENS = 5
+
+
+def uses_mma(spec: KernelSpec) -> bool:
+    """Whether kmtp_mma.KLastMTPMma (tensor cores) builds `spec`: MTP with a bf16 state and bf16
+    q/k/v, no intermediates, in the large-batch regime from MMA_MIN_TOKENS tokens on. Measured on
+    the H100 (benchmarks/RESULTS.md, seventh pass): 1.4-1.5x faster than kmtp at T = 8-16 for
+    B >= 16 and 10 % at T = 6; slower at T = 4 for B >= 64 (0.7-3 %), with intermediates
+    (1.6-12 %) and at B = 1 (5-47 %). A 2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple
+    for kmtp."""
+    if not spec.multi_token or spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
+        return False
+    if spec.tile is not None:
+        return len(spec.tile) == 2
+    return spec.regime == "large" and spec.T >= MMA_MIN_TOKENS
+
+
 def tile_for(spec: KernelSpec) -> tuple:
     if spec.tile is not None:
         return spec.tile
+    if uses_mma(spec):
+        warps, blocks = TILES[("mtp_mma", spec.regime, spec.state_dtype)]
+        # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
+        return warps, 1 if spec.K > 128 else min(blocks, spec.V // 16)
     table = "mtp" if spec.multi_token else spec.layout
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]
@@ -72,6 +97,8 @@ def mtp_options(spec: KernelSpec, tile: tuple) -> dict:
 
 def make_kernel(spec: KernelSpec):
     tile = tile_for(spec)
+    if uses_mma(spec):
+        return KLastMTPMma(spec, num_warps=tile[0], blocks_per_warp=tile[1])
     if spec.layout == "klast":
         shape = dict(num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
         if spec.multi_token:

@@ -11,8 +11,9 @@ loop without the test. The outputs of all tokens go through shared memory and ar
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
 not the bytes, bounds this kernel. (A closed form with every dot product against the initial state
-and a per-row triangular solve, free of the serial chain, was measured slower on the H100: it adds
-per-CTA coefficient tables and about a third more instructions; see benchmarks/RESULTS.md.)
+and a per-row triangular solve, free of the serial chain, was measured slower on the CUDA cores: it
+adds per-CTA coefficient tables and about a third more instructions. On the tensor cores it is
+faster from T = 5 on for a bf16 state at large batch: kmtp_mma.KLastMTPMma; benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 

@@ -1,0 +1,315 @@
+"""K-last MTP kernel on the tensor cores, for a bf16 state and bf16 q/k/v: state [.., HV, V, K].
+
+The T tokens are applied in closed form. With D(t, j) the product of the decays of tokens j+1..t
+and G(t) = D(t, -1), the state after token t is
+
+    S_t = G(t) S_0 + sum_{j <= t} D(t, j) k_j u_j^T,
+
+so every dot product a row needs is one against the initial state (S_0 k_t and S_0 q_t: a small
+matrix product per 16 rows; bf16 S_0 and the raw bf16 q/k are exact tensor-core operands), u_t and
+o_t follow from a per-row triangular recurrence on scalars, and the new state is one more matrix
+product: G S_0 plus the rank-T update, with W = D u |k|^-1 in two bf16 parts (hi + lo, 16 bits of
+mantissa). Decays only multiply (no division, no rescale test). Per state element this is a load,
+a conversion, a multiply and a store, where kmtp.KLastMTP does 3 FMAs per token; that kernel is
+bound by its serial per-token arithmetic at T = 8 with a bf16 state, this one much less.
+
+Each warp owns 16-row blocks of one (sequence, value head) and runs alone (no CTA barrier): it
+loads its rows in the operand layout of mma.m16n8k16, computes the Gram matrix of the head's q/k
+and the decay tables in its own shared memory, runs the recurrence one row per lane and writes
+its rows back. Intermediate states are not built here (kmtp.KLastMTP is faster for them).
+
+K permutation. mma.m16n8k16 gives lane (g = lane / 4, c = lane % 4) the reduction slots 2c, 2c+1,
+2c+8, 2c+9 of a k-step. Block p of 32 head-dim columns is two k-steps s = 0, 1; slot 2c+e+8h of
+step s is column 32p + 8c + 4s + 2h + e, so lane c reads its columns 32p + 8c .. +8 as one 16-byte
+chunk, for S rows and for q/k alike. In the update the head dim is the N side: n8 block 4p + m'
+column n is 32p + 4n + m', so lane c's accumulators are elements m' and m' + 4 of its chunk p.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import BFloat16, Float32, Int32, const_expr
+
+from . import common
+
+
+class KLastMTPMma(common.DecodeKernel):
+    def __init__(self, spec, num_warps: int, blocks_per_warp: int):
+        if spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
+            raise ValueError("the tensor-core MTP kernel takes a bf16 state and bf16 q/k/v, no intermediates")
+        self.spec = spec
+        self.num_warps = num_warps
+        self.mb = blocks_per_warp  # 16-row blocks per warp
+        self.rows_per_warp = 16 * blocks_per_warp
+        self.rows_per_cta = self.rows_per_warp * num_warps
+        if spec.V % self.rows_per_cta:
+            raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
+        self.num_tiles = spec.V // self.rows_per_cta
+        self.nb = (spec.T + 7) // 8  # token blocks of 8 (the N side of the dot products)
+        self.tp = 8 * self.nb  # tokens, padded
+        self.kp = spec.K // 32  # 32-column blocks of the head dim
+
+    # ---- operands -------------------------------------------------------------------------------
+
+    def _gemm(self, acc, a, b):
+        """acc += a b on the tensor cores (one mma.m16n8k16, bf16 in, fp32 accumulate)."""
+        atom = cute.make_mma_atom(cute.nvgpu.warp.MmaF16BF16Op(BFloat16, Float32, (16, 8, 16)))
+        cute.gemm(atom, acc, a, b, acc)
+
+    @cute.jit
+    def _frag_a(self, rTop, rBot, s: int):
+        """A operand of k-step s from two 16-byte chunks (rows g and g + 8 of the 16-row block)."""
+        rA = cute.make_rmem_tensor((8, 1), BFloat16)
+        for e in cutlass.range_constexpr(2):
+            rA[e, 0] = rTop[4 * s + e]
+            rA[2 + e, 0] = rBot[4 * s + e]
+            rA[4 + e, 0] = rTop[4 * s + 2 + e]
+            rA[6 + e, 0] = rBot[4 * s + 2 + e]
+        return rA
+
+    @cute.jit
+    def _frag_b(self, rChunk, s: int):
+        """B operand of k-step s from one 16-byte chunk of the vector of token n = g."""
+        rB = cute.make_rmem_tensor((4, 1), BFloat16)
+        for e in cutlass.range_constexpr(4):
+            rB[e, 0] = rChunk[4 * s + e]
+        return rB
+
+    def _chunk(self, mVec: cute.Tensor, p: int, c):
+        """Lane c's 16-byte chunk of block p of a length-K row."""
+        return cute.local_tile(mVec, (8,), (4 * p + c,))
+
+    def _token(self, t):
+        """Token index clamped to T - 1 (padding tokens read real rows; their weights are 0)."""
+        T = self.spec.T
+        return t if const_expr(self.tp == T) else Int32(cutlass.select_(t < T, t, T - 1))
+
+    # ---- per-warp tables ------------------------------------------------------------------------
+
+    def _inv_norm(self, sq):
+        """1 / |x| from |x|^2 (the l2norm factor), or 1 without l2norm."""
+        if const_expr(self.spec.use_l2norm):
+            return cute.math.rsqrt(sq + Float32(common.L2NORM_EPS))
+        return Float32(1.0)
+
+    @cute.jit
+    def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, lane):
+        """This warp's shared-memory tables of the head. sGram: the raw Gram matrix of [k; q]
+        (k_i rows and columns first, then q_i). sVec rows: 0 G(t) |k_t|^-1, 1 G(t) |q_t|^-1 scale,
+        2 beta_t, 3 G(n - 1) (G(-1) = 1), 4 g_t. sAkk(t, j) = D(t, j) k^_j . k^_t
+        (j < t), sAkq(t, j) = D(t, j) k^_j . q^_t (j <= t), sW(n, j) = D(n - 1, j) |k_j|^-1 (j < n):
+        the weight of u_j in the state after n tokens."""
+        spec = self.spec
+        TP, NB = self.tp, self.nb
+        g, c = lane // 4, lane % 4
+        # Gram of the raw vectors on the tensor cores: rows [k; q] of token block na, columns
+        # [k | q] of block nc (norms on the diagonals).
+        for na in cutlass.range_constexpr(NB):
+            for nc in cutlass.range_constexpr(2 * NB):
+                acc = cute.make_rmem_tensor((4, 1, 1), Float32)
+                acc.fill(0.0)
+                rCol = rK if const_expr(nc < NB) else rQ
+                for p in cutlass.range_constexpr(self.kp):
+                    for s in cutlass.range_constexpr(2):
+                        self._gemm(acc, self._frag_a(rK[None, p, na], rQ[None, p, na], s),
+                                   self._frag_b(rCol[None, p, nc % NB], s))
+                col = (nc // NB) * TP + 8 * (nc % NB) + 2 * c
+                for e in cutlass.range_constexpr(2):
+                    sGram[8 * na + g, col + e] = acc[e, 0, 0]
+                    sGram[TP + 8 * na + g, col + e] = acc[2 + e, 0, 0]
+        decay, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+        if lane < TP:
+            sVec[2, lane] = beta
+            sVec[4, lane] = decay
+        cute.arch.sync_warp()
+        rG = cute.make_rmem_tensor((TP,), Float32)
+        for i in cutlass.range_constexpr(TP):
+            rG[i] = sVec[4, i]
+        # Entry (n, j), n = 0..TP tokens applied, per lane; t = n - 1 for the per-token tables.
+        for r in cutlass.range_constexpr((TP * (TP + 1) + 31) // 32):
+            ent = lane + 32 * r
+            n = ent // TP
+            j = ent % TP
+            t = n - 1
+            d = Float32(1.0)  # D(t, j)
+            gt = Float32(1.0)  # G(t)
+            for i in cutlass.range_constexpr(TP):
+                d = d * Float32(cutlass.select_(i > j and i <= t, rG[i], Float32(1.0)))
+                gt = gt * Float32(cutlass.select_(i <= t, rG[i], Float32(1.0)))
+            if ent < TP * (TP + 1):
+                kf_j = self._inv_norm(sGram[j, j])
+                sW[n, j] = Float32(cutlass.select_(j < n, d * kf_j, Float32(0.0)))
+                if j == 0:
+                    sVec[3, n] = gt
+                if n > 0:
+                    kf_t = self._inv_norm(sGram[t, t])
+                    qf_t = self._inv_norm(sGram[TP + t, TP + t]) * Float32(spec.scale)
+                    sAkk[t, j] = Float32(cutlass.select_(j < t, d * kf_j * kf_t * sGram[t, j], Float32(0.0)))
+                    sAkq[t, j] = Float32(cutlass.select_(j <= t, d * kf_j * qf_t * sGram[TP + t, j], Float32(0.0)))
+                    if j == 0:
+                        sVec[0, t] = gt * kf_t
+                        sVec[1, t] = gt * qf_t
+        cute.arch.sync_warp()
+
+    # ---- the kernel -----------------------------------------------------------------------------
+
+    @cute.kernel
+    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
+        """The tensors of common.DecodeKernel.__call__, in its order."""
+        spec = self.spec
+        T, TP, NB, KP, MB, W = spec.T, self.tp, self.nb, self.kp, self.mb, self.num_warps
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        tile, b, hv, h = self.cta_coords()
+        g, c = lane // 4, lane % 4
+        row0 = tile * self.rows_per_cta + warp * self.rows_per_warp  # first row of the warp
+        frag_row = row0 + g  # this lane's operand rows: frag_row + 16 m + 8 hh
+
+        # Loads, all up front (common.load_fence): the state, q/k chunks, v, the gate inputs.
+        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
+        run = status == common.RUN
+        rS = cute.make_rmem_tensor((8, KP, 2, MB), BFloat16)
+        for m in cutlass.range_constexpr(MB):
+            for hh in cutlass.range_constexpr(2):
+                for p in cutlass.range_constexpr(KP):
+                    cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
+                                      rS[None, p, hh, m])
+        common.load_fence()
+        rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
+        rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
+        for na in cutlass.range_constexpr(NB):
+            tc = self._token(g + 8 * na)
+            for p in cutlass.range_constexpr(KP):
+                cute.autovec_copy(self._chunk(mK[b, tc, h, None], p, c), rK[None, p, na])
+                cute.autovec_copy(self._chunk(mQ[b, tc, h, None], p, c), rQ[None, p, na])
+        # The recurrence runs one row per lane (lanes 16.. repeat rows 0..15 when MB = 1).
+        my_row = lane % self.rows_per_warp
+        rV = cute.make_rmem_tensor((T,), BFloat16)
+        for t in cutlass.range_constexpr(T):
+            rV[t] = mV[b, t, hv, row0 + my_row]
+        common.load_fence()
+        raw = common.load_gates(mA, mB, mALog, mDtBias, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
+
+        smem = cutlass.memory.SmemAllocator()
+        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP, W)), byte_alignment=16)[None, None, warp]
+        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1, W)), byte_alignment=16)[None, None, warp]
+        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP, W)), byte_alignment=16)[None, None, warp]
+        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP, W)), byte_alignment=16)[None, None, warp]
+        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP, W)), byte_alignment=16)[None, None, warp]
+        # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
+        plane = self.rows_per_warp * (TP + 1)
+        sP = smem.allocate_tensor(
+            Float32, cute.make_layout((self.rows_per_warp, TP, 2, W), stride=(TP + 1, 1, plane, 2 * plane)),
+            byte_alignment=16,
+        )[None, None, None, warp]
+
+        # S_0 k_t and S_0 q_t of this warp's rows, into sP: C of block (m, na) holds rows
+        # 16 m + g (+ 8) and tokens 8 na + 2c (+ 1).
+        for m in cutlass.range_constexpr(MB):
+            for na in cutlass.range_constexpr(NB):
+                ak = cute.make_rmem_tensor((4, 1, 1), Float32)
+                aq = cute.make_rmem_tensor((4, 1, 1), Float32)
+                ak.fill(0.0)
+                aq.fill(0.0)
+                for p in cutlass.range_constexpr(KP):
+                    for s in cutlass.range_constexpr(2):
+                        rA = self._frag_a(rS[None, p, 0, m], rS[None, p, 1, m], s)
+                        self._gemm(ak, rA, self._frag_b(rK[None, p, na], s))
+                        self._gemm(aq, rA, self._frag_b(rQ[None, p, na], s))
+                for hh in cutlass.range_constexpr(2):
+                    for e in cutlass.range_constexpr(2):
+                        sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 0] = ak[2 * hh + e, 0, 0]
+                        sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 1] = aq[2 * hh + e, 0, 0]
+        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, lane)  # ends with a warp sync
+
+        # k for the update's B operand (L1 hits: the warp read these rows above), in flight
+        # during the recurrence: tokens 2c + e + 8 half, columns 32 p + 4 g .. + 4.
+        rKu = cute.make_rmem_tensor((4, KP, 2, NB), BFloat16)
+        for half in cutlass.range_constexpr(NB):
+            for e in cutlass.range_constexpr(2):
+                tc = self._token(2 * c + e + 8 * half)
+                for p in cutlass.range_constexpr(KP):
+                    cute.autovec_copy(cute.local_tile(mK[b, tc, h, None], (4,), (8 * p + g,)), rKu[None, p, e, half])
+        # The triangular recurrence of row my_row; its u_t replace S_0 k_t in sP.
+        fill = common.skipped_output(status)
+        writer = lane < self.rows_per_warp if const_expr(MB == 1) else True
+        u = []
+        for t in cutlass.range_constexpr(T):
+            a = sVec[0, t] * sP[my_row, t, 0]
+            for j in cutlass.range_constexpr(t):
+                a += sAkk[t, j] * u[j]
+            u.append(sVec[2, t] * (rV[t].to(Float32) - a))
+            o = sVec[1, t] * sP[my_row, t, 1]
+            for j in cutlass.range_constexpr(t + 1):
+                o += sAkq[t, j] * u[j]
+            if writer:
+                mO[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(mO.element_type)
+        cute.arch.sync_warp()  # every lane has read its S_0 k_t
+        if writer:
+            for t in cutlass.range_constexpr(T):
+                sP[my_row, t, 0] = u[t]
+        cute.arch.sync_warp()
+
+        if const_expr(spec.update_state):
+            mDst = mS[write_slot, hv, None, None]
+            if const_expr(spec.has_accepted):
+                self._apply(accepted, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
+            else:
+                self._apply(T, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
+
+    @cute.jit
+    def _apply(self, n, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run):
+        """Write the state after n tokens of this warp's rows into mDst (V, K): G(n - 1) S_0 plus
+        sum_j W(row, j) k_j with W = sW(n, j) u_j, on the tensor cores (W as bf16 hi + lo)."""
+        NB, KP, MB = self.nb, self.kp, self.mb
+        gx = sVec[3, n]
+        for m in cutlass.range_constexpr(MB):
+            # A operand(s): rows g, g + 8 (hh) and the lane's token slots 2c + e (+ 8 half).
+            hi = cute.make_rmem_tensor((2, 2, NB), BFloat16)  # (e, hh, half)
+            lo = cute.make_rmem_tensor((2, 2, NB), BFloat16)
+            for half in cutlass.range_constexpr(NB):
+                for e in cutlass.range_constexpr(2):
+                    j = 2 * c + e + 8 * half
+                    wj = sW[n, j]  # 0 for j >= n, so padding tokens (j >= T) drop out
+                    for hh in cutlass.range_constexpr(2):
+                        w = wj * sP[16 * m + 8 * hh + g, j, 0]
+                        hi[e, hh, half] = w.to(BFloat16)
+                        lo[e, hh, half] = (w - hi[e, hh, half].to(Float32)).to(BFloat16)
+            steps = []
+            for st in cutlass.range_constexpr(2 if const_expr(NB == 2) else 1):
+                rA = cute.make_rmem_tensor((8, 1), BFloat16)
+                for e in cutlass.range_constexpr(2):
+                    if const_expr(NB == 1):
+                        rA[e, 0] = hi[e, 0, 0]
+                        rA[2 + e, 0] = hi[e, 1, 0]
+                        rA[4 + e, 0] = lo[e, 0, 0]
+                        rA[6 + e, 0] = lo[e, 1, 0]
+                    else:
+                        src = hi if const_expr(st == 0) else lo
+                        rA[e, 0] = src[e, 0, 0]
+                        rA[2 + e, 0] = src[e, 1, 0]
+                        rA[4 + e, 0] = src[e, 0, 1]
+                        rA[6 + e, 0] = src[e, 1, 1]
+                steps.append(rA)
+            for p in cutlass.range_constexpr(KP):
+                rTop = cute.make_rmem_tensor((8,), BFloat16)
+                rBot = cute.make_rmem_tensor((8,), BFloat16)
+                for mq in cutlass.range_constexpr(4):
+                    rB = cute.make_rmem_tensor((4, 1), BFloat16)
+                    for e in cutlass.range_constexpr(2):
+                        rB[e, 0] = rKu[mq, p, e, 0]
+                        rB[2 + e, 0] = rKu[mq, p, e, NB - 1]
+                    acc = cute.make_rmem_tensor((4, 1, 1), Float32)
+                    acc[0, 0, 0] = gx * rS[mq, p, 0, m].to(Float32)
+                    acc[1, 0, 0] = gx * rS[mq + 4, p, 0, m].to(Float32)
+                    acc[2, 0, 0] = gx * rS[mq, p, 1, m].to(Float32)
+                    acc[3, 0, 0] = gx * rS[mq + 4, p, 1, m].to(Float32)
+                    for rA in steps:
+                        self._gemm(acc, rA, rB)
+                    rTop[mq] = acc[0, 0, 0].to(BFloat16)
+                    rTop[mq + 4] = acc[1, 0, 0].to(BFloat16)
+                    rBot[mq] = acc[2, 0, 0].to(BFloat16)
+                    rBot[mq + 4] = acc[3, 0, 0].to(BFloat16)
+                if run:
+                    cute.autovec_copy(rTop, self._chunk(mDst[frag_row + 16 * m, None], p, c))
+                    cute.autovec_copy(rBot, self._chunk(mDst[frag_row + 16 * m + 8, None], p, c))
