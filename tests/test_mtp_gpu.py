@@ -95,6 +95,35 @@ def test_mtp_bf16_tensor_core(T, update, accepted, pad, ratio, K):
     _run(T, 200, ratio, torch.bfloat16, False, update, accepted, pad, K=K)
 
 
+@pytest.mark.parametrize("sdt,B", [(torch.float32, 200), (torch.bfloat16, 200), (torch.bfloat16, 5)],
+                         ids=("fp32-large", "bf16-large-tensor-core", "bf16-small"))
+def test_mtp_out_of_range_accepted_counts(sdt, B):
+    """Accepted counts outside [0, T] (not checked on the host without FLASHGDN_CHECK_INDICES):
+    those rows get NaN outputs and their slots stay untouched; the other rows are exact."""
+    T, H, HV, K = 8, 2, 4, 128
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV)
+    pool = make_state(B + 3, HV, K, K, sdt, DEV)
+    before = pool.clone()
+    idx = torch.randperm(B + 3, device=DEV)[:B].to(torch.int32)
+    acc = torch.randint(0, T + 1, (B,), dtype=torch.int32, device=DEV)
+    bad = torch.zeros(B, dtype=torch.bool, device=DEV)
+    bad[1::3] = True
+    acc[1::3] = torch.tensor([T + 1, -1, 1 << 20], dtype=torch.int32, device=DEV).repeat(B)[: int(bad.sum())]
+    ref_pool = before.double()
+    acc_ref = torch.where(bad, torch.zeros_like(acc), acc)
+    o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, None, False,
+                                        accepted_tokens=acc_ref, compute_dtype=torch.float64)
+    out = torch.full((B, T, HV, K), 0.5, dtype=q.dtype, device=DEV)
+    flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, accepted_tokens=acc)
+    assert torch.isnan(out[bad]).all()
+    assert_close_output(out[~bad], o_ref[~bad])
+    good_slots = idx[~bad].long()
+    assert_close_state(pool[good_slots], ref_pool[good_slots])
+    untouched = torch.ones(B + 3, dtype=torch.bool, device=DEV)
+    untouched[good_slots] = False
+    assert torch.equal(pool[untouched], before[untouched]), "slots of invalid rows changed"
+
+
 @pytest.mark.parametrize("K", (64, 256))
 @pytest.mark.parametrize("T", (1, 5))
 def test_mtp_head_dims(K, T):

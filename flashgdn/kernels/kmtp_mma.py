@@ -253,7 +253,9 @@ class KLastMTPMma(common.DecodeKernel):
         if const_expr(spec.update_state):
             mDst = mS[write_slot, hv, None, None]
             if const_expr(spec.has_accepted):
-                self._apply(accepted, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
+                # The count indexes the tables: out of [0, T] (an invalid row, not stored) it reads 0.
+                n_acc = Int32(cutlass.select_(run, accepted, 0))
+                self._apply(n_acc, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
             else:
                 self._apply(T, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
 
