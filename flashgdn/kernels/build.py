@@ -65,7 +65,7 @@ def tile_for(spec: KernelSpec) -> tuple:
     if uses_mma(spec):
         warps, blocks = TILES[("mtp_mma", spec.regime, spec.state_dtype)]
         # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
-        return warps, 1 if spec.K > 128 else min(blocks, spec.V // 16)
+        return warps, 1 if spec.K > 128 else blocks
     table = "mtp" if spec.multi_token else spec.layout
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]

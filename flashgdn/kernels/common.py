@@ -68,6 +68,11 @@ def load_fence():
     cute.arch.sync_warp()
 
 
+def inv_l2norm(sum_sq):
+    """1 / |x| of the l2norm from sum(x^2), with its eps."""
+    return cute.math.rsqrt(sum_sq + Float32(L2NORM_EPS))
+
+
 @cute.jit
 def qk_factors(
     q,
@@ -93,8 +98,8 @@ def qk_factors(
     if const_expr(use_l2norm):
         sum_qq = cute.arch.warp_reduction_sum(sum_qq, threads_in_group=group)
         sum_kk = cute.arch.warp_reduction_sum(sum_kk, threads_in_group=group)
-        q_factor = cute.math.rsqrt(sum_qq + Float32(L2NORM_EPS)) * Float32(scale)
-        k_factor = cute.math.rsqrt(sum_kk + Float32(L2NORM_EPS))
+        q_factor = inv_l2norm(sum_qq) * Float32(scale)
+        k_factor = inv_l2norm(sum_kk)
     return q_factor, k_factor, sum_qk * q_factor * k_factor
 
 

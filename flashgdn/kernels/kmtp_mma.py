@@ -87,10 +87,8 @@ class KLastMTPMma(common.DecodeKernel):
     # ---- per-warp tables ------------------------------------------------------------------------
 
     def _inv_norm(self, sq):
-        """1 / |x| from |x|^2 (the l2norm factor), or 1 without l2norm."""
-        if const_expr(self.spec.use_l2norm):
-            return cute.math.rsqrt(sq + Float32(common.L2NORM_EPS))
-        return Float32(1.0)
+        """The l2norm factor 1 / |x| from |x|^2, or 1 without l2norm."""
+        return common.inv_l2norm(sq) if const_expr(self.spec.use_l2norm) else Float32(1.0)
 
     @cute.jit
     def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, lane):
@@ -277,30 +275,27 @@ class KLastMTPMma(common.DecodeKernel):
                         w = wj * sP[16 * m + 8 * hh + g, j, 0]
                         hi[e, hh, half] = w.to(BFloat16)
                         lo[e, hh, half] = (w - hi[e, hh, half].to(Float32)).to(BFloat16)
+            # The k16 reduction slots in groups of 8 tokens, (part, token half) each: T <= 8 is one
+            # step [hi | lo]; T <= 16 two, [hi half 0 | hi half 1] and [lo half 0 | lo half 1].
+            groups = [(hi, 0), (lo, 0)] if const_expr(NB == 1) else [(hi, 0), (hi, 1), (lo, 0), (lo, 1)]
             steps = []
-            for st in cutlass.range_constexpr(2 if const_expr(NB == 2) else 1):
+            for st in cutlass.range_constexpr(len(groups) // 2):
+                (low, low_half), (up, up_half) = groups[2 * st], groups[2 * st + 1]
                 rA = cute.make_rmem_tensor((8, 1), BFloat16)
                 for e in cutlass.range_constexpr(2):
-                    if const_expr(NB == 1):
-                        rA[e, 0] = hi[e, 0, 0]
-                        rA[2 + e, 0] = hi[e, 1, 0]
-                        rA[4 + e, 0] = lo[e, 0, 0]
-                        rA[6 + e, 0] = lo[e, 1, 0]
-                    else:
-                        src = hi if const_expr(st == 0) else lo
-                        rA[e, 0] = src[e, 0, 0]
-                        rA[2 + e, 0] = src[e, 1, 0]
-                        rA[4 + e, 0] = src[e, 0, 1]
-                        rA[6 + e, 0] = src[e, 1, 1]
+                    rA[e, 0] = low[e, 0, low_half]
+                    rA[2 + e, 0] = low[e, 1, low_half]
+                    rA[4 + e, 0] = up[e, 0, up_half]
+                    rA[6 + e, 0] = up[e, 1, up_half]
                 steps.append(rA)
             for p in cutlass.range_constexpr(KP):
                 rTop = cute.make_rmem_tensor((8,), BFloat16)
                 rBot = cute.make_rmem_tensor((8,), BFloat16)
                 for mq in cutlass.range_constexpr(4):
                     rB = cute.make_rmem_tensor((4, 1), BFloat16)
-                    for e in cutlass.range_constexpr(2):
-                        rB[e, 0] = rKu[mq, p, e, 0]
-                        rB[2 + e, 0] = rKu[mq, p, e, NB - 1]
+                    for e in cutlass.range_constexpr(2):  # k of the token halves, the same every step
+                        rB[e, 0] = rKu[mq, p, e, groups[0][1]]
+                        rB[2 + e, 0] = rKu[mq, p, e, groups[1][1]]
                     acc = cute.make_rmem_tensor((4, 1, 1), Float32)
                     acc[0, 0, 0] = gx * rS[mq, p, 0, m].to(Float32)
                     acc[1, 0, 0] = gx * rS[mq + 4, p, 0, m].to(Float32)
