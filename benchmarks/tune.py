@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from flashgdn.api import kernel_spec
-from flashgdn.bench.timing import summarize, time_fn
+from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn
 from flashgdn.cache import kernel_cache
 from flashgdn.device import arch_of
 from flashgdn.validation import Problem
@@ -37,19 +37,54 @@ def _args(layout, p, sdt, pool, inter):
 
 def _triton_copy():
     """A plain Triton copy kernel, run at several block sizes: the copy floor taken is the fastest
-    of these and torch's own copy (one copy engine or kernel may not be the best at every size)."""
+    of these and torch's own copy (one copy engine or kernel may not be the best at every size).
+    With `writes` = W it writes each block W times (dst holds W copies of src): the floor of the
+    write-heavy MTP calls that store T intermediate states and the pool."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def copy_kernel(src, dst, n, BLOCK: tl.constexpr):
+    def copy_kernel(src, dst, n, W: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+        x = tl.load(src + offs, mask=offs < n)
+        for w in tl.static_range(W):
+            tl.store(dst + w * n + offs, x, mask=offs < n)
 
-    def run(src, dst, block, warps):
-        copy_kernel[(triton.cdiv(src.numel(), block),)](src, dst, src.numel(), BLOCK=block, num_warps=warps)
+    def run(src, dst, block, warps, writes=1):
+        copy_kernel[(triton.cdiv(src.numel(), block),)](src, dst, src.numel(), W=writes, BLOCK=block, num_warps=warps)
 
     return run
+
+
+COPY_CONFIGS = [(block, warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8)]
+
+
+def _best_triton_copy(triton_copy, src, dst, iters, writes=1):
+    """(us, (BLOCK, warps)) of the fastest Triton copy, checked to have copied."""
+    dst.zero_()
+    best = min(
+        (summarize(time_fn(lambda: triton_copy(src, dst, *c, writes), iters=iters)[0])["median_us"], c)
+        for c in COPY_CONFIGS
+    )
+    torch.testing.assert_close(dst.view(writes, -1), src.expand(writes, -1))  # it really copied
+    return best
+
+
+def calibrate_writes(iters):
+    """Floors of the MTP calls with intermediates at B = 64 (K=V=128, HV=32): read the state once
+    and write it W = T + 1 times (T intermediates, then the pool; W = 1 is a plain copy), against
+    the device copy bandwidth measured in the same run."""
+    bw = copy_bandwidth()  # bytes/s
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    triton_copy = _triton_copy()
+    print("state | W | MB moved | floor us | % of copy bw")
+    for name, mib in (("fp32, B=64", 128), ("bf16, B=64", 64)):
+        for writes in (1, 5, 9):
+            src = torch.randn(mib << 18, device="cuda")
+            dst = torch.empty(writes * src.numel(), device="cuda")
+            us, _ = _best_triton_copy(triton_copy, src, dst, iters, writes=writes)
+            moved = (1 + writes) * src.numel() * 4  # bytes
+            print(f"{name} | {writes} | {moved / 1e6:.0f} | {us:.2f} | {100 * moved / (us * 1e-6) / bw:.1f}")
 
 
 def calibrate(iters):
@@ -59,17 +94,12 @@ def calibrate(iters):
     x = torch.zeros(1, device="cuda")
     print(f"1-element kernel: {summarize(time_fn(lambda: x.add_(1), iters=iters)[0])['median_us']:.2f} us")
     triton_copy = _triton_copy()
-    configs = [(block, warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8)]
     print("state MiB | torch copy_ us | best Triton copy us (BLOCK, warps) | floor us | TB/s")
     for mib in (1, 2, 4, 8, 16, 32, 64, 128):
         src = torch.randn(mib << 18, device="cuda")
         dst = torch.empty_like(src)
         torch_us = summarize(time_fn(lambda: dst.copy_(src), iters=iters)[0])["median_us"]
-        dst.zero_()  # so the check below sees what the Triton copy wrote
-        best = min(
-            (summarize(time_fn(lambda: triton_copy(src, dst, *c), iters=iters)[0])["median_us"], c) for c in configs
-        )
-        torch.testing.assert_close(dst, src)  # the Triton copy really copied
+        best = _best_triton_copy(triton_copy, src, dst, iters)
         floor = min(torch_us, best[0])
         print(f"{mib:9d} | {torch_us:14.2f} | {best[0]:10.2f} {best[1]} | {floor:8.2f} | {2 * (mib << 20) / floor / 1e6:.2f}")
 
@@ -85,9 +115,12 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tiles", default=None, help='CTA shapes to try, e.g. "(4,1),(8,4)"')
     ap.add_argument("--calibrate", action="store_true", help="time floors: a 1-element kernel and copies")
+    ap.add_argument("--calibrate-writes", action="store_true", help="time the floors of MTP with intermediates")
     ns = ap.parse_args()
     if ns.calibrate:
         return calibrate(ns.iters)
+    if ns.calibrate_writes:
+        return calibrate_writes(ns.iters)
     sdt = getattr(torch, ns.state_dtype)
     arch, sms = arch_of(torch.device("cuda"))
     shapes = KLAST_SHAPES if ns.layout == "klast" else KMAJOR_SHAPES

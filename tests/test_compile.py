@@ -118,6 +118,10 @@ def test_mma_kernel_follows_the_measured_cases():
     assert mma(T=2, regime="small", tile=(1, 1)) and not mma(tile=(2, 4, 8))
     assert isinstance(make_kernel(spec("sm_90a", T=8, regime="large", state="bfloat16", index_dtype="int32")),
                       KLastMTPMma)
+    # (warps, 16-row blocks): a CTA's warps share one head, so they cover at most V rows.
+    for (K, V), tile in {(128, 128): (4, 2), (64, 64): (2, 2), (256, 256): (4, 1), (256, 64): (4, 1)}.items():
+        kernel = make_kernel(spec("sm_90a", T=8, K=K, V=V, regime="large", state="bfloat16", index_dtype="int32"))
+        assert (kernel.num_warps, kernel.mb) == tile and kernel.rows_per_cta <= V
     with pytest.raises(ValueError, match="no intermediates"):
         KLastMTPMma(spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True), 1, 2)
 

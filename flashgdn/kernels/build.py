@@ -33,7 +33,7 @@ TILES = {
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
     ("mtp", "large", "bfloat16"): (2, 4, 8),
-    ("mtp_mma", "large", "bfloat16"): (1, 2),
+    ("mtp_mma", "large", "bfloat16"): (4, 2),
     ("kmajor", "small", "float32"): (4, 4),
     ("kmajor", "large", "float32"): (8, 2),
     ("kmajor", "small", "bfloat16"): (4, 4),
@@ -48,9 +48,9 @@ MMA_MIN_TOKENS = 5
 def uses_mma(spec: KernelSpec) -> bool:
     """Whether kmtp_mma.KLastMTPMma (tensor cores) builds `spec`: MTP with a bf16 state and bf16
     q/k/v, no intermediates, in the large-batch regime from MMA_MIN_TOKENS tokens on. Measured on
-    the H100 (benchmarks/RESULTS.md, seventh pass): 1.4-1.5x faster than kmtp at T = 8-16 for
-    B >= 16 and 10 % at T = 6; slower at T = 4 for B >= 64 (0.7-3 %), with intermediates
-    (1.6-12 %) and at B = 1 (5-47 %). A 2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple
+    the H100 (benchmarks/RESULTS.md, seventh and eighth passes): 1.4-1.5x faster than kmtp at T = 8
+    and 1.8x at T = 16 for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with
+    intermediates (1.6-12 %) and at B = 1 (5-47 %). A 2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple
     for kmtp."""
     if not spec.multi_token or spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
         return False
@@ -65,7 +65,8 @@ def tile_for(spec: KernelSpec) -> tuple:
     if uses_mma(spec):
         warps, blocks = TILES[("mtp_mma", spec.regime, spec.state_dtype)]
         # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
-        return warps, 1 if spec.K > 128 else blocks
+        blocks = 1 if spec.K > 128 else blocks
+        return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
     table = "mtp" if spec.multi_token else spec.layout
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]

@@ -13,10 +13,11 @@ mantissa). Decays only multiply (no division, no rescale test). Per state elemen
 a conversion, a multiply and a store, where kmtp.KLastMTP does 3 FMAs per token; that kernel is
 bound by its serial per-token arithmetic at T = 8 with a bf16 state, this one much less.
 
-Each warp owns 16-row blocks of one (sequence, value head) and runs alone (no CTA barrier): it
-loads its rows in the operand layout of mma.m16n8k16, computes the Gram matrix of the head's q/k
-and the decay tables in its own shared memory, runs the recurrence one row per lane and writes
-its rows back. Intermediate states are not built here (kmtp.KLastMTP is faster for them).
+A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of it. A warp loads
+its rows in the operand layout of mma.m16n8k16, the CTA's warps share the work of the head's
+tables (the Gram matrix of q/k and the decay tables, in shared memory, behind two CTA barriers),
+and each warp runs the recurrence one row per lane and writes its rows back. Intermediate states
+are not built here (kmtp.KLastMTP is faster for them).
 
 K permutation. mma.m16n8k16 gives lane (g = lane / 4, c = lane % 4) the reduction slots 2c, 2c+1,
 2c+8, 2c+9 of a k-step. Block p of 32 head-dim columns is two k-steps s = 0, 1; slot 2c+e+8h of
@@ -84,50 +85,67 @@ class KLastMTPMma(common.DecodeKernel):
         T = self.spec.T
         return t if const_expr(self.tp == T) else Int32(cutlass.select_(t < T, t, T - 1))
 
-    # ---- per-warp tables ------------------------------------------------------------------------
+    # ---- the head's tables ----------------------------------------------------------------------
 
     def _inv_norm(self, sq):
         """The l2norm factor 1 / |x| from |x|^2, or 1 without l2norm."""
         return common.inv_l2norm(sq) if const_expr(self.spec.use_l2norm) else Float32(1.0)
 
+    def _sync_tables(self):
+        """Make the table writes visible to every warp that reads them: the CTA's warps share
+        one set of tables (they all serve one head), a lone warp only needs a warp sync."""
+        if const_expr(self.num_warps == 1):
+            cute.arch.sync_warp()
+        else:
+            cute.arch.barrier()
+
     @cute.jit
-    def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, lane):
-        """This warp's shared-memory tables of the head. sGram: the raw Gram matrix of [k; q]
-        (k_i rows and columns first, then q_i). sVec rows: 0 G(t) |k_t|^-1, 1 G(t) |q_t|^-1 scale,
-        2 beta_t, 3 G(n - 1) (G(-1) = 1), 4 g_t. sAkk(t, j) = D(t, j) k^_j . k^_t
-        (j < t), sAkq(t, j) = D(t, j) k^_j . q^_t (j <= t), sW(n, j) = D(n - 1, j) |k_j|^-1 (j < n):
-        the weight of u_j in the state after n tokens."""
+    def _gram_tile(self, rK, rQ, na: int, nc: int, sGram, g, c):
+        """Tile (na, nc) of the raw Gram matrix: rows [k; q] of token block na, columns [k | q]
+        of block nc (the squared norms on the diagonals)."""
+        NB, TP = self.nb, self.tp
+        acc = cute.make_rmem_tensor((4, 1, 1), Float32)
+        acc.fill(0.0)
+        rCol = rK if const_expr(nc < NB) else rQ
+        for p in cutlass.range_constexpr(self.kp):
+            for s in cutlass.range_constexpr(2):
+                self._gemm(acc, self._frag_a(rK[None, p, na], rQ[None, p, na], s), self._frag_b(rCol[None, p, nc % NB], s))
+        col = (nc // NB) * TP + 8 * (nc % NB) + 2 * c
+        for e in cutlass.range_constexpr(2):
+            sGram[8 * na + g, col + e] = acc[e, 0, 0]
+            sGram[TP + 8 * na + g, col + e] = acc[2 + e, 0, 0]
+
+    @cute.jit
+    def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane):
+        """The CTA's shared-memory tables of the head, each entry computed by one warp. sGram: the
+        raw Gram matrix of [k; q] (k_i rows and columns first, then q_i). sVec rows: 0 G(t)
+        |k_t|^-1, 1 G(t) |q_t|^-1 scale, 2 beta_t, 3 G(n - 1) (G(-1) = 1), 4 g_t. sAkk(t, j) =
+        D(t, j) k^_j . k^_t (j < t), sAkq(t, j) = D(t, j) k^_j . q^_t (j <= t), sW(n, j) =
+        D(n - 1, j) |k_j|^-1 (j < n): the weight of u_j in the state after n tokens."""
         spec = self.spec
-        TP, NB = self.tp, self.nb
+        TP, NB, W = self.tp, self.nb, self.num_warps
         g, c = lane // 4, lane % 4
-        # Gram of the raw vectors on the tensor cores: rows [k; q] of token block na, columns
-        # [k | q] of block nc (norms on the diagonals).
+        # Gram of the raw vectors on the tensor cores, tile i by warp i % W.
         for na in cutlass.range_constexpr(NB):
             for nc in cutlass.range_constexpr(2 * NB):
-                acc = cute.make_rmem_tensor((4, 1, 1), Float32)
-                acc.fill(0.0)
-                rCol = rK if const_expr(nc < NB) else rQ
-                for p in cutlass.range_constexpr(self.kp):
-                    for s in cutlass.range_constexpr(2):
-                        self._gemm(acc, self._frag_a(rK[None, p, na], rQ[None, p, na], s),
-                                   self._frag_b(rCol[None, p, nc % NB], s))
-                col = (nc // NB) * TP + 8 * (nc % NB) + 2 * c
-                for e in cutlass.range_constexpr(2):
-                    sGram[8 * na + g, col + e] = acc[e, 0, 0]
-                    sGram[TP + 8 * na + g, col + e] = acc[2 + e, 0, 0]
+                if const_expr(W == 1):
+                    self._gram_tile(rK, rQ, na, nc, sGram, g, c)
+                elif warp == (na * 2 * NB + nc) % W:
+                    self._gram_tile(rK, rQ, na, nc, sGram, g, c)
         decay, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
-        if lane < TP:
+        if lane < TP and warp == 0:
             sVec[2, lane] = beta
             sVec[4, lane] = decay
-        cute.arch.sync_warp()
+        self._sync_tables()
         rG = cute.make_rmem_tensor((TP,), Float32)
         for i in cutlass.range_constexpr(TP):
             rG[i] = sVec[4, i]
-        # Entry (n, j), n = 0..TP tokens applied, per lane; t = n - 1 for the per-token tables.
-        for r in cutlass.range_constexpr((TP * (TP + 1) + 31) // 32):
-            ent = lane + 32 * r
-            n = ent // TP
-            j = ent % TP
+        # Entry (n, j), n = 0..TP tokens applied, per thread; t = n - 1 for the per-token tables.
+        for r in cutlass.range_constexpr((TP * (TP + 1) + 32 * W - 1) // (32 * W)):
+            part = r if const_expr(W == 1) else warp + W * r  # this warp's 32 entries
+            ent = lane + 32 * part
+            n = lane // TP + (32 // TP) * part
+            j = lane % TP  # TP divides 32
             t = n - 1
             d = Float32(1.0)  # D(t, j)
             gt = Float32(1.0)  # G(t)
@@ -147,7 +165,7 @@ class KLastMTPMma(common.DecodeKernel):
                     if j == 0:
                         sVec[0, t] = gt * kf_t
                         sVec[1, t] = gt * qf_t
-        cute.arch.sync_warp()
+        self._sync_tables()
 
     # ---- the kernel -----------------------------------------------------------------------------
 
@@ -189,11 +207,11 @@ class KLastMTPMma(common.DecodeKernel):
         raw = common.load_gates(mA, mB, mALog, mDtBias, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
 
         smem = cutlass.memory.SmemAllocator()
-        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP, W)), byte_alignment=16)[None, None, warp]
-        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1, W)), byte_alignment=16)[None, None, warp]
-        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP, W)), byte_alignment=16)[None, None, warp]
-        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP, W)), byte_alignment=16)[None, None, warp]
-        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP, W)), byte_alignment=16)[None, None, warp]
+        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
+        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1)), byte_alignment=16)
+        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP)), byte_alignment=16)
         # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
         plane = self.rows_per_warp * (TP + 1)
         sP = smem.allocate_tensor(
@@ -218,7 +236,7 @@ class KLastMTPMma(common.DecodeKernel):
                     for e in cutlass.range_constexpr(2):
                         sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 0] = ak[2 * hh + e, 0, 0]
                         sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 1] = aq[2 * hh + e, 0, 0]
-        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, lane)  # ends with a warp sync
+        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)  # ends with a sync
 
         # k for the update's B operand (L1 hits: the warp read these rows above), in flight
         # during the recurrence: tokens 2c + e + 8 half, columns 32 p + 4 g .. + 4.
