@@ -14,9 +14,10 @@ a conversion, a multiply and a store, where kmtp.KLastMTP does 3 FMAs per token;
 bound by its serial per-token arithmetic at T = 8 with a bf16 state, this one much less.
 
 A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of it. A warp loads
-its rows in the operand layout of mma.m16n8k16, the CTA's warps share the work of the head's
-tables (the Gram matrix of q/k and the decay tables, in shared memory, behind two CTA barriers),
-and each warp runs the recurrence one row per lane and writes its rows back. Intermediate states
+q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while the rows are in
+flight, the CTA's warps share the work of the head's tables (the Gram matrix of q/k and the decay
+tables, in shared memory, behind two CTA barriers). Each warp then runs the recurrence one row per
+lane and writes its rows back. Intermediate states
 are not built here (kmtp.KLastMTP is faster for them).
 
 K permutation. mma.m16n8k16 gives lane (g = lane / 4, c = lane % 4) the reduction slots 2c, 2c+1,
@@ -167,60 +168,11 @@ class KLastMTPMma(common.DecodeKernel):
                         sVec[1, t] = gt * qf_t
         self._sync_tables()
 
-    # ---- the kernel -----------------------------------------------------------------------------
-
-    @cute.kernel
-    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
-        """The tensors of common.DecodeKernel.__call__, in its order."""
-        spec = self.spec
-        T, TP, NB, KP, MB, W = spec.T, self.tp, self.nb, self.kp, self.mb, self.num_warps
-        lane = cute.arch.lane_idx()
-        warp = cute.arch.warp_idx()
-        tile, b, hv, h = self.cta_coords()
-        g, c = lane // 4, lane % 4
-        row0 = tile * self.rows_per_cta + warp * self.rows_per_warp  # first row of the warp
-        frag_row = row0 + g  # this lane's operand rows: frag_row + 16 m + 8 hh
-
-        # Loads, all up front (common.load_fence): the state, q/k chunks, v, the gate inputs.
-        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
-        run = status == common.RUN
-        rS = cute.make_rmem_tensor((8, KP, 2, MB), BFloat16)
-        for m in cutlass.range_constexpr(MB):
-            for hh in cutlass.range_constexpr(2):
-                for p in cutlass.range_constexpr(KP):
-                    cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
-                                      rS[None, p, hh, m])
-        common.load_fence()
-        rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
-        rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
-        for na in cutlass.range_constexpr(NB):
-            tc = self._token(g + 8 * na)
-            for p in cutlass.range_constexpr(KP):
-                cute.autovec_copy(self._chunk(mK[b, tc, h, None], p, c), rK[None, p, na])
-                cute.autovec_copy(self._chunk(mQ[b, tc, h, None], p, c), rQ[None, p, na])
-        # The recurrence runs one row per lane (lanes 16.. repeat rows 0..15 when MB = 1).
-        my_row = lane % self.rows_per_warp
-        rV = cute.make_rmem_tensor((T,), BFloat16)
-        for t in cutlass.range_constexpr(T):
-            rV[t] = mV[b, t, hv, row0 + my_row]
-        common.load_fence()
-        raw = common.load_gates(mA, mB, mALog, mDtBias, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
-
-        smem = cutlass.memory.SmemAllocator()
-        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
-        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1)), byte_alignment=16)
-        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
-        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
-        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP)), byte_alignment=16)
-        # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
-        plane = self.rows_per_warp * (TP + 1)
-        sP = smem.allocate_tensor(
-            Float32, cute.make_layout((self.rows_per_warp, TP, 2, W), stride=(TP + 1, 1, plane, 2 * plane)),
-            byte_alignment=16,
-        )[None, None, None, warp]
-
-        # S_0 k_t and S_0 q_t of this warp's rows, into sP: C of block (m, na) holds rows
-        # 16 m + g (+ 8) and tokens 8 na + 2c (+ 1).
+    @cute.jit
+    def _dots(self, rS, rK, rQ, sP, g, c):
+        """S_0 k_t and S_0 q_t of this warp's rows, into sP: C of block (m, na) holds rows
+        16 m + g (+ 8) and tokens 8 na + 2c (+ 1)."""
+        NB, KP, MB = self.nb, self.kp, self.mb
         for m in cutlass.range_constexpr(MB):
             for na in cutlass.range_constexpr(NB):
                 ak = cute.make_rmem_tensor((4, 1, 1), Float32)
@@ -236,7 +188,64 @@ class KLastMTPMma(common.DecodeKernel):
                     for e in cutlass.range_constexpr(2):
                         sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 0] = ak[2 * hh + e, 0, 0]
                         sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 1] = aq[2 * hh + e, 0, 0]
-        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)  # ends with a sync
+
+    # ---- the kernel -----------------------------------------------------------------------------
+
+    @cute.kernel
+    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
+        """The tensors of common.DecodeKernel.__call__, in its order."""
+        spec = self.spec
+        T, TP, NB, KP, MB, W = spec.T, self.tp, self.nb, self.kp, self.mb, self.num_warps
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        tile, b, hv, h = self.cta_coords()
+        g, c = lane // 4, lane % 4
+        row0 = tile * self.rows_per_cta + warp * self.rows_per_warp  # first row of the warp
+        frag_row = row0 + g  # this lane's operand rows: frag_row + 16 m + 8 hh
+
+        # Loads, all up front (common.load_fence): q/k chunks, v and the gate inputs first (the
+        # tables need only q/k and the gates, so they are built while the state is in flight),
+        # then the state, whose address waits for the pool index.
+        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
+        run = status == common.RUN
+        rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
+        rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
+        for na in cutlass.range_constexpr(NB):
+            tc = self._token(g + 8 * na)
+            for p in cutlass.range_constexpr(KP):
+                cute.autovec_copy(self._chunk(mK[b, tc, h, None], p, c), rK[None, p, na])
+                cute.autovec_copy(self._chunk(mQ[b, tc, h, None], p, c), rQ[None, p, na])
+        # The recurrence runs one row per lane (lanes 16.. repeat rows 0..15 when MB = 1).
+        my_row = lane % self.rows_per_warp
+        rV = cute.make_rmem_tensor((T,), BFloat16)
+        for t in cutlass.range_constexpr(T):
+            rV[t] = mV[b, t, hv, row0 + my_row]
+        raw = common.load_gates(mA, mB, mALog, mDtBias, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
+        common.load_fence()
+        rS = cute.make_rmem_tensor((8, KP, 2, MB), BFloat16)
+        for m in cutlass.range_constexpr(MB):
+            for hh in cutlass.range_constexpr(2):
+                for p in cutlass.range_constexpr(KP):
+                    cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
+                                      rS[None, p, hh, m])
+        common.load_fence()
+
+        smem = cutlass.memory.SmemAllocator()
+        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
+        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1)), byte_alignment=16)
+        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP)), byte_alignment=16)
+        # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
+        plane = self.rows_per_warp * (TP + 1)
+        sP = smem.allocate_tensor(
+            Float32, cute.make_layout((self.rows_per_warp, TP, 2, W), stride=(TP + 1, 1, plane, 2 * plane)),
+            byte_alignment=16,
+        )[None, None, None, warp]
+
+        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)
+        self._dots(rS, rK, rQ, sP, g, c)
+        cute.arch.sync_warp()  # sP written
 
         # k for the update's B operand (L1 hits: the warp read these rows above), in flight
         # during the recurrence: tokens 2c + e + 8 half, columns 32 p + 4 g .. + 4.
