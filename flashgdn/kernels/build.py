@@ -50,8 +50,8 @@ def uses_mma(spec: KernelSpec) -> bool:
     q/k/v, no intermediates, in the large-batch regime from MMA_MIN_TOKENS tokens on. Measured on
     the H100 (benchmarks/RESULTS.md, seventh and eighth passes): 1.4-1.5x faster than kmtp at T = 8
     and 2.2x at T = 16 for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with
-    intermediates (1.6-12 %) and at B = 1 (5-47 %). A 2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple
-    for kmtp."""
+    intermediates (1.6-12 %) and at B = 1 (5-47 %). A 2-tuple `spec.tile` (tuning runs) asks for
+    it, a 3-tuple for kmtp."""
     if not spec.multi_token or spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
         return False
     if spec.tile is not None:

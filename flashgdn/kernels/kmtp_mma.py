@@ -17,8 +17,8 @@ A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of
 q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while the rows are in
 flight, the CTA's warps share the work of the head's tables (the Gram matrix of q/k and the decay
 tables, in shared memory, behind two CTA barriers). Each warp then runs the recurrence one row per
-lane and writes its rows back. Intermediate states
-are not built here (kmtp.KLastMTP is faster for them).
+lane and writes its rows back. Intermediate states are not built here (kmtp.KLastMTP is faster
+for them).
 
 K permutation. mma.m16n8k16 gives lane (g = lane / 4, c = lane % 4) the reduction slots 2c, 2c+1,
 2c+8, 2c+9 of a k-step. Block p of 32 head-dim columns is two k-steps s = 0, 1; slot 2c+e+8h of
@@ -110,7 +110,8 @@ class KLastMTPMma(common.DecodeKernel):
         rCol = rK if const_expr(nc < NB) else rQ
         for p in cutlass.range_constexpr(self.kp):
             for s in cutlass.range_constexpr(2):
-                self._gemm(acc, self._frag_a(rK[None, p, na], rQ[None, p, na], s), self._frag_b(rCol[None, p, nc % NB], s))
+                self._gemm(acc, self._frag_a(rK[None, p, na], rQ[None, p, na], s),
+                           self._frag_b(rCol[None, p, nc % NB], s))
         col = (nc // NB) * TP + 8 * (nc % NB) + 2 * c
         for e in cutlass.range_constexpr(2):
             sGram[8 * na + g, col + e] = acc[e, 0, 0]
