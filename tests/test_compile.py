@@ -126,6 +126,33 @@ def test_mma_kernel_follows_the_measured_cases():
         KLastMTPMma(spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True), 1, 2)
 
 
+def test_l2_prefetch_follows_the_measured_cases():
+    """The L2 prefetch of a later CTA's state tile is on only for the large-batch builds it was measured
+    faster on, at PREFETCH_BYTES of state ahead (a whole number of CTA tiles, at least one)."""
+    from flashgdn.kernels.build import make_kernel
+
+    def ahead(**kw):
+        return make_kernel(spec("sm_90a", **(dict(regime="large") | kw))).prefetch_ctas
+
+    mib = 1 << 20
+    # bf16 K-major, one CTA per 32 KiB head: 8 MiB ahead; a K=64 head is 8 KiB.
+    assert ahead(layout="kmajor", state="bfloat16") == 8 * mib // (32 << 10)
+    assert ahead(layout="kmajor", state="bfloat16", K=64, V=64) == 8 * mib // (8 << 10)
+    # MTP, 4 MiB ahead: kmtp bf16 (2, 4, 8) tiles of 32 rows x 256 B, fp32 (4, 2, 8) 32 rows x 512 B,
+    # the tensor-core kernel's 128 rows x 256 B.
+    assert ahead(T=4, state="bfloat16", index_dtype="int32") == 4 * mib // (32 * 256)
+    assert ahead(T=2, state="float32", index_dtype="int32") == 4 * mib // (32 * 512)
+    assert ahead(T=8, state="bfloat16", index_dtype="int32") == 4 * mib // (128 * 256)
+    # Off: small batch, intermediates, the fp32 MTP builds with the launch bound / unchecked loop,
+    # K-last T = 1, fp32 K-major (two CTAs per head: the tile is not contiguous), bf16 K-major at K = 256.
+    assert ahead(regime="small", layout="kmajor", state="bfloat16") == 0
+    assert ahead(T=4, state="bfloat16", index_dtype="int32", has_intermediate=True) == 0
+    assert ahead(T=8, state="float32", index_dtype="int32") == 0
+    assert ahead(state="bfloat16") == 0
+    assert ahead(layout="kmajor", state="float32") == 0
+    assert ahead(layout="kmajor", state="bfloat16", K=256, V=256) == 0
+
+
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS]
     assert len(ids) == len(set(ids))

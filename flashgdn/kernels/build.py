@@ -13,7 +13,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import KernelSpec
+from ..spec import DTYPE_BYTES, KernelSpec
 from .common import CUTLASS_DTYPES, vec_elems
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
@@ -96,16 +96,45 @@ def mtp_options(spec: KernelSpec, tile: tuple) -> dict:
     return dict(min_ctas_per_sm=5 if spec.T >= 8 else 0, unchecked_loop=4 < spec.T <= 8)
 
 
+# How far ahead, in bytes of state, a CTA prefetches a later CTA's state tile into L2
+# (common.DecodeKernel.prefetch_later), by kernel. Measured on the H100 for the builds that
+# prefetch_ctas turns it on for (benchmarks/RESULTS.md, ninth pass): 2-6 % faster at B = 64 and
+# 2-4 % at B = 256; twice these distances are slower (the prefetched lines are evicted first).
+PREFETCH_BYTES = {"kmajor": 8 << 20, "mtp": 4 << 20, "mtp_mma": 4 << 20}
+
+
+def prefetch_ctas(spec: KernelSpec, kernel) -> int:
+    """The L2 prefetch distance of `kernel` in CTAs (0: none). On for the large-batch builds
+    without intermediates of the MTP kernels and of the bf16 K-major kernel with one CTA per head
+    (its tile must be contiguous). Off where it measured slower or neutral: with intermediates
+    (within 1 %), for the fp32 MTP builds with a launch bound or the unchecked loop (T >= 5: 2-4 %
+    slower, the prefetch spills there) and where it was not measured (K-last T = 1, small batch)."""
+    if spec.regime != "large" or spec.has_intermediate:
+        return 0
+    if isinstance(kernel, KLastMTPMma):
+        key, rows, cols = "mtp_mma", kernel.rows_per_cta, spec.K
+    elif isinstance(kernel, KLastMTP):
+        if kernel.min_ctas_per_sm or kernel.unchecked_loop:
+            return 0
+        key, rows, cols = "mtp", kernel.rows_per_cta, spec.K
+    elif isinstance(kernel, KMajorDecode) and spec.state_dtype == "bfloat16" and kernel.num_tiles == 1:
+        key, rows, cols = "kmajor", spec.K, spec.V
+    else:
+        return 0
+    return max(1, PREFETCH_BYTES[key] // (rows * cols * DTYPE_BYTES[spec.state_dtype]))
+
+
 def make_kernel(spec: KernelSpec):
     tile = tile_for(spec)
     if uses_mma(spec):
-        return KLastMTPMma(spec, num_warps=tile[0], blocks_per_warp=tile[1])
-    if spec.layout == "klast":
+        kernel = KLastMTPMma(spec, num_warps=tile[0], blocks_per_warp=tile[1])
+    elif spec.layout == "klast":
         shape = dict(num_warps=tile[0], rows_per_thread=tile[1], lanes_per_row=tile[2])
-        if spec.multi_token:
-            return KLastMTP(spec, **shape, **mtp_options(spec, tile))
-        return KLastDecode(spec, **shape)
-    return KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
+        kernel = KLastMTP(spec, **shape, **mtp_options(spec, tile)) if spec.multi_token else KLastDecode(spec, **shape)
+    else:
+        kernel = KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
+    kernel.prefetch_ctas = prefetch_ctas(spec, kernel)
+    return kernel
 
 
 def argument_names(spec: KernelSpec) -> tuple[str, ...]:

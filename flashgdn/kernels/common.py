@@ -8,6 +8,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
+from cutlass._mlir.dialects import nvvm
 
 CUTLASS_DTYPES = {
     "float32": cutlass.Float32,
@@ -181,6 +182,7 @@ class DecodeKernel:
     num_warps and define the @cute.kernel `kernel` taking the same tensors."""
 
     min_ctas_per_sm = 0  # launch bound (0: none)
+    prefetch_ctas = 0  # L2 prefetch distance of prefetch_later, in CTAs (0: none)
 
     @cute.jit
     def __call__(
@@ -210,9 +212,31 @@ class DecodeKernel:
             grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream, **bound
         )
 
-    def cta_coords(self):
-        """(tile, batch row b, value head hv, q/k head h) of this CTA."""
-        bidx, _, _ = cute.arch.block_idx()
+    def cta_coords(self, bidx=None):
+        """(tile, batch row b, value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
+        if bidx is None:
+            bidx, _, _ = cute.arch.block_idx()
         bh = bidx // self.num_tiles
         hv = bh % self.spec.HV
         return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)
+
+    @cute.jit
+    def prefetch_later(self, mS: cute.Tensor, mIdx, batch, tile_rows: cutlass.Constexpr[int]):
+        """Thread 0 has the TMA engine bring into L2 the state tile of the CTA prefetch_ctas CTAs
+        later (`tile_rows` whole rows from the tile's first, contiguous): that CTA runs within a
+        wave and its loads then hit L2, which shortens the tail of the kernel. One instruction, no
+        registers held, no wait. Rows that do not run (padding, slot out of range) fetch nothing."""
+        if const_expr(self.prefetch_ctas > 0):
+            bidx, _, _ = cute.arch.block_idx()
+            tid, _, _ = cute.arch.thread_idx()
+            later = bidx + self.prefetch_ctas
+            if tid == 0 and later < batch * (self.spec.HV * self.num_tiles):
+                tile, b, hv, _ = self.cta_coords(later)
+                slot = Int64(b)
+                if const_expr(mIdx is not None):
+                    slot = Int64(mIdx[b])
+                if slot >= Int64(0) and slot < Int64(mS.shape[0]):
+                    cols = mS.shape[3]  # static: K or V
+                    start = mS[slot, hv, tile * tile_rows, None].iterator
+                    nbytes = tile_rows * cols * mS.element_type.width // 8
+                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(nbytes).ir_value())

@@ -88,6 +88,7 @@ class KMajorDecode(common.DecodeKernel):
         common.load_fence()
         rQraw = common.warp_slice(mQ[b, 0, h, None], lane, spec.K)
         rKraw = common.warp_slice(mK[b, 0, h, None], lane, spec.K)
+        self.prefetch_later(mS, mIdx, mQ.shape[0], spec.K)  # a tile of all K rows (num_tiles == 1)
 
         # Compute unconditionally (on slot 0 for a row that does not run); only stores depend on
         # the row status, so the compiler has no branch to sink the loads into.
