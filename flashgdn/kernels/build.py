@@ -13,7 +13,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import DTYPE_BYTES, KernelSpec
+from ..spec import KernelSpec
 from .common import CUTLASS_DTYPES, vec_elems
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
@@ -109,19 +109,19 @@ def prefetch_ctas(spec: KernelSpec, kernel) -> int:
     (its tile must be contiguous). Off where it measured slower or neutral: with intermediates
     (within 1 %), for the fp32 MTP builds with a launch bound or the unchecked loop (T >= 5: 2-4 %
     slower, the prefetch spills there) and where it was not measured (K-last T = 1, small batch)."""
-    if spec.regime != "large" or spec.has_intermediate:
+    if spec.regime != "large" or spec.has_intermediate or not kernel.tile_bytes:
         return 0
     if isinstance(kernel, KLastMTPMma):
-        key, rows, cols = "mtp_mma", kernel.rows_per_cta, spec.K
+        key = "mtp_mma"
     elif isinstance(kernel, KLastMTP):
         if kernel.min_ctas_per_sm or kernel.unchecked_loop:
             return 0
-        key, rows, cols = "mtp", kernel.rows_per_cta, spec.K
-    elif isinstance(kernel, KMajorDecode) and spec.state_dtype == "bfloat16" and kernel.num_tiles == 1:
-        key, rows, cols = "kmajor", spec.K, spec.V
+        key = "mtp"
+    elif isinstance(kernel, KMajorDecode) and spec.state_dtype == "bfloat16":
+        key = "kmajor"
     else:
         return 0
-    return max(1, PREFETCH_BYTES[key] // (rows * cols * DTYPE_BYTES[spec.state_dtype]))
+    return max(1, PREFETCH_BYTES[key] // kernel.tile_bytes)
 
 
 def make_kernel(spec: KernelSpec):

@@ -10,6 +10,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import nvvm
 
+from ..spec import DTYPE_BYTES
+
 CUTLASS_DTYPES = {
     "float32": cutlass.Float32,
     "bfloat16": cutlass.BFloat16,
@@ -179,10 +181,18 @@ def warp_slice(mRow: cute.Tensor, lane: Int32, head_dim: cutlass.Constexpr[int])
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
     (batch row, value head, tile of that head's state). Subclasses set spec, num_tiles and
-    num_warps and define the @cute.kernel `kernel` taking the same tensors."""
+    num_warps and define the @cute.kernel `kernel` taking the same tensors, and tile_rows: the
+    state rows of a CTA's tile when that tile is whole rows (one contiguous range), else 0."""
 
     min_ctas_per_sm = 0  # launch bound (0: none)
     prefetch_ctas = 0  # L2 prefetch distance of prefetch_later, in CTAs (0: none)
+    tile_rows = 0
+
+    @property
+    def tile_bytes(self) -> int:
+        """Bytes of a CTA's state tile when it is contiguous (tile_rows whole rows), else 0."""
+        row = self.spec.K if self.spec.layout == "klast" else self.spec.V
+        return self.tile_rows * row * DTYPE_BYTES[self.spec.state_dtype]
 
     @cute.jit
     def __call__(
@@ -221,22 +231,19 @@ class DecodeKernel:
         return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)
 
     @cute.jit
-    def prefetch_later(self, mS: cute.Tensor, mIdx, batch, tile_rows: cutlass.Constexpr[int]):
-        """Thread 0 has the TMA engine bring into L2 the state tile of the CTA prefetch_ctas CTAs
-        later (`tile_rows` whole rows from the tile's first, contiguous): that CTA runs within a
-        wave and its loads then hit L2, which shortens the tail of the kernel. One instruction, no
-        registers held, no wait. Rows that do not run (padding, slot out of range) fetch nothing."""
+    def prefetch_later(self, mS: cute.Tensor, mIdx):
+        """Thread 0 has the TMA engine bring into L2 the state tile (tile_bytes from its first row)
+        of the CTA prefetch_ctas CTAs later: that CTA runs within a wave and its loads then hit
+        L2, which shortens the tail of the kernel. One instruction, no registers held, no wait. A
+        row that would not read (padding, slot out of range: resolve_slots) fetches nothing."""
         if const_expr(self.prefetch_ctas > 0):
             bidx, _, _ = cute.arch.block_idx()
+            grid, _, _ = cute.arch.grid_dim()
             tid, _, _ = cute.arch.thread_idx()
             later = bidx + self.prefetch_ctas
-            if tid == 0 and later < batch * (self.spec.HV * self.num_tiles):
+            if tid == 0 and later < grid:
                 tile, b, hv, _ = self.cta_coords(later)
-                slot = Int64(b)
-                if const_expr(mIdx is not None):
-                    slot = Int64(mIdx[b])
-                if slot >= Int64(0) and slot < Int64(mS.shape[0]):
-                    cols = mS.shape[3]  # static: K or V
-                    start = mS[slot, hv, tile * tile_rows, None].iterator
-                    nbytes = tile_rows * cols * mS.element_type.width // 8
-                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(nbytes).ir_value())
+                slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
+                if status == RUN:
+                    start = mS[slot, hv, tile * self.tile_rows, None].iterator
+                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())

@@ -41,6 +41,7 @@ class KLastDecode(common.DecodeKernel):
         if spec.V % self.rows_per_cta:
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
+        self.tile_rows = self.rows_per_cta  # whole rows of K
 
     def _reg_shape(self):
         """Registers of this thread's rows: ((chunk elements, chunks), rows)."""

@@ -33,6 +33,7 @@ class KMajorDecode(common.DecodeKernel):
                 f"K={spec.K}, V={spec.V} do not tile by {self.row_step} rows x {self.cols_per_cta} columns"
             )
         self.num_tiles = spec.V // self.cols_per_cta
+        self.tile_rows = spec.K if self.num_tiles == 1 else 0  # whole rows only when one tile spans V
         self.rows_per_thread = spec.K // self.row_step
 
     def _chunk(self, mRows: cute.Tensor, row0, m: int, col_chunk):
@@ -88,7 +89,7 @@ class KMajorDecode(common.DecodeKernel):
         common.load_fence()
         rQraw = common.warp_slice(mQ[b, 0, h, None], lane, spec.K)
         rKraw = common.warp_slice(mK[b, 0, h, None], lane, spec.K)
-        self.prefetch_later(mS, mIdx, mQ.shape[0], spec.K)  # a tile of all K rows (num_tiles == 1)
+        self.prefetch_later(mS, mIdx)
 
         # Compute unconditionally (on slot 0 for a row that does not run); only stores depend on
         # the row status, so the compiler has no branch to sink the loads into.

@@ -47,6 +47,7 @@ class KLastMTPMma(common.DecodeKernel):
         if spec.V % self.rows_per_cta:
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
+        self.tile_rows = self.rows_per_cta  # whole rows of K
         self.nb = (spec.T + 7) // 8  # token blocks of 8 (the N side of the dot products)
         self.tp = 8 * self.nb  # tokens, padded
         self.kp = spec.K // 32  # 32-column blocks of the head dim
@@ -230,7 +231,7 @@ class KLastMTPMma(common.DecodeKernel):
                     cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
                                       rS[None, p, hh, m])
         common.load_fence()
-        self.prefetch_later(mS, mIdx, mQ.shape[0], self.rows_per_cta)
+        self.prefetch_later(mS, mIdx)
 
         smem = cutlass.memory.SmemAllocator()
         sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
