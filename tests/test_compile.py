@@ -46,9 +46,9 @@ VARIANTS = [
      dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False)),
     ("mtp-T16-small-bfloat16", dict(T=16, regime="small", state="bfloat16", index_dtype="int64")),
     ("mtp-T2-large-float32-gva1", dict(T=2, regime="large", state="float32", index_dtype="int32", H=32, HV=32)),
-    # fp32 large batch at T=8 (launch bound and the unchecked token loop) and T=16 (launch bound only)
+    # fp32 large batch: T=6 (the unchecked token loop), T=8 (the "mtp_long" shape, L2 prefetch)
     ("mtp-T8-accepted-large-float32", dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True)),
-    ("mtp-T16-large-float32", dict(T=16, regime="large", state="float32", index_dtype="int32")),
+    ("mtp-T6-large-float32", dict(T=6, regime="large", state="float32", index_dtype="int32")),
     # bf16 state, large batch, T >= 5: the tensor-core MTP kernel (kmtp_mma)
     ("mtp-mma-T8-accepted-outidx-large-bfloat16",
      dict(T=8, regime="large", state="bfloat16", index_dtype="int32", has_accepted=True, has_out_indices=True)),
@@ -93,13 +93,31 @@ def test_mtp_options_follow_the_measured_cases():
         s = spec("sm_90a", index_dtype="int32", **kw)
         return mtp_options(s, tile_for(s))
 
-    assert options(T=8, regime="large") == dict(min_ctas_per_sm=5, unchecked_loop=True)
-    assert options(T=16, regime="large") == dict(min_ctas_per_sm=5, unchecked_loop=False)
-    assert options(T=4, regime="large") == dict(min_ctas_per_sm=0, unchecked_loop=False)
+    assert options(T=5, regime="large") == options(T=7, regime="large") == dict(unchecked_loop=True)
+    assert options(T=4, regime="large") == dict(unchecked_loop=False)
+    assert options(T=8, regime="large", tile=(4, 2, 8)) == dict(unchecked_loop=True)
+    # From LONG_MTP_TOKENS on, the fp32 large-batch build is (4, 4, 8) with the L2 prefetch instead.
+    assert options(T=8, regime="large") == options(T=16, regime="large") == {}
     assert options(T=8, regime="small") == {}
     assert options(T=8, regime="large", state="bfloat16") == {}
     assert options(T=8, regime="large", tile=(4, 4, 8)) == {}
     assert options(T=8, regime="large", has_intermediate=True) == {}
+
+
+def test_mtp_with_intermediates_takes_its_own_tiles():
+    """MTP builds that write the intermediate states take the "mtp_inter" CTA shapes at large batch
+    (narrower rows per thread, measured faster there), the "mtp" ones otherwise."""
+    from flashgdn.kernels.build import tile_for
+
+    def tile(**kw):
+        return tile_for(spec("sm_90a", index_dtype="int32", **kw))
+
+    assert tile(T=8, regime="large", has_intermediate=True) == (8, 1, 16)
+    assert tile(T=4, regime="large", state="bfloat16", has_intermediate=True) == (4, 2, 16)
+    assert tile(T=4, regime="large", state="bfloat16") == (2, 4, 8)
+    assert tile(T=4, regime="small", has_intermediate=True) == tile(T=4, regime="small") == (4, 2, 8)
+    # Lanes capped at K / (elements per 16-byte load); the CTA stays within one head.
+    assert tile(T=4, regime="large", state="bfloat16", has_intermediate=True, K=64, V=64) == (4, 2, 8)
 
 
 def test_mma_kernel_follows_the_measured_cases():
@@ -143,12 +161,16 @@ def test_l2_prefetch_follows_the_measured_cases():
     assert ahead(T=4, state="bfloat16", index_dtype="int32") == 4 * mib // (32 * 256)
     assert ahead(T=2, state="float32", index_dtype="int32") == 4 * mib // (32 * 512)
     assert ahead(T=8, state="bfloat16", index_dtype="int32") == 4 * mib // (128 * 256)
-    # Off: small batch, intermediates, the fp32 MTP builds with the launch bound / unchecked loop,
-    # K-last T = 1, fp32 K-major (two CTAs per head: the tile is not contiguous), bf16 K-major at K = 256.
+    # K-last T = 1, 4 MiB ahead: bf16 (4, 4, 8) tiles of 64 rows x 256 B, fp32 (4, 4, 16) 32 rows x 512 B.
+    assert ahead(state="bfloat16") == ahead(state="float32", index_dtype="int32") == 4 * mib // (16 << 10)
+    # Off: small batch, intermediates, the fp32 MTP builds with the unchecked loop,
+    # fp32 K-major (two CTAs per head: the tile is not contiguous), bf16 K-major at K = 256.
     assert ahead(regime="small", layout="kmajor", state="bfloat16") == 0
+    assert ahead(regime="small", state="bfloat16") == 0
     assert ahead(T=4, state="bfloat16", index_dtype="int32", has_intermediate=True) == 0
-    assert ahead(T=8, state="float32", index_dtype="int32") == 0
-    assert ahead(state="bfloat16") == 0
+    assert ahead(T=6, state="float32", index_dtype="int32") == 0
+    # fp32 MTP from LONG_MTP_TOKENS on: (4, 4, 8) tiles of 64 rows x 512 B.
+    assert ahead(T=8, state="float32", index_dtype="int32") == 4 * mib // (64 * 512)
     assert ahead(layout="kmajor", state="float32") == 0
     assert ahead(layout="kmajor", state="bfloat16", K=256, V=256) == 0
 

@@ -23,7 +23,12 @@ from .kmtp_mma import KLastMTPMma
 # CTA shapes by (layout, regime, state dtype): (warps, rows per thread, lanes per row) for K-last,
 # (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core MTP kernel.
 # Chosen on the H100 with benchmarks/tune.py (benchmarks/RESULTS.md); `KernelSpec.tile` overrides
-# them. The MTP kernels use the "mtp" and "mtp_mma" rows.
+# them. The MTP kernels use the "mtp" rows, "mtp_long" from LONG_MTP_TOKENS tokens on, "mtp_inter"
+# when they write the intermediate states and "mtp_mma" for the tensor-core kernel. With
+# intermediates the writes bound the kernel, and narrower rows per thread (more CTAs, shorter token
+# chains) keep more stores in flight: 1.5-3.5 % faster at B >= 64. For long fp32 runs, 4 rows per
+# thread halve the shared-memory reads of q/k per row and token: 1-11 % faster at B >= 64 (T = 8
+# to 16, with the L2 prefetch), level at T = 5-7, slower at T <= 4 (tenth pass).
 TILES = {
     ("klast", "small", "float32"): (4, 1, 16),
     ("klast", "large", "float32"): (4, 4, 16),
@@ -33,6 +38,14 @@ TILES = {
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
     ("mtp", "large", "bfloat16"): (2, 4, 8),
+    ("mtp_long", "small", "float32"): (4, 2, 8),
+    ("mtp_long", "large", "float32"): (4, 4, 8),
+    ("mtp_long", "small", "bfloat16"): (4, 2, 8),
+    ("mtp_long", "large", "bfloat16"): (2, 4, 8),
+    ("mtp_inter", "small", "float32"): (4, 2, 8),
+    ("mtp_inter", "large", "float32"): (8, 1, 16),
+    ("mtp_inter", "small", "bfloat16"): (4, 2, 8),
+    ("mtp_inter", "large", "bfloat16"): (4, 2, 16),
     ("mtp_mma", "large", "bfloat16"): (4, 2),
     ("kmajor", "small", "float32"): (4, 4),
     ("kmajor", "large", "float32"): (8, 2),
@@ -43,6 +56,8 @@ TILES = {
 
 # Fewest tokens for which the tensor-core MTP kernel is used (large batch, bf16 state).
 MMA_MIN_TOKENS = 5
+# Fewest tokens for which the MTP kernel takes the "mtp_long" CTA shapes.
+LONG_MTP_TOKENS = 8
 
 
 def uses_mma(spec: KernelSpec) -> bool:
@@ -67,7 +82,9 @@ def tile_for(spec: KernelSpec) -> tuple:
         # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
         blocks = 1 if spec.K > 128 else blocks
         return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
-    table = "mtp" if spec.multi_token else spec.layout
+    table = spec.layout
+    if spec.multi_token:
+        table = "mtp_inter" if spec.has_intermediate else "mtp_long" if spec.T >= LONG_MTP_TOKENS else "mtp"
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]
         lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
@@ -86,37 +103,40 @@ def tile_for(spec: KernelSpec) -> tuple:
 
 
 def mtp_options(spec: KernelSpec, tile: tuple) -> dict:
-    """Two more MTP knobs, measured for the fp32 large-batch shape (4, 2, 8) without intermediates
-    only (benchmarks/RESULTS.md, sixth pass): a launch bound of 5 CTAs per SM for T >= 8 (96
-    registers instead of 100-124; it spills and is slower at T = 4), and the unchecked token loop
-    for 4 < T <= 8 (slower at T = 16, neutral at T <= 4, slower for a bf16 state, at small batch
-    and with intermediates, where both together cost 2 %)."""
+    """The unchecked token loop (kmtp.KLastMTP), measured for the fp32 large-batch shape (4, 2, 8)
+    without intermediates only (benchmarks/RESULTS.md, sixth pass): faster for 4 < T <= 8; slower
+    at T = 16, neutral at T <= 4, slower for a bf16 state, at small batch, with intermediates and
+    with the L2 prefetch (which it turns off). From LONG_MTP_TOKENS on the (4, 4, 8) shape with the
+    prefetch is faster still (tenth pass), so only T = 5-7 take it."""
     if spec.state_dtype != "float32" or spec.regime != "large" or tile != (4, 2, 8) or spec.has_intermediate:
         return {}
-    return dict(min_ctas_per_sm=5 if spec.T >= 8 else 0, unchecked_loop=4 < spec.T <= 8)
+    return dict(unchecked_loop=4 < spec.T <= 8)
 
 
 # How far ahead, in bytes of state, a CTA prefetches a later CTA's state tile into L2
 # (common.DecodeKernel.prefetch_later), by kernel. Measured on the H100 for the builds that
-# prefetch_ctas turns it on for (benchmarks/RESULTS.md, ninth pass): 2-6 % faster at B = 64 and
-# 2-4 % at B = 256; twice these distances are slower (the prefetched lines are evicted first).
-PREFETCH_BYTES = {"kmajor": 8 << 20, "mtp": 4 << 20, "mtp_mma": 4 << 20}
+# prefetch_ctas turns it on for (benchmarks/RESULTS.md, ninth and tenth passes): 2-6 % faster at
+# B = 64 and 2-4 % at B = 256 (K-last T = 1: 0.6-1.5 %); twice these distances are slower (the
+# prefetched lines are evicted first).
+PREFETCH_BYTES = {"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_mma": 4 << 20}
 
 
 def prefetch_ctas(spec: KernelSpec, kernel) -> int:
     """The L2 prefetch distance of `kernel` in CTAs (0: none). On for the large-batch builds
-    without intermediates of the MTP kernels and of the bf16 K-major kernel with one CTA per head
-    (its tile must be contiguous). Off where it measured slower or neutral: with intermediates
-    (within 1 %), for the fp32 MTP builds with a launch bound or the unchecked loop (T >= 5: 2-4 %
-    slower, the prefetch spills there) and where it was not measured (K-last T = 1, small batch)."""
+    without intermediates of the K-last kernels (T = 1 and MTP) and of the bf16 K-major kernel
+    with one CTA per head (its tile must be contiguous). Off where it measured slower or neutral:
+    with intermediates (within 1 %), with the unchecked loop of the fp32 MTP builds (T = 5-8 on
+    (4, 2, 8): 2-4 % slower) and where it was not measured (small batch, fp32 K-major)."""
     if spec.regime != "large" or spec.has_intermediate or not kernel.tile_bytes:
         return 0
     if isinstance(kernel, KLastMTPMma):
         key = "mtp_mma"
     elif isinstance(kernel, KLastMTP):
-        if kernel.min_ctas_per_sm or kernel.unchecked_loop:
+        if kernel.unchecked_loop:
             return 0
         key = "mtp"
+    elif isinstance(kernel, KLastDecode):
+        key = "klast"
     elif isinstance(kernel, KMajorDecode) and spec.state_dtype == "bfloat16":
         key = "kmajor"
     else:

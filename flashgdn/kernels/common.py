@@ -184,7 +184,6 @@ class DecodeKernel:
     num_warps and define the @cute.kernel `kernel` taking the same tensors, and tile_rows: the
     state rows of a CTA's tile when that tile is whole rows (one contiguous range), else 0."""
 
-    min_ctas_per_sm = 0  # launch bound (0: none)
     prefetch_ctas = 0  # L2 prefetch distance of prefetch_later, in CTAs (0: none)
     tile_rows = 0
 
@@ -213,13 +212,8 @@ class DecodeKernel:
         stream,
     ):
         grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
-        # A launch bound caps the registers so that min_ctas_per_sm CTAs fit on an SM. The carveout
-        # is left to the driver (-1); naming it also keeps the compile free of a device query.
-        bound = (
-            dict(min_blocks_per_mp=self.min_ctas_per_sm, preferred_smem_carveout=-1) if self.min_ctas_per_sm else {}
-        )
         self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
-            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream, **bound
+            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
         )
 
     def cta_coords(self, bidx=None):

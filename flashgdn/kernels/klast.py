@@ -156,6 +156,7 @@ class KLastDecode(common.DecodeKernel):
             common.load_fence()
             rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()
+        self.prefetch_later(mS, mIdx)
 
         rS = self._f32(rRaw)
         g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)

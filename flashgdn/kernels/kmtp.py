@@ -30,9 +30,8 @@ RESCALE_MIN = 2.0 ** -64
 
 class KLastMTP(KLastDecode):
     def __init__(self, spec, num_warps: int, rows_per_thread: int, lanes_per_row: int,
-                 min_ctas_per_sm: int = 0, unchecked_loop: bool = False):
+                 unchecked_loop: bool = False):
         super().__init__(spec, num_warps, rows_per_thread, lanes_per_row)
-        self.min_ctas_per_sm = min_ctas_per_sm
         # A second copy of the token loop without the per-token rescale test, taken by the CTAs
         # whose decays cannot trigger it: without the branch, ptxas schedules across tokens.
         self.unchecked_loop = unchecked_loop
