@@ -59,7 +59,7 @@ def test_mtp_matches_reference(case):
     _run(**case)
 
 
-@pytest.mark.parametrize("T", (8, 16))
+@pytest.mark.parametrize("T", (6, 8, 16))
 @pytest.mark.parametrize("B", (5, 200), ids=("small", "large"))
 @pytest.mark.parametrize("inter", (True, False), ids=("inter", "accepted"))
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
@@ -68,7 +68,7 @@ def test_mtp_extreme_decay(sdt, inter, B, T):
     the token-by-token kernel's folded decay scale takes its rescale path, with and without a zero g
     (bf16 at large batch without intermediates runs the tensor-core kernel, whose decay products
     underflow to 0 instead); with the
-    intermediates written, and with accepted counts instead; in both regimes (CTA shapes). At T=8
+    intermediates written, and with accepted counts instead; in both regimes (CTA shapes). At T=6
     with accepted counts, the fp32 large-batch build runs both token loops in one launch: the
     unchecked one for the heads whose decays stay above the rescale bound (A_log = -6), the checked
     one for those whose decays underflow (A_log = 4, 7)."""
@@ -79,8 +79,8 @@ def test_mtp_extreme_decay(sdt, inter, B, T):
 @pytest.mark.parametrize("inter,update,accepted", [(False, True, False), (False, True, True), (True, False, False)],
                          ids=("plain", "accepted", "inter-noupdate"))
 def test_mtp_fp32_large_t8(inter, update, accepted):
-    """fp32 state, large-batch regime, T=8: the launch-bounded build with the unchecked token loop
-    (without intermediates; with them, the plain build)."""
+    """fp32 state, large-batch regime, T=8: the "mtp_long" (4, 4, 8) build with the L2 prefetch
+    (without intermediates; with them, the "mtp_inter" build)."""
     _run(8, 200, 2, torch.float32, inter, update, accepted, True)
 
 

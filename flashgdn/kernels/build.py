@@ -24,7 +24,8 @@ from .kmtp_mma import KLastMTPMma
 # (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core MTP kernel.
 # Chosen on the H100 with benchmarks/tune.py (benchmarks/RESULTS.md); `KernelSpec.tile` overrides
 # them. The MTP kernels use the "mtp" rows, "mtp_long" from LONG_MTP_TOKENS tokens on, "mtp_inter"
-# when they write the intermediate states and "mtp_mma" for the tensor-core kernel. With
+# when they write the intermediate states (these two hold only the shapes measured to differ from
+# "mtp"; the others fall back to it) and "mtp_mma" for the tensor-core kernel. With
 # intermediates the writes bound the kernel, and narrower rows per thread (more CTAs, shorter token
 # chains) keep more stores in flight: 1.5-3.5 % faster at B >= 64. For long fp32 runs, 4 rows per
 # thread halve the shared-memory reads of q/k per row and token: 1-11 % faster at B >= 64 (T = 8
@@ -38,13 +39,8 @@ TILES = {
     ("mtp", "large", "float32"): (4, 2, 8),
     ("mtp", "small", "bfloat16"): (4, 2, 8),
     ("mtp", "large", "bfloat16"): (2, 4, 8),
-    ("mtp_long", "small", "float32"): (4, 2, 8),
     ("mtp_long", "large", "float32"): (4, 4, 8),
-    ("mtp_long", "small", "bfloat16"): (4, 2, 8),
-    ("mtp_long", "large", "bfloat16"): (2, 4, 8),
-    ("mtp_inter", "small", "float32"): (4, 2, 8),
     ("mtp_inter", "large", "float32"): (8, 1, 16),
-    ("mtp_inter", "small", "bfloat16"): (4, 2, 8),
     ("mtp_inter", "large", "bfloat16"): (4, 2, 16),
     ("mtp_mma", "large", "bfloat16"): (4, 2),
     ("kmajor", "small", "float32"): (4, 4),
@@ -85,6 +81,8 @@ def tile_for(spec: KernelSpec) -> tuple:
     table = spec.layout
     if spec.multi_token:
         table = "mtp_inter" if spec.has_intermediate else "mtp_long" if spec.T >= LONG_MTP_TOKENS else "mtp"
+        if (table, spec.regime, spec.state_dtype) not in TILES:
+            table = "mtp"
     if spec.layout == "klast":
         warps, rows, lanes = TILES[(table, spec.regime, spec.state_dtype)]
         lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
