@@ -140,6 +140,8 @@ def test_mma_kernel_follows_the_measured_cases():
     for (K, V), tile in {(128, 128): (4, 2), (64, 64): (2, 2), (256, 256): (4, 1), (256, 64): (4, 1)}.items():
         kernel = make_kernel(spec("sm_90a", T=8, K=K, V=V, regime="large", state="bfloat16", index_dtype="int32"))
         assert (kernel.num_warps, kernel.mb) == tile and kernel.rows_per_cta <= V
+        # The update's k loads early up to K = 128; at K = 256 its registers would cost occupancy.
+        assert kernel.early_k == (K <= 128)
     with pytest.raises(ValueError, match="no intermediates"):
         KLastMTPMma(spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True), 1, 2)
 
