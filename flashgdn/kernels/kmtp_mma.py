@@ -51,8 +51,8 @@ class KLastMTPMma(common.DecodeKernel):
         self.nb = (spec.T + 7) // 8  # token blocks of 8 (the N side of the dot products)
         self.tp = 8 * self.nb  # tokens, padded
         self.kp = spec.K // 32  # 32-column blocks of the head dim
-        # Load the update's k with the state rather than after the dot products, where its wait
-        # (L1 hits when loaded, often misses by then) fell just before the update: 2-5 % faster at
+        # Load the update's k with the state rather than after the dot products: meant as L1 hits
+        # there, they often missed, and their wait fell just before the update. 2-5 % faster at
         # T = 7-16 for 16-32 more registers (eleventh pass). At K = 256 those registers would cost
         # a CTA per SM (T <= 8) or spill (T >= 12).
         self.early_k = spec.K <= 128
