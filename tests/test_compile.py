@@ -159,9 +159,11 @@ def test_l2_prefetch_follows_the_measured_cases():
     assert ahead(layout="kmajor", state="bfloat16") == 8 * mib // (32 << 10)
     assert ahead(layout="kmajor", state="bfloat16", K=64, V=64) == 8 * mib // (8 << 10)
     # MTP, 4 MiB ahead: kmtp bf16 (2, 4, 8) tiles of 32 rows x 256 B, fp32 (4, 2, 8) 32 rows x 512 B,
-    # the tensor-core kernel's 128 rows x 256 B.
+    # the tensor-core kernel's 128 rows x 256 B; kmtp at T = 2, 6 MiB ahead.
     assert ahead(T=4, state="bfloat16", index_dtype="int32") == 4 * mib // (32 * 256)
-    assert ahead(T=2, state="float32", index_dtype="int32") == 4 * mib // (32 * 512)
+    assert ahead(T=3, state="float32", index_dtype="int32") == 4 * mib // (32 * 512)
+    assert ahead(T=2, state="bfloat16", index_dtype="int32") == 6 * mib // (32 * 256)
+    assert ahead(T=2, state="float32", index_dtype="int32") == 6 * mib // (32 * 512)
     assert ahead(T=8, state="bfloat16", index_dtype="int32") == 4 * mib // (128 * 256)
     # K-last T = 1, 4 MiB ahead: bf16 (4, 4, 8) tiles of 64 rows x 256 B, fp32 (4, 4, 16) 32 rows x 512 B.
     assert ahead(state="bfloat16") == ahead(state="float32", index_dtype="int32") == 4 * mib // (16 << 10)

@@ -84,6 +84,14 @@ def test_mtp_fp32_large_t8(inter, update, accepted):
     _run(8, 200, 2, torch.float32, inter, update, accepted, True)
 
 
+@pytest.mark.parametrize("accepted", (False, True), ids=("plain", "accepted"))
+@pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_mtp_two_tokens_large_batch(sdt, accepted):
+    """T=2, large-batch regime, no intermediates: the kmtp builds that prefetch 6 MiB of state
+    ahead (build.SHORT_MTP_TOKENS), with padding rows."""
+    _run(2, 200, 2, sdt, False, True, accepted, True)
+
+
 @pytest.mark.parametrize("T,update,accepted,pad,ratio,K", [
     (5, True, False, True, 1, 128), (6, True, True, False, 2, 128), (7, False, False, True, 2, 128),
     (8, True, True, True, 1, 128), (16, True, False, False, 2, 128), (16, True, True, True, 1, 128),
