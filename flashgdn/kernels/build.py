@@ -116,8 +116,8 @@ def mtp_options(spec: KernelSpec, tile: tuple) -> dict:
 # prefetch_ctas turns it on for (benchmarks/RESULTS.md, ninth and tenth passes): 2-6 % faster at
 # B = 64 and 2-4 % at B = 256 (K-last T = 1: 0.6-1.5 %); twice these distances are slower (the
 # prefetched lines are evicted first). kmtp with at most SHORT_MTP_TOKENS tokens ("mtp_short")
-# gains from 6 MiB: bf16 B = 64 1.3 % faster, fp32 0.5 %; from T = 3 on
-# it is level or slower at B = 256 (twelfth pass).
+# gains from 6 MiB: bf16 B = 64 1.3 % faster, fp32 0.5 %; from T = 3 on it is level or slower at
+# B = 256 (twelfth pass).
 PREFETCH_BYTES = {"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20}
 SHORT_MTP_TOKENS = 2
 
