@@ -3,6 +3,7 @@ real `--compile-only` run (CuTe DSL compiles without a GPU)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -25,6 +26,7 @@ def test_defaults():
     assert (a.dtype, a.state_dtype) == ("bf16", ["fp32"])
     assert (a.iters, a.warmup, a.timer) == (100, 10, "auto")
     assert not (a.no_l2norm or a.pool or a.cache_intermediate or a.compare or a.verify or a.compile_only)
+    assert a.pool_slots == "scattered"
     assert (a.json, a.csv, a.plot) == (None, None, None)
     assert (a.arch, a.sm_count) == ("sm_90a", 132)
 
@@ -43,6 +45,9 @@ def test_lists_and_sweep_rows():
         assert r.intermediate == (r.version == "mtp")
         assert not r.l2norm and (r.version == "mtp" or r.T == 1)
     assert {r.T for r in rows if r.version == "mtp"} == {3, 5}
+    assert {r.pool_slots for r in rows} == {"scattered"}
+    contiguous = cli.sweep_rows(cli.parse_args(["--version", "mtp", "--pool-slots", "contiguous"]))
+    assert contiguous and all(r.pool and r.pool_slots == "contiguous" for r in contiguous)
 
 
 def test_default_sweep_size():
@@ -57,6 +62,7 @@ def test_default_sweep_size():
     (["--batch-size", "0"], "positive"),
     (["--batch-size", "4", "-2"], "positive"),
     (["--seq-len", "32"], "--seq-len"),
+    (["--pool-slots", "random"], "--pool-slots"),
     (["--arch", "sm_90a"], "--compile-only"),
     (["--dtype", "fp32"], "--dtype"),
 ])
@@ -174,6 +180,18 @@ def test_inputs_and_verify_on_cpu():
 
     problem = verify(Impl("broken", off_by_one), row, "cpu", seed=1)
     assert problem is not None and problem.startswith("output:")
+
+
+def test_pool_slot_layouts():
+    """Scattered: 2B slots, B distinct ones read in a random order; contiguous: B slots in order."""
+    row = Row("mtp", 8, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True)
+    idx = make_inputs(row, "cpu", seed=3)["indices"]
+    assert make_inputs(row, "cpu", seed=3)["state"].shape[0] == 16
+    assert len(set(idx.tolist())) == 8 and 0 <= int(idx.min()) and int(idx.max()) < 16
+    flat = dataclasses.replace(row, pool_slots="contiguous")
+    inp = make_inputs(flat, "cpu", seed=3)
+    assert inp["state"].shape[0] == 8 and inp["indices"].tolist() == list(range(8))
+    assert "pool=contiguous" in flat.label() and verify(REFERENCE, flat, "cpu", seed=4) is None
 
 
 def test_fla_unavailable_is_reported():

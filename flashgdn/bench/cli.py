@@ -29,7 +29,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .rows import (
-    BASELINES, FLASHGDN, IO_DTYPES, STATE_DTYPES, VERSIONS, Impl, Row, Unavailable, make_inputs, row_spec, verify,
+    BASELINES, FLASHGDN, IO_DTYPES, POOL_SLOTS, STATE_DTYPES, VERSIONS, Impl, Row, Unavailable, make_inputs,
+    row_spec, verify,
 )
 
 DEFAULT_SM_COUNT = 132  # H100 SXM: regime planning for --compile-only
@@ -37,8 +38,8 @@ COMPILE_ARCHS = ("sm_90a", "sm_100a")
 
 # Fields of one result row (JSON keys, CSV columns), then per baseline NAME: NAME_<suffix>.
 ROW_FIELDS = (
-    "version", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "pool", "intermediate", "l2norm",
-    "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us", "tflops", "tbps", "pct_copy_bw",
+    "version", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "pool", "pool_slots", "intermediate",
+    "l2norm", "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us", "tflops", "tbps", "pct_copy_bw",
     "verify", "error",
 )
 BASELINE_SUFFIXES = ("us", "speedup", "pct_copy_bw", "verify", "note")
@@ -86,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--state-dtype", choices=tuple(STATE_DTYPES), nargs="+", default=["fp32"],
         help="state dtype(s), one row set each (default: fp32)")
     add("--no-l2norm", action="store_true", help="use_qk_l2norm=False")
-    add("--pool", action="store_true", help="pretranspose: state pool (2B slots) + indices; mtp always uses one")
+    add("--pool", action="store_true", help="pretranspose: a state pool + indices (--pool-slots); mtp always uses one")
+    add("--pool-slots", choices=POOL_SLOTS, default="scattered",
+        help="pool rows: 'scattered', 2B slots read at a random permutation of B of them (default); "
+             "'contiguous', B slots read in order (FlashInfer's MTP benchmark)")
     add("--cache-intermediate", action="store_true", help="mtp: also write intermediate_states_buffer")
     add("--iters", type=_positive_int, default=100, help="timed iterations per row (default: 100)")
     add("--warmup", type=int, default=10, help="untimed iterations first (default: 10)")
@@ -135,6 +139,7 @@ def sweep_rows(args: argparse.Namespace) -> List[Row]:
                         version, B, T, args.num_q_heads, args.num_v_heads, args.head_size, args.head_size,
                         args.dtype, state_dtype, pool=version == "mtp" or (version == "pretranspose" and args.pool),
                         intermediate=version == "mtp" and args.cache_intermediate, l2norm=not args.no_l2norm,
+                        pool_slots=args.pool_slots,
                     ))
     return rows
 
@@ -386,7 +391,8 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
     rec = dict.fromkeys(result_fields())
     rec.update(
         version=row.version, B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, dtype=row.dtype,
-        state_dtype=row.state_dtype, pool=row.pool, intermediate=row.intermediate, l2norm=row.l2norm,
+        state_dtype=row.state_dtype, pool=row.pool, pool_slots=row.pool_slots if row.pool else "",
+        intermediate=row.intermediate, l2norm=row.l2norm,
         kernel=kernel, flops=row.flops(), bytes=row.bytes(), verify="", error="",
     )
     try:
@@ -431,8 +437,8 @@ def results_table(rows: List[dict], compare: bool) -> str:
     body, notes = [], []
     for r in rows:
         verdict = "ERROR" if r["error"] else "FAILED" if r["verify"].startswith("FAILED") else r["verify"]
-        line = [r["version"], r["B"], r["T"], r["state_dtype"], "yes" if r["pool"] else "no", r["median_us"],
-                r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"], verdict]
+        line = [r["version"], r["B"], r["T"], r["state_dtype"], r["pool_slots"] if r["pool"] else "no",
+                r["median_us"], r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"], verdict]
         where = f"{r['version']} B={r['B']} T={r['T']} {r['state_dtype']}"
         for msg in (r["error"], r["verify"]):
             if msg and msg != "ok":

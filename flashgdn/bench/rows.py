@@ -23,6 +23,11 @@ from .metrics import gdn_bytes, gdn_flops
 VERSIONS = ("pretranspose", "nontranspose", "mtp")
 IO_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# How a pool row lays out its slots: "scattered", 2B slots of which B are read at a random
+# permutation (a serving engine's slots); "contiguous", B slots read in order, indices 0..B-1
+# (FlashInfer's MTP benchmark). Scattered slots cost DRAM locality: a plain copy of the bf16 state
+# at B = 64 takes 2 % longer with its 1 MiB slots permuted (benchmarks/RESULTS.md, fourteenth pass).
+POOL_SLOTS = ("scattered", "contiguous")
 INDEX_DTYPE = torch.int32
 # --verify tolerance (atol = rtol) by state dtype.
 VERIFY_TOL = {"fp32": 1e-2, "bf16": 2e-2}
@@ -44,6 +49,7 @@ class Row:
     pool: bool
     intermediate: bool = False
     l2norm: bool = True
+    pool_slots: str = "scattered"  # POOL_SLOTS, for pool rows
 
     @property
     def layout(self) -> str:
@@ -63,7 +69,8 @@ class Row:
 
     def label(self) -> str:
         t = f" T={self.T}" if self.version == "mtp" else ""
-        return f"{self.version} B={self.B}{t} state={self.state_dtype}{' pool' if self.pool else ''}"
+        pool = f" pool={self.pool_slots}" if self.pool else ""
+        return f"{self.version} B={self.B}{t} state={self.state_dtype}{pool}"
 
     def flops(self) -> int:
         return gdn_flops(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V)
@@ -89,7 +96,7 @@ def row_spec(row: Row, arch: str, sm_count: int) -> KernelSpec:
 
 def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
     """Fresh random inputs for `row`: normal q, k, v, a, b, dt_bias and state (never zeros),
-    A_log = log(uniform(1, 16)). A pool has 2B slots read at a random permutation of B of them.
+    A_log = log(uniform(1, 16)). A pool's slots are laid out as row.pool_slots says (POOL_SLOTS).
     Keys: q k v a b A_log dt_bias state indices inter output (indices/inter None when unused)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -100,7 +107,8 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
 
     io, st = row.io_torch, row.state_torch
     rows, cols = (V, K) if row.layout == "klast" else (K, V)
-    slots = 2 * B if row.pool else B
+    scattered = row.pool and row.pool_slots == "scattered"
+    slots = 2 * B if scattered else B
     return {
         "q": randn(B, T, H, K, dtype=io),
         "k": randn(B, T, H, K, dtype=io),
@@ -111,7 +119,9 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
         "dt_bias": randn(HV, dtype=torch.float32),
         "state": randn(slots, HV, rows, cols, dtype=st),
         "indices": (
-            torch.randperm(slots, generator=gen, device=device)[:B].to(INDEX_DTYPE) if row.pool else None
+            None if not row.pool
+            else torch.randperm(slots, generator=gen, device=device)[:B].to(INDEX_DTYPE) if scattered
+            else torch.arange(B, device=device, dtype=INDEX_DTYPE)
         ),
         "inter": torch.empty(B, T, HV, rows, cols, dtype=st, device=device) if row.intermediate else None,
         "output": torch.empty(B, T, HV, V, dtype=io, device=device),
