@@ -179,6 +179,20 @@ def test_l2_prefetch_follows_the_measured_cases():
     assert ahead(layout="kmajor", state="bfloat16", K=256, V=256) == 0
 
 
+def test_input_prefetch_follows_the_measured_cases():
+    """The later CTA's q/k/v and gates come with its state only for the bf16 MTP builds from T = 3
+    on (kmtp and the tensor-core kernel); not at T <= 2, for an fp32 state or for T = 1."""
+    from flashgdn.kernels.build import make_kernel
+
+    def inputs(**kw):
+        return make_kernel(spec("sm_90a", **(dict(regime="large", index_dtype="int32") | kw))).prefetch_inputs
+
+    assert inputs(T=3, state="bfloat16") and inputs(T=4, state="bfloat16") and inputs(T=8, state="bfloat16")
+    assert inputs(T=16, state="bfloat16", has_accepted=True)
+    assert not inputs(T=2, state="bfloat16") and not inputs(T=4, state="float32")
+    assert not inputs(T=8, state="float32") and not inputs(state="bfloat16")
+
+
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS]
     assert len(ids) == len(set(ids))

@@ -145,6 +145,16 @@ def prefetch_ctas(spec: KernelSpec, kernel) -> int:
     return max(1, PREFETCH_BYTES[key] // kernel.tile_bytes)
 
 
+def prefetch_inputs(spec: KernelSpec, kernel) -> bool:
+    """Whether the L2 prefetch also brings in the later CTA's q/k/v rows and gate inputs
+    (common.DecodeKernel._prefetch_inputs): for the bf16-state MTP kernels from
+    SHORT_MTP_TOKENS + 1 tokens on. Measured on the H100 (benchmarks/RESULTS.md, fourteenth pass):
+    up to 1.6 µs faster at B = 64 (T = 8: 0-0.4) and up to 2.4 % at B = 256 (T = 16); slower at
+    T = 2 (B = 256), level for an fp32 state at T = 4 and 1.9 % slower at T = 8, so off there."""
+    return (isinstance(kernel, (KLastMTP, KLastMTPMma)) and spec.state_dtype == "bfloat16"
+            and spec.T > SHORT_MTP_TOKENS)
+
+
 def make_kernel(spec: KernelSpec):
     tile = tile_for(spec)
     if uses_mma(spec):
@@ -155,6 +165,7 @@ def make_kernel(spec: KernelSpec):
     else:
         kernel = KMajorDecode(spec, num_warps=tile[0], row_lanes=tile[1])
     kernel.prefetch_ctas = prefetch_ctas(spec, kernel)
+    kernel.prefetch_inputs = prefetch_inputs(spec, kernel)
     return kernel
 
 

@@ -185,6 +185,7 @@ class DecodeKernel:
     state rows of a CTA's tile when that tile is whole rows (one contiguous range), else 0."""
 
     prefetch_ctas = 0  # L2 prefetch distance of prefetch_later, in CTAs (0: none)
+    prefetch_inputs = False  # prefetch_later also brings in the later CTA's q/k/v and gates
     tile_rows = 0
 
     @property
@@ -225,19 +226,54 @@ class DecodeKernel:
         return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)
 
     @cute.jit
-    def prefetch_later(self, mS: cute.Tensor, mIdx):
+    def prefetch_later(self, mS: cute.Tensor, mIdx, inputs=None):
         """Thread 0 has the TMA engine bring into L2 the state tile (tile_bytes from its first row)
         of the CTA prefetch_ctas CTAs later: that CTA runs within a wave and its loads then hit
         L2, which shortens the tail of the kernel. One instruction, no registers held, no wait. A
-        row that would not read (padding, slot out of range: resolve_slots) fetches nothing."""
+        row that would not read (padding, slot out of range: resolve_slots) fetches nothing.
+        With prefetch_inputs, `inputs` = (mQ, mK, mV, mA, mB) of that CTA follow (_prefetch_inputs)."""
         if const_expr(self.prefetch_ctas > 0):
             bidx, _, _ = cute.arch.block_idx()
             grid, _, _ = cute.arch.grid_dim()
             tid, _, _ = cute.arch.thread_idx()
             later = bidx + self.prefetch_ctas
-            if tid == 0 and later < grid:
+            if const_expr(self.prefetch_inputs and inputs is not None):
+                if later < grid:
+                    tile, b, hv, h = self.cta_coords(later)
+                    if tid == 0:
+                        self._prefetch_state(mS, mIdx, tile, b, hv)
+                    self._prefetch_inputs(inputs, tile, b, hv, h, tid)
+            elif tid == 0 and later < grid:
                 tile, b, hv, _ = self.cta_coords(later)
-                slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
-                if status == RUN:
-                    start = mS[slot, hv, tile * self.tile_rows, None].iterator
-                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
+                self._prefetch_state(mS, mIdx, tile, b, hv)
+
+    @cute.jit
+    def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv):
+        slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
+        if status == RUN:
+            start = mS[slot, hv, tile * self.tile_rows, None].iterator
+            nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
+
+    @cute.jit
+    def _prefetch_inputs(self, inputs, tile, b, hv, h, tid):
+        """Into L2, one line or row per thread: for every token, the v values of the CTA's rows
+        and the q and k rows (TMA bulk prefetches), and the gate inputs a and b (line prefetches:
+        their addresses need not be 16-byte aligned). Without it, the CTAs that run last wait on
+        DRAM for these small loads after their state has arrived (benchmarks/RESULTS.md)."""
+        mQ, mK, mV, mA, mB = inputs
+        T, threads = self.spec.T, self.num_warps * 32
+        io_bytes = mV.element_type.width // 8
+        for r in cutlass.range_constexpr((5 * T + threads - 1) // threads):
+            e = tid + r * threads
+            t = e % T
+            kind = e // T  # 0 v, 1 q, 2 k, 3 a, 4 b; none past 4
+            if kind == 0:
+                start = mV[b, t, hv, None].iterator + tile * self.tile_rows
+                nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_rows * io_bytes).ir_value())
+            for which, mRow in ((1, mQ), (2, mK)):
+                if kind == which:
+                    start = mRow[b, t, h, None].iterator
+                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.spec.K * io_bytes).ir_value())
+            for which, mGate in ((3, mA), (4, mB)):
+                if kind == which:
+                    cute.arch.prefetch((mGate[b, t, None].iterator + hv).to_llvm_ptr(), cache_level="L2")

@@ -125,7 +125,7 @@ class KLastMTP(KLastDecode):
         rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
         common.load_fence()
         values, tokens, gates = self._stage_loads(mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane)
-        self.prefetch_later(mS, mIdx)
+        self.prefetch_later(mS, mIdx, (mQ, mK, mV, mA, mB))
 
         # Per-token q/k norms and gates once per CTA (per-lane recomputation would cost more ALU
         # work than the recurrence), read back from shared memory by every row.

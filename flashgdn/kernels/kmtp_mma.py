@@ -248,7 +248,7 @@ class KLastMTPMma(common.DecodeKernel):
                     cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
                                       rS[None, p, hh, m])
         common.load_fence()
-        self.prefetch_later(mS, mIdx)
+        self.prefetch_later(mS, mIdx, (mQ, mK, mV, mA, mB))
 
         smem = cutlass.memory.SmemAllocator()
         sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
