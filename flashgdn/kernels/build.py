@@ -13,7 +13,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import KernelSpec
+from ..spec import DTYPE_BYTES, KernelSpec
 from .common import CUTLASS_DTYPES, vec_elems
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
@@ -151,8 +151,10 @@ def prefetch_inputs(spec: KernelSpec, kernel) -> bool:
     SHORT_MTP_TOKENS + 1 tokens on. Measured on the H100 (benchmarks/RESULTS.md, fourteenth pass):
     up to 1.6 µs faster at B = 64 (T = 8: 0-0.4) and up to 2.4 % at B = 256 (T = 16); slower at
     T = 2 (B = 256), level for an fp32 state at T = 4 and 1.9 % slower at T = 8, so off there."""
+    # A TMA bulk prefetch moves whole 16-byte units: the CTA's v values must make some.
+    v_bytes = kernel.tile_rows * DTYPE_BYTES[spec.io_dtype]
     return (isinstance(kernel, (KLastMTP, KLastMTPMma)) and spec.state_dtype == "bfloat16"
-            and spec.T > SHORT_MTP_TOKENS)
+            and spec.T > SHORT_MTP_TOKENS and v_bytes > 0 and v_bytes % 16 == 0)
 
 
 def make_kernel(spec: KernelSpec):

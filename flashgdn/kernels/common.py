@@ -249,6 +249,7 @@ class DecodeKernel:
 
     @cute.jit
     def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv):
+        """The state tile of (tile, batch row b, value head hv) into L2, if that row reads one."""
         slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
         if status == RUN:
             start = mS[slot, hv, tile * self.tile_rows, None].iterator
