@@ -185,8 +185,9 @@ def test_inputs_and_verify_on_cpu():
 def test_pool_slot_layouts():
     """Scattered: 2B slots, B distinct ones read in a random order; contiguous: B slots in order."""
     row = Row("mtp", 8, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True)
-    idx = make_inputs(row, "cpu", seed=3)["indices"]
-    assert make_inputs(row, "cpu", seed=3)["state"].shape[0] == 16
+    scattered = make_inputs(row, "cpu", seed=3)
+    idx = scattered["indices"]
+    assert scattered["state"].shape[0] == 16
     assert len(set(idx.tolist())) == 8 and 0 <= int(idx.min()) and int(idx.max()) < 16
     flat = dataclasses.replace(row, pool_slots="contiguous")
     inp = make_inputs(flat, "cpu", seed=3)
