@@ -1,5 +1,5 @@
-"""Tuning sweep: time each CTA shape of a kernel over batch sizes (how the regime tables in
-flashgdn/kernels/build.py and the regime threshold in flashgdn/api.py were chosen).
+"""Tuning sweep: time each CTA shape of a kernel over batch sizes (how the device tables and the
+regime threshold in flashgdn/kernels/policy.py are chosen).
 
     python benchmarks/tune.py --layout klast --state-dtype float32 --batch-size 1 4 16 64 256
 """
@@ -11,10 +11,11 @@ import dataclasses
 
 import torch
 
-from flashgdn.api import kernel_spec
+from flashgdn.api import CallOptions, kernel_spec
 from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn
 from flashgdn.cache import kernel_cache
-from flashgdn.device import arch_of
+from flashgdn.device import facts_of
+from flashgdn.spec import KernelArgs
 from flashgdn.validation import Problem
 
 KLAST_SHAPES = [(4, 1, 16), (4, 2, 16), (4, 4, 16), (8, 1, 16), (4, 1, 8), (4, 2, 8), (4, 4, 8), (8, 1, 8), (2, 4, 8)]
@@ -32,7 +33,7 @@ def _args(layout, p, sdt, pool, inter):
     idx = torch.randperm(p.B, device="cuda").to(torch.int32) if pool else None
     ib = torch.empty(p.B, p.T, p.HV, rows, cols, device="cuda", dtype=sdt) if inter else None
     out = torch.empty(p.B, p.T, p.HV, p.V, device="cuda", dtype=torch.bfloat16)
-    return (q, k, v, a, b, A_log, dt_bias, state, idx, None, None, ib, out)
+    return KernelArgs(q, k, v, a, b, A_log, dt_bias, state, state_indices=idx, intermediate_states=ib, output=out)
 
 
 def _triton_copy():
@@ -122,7 +123,7 @@ def main():
     if ns.calibrate_writes:
         return calibrate_writes(ns.iters)
     sdt = getattr(torch, ns.state_dtype)
-    arch, sms = arch_of(torch.device("cuda"))
+    facts = facts_of(torch.device("cuda"))
     shapes = KLAST_SHAPES if ns.layout == "klast" else KMAJOR_SHAPES
     if ns.tiles:
         shapes = list(ast.literal_eval(f"[{ns.tiles}]"))
@@ -132,8 +133,7 @@ def main():
         args = _args(ns.layout, p, sdt, ns.pool, ns.inter)
         line = []
         for tile in shapes:
-            spec = kernel_spec(ns.layout, p, torch.bfloat16, sdt, torch.bfloat16, torch.float32, None, True, arch,
-                               sms, index_dtype=torch.int32 if ns.pool else None, has_intermediate=ns.inter)
+            spec = kernel_spec(ns.layout, p, args, CallOptions(scale=None, use_l2norm=True), facts)
             try:
                 fn = kernel_cache.get(dataclasses.replace(spec, tile=tile))
             except ValueError:

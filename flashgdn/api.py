@@ -7,74 +7,77 @@ as they are (strided views included), on the current torch stream.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from . import validation as val
 from .cache import kernel_cache
-from .device import arch_of
+from .device import DeviceFacts, facts_of
+from .kernels import policy
 from .logging_utils import logged
-from .spec import MAX_TOKENS, KernelSpec
+from .spec import MAX_TOKENS, KernelArgs, KernelSpec
 
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
 
-# Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
-# wins; measured in the second pass and not re-measured after the fifth-pass CTA-shape retune
-# (benchmarks/RESULTS.md).
-SMALL_REGIME_HEADS_PER_SM = 2
+
+class CallOptions(NamedTuple):
+    """The non-tensor arguments of a call that select the compiled variant."""
+
+    scale: Optional[float]
+    use_l2norm: bool
+    update_state: bool = True
+    softplus_beta: float = 1.0
+    softplus_threshold: float = 20.0
 
 
-def pick_regime(B: int, HV: int, sm_count: int) -> str:
-    return "small" if B * HV <= SMALL_REGIME_HEADS_PER_SM * sm_count else "large"
-
-
-def kernel_spec(
-    layout: str, p: val.Problem, io_dtype, state_dtype, gate_dtype, dt_bias_dtype, scale, use_l2norm: bool,
-    arch: str, sm_count: int, index_dtype=None, has_out_indices=False, has_intermediate=False,
-    update_state=True, has_accepted=False, softplus_beta=1.0, softplus_threshold=20.0, regime=None,
-) -> KernelSpec:
-    """The compiled variant a call with these facts uses (dtypes as torch dtypes)."""
+def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOptions, facts: DeviceFacts,
+                regime: Optional[str] = None) -> KernelSpec:
+    """The compiled variant a call uses: from its problem sizes, the dtypes and presence of its
+    tensors (`args`), its options and the device (tensors need only `.dtype`: fake ones do)."""
+    name = val.dtype_name
     return KernelSpec(
-        layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=val.dtype_name(io_dtype),
-        state_dtype=val.dtype_name(state_dtype), gate_dtype=val.dtype_name(gate_dtype),
-        dt_bias_dtype=val.dtype_name(dt_bias_dtype),
-        scale=float(p.K ** -0.5 if scale is None else scale), use_l2norm=bool(use_l2norm), arch=arch,
-        regime=regime or pick_regime(p.B, p.HV, sm_count), softplus_beta=float(softplus_beta),
-        softplus_threshold=float(softplus_threshold), index_dtype=val.dtype_name(index_dtype),
-        has_out_indices=has_out_indices, has_intermediate=has_intermediate, update_state=update_state,
-        has_accepted=has_accepted,
+        layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=name(args.q.dtype),
+        state_dtype=name(args.state.dtype), gate_dtype=name(args.a.dtype), dt_bias_dtype=name(args.dt_bias.dtype),
+        scale=float(p.K ** -0.5 if options.scale is None else options.scale), use_l2norm=bool(options.use_l2norm),
+        arch=facts.arch, regime=regime or policy.regime(p.B, p.HV, facts.sm_count, facts.device_class),
+        softplus_beta=float(options.softplus_beta), softplus_threshold=float(options.softplus_threshold),
+        index_dtype=None if args.state_indices is None else name(args.state_indices.dtype),
+        has_out_indices=args.output_state_indices is not None,
+        has_intermediate=args.intermediate_states is not None, update_state=bool(options.update_state),
+        has_accepted=args.accepted_tokens is not None, device_class=facts.device_class,
     )
 
 
-def _launch(plan, layout, q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output,
-            scale, use_l2norm, update_state, softplus_beta, softplus_threshold):
-    p, device = plan.problem, plan.device
+def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) -> None:
+    """FLASHGDN_CHECK_INDICES=1: index values in range and no slot written twice (a host sync)."""
+    pool_size = args.state.shape[0]
+    for name, t in (("initial_state_indices", args.state_indices),
+                    ("output_state_indices", args.output_state_indices)):
+        if t is not None:
+            val.check_index_values(name, t, pool_size, allow_negative=True)
+    if args.accepted_tokens is not None:
+        val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
+    if update_state and args.state_indices is not None:  # a pool: rows must not write one slot
+        if args.output_state_indices is None:
+            val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
+        else:
+            val.check_distinct_slots("output_state_indices", args.output_state_indices, args.state_indices)
+
+
+def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.Tensor:
+    """Run the variant of a validated call (its _Plan) on `args`; returns the output."""
+    p = plan.problem
     fn = plan.fn
     if fn is None:  # first call of this signature: look the compiled variant up once
-        arch, sm_count = arch_of(device)
-        spec = kernel_spec(
-            layout, p, q.dtype, pool.dtype, a.dtype, dt_bias.dtype, scale, use_l2norm, arch, sm_count,
-            None if idx is None else idx.dtype, out_idx is not None, inter is not None, update_state,
-            acc is not None, softplus_beta, softplus_threshold,
-        )
-        fn = plan.fn = kernel_cache.get(spec)
+        fn = plan.fn = kernel_cache.get(kernel_spec(layout, p, args, options, facts_of(plan.device)))
     if CHECK_INDICES:
-        for name, t in (("initial_state_indices", idx), ("output_state_indices", out_idx)):
-            if t is not None:
-                val.check_index_values(name, t, pool.shape[0], allow_negative=True)
-        if acc is not None:
-            val.check_index_values("accepted_tokens", acc, p.T + 1, allow_negative=False)
-        if update_state and idx is not None:  # a pool: rows must not write one slot
-            if out_idx is None:
-                val.check_distinct_slots("initial_state_indices", idx, idx)
-            else:
-                val.check_distinct_slots("output_state_indices", out_idx, idx)
-    if output is None:
-        output = torch.empty(p.B, p.T, p.HV, p.V, dtype=q.dtype, device=device)
+        _check_index_values(p, args, options.update_state)
+    if args.output is None:
+        args = args._replace(output=torch.empty(p.B, p.T, p.HV, p.V, dtype=args.q.dtype, device=plan.device))
     if p.B:
-        fn(q, k, v, a, b, A_log, dt_bias, pool, idx, out_idx, acc, inter, output)
-    return output
+        fn(*args)
+    return args.output
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
@@ -135,7 +138,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
         if state is not None and not state_is_pool:
             raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
         pool = initial_state
-        val.check_state("initial_state", pool, (None,), p, kv_last=True)
+        val.check_state("initial_state", pool, (None,), p, layout="klast")
         val.check_indices("initial_state_indices", initial_state_indices, p)
         val.check_output_indices(output_state_indices, initial_state_indices, p)
     else:
@@ -144,7 +147,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
         if state is None:
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
-        val.check_state("state", pool, (p.B,), p, kv_last=True)
+        val.check_state("state", pool, (p.B,), p, layout="klast")
     return p, _check_common(
         p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
         dt_bias=dt_bias, state=pool,
@@ -154,7 +157,7 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
 
 def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta, softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
-    val.check_state("state", state, (p.B,), p, kv_last=False)
+    val.check_state("state", state, (p.B,), p, layout="kmajor")
     return p, _check_common(p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b,
                             A_log=A_log, dt_bias=dt_bias, state=state)
 
@@ -164,12 +167,12 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
                softplus_beta, softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     # With disable_state_update the pool is only read (it may overlap itself).
-    val.check_state("initial_state", initial_state, (None,), p, kv_last=True, written=not disable_state_update)
+    val.check_state("initial_state", initial_state, (None,), p, layout="klast", written=not disable_state_update)
     val.check_indices("initial_state_indices", initial_state_indices, p)
     val.check_output_indices(output_state_indices, initial_state_indices, p)
     if intermediate_states_buffer is not None:
         val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
-                        kv_last=True, dtype=initial_state.dtype)
+                        layout="klast", dtype=initial_state.dtype)
         if intermediate_states_buffer.shape[1] < p.T:
             raise ValueError(
                 f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
@@ -209,9 +212,9 @@ def gated_delta_rule_decode_pretranspose(
         options=(use_qk_l2norm,),
     )
     pool = state if initial_state is None else initial_state
-    out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices,
-                  output_state_indices, None, None, output, scale, use_qk_l2norm, True,
-                  softplus_beta, softplus_threshold)
+    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, state_indices=initial_state_indices,
+                      output_state_indices=output_state_indices, output=output)
+    out = _launch(plan, "klast", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
     return out, pool
 
 
@@ -228,8 +231,8 @@ def gated_delta_rule_decode(
     """
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
-    out = _launch(plan, "kmajor", q, k, v, a, b, A_log, dt_bias, state, None, None, None, None,
-                  output, scale, use_qk_l2norm, True, softplus_beta, softplus_threshold)
+    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
+    out = _launch(plan, "kmajor", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
     return out, state
 
 
@@ -256,7 +259,9 @@ def gated_delta_rule_mtp(
         intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
         softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
     )
-    out = _launch(plan, "klast", q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
-                  output_state_indices, accepted_tokens, intermediate_states_buffer, output, scale,
-                  use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold)
+    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, state_indices=initial_state_indices,
+                      output_state_indices=output_state_indices, accepted_tokens=accepted_tokens,
+                      intermediate_states=intermediate_states_buffer, output=output)
+    options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold)
+    out = _launch(plan, "klast", args, options)
     return out, initial_state

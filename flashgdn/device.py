@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import NamedTuple
 
 import torch
+
+from .kernels import policy
 
 # compute capability -> CuTe DSL target. Hopper is verified on hardware; Blackwell (SM100/SM103)
 # is compiled in CI and correct by construction, but not yet run on hardware.
@@ -15,9 +17,18 @@ class UnsupportedGPUError(RuntimeError):
     pass
 
 
+class DeviceFacts(NamedTuple):
+    """What kernel selection reads of a device: its target, SM count (the batch regime) and the
+    name of its tuning table (kernels.policy.device_class)."""
+
+    arch: str
+    sm_count: int
+    device_class: str
+
+
 @functools.lru_cache(maxsize=None)
-def device_facts(index: int) -> Tuple[str, int]:
-    """(target arch, SM count) of CUDA device `index`; raises for GPUs we do not build for."""
+def device_facts(index: int) -> DeviceFacts:
+    """DeviceFacts of CUDA device `index`; raises for GPUs we do not build for."""
     props = torch.cuda.get_device_properties(index)
     cc = (props.major, props.minor)
     arch = SUPPORTED_ARCHS.get(cc)
@@ -27,9 +38,10 @@ def device_facts(index: int) -> Tuple[str, int]:
             f"flashgdn kernels support {supported} (Hopper H100/H200, Blackwell B200/B300); "
             f"{props.name} is SM{cc[0]}{cc[1]}, which is not supported"
         )
-    return arch, props.multi_processor_count
+    sms = props.multi_processor_count
+    return DeviceFacts(arch, sms, policy.device_class(arch, sms, props.total_memory / 2**30))
 
 
-def arch_of(device: torch.device) -> Tuple[str, int]:
+def facts_of(device: torch.device) -> DeviceFacts:
     index = device.index if device.index is not None else torch.cuda.current_device()
     return device_facts(index)

@@ -1,6 +1,13 @@
 """Opt-in API call logging: FLASHGDN_LOGLEVEL=1 logs calls, 2 adds shapes/dtypes/strides.
 
-Read once at import. When unset or 0, `logged` returns the function itself: zero overhead.
+The variable is read once, at import, and only decides whether `logged` wraps the API functions:
+unset or 0, `logged` returns the function itself (zero overhead). Like any library, flashgdn
+configures no output: the "flashgdn" logger gets a NullHandler and no level, and its records
+propagate to the application's handlers. The call records are INFO records, so an application
+shows them with e.g.
+
+    logging.basicConfig(level=logging.INFO)            # or
+    logging.getLogger("flashgdn").setLevel(logging.INFO)  # plus a handler of its own
 """
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ import os
 
 LOG_LEVEL = int(os.environ.get("FLASHGDN_LOGLEVEL", "0") or 0)
 logger = logging.getLogger("flashgdn")
+# A reload of this module must not stack a second NullHandler.
+if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+    logger.addHandler(logging.NullHandler())
 
 
 def _describe(x) -> str:
@@ -20,13 +30,9 @@ def _describe(x) -> str:
 
 
 def logged(fn):
+    """`fn` itself when FLASHGDN_LOGLEVEL is unset or 0, else `fn` wrapped to log each call at INFO."""
     if LOG_LEVEL <= 0:
         return fn
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[flashgdn] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -61,7 +61,7 @@ def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta
 
 
 def _decode(
-    q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, kv_last, scale, use_qk_l2norm,
+    q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, layout, scale, use_qk_l2norm,
     output, intermediate_states_buffer=None, update_state=True, accepted_tokens=None,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
 ):
@@ -82,14 +82,14 @@ def _decode(
     if rows.numel():
         ri, wi = read_idx[rows].long(), write_idx[rows].long()
         S = pool[ri].to(compute_dtype)
-        if kv_last:
+        if layout == "klast":
             S = S.transpose(-1, -2)
         o, states = _recur(
             q[rows], k[rows], v[rows], a[rows], b[rows], A_log, dt_bias, S, scale, use_qk_l2norm,
             softplus_beta, softplus_threshold, compute_dtype,
         )
         out[rows] = o.to(q.dtype)
-        as_stored = (lambda s: s.transpose(-1, -2)) if kv_last else (lambda s: s)
+        as_stored = (lambda s: s.transpose(-1, -2)) if layout == "klast" else (lambda s: s)
         if intermediate_states_buffer is not None:
             for t, s in enumerate(states):
                 intermediate_states_buffer[rows, t] = as_stored(s).to(intermediate_states_buffer.dtype)
@@ -112,7 +112,7 @@ def gated_delta_rule_decode_pretranspose(
     """Reference of flashgdn.gated_delta_rule_decode_pretranspose (state [B|P, HV, V, K])."""
     pool = initial_state if initial_state is not None else state
     out = _decode(
-        q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, True,
+        q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, "klast",
         scale, use_qk_l2norm, output, softplus_beta=softplus_beta,
         softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
     )
@@ -125,7 +125,7 @@ def gated_delta_rule_decode(
 ):
     """Reference of flashgdn.gated_delta_rule_decode (state [B, HV, K, V])."""
     out = _decode(
-        q, k, v, a, b, A_log, dt_bias, state, None, None, False, scale, use_qk_l2norm, output,
+        q, k, v, a, b, A_log, dt_bias, state, None, None, "kmajor", scale, use_qk_l2norm, output,
         softplus_beta=softplus_beta, softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
     )
     return out, state
@@ -140,7 +140,7 @@ def gated_delta_rule_mtp(
     """Reference of flashgdn.gated_delta_rule_mtp (pool [P, HV, V, K], T tokens per sequence)."""
     out = _decode(
         q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
-        True, scale, use_qk_l2norm, output, intermediate_states_buffer, not disable_state_update,
+        "klast", scale, use_qk_l2norm, output, intermediate_states_buffer, not disable_state_update,
         accepted_tokens, softplus_beta, softplus_threshold, compute_dtype,
     )
     return out, initial_state

@@ -1,13 +1,18 @@
-"""Static description of one compiled kernel variant: the compile-cache key.
+"""Static description of one compiled kernel variant (the compile-cache key) and the kernel's
+argument list.
 
 Plain Python (no torch, no CuTe) so that both the API layer and the kernel layer can use it.
-Everything in here changes the generated code; nothing in here depends on the batch size or
+Everything in a KernelSpec changes the generated code; nothing in it depends on the batch size or
 on the pool size, which stay dynamic in the compiled kernel.
+
+Vocabulary: the state layout is "klast" (state [.., HV, V, K], K contiguous; the API calls it
+"pretranspose") or "kmajor" ([.., HV, K, V], V contiguous; the API's "nontranspose"). Dtypes are
+named as torch prints them without the module ("bfloat16").
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_TOKENS = 16  # tokens per sequence (MTP): the most the GPU tests cover
@@ -17,10 +22,38 @@ GATE_DTYPES = ("bfloat16", "float16", "float32")
 DT_BIAS_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 ARCHS = ("sm_90a", "sm_100a", "sm_103a")
-LAYOUTS = ("klast", "kmajor")  # state [.., V, K] ("pretranspose") or [.., K, V]
+LAYOUTS = ("klast", "kmajor")
 REGIMES = ("small", "large")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
+VEC_BYTES = 16  # one 128-bit global access per lane and chunk
+
+
+def vec_elems(dtype_name: str) -> int:
+    """Elements of `dtype_name` in one 16-byte access."""
+    return VEC_BYTES // DTYPE_BYTES[dtype_name]
+
+
+class KernelArgs(NamedTuple):
+    """The tensors a compiled kernel takes, in order (None where a variant has no such tensor).
+    Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]; state
+    [P, HV, V, K] ("klast") or [P, HV, K, V] ("kmajor"), P = B for a dense state; state_indices,
+    output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
+    output [B, T, HV, V]."""
+
+    q: Any
+    k: Any
+    v: Any
+    a: Any
+    b: Any
+    A_log: Any
+    dt_bias: Any
+    state: Any
+    state_indices: Any = None
+    output_state_indices: Any = None
+    accepted_tokens: Any = None
+    intermediate_states: Any = None
+    output: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +81,10 @@ class KernelSpec:
     has_intermediate: bool = False
     update_state: bool = True
     has_accepted: bool = False
-    tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the regime's
+    tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the policy's
+    # Name of the tuning table (kernels.policy.DEVICE_TABLES) the build takes its choices from;
+    # None: the reference table of `arch`.
+    device_class: Optional[str] = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -77,7 +113,7 @@ class KernelSpec:
 
     @property
     def multi_token(self) -> bool:
-        """Built by the multi-token (MTP) kernel: K-last with T > 1, intermediates or accepted counts."""
+        """Served by an MTP kernel: K-last with T > 1, intermediates or accepted counts."""
         return self.layout == "klast" and (self.T > 1 or self.has_intermediate or self.has_accepted)
 
     def short_name(self) -> str:
@@ -86,14 +122,8 @@ class KernelSpec:
             self.layout, f"T{self.T}", f"H{self.H}", f"HV{self.HV}", f"K{self.K}", f"V{self.V}",
             self.io_dtype, f"state-{self.state_dtype}", self.regime, self.arch,
         ]
-        if self.pool:
-            parts.append("pool")
-        if self.has_intermediate:
-            parts.append("inter")
-        if not self.update_state:
-            parts.append("noupdate")
-        if self.has_accepted:
-            parts.append("accepted")
-        if not self.use_l2norm:
-            parts.append("nol2")
-        return "/".join(parts)
+        flags = (
+            (self.pool, "pool"), (self.has_intermediate, "inter"), (not self.update_state, "noupdate"),
+            (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"),
+        )
+        return "/".join(parts + [name for on, name in flags if on])

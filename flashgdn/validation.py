@@ -15,12 +15,20 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import spec
 from .spec import SUPPORTED_HEAD_DIMS
 
-IO_DTYPES = (torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
-ALIGN = 16  # bytes: kernels use 16-byte vector accesses
+
+def _torch_dtypes(names):
+    return tuple(getattr(torch, n) for n in names)
+
+
+# The dtypes of spec.py as torch dtypes.
+IO_DTYPES = _torch_dtypes(spec.IO_DTYPES)
+STATE_DTYPES = _torch_dtypes(spec.STATE_DTYPES)
+DT_BIAS_DTYPES = _torch_dtypes(spec.DT_BIAS_DTYPES)
+INDEX_DTYPES = _torch_dtypes(spec.INDEX_DTYPES)
+ALIGN = spec.VEC_BYTES  # kernels use 16-byte vector accesses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +117,7 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     check_tensor("a", a, (q.dtype, torch.float32), (B, T, HV))
     check_tensor("b", b, (a.dtype,), (B, T, HV))
     check_tensor("A_log", A_log, (torch.float32,), (HV,))
-    check_tensor("dt_bias", dt_bias, (torch.float32, torch.bfloat16), (HV,))
+    check_tensor("dt_bias", dt_bias, DT_BIAS_DTYPES, (HV,))
     for nm, t in (("q", q), ("k", k), ("v", v)):
         check_inner_contiguous(nm, t, 1, align_leading=True)
     for nm, t, n in (("a", a, 1), ("b", b, 1), ("A_log", A_log, 1), ("dt_bias", dt_bias, 1)):
@@ -117,11 +125,11 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     return Problem(B, T, H, HV, K, V)
 
 
-def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, kv_last: bool, dtype=None,
+def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, layout: str, dtype=None,
                 written: bool = True) -> None:
-    """A state tensor [*leading, HV, V, K] (kv_last) or [*leading, HV, K, V]; one the kernel writes
-    must not overlap itself."""
-    rows, cols = (p.V, p.K) if kv_last else (p.K, p.V)
+    """A state tensor [*leading, HV, V, K] ("klast") or [*leading, HV, K, V] ("kmajor"); one the
+    kernel writes must not overlap itself."""
+    rows, cols = (p.V, p.K) if layout == "klast" else (p.K, p.V)
     check_tensor(name, t, (dtype,) if dtype is not None else STATE_DTYPES, (*leading, p.HV, rows, cols))
     check_inner_contiguous(name, t, 3, align_leading=True)
     if t.shape[0] == 0 and p.B > 0:

@@ -1,17 +1,20 @@
-"""CPU tests of the benchmark CLI: flags, FLOP/byte formulas, writers, verify plumbing, and one
-real `--compile-only` run (CuTe DSL compiles without a GPU)."""
+"""CPU tests of the benchmark CLI: flags, FLOP/byte formulas, writers, the plot, verify plumbing,
+the FlashInfer call routing, and one real `--compile-only` run (CuTe DSL compiles without a GPU)."""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
 
-from flashgdn.bench import cli
+import flashgdn
+from flashgdn.bench import cli, plot
 from flashgdn.bench.metrics import gdn_bytes, gdn_flops
-from flashgdn.bench.rows import REFERENCE, Impl, Row, Unavailable, make_inputs, verify
+from flashgdn.bench.resources import dynamic_smem_bytes
+from flashgdn.bench.rows import REFERENCE, Impl, Row, Unavailable, call_api, make_inputs, verify
 
 
 # ----------------------------------------------------------------------------- flags
@@ -19,7 +22,7 @@ from flashgdn.bench.rows import REFERENCE, Impl, Row, Unavailable, make_inputs, 
 
 def test_defaults():
     a = cli.parse_args([])
-    assert a.version == "all"
+    assert a.api == "all" and a.api_alias is None
     assert a.batch_size == [1, 4, 16, 64, 256, 512]
     assert a.seq_len == [2, 4, 8]
     assert (a.num_q_heads, a.num_v_heads, a.head_size) == (16, 32, 128)
@@ -46,7 +49,7 @@ def test_lists_and_sweep_rows():
         assert not r.l2norm and (r.version == "mtp" or r.T == 1)
     assert {r.T for r in rows if r.version == "mtp"} == {3, 5}
     assert {r.pool_slots for r in rows} == {"scattered"}
-    contiguous = cli.sweep_rows(cli.parse_args(["--version", "mtp", "--pool-slots", "contiguous"]))
+    contiguous = cli.sweep_rows(cli.parse_args(["--api", "mtp", "--pool-slots", "contiguous"]))
     assert contiguous and all(r.pool and r.pool_slots == "contiguous" for r in contiguous)
 
 
@@ -56,7 +59,10 @@ def test_default_sweep_size():
 
 
 @pytest.mark.parametrize("argv, phrase", [
+    (["--api", "bogus"], "--api"),
     (["--version", "bogus"], "--version"),
+    (["--api", "mtp", "--version", "pretranspose"], "deprecated"),
+    (["--compile-only", "--plot", "p.png"], "--plot"),
     (["--num-q-heads", "3", "--num-v-heads", "32"], "multiple"),
     (["--head-size", "96"], "--head-size"),
     (["--batch-size", "0"], "positive"),
@@ -73,6 +79,30 @@ def test_bad_flags_exit_2_with_one_line(argv, phrase, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "error:" in err and phrase in err
+
+
+def test_version_alone_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr()
+    assert out.out == f"flashgdn {flashgdn.__version__}\n" and out.err == ""
+
+
+def test_version_with_a_value_is_a_deprecated_api(capsys):
+    a = cli.parse_args(["--version", "mtp", "--batch-size", "4"])
+    assert a.api == "mtp" and a.batch_size == [4]
+    assert {r.version for r in cli.sweep_rows(a)} == {"mtp"}
+    err = capsys.readouterr().err
+    assert "deprecated" in err and "--api mtp" in err
+    cli.parse_args(["--api", "mtp"])
+    assert capsys.readouterr().err == ""  # the new spelling: no notice
+
+
+def test_help_names_api_and_ptxas():
+    text = cli.build_parser().format_help()
+    assert "--api" in text and "deprecated spelling of --api" in text
+    assert "ptxas" in text and "nvidia-cuda-nvcc" in text
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -155,10 +185,41 @@ def test_results_table_marks_failures_and_notes():
     assert cli.row_failed(_fake_rows()[1]) and not cli.row_failed(_fake_rows()[0])
 
 
-def test_plot(tmp_path):
+def _synthetic_sweep(baselines: bool):
+    """Result rows of every API and state dtype (MTP: T = 2 4 8 16), with or without baseline times."""
+    rows = []
+    for version in ("pretranspose", "nontranspose", "mtp"):
+        for state in ("fp32", "bf16"):
+            for T in (2, 4, 8, 16) if version == "mtp" else (1,):
+                for B in (1, 4, 16, 64, 256, 512):
+                    rec = dict.fromkeys(cli.result_fields())
+                    us = 3.0 + 0.05 * B * T
+                    rec.update(version=version, B=B, T=T, H=16, HV=32, K=128, V=128, dtype="bf16",
+                               state_dtype=state, median_us=us)
+                    if baselines:
+                        rec.update(fla_us=2.0 * us, flashinfer_us=None if T == 16 else 1.2 * us)
+                    rows.append(rec)
+    return rows
+
+
+@pytest.mark.parametrize("baselines", [True, False])
+def test_plot_writes_a_png(tmp_path, baselines):
     path = tmp_path / "p.png"
-    cli.write_plot(str(path), _fake_rows())
+    cli.write_plot(str(path), _synthetic_sweep(baselines))
     assert path.read_bytes()[:4] == b"\x89PNG"
+    cli.write_plot(str(path), _fake_rows())  # a single panel, one baseline unavailable
+    assert path.stat().st_size > 1000
+
+
+def test_plot_speedup_and_series():
+    r = dict(median_us=10.0, fla_us=30.0, flashinfer_us=15.0)
+    assert plot.speedup_over_best_baseline(r) == 1.5
+    assert plot.speedup_over_best_baseline(dict(r, flashinfer_us=None)) == 3.0
+    assert plot.speedup_over_best_baseline(dict(median_us=10.0, fla_us=None, flashinfer_us=None)) is None
+    assert plot.speedup_over_best_baseline(dict(r, median_us=None)) is None
+    assert plot._pick([2, 4, 8], 6) == [2, 4, 8]
+    picked = plot._pick(list(range(1, 17)), plot.MAX_SERIES)
+    assert len(picked) == plot.MAX_SERIES and picked[0] == 1 and picked[-1] == 16
 
 
 # ----------------------------------------------------------------------------- inputs and verify (CPU)
@@ -206,19 +267,68 @@ def test_fla_unavailable_is_reported():
         pytest.skip("fla is installed")
 
 
+# ----------------------------------------------------------------------------- FlashInfer routing
+
+
+class _Recorder(types.SimpleNamespace):
+    """A module with flashgdn's three API functions that records which one a call reaches."""
+
+    def __init__(self):
+        super().__init__(calls=[])
+        for fn in ("gated_delta_rule_decode", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_mtp"):
+            setattr(self, fn, lambda *a, _fn=fn, **kw: self.calls.append((_fn, a, kw)))
+
+
+@pytest.mark.parametrize("state_dtype, via_pretranspose, expected", [
+    ("bf16", True, "gated_delta_rule_decode_pretranspose"),
+    ("fp32", True, "gated_delta_rule_mtp"),
+    ("bf16", False, "gated_delta_rule_mtp"),
+])
+def test_bf16_mtp_routing(state_dtype, via_pretranspose, expected):
+    row = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", state_dtype, pool=True)
+    inp = make_inputs(row, "cpu", seed=0)
+    module = _Recorder()
+    call_api(module, row, inp, bf16_mtp_via_pretranspose=via_pretranspose)
+    [(fn, args, kw)] = module.calls
+    assert fn == expected
+    if fn == "gated_delta_rule_decode_pretranspose":  # state=None, the pool + indices as initial_state
+        assert args[3] is None and kw["initial_state"] is inp["state"]
+        assert kw["initial_state_indices"] is inp["indices"] and "intermediate_states_buffer" not in kw
+        assert args[0].shape == (2, 3, 1, 64)  # q [B, T, H, K] with T > 1
+
+
+def test_bf16_mtp_routing_passes_intermediates():
+    row = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "bf16", pool=True, intermediate=True)
+    inp = make_inputs(row, "cpu", seed=0)
+    module = _Recorder()
+    call_api(module, row, inp, bf16_mtp_via_pretranspose=True)
+    assert module.calls[0][2]["intermediate_states_buffer"] is inp["inter"]
+    assert cli.BASELINES[1].name == "flashinfer"
+
+
 # ----------------------------------------------------------------------------- compile-only
+
+
+def test_dynamic_smem_without_a_module():
+    assert dynamic_smem_bytes(object()) is None
 
 
 def test_compile_only_pretranspose_sm90(capsys, tmp_path):
     out_json = tmp_path / "c.json"
-    rc = cli.main(["--compile-only", "--arch", "sm_90a", "--version", "pretranspose", "--batch-size", "1",
+    rc = cli.main(["--compile-only", "--arch", "sm_90a", "--api", "pretranspose", "--batch-size", "1",
                    "--head-size", "128", "--json", str(out_json)])
     captured = capsys.readouterr()
     assert rc == 0, captured
     name = "klast/T1/H16/HV32/K128/V128/bfloat16/state-float32/small/sm_90a"
-    assert name in captured.out and "compile s" in captured.out
+    header = captured.out.splitlines()[0].split("  ")
+    assert [h.strip() for h in header if h.strip()] == [
+        "variant", "kernel class", "batch sizes", "compile s", "registers", "dyn smem B", "error"]
+    assert name in captured.out and "KLastDecode" in captured.out
+    assert "total compile time:" in captured.out.splitlines()[-1]
     assert "compiling" in captured.err
     rec = json.loads(out_json.read_text())["rows"][0]
-    assert rec["kernel"] == name and rec["compile_s"] > 0 and not rec.get("error")
-    # Registers come from ptxas when one on PATH reads the kept PTX, else "n/a" (best effort).
+    assert rec["kernel"] == name and rec["kernel_class"] == "KLastDecode"
+    assert rec["compile_s"] > 0 and not rec.get("error")
+    assert isinstance(rec["dyn_smem_bytes"], int) and rec["dyn_smem_bytes"] >= 0
+    # Registers come from ptxas when one is found and reads the kept PTX, else "n/a" (best effort).
     assert rec["registers"] == "n/a" or rec["registers"].split()[0].isdigit()

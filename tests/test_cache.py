@@ -14,7 +14,9 @@ import torch
 import flashgdn
 from flashgdn import api, device, logging_utils
 from flashgdn.cache import CompileCache
-from flashgdn.spec import KernelSpec
+from flashgdn.device import DeviceFacts
+from flashgdn.kernels import policy
+from flashgdn.spec import KernelArgs, KernelSpec
 from flashgdn.validation import Problem
 
 # ----------------------------------------------------------------------------- (a) CompileCache
@@ -125,9 +127,22 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 
 def key(B=3, T=1, H=16, HV=32, K=128, V=128, layout="klast", io=BF16, state=F32, gate=BF16, dt_bias=F32,
-        scale=None, l2norm=True, arch="sm_90a", sm_count=SM, **kw) -> KernelSpec:
-    return api.kernel_spec(layout, Problem(B, T, H, HV, K, V), io, state, gate, dt_bias, scale, l2norm, arch,
-                           sm_count, **kw)
+        scale=None, l2norm=True, arch="sm_90a", sm_count=SM, index_dtype=None, has_out_indices=False,
+        has_intermediate=False, update_state=True, has_accepted=False, softplus_beta=1.0,
+        softplus_threshold=20.0, regime=None) -> KernelSpec:
+    """The spec of a call with these facts (fake tensors: kernel_spec reads only dtypes and presence)."""
+    def t(dtype):
+        return None if dtype is None else SimpleNamespace(dtype=dtype)
+
+    args = KernelArgs(
+        q=t(io), k=t(io), v=t(io), a=t(gate), b=t(gate), A_log=t(F32), dt_bias=t(dt_bias), state=t(state),
+        state_indices=t(index_dtype), output_state_indices=t(index_dtype) if has_out_indices else None,
+        accepted_tokens=t(torch.int32) if has_accepted else None,
+        intermediate_states=t(state) if has_intermediate else None,
+    )
+    options = api.CallOptions(scale, l2norm, update_state, softplus_beta, softplus_threshold)
+    facts = DeviceFacts(arch, sm_count, policy.device_class(arch, sm_count, 80))
+    return api.kernel_spec(layout, Problem(B, T, H, HV, K, V), args, options, facts, regime=regime)
 
 
 def test_batch_size_does_not_change_the_spec():
@@ -156,9 +171,9 @@ def test_regime_is_the_only_batch_dependence():
 def test_regime_boundary():
     HV = 32
     edge = 2 * SM // HV  # B * HV <= 2 * sm_count: small
-    assert api.pick_regime(edge, HV, SM) == "small"
-    assert api.pick_regime(edge + 1, HV, SM) == "large"
-    assert api.pick_regime(1, 32, 1) == "large"
+    assert policy.regime(edge, HV, SM) == "small"
+    assert policy.regime(edge + 1, HV, SM) == "large"
+    assert policy.regime(1, 32, 1) == "large"
     assert key(B=edge).regime == "small" and key(B=edge + 1).regime == "large"
     assert key(B=edge, sm_count=SM // 2).regime == "large"  # fewer SMs: large earlier
 
@@ -323,8 +338,9 @@ def test_logging_is_restored(reload_logging):
 # ----------------------------------------------------------------------------- (e) GPU gating
 
 
-def _props(major, minor, name, sms):
-    return SimpleNamespace(major=major, minor=minor, name=name, multi_processor_count=sms)
+def _props(major, minor, name, sms, memory_gib=80):
+    return SimpleNamespace(major=major, minor=minor, name=name, multi_processor_count=sms,
+                           total_memory=memory_gib * 2**30)
 
 
 def test_unsupported_gpu(monkeypatch):
@@ -355,18 +371,27 @@ def test_supported_gpus(monkeypatch, cc, sms, arch):
         return _props(*cc, "GPU", sms)
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", props)
-    assert device.device_facts.__wrapped__(3) == (arch, sms)
+    assert device.device_facts.__wrapped__(3) == (arch, sms, policy.device_class(arch, sms, 80))
     assert seen == [3]
+
+
+@pytest.mark.parametrize("memory_gib", [80, 141])
+def test_device_class_enters_the_spec(monkeypatch, memory_gib):
+    """H100 (80 GiB) and H200 (141 GiB) resolve to a known tuning table, named in the spec."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _props(9, 0, "GPU", 132, memory_gib))
+    facts = device.device_facts.__wrapped__(0)
+    assert facts.device_class in policy.DEVICE_TABLES
+    assert key().device_class == facts.device_class
 
 
 def test_device_facts_is_cached():
     assert hasattr(device.device_facts, "cache_info") and hasattr(device.device_facts, "__wrapped__")
 
 
-def test_arch_of_uses_device_index(monkeypatch):
+def test_facts_of_uses_device_index(monkeypatch):
     calls = []
-    monkeypatch.setattr(device, "device_facts", lambda i: calls.append(i) or ("sm_90a", 132))
+    monkeypatch.setattr(device, "device_facts", lambda i: calls.append(i) or ("sm_90a", 132, "x"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
-    assert device.arch_of(torch.device("cuda", 2)) == ("sm_90a", 132)
-    assert device.arch_of(torch.device("cuda")) == ("sm_90a", 132)
+    assert device.facts_of(torch.device("cuda", 2)) == ("sm_90a", 132, "x")
+    assert device.facts_of(torch.device("cuda")) == ("sm_90a", 132, "x")
     assert calls == [2, 5]

@@ -85,32 +85,33 @@ def test_compiles(monkeypatch, arch, kw):
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
 
-def test_mtp_options_follow_the_measured_cases():
+def config(**kw):
+    from flashgdn.kernels.policy import BuildConfig
+
+    return BuildConfig.for_spec(spec("sm_90a", **kw))
+
+
+def test_unchecked_loop_follows_the_measured_cases():
     """The fp32 large-batch MTP knobs apply only to the shape and token counts they were measured on."""
-    from flashgdn.kernels.build import mtp_options, tile_for
+    def unchecked(**kw):
+        return config(index_dtype="int32", **kw).unchecked_loop
 
-    def options(**kw):
-        s = spec("sm_90a", index_dtype="int32", **kw)
-        return mtp_options(s, tile_for(s))
-
-    assert options(T=5, regime="large") == options(T=7, regime="large") == dict(unchecked_loop=True)
-    assert options(T=4, regime="large") == dict(unchecked_loop=False)
-    assert options(T=8, regime="large", tile=(4, 2, 8)) == dict(unchecked_loop=True)
-    # From LONG_MTP_TOKENS on, the fp32 large-batch build is (4, 4, 8) with the L2 prefetch instead.
-    assert options(T=8, regime="large") == options(T=16, regime="large") == {}
-    assert options(T=8, regime="small") == {}
-    assert options(T=8, regime="large", state="bfloat16") == {}
-    assert options(T=8, regime="large", tile=(4, 4, 8)) == {}
-    assert options(T=8, regime="large", has_intermediate=True) == {}
+    assert unchecked(T=5, regime="large") and unchecked(T=7, regime="large")
+    assert not unchecked(T=4, regime="large")
+    assert unchecked(T=8, regime="large", tile=(4, 2, 8))
+    # From long_mtp_tokens on, the fp32 large-batch build is (4, 4, 8) with the L2 prefetch instead.
+    assert not unchecked(T=8, regime="large") and not unchecked(T=16, regime="large")
+    assert not unchecked(T=8, regime="small")
+    assert not unchecked(T=8, regime="large", state="bfloat16")
+    assert not unchecked(T=8, regime="large", tile=(4, 4, 8))
+    assert not unchecked(T=8, regime="large", has_intermediate=True)
 
 
 def test_mtp_with_intermediates_takes_its_own_tiles():
     """MTP builds that write the intermediate states take the "mtp_inter" CTA shapes at large batch
     (narrower rows per thread, measured faster there), the "mtp" ones otherwise."""
-    from flashgdn.kernels.build import tile_for
-
     def tile(**kw):
-        return tile_for(spec("sm_90a", index_dtype="int32", **kw))
+        return config(index_dtype="int32", **kw).tile
 
     assert tile(T=8, regime="large", has_intermediate=True) == (8, 1, 16)
     assert tile(T=4, regime="large", state="bfloat16", has_intermediate=True) == (4, 2, 16)
@@ -123,12 +124,13 @@ def test_mtp_with_intermediates_takes_its_own_tiles():
 def test_mma_kernel_follows_the_measured_cases():
     """The tensor-core MTP kernel builds only what it was measured faster on: bf16 state and q/k/v,
     no intermediates, large batch, T >= 5; a 2-tuple tile asks for it, a 3-tuple for kmtp."""
-    from flashgdn.kernels.build import make_kernel, uses_mma
+    from flashgdn.kernels.build import make_kernel
     from flashgdn.kernels.kmtp_mma import KLastMTPMma
+    from flashgdn.kernels.policy import KMTP_MMA
 
     def mma(**kw):
         kw = dict(T=8, regime="large", state="bfloat16", index_dtype="int32") | kw
-        return uses_mma(spec("sm_90a", **kw))
+        return config(**kw).kernel == KMTP_MMA
 
     assert mma() and mma(T=5) and mma(T=16) and mma(has_accepted=True) and mma(update_state=False)
     assert not mma(T=4) and not mma(regime="small") and not mma(has_intermediate=True)
@@ -142,13 +144,39 @@ def test_mma_kernel_follows_the_measured_cases():
         assert (kernel.num_warps, kernel.mb) == tile and kernel.rows_per_cta <= V
         # The update's k loads early up to K = 128; at K = 256 its registers would cost occupancy.
         assert kernel.early_k == (K <= 128)
+    bad = spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True)
     with pytest.raises(ValueError, match="no intermediates"):
-        KLastMTPMma(spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True), 1, 2)
+        KLastMTPMma(bad, config(T=8, state="bfloat16", index_dtype="int32", tile=(1, 2)))
+
+
+def test_every_kernel_class_is_built_by_name():
+    """The policy names the kernel class; the kernel layer maps each name to one class."""
+    from flashgdn.kernels import policy
+    from flashgdn.kernels.build import KERNELS
+
+    assert set(KERNELS) == {policy.KLAST, policy.KMAJOR, policy.KMTP, policy.KMTP_MMA}
+    assert config().kernel == policy.KLAST
+    assert config(layout="kmajor").kernel == policy.KMAJOR
+    assert config(T=4, index_dtype="int32").kernel == policy.KMTP
+
+
+def test_device_classes_fall_back_to_the_nearest_table():
+    """Every known device and an unknown one resolve to a tuning table that exists; the table's
+    name (not the device's) enters the spec, so devices sharing a table share compiled code."""
+    from flashgdn.kernels import policy
+
+    for d in policy.KNOWN_DEVICES:
+        assert policy.device_class(d.arch, d.sm_count, d.memory_gib) == d.table
+        assert d.table in policy.DEVICE_TABLES
+    assert policy.device_class("sm_90a", 114, 80) in policy.DEVICE_TABLES  # H100 PCIe: nearest SM90
+    assert policy.device_class("sm_100a", 160, 192) in policy.DEVICE_TABLES
+    named = spec("sm_90a", device_class=policy.device_class("sm_90a", 132, 141))
+    assert policy.BuildConfig.for_spec(named) == policy.BuildConfig.for_spec(spec("sm_90a"))
 
 
 def test_l2_prefetch_follows_the_measured_cases():
     """The L2 prefetch of a later CTA's state tile is on only for the large-batch builds it was measured
-    faster on, at PREFETCH_BYTES of state ahead (a whole number of CTA tiles, at least one)."""
+    faster on, at the table's prefetch distance (a whole number of CTA tiles, at least one)."""
     from flashgdn.kernels.build import make_kernel
 
     def ahead(**kw):
@@ -173,7 +201,7 @@ def test_l2_prefetch_follows_the_measured_cases():
     assert ahead(regime="small", state="bfloat16") == 0
     assert ahead(T=4, state="bfloat16", index_dtype="int32", has_intermediate=True) == 0
     assert ahead(T=6, state="float32", index_dtype="int32") == 0
-    # fp32 MTP from LONG_MTP_TOKENS on: (4, 4, 8) tiles of 64 rows x 512 B.
+    # fp32 MTP from long_mtp_tokens on: (4, 4, 8) tiles of 64 rows x 512 B.
     assert ahead(T=8, state="float32", index_dtype="int32") == 4 * mib // (64 * 512)
     assert ahead(layout="kmajor", state="float32") == 0
     assert ahead(layout="kmajor", state="bfloat16", K=256, V=256) == 0

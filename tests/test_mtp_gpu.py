@@ -88,7 +88,7 @@ def test_mtp_fp32_large_t8(inter, update, accepted):
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_mtp_two_tokens_large_batch(sdt, accepted):
     """T=2, large-batch regime, no intermediates: the kmtp builds that prefetch 6 MiB of state
-    ahead (build.SHORT_MTP_TOKENS), with padding rows."""
+    ahead (the policy table's short_mtp_tokens), with padding rows."""
     _run(2, 200, 2, sdt, False, True, accepted, True)
 
 

@@ -57,10 +57,10 @@ def naive_head(q, k, v, a, b, A_log, dt_bias, S, scale, use_l2norm=True, sp_beta
     return torch.stack(outs), states
 
 
-def naive_seq(q, k, v, a, b, A_log, dt_bias, S0, kv_last, scale=None, use_l2norm=True, sp_beta=1.0,
+def naive_seq(q, k, v, a, b, A_log, dt_bias, S0, layout, scale=None, use_l2norm=True, sp_beta=1.0,
               sp_threshold=20.0):
     """One sequence, all value heads. q, k [T, H, K]; v [T, HV, V]; a, b [T, HV];
-    S0 [HV, V, K] (kv_last) or [HV, K, V]. Returns (o [T, HV, V] f64, states [T, HV, K, V] f64)."""
+    S0 [HV, V, K] ("klast") or [HV, K, V] ("kmajor"). Returns (o [T, HV, V] f64, states [T, HV, K, V] f64)."""
     T, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     scale = K ** -0.5 if scale is None else scale
@@ -68,7 +68,7 @@ def naive_seq(q, k, v, a, b, A_log, dt_bias, S0, kv_last, scale=None, use_l2norm
     st = torch.empty(T, HV, K, V, dtype=F64)
     for hv in range(HV):
         h = hv // (HV // H)
-        S = S0[hv].t() if kv_last else S0[hv]
+        S = S0[hv].t() if layout == "klast" else S0[hv]
         oh, sts = naive_head(q[:, h], k[:, h], v[:, hv], a[:, hv], b[:, hv], A_log[hv], dt_bias[hv], S,
                              scale, use_l2norm, sp_beta, sp_threshold)
         o[:, hv] = oh
@@ -77,9 +77,9 @@ def naive_seq(q, k, v, a, b, A_log, dt_bias, S0, kv_last, scale=None, use_l2norm
     return o, st
 
 
-def stored(S_kv: torch.Tensor, kv_last: bool) -> torch.Tensor:
+def stored(S_kv: torch.Tensor, layout: str) -> torch.Tensor:
     """[.., K, V] state in the storage layout."""
-    return S_kv.transpose(-1, -2) if kv_last else S_kv
+    return S_kv.transpose(-1, -2) if layout == "klast" else S_kv
 
 
 def close(actual, expected, atol=1e-4, rtol=1e-4, msg=""):
@@ -102,9 +102,9 @@ def test_pretranspose_dense(K, V):
     out, st = ref.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b)
     assert st is state and out.shape == (B, 1, HV, V) and out.dtype == q.dtype
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="klast")
         close(out[i], o, msg=f"output row {i}")
-        close(state[i], stored(s[-1], True), msg=f"state row {i}")
+        close(state[i], stored(s[-1], "klast"), msg=f"state row {i}")
 
 
 @pytest.mark.parametrize("K,V", [(64, 128), (128, 64)], ids=lambda x: str(x))
@@ -116,7 +116,7 @@ def test_nontranspose_dense(K, V):
     out, st = ref.gated_delta_rule_decode(q, k, v, state, A_log, a, dt_bias, b)
     assert st is state and out.shape == (B, 1, HV, V)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last=False)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="kmajor")
         close(out[i], o, msg=f"output row {i}")
         close(state[i], s[-1], msg=f"state row {i}")
 
@@ -142,10 +142,10 @@ def test_bf16_inputs():
     out, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b)
     assert out.dtype == torch.bfloat16
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="klast")
         # one bf16 rounding step (2^-8 relative) of the fp64 value
         close(out[i], o, atol=1e-3, rtol=2 ** -8, msg=f"output row {i}")
-        close(state[i], stored(s[-1], True), msg=f"state row {i}")
+        close(state[i], stored(s[-1], "klast"), msg=f"state row {i}")
 
 
 def test_output_argument_is_filled_and_returned():
@@ -174,9 +174,9 @@ def test_gva_head_mapping(ratio):
     idx = torch.tensor([2, 0], dtype=torch.int32)
     out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
-        close(pool[idx[i]], stored(s[-1], True), msg=f"state row {i}")
+        close(pool[idx[i]], stored(s[-1], "klast"), msg=f"state row {i}")
 
 
 # ----------------------------------------------------------------------------- MTP
@@ -214,10 +214,10 @@ def test_mtp_equals_single_steps(T, sdt):
     assert torch.equal(pool[untouched], before[untouched])
     assert torch.equal(steps[untouched], before[untouched])
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out_mtp[i], o, msg=f"mtp output row {i}")
         tol = dict(atol=1e-4, rtol=1e-4) if sdt == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)
-        close(pool[idx[i]], stored(s[-1], True), msg=f"mtp state row {i}", **tol)
+        close(pool[idx[i]], stored(s[-1], "klast"), msg=f"mtp state row {i}", **tol)
 
 
 # ----------------------------------------------------------------------------- pools
@@ -236,9 +236,9 @@ def test_padding_rows():
     ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, output=out)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     for i in (1, 3):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
-        close(pool[idx[i]], stored(s[-1], True), msg=f"state row {i}")
+        close(pool[idx[i]], stored(s[-1], "klast"), msg=f"state row {i}")
     for slot in (0, 2, 3, 5):
         assert torch.equal(pool[slot], before[slot]), f"slot {slot} changed"
 
@@ -268,9 +268,9 @@ def test_negative_write_index_is_padding():
     )
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(pool[:3], before[:3])
-    o, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[2], kv_last=True)
+    o, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[2], layout="klast")
     close(out[1], o)
-    close(pool[3], stored(s[-1], True))
+    close(pool[3], stored(s[-1], "klast"))
 
 
 @pytest.mark.parametrize("fn", ["pretranspose", "mtp"])
@@ -291,9 +291,9 @@ def test_separate_output_state_indices(fn):
     else:
         out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, output_state_indices=write)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[read[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[read[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
-        close(pool[write[i]], stored(s[-1], True), msg=f"write slot of row {i}")
+        close(pool[write[i]], stored(s[-1], "klast"), msg=f"write slot of row {i}")
     for slot in (0, 2, 4, 5):
         assert torch.equal(pool[slot], before[slot]), f"slot {slot} changed"
 
@@ -311,10 +311,10 @@ def test_intermediate_states_slot_by_slot(sdt):
     assert torch.all(ibuf[:, T:] == 7.0)
     tol = dict(atol=1e-4, rtol=1e-4) if sdt == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
         for t in range(T):
-            close(ibuf[i, t], stored(s[t], True), msg=f"row {i} state after token {t + 1}", **tol)
+            close(ibuf[i, t], stored(s[t], "klast"), msg=f"row {i} state after token {t + 1}", **tol)
         # the committed state is the last intermediate one
         assert torch.equal(pool[idx[i]], ibuf[i, T - 1])
 
@@ -342,11 +342,11 @@ def test_disable_state_update(with_ibuf):
                                       disable_state_update=True)
     assert torch.equal(pool, before), "pool changed with disable_state_update=True"
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
         if with_ibuf:
             for t in range(T):
-                close(ibuf[i, t], stored(s[t], True), msg=f"row {i} token {t + 1}")
+                close(ibuf[i, t], stored(s[t], "klast"), msg=f"row {i} token {t + 1}")
 
 
 @pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -362,13 +362,13 @@ def test_accepted_tokens(sdt):
     out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, accepted_tokens=acc)
     tol = dict(atol=1e-4, rtol=1e-4) if sdt == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
         n = int(acc[i])
         if n == 0:
             assert torch.equal(pool[idx[i]], before[idx[i]]), f"row {i}: accepted 0 must keep the state"
         else:
-            close(pool[idx[i]], stored(s[n - 1], True), msg=f"row {i}: state after {n} tokens", **tol)
+            close(pool[idx[i]], stored(s[n - 1], "klast"), msg=f"row {i}: state after {n} tokens", **tol)
     assert torch.equal(pool[4], before[4])
 
 
@@ -384,8 +384,8 @@ def test_accepted_tokens_with_separate_write_slot():
                              output_state_indices=write)
     assert torch.equal(pool[:2], before[:2])
     assert torch.equal(pool[2], before[0])  # 0 accepted: the read state is copied to the write slot
-    _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], kv_last=True)
-    close(pool[3], stored(s[0], True))
+    _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], layout="klast")
+    close(pool[3], stored(s[0], "klast"))
 
 
 # ----------------------------------------------------------------------------- invalid rows
@@ -405,8 +405,8 @@ def test_out_of_range_slot_gives_nan_and_keeps_pool(which):
     assert not torch.isnan(out[[0, 2]]).any()
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[3], before[3])
     for i in (0, 2):
-        _, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[read[i]], kv_last=True)
-        close(pool[read[i]], stored(s[-1], True))
+        _, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[read[i]], layout="klast")
+        close(pool[read[i]], stored(s[-1], "klast"))
 
 
 def test_out_of_range_slot_t1_pretranspose():
@@ -431,8 +431,8 @@ def test_out_of_range_accepted_gives_nan(bad):
                                       accepted_tokens=acc)
     assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
     assert torch.equal(pool[0], before[0])
-    _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], kv_last=True)
-    close(pool[1], stored(s[1], True))
+    _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], layout="klast")
+    close(pool[1], stored(s[1], "klast"))
 
 
 # ----------------------------------------------------------------------------- bf16 state rounding
@@ -467,8 +467,8 @@ def test_bf16_state_rounded_once_at_the_end():
     assert not torch.equal(per_step, pool16)
 
     for i in range(B):
-        _, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, start[idx[i]], kv_last=True)
-        close(pool16[idx[i]], stored(s[-1], True), atol=1e-5, rtol=2 ** -8)
+        _, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, start[idx[i]], layout="klast")
+        close(pool16[idx[i]], stored(s[-1], "klast"), atol=1e-5, rtol=2 ** -8)
 
 
 def test_bf16_state_nontranspose_t1():
@@ -491,7 +491,7 @@ def test_no_l2norm_custom_scale(fn):
     q, k, v, a, b, A_log, dt_bias = inputs(B, T, H, HV, K, V, seed=120)
     q, k = q * 0.1, k * 0.1  # keep |k|^2 moderate without normalisation
     scale = 0.37
-    kv_last = fn != "nontranspose"
+    layout = "kmajor" if fn == "nontranspose" else "klast"
     state = make_state(B, HV, V, K, torch.float32, seed=121)
     before = state.clone()
     if fn == "pretranspose":
@@ -503,12 +503,12 @@ def test_no_l2norm_custom_scale(fn):
         out, _ = ref.gated_delta_rule_mtp(q, k, v, state, torch.arange(B, dtype=torch.int32), A_log, a, dt_bias, b,
                                           scale=scale, use_qk_l2norm=False)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last, scale=scale,
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout, scale=scale,
                          use_l2norm=False)
         close(out[i], o, msg=f"output row {i}")
-        close(state[i], stored(s[-1], kv_last), msg=f"state row {i}")
+        close(state[i], stored(s[-1], layout), msg=f"state row {i}")
     # and it differs from the default (l2norm, K^-0.5) result: the options are honoured
-    o_def, _ = ref.gated_delta_rule_decode_pretranspose(q[:, :1], k[:, :1], v[:, :1], before.clone() if kv_last
+    o_def, _ = ref.gated_delta_rule_decode_pretranspose(q[:, :1], k[:, :1], v[:, :1], before.clone() if layout == "klast"
                                                         else before.transpose(-1, -2).contiguous(), A_log,
                                                         a[:, :1], dt_bias, b[:, :1])
     assert not torch.allclose(o_def, out[:, :1], atol=1e-3)
@@ -525,9 +525,9 @@ def test_softplus_threshold_branch_default():
     out, _ = ref.gated_delta_rule_mtp(q, k, v, state, torch.arange(B, dtype=torch.int32), A_log, a, dt_bias, b)
     assert torch.isfinite(out).all() and torch.isfinite(state).all()
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last=True)
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="klast")
         close(out[i], o, msg=f"output row {i}")
-        close(state[i], stored(s[-1], True), msg=f"state row {i}")
+        close(state[i], stored(s[-1], "klast"), msg=f"state row {i}")
 
 
 @pytest.mark.parametrize("sp_beta,sp_threshold", [(1.0, 0.5), (2.0, 3.0), (0.5, 20.0)])
@@ -542,10 +542,10 @@ def test_softplus_beta_threshold_custom(sp_beta, sp_threshold):
     out, _ = ref.gated_delta_rule_decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b,
                                                       softplus_beta=sp_beta, softplus_threshold=sp_threshold)
     for i in range(B):
-        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], kv_last=True,
+        o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="klast",
                          sp_beta=sp_beta, sp_threshold=sp_threshold)
         close(out[i], o, msg=f"output row {i}")
-        close(state[i], stored(s[-1], True), msg=f"state row {i}")
+        close(state[i], stored(s[-1], "klast"), msg=f"state row {i}")
 
 
 def test_naive_softplus_threshold_is_discriminating():

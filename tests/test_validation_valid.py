@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from flashgdn.spec import KernelArgs
+
 from helpers import (
     ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, V, expect_error, expect_only_device_error, make_inputs,
     make_intermediate, state_dims, tokens, valid_kwargs,
@@ -154,8 +156,9 @@ def test_index_checks_reject_duplicate_write_slots(monkeypatch, idx, out_idx, up
     plan.fn = lambda *args: launches.append(args)
     kw = valid_kwargs("pool")
     as_idx = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    args = (plan, "klast", kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"],
-            kw["initial_state"], as_idx(idx), as_idx(out_idx), None, None, None, None, True, update, 1.0, 20.0)
+    tensors = KernelArgs(kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"], kw["initial_state"],
+                         state_indices=as_idx(idx), output_state_indices=as_idx(out_idx))
+    args = (plan, "klast", tensors, api.CallOptions(None, True, update))
     if error is None:
         api._launch(*args)
         assert len(launches) == 1

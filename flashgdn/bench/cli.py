@@ -1,15 +1,22 @@
 """`flashgdn-bench`: sweep the GDN decode kernels over batch sizes, against optional baselines.
 
-    flashgdn-bench --version pretranspose --batch-size 1 64 512 --compare --verify --json out.json
+    flashgdn-bench --api pretranspose --batch-size 1 64 512 --compare --verify --json out.json --plot out.png
     flashgdn-bench --compile-only --arch sm_100a          # no GPU needed: compile every variant
 
 Each row times one flashgdn call (median/p10/p90 over --iters, L2 flushed before each, with the
 timer of flashgdn.bench.timing), reports TFLOPS and TB/s from flashgdn.bench.metrics and the
 share of the device's copy bandwidth measured in the same run. `--compare` adds FLA's
 fused_recurrent kernel and FlashInfer's gdn_decode (each reported unavailable, with the reason,
-when it cannot run). `--verify` first checks every implementation against flashgdn.reference on
-fresh inputs; a mismatch marks the row FAILED and the exit status non-zero. Progress goes to
-stderr; the table is printed to stdout last.
+when it cannot run; FlashInfer's bf16-state MTP goes through its
+gated_delta_rule_decode_pretranspose). `--verify` first checks every implementation against
+flashgdn.reference on fresh inputs; a mismatch marks the row FAILED and the exit status non-zero.
+Progress goes to stderr; the table is printed to stdout last. `--plot` draws the speedup over the
+fastest baseline (or µs without baselines) against batch size, per API and state dtype.
+
+`--compile-only` prints per kernel variant the kernel class that builds it, its dynamic shared
+memory, its registers per thread and its compile time, then the total compile time. The register
+column needs ptxas (on PATH, under $CUDA_HOME, or from the `nvidia-cuda-nvcc` pip wheel); without
+one it reads n/a.
 """
 from __future__ import annotations
 
@@ -27,7 +34,10 @@ import tempfile
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .. import __version__
 from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
+from .plot import write_plot
+from .resources import dynamic_smem_bytes, kernel_name, ptx_registers
 from .rows import (
     BASELINES, FLASHGDN, IO_DTYPES, POOL_SLOTS, STATE_DTYPES, VERSIONS, Impl, Row, Unavailable, make_inputs,
     row_spec, verify,
@@ -43,7 +53,10 @@ ROW_FIELDS = (
     "verify", "error",
 )
 BASELINE_SUFFIXES = ("us", "speedup", "pct_copy_bw", "verify", "note")
-COMPILE_FIELDS = ("kernel", "batch_sizes", "compile_s", "registers", "smem", "error")
+# Fields of one --compile-only row: "kernel" is the variant's name, as in a result row.
+COMPILE_FIELDS = ("kernel", "kernel_class", "batch_sizes", "compile_s", "registers", "dyn_smem_bytes", "error")
+# The const of a bare `--version` (print the package version), told apart from an API name.
+SHOW_VERSION = object()
 
 
 def result_fields(baselines: Optional[Sequence[str]] = None) -> List[str]:
@@ -75,7 +88,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flashgdn-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--version", choices=VERSIONS + ("all",), default="all", help="API function(s) to sweep (default: all)")
+    add("--api", choices=VERSIONS + ("all",), help="API function(s) to sweep (default: all)")
+    add("--version", nargs="?", const=SHOW_VERSION, choices=VERSIONS + ("all",), metavar="API", dest="api_alias",
+        help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
     add("--batch-size", type=_positive_int, nargs="+", default=[1, 4, 16, 64, 256, 512],
         help="batch sizes B (default: 1 4 16 64 256 512)")
     add("--seq-len", type=_positive_int, nargs="+", default=[2, 4, 8],
@@ -101,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--verify", action="store_true", help="check every implementation against flashgdn.reference first")
     add("--json", metavar="PATH", help="write environment + rows as JSON")
     add("--csv", metavar="PATH", help="write rows as CSV, after '# key: value' environment lines")
-    add("--plot", metavar="PATH.png", help="plot µs and %% of copy bandwidth vs batch size")
-    add("--compile-only", action="store_true", help="no GPU: compile every kernel variant the sweep needs")
+    add("--plot", metavar="PATH.png",
+        help="plot vs batch size, one panel per API and state dtype: the speedup over the fastest baseline "
+             "(with --compare), else µs")
+    add("--compile-only", action="store_true",
+        help="no GPU: compile every kernel variant the sweep needs; print kernel class, dynamic shared memory, "
+             "registers (needs ptxas, e.g. from the nvidia-cuda-nvcc pip wheel) and compile time")
     add("--arch", choices=COMPILE_ARCHS, help="--compile-only target (default: sm_90a)")
     add("--sm-count", type=_positive_int,
         help=f"--compile-only: SM count that picks the batch regime (default: {DEFAULT_SM_COUNT}, the H100's)")
@@ -114,6 +133,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.api_alias is SHOW_VERSION:
+        print(f"flashgdn {__version__}")
+        parser.exit(0)
+    if args.api_alias is not None:
+        if args.api is not None:
+            parser.error("--version API is the deprecated spelling of --api: give --api alone")
+        print(f"{parser.prog}: --version {args.api_alias} is deprecated, use --api {args.api_alias}",
+              file=sys.stderr)
+        args.api = args.api_alias
+    args.api = args.api or "all"
     if args.num_v_heads % args.num_q_heads:
         parser.error(f"--num-v-heads ({args.num_v_heads}) must be a multiple of --num-q-heads ({args.num_q_heads})")
     if max(args.seq_len) > MAX_TOKENS:
@@ -122,14 +151,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.compile_only and (args.arch or args.sm_count):
         parser.error("--arch and --sm-count only apply with --compile-only (a GPU run uses the GPU's own)")
+    if args.compile_only and args.plot:
+        parser.error("--plot needs measured times: it does not apply with --compile-only")
     args.arch = args.arch or "sm_90a"
     args.sm_count = args.sm_count or DEFAULT_SM_COUNT
     return args
 
 
 def sweep_rows(args: argparse.Namespace) -> List[Row]:
-    """Every row the flags ask for: version, then state dtype, then T (mtp), then batch size."""
-    versions = VERSIONS if args.version == "all" else (args.version,)
+    """Every row the flags ask for: API, then state dtype, then T (mtp), then batch size."""
+    versions = VERSIONS if args.api == "all" else (args.api,)
     rows = []
     for version in versions:
         for state_dtype in args.state_dtype:
@@ -238,45 +269,6 @@ def pct_of_copy(nbytes: int, us: Optional[float], copy_bw: float) -> Optional[fl
     return None if not us else 100.0 * nbytes / (us * 1e-6) / copy_bw
 
 
-def write_plot(path: str, rows: List[dict]) -> None:
-    """Two panels vs batch size: median µs (log-log), % of copy bandwidth; one line per
-    version / T / state dtype, for flashgdn and every baseline that produced times."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.* below)
-
-    series: Dict[str, list] = {}
-    for r in rows:
-        t = f" T={r['T']}" if r["version"] == "mtp" else ""
-        base = f"{r['version']}{t} {r['state_dtype']}"
-        for impl, us_key, pct_key in [("flashgdn", "median_us", "pct_copy_bw")] + [
-            (b.name, f"{b.name}_us", f"{b.name}_pct_copy_bw") for b in BASELINES
-        ]:
-            if r.get(us_key):
-                series.setdefault(f"{impl} {base}", []).append((r["B"], r[us_key], r[pct_key]))
-    fig, (ax_t, ax_bw) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, pts in series.items():
-        pts.sort()
-        style = "-o" if label.startswith("flashgdn") else "--x"
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        ax_bw.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
-    ax_t.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median µs", title="latency")
-    ax_bw.set(xscale="log", xlabel="batch size", ylabel="% of copy bandwidth", title="bandwidth")
-    batches = sorted({r["B"] for r in rows})
-    for ax in (ax_t, ax_bw):
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax_t.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax_bw.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_outputs(args, rows: List[dict], env: dict, fields: Optional[Sequence[str]] = None) -> None:
     if args.json:
         write_json(args.json, rows, env)
@@ -285,27 +277,6 @@ def write_outputs(args, rows: List[dict], env: dict, fields: Optional[Sequence[s
 
 
 # ----------------------------------------------------------------------------- compile-only
-
-
-def ptx_resources(ptx_path: str, arch: str) -> tuple:
-    """(registers, shared memory) per kernel of a .ptx, from `ptxas -v`; ("n/a", "n/a") without
-    ptxas. Shared memory is the static size, "+dyn" when the kernel also uses dynamic smem
-    (sized at launch, not visible in the PTX)."""
-    ptxas = shutil.which("ptxas") or next(
-        (p for p in ("/usr/local/cuda/bin/ptxas", "/usr/local/cuda-13.0/bin/ptxas") if os.path.exists(p)), None
-    )
-    if ptxas is None:
-        return "n/a", "n/a"
-    res = subprocess.run([ptxas, f"-arch={arch}", "-v", ptx_path, "-o", os.devnull],
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode:
-        return "n/a", "n/a"
-    regs = re.findall(r"Used (\d+) registers", res.stderr)
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", res.stderr)]
-    smem = [int(s) for s in re.findall(r"(\d+) bytes smem", res.stderr)] or [0] * len(regs)
-    dyn = " + dyn" if ".extern .shared" in open(ptx_path).read() else ""
-    regs_text = "/".join(f"{r} (spill {s} B)" if s else r for r, s in zip(regs, spills + [0] * len(regs)))
-    return regs_text or "n/a", "/".join(f"{s} B{dyn}" for s in smem) or "n/a"
 
 
 def compile_only(args) -> int:
@@ -327,20 +298,23 @@ def compile_only(args) -> int:
             os.makedirs(keep)
             rec = {"kernel": spec.short_name(), "batch_sizes": " ".join(map(str, sorted(set(batches))))}
             try:
-                _, rec["compile_s"] = timed_compile(spec, keep_dir=keep)
+                rec["kernel_class"] = kernel_name(spec)
+                compiled, rec["compile_s"] = timed_compile(spec, keep_dir=keep)
+                smem = dynamic_smem_bytes(compiled)
+                rec["dyn_smem_bytes"] = "n/a" if smem is None else smem
                 ptx = sorted(f for f in os.listdir(keep) if f.endswith(".ptx"))
-                rec["registers"], rec["smem"] = (
-                    ptx_resources(os.path.join(keep, ptx[0]), spec.arch) if ptx else ("n/a", "n/a")
-                )
+                rec["registers"] = ptx_registers(os.path.join(keep, ptx[0]), spec.arch) if ptx else "n/a"
             except Exception as exc:  # report every variant, fail at the end
                 failed = True
-                rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                rec["error"] = _one_line(exc)
             results.append(rec)
     write_outputs(args, results, environment(command=args.argv), COMPILE_FIELDS)
     print(format_table(
-        ("kernel", "batch sizes", "compile s", "registers", "smem", "error"),
+        ("variant", "kernel class", "batch sizes", "compile s", "registers", "dyn smem B", "error"),
         [[r.get(k) for k in COMPILE_FIELDS] for r in results],
     ))
+    total = sum(r.get("compile_s") or 0.0 for r in results)
+    print(f"\ntotal compile time: {total:.1f} s for {len(results)} variant(s)")
     return 1 if failed else 0
 
 
@@ -378,8 +352,10 @@ def measure(impl: Impl, row: Row, args, device, flusher, variant, seen: set) -> 
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {exc}"
-    return (text.strip().splitlines() or [""])[0]
+    """The exception's first non-empty line, without terminal colour codes (the DSL's errors have them)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = (text.splitlines() or [""])[0]
+    return first if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {first}"
 
 
 def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: float, seen: set,
@@ -468,7 +444,7 @@ def sweep(args) -> int:
         return 1
     device = torch.device("cuda", torch.cuda.current_device())
     try:
-        arch, sm_count = gdn_device.arch_of(device)
+        arch, sm_count, _ = gdn_device.facts_of(device)
     except gdn_device.UnsupportedGPUError as exc:
         print(f"flashgdn-bench: {exc}", file=sys.stderr)
         return 1

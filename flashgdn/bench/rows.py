@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from .. import api
-from ..spec import KernelSpec
+from ..device import DeviceFacts
+from ..spec import KernelArgs, KernelSpec
 from ..validation import Problem
 from .metrics import gdn_bytes, gdn_flops
 
@@ -26,7 +27,7 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # How a pool row lays out its slots: "scattered", 2B slots of which B are read at a random
 # permutation (a serving engine's slots); "contiguous", B slots read in order, indices 0..B-1
 # (FlashInfer's MTP benchmark). Scattered slots cost DRAM locality: a plain copy of the bf16 state
-# at B = 64 takes 2 % longer with its 1 MiB slots permuted (benchmarks/RESULTS.md, fourteenth pass).
+# at B = 64 takes 2 % longer with its 1 MiB slots permuted (benchmarks/RESULTS.md "Pool slot order").
 POOL_SLOTS = ("scattered", "contiguous")
 INDEX_DTYPE = torch.int32
 # --verify tolerance (atol = rtol) by state dtype.
@@ -85,13 +86,19 @@ class Row:
         )
 
 
-def row_spec(row: Row, arch: str, sm_count: int) -> KernelSpec:
-    """The KernelSpec (compile-cache key) flashgdn uses for `row` on `arch` with `sm_count` SMs."""
-    return api.kernel_spec(
-        row.layout, row.problem, row.io_torch, row.state_torch, row.io_torch, torch.float32, None,
-        row.l2norm, arch, sm_count, index_dtype=INDEX_DTYPE if row.pool else None,
-        has_intermediate=row.intermediate, update_state=True,
+def row_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> KernelSpec:
+    """The KernelSpec (compile-cache key) flashgdn uses for `row` on `arch` with `sm_count` SMs
+    (device_class None: the arch's reference tuning table)."""
+    def like(dtype):  # kernel_spec reads only the dtypes and presence of the tensors
+        return None if dtype is None else torch.empty(0, dtype=dtype, device="meta")
+
+    io, state = like(row.io_torch), like(row.state_torch)
+    args = KernelArgs(
+        q=io, k=io, v=io, a=io, b=io, A_log=like(torch.float32), dt_bias=like(torch.float32), state=state,
+        state_indices=like(INDEX_DTYPE) if row.pool else None, intermediate_states=state if row.intermediate else None,
     )
+    options = api.CallOptions(scale=None, use_l2norm=row.l2norm)
+    return api.kernel_spec(row.layout, row.problem, args, options, DeviceFacts(arch, sm_count, device_class))
 
 
 def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
@@ -153,28 +160,33 @@ class Impl:
     prepare: Callable[[Row, dict], Tuple[Callable[[], Any], Callable[[Any], Collected]]]
 
 
-def call_api(module, row: Row, inp: dict):
+def call_api(module, row: Row, inp: dict, bf16_mtp_via_pretranspose: bool = False):
     """Call `module`'s function for row.version with the flashinfer/flashgdn argument names.
-    `module` is flashgdn.api, flashgdn.reference or flashinfer.gdn_decode."""
+    `module` is flashgdn.api, flashgdn.reference or flashinfer.gdn_decode. With
+    `bf16_mtp_via_pretranspose`, a bf16-state MTP row goes to gated_delta_rule_decode_pretranspose
+    with the pool as initial_state (FlashInfer: its gated_delta_rule_mtp takes an fp32 state only)."""
     q, k, v = inp["q"], inp["k"], inp["v"]
     gates = dict(A_log=inp["A_log"], a=inp["a"], dt_bias=inp["dt_bias"], b=inp["b"])
     common = dict(output=inp["output"], use_qk_l2norm=row.l2norm)
     if row.version == "nontranspose":
         return module.gated_delta_rule_decode(q, k, v, inp["state"], **gates, **common)
-    if row.version == "mtp":
+    if row.version == "mtp" and not (bf16_mtp_via_pretranspose and row.state_dtype == "bf16"):
         return module.gated_delta_rule_mtp(
             q, k, v, inp["state"], inp["indices"], **gates, **common,
             intermediate_states_buffer=inp["inter"], disable_state_update=False,
         )
-    if row.pool:
+    if row.pool:  # every MTP row has a pool
+        inter = dict(intermediate_states_buffer=inp["inter"]) if row.intermediate else {}
         return module.gated_delta_rule_decode_pretranspose(
-            q, k, v, None, **gates, **common, initial_state=inp["state"], initial_state_indices=inp["indices"]
+            q, k, v, None, **gates, **common, initial_state=inp["state"], initial_state_indices=inp["indices"],
+            **inter,
         )
     return module.gated_delta_rule_decode_pretranspose(q, k, v, inp["state"], **gates, **common)
 
 
-def module_impl(name: str, module_name: str) -> Impl:
-    """An implementation with flashgdn's API (flashgdn itself, the reference, FlashInfer)."""
+def module_impl(name: str, module_name: str, bf16_mtp_via_pretranspose: bool = False) -> Impl:
+    """An implementation with flashgdn's API (flashgdn itself, the reference, FlashInfer);
+    `bf16_mtp_via_pretranspose` as in call_api."""
 
     def prepare(row: Row, inp: dict):
         try:
@@ -185,7 +197,7 @@ def module_impl(name: str, module_name: str) -> Impl:
         def collect(ret) -> Collected:
             return ret[0], state_rows(row, ret[1], inp), inp["inter"]
 
-        return (lambda: call_api(module, row, inp)), collect
+        return (lambda: call_api(module, row, inp, bf16_mtp_via_pretranspose)), collect
 
     return Impl(name, prepare)
 
@@ -225,7 +237,10 @@ def _fla_prepare(row: Row, inp: dict):
 
 FLASHGDN = module_impl("flashgdn", "flashgdn.api")
 REFERENCE = module_impl("reference", "flashgdn.reference")
-BASELINES = (Impl("fla", _fla_prepare), module_impl("flashinfer", "flashinfer.gdn_decode"))
+BASELINES = (
+    Impl("fla", _fla_prepare),
+    module_impl("flashinfer", "flashinfer.gdn_decode", bf16_mtp_via_pretranspose=True),
+)
 
 
 def _mismatch(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> Optional[str]:

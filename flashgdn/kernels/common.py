@@ -5,12 +5,14 @@ the CTA, so a kernel built from these helpers has no serial CTA-wide phase.
 """
 from __future__ import annotations
 
+import inspect
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import nvvm
 
-from ..spec import DTYPE_BYTES
+from ..spec import DTYPE_BYTES, VEC_BYTES, KernelArgs, KernelSpec
 
 CUTLASS_DTYPES = {
     "float32": cutlass.Float32,
@@ -21,15 +23,8 @@ CUTLASS_DTYPES = {
 }
 
 L2NORM_EPS = 1e-6
-VEC_BYTES = 16  # one 128-bit global access per lane and chunk
-
 # Row status computed by resolve_slots.
 RUN, PADDING, INVALID = 0, 1, 2
-
-
-def vec_elems(dtype_name: str) -> int:
-    """Elements of `dtype_name` in one 16-byte access."""
-    return VEC_BYTES * 8 // CUTLASS_DTYPES[dtype_name].width
 
 
 @cute.jit
@@ -56,10 +51,10 @@ def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Cons
     return g, beta
 
 
-def load_gates(mA: cute.Tensor, mB: cute.Tensor, mALog: cute.Tensor, mDtBias: cute.Tensor, b, t, hv):
-    """The raw gate inputs (a, b, A_log, dt_bias) of (batch row b, token t, value head hv), in
-    their own dtypes: converting here would make the caller wait for them."""
-    return mA[b, t, hv], mB[b, t, hv], mALog[hv], mDtBias[hv]
+def load_gates(gmem, b, t, hv):
+    """The raw gate inputs (a, b, A_log, dt_bias) of (batch row b, token t, value head hv) from the
+    KernelArgs gmem, in their own dtypes: converting here would make the caller wait for them."""
+    return gmem.a[b, t, hv], gmem.b[b, t, hv], gmem.A_log[hv], gmem.dt_bias[hv]
 
 
 def load_fence():
@@ -159,6 +154,11 @@ def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.
     return read_slot, write_slot, accepted, status
 
 
+def row_slots(gmem, b, num_tokens: int):
+    """resolve_slots of batch row b from the KernelArgs gmem."""
+    return resolve_slots(gmem.state_indices, gmem.output_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0], num_tokens)
+
+
 @cute.jit
 def skipped_output(status: Int32) -> Float32:
     """Output value of a row that does not run: 0 for padding, NaN for an invalid row."""
@@ -178,15 +178,29 @@ def warp_slice(mRow: cute.Tensor, lane: Int32, head_dim: cutlass.Constexpr[int])
     return rRaw
 
 
+def kernel_args(kernel):
+    """Gives a @cute.kernel `kernel(self, *args)` the parameters of spec.KernelArgs by name (put
+    above @cute.kernel): the DSL binds a kernel's arguments to its named parameters, and the list
+    is written only in KernelArgs."""
+    param = inspect.Parameter
+    inspect.unwrap(kernel).__signature__ = inspect.Signature(
+        [param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *KernelArgs._fields)]
+    )
+    return kernel
+
+
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
-    (batch row, value head, tile of that head's state). Subclasses set spec, num_tiles and
-    num_warps and define the @cute.kernel `kernel` taking the same tensors, and tile_rows: the
-    state rows of a CTA's tile when that tile is whole rows (one contiguous range), else 0."""
+    (batch row, value head, tile of that head's state). Subclasses call __init__ with the spec and
+    its policy.BuildConfig, set num_tiles, num_warps and tile_rows (the state rows of a CTA's tile
+    when that tile is whole rows, one contiguous range, else 0), and define the @cute.kernel
+    `kernel`, which takes the tensors of spec.KernelArgs in their order."""
 
-    prefetch_ctas = 0  # L2 prefetch distance of prefetch_later, in CTAs (0: none)
-    prefetch_inputs = False  # prefetch_later also brings in the later CTA's q/k/v and gates
     tile_rows = 0
+
+    def __init__(self, spec: KernelSpec, config):
+        self.spec = spec
+        self.config = config
 
     @property
     def tile_bytes(self) -> int:
@@ -194,28 +208,27 @@ class DecodeKernel:
         row = self.spec.K if self.spec.layout == "klast" else self.spec.V
         return self.tile_rows * row * DTYPE_BYTES[self.spec.state_dtype]
 
+    @property
+    def prefetch_ctas(self) -> int:
+        """L2 prefetch distance of prefetch_later in CTAs (0: none): the policy's distance in
+        bytes in whole tiles, at least one; none where the tile is not contiguous."""
+        if not self.config.prefetch_bytes or not self.tile_bytes:
+            return 0
+        return max(1, self.config.prefetch_bytes // self.tile_bytes)
+
+    @property
+    def prefetch_inputs(self) -> bool:
+        """prefetch_later also brings in the later CTA's q/k/v and gates, where the policy asks
+        for it and the CTA's v values make whole 16-byte units (a TMA bulk prefetch moves those)."""
+        v_bytes = self.tile_rows * DTYPE_BYTES[self.spec.io_dtype]
+        return self.config.prefetch_inputs and v_bytes > 0 and v_bytes % VEC_BYTES == 0
+
     @cute.jit
-    def __call__(
-        self,
-        mQ: cute.Tensor,  # [B, T, H, K]
-        mK: cute.Tensor,  # [B, T, H, K]
-        mV: cute.Tensor,  # [B, T, HV, V]
-        mA: cute.Tensor,  # [B, T, HV]
-        mB: cute.Tensor,  # [B, T, HV]
-        mALog: cute.Tensor,  # [HV] fp32
-        mDtBias: cute.Tensor,  # [HV]
-        mS: cute.Tensor,  # [P, HV, V, K] or [B, HV, K, V] (P = B when dense)
-        mIdx,  # [B] or None (dense)
-        mOutIdx,  # [B] or None
-        mAcc,  # [B] int32 or None
-        mInter,  # [B, T', HV, V, K] or None
-        mO: cute.Tensor,  # [B, T, HV, V]
-        stream,
-    ):
-        grid = mQ.shape[0] * (self.spec.HV * self.num_tiles)
-        self.kernel(mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO).launch(
-            grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream
-        )
+    def __call__(self, *args_and_stream):
+        """The tensors of spec.KernelArgs, then the stream."""
+        *tensors, stream = args_and_stream
+        grid = tensors[0].shape[0] * (self.spec.HV * self.num_tiles)
+        self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream)
 
     def cta_coords(self, bidx=None):
         """(tile, batch row b, value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
@@ -226,27 +239,27 @@ class DecodeKernel:
         return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)
 
     @cute.jit
-    def prefetch_later(self, mS: cute.Tensor, mIdx, inputs=None):
+    def prefetch_later(self, gmem, with_inputs: cutlass.Constexpr[bool] = False):
         """Thread 0 has the TMA engine bring into L2 the state tile (tile_bytes from its first row)
         of the CTA prefetch_ctas CTAs later: that CTA runs within a wave and its loads then hit
         L2, which shortens the tail of the kernel. One instruction, no registers held, no wait. A
         row that would not read (padding, slot out of range: resolve_slots) fetches nothing.
-        With prefetch_inputs, `inputs` = (mQ, mK, mV, mA, mB) of that CTA follow (_prefetch_inputs)."""
+        With prefetch_inputs and `with_inputs`, that CTA's q/k/v and gates follow (_prefetch_inputs)."""
         if const_expr(self.prefetch_ctas > 0):
             bidx, _, _ = cute.arch.block_idx()
             grid, _, _ = cute.arch.grid_dim()
             tid, _, _ = cute.arch.thread_idx()
             later = bidx + self.prefetch_ctas
-            # Builds without the inputs keep the one-thread test as it was (their code unchanged).
-            if const_expr(self.prefetch_inputs and inputs is not None):
+            # Builds without the inputs test the one thread and the grid together (one branch).
+            if const_expr(self.prefetch_inputs and with_inputs):
                 if later < grid:
                     tile, b, hv, h = self.cta_coords(later)
                     if tid == 0:
-                        self._prefetch_state(mS, mIdx, tile, b, hv)
-                    self._prefetch_inputs(inputs, tile, b, hv, h, tid)
+                        self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv)
+                    self._prefetch_inputs(gmem, tile, b, hv, h, tid)
             elif tid == 0 and later < grid:
                 tile, b, hv, _ = self.cta_coords(later)
-                self._prefetch_state(mS, mIdx, tile, b, hv)
+                self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv)
 
     @cute.jit
     def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv):
@@ -257,12 +270,12 @@ class DecodeKernel:
             nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
 
     @cute.jit
-    def _prefetch_inputs(self, inputs, tile, b, hv, h, tid):
+    def _prefetch_inputs(self, gmem, tile, b, hv, h, tid):
         """Into L2, one line or row per thread: for every token, the v values of the CTA's rows
         and the q and k rows (TMA bulk prefetches), and the gate inputs a and b (line prefetches:
         their addresses need not be 16-byte aligned). Without it, the CTAs that run last wait on
-        DRAM for these small loads after their state has arrived (benchmarks/RESULTS.md)."""
-        mQ, mK, mV, mA, mB = inputs
+        DRAM for these small loads after their state has arrived (benchmarks/RESULTS.md "Input
+        prefetch")."""
         T, threads = self.spec.T, self.num_warps * 32
         io_bytes = DTYPE_BYTES[self.spec.io_dtype]
         for r in cutlass.range_constexpr((5 * T + threads - 1) // threads):
@@ -270,12 +283,12 @@ class DecodeKernel:
             t = e % T
             kind = e // T  # 0 v, 1 q, 2 k, 3 a, 4 b; none past 4
             if kind == 0:
-                start = mV[b, t, hv, None].iterator + tile * self.tile_rows
+                start = gmem.v[b, t, hv, None].iterator + tile * self.tile_rows
                 nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_rows * io_bytes).ir_value())
-            for which, mRow in ((1, mQ), (2, mK)):
+            for which, mRow in ((1, gmem.q), (2, gmem.k)):
                 if kind == which:
                     start = mRow[b, t, h, None].iterator
                     nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.spec.K * io_bytes).ir_value())
-            for which, mGate in ((3, mA), (4, mB)):
+            for which, mGate in ((3, gmem.a), (4, gmem.b)):
                 if kind == which:
                     cute.arch.prefetch((mGate[b, t, None].iterator + hv).to_llvm_ptr(), cache_level="L2")

@@ -18,16 +18,17 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, const_expr
 
-from ..spec import KernelSpec
+from ..spec import KernelArgs, KernelSpec, vec_elems
 from . import common
 from .common import CUTLASS_DTYPES
 
 
 class KLastDecode(common.DecodeKernel):
-    def __init__(self, spec: KernelSpec, num_warps: int, rows_per_thread: int, lanes_per_row: int):
-        self.spec = spec
+    def __init__(self, spec: KernelSpec, config):
+        super().__init__(spec, config)
+        num_warps, rows_per_thread, lanes_per_row = config.tile
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
-        self.vec = common.vec_elems(spec.state_dtype)
+        self.vec = vec_elems(spec.state_dtype)
         # Fewer lanes per row: fewer butterfly levels per dot product, more elements per lane.
         self.lanes_per_row = min(lanes_per_row, spec.K // self.vec)
         self.chunks = spec.K // (self.lanes_per_row * self.vec)
@@ -80,14 +81,14 @@ class KLastDecode(common.DecodeKernel):
             cute.autovec_copy(cute.local_tile(mX, (self.vec,), (j * self.lanes_per_row + lane_in_row,)), rRaw[None, j])
         return rRaw
 
-    def _io_loads(self, mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, row0, lane_in_row):
+    def _io_loads(self, gmem: KernelArgs, b, h, hv, row0, lane_in_row):
         """T = 1: v of this thread's rows, its q/k chunks, then (fenced: their arithmetic comes
         first) the gate inputs; all raw."""
-        v_raw = [mV[b, 0, hv, row0 + i * self.row_step] for i in range(self.rows_per_thread)]
-        rQraw = self._load_vec(mQ[b, 0, h, None], lane_in_row)
-        rKraw = self._load_vec(mK[b, 0, h, None], lane_in_row)
+        v_raw = [gmem.v[b, 0, hv, row0 + i * self.row_step] for i in range(self.rows_per_thread)]
+        rQraw = self._load_vec(gmem.q[b, 0, h, None], lane_in_row)
+        rKraw = self._load_vec(gmem.k[b, 0, h, None], lane_in_row)
         common.load_fence()
-        return v_raw, rQraw, rKraw, common.load_gates(mA, mB, mALog, mDtBias, b, 0, hv)
+        return v_raw, rQraw, rKraw, common.load_gates(gmem, b, 0, hv)
 
     def _thread_coords(self):
         """(lane, warp, tile, b, hv, h, lane in its row group, first row of this thread)."""
@@ -119,23 +120,11 @@ class KLastDecode(common.DecodeKernel):
         rX.store(rRaw.load().to(Float32))
         return rX
 
+    @common.kernel_args
     @cute.kernel
-    def kernel(
-        self,
-        mQ: cute.Tensor,
-        mK: cute.Tensor,
-        mV: cute.Tensor,
-        mA: cute.Tensor,
-        mB: cute.Tensor,
-        mALog: cute.Tensor,
-        mDtBias: cute.Tensor,
-        mS: cute.Tensor,
-        mIdx,
-        mOutIdx,
-        mAcc,
-        mInter,
-        mO: cute.Tensor,
-    ):
+    def kernel(self, *args):
+        """The tensors of spec.KernelArgs, in its order."""
+        gmem = KernelArgs(*args)
         spec = self.spec
         L = self.lanes_per_row
         R = self.rows_per_thread
@@ -143,20 +132,20 @@ class KLastDecode(common.DecodeKernel):
         lane, warp, tile, b, hv, h, lane_in_row, row0 = self._thread_coords()
 
         # Load phase: raw registers only, no arithmetic that waits for a load.
-        read_slot, write_slot, _, status = common.resolve_slots(mIdx, mOutIdx, None, b, mS.shape[0], 1)
-        if const_expr(mIdx is None):
-            rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
+        read_slot, write_slot, _, status = common.row_slots(gmem, b, 1)
+        if const_expr(gmem.state_indices is None):
+            rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()  # the state first: the other loads have arithmetic right behind them
-            v_raw, rQraw, rKraw, raw = self._io_loads(mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, row0, lane_in_row)
+            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, b, h, hv, row0, lane_in_row)
         else:
             # The state address waits for the slot index: the other loads go first, in flight
             # meanwhile; the second fence keeps ptxas from sinking the state loads below their
             # arithmetic (where they would wait for q/k too).
-            v_raw, rQraw, rKraw, raw = self._io_loads(mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, row0, lane_in_row)
+            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, b, h, hv, row0, lane_in_row)
             common.load_fence()
-            rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
+            rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()
-        self.prefetch_later(mS, mIdx)
+        self.prefetch_later(gmem)
 
         rS = self._f32(rRaw)
         g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
@@ -182,7 +171,7 @@ class KLastDecode(common.DecodeKernel):
                 rS[e, i] = g * rS[e, i] + rK[e] * w
             if lane_in_row == 0:
                 out = Float32(cutlass.select_(run, g * dot_q + u * kq, fill))
-                mO[b, 0, hv, row0 + i * self.row_step] = out.to(mO.element_type)
+                gmem.output[b, 0, hv, row0 + i * self.row_step] = out.to(gmem.output.element_type)
         if const_expr(spec.update_state):
             if run:
-                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
+                self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)

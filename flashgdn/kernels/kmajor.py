@@ -12,17 +12,18 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, const_expr
 
-from ..spec import KernelSpec
+from ..spec import KernelArgs, KernelSpec, vec_elems
 from . import common
 from .common import CUTLASS_DTYPES
 
 
 class KMajorDecode(common.DecodeKernel):
-    def __init__(self, spec: KernelSpec, num_warps: int, row_lanes: int):
-        self.spec = spec
+    def __init__(self, spec: KernelSpec, config):
+        super().__init__(spec, config)
+        num_warps, row_lanes = config.tile
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
         self.io_dtype = CUTLASS_DTYPES[spec.io_dtype]
-        self.vec = common.vec_elems(spec.state_dtype)
+        self.vec = vec_elems(spec.state_dtype)
         self.num_warps = num_warps
         self.row_lanes = row_lanes
         self.col_lanes = 32 // row_lanes
@@ -40,23 +41,11 @@ class KMajorDecode(common.DecodeKernel):
         """This thread's 16-byte chunk of its row m in a (K, V) view (read, then written back)."""
         return cute.local_tile(mRows[row0 + m * self.row_step, None], (self.vec,), (col_chunk,))
 
+    @common.kernel_args
     @cute.kernel
-    def kernel(
-        self,
-        mQ: cute.Tensor,
-        mK: cute.Tensor,
-        mV: cute.Tensor,
-        mA: cute.Tensor,
-        mB: cute.Tensor,
-        mALog: cute.Tensor,
-        mDtBias: cute.Tensor,
-        mS: cute.Tensor,
-        mIdx,
-        mOutIdx,
-        mAcc,
-        mInter,
-        mO: cute.Tensor,
-    ):
+    def kernel(self, *args):
+        """The tensors of spec.KernelArgs, in its order."""
+        gmem = KernelArgs(*args)
         spec = self.spec
         VEC = self.vec
         RL = self.row_lanes
@@ -77,19 +66,19 @@ class KMajorDecode(common.DecodeKernel):
 
         # Load phase: every global load is issued up front, in fenced groups (common.load_fence),
         # into raw registers; the state and v first, the loads with arithmetic right behind last.
-        read_slot, _, _, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], 1)
-        mRows = mS[read_slot, hv, None, None]
+        read_slot, _, _, status = common.row_slots(gmem, b, 1)
+        mRows = gmem.state[read_slot, hv, None, None]
         rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
         for m in cutlass.range_constexpr(M):
             cute.autovec_copy(self._chunk(mRows, row0, m, col_chunk), rRaw[None, m])
         rVraw = cute.make_rmem_tensor((VEC,), self.io_dtype)
-        cute.autovec_copy(cute.local_tile(mV[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
+        cute.autovec_copy(cute.local_tile(gmem.v[b, 0, hv, None], (VEC,), (col_chunk,)), rVraw)
         common.load_fence()
-        raw = common.load_gates(mA, mB, mALog, mDtBias, b, 0, hv)
+        raw = common.load_gates(gmem, b, 0, hv)
         common.load_fence()
-        rQraw = common.warp_slice(mQ[b, 0, h, None], lane, spec.K)
-        rKraw = common.warp_slice(mK[b, 0, h, None], lane, spec.K)
-        self.prefetch_later(mS, mIdx)
+        rQraw = common.warp_slice(gmem.q[b, 0, h, None], lane, spec.K)
+        rKraw = common.warp_slice(gmem.k[b, 0, h, None], lane, spec.K)
+        self.prefetch_later(gmem)
 
         # Compute unconditionally (on slot 0 for a row that does not run); only stores depend on
         # the row status, so the compiler has no branch to sink the loads into.
@@ -107,8 +96,8 @@ class KMajorDecode(common.DecodeKernel):
         rKr = cute.make_rmem_tensor((M,), Float32)
         for m in cutlass.range_constexpr(M):
             # This thread's rows of q and k: L1 hits by now (the warp slices loaded the lines).
-            rKr[m] = mK[b, 0, h, row0 + m * self.row_step].to(Float32) * k_factor
-            q_m = mQ[b, 0, h, row0 + m * self.row_step].to(Float32)
+            rKr[m] = gmem.k[b, 0, h, row0 + m * self.row_step].to(Float32) * k_factor
+            q_m = gmem.q[b, 0, h, row0 + m * self.row_step].to(Float32)
             for e in cutlass.range_constexpr(VEC):
                 rDot[e] += rS[e, m] * rKr[m]
                 rDot[VEC + e] += rS[e, m] * q_m
@@ -140,6 +129,6 @@ class KMajorDecode(common.DecodeKernel):
             for m in cutlass.range_constexpr(M):
                 cute.autovec_copy(rRaw[None, m], self._chunk(mRows, row0, m, col_chunk))
         if warp == 0 and rl == 0:
-            rO = cute.make_rmem_tensor((VEC,), mO.element_type)
-            rO.store(rOut.load().to(mO.element_type))
-            cute.autovec_copy(rO, cute.local_tile(mO[b, 0, hv, None], (VEC,), (col_chunk,)))
+            rO = cute.make_rmem_tensor((VEC,), gmem.output.element_type)
+            rO.store(rOut.load().to(gmem.output.element_type))
+            cute.autovec_copy(rO, cute.local_tile(gmem.output[b, 0, hv, None], (VEC,), (col_chunk,)))

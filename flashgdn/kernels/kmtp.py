@@ -5,8 +5,8 @@ the T tokens (read once, written once, plus one write per token into the optiona
 buffer). Every global load is issued up front as in klast; then the normalised q/k, gates and v
 of every token are staged once per CTA in shared memory behind one barrier, and the tokens run one
 after another as S = c * rS, with the decay folded into the scalar c (one FMA per element and token
-in the update); c is tested against a rescale bound every token, or, where build.mtp_options asks
-for it, by the CTAs whose decays could reach the bound only, the others running a copy of the
+in the update); c is tested against a rescale bound every token, or, where the policy asks
+for it (policy.BuildConfig.unchecked_loop), by the CTAs whose decays could reach the bound only, the others running a copy of the
 loop without the test. The outputs of all tokens go through shared memory and are written coalesced.
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
@@ -22,6 +22,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from . import common
+from ..spec import KernelArgs
 from .klast import KLastDecode
 
 # Smallest folded decay c kept as a scale; below it c is applied to the state itself.
@@ -29,12 +30,12 @@ RESCALE_MIN = 2.0 ** -64
 
 
 class KLastMTP(KLastDecode):
-    def __init__(self, spec, num_warps: int, rows_per_thread: int, lanes_per_row: int,
-                 unchecked_loop: bool = False):
-        super().__init__(spec, num_warps, rows_per_thread, lanes_per_row)
+    def __init__(self, spec, config):
+        super().__init__(spec, config)
+        num_warps, rows_per_thread = self.num_warps, self.rows_per_thread
         # A second copy of the token loop without the per-token rescale test, taken by the CTAs
         # whose decays cannot trigger it: without the branch, ptxas schedules across tokens.
-        self.unchecked_loop = unchecked_loop
+        self.unchecked_loop = config.unchecked_loop
         threads = num_warps * 32
         # Staging work per thread, padded so there are no tail branches on the loads.
         self.tokens_per_warp = (spec.T + num_warps - 1) // num_warps
@@ -45,7 +46,7 @@ class KLastMTP(KLastDecode):
         # One reduce-scatter for the 2R dot products of a token (common.group_reduce_scatter)
         # when they fill the lane group, one sum per lane: 2R - 1 shuffles instead of
         # 2R log2(L). With fewer sums than lanes the extra butterfly levels lengthen the serial
-        # token chain more than they save (measured slower on the H100).
+        # token chain more than they save (RESULTS.md "Reduce-scatter").
         self.scatter = 2 * rows_per_thread == self.lanes_per_row
 
     def _entry(self, tid, m: int):
@@ -59,7 +60,7 @@ class KLastMTP(KLastDecode):
         return f, fc, padded
 
     @cute.jit
-    def _stage_loads(self, mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane):
+    def _stage_loads(self, gmem: KernelArgs, b, h, hv, tile, warp, lane):
         """The CTA loads the v values of its rows for every token; warp w loads q, k and the gate
         inputs of tokens w, w + num_warps, ... Token indices past T are clamped (no branch).
         Fenced in groups so that no load waits behind arithmetic on another."""
@@ -68,21 +69,21 @@ class KLastMTP(KLastDecode):
         values = []
         for m in cutlass.range_constexpr(self.v_per_thread):
             f, fc, _ = self._entry(warp * 32 + lane, m)
-            values.append((f, mV[b, fc // rpc, hv, tile * rpc + fc % rpc]))
+            values.append((f, gmem.v[b, fc // rpc, hv, tile * rpc + fc % rpc]))
         common.load_fence()
         tokens = []
         for j in cutlass.range_constexpr(self.tokens_per_warp):
             t = warp + j * W
             tc = t if const_expr(T % W == 0) else Int32(cutlass.select_(t < T, t, T - 1))
-            tokens.append((t, common.warp_slice(mQ[b, tc, h, None], lane, spec.K),
-                           common.warp_slice(mK[b, tc, h, None], lane, spec.K)))
+            tokens.append((t, common.warp_slice(gmem.q[b, tc, h, None], lane, spec.K),
+                           common.warp_slice(gmem.k[b, tc, h, None], lane, spec.K)))
         common.load_fence()
         # Gates: lane t loads token t's inputs (few loads, simple addresses, issued together).
         gates = []
         for j in cutlass.range_constexpr(self.gate_cols // 32):
             t = lane + 32 * j
             tc = Int32(cutlass.select_(t < T, t, T - 1))
-            gates.append((t, common.load_gates(mA, mB, mALog, mDtBias, b, tc, hv)))
+            gates.append((t, common.load_gates(gmem, b, tc, hv)))
         return values, tokens, gates
 
     @cute.jit
@@ -107,9 +108,11 @@ class KLastMTP(KLastDecode):
             sGate[0, t, warp] = g
             sGate[1, t, warp] = beta
 
+    @common.kernel_args
     @cute.kernel
-    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
-        """The tensors of common.DecodeKernel.__call__, in its order."""
+    def kernel(self, *args):
+        """The tensors of spec.KernelArgs, in its order."""
+        gmem = KernelArgs(*args)
         spec = self.spec
         R = self.rows_per_thread
         T = spec.T
@@ -118,14 +121,14 @@ class KLastMTP(KLastDecode):
         local0 = row0 - tile * self.rows_per_cta  # first row of this thread within the CTA tile
 
         # Loads: raw registers only, no arithmetic that waits for a load.
-        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
+        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
         run = status == common.RUN
         # The state first even with a pool (unlike T = 1): placed after the others, its loads end
         # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
-        rRaw = self._load_rows(mS[read_slot, hv, None, None], row0, lane_in_row)
+        rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
         common.load_fence()
-        values, tokens, gates = self._stage_loads(mQ, mK, mV, mA, mB, mALog, mDtBias, b, h, hv, tile, warp, lane)
-        self.prefetch_later(mS, mIdx, (mQ, mK, mV, mA, mB))
+        values, tokens, gates = self._stage_loads(gmem, b, h, hv, tile, warp, lane)
+        self.prefetch_later(gmem, with_inputs=True)
 
         # Per-token q/k norms and gates once per CTA (per-lane recomputation would cost more ALU
         # work than the recurrence), read back from shared memory by every row.
@@ -146,8 +149,8 @@ class KLastMTP(KLastDecode):
         # sink loads into it.
         if const_expr(spec.update_state and spec.has_accepted):
             if run and accepted == 0:
-                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row)
-        loop_args = (rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0, lane, lane_in_row, local0, run, accepted,
+                self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
+        loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, b, hv, row0, lane, lane_in_row, local0, run, accepted,
                      write_slot)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
@@ -164,9 +167,9 @@ class KLastMTP(KLastDecode):
             c = self._token_loop(True, *loop_args)
         if const_expr(spec.update_state and not spec.has_accepted):
             if run:
-                self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
+                self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row, c)
         cute.arch.barrier()
-        self._write_outputs(sO, mO, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
+        self._write_outputs(sO, gmem.output, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
 
     @cute.jit
     def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0,

@@ -32,14 +32,16 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, const_expr
 
+from ..spec import KernelArgs
 from . import common
 
 
 class KLastMTPMma(common.DecodeKernel):
-    def __init__(self, spec, num_warps: int, blocks_per_warp: int):
+    def __init__(self, spec, config):
         if spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
             raise ValueError("the tensor-core MTP kernel takes a bf16 state and bf16 q/k/v, no intermediates")
-        self.spec = spec
+        super().__init__(spec, config)
+        num_warps, blocks_per_warp = config.tile
         self.num_warps = num_warps
         self.mb = blocks_per_warp  # 16-row blocks per warp
         self.rows_per_warp = 16 * blocks_per_warp
@@ -51,10 +53,10 @@ class KLastMTPMma(common.DecodeKernel):
         self.nb = (spec.T + 7) // 8  # token blocks of 8 (the N side of the dot products)
         self.tp = 8 * self.nb  # tokens, padded
         self.kp = spec.K // 32  # 32-column blocks of the head dim
-        # Load the update's k with the state rather than after the dot products: meant as L1 hits
-        # there, they often missed, and their wait fell just before the update. 2-5 % faster at
-        # T = 7-16 for 16-32 more registers (eleventh pass). At K = 256 those registers would cost
-        # a CTA per SM (T <= 8) or spill (T >= 12).
+        # Load the update's k with the state rather than after the dot products: as L1 hits there
+        # they often miss, and their wait falls just before the update. 2-5 % faster at T = 7-16
+        # for 16-32 more registers (RESULTS.md "Tensor cores for MTP"). At K = 256 those registers
+        # would cost a CTA per SM (T <= 8) or spill (T >= 12).
         self.early_k = spec.K <= 128
 
     # ---- operands -------------------------------------------------------------------------------
@@ -210,9 +212,11 @@ class KLastMTPMma(common.DecodeKernel):
 
     # ---- the kernel -----------------------------------------------------------------------------
 
+    @common.kernel_args
     @cute.kernel
-    def kernel(self, mQ, mK, mV, mA, mB, mALog, mDtBias, mS, mIdx, mOutIdx, mAcc, mInter, mO):
-        """The tensors of common.DecodeKernel.__call__, in its order."""
+    def kernel(self, *args):
+        """The tensors of spec.KernelArgs, in its order."""
+        gmem = KernelArgs(*args)
         spec = self.spec
         T, TP, NB, KP, MB, W = spec.T, self.tp, self.nb, self.kp, self.mb, self.num_warps
         lane = cute.arch.lane_idx()
@@ -225,30 +229,30 @@ class KLastMTPMma(common.DecodeKernel):
         # Loads, all up front (common.load_fence): q/k chunks, v and the gate inputs first (the
         # tables need only q/k and the gates, so they are built while the state is in flight),
         # then the state, whose address waits for the pool index.
-        read_slot, write_slot, accepted, status = common.resolve_slots(mIdx, mOutIdx, mAcc, b, mS.shape[0], T)
+        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
         run = status == common.RUN
         rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
         rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
         for na in cutlass.range_constexpr(NB):
             tc = self._token(g + 8 * na)
             for p in cutlass.range_constexpr(KP):
-                cute.autovec_copy(self._chunk(mK[b, tc, h, None], p, c), rK[None, p, na])
-                cute.autovec_copy(self._chunk(mQ[b, tc, h, None], p, c), rQ[None, p, na])
+                cute.autovec_copy(self._chunk(gmem.k[b, tc, h, None], p, c), rK[None, p, na])
+                cute.autovec_copy(self._chunk(gmem.q[b, tc, h, None], p, c), rQ[None, p, na])
         # The recurrence runs one row per lane (lanes 16.. repeat rows 0..15 when MB = 1).
         my_row = lane % self.rows_per_warp
         rV = cute.make_rmem_tensor((T,), BFloat16)
         for t in cutlass.range_constexpr(T):
-            rV[t] = mV[b, t, hv, row0 + my_row]
-        raw = common.load_gates(mA, mB, mALog, mDtBias, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
+            rV[t] = gmem.v[b, t, hv, row0 + my_row]
+        raw = common.load_gates(gmem, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
         common.load_fence()
         rS = cute.make_rmem_tensor((8, KP, 2, MB), BFloat16)
         for m in cutlass.range_constexpr(MB):
             for hh in cutlass.range_constexpr(2):
                 for p in cutlass.range_constexpr(KP):
-                    cute.autovec_copy(self._chunk(mS[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
+                    cute.autovec_copy(self._chunk(gmem.state[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
                                       rS[None, p, hh, m])
         common.load_fence()
-        self.prefetch_later(mS, mIdx, (mQ, mK, mV, mA, mB))
+        self.prefetch_later(gmem, with_inputs=True)
 
         smem = cutlass.memory.SmemAllocator()
         sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
@@ -264,12 +268,12 @@ class KLastMTPMma(common.DecodeKernel):
         )[None, None, None, warp]
 
         if const_expr(self.early_k):
-            rKu = self._update_k(mK, b, h, g, c)
+            rKu = self._update_k(gmem.k, b, h, g, c)
         self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)
         self._dots(rS, rK, rQ, sP, g, c)
         cute.arch.sync_warp()  # sP written
         if const_expr(not self.early_k):
-            rKu = self._update_k(mK, b, h, g, c)  # L1 hits: the warp read these rows above
+            rKu = self._update_k(gmem.k, b, h, g, c)  # L1 hits: the warp read these rows above
 
         # The triangular recurrence of row my_row; its u_t replace S_0 k_t in sP.
         fill = common.skipped_output(status)
@@ -284,7 +288,7 @@ class KLastMTPMma(common.DecodeKernel):
             for j in cutlass.range_constexpr(t + 1):
                 o += sAkq[t, j] * u[j]
             if writer:
-                mO[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(mO.element_type)
+                gmem.output[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(gmem.output.element_type)
         cute.arch.sync_warp()  # every lane has read its S_0 k_t
         if writer:
             for t in cutlass.range_constexpr(T):
@@ -292,7 +296,7 @@ class KLastMTPMma(common.DecodeKernel):
         cute.arch.sync_warp()
 
         if const_expr(spec.update_state):
-            mDst = mS[write_slot, hv, None, None]
+            mDst = gmem.state[write_slot, hv, None, None]
             if const_expr(spec.has_accepted):
                 # The count indexes the tables: out of [0, T] (an invalid row, not stored) it reads 0.
                 n_acc = Int32(cutlass.select_(run, accepted, 0))

@@ -1,0 +1,228 @@
+"""Kernel selection: every rule that picks the kernel class, CTA tile, L2 prefetch and token loop
+of a build, the batch regime, and the device tables they read. Nothing else decides these.
+
+Plain Python (no torch, no CuTe): the API layer asks it for the regime and the device class, the
+kernel layer for a BuildConfig. The numbers come from measurements; each constant cites the
+heading of benchmarks/RESULTS.md ("Measurement-backed constants") that holds them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+from ..spec import KernelSpec, vec_elems
+
+# Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
+KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTable:
+    """The measured choices for one class of device."""
+
+    # CTA shapes by (table, regime, state dtype): (warps, rows per thread, lanes per row) for
+    # K-last, (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core
+    # MTP kernel. MTP builds take "mtp", "mtp_long" from LONG_MTP_TOKENS tokens on and "mtp_inter"
+    # when they write the intermediate states ("mtp_long" and "mtp_inter" hold only the shapes that
+    # differ from "mtp"), "mtp_mma" for the tensor-core kernel. RESULTS.md "CTA shapes".
+    tiles: Dict[Tuple[str, str, str], Tuple[int, ...]]
+    # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
+    # wins. RESULTS.md "Batch regime threshold".
+    small_regime_heads_per_sm: int
+    # Fewest tokens for which the tensor-core MTP kernel serves a bf16 state at large batch.
+    # RESULTS.md "Tensor cores for MTP".
+    mma_min_tokens: int
+    # Fewest tokens for which MTP takes the "mtp_long" CTA shapes.
+    long_mtp_tokens: int
+    # Most tokens of a "short" MTP build (its own prefetch distance, no input prefetch).
+    short_mtp_tokens: int
+    # How far ahead, in bytes of state, a CTA prefetches a later CTA's state tile into L2, by
+    # kernel; twice these distances measured slower (the prefetched lines are evicted first).
+    # RESULTS.md "L2 prefetch distance".
+    prefetch_bytes: Dict[str, int]
+
+
+# Tuned on the H100 (SM90, 132 SMs, HBM3).
+SM90_HBM3 = DeviceTable(
+    tiles={
+        ("klast", "small", "float32"): (4, 1, 16),
+        ("klast", "large", "float32"): (4, 4, 16),
+        ("klast", "small", "bfloat16"): (8, 1, 8),
+        ("klast", "large", "bfloat16"): (4, 4, 8),
+        ("mtp", "small", "float32"): (4, 2, 8),
+        ("mtp", "large", "float32"): (4, 2, 8),
+        ("mtp", "small", "bfloat16"): (4, 2, 8),
+        ("mtp", "large", "bfloat16"): (2, 4, 8),
+        ("mtp_long", "large", "float32"): (4, 4, 8),
+        ("mtp_inter", "large", "float32"): (8, 1, 16),
+        ("mtp_inter", "large", "bfloat16"): (4, 2, 16),
+        ("mtp_mma", "large", "bfloat16"): (4, 2),
+        ("kmajor", "small", "float32"): (4, 4),
+        ("kmajor", "large", "float32"): (8, 2),
+        ("kmajor", "small", "bfloat16"): (4, 4),
+        ("kmajor", "large", "bfloat16"): (4, 2),
+    },
+    small_regime_heads_per_sm=2,
+    mma_min_tokens=5,
+    long_mtp_tokens=8,
+    short_mtp_tokens=2,
+    prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20},
+)
+
+# Tuning tables by device-class name: the name is what enters the cache key.
+DEVICE_TABLES: Dict[str, DeviceTable] = {"sm90-hbm3": SM90_HBM3}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceClass:
+    """A known device: its target, SM count and memory (GiB, the bandwidth class: HBM3 parts
+    carry 80-96 GiB, HBM3e parts 141 GiB and more), and the table it uses."""
+
+    name: str
+    arch: str
+    sm_count: int
+    memory_gib: int
+    table: str
+
+
+KNOWN_DEVICES = (
+    DeviceClass("H100 SXM", "sm_90a", 132, 80, "sm90-hbm3"),
+    # Until an H200 table is measured, the H100's (the same SMs; 1.4x the copy bandwidth).
+    DeviceClass("H200", "sm_90a", 132, 141, "sm90-hbm3"),
+    # Blackwell: compiled, not yet run; the Hopper table until one is measured.
+    DeviceClass("B200", "sm_100a", 148, 180, "sm90-hbm3"),
+    DeviceClass("B300", "sm_103a", 148, 270, "sm90-hbm3"),
+)
+
+
+def device_class(arch: str, sm_count: int, memory_gib: float) -> str:
+    """Name of the tuning table for a device: that of the nearest known device of the same arch
+    (by SM count, then memory), else of the nearest of any arch."""
+    def distance(d: DeviceClass):
+        return (d.arch != arch, abs(d.sm_count - sm_count), abs(d.memory_gib - memory_gib))
+
+    return min(KNOWN_DEVICES, key=distance).table
+
+
+def _table(spec: KernelSpec) -> DeviceTable:
+    if spec.device_class is not None:
+        return DEVICE_TABLES[spec.device_class]
+    return DEVICE_TABLES[next(d.table for d in KNOWN_DEVICES if d.arch == spec.arch)]
+
+
+def regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str] = None) -> str:
+    """"small" or "large": the batch regime of a call (a compile-time choice, so one call
+    signature uses at most two builds)."""
+    table = DEVICE_TABLES[device_class_name] if device_class_name else SM90_HBM3
+    return "small" if batch * HV <= table.small_regime_heads_per_sm * sm_count else "large"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """How a KernelSpec is built: the kernel class and its static options."""
+
+    kernel: str  # KLAST, KMAJOR, KMTP or KMTP_MMA
+    tile: Tuple[int, ...]  # CTA shape, in the kernel's own terms (see DeviceTable.tiles)
+    # L2 prefetch of a later CTA's state tile, this many bytes of state ahead (0: none); the
+    # kernel turns it into whole CTA tiles and skips it where its tile is not contiguous.
+    prefetch_bytes: int = 0
+    # The prefetch also brings in the later CTA's q/k/v rows and gate inputs.
+    prefetch_inputs: bool = False
+    # kmtp: a second token loop without the per-token rescale test, for CTAs whose decays cannot
+    # reach the rescale bound.
+    unchecked_loop: bool = False
+
+    @classmethod
+    def for_spec(cls, spec: KernelSpec) -> "BuildConfig":
+        table = _table(spec)
+        kernel = _kernel(spec, table)
+        tile = _tile(spec, table, kernel)
+        unchecked = _unchecked_loop(spec, kernel, tile)
+        return cls(
+            kernel=kernel,
+            tile=tile,
+            prefetch_bytes=_prefetch_bytes(spec, table, kernel, unchecked),
+            prefetch_inputs=_prefetch_inputs(spec, table, kernel),
+            unchecked_loop=unchecked,
+        )
+
+
+def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
+    """The tensor-core MTP kernel serves a bf16 state with bf16 q/k/v, no intermediates, in the
+    large-batch regime from mma_min_tokens on: 1.4-1.5x faster than kmtp at T = 8 and 2.2x at
+    T = 16 for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with
+    intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md "Tensor cores for MTP"). A
+    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp."""
+    if spec.layout == "kmajor":
+        return KMAJOR
+    if not spec.multi_token:
+        return KLAST
+    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.has_intermediate
+    if spec.tile is not None:
+        return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
+    return KMTP_MMA if mma_ok and spec.regime == "large" and spec.T >= table.mma_min_tokens else KMTP
+
+
+def _tile(spec: KernelSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
+    if spec.tile is not None:
+        return spec.tile
+    tiles = table.tiles
+    if kernel == KMTP_MMA:
+        warps, blocks = tiles[("mtp_mma", spec.regime, spec.state_dtype)]
+        # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
+        blocks = 1 if spec.K > 128 else blocks
+        return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
+    name = spec.layout
+    if kernel == KMTP:
+        name = "mtp_inter" if spec.has_intermediate else "mtp_long" if spec.T >= table.long_mtp_tokens else "mtp"
+        if (name, spec.regime, spec.state_dtype) not in tiles:
+            name = "mtp"
+    if kernel == KMAJOR:
+        warps, row_lanes = tiles[(name, spec.regime, spec.state_dtype)]
+        while (32 // row_lanes) * vec_elems(spec.state_dtype) > spec.V:
+            row_lanes *= 2  # more row lanes, fewer column lanes: the column tile fits in V
+        while warps * row_lanes > spec.K:
+            warps //= 2
+        return warps, row_lanes
+    warps, rows, lanes = tiles[(name, spec.regime, spec.state_dtype)]
+    lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
+    # Small head dims: keep at least one full tile per head.
+    while warps * (32 // lanes) * rows > spec.V and rows > 1:
+        rows //= 2
+    while warps * (32 // lanes) * rows > spec.V:
+        warps //= 2
+    return warps, rows, lanes
+
+
+def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> bool:
+    """Measured for the fp32 large-batch shape (4, 2, 8) without intermediates only: faster for
+    4 < T <= 8; slower at T = 16, neutral at T <= 4, slower for a bf16 state, at small batch, with
+    intermediates and with the L2 prefetch (which it turns off). From long_mtp_tokens on the
+    (4, 4, 8) shape with the prefetch is faster still, so only T = 5-7 take it by default
+    (RESULTS.md "Unchecked token loop")."""
+    return (kernel == KMTP and spec.state_dtype == "float32" and spec.regime == "large" and tile == (4, 2, 8)
+            and not spec.has_intermediate and 4 < spec.T <= 8)
+
+
+def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked_loop: bool) -> int:
+    """On for the large-batch builds without intermediates of the K-last kernels (T = 1 and MTP)
+    and of the bf16 K-major kernel: 2-6 % faster at B = 64 and 2-4 % at B = 256 (K-last T = 1:
+    0.6-1.5 %); kmtp with at most short_mtp_tokens tokens gains from 6 MiB (bf16 B = 64 1.3 %,
+    fp32 0.5 %). Off where it measured slower or neutral: with intermediates (within 1 %), with the
+    unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major)
+    (RESULTS.md "L2 prefetch distance")."""
+    if spec.regime != "large" or spec.has_intermediate or unchecked_loop:
+        return 0
+    if kernel == KMAJOR and spec.state_dtype != "bfloat16":
+        return 0
+    name = {KLAST: "klast", KMAJOR: "kmajor", KMTP_MMA: "mtp_mma"}.get(kernel)
+    if kernel == KMTP:
+        name = "mtp_short" if spec.T <= table.short_mtp_tokens else "mtp"
+    return table.prefetch_bytes[name]
+
+
+def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
+    """For the bf16-state MTP kernels from short_mtp_tokens + 1 tokens on: up to 1.6 µs faster at
+    B = 64 (T = 8: 0-0.4) and up to 2.4 % at B = 256 (T = 16); slower at T = 2 (B = 256), level
+    for an fp32 state at T = 4 and 1.9 % slower at T = 8 (RESULTS.md "Input prefetch")."""
+    return kernel in (KMTP, KMTP_MMA) and spec.state_dtype == "bfloat16" and spec.T > table.short_mtp_tokens
