@@ -1,0 +1,223 @@
+"""`flashgdn-precompile`: fill the on-disk kernel cache for a model configuration, without a GPU.
+
+    flashgdn-precompile --arch sm_90a -H 16 -HV 32 --head-k 128 --head-v 128 \\
+        --state-dtype fp32 bf16 --io-dtype bf16 --seq-len 1 2 4 8 --pool
+
+builds every kernel variant that the given model shapes and options need on the given GPU
+architecture(s), in both batch regimes, and stores each in the disk cache (flashgdn.disk_cache;
+FLASHGDN_CACHE_DIR or --cache-dir), so that a serving engine's processes load them instead of
+compiling. T = 1 builds the one-token decode kernel of each --layout ("klast", the API's
+pretranspose; "kmajor", its nontranspose, dense state only); T > 1 builds the multi-token (MTP)
+kernel, which always reads a state pool. One line per variant says whether it was compiled or
+was already on disk, and how long it took; the exit status is non-zero when any variant failed.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import multiprocessing
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from .spec import ARCHS, LAYOUTS, MAX_TOKENS, REGIMES, SUPPORTED_HEAD_DIMS, KernelSpec
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashgdn-precompile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--arch", nargs="+", choices=ARCHS, default=["sm_90a"], help="GPU architecture(s) (default: sm_90a)")
+    add("-H", "--num-q-heads", type=_positive_int, default=16, help="q and k heads (default: 16)")
+    add("-HV", "--num-v-heads", type=_positive_int, default=32, help="value heads, a multiple of H (default: 32)")
+    add("--head-k", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K (default: 128)")
+    add("--head-v", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="V (default: 128)")
+    add("--io-dtype", choices=("bf16", "fp16"), default="bf16", help="q, k, v and output (default: bf16)")
+    add("--state-dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"], help="state dtype(s) (default: fp32)")
+    add("--gate-dtype", choices=("bf16", "fp16", "fp32"), help="a and b (default: the --io-dtype)")
+    add("--dt-bias-dtype", choices=("fp32", "bf16"), default="fp32", help="dt_bias (default: fp32)")
+    add("--seq-len", nargs="+", type=_positive_int, default=[1],
+        help=f"tokens per sequence T: 1 = decode, 2..{MAX_TOKENS} = MTP (default: 1)")
+    add("--layout", nargs="+", choices=LAYOUTS, default=["klast"],
+        help="state layout(s) of the T = 1 kernels: klast (pretranspose), kmajor (nontranspose) (default: klast)")
+    add("--pool", action=argparse.BooleanOptionalAction, default=True,
+        help="T = 1 klast: state pool + indices (default) or a dense state; MTP always uses a pool")
+    add("--index-dtype", nargs="+", choices=("int32", "int64"), default=["int32"],
+        help="dtype(s) of the pool indices (default: int32)")
+    add("--out-indices", action="store_true", help="pool kernels also take output_state_indices")
+    add("--intermediate", action="store_true", help="MTP kernels write intermediate_states_buffer")
+    add("--no-state-update", action="store_true", help="MTP kernels with disable_state_update=True")
+    add("--accepted-tokens", action="store_true", help="MTP kernels take accepted_tokens")
+    add("--no-l2norm", action="store_true", help="use_qk_l2norm=False")
+    add("--scale", type=float, help="q scale (default: head_k ** -0.5)")
+    add("--device-class", help="tuning table (kernels.policy.DEVICE_TABLES) the GPU uses "
+        "(default: that of the arch's first known device, as the API picks for it)")
+    add("--regime", nargs="+", choices=REGIMES, default=list(REGIMES), help="batch regime(s) (default: both)")
+    add("--cache-dir", help="cache directory (default: FLASHGDN_CACHE_DIR, else $XDG_CACHE_HOME/flashgdn)")
+    add("--jobs", "-j", type=_positive_int, default=1, help="variants built at once, one process each (default: 1)")
+    add("--list", action="store_true", help="print the variants and exit")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_v_heads % args.num_q_heads:
+        parser.error(f"--num-v-heads ({args.num_v_heads}) must be a multiple of --num-q-heads ({args.num_q_heads})")
+    if max(args.seq_len) > MAX_TOKENS:
+        parser.error(f"--seq-len values must be at most {MAX_TOKENS}, got {max(args.seq_len)}")
+    from .kernels import policy
+
+    if args.device_class is not None and args.device_class not in policy.DEVICE_TABLES:
+        parser.error(f"--device-class must be one of {sorted(policy.DEVICE_TABLES)}, got {args.device_class!r}")
+    if args.accepted_tokens and args.no_state_update:
+        parser.error("--accepted-tokens selects the state to commit: it cannot go with --no-state-update")
+    return args
+
+
+def model_specs(args: argparse.Namespace) -> List[KernelSpec]:
+    """Every KernelSpec the flags ask for, made by the API's own api.kernel_spec from meta tensors
+    of the call's shapes (B = 1: the batch only picks the regime, given here), so that each is the
+    spec that a call with those shapes and options looks up: arch, then state dtype, then T, then
+    layout (T = 1) and pool index dtype, then regime. Duplicates are dropped."""
+    import torch
+
+    from . import api
+    from .device import DeviceFacts
+    from .kernels import policy
+    from .spec import KernelArgs
+    from .validation import Problem
+
+    def meta(dtype, *shape):
+        return None if dtype is None else torch.empty(shape, dtype=getattr(torch, DTYPES[dtype]), device="meta")
+
+    H, HV, K, V = args.num_q_heads, args.num_v_heads, args.head_k, args.head_v
+    io, gate = args.io_dtype, args.gate_dtype or args.io_dtype
+    specs: dict = {}
+    for arch in args.arch:
+        known = next(d for d in policy.KNOWN_DEVICES if d.arch == arch)
+        facts = DeviceFacts(arch, known.sm_count, args.device_class or known.table)
+        for state in args.state_dtype:
+            for T in args.seq_len:
+                mtp = T > 1
+                if mtp:
+                    builds = [("klast", d) for d in args.index_dtype]
+                else:
+                    builds = [(layout, None) for layout in args.layout if layout == "kmajor" or not args.pool]
+                    if "klast" in args.layout and args.pool:
+                        builds += [("klast", d) for d in args.index_dtype]
+                # T > 1 (gated_delta_rule_mtp, or pretranspose with T > 1) leaves padding rows' output as it is.
+                options = api.CallOptions(scale=args.scale, use_l2norm=not args.no_l2norm,
+                                          update_state=not (mtp and args.no_state_update), zero_padding_output=not mtp)
+                for layout, index in builds:
+                    rows, cols = (V, K) if layout == "klast" else (K, V)
+                    tensors = KernelArgs(
+                        q=meta(io, 1, T, H, K), k=meta(io, 1, T, H, K), v=meta(io, 1, T, HV, V),
+                        a=meta(gate, 1, T, HV), b=meta(gate, 1, T, HV), A_log=meta("fp32", HV),
+                        dt_bias=meta(args.dt_bias_dtype, HV), state=meta(state, 1, HV, rows, cols),
+                        state_indices=meta(index, 1),
+                        output_state_indices=meta(index, 1) if index and args.out_indices else None,
+                        accepted_tokens=meta("int32", 1) if mtp and args.accepted_tokens else None,
+                        intermediate_states=meta(state, 1, T, HV, rows, cols) if mtp and args.intermediate else None,
+                        output=meta(io, 1, T, HV, V),
+                    )
+                    problem = Problem(1, T, H, HV, K, V)
+                    for regime in args.regime:
+                        specs.setdefault(api.kernel_spec(layout, problem, tensors, options, facts, regime), None)
+    return list(specs)
+
+
+# ----------------------------------------------------------------------------- building
+
+_CACHES: dict = {}  # cache directory -> this process's CompileCache for it
+
+
+def _cache(directory: Optional[str]):
+    if directory not in _CACHES:
+        from .cache import CompileCache, compile_variant
+        from .disk_cache import DiskCache
+
+        _CACHES[directory] = CompileCache(compile_variant, disk=DiskCache(directory, enabled=True))
+    return _CACHES[directory]
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def build_one(spec: KernelSpec, directory: Optional[str]) -> Tuple[str, float]:
+    """("compiled" | "loaded from disk" | "FAILED: why", seconds) for `spec`."""
+    cache = _cache(directory)
+    compiles, start = cache.compiles, time.perf_counter()
+    try:
+        cache.get(spec)
+    except Exception as exc:  # report every variant, fail at the end
+        return f"FAILED: {_one_line(exc)}", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not cache.disk.valid(spec):
+        return "FAILED: compiled but not stored in the disk cache (see the warning above)", seconds
+    return ("compiled" if cache.compiles > compiles else "loaded from disk"), seconds
+
+
+def _show_warnings() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `flashgdn-precompile`; returns the exit status."""
+    from .disk_cache import DiskCache, disk_cache_enabled
+
+    args = parse_args(argv)
+    specs = model_specs(args)
+    if args.list:
+        print("\n".join(s.short_name() for s in specs))
+        return 0
+    if not disk_cache_enabled():
+        print("flashgdn-precompile: the disk cache is off (FLASHGDN_DISK_CACHE=0): nothing would be stored",
+              file=sys.stderr)
+        return 2
+    _show_warnings()
+    directory = str(DiskCache(args.cache_dir).directory)
+    print(f"{len(specs)} variant{'' if len(specs) == 1 else 's'} -> {directory}", flush=True)
+    start, counts = time.perf_counter(), {"compiled": 0, "loaded from disk": 0, "failed": 0}
+
+    def report(i: int, spec: KernelSpec, result: Tuple[str, float]) -> None:
+        status, seconds = result
+        counts["failed" if status.startswith("FAILED") else status] += 1
+        print(f"[{i}/{len(specs)}] {spec.short_name()}: {status} ({seconds:.2f} s)", flush=True)
+
+    if args.jobs == 1 or len(specs) == 1:
+        for i, spec in enumerate(specs, 1):
+            report(i, spec, build_one(spec, directory))
+    else:
+        # Fresh processes (spawn): forking a process that has loaded torch and threads is unsafe.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_show_warnings) as pool:
+            futures = [pool.submit(build_one, spec, directory) for spec in specs]
+            for i, (spec, future) in enumerate(zip(specs, futures), 1):
+                try:
+                    result = future.result()
+                except Exception as exc:  # a worker that died
+                    result = (f"FAILED: {_one_line(exc)}", 0.0)
+                report(i, spec, result)
+    print(f"done in {time.perf_counter() - start:.1f} s: {counts['compiled']} compiled, "
+          f"{counts['loaded from disk']} loaded from disk, {counts['failed']} failed")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
