@@ -1,4 +1,5 @@
-"""Public torch API, flashinfer-compatible (`flashinfer.gdn_decode` names, argument names and order).
+"""Public torch API: FlashInfer 0.7.2's `flashinfer.gdn_decode` functions (names, argument order,
+defaults, in-place behaviour; README "Differences from FlashInfer" lists what differs on purpose).
 
 This layer validates, picks the kernel variant (layout, batch regime, flags), fetches it from the
 compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
@@ -7,6 +8,7 @@ as they are (strided views included), on the current torch stream.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -29,12 +31,13 @@ class CallOptions(NamedTuple):
     update_state: bool = True
     softplus_beta: float = 1.0
     softplus_threshold: float = 20.0
+    zero_padding_output: bool = True  # False: a padding row's output is left as it is
 
 
 def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOptions, facts: DeviceFacts,
                 regime: Optional[str] = None) -> KernelSpec:
-    """The compiled variant a call uses: from its problem sizes, the dtypes and presence of its
-    tensors (`args`), its options and the device (tensors need only `.dtype`: fake ones do)."""
+    """The compiled variant a call uses: from its problem sizes, the dtypes, presence and (the
+    state's) strides of its tensors (`args`: meta tensors do), its options and the device."""
     name = val.dtype_name
     return KernelSpec(
         layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=name(args.q.dtype),
@@ -46,6 +49,9 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         has_out_indices=args.output_state_indices is not None,
         has_intermediate=args.intermediate_states is not None, update_state=bool(options.update_state),
         has_accepted=args.accepted_tokens is not None, device_class=facts.device_class,
+        out_dtype=None if args.output is None or args.output.dtype == args.q.dtype else name(args.output.dtype),
+        has_token_slots=args.token_state_indices is not None, strided_state=not val.packed(args.state, 3),
+        zero_padding_output=options.zero_padding_output,
     )
 
 
@@ -53,12 +59,16 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
     """FLASHGDN_CHECK_INDICES=1: index values in range and no slot written twice (a host sync)."""
     pool_size = args.state.shape[0]
     for name, t in (("initial_state_indices", args.state_indices),
-                    ("output_state_indices", args.output_state_indices)):
+                    ("output_state_indices", args.output_state_indices),
+                    ("ssm_state_indices", args.token_state_indices)):
         if t is not None:
             val.check_index_values(name, t, pool_size, allow_negative=True)
     if args.accepted_tokens is not None:
         val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
-    if update_state and args.state_indices is not None:  # a pool: rows must not write one slot
+    if args.token_state_indices is not None:  # every (row, token) writes its own slot
+        rows = args.state_indices[:, None].expand_as(args.token_state_indices)
+        val.check_distinct_slots("ssm_state_indices", args.token_state_indices.flatten(), rows.flatten())
+    elif update_state and args.state_indices is not None:  # a pool: rows must not write one slot
         if args.output_state_indices is None:
             val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
         else:
@@ -73,15 +83,16 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
         fn = plan.fn = kernel_cache.get(kernel_spec(layout, p, args, options, facts_of(plan.device)))
     if CHECK_INDICES:
         _check_index_values(p, args, options.update_state)
-    if args.output is None:
-        args = args._replace(output=torch.empty(p.B, p.T, p.HV, p.V, dtype=args.q.dtype, device=plan.device))
+    if args.output is None:  # zeros where padding rows leave their output as it is
+        alloc = torch.empty if options.zero_padding_output else torch.zeros
+        args = args._replace(output=alloc(p.B, p.T, p.HV, p.V, dtype=args.q.dtype, device=plan.device))
     if p.B:
         fn(*args)
     return args.output
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
-    val.check_output(output, p, q.dtype)
+    val.check_output(output, p)
     val.check_scale(scale)
     val.check_softplus(softplus_beta, softplus_threshold)
     return val.check_devices(dict(q=q, output=output, **tensors))
@@ -129,16 +140,20 @@ def _validated(check, *args, options=()) -> _Plan:
 
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
-                        initial_state_indices, output_state_indices, state_is_pool, softplus_beta,
-                        softplus_threshold):
-    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=1)
-    if initial_state is not None:
+                        initial_state_indices, output_state_indices, intermediate_states_buffer,
+                        disable_state_update, softplus_beta, softplus_threshold):
+    p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
+    if p.T == 1:
+        if intermediate_states_buffer is not None:
+            raise ValueError("intermediate_states_buffer is supported only for T > 1 (q.shape[1] is 1)")
+        if disable_state_update:
+            raise ValueError("disable_state_update=True is supported only for T > 1 (q.shape[1] is 1)")
+    written = not disable_state_update
+    if initial_state is not None:  # a pool: `state` is not used (as in FlashInfer)
         if initial_state_indices is None:
             raise ValueError("initial_state (a state pool) needs initial_state_indices [B]")
-        if state is not None and not state_is_pool:
-            raise ValueError("pass the state either as state [B, HV, V, K] or as the pool initial_state, not both")
         pool = initial_state
-        val.check_state("initial_state", pool, (None,), p, layout="klast")
+        val.check_state("initial_state", pool, (None,), p, layout="klast", written=written)
         val.check_indices("initial_state_indices", initial_state_indices, p)
         val.check_output_indices(output_state_indices, initial_state_indices, p)
     else:
@@ -147,12 +162,25 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
         if state is None:
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
-        val.check_state("state", pool, (p.B,), p, layout="klast")
+        val.check_state("state", pool, (p.B,), p, layout="klast", written=written)
+    _check_intermediate(intermediate_states_buffer, pool, p)
     return p, _check_common(
         p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
-        dt_bias=dt_bias, state=pool,
-        initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
+        dt_bias=dt_bias, state=pool, initial_state_indices=initial_state_indices,
+        output_state_indices=output_state_indices, intermediate_states_buffer=intermediate_states_buffer,
     )
+
+
+def _check_intermediate(buffer, pool, p: val.Problem) -> None:
+    """intermediate_states_buffer [>= B, >= T, HV, V, K] of the state's dtype: batch row i writes
+    buffer[i, t] (engines pass their whole buffer)."""
+    if buffer is None:
+        return
+    val.check_state("intermediate_states_buffer", buffer, (None, None), p, layout="klast", dtype=pool.dtype, inner=3)
+    if buffer.shape[0] < p.B or buffer.shape[1] < p.T:
+        raise ValueError(
+            f"intermediate_states_buffer must have shape [>= B={p.B}, >= T={p.T}, ...], got {list(buffer.shape)}"
+        )
 
 
 def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta, softplus_threshold):
@@ -163,20 +191,23 @@ def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_
 
 
 def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
-               intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
-               softplus_beta, softplus_threshold):
+               intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
+               accepted_tokens, softplus_beta, softplus_threshold):
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     # With disable_state_update the pool is only read (it may overlap itself).
     val.check_state("initial_state", initial_state, (None,), p, layout="klast", written=not disable_state_update)
     val.check_indices("initial_state_indices", initial_state_indices, p)
     val.check_output_indices(output_state_indices, initial_state_indices, p)
-    if intermediate_states_buffer is not None:
-        val.check_state("intermediate_states_buffer", intermediate_states_buffer, (p.B, None), p,
-                        layout="klast", dtype=initial_state.dtype)
-        if intermediate_states_buffer.shape[1] < p.T:
-            raise ValueError(
-                f"intermediate_states_buffer.shape[1] must be >= T={p.T}, got {intermediate_states_buffer.shape[1]}"
-            )
+    _check_intermediate(intermediate_states_buffer, initial_state, p)
+    if ssm_state_indices is not None:
+        val.check_token_slots(ssm_state_indices, p)
+        for name, other in (("intermediate_states_buffer", intermediate_states_buffer),
+                            ("output_state_indices", output_state_indices), ("accepted_tokens", accepted_tokens)):
+            if other is not None:
+                raise ValueError(f"ssm_state_indices (the state after every token to its own slot) cannot go "
+                                 f"with {name}")
+        if disable_state_update:
+            raise ValueError("ssm_state_indices writes the states: it needs disable_state_update=False")
     if accepted_tokens is not None:
         val.check_tensor("accepted_tokens", accepted_tokens, (torch.int32,), (p.B,))
         val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)
@@ -187,7 +218,28 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
         dt_bias=dt_bias, initial_state=initial_state,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
         intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
+        ssm_state_indices=ssm_state_indices,
     )
+
+
+def _mtp_disable_state_update(disable_state_update: Optional[bool]) -> bool:
+    """FlashInfer 0.7.2's rule: an omitted disable_state_update means True (the state is not
+    written), with a warning once per process that 0.8.0 changes it to False."""
+    global _WARNED_DISABLE_DEFAULT
+    if disable_state_update is not None:
+        return disable_state_update
+    if not _WARNED_DISABLE_DEFAULT:
+        _WARNED_DISABLE_DEFAULT = True
+        warnings.warn(
+            "gated_delta_rule_mtp(): the 'disable_state_update' parameter currently defaults to True (as in "
+            "FlashInfer 0.7.2), but this default will change to False with FlashInfer 0.8.0. Please pass "
+            "disable_state_update=True or disable_state_update=False explicitly to suppress this warning.",
+            FutureWarning, stacklevel=3,
+        )
+    return True
+
+
+_WARNED_DISABLE_DEFAULT = False
 
 
 @logged
@@ -196,39 +248,47 @@ def gated_delta_rule_decode_pretranspose(
     A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
     scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
     initial_state: Optional[torch.Tensor] = None, initial_state_indices: Optional[torch.Tensor] = None,
-    output_state_indices: Optional[torch.Tensor] = None, *,
-    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+    output_state_indices: Optional[torch.Tensor] = None,
+    intermediate_states_buffer: Optional[torch.Tensor] = None, disable_state_update: bool = False,
+    backend: str = "auto", *, softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One decode step, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K]
-    read at `initial_state_indices` [B] and written at `output_state_indices` [B] (default: the
-    same slots). A negative index marks padding: its output row is zero and no state is touched.
+    """Decode, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K] (then
+    `state` is not used) read at `initial_state_indices` [B] and written at `output_state_indices`
+    [B] (default: the same slots). A negative index marks padding: no state is touched, and its
+    output row is zero for T = 1 and left as it is for T > 1 (zero when `output` is None).
 
-    q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]; A_log [HV] fp32; dt_bias [HV].
-    Returns (output [B, 1, HV, V] in q's dtype, the updated state or pool).
+    q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log [HV] fp32; dt_bias [HV]. T > 1 runs the
+    MTP kernels: `intermediate_states_buffer` [>= B, >= T, HV, V, K] receives the state after every
+    token, `disable_state_update` leaves the state untouched. `output` may be bf16, fp16 or fp32.
+    Returns (output [B, T, HV, V], the updated state or pool).
     """
+    val.check_backend(backend)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
-        initial_state_indices, output_state_indices, state is initial_state, softplus_beta, softplus_threshold,
-        options=(use_qk_l2norm,),
+        initial_state_indices, output_state_indices, intermediate_states_buffer, disable_state_update,
+        softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
     )
     pool = state if initial_state is None else initial_state
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, state_indices=initial_state_indices,
-                      output_state_indices=output_state_indices, output=output)
-    out = _launch(plan, "klast", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
-    return out, pool
+                      output_state_indices=output_state_indices, intermediate_states=intermediate_states_buffer,
+                      output=output)
+    options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
+                          zero_padding_output=plan.problem.T == 1)
+    return _launch(plan, "klast", args, options), pool
 
 
 @logged
 def gated_delta_rule_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
     A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor, b: torch.Tensor,
-    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True, *,
-    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+    scale: Optional[float] = None, output: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
+    backend: str = "auto", *, softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode step, state K-major: `state` [B, HV, K, V] (V contiguous), updated in place.
 
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
     """
+    val.check_backend(backend)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
@@ -241,27 +301,39 @@ def gated_delta_rule_mtp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor,
     initial_state_indices: torch.Tensor, A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor,
     b: torch.Tensor, scale: Optional[float] = None, output: Optional[torch.Tensor] = None,
-    intermediate_states_buffer: Optional[torch.Tensor] = None, disable_state_update: bool = False,
-    use_qk_l2norm: bool = True, *, accepted_tokens: Optional[torch.Tensor] = None,
-    output_state_indices: Optional[torch.Tensor] = None,
-    softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
+    intermediate_states_buffer: Optional[torch.Tensor] = None, ssm_state_indices: Optional[torch.Tensor] = None,
+    disable_state_update: Optional[bool] = None, use_qk_l2norm: bool = True,
+    output_state_indices: Optional[torch.Tensor] = None, cache_replayssm: bool = False,
+    replayssm_rawv: Optional[torch.Tensor] = None, replayssm_rawk: Optional[torch.Tensor] = None,
+    replayssm_g: Optional[torch.Tensor] = None, replayssm_beta: Optional[torch.Tensor] = None, *,
+    accepted_tokens: Optional[torch.Tensor] = None, softplus_beta: float = 1.0, softplus_threshold: float = 20.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """T tokens per sequence (speculative-decode verify) in one launch; pool [P, HV, V, K].
 
     q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]. `intermediate_states_buffer`
-    [B, >=T, HV, V, K] (state dtype) receives the state after every token. With
-    `disable_state_update` the pool is left untouched. `accepted_tokens` [B] int32 (beyond
-    flashinfer) commits the state after that many tokens (0..T) instead of after T.
-    Returns (output [B, T, HV, V], pool).
+    [>= B, >= T, HV, V, K] (state dtype) receives the state after every token; `ssm_state_indices`
+    [B, T] int32 instead writes it to pool slot ssm_state_indices[i, t] (negative: not written; no
+    final write-back). `disable_state_update` None means True, as in FlashInfer 0.7.2 (with a
+    FutureWarning once). `accepted_tokens` [B] int32 (beyond FlashInfer) commits the state after
+    that many tokens (0..T) instead of after T. A padding row (negative index) leaves its output
+    row as it is (zero when `output` is None). Returns (output [B, T, HV, V], pool).
     """
+    if cache_replayssm:
+        raise NotImplementedError(
+            "gated_delta_rule_mtp(cache_replayssm=True): ReplaySSM verify is not implemented in flashgdn yet"
+        )
+    if replayssm_rawv is not None or replayssm_rawk is not None or replayssm_g is not None or replayssm_beta is not None:
+        raise ValueError("replayssm_rawv/rawk/g/beta buffers require cache_replayssm=True")
+    disable_state_update = _mtp_disable_state_update(disable_state_update)
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
-        intermediate_states_buffer, disable_state_update, accepted_tokens, output_state_indices,
-        softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
+        intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
+        accepted_tokens, softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
     )
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, state_indices=initial_state_indices,
                       output_state_indices=output_state_indices, accepted_tokens=accepted_tokens,
-                      intermediate_states=intermediate_states_buffer, output=output)
-    options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold)
-    out = _launch(plan, "klast", args, options)
-    return out, initial_state
+                      intermediate_states=intermediate_states_buffer, output=output,
+                      token_state_indices=ssm_state_indices)
+    options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
+                          zero_padding_output=False)
+    return _launch(plan, "klast", args, options), initial_state

@@ -63,19 +63,26 @@ def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta
 def _decode(
     q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, layout, scale, use_qk_l2norm,
     output, intermediate_states_buffer=None, update_state=True, accepted_tokens=None,
-    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
+    softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32, token_slots=None,
+    zero_padding_output=True,
 ):
     B, T = q.shape[:2]
     HV, V = v.shape[2], v.shape[3]
-    out = torch.zeros(B, T, HV, V, dtype=q.dtype, device=q.device)
+    out_dtype = q.dtype if output is None else output.dtype
+    out = torch.zeros(B, T, HV, V, dtype=out_dtype, device=q.device)
     if read_idx is None:
         read_idx = torch.arange(B, device=q.device)
     write_idx = read_idx if write_idx is None else write_idx
     run = (read_idx >= 0) & (write_idx >= 0)
+    padding = ~run
+    if output is not None and not zero_padding_output:
+        out[padding] = output[padding]
     # Rows the kernels refuse (slot past the pool, accepted count outside [0, T]) get NaN output.
     bad = run & ((read_idx >= pool.shape[0]) | (write_idx >= pool.shape[0]))
     if accepted_tokens is not None:
         bad |= run & ((accepted_tokens < 0) | (accepted_tokens > T))
+    if token_slots is not None:
+        bad |= run & (token_slots >= pool.shape[0]).any(1)
     out[bad] = float("nan")
     run &= ~bad
     rows = torch.nonzero(run).flatten()
@@ -88,12 +95,17 @@ def _decode(
             q[rows], k[rows], v[rows], a[rows], b[rows], A_log, dt_bias, S, scale, use_qk_l2norm,
             softplus_beta, softplus_threshold, compute_dtype,
         )
-        out[rows] = o.to(q.dtype)
+        out[rows] = o.to(out_dtype)
         as_stored = (lambda s: s.transpose(-1, -2)) if layout == "klast" else (lambda s: s)
         if intermediate_states_buffer is not None:
             for t, s in enumerate(states):
                 intermediate_states_buffer[rows, t] = as_stored(s).to(intermediate_states_buffer.dtype)
-        if update_state:
+        if token_slots is not None:  # the state after token t to its slot; no final write-back
+            for t, s in enumerate(states):
+                slots = token_slots[rows, t].long()
+                keep = slots >= 0
+                pool[slots[keep]] = as_stored(s[keep]).to(pool.dtype)
+        elif update_state:
             final = torch.stack([S] + states, 1)  # [n, T+1, ...]: state after 0..T tokens
             n_acc = torch.full_like(rows, T) if accepted_tokens is None else accepted_tokens[rows].long()
             chosen = final[torch.arange(rows.numel(), device=q.device), n_acc]
@@ -106,21 +118,23 @@ def _decode(
 
 def gated_delta_rule_decode_pretranspose(
     q, k, v, state, A_log, a, dt_bias, b, scale=None, output=None, use_qk_l2norm=True,
-    initial_state=None, initial_state_indices=None, output_state_indices=None, *,
+    initial_state=None, initial_state_indices=None, output_state_indices=None,
+    intermediate_states_buffer=None, disable_state_update=False, backend="auto", *,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
 ):
-    """Reference of flashgdn.gated_delta_rule_decode_pretranspose (state [B|P, HV, V, K])."""
+    """Reference of flashgdn.gated_delta_rule_decode_pretranspose (state [B|P, HV, V, K], T >= 1)."""
     pool = initial_state if initial_state is not None else state
     out = _decode(
         q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, "klast",
-        scale, use_qk_l2norm, output, softplus_beta=softplus_beta,
-        softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
+        scale, use_qk_l2norm, output, intermediate_states_buffer, not disable_state_update,
+        softplus_beta=softplus_beta, softplus_threshold=softplus_threshold, compute_dtype=compute_dtype,
+        zero_padding_output=q.shape[1] == 1,
     )
     return out, pool
 
 
 def gated_delta_rule_decode(
-    q, k, v, state, A_log, a, dt_bias, b, scale=None, output=None, use_qk_l2norm=True, *,
+    q, k, v, state, A_log, a, dt_bias, b, scale=None, output=None, use_qk_l2norm=True, backend="auto", *,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
 ):
     """Reference of flashgdn.gated_delta_rule_decode (state [B, HV, K, V])."""
@@ -133,14 +147,20 @@ def gated_delta_rule_decode(
 
 def gated_delta_rule_mtp(
     q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale=None, output=None,
-    intermediate_states_buffer=None, disable_state_update=False, use_qk_l2norm=True, *,
-    accepted_tokens: Optional[torch.Tensor] = None, output_state_indices=None,
+    intermediate_states_buffer=None, ssm_state_indices=None, disable_state_update=None, use_qk_l2norm=True,
+    output_state_indices=None, cache_replayssm=False, replayssm_rawv=None, replayssm_rawk=None,
+    replayssm_g=None, replayssm_beta=None, *, accepted_tokens: Optional[torch.Tensor] = None,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
 ):
-    """Reference of flashgdn.gated_delta_rule_mtp (pool [P, HV, V, K], T tokens per sequence)."""
+    """Reference of flashgdn.gated_delta_rule_mtp (pool [P, HV, V, K], T tokens per sequence;
+    disable_state_update None means True; ReplaySSM not modelled)."""
+    if cache_replayssm:
+        raise NotImplementedError("ReplaySSM verify is not modelled by the reference")
+    update = disable_state_update is not None and not disable_state_update
     out = _decode(
         q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
-        "klast", scale, use_qk_l2norm, output, intermediate_states_buffer, not disable_state_update,
-        accepted_tokens, softplus_beta, softplus_threshold, compute_dtype,
+        "klast", scale, use_qk_l2norm, output, intermediate_states_buffer, update,
+        accepted_tokens, softplus_beta, softplus_threshold, compute_dtype, token_slots=ssm_state_indices,
+        zero_padding_output=False,
     )
     return out, initial_state

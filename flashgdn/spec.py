@@ -21,6 +21,7 @@ STATE_DTYPES = ("float32", "bfloat16")
 GATE_DTYPES = ("bfloat16", "float16", "float32")
 DT_BIAS_DTYPES = ("float32", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
+OUT_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 LAYOUTS = ("klast", "kmajor")
 REGIMES = ("small", "large")
@@ -39,7 +40,7 @@ class KernelArgs(NamedTuple):
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]; state
     [P, HV, V, K] ("klast") or [P, HV, K, V] ("kmajor"), P = B for a dense state; state_indices,
     output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
-    output [B, T, HV, V]."""
+    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token)."""
 
     q: Any
     k: Any
@@ -54,6 +55,7 @@ class KernelArgs(NamedTuple):
     accepted_tokens: Any = None
     intermediate_states: Any = None
     output: Any = None
+    token_state_indices: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ class KernelSpec:
     K: int
     V: int
     T: int
-    io_dtype: str  # q, k, v and output
+    io_dtype: str  # q, k and v (and the output unless out_dtype says otherwise)
     state_dtype: str
     gate_dtype: str  # a and b
     dt_bias_dtype: str
@@ -85,6 +87,10 @@ class KernelSpec:
     # Name of the tuning table (kernels.policy.DEVICE_TABLES) the build takes its choices from;
     # None: the reference table of `arch`.
     device_class: Optional[str] = None
+    out_dtype: Optional[str] = None  # None: io_dtype
+    has_token_slots: bool = False  # the state after token t goes to pool slot token_state_indices[b, t]
+    strided_state: bool = False  # the state's head and row strides are dynamic (a padded pool)
+    zero_padding_output: bool = True  # a padding row's output is zero (False: left as it is)
 
     def __post_init__(self) -> None:
         checks = (
@@ -102,6 +108,10 @@ class KernelSpec:
             (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
             (self.index_dtype is not None or not self.has_out_indices, "out indices need a pool"),
             (self.layout == "klast" or (self.T == 1 and self.index_dtype is None), "kmajor is dense T=1 only"),
+            (self.out_dtype in (None,) + OUT_DTYPES, f"out_dtype must be None or one of {OUT_DTYPES}"),
+            (not self.has_token_slots or (self.pool and self.T >= 2 and self.update_state and not self.has_intermediate
+                                          and not self.has_accepted and not self.has_out_indices),
+             "token slots need a pool, T >= 2 and state updates, without intermediates, accepted counts or out indices"),
         )
         for ok, msg in checks:
             if not ok:
@@ -116,6 +126,15 @@ class KernelSpec:
         """Served by an MTP kernel: K-last with T > 1, intermediates or accepted counts."""
         return self.layout == "klast" and (self.T > 1 or self.has_intermediate or self.has_accepted)
 
+    @property
+    def output_dtype(self) -> str:
+        return self.out_dtype or self.io_dtype
+
+    @property
+    def writes_states(self) -> bool:
+        """Writes a state per token (intermediates or token slots): the writes bound the kernel."""
+        return self.has_intermediate or self.has_token_slots
+
     def short_name(self) -> str:
         """A compact, human-readable label for logs and benchmark tables."""
         parts = [
@@ -124,6 +143,8 @@ class KernelSpec:
         ]
         flags = (
             (self.pool, "pool"), (self.has_intermediate, "inter"), (not self.update_state, "noupdate"),
-            (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"),
+            (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"), (self.has_token_slots, "tokslots"),
+            (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
+            (self.out_dtype is not None, f"out-{self.out_dtype}"),
         )
         return "/".join(parts + [name for on, name in flags if on])

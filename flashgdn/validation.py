@@ -28,6 +28,10 @@ IO_DTYPES = _torch_dtypes(spec.IO_DTYPES)
 STATE_DTYPES = _torch_dtypes(spec.STATE_DTYPES)
 DT_BIAS_DTYPES = _torch_dtypes(spec.DT_BIAS_DTYPES)
 INDEX_DTYPES = _torch_dtypes(spec.INDEX_DTYPES)
+OUT_DTYPES = _torch_dtypes(spec.OUT_DTYPES)
+# `backend` values the API takes: "auto", flashgdn's own name, and FlashInfer's name for its
+# generic kernels (code written for FlashInfer may pass it); all run flashgdn's kernels.
+BACKENDS = ("auto", "flashgdn", "flashinfer")
 ALIGN = spec.VEC_BYTES  # kernels use 16-byte vector accesses
 
 
@@ -61,18 +65,27 @@ def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[Op
         raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
 
 
-def check_inner_contiguous(name: str, t: torch.Tensor, inner: int, align_leading: bool) -> None:
-    """The last `inner` dims are packed row-major; with `align_leading`, every other stride keeps
-    16-byte alignment and the data pointer is 16-byte aligned (strided views are fine)."""
+def _unpacked_dim(t, inner: int):
+    """(dim, expected stride) of the innermost of the last `inner` dims that is not packed
+    row-major, or None."""
     expect = 1
     for d in range(t.dim() - 1, t.dim() - 1 - inner, -1):
         if t.shape[d] != 1 and t.stride(d) != expect:
-            dims = "last dim" if inner == 1 else f"last {inner} dims"
-            raise ValueError(
-                f"{name} must have its {dims} contiguous (expected stride {expect} at dim {d}), "
-                f"got strides {list(t.stride())}"
-            )
+            return d, expect
         expect *= t.shape[d]
+    return None
+
+
+def check_inner_contiguous(name: str, t: torch.Tensor, inner: int, align_leading: bool) -> None:
+    """The last `inner` dims are packed row-major; with `align_leading`, every other stride keeps
+    16-byte alignment and the data pointer is 16-byte aligned (strided views are fine)."""
+    bad = _unpacked_dim(t, inner)
+    if bad is not None:
+        dims = "last dim" if inner == 1 else f"last {inner} dims"
+        raise ValueError(
+            f"{name} must have its {dims} contiguous (expected stride {bad[1]} at dim {bad[0]}), "
+            f"got strides {list(t.stride())}"
+        )
     if align_leading:
         elems = ALIGN // t.element_size()
         for d in range(t.dim() - inner):
@@ -125,13 +138,19 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     return Problem(B, T, H, HV, K, V)
 
 
+def packed(t, inner: int) -> bool:
+    """Whether the last `inner` dims of `t` are packed row-major (size-1 dims aside)."""
+    return _unpacked_dim(t, inner) is None
+
+
 def check_state(name: str, t, leading: Sequence[Optional[int]], p: Problem, layout: str, dtype=None,
-                written: bool = True) -> None:
-    """A state tensor [*leading, HV, V, K] ("klast") or [*leading, HV, K, V] ("kmajor"); one the
-    kernel writes must not overlap itself."""
+                written: bool = True, inner: int = 1) -> None:
+    """A state tensor [*leading, HV, V, K] ("klast") or [*leading, HV, K, V] ("kmajor"): the last
+    `inner` dims packed (1: any padded head and row strides, multiples of 16 bytes); one the kernel
+    writes must not overlap itself."""
     rows, cols = (p.V, p.K) if layout == "klast" else (p.K, p.V)
     check_tensor(name, t, (dtype,) if dtype is not None else STATE_DTYPES, (*leading, p.HV, rows, cols))
-    check_inner_contiguous(name, t, 3, align_leading=True)
+    check_inner_contiguous(name, t, inner, align_leading=True)
     if t.shape[0] == 0 and p.B > 0:
         raise ValueError(f"{name} has no slots (shape {tuple(t.shape)}); a pool needs at least one slot")
     if written:
@@ -190,11 +209,25 @@ def check_output_indices(t, initial_state_indices: torch.Tensor, p: Problem) -> 
         )
 
 
-def check_output(output, p: Problem, dtype: torch.dtype) -> None:
+def check_output(output, p: Problem) -> None:
+    """output [B, T, HV, V], any of OUT_DTYPES (the kernels convert in their store)."""
     if output is not None:
-        check_tensor("output", output, (dtype,), (p.B, p.T, p.HV, p.V))
+        check_tensor("output", output, OUT_DTYPES, (p.B, p.T, p.HV, p.V))
         check_inner_contiguous("output", output, 1, align_leading=False)
         check_no_overlap("output", output)
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_token_slots(t, p: Problem) -> None:
+    """ssm_state_indices [B, T] int32: the pool slot of the state after each token."""
+    check_tensor("ssm_state_indices", t, (torch.int32,), (p.B, p.T))
+    check_inner_contiguous("ssm_state_indices", t, 1, align_leading=False)
+    if p.T < 2:
+        raise ValueError(f"ssm_state_indices needs T >= 2 tokens per sequence, got T={p.T}")
 
 
 def _check_finite(name: str, x, expected: str) -> None:

@@ -105,7 +105,22 @@ def valid_kwargs(api, *, strided=False, state_dtype=F32, pad=0, seed=0):
         kw["initial_state_indices"] = torch.tensor([3, 0], dtype=torch.int32)
         if api == "pool":
             kw["state"] = None
+        else:  # FlashInfer's MTP default (None) leaves the pool untouched
+            kw["disable_state_update"] = False
     return kw
+
+
+def padded_state(api, dtype=F32, row_pad=0, head_pad=0, seed=0):
+    """A random state (or pool) of `api` whose last dim alone is contiguous: each row is `row_pad`
+    elements and each head `head_pad` elements longer than packed."""
+    n = B if api in ("pre", "dec") else P
+    rows, cols = state_dims(api)
+    gen = torch.Generator().manual_seed(seed)
+    head = rows * (cols + row_pad)
+    buf = torch.randn(n, HV, head + head_pad, generator=gen).to(dtype)
+    t = buf[..., :head].unflatten(-1, (rows, cols + row_pad))[..., :cols]
+    assert t.stride()[1:] == (head + head_pad, cols + row_pad, 1)
+    return t
 
 
 def make_intermediate(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):

@@ -1,5 +1,6 @@
-"""CPU tests of the benchmark CLI: flags, FLOP/byte formulas, writers, the plot, verify plumbing,
-the FlashInfer call routing, and one real `--compile-only` run (CuTe DSL compiles without a GPU)."""
+"""CPU tests of the benchmark CLI: flags, the rows a sweep makes, FLOP/byte formulas, writers, the
+plot, verify plumbing, the call routing (flashgdn, FlashInfer, FLA), the KernelSpec of each row
+against the API's own lookup, and real `--compile-only` runs (CuTe DSL compiles without a GPU)."""
 from __future__ import annotations
 
 import csv
@@ -12,9 +13,15 @@ import torch
 
 import flashgdn
 from flashgdn.bench import cli, plot
+from flashgdn.bench import rows as rows_module
 from flashgdn.bench.metrics import gdn_bytes, gdn_flops
 from flashgdn.bench.resources import dynamic_smem_bytes
-from flashgdn.bench.rows import REFERENCE, Impl, Row, Unavailable, call_api, make_inputs, verify
+from flashgdn import api
+from flashgdn import validation as val
+from flashgdn.bench.rows import (
+    BASELINES, FLASHGDN, REFERENCE, Impl, Row, Unavailable, call_api, make_inputs, row_spec, state_rows, verify,
+)
+from flashgdn.device import DeviceFacts
 
 
 # ----------------------------------------------------------------------------- flags
@@ -29,7 +36,8 @@ def test_defaults():
     assert (a.dtype, a.state_dtype) == ("bf16", ["fp32"])
     assert (a.iters, a.warmup, a.timer) == (100, 10, "auto")
     assert not (a.no_l2norm or a.pool or a.cache_intermediate or a.compare or a.verify or a.compile_only)
-    assert a.pool_slots == "scattered"
+    assert a.pool_slots == "scattered" and a.pool_padding == 0 and not a.token_slots
+    assert a.pretranspose_seq_len == [1]
     assert (a.json, a.csv, a.plot) == (None, None, None)
     assert (a.arch, a.sm_count) == ("sm_90a", 132)
 
@@ -71,6 +79,13 @@ def test_default_sweep_size():
     (["--pool-slots", "random"], "--pool-slots"),
     (["--arch", "sm_90a"], "--compile-only"),
     (["--dtype", "fp32"], "--dtype"),
+    (["--pool-padding", "4"], "multiple of 8"),
+    (["--pool-padding", "-8"], "--pool-padding"),
+    (["--api", "nontranspose", "--pool-padding", "8"], "pool rows"),
+    (["--api", "pretranspose", "--pool-padding", "8"], "pool rows"),
+    (["--api", "pretranspose", "--token-slots"], "mtp rows"),
+    (["--api", "mtp", "--token-slots", "--seq-len", "1", "2"], ">= 2"),
+    (["--api", "mtp", "--token-slots", "--cache-intermediate"], "exclude"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, phrase, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -123,10 +138,13 @@ def test_bytes_hand_computed():
     params = 2 * 4 + 2 * 4  # A_log + dt_bias, HV fp32 each = 16
     assert (state, q_k, v_o, a_b, params) == (65536, 1536, 3072, 48, 16)
     # Pool (int32 indices), state updated, 3 intermediate states cached:
-    full = gdn_bytes(**kw, index_bytes=4, update_state=True, intermediate=True)
+    full = gdn_bytes(**kw, index_bytes=4, state_writes=1, intermediate=True)
     assert full == 2 * state + 3 * state + q_k + v_o + a_b + params + 2 * 4 == 332360
     # Dense state, no update, nothing cached:
-    assert gdn_bytes(**kw, update_state=False) == state + q_k + v_o + a_b + params == 70208
+    assert gdn_bytes(**kw, state_writes=0) == state + q_k + v_o + a_b + params == 70208
+    # Token slots: read once, written once per token (3), B*T int32 ssm_state_indices besides the B indices:
+    slots = gdn_bytes(**kw, index_bytes=4, state_writes=3, token_index_bytes=4)
+    assert slots == state + 3 * state + q_k + v_o + a_b + params + 2 * 4 + 2 * 3 * 4 == 266848
 
 
 def test_row_metrics_use_the_formulas():
@@ -134,6 +152,11 @@ def test_row_metrics_use_the_formulas():
     assert r.flops() == 344064 and r.bytes() == 332360
     r16 = Row("nontranspose", 2, 1, 1, 2, 64, 64, "fp16", "bf16", pool=False)
     assert r16.bytes() == gdn_bytes(B=2, T=1, H=1, HV=2, K=64, V=64, io_bytes=2, state_bytes=2, gate_bytes=2)
+    slots = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True)
+    assert slots.flops() == 344064 and slots.bytes() == 266848
+    # Padding is not traffic; a pretranspose row with T > 1 counts as the mtp row does.
+    padded = Row("pretranspose", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True, pool_padding=8)
+    assert padded.bytes() == 332360 and padded.flops() == 344064
 
 
 # ----------------------------------------------------------------------------- writers and table
@@ -177,7 +200,8 @@ def test_csv_schema(tmp_path):
 
 def test_results_table_marks_failures_and_notes():
     text = cli.results_table(_fake_rows(), compare=True)
-    header, rule, first, second = text.splitlines()[:4]
+    title, blank, header, rule, first, second = text.splitlines()[:6]
+    assert title == "H=16 HV=32 K=128 V=128 bf16 q/k/v" and blank == ""
     assert "median µs" in header and "vs fla" in header and set(rule) <= {"-", " "}
     assert "2.00x" in first and "ok" in first
     assert "FAILED" in second
@@ -332,3 +356,233 @@ def test_compile_only_pretranspose_sm90(capsys, tmp_path):
     assert isinstance(rec["dyn_smem_bytes"], int) and rec["dyn_smem_bytes"] >= 0
     # Registers come from ptxas when one is found and reads the kept PTX, else "n/a" (best effort).
     assert rec["registers"] == "n/a" or rec["registers"].split()[0].isdigit()
+
+
+# ----------------------------------------------------------------------------- T > 1 pretranspose, token slots, padding
+
+
+def test_pretranspose_rows_take_seq_len_with_api_pretranspose():
+    argv = ["--api", "pretranspose", "--seq-len", "1", "2", "4", "--batch-size", "1", "4"]
+    rows = cli.sweep_rows(cli.parse_args(argv))
+    assert [(r.T, r.B, r.pool) for r in rows] == [(1, 1, False), (1, 4, False), (2, 1, True), (2, 4, True),
+                                                   (4, 1, True), (4, 4, True)]
+    assert {r.version for r in rows} == {"pretranspose"} and not any(r.intermediate or r.token_slots for r in rows)
+    assert "pretranspose B=4 T=2 " in rows[3].label() and "T=" not in rows[0].label()
+    mtp_twin = dataclasses.replace(rows[3], version="mtp")  # bytes and FLOPs counted as the mtp row's
+    assert (rows[3].bytes(), rows[3].flops()) == (mtp_twin.bytes(), mtp_twin.flops())
+    inter = cli.sweep_rows(cli.parse_args(["--api", "pretranspose", "--seq-len", "1", "2", "--cache-intermediate"]))
+    assert {(r.T, r.intermediate) for r in inter} == {(1, False), (2, True)}
+    # Without --seq-len, or with --api all, pretranspose rows stay T = 1.
+    assert {r.T for r in cli.sweep_rows(cli.parse_args(["--api", "pretranspose"]))} == {1}
+    every = cli.sweep_rows(cli.parse_args(["--api", "all", "--seq-len", "2", "--batch-size", "1"]))
+    assert {(r.version, r.T) for r in every} == {("pretranspose", 1), ("nontranspose", 1), ("mtp", 2)}
+
+
+@pytest.mark.parametrize("pool_slots, read_slots", [("contiguous", 3), ("scattered", 6)])
+def test_token_slot_rows_and_inputs(pool_slots, read_slots):
+    a = cli.parse_args(["--api", "all", "--token-slots", "--seq-len", "2", "4", "--batch-size", "3",
+                        "--head-size", "64", "--pool-slots", pool_slots])
+    rows = cli.sweep_rows(a)
+    assert [r.token_slots for r in rows] == [r.version == "mtp" for r in rows]
+    row = next(r for r in rows if r.token_slots and r.T == 4)
+    assert "token-slots" in row.label()
+    inp = make_inputs(row, "cpu", seed=5)
+    B, T = 3, 4
+    assert inp["state"].shape[0] == read_slots + B * T  # B*(T+1) slots or more
+    slots, read = inp["slots"], inp["indices"]
+    assert slots.shape == (B, T) and slots.dtype == torch.int32 and inp["inter"] is None
+    written = slots.flatten().tolist()
+    assert len(set(written)) == B * T and min(written) >= read_slots and max(written) < read_slots + B * T
+    assert max(read.tolist()) < read_slots  # read slots apart from the written ones
+    if pool_slots == "contiguous":
+        assert written == list(range(read_slots, read_slots + B * T))
+    assert state_rows(row, inp["state"], inp).shape == (B, 1 + T, 32, 64, 64)
+
+
+def test_pool_padding_rows_and_inputs():
+    a = cli.parse_args(["--api", "all", "--pool", "--pool-padding", "16", "--seq-len", "2", "--batch-size", "2",
+                        "--head-size", "64", "--state-dtype", "fp32", "bf16"])
+    rows = cli.sweep_rows(a)
+    assert {(r.version, r.pool_padding) for r in rows} == {("pretranspose", 16), ("nontranspose", 0), ("mtp", 16)}
+    row = next(r for r in rows if r.version == "mtp" and r.state_dtype == "bf16")
+    assert "padding=16" in row.label()
+    state = make_inputs(row, "cpu", seed=0)["state"]
+    HV, K = 32, 64
+    assert state.shape == (4, HV, 64, K) and state.stride() == (HV * 64 * (K + 16), 64 * (K + 16), K + 16, 1)
+    dense = next(r for r in rows if r.version == "nontranspose")
+    assert make_inputs(dense, "cpu", seed=0)["state"].is_contiguous()
+    assert make_inputs(dataclasses.replace(row, pool_padding=0), "cpu", seed=0)["state"].is_contiguous()
+
+
+def test_rows_refuse_impossible_modes():
+    with pytest.raises(ValueError, match="pool rows"):
+        Row("pretranspose", 1, 1, 1, 2, 64, 64, "bf16", "fp32", pool=False, pool_padding=8)
+    with pytest.raises(ValueError, match="token_slots"):
+        Row("mtp", 1, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True, token_slots=True)
+    with pytest.raises(ValueError, match="token_slots"):
+        Row("pretranspose", 1, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True)
+
+
+@pytest.mark.parametrize("row", [
+    Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True),
+    Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "bf16", pool=True, token_slots=True, pool_padding=8,
+        pool_slots="contiguous"),
+    Row("pretranspose", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, pool_padding=8),
+    Row("pretranspose", 2, 2, 1, 2, 64, 64, "bf16", "bf16", pool=True, intermediate=True),
+    Row("pretranspose", 3, 1, 1, 2, 64, 64, "bf16", "bf16", pool=True, pool_padding=16),
+    Row("mtp", 2, 4, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True, pool_padding=8),
+], ids=lambda r: r.label().replace(" ", "_"))
+def test_verify_new_modes_on_cpu(row):
+    assert verify(REFERENCE, row, "cpu", seed=2) is None
+
+
+def test_verify_catches_a_final_write_back_with_token_slots():
+    """A token-slot call that also (or only) writes the final state to the read slot is caught."""
+    row = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True)
+
+    def plain_mtp(r, inp):  # the plain MTP call: final state to the read slot, no token slots
+        call, collect = REFERENCE.prepare(dataclasses.replace(r, token_slots=False), inp)
+        return call, lambda ret: (ret[0], state_rows(r, ret[1], inp), None)
+
+    problem = verify(Impl("write-back", plain_mtp), row, "cpu", seed=1)
+    assert problem is not None and problem.startswith("state:")
+
+
+def test_token_slot_routing():
+    row = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True, pool_padding=8)
+    inp = make_inputs(row, "cpu", seed=0)
+    for via in (False, True):  # flashgdn / FlashInfer: both through gated_delta_rule_mtp for an fp32 state
+        module = _Recorder()
+        call_api(module, row, inp, bf16_mtp_via_pretranspose=via)
+        [(fn, args, kw)] = module.calls
+        assert fn == "gated_delta_rule_mtp" and kw["ssm_state_indices"] is inp["slots"]
+        assert kw["disable_state_update"] is False and kw["intermediate_states_buffer"] is None
+        assert args[3] is inp["state"] and args[3].stride()[-2] == 64 + 8  # the padded view as it is
+    fla, flashinfer = BASELINES
+    bf16 = dataclasses.replace(row, state_dtype="bf16")
+    with pytest.raises(Unavailable, match="fp32 state"):
+        flashinfer.prepare(bf16, make_inputs(bf16, "cpu", seed=0))
+    with pytest.raises(Unavailable, match="ssm_state_indices"):
+        fla.prepare(row, inp)
+    inter = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, intermediate=True)
+    with pytest.raises(Unavailable, match="intermediate_states_buffer"):
+        fla.prepare(inter, make_inputs(inter, "cpu", seed=0))
+
+
+@pytest.mark.parametrize("token_slots, packed", [(True, True), (False, False)])
+def test_flashinfer_gets_a_packed_pool_for_padded_token_slots(token_slots, packed, monkeypatch):
+    """FlashInfer's fp32 token-slot kernel indexes the pool flat: a padded pool goes as a packed
+    copy there, and as its view everywhere else."""
+    row = Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=token_slots, pool_padding=8)
+    inp = make_inputs(row, "cpu", seed=0)
+    module = _Recorder()
+    monkeypatch.setattr(rows_module.importlib, "import_module", lambda name: module)
+    call, _ = BASELINES[1].prepare(row, inp)
+    call()
+    [(fn, args, kw)] = module.calls
+    assert fn == "gated_delta_rule_mtp" and args[3].is_contiguous() == packed
+    assert (args[3] is inp["state"]) != packed and torch.equal(args[3], inp["state"])
+
+
+def test_every_mtp_call_passes_disable_state_update():
+    for row in (Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True),
+                Row("mtp", 2, 3, 1, 2, 64, 64, "bf16", "bf16", pool=True, intermediate=True)):
+        module = _Recorder()
+        call_api(module, row, make_inputs(row, "cpu", seed=0))
+        [(fn, _, kw)] = module.calls
+        assert fn == "gated_delta_rule_mtp" and kw["disable_state_update"] is False
+        assert "ssm_state_indices" not in kw  # only with token slots: older FlashInfers lack it
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_multi_token_pretranspose_routing(state_dtype):
+    """flashgdn and FlashInfer alike: gated_delta_rule_decode_pretranspose, q [B, T > 1, ...], the
+    pool (padded view) as initial_state."""
+    row = Row("pretranspose", 2, 4, 1, 2, 64, 64, "bf16", state_dtype, pool=True, pool_padding=8)
+    inp = make_inputs(row, "cpu", seed=0)
+    for via in (False, True):
+        module = _Recorder()
+        call_api(module, row, inp, bf16_mtp_via_pretranspose=via)
+        [(fn, args, kw)] = module.calls
+        assert fn == "gated_delta_rule_decode_pretranspose" and args[3] is None
+        assert args[0].shape == (2, 4, 1, 64) and kw["initial_state"] is inp["state"]
+        assert kw["initial_state_indices"] is inp["indices"] and not inp["state"].is_contiguous()
+
+
+# ----------------------------------------------------------------------------- row_spec == the API's lookup
+
+
+_SPEC_ROWS = [
+    Row("pretranspose", 3, 1, 1, 2, 64, 64, "bf16", "fp32", pool=False),
+    Row("pretranspose", 3, 1, 1, 2, 64, 64, "bf16", "bf16", pool=True, pool_padding=8),
+    Row("pretranspose", 3, 4, 1, 2, 64, 64, "bf16", "fp32", pool=True, pool_padding=16),
+    Row("pretranspose", 3, 2, 1, 2, 64, 64, "fp16", "bf16", pool=True, intermediate=True, l2norm=False),
+    Row("nontranspose", 3, 1, 1, 2, 64, 64, "bf16", "bf16", pool=False),
+    Row("mtp", 3, 3, 1, 2, 64, 64, "bf16", "fp32", pool=True),
+    Row("mtp", 3, 8, 1, 2, 64, 64, "bf16", "bf16", pool=True, intermediate=True, pool_padding=8),
+    Row("mtp", 3, 2, 1, 2, 64, 64, "bf16", "fp32", pool=True, token_slots=True),
+    Row("mtp", 300, 5, 1, 2, 64, 64, "bf16", "bf16", pool=True, token_slots=True, pool_padding=8),
+]
+
+
+@pytest.mark.parametrize("row", _SPEC_ROWS, ids=lambda r: r.label().replace(" ", "_"))
+def test_row_spec_is_what_the_api_looks_up(row, monkeypatch):
+    """The spec --compile-only builds for a row is the one flashgdn's API looks up for the row's
+    call (CPU tensors; the device check, the device facts and the kernel cache stubbed)."""
+    facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+    looked_up = []
+
+    def get(spec):
+        looked_up.append(spec)
+        return lambda *args: None
+
+    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
+    monkeypatch.setattr(api, "facts_of", lambda device: facts)
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api.kernel_cache, "get", get)
+    inp = make_inputs(row, "cpu", seed=0)
+    FLASHGDN.prepare(row, inp)[0]()
+    assert looked_up == [row_spec(row, *facts)]
+    spec = looked_up[0]
+    assert spec.has_token_slots == row.token_slots and spec.strided_state == bool(row.pool_padding)
+    assert spec.zero_padding_output == (row.T == 1) and spec.update_state
+
+
+# ----------------------------------------------------------------------------- writers for the new fields
+
+
+def test_new_fields_in_json_csv_and_table(tmp_path):
+    rec = dict(_fake_rows()[0], version="mtp", T=4, pool=True, pool_slots="scattered", pool_padding=8,
+               token_slots=True)
+    fields = cli.result_fields()
+    assert fields.index("pool_padding") == fields.index("pool_slots") + 1 and "token_slots" in fields
+    cli.write_json(str(tmp_path / "r.json"), [rec], {})
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["pool_padding"] == 8 and row["token_slots"] is True
+    cli.write_csv(str(tmp_path / "r.csv"), [rec], {})
+    [line] = csv.DictReader((tmp_path / "r.csv").read_text().splitlines())
+    assert line["pool_padding"] == "8" and line["token_slots"] == "True"
+    text = cli.results_table([rec], compare=False)
+    title = text.splitlines()[0]
+    assert "pool padded by 8 elements" in title and "ssm_state_indices" in title
+    assert text.splitlines()[4].startswith("mtp+slots")
+
+
+# ----------------------------------------------------------------------------- compile-only of the new modes
+
+
+def test_compile_only_token_slots_and_padded_pools(capsys, tmp_path):
+    """One token-slot variant, then a padded pool at T = 1 and T = 2 (K = V = 64: small builds)."""
+    common = ["--compile-only", "--arch", "sm_90a", "--batch-size", "1", "--head-size", "64"]
+    out_json = tmp_path / "slots.json"
+    rc = cli.main(common + ["--api", "mtp", "--token-slots", "--seq-len", "2", "--json", str(out_json)])
+    assert rc == 0, capsys.readouterr()
+    [rec] = json.loads(out_json.read_text())["rows"]
+    assert rec["kernel"] == "klast/T2/H16/HV32/K64/V64/bfloat16/state-float32/small/sm_90a/pool/tokslots/keeppad"
+    assert rec["kernel_class"] == "KLastMTP" and not rec.get("error")
+    rc = cli.main(common + ["--api", "pretranspose", "--pool", "--pool-padding", "8", "--seq-len", "1", "2",
+                            "--state-dtype", "bf16", "--json", str(out_json)])
+    assert rc == 0, capsys.readouterr()
+    names = [r["kernel"] for r in json.loads(out_json.read_text())["rows"]]
+    assert names == ["klast/T1/H16/HV32/K64/V64/bfloat16/state-bfloat16/small/sm_90a/pool/strided",
+                     "klast/T2/H16/HV32/K64/V64/bfloat16/state-bfloat16/small/sm_90a/pool/strided/keeppad"]

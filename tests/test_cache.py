@@ -130,12 +130,15 @@ def key(B=3, T=1, H=16, HV=32, K=128, V=128, layout="klast", io=BF16, state=F32,
         scale=None, l2norm=True, arch="sm_90a", sm_count=SM, index_dtype=None, has_out_indices=False,
         has_intermediate=False, update_state=True, has_accepted=False, softplus_beta=1.0,
         softplus_threshold=20.0, regime=None) -> KernelSpec:
-    """The spec of a call with these facts (fake tensors: kernel_spec reads only dtypes and presence)."""
+    """The spec of a call with these facts (meta tensors: kernel_spec reads dtypes, presence and the
+    state's strides)."""
     def t(dtype):
-        return None if dtype is None else SimpleNamespace(dtype=dtype)
+        return None if dtype is None else torch.empty(0, dtype=dtype, device="meta")
 
+    rows, cols = (V, K) if layout == "klast" else (K, V)
     args = KernelArgs(
-        q=t(io), k=t(io), v=t(io), a=t(gate), b=t(gate), A_log=t(F32), dt_bias=t(dt_bias), state=t(state),
+        q=t(io), k=t(io), v=t(io), a=t(gate), b=t(gate), A_log=t(F32), dt_bias=t(dt_bias),
+        state=torch.empty(1, HV, rows, cols, dtype=state, device="meta"),
         state_indices=t(index_dtype), output_state_indices=t(index_dtype) if has_out_indices else None,
         accepted_tokens=t(torch.int32) if has_accepted else None,
         intermediate_states=t(state) if has_intermediate else None,

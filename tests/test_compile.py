@@ -31,7 +31,8 @@ VARIANTS = [
      dict(regime="small", state="float32", index_dtype="int64", has_out_indices=True)),
     ("klast-T1-pool-int64-outidx-large-bfloat16",
      dict(regime="large", state="bfloat16", index_dtype="int64", has_out_indices=True)),
-    ("klast-T1-pool-int32-large-float32", dict(regime="large", state="float32", index_dtype="int32")),
+    ("klast-T1-pool-int32-strided-large-float32",
+     dict(regime="large", state="float32", index_dtype="int32", strided_state=True)),
     # K-major (nontranspose) T=1
     *[(f"kmajor-T1-{r}-{s}", dict(layout="kmajor", regime=r, state=s))
       for r in ("small", "large") for s in ("float32", "bfloat16")],
@@ -42,8 +43,14 @@ VARIANTS = [
     ("mtp-T4-inter-accepted-outidx-small-float32",
      dict(T=4, regime="small", state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True,
           has_out_indices=True)),
-    ("mtp-T4-noupdate-inter-large-float32",
-     dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False)),
+    ("mtp-T4-noupdate-inter-keeppad-outfp32-large-float32",
+     dict(T=4, regime="large", state="float32", index_dtype="int32", has_intermediate=True, update_state=False,
+          zero_padding_output=False, out_dtype="float32")),
+    # per-token state slots (ssm_state_indices)
+    ("mtp-T4-tokslots-keeppad-large-bfloat16",
+     dict(T=4, regime="large", state="bfloat16", index_dtype="int32", has_token_slots=True, zero_padding_output=False)),
+    ("mtp-T8-tokslots-strided-small-float32",
+     dict(T=8, state="float32", index_dtype="int64", has_token_slots=True, strided_state=True)),
     ("mtp-T16-small-bfloat16", dict(T=16, regime="small", state="bfloat16", index_dtype="int64")),
     ("mtp-T2-large-float32-gva1", dict(T=2, regime="large", state="float32", index_dtype="int32", H=32, HV=32)),
     # fp32 large batch: T=6 (the unchecked token loop), T=8 (the "mtp_long" shape, L2 prefetch)
@@ -52,8 +59,9 @@ VARIANTS = [
     # bf16 state, large batch, T >= 5: the tensor-core MTP kernel (kmtp_mma)
     ("mtp-mma-T8-accepted-outidx-large-bfloat16",
      dict(T=8, regime="large", state="bfloat16", index_dtype="int32", has_accepted=True, has_out_indices=True)),
-    ("mtp-mma-T16-noupdate-large-bfloat16", dict(T=16, regime="large", state="bfloat16", index_dtype="int64",
-                                                 update_state=False)),
+    ("mtp-mma-T16-noupdate-strided-keeppad-large-bfloat16",
+     dict(T=16, regime="large", state="bfloat16", index_dtype="int64", update_state=False, strided_state=True,
+          zero_padding_output=False)),
     ("mtp-mma-T5-K256V256-nol2norm-large-bfloat16",
      dict(T=5, K=256, V=256, regime="large", state="bfloat16", index_dtype="int32", l2norm=False, scale=0.25)),
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
@@ -66,6 +74,8 @@ VARIANTS = [
     ("klast-T1-K64V64-small-float32", dict(K=64, V=64)),
     ("klast-T1-K256V256-small-float32", dict(K=256, V=256)),
     ("kmajor-T1-K64V64-large-bfloat16", dict(layout="kmajor", regime="large", state="bfloat16", K=64, V=64)),
+    ("kmajor-T1-strided-outfp16-large-bfloat16",
+     dict(layout="kmajor", regime="large", state="bfloat16", strided_state=True, out_dtype="float16")),
     # dtypes and options
     ("klast-T1-fp16io-nol2norm-small-float32",
      dict(io="float16", gate="float16", l2norm=False, scale=0.25)),
@@ -174,6 +184,20 @@ def test_device_classes_fall_back_to_the_nearest_table():
     assert policy.BuildConfig.for_spec(named) == policy.BuildConfig.for_spec(spec("sm_90a"))
 
 
+def test_per_token_writes_follow_intermediates():
+    """Token slots (ssm_state_indices) write a state per token like intermediates: kmtp (never the
+    tensor-core kernel), the "mtp_inter" tiles, no L2 prefetch; a strided state has no prefetch."""
+    from flashgdn.kernels import policy
+
+    tok = config(T=8, regime="large", state="bfloat16", index_dtype="int32", has_token_slots=True)
+    inter = config(T=8, regime="large", state="bfloat16", index_dtype="int32", has_intermediate=True)
+    assert tok.kernel == inter.kernel == policy.KMTP and tok.tile == inter.tile and tok.prefetch_bytes == 0
+    assert config(regime="large", state="bfloat16", index_dtype="int32", strided_state=True).prefetch_bytes == 0
+    assert config(regime="large", state="bfloat16", index_dtype="int32").prefetch_bytes > 0
+    with pytest.raises(ValueError, match="token slots need a pool"):
+        spec("sm_90a", T=4, has_token_slots=True)
+
+
 def test_l2_prefetch_follows_the_measured_cases():
     """The L2 prefetch of a later CTA's state tile is on only for the large-batch builds it was measured
     faster on, at the table's prefetch distance (a whole number of CTA tiles, at least one)."""
@@ -224,5 +248,5 @@ def test_input_prefetch_follows_the_measured_cases():
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS]
     assert len(ids) == len(set(ids))
-    assert len(ids) * len(ARCHS) <= 64
+    assert len(ids) * len(ARCHS) <= 70
 

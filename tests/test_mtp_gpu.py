@@ -36,13 +36,13 @@ def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=No
     ref_ibuf = torch.zeros(B, T, HV, K, K, device=DEV, dtype=torch.float64) if inter else None
     ref_pool = before.double()
     o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, ref_ibuf,
-                                        not update, accepted_tokens=acc, compute_dtype=torch.float64)
+                                        disable_state_update=not update, accepted_tokens=acc, compute_dtype=torch.float64)
     out = torch.full((B, T, HV, K), float("nan"), dtype=q.dtype, device=DEV)
-    o, st = flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, ibuf, not update,
-                                         accepted_tokens=acc)
+    o, st = flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, ibuf,
+                                         disable_state_update=not update, accepted_tokens=acc)
     assert o is out and st is pool
     run = idx >= 0
-    assert torch.all(o[~run] == 0)
+    assert torch.isnan(o[~run]).all(), "a padding row's output is left as it is (FlashInfer's MTP rule)"
     assert_close_output(o[run], o_ref[run])
     touched = torch.zeros(P, dtype=torch.bool, device=DEV)
     if update:
@@ -119,10 +119,10 @@ def test_mtp_out_of_range_accepted_counts(sdt, B):
     acc[1::3] = torch.tensor([T + 1, -1, 1 << 20], dtype=torch.int32, device=DEV).repeat(B)[: int(bad.sum())]
     ref_pool = before.double()
     acc_ref = torch.where(bad, torch.zeros_like(acc), acc)
-    o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, None, False,
+    o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, None, disable_state_update=False,
                                         accepted_tokens=acc_ref, compute_dtype=torch.float64)
     out = torch.full((B, T, HV, K), 0.5, dtype=q.dtype, device=DEV)
-    flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, accepted_tokens=acc)
+    flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, accepted_tokens=acc, disable_state_update=False)
     assert torch.isnan(out[bad]).all()
     assert_close_output(out[~bad], o_ref[~bad])
     good_slots = idx[~bad].long()
@@ -154,18 +154,18 @@ def test_mtp_cuda_graph_replay_equals_eager():
     idx = torch.arange(B, dtype=torch.int32, device=DEV)
     ibuf = torch.empty(B, T, HV, K, K, device=DEV)
     out = torch.empty(B, T, HV, K, dtype=torch.bfloat16, device=DEV)
-    flashgdn.gated_delta_rule_mtp(q, k, v, pool.clone(), idx, A_log, a, dt_bias, b)
+    flashgdn.gated_delta_rule_mtp(q, k, v, pool.clone(), idx, A_log, a, dt_bias, b, disable_state_update=False)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, output=out,
-                                      intermediate_states_buffer=ibuf)
+                                      intermediate_states_buffer=ibuf, disable_state_update=False)
     for _ in range(2):
         for s, f in zip(static, make_inputs(B, T, H, HV, K, K, device=DEV)):
             s.copy_(f)
         eager_pool, eager_ibuf = pool.clone(), torch.empty_like(ibuf)
         o_eager, _ = flashgdn.gated_delta_rule_mtp(q, k, v, eager_pool, idx, A_log, a, dt_bias, b,
-                                                   intermediate_states_buffer=eager_ibuf)
+                                                   intermediate_states_buffer=eager_ibuf, disable_state_update=False)
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, o_eager) and torch.equal(pool, eager_pool) and torch.equal(ibuf, eager_ibuf)

@@ -172,7 +172,7 @@ def test_gva_head_mapping(ratio):
     pool = make_state(P, HV, V, K, torch.float32, seed=20 + ratio)
     before = pool.clone()
     idx = torch.tensor([2, 0], dtype=torch.int32)
-    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, disable_state_update=False)
     for i in range(B):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
@@ -194,7 +194,7 @@ def test_mtp_equals_single_steps(T, sdt):
     pool = make_state(P, HV, V, K, sdt, seed=40 + T)
     before = pool.clone()
     idx = torch.tensor([3, 0, 4], dtype=torch.int64)
-    out_mtp, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b)
+    out_mtp, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, disable_state_update=False)
 
     steps = before.clone()
     outs = []
@@ -223,8 +223,10 @@ def test_mtp_equals_single_steps(T, sdt):
 # ----------------------------------------------------------------------------- pools
 
 
-def test_padding_rows():
-    """Negative index: output row exactly zero, no pool slot touched."""
+@pytest.mark.parametrize("given", [True, False], ids=["output-given", "output-none"])
+def test_padding_rows(given):
+    """Negative index (MTP): no pool slot touched, the row's output left as it was (FlashInfer's
+    MTP rule): a caller's buffer keeps its values, an allocated one its zeros."""
     B, H, HV, K, V = 4, 2, 4, 64, 64
     T = 2
     q, k, v, a, b, A_log, dt_bias = inputs(B, T, H, HV, K, V, seed=50)
@@ -232,9 +234,14 @@ def test_padding_rows():
     pool = make_state(P, HV, V, K, torch.float32, seed=51)
     before = pool.clone()
     idx = torch.tensor([-1, 4, -1, 1], dtype=torch.int32)
-    out = torch.full((B, T, HV, V), float("nan"))
-    ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, output=out)
-    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    out = torch.full((B, T, HV, V), float("nan")) if given else None
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, output=out,
+                                      disable_state_update=False)
+    for i in (0, 2):
+        if given:
+            assert torch.isnan(out[i]).all(), f"padding row {i}: the caller's output was overwritten"
+        else:
+            assert torch.equal(out[i], torch.zeros_like(out[i])), f"padding row {i}: not zero"
     for i in (1, 3):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
@@ -289,7 +296,8 @@ def test_separate_output_state_indices(fn):
             q, k, v, None, A_log, a, dt_bias, b, initial_state=pool, initial_state_indices=read,
             output_state_indices=write)
     else:
-        out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, output_state_indices=write)
+        out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, output_state_indices=write,
+                                          disable_state_update=False)
     for i in range(B):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[read[i]], layout="klast")
         close(out[i], o, msg=f"output row {i}")
@@ -307,7 +315,8 @@ def test_intermediate_states_slot_by_slot(sdt):
     idx = torch.tensor([2, 0], dtype=torch.int32)
     Tbuf = T + 2  # buffer longer than T: the extra slots stay untouched
     ibuf = torch.full((B, Tbuf, HV, V, K), 7.0, dtype=sdt)
-    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, intermediate_states_buffer=ibuf)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, intermediate_states_buffer=ibuf,
+                                      disable_state_update=False)
     assert torch.all(ibuf[:, T:] == 7.0)
     tol = dict(atol=1e-4, rtol=1e-4) if sdt == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)
     for i in range(B):
@@ -325,7 +334,7 @@ def test_intermediate_padding_rows_untouched():
     pool = make_state(2, HV, V, K, torch.float32, seed=73)
     ibuf = torch.full((B, T, HV, V, K), 7.0)
     ref.gated_delta_rule_mtp(q, k, v, pool, torch.tensor([-1, 1], dtype=torch.int32), A_log, a, dt_bias, b,
-                             intermediate_states_buffer=ibuf)
+                             intermediate_states_buffer=ibuf, disable_state_update=False)
     assert torch.all(ibuf[0] == 7.0)
     assert not torch.all(ibuf[1] == 7.0)
 
@@ -359,7 +368,8 @@ def test_accepted_tokens(sdt):
     before = pool.clone()
     idx = torch.tensor([5, 0, 2, 3, 1], dtype=torch.int32)
     acc = torch.tensor([0, 1, 2, 3, 0], dtype=torch.int32)
-    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, accepted_tokens=acc)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, accepted_tokens=acc,
+                                      disable_state_update=False)
     tol = dict(atol=1e-4, rtol=1e-4) if sdt == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)
     for i in range(B):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[idx[i]], layout="klast")
@@ -381,7 +391,7 @@ def test_accepted_tokens_with_separate_write_slot():
     write = torch.tensor([2, 3], dtype=torch.int64)
     acc = torch.tensor([0, 1], dtype=torch.int32)
     ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, accepted_tokens=acc,
-                             output_state_indices=write)
+                             output_state_indices=write, disable_state_update=False)
     assert torch.equal(pool[:2], before[:2])
     assert torch.equal(pool[2], before[0])  # 0 accepted: the read state is copied to the write slot
     _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], layout="klast")
@@ -400,7 +410,8 @@ def test_out_of_range_slot_gives_nan_and_keeps_pool(which):
     before = pool.clone()
     read = torch.tensor([1, P, 2], dtype=torch.int32) if which == "read" else torch.tensor([1, 0, 2], dtype=torch.int32)
     write = None if which == "read" else torch.tensor([1, P + 3, 2], dtype=torch.int32)
-    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, output_state_indices=write)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, output_state_indices=write,
+                                      disable_state_update=False)
     assert torch.isnan(out[1]).all()
     assert not torch.isnan(out[[0, 2]]).any()
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[3], before[3])
@@ -428,7 +439,7 @@ def test_out_of_range_accepted_gives_nan(bad):
     before = pool.clone()
     acc = torch.tensor([bad, 2], dtype=torch.int32)
     out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, torch.tensor([0, 1], dtype=torch.int32), A_log, a, dt_bias, b,
-                                      accepted_tokens=acc)
+                                      accepted_tokens=acc, disable_state_update=False)
     assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
     assert torch.equal(pool[0], before[0])
     _, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[1], layout="klast")
@@ -448,12 +459,12 @@ def test_bf16_state_rounded_once_at_the_end():
     idx = torch.tensor([1, 0], dtype=torch.int32)
     ibuf16 = torch.zeros(B, T, HV, V, K, dtype=torch.bfloat16)
     out16, _ = ref.gated_delta_rule_mtp(q, k, v, pool16, idx, A_log, a, dt_bias, b,
-                                        intermediate_states_buffer=ibuf16)
+                                        intermediate_states_buffer=ibuf16, disable_state_update=False)
 
     pool32 = start.float()
     ibuf32 = torch.zeros(B, T, HV, V, K)
     out32, _ = ref.gated_delta_rule_mtp(q, k, v, pool32, idx, A_log, a, dt_bias, b,
-                                        intermediate_states_buffer=ibuf32)
+                                        intermediate_states_buffer=ibuf32, disable_state_update=False)
     assert torch.equal(out16, out32)
     assert torch.equal(pool16, pool32.to(torch.bfloat16)), "bf16 pool is not the fp32 result rounded once"
     assert torch.equal(ibuf16, ibuf32.to(torch.bfloat16))
@@ -501,7 +512,7 @@ def test_no_l2norm_custom_scale(fn):
         out, _ = ref.gated_delta_rule_decode(q, k, v, state, A_log, a, dt_bias, b, scale=scale, use_qk_l2norm=False)
     else:
         out, _ = ref.gated_delta_rule_mtp(q, k, v, state, torch.arange(B, dtype=torch.int32), A_log, a, dt_bias, b,
-                                          scale=scale, use_qk_l2norm=False)
+                                          scale=scale, use_qk_l2norm=False, disable_state_update=False)
     for i in range(B):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout, scale=scale,
                          use_l2norm=False)
@@ -522,7 +533,8 @@ def test_softplus_threshold_branch_default():
     dt_bias = torch.tensor([25.0, 0.3, 80.0, 150.0])  # heads 0, 2, 3 take the linear branch
     state = make_state(B, HV, V, K, torch.float32, seed=131)
     before = state.clone()
-    out, _ = ref.gated_delta_rule_mtp(q, k, v, state, torch.arange(B, dtype=torch.int32), A_log, a, dt_bias, b)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, state, torch.arange(B, dtype=torch.int32), A_log, a, dt_bias, b,
+                                      disable_state_update=False)
     assert torch.isfinite(out).all() and torch.isfinite(state).all()
     for i in range(B):
         o, s = naive_seq(q[i], k[i], v[i], a[i], b[i], A_log, dt_bias, before[i], layout="klast")
@@ -570,7 +582,8 @@ def test_compute_dtype_float64_agrees(fn):
         elif fn == "nontranspose":
             o, _ = ref.gated_delta_rule_decode(q, k, v, st[:B], A_log, a, dt_bias, b, compute_dtype=cd)
         else:
-            o, _ = ref.gated_delta_rule_mtp(q, k, v, st, idx, A_log, a, dt_bias, b, compute_dtype=cd)
+            o, _ = ref.gated_delta_rule_mtp(q, k, v, st, idx, A_log, a, dt_bias, b, compute_dtype=cd,
+                                            disable_state_update=False)
         outs.append(o)
     assert outs[0].dtype == outs[1].dtype == torch.float32 and s64.dtype == torch.float32
     close(outs[0], outs[1], msg="output fp32 vs fp64 compute")

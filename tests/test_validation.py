@@ -13,7 +13,7 @@ import torch
 
 from helpers import (
     ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, T_MTP, V, expect_error, expect_only_device_error,
-    make_inputs, make_intermediate, make_state, state_dims, tokens, valid_kwargs,
+    make_inputs, make_intermediate, make_state, padded_state, state_dims, tokens, valid_kwargs,
 )
 
 
@@ -154,8 +154,11 @@ INPUT_CASES = [
      r"^v data pointer must be 16-byte aligned"),
     # output
     ("output-list", ALL, _set(output=lambda api, kw: [0.0]), TypeError, r"^output must be a torch\.Tensor"),
-    ("output-fp32", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), HV, V)), TypeError,
-     r"^output must have dtype bfloat16, got float32"),
+    # any of bf16, fp16, fp32 whatever q's dtype (tests/test_validation_valid.py); nothing else
+    ("output-int32", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), HV, V, dtype=torch.int32)),
+     TypeError, r"^output must have dtype bfloat16 or float16 or float32, got int32"),
+    ("output-fp64", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), HV, V, dtype=torch.float64)),
+     TypeError, r"^output must have dtype bfloat16 or float16 or float32, got float64"),
     ("output-shape-HV", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api), H, V, dtype=BF16)), ValueError,
      r"^output must have shape \[2, \d+, 4, 128\]"),
     ("output-shape-T", ALL, _set(output=lambda api, kw: torch.zeros(B, tokens(api) + 1, HV, V, dtype=BF16)),
@@ -234,17 +237,19 @@ STATE_CASES = [
      lambda api: rf"^{STATE_ARG[api]} must have shape"),
     ("state-dense-B", ("pre", "dec"), _replace_state(lambda api, kw: torch.randn(B + 1, HV, *state_dims(api))),
      ValueError, lambda api: r"^state must have shape \[2, 4, "),
+    # only the last dim must be contiguous (padded row and head strides: tests/test_validation_valid.py)
     ("state-transposed-view", ALL,
      _replace_state(lambda api, kw: _state(api, kw).transpose(-1, -2).contiguous().transpose(-1, -2)),
-     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
-    ("state-row-padded", ALL,
-     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, state_dims(api)[0], state_dims(api)[1] + 4)
-                    [..., : state_dims(api)[1]]),
-     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous"),
-    ("state-head-padded", ALL,
-     _replace_state(lambda api, kw: torch.zeros(_state_rows(api), HV, K * V + 4)[..., : K * V]
-                    .unflatten(-1, state_dims(api))),
-     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last 3 dims contiguous \(expected stride {K * V} at dim 1\)"),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} must have its last dim contiguous \(expected stride 1 at dim 3\)"),
+    ("state-row-stride-not-16-bytes", ALL, _replace_state(lambda api, kw: padded_state(api, F32, row_pad=1)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} stride {state_dims(api)[1] + 1} at dim 2 must be a multiple of 4 "
+                             r"elements \(16 bytes\)"),
+    ("state-bf16-row-stride-not-16-bytes", ALL,
+     _replace_state(lambda api, kw: padded_state(api, BF16, row_pad=4)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} stride {state_dims(api)[1] + 4} at dim 2 must be a multiple of 8 "
+                             r"elements \(16 bytes\)"),
+    ("state-head-stride-not-16-bytes", ALL, _replace_state(lambda api, kw: padded_state(api, F32, head_pad=2)),
+     ValueError, lambda api: rf"^{STATE_ARG[api]} stride {K * V + 2} at dim 1 must be a multiple of 4 elements"),
     ("state-misaligned-slot-stride", ALL,
      _replace_state(lambda api, kw: make_state(_state_rows(api), HV, *state_dims(api), F32, pad=1)),
      ValueError, lambda api: rf"^{STATE_ARG[api]} stride {HV * K * V + 1} at dim 0 must be a multiple of 4 elements"),
@@ -288,27 +293,34 @@ def test_state_errors(api, mutate, exc, match):
 # ----------------------------------------------------------------------------- token limits
 
 
-@pytest.mark.parametrize("api", ["pre", "pool", "dec"])
-def test_t1_apis_reject_two_tokens(api):
+def _with_tokens(api, T, seed):
     kw = valid_kwargs(api)
-    q, k, v, a, b, _, _ = make_inputs(B, 2, H, HV, K, V, seed=5)
+    q, k, v, a, b, _, _ = make_inputs(B, T, H, HV, K, V, seed=seed)
     kw.update(q=q, k=k, v=v, a=a, b=b)
-    expect_error(api, kw, ValueError, r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 1\] here, got 2")
+    return kw
 
 
-def test_mtp_rejects_17_tokens():
-    kw = valid_kwargs("mtp")
-    q, k, v, a, b, _, _ = make_inputs(B, 17, H, HV, K, V, seed=6)
-    kw.update(q=q, k=k, v=v, a=a, b=b)
-    expect_error("mtp", kw, ValueError, r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 16\] here, got 17")
+def test_decode_rejects_two_tokens():
+    expect_error("dec", _with_tokens("dec", 2, seed=5), ValueError,
+                 r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 1\] here, got 2")
+
+
+@pytest.mark.parametrize("api", ["pre", "pool", "mtp"])
+def test_multi_token_apis_reject_17_tokens(api):
+    expect_error(api, _with_tokens(api, 17, seed=6), ValueError,
+                 r"^q\.shape\[1\] \(tokens per sequence T\) must be in \[1, 16\] here, got 17")
+
+
+@pytest.mark.parametrize("api", ["pre", "pool"])
+@pytest.mark.parametrize("T", [2, 16])
+def test_pretranspose_takes_several_tokens(api, T):
+    """T > 1 runs the MTP kernels: the same structure checks pass."""
+    expect_only_device_error(api, _with_tokens(api, T, seed=5))
 
 
 @pytest.mark.parametrize("T", [1, 16])
 def test_mtp_token_bounds_are_valid(T):
-    kw = valid_kwargs("mtp")
-    q, k, v, a, b, _, _ = make_inputs(B, T, H, HV, K, V, seed=7)
-    kw.update(q=q, k=k, v=v, a=a, b=b)
-    expect_only_device_error("mtp", kw)
+    expect_only_device_error("mtp", _with_tokens("mtp", T, seed=7))
 
 
 @pytest.mark.parametrize("api", ["pre", "mtp"])
@@ -390,10 +402,17 @@ def test_indices_without_pool(name):
     expect_error("pre", kw, ValueError, r"^initial_state_indices / output_state_indices need the pool initial_state")
 
 
-def test_state_and_different_pool():
+@pytest.mark.parametrize("state", [
+    pytest.param(lambda: make_state(P, HV, V, K, F32, seed=9), id="another-pool"),
+    pytest.param(lambda: torch.randn(B, HV, K, V), id="wrong-layout"),
+    pytest.param(lambda: [0.0], id="not-a-tensor"),
+])
+def test_state_is_ignored_when_a_pool_is_given(state):
+    """With the pool initial_state given, `state` is not used (FlashInfer's rule), so not checked
+    either (tests/test_validation_valid.py: the pool is what the kernel gets)."""
     kw = valid_kwargs("pool")
-    kw["state"] = make_state(P, HV, V, K, F32, seed=9)
-    expect_error("pool", kw, ValueError, r"state .*initial_state.*not both")
+    kw["state"] = state()
+    expect_only_device_error("pool", kw)
 
 
 def test_no_state_at_all():
@@ -415,16 +434,25 @@ def test_state_is_the_pool_is_fine():
     pytest.param([0.0], TypeError, r"^intermediate_states_buffer must be a torch\.Tensor", id="list"),
     pytest.param(make_intermediate(dtype=BF16), TypeError,
                  r"^intermediate_states_buffer must have dtype float32, got bfloat16", id="dtype-differs-from-pool"),
-    pytest.param(make_intermediate(n=B + 1), ValueError,
-                 r"^intermediate_states_buffer must have shape \[2, \*, 4, 128, 64\]", id="B"),
+    pytest.param(make_intermediate(n=B - 1), ValueError,
+                 r"^intermediate_states_buffer must have shape \[>= B=2, >= T=3, \.\.\.\], got \[1, 3, 4, 128, 64\]",
+                 id="fewer-rows-than-B"),
     pytest.param(make_intermediate(hv=HV // 2), ValueError, r"^intermediate_states_buffer must have shape", id="HV"),
     pytest.param(make_intermediate(rows=K, cols=V), ValueError, r"^intermediate_states_buffer must have shape",
                  id="layout"),
     pytest.param(make_intermediate()[:, 0], ValueError, r"^intermediate_states_buffer must have shape", id="4d"),
     pytest.param(make_intermediate(T=T_MTP - 1), ValueError,
-                 r"^intermediate_states_buffer\.shape\[1\] must be >= T=3, got 2", id="too-few-slots"),
+                 r"^intermediate_states_buffer must have shape \[>= B=2, >= T=3, \.\.\.\], got \[2, 2, 4, 128, 64\]",
+                 id="too-few-slots"),
     pytest.param(make_intermediate().transpose(-1, -2).contiguous().transpose(-1, -2), ValueError,
                  r"^intermediate_states_buffer must have its last 3 dims contiguous", id="transposed"),
+    # unlike the state, the buffer needs its last 3 dims packed
+    pytest.param(torch.full((B, T_MTP, HV, V, K + 4), 3.0)[..., :K], ValueError,
+                 r"^intermediate_states_buffer must have its last 3 dims contiguous \(expected stride 64 at dim 3\)",
+                 id="row-padded"),
+    pytest.param(torch.full((B, T_MTP, HV, V * K + 4), 3.0)[..., : V * K].unflatten(-1, (V, K)), ValueError,
+                 rf"^intermediate_states_buffer must have its last 3 dims contiguous \(expected stride {V * K} at dim 2\)",
+                 id="head-padded"),
     pytest.param(make_state(B, T_MTP * HV, V, K, F32, pad=2).unflatten(1, (T_MTP, HV)), ValueError,
                  r"^intermediate_states_buffer stride \d+ at dim 0 must be a multiple of 4", id="misaligned-stride"),
     pytest.param(misaligned_pointer(make_intermediate()), ValueError,

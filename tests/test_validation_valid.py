@@ -14,7 +14,7 @@ from flashgdn.spec import KernelArgs
 
 from helpers import (
     ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, V, expect_error, expect_only_device_error, make_inputs,
-    make_intermediate, state_dims, tokens, valid_kwargs,
+    make_intermediate, make_state, padded_state, state_dims, tokens, valid_kwargs,
 )
 
 
@@ -39,6 +39,73 @@ def test_strided_views_pass_structural_checks(api, state_dtype):
     expect_only_device_error(api, kw)
 
 
+@pytest.mark.parametrize("api", ALL)
+@pytest.mark.parametrize("state_dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pads", [(1, 0), (0, 1), (1, 1), (4, 3)], ids=["rows", "heads", "both", "wide"])
+def test_padded_state_rows_and_heads_pass(api, state_dtype, pads):
+    """Only the state's last dim must be contiguous: rows and heads padded by multiples of 16 bytes
+    are valid (tests/test_validation.py: other paddings are not)."""
+    vec = 16 // state_dtype.itemsize
+    kw = valid_kwargs(api)
+    kw[STATE_ARG[api]] = padded_state(api, state_dtype, row_pad=pads[0] * vec, head_pad=pads[1] * vec, seed=3)
+    assert not kw[STATE_ARG[api]].is_contiguous()
+    expect_only_device_error(api, kw)
+
+
+@pytest.mark.parametrize("api", ALL)
+@pytest.mark.parametrize("io", [BF16, torch.float16], ids=["bf16-io", "fp16-io"])
+@pytest.mark.parametrize("out", [BF16, torch.float16, F32], ids=["bf16-out", "fp16-out", "fp32-out"])
+def test_output_dtype_is_free(api, io, out):
+    """output may be bf16, fp16 or fp32 whatever q's dtype (the kernels convert in their store)."""
+    kw = valid_kwargs(api)
+    for n in ("q", "k", "v", "a", "b"):
+        kw[n] = kw[n].to(io)
+    kw["output"] = torch.zeros(B, tokens(api), HV, V, dtype=out)
+    expect_only_device_error(api, kw)
+
+
+@pytest.mark.parametrize("api", ["pre", "pool", "mtp"])
+@pytest.mark.parametrize("rows,steps", [(B, 3), (B + 3, 3), (B + 1, 5)], ids=["exact", "more-rows", "more-both"])
+def test_intermediate_buffer_may_be_larger(api, rows, steps):
+    """intermediate_states_buffer [>= B, >= T, HV, V, K]: engines pass their whole buffer; with
+    pretranspose too (T > 1)."""
+    kw = valid_kwargs(api)
+    if api != "mtp":
+        q, k, v, a, b, _, _ = make_inputs(B, 3, H, HV, K, V, seed=4)
+        kw.update(q=q, k=k, v=v, a=a, b=b)
+    kw["intermediate_states_buffer"] = make_intermediate(T=steps, n=rows)
+    expect_only_device_error(api, kw)
+
+
+@pytest.mark.parametrize("api", ["pre", "pool"])
+def test_pretranspose_disable_state_update_reads_an_overlapping_state(api):
+    """pretranspose with T > 1 and disable_state_update=True only reads the state: it may overlap
+    itself; written, it may not."""
+    kw = valid_kwargs(api)
+    q, k, v, a, b, _, _ = make_inputs(B, 2, H, HV, K, V, seed=6)
+    kw.update(q=q, k=k, v=v, a=a, b=b, disable_state_update=True)
+    kw[STATE_ARG[api]] = kw[STATE_ARG[api]][:1].expand(kw[STATE_ARG[api]].shape[0], -1, -1, -1)
+    expect_only_device_error(api, kw)
+    kw["disable_state_update"] = False
+    expect_error(api, kw, ValueError, rf"^{STATE_ARG[api]} must not overlap itself")
+
+
+def test_pool_given_state_is_not_used(monkeypatch):
+    """With initial_state given, the kernel gets the pool and the call returns it; `state` (here
+    another valid pool) is not used (FlashInfer's rule)."""
+    from flashgdn import api
+
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
+    launched = []
+    monkeypatch.setattr(api, "_launch", lambda plan, layout, args, options: launched.append(args) or "out")
+    kw = valid_kwargs("pool")
+    kw["state"] = make_state(P, HV, V, K, F32, seed=9)
+    out, st = FNS["pool"](**kw)
+    assert out == "out" and st is kw["initial_state"]
+    assert len(launched) == 1 and launched[0].state is kw["initial_state"]
+
+
 def _all_options(api):
     kw = valid_kwargs(api)
     T = tokens(api)
@@ -49,6 +116,8 @@ def _all_options(api):
     kw["scale"] = 1
     kw["softplus_beta"], kw["softplus_threshold"] = 2, -5.0  # int beta; torch takes any threshold
     kw["use_qk_l2norm"] = False
+    if api != "mtp":
+        kw["backend"] = "flashinfer"
     if api in ("pool", "mtp"):
         kw["initial_state_indices"] = torch.tensor([-1, 7], dtype=torch.int64)  # values are not checked here
         kw["output_state_indices"] = torch.tensor([4, 1], dtype=torch.int64)

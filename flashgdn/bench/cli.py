@@ -1,6 +1,7 @@
 """`flashgdn-bench`: sweep the GDN decode kernels over batch sizes, against optional baselines.
 
     flashgdn-bench --api pretranspose --batch-size 1 64 512 --compare --verify --json out.json --plot out.png
+    flashgdn-bench --api mtp --token-slots --pool-padding 8 --compare --verify
     flashgdn-bench --compile-only --arch sm_100a          # no GPU needed: compile every variant
 
 Each row times one flashgdn call (median/p10/p90 over --iters, L2 flushed before each, with the
@@ -9,7 +10,8 @@ share of the device's copy bandwidth measured in the same run. `--compare` adds 
 fused_recurrent kernel and FlashInfer's gdn_decode (each reported unavailable, with the reason,
 when it cannot run; FlashInfer's bf16-state MTP goes through its
 gated_delta_rule_decode_pretranspose). `--verify` first checks every implementation against
-flashgdn.reference on fresh inputs; a mismatch marks the row FAILED and the exit status non-zero.
+flashgdn.reference (called with the same arguments) on fresh inputs; a mismatch marks the row
+FAILED and the exit status non-zero.
 Progress goes to stderr; the table is printed to stdout last. `--plot` draws the speedup over the
 fastest baseline (or µs without baselines) against batch size, per API and state dtype.
 
@@ -39,18 +41,20 @@ from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .plot import write_plot
 from .resources import dynamic_smem_bytes, kernel_name, ptx_registers
 from .rows import (
-    BASELINES, FLASHGDN, IO_DTYPES, POOL_SLOTS, STATE_DTYPES, VERSIONS, Impl, Row, Unavailable, make_inputs,
-    row_spec, verify,
+    BASELINES, FLASHGDN, IO_DTYPES, POOL_PADDING_MULTIPLE, POOL_SLOTS, STATE_DTYPES, VERSIONS, Impl, Row,
+    Unavailable, make_inputs, row_spec, sweep_title, verify,
 )
 
 DEFAULT_SM_COUNT = 132  # H100 SXM: regime planning for --compile-only
 COMPILE_ARCHS = ("sm_90a", "sm_100a")
 
+DEFAULT_SEQ_LEN = (2, 4, 8)  # MTP rows' T; pretranspose rows are T = 1 unless --api pretranspose --seq-len
+
 # Fields of one result row (JSON keys, CSV columns), then per baseline NAME: NAME_<suffix>.
 ROW_FIELDS = (
-    "version", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "pool", "pool_slots", "intermediate",
-    "l2norm", "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us", "tflops", "tbps", "pct_copy_bw",
-    "verify", "error",
+    "version", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "pool", "pool_slots", "pool_padding",
+    "intermediate", "token_slots", "l2norm", "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us",
+    "tflops", "tbps", "pct_copy_bw", "verify", "error",
 )
 BASELINE_SUFFIXES = ("us", "speedup", "pct_copy_bw", "verify", "note")
 # Fields of one --compile-only row: "kernel" is the variant's name, as in a result row.
@@ -68,14 +72,21 @@ def result_fields(baselines: Optional[Sequence[str]] = None) -> List[str]:
 # ----------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_from(lowest: int, what: str):
+    """An argparse type: an integer >= `lowest` (`what` names it in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_from(1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
     add("--batch-size", type=_positive_int, nargs="+", default=[1, 4, 16, 64, 256, 512],
         help="batch sizes B (default: 1 4 16 64 256 512)")
-    add("--seq-len", type=_positive_int, nargs="+", default=[2, 4, 8],
-        help="mtp tokens per sequence T (default: 2 4 8)")
+    add("--seq-len", type=_positive_int, nargs="+",
+        help="tokens per sequence T of the mtp rows (default: 2 4 8) and, with --api pretranspose, of the "
+             "pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
     add("--num-q-heads", type=_positive_int, default=16, help="H, q and k heads (default: 16)")
     add("--num-v-heads", type=_positive_int, default=32, help="HV, value heads, a multiple of H (default: 32)")
     add("--head-size", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K = V (default: 128)")
@@ -102,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--state-dtype", choices=tuple(STATE_DTYPES), nargs="+", default=["fp32"],
         help="state dtype(s), one row set each (default: fp32)")
     add("--no-l2norm", action="store_true", help="use_qk_l2norm=False")
-    add("--pool", action="store_true", help="pretranspose: a state pool + indices (--pool-slots); mtp always uses one")
+    add("--pool", action="store_true",
+        help="pretranspose T = 1: a state pool + indices (--pool-slots); mtp and T > 1 rows always use one")
     add("--pool-slots", choices=POOL_SLOTS, default="scattered",
         help="pool rows: 'scattered', 2B slots read at a random permutation of B of them (default); "
              "'contiguous', B slots read in order (FlashInfer's MTP benchmark)")
-    add("--cache-intermediate", action="store_true", help="mtp: also write intermediate_states_buffer")
+    add("--pool-padding", type=_int_from(0, "an integer >= 0"), default=0, metavar="N",
+        help=f"pool rows: allocate the pool [P, HV, V, K + N] and pass its [..., :K] view (padded head and row "
+             f"strides); N elements, a multiple of {POOL_PADDING_MULTIPLE} (default: 0)")
+    add("--cache-intermediate", action="store_true", help="mtp and T > 1 rows: also write intermediate_states_buffer")
+    add("--token-slots", action="store_true",
+        help="mtp: write the state after every token to its own fresh pool slot (ssm_state_indices [B, T]; "
+             "B*T more slots, no final write-back)")
     add("--iters", type=_positive_int, default=100, help="timed iterations per row (default: 100)")
     add("--warmup", type=int, default=10, help="untimed iterations first (default: 10)")
     add("--timer", choices=("auto", "cupti", "events"), default="auto",
@@ -145,32 +164,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.api = args.api or "all"
     if args.num_v_heads % args.num_q_heads:
         parser.error(f"--num-v-heads ({args.num_v_heads}) must be a multiple of --num-q-heads ({args.num_q_heads})")
+    # pretranspose rows take --seq-len only when asked for alone: --api all keeps its T = 1 rows.
+    args.pretranspose_seq_len = args.seq_len if args.seq_len and args.api == "pretranspose" else [1]
+    args.seq_len = args.seq_len or list(DEFAULT_SEQ_LEN)
     if max(args.seq_len) > MAX_TOKENS:
         parser.error(f"--seq-len values must be at most {MAX_TOKENS}, got {max(args.seq_len)}")
+    if args.token_slots:
+        if args.api not in ("mtp", "all"):
+            parser.error("--token-slots applies to mtp rows (--api mtp or all): it is gated_delta_rule_mtp's "
+                         "ssm_state_indices")
+        if min(args.seq_len) < 2:
+            parser.error(f"--token-slots needs --seq-len values >= 2 (ssm_state_indices), got {min(args.seq_len)}")
+        if args.cache_intermediate:
+            parser.error("--token-slots and --cache-intermediate exclude each other (as the API's arguments do)")
+    if args.pool_padding % POOL_PADDING_MULTIPLE:
+        parser.error(f"--pool-padding must be a multiple of {POOL_PADDING_MULTIPLE} elements, got {args.pool_padding}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.compile_only and (args.arch or args.sm_count):
         parser.error("--arch and --sm-count only apply with --compile-only (a GPU run uses the GPU's own)")
     if args.compile_only and args.plot:
         parser.error("--plot needs measured times: it does not apply with --compile-only")
+    if args.pool_padding and not any(r.pool for r in sweep_rows(args)):
+        parser.error("--pool-padding applies to pool rows: add --pool, --api mtp or --api pretranspose --seq-len > 1")
     args.arch = args.arch or "sm_90a"
     args.sm_count = args.sm_count or DEFAULT_SM_COUNT
     return args
 
 
 def sweep_rows(args: argparse.Namespace) -> List[Row]:
-    """Every row the flags ask for: API, then state dtype, then T (mtp), then batch size."""
+    """Every row the flags ask for: API, then state dtype, then T, then batch size."""
     versions = VERSIONS if args.api == "all" else (args.api,)
+    tokens = {"pretranspose": args.pretranspose_seq_len, "nontranspose": [1], "mtp": args.seq_len}
     rows = []
     for version in versions:
         for state_dtype in args.state_dtype:
-            for T in args.seq_len if version == "mtp" else (1,):
+            for T in tokens[version]:
+                pool = version == "mtp" or (version == "pretranspose" and (args.pool or T > 1))
                 for B in args.batch_size:
                     rows.append(Row(
                         version, B, T, args.num_q_heads, args.num_v_heads, args.head_size, args.head_size,
-                        args.dtype, state_dtype, pool=version == "mtp" or (version == "pretranspose" and args.pool),
-                        intermediate=version == "mtp" and args.cache_intermediate, l2norm=not args.no_l2norm,
-                        pool_slots=args.pool_slots,
+                        args.dtype, state_dtype, pool=pool,
+                        intermediate=args.cache_intermediate and (version == "mtp" or T > 1),
+                        l2norm=not args.no_l2norm, pool_slots=args.pool_slots,
+                        token_slots=args.token_slots and version == "mtp",
+                        pool_padding=args.pool_padding if pool else 0,
                     ))
     return rows
 
@@ -368,7 +406,7 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
     rec.update(
         version=row.version, B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, dtype=row.dtype,
         state_dtype=row.state_dtype, pool=row.pool, pool_slots=row.pool_slots if row.pool else "",
-        intermediate=row.intermediate, l2norm=row.l2norm,
+        pool_padding=row.pool_padding, intermediate=row.intermediate, token_slots=row.token_slots, l2norm=row.l2norm,
         kernel=kernel, flops=row.flops(), bytes=row.bytes(), verify="", error="",
     )
     try:
@@ -381,7 +419,10 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
         rec["error"] = _one_line(exc)
         progress(f"  flashgdn: {rec['error']}")
     for impl in BASELINES if args.compare else ():
-        variant = f"{row.version} T={row.T} {row.dtype}/{row.state_dtype}{' nol2' if not row.l2norm else ''}"
+        # What a baseline compiles per call signature (FlashInfer keys a padded pool's strides too).
+        flags = (("nol2", not row.l2norm), ("inter", row.intermediate), ("token-slots", row.token_slots),
+                 (f"padding={row.pool_padding}", row.pool_padding))
+        variant = " ".join([f"{row.version} T={row.T} {row.dtype}/{row.state_dtype}"] + [f for f, on in flags if on])
         try:
             m = measure(impl, row, args, device, flusher, variant, seen)
         except Exception as exc:  # Unavailable, ImportError, a TypeError on the signature, ...
@@ -404,8 +445,14 @@ def row_failed(rec: dict) -> bool:
     return bool(rec.get("error")) or any((v or "").startswith("FAILED") for v in verdicts)
 
 
+def api_label(rec: dict) -> str:
+    """A result row's API as the table shows it: the version, "+slots" with token slots."""
+    return rec["version"] + ("+slots" if rec.get("token_slots") else "")
+
+
 def results_table(rows: List[dict], compare: bool) -> str:
-    """The stdout table, then one note per distinct error, mismatch or unavailable baseline."""
+    """The stdout table under its title (sweep_title), then one note per distinct error, mismatch
+    or unavailable baseline."""
     names = [b.name for b in BASELINES] if compare else []
     headers = ["version", "B", "T", "state", "pool", "median µs", "p10 µs", "p90 µs", "TFLOPS", "TB/s",
                "% copy bw", "verify"]
@@ -413,9 +460,9 @@ def results_table(rows: List[dict], compare: bool) -> str:
     body, notes = [], []
     for r in rows:
         verdict = "ERROR" if r["error"] else "FAILED" if r["verify"].startswith("FAILED") else r["verify"]
-        line = [r["version"], r["B"], r["T"], r["state_dtype"], r["pool_slots"] if r["pool"] else "no",
+        line = [api_label(r), r["B"], r["T"], r["state_dtype"], r["pool_slots"] if r["pool"] else "no",
                 r["median_us"], r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"], verdict]
-        where = f"{r['version']} B={r['B']} T={r['T']} {r['state_dtype']}"
+        where = f"{api_label(r)} B={r['B']} T={r['T']} {r['state_dtype']}"
         for msg in (r["error"], r["verify"]):
             if msg and msg != "ok":
                 notes.append(f"flashgdn {where}: {msg}")
@@ -429,7 +476,8 @@ def results_table(rows: List[dict], compare: bool) -> str:
                 notes.append(f"{n} {where}: {r[f'{n}_verify']}")
         body.append(line)
     notes = list(dict.fromkeys(notes))
-    return format_table(headers, body) + ("\n\nnotes:\n  " + "\n  ".join(notes) if notes else "")
+    table = sweep_title(rows) + "\n\n" + format_table(headers, body)
+    return table + ("\n\nnotes:\n  " + "\n  ".join(notes) if notes else "")
 
 
 def sweep(args) -> int:

@@ -1,14 +1,14 @@
 """`flashgdn-bench --plot`: one panel per (API, state dtype) of the results, against batch size.
 
 A panel shows flashgdn's speedup over the fastest baseline (FLA, FlashInfer) timed in the same run
-when its rows have baseline times, else flashgdn's median µs; one series per T (MTP), at most
-MAX_SERIES of them.
+when its rows have baseline times, else flashgdn's median µs; one series per T, at most MAX_SERIES
+of them.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .rows import BASELINES, VERSIONS
+from .rows import BASELINES, VERSIONS, sweep_title
 
 API_FUNCTIONS = {
     "pretranspose": "gated_delta_rule_decode_pretranspose",
@@ -90,14 +90,12 @@ def write_plot(path: str, rows: List[dict]) -> None:
             if len(ts) > 1:
                 ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8,
                           title="tokens", title_fontsize=8)
-    first = rows[0] if rows else {}
-    shape = " ".join(f"{k}={first[k]}" for k in ("H", "HV", "K", "V") if k in first)
     baselines = " / ".join(BASELINE_LABELS.get(b.name, b.name) for b in BASELINES)
     what = {
         "speedup": f"flashgdn speedup over the fastest of {baselines} in the same run",
         "µs": "flashgdn median µs (no baseline timed)",
     }
     title = "; ".join(what[m] for m in sorted(modes, reverse=True)) or "no timed rows"
-    fig.suptitle(f"{title}\n{shape} {first.get('dtype', '')} q/k/v", fontsize=11)
+    fig.suptitle(f"{title}\n{sweep_title(rows)}", fontsize=11)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,10 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # at B = 64 takes 2 % longer with its 1 MiB slots permuted (benchmarks/RESULTS.md "Pool slot order").
 POOL_SLOTS = ("scattered", "contiguous")
 INDEX_DTYPE = torch.int32
+TOKEN_INDEX_DTYPE = torch.int32  # ssm_state_indices: int32 only (FlashInfer's rule)
+# --pool-padding must be a multiple of this many elements: 16 bytes of a bf16 row, 32 of an fp32
+# one, so every padded stride keeps the 16-byte alignment the kernels' vector accesses need.
+POOL_PADDING_MULTIPLE = 8
 # --verify tolerance (atol = rtol) by state dtype.
 VERIFY_TOL = {"fp32": 1e-2, "bf16": 2e-2}
 
@@ -51,10 +55,29 @@ class Row:
     intermediate: bool = False
     l2norm: bool = True
     pool_slots: str = "scattered"  # POOL_SLOTS, for pool rows
+    # mtp: the state after token t goes to its own fresh pool slot (ssm_state_indices [B, T]), no
+    # final write-back.
+    token_slots: bool = False
+    # Pool rows: elements past K in each state row of the allocation ([P, HV, V, K + pool_padding],
+    # the calls get the [..., :K] view), so the head and row strides are padded.
+    pool_padding: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pool_padding and not self.pool:
+            raise ValueError("pool_padding applies to pool rows only")
+        if self.token_slots and not (self.version == "mtp" and self.pool and self.T >= 2 and not self.intermediate):
+            raise ValueError("token_slots needs an mtp row with T >= 2 and no intermediate states")
 
     @property
     def layout(self) -> str:
         return "kmajor" if self.version == "nontranspose" else "klast"
+
+    @property
+    def zero_padding_output(self) -> bool:
+        """The API's rule for a padding row's output: zero through gated_delta_rule_decode and for
+        one token through pretranspose; left as it is (FlashInfer's) through gated_delta_rule_mtp
+        and for T > 1 through pretranspose."""
+        return self.version == "nontranspose" or (self.version == "pretranspose" and self.T == 1)
 
     @property
     def problem(self) -> Problem:
@@ -69,9 +92,11 @@ class Row:
         return STATE_DTYPES[self.state_dtype]
 
     def label(self) -> str:
-        t = f" T={self.T}" if self.version == "mtp" else ""
+        t = f" T={self.T}" if self.version == "mtp" or self.T > 1 else ""
         pool = f" pool={self.pool_slots}" if self.pool else ""
-        return f"{self.version} B={self.B}{t} state={self.state_dtype}{pool}"
+        pool += f" padding={self.pool_padding}" if self.pool_padding else ""
+        slots = " token-slots" if self.token_slots else ""
+        return f"{self.version} B={self.B}{t} state={self.state_dtype}{pool}{slots}"
 
     def flops(self) -> int:
         return gdn_flops(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V)
@@ -81,30 +106,40 @@ class Row:
         return gdn_bytes(
             B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V, io_bytes=io,
             state_bytes=self.state_torch.itemsize, gate_bytes=io, dt_bias_bytes=4,
-            index_bytes=INDEX_DTYPE.itemsize if self.pool else 0, update_state=True,
-            intermediate=self.intermediate,
+            index_bytes=INDEX_DTYPE.itemsize if self.pool else 0, state_writes=self.T if self.token_slots else 1,
+            intermediate=self.intermediate, token_index_bytes=TOKEN_INDEX_DTYPE.itemsize if self.token_slots else 0,
         )
 
 
 def row_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> KernelSpec:
     """The KernelSpec (compile-cache key) flashgdn uses for `row` on `arch` with `sm_count` SMs
-    (device_class None: the arch's reference tuning table)."""
-    def like(dtype):  # kernel_spec reads only the dtypes and presence of the tensors
-        return None if dtype is None else torch.empty(0, dtype=dtype, device="meta")
+    (device_class None: the arch's reference tuning table): api.kernel_spec of the tensors and
+    options the row's call passes (tests/test_bench_cli.py checks it against the API's own lookup)."""
+    def meta(dtype, *shape):  # kernel_spec reads dtypes, presence and the state's strides
+        return torch.empty(shape, dtype=dtype, device="meta")
 
-    io, state = like(row.io_torch), like(row.state_torch)
+    io = meta(row.io_torch, 0)
+    rows, cols = (row.V, row.K) if row.layout == "klast" else (row.K, row.V)
+    state = meta(row.state_torch, 1, row.HV, rows, cols + row.pool_padding)[..., :cols]
     args = KernelArgs(
-        q=io, k=io, v=io, a=io, b=io, A_log=like(torch.float32), dt_bias=like(torch.float32), state=state,
-        state_indices=like(INDEX_DTYPE) if row.pool else None, intermediate_states=state if row.intermediate else None,
+        q=io, k=io, v=io, a=io, b=io, A_log=meta(torch.float32, 0), dt_bias=meta(torch.float32, 0), state=state,
+        state_indices=meta(INDEX_DTYPE, 0) if row.pool else None,
+        intermediate_states=meta(row.state_torch, 0) if row.intermediate else None,
+        token_state_indices=meta(TOKEN_INDEX_DTYPE, 0) if row.token_slots else None,
     )
-    options = api.CallOptions(scale=None, use_l2norm=row.l2norm)
+    # Every call updates the state (the bench passes disable_state_update=False).
+    options = api.CallOptions(scale=None, use_l2norm=row.l2norm, update_state=True,
+                              zero_padding_output=row.zero_padding_output)
     return api.kernel_spec(row.layout, row.problem, args, options, DeviceFacts(arch, sm_count, device_class))
 
 
 def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
     """Fresh random inputs for `row`: normal q, k, v, a, b, dt_bias and state (never zeros),
-    A_log = log(uniform(1, 16)). A pool's slots are laid out as row.pool_slots says (POOL_SLOTS).
-    Keys: q k v a b A_log dt_bias state indices inter output (indices/inter None when unused)."""
+    A_log = log(uniform(1, 16)). A pool's read slots are laid out as row.pool_slots says
+    (POOL_SLOTS); token slots are B*T more slots after them, fresh and distinct (in a random order
+    for "scattered", in (row, token) order for "contiguous"). A padded pool is the [..., :K] view
+    of [P, HV, V, K + row.pool_padding]. Keys: q k v a b A_log dt_bias state indices slots inter
+    output (indices/slots/inter None when unused)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     B, T, H, HV, K, V = row.B, row.T, row.H, row.HV, row.K, row.V
@@ -112,10 +147,15 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     def randn(*shape, dtype):
         return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
+    def order(n, offset=0):  # n distinct slots from `offset` on, as row.pool_slots lays them out
+        idx = torch.randperm(n, generator=gen, device=device) if scattered else torch.arange(n, device=device)
+        return idx + offset
+
     io, st = row.io_torch, row.state_torch
     rows, cols = (V, K) if row.layout == "klast" else (K, V)
     scattered = row.pool and row.pool_slots == "scattered"
-    slots = 2 * B if scattered else B
+    read_slots = 2 * B if scattered else B
+    written = B * T if row.token_slots else 0
     return {
         "q": randn(B, T, H, K, dtype=io),
         "k": randn(B, T, H, K, dtype=io),
@@ -124,12 +164,9 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
         "b": randn(B, T, HV, dtype=io),
         "A_log": torch.log(torch.rand(HV, generator=gen, device=device) * 15 + 1),
         "dt_bias": randn(HV, dtype=torch.float32),
-        "state": randn(slots, HV, rows, cols, dtype=st),
-        "indices": (
-            None if not row.pool
-            else torch.randperm(slots, generator=gen, device=device)[:B].to(INDEX_DTYPE) if scattered
-            else torch.arange(B, device=device, dtype=INDEX_DTYPE)
-        ),
+        "state": randn(read_slots + written, HV, rows, cols + row.pool_padding, dtype=st)[..., :cols],
+        "indices": order(read_slots)[:B].to(INDEX_DTYPE) if row.pool else None,
+        "slots": order(written, offset=read_slots).view(B, T).to(TOKEN_INDEX_DTYPE) if row.token_slots else None,
         "inter": torch.empty(B, T, HV, rows, cols, dtype=st, device=device) if row.intermediate else None,
         "output": torch.empty(B, T, HV, V, dtype=io, device=device),
     }
@@ -140,8 +177,28 @@ def clone_inputs(inp: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[t
 
 
 def state_rows(row: Row, state: torch.Tensor, inp) -> torch.Tensor:
-    """The B state slots a row reads and writes, in batch order ([B, HV, ...])."""
-    return state[inp["indices"].long()] if row.pool else state
+    """The state slots a row reads and writes, in batch order: [B, HV, ...], or with token slots
+    [B, 1 + T, HV, ...], the slot read (left as it is) then the slot of each token's state."""
+    if not row.pool:
+        return state
+    read = state[inp["indices"].long()]
+    if not row.token_slots:
+        return read
+    return torch.cat([read[:, None], state[inp["slots"].long()]], 1)
+
+
+def sweep_title(records: Sequence[dict]) -> str:
+    """One line of what a sweep's result rows share, the title of its table and plot: the shape,
+    the q/k/v dtype, and the pool padding and token slots where rows have them."""
+    first = records[0] if records else {}
+    shape = " ".join(f"{k}={first[k]}" for k in ("H", "HV", "K", "V") if k in first)
+    parts = [f"{shape} {first.get('dtype', '')} q/k/v"]
+    padding = sorted({r["pool_padding"] for r in records if r.get("pool_padding")})
+    if padding:
+        parts.append(f"pool padded by {'/'.join(map(str, padding))} elements per state row (head and row strides)")
+    if any(r.get("token_slots") for r in records):
+        parts.append("mtp+slots: the state after each token to its own pool slot (ssm_state_indices)")
+    return "; ".join(p.strip() for p in parts)
 
 
 class Unavailable(Exception):
@@ -162,20 +219,24 @@ class Impl:
 
 def call_api(module, row: Row, inp: dict, bf16_mtp_via_pretranspose: bool = False):
     """Call `module`'s function for row.version with the flashinfer/flashgdn argument names.
-    `module` is flashgdn.api, flashgdn.reference or flashinfer.gdn_decode. With
-    `bf16_mtp_via_pretranspose`, a bf16-state MTP row goes to gated_delta_rule_decode_pretranspose
-    with the pool as initial_state (FlashInfer: its gated_delta_rule_mtp takes an fp32 state only)."""
+    `module` is flashgdn.api, flashgdn.reference or flashinfer.gdn_decode. A pool goes as it is
+    (a padded pool as its strided view). With `bf16_mtp_via_pretranspose`, a bf16-state MTP row
+    goes to gated_delta_rule_decode_pretranspose with the pool as initial_state (FlashInfer: its
+    gated_delta_rule_mtp takes an fp32 state only). gated_delta_rule_mtp always gets
+    disable_state_update=False: an omitted one means True in FlashInfer 0.7.2 and flashgdn."""
     q, k, v = inp["q"], inp["k"], inp["v"]
     gates = dict(A_log=inp["A_log"], a=inp["a"], dt_bias=inp["dt_bias"], b=inp["b"])
     common = dict(output=inp["output"], use_qk_l2norm=row.l2norm)
     if row.version == "nontranspose":
         return module.gated_delta_rule_decode(q, k, v, inp["state"], **gates, **common)
     if row.version == "mtp" and not (bf16_mtp_via_pretranspose and row.state_dtype == "bf16"):
+        # Only when used: a FlashInfer before ssm_state_indices still runs the other MTP rows.
+        slots = dict(ssm_state_indices=inp["slots"]) if row.token_slots else {}
         return module.gated_delta_rule_mtp(
             q, k, v, inp["state"], inp["indices"], **gates, **common,
-            intermediate_states_buffer=inp["inter"], disable_state_update=False,
+            intermediate_states_buffer=inp["inter"], disable_state_update=False, **slots,
         )
-    if row.pool:  # every MTP row has a pool
+    if row.pool:  # every MTP row and every pretranspose row with T > 1 has a pool
         inter = dict(intermediate_states_buffer=inp["inter"]) if row.intermediate else {}
         return module.gated_delta_rule_decode_pretranspose(
             q, k, v, None, **gates, **common, initial_state=inp["state"], initial_state_indices=inp["indices"],
@@ -184,11 +245,19 @@ def call_api(module, row: Row, inp: dict, bf16_mtp_via_pretranspose: bool = Fals
     return module.gated_delta_rule_decode_pretranspose(q, k, v, inp["state"], **gates, **common)
 
 
-def module_impl(name: str, module_name: str, bf16_mtp_via_pretranspose: bool = False) -> Impl:
+def module_impl(name: str, module_name: str, bf16_mtp_via_pretranspose: bool = False,
+                packed_token_slot_pool: bool = False) -> Impl:
     """An implementation with flashgdn's API (flashgdn itself, the reference, FlashInfer);
-    `bf16_mtp_via_pretranspose` as in call_api."""
+    `bf16_mtp_via_pretranspose` as in call_api (then a bf16-state token-slot row is unavailable:
+    the pretranspose function has no ssm_state_indices). With `packed_token_slot_pool`, a
+    token-slot row's padded pool is replaced by a packed copy (untimed)."""
 
     def prepare(row: Row, inp: dict):
+        if bf16_mtp_via_pretranspose and row.token_slots and row.state_dtype == "bf16":
+            raise Unavailable("ssm_state_indices (token slots) is in gated_delta_rule_mtp only, which takes an "
+                              "fp32 state; the bf16-state path (gated_delta_rule_decode_pretranspose) has none")
+        if packed_token_slot_pool and row.token_slots and row.pool_padding:
+            inp = dict(inp, state=inp["state"].contiguous())
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # ImportError, or a broken install
@@ -210,8 +279,12 @@ FLA_NEEDS = ("use_gate_in_kernel", "A_log", "dt_bias", "use_beta_sigmoid_in_kern
 def _fla_prepare(row: Row, inp: dict):
     """FLA (fla-core >= 0.6) fused_recurrent_gated_delta_rule with the gates fused in the kernel:
     g = a (raw), beta = b (logits), state [B, HV, V, K] via state_v_first for K-last rows. FLA has
-    no state pool and writes a new fp32 final state: a pool row's B slots are gathered into a dense
-    state here, untimed. It has no per-token state output, so --cache-intermediate rows skip it."""
+    no state pool and writes a new fp32 final state: a pool row's B slots (of a padded pool too)
+    are gathered into a packed dense state here, untimed. It has no per-token state output, so
+    rows that write one (--cache-intermediate, --token-slots) report it unavailable."""
+    if row.intermediate or row.token_slots:
+        what = "intermediate_states_buffer" if row.intermediate else "ssm_state_indices"
+        raise Unavailable(f"FLA has no per-token state output (this row's {what})")
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fn
     except Exception as exc:
@@ -220,8 +293,6 @@ def _fla_prepare(row: Row, inp: dict):
     missing = [p for p in FLA_NEEDS if p not in params]
     if missing:
         raise Unavailable(f"{FLA_FUNCTION} has no argument(s) {', '.join(missing)} (needs fla-core >= 0.6)")
-    if row.intermediate:
-        raise Unavailable("FLA has no per-token (intermediate) state output")
     h0 = state_rows(row, inp["state"], inp).contiguous()
 
     def call():
@@ -237,9 +308,13 @@ def _fla_prepare(row: Row, inp: dict):
 
 FLASHGDN = module_impl("flashgdn", "flashgdn.api")
 REFERENCE = module_impl("reference", "flashgdn.reference")
+# FlashInfer (0.7.2) gets a padded pool's view as it is where it takes the pool's strides: its
+# bf16-state kernels and its fp32 MTP kernel index the 4-D pool with them, its fp32 one-token kernel
+# compiles them in. Its fp32 MTP kernel writes token slots (ssm_state_indices) through a flat
+# [P * HV, V, K] view of the pool instead, which a padded pool is not: those rows get a packed copy.
 BASELINES = (
     Impl("fla", _fla_prepare),
-    module_impl("flashinfer", "flashinfer.gdn_decode", bf16_mtp_via_pretranspose=True),
+    module_impl("flashinfer", "flashinfer.gdn_decode", bf16_mtp_via_pretranspose=True, packed_token_slot_pool=True),
 )
 
 
@@ -256,8 +331,8 @@ def _mismatch(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: floa
 
 def verify(impl: Impl, row: Row, device, seed: int) -> Optional[str]:
     """Run `impl` and the reference on the same fresh inputs; None if they agree within
-    VERIFY_TOL[row.state_dtype] (output, updated state slots, intermediate states), else what differs.
-    Unavailable and other exceptions from the implementation propagate."""
+    VERIFY_TOL[row.state_dtype] (output, the state slots of state_rows, intermediate states), else
+    what differs. Unavailable and other exceptions from the implementation propagate."""
     inp = make_inputs(row, device, seed)
     ref_inp = clone_inputs(inp)
     ref_call, ref_collect = REFERENCE.prepare(row, ref_inp)

@@ -53,6 +53,8 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
     inner = (rows * cols, cols, 1)
+    # A strided state (a padded pool) keeps only its last dim static.
+    state_inner = (1,) if spec.strided_state else inner
     return KernelArgs(
         q=_strided(io, (B, T, H, K), io_div),
         k=_strided(io, (B, T, H, K), io_div),
@@ -61,15 +63,16 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
         b=_strided(gate, (B, T, HV), 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4),
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)),
-        state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=inner),
+        state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
         state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
         accepted_tokens=make_fake_tensor(cutlass.Int32, (B,), stride=(1,)) if spec.has_accepted else None,
         intermediate_states=(
-            _strided(st, (B, cute.sym_int(), HV, rows, cols), st_div, inner_static=inner)
+            _strided(st, (cute.sym_int(), cute.sym_int(), HV, rows, cols), st_div, inner_static=inner)
             if spec.has_intermediate else None
         ),
-        output=_strided(io, (B, T, HV, V), 1),
+        output=_strided(CUTLASS_DTYPES[spec.output_dtype], (B, T, HV, V), 1),
+        token_state_indices=_strided(cutlass.Int32, (B, T), 1) if spec.has_token_slots else None,
     )
 
 
@@ -80,6 +83,27 @@ def compile_kernel(spec: KernelSpec, *, keep_dir: Optional[str] = None) -> Calla
         options += f" --keep-ptx --keep-cubin --dump-dir={keep_dir}"
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(make_kernel(spec), *fake_arguments(spec), stream, options=options)
+
+
+def export_object(fn, path: str, symbol: str) -> None:
+    """Write compiled function `fn` as an object file whose one visible symbol is its TVM-FFI
+    entry `__tvm_ffi_<symbol>`: the internal symbols of two variants loaded into one process can
+    never bind to each other."""
+    fn.export_to_c(path, function_name=symbol, export_only_tvm_ffi_symbols=True)
+
+
+def runtime_libraries() -> list:
+    """The shared libraries an exported object needs at run time (the DSL's runtime, TVM-FFI)."""
+    from cutlass.runtime import find_runtime_libraries
+
+    return list(find_runtime_libraries(enable_tvm_ffi=True))
+
+
+def load_object(path: str, symbol: str) -> Callable:
+    """The TVM-FFI function `__tvm_ffi_<symbol>` of an exported object file, linked in process."""
+    from cutlass.cute.runtime import load_module
+
+    return getattr(load_module(path, enable_tvm_ffi=True), symbol)
 
 
 def timed_compile(spec: KernelSpec, **kw) -> tuple[Callable, float]:

@@ -160,6 +160,26 @@ def row_slots(gmem, b, num_tokens: int):
 
 
 @cute.jit
+def token_slots(mTok, b, pool_size, num_tokens: cutlass.Constexpr[int], status: Int32):
+    """The pool slots (64-bit) that take the state after each token of batch row b
+    (token_state_indices[b, t]; negative: not written), and the row status: a slot >= the pool
+    size makes a running row INVALID (NaN output, nothing written)."""
+    slots = []
+    for t in cutlass.range_constexpr(num_tokens):
+        slots.append(Int64(mTok[b, t]))
+    for t in cutlass.range_constexpr(num_tokens):
+        if slots[t] >= Int64(pool_size) and status == Int32(RUN):
+            status = Int32(INVALID)
+    return slots, status
+
+
+def writes_output(spec: KernelSpec, status):
+    """Whether a row stores its output: always where padding rows write zeros, else all but the
+    padding rows (a static True where no test is needed)."""
+    return True if spec.zero_padding_output else status != Int32(PADDING)
+
+
+@cute.jit
 def skipped_output(status: Int32) -> Float32:
     """Output value of a row that does not run: 0 for padding, NaN for an invalid row."""
     out = Float32(0.0)

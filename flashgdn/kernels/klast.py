@@ -169,7 +169,7 @@ class KLastDecode(common.DecodeKernel):
             w = u * k_factor  # rK holds the raw k
             for e in cutlass.range_constexpr(E):
                 rS[e, i] = g * rS[e, i] + rK[e] * w
-            if lane_in_row == 0:
+            if lane_in_row == 0 and common.writes_output(spec, status):
                 out = Float32(cutlass.select_(run, g * dot_q + u * kq, fill))
                 gmem.output[b, 0, hv, row0 + i * self.row_step] = out.to(gmem.output.element_type)
         if const_expr(spec.update_state):

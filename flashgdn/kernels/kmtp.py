@@ -122,6 +122,9 @@ class KLastMTP(KLastDecode):
 
         # Loads: raw registers only, no arithmetic that waits for a load.
         read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
+        tok_slots = None
+        if const_expr(spec.has_token_slots):
+            tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
         run = status == common.RUN
         # The state first even with a pool (unlike T = 1): placed after the others, its loads end
         # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
@@ -150,8 +153,8 @@ class KLastMTP(KLastDecode):
         if const_expr(spec.update_state and spec.has_accepted):
             if run and accepted == 0:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
-        loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, b, hv, row0, lane, lane_in_row, local0, run, accepted,
-                     write_slot)
+        loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, b, hv, row0, lane, lane_in_row,
+                     local0, run, accepted, write_slot, tok_slots)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
             # partial product (a NaN fails the test and takes the checked loop).
@@ -165,15 +168,15 @@ class KLastMTP(KLastDecode):
                 c = self._token_loop(True, *loop_args)
         else:
             c = self._token_loop(True, *loop_args)
-        if const_expr(spec.update_state and not spec.has_accepted):
+        if const_expr(spec.update_state and not spec.has_accepted and not spec.has_token_slots):
             if run:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row, c)
         cute.arch.barrier()
-        self._write_outputs(sO, gmem.output, b, hv, tile, warp * 32 + lane, run, common.skipped_output(status))
+        self._write_outputs(sO, gmem.output, b, hv, tile, warp * 32 + lane, status)
 
     @cute.jit
     def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0,
-                    lane, lane_in_row, local0, run, accepted, write_slot):
+                    lane, lane_in_row, local0, run, accepted, write_slot, tok_slots):
         """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
         test c against RESCALE_MIN every token (a branch); without it the caller has made sure
         no partial product of the decays falls below it."""
@@ -239,16 +242,24 @@ class KLastMTP(KLastDecode):
             if const_expr(spec.update_state and spec.has_accepted):
                 if run and accepted == t + 1:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
+            if const_expr(spec.has_token_slots):
+                if run and tok_slots[t] >= 0:
+                    self._store_rows(rS, mS[tok_slots[t], hv, None, None], row0, lane_in_row, c)
         return c
 
     @cute.jit
-    def _write_outputs(self, sO, mO, b, hv, tile, tid, run, fill):
+    def _write_outputs(self, sO, mO, b, hv, tile, tid, status):
         """The outputs of the CTA's rows for every token, from shared memory, coalesced (the
-        (row, token) mapping of the v staging)."""
+        (row, token) mapping of the v staging); a row that does not run writes
+        common.skipped_output where common.writes_output says so."""
         T, rpc = self.spec.T, self.rows_per_cta
+        run = status == common.RUN
+        fill = common.skipped_output(status)
+        write = common.writes_output(self.spec, status)
         for m in cutlass.range_constexpr(self.v_per_thread):
             f, _, padded = self._entry(tid, m)
             out = Float32(cutlass.select_(run, sO[f % rpc, f // rpc], fill)).to(mO.element_type)
             in_range = (f < T * rpc) if const_expr(padded) else True  # a static True: no branch
             if in_range:
-                mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
+                if write:
+                    mO[b, f // rpc, hv, tile * rpc + f % rpc] = out

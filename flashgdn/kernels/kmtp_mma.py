@@ -38,8 +38,9 @@ from . import common
 
 class KLastMTPMma(common.DecodeKernel):
     def __init__(self, spec, config):
-        if spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.has_intermediate:
-            raise ValueError("the tensor-core MTP kernel takes a bf16 state and bf16 q/k/v, no intermediates")
+        if spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.writes_states:
+            raise ValueError("the tensor-core MTP kernel takes a bf16 state and bf16 q/k/v, no intermediates "
+                             "or token slots")
         super().__init__(spec, config)
         num_warps, blocks_per_warp = config.tile
         self.num_warps = num_warps
@@ -278,6 +279,7 @@ class KLastMTPMma(common.DecodeKernel):
         # The triangular recurrence of row my_row; its u_t replace S_0 k_t in sP.
         fill = common.skipped_output(status)
         writer = lane < self.rows_per_warp if const_expr(MB == 1) else True
+        out_writer = writer and common.writes_output(spec, status)
         u = []
         for t in cutlass.range_constexpr(T):
             a = sVec[0, t] * sP[my_row, t, 0]
@@ -287,8 +289,9 @@ class KLastMTPMma(common.DecodeKernel):
             o = sVec[1, t] * sP[my_row, t, 1]
             for j in cutlass.range_constexpr(t + 1):
                 o += sAkq[t, j] * u[j]
-            if writer:
-                gmem.output[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(gmem.output.element_type)
+            if out_writer:
+                gmem.output[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(
+                    gmem.output.element_type)
         cute.arch.sync_warp()  # every lane has read its S_0 k_t
         if writer:
             for t in cutlass.range_constexpr(T):

@@ -23,7 +23,7 @@ class DeviceTable:
     # CTA shapes by (table, regime, state dtype): (warps, rows per thread, lanes per row) for
     # K-last, (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core
     # MTP kernel. MTP builds take "mtp", "mtp_long" from LONG_MTP_TOKENS tokens on and "mtp_inter"
-    # when they write the intermediate states ("mtp_long" and "mtp_inter" hold only the shapes that
+    # when they write a state per token (intermediates or token slots; "mtp_long" and "mtp_inter" hold only the shapes that
     # differ from "mtp"), "mtp_mma" for the tensor-core kernel. RESULTS.md "CTA shapes".
     tiles: Dict[Tuple[str, str, str], Tuple[int, ...]]
     # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
@@ -149,7 +149,7 @@ class BuildConfig:
 
 def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     """The tensor-core MTP kernel serves a bf16 state with bf16 q/k/v, no intermediates, in the
-    large-batch regime from mma_min_tokens on: 1.4-1.5x faster than kmtp at T = 8 and 2.2x at
+    large-batch regime from mma_min_tokens on, without per-token state writes: 1.4-1.5x faster than kmtp at T = 8 and 2.2x at
     T = 16 for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with
     intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md "Tensor cores for MTP"). A
     2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp."""
@@ -157,7 +157,7 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
         return KMAJOR
     if not spec.multi_token:
         return KLAST
-    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.has_intermediate
+    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
     if spec.tile is not None:
         return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
     return KMTP_MMA if mma_ok and spec.regime == "large" and spec.T >= table.mma_min_tokens else KMTP
@@ -174,7 +174,7 @@ def _tile(spec: KernelSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
         return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
     name = spec.layout
     if kernel == KMTP:
-        name = "mtp_inter" if spec.has_intermediate else "mtp_long" if spec.T >= table.long_mtp_tokens else "mtp"
+        name = "mtp_inter" if spec.writes_states else "mtp_long" if spec.T >= table.long_mtp_tokens else "mtp"
         if (name, spec.regime, spec.state_dtype) not in tiles:
             name = "mtp"
     if kernel == KMAJOR:
@@ -201,7 +201,7 @@ def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> boo
     (4, 4, 8) shape with the prefetch is faster still, so only T = 5-7 take it by default
     (RESULTS.md "Unchecked token loop")."""
     return (kernel == KMTP and spec.state_dtype == "float32" and spec.regime == "large" and tile == (4, 2, 8)
-            and not spec.has_intermediate and 4 < spec.T <= 8)
+            and not spec.writes_states and 4 < spec.T <= 8)
 
 
 def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked_loop: bool) -> int:
@@ -209,9 +209,10 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
     and of the bf16 K-major kernel: 2-6 % faster at B = 64 and 2-4 % at B = 256 (K-last T = 1:
     0.6-1.5 %); kmtp with at most short_mtp_tokens tokens gains from 6 MiB (bf16 B = 64 1.3 %,
     fp32 0.5 %). Off where it measured slower or neutral: with intermediates (within 1 %), with the
-    unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major)
-    (RESULTS.md "L2 prefetch distance")."""
-    if spec.regime != "large" or spec.has_intermediate or unchecked_loop:
+    unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major).
+    Per-token state writes are bound by the writes, as intermediates are; a strided state's tile
+    is not one contiguous range (RESULTS.md "L2 prefetch distance")."""
+    if spec.regime != "large" or spec.writes_states or spec.strided_state or unchecked_loop:
         return 0
     if kernel == KMAJOR and spec.state_dtype != "bfloat16":
         return 0
