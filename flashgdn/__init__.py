@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .api import gated_delta_rule_decode, gated_delta_rule_decode_pretranspose, gated_delta_rule_mtp
 from .device import UnsupportedGPUError
 from . import reference
+from . import ops  # registers the torch.library ops that traced calls use (flashgdn.ops)
 
 __all__ = [
     "gated_delta_rule_decode_pretranspose",

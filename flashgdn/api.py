@@ -4,6 +4,11 @@ defaults, in-place behaviour; README "Differences from FlashInfer" lists what di
 This layer validates, picks the kernel variant (layout, batch regime, flags), fetches it from the
 compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
 as they are (strided views included), on the current torch stream.
+
+Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`) directly;
+only while torch.compile or torch.export traces does it call the flashgdn custom op instead
+(flashgdn.ops registers them: their real implementations are these eager bodies), so that the
+graph holds one op per call with its mutated arguments declared, and eager calls pay no op dispatch.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from .logging_utils import logged
 from .spec import MAX_TOKENS, KernelArgs, KernelSpec
 
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
+# Bound once, as every public call checks it; Dynamo recognises the function object, so this name
+# folds to True while it traces just as torch.compiler.is_compiling does.
+_is_compiling = torch.compiler.is_compiling
 
 
 class CallOptions(NamedTuple):
@@ -83,12 +91,17 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
         fn = plan.fn = kernel_cache.get(kernel_spec(layout, p, args, options, facts_of(plan.device)))
     if CHECK_INDICES:
         _check_index_values(p, args, options.update_state)
-    if args.output is None:  # zeros where padding rows leave their output as it is
-        alloc = torch.empty if options.zero_padding_output else torch.zeros
-        args = args._replace(output=alloc(p.B, p.T, p.HV, p.V, dtype=args.q.dtype, device=plan.device))
+    if args.output is None:
+        args = args._replace(output=_new_output((p.B, p.T, p.HV, p.V), args.q, options.zero_padding_output))
     if p.B:
         fn(*args)
     return args.output
+
+
+def _new_output(shape, q: torch.Tensor, zero_padding_output: bool) -> torch.Tensor:
+    """The output [B, T, HV, V] of a call that passed none, of q's dtype and device: zeros where
+    padding rows leave their output as it is (`zero_padding_output` False), else uninitialised."""
+    return (torch.empty if zero_padding_output else torch.zeros)(shape, dtype=q.dtype, device=q.device)
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
@@ -262,6 +275,28 @@ def gated_delta_rule_decode_pretranspose(
     token, `disable_state_update` leaves the state untouched. `output` may be bf16, fp16 or fp32.
     Returns (output [B, T, HV, V], the updated state or pool).
     """
+    if _is_compiling():  # traced: one custom op (module docstring)
+        pool = state if initial_state is None else initial_state
+        if output is None:  # v is [B, T, HV, V] in a valid call (the op's fake implementation checks)
+            output = _new_output(v.shape, q, zero_padding_output=q.shape[1] == 1)
+        # With a pool, `state` is not used: the op does not get it, so no two of its mutated
+        # arguments alias when a caller passes the pool as both.
+        torch.ops.flashgdn.gated_delta_rule_decode_pretranspose(
+            q, k, v, None if initial_state is not None else state, A_log, a, dt_bias, b, scale, output,
+            use_qk_l2norm, initial_state, initial_state_indices, output_state_indices, intermediate_states_buffer,
+            disable_state_update, backend, softplus_beta, softplus_threshold,
+        )
+        return output, pool
+    return _decode_pretranspose(
+        q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state, initial_state_indices,
+        output_state_indices, intermediate_states_buffer, disable_state_update, backend, softplus_beta,
+        softplus_threshold,
+    )
+
+
+def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
+                         initial_state_indices, output_state_indices, intermediate_states_buffer,
+                         disable_state_update, backend, softplus_beta, softplus_threshold):
     val.check_backend(backend)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
@@ -288,6 +323,20 @@ def gated_delta_rule_decode(
 
     q, k [B, 1, H, K]; v [B, 1, HV, V]; a, b [B, 1, HV]. Returns (output [B, 1, HV, V], state).
     """
+    if _is_compiling():  # traced: one custom op (module docstring)
+        if output is None:
+            output = _new_output(v.shape, q, zero_padding_output=True)
+        torch.ops.flashgdn.gated_delta_rule_decode(
+            q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+            softplus_threshold,
+        )
+        return output, state
+    return _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+                   softplus_threshold)
+
+
+def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+            softplus_threshold):
     val.check_backend(backend)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
@@ -324,7 +373,24 @@ def gated_delta_rule_mtp(
         )
     if replayssm_rawv is not None or replayssm_rawk is not None or replayssm_g is not None or replayssm_beta is not None:
         raise ValueError("replayssm_rawv/rawk/g/beta buffers require cache_replayssm=True")
-    disable_state_update = _mtp_disable_state_update(disable_state_update)
+    if _is_compiling():  # traced: one custom op (module docstring)
+        # disable_state_update=None resolves in the op: tracers cannot trace the warning it may raise.
+        if output is None:
+            output = _new_output(v.shape, q, zero_padding_output=False)
+        torch.ops.flashgdn.gated_delta_rule_mtp(
+            q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+            intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm,
+            output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
+        )
+        return output, initial_state
+    return _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+                intermediate_states_buffer, ssm_state_indices, _mtp_disable_state_update(disable_state_update),
+                use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+
+
+def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+         intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+         accepted_tokens, softplus_beta, softplus_threshold):
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,

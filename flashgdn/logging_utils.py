@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 
+import torch
+
 LOG_LEVEL = int(os.environ.get("FLASHGDN_LOGLEVEL", "0") or 0)
 logger = logging.getLogger("flashgdn")
 # A reload of this module must not stack a second NullHandler.
@@ -36,6 +38,8 @@ def logged(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # a log call would break the traced graph
+            return fn(*args, **kwargs)
         if LOG_LEVEL >= 2:
             parts = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
             logger.info("%s(%s)", fn.__name__, ", ".join(parts))

@@ -1,0 +1,99 @@
+"""The public functions as torch.library custom ops (namespace "flashgdn"), for torch.compile and
+torch.export: a traced call becomes one op in the graph, with the tensors it writes declared, so
+the compiler neither breaks the graph nor reorders reads of the state around the write.
+
+Each op takes its function's arguments (less mtp's ReplaySSM ones, refused in Python), with
+`output` required: an op may not return a tensor that aliases an input, so it writes the
+caller-visible output buffer and returns nothing; while tracing, the public function allocates
+that buffer when the caller passes none (as the eager path does) and returns (output, state). A
+pretranspose op with a pool gets `state=None`. mtp's `disable_state_update` stays optional: None
+(FlashInfer 0.7.2's default) resolves in both implementations, because the one-time warning it
+may raise cannot be traced (Dynamo breaks the graph at `warnings.warn`); the fake implementation
+runs while tracing, so the warning comes then.
+
+Mutated (`Tensor(x!)`): the state or pool (ssm_state_indices writes go to the pool too), the
+output and intermediate_states_buffer; the index tensors, accepted_tokens and inputs are only read.
+
+The real implementations are the api's eager bodies, so launching happens in one place; the fake
+implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
+self-overlap; not the data pointer's alignment or index values, which need real tensors and run
+when the compiled graph does), so bad input raises its eager error while tracing. Eager calls do
+not go through these ops (api: only while compiling). Imported by flashgdn; no CuTe import.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import api
+from . import validation as val
+
+
+@torch.library.custom_op(
+    "flashgdn::gated_delta_rule_decode_pretranspose",
+    mutates_args=("state", "output", "initial_state", "intermediate_states_buffer"),
+)
+def decode_pretranspose_op(
+    q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor], A_log: Tensor, a: Tensor, dt_bias: Tensor,
+    b: Tensor, scale: Optional[float], output: Tensor, use_qk_l2norm: bool, initial_state: Optional[Tensor],
+    initial_state_indices: Optional[Tensor], output_state_indices: Optional[Tensor],
+    intermediate_states_buffer: Optional[Tensor], disable_state_update: bool, backend: str,
+    softplus_beta: float, softplus_threshold: float,
+) -> None:
+    api._decode_pretranspose(
+        q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state, initial_state_indices,
+        output_state_indices, intermediate_states_buffer, disable_state_update, backend, softplus_beta,
+        softplus_threshold,
+    )
+
+
+@decode_pretranspose_op.register_fake
+def _(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state, initial_state_indices,
+      output_state_indices, intermediate_states_buffer, disable_state_update, backend, softplus_beta,
+      softplus_threshold):
+    val.check_backend(backend)
+    api._check_pretranspose(
+        q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state, initial_state_indices,
+        output_state_indices, intermediate_states_buffer, disable_state_update, softplus_beta, softplus_threshold,
+    )
+
+
+@torch.library.custom_op("flashgdn::gated_delta_rule_decode", mutates_args=("state", "output"))
+def decode_op(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, A_log: Tensor, a: Tensor, dt_bias: Tensor, b: Tensor,
+    scale: Optional[float], output: Tensor, use_qk_l2norm: bool, backend: str, softplus_beta: float,
+    softplus_threshold: float,
+) -> None:
+    api._decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+                softplus_threshold)
+
+
+@decode_op.register_fake
+def _(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+      softplus_threshold):
+    val.check_backend(backend)
+    api._check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta, softplus_threshold)
+
+
+@torch.library.custom_op(
+    "flashgdn::gated_delta_rule_mtp", mutates_args=("initial_state", "output", "intermediate_states_buffer"),
+)
+def mtp_op(
+    q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor, initial_state_indices: Tensor, A_log: Tensor,
+    a: Tensor, dt_bias: Tensor, b: Tensor, scale: Optional[float], output: Tensor,
+    intermediate_states_buffer: Optional[Tensor], ssm_state_indices: Optional[Tensor],
+    disable_state_update: Optional[bool], use_qk_l2norm: bool, output_state_indices: Optional[Tensor],
+    accepted_tokens: Optional[Tensor], softplus_beta: float, softplus_threshold: float,
+) -> None:
+    api._mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+             intermediate_states_buffer, ssm_state_indices, api._mtp_disable_state_update(disable_state_update),
+             use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+
+
+@mtp_op.register_fake
+def _(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+      intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+      accepted_tokens, softplus_beta, softplus_threshold):
+    api._check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+                   intermediate_states_buffer, ssm_state_indices, api._mtp_disable_state_update(disable_state_update),
+                   output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)

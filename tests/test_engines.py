@@ -1,0 +1,649 @@
+"""CPU tests of flashgdn.engines: the signatures against the engines' own ops, the validation of
+each entry point (every bad argument raises an error naming it, before flashgdn's device check,
+and writes nothing; valid CPU arguments reach exactly that device check), the views handed to
+flashgdn (no copies), the memo of checked call signatures, and examples/engine_decode_loop.py on
+the CPU.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flashgdn import api, engines
+
+from helpers import BF16, F32, make_state
+
+EMPTY = inspect.Parameter.empty
+F16 = torch.float16
+
+# ----------------------------------------------------------------------------- upstream signatures
+# (name, default) of every parameter, all positional-or-keyword, in order.
+
+# vllm-project/vllm, vllm/third_party/flash_linear_attention/ops/fused_recurrent.py at commit
+# 5c7cb312eddf585d3c47864c7485cbb6c9b4e262; sgl-project/sglang's
+# python/sglang/kernels/ops/attention/fla/fused_recurrent.py defines the same (its kernel is
+# adapted from vLLM's).
+PACKED_DECODE = [
+    ("mixed_qkv", EMPTY), ("a", EMPTY), ("b", EMPTY), ("A_log", EMPTY), ("dt_bias", EMPTY), ("scale", EMPTY),
+    ("initial_state", EMPTY), ("out", EMPTY), ("ssm_state_indices", EMPTY), ("use_qk_l2norm_in_kernel", False),
+]
+
+# vllm-project/vllm, vllm/third_party/flash_linear_attention/ops/fused_recurrent.py at commit
+# 5c7cb312eddf585d3c47864c7485cbb6c9b4e262.
+RECURRENT = [
+    ("q", EMPTY), ("k", EMPTY), ("v", EMPTY), ("g", EMPTY), ("beta", None), ("scale", None),
+    ("initial_state", None), ("inplace_final_state", True), ("cu_seqlens", None), ("ssm_state_indices", None),
+    ("num_accepted_tokens", None), ("use_qk_l2norm_in_kernel", False),
+]
+
+# sgl-project/sglang, python/sglang/kernels/ops/attention/fla/fused_sigmoid_gating_recurrent.py
+# (the newest revision found: the one with lower_bound, the ReplaySSM ring arguments and
+# num_warps; earlier revisions end after retrieve_parent_token or replayssm_beta, and every call
+# written for them binds the same way here).
+SIGMOID = [
+    ("A_log", EMPTY), ("a", EMPTY), ("dt_bias", EMPTY), ("softplus_beta", EMPTY), ("softplus_threshold", EMPTY),
+    ("q", EMPTY), ("k", EMPTY), ("v", EMPTY), ("b", EMPTY), ("initial_state_source", EMPTY),
+    ("initial_state_indices", EMPTY), ("scale", None), ("use_qk_l2norm_in_kernel", False), ("cu_seqlens", None),
+    ("is_kda", False), ("lower_bound", None), ("disable_state_update", False), ("intermediate_states_buffer", None),
+    ("intermediate_state_indices", None), ("cache_steps", None), ("retrieve_parent_token", None),
+    ("cache_ring", False), ("replayssm_rawv", None), ("replayssm_rawk", None), ("replayssm_g", None),
+    ("replayssm_beta", None), ("num_warps", 1),
+]
+
+PACKED_FNS = {
+    "sglang": engines.fused_recurrent_gated_delta_rule_packed_decode,
+    "vllm": engines.fused_recurrent_gated_delta_rule_packed_decode_vllm,
+}
+
+
+@pytest.mark.parametrize("fn,expected", [
+    (engines.fused_recurrent_gated_delta_rule_packed_decode, PACKED_DECODE),
+    (engines.fused_recurrent_gated_delta_rule_packed_decode_vllm, PACKED_DECODE),
+    (engines.fused_recurrent_gated_delta_rule, RECURRENT),
+    (engines.fused_sigmoid_gating_delta_rule_update, SIGMOID),
+], ids=["packed_decode", "packed_decode_vllm", "fused_recurrent", "fused_sigmoid_gating"])
+def test_signature_matches_upstream(fn, expected):
+    params = list(inspect.signature(fn).parameters.values())
+    assert [(p.name, p.default) for p in params] == expected
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def test_module_exports():
+    assert sorted(engines.__all__) == sorted([
+        "fused_recurrent_gated_delta_rule_packed_decode", "fused_recurrent_gated_delta_rule_packed_decode_vllm",
+        "fused_sigmoid_gating_delta_rule_update", "fused_recurrent_gated_delta_rule",
+    ])
+    import flashgdn.engines as by_path
+    assert by_path is engines
+
+
+def test_fused_recurrent_raises_not_implemented():
+    """Every call, valid or not, raises NotImplementedError naming the missing input mode, so that
+    an engine probing it falls back to its own op."""
+    q = torch.zeros(1, 2, 2, 64, dtype=BF16)
+    with pytest.raises(NotImplementedError, match="precomputed g/beta gates are not supported yet"):
+        engines.fused_recurrent_gated_delta_rule(q, q, q, torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+    with pytest.raises(NotImplementedError, match="precomputed g/beta gates"):
+        engines.fused_recurrent_gated_delta_rule(q, q, q, None, initial_state=torch.zeros(3), inplace_final_state=False,
+                                                 cu_seqlens=torch.tensor([0, 2]), use_qk_l2norm_in_kernel=True)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+N, H, HV, K, V = 4, 2, 4, 64, 128  # K != V: a state in the wrong layout has the wrong shape
+P = 7
+WIDTH = 2 * H * K + HV * V
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def packed_kwargs(*, seed=0, sdt=F32, io=BF16, n=N, h=H, hv=HV, k=K, v=V, row_pad=24, slot_pad=16, idx=None):
+    """Valid CPU arguments of the packed decode, in the engines' layout: mixed_qkv a view of a wider
+    projection row, a and b views of one [n, 2*hv + 8] gate tensor, a pool with a padded slot stride."""
+    gen = _gen(seed)
+    width = 2 * h * k + hv * v
+    mixed = torch.randn(n, width + row_pad, generator=gen).to(io)[:, :width]
+    ab = torch.randn(n, 2 * hv + 8, generator=gen).to(io)
+    return dict(
+        mixed_qkv=mixed, a=ab[:, hv:2 * hv], b=ab[:, :hv],
+        A_log=torch.log(torch.rand(hv, generator=gen) * 15 + 1), dt_bias=torch.randn(hv, generator=gen),
+        scale=k ** -0.5, initial_state=make_state(P, hv, v, k, sdt, pad=slot_pad, seed=seed + 1),
+        out=torch.randn(n, 1, hv, v, generator=gen).to(io),
+        ssm_state_indices=torch.tensor([3, 0, -1, 5], dtype=torch.int32)[:n] if idx is None else idx,
+        use_qk_l2norm_in_kernel=True,
+    )
+
+
+def sigmoid_kwargs(*, seed=0, varlen=True, sdt=F32, gates_3d=False, n=N):
+    """Valid CPU arguments of SGLang's decode: q, k, v views of one packed projection row, in the
+    varlen layout [1, n, ...] with cu_seqlens = arange(n + 1), or [n, 1, ...] without."""
+    gen = _gen(seed)
+    mixed = torch.randn(n, WIDTH + 24, generator=gen).to(BF16)[:, :WIDTH]
+    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
+    ab = torch.randn(n, 2 * HV + 8, generator=gen).to(BF16)
+    a, b = ab[:, HV:2 * HV], ab[:, :HV]
+    if gates_3d:
+        a, b = lead(a), lead(b)
+    return dict(
+        A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1), a=a, dt_bias=torch.randn(HV, generator=gen),
+        softplus_beta=1.0, softplus_threshold=20.0,
+        q=lead(mixed[:, :H * K].unflatten(1, (H, K))), k=lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K))),
+        v=lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V))), b=b,
+        initial_state_source=make_state(P, HV, V, K, sdt, pad=16, seed=seed + 1),
+        initial_state_indices=torch.tensor([3, 0, -1, 5], dtype=torch.int32)[:n],
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=torch.arange(n + 1, dtype=torch.int32) if varlen else None,
+    )
+
+
+def expect_error(fn, kw, exc, match):
+    """fn(**kw) raises `exc` matching `match` and leaves every tensor argument bit for bit as it was."""
+    before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(exc, match=match):
+        fn(**kw)
+    for n, t in before.items():
+        assert kw[n].dtype == t.dtype and kw[n].shape == t.shape, n
+        assert torch.equal(kw[n], t), f"{n} changed by a call that failed"
+
+
+def expect_only_device_error(fn, kw):
+    """Valid CPU arguments pass every check and stop at flashgdn's device check, which runs last."""
+    expect_error(fn, kw, ValueError, r"^q must be a CUDA tensor, got device cpu")
+
+
+# ----------------------------------------------------------------------------- packed decode: valid
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_packed_valid_inputs_reach_the_device_check(variant, sdt):
+    kw = packed_kwargs(sdt=sdt)
+    assert not kw["mixed_qkv"].is_contiguous() and not kw["a"].is_contiguous()
+    assert not kw["initial_state"].is_contiguous()
+    expect_only_device_error(PACKED_FNS[variant], kw)
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+@pytest.mark.parametrize("dims", [(2, 4, 64, 128), (1, 2, 128, 64), (4, 8, 128, 128), (2, 2, 256, 256)],
+                         ids=lambda d: "H{}-HV{}-K{}-V{}".format(*d))
+def test_packed_derives_heads_from_the_width(variant, dims):
+    """H comes from the width and the state's HV, V, K, K and V either way round."""
+    h, hv, k, v = dims
+    expect_only_device_error(PACKED_FNS[variant], packed_kwargs(h=h, hv=hv, k=k, v=v))
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+@pytest.mark.parametrize("change", [
+    "int64-indices", "strided-indices", "one-row", "no-rows", "fp16", "fp32-gates", "contiguous", "fp32-out",
+    "no-scale", "no-l2norm", "bf16-dt-bias",
+])
+def test_packed_valid_variants(variant, change):
+    kw = packed_kwargs()
+    if change == "int64-indices":
+        kw["ssm_state_indices"] = kw["ssm_state_indices"].long()
+    elif change == "strided-indices":  # a column of a block table, as vLLM's eager path passes it
+        kw["ssm_state_indices"] = torch.stack([kw["ssm_state_indices"], kw["ssm_state_indices"] + 1], 1)[:, 0]
+        assert kw["ssm_state_indices"].stride(0) == 2
+    elif change in ("one-row", "no-rows"):
+        n = 1 if change == "one-row" else 0
+        kw = packed_kwargs(n=n, idx=torch.tensor([2], dtype=torch.int32)[:n])
+    elif change == "fp16":
+        kw = packed_kwargs(io=F16)
+    elif change == "fp32-gates":
+        kw["a"], kw["b"] = kw["a"].float(), kw["b"].float()
+    elif change == "contiguous":
+        kw = packed_kwargs(row_pad=0, slot_pad=0)
+        kw["a"], kw["b"] = kw["a"].contiguous(), kw["b"].contiguous()
+    elif change == "fp32-out":
+        kw["out"] = kw["out"].float()
+    elif change == "no-scale":
+        kw["scale"] = None
+    elif change == "no-l2norm":
+        kw["use_qk_l2norm_in_kernel"] = False
+    elif change == "bf16-dt-bias":
+        kw["dt_bias"] = kw["dt_bias"].bfloat16()
+    expect_only_device_error(PACKED_FNS[variant], kw)
+
+
+# ----------------------------------------------------------------------------- packed decode: invalid
+
+
+def _strided_last_dim(t):
+    """t's values with the last dim at stride 2."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _misaligned(t):
+    """t's values at an address 2 bytes past a 16-byte boundary (same shape and strides)."""
+    flat = torch.zeros(t.numel() + 8, dtype=t.dtype)
+    view = flat[1:1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _kmajor(pool):
+    return pool.transpose(-1, -2).contiguous()
+
+
+PACKED_BAD = {
+    # (change, exception, message)
+    "mixed-not-tensor": (lambda kw: kw.update(mixed_qkv=kw["mixed_qkv"].tolist()), TypeError,
+                         r"^mixed_qkv must be a torch.Tensor, got list"),
+    "mixed-3d": (lambda kw: kw.update(mixed_qkv=kw["mixed_qkv"].unsqueeze(1)), ValueError,
+                 r"^mixed_qkv must have shape \[\*, \*\]"),
+    "mixed-fp32": (lambda kw: kw.update(mixed_qkv=kw["mixed_qkv"].float()), TypeError,
+                   r"^mixed_qkv must have dtype bfloat16 or float16, got float32"),
+    "width-no-split": (lambda kw: kw.update(mixed_qkv=torch.zeros(N, WIDTH + 16, dtype=BF16)), ValueError,
+                       r"^mixed_qkv must have shape \[N, 2\*H\*K \+ HV\*V\] .* HV=4, V=128, K=64 .* width 784"),
+    "width-heads": (lambda kw: kw.update(mixed_qkv=torch.zeros(N, 2 * 3 * K + HV * V, dtype=BF16)), ValueError,
+                    r"^mixed_qkv must have shape \[N, 2\*H\*K \+ HV\*V\].*width 896 does not split"),
+    "width-v-only": (lambda kw: kw.update(mixed_qkv=torch.zeros(N, HV * V, dtype=BF16)), ValueError,
+                     r"^mixed_qkv must have shape \[N, 2\*H\*K \+ HV\*V\]"),
+    "mixed-last-dim": (lambda kw: kw.update(mixed_qkv=_strided_last_dim(kw["mixed_qkv"])), ValueError,
+                       r"^mixed_qkv must have its last dim contiguous"),
+    "mixed-row-stride": (lambda kw: kw.update(mixed_qkv=torch.zeros(N, WIDTH + 3, dtype=BF16)[:, :WIDTH]),
+                         ValueError, r"^mixed_qkv stride 771 at dim 0 must be a multiple of 8 elements"),
+    "mixed-address": (lambda kw: kw.update(mixed_qkv=_misaligned(kw["mixed_qkv"].contiguous())), ValueError,
+                      r"^mixed_qkv data pointer must be 16-byte aligned"),
+    "state-not-tensor": (lambda kw: kw.update(initial_state=None), TypeError,
+                         r"^initial_state must be a torch.Tensor, got NoneType"),
+    "state-3d": (lambda kw: kw.update(initial_state=kw["initial_state"][0]), ValueError,
+                 r"^initial_state must have shape \[\*, \*, \*, \*\]"),
+    "state-fp16": (lambda kw: kw.update(initial_state=kw["initial_state"].half()), TypeError,
+                   r"^initial_state must have dtype float32 or bfloat16, got float16"),
+    "state-head-dim": (lambda kw: kw.update(initial_state=torch.zeros(P, HV, V, 96)), ValueError,
+                       r"^initial_state.shape\[3\] \(K\) must be one of \(64, 128, 256\), got 96"),
+    "state-v-dim": (lambda kw: kw.update(initial_state=torch.zeros(P, HV, 32, K)), ValueError,
+                    r"^initial_state.shape\[2\] \(V\) must be one of"),
+    "state-k-major": (lambda kw: kw.update(initial_state=_kmajor(kw["initial_state"])), ValueError,
+                      r"^out must have shape \[4, 1, 4, 64\]"),
+    "state-no-slots": (lambda kw: kw.update(initial_state=torch.zeros(0, HV, V, K)), ValueError,
+                       r"^initial_state has no slots"),
+    "state-last-dim": (lambda kw: kw.update(initial_state=_strided_last_dim(kw["initial_state"])), ValueError,
+                       r"^initial_state must have its last dim contiguous"),
+    "state-overlap": (lambda kw: kw.update(initial_state=kw["initial_state"][:1].expand(P, -1, -1, -1)), ValueError,
+                      r"^initial_state must not overlap itself"),
+    "a-shape": (lambda kw: kw.update(a=torch.zeros(N, HV + 1, dtype=BF16)), ValueError,
+                r"^a must have shape \[4, 4\], got \[4, 5\]"),
+    "a-3d": (lambda kw: kw.update(a=kw["a"].unsqueeze(1)), ValueError, r"^a must have shape \[4, 4\]"),
+    "a-rows": (lambda kw: kw.update(a=kw["a"][:N - 1]), ValueError, r"^a must have shape \[4, 4\], got \[3, 4\]"),
+    "a-dtype": (lambda kw: kw.update(a=kw["a"].half()), TypeError, r"^a must have dtype bfloat16 or float32"),
+    "b-dtype": (lambda kw: kw.update(b=kw["b"].float()), TypeError, r"^b must have dtype bfloat16, got float32"),
+    "b-shape": (lambda kw: kw.update(b=kw["b"][:, :HV - 1]), ValueError, r"^b must have shape \[4, 4\]"),
+    "a-last-dim": (lambda kw: kw.update(a=_strided_last_dim(kw["a"])), ValueError,
+                   r"^a must have its last dim contiguous"),
+    "out-shape": (lambda kw: kw.update(out=kw["out"][:, 0]), ValueError, r"^out must have shape \[4, 1, 4, 128\]"),
+    "out-rows": (lambda kw: kw.update(out=kw["out"][:N - 1]), ValueError, r"^out must have shape \[4, 1, 4, 128\]"),
+    "out-dtype": (lambda kw: kw.update(out=kw["out"].to(torch.int32)), TypeError,
+                  r"^out must have dtype bfloat16 or float16 or float32, got int32"),
+    "out-last-dim": (lambda kw: kw.update(out=_strided_last_dim(kw["out"])), ValueError,
+                     r"^out must have its last dim contiguous"),
+    "out-overlap": (lambda kw: kw.update(out=kw["out"][:1].expand(N, -1, -1, -1)), ValueError,
+                    r"^out must not overlap itself"),
+    "indices-dtype": (lambda kw: kw.update(ssm_state_indices=kw["ssm_state_indices"].float()), TypeError,
+                      r"^ssm_state_indices must have dtype int32 or int64, got float32"),
+    "indices-shape": (lambda kw: kw.update(ssm_state_indices=torch.zeros(N + 1, dtype=torch.int32)), ValueError,
+                      r"^ssm_state_indices must have shape \[4\], got \[5\]"),
+    "indices-2d": (lambda kw: kw.update(ssm_state_indices=torch.zeros(N, 1, dtype=torch.int32)), ValueError,
+                   r"^ssm_state_indices must have shape \[4\]"),
+    # flashgdn's own checks, whose argument names are the engine's too
+    "A_log-dtype": (lambda kw: kw.update(A_log=kw["A_log"].bfloat16()), TypeError, r"^A_log must have dtype float32"),
+    "dt_bias-shape": (lambda kw: kw.update(dt_bias=kw["dt_bias"][:HV - 1]), ValueError,
+                      r"^dt_bias must have shape \[4\]"),
+    "scale-inf": (lambda kw: kw.update(scale=float("inf")), ValueError, r"^scale must be finite"),
+    "scale-str": (lambda kw: kw.update(scale="0.1"), TypeError, r"^scale must be a float or None"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+@pytest.mark.parametrize("case", list(PACKED_BAD))
+def test_packed_bad_argument(variant, case):
+    change, exc, match = PACKED_BAD[case]
+    kw = packed_kwargs()
+    change(kw)
+    expect_error(PACKED_FNS[variant], kw, exc, match)
+
+
+# ----------------------------------------------------------------------------- packed decode: the views
+
+
+def _capture(monkeypatch):
+    """Replace flashgdn's pretranspose (as the engines look it up) with a recorder of its arguments."""
+    calls = []
+    signature = inspect.signature(api.gated_delta_rule_decode_pretranspose)
+
+    def record(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return kwargs.get("output"), kwargs.get("initial_state")
+
+    monkeypatch.setattr(api, "gated_delta_rule_decode_pretranspose", record)
+    return calls
+
+
+def _shares_storage(view, base):
+    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+def test_packed_hands_views_of_mixed_qkv_to_flashgdn(monkeypatch, variant):
+    calls = _capture(monkeypatch)
+    kw = packed_kwargs()
+    mixed, row = kw["mixed_qkv"], kw["mixed_qkv"].stride(0)
+    out, st = PACKED_FNS[variant](**kw)
+    assert out is kw["out"] and st is kw["initial_state"]
+    assert len(calls) == 1
+    got = calls[0]
+    q, k, v = got["q"], got["k"], got["v"]
+    item = mixed.element_size()
+    for t, col, heads, size in ((q, 0, H, K), (k, H * K, H, K), (v, 2 * H * K, HV, V)):
+        assert _shares_storage(t, mixed), "q/k/v must be views of mixed_qkv, not copies"
+        assert t.data_ptr() == mixed.data_ptr() + col * item
+        assert tuple(t.shape) == (N, 1, heads, size) and t.stride()[0] == row and t.stride()[2:] == (size, 1)
+        assert torch.equal(t[:, 0].flatten(1), mixed[:, col:col + heads * size])
+    for name in ("a", "b"):
+        t = got[name]
+        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr()
+        assert tuple(t.shape) == (N, 1, HV) and torch.equal(t[:, 0], kw[name])
+    assert got["state"] is None and got["initial_state"] is kw["initial_state"]
+    assert got["output"] is kw["out"]
+    assert got["A_log"] is kw["A_log"] and got["dt_bias"] is kw["dt_bias"]
+    assert got["scale"] == kw["scale"] and got["use_qk_l2norm"] is True
+    slots = got["initial_state_indices"]
+    if variant == "sglang":  # flashgdn's own rule: handed over as it is
+        assert slots is kw["ssm_state_indices"]
+    else:  # slot 0, vLLM's null block, becomes padding too
+        assert slots.dtype == kw["ssm_state_indices"].dtype
+        assert slots.tolist() == [3, -1, -1, 5]
+        assert kw["ssm_state_indices"].tolist() == [3, 0, -1, 5], "the caller's indices must not change"
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+def test_packed_strided_indices_arrive_packed(monkeypatch, variant):
+    calls = _capture(monkeypatch)
+    kw = packed_kwargs(idx=torch.tensor([[3, 9], [0, 9], [-1, 9], [5, 9]], dtype=torch.int64)[:, 0])
+    PACKED_FNS[variant](**kw)
+    slots = calls[0]["initial_state_indices"]
+    assert slots.stride() == (1,) and slots.dtype == torch.int64
+    assert slots.tolist() == ([3, 0, -1, 5] if variant == "sglang" else [3, -1, -1, 5])
+
+
+def _size_one_strides_packed(t):
+    """Every size-1 dim of t has the packed stride of the dims inside it."""
+    inner = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        if size == 1 and stride != inner:
+            return False
+        inner *= size
+    return True
+
+
+def test_packed_one_row_with_an_odd_row_stride(monkeypatch):
+    """One row: mixed_qkv's row stride is never stepped, so any is valid; the views flashgdn gets
+    carry packed strides in their size-1 dims (the compiled kernel checks every stride)."""
+    calls = _capture(monkeypatch)
+    column = torch.tensor([[2, 9]], dtype=torch.int32)[:, 0]  # a block table's column: stride 2
+    kw = packed_kwargs(n=1, row_pad=3, idx=column)
+    assert kw["mixed_qkv"].stride(0) % 8
+    for fn in PACKED_FNS.values():
+        fn(**kw)
+    for got in calls:
+        for name in ("q", "k", "v"):  # a and b take any stride
+            assert _size_one_strides_packed(got[name]), (name, got[name].stride())
+        assert torch.equal(got["q"][0, 0].flatten(), kw["mixed_qkv"][0, :H * K])
+        assert got["initial_state_indices"].stride() == (1,) and got["initial_state_indices"].tolist() == [2]
+    assert calls[0]["initial_state_indices"].data_ptr() == column.data_ptr(), "one index is viewed, not copied"
+    monkeypatch.undo()
+    for fn in PACKED_FNS.values():
+        expect_only_device_error(fn, kw)
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+def test_sigmoid_one_token_views_have_packed_size_one_strides(monkeypatch, varlen):
+    calls = _capture(monkeypatch)
+    kw = sigmoid_kwargs(varlen=varlen, n=1)
+    mixed = torch.randn(1, WIDTH + 3).to(BF16)[:, :WIDTH]  # an odd row stride: never stepped
+    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
+    kw.update(q=lead(mixed[:, :H * K].unflatten(1, (H, K))), k=lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K))),
+              v=lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V))))
+    kw["initial_state_indices"] = torch.tensor([[4, 9]], dtype=torch.int32)[:, 0]
+    SIGMOID_FN(**kw)
+    for name in ("q", "k", "v", "a", "b", "output", "initial_state_indices"):
+        assert _size_one_strides_packed(calls[0][name]), (name, calls[0][name].stride())
+    assert calls[0]["initial_state_indices"].data_ptr() == kw["initial_state_indices"].data_ptr()
+    monkeypatch.undo()
+    expect_only_device_error(SIGMOID_FN, kw)
+
+
+def test_packed_positional_call(monkeypatch):
+    """The engines call it with keywords, FLA-style code positionally: both bind the same."""
+    calls = _capture(monkeypatch)
+    kw = packed_kwargs()
+    engines.fused_recurrent_gated_delta_rule_packed_decode(*kw.values())
+    engines.fused_recurrent_gated_delta_rule_packed_decode(**kw)
+    assert len(calls) == 2
+    for name in ("q", "k", "v", "output", "initial_state", "initial_state_indices"):
+        assert calls[0][name].data_ptr() == calls[1][name].data_ptr()
+
+
+# ----------------------------------------------------------------------------- SGLang's decode
+
+
+SIGMOID_FN = engines.fused_sigmoid_gating_delta_rule_update
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_sigmoid_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt):
+    expect_only_device_error(SIGMOID_FN, sigmoid_kwargs(varlen=varlen, gates_3d=gates_3d, sdt=sdt))
+
+
+@pytest.mark.parametrize("extra", [
+    dict(cache_steps=4), dict(num_warps=4), dict(scale=0.05), dict(use_qk_l2norm_in_kernel=False),
+    dict(softplus_beta=2, softplus_threshold=-5.0), dict(is_kda=False, disable_state_update=False, cache_ring=False),
+], ids=["cache_steps", "num_warps", "scale", "no-l2norm", "softplus", "flags-off"])
+def test_sigmoid_accepted_arguments(extra):
+    """cache_steps (unused upstream too) and num_warps (a Triton launch setting) are accepted."""
+    expect_only_device_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra})
+
+
+def test_sigmoid_int64_cu_seqlens_and_indices():
+    kw = sigmoid_kwargs()
+    kw["cu_seqlens"] = kw["cu_seqlens"].long()
+    kw["initial_state_indices"] = kw["initial_state_indices"].long()
+    expect_only_device_error(SIGMOID_FN, kw)
+
+
+SIGMOID_NOT_IMPLEMENTED = {
+    "no-state": (dict(initial_state_source=None), r"initial_state_source=None"),
+    "kda": (dict(is_kda=True), r"is_kda=True"),
+    "lower-bound": (dict(lower_bound=-5.0), r"lower_bound"),
+    "no-state-update": (dict(disable_state_update=True), r"disable_state_update=True"),
+    "intermediate": (dict(intermediate_states_buffer=torch.zeros(N, 2, HV, V, K)), r"intermediate_states_buffer"),
+    "intermediate-indices": (dict(intermediate_state_indices=torch.arange(N)), r"intermediate_state_indices"),
+    "tree": (dict(retrieve_parent_token=torch.zeros(N, 2, dtype=torch.int64)), r"retrieve_parent_token"),
+    "ring": (dict(cache_ring=True), r"cache_ring"),
+    "ring-buffer": (dict(replayssm_g=torch.zeros(P, HV, 4)), r"replayssm_"),
+    "varlen-long": (dict(cu_seqlens=torch.tensor([0, 2, 3, 4], dtype=torch.int32)),
+                    r"varlen batch of 4 tokens in 3 sequences"),
+    "varlen-empty-seqs": (dict(cu_seqlens=torch.tensor([0, 1, 1, 2, 3, 4], dtype=torch.int32)),
+                          r"varlen batch of 4 tokens in 5 sequences"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGMOID_NOT_IMPLEMENTED))
+def test_sigmoid_unsupported_mode(case):
+    extra, match = SIGMOID_NOT_IMPLEMENTED[case]
+    expect_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra}, NotImplementedError, match)
+
+
+def test_sigmoid_several_tokens_without_cu_seqlens():
+    kw = sigmoid_kwargs(varlen=False)
+    for n in ("q", "k", "v"):
+        kw[n] = kw[n].expand(-1, 2, -1, -1)
+    kw["a"], kw["b"] = kw["a"].unsqueeze(1).expand(-1, 2, -1), kw["b"].unsqueeze(1).expand(-1, 2, -1)
+    expect_error(SIGMOID_FN, kw, NotImplementedError, r"q.shape\[1\] = 2 tokens per sequence without cu_seqlens")
+
+
+def _q_views(kw, f):
+    kw.update(q=f(kw["q"]), k=f(kw["k"]), v=f(kw["v"]))
+
+
+SIGMOID_BAD = {
+    "q-3d": (lambda kw: kw.update(q=kw["q"][0]), ValueError, r"^q must have shape \[\*, \*, \*, \*\]"),
+    "q-fp32": (lambda kw: kw.update(q=kw["q"].float()), TypeError, r"^q must have dtype bfloat16 or float16"),
+    "k-shape": (lambda kw: kw.update(k=kw["k"][..., :32]), ValueError, r"^k must have shape \[1, 4, 2, 64\]"),
+    "v-tokens": (lambda kw: kw.update(v=kw["v"][:, :N - 1]), ValueError, r"^v must have shape \[1, 4, \*, \*\]"),
+    "varlen-batch": (lambda kw: _q_views(kw, lambda t: t.expand(2, -1, -1, -1)), ValueError,
+                     r"^with cu_seqlens, q must have shape \[1, N, H, K\]"),
+    "cu-list": (lambda kw: kw.update(cu_seqlens=list(range(N + 1))), TypeError,
+                r"^cu_seqlens must be a torch.Tensor or None, got list"),
+    "cu-float": (lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"].float()), TypeError,
+                 r"^cu_seqlens must have dtype int32 or int64"),
+    "cu-2d": (lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"][None]), ValueError,
+              r"^cu_seqlens must have shape \[\*\]"),
+    "cu-empty": (lambda kw: kw.update(cu_seqlens=torch.zeros(0, dtype=torch.int32)), ValueError,
+                 r"^cu_seqlens must have shape \[sequences \+ 1\]"),
+    "a-shape": (lambda kw: kw.update(a=kw["a"][:, :HV - 1]), ValueError,
+                r"^a must have shape \[4, 4\] or \[1, 4, 4\] \(per token and value head\), got \[4, 3\]"),
+    "b-rows": (lambda kw: kw.update(b=kw["b"][:N - 1]), ValueError, r"^b must have shape \[4, 4\] or \[1, 4, 4\]"),
+    "a-not-tensor": (lambda kw: kw.update(a=None), TypeError, r"^a must be a torch.Tensor, got NoneType"),
+    "a-dtype": (lambda kw: kw.update(a=kw["a"].half()), TypeError, r"^a must have dtype bfloat16 or float32"),
+    "a-last-dim": (lambda kw: kw.update(a=_strided_last_dim(kw["a"])), ValueError,
+                   r"^a must have its last dim contiguous"),
+    "q-row-stride": (lambda kw: _q_views(kw, lambda t: torch.zeros(1, N, H * K + 3, dtype=BF16)[..., :H * K]
+                                          .unflatten(-1, (H, K)) if t.shape[-1] == K and t.shape[-2] == H
+                                          else t), ValueError, r"^q stride \d+ at dim 0 must be a multiple of 8"),
+    "head-dim": (lambda kw: _q_views(kw, lambda t: t[..., :48] if t.shape[-1] == K else t), ValueError,
+                 r"^q.shape\[3\] \(K\) must be one of"),
+    "state-fp16": (lambda kw: kw.update(initial_state_source=kw["initial_state_source"].half()), TypeError,
+                   r"^initial_state_source must have dtype float32 or bfloat16"),
+    "state-k-major": (lambda kw: kw.update(initial_state_source=_kmajor(kw["initial_state_source"])), ValueError,
+                      r"^initial_state_source must have shape \[\*, 4, 128, 64\], got \[7, 4, 64, 128\]"),
+    "state-heads": (lambda kw: kw.update(initial_state_source=torch.zeros(P, HV + 1, V, K)), ValueError,
+                    r"^initial_state_source must have shape \[\*, 4, 128, 64\]"),
+    "state-no-slots": (lambda kw: kw.update(initial_state_source=torch.zeros(0, HV, V, K)), ValueError,
+                       r"^initial_state_source has no slots"),
+    "state-overlap": (lambda kw: kw.update(initial_state_source=kw["initial_state_source"][:1].expand(P, -1, -1, -1)),
+                      ValueError, r"^initial_state_source must not overlap itself"),
+    "scale-negative": (lambda kw: kw.update(scale=-0.1), ValueError, r"^scale must be positive, got -0.1"),
+    "scale-zero": (lambda kw: kw.update(scale=0), ValueError, r"^scale must be positive, got 0"),
+    "scale-str": (lambda kw: kw.update(scale="x"), TypeError, r"^scale must be a float or None"),
+    # flashgdn's own checks, under the same names
+    "indices-shape": (lambda kw: kw.update(initial_state_indices=torch.zeros(N + 1, dtype=torch.int32)), ValueError,
+                      r"^initial_state_indices must have shape \[4\]"),
+    "indices-dtype": (lambda kw: kw.update(initial_state_indices=kw["initial_state_indices"].float()), TypeError,
+                      r"^initial_state_indices must have dtype int32 or int64"),
+    "softplus-beta": (lambda kw: kw.update(softplus_beta=0.0), ValueError, r"^softplus_beta must be > 0"),
+    "A_log-shape": (lambda kw: kw.update(A_log=kw["A_log"][:2]), ValueError, r"^A_log must have shape \[4\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGMOID_BAD))
+def test_sigmoid_bad_argument(case):
+    change, exc, match = SIGMOID_BAD[case]
+    kw = sigmoid_kwargs()
+    change(kw)
+    expect_error(SIGMOID_FN, kw, exc, match)
+
+
+def test_sigmoid_bad_gate_shape_without_cu_seqlens():
+    kw = sigmoid_kwargs(varlen=False)
+    kw["a"] = kw["a"].unsqueeze(0)  # the varlen layout, in a batched call
+    expect_error(SIGMOID_FN, kw, ValueError, r"^a must have shape \[4, 4\] or \[4, 1, 4\]")
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
+def test_sigmoid_hands_views_to_flashgdn(monkeypatch, varlen, gates_3d):
+    calls = _capture(monkeypatch)
+    kw = sigmoid_kwargs(varlen=varlen, gates_3d=gates_3d)
+    kw.update(scale=0.1, softplus_beta=2.0, softplus_threshold=15.0)
+    o = SIGMOID_FN(**kw)
+    assert tuple(o.shape) == (*kw["q"].shape[:2], HV, V) and o.dtype == kw["q"].dtype
+    got = calls[0]
+    for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
+        t = got[name]
+        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr(), f"{name} was copied"
+        assert tuple(t.shape) == (N, 1, heads, size)
+        assert torch.equal(t[:, 0], kw[name][0] if varlen else kw[name][:, 0])
+    for name in ("a", "b"):
+        t = got[name]
+        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr()
+        assert tuple(t.shape) == (N, 1, HV) and torch.equal(t[:, 0], kw[name].reshape(N, HV))
+    out = got["output"]
+    assert _shares_storage(out, o) and tuple(out.shape) == (N, 1, HV, V)
+    assert got["initial_state"] is kw["initial_state_source"] and got["state"] is None
+    assert got["initial_state_indices"] is kw["initial_state_indices"]
+    assert got["scale"] == 0.1 and got["use_qk_l2norm"] is True
+    assert got["softplus_beta"] == 2.0 and got["softplus_threshold"] == 15.0
+
+
+def test_sigmoid_checks_cu_seqlens_values_when_asked(monkeypatch):
+    """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads cu_seqlens back: not arange(N + 1) raises."""
+    _capture(monkeypatch)
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    kw = sigmoid_kwargs()
+    SIGMOID_FN(**kw)
+    kw["cu_seqlens"] = torch.tensor([0, 1, 3, 3, 4], dtype=torch.int32)
+    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(N \+ 1\)")
+
+
+# ----------------------------------------------------------------------------- memo of checked signatures
+
+
+def test_checks_run_once_per_call_signature(monkeypatch):
+    _capture(monkeypatch)
+    monkeypatch.setattr(engines, "_CHECKED", {})
+    runs = []
+    check = engines._check_packed
+    monkeypatch.setattr(engines, "_check_packed", lambda *args: runs.append(1) or check(*args))
+    kw = packed_kwargs()
+    fn = engines.fused_recurrent_gated_delta_rule_packed_decode
+    fn(**kw)
+    fn(**packed_kwargs(seed=5))  # new values, same signature
+    assert len(runs) == 1
+    fn(**packed_kwargs(n=3, idx=torch.tensor([1, 2, 3], dtype=torch.int32)))  # new shapes
+    assert len(runs) == 2
+    bad = packed_kwargs()
+    bad["out"] = bad["out"][:, 0]
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="^out must have shape"):
+            fn(**bad)
+    assert len(runs) == 4
+
+
+# ----------------------------------------------------------------------------- the example
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "engine_decode_loop.py"
+
+
+@functools.lru_cache(maxsize=None)
+def run_example() -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLE), "--seed", "0"], capture_output=True, text=True, timeout=600)
+
+
+def supported_gpu() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from flashgdn.device import SUPPORTED_ARCHS
+
+    return torch.cuda.get_device_capability() in SUPPORTED_ARCHS
+
+
+def test_engine_decode_loop_example_runs():
+    proc = run_example()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if not supported_gpu():
+        assert "No supported GPU" in proc.stdout, proc.stdout
+        assert "reference decode loop" in proc.stdout, proc.stdout

@@ -1,0 +1,338 @@
+"""flashgdn.engines on the GPU, against plain torch implementations of each engine contract.
+
+The contracts, as engines.py states them: the packed decode splits each row of mixed_qkv into q,
+k, v (H from the width), computes one GDN step per row from pool slot ssm_state_indices[i] and
+writes the state back in place; a padding row (negative index; for the vLLM variant also index 0)
+gets a zero output row and touches no slot. SGLang's decode does the same from q, k, v in its
+varlen [1, N, ...] or batched [N, 1, ...] layout and returns the output in q's layout. The
+expected values come from the independent split of the inputs (torch.split + reshape, which copy
+where they must) and flashgdn.reference computed in fp64.
+
+Covered: both padding rules, strided views (mixed_qkv with a row stride larger than its width, a
+and b views of one gate tensor, a strided index vector), a padded pool slot stride (the padding
+never written), fp32 and bf16 states, K != V, GVA ratios, both batch regimes, and CUDA graph
+replay equal to the eager call; examples/engine_decode_loop.py on the GPU.
+"""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flashgdn import engines
+from flashgdn import reference as ref
+from helpers import BF16, F32, assert_close_output, assert_close_state
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+F16 = torch.float16
+
+PACKED_FNS = {
+    "sglang": engines.fused_recurrent_gated_delta_rule_packed_decode,
+    "vllm": engines.fused_recurrent_gated_delta_rule_packed_decode_vllm,
+}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape, dtype=BF16):
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEV)
+
+
+def padded_pool(P, HV, V, K, dtype, pad, seed):
+    """(pool [P, HV, V, K], its allocation [P, HV*V*K + pad]): the slot stride padded by `pad`."""
+    flat = torch.randn(P, HV * V * K + pad, generator=_gen(seed)).to(dtype).to(DEV)
+    return flat[:, :HV * V * K].unflatten(1, (HV, V, K)), flat
+
+
+def slots(variant, N, P, seed):
+    """N slot indices into a pool of P slots with padding rows every third row (from row 2). The
+    SGLang rule pads with -1 and uses slot 0 like any other; the vLLM rule also pads with slot 0
+    (row 0), and its real rows never use slot 0."""
+    idx = torch.randperm(P - 1, generator=_gen(seed))[:N] + 1
+    idx[0 if variant == "vllm" else 1] = 0
+    idx[2::3] = -1
+    return idx
+
+
+def padding_rows(variant, idx):
+    return (idx <= 0) if variant == "vllm" else (idx < 0)
+
+
+def packed_inputs(N, H, HV, K, V, io, strided, seed):
+    """mixed_qkv [N, 2HK + HV*V] (a view of [N, width + 24] when strided), a, b [N, HV] (views of
+    one [N, 2HV + 8] gate tensor when strided), A_log, dt_bias."""
+    gen = _gen(seed)
+    width = 2 * H * K + HV * V
+    mixed = _randn(gen, N, width + (24 if strided else 0), dtype=io)[:, :width]
+    if strided:
+        ab = _randn(gen, N, 2 * HV + 8, dtype=io)
+        b, a = ab[:, :HV], ab[:, HV:2 * HV]
+    else:
+        a, b = _randn(gen, N, HV, dtype=io), _randn(gen, N, HV, dtype=io)
+    A_log = torch.log(torch.rand(HV, generator=gen) * 15 + 1).to(DEV)
+    dt_bias = _randn(gen, HV, dtype=F32)
+    return mixed, a, b, A_log, dt_bias
+
+
+def expected_packed(variant, mixed, a, b, A_log, dt_bias, scale, pool64, idx, l2):
+    """The packed decode contract in plain torch: split the rows, map padding to -1, one step of
+    flashgdn.reference in fp64 on pool64 (updated in place). Returns the output [N, 1, HV, V]."""
+    N, width = mixed.shape
+    HV, V, K = pool64.shape[1:]
+    H = (width - HV * V) // (2 * K)
+    q, k, v = torch.split(mixed, [H * K, H * K, HV * V], dim=1)
+    q, k, v = q.reshape(N, 1, H, K), k.reshape(N, 1, H, K), v.reshape(N, 1, HV, V)
+    read = torch.where(padding_rows(variant, idx), -1, idx.long())
+    out, _ = ref.gated_delta_rule_decode_pretranspose(
+        q, k, v, None, A_log, a.reshape(N, 1, HV), dt_bias, b.reshape(N, 1, HV), scale, None, l2,
+        initial_state=pool64, initial_state_indices=read, compute_dtype=torch.float64)
+    return out
+
+
+def check_pool(pool, flat, flat_before, pool64, idx, pad_rows):
+    """Written slots close to the reference; every other slot, and the slot padding, unchanged."""
+    written = torch.zeros(pool.shape[0], dtype=torch.bool, device=DEV)
+    written[idx[~pad_rows].long()] = True
+    before = flat_before[:, :pool[0].numel()].unflatten(1, pool.shape[1:])
+    assert torch.equal(pool[~written], before[~written]), "a slot that no row writes changed"
+    assert torch.equal(flat[:, pool[0].numel():], flat_before[:, pool[0].numel():]), "the slot padding changed"
+    assert_close_state(pool[written], pool64[written])
+
+
+PACKED_CASES = [
+    dict(variant="sglang", N=5, H=2, HV=4, K=128, V=128, sdt=F32, io=BF16, strided=True, pad=16, l2=True, scale=None),
+    dict(variant="vllm", N=5, H=2, HV=4, K=128, V=128, sdt=BF16, io=BF16, strided=True, pad=16, l2=True,
+         scale=128 ** -0.5),
+    dict(variant="sglang", N=7, H=2, HV=8, K=64, V=128, sdt=BF16, io=BF16, strided=False, pad=0, l2=True,
+         scale=None, idx_dtype=torch.int64),
+    dict(variant="vllm", N=7, H=4, HV=8, K=64, V=128, sdt=F32, io=BF16, strided=True, pad=0, l2=False,
+         scale=0.5 * 64 ** -0.5, idx_dtype=torch.int64, idx_column=True),
+    dict(variant="sglang", N=4, H=1, HV=2, K=128, V=64, sdt=F32, io=F16, strided=True, pad=32, l2=True, scale=None,
+         idx_column=True),
+    dict(variant="vllm", N=130, H=2, HV=16, K=128, V=128, sdt=F32, io=BF16, strided=True, pad=16, l2=True, scale=None),
+    dict(variant="sglang", N=130, H=2, HV=16, K=128, V=128, sdt=BF16, io=BF16, strided=True, pad=16, l2=True,
+         scale=None),
+]
+
+
+def _case_id(c):
+    return "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items())
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=_case_id)
+def test_packed_decode_matches_the_contract(case):
+    c = dict(case)
+    variant, N, H, HV, K, V = c["variant"], c["N"], c["H"], c["HV"], c["K"], c["V"]
+    seed = N * 7 + HV
+    mixed, a, b, A_log, dt_bias = packed_inputs(N, H, HV, K, V, c["io"], c["strided"], seed)
+    P = 2 * N + 3
+    pool, flat = padded_pool(P, HV, V, K, c["sdt"], c["pad"], seed + 1)
+    idx = slots(variant, N, P, seed + 2).to(c.get("idx_dtype", torch.int32)).to(DEV)
+    if c.get("idx_column"):  # a column of a block table: stride 2
+        idx = torch.stack([idx, idx + 1], 1)[:, 0]
+    pad_rows = padding_rows(variant, idx)
+    assert pad_rows.any() and (~pad_rows).any()
+    flat_before, idx_before = flat.clone(), idx.clone()
+    pool64 = pool.double()
+    out = torch.full((N, 1, HV, V), float("nan"), dtype=c["io"], device=DEV)
+
+    expected = expected_packed(variant, mixed, a, b, A_log, dt_bias, c["scale"], pool64, idx, c["l2"])
+    o, st = PACKED_FNS[variant](mixed, a, b, A_log, dt_bias, c["scale"], pool, out, idx, c["l2"])
+    torch.cuda.synchronize()
+
+    assert o is out and st is pool
+    assert torch.equal(idx, idx_before)
+    assert torch.all(out[pad_rows] == 0), "padding rows must be zero"
+    assert_close_output(out[~pad_rows], expected[~pad_rows])
+    check_pool(pool, flat, flat_before, pool64, idx, pad_rows)
+    if variant == "vllm":
+        assert torch.equal(pool[0], flat_before[0, :pool[0].numel()].view(pool[0].shape)), "slot 0 was touched"
+    else:
+        assert (idx[~pad_rows] == 0).any(), "the case must use slot 0 as a real slot"
+
+
+def test_packed_decode_without_rows():
+    mixed, a, b, A_log, dt_bias = packed_inputs(0, 2, 4, 128, 128, BF16, True, 3)
+    pool, flat = padded_pool(3, 4, 128, 128, F32, 0, 4)
+    before = flat.clone()
+    out = torch.empty(0, 1, 4, 128, dtype=BF16, device=DEV)
+    for fn in PACKED_FNS.values():
+        o, st = fn(mixed, a, b, A_log, dt_bias, None, pool, out, torch.empty(0, dtype=torch.int32, device=DEV), True)
+        assert o is out and st is pool
+    torch.cuda.synchronize()
+    assert torch.equal(flat, before)
+
+
+# ----------------------------------------------------------------------------- SGLang's decode
+
+SIGMOID_CASES = [
+    dict(varlen=True, gates_3d=False, N=6, H=2, HV=4, K=128, V=128, sdt=F32, softplus=(1.0, 20.0), scale=None),
+    dict(varlen=True, gates_3d=True, N=6, H=2, HV=8, K=64, V=128, sdt=BF16, softplus=(2.0, 5.0), scale=0.1),
+    dict(varlen=False, gates_3d=False, N=5, H=1, HV=4, K=128, V=64, sdt=BF16, softplus=(1.0, 20.0), scale=None),
+    dict(varlen=False, gates_3d=True, N=130, H=2, HV=16, K=128, V=128, sdt=F32, softplus=(1.0, 20.0), scale=None),
+]
+
+
+def sigmoid_inputs(varlen, gates_3d, N, H, HV, K, V, seed):
+    """q, k, v views of one packed projection row (in SGLang's layout), a, b views of one gate
+    tensor, A_log, dt_bias, cu_seqlens."""
+    mixed, a, b, A_log, dt_bias = packed_inputs(N, H, HV, K, V, BF16, True, seed)
+    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
+    q = lead(mixed[:, :H * K].unflatten(1, (H, K)))
+    k = lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K)))
+    v = lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V)))
+    if gates_3d:
+        a, b = lead(a), lead(b)
+    cu = torch.arange(N + 1, dtype=torch.int32, device=DEV) if varlen else None
+    return q, k, v, a, b, A_log, dt_bias, cu
+
+
+def expected_sigmoid(q, k, v, a, b, A_log, dt_bias, softplus, scale, pool64, idx, l2, varlen):
+    """SGLang's decode contract in plain torch: one token per sequence in rows [N, 1, ...], one
+    step of flashgdn.reference in fp64 (a negative index: zero row, no state). Returns [N, 1, HV, V]."""
+    rows = (lambda t: t.transpose(0, 1)) if varlen else (lambda t: t)
+    N, HV = (q.shape[1] if varlen else q.shape[0]), v.shape[2]
+    out, _ = ref.gated_delta_rule_decode_pretranspose(
+        rows(q).contiguous(), rows(k).contiguous(), rows(v).contiguous(), None, A_log,
+        a.reshape(N, 1, HV), dt_bias, b.reshape(N, 1, HV), scale, None, l2,
+        initial_state=pool64, initial_state_indices=idx, compute_dtype=torch.float64,
+        softplus_beta=softplus[0], softplus_threshold=softplus[1])
+    return out
+
+
+@pytest.mark.parametrize("case", SIGMOID_CASES, ids=_case_id)
+def test_sigmoid_gating_update_matches_the_contract(case):
+    c = dict(case)
+    varlen, N, H, HV, K, V = c["varlen"], c["N"], c["H"], c["HV"], c["K"], c["V"]
+    seed = 11 * N + HV
+    q, k, v, a, b, A_log, dt_bias, cu = sigmoid_inputs(varlen, c["gates_3d"], N, H, HV, K, V, seed)
+    P = 2 * N + 3
+    pool, flat = padded_pool(P, HV, V, K, c["sdt"], 16, seed + 1)
+    idx = slots("sglang", N, P, seed + 2).to(torch.int32).to(DEV)
+    pad_rows = idx < 0
+    flat_before = flat.clone()
+    pool64 = pool.double()
+
+    expected = expected_sigmoid(q, k, v, a, b, A_log, dt_bias, c["softplus"], c["scale"], pool64, idx, True, varlen)
+    o = engines.fused_sigmoid_gating_delta_rule_update(
+        A_log=A_log, dt_bias=dt_bias, q=q, k=k, v=v, a=a, b=b, initial_state_source=pool,
+        initial_state_indices=idx, cu_seqlens=cu, use_qk_l2norm_in_kernel=True, scale=c["scale"],
+        softplus_beta=c["softplus"][0], softplus_threshold=c["softplus"][1])
+    torch.cuda.synchronize()
+
+    assert tuple(o.shape) == (*q.shape[:2], HV, V) and o.dtype == q.dtype
+    rows = o.transpose(0, 1) if varlen else o
+    assert torch.all(rows[pad_rows] == 0), "padding rows must be zero"
+    assert_close_output(rows[~pad_rows], expected[~pad_rows])
+    check_pool(pool, flat, flat_before, pool64, idx, pad_rows)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def _same(x, y):
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))
+
+
+def graph_replay_equals_eager(call, static, fresh, bufs):
+    """Capture call(bufs) once (after an eager call of the same signature, which compiles), then
+    twice: copy fresh(i) into the static tensors, run call eagerly on copies of bufs, replay, and
+    compare bits: the buffers and the returned output."""
+    call({n: t.clone() for n, t in bufs.items()})
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(bufs)
+    for i in range(2):
+        for s, f in zip(static, fresh(i)):
+            s.copy_(f)
+        eager_bufs = {n: t.clone() for n, t in bufs.items()}
+        eager_out = call(eager_bufs)
+        graph.replay()
+        torch.cuda.synchronize()
+        for n, t in bufs.items():
+            assert _same(t, eager_bufs[n]), f"{n}: graph replay {i + 1} differs from the eager call"
+        assert _same(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
+
+
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_packed_decode_cuda_graph_replay_equals_eager(variant, sdt):
+    """New inputs and new slots (padding rows included) per replay, as an engine's decode step."""
+    N, H, HV, K, V = 9, 2, 8, 128, 128
+    P = 2 * N + 3
+    width = 2 * H * K + HV * V
+    mixed_buf = torch.zeros(N, width + 24, dtype=BF16, device=DEV)
+    ab_buf = torch.zeros(N, 2 * HV + 8, dtype=BF16, device=DEV)
+    idx = torch.zeros(N, dtype=torch.int32, device=DEV)
+    _, _, _, A_log, dt_bias = packed_inputs(N, H, HV, K, V, BF16, True, 1)
+
+    def fresh(i):
+        gen = _gen(100 + i)
+        return [_randn(gen, N, width + 24), _randn(gen, N, 2 * HV + 8), slots(variant, N, P, 200 + i).to(DEV)]
+
+    for s, f in zip((mixed_buf, ab_buf, idx), fresh(-1)):
+        s.copy_(f)
+    pool, _ = padded_pool(P, HV, V, K, sdt, 16, 5)
+    bufs = dict(pool=pool, out=torch.zeros(N, 1, HV, V, dtype=BF16, device=DEV))
+
+    def call(t):
+        o, _ = PACKED_FNS[variant](mixed_buf[:, :width], ab_buf[:, HV:2 * HV], ab_buf[:, :HV], A_log, dt_bias,
+                                   K ** -0.5, t["pool"], t["out"], idx, True)
+        return o
+
+    graph_replay_equals_eager(call, [mixed_buf, ab_buf, idx], fresh, bufs)
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+def test_sigmoid_gating_update_cuda_graph_replay_equals_eager(varlen):
+    N, H, HV, K, V = 9, 2, 8, 128, 128
+    P = 2 * N + 3
+    width = 2 * H * K + HV * V
+    mixed_buf = torch.zeros(N, width + 24, dtype=BF16, device=DEV)
+    ab_buf = torch.zeros(N, 2 * HV + 8, dtype=BF16, device=DEV)
+    idx = torch.zeros(N, dtype=torch.int32, device=DEV)
+    cu = torch.arange(N + 1, dtype=torch.int32, device=DEV) if varlen else None
+    _, _, _, A_log, dt_bias = packed_inputs(N, H, HV, K, V, BF16, True, 2)
+    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
+    mixed = mixed_buf[:, :width]
+    q = lead(mixed[:, :H * K].unflatten(1, (H, K)))
+    k = lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K)))
+    v = lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V)))
+
+    def fresh(i):
+        gen = _gen(300 + i)
+        return [_randn(gen, N, width + 24), _randn(gen, N, 2 * HV + 8), slots("sglang", N, P, 400 + i).to(DEV)]
+
+    for s, f in zip((mixed_buf, ab_buf, idx), fresh(-1)):
+        s.copy_(f)
+    pool, _ = padded_pool(P, HV, V, K, BF16, 16, 6)
+
+    def call(t):
+        return engines.fused_sigmoid_gating_delta_rule_update(
+            A_log, ab_buf[:, HV:2 * HV], dt_bias, 1.0, 20.0, q, k, v, ab_buf[:, :HV], t["pool"], idx,
+            use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+
+    graph_replay_equals_eager(call, [mixed_buf, ab_buf, idx], fresh, dict(pool=pool))
+
+
+# ----------------------------------------------------------------------------- the example
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "engine_decode_loop.py"
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engine_decode_loop_example_on_the_gpu(engine):
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--seed", "0", "--engine", engine],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert not any(line.startswith("FAIL") for line in lines), proc.stdout
+    steps = [line for line in lines if line.startswith("OK   step")]
+    assert len(steps) == 4, proc.stdout
