@@ -26,7 +26,7 @@ import sys
 import torch
 
 from flashgdn import engines, reference
-from flashgdn.device import SUPPORTED_ARCHS
+from flashgdn.device import unavailable_reason
 
 # One Qwen3-Next GDN layer at tensor parallelism 2: 8 q/k heads, 16 value heads, head size 128.
 H, HV, K, V = 8, 16, 128, 128
@@ -188,17 +188,6 @@ def run_cpu(engine, layers, batch, steps, gen) -> bool:
     return finite
 
 
-def gpu_problem():
-    """None when flashgdn can run here, else why not (one line)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU available"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) not in SUPPORTED_ARCHS:
-        supported = ", ".join(f"SM{a}{b}" for a, b in SUPPORTED_ARCHS)
-        return f"{torch.cuda.get_device_name()} is SM{major}{minor}; flashgdn supports {supported}"
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=sorted(DECODE), default="vllm", help="padding rule (default: vllm)")
@@ -214,7 +203,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(seed)
     print(f"{args.engine} decode loop: {args.layers} GDN layers (H={H}, HV={HV}, K={K}, V={V}), graph batch "
           f"{args.batch_size}, {args.steps} steps; bf16 inputs, fp32 state pools; seed {seed}")
-    why = gpu_problem()
+    why = unavailable_reason()
     if why is not None:
         print(f"No supported GPU ({why}): running the reference decode loop on the CPU only.")
         return 0 if run_cpu(args.engine, args.layers, args.batch_size, args.steps, gen) else 1

@@ -20,7 +20,7 @@ import torch
 
 import flashgdn
 from flashgdn import reference
-from flashgdn.device import SUPPORTED_ARCHS
+from flashgdn.device import unavailable_reason
 
 # One Qwen3-Next GDN layer: 16 q/k heads, 32 value heads, head size 128.
 H, HV, K, V = 16, 32, 128, 128
@@ -163,17 +163,6 @@ def run_cpu(B, gen):
     return finite
 
 
-def gpu_problem():
-    """None when flashgdn can run here, else why not (one line)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU available"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) not in SUPPORTED_ARCHS:
-        supported = ", ".join(f"SM{a}{b}" for a, b in SUPPORTED_ARCHS)
-        return f"{torch.cuda.get_device_name()} is SM{major}{minor}; flashgdn supports {supported}"
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences B (default: 8)")
@@ -185,7 +174,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(seed)
     print(f"Qwen3-Next GDN layer: B={args.batch_size}, H={H}, HV={HV}, K={K}, V={V}, MTP T={T_MTP}; "
           f"bf16 q/k/v/a/b, fp32 state; seed {seed}")
-    why = gpu_problem()
+    why = unavailable_reason()
     if why is not None:
         print(f"No supported GPU ({why}): running flashgdn.reference on the CPU only.")
         return 0 if run_cpu(args.batch_size, gen) else 1

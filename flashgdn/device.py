@@ -42,6 +42,17 @@ def device_facts(index: int) -> DeviceFacts:
     return DeviceFacts(arch, sms, policy.device_class(arch, sms, props.total_memory / 2**30))
 
 
+def unavailable_reason() -> "str | None":
+    """None when flashgdn's kernels can run on the current CUDA device, else why not (one line)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU available"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) not in SUPPORTED_ARCHS:
+        supported = ", ".join(f"SM{a}{b}" for a, b in SUPPORTED_ARCHS)
+        return f"{torch.cuda.get_device_name()} is SM{major}{minor}; flashgdn supports {supported}"
+    return None
+
+
 def facts_of(device: torch.device) -> DeviceFacts:
     index = device.index if device.index is not None else torch.cuda.current_device()
     return device_facts(index)

@@ -634,11 +634,9 @@ def run_example() -> subprocess.CompletedProcess:
 
 
 def supported_gpu() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    from flashgdn.device import SUPPORTED_ARCHS
+    from flashgdn.device import unavailable_reason
 
-    return torch.cuda.get_device_capability() in SUPPORTED_ARCHS
+    return unavailable_reason() is None
 
 
 def test_engine_decode_loop_example_runs():
