@@ -3,6 +3,7 @@
     flashgdn-bench --api pretranspose --batch-size 1 64 512 --compare --verify --json out.json --plot out.png
     flashgdn-bench --api mtp --token-slots --pool-padding 8 --compare --verify
     flashgdn-bench --compile-only --arch sm_100a          # no GPU needed: compile every variant
+    flashgdn-bench --host --profile                       # host time per call (flashgdn.bench.host)
 
 Each row times one flashgdn call (median/p10/p90 over --iters, L2 flushed before each, with the
 timer of flashgdn.bench.timing), reports TFLOPS and TB/s from flashgdn.bench.metrics and the
@@ -19,6 +20,10 @@ fastest baseline (or µs without baselines) against batch size, per API and stat
 memory, its registers per thread and its compile time, then the total compile time. The register
 column needs ptxas (on PATH, under $CUDA_HOME, or from the `nvidia-cuda-nvcc` pip wheel); without
 one it reads n/a.
+
+`--host` prints the host time per call of every public function and engine entry point beside
+that of `x.add_(1)` in the same process (and FlashInfer's, when installed); `--profile` adds a
+breakdown of one pretranspose call into its steps (flashgdn.bench.host).
 """
 from __future__ import annotations
 
@@ -49,6 +54,15 @@ DEFAULT_SM_COUNT = 132  # H100 SXM: regime planning for --compile-only
 COMPILE_ARCHS = ("sm_90a", "sm_100a")
 
 DEFAULT_SEQ_LEN = (2, 4, 8)  # MTP rows' T; pretranspose rows are T = 1 unless --api pretranspose --seq-len
+DEFAULT_BATCH_SIZES = (1, 4, 16, 64, 256, 512)
+DEFAULT_ITERS = 100
+# --host: B = 1 keeps every kernel (~3 us) shorter than the host time, and many calls per run
+# average the timer's resolution away.
+HOST_BATCH_SIZES = (1,)
+HOST_ITERS = 2000
+# Flags of the sweep that --host has no use for (its rows are fixed): given with it, a usage error.
+SWEEP_ONLY = ("api", "seq_len", "pool", "pool_padding", "cache_intermediate", "token_slots", "timer", "compare",
+              "verify", "plot", "compile_only")
 
 # Fields of one result row (JSON keys, CSV columns), then per baseline NAME: NAME_<suffix>.
 ROW_FIELDS = (
@@ -102,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api", choices=VERSIONS + ("all",), help="API function(s) to sweep (default: all)")
     add("--version", nargs="?", const=SHOW_VERSION, choices=VERSIONS + ("all",), metavar="API", dest="api_alias",
         help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
-    add("--batch-size", type=_positive_int, nargs="+", default=[1, 4, 16, 64, 256, 512],
-        help="batch sizes B (default: 1 4 16 64 256 512)")
+    add("--batch-size", type=_positive_int, nargs="+",
+        help="batch sizes B (default: 1 4 16 64 256 512; with --host: 1)")
     add("--seq-len", type=_positive_int, nargs="+",
         help="tokens per sequence T of the mtp rows (default: 2 4 8) and, with --api pretranspose, of the "
              "pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
@@ -126,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-slots", action="store_true",
         help="mtp: write the state after every token to its own fresh pool slot (ssm_state_indices [B, T]; "
              "B*T more slots, no final write-back)")
-    add("--iters", type=_positive_int, default=100, help="timed iterations per row (default: 100)")
+    add("--iters", type=_positive_int,
+        help="timed iterations per row (default: 100; with --host: 2000 calls per run, 7 runs)")
     add("--warmup", type=int, default=10, help="untimed iterations first (default: 10)")
     add("--timer", choices=("auto", "cupti", "events"), default="auto",
         help="auto: cupti when cupti-python works, else CUDA events around a CUDA graph (default: auto)")
@@ -144,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--arch", choices=COMPILE_ARCHS, help="--compile-only target (default: sm_90a)")
     add("--sm-count", type=_positive_int,
         help=f"--compile-only: SM count that picks the batch regime (default: {DEFAULT_SM_COUNT}, the H100's)")
+    add("--host", action="store_true",
+        help="host time per call of every public function and engine entry point (B = 1, output given and "
+             "allocated) beside x.add_(1) in the same process, with the ratio to it and GPU time per call; "
+             "FlashInfer's too when installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
+             "--warmup, --seed, --json and --csv flags")
+    add("--profile", action="store_true",
+        help="with --host: also time each step of one flashgdn pretranspose call (pool, output allocated)")
     return p
 
 
@@ -161,6 +183,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         print(f"{parser.prog}: --version {args.api_alias} is deprecated, use --api {args.api_alias}",
               file=sys.stderr)
         args.api = args.api_alias
+    if args.host:
+        given = [f"--{d.replace('_', '-')}" for d in SWEEP_ONLY if getattr(args, d) != parser.get_default(d)]
+        if given:
+            parser.error(f"--host times a fixed set of calls: it does not take {', '.join(given)}")
+    elif args.profile:
+        parser.error("--profile applies with --host")
+    args.batch_size = args.batch_size or list(HOST_BATCH_SIZES if args.host else DEFAULT_BATCH_SIZES)
+    args.iters = args.iters or (HOST_ITERS if args.host else DEFAULT_ITERS)
     args.api = args.api or "all"
     if args.num_v_heads % args.num_q_heads:
         parser.error(f"--num-v-heads ({args.num_v_heads}) must be a multiple of --num-q-heads ({args.num_q_heads})")
@@ -480,22 +510,33 @@ def results_table(rows: List[dict], compare: bool) -> str:
     return table + ("\n\nnotes:\n  " + "\n  ".join(notes) if notes else "")
 
 
+def supported_gpu():
+    """(the current CUDA device, its DeviceFacts), or None after saying why not on stderr."""
+    import torch
+
+    from .. import device as gdn_device
+
+    if not torch.cuda.is_available():
+        print("flashgdn-bench: no CUDA GPU visible (use --compile-only to just compile)", file=sys.stderr)
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        return device, gdn_device.facts_of(device)
+    except gdn_device.UnsupportedGPUError as exc:
+        print(f"flashgdn-bench: {exc}", file=sys.stderr)
+        return None
+
+
 def sweep(args) -> int:
     """Time every row on the current GPU; print the table; write --json/--csv/--plot."""
     import torch
 
-    from .. import device as gdn_device
     from .timing import L2Flusher, copy_bandwidth
 
-    if not torch.cuda.is_available():
-        print("flashgdn-bench: no CUDA GPU visible (use --compile-only to just compile)", file=sys.stderr)
+    found = supported_gpu()
+    if found is None:
         return 1
-    device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        arch, sm_count, _ = gdn_device.facts_of(device)
-    except gdn_device.UnsupportedGPUError as exc:
-        print(f"flashgdn-bench: {exc}", file=sys.stderr)
-        return 1
+    device, (arch, sm_count, _) = found
     progress(f"measuring copy bandwidth on {torch.cuda.get_device_name(device)} ...")
     timers: set = set()
     copy_bw = copy_bandwidth(device, timer=args.timer)
@@ -524,6 +565,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.compile_only:
         return compile_only(args)
+    if args.host:
+        from .host import run
+
+        return run(args)
     return sweep(args)
 
 

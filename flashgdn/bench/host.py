@@ -1,0 +1,446 @@
+"""`flashgdn-bench --host`: the host time per call of each public function, beside `x.add_(1)`.
+
+Host time per call: the wall time to enqueue `--iters` calls with one call signature, divided by
+`--iters`, after warm-up calls that compile the kernel and fill the signature memo; the GPU is
+synchronised only before and after the timed calls. A row reports the median and the min of
+HOST_REPEATS such runs and the ratio of its median to the median of `x.add_(1)` on a one-element
+CUDA tensor measured in the same process, against TARGET_RATIO. The target is informational: it
+never sets the exit status.
+
+GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
+back without waiting for the host, between CUDA events. Events around the host-timed calls
+would not tell: while the host is the bottleneck the GPU idles between calls and its span equals
+the host's. A row whose GPU time reaches its host time is flagged GPU-bound: there the launch
+queue fills and the host time measures the GPU.
+
+`--profile` adds a breakdown of one flashgdn pretranspose call (pool, output allocated) into the
+steps of flashgdn.api's eager path, each timed the same way in isolation.
+
+The measuring core (`host_times`, `measure`, `run_cases`) takes the call, the synchronisation,
+the clock and the GPU timer as callables, so it runs on the CPU with stand-ins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import api
+from .. import validation as val
+from ..spec import KernelArgs
+from .cli import _one_line, environment, format_env_line, format_table, progress, supported_gpu, write_outputs
+from .rows import Row, call_api, make_inputs, sweep_title
+
+TARGET_RATIO = 1.5  # the issue's target: host time <= 1.5x that of x.add_(1)
+HOST_REPEATS = 7
+MTP_TOKENS = 4  # T of the gated_delta_rule_mtp rows
+# Few enough that a call's kernels stay well inside the launch queue behind the spin.
+GPU_CALLS = 100
+GPU_ATTEMPTS = 3  # each with a 4x longer spin, when the host was not done before the spin ended
+SPIN_CALIBRATION_CYCLES = 10_000_000  # about 5 ms at an H200's clock
+SPIN_MARGIN_US = 1000.0
+
+BASELINE = "x.add_(1)"
+ENGINE_FUNCTION = "fused_recurrent_gated_delta_rule_packed_decode"
+FLASHINFER_MODULE = "flashinfer.gdn_decode"
+# (API version, pool) of the rows of each API module.
+API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
+ENGINE_ROW = ("pretranspose", True)  # the engine's packed decode runs on this row's inputs
+# The function a row's call reaches (rows.call_api), for a row whose inputs could not be built.
+VERSION_FUNCTIONS = {"pretranspose": "gated_delta_rule_decode_pretranspose", "nontranspose": "gated_delta_rule_decode",
+                     "mtp": "gated_delta_rule_mtp"}
+
+# Fields of one --host record (JSON keys, CSV columns); profile parts have impl "profile".
+HOST_FIELDS = (
+    "impl", "function", "variant", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "iters", "repeats",
+    "host_median_us", "host_min_us", "gpu_us", "gpu_bound", "ratio", "meets_target", "share_of_call", "error",
+)
+
+
+# ----------------------------------------------------------------------------- measuring core
+
+
+def host_times(call: Callable[[], Any], iters: int, repeats: int, sync: Callable[[], None],
+               clock: Callable[[], float] = time.perf_counter) -> List[float]:
+    """µs per call of each of `repeats` runs of `iters` back-to-back calls; `sync()` only
+    before and after each run, outside the clock readings."""
+    runs = []
+    for _ in range(repeats):
+        sync()
+        start = clock()
+        for _ in range(iters):
+            call()
+        runs.append((clock() - start) / iters * 1e6)
+        sync()
+    return runs
+
+
+def measure(call: Callable[[], Any], iters: int, repeats: int, warmup: int, sync: Callable[[], None],
+            gpu_time: Optional[Callable[[Callable[[], Any], float], Optional[float]]] = None,
+            clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
+    """Warm-up calls (at least one: it compiles and fills the memo), then host_times; with
+    `gpu_time(call, host_us)`, the GPU time per call and whether it reaches the host time."""
+    for _ in range(max(warmup, 1)):
+        call()
+    runs = host_times(call, iters, repeats, sync, clock)
+    host = statistics.median(runs)
+    gpu = gpu_time(call, host) if gpu_time is not None else None
+    return {"host_median_us": host, "host_min_us": min(runs), "gpu_us": gpu,
+            "gpu_bound": gpu is not None and gpu >= host}
+
+
+class GpuTimer:
+    """GPU time per call in µs: GPU_CALLS calls queued behind a spin kernel, between CUDA events.
+    The spin lasts twice the calls' host time, so the GPU starts on them only once all are
+    queued; when the spin ended first (checked with the start event), it retries with a 4x longer
+    spin. None when every attempt failed: the call waits for the GPU itself."""
+
+    def __init__(self, calls: int = GPU_CALLS):
+        self.calls = calls
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # loads the spin kernel
+        start.record()
+        torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)
+        end.record()
+        end.synchronize()
+        self.cycles_per_us = SPIN_CALIBRATION_CYCLES / (start.elapsed_time(end) * 1e3)
+
+    def __call__(self, call: Callable[[], Any], host_us: float) -> Optional[float]:
+        spin_us = 2 * self.calls * host_us + SPIN_MARGIN_US
+        for _ in range(GPU_ATTEMPTS):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(spin_us * self.cycles_per_us))
+            start.record()
+            for _ in range(self.calls):
+                call()
+            queued = not start.query()  # the spin still runs: the GPU has run none of the calls yet
+            end.record()
+            end.synchronize()
+            if queued:
+                return start.elapsed_time(end) * 1e3 / self.calls
+            spin_us *= 4
+        return None
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of the --host table: `impl` "torch" (the x.add_(1) baseline, `row` None),
+    "flashgdn" or "flashinfer"; `engine`: flashgdn.engines' packed decode on the row's inputs."""
+
+    impl: str
+    row: Optional[Row] = None
+    output_given: bool = True
+    engine: bool = False
+
+    def variant(self) -> str:
+        if self.row is None:
+            return "one-element fp32 tensor"
+        t = f" T={self.row.T}" if self.row.T > 1 else ""
+        return f"{'pool' if self.row.pool else 'dense'}{t}, output {'given' if self.output_given else 'allocated'}"
+
+
+def cases(args, flashinfer: bool) -> List[Case]:
+    """The baseline, then per state dtype and batch size flashgdn's rows (each API function with
+    the output given and allocated, then the engine's packed decode) and, with `flashinfer`,
+    FlashInfer's same API rows."""
+    out = [Case("torch")]
+    for state_dtype in args.state_dtype:
+        for B in args.batch_size:
+            rows = [Row(version, B, MTP_TOKENS if version == "mtp" else 1, args.num_q_heads, args.num_v_heads,
+                        args.head_size, args.head_size, args.dtype, state_dtype, pool=pool,
+                        l2norm=not args.no_l2norm, pool_slots=args.pool_slots)
+                    for version, pool in API_ROWS]
+            for impl in ("flashgdn", "flashinfer") if flashinfer else ("flashgdn",):
+                out += [Case(impl, row, given) for row in rows for given in (True, False)]
+                if impl == "flashgdn":
+                    out.append(Case(impl, rows[API_ROWS.index(ENGINE_ROW)], engine=True))
+    return out
+
+
+class _Recorder:
+    """Stands in for an API module in rows.call_api: keeps the function it calls and the arguments."""
+
+    def __getattr__(self, name: str):
+        def record(*args, **kwargs):
+            self.call = (name, args, kwargs)
+
+        return record
+
+
+def api_call(row: Row, inp: dict, via_pretranspose: bool) -> Tuple[str, tuple, dict]:
+    """(function name, args, kwargs) of the call rows.call_api makes for `row`: the sweep's routing,
+    bound once so that the timed call is the function itself, not the routing."""
+    recorder = _Recorder()
+    call_api(recorder, row, inp, bf16_mtp_via_pretranspose=via_pretranspose)
+    return recorder.call
+
+
+def packed_decode_call(row: Row, inp: dict) -> Callable[[], Any]:
+    """flashgdn.engines' packed decode on a one-token pool row's inputs: mixed_qkv [B, 2HK + HV*V]
+    holds q, k and v side by side, a and b [B, HV], the engines' scale K ** -0.5."""
+    from .. import engines
+
+    mixed_qkv = torch.cat([inp[n].flatten(1) for n in ("q", "k", "v")], 1)
+    return functools.partial(
+        engines.fused_recurrent_gated_delta_rule_packed_decode, mixed_qkv, inp["a"][:, 0], inp["b"][:, 0],
+        inp["A_log"], inp["dt_bias"], row.K ** -0.5, inp["state"], inp["output"], inp["indices"],
+        use_qk_l2norm_in_kernel=row.l2norm,
+    )
+
+
+def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, Callable[[], Any]]:
+    """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
+    and "flashinfer" to their API modules."""
+    if case.row is None:
+        x = torch.zeros(1, device=device)
+        return BASELINE, functools.partial(x.add_, 1)
+    inp = make_inputs(case.row, device, seed)
+    if not case.output_given:
+        inp["output"] = None
+    if case.engine:
+        return ENGINE_FUNCTION, packed_decode_call(case.row, inp)
+    name, args, kwargs = api_call(case.row, inp, via_pretranspose=case.impl == "flashinfer")
+    return name, functools.partial(getattr(modules[case.impl], name), *args, **kwargs)
+
+
+def new_record(case: Case, function: str, iters: int, repeats: int) -> Dict[str, Any]:
+    """A record of HOST_FIELDS for `case`, the measurements still empty."""
+    rec = dict.fromkeys(HOST_FIELDS)
+    rec.update(impl=case.impl, function=function, variant=case.variant(), iters=iters, repeats=repeats, error="")
+    if case.row is not None:
+        r = case.row
+        rec.update(B=r.B, T=r.T, H=r.H, HV=r.HV, K=r.K, V=r.V, dtype=r.dtype, state_dtype=r.state_dtype)
+    return rec
+
+
+def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, Callable[[], Any]]],
+              measure_call: Callable[[Callable[[], Any]], Dict[str, Any]], iters: int, repeats: int) -> List[dict]:
+    """One record per case (a failing case gets its error, the others run), with ratios."""
+    records = []
+    for i, case in enumerate(case_list, 1):
+        function = (ENGINE_FUNCTION if case.engine else BASELINE if case.row is None
+                    else VERSION_FUNCTIONS[case.row.version])
+        try:
+            function, call = bind_case(case)
+            rec = new_record(case, function, iters, repeats)
+            progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
+            rec.update(measure_call(call))
+        except Exception as exc:
+            rec = new_record(case, function, iters, repeats)
+            rec["error"] = _one_line(exc)
+            progress(f"  {case.impl} {function}: {rec['error']}")
+        records.append(rec)
+    add_ratios(records)
+    return records
+
+
+def add_ratios(records: List[dict]) -> None:
+    """ratio: the median host time over the baseline's (the first "torch" record); meets_target:
+    ratio <= TARGET_RATIO (None for the baseline and for rows without a time)."""
+    base = next((r["host_median_us"] for r in records if r["impl"] == "torch"), None)
+    for r in records:
+        us = r.get("host_median_us")
+        r["ratio"] = us / base if us is not None and base else None
+        r["meets_target"] = None if r["ratio"] is None or r["impl"] == "torch" else r["ratio"] <= TARGET_RATIO
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+Part = Tuple[str, Optional[Callable[[], Any]], bool]  # label, call (None: by difference), launches GPU work
+
+
+def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
+    """The steps of one warm flashgdn pretranspose call `name(*args, **kwargs)` (its plan
+    compiled), in the order api._decode_pretranspose runs them, then two steps off its path for
+    scale; a call None is the remainder of the enclosing step, by difference. Labels are indented
+    by two spaces per level."""
+    whole = functools.partial(getattr(api, name), *args, **kwargs)
+    bound = inspect.signature(getattr(api, name)).bind(*args, **kwargs)
+    bound.apply_defaults()
+    A = bound.arguments
+    checked = [A[n] for n in inspect.signature(api._check_pretranspose).parameters]
+    options = (A["use_qk_l2norm"],)
+    plan = api._validated(api._check_pretranspose, *checked, options=options)
+    if plan.fn is None:
+        raise RuntimeError("profile: the call's plan has no compiled function yet (call it first)")
+    p, pool = plan.problem, A["initial_state"]
+    call_options = api.CallOptions(A["scale"], A["use_qk_l2norm"], not A["disable_state_update"], A["softplus_beta"],
+                                   A["softplus_threshold"], zero_padding_output=p.T == 1)
+    shape = (p.B, p.T, p.HV, p.V)
+
+    def kernel_args(output):
+        return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
+                          state_indices=A["initial_state_indices"], output_state_indices=A["output_state_indices"],
+                          intermediate_states=A["intermediate_states_buffer"], output=output)
+
+    def build_args():  # what _decode_pretranspose builds between validation and launch
+        return kernel_args(A["output"]), api.CallOptions(
+            A["scale"], A["use_qk_l2norm"], not A["disable_state_update"], A["softplus_beta"],
+            A["softplus_threshold"], zero_padding_output=p.T == 1)
+
+    launch_args = kernel_args(A["output"])
+    fn_args = kernel_args(A["output"] if A["output"] is not None else api._new_output(shape, A["q"], p.T == 1))
+    return [
+        (f"{name} (the whole call)", whole, True),
+        ("  validation.check_backend", functools.partial(val.check_backend, A["backend"]), False),
+        ("  api._validated, warm memo (the signature key + lookup)",
+         functools.partial(api._validated, api._check_pretranspose, *checked, options=options), False),
+        ("  KernelArgs + CallOptions", build_args, False),
+        ("  api._launch (output allocation + compiled call)",
+         functools.partial(api._launch, plan, "klast", launch_args, call_options), True),
+        ("    api._new_output (torch.empty of the output)",
+         functools.partial(api._new_output, shape, A["q"], p.T == 1), False),
+        ("    plan.fn(*KernelArgs) (the TVM-FFI call + launch)", functools.partial(plan.fn, *fn_args), True),
+        ("    rest of api._launch (by difference)", None, False),
+        ("  rest of the call (by difference)", None, False),
+        ("torch.cuda.current_stream() (a stream lookup from Python)", torch.cuda.current_stream, False),
+        ("api._check_pretranspose (full validation: what a memo miss costs)",
+         functools.partial(api._check_pretranspose, *checked), False),
+    ]
+
+
+def profile_records(parts: Sequence[Part], measure_call: Callable[..., Dict[str, Any]], variant: str, iters: int,
+                    repeats: int, baseline_us: Optional[float]) -> List[dict]:
+    """One record per part: measured (`measure_call(call, gpu=launches)`: GPU time only where
+    the part launches GPU work), or (call None) the enclosing step's time minus its measured
+    children; share_of_call is the part's median over the whole call's (the first part)."""
+    records = []
+    for label, call, launches in parts:
+        progress(f"  profile: {label.strip()} ...")
+        rec = dict.fromkeys(HOST_FIELDS)
+        rec.update(impl="profile", function=label, variant=variant, iters=iters, repeats=repeats, error="")
+        if call is not None:
+            try:
+                rec.update(measure_call(call, gpu=launches))
+            except Exception as exc:
+                rec["error"] = _one_line(exc)
+        records.append(rec)
+    depth = [(len(r["function"]) - len(r["function"].lstrip())) // 2 for r in records]
+    for i, (rec, (_, call, _)) in enumerate(zip(records, parts)):
+        if call is not None:
+            continue
+        parent = max(j for j in range(i) if depth[j] < depth[i])
+        children = [records[j] for j in range(parent + 1, i) if depth[j] == depth[i]]
+        times = [records[parent]["host_median_us"]] + [c["host_median_us"] for c in children]
+        if None not in times:
+            rec["host_median_us"] = times[0] - sum(times[1:])
+    whole = records[0]["host_median_us"] if records else None
+    for rec in records:
+        us = rec["host_median_us"]
+        rec["share_of_call"] = us / whole if us is not None and whole else None
+        rec["ratio"] = us / baseline_us if us is not None and baseline_us else None
+    return records
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _note(r: dict) -> str:
+    if r["error"]:
+        return r["error"]
+    if r["gpu_bound"]:
+        return "GPU-bound: the GPU time reaches the host time"
+    return ""
+
+
+def host_table(records: Sequence[dict]) -> str:
+    headers = ["impl", "function", "variant", "B", "state", "host µs", "min µs", "GPU µs", f"vs {BASELINE}",
+               f"<= {TARGET_RATIO}x", "note"]
+    body = []
+    for r in records:
+        verdict = "" if r["meets_target"] is None else "pass" if r["meets_target"] else "FAIL"
+        body.append([r["impl"], r["function"], r["variant"], r["B"], r["state_dtype"], r["host_median_us"],
+                     r["host_min_us"], "n/a" if r["gpu_us"] is None and not r["error"] else r["gpu_us"],
+                     None if r["ratio"] is None else f"{r['ratio']:.2f}x", verdict, _note(r)])
+    return format_table(headers, body)
+
+
+def profile_table(records: Sequence[dict]) -> str:
+    headers = ["part", "host µs", "min µs", "GPU µs", "% of call", f"vs {BASELINE}", "note"]
+    body = [[r["function"], r["host_median_us"], r["host_min_us"], r["gpu_us"],
+             None if r["share_of_call"] is None else f"{100 * r['share_of_call']:.0f}%",
+             None if r["ratio"] is None else f"{r['ratio']:.2f}x", _note(r)] for r in records]
+    return format_table(headers, body)
+
+
+def title(records: Sequence[dict], iters: int, repeats: int) -> str:
+    shaped = [r for r in records if r["H"] is not None]
+    shape = sweep_title(shaped) if shaped else ""
+    return (f"host time per call: median (min) of {repeats} runs of {iters} calls with one signature; GPU µs: "
+            f"the calls back to back on the GPU; target: <= {TARGET_RATIO}x {BASELINE} in this process\n{shape}")
+
+
+# ----------------------------------------------------------------------------- the mode
+
+
+def _flashinfer() -> Tuple[Optional[Any], str]:
+    """FlashInfer's gdn_decode module, or None and why not."""
+    try:
+        return importlib.import_module(FLASHINFER_MODULE), ""
+    except Exception as exc:  # ImportError, or a broken install
+        return None, f"flashinfer: cannot import {FLASHINFER_MODULE}: {_one_line(exc)}"
+
+
+def profile(args, device, measure_call: Callable[..., Dict[str, Any]], baseline_us: Optional[float]) -> List[dict]:
+    """--profile: the steps of one flashgdn pretranspose call with a pool, the output allocated,
+    at the first --batch-size and --state-dtype (profile_parts, profile_records)."""
+    row = Row("pretranspose", args.batch_size[0], 1, args.num_q_heads, args.num_v_heads, args.head_size,
+              args.head_size, args.dtype, args.state_dtype[0], pool=True, l2norm=not args.no_l2norm,
+              pool_slots=args.pool_slots)
+    inp = dict(make_inputs(row, device, args.seed), output=None)
+    name, call_args, call_kwargs = api_call(row, inp, via_pretranspose=False)
+    getattr(api, name)(*call_args, **call_kwargs)  # compiles, fills the memo and the plan's function
+    torch.cuda.synchronize(device)
+    variant = f"flashgdn {Case('flashgdn', row, output_given=False).variant()}, B={row.B}, {row.state_dtype} state"
+    return profile_records(profile_parts(name, call_args, call_kwargs), measure_call, variant, args.iters,
+                           HOST_REPEATS, baseline_us)
+
+
+def run(args) -> int:
+    """`flashgdn-bench --host [--profile]` on the current GPU: print the tables, write --json/--csv.
+    Exit status 1 only without a supported GPU: the target is informational."""
+    found = supported_gpu()
+    if found is None:
+        return 1
+    device, _ = found
+    flashinfer, note = _flashinfer()
+    if note:
+        progress(note)
+    modules = {"flashgdn": api, "flashinfer": flashinfer}
+    sync = functools.partial(torch.cuda.synchronize, device)
+    gpu_timer = GpuTimer()
+
+    def measure_call(call, gpu=True):
+        return measure(call, args.iters, HOST_REPEATS, args.warmup, sync, gpu_timer if gpu else None)
+
+    records = run_cases(cases(args, flashinfer is not None), lambda c: bind(c, modules, device, args.seed),
+                        measure_call, args.iters, HOST_REPEATS)
+    parts, notes = [], [note] if note else []
+    if args.profile:
+        try:
+            parts = profile(args, device, measure_call, records[0]["host_median_us"])
+        except Exception as exc:  # the table above stands without it
+            notes.append(f"profile: {_one_line(exc)}")
+            progress(notes[-1])
+    env = environment(device, command=args.argv)
+    write_outputs(args, records + parts, env, HOST_FIELDS)
+    print(format_env_line(env))
+    print(title(records, args.iters, HOST_REPEATS) + "\n\n" + host_table(records))
+    if notes:
+        print("\nnotes:\n  " + "\n  ".join(notes))
+    if parts:
+        print(f"\nprofile: {parts[0]['variant']}\n\n" + profile_table(parts))
+    sys.stdout.flush()
+    return 0
