@@ -23,8 +23,8 @@ class DeviceTable:
     # CTA shapes by (table, regime, state dtype): (warps, rows per thread, lanes per row) for
     # K-last, (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core
     # MTP kernel. MTP builds take "mtp", "mtp_long" from long_mtp_tokens tokens on and "mtp_inter"
-    # when they write a state per token (intermediates or token slots; "mtp_long" and "mtp_inter" hold only the shapes that
-    # differ from "mtp"), "mtp_mma" for the tensor-core kernel. RESULTS.md "CTA shapes".
+    # when they write a state per token (intermediates or token slots); these two hold only the
+    # shapes that differ from "mtp". "mtp_mma" serves the tensor-core kernel. RESULTS.md "CTA shapes".
     tiles: Dict[Tuple[str, str, str], Tuple[int, ...]]
     # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
     # wins. RESULTS.md "Batch regime threshold".
