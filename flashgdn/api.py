@@ -122,34 +122,20 @@ class _Plan:
 
 
 _VALIDATED: dict = {}  # call signature -> _Plan
-# Bounded, for programs that cycle through many shapes; clearing all on overflow is cheap (a
-# re-validation per signature) and rare (serving uses a handful of signatures).
-_VALIDATED_MAX = 1024
+
+
+def _plan(result) -> _Plan:
+    return _Plan(*result)
 
 
 def _validated(check, *args, options=()) -> _Plan:
-    """The _Plan of check(*args) -> (Problem, device), remembered per signature: the full checks
-    cost 20-30 us of Python per call, the signature about 5 us; the plan also keeps the compiled
-    function, so a repeated call skips the kernel lookup too. `options` (the other arguments that
-    select the kernel) are part of the signature but not checked. Index values are not validated
-    on the host (the kernel handles them), so no check depends on data."""
-    # What validation reads of an argument: a tensor's shape, strides (internal overlap too is a
-    # function of these two), dtype, device and 16-byte alignment; any other value with its type
-    # (True and 1 are different arguments). Inline, not a helper per argument: this runs on every call.
-    key = (check, *[
-        (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) if isinstance(x, torch.Tensor) else (type(x), x)
-        for x in (*args, *options)
-    ])
-    try:
-        plan = _VALIDATED.get(key)
-    except TypeError:  # an unhashable argument: validate every time (and report it, if invalid)
-        return _Plan(*check(*args))
-    if plan is None:
-        plan = _Plan(*check(*args))
-        if len(_VALIDATED) >= _VALIDATED_MAX:
-            _VALIDATED.clear()
-        _VALIDATED[key] = plan
-    return plan
+    """The _Plan of check(*args) -> (Problem, device), remembered per signature
+    (validation.remembered): the full checks cost 20-30 us of Python per call, the signature
+    about 5 us; the plan also keeps the compiled function, so a repeated call skips the kernel
+    lookup too. `options` (the other arguments that select the kernel) are part of the signature
+    but not checked. Index values are not validated on the host (the kernel handles them), so no
+    check depends on data."""
+    return val.remembered(_VALIDATED, check, args, options, _plan)
 
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,

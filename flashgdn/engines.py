@@ -54,30 +54,14 @@ __all__ = [
 
 
 _CHECKED: dict = {}  # (check, call signature) -> what the check returned
-# Bounded like flashgdn.api's memo: serving uses a handful of signatures.
-_CHECKED_MAX = 1024
 
 
 def _checked(check, *args):
-    """check(*args), remembered per call signature: what a check reads of a tensor is its shape,
-    strides, dtype, device and 16-byte alignment, of anything else its type and value. While
-    torch.compile traces, tensors have no address: the check runs every time."""
+    """check(*args), remembered per call signature (validation.remembered). While torch.compile
+    traces, tensors have no address: the check runs every time."""
     if torch.compiler.is_compiling():
         return check(*args)
-    key = (check, *[
-        (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) if isinstance(x, torch.Tensor) else (type(x), x)
-        for x in args
-    ])
-    try:
-        result = _CHECKED.get(key)
-    except TypeError:  # an unhashable argument: check every time (and report it, if invalid)
-        return check(*args)
-    if result is None:
-        result = check(*args)
-        if len(_CHECKED) >= _CHECKED_MAX:
-            _CHECKED.clear()
-        _CHECKED[key] = result
-    return result
+    return val.remembered(_CHECKED, check, args)
 
 
 def _check_head_dims(name: str, state: torch.Tensor) -> None:

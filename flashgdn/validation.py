@@ -233,6 +233,37 @@ def check_token_slots(t, p: Problem) -> None:
         raise ValueError(f"ssm_state_indices needs T >= 2 tokens per sequence, got T={p.T}")
 
 
+# Bound of a memo of remembered: programs may cycle through many shapes; clearing all on overflow
+# is cheap (one re-check per signature) and rare (serving uses a handful of signatures).
+MEMO_MAX = 1024
+
+
+def remembered(memo: dict, check, args: tuple, options: tuple = (), make=None):
+    """check(*args) (or make(check(*args))), remembered in `memo` per call signature. The key is
+    what a check reads of an argument: a tensor's shape, strides (self-overlap too is a function of
+    these two), dtype, device and 16-byte alignment; any other value with its type (True and 1
+    are different arguments). `options` join the key but are not passed to the check. A result
+    is never None. Inline, not a helper per argument: this runs on every call."""
+    key = (check, *[
+        (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) if isinstance(x, torch.Tensor) else (type(x), x)
+        for x in (*args, *options)
+    ])
+    try:
+        hit = memo.get(key)
+    except TypeError:  # an unhashable argument: check every time (and report it, if invalid)
+        hit = None
+        key = None
+    if hit is None:
+        hit = check(*args)
+        if make is not None:
+            hit = make(hit)
+        if key is not None:
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[key] = hit
+    return hit
+
+
 def _check_finite(name: str, x, expected: str) -> None:
     """A finite int or float (bool excluded: True is no number here)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

@@ -316,7 +316,7 @@ def test_validation_memo_is_bounded(monkeypatch):
     from flashgdn import api
 
     monkeypatch.setattr(api, "_VALIDATED", {})
-    monkeypatch.setattr(api, "_VALIDATED_MAX", 4)
+    monkeypatch.setattr(api.val, "MEMO_MAX", 4)
     check = _counting_check([])
     for n in range(10):
         api._validated(check, torch.zeros(n + 1))
