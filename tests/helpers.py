@@ -123,6 +123,21 @@ def padded_state(api, dtype=F32, row_pad=0, head_pad=0, seed=0):
     return t
 
 
+def remember_valid_call(monkeypatch, api):
+    """Valid CPU keyword arguments of `api` after one call with them has passed validation and been
+    remembered (device check accepting the CPU, launch stubbed): later calls with the same tensors
+    hit the signature memo."""
+    from flashgdn import api as fapi
+
+    monkeypatch.setattr(fapi, "_VALIDATED", {})
+    monkeypatch.setattr(fapi.val, "check_devices", lambda named: torch.device("cpu"))
+    monkeypatch.setattr(fapi, "_launch", lambda *args: None)
+    kw = valid_kwargs(api)
+    FNS[api](**kw)
+    assert len(fapi._VALIDATED) == 1
+    return kw
+
+
 def make_intermediate(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
     """An MTP intermediate_states_buffer [n, T, hv, rows, cols]."""
     return torch.full((n, T, hv, rows, cols), 3.0, dtype=dtype)

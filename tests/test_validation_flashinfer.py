@@ -19,7 +19,7 @@ from flashgdn import logging_utils
 
 from helpers import (
     B, FNS, H, HV, K, P, T_MTP, V, expect_error, expect_only_device_error, make_inputs,
-    make_intermediate, valid_kwargs,
+    make_intermediate, remember_valid_call, valid_kwargs,
 )
 
 BACKENDS = ("auto", "flashgdn", "flashinfer")
@@ -63,12 +63,7 @@ def test_backends_pass(api, backend):
 def test_backend_checked_on_every_call(monkeypatch):
     """backend is no part of the memoized signature: a bad one raises also after a valid call with
     the same tensors was remembered."""
-    monkeypatch.setattr(fapi, "_VALIDATED", {})
-    monkeypatch.setattr(fapi.val, "check_devices", lambda named: torch.device("cpu"))
-    monkeypatch.setattr(fapi, "_launch", lambda *args: None)
-    kw = valid_kwargs("pre")
-    FNS["pre"](**kw)
-    assert len(fapi._VALIDATED) == 1
+    kw = remember_valid_call(monkeypatch, "pre")
     for _ in range(2):
         expect_error("pre", dict(kw, backend="cutlass"), ValueError, r"^backend must be one of")
 

@@ -14,7 +14,7 @@ from flashgdn.spec import KernelArgs
 
 from helpers import (
     ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, V, expect_error, expect_only_device_error, make_inputs,
-    make_intermediate, make_state, padded_state, state_dims, tokens, valid_kwargs,
+    make_intermediate, make_state, padded_state, remember_valid_call, state_dims, tokens, valid_kwargs,
 )
 
 
@@ -297,18 +297,13 @@ def test_validation_memo_never_caches_failures_or_unhashables():
 def test_softplus_checked_on_every_call(monkeypatch):
     """The softplus values are checked arguments of the memoized signature, not unchecked options:
     a bad value raises on every call, also after a valid call with the same tensors was remembered."""
-    from flashgdn import api
-
-    monkeypatch.setattr(api, "_VALIDATED", {})
-    monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
-    monkeypatch.setattr(api, "_launch", lambda *args: None)
-    kw = valid_kwargs("mtp")
-    FNS["mtp"](**kw)
-    assert len(api._VALIDATED) == 1
+    kw = remember_valid_call(monkeypatch, "mtp")
     for _ in range(2):
         expect_error("mtp", dict(kw, softplus_beta=0.0), ValueError, r"^softplus_beta must be > 0")
         expect_error("mtp", dict(kw, softplus_threshold=float("nan")), ValueError,
                      r"^softplus_threshold must be finite")
+    from flashgdn import api
+
     assert len(api._VALIDATED) == 1
 
 
