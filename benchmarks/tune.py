@@ -9,13 +9,16 @@ import argparse
 import ast
 import dataclasses
 
+import cutlass.cute as cute
 import torch
+from cutlass.cute.runtime import make_fake_stream
 
 from flashgdn.api import CallOptions, kernel_spec
 from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn
 from flashgdn.cache import kernel_cache
 from flashgdn.device import facts_of
 from flashgdn.spec import KernelArgs
+from flashgdn.kernels import build, policy
 from flashgdn.validation import Problem
 
 KLAST_SHAPES = [(4, 1, 16), (4, 2, 16), (4, 4, 16), (8, 1, 16), (4, 1, 8), (4, 2, 8), (4, 4, 8), (8, 1, 8), (2, 4, 8)]
@@ -105,6 +108,19 @@ def calibrate(iters):
         print(f"{mib:9d} | {torch_us:14.2f} | {best[0]:10.2f} {best[1]} | {floor:8.2f} | {2 * (mib << 20) / floor / 1e6:.2f}")
 
 
+def _build(spec, prefetch_bytes):
+    """The compiled variant of `spec`, with the policy's L2 prefetch distance replaced by
+    `prefetch_bytes` (None: the policy's own, through the compile cache; 0: none)."""
+    if prefetch_bytes is None:
+        return kernel_cache.get(spec)
+    config = policy.BuildConfig.for_spec(spec)
+    config = dataclasses.replace(config, prefetch_bytes=prefetch_bytes)
+    kernel = build.make_kernel(spec, config)
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    return cute.compile(kernel, *build.fake_arguments(spec), stream,
+                        options=f"--enable-tvm-ffi --gpu-arch={spec.arch}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layout", default="klast", choices=("klast", "kmajor"))
@@ -115,6 +131,8 @@ def main():
     ap.add_argument("--inter", action="store_true")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tiles", default=None, help='CTA shapes to try, e.g. "(4,1),(8,4)"')
+    ap.add_argument("--prefetch-mib", type=float, nargs="+", default=None,
+                    help="L2 prefetch distances to try (MiB of state, 0: off), each CTA shape at each")
     ap.add_argument("--calibrate", action="store_true", help="time floors: a 1-element kernel and copies")
     ap.add_argument("--calibrate-writes", action="store_true", help="time the floors of MTP with intermediates")
     ns = ap.parse_args()
@@ -127,15 +145,18 @@ def main():
     shapes = KLAST_SHAPES if ns.layout == "klast" else KMAJOR_SHAPES
     if ns.tiles:
         shapes = list(ast.literal_eval(f"[{ns.tiles}]"))
+    prefetch = [None] if ns.prefetch_mib is None else [int(m * (1 << 20)) for m in ns.prefetch_mib]
+    columns = [(tile, pf) for tile in shapes for pf in prefetch]
     rows = []
     for B in ns.batch_size:
         p = Problem(B, ns.seq_len, 16, 32, 128, 128)
         args = _args(ns.layout, p, sdt, ns.pool, ns.inter)
         line = []
-        for tile in shapes:
-            spec = kernel_spec(ns.layout, p, args, CallOptions(scale=None, use_l2norm=True), facts)
+        for tile, pf in columns:
+            spec = dataclasses.replace(
+                kernel_spec(ns.layout, p, args, CallOptions(scale=None, use_l2norm=True), facts), tile=tile)
             try:
-                fn = kernel_cache.get(dataclasses.replace(spec, tile=tile))
+                fn = _build(spec, pf)
             except ValueError:
                 line.append(float("nan"))
                 continue
@@ -143,9 +164,11 @@ def main():
             line.append(us)
         rows.append((B, line))
     print(f"{ns.layout} state={ns.state_dtype} T={ns.seq_len} pool={ns.pool} inter={ns.inter}: median us (CUPTI, cold L2)")
-    print("B".rjust(5) + "".join(f"{str(s):>10}" for s in shapes))
+    names = [str(t) if pf is None else f"{t}@{pf / (1 << 20):g}M" for t, pf in columns]
+    width = max(10, max(len(n) for n in names) + 1)
+    print("B".rjust(5) + "".join(n.rjust(width) for n in names))
     for B, line in rows:
-        print(f"{B:5d}" + "".join(f"{x:10.2f}" for x in line))
+        print(f"{B:5d}" + "".join(f"{x:{width}.2f}" for x in line))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ BF16, F32 = torch.bfloat16, torch.float32
 def key(B=3, T=1, H=16, HV=32, K=128, V=128, layout="klast", io=BF16, state=F32, gate=BF16, dt_bias=F32,
         scale=None, l2norm=True, arch="sm_90a", sm_count=SM, index_dtype=None, has_out_indices=False,
         has_intermediate=False, update_state=True, has_accepted=False, softplus_beta=1.0,
-        softplus_threshold=20.0, regime=None) -> KernelSpec:
+        softplus_threshold=20.0, regime=None, memory_gib=80) -> KernelSpec:
     """The spec of a call with these facts (meta tensors: kernel_spec reads dtypes, presence and the
     state's strides)."""
     def t(dtype):
@@ -144,7 +144,7 @@ def key(B=3, T=1, H=16, HV=32, K=128, V=128, layout="klast", io=BF16, state=F32,
         intermediate_states=t(state) if has_intermediate else None,
     )
     options = api.CallOptions(scale, l2norm, update_state, softplus_beta, softplus_threshold)
-    facts = DeviceFacts(arch, sm_count, policy.device_class(arch, sm_count, 80))
+    facts = DeviceFacts(arch, sm_count, policy.device_class(arch, sm_count, memory_gib))
     return api.kernel_spec(layout, Problem(B, T, H, HV, K, V), args, options, facts, regime=regime)
 
 
@@ -380,11 +380,12 @@ def test_supported_gpus(monkeypatch, cc, sms, arch):
 
 @pytest.mark.parametrize("memory_gib", [80, 141])
 def test_device_class_enters_the_spec(monkeypatch, memory_gib):
-    """H100 (80 GiB) and H200 (141 GiB) resolve to a known tuning table, named in the spec."""
+    """H100 (80 GiB) and H200 (141 GiB) resolve to their own tuning tables, named in the spec."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _props(9, 0, "GPU", 132, memory_gib))
     facts = device.device_facts.__wrapped__(0)
     assert facts.device_class in policy.DEVICE_TABLES
-    assert key().device_class == facts.device_class
+    assert key(memory_gib=memory_gib).device_class == facts.device_class
+    assert facts.device_class == {80: "sm90-hbm3", 141: "sm90-hbm3e"}[memory_gib]
 
 
 def test_device_facts_is_cached():

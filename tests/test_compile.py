@@ -66,6 +66,10 @@ VARIANTS = [
      dict(T=5, K=256, V=256, regime="large", state="bfloat16", index_dtype="int32", l2norm=False, scale=0.25)),
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
+    # The H200 table's own choices: the (8, 2, 16) fp32 tile, the tensor cores at T = 3
+    ("klast-T1-dense-large-float32-h200", dict(regime="large", state="float32", device_class="sm90-hbm3e")),
+    ("mtp-mma-T3-large-bfloat16-h200",
+     dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # T=1 through the MTP entry point (intermediates, accepted counts build the multi-token kernel), K=64
     ("mtp-T1-inter-accepted-K64V64-small-float32",
@@ -180,8 +184,26 @@ def test_device_classes_fall_back_to_the_nearest_table():
         assert d.table in policy.DEVICE_TABLES
     assert policy.device_class("sm_90a", 114, 80) in policy.DEVICE_TABLES  # H100 PCIe: nearest SM90
     assert policy.device_class("sm_100a", 160, 192) in policy.DEVICE_TABLES
-    named = spec("sm_90a", device_class=policy.device_class("sm_90a", 132, 141))
+    named = spec("sm_90a", device_class=policy.device_class("sm_90a", 132, 80))
     assert policy.BuildConfig.for_spec(named) == policy.BuildConfig.for_spec(spec("sm_90a"))
+
+
+def test_h200_table_takes_its_measured_choices():
+    """The H200 (HBM3e) table: the tensor cores from T = 3 for a bf16 state at large batch, the
+    (8, 2, 16) fp32 K-last tile and the 8 MiB prefetch; the H100's choices stay as they were."""
+    from flashgdn.kernels import policy
+
+    h200 = policy.device_class("sm_90a", 132, 141)
+    assert h200 != policy.device_class("sm_90a", 132, 80)
+
+    def on(device_class, **kw):
+        return policy.BuildConfig.for_spec(spec("sm_90a", device_class=device_class, **kw))
+
+    mtp3 = dict(T=3, regime="large", state="bfloat16", index_dtype="int32")
+    assert on(h200, **mtp3).kernel == policy.KMTP_MMA and on("sm90-hbm3", **mtp3).kernel == policy.KMTP
+    assert on(h200, T=2, regime="large", state="bfloat16", index_dtype="int32").kernel == policy.KMTP
+    assert on(h200, regime="large").tile == (8, 2, 16) and on("sm90-hbm3", regime="large").tile == (4, 4, 16)
+    assert on(h200, regime="large").prefetch_bytes == 2 * on("sm90-hbm3", regime="large").prefetch_bytes
 
 
 def test_per_token_writes_follow_intermediates():

@@ -69,8 +69,18 @@ SM90_HBM3 = DeviceTable(
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20},
 )
 
+# Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
+# choices leave the token loop compute-bound at T = 3-4 for a bf16 state and the fp32 K-last
+# kernel behind FLA at large batch. RESULTS.md "H200 tables".
+SM90_HBM3E = dataclasses.replace(
+    SM90_HBM3,
+    tiles={**SM90_HBM3.tiles, ("klast", "large", "float32"): (8, 2, 16)},
+    mma_min_tokens=3,
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
+)
+
 # Tuning tables by device-class name: the name is what enters the cache key.
-DEVICE_TABLES: Dict[str, DeviceTable] = {"sm90-hbm3": SM90_HBM3}
+DEVICE_TABLES: Dict[str, DeviceTable] = {"sm90-hbm3": SM90_HBM3, "sm90-hbm3e": SM90_HBM3E}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +97,7 @@ class DeviceClass:
 
 KNOWN_DEVICES = (
     DeviceClass("H100 SXM", "sm_90a", 132, 80, "sm90-hbm3"),
-    # Until an H200 table is measured, the H100's (the same SMs; 1.4x the copy bandwidth).
-    DeviceClass("H200", "sm_90a", 132, 141, "sm90-hbm3"),
+    DeviceClass("H200", "sm_90a", 132, 141, "sm90-hbm3e"),
     # Blackwell: compiled, not yet run; the Hopper table until one is measured.
     DeviceClass("B200", "sm_100a", 148, 180, "sm90-hbm3"),
     DeviceClass("B300", "sm_103a", 148, 270, "sm90-hbm3"),
@@ -149,9 +158,11 @@ class BuildConfig:
 
 def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     """The tensor-core MTP kernel serves a bf16 state with bf16 q/k/v, no intermediates, in the
-    large-batch regime from mma_min_tokens on, without per-token state writes: 1.4-1.5x faster than kmtp at T = 8 and 2.2x at
-    T = 16 for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with
-    intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md "Tensor cores for MTP"). A
+    large-batch regime from mma_min_tokens on, without per-token state writes. On the H100:
+    1.4-1.5x faster than kmtp at T = 8 and 2.2x at T = 16 for B >= 16, 10 % at T = 6; slower at
+    T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
+    "Tensor cores for MTP"). On the H200, where the token loop is compute-bound, from T = 3:
+    1.05x at T = 3 and 1.2x at T = 4 for B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A
     2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp."""
     if spec.layout == "kmajor":
         return KMAJOR
