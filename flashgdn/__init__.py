@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .api import gated_delta_rule_decode, gated_delta_rule_decode_pretranspose, gated_delta_rule_mtp
 from .device import UnsupportedGPUError
+from .fused_step import gdn_fused_decode_step
 from . import reference
 from . import ops  # registers the torch.library ops that traced calls use (flashgdn.ops)
 
@@ -10,6 +11,7 @@ __all__ = [
     "gated_delta_rule_decode_pretranspose",
     "gated_delta_rule_decode",
     "gated_delta_rule_mtp",
+    "gdn_fused_decode_step",
     "reference",
     "UnsupportedGPUError",
     "__version__",

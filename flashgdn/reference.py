@@ -164,3 +164,61 @@ def gated_delta_rule_mtp(
         zero_padding_output=False,
     )
     return out, initial_state
+
+
+def conv_update(mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, compute_dtype=torch.float32):
+    """Causal conv1d update with SiLU for one token per row, as vLLM's and SGLang's
+    causal_conv1d_update (activation "silu") run it for Qwen3-Next / Qwen3.5 decode: the window
+    is the slot's last width - 1 inputs followed by the new input x; the output is
+    silu(sum(window * weight) + bias), stored in bf16 (the models' activation dtype); the slot
+    keeps the window's last width - 1 values. mixed_qkv [B, C]; conv_weight [C, width];
+    conv_bias [C] or None; conv_state [P, C, width - 1], updated in place for the rows whose slot
+    is in [0, P). Returns the output [B, C] (zero for the other rows)."""
+    idx = state_indices.long()
+    run = (idx >= 0) & (idx < conv_state.shape[0])
+    y = torch.zeros(mixed_qkv.shape, dtype=torch.bfloat16, device=mixed_qkv.device)
+    rows = torch.nonzero(run).flatten()
+    if rows.numel():
+        slots = idx[rows]
+        window = torch.cat([conv_state[slots], mixed_qkv[rows].to(conv_state.dtype).unsqueeze(-1)], dim=-1)
+        acc = (window.to(compute_dtype) * conv_weight.to(compute_dtype)).sum(-1)
+        if conv_bias is not None:
+            acc = acc + conv_bias.to(compute_dtype)
+        y[rows] = F.silu(acc).to(torch.bfloat16)
+        conv_state[slots] = window[..., 1:]
+    return y
+
+
+def gdn_fused_decode_step(
+    hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+    state_indices, use_qk_l2norm=True, out=None, *, compute_dtype=torch.float32,
+):
+    """Reference of flashgdn.gdn_fused_decode_step (FlashInfer's contract), composed of the steps
+    the models run, in their order:
+
+    1. ba = hidden_states @ w_ba, rounded to bf16 (the projection's output dtype); b = ba[:, :HV]
+       (beta gate), a = ba[:, HV:] (decay gate): FlashInfer's split, which is Qwen3.5's
+       in_proj_b | in_proj_a side by side (Qwen3-Next's in_proj_ba interleaves them per q/k head
+       group: an engine permutes those weight columns once).
+    2. conv_update over all qkv_dim channels (SiLU).
+    3. The split of the conv output into q [H*D] | k [H*D] | v [HV*D].
+    4. The one-token K-last decode (gated_delta_rule_decode_pretranspose on the pool ssm_state
+       [P, HV, V, K] at state_indices; a negative index is padding: zero output row, neither pool
+       touched; an index past the pools gives a NaN output row and touches neither).
+
+    scale None or 0.0 means D ** -0.5 (FlashInfer's rule). Returns (out [B, 1, HV, D] bf16,
+    conv_state, ssm_state); both pools are updated in place."""
+    B = hidden_states.shape[0]
+    HV, D = A_log.shape[0], ssm_state.shape[-1]
+    H = (mixed_qkv.shape[1] - HV * D) // (2 * D)
+    ba = (hidden_states.to(compute_dtype) @ w_ba.to(compute_dtype)).to(torch.bfloat16)
+    b_gate, a_gate = ba[:, :HV], ba[:, HV:]
+    y = conv_update(mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, compute_dtype)
+    q = y[:, : H * D].view(B, 1, H, D)
+    k = y[:, H * D : 2 * H * D].view(B, 1, H, D)
+    v = y[:, 2 * H * D :].view(B, 1, HV, D)
+    result = _decode(
+        q, k, v, a_gate.unsqueeze(1), b_gate.unsqueeze(1), A_log, dt_bias, ssm_state, state_indices, None,
+        "klast", None if not scale else scale, use_qk_l2norm, out, compute_dtype=compute_dtype,
+    )
+    return result, conv_state, ssm_state

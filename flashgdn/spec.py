@@ -148,3 +148,75 @@ class KernelSpec:
             (self.out_dtype is not None, f"out-{self.out_dtype}"),
         )
         return "/".join(parts + [name for on, name in flags if on])
+
+
+# ----------------------------------------------------------------------------- fused decode step
+# The fused step (flashgdn.gdn_fused_decode_step) runs two launches: the conv/gate kernel
+# (kernels/conv_gate.py: the causal conv1d update with SiLU over the q/k/v channels and the b/a
+# projection GEMV, into a workspace) and then the K-last decode kernel of a KernelSpec on views
+# of that workspace. The conv/gate kernel has its own spec and argument list.
+
+CONV_WIDTHS = (2, 3, 4)
+
+
+class ConvGateArgs(NamedTuple):
+    """The tensors of the conv/gate kernel, in order. hidden_states [B, hidden]; w_ba
+    [hidden, 2 HV]; mixed_qkv [B, qkv_dim] (pre-conv); conv_weight [qkv_dim, width]; conv_bias
+    [qkv_dim] (None: no bias); conv_state [P, qkv_dim, width - 1] (any strides: the "SD" and
+    "DS" pools); state_indices [B] int32; qkv_out [B, qkv_dim] and ba_out [B, 2 HV], the
+    workspace rows the decode kernel reads (post-conv q | k | v, and b | a)."""
+
+    hidden_states: Any
+    w_ba: Any
+    mixed_qkv: Any
+    conv_weight: Any
+    conv_bias: Any
+    conv_state: Any
+    state_indices: Any
+    qkv_out: Any
+    ba_out: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGateSpec:
+    """Compile-time facts of one conv/gate kernel variant (hashable: the cache key). All of its
+    tensors are bf16 (FlashInfer's contract) and its indices int32; batch, pool size and the
+    conv-state strides stay dynamic, so both conv-state layouts share one build."""
+
+    H: int
+    HV: int
+    D: int  # K = V
+    hidden: int
+    width: int
+    has_bias: bool
+    arch: str
+    device_class: Optional[str] = None  # the tuning table (kernels.policy); None: the arch's
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.D in SUPPORTED_HEAD_DIMS, f"D must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
+            (self.hidden >= 64 and self.hidden % 64 == 0, "hidden must be a positive multiple of 64"),
+            (self.width in CONV_WIDTHS, f"width must be one of {CONV_WIDTHS}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid ConvGateSpec: {msg} (got {self})")
+
+    @property
+    def qkv_dim(self) -> int:
+        return (2 * self.H + self.HV) * self.D
+
+    @property
+    def gate_vec(self) -> int:
+        """Columns of w_ba in one vector load: 8 (16 bytes) where 2 HV allows, else fewer."""
+        n = 8
+        while (2 * self.HV) % n:
+            n //= 2
+        return n
+
+    def short_name(self) -> str:
+        parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
+                 f"w{self.width}", self.arch]
+        return "/".join(parts + ([] if self.has_bias else ["nobias"]))

@@ -156,3 +156,50 @@ def expect_error(api, kw, exc, match):
 
 def expect_only_device_error(api, kw):
     expect_error(api, kw, ValueError, r"must be a CUDA tensor")
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+
+def make_fused_inputs(B, H, HV, D, hidden, width=4, P=None, state_dtype=F32, conv_layout="SD", bias=True,
+                      page_pad=0, slot_pad=0, slots=None, device="cpu", seed=0):
+    """Keyword arguments of gdn_fused_decode_step (random, never zeros). conv_state is the logical
+    [P, qkv_dim, width - 1] view of an "SD" pool ([P, width - 1, qkv_dim] transposed, vLLM's) or of
+    a "DS" pool ([P, qkv_dim, width - 1] dense); `page_pad` pads its page stride and `slot_pad`
+    ssm_state's slot stride (elements). `slots`: state_indices (default: B distinct slots in a
+    shuffled order; P defaults to 2 B + 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, dt=BF16: torch.randn(*s, generator=gen).to(dt).to(device)  # noqa: E731
+    P = 2 * B + 1 if P is None else P
+    qkv_dim = (2 * H + HV) * D
+    if slots is None:
+        slots = torch.randperm(P, generator=gen)[:B]
+    inner = (width - 1, qkv_dim) if conv_layout == "SD" else (qkv_dim, width - 1)
+    page = rnd(P, inner[0] * inner[1] + page_pad)[:, : inner[0] * inner[1]].unflatten(-1, inner)
+    conv_state = page.transpose(-1, -2) if conv_layout == "SD" else page
+    kw = dict(
+        hidden_states=rnd(B, hidden) * 0.5,
+        # Small weights keep b and a in the range of the models' gates.
+        w_ba=rnd(hidden, 2 * HV) * (2.0 / hidden ** 0.5),
+        mixed_qkv=rnd(B, qkv_dim),
+        conv_weight=rnd(qkv_dim, width) * 0.5,
+        conv_bias=rnd(qkv_dim) * 0.1 if bias else None,
+        conv_state=conv_state,
+        A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1).to(device),
+        dt_bias=rnd(HV, dt=F32),
+        scale=None,
+        ssm_state=make_state(P, HV, D, D, state_dtype, device=device, pad=slot_pad, seed=seed + 1),
+        state_indices=torch.as_tensor(slots, dtype=torch.int32).to(device),
+    )
+    return kw
+
+
+def clone_fused(kw):
+    """A copy of the fused step's arguments whose pools keep their strides (in-place updates)."""
+    out = dict(kw)
+    for name in ("conv_state", "ssm_state"):
+        t = kw[name]
+        base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        base.copy_(t)
+        out[name] = base
+    return out

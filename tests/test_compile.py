@@ -99,6 +99,26 @@ def test_compiles(monkeypatch, arch, kw):
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
 
+# The fused step's conv/gate kernel (flashgdn.gdn_fused_decode_step): Qwen3-Next at TP1 and a TP4
+# shard; its decode launch is the klast pool variants above (fp32 and bf16 state).
+CONV_GATE_VARIANTS = [
+    ("convgate-qwen3next-tp1-w4-bias", dict(H=16, HV=32, D=128, hidden=2048, width=4, has_bias=True)),
+    ("convgate-tp4-w2-nobias", dict(H=4, HV=8, D=128, hidden=2048, width=2, has_bias=False)),
+    ("convgate-hv6-d64-w3-odd-hidden", dict(H=2, HV=6, D=64, hidden=192, width=3, has_bias=True)),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kw", [pytest.param(kw, id=vid) for vid, kw in CONV_GATE_VARIANTS])
+def test_conv_gate_compiles(monkeypatch, arch, kw):
+    from flashgdn.spec import ConvGateSpec
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    s = ConvGateSpec(arch=arch, **kw)
+    fn = compile_kernel(s)
+    assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
 def config(**kw):
     from flashgdn.kernels.policy import BuildConfig
 

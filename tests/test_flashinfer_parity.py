@@ -33,6 +33,10 @@ FLASHINFER_REQUIREMENT = f"flashinfer-python=={FLASHINFER_VERSION}"
 WHEEL_GLOB = f"flashinfer_python-{FLASHINFER_VERSION}-*.whl"
 MODULE = "flashinfer/gdn_decode.py"
 FUNCTIONS = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp")
+# Functions read from the package's exports instead (the def lives where the re-exports lead:
+# flashinfer/gdn_kernels/experimental/gdn_fused_decode.py).
+PACKAGE = "flashinfer/__init__.py"
+PACKAGE_FUNCTIONS = ("gdn_fused_decode_step",)
 # flashgdn's parameters beyond FlashInfer's (keyword-only, after all of FlashInfer's, with defaults).
 FLASHGDN_EXTRAS = frozenset({"accepted_tokens", "softplus_beta", "softplus_threshold"})
 # Decorators of the FlashInfer defs known to keep the signature (flashinfer_api returns the function
@@ -327,12 +331,12 @@ def wheel_source(flashinfer_wheel) -> WheelSource:
     return WheelSource(flashinfer_wheel)
 
 
-@pytest.mark.parametrize("name", FUNCTIONS)
-def test_signature_matches_flashinfer(name, wheel_source):
+@pytest.mark.parametrize("module,name", [(MODULE, n) for n in FUNCTIONS] + [(PACKAGE, n) for n in PACKAGE_FUNCTIONS])
+def test_signature_matches_flashinfer(module, name, wheel_source):
     import flashgdn
 
     try:
-        path, fn_def = find_exported_def(wheel_source, MODULE, name)
+        path, fn_def = find_exported_def(wheel_source, module, name)
     except LookupError as e:
         pytest.fail(f"cannot find FlashInfer's {name}: {e}")
     unknown = [_decorator_name(d) for d in fn_def.decorator_list

@@ -15,9 +15,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import KernelArgs, KernelSpec, vec_elems
+from ..spec import ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, vec_elems
 from . import policy
 from .common import CUTLASS_DTYPES
+from .conv_gate import ConvGate
 from .klast import KLastDecode
 from .kmajor import KMajorDecode
 from .kmtp import KLastMTP
@@ -28,6 +29,8 @@ KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KL
 
 def make_kernel(spec: KernelSpec, config: Optional[policy.BuildConfig] = None):
     """The kernel object that builds `spec` (with the policy's config unless one is given)."""
+    if isinstance(spec, ConvGateSpec):
+        return ConvGate(spec, config or policy.ConvGateConfig.for_spec(spec))
     config = config or policy.BuildConfig.for_spec(spec)
     return KERNELS[config.kernel](spec, config)
 
@@ -76,13 +79,34 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
     )
 
 
-def compile_kernel(spec: KernelSpec, *, keep_dir: Optional[str] = None) -> Callable:
-    """Compile `spec` for `spec.arch`; returns the TVM-FFI callable (no GPU needed to compile)."""
+def fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
+    """Fake tensors of a conv/gate variant's arguments: batch and pool sizes symbolic, the conv
+    weight, bias and state strides all dynamic (any layout), w_ba's rows whole column blocks."""
+    bf16 = cutlass.BFloat16
+    B, P = cute.sym_int(), cute.sym_int()
+    C, W = spec.qkv_dim, spec.width
+    return ConvGateArgs(
+        hidden_states=_strided(bf16, (B, spec.hidden), 1),
+        w_ba=_strided(bf16, (spec.hidden, 2 * spec.HV), spec.gate_vec),
+        mixed_qkv=_strided(bf16, (B, C), 1),
+        conv_weight=_strided(bf16, (C, W), 1, inner_static=()),
+        conv_bias=_strided(bf16, (C,), 1, inner_static=()) if spec.has_bias else None,
+        conv_state=_strided(bf16, (P, C, W - 1), 1, inner_static=()),
+        state_indices=make_fake_tensor(cutlass.Int32, (B,), stride=(1,)),
+        qkv_out=_strided(bf16, (B, C), vec_elems("bfloat16")),
+        ba_out=_strided(bf16, (B, 2 * spec.HV), 1),
+    )
+
+
+def compile_kernel(spec, *, keep_dir: Optional[str] = None) -> Callable:
+    """Compile `spec` (a KernelSpec or a ConvGateSpec) for `spec.arch`; returns the TVM-FFI
+    callable (no GPU needed to compile)."""
     options = f"--enable-tvm-ffi --gpu-arch={spec.arch}"
     if keep_dir:
         options += f" --keep-ptx --keep-cubin --dump-dir={keep_dir}"
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    return cute.compile(make_kernel(spec), *fake_arguments(spec), stream, options=options)
+    args = fake_conv_gate_arguments(spec) if isinstance(spec, ConvGateSpec) else fake_arguments(spec)
+    return cute.compile(make_kernel(spec), *args, stream, options=options)
 
 
 def export_object(fn, path: str, symbol: str) -> None:

@@ -198,15 +198,21 @@ def warp_slice(mRow: cute.Tensor, lane: Int32, head_dim: cutlass.Constexpr[int])
     return rRaw
 
 
-def kernel_args(kernel):
-    """Gives a @cute.kernel `kernel(self, *args)` the parameters of spec.KernelArgs by name (put
-    above @cute.kernel): the DSL binds a kernel's arguments to its named parameters, and the list
-    is written only in KernelArgs."""
-    param = inspect.Parameter
-    inspect.unwrap(kernel).__signature__ = inspect.Signature(
-        [param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *KernelArgs._fields)]
-    )
-    return kernel
+def kernel_params(fields):
+    """Decorator that gives a @cute.kernel `kernel(self, *args)` the parameters `fields` (a
+    NamedTuple's _fields) by name (put above @cute.kernel): the DSL binds a kernel's arguments to
+    its named parameters, and the list is written only in the NamedTuple."""
+    def decorate(kernel):
+        param = inspect.Parameter
+        inspect.unwrap(kernel).__signature__ = inspect.Signature(
+            [param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *fields)]
+        )
+        return kernel
+
+    return decorate
+
+
+kernel_args = kernel_params(KernelArgs._fields)  # the decode kernels' parameters
 
 
 class DecodeKernel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
-from ..spec import KernelSpec, vec_elems
+from ..spec import ConvGateSpec, KernelSpec, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
@@ -40,6 +40,9 @@ class DeviceTable:
     # kernel; twice these distances measured slower (the prefetched lines are evicted first).
     # RESULTS.md "L2 prefetch distance".
     prefetch_bytes: Dict[str, int]
+    # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and
+    # block of conv channels, or per batch row and 16-byte column block of w_ba). Not yet measured.
+    conv_gate_threads: int = 128
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -116,7 +119,7 @@ def device_class(arch: str, sm_count: int, memory_gib: float) -> str:
 def _table(spec: KernelSpec) -> DeviceTable:
     if spec.device_class is not None:
         return DEVICE_TABLES[spec.device_class]
-    return DEVICE_TABLES[next(d.table for d in KNOWN_DEVICES if d.arch == spec.arch)]
+    return _arch_table(spec.arch)
 
 
 def regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str] = None) -> str:
@@ -238,3 +241,22 @@ def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
     B = 64 (T = 8: 0-0.4) and up to 2.4 % at B = 256 (T = 16); slower at T = 2 (B = 256), level
     for an fp32 state at T = 4 and 1.9 % slower at T = 8 (RESULTS.md "Input prefetch")."""
     return kernel in (KMTP, KMTP_MMA) and spec.state_dtype == "bfloat16" and spec.T > table.short_mtp_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGateConfig:
+    """How a ConvGateSpec is built: CTA threads and how many CTAs of each kind serve a batch row."""
+
+    threads: int
+    conv_ctas: int  # CTAs of conv channels per batch row, one channel per thread
+    gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each
+
+    @classmethod
+    def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
+        table = DEVICE_TABLES[spec.device_class] if spec.device_class else _arch_table(spec.arch)
+        threads = table.conv_gate_threads
+        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec)
+
+
+def _arch_table(arch: str) -> DeviceTable:
+    return DEVICE_TABLES[next(d.table for d in KNOWN_DEVICES if d.arch == arch)]

@@ -1,0 +1,205 @@
+"""`flashgdn.gdn_fused_decode_step`: FlashInfer 0.7.2's fused GDN decode step (the b/a projection
+GEMV, the causal conv1d update with SiLU, the q/k/v split and the gated delta-rule decode), at its
+exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackwell.
+
+Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec)
+writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace,
+and flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the
+pool) reads q, k, v, a and b as views of it. The workspace (bf16, [rows, qkv_dim] and
+[rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
+exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and
+CUDA-graph replays allocate nothing beyond the output; calls on one stream run in order, so they
+can share it. Like the rest of the API layer, this module never imports CuTe.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import api
+from . import validation as val
+from .cache import kernel_cache
+from .device import facts_of
+from .logging_utils import logged
+from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateArgs, ConvGateSpec, KernelArgs
+
+BF16 = (torch.bfloat16,)
+MIN_WORKSPACE_ROWS = 16
+
+
+def _check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+           ssm_state, state_indices, out):
+    """Every structural rule of a call; returns (Problem, width, device). Each failure names the
+    argument; nothing has been written."""
+    val.check_tensor("A_log", A_log, (torch.float32,), (None,))
+    HV = A_log.shape[0]
+    if HV < 1:
+        raise ValueError("A_log must have shape [HV] with HV >= 1, got an empty tensor")
+    val.check_tensor("ssm_state", ssm_state, val.STATE_DTYPES, (None, HV, None, None))
+    D = ssm_state.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS or ssm_state.shape[2] != D:
+        raise ValueError(f"ssm_state must have shape [P, HV={HV}, D, D] with D one of {SUPPORTED_HEAD_DIMS} "
+                         f"(K = V), got {list(ssm_state.shape)}")
+    val.check_tensor("hidden_states", hidden_states, BF16, (None, None))
+    B, hidden = hidden_states.shape
+    if hidden < 64 or hidden % 64:
+        raise ValueError(f"hidden_states.shape[1] (hidden) must be a positive multiple of 64, got {hidden}")
+    val.check_tensor("mixed_qkv", mixed_qkv, BF16, (B, None))
+    qkv_dim = mixed_qkv.shape[1]
+    qk = qkv_dim - HV * D
+    H = qk // (2 * D) if qk > 0 and qk % (2 * D) == 0 else 0
+    if H < 1 or HV % H:
+        raise ValueError(
+            f"mixed_qkv must have shape [B, (2*H + HV)*D] (q | k | v channels) with HV={HV} (A_log), D={D} "
+            f"(ssm_state) and HV a multiple of H >= 1; its width {qkv_dim} does not split so"
+        )
+    p = val.Problem(B=B, T=1, H=H, HV=HV, K=D, V=D)
+    val.check_tensor("w_ba", w_ba, BF16, (hidden, 2 * HV))
+    val.check_tensor("conv_weight", conv_weight, BF16, (qkv_dim, None))
+    width = conv_weight.shape[1]
+    if width not in CONV_WIDTHS:
+        raise ValueError(f"conv_weight.shape[1] (conv width) must be one of {CONV_WIDTHS}, got {width}")
+    if conv_bias is not None:
+        val.check_tensor("conv_bias", conv_bias, BF16, (qkv_dim,))
+    val.check_tensor("conv_state", conv_state, BF16, (None, qkv_dim, width - 1))
+    if conv_state.shape[0] != ssm_state.shape[0]:
+        raise ValueError(
+            f"conv_state and ssm_state must have the same number of slots (one index addresses both), got "
+            f"{conv_state.shape[0]} and {ssm_state.shape[0]}"
+        )
+    val.check_state("ssm_state", ssm_state, (None,), p, layout="klast")
+    val.check_no_overlap("conv_state", conv_state)
+    val.check_tensor("dt_bias", dt_bias, val.DT_BIAS_DTYPES, (HV,))
+    val.check_tensor("state_indices", state_indices, (torch.int32,), (B,))
+    for name, t in (("hidden_states", hidden_states), ("mixed_qkv", mixed_qkv), ("A_log", A_log),
+                    ("dt_bias", dt_bias), ("state_indices", state_indices)):
+        val.check_inner_contiguous(name, t, 1, align_leading=False)
+    # w_ba's rows are read in blocks of gate_vec columns (16 bytes where 2 HV allows).
+    gate_vec = ConvGateSpec(H, HV, D, hidden, width, conv_bias is not None, "sm_90a").gate_vec
+    _check_rows_aligned("w_ba", w_ba, gate_vec)
+    if out is not None:
+        val.check_tensor("out", out, BF16, (B, 1, HV, D))
+        val.check_inner_contiguous("out", out, 1, align_leading=False)
+        val.check_no_overlap("out", out)
+    val.check_scale(scale)
+    device = val.check_devices(dict(
+        hidden_states=hidden_states, w_ba=w_ba, mixed_qkv=mixed_qkv, conv_weight=conv_weight, conv_bias=conv_bias,
+        conv_state=conv_state, A_log=A_log, dt_bias=dt_bias, ssm_state=ssm_state, state_indices=state_indices,
+        out=out,
+    ))
+    return p, width, device
+
+
+def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
+    """Last dim contiguous; row stride a multiple of `elems` elements and the data pointer aligned
+    to `elems` elements (the kernel loads `elems` columns at once)."""
+    val.check_inner_contiguous(name, t, 1, align_leading=False)
+    if t.shape[0] > 1 and t.stride(0) % elems:
+        raise ValueError(f"{name} row stride must be a multiple of {elems} elements, got strides {list(t.stride())}")
+    align = elems * t.element_size()
+    if not isinstance(t, val.FakeTensor) and t.data_ptr() % align:
+        raise ValueError(f"{name} data pointer must be {align}-byte aligned (got address % {align} = "
+                         f"{t.data_ptr() % align})")
+
+
+class _Plan:
+    """A validated call signature: its Problem, conv width, device, and (after the first call)
+    the two compiled functions."""
+
+    __slots__ = ("problem", "width", "device", "fns")
+
+    def __init__(self, problem, width, device):
+        self.problem, self.width, self.device, self.fns = problem, width, device, None
+
+
+_VALIDATED: dict = {}
+_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV) -> (qkv rows, ba rows)
+
+
+def _workspace(device: torch.device, B: int, qkv_dim: int, HV: int):
+    """[B, qkv_dim] and [B, 2 HV] bf16 views of this stream's workspace (module docstring)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream, qkv_dim, HV)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[0].shape[0] < B:
+        rows = max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1))))
+        ws = _WORKSPACES[key] = (torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device),
+                                 torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
+    return ws[0][:B], ws[1][:B]
+
+
+def _decode_args(p: val.Problem, qkv: torch.Tensor, ba: torch.Tensor, A_log, dt_bias, ssm_state, state_indices,
+                 out) -> KernelArgs:
+    """The decode kernel's arguments: q, k, v, a and b as views of the workspace rows (as the
+    engines' packed decode views mixed_qkv: flashgdn.engines), b = ba[:, :HV], a = ba[:, HV:]."""
+    B, H, HV, D = p.B, p.H, p.HV, p.K
+    row = qkv.stride(0)
+    q = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset())
+    k = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset() + H * D)
+    v = qkv.as_strided((B, 1, HV, D), (row, HV * D, D, 1), qkv.storage_offset() + 2 * H * D)
+    gate = lambda off: ba.as_strided((B, 1, HV), (ba.stride(0), HV, 1), ba.storage_offset() + off)  # noqa: E731
+    return KernelArgs(q, k, v, gate(HV), gate(0), A_log, dt_bias, ssm_state, state_indices=state_indices,
+                      output=out)
+
+
+@logged
+def gdn_fused_decode_step(
+    hidden_states: torch.Tensor,
+    w_ba: torch.Tensor,
+    mixed_qkv: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    conv_state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    scale: Optional[float],
+    ssm_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode token per row of a GDN layer: b/a projection, causal conv1d update (SiLU), q/k/v
+    split and gated delta-rule decode; both pools updated in place (flashgdn.reference
+    .gdn_fused_decode_step is the step-by-step definition).
+
+    hidden_states [B, hidden] bf16 (hidden a multiple of 64); w_ba [hidden, 2 HV] bf16, last dim
+    contiguous (columns [:HV] feed the beta gate b, [HV:] the decay gate a); mixed_qkv [B, qkv_dim]
+    bf16, the pre-conv q | k | v channels, qkv_dim = (2 H + HV) D; conv_weight [qkv_dim, width]
+    bf16, width 2..4; conv_bias [qkv_dim] bf16 or None (no bias, as Qwen3-Next's conv); conv_state
+    [P, qkv_dim, width - 1] bf16, any strides: vLLM's "SD" pool as its transposed view or a dense
+    "DS" pool, padded page strides too; A_log [HV] fp32; dt_bias [HV] fp32 or bf16; scale None or
+    0.0 for D ** -0.5; ssm_state [P, HV, V, K] fp32 or bf16 (K-last, K = V = D in {64, 128, 256},
+    padded slot stride allowed); state_indices [B] int32: row i reads and writes slot
+    state_indices[i] of both pools. A negative index is padding: neither pool is read or written,
+    the output row is zero. An index >= P touches neither pool and gives a NaN output row.
+    out [B, 1, HV, D] bf16 (allocated when None).
+
+    Returns (out, conv_state, ssm_state).
+    """
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0.0:
+        scale = None  # FlashInfer's rule: 0.0 means "unset"
+    plan = val.remembered(
+        _VALIDATED, _check,
+        (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+         state_indices, out),
+        (use_qk_l2norm,), lambda result: _Plan(*result),
+    )
+    p = plan.problem
+    if out is None:
+        out = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=hidden_states.device)
+    if p.B == 0:
+        return out, conv_state, ssm_state
+    qkv, ba = _workspace(plan.device, p.B, mixed_qkv.shape[1], p.HV)
+    decode = _decode_args(p, qkv, ba, A_log, dt_bias, ssm_state, state_indices, out)
+    if plan.fns is None:
+        facts = facts_of(plan.device)
+        conv_spec = ConvGateSpec(p.H, p.HV, p.K, hidden_states.shape[1], plan.width, conv_bias is not None,
+                                 facts.arch, facts.device_class)
+        options = api.CallOptions(scale, use_qk_l2norm)
+        plan.fns = (kernel_cache.get(conv_spec),
+                    kernel_cache.get(api.kernel_spec("klast", p, decode, options, facts)))
+    conv_fn, decode_fn = plan.fns
+    conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
+    decode_fn(*decode)
+    return out, conv_state, ssm_state

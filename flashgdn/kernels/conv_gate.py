@@ -1,0 +1,129 @@
+"""The fused decode step's first launch: the causal conv1d update with SiLU over the q/k/v channels
+and the b/a projection GEMV, for one token per sequence, written to a workspace that the K-last
+decode kernel (klast.py) then reads as q, k, v, a and b.
+
+A 1-D grid of B x (conv_ctas + gate_ctas) CTAs (policy.ConvGateConfig):
+
+- conv CTA: one channel per thread. It reads the channel's old window (width - 1 values) at the
+  row's conv-state slot and its new input x, writes the activated output
+  silu(sum(window * weight) + bias), rounded to bf16 as the models' conv kernels store it, and
+  writes the new window (old[1:], x) back. Each channel has exactly one reader and writer, so
+  the in-place update has no race. The conv state is addressed through its dynamic strides: one
+  build serves the "SD" pool (a transposed view, channels contiguous: coalesced) and the "DS"
+  pool (windows contiguous).
+- gate CTA: one block of gate_vec columns of w_ba (one 16-byte load per row), its dot products
+  with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
+  the sums are rounded to bf16 as the projection's bf16 output is.
+
+A row whose slot is negative (padding) or past the conv pool touches no conv state; the decode
+kernel then leaves its output zero (padding) or NaN (a slot past the ssm pool).
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr
+
+from ..spec import ConvGateArgs, ConvGateSpec
+from . import common
+from .policy import ConvGateConfig
+
+
+class ConvGate:
+    def __init__(self, spec: ConvGateSpec, config: ConvGateConfig):
+        self.spec = spec
+        self.config = config
+        self.num_warps = config.threads // 32
+        self.ctas_per_row = config.conv_ctas + config.gate_ctas
+
+    @cute.jit
+    def __call__(self, *args_and_stream):
+        """The tensors of spec.ConvGateArgs, then the stream."""
+        *tensors, stream = args_and_stream
+        grid = tensors[0].shape[0] * self.ctas_per_row
+        self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.config.threads, 1, 1], stream=stream)
+
+    @common.kernel_params(ConvGateArgs._fields)
+    @cute.kernel
+    def kernel(self, *args):
+        """The tensors of spec.ConvGateArgs, in its order."""
+        gmem = ConvGateArgs(*args)
+        bidx, _, _ = cute.arch.block_idx()
+        b = bidx // self.ctas_per_row
+        part = bidx % self.ctas_per_row
+        if part < self.config.conv_ctas:
+            self._conv(gmem, b, part)
+        else:
+            self._gate(gmem, b, part - self.config.conv_ctas)
+
+    def _conv_loads(self, gmem: ConvGateArgs, b, c, slot):
+        """Channel c's old window, its new input and its weights (raw bf16)."""
+        W = self.spec.width
+        window = [gmem.conv_state[slot, c, j] for j in range(W - 1)]
+        weights = [gmem.conv_weight[c, j] for j in range(W)]
+        return window, gmem.mixed_qkv[b, c], weights
+
+    @cute.jit
+    def _conv(self, gmem: ConvGateArgs, b: Int32, part: Int32):
+        spec = self.spec
+        W = spec.width
+        tid, _, _ = cute.arch.thread_idx()
+        c = part * self.config.threads + tid
+        slot = Int64(gmem.state_indices[b])
+        if c < spec.qkv_dim:
+            if slot >= Int64(0):
+                if slot < Int64(gmem.conv_state.shape[0]):
+                    window, x, weights = self._conv_loads(gmem, b, c, slot)
+                    acc = Float32(0.0)
+                    for j in cutlass.range_constexpr(W - 1):
+                        acc += window[j].to(Float32) * weights[j].to(Float32)
+                    acc += x.to(Float32) * weights[W - 1].to(Float32)
+                    if const_expr(gmem.conv_bias is not None):
+                        acc += gmem.conv_bias[c].to(Float32)
+                    y = acc / (Float32(1.0) + cute.math.exp(-acc))  # SiLU
+                    gmem.qkv_out[b, c] = y.to(BFloat16)
+                    for j in cutlass.range_constexpr(W - 2):
+                        gmem.conv_state[slot, c, j] = window[j + 1]
+                    gmem.conv_state[slot, c, W - 2] = x
+
+    @cute.jit
+    def _gate(self, gmem: ConvGateArgs, b: Int32, block: Int32):
+        spec = self.spec
+        n = spec.gate_vec
+        threads = self.config.threads
+        tid, _, _ = cute.arch.thread_idx()
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        smem = cutlass.memory.SmemAllocator()
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((n, self.num_warps)), byte_alignment=16)
+
+        rAcc = cute.make_rmem_tensor((n,), Float32)
+        rAcc.fill(0.0)
+        rW = cute.make_rmem_tensor((n,), BFloat16)
+        for m in cutlass.range_constexpr((spec.hidden + threads - 1) // threads):
+            i = tid + m * threads
+            if const_expr((m + 1) * threads <= spec.hidden):
+                self._gate_row(gmem, b, block, i, rW, rAcc)
+            else:
+                if i < spec.hidden:
+                    self._gate_row(gmem, b, block, i, rW, rAcc)
+        for e in cutlass.range_constexpr(n):
+            rAcc[e] = cute.arch.warp_reduction_sum(rAcc[e])
+        if lane == 0:
+            for e in cutlass.range_constexpr(n):
+                sPart[e, warp] = rAcc[e]
+        cute.arch.barrier()
+        if tid < n:
+            acc = Float32(0.0)
+            for w in cutlass.range_constexpr(self.num_warps):
+                acc += sPart[tid, w]
+            gmem.ba_out[b, block * n + tid] = acc.to(BFloat16)
+
+    @cute.jit
+    def _gate_row(self, gmem: ConvGateArgs, b, block, i, rW: cute.Tensor, rAcc: cute.Tensor):
+        """rAcc += hidden_states[b, i] * w_ba[i, this block's columns]."""
+        cute.autovec_copy(cute.local_tile(gmem.w_ba[i, None], (self.spec.gate_vec,), (block,)), rW)
+        h = gmem.hidden_states[b, i].to(Float32)
+        w = rW.load().to(Float32)
+        for e in cutlass.range_constexpr(self.spec.gate_vec):
+            rAcc[e] += h * w[e]

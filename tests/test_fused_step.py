@@ -1,0 +1,149 @@
+"""CPU tests of gdn_fused_decode_step: the composed reference against flashgdn's decode reference
+and a step-by-step conv, and the argument checks (clear errors, nothing written)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashgdn
+from flashgdn import fused_step
+from flashgdn import reference as ref
+from helpers import BF16, F32, clone_fused, make_fused_inputs
+
+GEOMETRY = dict(B=3, H=2, HV=4, D=64, hidden=128)
+
+
+def _conv_by_hand(x, weight, bias, state):
+    """The causal conv1d update of one row, written out: y = silu(sum_j window[j] w[j] + bias)."""
+    W = weight.shape[1]
+    acc = torch.zeros(x.shape, dtype=torch.float64)
+    for j in range(W - 1):
+        acc += state[:, j].double() * weight[:, j].double()
+    acc += x.double() * weight[:, W - 1].double()
+    if bias is not None:
+        acc += bias.double()
+    return F.silu(acc).to(BF16), torch.cat([state[:, 1:], x[:, None]], 1)
+
+
+@pytest.mark.parametrize("layout", ["SD", "DS"])
+@pytest.mark.parametrize("width,bias", [(4, True), (2, False), (3, True)])
+def test_reference_composes_the_steps(layout, width, bias):
+    kw = make_fused_inputs(**GEOMETRY, width=width, bias=bias, conv_layout=layout, slots=[4, -1, 0], P=6, seed=3)
+    expect = clone_fused(kw)
+    out, conv_state, ssm_state = ref.gdn_fused_decode_step(**kw, compute_dtype=torch.float64)
+    assert conv_state is kw["conv_state"] and ssm_state is kw["ssm_state"]
+    assert out.shape == (3, 1, 4, 64) and out.dtype == BF16
+
+    H, HV, D = 2, 4, 64
+    ba = (expect["hidden_states"].double() @ expect["w_ba"].double()).to(BF16)
+    y = torch.zeros_like(expect["mixed_qkv"])
+    for i, slot in enumerate([4, -1, 0]):
+        if slot < 0:
+            continue
+        st = expect["conv_state"][slot]
+        y[i], new = _conv_by_hand(expect["mixed_qkv"][i], expect["conv_weight"], expect["conv_bias"], st)
+        expect["conv_state"][slot] = new
+    q = y[:, : H * D].view(3, 1, H, D)
+    k = y[:, H * D : 2 * H * D].view(3, 1, H, D)
+    v = y[:, 2 * H * D :].view(3, 1, HV, D)
+    o, _ = ref.gated_delta_rule_decode_pretranspose(
+        q, k, v, None, expect["A_log"], ba[:, None, HV:], expect["dt_bias"], ba[:, None, :HV],
+        initial_state=expect["ssm_state"], initial_state_indices=expect["state_indices"],
+        compute_dtype=torch.float64,
+    )
+    torch.testing.assert_close(out, o, atol=0, rtol=0)
+    assert torch.equal(conv_state, expect["conv_state"])
+    assert torch.equal(ssm_state, expect["ssm_state"])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # padding row
+    # Slots no row names are untouched (conv_state: 1, 2, 3, 5).
+    for s in (1, 2, 3, 5):
+        assert torch.equal(conv_state[s], make_fused_inputs(**GEOMETRY, width=width, bias=bias, conv_layout=layout,
+                                                            slots=[4, -1, 0], P=6, seed=3)["conv_state"][s])
+
+
+def test_reference_scale_zero_means_default():
+    kw = make_fused_inputs(**GEOMETRY, seed=5)
+    a = ref.gdn_fused_decode_step(**{**clone_fused(kw), "scale": 0.0})[0]
+    b = ref.gdn_fused_decode_step(**{**clone_fused(kw), "scale": 64 ** -0.5})[0]
+    assert torch.equal(a, b)
+
+
+def test_reference_index_past_the_pools_is_nan_and_touches_nothing():
+    kw = make_fused_inputs(**GEOMETRY, slots=[1, 7, 2], P=7, seed=6)
+    before = clone_fused(kw)
+    out = ref.gdn_fused_decode_step(**kw)[0]
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    for s in (0, 3, 4, 5, 6):
+        assert torch.equal(kw["conv_state"][s], before["conv_state"][s])
+        assert torch.equal(kw["ssm_state"][s], before["ssm_state"][s])
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _valid():
+    return make_fused_inputs(**GEOMETRY, P=7, seed=1)
+
+
+def _expect(kw, exc, match):
+    before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(exc, match=match):
+        flashgdn.gdn_fused_decode_step(**kw)
+    for n, t in before.items():
+        assert torch.equal(kw[n], t), f"{n} changed by a call that failed validation"
+
+
+def test_valid_cpu_call_fails_only_on_the_device():
+    _expect(_valid(), ValueError, "must be a CUDA tensor")
+
+
+BAD = [
+    ("hidden_states", lambda kw: kw["hidden_states"].float(), TypeError, "hidden_states must have dtype bfloat16"),
+    ("hidden_states", lambda kw: kw["hidden_states"][:, :96], ValueError, r"hidden\) must be a positive multiple of 64"),
+    ("w_ba", lambda kw: kw["w_ba"][:, :6], ValueError, r"w_ba must have shape \[128, 8\]"),
+    ("w_ba", lambda kw: kw["w_ba"].t().contiguous().t(), ValueError, "w_ba must have its last dim contiguous"),
+    ("mixed_qkv", lambda kw: kw["mixed_qkv"][:, :-64], ValueError, "mixed_qkv must have shape .* does not split"),
+    ("mixed_qkv", lambda kw: kw["mixed_qkv"][:2], ValueError, r"mixed_qkv must have shape \[3, \*\]"),
+    ("conv_weight", lambda kw: torch.zeros(512, 5, dtype=BF16), ValueError, "conv width.* must be one of"),
+    ("conv_bias", lambda kw: kw["conv_bias"].float(), TypeError, "conv_bias must have dtype bfloat16"),
+    ("conv_state", lambda kw: kw["conv_state"][:, :, :2], ValueError, r"conv_state must have shape \[\*, 512, 3\]"),
+    ("conv_state", lambda kw: kw["conv_state"][:5], ValueError, "same number of slots"),
+    ("conv_state", lambda kw: kw["conv_state"][:1].expand(7, -1, -1), ValueError, "conv_state must not overlap itself"),
+    ("ssm_state", lambda kw: kw["ssm_state"].half(), TypeError, "ssm_state must have dtype"),
+    ("ssm_state", lambda kw: kw["ssm_state"][..., :32], ValueError, r"ssm_state must have shape \[P, HV=4, D, D\]"),
+    ("A_log", lambda kw: kw["A_log"].to(BF16), TypeError, "A_log must have dtype float32"),
+    ("dt_bias", lambda kw: kw["dt_bias"][:3], ValueError, r"dt_bias must have shape \[4\]"),
+    ("state_indices", lambda kw: kw["state_indices"].long(), TypeError, "state_indices must have dtype int32"),
+    ("state_indices", lambda kw: kw["state_indices"][:2], ValueError, r"state_indices must have shape \[3\]"),
+    ("out", lambda kw: torch.ones(3, 1, 4, 64), TypeError, "out must have dtype bfloat16"),
+    ("out", lambda kw: torch.ones(3, 4, 64, dtype=BF16), ValueError, r"out must have shape \[3, 1, 4, 64\]"),
+    ("scale", lambda kw: "0.1", TypeError, "scale must be a float or None"),
+    ("scale", lambda kw: float("nan"), ValueError, "scale must be finite"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_argument_raises_naming_it(name, make, exc, match):
+    kw = _valid()
+    kw[name] = make(kw)
+    _expect(kw, exc, match)
+
+
+def test_misaligned_w_ba_rows():
+    kw = _valid()
+    wide = torch.randn(128, 12).to(BF16)
+    kw["w_ba"] = wide[:, 2:10]  # row stride 12: not a multiple of the 8-column blocks
+    _expect(kw, ValueError, "w_ba row stride must be a multiple of 8 elements")
+
+
+def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
+    monkeypatch.setattr(fused_step, "_WORKSPACES", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    cpu = torch.device("cpu")
+    q1, b1 = fused_step._workspace(cpu, 3, 512, 4)
+    q2, b2 = fused_step._workspace(cpu, 16, 512, 4)
+    assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
+    q3, _ = fused_step._workspace(cpu, 17, 512, 4)
+    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4)][0].shape[0] == 32
+    assert fused_step._workspace(cpu, 5, 512, 4)[0].data_ptr() == q3.data_ptr()

@@ -1,0 +1,184 @@
+"""gdn_fused_decode_step on the GPU against the composed fp64 reference: both conv-state layouts,
+padding and out-of-range slots, padded page and slot strides, fp32 and bf16 state, conv bias or
+none, the models' geometries (Qwen3-Next and Qwen3.5 at TP1 and TP4) and odd ones, a dynamic
+batch compiled once, and CUDA graph replay equal to eager.
+
+Each call is checked in two stages, because the conv output and the projection are rounded to
+bf16 (as the models store them) and an fp32 kernel and an fp64 oracle round a value lying on a
+bf16 rounding boundary differently: (1) the conv/gate launch's workspace rows (post-conv
+q | k | v, b | a) against the oracle within one bf16 step, and the conv pool bit for bit (the
+window shift is exact); (2) the output and the ssm pool against the fp64 decode oracle run on
+those workspace rows; the output also end to end against the oracle from scratch.
+"""
+import pytest
+import torch
+
+import flashgdn
+from flashgdn import fused_step
+from flashgdn import reference as ref
+from flashgdn.cache import kernel_cache
+from flashgdn.spec import ConvGateSpec
+from helpers import BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, make_fused_inputs
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+F64 = torch.float64
+
+# (id, H, HV, D, hidden, width, bias)
+GEOMETRIES = [
+    ("qwen3next-tp1", 16, 32, 128, 2048, 4, False),
+    ("qwen3next-tp4", 4, 8, 128, 2048, 4, True),
+    ("qwen35-tp4", 4, 12, 128, 5120, 4, False),
+    ("d64-hv6-w3", 2, 6, 64, 192, 3, True),
+    ("d256-w2", 1, 2, 256, 256, 2, True),
+]
+
+
+def _slots(B, P, pad, invalid, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(P, generator=gen)[:B].to(torch.int32)
+    if pad:
+        idx[1::3] = -1
+    if invalid and B > 2:
+        idx[2] = P + 3  # past both pools: NaN output row, nothing written
+    return idx
+
+
+def _check_bf16_close(actual, expected, what):
+    """Within one bf16 rounding step (a value on a rounding boundary may round either way)."""
+    err = (actual.float() - expected.float()).abs()
+    tol = bf16_ulp(expected.float()) + 1e-6
+    assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} values beyond one bf16 step, max {err.max():.3g}"
+
+
+def run_and_check(kw, *, out=None):
+    """Run the fused step on `kw` (GPU tensors) and check everything against the fp64 oracle."""
+    B = kw["hidden_states"].shape[0]
+    HV, D = kw["A_log"].shape[0], kw["ssm_state"].shape[-1]
+    qkv_dim = kw["mixed_qkv"].shape[1]
+    H = (qkv_dim - HV * D) // (2 * D)
+    P = kw["ssm_state"].shape[0]
+    idx = kw["state_indices"].long()
+    run = (idx >= 0) & (idx < P)
+    pad = idx < 0
+    invalid = idx >= P
+
+    oracle = clone_fused(kw)
+    before = clone_fused(kw)
+    o_ref, _, _ = ref.gdn_fused_decode_step(**oracle, out=None, compute_dtype=F64)
+    if out is None:
+        out = torch.full((B, 1, HV, D), float("nan"), dtype=BF16, device=DEV)
+    o, conv_state, ssm_state = flashgdn.gdn_fused_decode_step(**kw, out=out)
+    torch.cuda.synchronize()
+    assert o is out and conv_state is kw["conv_state"] and ssm_state is kw["ssm_state"]
+
+    # Stage 1: the conv/gate launch.
+    qkv, ba = fused_step._workspace(o.device, B, qkv_dim, HV)
+    y_ref = ref.conv_update(before["mixed_qkv"], before["conv_weight"], before["conv_bias"],
+                            clone_fused(before)["conv_state"], before["state_indices"], F64)
+    ba_ref = (before["hidden_states"].to(F64) @ before["w_ba"].to(F64)).to(BF16)
+    _check_bf16_close(qkv[run], y_ref[run], "conv output (q | k | v)")
+    _check_bf16_close(ba, ba_ref, "b | a projection")
+    assert torch.equal(conv_state, oracle["conv_state"]), "conv_state differs from the reference"
+
+    # Stage 2: the decode on the kernel's own workspace rows.
+    dec_pool = before["ssm_state"].to(F64)
+    q = qkv[:, : H * D].reshape(B, 1, H, D)
+    k = qkv[:, H * D : 2 * H * D].reshape(B, 1, H, D)
+    v = qkv[:, 2 * H * D :].reshape(B, 1, HV, D)
+    o_dec, _ = ref.gated_delta_rule_decode_pretranspose(
+        q, k, v, None, kw["A_log"], ba[:, None, HV:], kw["dt_bias"], ba[:, None, :HV],
+        scale=kw["scale"] or None, use_qk_l2norm=True, initial_state=dec_pool,
+        initial_state_indices=kw["state_indices"], compute_dtype=F64,
+    )
+    assert torch.all(o[pad] == 0), "a padding row's output is zero"
+    assert torch.isnan(o[invalid]).all(), "a row whose slot is past the pools has a NaN output"
+    assert_close_output(o[run], o_dec[run], "output (decode stage)")
+    assert_close_output(o[run], o_ref[run], "output (end to end)")
+    written = torch.zeros(P, dtype=torch.bool, device=DEV)
+    written[idx[run]] = True
+    assert_close_state(ssm_state[written], dec_pool[written], "ssm_state (written slots)")
+    assert torch.equal(ssm_state[~written], before["ssm_state"][~written]), "an unnamed ssm slot changed"
+    assert torch.equal(conv_state[~written], before["conv_state"][~written]), "an unnamed conv slot changed"
+    return o
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+@pytest.mark.parametrize("layout", ["SD", "DS"])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_matches_reference(geom, layout, sdt):
+    _, H, HV, D, hidden, width, bias = geom
+    for n, B in enumerate((1, 7, 70)):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
+                               slots=_slots(B, P, pad=B > 1, invalid=B > 2, seed=n), device=DEV, seed=10 + n)
+        run_and_check(kw)
+
+
+@pytest.mark.parametrize("layout", ["SD", "DS"])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_padded_page_and_slot_strides(layout, sdt):
+    B, P = 9, 23
+    kw = make_fused_inputs(B, 4, 8, 128, 2048, 4, P=P, state_dtype=sdt, conv_layout=layout, bias=True,
+                           page_pad=40, slot_pad=64, slots=_slots(B, P, True, True, 3), device=DEV, seed=4)
+    assert not kw["ssm_state"].is_contiguous() and not kw["conv_state"].is_contiguous()
+    run_and_check(kw)
+
+
+def test_scale_and_strided_rows():
+    """An explicit scale; hidden_states, mixed_qkv and w_ba as views of wider rows."""
+    B, H, HV, D, hidden = 5, 4, 8, 128, 2048
+    kw = make_fused_inputs(B, H, HV, D, hidden, 4, state_dtype=F32, device=DEV, seed=8)
+    wide = lambda t, extra: torch.cat([t, torch.randn(t.shape[0], extra, device=DEV).to(BF16)], 1)[:, : t.shape[1]]  # noqa: E731
+    kw.update(hidden_states=wide(kw["hidden_states"], 64), mixed_qkv=wide(kw["mixed_qkv"], 24),
+              w_ba=wide(kw["w_ba"], 16), scale=0.05)
+    run_and_check(kw)
+
+
+def test_out_none_and_batch_dynamic_compiles_once():
+    H, HV, D, hidden = 2, 4, 128, 512
+    specs = lambda: {s for s in kernel_cache._fns if isinstance(s, ConvGateSpec) and s.hidden == hidden}  # noqa: E731
+    for B in (1, 3, 130, 17):
+        kw = make_fused_inputs(B, H, HV, D, hidden, 4, P=B + 2, device=DEV, seed=B)
+        oracle = clone_fused(kw)
+        o, _, _ = flashgdn.gdn_fused_decode_step(**kw)
+        o_ref, _, _ = ref.gdn_fused_decode_step(**oracle, compute_dtype=F64)
+        assert o.shape == (B, 1, HV, D) and o.dtype == BF16
+        assert_close_output(o, o_ref)
+    assert len(specs()) == 1, "one conv/gate build serves every batch size"
+
+
+def test_cuda_graph_replay_equals_eager():
+    """New hidden states, inputs and slots (padding rows included) per replay, as a decode step."""
+    B, H, HV, D, hidden = 9, 4, 8, 128, 2048
+    P = 2 * B + 3
+    kw = make_fused_inputs(B, H, HV, D, hidden, 4, P=P, state_dtype=F32, conv_layout="SD", page_pad=8,
+                           slot_pad=32, device=DEV, seed=20)
+    static = [kw["hidden_states"], kw["mixed_qkv"], kw["state_indices"]]
+
+    def fresh(i):
+        f = make_fused_inputs(B, H, HV, D, hidden, 4, P=P, device=DEV, seed=30 + i,
+                              slots=_slots(B, P, True, False, 40 + i))
+        return [f["hidden_states"], f["mixed_qkv"], f["state_indices"]]
+
+    def call(t):
+        o, _, _ = flashgdn.gdn_fused_decode_step(**{**kw, **t})
+        return o
+
+    bufs = dict(conv_state=kw["conv_state"], ssm_state=kw["ssm_state"],
+                out=torch.zeros(B, 1, HV, D, dtype=BF16, device=DEV))
+    call(clone_fused(bufs) | {"out": bufs["out"].clone()})
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(bufs)
+    for i in range(2):
+        for s, f in zip(static, fresh(i)):
+            s.copy_(f)
+        eager = clone_fused(bufs) | {"out": bufs["out"].clone()}
+        eager_out = call(eager)
+        graph.replay()
+        torch.cuda.synchronize()
+        for n in ("conv_state", "ssm_state"):
+            assert torch.equal(bufs[n], eager[n]), f"{n}: graph replay {i + 1} differs from the eager call"
+        assert torch.equal(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
