@@ -9,7 +9,8 @@ pool) reads q, k, v, a and b as views of it. The workspace (bf16, [rows, qkv_dim
 [rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
 exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and
 CUDA-graph replays allocate nothing beyond the output; calls on one stream run in order, so they
-can share it. Like the rest of the API layer, this module never imports CuTe.
+can share it. An outgrown workspace is kept, not freed: a CUDA graph captured with it still
+reads and writes its address. Like the rest of the API layer, this module never imports CuTe.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class _Plan:
 
 _VALIDATED: dict = {}
 _WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV) -> (qkv rows, ba rows)
+_RETIRED: list = []  # outgrown workspaces, kept alive for the CUDA graphs that captured them
 
 
 def _workspace(device: torch.device, B: int, qkv_dim: int, HV: int):
@@ -123,6 +125,9 @@ def _workspace(device: torch.device, B: int, qkv_dim: int, HV: int):
     key = (device, torch.cuda.current_stream(device).cuda_stream, qkv_dim, HV)
     ws = _WORKSPACES.get(key)
     if ws is None or ws[0].shape[0] < B:
+        if ws is not None:
+            # A CUDA graph captured on the smaller workspace keeps using its address: never free it.
+            _RETIRED.append(ws)
         rows = max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1))))
         ws = _WORKSPACES[key] = (torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device),
                                  torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
