@@ -228,13 +228,15 @@ def test_h200_table_takes_its_measured_choices():
 
 def test_per_token_writes_follow_intermediates():
     """Token slots (ssm_state_indices) write a state per token like intermediates: kmtp (never the
-    tensor-core kernel), the "mtp_inter" tiles, no L2 prefetch; a strided state has no prefetch."""
+    tensor-core kernel), the "mtp_inter" tiles, no L2 prefetch; a strided state prefetches as a
+    packed one (row by row)."""
     from flashgdn.kernels import policy
 
     tok = config(T=8, regime="large", state="bfloat16", index_dtype="int32", has_token_slots=True)
     inter = config(T=8, regime="large", state="bfloat16", index_dtype="int32", has_intermediate=True)
     assert tok.kernel == inter.kernel == policy.KMTP and tok.tile == inter.tile and tok.prefetch_bytes == 0
-    assert config(regime="large", state="bfloat16", index_dtype="int32", strided_state=True).prefetch_bytes == 0
+    strided = config(regime="large", state="bfloat16", index_dtype="int32", strided_state=True)
+    assert strided.prefetch_bytes == config(regime="large", state="bfloat16", index_dtype="int32").prefetch_bytes
     assert config(regime="large", state="bfloat16", index_dtype="int32").prefetch_bytes > 0
     with pytest.raises(ValueError, match="token slots need a pool"):
         spec("sm_90a", T=4, has_token_slots=True)

@@ -230,14 +230,15 @@ class DecodeKernel:
 
     @property
     def tile_bytes(self) -> int:
-        """Bytes of a CTA's state tile when it is contiguous (tile_rows whole rows), else 0."""
+        """Bytes of a CTA's state tile when it is whole rows (tile_rows of them; one contiguous
+        range unless the state is strided), else 0."""
         row = self.spec.K if self.spec.layout == "klast" else self.spec.V
         return self.tile_rows * row * DTYPE_BYTES[self.spec.state_dtype]
 
     @property
     def prefetch_ctas(self) -> int:
         """L2 prefetch distance of prefetch_later in CTAs (0: none): the policy's distance in
-        bytes in whole tiles, at least one; none where the tile is not contiguous."""
+        bytes in whole tiles, at least one; none where the tile is not whole rows."""
         if not self.config.prefetch_bytes or not self.tile_bytes:
             return 0
         return max(1, self.config.prefetch_bytes // self.tile_bytes)
@@ -276,24 +277,41 @@ class DecodeKernel:
             grid, _, _ = cute.arch.grid_dim()
             tid, _, _ = cute.arch.thread_idx()
             later = bidx + self.prefetch_ctas
-            # Builds without the inputs test the one thread and the grid together (one branch).
+            # Builds without the inputs test the prefetching threads and the grid together (one branch).
             if const_expr(self.prefetch_inputs and with_inputs):
                 if later < grid:
                     tile, b, hv, h = self.cta_coords(later)
-                    if tid == 0:
-                        self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv)
+                    if tid < self._state_prefetchers:
+                        self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv, tid)
                     self._prefetch_inputs(gmem, tile, b, hv, h, tid)
-            elif tid == 0 and later < grid:
+            elif tid < self._state_prefetchers and later < grid:
                 tile, b, hv, _ = self.cta_coords(later)
-                self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv)
+                self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv, tid)
+
+    @property
+    def _state_prefetchers(self) -> int:
+        """Threads that prefetch the state tile: one for a packed state (the tile is one range),
+        one per row for a strided one (a padded pool: rows are separate ranges)."""
+        return min(self.tile_rows, self.num_warps * 32) if self.spec.strided_state else 1
 
     @cute.jit
-    def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv):
-        """The state tile of (tile, batch row b, value head hv) into L2, if that row reads one."""
+    def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv, tid):
+        """The state tile of (tile, batch row b, value head hv) into L2, if that row reads one:
+        one bulk prefetch of the whole tile, or, for a strided state, thread `tid` prefetches rows
+        tid, tid + prefetchers, ..."""
         slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
         if status == RUN:
-            start = mS[slot, hv, tile * self.tile_rows, None].iterator
-            nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
+            if const_expr(self.spec.strided_state):
+                row_bytes = self.tile_bytes // self.tile_rows
+                n = self._state_prefetchers
+                for r in cutlass.range_constexpr((self.tile_rows + n - 1) // n):
+                    row = tid + r * n
+                    if row < self.tile_rows:
+                        start = mS[slot, hv, tile * self.tile_rows + row, None].iterator
+                        nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(row_bytes).ir_value())
+            else:
+                start = mS[slot, hv, tile * self.tile_rows, None].iterator
+                nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
 
     @cute.jit
     def _prefetch_inputs(self, gmem, tile, b, hv, h, tid):

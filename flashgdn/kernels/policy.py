@@ -224,9 +224,9 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
     0.6-1.5 %); kmtp with at most short_mtp_tokens tokens gains from 6 MiB (bf16 B = 64 1.3 %,
     fp32 0.5 %). Off where it measured slower or neutral: with intermediates (within 1 %), with the
     unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major).
-    Per-token state writes are bound by the writes, as intermediates are; a strided state's tile
-    is not one contiguous range (RESULTS.md "L2 prefetch distance")."""
-    if spec.regime != "large" or spec.writes_states or spec.strided_state or unchecked_loop:
+    Per-token state writes are bound by the writes, as intermediates are. A strided state (a
+    padded pool) prefetches row by row (RESULTS.md "L2 prefetch distance", "Padded pools")."""
+    if spec.regime != "large" or spec.writes_states or unchecked_loop:
         return 0
     if kernel == KMAJOR and spec.state_dtype != "bfloat16":
         return 0
