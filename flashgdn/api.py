@@ -47,19 +47,26 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
     """The compiled variant a call uses: from its problem sizes, the dtypes, presence and (the
     state's) strides of its tensors (`args`: meta tensors do), its options and the device."""
     name = val.dtype_name
+    # vLLM's slot rule: the read slots come from the token slots (flashgdn.recurrent)
+    vllm_slots = args.state_indices is None and args.token_state_indices is not None
+    index = args.token_state_indices if vllm_slots else args.state_indices
     return KernelSpec(
         layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=name(args.q.dtype),
-        state_dtype=name(args.state.dtype), gate_dtype=name(args.a.dtype), dt_bias_dtype=name(args.dt_bias.dtype),
+        state_dtype=name(args.state.dtype), gate_dtype=name(args.a.dtype),
+        dt_bias_dtype="float32" if args.dt_bias is None else name(args.dt_bias.dtype),
         scale=float(p.K ** -0.5 if options.scale is None else options.scale), use_l2norm=bool(options.use_l2norm),
         arch=facts.arch, regime=regime or policy.regime(p.B, p.HV, facts.sm_count, facts.device_class),
         softplus_beta=float(options.softplus_beta), softplus_threshold=float(options.softplus_threshold),
-        index_dtype=None if args.state_indices is None else name(args.state_indices.dtype),
+        index_dtype=None if index is None else name(index.dtype),
         has_out_indices=args.output_state_indices is not None,
         has_intermediate=args.intermediate_states is not None, update_state=bool(options.update_state),
         has_accepted=args.accepted_tokens is not None, device_class=facts.device_class,
         out_dtype=None if args.output is None or args.output.dtype == args.q.dtype else name(args.output.dtype),
         has_token_slots=args.token_state_indices is not None, strided_state=not val.packed(args.state, 3),
-        zero_padding_output=options.zero_padding_output,
+        zero_padding_output=options.zero_padding_output, precomputed_gates=args.A_log is None,
+        beta_dtype=None if args.b.dtype == args.a.dtype else name(args.b.dtype), vllm_slots=vllm_slots,
+        accepted_dtype="int32" if args.accepted_tokens is None else name(args.accepted_tokens.dtype),
+        varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
     )
 
 
@@ -71,8 +78,14 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
                     ("ssm_state_indices", args.token_state_indices)):
         if t is not None:
             val.check_index_values(name, t, pool_size, allow_negative=True)
+    vllm_slots = args.state_indices is None and args.token_state_indices is not None  # flashgdn.recurrent
     if args.accepted_tokens is not None:
-        val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
+        if vllm_slots:  # the count picks the slot read: 1..T
+            val.check_index_values("num_accepted_tokens - 1", args.accepted_tokens - 1, p.T, allow_negative=False)
+        else:
+            val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
+    if vllm_slots:  # the engine's slot layout: rows of padding may share slots; no distinctness rule
+        return
     if args.token_state_indices is not None:  # every (row, token) writes its own slot
         rows = args.state_indices[:, None].expand_as(args.token_state_indices)
         val.check_distinct_slots("ssm_state_indices", args.token_state_indices.flatten(), rows.flatten())

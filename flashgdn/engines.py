@@ -11,8 +11,9 @@ value, in-place updates), so that an engine swaps the function it calls and noth
   0, vLLM's null block, is padding too).
 - `fused_sigmoid_gating_delta_rule_update`: SGLang's decode with the gates computed in the kernel;
   one token per sequence.
-- `fused_recurrent_gated_delta_rule`: vLLM's recurrent op on precomputed gates g and beta, which
-  flashgdn's kernels do not take yet: it raises NotImplementedError, so that an engine can probe it.
+- `fused_recurrent_gated_delta_rule`: vLLM's recurrent op on precomputed gates g and beta, for
+  decode and speculative-decode verify (varlen, per-token state slots, accepted counts); defined
+  in flashgdn.recurrent.
 
 The upstream definitions these match (tests/test_engines.py pins them):
   vllm-project/vllm, vllm/third_party/flash_linear_attention/ops/fused_recurrent.py
@@ -23,7 +24,7 @@ The upstream definitions these match (tests/test_engines.py pins them):
   sgl-project/sglang, python/sglang/kernels/ops/attention/fla/fused_sigmoid_gating_recurrent.py:
       fused_sigmoid_gating_delta_rule_update
 
-Every function hands q, k and v to `flashgdn.api.gated_delta_rule_decode_pretranspose` as views
+Every function but the last hands q, k and v to `flashgdn.api.gated_delta_rule_decode_pretranspose` as views
 of the engine's tensors (no copy), with the engine's K-last state pool [P, HV, V, K] as
 `initial_state`. Each checks first what only it knows (the split of the packed row, the shapes of
 a, b, out and the slot indices, the layout of q/k/v), raising TypeError/ValueError that name its
@@ -40,6 +41,7 @@ import torch
 from . import api
 from . import validation as val
 from .logging_utils import logged
+from .recurrent import fused_recurrent_gated_delta_rule
 from .spec import SUPPORTED_HEAD_DIMS
 
 __all__ = [
@@ -359,35 +361,3 @@ def fused_sigmoid_gating_delta_rule_update(
         softplus_beta=softplus_beta, softplus_threshold=softplus_threshold,
     )
     return o
-
-
-# ----------------------------------------------------------------------------- precomputed gates
-
-
-@logged
-def fused_recurrent_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor = None,
-    scale: float = None,
-    initial_state: torch.Tensor = None,
-    inplace_final_state: bool = True,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    ssm_state_indices: Optional[torch.Tensor] = None,
-    num_accepted_tokens: Optional[torch.Tensor] = None,
-    use_qk_l2norm_in_kernel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's recurrent GDN op on precomputed gates: log-decay g [B, T, HV] and beta [B, T, HV].
-
-    flashgdn's kernels compute the gates from A_log, a, dt_bias and b themselves and take no
-    precomputed ones yet, so this raises NotImplementedError on every call: an engine that probes
-    it falls back to its own op. For decode, call `fused_recurrent_gated_delta_rule_packed_decode`
-    (`_vllm`) or `fused_sigmoid_gating_delta_rule_update`, which take the raw gate inputs.
-    """
-    raise NotImplementedError(
-        "flashgdn.engines.fused_recurrent_gated_delta_rule: precomputed g/beta gates are not supported yet "
-        "(flashgdn's kernels compute the gates from A_log, a, dt_bias and b); use the engine's own op, or "
-        "fused_recurrent_gated_delta_rule_packed_decode / fused_sigmoid_gating_delta_rule_update for decode"
-    )

@@ -40,24 +40,32 @@ def step(S, q, k, v, g, beta):
 
 def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta, softplus_threshold, dtype):
     """Run T tokens for N sequences. S [N, HV, K, V] in `dtype`; returns (o [N,T,HV,V], states list)."""
-    N, T, H, K = q.shape
-    HV = v.shape[2]
-    if scale is None:
-        scale = K ** -0.5
-    qf, kf = q.to(dtype), k.to(dtype)
-    if use_qk_l2norm:
-        qf, kf = l2norm(qf), l2norm(kf)
-    qf = qf * scale
-    rep = HV // H
-    qf = qf.repeat_interleave(rep, dim=2)
-    kf = kf.repeat_interleave(rep, dim=2)
+    qf, kf = _prepare_qk(q, k, v.shape[2], scale, use_qk_l2norm, dtype)
     g, beta = gates(A_log, a, dt_bias, b, softplus_beta, softplus_threshold, dtype)
+    return _recur_gated(qf, kf, v, g, beta, S, dtype)
+
+
+def _recur_gated(qf, kf, v, g, beta, S, dtype):
+    """T tokens on gates g (decay), beta [N, T, HV] and prepared q, k [N, T, HV, K] (normed,
+    scaled, repeated over the value heads). Returns (o [N, T, HV, V], states list)."""
+    T = qf.shape[1]
     outs, states = [], []
     for t in range(T):
-        o, S = step(S, qf[:, t], kf[:, t], v[:, t].to(dtype), g[:, t], beta[:, t])
+        o, S = step(S, qf[:, t], kf[:, t], v[:, t].to(dtype), g[:, t].to(dtype), beta[:, t].to(dtype))
         outs.append(o)
         states.append(S)
     return torch.stack(outs, 1), states
+
+
+def _prepare_qk(q, k, HV, scale, use_qk_l2norm, dtype):
+    """q, k [N, T, H, K] -> normed (optionally), q scaled, both repeated to [N, T, HV, K]."""
+    K = q.shape[-1]
+    qf, kf = q.to(dtype), k.to(dtype)
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    qf = qf * (K ** -0.5 if scale is None else scale)
+    rep = HV // q.shape[2]
+    return qf.repeat_interleave(rep, dim=2), kf.repeat_interleave(rep, dim=2)
 
 
 def _decode(
@@ -222,3 +230,42 @@ def gdn_fused_decode_step(
         "klast", None if not scale else scale, use_qk_l2norm, out, compute_dtype=compute_dtype,
     )
     return result, conv_state, ssm_state
+
+
+def fused_recurrent_gated_delta_rule_vllm(
+    q, k, v, g, beta, scale, initial_state, cu_seqlens=None, ssm_state_indices=None, num_accepted_tokens=None,
+    use_qk_l2norm_in_kernel=False, *, compute_dtype=torch.float32,
+):
+    """Reference of vLLM's contract (flashgdn.engines.fused_recurrent_gated_delta_rule), one
+    sequence at a time: g log decay, beta [B, T, HV]; sequence i (rows cu_seqlens[i]..[i + 1] of
+    dim 1, or row i of a dense batch) reads slot ssm_state_indices[i, num_accepted_tokens[i] - 1]
+    and writes the state after its token t to slot ssm_state_indices[i, t] (in place, the pool's
+    dtype); a slot <= 0 is padding (read: zero output, nothing written) or not written. Returns
+    the output (v's shape, q's dtype; NaN in rows of no sequence)."""
+    idx = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices[:, None]
+    out = torch.full(v.shape, float("nan"), dtype=q.dtype, device=q.device)
+    HV = v.shape[2]
+    for i in range(idx.shape[0]):
+        if cu_seqlens is None:
+            row, start, n = i, 0, q.shape[1]
+        else:
+            row, start, n = 0, int(cu_seqlens[i]), int(cu_seqlens[i + 1] - cu_seqlens[i])
+        if n == 0:
+            continue
+        span = slice(start, start + n)
+        acc = 1 if num_accepted_tokens is None else int(num_accepted_tokens[i])
+        slot = int(idx[i, acc - 1])
+        if slot <= 0:
+            out[row, span] = 0
+            continue
+        S = initial_state[slot].to(compute_dtype).transpose(-1, -2)[None]  # [1, HV, K, V]
+        qf, kf = _prepare_qk(q[row, span][None], k[row, span][None], HV, scale, use_qk_l2norm_in_kernel,
+                             compute_dtype)
+        o, states = _recur_gated(qf, kf, v[row, span][None], g[row, span][None].to(compute_dtype).exp(),
+                                 beta[row, span][None].to(compute_dtype), S, compute_dtype)
+        out[row, span] = o[0].to(q.dtype)
+        for t, s in enumerate(states):
+            w = int(idx[i, t])
+            if w > 0:
+                initial_state[w] = s[0].transpose(-1, -2).to(initial_state.dtype)
+    return out

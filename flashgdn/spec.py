@@ -40,7 +40,11 @@ class KernelArgs(NamedTuple):
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]; state
     [P, HV, V, K] ("klast") or [P, HV, K, V] ("kmajor"), P = B for a dense state; state_indices,
     output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
-    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token)."""
+    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token).
+    Precomputed gates (KernelSpec.precomputed_gates): a holds the log decay g, b holds beta, A_log
+    and dt_bias are None. Varlen (KernelSpec.varlen): q, k, v, a, b and output hold the tokens of
+    all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
+    token_state_indices.shape[0]."""
 
     q: Any
     k: Any
@@ -56,6 +60,7 @@ class KernelArgs(NamedTuple):
     intermediate_states: Any = None
     output: Any = None
     token_state_indices: Any = None
+    cu_seqlens: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +96,19 @@ class KernelSpec:
     has_token_slots: bool = False  # the state after token t goes to pool slot token_state_indices[b, t]
     strided_state: bool = False  # the state's head and row strides are dynamic (a padded pool)
     zero_padding_output: bool = True  # a padding row's output is zero (False: left as it is)
+    # a holds the log decay g and b holds beta (computed by the caller): the kernel takes no A_log
+    # nor dt_bias and skips the gate arithmetic (decay = exp(g)).
+    precomputed_gates: bool = False
+    beta_dtype: Optional[str] = None  # b's dtype where it differs from gate_dtype (precomputed beta)
+    # vLLM's continuous batching: no state_indices; row b reads pool slot
+    # token_state_indices[b, accepted_tokens[b] - 1] (column 0 without accepted counts) and writes
+    # the state after token t to token_state_indices[b, t]; a slot <= 0 (vLLM's null block and
+    # padding) is a padding row where read, not written where written.
+    vllm_slots: bool = False
+    accepted_dtype: str = "int32"
+    # Varlen: the cu_seqlens dtype; sequence b's tokens are the flat rows cu_seqlens[b] + t,
+    # t < its length <= T (None: dense [B, T, ...]).
+    varlen: Optional[str] = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -109,9 +127,15 @@ class KernelSpec:
             (self.index_dtype is not None or not self.has_out_indices, "out indices need a pool"),
             (self.layout == "klast" or (self.T == 1 and self.index_dtype is None), "kmajor is dense T=1 only"),
             (self.out_dtype in (None,) + OUT_DTYPES, f"out_dtype must be None or one of {OUT_DTYPES}"),
-            (not self.has_token_slots or (self.pool and self.T >= 2 and self.update_state and not self.has_intermediate
-                                          and not self.has_accepted and not self.has_out_indices),
+            (not self.has_token_slots or (self.pool and (self.T >= 2 or self.vllm_slots) and self.update_state
+                                          and not self.has_intermediate and (self.vllm_slots or not self.has_accepted)
+                                          and not self.has_out_indices),
              "token slots need a pool, T >= 2 and state updates, without intermediates, accepted counts or out indices"),
+            (not self.vllm_slots or (self.has_token_slots and self.layout == "klast"), "vLLM slots are token slots"),
+            (self.varlen in (None,) + INDEX_DTYPES, f"varlen must be None or one of {INDEX_DTYPES}"),
+            (self.varlen is None or self.vllm_slots, "varlen needs vLLM slots (they give the batch size)"),
+            (self.beta_dtype in (None,) + GATE_DTYPES, f"beta_dtype must be None or one of {GATE_DTYPES}"),
+            (self.accepted_dtype in INDEX_DTYPES, f"accepted_dtype must be one of {INDEX_DTYPES}"),
         )
         for ok, msg in checks:
             if not ok:
@@ -123,8 +147,14 @@ class KernelSpec:
 
     @property
     def multi_token(self) -> bool:
-        """Served by an MTP kernel: K-last with T > 1, intermediates or accepted counts."""
-        return self.layout == "klast" and (self.T > 1 or self.has_intermediate or self.has_accepted)
+        """Served by an MTP kernel: K-last with T > 1, intermediates or accepted counts to commit."""
+        return self.layout == "klast" and (self.T > 1 or self.has_intermediate or self.commits_accepted)
+
+    @property
+    def commits_accepted(self) -> bool:
+        """accepted_tokens[b] says after how many tokens the state is written (vLLM's slots read
+        the accepted counts instead: they pick the slot to read)."""
+        return self.has_accepted and not self.vllm_slots
 
     @property
     def output_dtype(self) -> str:
@@ -132,8 +162,9 @@ class KernelSpec:
 
     @property
     def writes_states(self) -> bool:
-        """Writes a state per token (intermediates or token slots): the writes bound the kernel."""
-        return self.has_intermediate or self.has_token_slots
+        """Writes a state per token (intermediates or token slots, of more than one token): the
+        writes bound the kernel."""
+        return self.has_intermediate or (self.has_token_slots and self.T > 1)
 
     def short_name(self) -> str:
         """A compact, human-readable label for logs and benchmark tables."""
@@ -145,7 +176,8 @@ class KernelSpec:
             (self.pool, "pool"), (self.has_intermediate, "inter"), (not self.update_state, "noupdate"),
             (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"), (self.has_token_slots, "tokslots"),
             (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
-            (self.out_dtype is not None, f"out-{self.out_dtype}"),
+            (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
+            (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

@@ -16,6 +16,7 @@ from flashgdn import validation as val
 from flashgdn.bench import cli, host
 from flashgdn.bench.rows import Row, make_inputs
 from flashgdn.device import DeviceFacts
+from flashgdn.spec import KernelArgs
 
 
 def _args(*argv):
@@ -290,7 +291,7 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch):
             assert bool(launched) == launches, label
             if launches:
                 [kargs] = launched
-                assert len(kargs) == 14 and kargs[7] is inp["state"] and kargs[8] is inp["indices"]
+                assert len(kargs) == len(KernelArgs._fields) and kargs[7] is inp["state"] and kargs[8] is inp["indices"]
                 assert kargs[12].shape == (2, 1, 2, 64)  # the output, allocated
     assert len(api._VALIDATED) == 1 and next(iter(api._VALIDATED.values())) is plan
     p, device = parts[-1][1]()  # the full validation returns what the memo keeps

@@ -83,17 +83,6 @@ def test_module_exports():
     assert by_path is engines
 
 
-def test_fused_recurrent_raises_not_implemented():
-    """Every call, valid or not, raises NotImplementedError naming the missing input mode, so that
-    an engine probing it falls back to its own op."""
-    q = torch.zeros(1, 2, 2, 64, dtype=BF16)
-    with pytest.raises(NotImplementedError, match="precomputed g/beta gates are not supported yet"):
-        engines.fused_recurrent_gated_delta_rule(q, q, q, torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
-    with pytest.raises(NotImplementedError, match="precomputed g/beta gates"):
-        engines.fused_recurrent_gated_delta_rule(q, q, q, None, initial_state=torch.zeros(3), inplace_final_state=False,
-                                                 cu_seqlens=torch.tensor([0, 2]), use_qk_l2norm_in_kernel=True)
-
-
 # ----------------------------------------------------------------------------- arguments
 
 N, H, HV, K, V = 4, 2, 4, 64, 128  # K != V: a state in the wrong layout has the wrong shape

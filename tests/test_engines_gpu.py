@@ -8,6 +8,12 @@ varlen [1, N, ...] or batched [N, 1, ...] layout and returns the output in q's l
 expected values come from the independent split of the inputs (torch.split + reshape, which copy
 where they must) and flashgdn.reference computed in fp64.
 
+vLLM's fused_recurrent_gated_delta_rule (precomputed gates) is checked against
+flashgdn.reference.fused_recurrent_gated_delta_rule_vllm in fp64: varlen with unequal lengths
+(empty sequences and spare tokens included), dense batches, [N] and [N, T] slot tables,
+accepted counts 1..T, padding read slots (0 and -1), unwritten token slots, fp32/bf16 states,
+g and beta in fp32 and bf16, and CUDA graph replay with new lengths and slots per replay.
+
 Covered: both padding rules, strided views (mixed_qkv with a row stride larger than its width, a
 and b views of one gate tensor, a strided index vector), a padded pool slot stride (the padding
 never written), fp32 and bf16 states, K != V, GVA ratios, both batch regimes, and CUDA graph
@@ -336,3 +342,182 @@ def test_engine_decode_loop_example_on_the_gpu(engine):
     assert not any(line.startswith("FAIL") for line in lines), proc.stdout
     steps = [line for line in lines if line.startswith("OK   step")]
     assert len(steps) == 4, proc.stdout
+
+
+# ----------------------------------------------------------------------------- vLLM's precomputed-gate op
+# The contract (flashgdn.recurrent): sequence i (rows cu_seqlens[i]..cu_seqlens[i + 1] of dim 1,
+# or row i of a dense batch) reads slot ssm_state_indices[i, num_accepted_tokens[i] - 1] and writes
+# the state after its token t to slot ssm_state_indices[i, t]; a read slot <= 0 is a padding
+# sequence (zero output rows, no slot touched), a write slot <= 0 is not written. Expected values:
+# flashgdn.reference.fused_recurrent_gated_delta_rule_vllm in fp64.
+
+RECURRENT_CASES = [
+    dict(varlen=True, lengths=[3, 1, 0, 4, 2, 4, 3], T=4, H=2, HV=4, K=128, V=128, sdt=F32, gdt=F32, bdt=BF16,
+         acc=True, l2=True, scale=None),
+    dict(varlen=True, lengths=[2, 2, 1, 2] * 3, T=2, H=2, HV=8, K=64, V=128, sdt=BF16, gdt=BF16, bdt=BF16,
+         acc=False, l2=False, scale=0.1, cu_dtype=torch.int64),
+    dict(varlen=False, N=5, T=3, H=1, HV=4, K=128, V=64, sdt=BF16, gdt=F32, bdt=F32, acc=True, l2=True, scale=None,
+         idx_dtype=torch.int64),
+    dict(varlen=False, N=6, T=1, one_d=True, H=2, HV=4, K=128, V=128, sdt=F32, gdt=F32, bdt=BF16, acc=False,
+         l2=True, scale=None, idx_column=True),
+    dict(varlen=True, lengths=[1] * 60 + [0] + [1] * 69, T=1, one_d=True, H=2, HV=16, K=128, V=128, sdt=BF16,
+         gdt=F32, bdt=BF16, acc=False, l2=True, scale=None),
+    dict(varlen=True, lengths=[8, 1, 5, 8, 2, 7, 3, 8] * 5, T=8, H=2, HV=16, K=128, V=128, sdt=F32, gdt=F32,
+         bdt=BF16, acc=True, l2=True, scale=None),
+    dict(varlen=True, lengths=[16, 5, 11, 16, 9], T=16, H=2, HV=4, K=128, V=128, sdt=BF16, gdt=F32, bdt=BF16,
+         acc=True, l2=True, scale=None),
+]
+
+
+def recurrent_inputs(c, seed):
+    """q, k, v views of one packed projection row per token, g (log decay) and beta strided views,
+    in vLLM's layout ([1, tokens, ...] with two spare tokens of no sequence, or [N, T, ...]), and
+    cu_seqlens. Without l2norm in the kernel, q and k arrive normalised (as vLLM passes them)."""
+    gen = _gen(seed)
+    H, HV, K, V = c["H"], c["HV"], c["K"], c["V"]
+    lengths = c["lengths"] if c["varlen"] else [c["T"]] * c["N"]
+    tokens = sum(lengths) + (2 if c["varlen"] else 0)
+    width = 2 * H * K + HV * V
+    mixed = _randn(gen, tokens, width + 24)[:, :width]
+    if not c["l2"]:
+        for lo in (0, H * K):
+            qk = mixed[:, lo:lo + H * K].unflatten(1, (H, K))
+            qk.copy_(torch.nn.functional.normalize(qk.float(), dim=-1))
+    g = torch.nn.functional.logsigmoid(_randn(gen, tokens, HV + 8, dtype=F32) + 3).to(c["gdt"])[:, :HV]
+    beta = torch.sigmoid(_randn(gen, tokens, HV + 8, dtype=F32)).to(c["bdt"])[:, :HV]
+    lead = (lambda t: t.unsqueeze(0)) if c["varlen"] else (lambda t: t.unflatten(0, (c["N"], c["T"])))
+    q = lead(mixed[:, :H * K].unflatten(1, (H, K)))
+    k = lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K)))
+    v = lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V)))
+    cu = None
+    if c["varlen"]:
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=c.get("cu_dtype", torch.int32), device=DEV)
+    return q, k, v, lead(g), lead(beta), cu, lengths
+
+
+def vllm_slot_table(N, T, P, acc, gen):
+    """[N, T] distinct slots in 1..P-1; every third sequence (from 1) pads its read slot (0, then
+    -1 alternately); a real sequence's write column after its read column is 0 or -1 (not written)
+    every other row."""
+    idx = (torch.randperm(P - 1, generator=gen)[:N * T] + 1).view(N, T)
+    for i in range(N):
+        read = int(acc[i]) - 1
+        if i % 3 == 1:
+            idx[i, read] = 0 if i % 2 else -1
+        elif T > 1 and i % 2 == 0:
+            idx[i, (read + 1) % T] = -1 if i % 4 == 0 else 0
+    return idx
+
+
+def recurrent_expectations(idx, acc, lengths, tokens):
+    """(token rows of real sequences, token rows of padding sequences, slots written) from the
+    slot table on the host."""
+    real, pad = torch.zeros(tokens, dtype=torch.bool), torch.zeros(tokens, dtype=torch.bool)
+    written, start = [], 0
+    for i, n in enumerate(lengths):
+        a = 1 if acc is None else int(acc[i])
+        if n and int(idx[i, a - 1]) <= 0:
+            pad[start:start + n] = True
+        elif n:
+            real[start:start + n] = True
+            written += [int(s) for s in idx[i, :n] if int(s) > 0]
+        start += n
+    return real, pad, written
+
+
+def _recurrent_id(c):
+    return _case_id({("seqs" if n == "lengths" else n): (len(x) if n == "lengths" else x) for n, x in c.items()})
+
+
+@pytest.mark.parametrize("case", RECURRENT_CASES, ids=_recurrent_id)
+def test_vllm_recurrent_matches_the_contract(case):
+    c = dict(case)
+    seed = 13 * len(c.get("lengths", [])) + c["T"] + c["HV"]
+    gen = _gen(seed + 5)
+    q, k, v, g, beta, cu, lengths = recurrent_inputs(c, seed)
+    N, T, HV, V, K = len(lengths), c["T"], c["HV"], c["V"], c["K"]
+    P = N * T + 5
+    pool, flat = padded_pool(P, HV, V, K, c["sdt"], 16, seed + 1)
+    acc = torch.randint(1, T + 1, (N,), generator=gen) if c["acc"] else None
+    table = vllm_slot_table(N, T, P, acc if acc is not None else torch.ones(N, dtype=torch.long), gen)
+    idx = table.to(c.get("idx_dtype", torch.int32)).to(DEV)
+    if c.get("one_d"):
+        idx = idx[:, 0]
+        if c.get("idx_column"):  # a column of a block table: stride 2
+            idx = torch.stack([idx, idx + 1], 1)[:, 0]
+    acc_dev = None if acc is None else acc.to(DEV)
+    real, pad, written = recurrent_expectations(table, acc, lengths, q.shape[0] * q.shape[1])
+    assert real.any() and pad.any() and len(set(written)) == len(written)
+    flat_before, idx_before, cu_before = flat.clone(), idx.clone(), None if cu is None else cu.clone()
+    pool64 = pool.double()
+
+    expected = ref.fused_recurrent_gated_delta_rule_vllm(q, k, v, g, beta, c["scale"], pool64, cu, idx, acc_dev,
+                                                         c["l2"], compute_dtype=torch.float64)
+    poison = torch.full(v.shape, float("nan"), dtype=q.dtype, device=DEV)  # the block the output reuses
+    del poison
+    o, st = engines.fused_recurrent_gated_delta_rule(q, k, v, g, beta, c["scale"], pool, True, cu, idx, acc_dev,
+                                                     c["l2"])
+    torch.cuda.synchronize()
+
+    assert st is pool and o.shape == v.shape and o.dtype == q.dtype
+    assert torch.equal(idx, idx_before) and (cu is None or torch.equal(cu, cu_before))
+    rows, exp_rows = o.reshape(-1, HV, V).cpu(), expected.reshape(-1, HV, V).cpu()
+    assert torch.all(rows[pad] == 0), "padding sequences' rows must be zero"
+    assert_close_output(rows[real], exp_rows[real])
+    mask = torch.zeros(P, dtype=torch.bool, device=DEV)
+    mask[torch.tensor(written, dtype=torch.long, device=DEV)] = True
+    before = flat_before[:, :pool[0].numel()].unflatten(1, pool.shape[1:])
+    assert torch.equal(pool[~mask], before[~mask]), "a slot that no token writes changed"
+    assert torch.equal(flat[:, pool[0].numel():], flat_before[:, pool[0].numel():]), "the slot padding changed"
+    assert_close_state(pool[mask], pool64[mask])
+
+
+def _composition(total, N, T, gen):
+    """N lengths in 0..T summing to total (a CUDA-graph batch of fixed token count)."""
+    lengths = [total // N] * N
+    for _ in range(4 * N):
+        i, j = torch.randint(0, N, (2,), generator=gen).tolist()
+        if i != j and lengths[i] > 0 and lengths[j] < T:
+            lengths[i] -= 1
+            lengths[j] += 1
+    return lengths
+
+
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_vllm_recurrent_cuda_graph_replay_equals_eager(sdt):
+    """New tokens, sequence lengths, slots and accepted counts per replay, as a spec-decode step."""
+    N, T, H, HV, K, V = 6, 4, 2, 8, 128, 128
+    total, P = 12, N * T + 5
+    width = 2 * H * K + HV * V
+    mixed_buf = torch.zeros(total, width + 24, dtype=BF16, device=DEV)
+    g_buf = torch.zeros(total, HV, dtype=F32, device=DEV)
+    beta_buf = torch.zeros(total, HV, dtype=BF16, device=DEV)
+    cu = torch.zeros(N + 1, dtype=torch.int32, device=DEV)
+    idx = torch.zeros(N, T, dtype=torch.int32, device=DEV)
+    acc = torch.ones(N, dtype=torch.int32, device=DEV)
+    mixed = mixed_buf[:, :width]
+    q = mixed[:, :H * K].unflatten(1, (H, K)).unsqueeze(0)
+    k = mixed[:, H * K:2 * H * K].unflatten(1, (H, K)).unsqueeze(0)
+    v = mixed[:, 2 * H * K:].unflatten(1, (HV, V)).unsqueeze(0)
+
+    def fresh(i):
+        gen = _gen(500 + i)
+        lengths = _composition(total, N, T, gen)
+        a = torch.randint(1, T + 1, (N,), generator=gen)
+        return [_randn(gen, total, width + 24),
+                torch.nn.functional.logsigmoid(_randn(gen, total, HV, dtype=F32) + 3),
+                torch.sigmoid(_randn(gen, total, HV, dtype=F32)).to(BF16),
+                torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEV),
+                vllm_slot_table(N, T, P, a, gen).to(torch.int32).to(DEV), a.to(torch.int32).to(DEV)]
+
+    static = [mixed_buf, g_buf, beta_buf, cu, idx, acc]
+    for s, f in zip(static, fresh(-1)):
+        s.copy_(f)
+    pool, _ = padded_pool(P, HV, V, K, sdt, 16, 7)
+
+    def call(t):
+        o, _ = engines.fused_recurrent_gated_delta_rule(q, k, v, g_buf.unsqueeze(0), beta_buf.unsqueeze(0), None,
+                                                        t["pool"], True, cu, idx, acc, True)
+        return o
+
+    graph_replay_equals_eager(call, static, fresh, dict(pool=pool))

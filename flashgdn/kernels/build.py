@@ -52,30 +52,36 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
     idx_t = CUTLASS_DTYPES[spec.index_dtype] if spec.pool else None
     B = cute.sym_int()
     T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
+    # Varlen: the tokens of all sequences in dim 1 ([1, total, ...]); B sequences
+    lead = (1, cute.sym_int()) if spec.varlen else (B, T)
     io_div = vec_elems(spec.io_dtype)
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
     inner = (rows * cols, cols, 1)
     # A strided state (a padded pool) keeps only its last dim static.
     state_inner = (1,) if spec.strided_state else inner
+    raw_gates = not spec.precomputed_gates
     return KernelArgs(
-        q=_strided(io, (B, T, H, K), io_div),
-        k=_strided(io, (B, T, H, K), io_div),
-        v=_strided(io, (B, T, HV, V), io_div),
-        a=_strided(gate, (B, T, HV), 1),
-        b=_strided(gate, (B, T, HV), 1),
-        A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4),
-        dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)),
+        q=_strided(io, (*lead, H, K), io_div),
+        k=_strided(io, (*lead, H, K), io_div),
+        v=_strided(io, (*lead, HV, V), io_div),
+        a=_strided(gate, (*lead, HV), 1),
+        b=_strided(CUTLASS_DTYPES[spec.beta_dtype or spec.gate_dtype], (*lead, HV), 1),
+        A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
+        dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
         state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
         state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
-        accepted_tokens=make_fake_tensor(cutlass.Int32, (B,), stride=(1,)) if spec.has_accepted else None,
+        accepted_tokens=(make_fake_tensor(CUTLASS_DTYPES[spec.accepted_dtype], (B,), stride=(1,))
+                         if spec.has_accepted else None),
         intermediate_states=(
             _strided(st, (cute.sym_int(), cute.sym_int(), HV, rows, cols), st_div, inner_static=inner)
             if spec.has_intermediate else None
         ),
-        output=_strided(CUTLASS_DTYPES[spec.output_dtype], (B, T, HV, V), 1),
-        token_state_indices=_strided(cutlass.Int32, (B, T), 1) if spec.has_token_slots else None,
+        output=_strided(CUTLASS_DTYPES[spec.output_dtype], (*lead, HV, V), 1),
+        # vLLM's slots are the engine's index tensor, of its index dtype
+        token_state_indices=_strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1) if spec.has_token_slots else None,
+        cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
     )
 
 

@@ -43,7 +43,10 @@ def softplus(x: Float32, beta: cutlass.Constexpr[float], threshold: cutlass.Cons
 @cute.jit
 def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Constexpr[float]):
     """Decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b), in fp32, from the
-    raw (a, b, A_log, dt_bias) values of load_gates."""
+    raw (a, b, A_log, dt_bias) values of load_gates; from precomputed (log decay, beta) values,
+    decay exp(g) and beta as they are."""
+    if const_expr(len(raw) == 2):
+        return cute.math.exp(raw[0].to(Float32)), raw[1].to(Float32)
     a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
     g = cute.math.exp(-cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold))
     # Approximate reciprocal (1 ulp): IEEE division adds a slow-path branch.
@@ -53,7 +56,10 @@ def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Cons
 
 def load_gates(gmem, b, t, hv):
     """The raw gate inputs (a, b, A_log, dt_bias) of (batch row b, token t, value head hv) from the
-    KernelArgs gmem, in their own dtypes: converting here would make the caller wait for them."""
+    KernelArgs gmem, in their own dtypes: converting here would make the caller wait for them.
+    With precomputed gates (no A_log in gmem) the pair (log decay g, beta) from a and b."""
+    if gmem.A_log is None:
+        return gmem.a[b, t, hv], gmem.b[b, t, hv]
     return gmem.a[b, t, hv], gmem.b[b, t, hv], gmem.A_log[hv], gmem.dt_bias[hv]
 
 
@@ -154,23 +160,99 @@ def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.
     return read_slot, write_slot, accepted, status
 
 
+@cute.jit
+def resolve_vllm_slots(mTok, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int]):
+    """resolve_slots under vLLM's rule (KernelSpec.vllm_slots): row b reads slot
+    mTok[b, mAcc[b] - 1] (column 0 without accepted counts), and writes it too where it runs one
+    token. PADDING for a read slot <= 0; INVALID for an accepted count outside [1, T] or a read
+    slot >= the pool size."""
+    acc = Int64(1)
+    if const_expr(mAcc is not None):
+        acc = Int64(mAcc[b])
+    status = Int32(RUN)
+    if acc < Int64(1) or acc > Int64(num_tokens):
+        status = Int32(INVALID)
+    column = Int32(cutlass.select_(status == Int32(RUN), acc - Int64(1), Int64(0)))
+    read_slot = Int64(mTok[b, column])
+    if status == Int32(RUN):
+        if read_slot <= Int64(0):
+            status = Int32(PADDING)
+        elif read_slot >= Int64(pool_size):
+            status = Int32(INVALID)
+    read_slot = Int64(cutlass.select_(status == Int32(RUN), read_slot, Int64(0)))
+    return read_slot, read_slot, Int32(acc), status
+
+
 def row_slots(gmem, b, num_tokens: int):
-    """resolve_slots of batch row b from the KernelArgs gmem."""
+    """resolve_slots of batch row b from the KernelArgs gmem (resolve_vllm_slots where the read
+    slot comes from the token slots: vLLM's rule, no state_indices)."""
+    if gmem.state_indices is None and gmem.token_state_indices is not None:
+        return resolve_vllm_slots(gmem.token_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0], num_tokens)
     return resolve_slots(gmem.state_indices, gmem.output_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0], num_tokens)
 
 
 @cute.jit
-def token_slots(mTok, b, pool_size, num_tokens: cutlass.Constexpr[int], status: Int32):
+def token_slots(mTok, b, pool_size, num_tokens: cutlass.Constexpr[int], status: Int32,
+                null_slot: cutlass.Constexpr[bool] = False, count=None):
     """The pool slots (64-bit) that take the state after each token of batch row b
     (token_state_indices[b, t]; negative: not written), and the row status: a slot >= the pool
-    size makes a running row INVALID (NaN output, nothing written)."""
+    size makes a running row INVALID (NaN output, nothing written). With `null_slot` (vLLM's
+    rule) slot 0 is not written either; tokens from `count` on (the sequence's length, varlen)
+    write nothing."""
     slots = []
     for t in cutlass.range_constexpr(num_tokens):
-        slots.append(Int64(mTok[b, t]))
+        slot = Int64(mTok[b, t])
+        if const_expr(null_slot):
+            slot = Int64(cutlass.select_(slot > Int64(0), slot, Int64(-1)))
+        if const_expr(count is not None):
+            slot = Int64(cutlass.select_(Int64(t) < count, slot, Int64(-1)))
+        slots.append(slot)
     for t in cutlass.range_constexpr(num_tokens):
         if slots[t] >= Int64(pool_size) and status == Int32(RUN):
             status = Int32(INVALID)
     return slots, status
+
+
+@cute.jit
+def varlen_span(mCu, b, num_tokens: cutlass.Constexpr[int], total, status: Int32):
+    """(first flat token row, token count, status) of sequence b from cu_seqlens. A sequence of
+    no tokens becomes PADDING (nothing read or written); cu_seqlens values that do not make a
+    span of at most num_tokens tokens inside [0, total) make it INVALID with no tokens (nothing
+    written: the span gives no place to write)."""
+    start = Int64(mCu[b])
+    count = Int64(mCu[b + 1]) - start
+    if start < Int64(0) or count < Int64(0) or count > Int64(num_tokens) or start + count > Int64(total):
+        status = Int32(INVALID)
+        count = Int64(0)
+    elif count == Int64(0) and status == Int32(RUN):
+        status = Int32(PADDING)
+    return start, count, status
+
+
+def sequence_span(gmem, b, num_tokens: int, status):
+    """(first token row, token count, status) of batch row b: varlen_span with cu_seqlens, else
+    (None, num_tokens, status), static (token t of row b is [b, t])."""
+    if gmem.cu_seqlens is None:
+        return None, num_tokens, status
+    return varlen_span(gmem.cu_seqlens, b, num_tokens, gmem.q.shape[1], status)
+
+
+def token_at(gmem, b, t, start, count):
+    """(dim 0, dim 1) indices of token t of batch row b in q/k/v/a/b/output: (b, t) dense; varlen
+    (0, start + t), t clamped to the sequence's last token and the row to the tensor, so that
+    every load reads a real token (the tokens past the sequence are computed, never stored)."""
+    if start is None:
+        return b, t
+    last = Int64(cutlass.select_(count > Int64(0), count - Int64(1), Int64(0)))
+    row = start + Int64(cutlass.select_(Int64(t) < last, Int64(t), last))
+    total = Int64(gmem.q.shape[1])
+    row = Int64(cutlass.select_(row < total, row, total - Int64(1)))
+    return 0, Int64(cutlass.select_(row > Int64(0), row, Int64(0)))
+
+
+def token_stored(t, count):
+    """Whether token t's output and state are stored: a static True for a dense row (t < T)."""
+    return True if isinstance(count, int) else Int64(t) < count
 
 
 def writes_output(spec: KernelSpec, status):
@@ -254,7 +336,9 @@ class DecodeKernel:
     def __call__(self, *args_and_stream):
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
-        grid = tensors[0].shape[0] * (self.spec.HV * self.num_tiles)
+        # Varlen q holds tokens, not sequences: the token slots have a row per sequence.
+        rows = KernelArgs(*tensors).token_state_indices if self.spec.varlen else tensors[0]
+        grid = rows.shape[0] * (self.spec.HV * self.num_tiles)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream)
 
     def cta_coords(self, bidx=None):
@@ -282,11 +366,11 @@ class DecodeKernel:
                 if later < grid:
                     tile, b, hv, h = self.cta_coords(later)
                     if tid < self._state_prefetchers:
-                        self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv, tid)
+                        self._prefetch_state(gmem, tile, b, hv, tid)
                     self._prefetch_inputs(gmem, tile, b, hv, h, tid)
             elif tid < self._state_prefetchers and later < grid:
                 tile, b, hv, _ = self.cta_coords(later)
-                self._prefetch_state(gmem.state, gmem.state_indices, tile, b, hv, tid)
+                self._prefetch_state(gmem, tile, b, hv, tid)
 
     @property
     def _state_prefetchers(self) -> int:
@@ -295,11 +379,16 @@ class DecodeKernel:
         return min(self.tile_rows, self.num_warps * 32) if self.spec.strided_state else 1
 
     @cute.jit
-    def _prefetch_state(self, mS: cute.Tensor, mIdx, tile, b, hv, tid):
+    def _prefetch_state(self, gmem, tile, b, hv, tid):
         """The state tile of (tile, batch row b, value head hv) into L2, if that row reads one:
         one bulk prefetch of the whole tile, or, for a strided state, thread `tid` prefetches rows
         tid, tid + prefetchers, ..."""
-        slot, _, _, status = resolve_slots(mIdx, None, None, b, mS.shape[0], 1)
+        mS = gmem.state
+        if const_expr(self.spec.vllm_slots):
+            slot, _, _, status = resolve_vllm_slots(gmem.token_state_indices, gmem.accepted_tokens, b, mS.shape[0],
+                                                    self.spec.T)
+        else:
+            slot, _, _, status = resolve_slots(gmem.state_indices, None, None, b, mS.shape[0], 1)
         if status == RUN:
             if const_expr(self.spec.strided_state):
                 row_bytes = self.tile_bytes // self.tile_rows

@@ -83,12 +83,13 @@ class KLastDecode(common.DecodeKernel):
 
     def _io_loads(self, gmem: KernelArgs, b, h, hv, row0, lane_in_row):
         """T = 1: v of this thread's rows, its q/k chunks, then (fenced: their arithmetic comes
-        first) the gate inputs; all raw."""
-        v_raw = [gmem.v[b, 0, hv, row0 + i * self.row_step] for i in range(self.rows_per_thread)]
-        rQraw = self._load_vec(gmem.q[b, 0, h, None], lane_in_row)
-        rKraw = self._load_vec(gmem.k[b, 0, h, None], lane_in_row)
+        first) the gate inputs; all raw. b, t: the token's indices (common.token_at)."""
+        b, t = b
+        v_raw = [gmem.v[b, t, hv, row0 + i * self.row_step] for i in range(self.rows_per_thread)]
+        rQraw = self._load_vec(gmem.q[b, t, h, None], lane_in_row)
+        rKraw = self._load_vec(gmem.k[b, t, h, None], lane_in_row)
         common.load_fence()
-        return v_raw, rQraw, rKraw, common.load_gates(gmem, b, 0, hv)
+        return v_raw, rQraw, rKraw, common.load_gates(gmem, b, t, hv)
 
     def _thread_coords(self):
         """(lane, warp, tile, b, hv, h, lane in its row group, first row of this thread)."""
@@ -133,15 +134,17 @@ class KLastDecode(common.DecodeKernel):
 
         # Load phase: raw registers only, no arithmetic that waits for a load.
         read_slot, write_slot, _, status = common.row_slots(gmem, b, 1)
-        if const_expr(gmem.state_indices is None):
+        start, count, status = common.sequence_span(gmem, b, 1, status)
+        token = common.token_at(gmem, b, 0, start, count)
+        if const_expr(gmem.state_indices is None and gmem.token_state_indices is None):
             rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()  # the state first: the other loads have arithmetic right behind them
-            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, b, h, hv, row0, lane_in_row)
+            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, token, h, hv, row0, lane_in_row)
         else:
             # The state address waits for the slot index: the other loads go first, in flight
             # meanwhile; the second fence keeps ptxas from sinking the state loads below their
             # arithmetic (where they would wait for q/k too).
-            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, b, h, hv, row0, lane_in_row)
+            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, token, h, hv, row0, lane_in_row)
             common.load_fence()
             rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()
@@ -169,9 +172,9 @@ class KLastDecode(common.DecodeKernel):
             w = u * k_factor  # rK holds the raw k
             for e in cutlass.range_constexpr(E):
                 rS[e, i] = g * rS[e, i] + rK[e] * w
-            if lane_in_row == 0 and common.writes_output(spec, status):
+            if lane_in_row == 0 and common.writes_output(spec, status) and common.token_stored(0, count):
                 out = Float32(cutlass.select_(run, g * dot_q + u * kq, fill))
-                gmem.output[b, 0, hv, row0 + i * self.row_step] = out.to(gmem.output.element_type)
+                gmem.output[token[0], token[1], hv, row0 + i * self.row_step] = out.to(gmem.output.element_type)
         if const_expr(spec.update_state):
             if run:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)

@@ -60,30 +60,34 @@ class KLastMTP(KLastDecode):
         return f, fc, padded
 
     @cute.jit
-    def _stage_loads(self, gmem: KernelArgs, b, h, hv, tile, warp, lane):
+    def _stage_loads(self, gmem: KernelArgs, b, h, hv, tile, warp, lane, start, count):
         """The CTA loads the v values of its rows for every token; warp w loads q, k and the gate
-        inputs of tokens w, w + num_warps, ... Token indices past T are clamped (no branch).
-        Fenced in groups so that no load waits behind arithmetic on another."""
+        inputs of tokens w, w + num_warps, ... Token indices past T (and, varlen, past the
+        sequence: common.token_at) are clamped (no branch). Fenced in groups so that no load waits
+        behind arithmetic on another."""
         spec = self.spec
         T, W, rpc = spec.T, self.num_warps, self.rows_per_cta
         values = []
         for m in cutlass.range_constexpr(self.v_per_thread):
             f, fc, _ = self._entry(warp * 32 + lane, m)
-            values.append((f, gmem.v[b, fc // rpc, hv, tile * rpc + fc % rpc]))
+            bi, ti = common.token_at(gmem, b, fc // rpc, start, count)
+            values.append((f, gmem.v[bi, ti, hv, tile * rpc + fc % rpc]))
         common.load_fence()
         tokens = []
         for j in cutlass.range_constexpr(self.tokens_per_warp):
             t = warp + j * W
             tc = t if const_expr(T % W == 0) else Int32(cutlass.select_(t < T, t, T - 1))
-            tokens.append((t, common.warp_slice(gmem.q[b, tc, h, None], lane, spec.K),
-                           common.warp_slice(gmem.k[b, tc, h, None], lane, spec.K)))
+            bi, ti = common.token_at(gmem, b, tc, start, count)
+            tokens.append((t, common.warp_slice(gmem.q[bi, ti, h, None], lane, spec.K),
+                           common.warp_slice(gmem.k[bi, ti, h, None], lane, spec.K)))
         common.load_fence()
         # Gates: lane t loads token t's inputs (few loads, simple addresses, issued together).
         gates = []
         for j in cutlass.range_constexpr(self.gate_cols // 32):
             t = lane + 32 * j
             tc = Int32(cutlass.select_(t < T, t, T - 1))
-            gates.append((t, common.load_gates(gmem, b, tc, hv)))
+            bi, ti = common.token_at(gmem, b, tc, start, count)
+            gates.append((t, common.load_gates(gmem, bi, ti, hv)))
         return values, tokens, gates
 
     @cute.jit
@@ -122,15 +126,17 @@ class KLastMTP(KLastDecode):
 
         # Loads: raw registers only, no arithmetic that waits for a load.
         read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
+        start, count, status = common.sequence_span(gmem, b, T, status)
         tok_slots = None
         if const_expr(spec.has_token_slots):
-            tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
+            tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status,
+                                                   spec.vllm_slots, None if start is None else count)
         run = status == common.RUN
         # The state first even with a pool (unlike T = 1): placed after the others, its loads end
         # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
         rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
         common.load_fence()
-        values, tokens, gates = self._stage_loads(gmem, b, h, hv, tile, warp, lane)
+        values, tokens, gates = self._stage_loads(gmem, b, h, hv, tile, warp, lane, start, count)
         self.prefetch_later(gmem, with_inputs=True)
 
         # Per-token q/k norms and gates once per CTA (per-lane recomputation would cost more ALU
@@ -150,7 +156,7 @@ class KLastMTP(KLastDecode):
         # The recurrence runs unconditionally (on slot 0 for a row that does not run) and only the
         # stores depend on the row status: a branch around the compute would let the compiler
         # sink loads into it.
-        if const_expr(spec.update_state and spec.has_accepted):
+        if const_expr(spec.update_state and spec.commits_accepted):
             if run and accepted == 0:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
         loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, b, hv, row0, lane, lane_in_row,
@@ -172,7 +178,7 @@ class KLastMTP(KLastDecode):
             if run:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row, c)
         cute.arch.barrier()
-        self._write_outputs(sO, gmem.output, b, hv, tile, warp * 32 + lane, status)
+        self._write_outputs(sO, gmem, b, hv, tile, warp * 32 + lane, status, start, count)
 
     @cute.jit
     def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0,
@@ -239,7 +245,7 @@ class KLastMTP(KLastDecode):
             if const_expr(spec.has_intermediate):
                 if run:
                     self._store_rows(rS, mInter[b, t, hv, None, None], row0, lane_in_row, c)
-            if const_expr(spec.update_state and spec.has_accepted):
+            if const_expr(spec.update_state and spec.commits_accepted):
                 if run and accepted == t + 1:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
             if const_expr(spec.has_token_slots):
@@ -248,11 +254,12 @@ class KLastMTP(KLastDecode):
         return c
 
     @cute.jit
-    def _write_outputs(self, sO, mO, b, hv, tile, tid, status):
-        """The outputs of the CTA's rows for every token, from shared memory, coalesced (the
-        (row, token) mapping of the v staging); a row that does not run writes
+    def _write_outputs(self, sO, gmem, b, hv, tile, tid, status, start, count):
+        """The outputs of the CTA's rows for every token of the sequence, from shared memory,
+        coalesced (the (row, token) mapping of the v staging); a row that does not run writes
         common.skipped_output where common.writes_output says so."""
         T, rpc = self.spec.T, self.rows_per_cta
+        mO = gmem.output
         run = status == common.RUN
         fill = common.skipped_output(status)
         write = common.writes_output(self.spec, status)
@@ -261,5 +268,6 @@ class KLastMTP(KLastDecode):
             out = Float32(cutlass.select_(run, sO[f % rpc, f // rpc], fill)).to(mO.element_type)
             in_range = (f < T * rpc) if const_expr(padded) else True  # a static True: no branch
             if in_range:
-                if write:
-                    mO[b, f // rpc, hv, tile * rpc + f % rpc] = out
+                if write and common.token_stored(f // rpc, count):
+                    bi, ti = common.token_at(gmem, b, f // rpc, start, count)
+                    mO[bi, ti, hv, tile * rpc + f % rpc] = out

@@ -239,8 +239,10 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
 def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
     """For the bf16-state MTP kernels from short_mtp_tokens + 1 tokens on: up to 1.6 µs faster at
     B = 64 (T = 8: 0-0.4) and up to 2.4 % at B = 256 (T = 16); slower at T = 2 (B = 256), level
-    for an fp32 state at T = 4 and 1.9 % slower at T = 8 (RESULTS.md "Input prefetch")."""
-    return kernel in (KMTP, KMTP_MMA) and spec.state_dtype == "bfloat16" and spec.T > table.short_mtp_tokens
+    for an fp32 state at T = 4 and 1.9 % slower at T = 8 (RESULTS.md "Input prefetch"). Not for
+    varlen builds: a later CTA's token rows wait for its cu_seqlens entries."""
+    return (kernel in (KMTP, KMTP_MMA) and spec.state_dtype == "bfloat16" and spec.T > table.short_mtp_tokens
+            and spec.varlen is None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""vLLM's `fused_recurrent_gated_delta_rule` (its in-tree FLA copy) on flashgdn's kernels: the
+recurrent GDN op on precomputed gates, for decode and speculative-decode verify.
+
+vLLM's contract (vllm/third_party/flash_linear_attention/ops/fused_recurrent.py, vllm-project/vllm
+5c7cb312): g is the log decay and beta the update weight of every token, both computed by the
+caller; sequence i reads the state in pool slot ssm_state_indices[i, num_accepted_tokens[i] - 1]
+(column 0 without accepted counts) and writes the state after its token t to slot
+ssm_state_indices[i, t]; a slot index <= 0 (vLLM's null block) is padding where read and not
+written where written. The kernels take g and beta in the places of a and b (KernelSpec
+.precomputed_gates) and apply this slot rule themselves (KernelSpec.vllm_slots), with the tokens
+of all sequences in one dim when cu_seqlens is given (KernelSpec.varlen). docs/engines.md lists
+what differs from vLLM and what raises.
+
+flashgdn.engines exports `fused_recurrent_gated_delta_rule`; this module holds it and its checks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import api
+from . import validation as val
+from .logging_utils import logged
+from .spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS, KernelArgs
+
+GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NAME = "fused_recurrent_gated_delta_rule"
+
+
+def packed_unit_strides(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a view of it whose size-1 dims have the packed stride of the dims inside them: the
+    compiled kernel declares q/k/v strides multiples of 16 bytes, a size-1 dim's stride is never
+    stepped (validation skips it), and the caller's can be anything."""
+    stride, inner, changed = list(t.stride()), 1, False
+    for d in range(t.dim() - 1, -1, -1):
+        if t.shape[d] == 1 and stride[d] != inner:
+            stride[d], changed = inner, True
+        inner *= t.shape[d]
+    return t.as_strided(t.shape, stride, t.storage_offset()) if changed else t
+
+
+def _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v) -> None:
+    """NotImplementedError / ValueError for what vLLM's op does that flashgdn does not serve."""
+    if not inplace_final_state:
+        raise NotImplementedError(
+            f"{NAME}(inplace_final_state=False) (the state after every token into a new [tokens, HV, V, K] "
+            f"tensor: vLLM's prefill and test path) is not supported; flashgdn writes the pool in place")
+    if initial_state is None:
+        raise ValueError(f"{NAME}: initial_state (the state pool [P, HV, V, K]) is required "
+                         f"(vLLM's op reads its strides too)")
+    if ssm_state_indices is None:
+        raise ValueError(f"{NAME}: inplace_final_state=True writes the states at ssm_state_indices; "
+                         f"pass ssm_state_indices [N] or [N, T]")
+    if isinstance(beta, torch.Tensor) and isinstance(v, torch.Tensor) and beta.dim() == v.dim():
+        raise NotImplementedError(f"{NAME}: a headwise beta [B, T, HV, V] is not supported (beta [B, T, HV])")
+
+
+def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens):
+    """vLLM's layout rules; returns (Problem, device): B the sequences, T the slot columns (the
+    most tokens of one sequence)."""
+    val.check_tensor("q", q, val.IO_DTYPES, (None,) * 4)
+    val.check_tensor("k", k, (q.dtype,), tuple(q.shape))
+    val.check_tensor("v", v, (q.dtype,), (q.shape[0], q.shape[1], None, None))
+    rows, H, K = q.shape[1], q.shape[2], q.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    if H < 1 or HV < 1 or HV % H:
+        raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
+    for what, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{what} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    val.check_tensor("g", g, GATE_DTYPES, (q.shape[0], rows, HV))
+    val.check_tensor("beta", beta, GATE_DTYPES, (q.shape[0], rows, HV))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        val.check_inner_contiguous(name, t, 1, align_leading=True)
+    for name, t in (("g", g), ("beta", beta)):
+        val.check_inner_contiguous(name, t, 1, align_leading=False)
+    two_d = isinstance(ssm_state_indices, torch.Tensor) and ssm_state_indices.dim() == 2
+    val.check_tensor("ssm_state_indices", ssm_state_indices, val.INDEX_DTYPES, (None, None) if two_d else (None,))
+    if two_d:  # [N] may be strided (a column of a block table): its one column is never stepped
+        val.check_inner_contiguous("ssm_state_indices", ssm_state_indices, 1, align_leading=False)
+    T = ssm_state_indices.shape[1] if two_d else 1
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"ssm_state_indices.shape[1] (slots per sequence, its most tokens) must be in "
+                         f"[1, {MAX_TOKENS}], got {T}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+        val.check_tensor("cu_seqlens", cu_seqlens, val.INDEX_DTYPES, (None,))
+        val.check_inner_contiguous("cu_seqlens", cu_seqlens, 1, align_leading=False)
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, q must have shape [1, tokens, H, K] (vLLM's rule), got {list(q.shape)}")
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must have shape [N + 1], got an empty tensor")
+        N = cu_seqlens.shape[0] - 1
+    else:
+        N = q.shape[0]
+        if rows != T:
+            raise ValueError(
+                f"without cu_seqlens every sequence has q.shape[1] = {rows} tokens: ssm_state_indices must have "
+                f"shape [{N}, {rows}] (a slot per token){' or [N] for one token' if rows == 1 else ''}, "
+                f"got {list(ssm_state_indices.shape)}")
+    if ssm_state_indices.shape[0] != N:
+        raise ValueError(f"ssm_state_indices must have {N} rows (one per sequence), got {list(ssm_state_indices.shape)}")
+    if num_accepted_tokens is not None:
+        val.check_tensor("num_accepted_tokens", num_accepted_tokens, val.INDEX_DTYPES, (N,))
+        val.check_inner_contiguous("num_accepted_tokens", num_accepted_tokens, 1, align_leading=False)
+    p = val.Problem(N, T, H, HV, K, V)
+    val.check_state("initial_state", initial_state, (None,), p, layout="klast")
+    val.check_scale(scale)
+    if scale is not None and scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return p, val.check_devices(dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
+                                     cu_seqlens=cu_seqlens, ssm_state_indices=ssm_state_indices,
+                                     num_accepted_tokens=num_accepted_tokens))
+
+
+def _check_index_values(cu_seqlens, T: int, total: int) -> None:
+    """FLASHGDN_CHECK_INDICES=1 (a host sync): each sequence's span inside the tokens and at most
+    T tokens long (the kernels give a longer one NaN output and write no state)."""
+    if cu_seqlens is None or cu_seqlens.numel() == 0:
+        return
+    c = cu_seqlens.long()
+    lengths = c[1:] - c[:-1]
+    if int(c[0]) < 0 or int(c[-1]) > total or (lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T)):
+        raise ValueError(f"cu_seqlens must rise by 0..{T} tokens per sequence (ssm_state_indices.shape[1]) "
+                         f"within [0, {total}], got {cu_seqlens.tolist()}")
+
+
+@logged
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor = None,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    inplace_final_state: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    ssm_state_indices: Optional[torch.Tensor] = None,
+    num_accepted_tokens: Optional[torch.Tensor] = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's recurrent GDN op on precomputed gates, for decode and speculative-decode verify.
+
+    q, k [B, T, H, K] and v [B, T, HV, V] (bf16 or fp16), g (log decay) and beta [B, T, HV] (fp32,
+    bf16 or fp16 each); with cu_seqlens [N + 1] (int32 or int64) B is 1 and dim 1 holds the tokens
+    of all N sequences, sequence i those from cu_seqlens[i] to cu_seqlens[i + 1]. q, k, v, g and
+    beta may be strided views (last dim contiguous). initial_state [P, HV, V, K] fp32 or bf16
+    (K-last; padded slot stride allowed) is read and written in place. ssm_state_indices [N, T_max]
+    (int32 or int64; [N] means [N, 1]): sequence i reads slot ssm_state_indices[i,
+    num_accepted_tokens[i] - 1] (column 0 without num_accepted_tokens) and writes the state after
+    its token t to slot ssm_state_indices[i, t]. A read slot <= 0 is padding: the sequence's output
+    rows are zero and no slot is touched; a write slot <= 0 is not written. Without cu_seqlens T
+    must equal T_max; with it each sequence has at most T_max <= 16 tokens (cu_seqlens' values are
+    not read on the host: a longer sequence gets NaN output rows and writes no state).
+    scale None means K ** -0.5; beta None means ones.
+
+    Returns (o [B, T, HV, V] of q's dtype, initial_state).
+    """
+    _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v)
+    if beta is None:  # vLLM's default; not its serving path (an allocation per call)
+        beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
+    plan = api._validated(_check, q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices,
+                          num_accepted_tokens, options=(use_qk_l2norm_in_kernel,))
+    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run
+        return o, initial_state
+    if api.CHECK_INDICES:
+        _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
+    slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
+    q, k, v = (packed_unit_strides(t) for t in (q, k, v))
+    args = KernelArgs(q, k, v, g, beta, None, None, initial_state, accepted_tokens=num_accepted_tokens,
+                      output=o, token_state_indices=slots, cu_seqlens=cu_seqlens)
+    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
+    return o, initial_state
