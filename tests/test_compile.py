@@ -292,5 +292,5 @@ def test_input_prefetch_follows_the_measured_cases():
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS]
     assert len(ids) == len(set(ids))
-    assert len(ids) * len(ARCHS) <= 70
+    assert len(ids) * len(ARCHS) <= 76  # about 2 s of CI per compile
 
