@@ -163,6 +163,12 @@ def test_a_valid_call_builds_its_variant(monkeypatch, layout):
     assert spec.varlen == (None if kw["cu_seqlens"] is None else "int32")
     assert spec.gate_dtype == str(kw["g"].dtype)[6:]
     assert spec.beta_dtype == (None if kw["beta"].dtype == kw["g"].dtype else str(kw["beta"].dtype)[6:])
+    # The compiled function takes a tensor exactly where the launch passes one (TVM-FFI rejects
+    # None for a tensor parameter and a tensor for a None one).
+    from flashgdn.kernels.build import fake_arguments
+
+    fakes = fake_arguments(spec)
+    assert [f for f in args._fields if getattr(args, f) is None] == [f for f in fakes._fields if getattr(fakes, f) is None]
     FN(**kw)  # the second call of the signature is remembered
     assert len(api._VALIDATED) == 1 and len(launched) == 2
 

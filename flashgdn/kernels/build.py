@@ -70,7 +70,8 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
         state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
-        state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool else None,
+        # vLLM's slots come from token_state_indices alone
+        state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool and not spec.vllm_slots else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
         accepted_tokens=(make_fake_tensor(CUTLASS_DTYPES[spec.accepted_dtype], (B,), stride=(1,))
                          if spec.has_accepted else None),
