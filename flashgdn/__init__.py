@@ -1,7 +1,12 @@
 """flashgdn: CuTe DSL kernels for the decode step of Gated Delta Net linear attention."""
 __version__ = "0.1.0"
 
-from .api import gated_delta_rule_decode, gated_delta_rule_decode_pretranspose, gated_delta_rule_mtp
+from .api import (
+    gated_delta_rule_decode,
+    gated_delta_rule_decode_pretranspose,
+    gated_delta_rule_mtp,
+    gated_delta_rule_replayssm_commit,
+)
 from .device import UnsupportedGPUError
 from . import reference
 from . import ops  # registers the torch.library ops that traced calls use (flashgdn.ops)
@@ -10,6 +15,7 @@ __all__ = [
     "gated_delta_rule_decode_pretranspose",
     "gated_delta_rule_decode",
     "gated_delta_rule_mtp",
+    "gated_delta_rule_replayssm_commit",
     "reference",
     "UnsupportedGPUError",
     "__version__",

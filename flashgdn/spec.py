@@ -40,7 +40,9 @@ class KernelArgs(NamedTuple):
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]; state
     [P, HV, V, K] ("klast") or [P, HV, K, V] ("kmajor"), P = B for a dense state; state_indices,
     output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
-    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token)."""
+    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token);
+    the ReplaySSM windows of a verify, indexed by the read slot: replay_v [P, HV, T, V] and replay_k
+    [P, H, T, K] (bf16, k before its norm), replay_g (log decay) and replay_beta [P, HV, T] (fp32)."""
 
     q: Any
     k: Any
@@ -56,6 +58,27 @@ class KernelArgs(NamedTuple):
     intermediate_states: Any = None
     output: Any = None
     token_state_indices: Any = None
+    replay_v: Any = None
+    replay_k: Any = None
+    replay_g: Any = None
+    replay_beta: Any = None
+
+
+class CommitArgs(NamedTuple):
+    """The tensors of the ReplaySSM commit kernel, in order (None where a variant has no such
+    tensor). state [L, P, HV, V, K] (the checkpoints of L layers); the windows replay_v
+    [L, P, HV, T, V], replay_k [L, P, H, T, K] (bf16), replay_g, replay_beta [L, P, HV, T] (fp32);
+    state_indices, accept_lens, track_state_indices, track_steps [B] (int32)."""
+
+    state: Any
+    replay_v: Any
+    replay_k: Any
+    replay_g: Any
+    replay_beta: Any
+    state_indices: Any
+    accept_lens: Any
+    track_state_indices: Any = None
+    track_steps: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +114,7 @@ class KernelSpec:
     has_token_slots: bool = False  # the state after token t goes to pool slot token_state_indices[b, t]
     strided_state: bool = False  # the state's head and row strides are dynamic (a padded pool)
     zero_padding_output: bool = True  # a padding row's output is zero (False: left as it is)
+    replay_cache: bool = False  # writes the ReplaySSM windows (replay_v/k/g/beta) of every live row
 
     def __post_init__(self) -> None:
         checks = (
@@ -112,6 +136,9 @@ class KernelSpec:
             (not self.has_token_slots or (self.pool and self.T >= 2 and self.update_state and not self.has_intermediate
                                           and not self.has_accepted and not self.has_out_indices),
              "token slots need a pool, T >= 2 and state updates, without intermediates, accepted counts or out indices"),
+            (not self.replay_cache or (self.pool and self.T >= 2 and not self.update_state and not self.writes_states
+                                       and not self.has_accepted),
+             "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
         )
         for ok, msg in checks:
             if not ok:
@@ -145,6 +172,49 @@ class KernelSpec:
             (self.pool, "pool"), (self.has_intermediate, "inter"), (not self.update_state, "noupdate"),
             (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"), (self.has_token_slots, "tokslots"),
             (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
-            (self.out_dtype is not None, f"out-{self.out_dtype}"),
+            (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.replay_cache, "replay"),
         )
+        return "/".join(parts + [name for on, name in flags if on])
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitSpec:
+    """Compile-time facts of one ReplaySSM commit variant (hashable: the cache key). The layer,
+    slot and batch counts stay dynamic, and so do the layer and slot strides of every tensor."""
+
+    H: int
+    HV: int
+    K: int
+    V: int
+    T: int  # tokens of a window (the verify's T)
+    state_dtype: str
+    use_l2norm: bool
+    arch: str
+    regime: str
+    null_block_id: int = -1  # slots <= this are not live
+    has_track: bool = False  # track_state_indices / track_steps given
+    tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the policy's
+    device_class: Optional[str] = None  # as KernelSpec.device_class
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
+            (1 <= self.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
+            (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
+            (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
+            (self.null_block_id >= -1, "null_block_id must be >= -1"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid CommitSpec: {msg} (got {self})")
+
+    def short_name(self) -> str:
+        """A compact, human-readable label for logs and benchmark tables."""
+        parts = ["commit", f"T{self.T}", f"H{self.H}", f"HV{self.HV}", f"K{self.K}", f"V{self.V}",
+                 f"state-{self.state_dtype}", self.regime, self.arch]
+        flags = ((not self.use_l2norm, "nol2"), (self.has_track, "track"),
+                 (self.null_block_id != -1, f"null{self.null_block_id}"))
         return "/".join(parts + [name for on, name in flags if on])

@@ -32,7 +32,8 @@ FLASHINFER_VERSION = "0.7.2.post1"
 FLASHINFER_REQUIREMENT = f"flashinfer-python=={FLASHINFER_VERSION}"
 WHEEL_GLOB = f"flashinfer_python-{FLASHINFER_VERSION}-*.whl"
 MODULE = "flashinfer/gdn_decode.py"
-FUNCTIONS = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp")
+FUNCTIONS = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
+             "gated_delta_rule_replayssm_commit")
 # flashgdn's parameters beyond FlashInfer's (keyword-only, after all of FlashInfer's, with defaults).
 FLASHGDN_EXTRAS = frozenset({"accepted_tokens", "softplus_beta", "softplus_threshold"})
 # Decorators of the FlashInfer defs known to keep the signature (flashinfer_api returns the function

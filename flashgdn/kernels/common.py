@@ -45,10 +45,25 @@ def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Cons
     """Decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b), in fp32, from the
     raw (a, b, A_log, dt_bias) values of load_gates."""
     a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
-    g = cute.math.exp(-cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold))
+    g = cute.math.exp(_log_decay(a, a_log, dt_bias, sp_beta, sp_threshold))
+    return g, _sigmoid(b)
+
+
+@cute.jit
+def gdn_log_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Constexpr[float]):
+    """gdn_gates with the decay as its log, -exp(A_log) * softplus(a + dt_bias) (what a ReplaySSM
+    window stores)."""
+    a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
+    return _log_decay(a, a_log, dt_bias, sp_beta, sp_threshold), _sigmoid(b)
+
+
+def _log_decay(a, a_log, dt_bias, sp_beta: float, sp_threshold: float):
+    return -cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold)
+
+
+def _sigmoid(b):
     # Approximate reciprocal (1 ulp): IEEE division adds a slow-path branch.
-    beta = cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-b))
-    return g, beta
+    return cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-b))
 
 
 def load_gates(gmem, b, t, hv):
@@ -198,15 +213,22 @@ def warp_slice(mRow: cute.Tensor, lane: Int32, head_dim: cutlass.Constexpr[int])
     return rRaw
 
 
-def kernel_args(kernel):
-    """Gives a @cute.kernel `kernel(self, *args)` the parameters of spec.KernelArgs by name (put
-    above @cute.kernel): the DSL binds a kernel's arguments to its named parameters, and the list
-    is written only in KernelArgs."""
-    param = inspect.Parameter
-    inspect.unwrap(kernel).__signature__ = inspect.Signature(
-        [param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *KernelArgs._fields)]
-    )
-    return kernel
+def kernel_params(fields):
+    """A decorator that gives a @cute.kernel `kernel(self, *args)` the parameters `fields` (a
+    NamedTuple's) by name (put above @cute.kernel): the DSL binds a kernel's arguments to its
+    named parameters, and the list is written only in the NamedTuple."""
+    def decorate(kernel):
+        param = inspect.Parameter
+        inspect.unwrap(kernel).__signature__ = inspect.Signature(
+            [param(name, param.POSITIONAL_OR_KEYWORD) for name in ("self", *fields)]
+        )
+        return kernel
+
+    return decorate
+
+
+# Gives a @cute.kernel the parameters of spec.KernelArgs.
+kernel_args = kernel_params(KernelArgs._fields)
 
 
 class DecodeKernel:
@@ -247,11 +269,15 @@ class DecodeKernel:
     def __call__(self, *args_and_stream):
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
-        grid = tensors[0].shape[0] * (self.spec.HV * self.num_tiles)
+        grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream)
 
+    def grid_rows(self, tensors):
+        """Rows of the grid, each HV x num_tiles CTAs: the batch size (the first tensor's first dim)."""
+        return tensors[0].shape[0]
+
     def cta_coords(self, bidx=None):
-        """(tile, batch row b, value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
+        """(tile, grid row b (the batch row), value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
         if bidx is None:
             bidx, _, _ = cute.arch.block_idx()
         bh = bidx // self.num_tiles
