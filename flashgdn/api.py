@@ -5,10 +5,11 @@ This layer validates, picks the kernel variant (layout, batch regime, flags), fe
 compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
 as they are (strided views included), on the current torch stream.
 
-Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`) directly;
-only while torch.compile or torch.export traces does it call the flashgdn custom op instead
-(flashgdn.ops registers them: their real implementations are these eager bodies), so that the
-graph holds one op per call with its mutated arguments declared, and eager calls pay no op dispatch.
+Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`,
+`_replayssm_commit`) directly; only while torch.compile or torch.export traces does it call the
+flashgdn custom op instead (flashgdn.ops registers them: their real implementations are these eager
+bodies), so that the graph holds one op per call with its mutated arguments declared, and eager
+calls pay no op dispatch.
 """
 from __future__ import annotations
 

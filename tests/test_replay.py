@@ -336,3 +336,20 @@ def test_policy_serves_replay_verify_with_the_token_loop_kernel():
     assert commit.tile == policy.SM90_HBM3.tiles[("mtp", "large", "float32")]
     small = policy.BuildConfig.for_spec(CommitSpec(1, 1, 64, 64, 2, "bfloat16", True, "sm_90a", "small"))
     assert small.tile[0] * (32 // small.tile[2]) * small.tile[1] <= 64
+
+
+def test_replay_step_benchmark_compiles_its_variants(capsys):
+    """benchmarks/replay_step.py --compile-only builds the verify and commit variants it would time."""
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_step.py"
+    spec = importlib.util.spec_from_file_location("replay_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--compile-only", "--tokens", "2", "--batch-size", "1", "--state-dtype", "bfloat16",
+                        "--layers", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(": compiled (" in line for line in lines)
+    assert any(line.startswith("commit/T2/") for line in lines) and any("/replay:" in line for line in lines)
