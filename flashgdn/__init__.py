@@ -1,7 +1,12 @@
 """flashgdn: CuTe DSL kernels for the decode step of Gated Delta Net linear attention."""
 __version__ = "0.1.0"
 
-from .api import gated_delta_rule_decode, gated_delta_rule_decode_pretranspose, gated_delta_rule_mtp
+from .api import (
+    gated_delta_rule_decode,
+    gated_delta_rule_decode_pretranspose,
+    gated_delta_rule_mtp,
+    gated_delta_rule_replayssm_commit,
+)
 from .device import UnsupportedGPUError
 from .fused_step import gdn_fused_decode_step
 from . import reference
@@ -12,6 +17,7 @@ __all__ = [
     "gated_delta_rule_decode",
     "gated_delta_rule_mtp",
     "gdn_fused_decode_step",
+    "gated_delta_rule_replayssm_commit",
     "reference",
     "UnsupportedGPUError",
     "__version__",

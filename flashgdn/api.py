@@ -5,10 +5,11 @@ This layer validates, picks the kernel variant (layout, batch regime, flags), fe
 compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
 as they are (strided views included), on the current torch stream.
 
-Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`) directly;
-only while torch.compile or torch.export traces does it call the flashgdn custom op instead
-(flashgdn.ops registers them: their real implementations are these eager bodies), so that the
-graph holds one op per call with its mutated arguments declared, and eager calls pay no op dispatch.
+Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`,
+`_replayssm_commit`) directly; only while torch.compile or torch.export traces does it call the
+flashgdn custom op instead (flashgdn.ops registers them: their real implementations are these eager
+bodies), so that the graph holds one op per call with its mutated arguments declared, and eager
+calls pay no op dispatch.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .cache import kernel_cache
 from .device import DeviceFacts, facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import MAX_TOKENS, KernelArgs, KernelSpec
+from .spec import MAX_TOKENS, CommitArgs, CommitSpec, KernelArgs, KernelSpec
 
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
 # Bound once, as every public call checks it; Dynamo recognises the function object, so this name
@@ -67,6 +68,7 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         beta_dtype=None if args.b.dtype == args.a.dtype else name(args.b.dtype), vllm_slots=vllm_slots,
         accepted_dtype="int32" if args.accepted_tokens is None else name(args.accepted_tokens.dtype),
         varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
+        replay_cache=args.replay_v is not None,
     )
 
 
@@ -89,6 +91,8 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
     if args.token_state_indices is not None:  # every (row, token) writes its own slot
         rows = args.state_indices[:, None].expand_as(args.token_state_indices)
         val.check_distinct_slots("ssm_state_indices", args.token_state_indices.flatten(), rows.flatten())
+    elif args.replay_v is not None:  # the windows of a slot are written by one row
+        val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
     elif update_state and args.state_indices is not None:  # a pool: rows must not write one slot
         if args.output_state_indices is None:
             val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
@@ -204,7 +208,12 @@ def _check_decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_
 
 def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
-               accepted_tokens, softplus_beta, softplus_threshold):
+               accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm=False, replayssm_rawv=None,
+               replayssm_rawk=None, replayssm_g=None, replayssm_beta=None):
+    windows = dict(replayssm_rawv=replayssm_rawv, replayssm_rawk=replayssm_rawk, replayssm_g=replayssm_g,
+                   replayssm_beta=replayssm_beta)
+    if not cache_replayssm and any(t is not None for t in windows.values()):
+        raise ValueError("replayssm_rawv/rawk/g/beta buffers require cache_replayssm=True")
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     # With disable_state_update the pool is only read (it may overlap itself).
     val.check_state("initial_state", initial_state, (None,), p, layout="klast", written=not disable_state_update)
@@ -225,12 +234,15 @@ def _check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias,
         val.check_inner_contiguous("accepted_tokens", accepted_tokens, 1, align_leading=False)
         if disable_state_update:
             raise ValueError("accepted_tokens selects the state to commit; it cannot go with disable_state_update=True")
+    if cache_replayssm:
+        val.check_replay_verify(p, initial_state.shape[0], windows, disable_state_update, intermediate_states_buffer,
+                                ssm_state_indices)
     return p, _check_common(
         p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
         dt_bias=dt_bias, initial_state=initial_state,
         initial_state_indices=initial_state_indices, output_state_indices=output_state_indices,
         intermediate_states_buffer=intermediate_states_buffer, accepted_tokens=accepted_tokens,
-        ssm_state_indices=ssm_state_indices,
+        ssm_state_indices=ssm_state_indices, **(windows if cache_replayssm else {}),
     )
 
 
@@ -365,13 +377,15 @@ def gated_delta_rule_mtp(
     FutureWarning once). `accepted_tokens` [B] int32 (beyond FlashInfer) commits the state after
     that many tokens (0..T) instead of after T. A padding row (negative index) leaves its output
     row as it is (zero when `output` is None). Returns (output [B, T, HV, V], pool).
+
+    `cache_replayssm` (ReplaySSM verify; needs disable_state_update=True, T >= 2, no intermediate
+    buffer or ssm_state_indices): besides the outputs, each running row writes this step's raw
+    inputs to the windows of its slot initial_state_indices[i]: `replayssm_rawv` [P, HV, T, V] and
+    `replayssm_rawk` [P, H, T, K] (bf16; k before its norm), `replayssm_g` (the log decay
+    -exp(A_log) * softplus(a + dt_bias)) and `replayssm_beta` [P, HV, T] (fp32).
+    gated_delta_rule_replayssm_commit then replays the accepted tokens into the checkpoint. Live
+    slots must be unique; padding rows leave their windows untouched.
     """
-    if cache_replayssm:
-        raise NotImplementedError(
-            "gated_delta_rule_mtp(cache_replayssm=True): ReplaySSM verify is not implemented in flashgdn yet"
-        )
-    if replayssm_rawv is not None or replayssm_rawk is not None or replayssm_g is not None or replayssm_beta is not None:
-        raise ValueError("replayssm_rawv/rawk/g/beta buffers require cache_replayssm=True")
     if _is_compiling():  # traced: one custom op (module docstring)
         # disable_state_update=None resolves in the op: tracers cannot trace the warning it may raise.
         if output is None:
@@ -379,26 +393,134 @@ def gated_delta_rule_mtp(
         torch.ops.flashgdn.gated_delta_rule_mtp(
             q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
             intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm,
-            output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
+            output_state_indices, accepted_tokens, softplus_beta, softplus_threshold, bool(cache_replayssm),
+            replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta,
         )
         return output, initial_state
     return _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                 intermediate_states_buffer, ssm_state_indices, _mtp_disable_state_update(disable_state_update),
-                use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+                use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
+                cache_replayssm, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta)
 
 
 def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
          intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
-         accepted_tokens, softplus_beta, softplus_threshold):
+         accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm=False, replayssm_rawv=None,
+         replayssm_rawk=None, replayssm_g=None, replayssm_beta=None):
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
-        accepted_tokens, softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
+        accepted_tokens, softplus_beta, softplus_threshold, bool(cache_replayssm), replayssm_rawv, replayssm_rawk,
+        replayssm_g, replayssm_beta, options=(use_qk_l2norm,),
     )
+    replay = dict(replay_v=replayssm_rawv, replay_k=replayssm_rawk, replay_g=replayssm_g,
+                  replay_beta=replayssm_beta) if cache_replayssm else {}
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, state_indices=initial_state_indices,
                       output_state_indices=output_state_indices, accepted_tokens=accepted_tokens,
                       intermediate_states=intermediate_states_buffer, output=output,
-                      token_state_indices=ssm_state_indices)
+                      token_state_indices=ssm_state_indices, **replay)
     options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
                           zero_padding_output=False)
     return _launch(plan, "klast", args, options), initial_state
+
+
+COMMIT_BACKENDS = ("auto", "simt", "flashgdn")  # FlashInfer's "tcgen05" (its SM100 TF32 path) is not built
+
+
+def commit_spec(p: val.CommitProblem, checkpoint_state: torch.Tensor, use_l2norm: bool, null_block_id: int,
+                has_track: bool, facts: DeviceFacts) -> CommitSpec:
+    """The compiled ReplaySSM commit variant of a call; its regime counts (layer, row, value head)
+    CTAs as the decode kernels count (row, value head)."""
+    return CommitSpec(
+        H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, state_dtype=val.dtype_name(checkpoint_state.dtype),
+        use_l2norm=bool(use_l2norm), arch=facts.arch,
+        regime=policy.regime(p.L * p.B, p.HV, facts.sm_count, facts.device_class), null_block_id=null_block_id,
+        has_track=has_track, device_class=facts.device_class,
+    )
+
+
+def _check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                  track_state_indices, track_steps, null_block_id):
+    p = val.check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                         track_state_indices, track_steps, null_block_id)
+    return p, val.check_devices(dict(
+        checkpoint_state=checkpoint_state, rawv_cache=rawv_cache, rawk_cache=rawk_cache, g_cache=g_cache,
+        beta_cache=beta_cache, state_indices=state_indices, accept_lens=accept_lens,
+        track_state_indices=track_state_indices, track_steps=track_steps,
+    ))
+
+
+def _check_commit_values(p: val.CommitProblem, args: CommitArgs, null_block_id: int) -> None:
+    """FLASHGDN_CHECK_INDICES=1: accepted counts in [0, T]; live slots (above null_block_id) in
+    range, each committed by one row, track slots distinct and apart from them (a host sync)."""
+    val.check_index_values("accept_lens", args.accept_lens, p.T + 1, allow_negative=False)
+    slots = [("state_indices", args.state_indices)]
+    if args.track_state_indices is not None:
+        slots.append(("track_state_indices", args.track_state_indices))
+    live = []
+    for name, t in slots:
+        t = t[t > null_block_id]
+        val.check_index_values(name, t, p.P, allow_negative=False)
+        val.check_distinct_slots(name, t, t)
+        live.append(t)
+    if len(live) == 2 and torch.isin(live[1], live[0]).any():
+        raise ValueError("track_state_indices must not name a slot that state_indices commits")
+
+
+@logged
+def gated_delta_rule_replayssm_commit(
+    checkpoint_state: torch.Tensor, rawv_cache: torch.Tensor, rawk_cache: torch.Tensor, g_cache: torch.Tensor,
+    beta_cache: torch.Tensor, state_indices: torch.Tensor, accept_lens: torch.Tensor, *,
+    track_state_indices: Optional[torch.Tensor] = None, track_steps: Optional[torch.Tensor] = None,
+    use_qk_l2norm: bool = True, null_block_id: int = -1, backend: str = "auto",
+) -> None:
+    """Commit the accepted ReplaySSM prefix into every layer's checkpoint, in one launch.
+
+    checkpoint_state [L, P, HV, V, K] (fp32 or bf16, K-last, its last three dims packed) is updated
+    in place from the windows that gated_delta_rule_mtp(cache_replayssm=True) wrote for each layer:
+    rawv_cache [L, P, HV, T, V], rawk_cache [L, P, H, T, K] (bf16), g_cache and beta_cache
+    [L, P, HV, T] (fp32). For row i with a live slot s = state_indices[i] (null_block_id < s < P)
+    and n = accept_lens[i] in [1, T], the first n tokens of slot s's windows are replayed into
+    checkpoint_state[:, s]: S = exp(g) S; u = (v - S^T k) beta; S = S + k u^T, with k normalised
+    when use_qk_l2norm (as in the verify). accept_lens 0, a slot at or below null_block_id, or
+    (unchecked values) a slot or count out of range leave everything untouched. With
+    track_state_indices / track_steps [B] (int32, together), the state after token track_steps[i]
+    (zero-based, < n) also goes to slot track_state_indices[i] when that slot is live. Live slots
+    must be unique, and track slots distinct and apart from them (not checked on the host unless
+    FLASHGDN_CHECK_INDICES=1). backend: "auto" or "simt" (FlashInfer's names; both run flashgdn's
+    fp32 kernel), "flashgdn".
+    """
+    if _is_compiling():  # traced: one custom op (module docstring)
+        torch.ops.flashgdn.gated_delta_rule_replayssm_commit(
+            checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+            track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend,
+        )
+        return None
+    _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                      track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
+    return None
+
+
+def _check_commit_backend(backend) -> None:
+    if backend not in COMMIT_BACKENDS:
+        raise ValueError(f"backend must be one of {COMMIT_BACKENDS} (flashgdn has no tcgen05 commit), got {backend!r}")
+
+
+def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                      track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
+    _check_commit_backend(backend)
+    plan = _validated(
+        _check_commit, checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+        track_state_indices, track_steps, null_block_id, options=(use_qk_l2norm,),
+    )
+    p = plan.problem
+    args = CommitArgs(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                      track_state_indices, track_steps)
+    fn = plan.fn
+    if fn is None:
+        fn = plan.fn = kernel_cache.get(commit_spec(p, checkpoint_state, use_qk_l2norm, null_block_id,
+                                                    track_state_indices is not None, facts_of(plan.device)))
+    if CHECK_INDICES:
+        _check_commit_values(p, args, null_block_id)
+    if p.B:
+        fn(*args)

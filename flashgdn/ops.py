@@ -2,8 +2,8 @@
 torch.export: a traced call becomes one op in the graph, with the tensors it writes declared, so
 the compiler neither breaks the graph nor reorders reads of the state around the write.
 
-Each op takes its function's arguments (less mtp's ReplaySSM ones, refused in Python), with
-`output` required: an op may not return a tensor that aliases an input, so it writes the
+Each op takes its function's arguments (mtp's ReplaySSM ones last, cache_replayssm as a bool),
+with `output` required: an op may not return a tensor that aliases an input, so it writes the
 caller-visible output buffer and returns nothing; while tracing, the public function allocates
 that buffer when the caller passes none (as the eager path does) and returns (output, state). A
 pretranspose op with a pool gets `state=None`. mtp's `disable_state_update` stays optional: None
@@ -12,7 +12,9 @@ may raise cannot be traced (Dynamo breaks the graph at `warnings.warn`); the fak
 runs while tracing, so the warning comes then.
 
 Mutated (`Tensor(x!)`): the state or pool (ssm_state_indices writes go to the pool too), the
-output and intermediate_states_buffer; the index tensors, accepted_tokens and inputs are only read.
+output, intermediate_states_buffer and mtp's ReplaySSM windows; the commit's checkpoint_state (it
+returns nothing, as FlashInfer's does); the index tensors, accepted_tokens, the commit's windows
+and the inputs are only read.
 
 The real implementations are the api's eager bodies, so launching happens in one place; the fake
 implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
@@ -76,24 +78,49 @@ def _(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backen
 
 
 @torch.library.custom_op(
-    "flashgdn::gated_delta_rule_mtp", mutates_args=("initial_state", "output", "intermediate_states_buffer"),
+    "flashgdn::gated_delta_rule_mtp",
+    mutates_args=("initial_state", "output", "intermediate_states_buffer", "replayssm_rawv", "replayssm_rawk",
+                  "replayssm_g", "replayssm_beta"),
 )
 def mtp_op(
     q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor, initial_state_indices: Tensor, A_log: Tensor,
     a: Tensor, dt_bias: Tensor, b: Tensor, scale: Optional[float], output: Tensor,
     intermediate_states_buffer: Optional[Tensor], ssm_state_indices: Optional[Tensor],
     disable_state_update: Optional[bool], use_qk_l2norm: bool, output_state_indices: Optional[Tensor],
-    accepted_tokens: Optional[Tensor], softplus_beta: float, softplus_threshold: float,
+    accepted_tokens: Optional[Tensor], softplus_beta: float, softplus_threshold: float, cache_replayssm: bool,
+    replayssm_rawv: Optional[Tensor], replayssm_rawk: Optional[Tensor], replayssm_g: Optional[Tensor],
+    replayssm_beta: Optional[Tensor],
 ) -> None:
     api._mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
              intermediate_states_buffer, ssm_state_indices, api._mtp_disable_state_update(disable_state_update),
-             use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+             use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
+             cache_replayssm, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta)
 
 
 @mtp_op.register_fake
 def _(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
       intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
-      accepted_tokens, softplus_beta, softplus_threshold):
+      accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm, replayssm_rawv, replayssm_rawk,
+      replayssm_g, replayssm_beta):
     api._check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                    intermediate_states_buffer, ssm_state_indices, api._mtp_disable_state_update(disable_state_update),
-                   output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+                   output_state_indices, accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm,
+                   replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta)
+
+
+@torch.library.custom_op("flashgdn::gated_delta_rule_replayssm_commit", mutates_args=("checkpoint_state",))
+def replayssm_commit_op(
+    checkpoint_state: Tensor, rawv_cache: Tensor, rawk_cache: Tensor, g_cache: Tensor, beta_cache: Tensor,
+    state_indices: Tensor, accept_lens: Tensor, track_state_indices: Optional[Tensor], track_steps: Optional[Tensor],
+    use_qk_l2norm: bool, null_block_id: int, backend: str,
+) -> None:
+    api._replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices,
+                          accept_lens, track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
+
+
+@replayssm_commit_op.register_fake
+def _(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+      track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
+    api._check_commit_backend(backend)
+    api._check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                      track_state_indices, track_steps, null_block_id)

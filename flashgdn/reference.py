@@ -17,10 +17,15 @@ L2NORM_EPS = 1e-6
 
 def gates(A_log, a, dt_bias, b, softplus_beta=1.0, softplus_threshold=20.0, dtype=torch.float32):
     """g = exp(-exp(A_log) * softplus(a + dt_bias)), beta = sigmoid(b); a, b [..., HV]."""
+    log_g, beta = log_gates(A_log, a, dt_bias, b, softplus_beta, softplus_threshold, dtype)
+    return torch.exp(log_g), beta
+
+
+def log_gates(A_log, a, dt_bias, b, softplus_beta=1.0, softplus_threshold=20.0, dtype=torch.float32):
+    """gates with the decay as its log, -exp(A_log) * softplus(a + dt_bias)."""
     x = a.to(dtype) + dt_bias.to(dtype)
     sp = F.softplus(x, beta=softplus_beta, threshold=softplus_threshold)
-    g = torch.exp(-torch.exp(A_log.to(dtype)) * sp)
-    return g, torch.sigmoid(b.to(dtype))
+    return -torch.exp(A_log.to(dtype)) * sp, torch.sigmoid(b.to(dtype))
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +166,9 @@ def gated_delta_rule_mtp(
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32,
 ):
     """Reference of flashgdn.gated_delta_rule_mtp (pool [P, HV, V, K], T tokens per sequence;
-    disable_state_update None means True; ReplaySSM not modelled)."""
-    if cache_replayssm:
-        raise NotImplementedError("ReplaySSM verify is not modelled by the reference")
+    disable_state_update None means True). With cache_replayssm, every running row (as the
+    kernels decide it: slots in range, none negative) also writes its raw inputs to the ReplaySSM
+    windows of its read slot (replay_windows)."""
     update = disable_state_update is not None and not disable_state_update
     out = _decode(
         q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
@@ -171,6 +176,13 @@ def gated_delta_rule_mtp(
         accepted_tokens, softplus_beta, softplus_threshold, compute_dtype, token_slots=ssm_state_indices,
         zero_padding_output=False,
     )
+    if cache_replayssm:
+        read = initial_state_indices
+        write = read if output_state_indices is None else output_state_indices
+        P = initial_state.shape[0]
+        run = (read >= 0) & (write >= 0) & (read < P) & (write < P)
+        replay_windows(replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta, read, run, k, v, a, b, A_log,
+                       dt_bias, softplus_beta, softplus_threshold, compute_dtype)
     return out, initial_state
 
 
@@ -269,3 +281,52 @@ def fused_recurrent_gated_delta_rule_vllm(
             if w > 0:
                 initial_state[w] = s[0].transpose(-1, -2).to(initial_state.dtype)
     return out
+def replay_windows(rawv, rawk, log_g, beta, slots, run, k, v, a, b, A_log, dt_bias, softplus_beta=1.0,
+                   softplus_threshold=20.0, compute_dtype=torch.float32):
+    """A ReplaySSM verify's window writes: for each row i with run[i], at pool slot slots[i], the raw
+    v [HV, T, V] and k [H, T, K] (bf16, k before its norm), the log decay
+    -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) [HV, T] (fp32)."""
+    rows = torch.nonzero(run).flatten()
+    if not rows.numel():
+        return
+    slot = slots[rows].long()
+    lg, bt = log_gates(A_log, a[rows], dt_bias, b[rows], softplus_beta, softplus_threshold, compute_dtype)
+    rawv[slot] = v[rows].transpose(1, 2).to(rawv.dtype)
+    rawk[slot] = k[rows].transpose(1, 2).to(rawk.dtype)
+    log_g[slot] = lg.transpose(1, 2).to(log_g.dtype)
+    beta[slot] = bt.transpose(1, 2).to(beta.dtype)
+
+
+def gated_delta_rule_replayssm_commit(
+    checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens, *,
+    track_state_indices=None, track_steps=None, use_qk_l2norm=True, null_block_id=-1, backend="auto",
+    compute_dtype=torch.float32,
+):
+    """Reference of flashgdn.gated_delta_rule_replayssm_commit: for every layer and each row whose
+    slot is live (null_block_id < slot < slots) and whose accepted count n is in [1, T], the first n
+    tokens of the slot's windows replayed into checkpoint_state [L, slots, HV, V, K] in place
+    (stored in its dtype once, at the end), and the state after token track_steps[i] (zero-based,
+    < n) stored at track_state_indices[i] when that slot is live. Returns None."""
+    L, P, HV, V, K = checkpoint_state.shape
+    H, T = rawk_cache.shape[2], rawk_cache.shape[3]
+    for i in range(state_indices.shape[0]):
+        slot, n = int(state_indices[i]), int(accept_lens[i])
+        if not (null_block_id < slot < P and 1 <= n <= T):
+            continue
+        track = None
+        if track_state_indices is not None:
+            track_slot, track_step = int(track_state_indices[i]), int(track_steps[i])
+            if null_block_id < track_slot < P:
+                track = (track_slot, track_step)
+        S = checkpoint_state[:, slot].to(compute_dtype).transpose(-1, -2)  # [L, HV, K, V]
+        for t in range(n):
+            kt = rawk_cache[:, slot, :, t].to(compute_dtype)  # [L, H, K]
+            if use_qk_l2norm:
+                kt = l2norm(kt)
+            kt = kt.repeat_interleave(HV // H, dim=1)
+            g = torch.exp(g_cache[:, slot, :, t].to(compute_dtype))
+            _, S = step(S, kt, kt, rawv_cache[:, slot, :, t].to(compute_dtype), g,
+                        beta_cache[:, slot, :, t].to(compute_dtype))
+            if track is not None and track[1] == t:
+                checkpoint_state[:, track[0]] = S.transpose(-1, -2).to(checkpoint_state.dtype)
+        checkpoint_state[:, slot] = S.transpose(-1, -2).to(checkpoint_state.dtype)

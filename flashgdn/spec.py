@@ -45,6 +45,9 @@ class KernelArgs(NamedTuple):
     and dt_bias are None. Varlen (KernelSpec.varlen): q, k, v, a, b and output hold the tokens of
     all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
     token_state_indices.shape[0]."""
+    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token);
+    the ReplaySSM windows of a verify, indexed by the read slot: replay_v [P, HV, T, V] and replay_k
+    [P, H, T, K] (bf16, k before its norm), replay_g (log decay) and replay_beta [P, HV, T] (fp32)."""
 
     q: Any
     k: Any
@@ -61,6 +64,27 @@ class KernelArgs(NamedTuple):
     output: Any = None
     token_state_indices: Any = None
     cu_seqlens: Any = None
+    replay_v: Any = None
+    replay_k: Any = None
+    replay_g: Any = None
+    replay_beta: Any = None
+
+
+class CommitArgs(NamedTuple):
+    """The tensors of the ReplaySSM commit kernel, in order (None where a variant has no such
+    tensor). state [L, P, HV, V, K] (the checkpoints of L layers); the windows replay_v
+    [L, P, HV, T, V], replay_k [L, P, H, T, K] (bf16), replay_g, replay_beta [L, P, HV, T] (fp32);
+    state_indices, accept_lens, track_state_indices, track_steps [B] (int32)."""
+
+    state: Any
+    replay_v: Any
+    replay_k: Any
+    replay_g: Any
+    replay_beta: Any
+    state_indices: Any
+    accept_lens: Any
+    track_state_indices: Any = None
+    track_steps: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +133,7 @@ class KernelSpec:
     # Varlen: the cu_seqlens dtype; sequence b's tokens are the flat rows cu_seqlens[b] + t,
     # t < its length <= T (None: dense [B, T, ...]).
     varlen: Optional[str] = None
+    replay_cache: bool = False  # writes the ReplaySSM windows (replay_v/k/g/beta) of every live row
 
     def __post_init__(self) -> None:
         checks = (
@@ -136,6 +161,9 @@ class KernelSpec:
             (self.varlen is None or self.vllm_slots, "varlen needs vLLM slots (they give the batch size)"),
             (self.beta_dtype in (None,) + GATE_DTYPES, f"beta_dtype must be None or one of {GATE_DTYPES}"),
             (self.accepted_dtype in INDEX_DTYPES, f"accepted_dtype must be one of {INDEX_DTYPES}"),
+            (not self.replay_cache or (self.pool and self.T >= 2 and not self.update_state and not self.writes_states
+                                       and not self.has_accepted),
+             "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
         )
         for ok, msg in checks:
             if not ok:
@@ -178,6 +206,7 @@ class KernelSpec:
             (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
             (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"),
+            (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.replay_cache, "replay"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 
@@ -252,3 +281,44 @@ class ConvGateSpec:
         parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
                  f"w{self.width}", self.arch]
         return "/".join(parts + ([] if self.has_bias else ["nobias"]))
+@dataclasses.dataclass(frozen=True)
+class CommitSpec:
+    """Compile-time facts of one ReplaySSM commit variant (hashable: the cache key). The layer,
+    slot and batch counts stay dynamic, and so do the layer and slot strides of every tensor."""
+
+    H: int
+    HV: int
+    K: int
+    V: int
+    T: int  # tokens of a window (the verify's T)
+    state_dtype: str
+    use_l2norm: bool
+    arch: str
+    regime: str
+    null_block_id: int = -1  # slots <= this are not live
+    has_track: bool = False  # track_state_indices / track_steps given
+    tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the policy's
+    device_class: Optional[str] = None  # as KernelSpec.device_class
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
+            (1 <= self.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
+            (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
+            (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
+            (self.null_block_id >= -1, "null_block_id must be >= -1"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid CommitSpec: {msg} (got {self})")
+
+    def short_name(self) -> str:
+        """A compact, human-readable label for logs and benchmark tables."""
+        parts = ["commit", f"T{self.T}", f"H{self.H}", f"HV{self.HV}", f"K{self.K}", f"V{self.V}",
+                 f"state-{self.state_dtype}", self.regime, self.arch]
+        flags = ((not self.use_l2norm, "nol2"), (self.has_track, "track"),
+                 (self.null_block_id != -1, f"null{self.null_block_id}"))
+        return "/".join(parts + [name for on, name in flags if on])

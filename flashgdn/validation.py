@@ -308,3 +308,99 @@ def check_distinct_slots(name: str, slots: torch.Tensor, read: torch.Tensor) -> 
             f"{name} must not repeat a written slot (rows writing one slot race), "
             f"got slot {int(values[repeated][0])} in {int(counts[repeated][0])} rows"
         )
+
+
+# ----------------------------------------------------------------------------- ReplaySSM
+WINDOW_DTYPES = {"rawv": torch.bfloat16, "rawk": torch.bfloat16, "g": torch.float32, "beta": torch.float32}
+
+
+def check_window(name: str, t, leading: Sequence[int], inner: Sequence[int], dtype: torch.dtype,
+                 written: bool) -> None:
+    """A ReplaySSM window [*leading, *inner] of `dtype`: the inner dims packed, the leading dims'
+    strides free (multiples of 16 bytes and a 16-byte aligned start for the bf16 windows, which
+    the kernels access in vectors); one the kernel writes must not overlap itself."""
+    check_tensor(name, t, (dtype,), (*leading, *inner))
+    check_inner_contiguous(name, t, len(inner), align_leading=dtype == torch.bfloat16)
+    if written:
+        check_no_overlap(name, t)
+
+
+def check_replay_verify(p: Problem, pool_size: int, buffers: dict, disable_state_update: bool,
+                        intermediate_states_buffer, ssm_state_indices) -> None:
+    """gated_delta_rule_mtp(cache_replayssm=True): FlashInfer's rules (a frozen checkpoint, no
+    intermediate buffer or per-token slots, all four windows) and the windows' shapes
+    (`buffers`: replayssm_rawv [P, HV, T, V], replayssm_rawk [P, H, T, K] bf16, replayssm_g and
+    replayssm_beta [P, HV, T] fp32, P the pool size)."""
+    if not disable_state_update:
+        raise ValueError("cache_replayssm=True verifies against a frozen checkpoint: it needs "
+                         "disable_state_update=True (gated_delta_rule_replayssm_commit commits the accepted tokens)")
+    if intermediate_states_buffer is not None:
+        raise ValueError("cache_replayssm=True replaces the intermediate states: it cannot go with "
+                         "intermediate_states_buffer")
+    if ssm_state_indices is not None:
+        raise ValueError("cache_replayssm=True cannot go with ssm_state_indices (per-token state slots)")
+    missing = [name for name, t in buffers.items() if t is None]
+    if missing:
+        raise ValueError(f"cache_replayssm=True needs replayssm_rawv, replayssm_rawk, replayssm_g and "
+                         f"replayssm_beta; missing {', '.join(missing)}")
+    if p.T < 2:
+        raise ValueError(f"cache_replayssm=True needs T >= 2 tokens per sequence, got T={p.T}")
+    shapes = {"replayssm_rawv": ((p.HV, p.T, p.V), "rawv"), "replayssm_rawk": ((p.H, p.T, p.K), "rawk"),
+              "replayssm_g": ((p.HV, p.T), "g"), "replayssm_beta": ((p.HV, p.T), "beta")}
+    for name, (inner, kind) in shapes.items():
+        check_window(name, buffers[name], (pool_size,), inner, WINDOW_DTYPES[kind], written=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitProblem:
+    L: int  # layers
+    P: int  # slots per layer
+    B: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    T: int  # tokens of a window
+
+
+def check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                 track_state_indices, track_steps, null_block_id) -> CommitProblem:
+    """gated_delta_rule_replayssm_commit's tensors: checkpoint_state [L, P, HV, V, K] (fp32 or
+    bf16, its last three dims packed), the windows [L, P, ...] of check_window, state_indices,
+    accept_lens and the optional pair track_state_indices, track_steps [B] (int32)."""
+    check_tensor("checkpoint_state", checkpoint_state, STATE_DTYPES, (None,) * 5)
+    L, P, HV, V, K = checkpoint_state.shape
+    for nm, d in (("checkpoint_state.shape[4] (K)", K), ("checkpoint_state.shape[3] (V)", V)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{nm} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    if L < 1 or P < 1 or HV < 1:
+        raise ValueError(f"checkpoint_state must have at least one layer, slot and value head, got shape "
+                         f"{list(checkpoint_state.shape)}")
+    check_inner_contiguous("checkpoint_state", checkpoint_state, 3, align_leading=True)
+    check_no_overlap("checkpoint_state", checkpoint_state)
+    check_tensor("rawk_cache", rawk_cache, (torch.bfloat16,), (L, P, None, None, K))
+    H, T = rawk_cache.shape[2], rawk_cache.shape[3]
+    if H < 1 or HV % H:
+        raise ValueError(f"checkpoint_state.shape[2] (HV={HV}) must be a positive multiple of rawk_cache.shape[2] "
+                         f"(H={H})")
+    if not 1 <= T <= spec.MAX_TOKENS:
+        raise ValueError(f"rawk_cache.shape[3] (tokens of a window T) must be in [1, {spec.MAX_TOKENS}], got {T}")
+    for name, t, inner, kind in (("rawv_cache", rawv_cache, (HV, T, V), "rawv"),
+                                 ("rawk_cache", rawk_cache, (H, T, K), "rawk"),
+                                 ("g_cache", g_cache, (HV, T), "g"), ("beta_cache", beta_cache, (HV, T), "beta")):
+        check_window(name, t, (L, P), inner, WINDOW_DTYPES[kind], written=False)
+    check_tensor("state_indices", state_indices, (torch.int32,), (None,))
+    B = state_indices.shape[0]
+    pairs = [("state_indices", state_indices), ("accept_lens", accept_lens)]
+    if (track_state_indices is None) != (track_steps is None):
+        raise ValueError("track_state_indices and track_steps go together: pass both or neither")
+    if track_state_indices is not None:
+        pairs += [("track_state_indices", track_state_indices), ("track_steps", track_steps)]
+    for name, t in pairs:
+        check_tensor(name, t, (torch.int32,), (B,))
+        check_inner_contiguous(name, t, 1, align_leading=False)
+    if isinstance(null_block_id, bool) or not isinstance(null_block_id, int):
+        raise TypeError(f"null_block_id must be an int, got {type(null_block_id).__name__}")
+    if null_block_id < -1:
+        raise ValueError(f"null_block_id must be >= -1, got {null_block_id}")
+    return CommitProblem(L, P, B, H, HV, K, V, T)

@@ -145,9 +145,14 @@ def make_intermediate(T=T_MTP, dtype=F32, n=B, hv=HV, rows=V, cols=K):
 
 def expect_error(api, kw, exc, match):
     """The call raises `exc` matching `match` and leaves every tensor argument bit for bit as it was."""
+    expect_call_error(FNS[api], kw, exc, match)
+
+
+def expect_call_error(fn, kw, exc, match):
+    """expect_error of any function `fn`."""
     before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
     with pytest.raises(exc, match=match):
-        FNS[api](**kw)
+        fn(**kw)
     for n, t in before.items():
         after = kw[n]
         assert after.dtype == t.dtype and after.shape == t.shape, n

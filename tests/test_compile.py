@@ -1,7 +1,7 @@
 """Compile-only tests (no GPU): every kernel variant the API can ask for compiles for Hopper
 (sm_90a) and Blackwell (sm_100a) into a TVM-FFI callable.
 
-Each compile takes about 0.3 to 2.5 s; the list below stays at about 30 variants per arch.
+Each compile takes about 0.3 to 2.5 s; the lists below stay at about 40 variants per arch.
 """
 from __future__ import annotations
 
@@ -87,6 +87,22 @@ VARIANTS = [
      dict(regime="large", state="bfloat16", gate="float32", dt_bias="bfloat16")),
     ("kmajor-T1-softplus-custom-small-float32",
      dict(layout="kmajor", softplus_beta=2.0, softplus_threshold=10.0)),
+    # ReplaySSM verify (windows written by kmtp's staging): fp16 q/k/v into the bf16 windows, GVA 1,
+    # T not a multiple of the warps; a bf16 state at T = 8 (kmtp, where the policy would pick kmma)
+    ("mtp-replay-T3-fp16io-int64-gva1-keeppad-small-float32",
+     dict(T=3, io="float16", gate="float16", H=32, HV=32, state="float32", index_dtype="int64", update_state=False,
+          zero_padding_output=False, replay_cache=True)),
+    ("mtp-replay-T8-outidx-K64V64-large-bfloat16",
+     dict(T=8, K=64, V=64, regime="large", state="bfloat16", index_dtype="int32", has_out_indices=True,
+          update_state=False, zero_padding_output=False, replay_cache=True)),
+]
+
+# ReplaySSM commit variants (CommitSpec: H, HV, K, V, T, state dtype, l2norm, arch, regime, ...)
+COMMIT_VARIANTS = [
+    ("commit-T4-large-float32", dict(T=4)),
+    ("commit-T8-track-null0-large-bfloat16", dict(T=8, state_dtype="bfloat16", has_track=True, null_block_id=0)),
+    ("commit-T16-K256V256-nol2norm-small-float32", dict(T=16, K=256, V=256, use_l2norm=False, regime="small")),
+    ("commit-T2-K64V64-gva1-small-bfloat16", dict(T=2, K=64, V=64, H=32, state_dtype="bfloat16", regime="small")),
 ]
 
 
@@ -115,6 +131,18 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 
     monkeypatch.setenv("CUTE_DSL_ARCH", arch)
     s = ConvGateSpec(arch=arch, **kw)
+    fn = compile_kernel(s)
+    assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kw", [pytest.param(kw, id=vid) for vid, kw in COMMIT_VARIANTS])
+def test_commit_compiles(monkeypatch, arch, kw):
+    from flashgdn.spec import CommitSpec
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    s = CommitSpec(**(dict(H=16, HV=32, K=128, V=128, state_dtype="float32", use_l2norm=True, arch=arch,
+                           regime="large") | kw))
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
@@ -188,7 +216,7 @@ def test_every_kernel_class_is_built_by_name():
     from flashgdn.kernels import policy
     from flashgdn.kernels.build import KERNELS
 
-    assert set(KERNELS) == {policy.KLAST, policy.KMAJOR, policy.KMTP, policy.KMTP_MMA}
+    assert set(KERNELS) == {policy.KLAST, policy.KMAJOR, policy.KMTP, policy.KMTP_MMA, policy.REPLAY_COMMIT}
     assert config().kernel == policy.KLAST
     assert config(layout="kmajor").kernel == policy.KMAJOR
     assert config(T=4, index_dtype="int32").kernel == policy.KMTP
@@ -290,7 +318,7 @@ def test_input_prefetch_follows_the_measured_cases():
 
 
 def test_variant_ids_are_unique():
-    ids = [vid for vid, _ in VARIANTS]
+    ids = [vid for vid, _ in VARIANTS + COMMIT_VARIANTS + CONV_GATE_VARIANTS]
     assert len(ids) == len(set(ids))
-    assert len(ids) * len(ARCHS) <= 76  # about 2 s of CI per compile
+    assert len(ids) * len(ARCHS) <= 86  # about 2 s of CI per compile
 

@@ -32,7 +32,8 @@ FLASHINFER_VERSION = "0.7.2.post1"
 FLASHINFER_REQUIREMENT = f"flashinfer-python=={FLASHINFER_VERSION}"
 WHEEL_GLOB = f"flashinfer_python-{FLASHINFER_VERSION}-*.whl"
 MODULE = "flashinfer/gdn_decode.py"
-FUNCTIONS = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp")
+FUNCTIONS = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
+             "gated_delta_rule_replayssm_commit")
 # Functions read from the package's exports instead (the def lives where the re-exports lead:
 # flashinfer/gdn_kernels/experimental/gdn_fused_decode.py).
 PACKAGE = "flashinfer/__init__.py"

@@ -24,17 +24,22 @@ import flashgdn
 from flashgdn import api
 from flashgdn import reference as ref
 from flashgdn import validation as val
+from flashgdn.device import DeviceFacts
+from flashgdn.spec import CommitArgs
 
 from helpers import make_inputs, make_intermediate, make_state
 
 B, H, HV, K, V = 2, 2, 4, 64, 128
 P = 8  # pool slots: the cases' read, write and per-token slots are all distinct
 T_MTP = 3
-OP_NAMES = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp")
+OP_NAMES = ("gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
+            "gated_delta_rule_replayssm_commit")
+WINDOWS = ("replayssm_rawv", "replayssm_rawk", "replayssm_g", "replayssm_beta")
 WRITES = {  # the arguments each op declares mutated
     "gated_delta_rule_decode_pretranspose": {"state", "output", "initial_state", "intermediate_states_buffer"},
     "gated_delta_rule_decode": {"state", "output"},
-    "gated_delta_rule_mtp": {"initial_state", "output", "intermediate_states_buffer"},
+    "gated_delta_rule_mtp": {"initial_state", "output", "intermediate_states_buffer", *WINDOWS},
+    "gated_delta_rule_replayssm_commit": {"checkpoint_state"},
 }
 FLASHGDN_OPS = {getattr(torch.ops.flashgdn, n) for n in OP_NAMES} | {
     getattr(torch.ops.flashgdn, n).default for n in OP_NAMES
@@ -91,12 +96,42 @@ def case_call(name, device="cpu", seed=0):
                   output=out(torch.bfloat16), disable_state_update=False)
     elif name == "mtp-slots":  # the state after every token to its own pool slot
         kw.update(ssm_state_indices=_idx([[1, 2, 4], [5, -1, 7]], device), disable_state_update=False)
+    elif name == "mtp-replay":  # ReplaySSM verify: the windows of the read slots written
+        kw.update(disable_state_update=True, cache_replayssm=True, **replay_windows(P, device))
     else:
         raise KeyError(name)
     return fn, kw, "initial_state"
 
 
-CASES = ("pre", "pre-out", "pool", "pool-mtp", "dec", "dec-out", "mtp", "mtp-noupdate", "mtp-acc", "mtp-slots")
+CASES = ("pre", "pre-out", "pool", "pool-mtp", "dec", "dec-out", "mtp", "mtp-noupdate", "mtp-acc", "mtp-slots",
+         "mtp-replay")
+
+
+def replay_windows(n, device, layers=()):
+    """ReplaySSM windows of n slots (T_MTP tokens; a leading layers dim when given), 7 until
+    written."""
+    return dict(
+        replayssm_rawv=torch.full((*layers, n, HV, T_MTP, V), 7.0, dtype=torch.bfloat16, device=device),
+        replayssm_rawk=torch.full((*layers, n, H, T_MTP, K), 7.0, dtype=torch.bfloat16, device=device),
+        replayssm_g=torch.full((*layers, n, HV, T_MTP), 7.0, device=device),
+        replayssm_beta=torch.full((*layers, n, HV, T_MTP), 7.0, device=device),
+    )
+
+
+def commit_call(device="cpu", seed=0, track=True):
+    """Keyword arguments of a commit: 2 layers of P slots with random windows, row 1 a null block."""
+    gen = torch.Generator().manual_seed(seed)
+    L = 2
+    w = replay_windows(P, "cpu", layers=(L,))
+    kw = dict(checkpoint_state=torch.randn(L, P, HV, V, K, generator=gen))
+    for (name, t), new in zip(w.items(), ("rawv_cache", "rawk_cache", "g_cache", "beta_cache")):
+        kw[new] = torch.randn(t.shape, generator=gen).to(t.dtype)
+    kw["g_cache"] = -kw["g_cache"].abs()
+    kw["beta_cache"] = kw["beta_cache"].sigmoid()
+    kw.update(state_indices=_idx([3, -1], "cpu"), accept_lens=_idx([2, 1], "cpu"))
+    if track:
+        kw.update(track_state_indices=_idx([5, 6], "cpu"), track_steps=_idx([0, 0], "cpu"))
+    return {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
 
 
 def op_call(fn, kw):
@@ -323,12 +358,27 @@ def _reference_launch(plan, layout, args, options):
     if output is None:
         output = api._new_output((plan.problem.B, plan.problem.T, plan.problem.HV, plan.problem.V), args.q,
                                 options.zero_padding_output)
-    return ref._decode(
+    out = ref._decode(
         args.q, args.k, args.v, args.a, args.b, args.A_log, args.dt_bias, args.state, args.state_indices,
         args.output_state_indices, layout, options.scale, options.use_l2norm, output, args.intermediate_states,
         options.update_state, args.accepted_tokens, options.softplus_beta, options.softplus_threshold,
         token_slots=args.token_state_indices, zero_padding_output=options.zero_padding_output,
     )
+    if args.replay_v is not None:
+        ref.replay_windows(args.replay_v, args.replay_k, args.replay_g, args.replay_beta, args.state_indices,
+                           args.state_indices >= 0, args.k, args.v, args.a, args.b, args.A_log, args.dt_bias,
+                           options.softplus_beta, options.softplus_threshold)
+    return out
+
+
+def _reference_commit(spec):
+    """The compile cache's stand-in for a commit: flashgdn.reference with the spec's options."""
+    def run(*args):
+        args = CommitArgs(*args)
+        ref.gated_delta_rule_replayssm_commit(
+            *args[:7], track_state_indices=args.track_state_indices, track_steps=args.track_steps,
+            use_qk_l2norm=spec.use_l2norm, null_block_id=spec.null_block_id)
+    return run
 
 
 def _one_device(named):
@@ -344,6 +394,8 @@ def cpu_kernels(monkeypatch):
     monkeypatch.setattr(val, "check_devices", _one_device)
     monkeypatch.setattr(api, "_launch", _reference_launch)
     monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api, "facts_of", lambda device: DeviceFacts("sm_90a", 132, "sm90-hbm3"))
+    monkeypatch.setattr(api.kernel_cache, "get", _reference_commit)
 
 
 def check_compiled_equals_eager(name, device, backend):
@@ -359,7 +411,7 @@ def check_compiled_equals_eager(name, device, backend):
         if comp_kw.get("output") is not None:
             assert out_c is comp_kw["output"]
         assert out_c.dtype == out_e.dtype and torch.equal(out_c, out_e), f"output, step {step}"
-        for n in ("state", "initial_state", "intermediate_states_buffer"):
+        for n in ("state", "initial_state", "intermediate_states_buffer", *WINDOWS):
             if comp_kw.get(n) is not None:
                 assert torch.equal(comp_kw[n], eager_kw[n]), f"{n}, step {step}"
 
@@ -397,3 +449,44 @@ def test_opcheck_on_cpu(name, cpu_kernels):
     and dynamic shapes) with the reference as the kernel."""
     op, args = op_call(*case_call(name, seed=3)[:2])
     torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- ReplaySSM commit
+
+
+def test_compiled_commit_is_one_op_on_fake_cuda():
+    kw = commit_call()
+    result, fkw, graphs = trace(flashgdn.gated_delta_rule_replayssm_commit, kw)
+    assert result is None and len(graphs) == 1
+    node, = flashgdn_nodes(graphs[0])
+    assert node.target is torch.ops.flashgdn.gated_delta_rule_replayssm_commit
+    assert named_args(node)["checkpoint_state"].op == "placeholder"
+
+
+def test_commit_bad_input_raises_its_error_while_tracing():
+    kw = commit_call()
+    kw["accept_lens"] = kw["accept_lens"].long()
+    with pytest.raises(Exception, match=r"accept_lens must have dtype int32"):
+        trace(flashgdn.gated_delta_rule_replayssm_commit, kw)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_commit_equals_eager_on_cpu(backend, cpu_kernels):
+    """A verify's windows then a commit, eager and compiled: the same checkpoint, bit for bit."""
+    eager, comp = commit_call(seed=4), commit_call(seed=4)
+    compiled = torch.compile(lambda kw: flashgdn.gated_delta_rule_replayssm_commit(**kw), backend=backend,
+                             fullgraph=True)
+    before = eager["checkpoint_state"].clone()
+    flashgdn.gated_delta_rule_replayssm_commit(**eager)
+    compiled(comp)
+    assert torch.equal(comp["checkpoint_state"], eager["checkpoint_state"])
+    assert not torch.equal(eager["checkpoint_state"][:, 3], before[:, 3])  # slot 3 committed
+    assert not torch.equal(eager["checkpoint_state"][:, 5], before[:, 5])  # tracked
+    assert torch.equal(eager["checkpoint_state"][:, 6], before[:, 6])  # the null block's track slot
+
+
+def test_opcheck_commit_on_cpu(cpu_kernels):
+    kw = commit_call(seed=5)
+    args = [kw[n] for n in ("checkpoint_state", "rawv_cache", "rawk_cache", "g_cache", "beta_cache",
+                            "state_indices", "accept_lens", "track_state_indices", "track_steps")]
+    torch.library.opcheck(torch.ops.flashgdn.gated_delta_rule_replayssm_commit.default, (*args, True, -1, "auto"))

@@ -1,7 +1,7 @@
 """CPU tests of the arguments that came with FlashInfer 0.7.2's `flashinfer.gdn_decode` signatures:
 `backend`, pretranspose's intermediate_states_buffer / disable_state_update (T > 1 only), MTP's
-ssm_state_indices, the ReplaySSM arguments (not implemented) and MTP's disable_state_update
-default (None: True, with a FutureWarning once per process).
+ssm_state_indices, ReplaySSM buffers without cache_replayssm (tests/test_replay.py has the rest)
+and MTP's disable_state_update default (None: True, with a FutureWarning once per process).
 
 Every error names its argument and leaves every tensor argument bit for bit as it was
 (helpers.expect_error); valid arguments fail only at the device check, which runs last.
@@ -107,13 +107,6 @@ def test_pretranspose_multi_token_options_pass(api, disable):
 
 
 # ----------------------------------------------------------------------------- ReplaySSM
-
-
-def test_mtp_cache_replayssm_not_implemented():
-    kw = valid_kwargs("mtp")
-    kw["cache_replayssm"] = True
-    expect_error("mtp", kw, NotImplementedError,
-                 r"^gated_delta_rule_mtp\(cache_replayssm=True\): ReplaySSM verify is not implemented")
 
 
 @pytest.mark.parametrize("name", ["replayssm_rawv", "replayssm_rawk", "replayssm_g", "replayssm_beta"])

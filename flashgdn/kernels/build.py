@@ -9,13 +9,13 @@ kernel layer's entry point for the API layer and never imports torch.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, vec_elems
+from ..spec import CommitArgs, CommitSpec, ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, vec_elems
 from . import policy
 from .common import CUTLASS_DTYPES
 from .conv_gate import ConvGate
@@ -23,11 +23,13 @@ from .klast import KLastDecode
 from .kmajor import KMajorDecode
 from .kmtp import KLastMTP
 from .kmtp_mma import KLastMTPMma
+from .replay_commit import ReplayCommit
 
-KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KLastMTPMma)}
+KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KLastMTPMma, ReplayCommit)}
+AnySpec = Union[KernelSpec, CommitSpec, ConvGateSpec]
 
 
-def make_kernel(spec: KernelSpec, config: Optional[policy.BuildConfig] = None):
+def make_kernel(spec: AnySpec, config: Optional[policy.BuildConfig] = None):
     """The kernel object that builds `spec` (with the policy's config unless one is given)."""
     if isinstance(spec, ConvGateSpec):
         return ConvGate(spec, config or policy.ConvGateConfig.for_spec(spec))
@@ -44,8 +46,13 @@ def _strided(dtype, shape, divisibility: int, inner_static: tuple = (1,)):
     return make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
 
 
-def fake_arguments(spec: KernelSpec) -> KernelArgs:
-    """Fake tensors of the variant's arguments, batch and pool sizes symbolic."""
+def fake_arguments(spec: AnySpec):
+    """Fake tensors of the variant's arguments (KernelArgs; CommitArgs for a CommitSpec,
+    ConvGateArgs for a ConvGateSpec), batch and pool sizes symbolic."""
+    if isinstance(spec, CommitSpec):
+        return _fake_commit_arguments(spec)
+    if isinstance(spec, ConvGateSpec):
+        return _fake_conv_gate_arguments(spec)
     io = CUTLASS_DTYPES[spec.io_dtype]
     st = CUTLASS_DTYPES[spec.state_dtype]
     gate = CUTLASS_DTYPES[spec.gate_dtype]
@@ -83,10 +90,11 @@ def fake_arguments(spec: KernelSpec) -> KernelArgs:
         # vLLM's slots are the engine's index tensor, of its index dtype
         token_state_indices=_strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1) if spec.has_token_slots else None,
         cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
+        **(_fake_windows(spec, (cute.sym_int(),)) if spec.replay_cache else {}),
     )
 
 
-def fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
+def _fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
     """Fake tensors of a conv/gate variant's arguments: batch and pool sizes symbolic, the conv
     weight, bias and state strides all dynamic (any layout), w_ba's rows whole column blocks."""
     bf16 = cutlass.BFloat16
@@ -105,15 +113,42 @@ def fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
     )
 
 
-def compile_kernel(spec, *, keep_dir: Optional[str] = None) -> Callable:
-    """Compile `spec` (a KernelSpec or a ConvGateSpec) for `spec.arch`; returns the TVM-FFI
+def _fake_windows(spec: AnySpec, leading: tuple) -> dict:
+    """Fake ReplaySSM windows [*leading, ...]: replay_v [.., HV, T, V], replay_k [.., H, T, K]
+    (bf16), replay_g and replay_beta [.., HV, T] (fp32); the leading dims' strides dynamic."""
+    T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
+    bf16_div = vec_elems("bfloat16")
+    return dict(
+        replay_v=_strided(cutlass.BFloat16, (*leading, HV, T, V), bf16_div, inner_static=(T * V, V, 1)),
+        replay_k=_strided(cutlass.BFloat16, (*leading, H, T, K), bf16_div, inner_static=(T * K, K, 1)),
+        replay_g=_strided(cutlass.Float32, (*leading, HV, T), 1, inner_static=(T, 1)),
+        replay_beta=_strided(cutlass.Float32, (*leading, HV, T), 1, inner_static=(T, 1)),
+    )
+
+
+def _fake_commit_arguments(spec: CommitSpec) -> CommitArgs:
+    """Checkpoint [L, P, HV, V, K] and windows with L, P and B symbolic, their layer and slot
+    strides dynamic (multiples of 16 bytes for the checkpoint and the bf16 windows)."""
+    B = cute.sym_int()
+    leading = (cute.sym_int(), cute.sym_int())
+    st_div = vec_elems(spec.state_dtype)
+    index = lambda: make_fake_tensor(cutlass.Int32, (B,), stride=(1,))  # noqa: E731
+    state = _strided(CUTLASS_DTYPES[spec.state_dtype], (*leading, spec.HV, spec.V, spec.K), st_div,
+                     inner_static=(spec.V * spec.K, spec.K, 1))
+    return CommitArgs(
+        state=state, **_fake_windows(spec, leading), state_indices=index(), accept_lens=index(),
+        track_state_indices=index() if spec.has_track else None, track_steps=index() if spec.has_track else None,
+    )
+
+
+def compile_kernel(spec: AnySpec, *, keep_dir: Optional[str] = None) -> Callable:
+    """Compile `spec` (a KernelSpec, CommitSpec or ConvGateSpec) for `spec.arch`; returns the TVM-FFI
     callable (no GPU needed to compile)."""
     options = f"--enable-tvm-ffi --gpu-arch={spec.arch}"
     if keep_dir:
         options += f" --keep-ptx --keep-cubin --dump-dir={keep_dir}"
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    args = fake_conv_gate_arguments(spec) if isinstance(spec, ConvGateSpec) else fake_arguments(spec)
-    return cute.compile(make_kernel(spec), *args, stream, options=options)
+    return cute.compile(make_kernel(spec), *fake_arguments(spec), stream, options=options)
 
 
 def export_object(fn, path: str, symbol: str) -> None:
@@ -137,7 +172,7 @@ def load_object(path: str, symbol: str) -> Callable:
     return getattr(load_module(path, enable_tvm_ffi=True), symbol)
 
 
-def timed_compile(spec: KernelSpec, **kw) -> tuple[Callable, float]:
+def timed_compile(spec: AnySpec, **kw) -> tuple[Callable, float]:
     start = time.perf_counter()
     fn = compile_kernel(spec, **kw)
     return fn, time.perf_counter() - start

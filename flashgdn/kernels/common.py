@@ -48,10 +48,25 @@ def gdn_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Cons
     if const_expr(len(raw) == 2):
         return cute.math.exp(raw[0].to(Float32)), raw[1].to(Float32)
     a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
-    g = cute.math.exp(-cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold))
+    g = cute.math.exp(_log_decay(a, a_log, dt_bias, sp_beta, sp_threshold))
+    return g, _sigmoid(b)
+
+
+@cute.jit
+def gdn_log_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Constexpr[float]):
+    """gdn_gates with the decay as its log, -exp(A_log) * softplus(a + dt_bias) (what a ReplaySSM
+    window stores)."""
+    a, b, a_log, dt_bias = raw[0].to(Float32), raw[1].to(Float32), raw[2].to(Float32), raw[3].to(Float32)
+    return _log_decay(a, a_log, dt_bias, sp_beta, sp_threshold), _sigmoid(b)
+
+
+def _log_decay(a, a_log, dt_bias, sp_beta: float, sp_threshold: float):
+    return -cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold)
+
+
+def _sigmoid(b):
     # Approximate reciprocal (1 ulp): IEEE division adds a slow-path branch.
-    beta = cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-b))
-    return g, beta
+    return cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-b))
 
 
 def load_gates(gmem, b, t, hv):
@@ -336,13 +351,16 @@ class DecodeKernel:
     def __call__(self, *args_and_stream):
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
-        # Varlen q holds tokens, not sequences: the token slots have a row per sequence.
-        rows = KernelArgs(*tensors).token_state_indices if self.spec.varlen else tensors[0]
-        grid = rows.shape[0] * (self.spec.HV * self.num_tiles)
+        grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream)
 
+    def grid_rows(self, tensors):
+        """Rows of the grid, each HV x num_tiles CTAs: the batch size (q's first dim; for varlen,
+        where q holds tokens, not sequences, the token slots' rows, one per sequence)."""
+        return KernelArgs(*tensors).token_state_indices.shape[0] if self.spec.varlen else tensors[0].shape[0]
+
     def cta_coords(self, bidx=None):
-        """(tile, batch row b, value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
+        """(tile, grid row b (the batch row), value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
         if bidx is None:
             bidx, _, _ = cute.arch.block_idx()
         bh = bidx // self.num_tiles

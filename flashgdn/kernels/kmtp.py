@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import BFloat16, Float32, Int32, const_expr
 
 from . import common
 from ..spec import KernelArgs
@@ -91,14 +91,24 @@ class KLastMTP(KLastDecode):
         return values, tokens, gates
 
     @cute.jit
-    def _stage_store(self, values, tokens, gates, sQK, sGate, sV, warp, lane):
+    def _stage_store(self, values, tokens, gates, sQK, sGate, sV, warp, lane, window=None):
         """Into shared memory: v; q_hat (scale folded in), k_hat and k.q (sQK, sGate[2]); g and beta
         (sGate[0:2], one copy per warp, copy 0 is read). Padded work writes spare columns and
-        every lane of a warp writes the same k.q: no branch."""
+        every lane of a warp writes the same k.q: no branch. With `window` (a ReplaySSM verify: gmem,
+        the row's read slot, tile, hv, h and whether the row runs), the raw inputs also go to the
+        windows of that slot, each written once and only by a running row: v by the CTA that owns
+        its rows, k (as bf16) by tile 0 of the first value head of its q/k head, the log decay and
+        beta by warp 0 of tile 0; padded work writes nothing."""
         spec = self.spec
         n = spec.K // 32
+        T, rpc = spec.T, self.rows_per_cta
+        if const_expr(window is not None):
+            gmem, slot, tile, hv, h, run = window
         for f, val in values:
-            sV[f % self.rows_per_cta, f // self.rows_per_cta] = val.to(Float32)
+            sV[f % rpc, f // rpc] = val.to(Float32)
+            if const_expr(window is not None):
+                if run and f < T * rpc:
+                    gmem.replay_v[slot, hv, f // rpc, tile * rpc + f % rpc] = val.to(BFloat16)
         for t, rQ, rK in tokens:
             q = rQ.load().to(Float32)
             k = rK.load().to(Float32)
@@ -107,8 +117,20 @@ class KLastMTP(KLastDecode):
                 sQK[lane * n + e, 0, t] = q[e] * q_factor
                 sQK[lane * n + e, 1, t] = k[e] * k_factor
             sGate[2, t, 0] = kq
+            if const_expr(window is not None):
+                if run and tile == 0 and hv % (spec.HV // spec.H) == 0 and t < T:
+                    rRaw = cute.make_rmem_tensor((n,), BFloat16)
+                    rRaw.store(rK.load().to(BFloat16))
+                    cute.autovec_copy(rRaw, cute.local_tile(gmem.replay_k[slot, h, t, None], (n,), (lane,)))
         for t, raw in gates:
-            g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+            if const_expr(window is None):
+                g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+            else:
+                log_g, beta = common.gdn_log_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+                g = cute.math.exp(log_g)
+                if run and tile == 0 and warp == 0 and t < T:
+                    gmem.replay_g[slot, hv, t] = log_g
+                    gmem.replay_beta[slot, hv, t] = beta
             sGate[0, t, warp] = g
             sGate[1, t, warp] = beta
 
@@ -150,7 +172,8 @@ class KLastMTP(KLastDecode):
         sV = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
         sO = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
         rS = self._f32(rRaw)
-        self._stage_store(values, tokens, gates, sQK, sGate, sV, warp, lane)
+        window = (gmem, read_slot, tile, hv, h, run) if const_expr(spec.replay_cache) else None
+        self._stage_store(values, tokens, gates, sQK, sGate, sV, warp, lane, window)
         cute.arch.barrier()
 
         # The recurrence runs unconditionally (on slot 0 for a row that does not run) and only the

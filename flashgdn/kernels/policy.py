@@ -8,12 +8,13 @@ heading of benchmarks/RESULTS.md ("Measurement-backed constants") that holds the
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
-from ..spec import ConvGateSpec, KernelSpec, vec_elems
+from ..spec import CommitSpec, ConvGateSpec, KernelSpec, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
+REPLAY_COMMIT = "ReplayCommit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,9 @@ class DeviceTable:
     # K-last, (warps, row lanes) for K-major, (warps, 16-row blocks per warp) for the tensor-core
     # MTP kernel. MTP builds take "mtp", "mtp_long" from long_mtp_tokens tokens on and "mtp_inter"
     # when they write a state per token (intermediates or token slots); these two hold only the
-    # shapes that differ from "mtp". "mtp_mma" serves the tensor-core kernel. RESULTS.md "CTA shapes".
+    # shapes that differ from "mtp". "mtp_mma" serves the tensor-core kernel. The ReplaySSM commit
+    # takes "commit" where the table has it, else "mtp" (its per-token work is kmtp's without q).
+    # RESULTS.md "CTA shapes".
     tiles: Dict[Tuple[str, str, str], Tuple[int, ...]]
     # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
     # wins. RESULTS.md "Batch regime threshold".
@@ -116,7 +119,7 @@ def device_class(arch: str, sm_count: int, memory_gib: float) -> str:
     return min(KNOWN_DEVICES, key=distance).table
 
 
-def _table(spec: KernelSpec) -> DeviceTable:
+def _table(spec: Union[KernelSpec, CommitSpec]) -> DeviceTable:
     if spec.device_class is not None:
         return DEVICE_TABLES[spec.device_class]
     return _arch_table(spec.arch)
@@ -145,8 +148,10 @@ class BuildConfig:
     unchecked_loop: bool = False
 
     @classmethod
-    def for_spec(cls, spec: KernelSpec) -> "BuildConfig":
+    def for_spec(cls, spec: Union[KernelSpec, CommitSpec]) -> "BuildConfig":
         table = _table(spec)
+        if isinstance(spec, CommitSpec):
+            return cls(kernel=REPLAY_COMMIT, tile=_commit_tile(spec, table))
         kernel = _kernel(spec, table)
         tile = _tile(spec, table, kernel)
         unchecked = _unchecked_loop(spec, kernel, tile)
@@ -166,12 +171,15 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
     "Tensor cores for MTP"). On the H200, where the token loop is compute-bound, from T = 3:
     1.05x at T = 3 and 1.2x at T = 4 for B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A
-    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp."""
+    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp. A ReplaySSM verify
+    (replay_cache) always runs kmtp: its staging phase, which loads the raw inputs, writes the
+    windows."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
         return KLAST
-    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
+    mma_ok = (spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
+              and not spec.replay_cache)
     if spec.tile is not None:
         return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
     return KMTP_MMA if mma_ok and spec.regime == "large" and spec.T >= table.mma_min_tokens else KMTP
@@ -198,14 +206,28 @@ def _tile(spec: KernelSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
         while warps * row_lanes > spec.K:
             warps //= 2
         return warps, row_lanes
-    warps, rows, lanes = tiles[(name, spec.regime, spec.state_dtype)]
+    return _fit_rows(spec, *tiles[(name, spec.regime, spec.state_dtype)])
+
+
+def _fit_rows(spec: Union[KernelSpec, CommitSpec], warps: int, rows: int, lanes: int) -> Tuple[int, int, int]:
+    """A K-last register tile (warps, rows per thread, lanes per row) capped to the head dims:
+    lanes to the 16-byte chunks of a row; small head dims keep at least one full tile per head."""
     lanes = min(lanes, spec.K // vec_elems(spec.state_dtype))
-    # Small head dims: keep at least one full tile per head.
     while warps * (32 // lanes) * rows > spec.V and rows > 1:
         rows //= 2
     while warps * (32 // lanes) * rows > spec.V:
         warps //= 2
     return warps, rows, lanes
+
+
+def _commit_tile(spec: CommitSpec, table: DeviceTable) -> Tuple[int, ...]:
+    """(warps, rows per thread, lanes per row) of the ReplaySSM commit kernel (klast's register
+    layout): the table's "commit" shape, else its "mtp" one (not yet measured apart), fitted to
+    the head dims."""
+    if spec.tile is not None:
+        return spec.tile
+    key = ("commit", spec.regime, spec.state_dtype)
+    return _fit_rows(spec, *(table.tiles.get(key) or table.tiles[("mtp", spec.regime, spec.state_dtype)]))
 
 
 def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> bool:

@@ -1,0 +1,163 @@
+"""ReplaySSM step cost (issue #27): per layer, the verify (gated_delta_rule_mtp with
+cache_replayssm=True) plus its share of the all-layer commit, against the two ways engines keep the
+draft states today: MTP with intermediate_states_buffer plus a copy of the accepted state into the
+pool, and MTP with one pool slot per token (ssm_state_indices). Also the verify's overhead over
+MTP with a frozen state and no buffer (target: within 5 %), and the commit's state traffic as a
+share of the device copy bandwidth (target: >= 90 % at B >= 64).
+
+    python benchmarks/replay_step.py --state-dtype float32 bfloat16 --tokens 2 4 8 \\
+        --batch-size 1 4 16 64 128 256 --layers 48 --csv replay.csv
+    python benchmarks/replay_step.py --compile-only --arch sm_90a   # no GPU: builds the variants
+
+Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted
+counts random in [1, T] (and all T for the commit's worst case). Times are CUPTI kernel times (or
+CUDA events), medians with a cold L2 (flashgdn.bench.timing).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+
+import torch
+
+H, HV, K, V = 16, 32, 128, 128
+SM90_FACTS = ("sm90-hbm3", 132)  # device class and SM count the compile-only builds assume
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--state-dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[1, 4, 16, 64, 128, 256])
+    p.add_argument("--layers", type=int, default=48, help="layers of the commit's checkpoint (default 48)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--timer", default="auto", choices=["auto", "cupti", "events"])
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--compile-only", action="store_true", help="only build the verify and commit variants (no GPU)")
+    p.add_argument("--arch", default="sm_90a", help="target of --compile-only (sm_90a, sm_100a, sm_103a)")
+    return p.parse_args(argv)
+
+
+def compile_only(args) -> int:
+    """Build every verify and commit variant the sweep would use, for args.arch, on the CPU."""
+    from flashgdn.cache import compile_variant
+    from flashgdn.kernels import policy
+    from flashgdn.spec import CommitSpec, KernelSpec
+
+    device_class, sms = SM90_FACTS
+    specs = set()
+    for sdt in args.state_dtype:
+        for T in args.tokens:
+            for B in args.batch_size:
+                regime = policy.regime(B, HV, sms, device_class)
+                specs.add(KernelSpec("klast", H, HV, K, V, T, "bfloat16", sdt, "bfloat16", "float32", K ** -0.5, True,
+                                     args.arch, regime, index_dtype="int32", update_state=False, device_class=device_class,
+                                     zero_padding_output=False, replay_cache=True))
+                specs.add(CommitSpec(H, HV, K, V, T, sdt, True, args.arch,
+                                     policy.regime(args.layers * B, HV, sms, device_class), device_class=device_class))
+    for spec in sorted(specs, key=lambda s: s.short_name()):
+        start = time.perf_counter()
+        compile_variant(spec)
+        print(f"{spec.short_name()}: compiled ({time.perf_counter() - start:.2f} s)", flush=True)
+    return 0
+
+
+def _inputs(B, T, sdt, L, device):
+    gen = torch.Generator(device="cpu").manual_seed(B * 100 + T)
+    rnd = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=gen).to(dt).to(device)  # noqa: E731
+    P = 2 * B
+    idx = torch.randperm(P, generator=gen)[:B].to(torch.int32).to(device)
+    inp = dict(q=rnd(B, T, H, K), k=rnd(B, T, H, K), v=rnd(B, T, HV, V), a=rnd(B, T, HV), b=rnd(B, T, HV),
+               A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1).to(device), dt_bias=rnd(HV, dt=torch.float32))
+    ck = torch.randn(L, P, HV, V, K, generator=gen).to(getattr(torch, sdt)).to(device)
+    caches = [torch.zeros(L, P, HV, T, V, dtype=torch.bfloat16, device=device),
+              torch.zeros(L, P, H, T, K, dtype=torch.bfloat16, device=device),
+              torch.zeros(L, P, HV, T, device=device), torch.zeros(L, P, HV, T, device=device)]
+    acc = torch.randint(1, T + 1, (B,), generator=gen, dtype=torch.int32).to(device)
+    return inp, idx, ck, caches, acc
+
+
+def measure(B, T, sdt, args, flusher, copy_bw):
+    import flashgdn
+    from flashgdn.bench.timing import summarize, time_fn
+
+    L, dev = args.layers, "cuda"
+    inp, idx, ck, caches, acc = _inputs(B, T, sdt, L, dev)
+    pool = ck[0]
+    out = torch.empty(B, T, HV, V, dtype=torch.bfloat16, device=dev)
+
+    def mtp(pool=pool, idx=idx, **kw):
+        flashgdn.gated_delta_rule_mtp(inp["q"], inp["k"], inp["v"], pool, idx, inp["A_log"], inp["a"],
+                                      inp["dt_bias"], inp["b"], None, out, **kw)
+
+    windows = dict(replayssm_rawv=caches[0][0], replayssm_rawk=caches[1][0], replayssm_g=caches[2][0],
+                   replayssm_beta=caches[3][0])
+    full = torch.full_like(acc, T)
+    ibuf = torch.empty(B, T, HV, V, K, dtype=ck.dtype, device=dev)
+    rows = torch.arange(B, device=dev)
+    slots = torch.arange(2 * B, 2 * B + B * T, dtype=torch.int32, device=dev).view(B, T)
+    tok_pool = torch.randn(2 * B + B * T, HV, V, K, device=dev).to(ck.dtype)
+    tok_idx = idx.clone()
+
+    def accepted_copy():  # the accepted state of each row from the buffer into its slot
+        pool[idx.long()] = ibuf[rows, acc.long() - 1]
+
+    calls = {
+        "mtp_frozen": lambda: mtp(disable_state_update=True),
+        "verify": lambda: mtp(disable_state_update=True, cache_replayssm=True, **windows),
+        "commit": lambda: flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, idx, acc),
+        "commit_all_T": lambda: flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, idx, full),
+        "mtp_inter": lambda: mtp(disable_state_update=True, intermediate_states_buffer=ibuf),
+        "copy": accepted_copy,
+        "mtp_token_slots": lambda: mtp(pool=tok_pool, idx=tok_idx, disable_state_update=False,
+                                       ssm_state_indices=slots),
+    }
+    us = {}
+    timer = None
+    for name, fn in calls.items():
+        times, timer = time_fn(fn, iters=args.iters, timer=args.timer, flusher=flusher)
+        us[name] = summarize(times)["median_us"]
+    state_bytes = 2 * L * B * HV * V * K * ck.element_size()  # one read and one write per layer and slot
+    row = dict(state_dtype=sdt, T=T, B=B, layers=L, timer=timer, **{f"{n}_us": round(t, 2) for n, t in us.items()})
+    row["verify_overhead_pct"] = round(100 * (us["verify"] / us["mtp_frozen"] - 1), 2)
+    row["commit_per_layer_us"] = round(us["commit"] / L, 2)
+    row["commit_pct_of_copy"] = round(100 * state_bytes / (us["commit_all_T"] * 1e-6) / copy_bw, 1)
+    row["replay_step_us"] = round(us["verify"] + us["commit"] / L, 2)
+    row["inter_copy_step_us"] = round(us["mtp_inter"] + us["copy"], 2)
+    row["token_slots_step_us"] = round(us["mtp_token_slots"], 2)
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
+    from flashgdn.bench.timing import L2Flusher, copy_bandwidth
+    from flashgdn.device import unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        print(f"replay_step: {why}", file=sys.stderr)
+        return 2
+    flusher = L2Flusher()
+    copy_bw = copy_bandwidth(timer=args.timer)
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for sdt in args.state_dtype:
+        for T in args.tokens:
+            for B in args.batch_size:
+                row = measure(B, T, sdt, args, flusher, copy_bw)
+                rows.append(row)
+                print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
