@@ -13,6 +13,8 @@ runs while tracing, so the warning comes then.
 
 Mutated (`Tensor(x!)`): the state or pool (ssm_state_indices writes go to the pool too), the
 output and intermediate_states_buffer; the index tensors, accepted_tokens and inputs are only read.
+gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
+above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
 
 The real implementations are the api's eager bodies, so launching happens in one place; the fake
 implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api
+from . import api, fused_step
 from . import validation as val
 
 
@@ -97,3 +99,20 @@ def _(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale
     api._check_mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                    intermediate_states_buffer, ssm_state_indices, api._mtp_disable_state_update(disable_state_update),
                    output_state_indices, accepted_tokens, softplus_beta, softplus_threshold)
+
+
+@torch.library.custom_op("flashgdn::gdn_fused_decode_step", mutates_args=("conv_state", "ssm_state", "out"))
+def fused_decode_step_op(
+    hidden_states: Tensor, w_ba: Tensor, mixed_qkv: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+    conv_state: Tensor, A_log: Tensor, dt_bias: Tensor, scale: Optional[float], ssm_state: Tensor,
+    state_indices: Tensor, use_qk_l2norm: bool, out: Tensor,
+) -> None:
+    fused_step._fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias,
+                           scale, ssm_state, state_indices, use_qk_l2norm, out)
+
+
+@fused_decode_step_op.register_fake
+def _(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+      state_indices, use_qk_l2norm, out):
+    fused_step._check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+                      ssm_state, state_indices, out)
