@@ -10,7 +10,10 @@ pool) reads q, k, v, a and b as views of it. The workspace (bf16, [rows, qkv_dim
 exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and
 CUDA-graph replays allocate nothing beyond the output; calls on one stream run in order, so they
 can share it. An outgrown workspace is kept, not freed: a CUDA graph captured with it still
-reads and writes its address. Like the rest of the API layer, this module never imports CuTe.
+reads and writes its address. While torch.compile or torch.export traces, a call is the custom op
+flashgdn::gdn_fused_decode_step (flashgdn.ops; its real implementation is the eager body
+`_fused_step`); eager calls run that body directly. Like the rest of the API layer, this module
+never imports CuTe.
 """
 from __future__ import annotations
 
@@ -184,6 +187,23 @@ def gdn_fused_decode_step(
     """
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0.0:
         scale = None  # FlashInfer's rule: 0.0 means "unset"
+    if api._is_compiling():  # traced: one custom op (flashgdn.ops), which may not return its inputs
+        if out is None:  # the op's fake implementation checks every shape this reads
+            out = torch.empty((hidden_states.shape[0], 1, A_log.shape[0], ssm_state.shape[-1]),
+                              dtype=torch.bfloat16, device=hidden_states.device)
+        torch.ops.flashgdn.gdn_fused_decode_step(
+            hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+            state_indices, use_qk_l2norm, out,
+        )
+        return out, conv_state, ssm_state
+    return _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+                       ssm_state, state_indices, use_qk_l2norm, out), conv_state, ssm_state
+
+
+def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+                ssm_state, state_indices, use_qk_l2norm, out) -> torch.Tensor:
+    """The eager body (also the custom op's real implementation): validate, then the two
+    launches; returns the output."""
     plan = val.remembered(
         _VALIDATED, _check,
         (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
@@ -193,8 +213,17 @@ def gdn_fused_decode_step(
     p = plan.problem
     if out is None:
         out = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=hidden_states.device)
-    if p.B == 0:
-        return out, conv_state, ssm_state
+    if p.B:
+        _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+                ssm_state, state_indices, use_qk_l2norm, out)
+    return out
+
+
+def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+            ssm_state, state_indices, use_qk_l2norm, out) -> None:
+    """The conv/gate launch then the decode launch of a validated call (its _Plan); the first
+    call of a plan looks both compiled functions up."""
+    p = plan.problem
     qkv, ba = _workspace(plan.device, p.B, mixed_qkv.shape[1], p.HV)
     decode = _decode_args(p, qkv, ba, A_log, dt_bias, ssm_state, state_indices, out)
     if plan.fns is None:
@@ -207,4 +236,3 @@ def gdn_fused_decode_step(
     conv_fn, decode_fn = plan.fns
     conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
     decode_fn(*decode)
-    return out, conv_state, ssm_state

@@ -15,6 +15,8 @@ Mutated (`Tensor(x!)`): the state or pool (ssm_state_indices writes go to the po
 output, intermediate_states_buffer and mtp's ReplaySSM windows; the commit's checkpoint_state (it
 returns nothing, as FlashInfer's does); the index tensors, accepted_tokens, the commit's windows
 and the inputs are only read.
+gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
+above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
 
 The real implementations are the api's eager bodies, so launching happens in one place; the fake
 implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api
+from . import api, fused_step
 from . import validation as val
 
 
@@ -124,3 +126,20 @@ def _(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indic
     api._check_commit_backend(backend)
     api._check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
                       track_state_indices, track_steps, null_block_id)
+
+
+@torch.library.custom_op("flashgdn::gdn_fused_decode_step", mutates_args=("conv_state", "ssm_state", "out"))
+def fused_decode_step_op(
+    hidden_states: Tensor, w_ba: Tensor, mixed_qkv: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+    conv_state: Tensor, A_log: Tensor, dt_bias: Tensor, scale: Optional[float], ssm_state: Tensor,
+    state_indices: Tensor, use_qk_l2norm: bool, out: Tensor,
+) -> None:
+    fused_step._fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias,
+                           scale, ssm_state, state_indices, use_qk_l2norm, out)
+
+
+@fused_decode_step_op.register_fake
+def _(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+      state_indices, use_qk_l2norm, out):
+    fused_step._check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+                      ssm_state, state_indices, out)

@@ -44,10 +44,9 @@ class KernelArgs(NamedTuple):
     Precomputed gates (KernelSpec.precomputed_gates): a holds the log decay g, b holds beta, A_log
     and dt_bias are None. Varlen (KernelSpec.varlen): q, k, v, a, b and output hold the tokens of
     all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
-    token_state_indices.shape[0]."""
-    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token);
-    the ReplaySSM windows of a verify, indexed by the read slot: replay_v [P, HV, T, V] and replay_k
-    [P, H, T, K] (bf16, k before its norm), replay_g (log decay) and replay_beta [P, HV, T] (fp32)."""
+    token_state_indices.shape[0]. The ReplaySSM windows of a verify, indexed by the read slot:
+    replay_v [P, HV, T, V] and replay_k [P, H, T, K] (bf16, k before its norm), replay_g (log
+    decay) and replay_beta [P, HV, T] (fp32)."""
 
     q: Any
     k: Any

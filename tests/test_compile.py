@@ -320,5 +320,5 @@ def test_input_prefetch_follows_the_measured_cases():
 def test_variant_ids_are_unique():
     ids = [vid for vid, _ in VARIANTS + COMMIT_VARIANTS + CONV_GATE_VARIANTS]
     assert len(ids) == len(set(ids))
-    assert len(ids) * len(ARCHS) <= 86  # about 2 s of CI per compile
+    assert len(ids) * len(ARCHS) <= 96  # about 1 s of CI per compile on 2 cores
 

@@ -2,6 +2,8 @@
 
     flashgdn-bench --api pretranspose --batch-size 1 64 512 --compare --verify --json out.json --plot out.png
     flashgdn-bench --api mtp --token-slots --pool-padding 8 --compare --verify
+    flashgdn-bench --api engines --compare --verify       # packed, recurrent and fused_step rows
+    flashgdn-bench --api fused_step --hidden-size 5120 --num-v-heads 48 --timer events --compare
     flashgdn-bench --compile-only --arch sm_100a          # no GPU needed: compile every variant
     flashgdn-bench --host --profile                       # host time per call (flashgdn.bench.host)
 
@@ -10,9 +12,13 @@ timer of flashgdn.bench.timing), reports TFLOPS and TB/s from flashgdn.bench.met
 share of the device's copy bandwidth measured in the same run. `--compare` adds FLA's
 fused_recurrent kernel and FlashInfer's gdn_decode (each reported unavailable, with the reason,
 when it cannot run; FlashInfer's bf16-state MTP goes through its
-gated_delta_rule_decode_pretranspose). `--verify` first checks every implementation against
+gated_delta_rule_decode_pretranspose) and, for the fused step, the composed path (torch GEMV +
+conv update + flashgdn's packed decode); a baseline with no such function runs what comes closest
+and says so in its note (flashgdn.bench.engine_rows). `--verify` first checks every implementation against
 flashgdn.reference (called with the same arguments) on fresh inputs; a mismatch marks the row
 FAILED and the exit status non-zero.
+`--api all` sweeps the three FlashInfer API functions; `--api engines` the serving engines' entry
+points (packed, recurrent) and gdn_fused_decode_step (fused_step); each can be asked for by name.
 Progress goes to stderr; the table is printed to stdout last. `--plot` draws the speedup over the
 fastest baseline (or µs without baselines) against batch size, per API and state dtype.
 
@@ -28,32 +34,34 @@ breakdown of one pretranspose call into its steps (flashgdn.bench.host).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import importlib.metadata
-import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .. import __version__
 from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .plot import write_plot
+from .report import (  # noqa: F401  (the writers are part of this module's interface: host.py, tests)
+    BASELINE_SUFFIXES, COMPILE_FIELDS, ROW_FIELDS, api_label, environment, format_env_line, format_table,
+    pct_of_copy, progress, result_fields, results_table, row_failed, write_csv, write_json, write_outputs,
+)
 from .resources import dynamic_smem_bytes, kernel_name, ptx_registers
 from .rows import (
-    BASELINES, FLASHGDN, IO_DTYPES, POOL_PADDING_MULTIPLE, POOL_SLOTS, STATE_DTYPES, VERSIONS, Impl, Row,
-    Unavailable, make_inputs, row_spec, sweep_title, verify,
+    BASELINES, ENGINE_VERSIONS, FLASHGDN, IO_DTYPES, POOL_PADDING_MULTIPLE, POOL_SLOTS, STATE_DTYPES, VERSIONS,
+    Impl, Row, Unavailable, make_inputs, row_specs, verify,
 )
 
 DEFAULT_SM_COUNT = 132  # H100 SXM: regime planning for --compile-only
 COMPILE_ARCHS = ("sm_90a", "sm_100a")
 
 DEFAULT_SEQ_LEN = (2, 4, 8)  # MTP rows' T; pretranspose rows are T = 1 unless --api pretranspose --seq-len
+# recurrent rows: T = 1 (decode, 1-D ssm_state_indices) and the MTP rows' T (speculative-decode verify)
+DEFAULT_RECURRENT_SEQ_LEN = (1,) + DEFAULT_SEQ_LEN
+DEFAULT_HIDDEN = 2048  # Qwen3-Next's hidden size (fused_step rows)
+API_GROUPS = {"all": VERSIONS, "engines": ENGINE_VERSIONS}
 DEFAULT_BATCH_SIZES = (1, 4, 16, 64, 256, 512)
 DEFAULT_ITERS = 100
 # --host: B = 1 keeps every kernel (~3 us) shorter than the host time, and many calls per run
@@ -62,26 +70,10 @@ HOST_BATCH_SIZES = (1,)
 HOST_ITERS = 2000
 # Flags of the sweep that --host has no use for (its rows are fixed): given with it, a usage error.
 SWEEP_ONLY = ("api", "seq_len", "pool", "pool_padding", "cache_intermediate", "token_slots", "timer", "compare",
-              "verify", "plot", "compile_only")
+              "verify", "plot", "compile_only", "hidden_size")
 
-# Fields of one result row (JSON keys, CSV columns), then per baseline NAME: NAME_<suffix>.
-ROW_FIELDS = (
-    "version", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "pool", "pool_slots", "pool_padding",
-    "intermediate", "token_slots", "l2norm", "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us",
-    "tflops", "tbps", "pct_copy_bw", "verify", "error",
-)
-BASELINE_SUFFIXES = ("us", "speedup", "pct_copy_bw", "verify", "note")
-# Fields of one --compile-only row: "kernel" is the variant's name, as in a result row.
-COMPILE_FIELDS = ("kernel", "kernel_class", "batch_sizes", "compile_s", "registers", "dyn_smem_bytes", "error")
 # The const of a bare `--version` (print the package version), told apart from an API name.
 SHOW_VERSION = object()
-
-
-def result_fields(baselines: Optional[Sequence[str]] = None) -> List[str]:
-    """Every field of a result row, in order (the CSV columns); `baselines` default: all names."""
-    baselines = [b.name for b in BASELINES] if baselines is None else baselines
-    return list(ROW_FIELDS) + [f"{b}_{s}" for b in baselines for s in BASELINE_SUFFIXES]
-
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -113,17 +105,24 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flashgdn-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--api", choices=VERSIONS + ("all",), help="API function(s) to sweep (default: all)")
+    add("--api", choices=VERSIONS + ENGINE_VERSIONS + tuple(API_GROUPS),
+        help="function(s) to sweep: an API version, an engine row (packed: the engines' packed decode; recurrent: "
+             "vLLM's fused_recurrent_gated_delta_rule; fused_step: gdn_fused_decode_step), 'all' (the three API "
+             "functions, the default) or 'engines' (packed, recurrent, fused_step)")
     add("--version", nargs="?", const=SHOW_VERSION, choices=VERSIONS + ("all",), metavar="API", dest="api_alias",
         help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
     add("--batch-size", type=_positive_int, nargs="+",
         help="batch sizes B (default: 1 4 16 64 256 512; with --host: 1)")
     add("--seq-len", type=_positive_int, nargs="+",
-        help="tokens per sequence T of the mtp rows (default: 2 4 8) and, with --api pretranspose, of the "
-             "pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
+        help="tokens per sequence T of the mtp rows (default: 2 4 8), of the recurrent rows (default: 1 2 4 8; "
+             "T > 1: varlen speculative-decode verify) and, with --api pretranspose, of the pretranspose rows "
+             "(default: 1; T > 1 rows read a pool, as mtp rows do)")
     add("--num-q-heads", type=_positive_int, default=16, help="H, q and k heads (default: 16)")
     add("--num-v-heads", type=_positive_int, default=32, help="HV, value heads, a multiple of H (default: 32)")
     add("--head-size", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K = V (default: 128)")
+    add("--hidden-size", type=_positive_int, metavar="N",
+        help=f"fused_step rows: the model's hidden size, a multiple of 64 (default: {DEFAULT_HIDDEN}, Qwen3-Next's; "
+             f"Qwen3.5: 5120)")
     add("--dtype", choices=tuple(IO_DTYPES), default="bf16", help="q, k, v, a, b and output dtype (default: bf16)")
     add("--state-dtype", choices=tuple(STATE_DTYPES), nargs="+", default=["fp32"],
         help="state dtype(s), one row set each (default: fp32)")
@@ -194,9 +193,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.api = args.api or "all"
     if args.num_v_heads % args.num_q_heads:
         parser.error(f"--num-v-heads ({args.num_v_heads}) must be a multiple of --num-q-heads ({args.num_q_heads})")
+    versions = API_GROUPS.get(args.api, (args.api,))
     # pretranspose rows take --seq-len only when asked for alone: --api all keeps its T = 1 rows.
     args.pretranspose_seq_len = args.seq_len if args.seq_len and args.api == "pretranspose" else [1]
+    args.recurrent_seq_len = args.seq_len or list(DEFAULT_RECURRENT_SEQ_LEN)
     args.seq_len = args.seq_len or list(DEFAULT_SEQ_LEN)
+    if args.hidden_size is not None:
+        if "fused_step" not in versions:
+            parser.error("--hidden-size applies to fused_step rows (--api fused_step or engines)")
+        if args.hidden_size % 64:
+            parser.error(f"--hidden-size must be a multiple of 64, got {args.hidden_size}")
+    args.hidden_size = args.hidden_size or DEFAULT_HIDDEN
+    if "fused_step" in versions and args.dtype != "bf16":
+        parser.error("fused_step rows are bf16 (gdn_fused_decode_step's contract): drop --dtype or use another --api")
+    if args.cache_intermediate and args.api in ENGINE_VERSIONS + ("engines",):
+        parser.error("--cache-intermediate applies to mtp and pretranspose T > 1 rows (the API's "
+                     "intermediate_states_buffer)")
     if max(args.seq_len) > MAX_TOKENS:
         parser.error(f"--seq-len values must be at most {MAX_TOKENS}, got {max(args.seq_len)}")
     if args.token_slots:
@@ -224,124 +236,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def sweep_rows(args: argparse.Namespace) -> List[Row]:
     """Every row the flags ask for: API, then state dtype, then T, then batch size."""
-    versions = VERSIONS if args.api == "all" else (args.api,)
-    tokens = {"pretranspose": args.pretranspose_seq_len, "nontranspose": [1], "mtp": args.seq_len}
+    tokens = {"pretranspose": args.pretranspose_seq_len, "nontranspose": [1], "mtp": args.seq_len,
+              "recurrent": args.recurrent_seq_len, "packed": [1], "fused_step": [1]}
     rows = []
-    for version in versions:
+    for version in API_GROUPS.get(args.api, (args.api,)):
+        engine = version in ENGINE_VERSIONS
         for state_dtype in args.state_dtype:
             for T in tokens[version]:
-                pool = version == "mtp" or (version == "pretranspose" and (args.pool or T > 1))
+                pool = engine or version == "mtp" or (version == "pretranspose" and (args.pool or T > 1))
                 for B in args.batch_size:
                     rows.append(Row(
                         version, B, T, args.num_q_heads, args.num_v_heads, args.head_size, args.head_size,
                         args.dtype, state_dtype, pool=pool,
-                        intermediate=args.cache_intermediate and (version == "mtp" or T > 1),
+                        intermediate=args.cache_intermediate and not engine and (version == "mtp" or T > 1),
                         l2norm=not args.no_l2norm, pool_slots=args.pool_slots,
                         token_slots=args.token_slots and version == "mtp",
                         pool_padding=args.pool_padding if pool else 0,
+                        hidden=args.hidden_size if version == "fused_step" else 0,
                     ))
     return rows
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
-    """Left-aligned text columns, right-aligned numbers, two spaces apart."""
-    cells = [[_cell(v) for v in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [all(re.fullmatch(r"[-+0-9.,x%e]+|n/a|", r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric))  # noqa: E731
-    return "\n".join(fmt(r).rstrip() for r in [headers, ["-" * w for w in widths]] + cells)
-
-
-def _cell(v) -> str:
-    if v is None or v == "":
-        return ""
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def environment(device=None, copy_bw: Optional[float] = None, timers: Iterable[str] = (),
-                command: Sequence[str] = ()) -> Dict[str, object]:
-    """Facts of this run for the JSON/CSV files (GPU ones only when `device` is given)."""
-    import flashgdn
-    import torch
-
-    def version_of(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    env: Dict[str, object] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "flashgdn": flashgdn.__version__, "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-        "nvidia-cutlass-dsl": version_of("nvidia-cutlass-dsl"), "python": sys.version.split()[0],
-        "timer": ",".join(sorted(set(timers))) or None,
-        "copy_bandwidth_GBps": None if copy_bw is None else round(copy_bw / 1e9, 1),
-        "command": " ".join(["flashgdn-bench", *command]),
-    }
-    if device is not None:
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, driver=_driver_version())
-    return env
-
-
-def _driver_version() -> Optional[str]:
-    import torch
-
-    try:
-        v = int(torch._C._cuda_getDriverVersion())  # CUDA driver API version, e.g. 12080
-        api_version = f"CUDA {v // 1000}.{v % 1000 // 10}"
-    except Exception:
-        api_version = None
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=True,
-            ).stdout.strip().splitlines()
-            if out:
-                return out[0] + (f" ({api_version})" if api_version else "")
-        except Exception:
-            pass
-    return api_version
-
-
-def write_json(path: str, rows: List[dict], env: dict) -> None:
-    with open(path, "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=2)
-        f.write("\n")
-
-
-def write_csv(path: str, rows: List[dict], env: dict, fields: Optional[Sequence[str]] = None) -> None:
-    """CSV of `rows` (columns `fields`, default result_fields()), after '# key: value' lines
-    holding the environment (read back with pandas.read_csv(path, comment='#'))."""
-    fields = list(fields or result_fields())
-    with open(path, "w", newline="") as f:
-        for k, v in env.items():
-            f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in fields})
-
-
-def pct_of_copy(nbytes: int, us: Optional[float], copy_bw: float) -> Optional[float]:
-    return None if not us else 100.0 * nbytes / (us * 1e-6) / copy_bw
-
-
-def write_outputs(args, rows: List[dict], env: dict, fields: Optional[Sequence[str]] = None) -> None:
-    if args.json:
-        write_json(args.json, rows, env)
-    if args.csv:
-        write_csv(args.csv, rows, env, fields)
 
 
 # ----------------------------------------------------------------------------- compile-only
@@ -357,7 +270,8 @@ def compile_only(args) -> int:
 
     specs: Dict[object, List[int]] = {}
     for row in sweep_rows(args):
-        specs.setdefault(row_spec(row, args.arch, args.sm_count), []).append(row.B)
+        for spec in row_specs(row, args.arch, args.sm_count):
+            specs.setdefault(spec, []).append(row.B)
     results, failed = [], False
     with tempfile.TemporaryDirectory(prefix="flashgdn-bench-") as tmp:
         for i, (spec, batches) in enumerate(specs.items(), 1):
@@ -431,13 +345,13 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
     """One result row (every field of result_fields()): flashgdn, then each baseline (--compare)."""
     import torch
 
-    kernel = row_spec(row, arch, sm_count).short_name()
+    kernel = " + ".join(s.short_name() for s in row_specs(row, arch, sm_count))
     rec = dict.fromkeys(result_fields())
     rec.update(
         version=row.version, B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, dtype=row.dtype,
         state_dtype=row.state_dtype, pool=row.pool, pool_slots=row.pool_slots if row.pool else "",
         pool_padding=row.pool_padding, intermediate=row.intermediate, token_slots=row.token_slots, l2norm=row.l2norm,
-        kernel=kernel, flops=row.flops(), bytes=row.bytes(), verify="", error="",
+        kernel=kernel, flops=row.flops(), bytes=row.bytes(), verify="", error="", hidden=row.hidden or None,
     )
     try:
         m = measure(FLASHGDN, row, args, device, flusher, kernel, seen)
@@ -448,7 +362,7 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
     except Exception as exc:
         rec["error"] = _one_line(exc)
         progress(f"  flashgdn: {rec['error']}")
-    for impl in BASELINES if args.compare else ():
+    for impl in [b for b in BASELINES if b.applies(row)] if args.compare else ():
         # What a baseline compiles per call signature (FlashInfer keys a padded pool's strides too).
         flags = (("nol2", not row.l2norm), ("inter", row.intermediate), ("token-slots", row.token_slots),
                  (f"padding={row.pool_padding}", row.pool_padding))
@@ -462,52 +376,12 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
         timers.add(m["timer"])
         b_us = m["times"]["median_us"]
         rec[f"{impl.name}_us"], rec[f"{impl.name}_verify"] = b_us, m["verify"]
+        rec[f"{impl.name}_note"] = impl.note(row)
         # flashgdn's compulsory bytes over the baseline's time (FLA, e.g., also writes an fp32 state copy).
         rec[f"{impl.name}_pct_copy_bw"] = pct_of_copy(row.bytes(), b_us, copy_bw)
         rec[f"{impl.name}_speedup"] = b_us / rec["median_us"] if rec["median_us"] else None
     torch.cuda.empty_cache()
     return rec
-
-
-def row_failed(rec: dict) -> bool:
-    """An error, or a --verify mismatch of flashgdn or of a baseline."""
-    verdicts = [rec.get("verify")] + [rec.get(f"{b.name}_verify") for b in BASELINES]
-    return bool(rec.get("error")) or any((v or "").startswith("FAILED") for v in verdicts)
-
-
-def api_label(rec: dict) -> str:
-    """A result row's API as the table shows it: the version, "+slots" with token slots."""
-    return rec["version"] + ("+slots" if rec.get("token_slots") else "")
-
-
-def results_table(rows: List[dict], compare: bool) -> str:
-    """The stdout table under its title (sweep_title), then one note per distinct error, mismatch
-    or unavailable baseline."""
-    names = [b.name for b in BASELINES] if compare else []
-    headers = ["version", "B", "T", "state", "pool", "median µs", "p10 µs", "p90 µs", "TFLOPS", "TB/s",
-               "% copy bw", "verify"]
-    headers += [h for n in names for h in (f"{n} µs", f"vs {n}")]
-    body, notes = [], []
-    for r in rows:
-        verdict = "ERROR" if r["error"] else "FAILED" if r["verify"].startswith("FAILED") else r["verify"]
-        line = [api_label(r), r["B"], r["T"], r["state_dtype"], r["pool_slots"] if r["pool"] else "no",
-                r["median_us"], r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"], verdict]
-        where = f"{api_label(r)} B={r['B']} T={r['T']} {r['state_dtype']}"
-        for msg in (r["error"], r["verify"]):
-            if msg and msg != "ok":
-                notes.append(f"flashgdn {where}: {msg}")
-        for n in names:
-            sp, failed = r[f"{n}_speedup"], (r[f"{n}_verify"] or "").startswith("FAILED")
-            line += ["n/a" if r[f"{n}_us"] is None else r[f"{n}_us"],
-                     "FAILED" if failed else "n/a" if sp is None else f"{sp:.2f}x"]
-            if r[f"{n}_note"]:
-                notes.append(f"{n}: {r[f'{n}_note']}")
-            if failed:
-                notes.append(f"{n} {where}: {r[f'{n}_verify']}")
-        body.append(line)
-    notes = list(dict.fromkeys(notes))
-    table = sweep_title(rows) + "\n\n" + format_table(headers, body)
-    return table + ("\n\nnotes:\n  " + "\n  ".join(notes) if notes else "")
 
 
 def supported_gpu():
@@ -553,11 +427,6 @@ def sweep(args) -> int:
     print(format_env_line(env))
     print(results_table(results, args.compare))
     return 1 if any(row_failed(r) for r in results) else 0
-
-
-def format_env_line(env: dict) -> str:
-    keys = ("gpu", "sm_count", "driver", "timer", "copy_bandwidth_GBps", "torch", "nvidia-cutlass-dsl")
-    return " | ".join(f"{k}={env[k]}" for k in keys if env.get(k) is not None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

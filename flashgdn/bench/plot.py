@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .rows import BASELINES, VERSIONS, sweep_title
+from .rows import BASELINES, ENGINE_VERSIONS, VERSIONS, sweep_title
 
 API_FUNCTIONS = {
     "pretranspose": "gated_delta_rule_decode_pretranspose",
     "nontranspose": "gated_delta_rule_decode",
     "mtp": "gated_delta_rule_mtp",
+    "packed": "fused_recurrent_gated_delta_rule_packed_decode",
+    "recurrent": "fused_recurrent_gated_delta_rule (vLLM)",
+    "fused_step": "gdn_fused_decode_step",
 }
 MAX_SERIES = 6
-BASELINE_LABELS = {"fla": "FLA", "flashinfer": "FlashInfer"}
+BASELINE_LABELS = {"fla": "FLA", "flashinfer": "FlashInfer", "composed": "composed"}
 
 
 def speedup_over_best_baseline(row: dict) -> Optional[float]:
@@ -44,7 +47,7 @@ def write_plot(path: str, rows: List[dict]) -> None:
     for r in rows:
         if r.get("median_us"):
             panels.setdefault((r["version"], r["state_dtype"]), []).append(r)
-    versions = [v for v in VERSIONS if any(k[0] == v for k in panels)]
+    versions = [v for v in VERSIONS + ENGINE_VERSIONS if any(k[0] == v for k in panels)]
     states = sorted({k[1] for k in panels}, key=lambda s: (s != "fp32", s))
     modes = set()  # "speedup" and/or "µs": what the panels show, for the figure's title
     fig, axes = plt.subplots(max(len(versions), 1), max(len(states), 1), squeeze=False,

@@ -16,7 +16,14 @@ DYNAMIC_SMEM_FIELD = "array<i32: 0, 2>"
 
 
 def kernel_name(spec) -> str:
-    """Name of the kernel class that builds `spec` (KLastDecode, KLastMTP, KLastMTPMma, KMajorDecode)."""
+    """Name of the kernel class that builds `spec` (KLastDecode, KLastMTP, KLastMTPMma, KMajorDecode;
+    ConvGate for a ConvGateSpec)."""
+    from ..spec import ConvGateSpec
+
+    if isinstance(spec, ConvGateSpec):  # one kernel class, no build policy of the decode's
+        from ..kernels.build import make_kernel
+
+        return type(make_kernel(spec)).__name__
     try:
         from ..kernels.policy import BuildConfig
     except ImportError:  # a kernel layer without the build policy: ask the builder itself

@@ -2,16 +2,21 @@
 
 A `Row` is one (version, batch, tokens, dtypes, pool) point of the sweep. `make_inputs` builds its
 random tensors (used both for timing and for `--verify`). An `Impl` runs a row: flashgdn, the
-torch reference (the verification oracle) and the baselines (FLA's Triton kernel and FlashInfer)
-all go through the same two steps, `prepare` (untimed set-up, returns the call) and `collect`
-(turns the call's return value into (output, state rows, intermediate states) for comparison).
+torch reference (the verification oracle) and the baselines (FLA's Triton kernel, FlashInfer, and
+for the fused step the composed path) all go through the same two steps, `prepare` (untimed
+set-up, returns the call) and `collect` (turns the call's return value into (output, state rows,
+intermediate states) for comparison).
+
+The versions: the FlashInfer API functions (VERSIONS: pretranspose, nontranspose, mtp) here, and
+the serving engines' entry points and the fused decode step (ENGINE_VERSIONS: packed, recurrent,
+fused_step) in flashgdn.bench.engine_rows, to which this module hands their rows.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -19,9 +24,12 @@ from .. import api
 from ..device import DeviceFacts
 from ..spec import KernelArgs, KernelSpec
 from ..validation import Problem
+from . import engine_rows
+from .engine_rows import ENGINE_VERSIONS, FLA_FUNCTION, PACKED_BASELINE_NOTE
+from .impl import Collected, Impl, Unavailable  # noqa: F401  (part of this module's interface)
 from .metrics import gdn_bytes, gdn_flops
 
-VERSIONS = ("pretranspose", "nontranspose", "mtp")
+VERSIONS = ("pretranspose", "nontranspose", "mtp")  # the FlashInfer API functions; ENGINE_VERSIONS too
 IO_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # How a pool row lays out its slots: "scattered", 2B slots of which B are read at a random
@@ -61,8 +69,13 @@ class Row:
     # Pool rows: elements past K in each state row of the allocation ([P, HV, V, K + pool_padding],
     # the calls get the [..., :K] view), so the head and row strides are padded.
     pool_padding: int = 0
+    hidden: int = 0  # fused_step rows: the model's hidden size (hidden_states [B, hidden])
 
     def __post_init__(self) -> None:
+        if self.version in ENGINE_VERSIONS:
+            engine_rows.check_row(self)
+        elif self.hidden:
+            raise ValueError("hidden applies to fused_step rows only")
         if self.pool_padding and not self.pool:
             raise ValueError("pool_padding applies to pool rows only")
         if self.token_slots and not (self.version == "mtp" and self.pool and self.T >= 2 and not self.intermediate):
@@ -99,9 +112,13 @@ class Row:
         return f"{self.version} B={self.B}{t} state={self.state_dtype}{pool}{slots}"
 
     def flops(self) -> int:
+        if self.version in ENGINE_VERSIONS:
+            return engine_rows.row_flops(self)
         return gdn_flops(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V)
 
     def bytes(self) -> int:
+        if self.version in ENGINE_VERSIONS:
+            return engine_rows.row_bytes(self)
         io = self.io_torch.itemsize
         return gdn_bytes(
             B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V, io_bytes=io,
@@ -111,10 +128,30 @@ class Row:
         )
 
 
+def decode_twin(row: Row) -> Row:
+    """The pretranspose pool row of a packed row's shape: the call the packed decode makes on views
+    of mixed_qkv, and the one the baselines without a packed decode run."""
+    return dataclasses.replace(row, version="pretranspose")
+
+
+def row_specs(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> tuple:
+    """Every compiled variant (KernelSpec, or ConvGateSpec) flashgdn's call of `row` launches, in
+    launch order, on `arch` with `sm_count` SMs (device_class None: the arch's reference tuning
+    table). tests/test_bench_cli.py checks them against the API's own lookups."""
+    if row.version == "packed":
+        row = decode_twin(row)
+    if row.version in ENGINE_VERSIONS:
+        return engine_rows.kernel_specs(row, DeviceFacts(arch, sm_count, device_class))
+    return (_decode_spec(row, arch, sm_count, device_class),)
+
+
 def row_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> KernelSpec:
-    """The KernelSpec (compile-cache key) flashgdn uses for `row` on `arch` with `sm_count` SMs
-    (device_class None: the arch's reference tuning table): api.kernel_spec of the tensors and
-    options the row's call passes (tests/test_bench_cli.py checks it against the API's own lookup)."""
+    """The decode kernel's KernelSpec (compile-cache key) among row_specs: the last launch."""
+    return row_specs(row, arch, sm_count, device_class)[-1]
+
+
+def _decode_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str]) -> KernelSpec:
+    """api.kernel_spec of the tensors and options an API row's call passes."""
     def meta(dtype, *shape):  # kernel_spec reads dtypes, presence and the state's strides
         return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -139,7 +176,14 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     (POOL_SLOTS); token slots are B*T more slots after them, fresh and distinct (in a random order
     for "scattered", in (row, token) order for "contiguous"). A padded pool is the [..., :K] view
     of [P, HV, V, K + row.pool_padding]. Keys: q k v a b A_log dt_bias state indices slots inter
-    output (indices/slots/inter None when unused)."""
+    output (indices/slots/inter None when unused). Engine rows: engine_rows' inputs (a packed row's
+    are its decode_twin's, with mixed_qkv)."""
+    if row.version == "packed":
+        return engine_rows.packed_inputs(make_inputs(decode_twin(row), device, seed))
+    if row.version == "recurrent":
+        return engine_rows.recurrent_inputs(row, device, seed)
+    if row.version == "fused_step":
+        return engine_rows.fused_step_inputs(row, device, seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     B, T, H, HV, K, V = row.B, row.T, row.H, row.HV, row.K, row.V
@@ -172,8 +216,8 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     }
 
 
-def clone_inputs(inp: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-    return {k: None if t is None else t.clone() for k, t in inp.items()}
+def clone_inputs(inp: dict) -> dict:
+    return {k: t.clone() if isinstance(t, torch.Tensor) else t for k, t in inp.items()}
 
 
 def state_rows(row: Row, state: torch.Tensor, inp) -> torch.Tensor:
@@ -198,23 +242,10 @@ def sweep_title(records: Sequence[dict]) -> str:
         parts.append(f"pool padded by {'/'.join(map(str, padding))} elements per state row (head and row strides)")
     if any(r.get("token_slots") for r in records):
         parts.append("mtp+slots: the state after each token to its own pool slot (ssm_state_indices)")
+    hidden = sorted({r["hidden"] for r in records if r.get("hidden")})
+    if hidden:
+        parts.append(f"fused_step: hidden={'/'.join(map(str, hidden))}, conv width {engine_rows.CONV_WIDTH} with bias")
     return "; ".join(p.strip() for p in parts)
-
-
-class Unavailable(Exception):
-    """An implementation that cannot run this row here (missing package, other signature)."""
-
-
-Collected = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # output, state rows, inter
-
-
-@dataclasses.dataclass(frozen=True)
-class Impl:
-    """One implementation. `prepare(row, inp)` does the untimed set-up and returns
-    (call, collect): `call()` is what is timed; `collect(call())` gives what --verify compares."""
-
-    name: str
-    prepare: Callable[[Row, dict], Tuple[Callable[[], Any], Callable[[Any], Collected]]]
 
 
 def call_api(module, row: Row, inp: dict, bf16_mtp_via_pretranspose: bool = False):
@@ -271,7 +302,6 @@ def module_impl(name: str, module_name: str, bf16_mtp_via_pretranspose: bool = F
     return Impl(name, prepare)
 
 
-FLA_FUNCTION = "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule"
 FLA_NEEDS = ("use_gate_in_kernel", "A_log", "dt_bias", "use_beta_sigmoid_in_kernel", "state_v_first",
              "use_qk_l2norm_in_kernel", "output_final_state", "initial_state")
 
@@ -306,15 +336,52 @@ def _fla_prepare(row: Row, inp: dict):
     return call, lambda ret: (ret[0], ret[1], None)
 
 
-FLASHGDN = module_impl("flashgdn", "flashgdn.api")
-REFERENCE = module_impl("reference", "flashgdn.reference")
+def _for_engine_rows(api_impl: Impl, engine_prepare, note=None, applies=None) -> Impl:
+    """`api_impl` on the API rows; `engine_prepare(row, inp)` on the engine rows; `note` and
+    `applies` (default: api_impl's) for both."""
+    def prepare(row: Row, inp: dict):
+        return (engine_prepare if row.version in ENGINE_VERSIONS else api_impl.prepare)(row, inp)
+
+    return Impl(api_impl.name, prepare, note or api_impl.note, applies or api_impl.applies)
+
+
+def _fla_engine_prepare(row: Row, inp: dict):
+    if row.version == "packed":  # FLA has no packed decode: the unpacked inputs (engine_rows)
+        return _fla_prepare(decode_twin(row), inp)
+    if row.version == "recurrent":
+        return engine_rows.fla_recurrent_prepare(row, inp)
+    raise Unavailable("FLA has no fused decode step")
+
+
+def _flashinfer_engine_prepare(row: Row, inp: dict):
+    if row.version == "packed":  # no packed decode either: its pretranspose call on the unpacked inputs
+        return _FLASHINFER_API.prepare(decode_twin(row), inp)
+    if row.version == "recurrent":
+        raise Unavailable("FlashInfer 0.7.2 has no decode on precomputed gates (g, beta)")
+    return engine_rows.flashinfer_fused_step_prepare(row, inp)
+
+
+def _fla_note(row: Row) -> Optional[str]:
+    return {"packed": PACKED_BASELINE_NOTE, "recurrent": engine_rows.FLA_RECURRENT_NOTE}.get(row.version)
+
+
+def _flashinfer_note(row: Row) -> Optional[str]:
+    return PACKED_BASELINE_NOTE if row.version == "packed" else None
+
+
+FLASHGDN = _for_engine_rows(module_impl("flashgdn", "flashgdn.api"), engine_rows.flashgdn_prepare)
+REFERENCE = _for_engine_rows(module_impl("reference", "flashgdn.reference"), engine_rows.reference_prepare)
 # FlashInfer (0.7.2) gets a padded pool's view as it is where it takes the pool's strides: its
 # bf16-state kernels and its fp32 MTP kernel index the 4-D pool with them, its fp32 one-token kernel
 # compiles them in. Its fp32 MTP kernel writes token slots (ssm_state_indices) through a flat
 # [P * HV, V, K] view of the pool instead, which a padded pool is not: those rows get a packed copy.
+_FLASHINFER_API = module_impl("flashinfer", "flashinfer.gdn_decode", bf16_mtp_via_pretranspose=True,
+                              packed_token_slot_pool=True)
 BASELINES = (
-    Impl("fla", _fla_prepare),
-    module_impl("flashinfer", "flashinfer.gdn_decode", bf16_mtp_via_pretranspose=True, packed_token_slot_pool=True),
+    _for_engine_rows(Impl("fla", _fla_prepare), _fla_engine_prepare, _fla_note,
+                     applies=lambda row: row.version != "fused_step"),
+    _for_engine_rows(_FLASHINFER_API, _flashinfer_engine_prepare, _flashinfer_note),
+    engine_rows.COMPOSED,
 )
 
 
@@ -342,7 +409,7 @@ def verify(impl: Impl, row: Row, device, seed: int) -> Optional[str]:
     tol = VERIFY_TOL[row.state_dtype]
     problems = [
         _mismatch(what, a, e, tol)
-        for what, a, e in zip(("output", "state", "intermediate states"), actual, expected)
+        for what, a, e in zip(engine_rows.collected_names(row), actual, expected)
         if a is not None and e is not None
     ]
     problems = [p for p in problems if p]

@@ -1,0 +1,359 @@
+"""Benchmark rows of the serving engines' entry points and of the fused decode step: their inputs,
+FLOPs and bytes, compiled variants, and how flashgdn, the reference and the baselines run them.
+flashgdn.bench.rows dispatches its rows of these versions here.
+
+- "packed": flashgdn.engines.fused_recurrent_gated_delta_rule_packed_decode (vLLM's and SGLang's
+  one-token decode): mixed_qkv [B, 2HK + HV*V], a, b [B, HV], pool [P, HV, V, K] read and written
+  at ssm_state_indices [B]. Its inputs are those of the pretranspose pool row of the same shape
+  (`decode_twin`), q | k | v packed side by side into mixed_qkv; FLA and FlashInfer have no packed
+  decode and run as on that pretranspose row, on the unpacked inputs (rows.py).
+- "recurrent": flashgdn.engines.fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates:
+  g the log decay in fp32 and beta in q's dtype, as vLLM's fused_gdn_gating makes them). T = 1:
+  dense q [B, 1, ...] with ssm_state_indices [B]. T > 1 (speculative-decode verify): varlen
+  q [1, B*T, ...] with cu_seqlens, ssm_state_indices [B, T] and num_accepted_tokens (random in
+  1..T), as vLLM calls it. Slots are >= 1: vLLM's slot 0 is its null block (padding).
+- "fused_step": flashgdn.gdn_fused_decode_step: hidden_states [B, hidden], w_ba, mixed_qkv
+  [B, qkv_dim], conv width 4 with a bias, vLLM's SD conv pool (passed as its transposed view),
+  dt_bias bf16 (FlashInfer's contract), the ssm pool; one slot index addresses both pools.
+
+Baselines: FLA (fla-core >= 0.6, fused_recurrent_gated_delta_rule) has no state pool and no
+per-token state slots: a recurrent row's read states are gathered into a dense initial state
+(untimed) and FLA writes only the final state, to a new fp32 tensor. FlashInfer 0.7.2 has no
+decode on precomputed gates; its gdn_fused_decode_step takes an fp32 ssm_state only. "composed"
+is the fused step as an engine runs it today: torch `hidden @ w_ba`, a conv update
+(causal_conv1d_update of the causal-conv1d package when importable, else torch ops) and
+flashgdn's packed decode.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import api
+from .. import reference
+from ..device import DeviceFacts
+from ..spec import ConvGateSpec, KernelArgs
+from ..validation import Problem
+from .impl import Collected, Impl, Unavailable
+from .metrics import fused_step_bytes, fused_step_flops, gdn_bytes, gdn_flops
+
+ENGINE_VERSIONS = ("packed", "recurrent", "fused_step")
+SLOT_DTYPE = torch.int32  # ssm_state_indices, num_accepted_tokens, cu_seqlens, state_indices
+CONV_WIDTH = 4  # Qwen3-Next's and Qwen3.5's conv
+FLA_FUNCTION = "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule"
+FLA_RECURRENT_NEEDS = ("state_v_first", "use_qk_l2norm_in_kernel", "output_final_state", "initial_state",
+                       "cu_seqlens")
+FLA_RECURRENT_NOTE = ("FLA has no ssm_state_indices: timed on the read states gathered into a dense initial_state "
+                      "(untimed), writing only the final state, to a new fp32 tensor")
+PACKED_BASELINE_NOTE = "no packed decode: timed on the unpacked q, k, v, a, b (the pretranspose pool call)"
+
+
+def check_row(row) -> None:
+    """ValueError for a combination an engine row cannot have (called by Row.__post_init__)."""
+    if not row.pool or row.intermediate or row.token_slots:
+        raise ValueError(f"{row.version} rows read a pool (pool=True) and write no intermediate states or token "
+                         f"slots of the mtp API")
+    if row.version in ("packed", "fused_step") and row.T != 1:
+        raise ValueError(f"{row.version} rows decode one token (T = 1), got T={row.T}")
+    if row.version == "fused_step":
+        if row.dtype != "bf16" or row.K != row.V:
+            raise ValueError("fused_step rows are bf16 with K = V (gdn_fused_decode_step's contract)")
+        if row.hidden < 64 or row.hidden % 64:
+            raise ValueError(f"fused_step rows need hidden, a positive multiple of 64, got {row.hidden}")
+    elif row.hidden:
+        raise ValueError("hidden applies to fused_step rows only")
+
+
+def collected_names(row) -> Tuple[str, str, str]:
+    """What the three collected tensors of a row are (the names --verify reports)."""
+    if row.version == "fused_step":
+        return "output", "ssm state", "conv state"
+    if row.version == "recurrent":
+        return "output", "final state", "per-token states"
+    return "output", "state", "intermediate states"
+
+
+# ----------------------------------------------------------------------------- FLOPs, bytes, variants
+
+
+def row_flops(row) -> int:
+    if row.version == "fused_step":
+        return fused_step_flops(B=row.B, H=row.H, HV=row.HV, D=row.K, hidden=row.hidden, width=CONV_WIDTH)
+    return gdn_flops(B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V)
+
+
+def row_bytes(row) -> int:
+    """Compulsory bytes (flashgdn.bench.metrics) of the row's call."""
+    state, io = row.state_torch.itemsize, row.io_torch.itemsize
+    if row.version == "fused_step":
+        return fused_step_bytes(B=row.B, H=row.H, HV=row.HV, D=row.K, hidden=row.hidden, width=CONV_WIDTH,
+                                state_bytes=state, dt_bias_bytes=2, index_bytes=SLOT_DTYPE.itemsize)
+    geometry = dict(B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, io_bytes=io, state_bytes=state)
+    if row.version == "packed":
+        return gdn_bytes(**geometry, gate_bytes=io, dt_bias_bytes=4, index_bytes=SLOT_DTYPE.itemsize)
+    # recurrent: g fp32 and beta; the state read once, written to each token's slot; a slot per
+    # token, and with T > 1 the accepted counts [B] and cu_seqlens [B + 1].
+    varlen = (2 * row.B + 1) * SLOT_DTYPE.itemsize if row.T > 1 else 0
+    return gdn_bytes(**geometry, gate_bytes=4, beta_bytes=io, gate_params=False, state_writes=row.T,
+                     token_index_bytes=SLOT_DTYPE.itemsize) + varlen
+
+
+def _meta(dtype, *shape):  # kernel_spec reads dtypes, presence and the state's strides
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def kernel_specs(row, facts: DeviceFacts) -> tuple:
+    """The compiled variants a recurrent or fused_step row's flashgdn call launches, in launch
+    order (a packed row launches its pretranspose twin's: rows.row_specs)."""
+    io = _meta(row.io_torch, 0)
+    state = _meta(row.state_torch, 1, row.HV, row.V, row.K + row.pool_padding)[..., :row.K]
+    options = api.CallOptions(scale=None, use_l2norm=row.l2norm)
+    problem = Problem(row.B, row.T, row.H, row.HV, row.K, row.V)
+    if row.version == "recurrent":
+        varlen = row.T > 1
+        args = KernelArgs(
+            q=io, k=io, v=io, a=_meta(torch.float32, 0), b=io, A_log=None, dt_bias=None, state=state, output=io,
+            accepted_tokens=_meta(SLOT_DTYPE, 0) if varlen else None, token_state_indices=_meta(SLOT_DTYPE, 0, 0),
+            cu_seqlens=_meta(SLOT_DTYPE, 0) if varlen else None,
+        )
+        return (api.kernel_spec("klast", problem, args, options, facts),)
+    conv = ConvGateSpec(row.H, row.HV, row.K, row.hidden, CONV_WIDTH, True, facts.arch, facts.device_class)
+    bf16 = _meta(torch.bfloat16, 0)
+    args = KernelArgs(q=bf16, k=bf16, v=bf16, a=bf16, b=bf16, A_log=_meta(torch.float32, 0), dt_bias=bf16,
+                      state=state, state_indices=_meta(SLOT_DTYPE, 0), output=bf16)
+    return conv, api.kernel_spec("klast", problem, args, options, facts)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _random(row, device, seed):
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def randn(*shape, dtype):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    def slots(n, offset=0):  # n distinct slots from `offset` on, as row.pool_slots lays them out
+        if row.pool_slots == "scattered":  # a random n of 2n slots, in a random order
+            return torch.randperm(2 * n, generator=gen, device=device)[:n] + offset
+        return torch.arange(n, device=device) + offset
+
+    def pool(P):  # [P, HV, V, K]; a padded pool is the [..., :K] view of [P, HV, V, K + pool_padding]
+        return randn(P, row.HV, row.V, row.K + row.pool_padding, dtype=row.state_torch)[..., :row.K]
+
+    A_log = torch.log(torch.rand(row.HV, generator=gen, device=device) * 15 + 1)
+    return gen, randn, slots, pool, A_log
+
+
+def packed_inputs(twin_inputs: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+    """A packed row's inputs: its pretranspose twin's (rows.make_inputs), with mixed_qkv [B, 2HK +
+    HV*V] holding q | k | v of each row side by side (q, k and v stay, for the baselines)."""
+    q, k, v = (twin_inputs[n] for n in "qkv")
+    return dict(twin_inputs, mixed_qkv=torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1).contiguous())
+
+
+def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
+    """Fresh random inputs of a recurrent row (module docstring): q k v g beta state slots
+    accepted cu_seqlens (the last two None for T = 1). Pool slot 0 is never used; the B*T slots
+    are laid out as row.pool_slots says."""
+    _, randn, slots, pool, A_log = _random(row, device, seed)
+    B, T = row.B, row.T
+    io = row.io_torch
+    f32 = torch.float32
+    q, k = randn(B, T, row.H, row.K, dtype=io), randn(B, T, row.H, row.K, dtype=io)
+    v = randn(B, T, row.HV, row.V, dtype=io)
+    a, b, dt_bias = randn(B, T, row.HV, dtype=f32), randn(B, T, row.HV, dtype=f32), randn(row.HV, dtype=f32)
+    g = -A_log.exp() * F.softplus(a + dt_bias)  # the log decay, as vLLM's fused_gdn_gating computes it
+    written = B * T * (2 if row.pool_slots == "scattered" else 1)  # slots 1..written
+    inp = dict(q=q, k=k, v=v, g=g, beta=b.sigmoid().to(io), state=pool(written + 1),
+               slots=slots(B * T, offset=1).view(B, T).to(SLOT_DTYPE), accepted=None, cu_seqlens=None)
+    if T > 1:  # varlen, as vLLM's speculative decode calls it
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed + 1)
+        inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
+        inp["accepted"] = torch.randint(1, T + 1, (B,), generator=gen, device=device).to(SLOT_DTYPE)
+        inp["cu_seqlens"] = torch.arange(0, B * T + 1, T, device=device).to(SLOT_DTYPE)
+    else:
+        inp["slots"] = inp["slots"][:, 0]  # 1-D ssm_state_indices
+    return inp
+
+
+def fused_step_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
+    """Fresh random keyword arguments of gdn_fused_decode_step for a fused_step row, plus `out`
+    [B, 1, HV, D]. Small projection weights keep b and a in the range of the models' gates."""
+    _, randn, slots, pool, A_log = _random(row, device, seed)
+    B, H, HV, D, hidden, W = row.B, row.H, row.HV, row.K, row.hidden, CONV_WIDTH
+    C, P = (2 * H + HV) * D, 2 * B if row.pool_slots == "scattered" else B
+    bf16 = torch.bfloat16
+    return dict(
+        hidden_states=randn(B, hidden, dtype=bf16) * 0.5,
+        w_ba=randn(hidden, 2 * HV, dtype=bf16) * (2.0 / hidden ** 0.5), mixed_qkv=randn(B, C, dtype=bf16),
+        conv_weight=randn(C, W, dtype=bf16) * 0.5, conv_bias=randn(C, dtype=bf16) * 0.1,
+        conv_state=randn(P, W - 1, C, dtype=bf16).transpose(1, 2),  # vLLM's SD pool, as its [P, C, W - 1] view
+        A_log=A_log, dt_bias=randn(HV, dtype=bf16), scale=None, ssm_state=pool(P),
+        state_indices=slots(B).to(SLOT_DTYPE), use_qk_l2norm=row.l2norm,
+        out=torch.empty(B, 1, HV, D, dtype=bf16, device=device),
+    )
+
+
+# ----------------------------------------------------------------------------- flashgdn and the reference
+
+
+def _packed_views(row, mixed: torch.Tensor):
+    B, HK = mixed.shape[0], row.H * row.K
+    return (mixed[:, :HK].view(B, 1, row.H, row.K), mixed[:, HK:2 * HK].view(B, 1, row.H, row.K),
+            mixed[:, 2 * HK:].view(B, 1, row.HV, row.V))
+
+
+def _recurrent_collect(row, inp):
+    def collect(out) -> Collected:
+        o = out.view(row.B, row.T, row.HV, row.V)
+        slots = inp["slots"].long()
+        if row.T == 1:
+            return o, inp["state"][slots], None
+        return o, inp["state"][slots[:, -1]], inp["state"][slots]
+
+    return collect
+
+
+def _fused_collect(inp):
+    idx = inp["state_indices"].long()
+    return lambda ret: (ret[0], inp["ssm_state"][idx], inp["conv_state"][idx])
+
+
+def flashgdn_prepare(row, inp):
+    """flashgdn's engine entry point (or fused step) for the row."""
+    from .. import engines, fused_step
+
+    if row.version == "packed":
+        def call():
+            return engines.fused_recurrent_gated_delta_rule_packed_decode(
+                inp["mixed_qkv"], inp["a"][:, 0], inp["b"][:, 0], inp["A_log"], inp["dt_bias"], None, inp["state"],
+                inp["output"], inp["indices"], row.l2norm)
+
+        return call, lambda ret: (ret[0], ret[1][inp["indices"].long()], None)
+    if row.version == "recurrent":
+        def call():
+            return engines.fused_recurrent_gated_delta_rule(
+                inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], None, inp["state"], True, inp["cu_seqlens"],
+                inp["slots"], inp["accepted"], row.l2norm)[0]
+
+        return call, _recurrent_collect(row, inp)
+    return (lambda: fused_step.gdn_fused_decode_step(**inp)), _fused_collect(inp)
+
+
+def reference_prepare(row, inp):
+    """flashgdn.reference on the row's inputs (the --verify oracle)."""
+    if row.version == "packed":
+        q, k, v = _packed_views(row, inp["mixed_qkv"])
+
+        def call():
+            return reference.gated_delta_rule_decode_pretranspose(
+                q, k, v, None, inp["A_log"], inp["a"], inp["dt_bias"], inp["b"], output=inp["output"],
+                use_qk_l2norm=row.l2norm, initial_state=inp["state"], initial_state_indices=inp["indices"])
+
+        return call, lambda ret: (ret[0], ret[1][inp["indices"].long()], None)
+    if row.version == "recurrent":
+        def call():
+            return reference.fused_recurrent_gated_delta_rule_vllm(
+                inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], None, inp["state"], inp["cu_seqlens"],
+                inp["slots"], inp["accepted"], row.l2norm)
+
+        return call, _recurrent_collect(row, inp)
+    return (lambda: reference.gdn_fused_decode_step(**inp)), _fused_collect(inp)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def fla_recurrent_prepare(row, inp):
+    """FLA's fused_recurrent_gated_delta_rule on a recurrent row's precomputed g and beta, from
+    the read states gathered into a dense [B, HV, V, K] initial state (state_v_first)."""
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fn
+    except Exception as exc:
+        raise Unavailable(f"cannot import {FLA_FUNCTION}: {exc}") from exc
+    missing = [p for p in FLA_RECURRENT_NEEDS if p not in inspect.signature(fla_fn).parameters]
+    if missing:
+        raise Unavailable(f"{FLA_FUNCTION} has no argument(s) {', '.join(missing)} (needs fla-core >= 0.6)")
+    slots = inp["slots"].long()
+    read = slots if row.T == 1 else slots.gather(1, inp["accepted"].long()[:, None] - 1)[:, 0]
+    h0 = inp["state"][read].contiguous()
+    cu_seqlens = None if inp["cu_seqlens"] is None else inp["cu_seqlens"].long()  # FLA takes a LongTensor
+
+    def call():
+        return fla_fn(inp["q"], inp["k"], inp["v"], g=inp["g"], beta=inp["beta"], scale=None, initial_state=h0,
+                      output_final_state=True, use_qk_l2norm_in_kernel=row.l2norm, state_v_first=True,
+                      cu_seqlens=cu_seqlens)
+
+    return call, lambda ret: (ret[0].view(row.B, row.T, row.HV, row.V), ret[1], None)
+
+
+def flashinfer_fused_step_prepare(row, inp):
+    """flashinfer.gdn_fused_decode_step (FlashInfer >= 0.7.2) on the same arguments."""
+    if row.state_dtype != "fp32":
+        raise Unavailable("FlashInfer's gdn_fused_decode_step takes an fp32 ssm_state only")
+    try:
+        fn = importlib.import_module("flashinfer").gdn_fused_decode_step
+    except Exception as exc:  # ImportError, a broken install, or a FlashInfer before 0.7.2
+        raise Unavailable(f"cannot import flashinfer.gdn_fused_decode_step: {exc}") from exc
+    return (lambda: fn(**inp)), _fused_collect(inp)
+
+
+def _torch_conv_update(inp) -> torch.Tensor:
+    """The causal conv1d update (SiLU) in torch ops, every row a real slot: reference.conv_update
+    without its search for padding rows (a host sync, which an engine's step has not)."""
+    idx = inp["state_indices"].long()
+    window = torch.cat([inp["conv_state"].index_select(0, idx), inp["mixed_qkv"].unsqueeze(-1)], -1)
+    acc = (window.float() * inp["conv_weight"].float()).sum(-1) + inp["conv_bias"].float()
+    inp["conv_state"].index_copy_(0, idx, window[..., 1:])
+    return F.silu(acc).to(torch.bfloat16)
+
+
+def _conv_update():
+    """(conv update of a step's arguments, its name): causal-conv1d's kernel when importable."""
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except Exception:
+        return _torch_conv_update, "torch ops (causal-conv1d not importable)"
+
+    def update(inp):
+        return causal_conv1d_update(inp["mixed_qkv"], inp["conv_state"], inp["conv_weight"], inp["conv_bias"],
+                                    "silu", conv_state_indices=inp["state_indices"])
+
+    return update, "causal-conv1d's causal_conv1d_update"
+
+
+def composed_prepare(row, inp):
+    """The fused step as separate launches: torch `hidden @ w_ba`, a conv update, flashgdn's packed
+    decode (b = ba[:, :HV], a = ba[:, HV:], as gdn_fused_decode_step splits them)."""
+    if row.version != "fused_step":
+        raise Unavailable("the composed path is the fused step's baseline")
+    from ..engines import fused_recurrent_gated_delta_rule_packed_decode
+
+    conv, _ = _conv_update()
+    HV = row.HV
+
+    def call():
+        ba = inp["hidden_states"] @ inp["w_ba"]
+        y = conv(inp)
+        fused_recurrent_gated_delta_rule_packed_decode(
+            y, ba[:, HV:], ba[:, :HV], inp["A_log"], inp["dt_bias"], None, inp["ssm_state"], inp["out"],
+            inp["state_indices"], row.l2norm)
+        return inp["out"], inp["conv_state"], inp["ssm_state"]
+
+    return call, _fused_collect(inp)
+
+
+def composed_note(row) -> Optional[str]:
+    if row.version != "fused_step":
+        return None
+    return f"torch hidden @ w_ba + conv update by {_conv_update()[1]} + flashgdn's packed decode"
+
+
+COMPOSED = Impl("composed", composed_prepare, composed_note, applies=lambda row: row.version == "fused_step")
