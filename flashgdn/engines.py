@@ -81,9 +81,8 @@ def _check_packed(mixed_qkv, a, b, initial_state, out, ssm_state_indices) -> int
     if HV < 1:
         raise ValueError(f"initial_state.shape[1] (HV) must be >= 1, got shape {list(initial_state.shape)}")
     _check_head_dims("initial_state", initial_state)
-    qk = width - HV * V
-    H = qk // (2 * K) if qk > 0 and qk % (2 * K) == 0 else 0
-    if H < 1 or HV % H:
+    H = val.packed_heads(width, HV, V, K)
+    if not H:
         raise ValueError(
             f"mixed_qkv must have shape [N, 2*H*K + HV*V] (q, k, v of one token side by side) with "
             f"HV={HV}, V={V}, K={K} from initial_state {list(initial_state.shape)} and HV a multiple of "

@@ -27,7 +27,7 @@ from . import validation as val
 from .cache import kernel_cache
 from .device import facts_of
 from .logging_utils import logged
-from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateArgs, ConvGateSpec, KernelArgs
+from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -52,9 +52,8 @@ def _check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A
         raise ValueError(f"hidden_states.shape[1] (hidden) must be a positive multiple of 64, got {hidden}")
     val.check_tensor("mixed_qkv", mixed_qkv, BF16, (B, None))
     qkv_dim = mixed_qkv.shape[1]
-    qk = qkv_dim - HV * D
-    H = qk // (2 * D) if qk > 0 and qk % (2 * D) == 0 else 0
-    if H < 1 or HV % H:
+    H = val.packed_heads(qkv_dim, HV, D, D)
+    if not H:
         raise ValueError(
             f"mixed_qkv must have shape [B, (2*H + HV)*D] (q | k | v channels) with HV={HV} (A_log), D={D} "
             f"(ssm_state) and HV a multiple of H >= 1; its width {qkv_dim} does not split so"

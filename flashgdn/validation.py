@@ -264,6 +264,14 @@ def remembered(memo: dict, check, args: tuple, options: tuple = (), make=None):
     return hit
 
 
+def packed_heads(width: int, HV: int, V: int, K: int) -> int:
+    """H of a packed q | k | v row of `width` channels (2 H K + HV V), or 0 where the width does
+    not split into H >= 1 heads that divide HV."""
+    qk = width - HV * V
+    H = qk // (2 * K) if qk > 0 and qk % (2 * K) == 0 else 0
+    return H if H >= 1 and HV % H == 0 else 0
+
+
 def _check_finite(name: str, x, expected: str) -> None:
     """A finite int or float (bool excluded: True is no number here)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

@@ -199,12 +199,66 @@ def make_fused_inputs(B, H, HV, D, hidden, width=4, P=None, state_dtype=F32, con
     return kw
 
 
+def clone_strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides (a padded or transposed pool stays one)."""
+    copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    copy.copy_(t)
+    return copy
+
+
 def clone_fused(kw):
     """A copy of the fused step's arguments whose pools keep their strides (in-place updates)."""
-    out = dict(kw)
-    for name in ("conv_state", "ssm_state"):
-        t = kw[name]
-        base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-        base.copy_(t)
-        out[name] = base
-    return out
+    return dict(kw, conv_state=clone_strided(kw["conv_state"]), ssm_state=clone_strided(kw["ssm_state"]))
+
+
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+         torch.float64: torch.int64}
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit for bit equal (NaNs included)."""
+    view = lambda t: t.view(_BITS[t.dtype]) if t.dtype in _BITS else t  # noqa: E731
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(view(x), view(y))
+
+
+def graph_replay_equals_eager(call, static, fresh, bufs):
+    """Capture call(bufs) in a CUDA graph (after an eager call of the same signature, which
+    compiles), then twice: copy fresh(i) into the `static` input tensors, run call eagerly on
+    copies of the written buffers `bufs` (a dict), replay, and compare bits: every buffer, and the
+    returned output where call returns a tensor."""
+    call({n: clone_strided(t) for n, t in bufs.items()})
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(bufs)
+    for i in range(2):
+        for s, f in zip(static, fresh(i)):
+            s.copy_(f)
+        eager_bufs = {n: clone_strided(t) for n, t in bufs.items()}
+        eager_out = call(eager_bufs)
+        graph.replay()
+        torch.cuda.synchronize()
+        for n, t in bufs.items():
+            assert same_bits(t, eager_bufs[n]), f"{n}: graph replay {i + 1} differs from the eager call"
+        if isinstance(captured, torch.Tensor):
+            assert same_bits(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
+
+
+def stub_kernel_lookups(monkeypatch, facts):
+    """A CPU run of the API up to its kernel lookup: the device check passes, the device has
+    `facts`, nothing is remembered, and the compile cache records the specs it is asked for (the
+    returned list) and hands back a function that does nothing."""
+    from flashgdn import api
+    from flashgdn import validation as val
+
+    looked_up = []
+
+    def get(spec):
+        looked_up.append(spec)
+        return lambda *args: None
+
+    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
+    monkeypatch.setattr(api, "facts_of", lambda device: facts)
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api.kernel_cache, "get", get)
+    return looked_up

@@ -16,12 +16,11 @@ from flashgdn.bench import cli, plot
 from flashgdn.bench import rows as rows_module
 from flashgdn.bench.metrics import gdn_bytes, gdn_flops
 from flashgdn.bench.resources import dynamic_smem_bytes
-from flashgdn import api
-from flashgdn import validation as val
 from flashgdn.bench.rows import (
     BASELINES, FLASHGDN, REFERENCE, Impl, Row, Unavailable, call_api, make_inputs, row_spec, state_rows, verify,
 )
 from flashgdn.device import DeviceFacts
+from helpers import stub_kernel_lookups
 
 
 # ----------------------------------------------------------------------------- flags
@@ -530,16 +529,7 @@ def test_row_spec_is_what_the_api_looks_up(row, monkeypatch):
     """The spec --compile-only builds for a row is the one flashgdn's API looks up for the row's
     call (CPU tensors; the device check, the device facts and the kernel cache stubbed)."""
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
-    looked_up = []
-
-    def get(spec):
-        looked_up.append(spec)
-        return lambda *args: None
-
-    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
-    monkeypatch.setattr(api, "facts_of", lambda device: facts)
-    monkeypatch.setattr(api, "_VALIDATED", {})
-    monkeypatch.setattr(api.kernel_cache, "get", get)
+    looked_up = stub_kernel_lookups(monkeypatch, facts)
     inp = make_inputs(row, "cpu", seed=0)
     FLASHGDN.prepare(row, inp)[0]()
     assert looked_up == [row_spec(row, *facts)]

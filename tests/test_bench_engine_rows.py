@@ -11,15 +11,15 @@ import types
 import pytest
 import torch
 
-from flashgdn import api, engines, fused_step
+from flashgdn import engines, fused_step
 from flashgdn import reference as ref
-from flashgdn import validation as val
 from flashgdn.bench import cli, engine_rows
 from flashgdn.bench.metrics import fused_step_bytes, gdn_bytes
 from flashgdn.bench.rows import (
     BASELINES, FLASHGDN, REFERENCE, Impl, Row, Unavailable, decode_twin, make_inputs, row_specs, verify,
 )
 from flashgdn.device import DeviceFacts
+from helpers import stub_kernel_lookups
 
 FLA, FLASHINFER, COMPOSED = BASELINES
 
@@ -173,21 +173,12 @@ def test_row_specs_are_what_flashgdn_looks_up(r, monkeypatch):
     """The variants --compile-only builds for an engine row are those flashgdn's call looks up, in
     launch order (CPU tensors; the device check, facts, workspace stream and kernel cache stubbed)."""
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
-    looked_up = []
-
-    def get(spec):
-        looked_up.append(spec)
-        return lambda *args: None
-
-    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
-    monkeypatch.setattr(api, "facts_of", lambda device: facts)
+    looked_up = stub_kernel_lookups(monkeypatch, facts)
     monkeypatch.setattr(fused_step, "facts_of", lambda device: facts)
-    monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(engines, "_CHECKED", {})
     monkeypatch.setattr(fused_step, "_VALIDATED", {})
     monkeypatch.setattr(fused_step, "_WORKSPACES", {})
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(api.kernel_cache, "get", get)
     FLASHGDN.prepare(r, make_inputs(r, "cpu", seed=0))[0]()
     assert looked_up == list(row_specs(r, *facts))
 

@@ -30,7 +30,7 @@ import torch
 
 from flashgdn import engines
 from flashgdn import reference as ref
-from helpers import BF16, F32, assert_close_output, assert_close_state
+from helpers import BF16, F32, assert_close_output, assert_close_state, graph_replay_equals_eager
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -240,31 +240,6 @@ def test_sigmoid_gating_update_matches_the_contract(case):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-
-
-def _same(x, y):
-    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(torch.nan_to_num(x), torch.nan_to_num(y))
-
-
-def graph_replay_equals_eager(call, static, fresh, bufs):
-    """Capture call(bufs) once (after an eager call of the same signature, which compiles), then
-    twice: copy fresh(i) into the static tensors, run call eagerly on copies of bufs, replay, and
-    compare bits: the buffers and the returned output."""
-    call({n: t.clone() for n, t in bufs.items()})
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call(bufs)
-    for i in range(2):
-        for s, f in zip(static, fresh(i)):
-            s.copy_(f)
-        eager_bufs = {n: t.clone() for n, t in bufs.items()}
-        eager_out = call(eager_bufs)
-        graph.replay()
-        torch.cuda.synchronize()
-        for n, t in bufs.items():
-            assert _same(t, eager_bufs[n]), f"{n}: graph replay {i + 1} differs from the eager call"
-        assert _same(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
 
 
 @pytest.mark.parametrize("variant", list(PACKED_FNS))

@@ -18,7 +18,8 @@ import torch
 import flashgdn
 from flashgdn import api as fg_api
 from flashgdn import reference as ref
-from helpers import assert_close_output, assert_close_state, make_inputs, make_state
+from helpers import (assert_close_output, assert_close_state, graph_replay_equals_eager, make_inputs, make_state,
+                     same_bits)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -26,7 +27,6 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 NAN = float("nan")
 SENTINEL = -7.5  # exact in bf16, fp16 and fp32; far from any output
 DT_NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16"}
-BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16, F64: torch.int64}
 SMALL = dict(B=4, H=2, HV=4)  # "small" regime (B * HV well below 2 per SM)
 LARGE = dict(B=72, H=4, HV=8)  # "large" regime
 
@@ -49,11 +49,6 @@ def _id(case):
 def _params(cases):
     """pytest params of the case dicts, each with its own seed (reproducible inputs)."""
     return [pytest.param({**c, "seed": 1000 * (n + 1)}, id=_id(c)) for n, c in enumerate(cases)]
-
-
-def _same(a, b):
-    """Bit for bit equal (NaNs included)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
 def _perm(n, seed):
@@ -116,13 +111,13 @@ def _check_out(o, o_ref, run, pad, before, zero_pad):
     if zero_pad:
         assert (o[pad] == 0).all(), "a padding row's output must be zero (T == 1)"
     else:
-        assert _same(o[pad], before[pad]), "a padding row's output must be left as it is (T > 1)"
+        assert same_bits(o[pad], before[pad]), "a padding row's output must be left as it is (T > 1)"
 
 
 def _check_pool(pool, before, ref_pool, written):
     """Written slots match the reference; every other slot is bit for bit as before."""
     assert_close_state(pool[written], ref_pool[written])
-    assert _same(pool[~written], before[~written]), "pool slots that must stay untouched changed"
+    assert same_bits(pool[~written], before[~written]), "pool slots that must stay untouched changed"
 
 
 def _written(P, slots):
@@ -156,7 +151,7 @@ def _case_pretranspose_mtp(B, H, HV, T, sdt, pool, inter, update, pad=False, out
     if inter:
         for t in range(T):
             assert_close_state(ibuf[run, t], ref_ibuf[run, t], f"intermediate state after token {t + 1}")
-        assert _same(ibuf[~run], _poison(ibuf[~run].shape, sdt)), "a padding row's intermediates were written"
+        assert same_bits(ibuf[~run], _poison(ibuf[~run].shape, sdt)), "a padding row's intermediates were written"
 
 
 PRETRANSPOSE_MTP = _params([
@@ -300,13 +295,13 @@ def _case_padded(api, sdt, style, B, H, HV, K=128, inter=False, seed=0):
     _check_pool(packed, before, ref_state, run.clone() if idx is None else _written(n, idx[run]))
     o_v, st = _call(flashgdn, api, inputs, view, idx, out_v, ibuf_v)
     assert o_v is out_v and st is view
-    assert _same(out_v, out_p), "output differs from the call on a packed copy"
-    assert _same(view.contiguous(), packed), "state differs from the call on a packed copy"
+    assert same_bits(out_v, out_p), "output differs from the call on a packed copy"
+    assert same_bits(view.contiguous(), packed), "state differs from the call on a packed copy"
     if inter:
-        assert _same(ibuf_v, ibuf_p), "intermediate states differ from the call on a packed copy"
+        assert same_bits(ibuf_v, ibuf_p), "intermediate states differ from the call on a packed copy"
     outside = torch.ones(big.shape, dtype=torch.bool, device=DEV)
     view_of(outside).fill_(False)
-    assert _same(big[outside], big_before[outside]), "the padding of the state allocation was written"
+    assert same_bits(big[outside], big_before[outside]), "the padding of the state allocation was written"
 
 
 PADDED = _params([
@@ -347,7 +342,7 @@ def _case_big_buffer(api, B, H, HV, T, sdt, update=True, K=128, seed=0):
     written[:B, :T] = run[:, None]
     assert_close_state(ibuf[written], ref_ibuf[written], "intermediate states")
     rest = ibuf[~written]
-    assert _same(rest, _poison(rest.shape, sdt)), "buffer entries beyond [B, T] or of padding rows written"
+    assert same_bits(rest, _poison(rest.shape, sdt)), "buffer entries beyond [B, T] or of padding rows written"
 
 
 BIG_BUFFER = _params([
@@ -414,25 +409,6 @@ def test_output_dtype_differs_from_inputs(case):
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
-def _graph_replay_equals_eager(static, fresh, bufs, call):
-    """Capture call(bufs) once (after an eager warm-up of the same signature), then twice: copy
-    fresh(i) into the static tensors, run call eagerly on clones of bufs, replay, compare bits."""
-    call({n: t.clone() for n, t in bufs.items()})
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call(bufs)
-    for i in range(2):
-        for s, f in zip(static, fresh(i)):
-            s.copy_(f)
-        eager = {n: t.clone() for n, t in bufs.items()}
-        call(eager)
-        graph.replay()
-        torch.cuda.synchronize()
-        for n, t in bufs.items():
-            assert _same(t, eager[n]), f"{n}: graph replay {i + 1} differs from the eager call"
-
-
 @pytest.mark.parametrize("case", _params([dict(**SMALL, T=4, sdt=F32, inter=True),
                                           dict(**LARGE, T=8, sdt=BF16, inter=False)]))  # tensor cores
 def test_pretranspose_multi_token_cuda_graph(case):
@@ -448,8 +424,8 @@ def test_pretranspose_multi_token_cuda_graph(case):
         return [*make_inputs(B, T, H, HV, K, K, device=DEV, seed=seed + 10 * (i + 1)),
                 _read_slots(B + 5, B, seed + 10 * (i + 1))]
 
-    _graph_replay_equals_eager(static, fresh, bufs, lambda t: _call(
-        flashgdn, "pre", static[:7], t["pool"], static[7], t["out"], t.get("ibuf")))
+    graph_replay_equals_eager(lambda t: _call(
+        flashgdn, "pre", static[:7], t["pool"], static[7], t["out"], t.get("ibuf")), static, fresh, bufs)
 
 
 @pytest.mark.parametrize("case", _params([dict(**SMALL, T=4, sdt=F32), dict(**LARGE, T=2, sdt=BF16)]))
@@ -464,5 +440,5 @@ def test_mtp_per_token_state_slots_cuda_graph(case):
         return [*make_inputs(B, T, H, HV, K, K, device=DEV, seed=seed + 10 * (i + 1)),
                 *_token_slots(B, T, seed + 10 * (i + 1))[1:]]
 
-    _graph_replay_equals_eager(static, fresh, bufs, lambda t: _call(
-        flashgdn, "mtp", static[:7], t["pool"], static[7], t["out"], tok=static[8]))
+    graph_replay_equals_eager(lambda t: _call(
+        flashgdn, "mtp", static[:7], t["pool"], static[7], t["out"], tok=static[8]), static, fresh, bufs)

@@ -18,7 +18,8 @@ from flashgdn import fused_step
 from flashgdn import reference as ref
 from flashgdn.cache import kernel_cache
 from flashgdn.spec import ConvGateSpec
-from helpers import BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, make_fused_inputs
+from helpers import (BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, graph_replay_equals_eager,
+                     make_fused_inputs)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -167,18 +168,4 @@ def test_cuda_graph_replay_equals_eager():
 
     bufs = dict(conv_state=kw["conv_state"], ssm_state=kw["ssm_state"],
                 out=torch.zeros(B, 1, HV, D, dtype=BF16, device=DEV))
-    call(clone_fused(bufs) | {"out": bufs["out"].clone()})
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call(bufs)
-    for i in range(2):
-        for s, f in zip(static, fresh(i)):
-            s.copy_(f)
-        eager = clone_fused(bufs) | {"out": bufs["out"].clone()}
-        eager_out = call(eager)
-        graph.replay()
-        torch.cuda.synchronize()
-        for n in ("conv_state", "ssm_state"):
-            assert torch.equal(bufs[n], eager[n]), f"{n}: graph replay {i + 1} differs from the eager call"
-        assert torch.equal(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
+    graph_replay_equals_eager(call, static, fresh, bufs)
