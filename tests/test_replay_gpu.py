@@ -233,8 +233,8 @@ def test_commit_out_of_range_values_leave_everything():
 
 
 def _close_after_rounds(actual, want, what):
-    """fp32: assert_close_state. bf16: the checkpoint is rounded once per round on both sides, and a
-    one-ulp difference of one round carries into the next: within 4 bf16 ulps."""
+    """fp32: assert_close_state. bf16: the checkpoint is rounded once per round on both sides:
+    within 4 bf16 ulps (the caller restarts the reference from the checkpoint every round)."""
     if actual.dtype == torch.float32:
         assert_close_state(actual, want, what)
         return
@@ -248,7 +248,8 @@ def _close_after_rounds(actual, want, what):
 def test_rounds_of_verify_and_commit_equal_token_by_token(sdt, T, B):
     """Six rounds of verify + commit on two layers (accept_lens 0..T each round, a padding row):
     every round's outputs equal the reference's from its token-by-token state, and the checkpoint
-    stays equal to that state (the accepted tokens applied one at a time, fp64)."""
+    stays equal to that state (the accepted tokens applied one at a time, fp64; for a bf16
+    checkpoint, from the kernel's checkpoint of the round before)."""
     L, H, HV, K = 2, 2, 4, 128
     P = B + 5
     ck = make_state(L * P, HV, K, K, sdt, DEV).unflatten(0, (L, P))
@@ -278,6 +279,11 @@ def test_rounds_of_verify_and_commit_equal_token_by_token(sdt, T, B):
                     b[:, t:t + 1], initial_state=state[layer], initial_state_indices=rows, compute_dtype=F64)
         state = state.to(sdt).double()  # the checkpoint's dtype, once per commit
         _close_after_rounds(ck[:, ~untouched], state[:, ~untouched], f"round {rnd} checkpoint")
+        if sdt == torch.bfloat16:
+            # A value on a bf16 rounding boundary may round either way in the kernel (fp32) and the
+            # fp64 reference; the next rounds' updates can grow that ulp past 4 (one element in 9
+            # million after round 3 or 4 on the H200), so every round starts both from the checkpoint.
+            state = ck.double().clone()
     assert torch.equal(bits(ck[:, untouched]), bits(before[:, untouched]))
 
 
