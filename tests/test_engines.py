@@ -2,7 +2,7 @@
 each entry point (every bad argument raises an error naming it, before flashgdn's device check,
 and writes nothing; valid CPU arguments reach exactly that device check), the views handed to
 flashgdn (no copies), the memo of checked call signatures, and examples/engine_decode_loop.py on
-the CPU.
+the CPU. SGLang's decode has its own file (test_engines_sglang.py).
 """
 from __future__ import annotations
 
@@ -405,12 +405,12 @@ def test_sigmoid_one_token_views_have_packed_size_one_strides(monkeypatch, varle
     kw.update(q=lead(mixed[:, :H * K].unflatten(1, (H, K))), k=lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K))),
               v=lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V))))
     kw["initial_state_indices"] = torch.tensor([[4, 9]], dtype=torch.int32)[:, 0]
-    SIGMOID_FN(**kw)
+    engines.fused_sigmoid_gating_delta_rule_update(**kw)
     for name in ("q", "k", "v", "a", "b", "output", "initial_state_indices"):
         assert _size_one_strides_packed(calls[0][name]), (name, calls[0][name].stride())
     assert calls[0]["initial_state_indices"].data_ptr() == kw["initial_state_indices"].data_ptr()
     monkeypatch.undo()
-    expect_only_device_error(SIGMOID_FN, kw)
+    expect_only_device_error(engines.fused_sigmoid_gating_delta_rule_update, kw)
 
 
 def test_packed_positional_call(monkeypatch):
@@ -422,170 +422,6 @@ def test_packed_positional_call(monkeypatch):
     assert len(calls) == 2
     for name in ("q", "k", "v", "output", "initial_state", "initial_state_indices"):
         assert calls[0][name].data_ptr() == calls[1][name].data_ptr()
-
-
-# ----------------------------------------------------------------------------- SGLang's decode
-
-
-SIGMOID_FN = engines.fused_sigmoid_gating_delta_rule_update
-
-
-@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
-@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
-@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
-def test_sigmoid_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt):
-    expect_only_device_error(SIGMOID_FN, sigmoid_kwargs(varlen=varlen, gates_3d=gates_3d, sdt=sdt))
-
-
-@pytest.mark.parametrize("extra", [
-    dict(cache_steps=4), dict(num_warps=4), dict(scale=0.05), dict(use_qk_l2norm_in_kernel=False),
-    dict(softplus_beta=2, softplus_threshold=-5.0), dict(is_kda=False, disable_state_update=False, cache_ring=False),
-], ids=["cache_steps", "num_warps", "scale", "no-l2norm", "softplus", "flags-off"])
-def test_sigmoid_accepted_arguments(extra):
-    """cache_steps (unused upstream too) and num_warps (a Triton launch setting) are accepted."""
-    expect_only_device_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra})
-
-
-def test_sigmoid_int64_cu_seqlens_and_indices():
-    kw = sigmoid_kwargs()
-    kw["cu_seqlens"] = kw["cu_seqlens"].long()
-    kw["initial_state_indices"] = kw["initial_state_indices"].long()
-    expect_only_device_error(SIGMOID_FN, kw)
-
-
-SIGMOID_NOT_IMPLEMENTED = {
-    "no-state": (dict(initial_state_source=None), r"initial_state_source=None"),
-    "kda": (dict(is_kda=True), r"is_kda=True"),
-    "lower-bound": (dict(lower_bound=-5.0), r"lower_bound"),
-    "no-state-update": (dict(disable_state_update=True), r"disable_state_update=True"),
-    "intermediate": (dict(intermediate_states_buffer=torch.zeros(N, 2, HV, V, K)), r"intermediate_states_buffer"),
-    "intermediate-indices": (dict(intermediate_state_indices=torch.arange(N)), r"intermediate_state_indices"),
-    "tree": (dict(retrieve_parent_token=torch.zeros(N, 2, dtype=torch.int64)), r"retrieve_parent_token"),
-    "ring": (dict(cache_ring=True), r"cache_ring"),
-    "ring-buffer": (dict(replayssm_g=torch.zeros(P, HV, 4)), r"replayssm_"),
-    "varlen-long": (dict(cu_seqlens=torch.tensor([0, 2, 3, 4], dtype=torch.int32)),
-                    r"varlen batch of 4 tokens in 3 sequences"),
-    "varlen-empty-seqs": (dict(cu_seqlens=torch.tensor([0, 1, 1, 2, 3, 4], dtype=torch.int32)),
-                          r"varlen batch of 4 tokens in 5 sequences"),
-}
-
-
-@pytest.mark.parametrize("case", list(SIGMOID_NOT_IMPLEMENTED))
-def test_sigmoid_unsupported_mode(case):
-    extra, match = SIGMOID_NOT_IMPLEMENTED[case]
-    expect_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra}, NotImplementedError, match)
-
-
-def test_sigmoid_several_tokens_without_cu_seqlens():
-    kw = sigmoid_kwargs(varlen=False)
-    for n in ("q", "k", "v"):
-        kw[n] = kw[n].expand(-1, 2, -1, -1)
-    kw["a"], kw["b"] = kw["a"].unsqueeze(1).expand(-1, 2, -1), kw["b"].unsqueeze(1).expand(-1, 2, -1)
-    expect_error(SIGMOID_FN, kw, NotImplementedError, r"q.shape\[1\] = 2 tokens per sequence without cu_seqlens")
-
-
-def _q_views(kw, f):
-    kw.update(q=f(kw["q"]), k=f(kw["k"]), v=f(kw["v"]))
-
-
-SIGMOID_BAD = {
-    "q-3d": (lambda kw: kw.update(q=kw["q"][0]), ValueError, r"^q must have shape \[\*, \*, \*, \*\]"),
-    "q-fp32": (lambda kw: kw.update(q=kw["q"].float()), TypeError, r"^q must have dtype bfloat16 or float16"),
-    "k-shape": (lambda kw: kw.update(k=kw["k"][..., :32]), ValueError, r"^k must have shape \[1, 4, 2, 64\]"),
-    "v-tokens": (lambda kw: kw.update(v=kw["v"][:, :N - 1]), ValueError, r"^v must have shape \[1, 4, \*, \*\]"),
-    "varlen-batch": (lambda kw: _q_views(kw, lambda t: t.expand(2, -1, -1, -1)), ValueError,
-                     r"^with cu_seqlens, q must have shape \[1, N, H, K\]"),
-    "cu-list": (lambda kw: kw.update(cu_seqlens=list(range(N + 1))), TypeError,
-                r"^cu_seqlens must be a torch.Tensor or None, got list"),
-    "cu-float": (lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"].float()), TypeError,
-                 r"^cu_seqlens must have dtype int32 or int64"),
-    "cu-2d": (lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"][None]), ValueError,
-              r"^cu_seqlens must have shape \[\*\]"),
-    "cu-empty": (lambda kw: kw.update(cu_seqlens=torch.zeros(0, dtype=torch.int32)), ValueError,
-                 r"^cu_seqlens must have shape \[sequences \+ 1\]"),
-    "a-shape": (lambda kw: kw.update(a=kw["a"][:, :HV - 1]), ValueError,
-                r"^a must have shape \[4, 4\] or \[1, 4, 4\] \(per token and value head\), got \[4, 3\]"),
-    "b-rows": (lambda kw: kw.update(b=kw["b"][:N - 1]), ValueError, r"^b must have shape \[4, 4\] or \[1, 4, 4\]"),
-    "a-not-tensor": (lambda kw: kw.update(a=None), TypeError, r"^a must be a torch.Tensor, got NoneType"),
-    "a-dtype": (lambda kw: kw.update(a=kw["a"].half()), TypeError, r"^a must have dtype bfloat16 or float32"),
-    "a-last-dim": (lambda kw: kw.update(a=_strided_last_dim(kw["a"])), ValueError,
-                   r"^a must have its last dim contiguous"),
-    "q-row-stride": (lambda kw: _q_views(kw, lambda t: torch.zeros(1, N, H * K + 3, dtype=BF16)[..., :H * K]
-                                          .unflatten(-1, (H, K)) if t.shape[-1] == K and t.shape[-2] == H
-                                          else t), ValueError, r"^q stride \d+ at dim 0 must be a multiple of 8"),
-    "head-dim": (lambda kw: _q_views(kw, lambda t: t[..., :48] if t.shape[-1] == K else t), ValueError,
-                 r"^q.shape\[3\] \(K\) must be one of"),
-    "state-fp16": (lambda kw: kw.update(initial_state_source=kw["initial_state_source"].half()), TypeError,
-                   r"^initial_state_source must have dtype float32 or bfloat16"),
-    "state-k-major": (lambda kw: kw.update(initial_state_source=_kmajor(kw["initial_state_source"])), ValueError,
-                      r"^initial_state_source must have shape \[\*, 4, 128, 64\], got \[7, 4, 64, 128\]"),
-    "state-heads": (lambda kw: kw.update(initial_state_source=torch.zeros(P, HV + 1, V, K)), ValueError,
-                    r"^initial_state_source must have shape \[\*, 4, 128, 64\]"),
-    "state-no-slots": (lambda kw: kw.update(initial_state_source=torch.zeros(0, HV, V, K)), ValueError,
-                       r"^initial_state_source has no slots"),
-    "state-overlap": (lambda kw: kw.update(initial_state_source=kw["initial_state_source"][:1].expand(P, -1, -1, -1)),
-                      ValueError, r"^initial_state_source must not overlap itself"),
-    "scale-negative": (lambda kw: kw.update(scale=-0.1), ValueError, r"^scale must be positive, got -0.1"),
-    "scale-zero": (lambda kw: kw.update(scale=0), ValueError, r"^scale must be positive, got 0"),
-    "scale-str": (lambda kw: kw.update(scale="x"), TypeError, r"^scale must be a float or None"),
-    # flashgdn's own checks, under the same names
-    "indices-shape": (lambda kw: kw.update(initial_state_indices=torch.zeros(N + 1, dtype=torch.int32)), ValueError,
-                      r"^initial_state_indices must have shape \[4\]"),
-    "indices-dtype": (lambda kw: kw.update(initial_state_indices=kw["initial_state_indices"].float()), TypeError,
-                      r"^initial_state_indices must have dtype int32 or int64"),
-    "softplus-beta": (lambda kw: kw.update(softplus_beta=0.0), ValueError, r"^softplus_beta must be > 0"),
-    "A_log-shape": (lambda kw: kw.update(A_log=kw["A_log"][:2]), ValueError, r"^A_log must have shape \[4\]"),
-}
-
-
-@pytest.mark.parametrize("case", list(SIGMOID_BAD))
-def test_sigmoid_bad_argument(case):
-    change, exc, match = SIGMOID_BAD[case]
-    kw = sigmoid_kwargs()
-    change(kw)
-    expect_error(SIGMOID_FN, kw, exc, match)
-
-
-def test_sigmoid_bad_gate_shape_without_cu_seqlens():
-    kw = sigmoid_kwargs(varlen=False)
-    kw["a"] = kw["a"].unsqueeze(0)  # the varlen layout, in a batched call
-    expect_error(SIGMOID_FN, kw, ValueError, r"^a must have shape \[4, 4\] or \[4, 1, 4\]")
-
-
-@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
-@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
-def test_sigmoid_hands_views_to_flashgdn(monkeypatch, varlen, gates_3d):
-    calls = _capture(monkeypatch)
-    kw = sigmoid_kwargs(varlen=varlen, gates_3d=gates_3d)
-    kw.update(scale=0.1, softplus_beta=2.0, softplus_threshold=15.0)
-    o = SIGMOID_FN(**kw)
-    assert tuple(o.shape) == (*kw["q"].shape[:2], HV, V) and o.dtype == kw["q"].dtype
-    got = calls[0]
-    for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
-        t = got[name]
-        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr(), f"{name} was copied"
-        assert tuple(t.shape) == (N, 1, heads, size)
-        assert torch.equal(t[:, 0], kw[name][0] if varlen else kw[name][:, 0])
-    for name in ("a", "b"):
-        t = got[name]
-        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr()
-        assert tuple(t.shape) == (N, 1, HV) and torch.equal(t[:, 0], kw[name].reshape(N, HV))
-    out = got["output"]
-    assert _shares_storage(out, o) and tuple(out.shape) == (N, 1, HV, V)
-    assert got["initial_state"] is kw["initial_state_source"] and got["state"] is None
-    assert got["initial_state_indices"] is kw["initial_state_indices"]
-    assert got["scale"] == 0.1 and got["use_qk_l2norm"] is True
-    assert got["softplus_beta"] == 2.0 and got["softplus_threshold"] == 15.0
-
-
-def test_sigmoid_checks_cu_seqlens_values_when_asked(monkeypatch):
-    """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads cu_seqlens back: not arange(N + 1) raises."""
-    _capture(monkeypatch)
-    monkeypatch.setattr(api, "CHECK_INDICES", True)
-    kw = sigmoid_kwargs()
-    SIGMOID_FN(**kw)
-    kw["cu_seqlens"] = torch.tensor([0, 1, 3, 3, 4], dtype=torch.int32)
-    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(N \+ 1\)")
 
 
 # ----------------------------------------------------------------------------- memo of checked signatures
