@@ -17,6 +17,8 @@ returns nothing, as FlashInfer's does); the index tensors, accepted_tokens, the 
 and the inputs are only read.
 gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
 above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
+vLLM's fused_recurrent_gated_delta_rule (flashgdn.engines) has an op too: it mutates the pool
+initial_state and `o`, which the function allocates (as its eager path does) and returns.
 
 The real implementations are the api's eager bodies, so launching happens in one place; the fake
 implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
@@ -29,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api, fused_step
+from . import api, fused_step, recurrent
 from . import validation as val
 
 
@@ -143,3 +145,19 @@ def _(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log,
       state_indices, use_qk_l2norm, out):
     fused_step._check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                       ssm_state, state_indices, out)
+
+
+@torch.library.custom_op("flashgdn::fused_recurrent_gated_delta_rule", mutates_args=("initial_state", "o"))
+def fused_recurrent_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: Optional[float], initial_state: Tensor,
+    cu_seqlens: Optional[Tensor], ssm_state_indices: Tensor, num_accepted_tokens: Optional[Tensor],
+    use_qk_l2norm_in_kernel: bool, o: Tensor,
+) -> None:
+    recurrent._recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                         use_qk_l2norm_in_kernel, o)
+
+
+@fused_recurrent_op.register_fake
+def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+      use_qk_l2norm_in_kernel, o):
+    recurrent._check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens)

@@ -158,15 +158,32 @@ def fused_recurrent_gated_delta_rule(
     scale None means K ** -0.5; beta None means ones.
 
     Returns (o [B, T, HV, V] of q's dtype, initial_state).
+
+    While torch.compile or torch.export traces, the call is the custom op
+    flashgdn::fused_recurrent_gated_delta_rule (flashgdn.ops), with `o` allocated here.
     """
     _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v)
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
+    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    if api._is_compiling():  # traced: one custom op (flashgdn.api's module docstring)
+        torch.ops.flashgdn.fused_recurrent_gated_delta_rule(
+            q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+            use_qk_l2norm_in_kernel, o)
+    else:
+        _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                   use_qk_l2norm_in_kernel, o)
+    return o, initial_state
+
+
+def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+               use_qk_l2norm_in_kernel, o) -> None:
+    """The eager body of fused_recurrent_gated_delta_rule (and the op's implementation): checks,
+    then one launch writing `o` and the pool."""
     plan = api._validated(_check, q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices,
                           num_accepted_tokens, options=(use_qk_l2norm_in_kernel,))
-    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run
-        return o, initial_state
+        return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
@@ -174,4 +191,3 @@ def fused_recurrent_gated_delta_rule(
     args = KernelArgs(q, k, v, g, beta, None, None, initial_state, accepted_tokens=num_accepted_tokens,
                       output=o, token_state_indices=slots, cu_seqlens=cu_seqlens)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
-    return o, initial_state
