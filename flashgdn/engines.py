@@ -275,20 +275,13 @@ def _check_sigmoid(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, c
 def _row_geometry(t: torch.Tensor, varlen: bool):
     """(shape, strides) of the view [N, 1, ...] of a decode tensor in SGLang's layout ([1, N, ...]
     with cu_seqlens, [N, 1, ...] without; a 2-D gate [N, HV] gets the token dim). Each size-1 dim
-    gets the packed stride of the dims inside it: the compiled kernel declares q/k/v strides
-    multiples of 16 bytes, a size-1 dim's stride is never stepped (validation skips it), and the
-    caller's can be anything."""
+    gets the packed stride of the dims inside it (validation.unit_dims_packed)."""
     if t.dim() == 2:
-        shape, stride = [t.shape[0], 1, t.shape[1]], [t.stride(0), 0, t.stride(1)]
+        shape, stride = (t.shape[0], 1, t.shape[1]), (t.stride(0), 0, t.stride(1))
     else:
         d = 1 if varlen else 0
-        shape, stride = [t.shape[d], 1, *t.shape[2:]], [t.stride(d), 0, *t.stride()[2:]]
-    inner = 1
-    for i in range(len(shape) - 1, -1, -1):
-        if shape[i] == 1:
-            stride[i] = inner
-        inner *= shape[i]
-    return tuple(shape), tuple(stride)
+        shape, stride = (t.shape[d], 1, *t.shape[2:]), (t.stride(d), 0, *t.stride()[2:])
+    return shape, val.unit_dims_packed(shape, stride)
 
 
 @logged

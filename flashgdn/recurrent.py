@@ -29,15 +29,10 @@ NAME = "fused_recurrent_gated_delta_rule"
 
 
 def packed_unit_strides(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a view of it whose size-1 dims have the packed stride of the dims inside them: the
-    compiled kernel declares q/k/v strides multiples of 16 bytes, a size-1 dim's stride is never
-    stepped (validation skips it), and the caller's can be anything."""
-    stride, inner, changed = list(t.stride()), 1, False
-    for d in range(t.dim() - 1, -1, -1):
-        if t.shape[d] == 1 and stride[d] != inner:
-            stride[d], changed = inner, True
-        inner *= t.shape[d]
-    return t.as_strided(t.shape, stride, t.storage_offset()) if changed else t
+    """`t`, or a view of it whose size-1 dims have the packed stride of the dims inside them
+    (validation.unit_dims_packed)."""
+    stride = val.unit_dims_packed(t.shape, t.stride())
+    return t if stride == t.stride() else t.as_strided(t.shape, stride, t.storage_offset())
 
 
 def _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v) -> None:

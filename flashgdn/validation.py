@@ -141,6 +141,18 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     return Problem(B, T, H, HV, K, V)
 
 
+def unit_dims_packed(shape: Sequence[int], stride: Sequence[int]) -> tuple:
+    """`stride` with each size-1 dim given the packed stride of the dims inside it. A size-1 dim's
+    stride is never stepped (validation skips it) and the caller's can be anything, but the
+    compiled kernels declare q/k/v strides multiples of 16 bytes: the packed one is such a multiple."""
+    stride, inner = list(stride), 1
+    for d in range(len(shape) - 1, -1, -1):
+        if shape[d] == 1:
+            stride[d] = inner
+        inner *= shape[d]
+    return tuple(stride)
+
+
 def packed(t, inner: int) -> bool:
     """Whether the last `inner` dims of `t` are packed row-major (size-1 dims aside)."""
     return _unpacked_dim(t, inner) is None
