@@ -2,6 +2,11 @@
 the validation tests' valid arguments and failure checks."""
 from __future__ import annotations
 
+import functools
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -262,3 +267,20 @@ def stub_kernel_lookups(monkeypatch, facts):
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.kernel_cache, "get", get)
     return looked_up
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+@functools.lru_cache(maxsize=None)
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python examples/<name> --seed 0 <args>` as a newcomer runs it, once per test session and
+    arguments (on a GPU it compiles kernels), shared by the tests that read its output."""
+    return subprocess.run([sys.executable, str(EXAMPLES / name), "--seed", "0", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def supported_gpu() -> bool:
+    from flashgdn.device import unavailable_reason
+
+    return unavailable_reason() is None

@@ -6,18 +6,14 @@ the CPU. SGLang's decode has its own file (test_engines_sglang.py).
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from flashgdn import api, engines
 
-from helpers import BF16, F32, make_state
+from helpers import BF16, F32, make_state, run_example, supported_gpu
 
 EMPTY = inspect.Parameter.empty
 F16 = torch.float16
@@ -450,22 +446,8 @@ def test_checks_run_once_per_call_signature(monkeypatch):
 
 # ----------------------------------------------------------------------------- the example
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "engine_decode_loop.py"
-
-
-@functools.lru_cache(maxsize=None)
-def run_example() -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLE), "--seed", "0"], capture_output=True, text=True, timeout=600)
-
-
-def supported_gpu() -> bool:
-    from flashgdn.device import unavailable_reason
-
-    return unavailable_reason() is None
-
-
 def test_engine_decode_loop_example_runs():
-    proc = run_example()
+    proc = run_example("engine_decode_loop.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if not supported_gpu():
         assert "No supported GPU" in proc.stdout, proc.stdout

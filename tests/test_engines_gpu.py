@@ -21,16 +21,13 @@ replay equal to the eager call; examples/engine_decode_loop.py on the GPU.
 """
 from __future__ import annotations
 
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from flashgdn import engines
 from flashgdn import reference as ref
-from helpers import BF16, F32, assert_close_output, assert_close_state, graph_replay_equals_eager
+from helpers import BF16, F32, assert_close_output, assert_close_state, graph_replay_equals_eager, run_example
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -242,24 +239,36 @@ def test_sigmoid_gating_update_matches_the_contract(case):
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
+# The decode step of the graph tests: N rows of a packed projection (q | k | v, then b | a) in
+# static buffers wider than they are read, over a padded pool of P slots.
+N, H, HV, K, V = 9, 2, 8, 128, 128
+P = 2 * N + 3
+width = 2 * H * K + HV * V
+
+
+def _graph_static_inputs(variant, seed):
+    """The static buffers a captured decode step reads ([mixed_qkv rows, b | a rows, slot indices],
+    filled with fresh(-1)) and fresh(i): new values for replay i (new slots, padding rows among them,
+    under `variant`'s padding rule)."""
+    static = [torch.zeros(N, width + 24, dtype=BF16, device=DEV), torch.zeros(N, 2 * HV + 8, dtype=BF16, device=DEV),
+              torch.zeros(N, dtype=torch.int32, device=DEV)]
+
+    def fresh(i):
+        gen = _gen(seed + i)
+        return [_randn(gen, N, width + 24), _randn(gen, N, 2 * HV + 8), slots(variant, N, P, seed + 100 + i).to(DEV)]
+
+    for s, f in zip(static, fresh(-1)):
+        s.copy_(f)
+    return static, fresh
+
+
 @pytest.mark.parametrize("variant", list(PACKED_FNS))
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
 def test_packed_decode_cuda_graph_replay_equals_eager(variant, sdt):
     """New inputs and new slots (padding rows included) per replay, as an engine's decode step."""
-    N, H, HV, K, V = 9, 2, 8, 128, 128
-    P = 2 * N + 3
-    width = 2 * H * K + HV * V
-    mixed_buf = torch.zeros(N, width + 24, dtype=BF16, device=DEV)
-    ab_buf = torch.zeros(N, 2 * HV + 8, dtype=BF16, device=DEV)
-    idx = torch.zeros(N, dtype=torch.int32, device=DEV)
+    static, fresh = _graph_static_inputs(variant, seed=100)
+    mixed_buf, ab_buf, idx = static
     _, _, _, A_log, dt_bias = packed_inputs(N, H, HV, K, V, BF16, True, 1)
-
-    def fresh(i):
-        gen = _gen(100 + i)
-        return [_randn(gen, N, width + 24), _randn(gen, N, 2 * HV + 8), slots(variant, N, P, 200 + i).to(DEV)]
-
-    for s, f in zip((mixed_buf, ab_buf, idx), fresh(-1)):
-        s.copy_(f)
     pool, _ = padded_pool(P, HV, V, K, sdt, 16, 5)
     bufs = dict(pool=pool, out=torch.zeros(N, 1, HV, V, dtype=BF16, device=DEV))
 
@@ -273,12 +282,8 @@ def test_packed_decode_cuda_graph_replay_equals_eager(variant, sdt):
 
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
 def test_sigmoid_gating_update_cuda_graph_replay_equals_eager(varlen):
-    N, H, HV, K, V = 9, 2, 8, 128, 128
-    P = 2 * N + 3
-    width = 2 * H * K + HV * V
-    mixed_buf = torch.zeros(N, width + 24, dtype=BF16, device=DEV)
-    ab_buf = torch.zeros(N, 2 * HV + 8, dtype=BF16, device=DEV)
-    idx = torch.zeros(N, dtype=torch.int32, device=DEV)
+    static, fresh = _graph_static_inputs("sglang", seed=300)
+    mixed_buf, ab_buf, idx = static
     cu = torch.arange(N + 1, dtype=torch.int32, device=DEV) if varlen else None
     _, _, _, A_log, dt_bias = packed_inputs(N, H, HV, K, V, BF16, True, 2)
     lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
@@ -286,13 +291,6 @@ def test_sigmoid_gating_update_cuda_graph_replay_equals_eager(varlen):
     q = lead(mixed[:, :H * K].unflatten(1, (H, K)))
     k = lead(mixed[:, H * K:2 * H * K].unflatten(1, (H, K)))
     v = lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V)))
-
-    def fresh(i):
-        gen = _gen(300 + i)
-        return [_randn(gen, N, width + 24), _randn(gen, N, 2 * HV + 8), slots("sglang", N, P, 400 + i).to(DEV)]
-
-    for s, f in zip((mixed_buf, ab_buf, idx), fresh(-1)):
-        s.copy_(f)
     pool, _ = padded_pool(P, HV, V, K, BF16, 16, 6)
 
     def call(t):
@@ -305,13 +303,9 @@ def test_sigmoid_gating_update_cuda_graph_replay_equals_eager(varlen):
 
 # ----------------------------------------------------------------------------- the example
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "engine_decode_loop.py"
-
-
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_engine_decode_loop_example_on_the_gpu(engine):
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--seed", "0", "--engine", engine],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_example("engine_decode_loop.py", "--engine", engine)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert not any(line.startswith("FAIL") for line in lines), proc.stdout
