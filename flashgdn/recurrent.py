@@ -22,7 +22,7 @@ import torch
 from . import api
 from . import validation as val
 from .logging_utils import logged
-from .spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS, KernelArgs
+from .spec import MAX_TOKENS, KernelArgs
 
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "fused_recurrent_gated_delta_rule"
@@ -59,11 +59,7 @@ def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices
     val.check_tensor("v", v, (q.dtype,), (q.shape[0], q.shape[1], None, None))
     rows, H, K = q.shape[1], q.shape[2], q.shape[3]
     HV, V = v.shape[2], v.shape[3]
-    if H < 1 or HV < 1 or HV % H:
-        raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
-    for what, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
-        if d not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"{what} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    val.check_heads(H, HV, K, V)
     val.check_tensor("g", g, GATE_DTYPES, (q.shape[0], rows, HV))
     val.check_tensor("beta", beta, GATE_DTYPES, (q.shape[0], rows, HV))
     for name, t in (("q", q), ("k", k), ("v", v)):

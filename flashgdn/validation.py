@@ -116,6 +116,15 @@ def check_devices(named: dict) -> torch.device:
     return device
 
 
+def check_heads(H: int, HV: int, K: int, V: int) -> None:
+    """The heads and head sizes that q [.., H, K] and v [.., HV, V] carry."""
+    if H < 1 or HV < 1 or HV % H:
+        raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
+    for nm, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{nm} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+
+
 def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     """q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]."""
     check_tensor("q", q, IO_DTYPES, (None,) * 4)
@@ -125,11 +134,7 @@ def check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens: int) -> Problem:
     HV, V = v.shape[2], v.shape[3]
     if not 1 <= T <= max_tokens:
         raise ValueError(f"q.shape[1] (tokens per sequence T) must be in [1, {max_tokens}] here, got {T}")
-    if H < 1 or HV < 1 or HV % H:
-        raise ValueError(f"v.shape[2] (HV={HV}) must be a positive multiple of q.shape[2] (H={H})")
-    for nm, d in (("q.shape[3] (K)", K), ("v.shape[3] (V)", V)):
-        if d not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"{nm} must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    check_heads(H, HV, K, V)
     check_tensor("a", a, (q.dtype, torch.float32), (B, T, HV))
     check_tensor("b", b, (a.dtype,), (B, T, HV))
     check_tensor("A_log", A_log, (torch.float32,), (HV,))
