@@ -27,7 +27,7 @@ from . import validation as val
 from .cache import kernel_cache
 from .device import facts_of
 from .logging_utils import logged
-from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs
+from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, conv_gate_vec
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -80,8 +80,7 @@ def _check(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A
                     ("dt_bias", dt_bias), ("state_indices", state_indices)):
         val.check_inner_contiguous(name, t, 1, align_leading=False)
     # w_ba's rows are read in blocks of gate_vec columns (16 bytes where 2 HV allows).
-    gate_vec = ConvGateSpec(H, HV, D, hidden, width, conv_bias is not None, "sm_90a").gate_vec
-    _check_rows_aligned("w_ba", w_ba, gate_vec)
+    _check_rows_aligned("w_ba", w_ba, conv_gate_vec(HV))
     if out is not None:
         val.check_tensor("out", out, BF16, (B, 1, HV, D))
         val.check_inner_contiguous("out", out, 1, align_leading=False)

@@ -219,6 +219,15 @@ class KernelSpec:
 CONV_WIDTHS = (2, 3, 4)
 
 
+def conv_gate_vec(HV: int) -> int:
+    """Columns of w_ba [hidden, 2 HV] in one vector load of the conv/gate kernel: 8 (16 bytes)
+    where 2 HV allows, else fewer."""
+    n = 8
+    while (2 * HV) % n:
+        n //= 2
+    return n
+
+
 class ConvGateArgs(NamedTuple):
     """The tensors of the conv/gate kernel, in order. hidden_states [B, hidden]; w_ba
     [hidden, 2 HV]; mixed_qkv [B, qkv_dim] (pre-conv); conv_weight [qkv_dim, width]; conv_bias
@@ -270,11 +279,7 @@ class ConvGateSpec:
 
     @property
     def gate_vec(self) -> int:
-        """Columns of w_ba in one vector load: 8 (16 bytes) where 2 HV allows, else fewer."""
-        n = 8
-        while (2 * self.HV) % n:
-            n //= 2
-        return n
+        return conv_gate_vec(self.HV)
 
     def short_name(self) -> str:
         parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
