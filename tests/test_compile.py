@@ -5,6 +5,8 @@ Each compile takes about 0.3 to 2.5 s; the lists below stay at about 40 variants
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
@@ -87,14 +89,19 @@ VARIANTS = [
      dict(regime="large", state="bfloat16", gate="float32", dt_bias="bfloat16")),
     ("kmajor-T1-softplus-custom-small-float32",
      dict(layout="kmajor", softplus_beta=2.0, softplus_threshold=10.0)),
-    # ReplaySSM verify (windows written by kmtp's staging): fp16 q/k/v into the bf16 windows, GVA 1,
-    # T not a multiple of the warps; a bf16 state at T = 8 (kmtp, where the policy would pick kmma)
+    # ReplaySSM verify: kmtp (windows written by its staging): fp16 q/k/v into the bf16 windows, GVA 1,
+    # T not a multiple of the warps; the tensor-core kernel (windows written from its registers) for a
+    # bf16 state at large batch: T = 8 with K = 64 (two warps), T = 3 on the H200 table (four warps,
+    # 64-bit indices)
     ("mtp-replay-T3-fp16io-int64-gva1-keeppad-small-float32",
      dict(T=3, io="float16", gate="float16", H=32, HV=32, state="float32", index_dtype="int64", update_state=False,
           zero_padding_output=False, replay_cache=True)),
-    ("mtp-replay-T8-outidx-K64V64-large-bfloat16",
+    ("mtp-mma-replay-T8-outidx-K64V64-large-bfloat16",
      dict(T=8, K=64, V=64, regime="large", state="bfloat16", index_dtype="int32", has_out_indices=True,
           update_state=False, zero_padding_output=False, replay_cache=True)),
+    ("mtp-mma-replay-T3-int64-keeppad-large-bfloat16-h200",
+     dict(T=3, regime="large", state="bfloat16", index_dtype="int64", update_state=False, zero_padding_output=False,
+          replay_cache=True, device_class="sm90-hbm3e")),
 ]
 
 # ReplaySSM commit variants (CommitSpec: H, HV, K, V, T, state dtype, l2norm, arch, regime, ...)
@@ -209,6 +216,24 @@ def test_mma_kernel_follows_the_measured_cases():
     bad = spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True)
     with pytest.raises(ValueError, match="no intermediates"):
         KLastMTPMma(bad, config(T=8, state="bfloat16", index_dtype="int32", tile=(1, 2)))
+
+
+def test_replay_verify_follows_plain_mtp():
+    """A ReplaySSM verify is built as plain MTP without a state update is (kernel class, tile,
+    prefetch): the tensor-core kernel where that one runs it (bf16 state, large batch, from the
+    table's mma_min_tokens on), kmtp elsewhere."""
+    from flashgdn.kernels import policy
+
+    kernels = set()
+    for T, regime, state, table in itertools.product((2, 3, 4, 8), ("small", "large"), ("float32", "bfloat16"),
+                                                     ("sm90-hbm3", "sm90-hbm3e")):
+        plain = dict(T=T, regime=regime, state=state, index_dtype="int32", update_state=False, device_class=table)
+        replay = config(**plain, replay_cache=True, zero_padding_output=False)
+        assert replay == config(**plain), plain
+        kernels.add(replay.kernel)
+    assert kernels == {policy.KMTP, policy.KMTP_MMA}
+    assert config(T=3, regime="large", state="bfloat16", index_dtype="int32", update_state=False,
+                  replay_cache=True, device_class="sm90-hbm3e").kernel == policy.KMTP_MMA
 
 
 def test_every_kernel_class_is_built_by_name():

@@ -60,6 +60,26 @@ def gdn_log_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.
     return _log_decay(a, a_log, dt_bias, sp_beta, sp_threshold), _sigmoid(b)
 
 
+@cute.jit
+def window_gates(raw, sp_beta: cutlass.Constexpr[float], sp_threshold: cutlass.Constexpr[float], window, t, writer):
+    """gdn_gates of a ReplaySSM verify: also stores token t's log decay and beta into the windows.
+    `window` is (gmem, the row's read slot, tile, hv, h, whether the row runs); tile 0 of a running
+    row stores where `writer` (the caller's one thread per real token)."""
+    gmem, slot, tile, hv, _, run = window
+    log_g, beta = gdn_log_gates(raw, sp_beta, sp_threshold)
+    if run and tile == 0 and writer:
+        gmem.replay_g[slot, hv, t] = log_g
+        gmem.replay_beta[slot, hv, t] = beta
+    return cute.math.exp(log_g), beta
+
+
+@cute.jit
+def writes_window_k(spec: cutlass.Constexpr, tile, hv):
+    """Whether the CTA of (tile, value head hv) stores the raw k of its q/k head into a ReplaySSM
+    window: k is shared by the head's value heads, so tile 0 of the first of them does."""
+    return tile == 0 and hv % (spec.HV // spec.H) == 0
+
+
 def _log_decay(a, a_log, dt_bias, sp_beta: float, sp_threshold: float):
     return -cute.math.exp(a_log) * softplus(a + dt_bias, sp_beta, sp_threshold)
 

@@ -118,7 +118,7 @@ class KLastMTP(KLastDecode):
                 sQK[lane * n + e, 1, t] = k[e] * k_factor
             sGate[2, t, 0] = kq
             if const_expr(window is not None):
-                if run and tile == 0 and hv % (spec.HV // spec.H) == 0 and t < T:
+                if run and common.writes_window_k(spec, tile, hv) and t < T:
                     rRaw = cute.make_rmem_tensor((n,), BFloat16)
                     rRaw.store(rK.load().to(BFloat16))
                     cute.autovec_copy(rRaw, cute.local_tile(gmem.replay_k[slot, h, t, None], (n,), (lane,)))
@@ -126,11 +126,8 @@ class KLastMTP(KLastDecode):
             if const_expr(window is None):
                 g, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
             else:
-                log_g, beta = common.gdn_log_gates(raw, spec.softplus_beta, spec.softplus_threshold)
-                g = cute.math.exp(log_g)
-                if run and tile == 0 and warp == 0 and t < T:
-                    gmem.replay_g[slot, hv, t] = log_g
-                    gmem.replay_beta[slot, hv, t] = beta
+                g, beta = common.window_gates(raw, spec.softplus_beta, spec.softplus_threshold, window, t,
+                                              warp == 0 and t < T)
             sGate[0, t, warp] = g
             sGate[1, t, warp] = beta
 

@@ -18,7 +18,9 @@ q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while th
 flight, the CTA's warps share the work of the head's tables (the Gram matrix of q/k and the decay
 tables, in shared memory, behind two CTA barriers). Each warp then runs the recurrence one row per
 lane and writes its rows back. Intermediate states are not built here (kmtp.KLastMTP is faster
-for them).
+for them). A ReplaySSM verify (spec.replay_cache: a frozen state) stores the raw inputs into the
+windows of the row's read slot from the registers that hold them: each lane's v, the k chunks of
+the dot products and the gates of the tables (kmtp.KLastMTP's window contract).
 
 K permutation. mma.m16n8k16 gives lane (g = lane / 4, c = lane % 4) the reduction slots 2c, 2c+1,
 2c+8, 2c+9 of a k-step. Block p of 32 head-dim columns is two k-steps s = 0, 1; slot 2c+e+8h of
@@ -127,12 +129,14 @@ class KLastMTPMma(common.DecodeKernel):
             sGram[TP + 8 * na + g, col + e] = acc[2 + e, 0, 0]
 
     @cute.jit
-    def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane):
+    def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane, window=None):
         """The CTA's shared-memory tables of the head, each entry computed by one warp. sGram: the
         raw Gram matrix of [k; q] (k_i rows and columns first, then q_i). sVec rows: 0 G(t)
         |k_t|^-1, 1 G(t) |q_t|^-1 scale, 2 beta_t, 3 G(n - 1) (G(-1) = 1), 4 g_t. sAkk(t, j) =
         D(t, j) k^_j . k^_t (j < t), sAkq(t, j) = D(t, j) k^_j . q^_t (j <= t), sW(n, j) =
-        D(n - 1, j) |k_j|^-1 (j < n): the weight of u_j in the state after n tokens."""
+        D(n - 1, j) |k_j|^-1 (j < n): the weight of u_j in the state after n tokens. With `window`
+        (a ReplaySSM verify), lane t < T of warp 0 also stores token t's log decay and beta
+        (common.window_gates)."""
         spec = self.spec
         TP, NB, W = self.tp, self.nb, self.num_warps
         g, c = lane // 4, lane % 4
@@ -143,7 +147,11 @@ class KLastMTPMma(common.DecodeKernel):
                     self._gram_tile(rK, rQ, na, nc, sGram, g, c)
                 elif warp == (na * 2 * NB + nc) % W:
                     self._gram_tile(rK, rQ, na, nc, sGram, g, c)
-        decay, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+        if const_expr(window is None):
+            decay, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+        else:
+            decay, beta = common.window_gates(raw, spec.softplus_beta, spec.softplus_threshold, window, lane,
+                                              warp == 0 and lane < spec.T)
         if lane < TP and warp == 0:
             sVec[2, lane] = beta
             sVec[4, lane] = decay
@@ -211,6 +219,30 @@ class KLastMTPMma(common.DecodeKernel):
                     cute.autovec_copy(cute.local_tile(mK[b, tc, h, None], (4,), (8 * p + g,)), rKu[None, p, e, half])
         return rKu
 
+    # ---- ReplaySSM windows (spec.replay_cache) --------------------------------------------------
+
+    @cute.jit
+    def _window_k(self, window, rK, warp, g, c):
+        """The raw k of tokens < T into the window of the row's read slot, by warp 0 of the CTA
+        that stores the head's k (common.writes_window_k), from the dot products' B operands:
+        lane (g, c) holds columns 32 p + 8 c .. + 8 of token g + 8 na, one 16-byte store each."""
+        gmem, slot, tile, hv, h, run = window
+        if run and warp == 0 and common.writes_window_k(self.spec, tile, hv):
+            for na in cutlass.range_constexpr(self.nb):
+                t = g + 8 * na
+                if t < self.spec.T:
+                    for p in cutlass.range_constexpr(self.kp):
+                        cute.autovec_copy(rK[None, p, na], self._chunk(gmem.replay_k[slot, h, t, None], p, c))
+
+    @cute.jit
+    def _window_v(self, window, rV, row, writer):
+        """This lane's v of every token (row `row`; only the lanes that own a row) into the window
+        of the row's read slot."""
+        gmem, slot, _, hv, _, run = window
+        if run and writer:
+            for t in cutlass.range_constexpr(self.spec.T):
+                gmem.replay_v[slot, hv, t, row] = rV[t]
+
     # ---- the kernel -----------------------------------------------------------------------------
 
     @common.kernel_args
@@ -270,8 +302,13 @@ class KLastMTPMma(common.DecodeKernel):
 
         if const_expr(self.early_k):
             rKu = self._update_k(gmem.k, b, h, g, c)
-        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)
+        # A ReplaySSM verify stores the raw inputs from these registers: the gates in the tables, k
+        # after its last use, v after the recurrence's.
+        window = (gmem, read_slot, tile, hv, h, run) if const_expr(spec.replay_cache) else None
+        self._tables(rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane, window)
         self._dots(rS, rK, rQ, sP, g, c)
+        if const_expr(window is not None):
+            self._window_k(window, rK, warp, g, c)
         cute.arch.sync_warp()  # sP written
         if const_expr(not self.early_k):
             rKu = self._update_k(gmem.k, b, h, g, c)  # L1 hits: the warp read these rows above
@@ -292,6 +329,8 @@ class KLastMTPMma(common.DecodeKernel):
             if out_writer:
                 gmem.output[b, t, hv, row0 + my_row] = Float32(cutlass.select_(run, o, fill)).to(
                     gmem.output.element_type)
+        if const_expr(window is not None):
+            self._window_v(window, rV, row0 + my_row, writer)
         cute.arch.sync_warp()  # every lane has read its S_0 k_t
         if writer:
             for t in cutlass.range_constexpr(T):

@@ -172,14 +172,13 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     "Tensor cores for MTP"). On the H200, where the token loop is compute-bound, from T = 3:
     1.05x at T = 3 and 1.2x at T = 4 for B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A
     2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp. A ReplaySSM verify
-    (replay_cache) always runs kmtp: its staging phase, which loads the raw inputs, writes the
-    windows."""
+    (replay_cache) follows the same choice as plain MTP without a state update: both kernels store
+    the windows from the raw inputs they load."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
         return KLAST
-    mma_ok = (spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
-              and not spec.replay_cache)
+    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
     if spec.tile is not None:
         return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
     return KMTP_MMA if mma_ok and spec.regime == "large" and spec.T >= table.mma_min_tokens else KMTP

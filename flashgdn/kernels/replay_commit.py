@@ -1,7 +1,8 @@
 """ReplaySSM commit: replay the accepted prefix of each slot's window into its checkpoint, for all
 layers in one launch. Checkpoint [L, P, HV, V, K] (K contiguous, fp32 or bf16), windows of the
-verify (kmtp.KLastMTP with spec.replay_cache): replay_v [L, P, HV, T, V], replay_k [L, P, H, T, K]
-(bf16, k before its norm), replay_g (log decay) and replay_beta [L, P, HV, T] (fp32).
+verify (kmtp.KLastMTP or kmtp_mma.KLastMTPMma with spec.replay_cache): replay_v [L, P, HV, T, V],
+replay_k [L, P, H, T, K] (bf16, k before its norm), replay_g (log decay) and replay_beta
+[L, P, HV, T] (fp32).
 
 One CTA per (layer, batch row, value head, tile of rows), in klast's register layout (the CTA
 shape of kmtp.KLastMTP). A live row (slot above null_block_id and inside the pool, 0 < accepted
