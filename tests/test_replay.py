@@ -316,9 +316,9 @@ def test_commit_of_no_rows_launches_nothing(captured):
     assert "args" not in captured
 
 
-def test_policy_serves_replay_verify_with_the_token_loop_kernel():
-    """A replay verify never takes the tensor-core kernel (kmtp's staging writes the windows);
-    the commit is its own kernel on the MTP shapes."""
+def test_policy_serves_replay_verify_as_plain_mtp():
+    """A replay verify takes the kernel plain MTP without a state update takes (both write the
+    windows); the commit is its own kernel on the MTP shapes."""
     from flashgdn.kernels import policy
     from flashgdn.spec import KernelSpec
 
@@ -326,8 +326,8 @@ def test_policy_serves_replay_verify_with_the_token_loop_kernel():
         return KernelSpec("klast", 16, 32, 128, 128, 8, "bfloat16", "bfloat16", "bfloat16", "float32", 0.1, True,
                           "sm_90a", "large", index_dtype="int32", update_state=False, **kw)
 
-    assert policy.BuildConfig.for_spec(verify()).kernel == policy.KMTP_MMA
-    assert policy.BuildConfig.for_spec(verify(replay_cache=True)).kernel == policy.KMTP
+    assert policy.BuildConfig.for_spec(verify(replay_cache=True)) == policy.BuildConfig.for_spec(verify())
+    assert policy.BuildConfig.for_spec(verify(replay_cache=True)).kernel == policy.KMTP_MMA
     with pytest.raises(ValueError, match="replay windows need a pool"):
         KernelSpec("klast", 16, 32, 128, 128, 4, "bfloat16", "float32", "bfloat16", "float32", 0.1, True, "sm_90a",
                    "large", index_dtype="int32", replay_cache=True)  # state updated

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import flashgdn
+from flashgdn import api as fapi
 from flashgdn import reference as ref
+from flashgdn.kernels import policy
+from flashgdn.spec import KernelSpec
 from helpers import assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state
 
 pytestmark = pytest.mark.gpu
@@ -81,8 +84,8 @@ def _verify_cases():
 def test_verify_outputs_and_windows(case, io=torch.bfloat16):
     """Outputs equal the plain MTP's (frozen state, fp64 reference); the windows of the live slots
     hold the raw inputs; padding rows (every other row) leave their output and no window touched;
-    the pool is not written (also in the large-batch regime, where a plain bf16 verify with
-    T >= 5 would run the tensor-core kernel)."""
+    the pool is not written (the large-batch bf16 cases run the tensor-core kernel from the device
+    table's mma_min_tokens on, as plain MTP does)."""
     T, B, ratio, sdt, K = case["T"], case["B"], case["ratio"], case["sdt"], case["K"]
     H = 2
     HV = H * ratio
@@ -122,6 +125,96 @@ def test_verify_fp16_inputs_and_strided_slots():
     check_windows(win, [w[:, 0] for w in before], inputs, idx, HV, H)
     for w, w0 in zip(padded, before):
         assert torch.equal(bits(w[:, 1]), bits(w0[:, 1])), "the padding between slots changed"
+
+
+# ----------------------------------------------------------------------------- tensor-core verify
+
+
+@pytest.fixture
+def tensor_core_specs(monkeypatch):
+    """Calls take the H200 table (the tensor cores for a bf16 state at large batch from T = 3) on
+    any device, with no remembered plan; returns the list of KernelSpecs they look up."""
+    facts = fapi.facts_of
+    monkeypatch.setattr(fapi, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
+    monkeypatch.setattr(fapi, "_VALIDATED", {})  # a plan keeps the function it looked up first
+    specs = []
+    get = fapi.kernel_cache.get
+
+    def record(spec):
+        specs.append(spec)
+        return get(spec)
+
+    monkeypatch.setattr(fapi.kernel_cache, "get", record)
+    return specs
+
+
+def assert_tensor_core_verify(specs):
+    verifies = [s for s in specs if isinstance(s, KernelSpec)]
+    assert verifies and all(s.replay_cache for s in verifies)
+    for s in verifies:
+        assert policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA, f"{s.short_name()} is not the tensor-core kernel"
+
+
+def _live_indices(B, P):
+    """Read slots of B rows in a pool of P: every third row padding (-1), row 2 past the pool
+    (invalid: NaN output, nothing written); and those indices with the invalid row as padding."""
+    idx = torch.randperm(P, device=DEV)[:B].to(torch.int32)
+    idx[1::3] = -1
+    idx[2] = P + 7
+    return idx, torch.where(idx < P, idx, -1)
+
+
+@pytest.mark.parametrize("T,B,ratio,K", [(3, 100, 2, 128), (4, 200, 1, 64), (4, 160, 1, 256), (8, 100, 2, 128),
+                                         (8, 100, 2, 256)])
+def test_tensor_core_verify_outputs_and_windows(tensor_core_specs, T, B, ratio, K):
+    """The tensor-core kernel's verify (bf16 state at large batch; two or four warps of two 16-row
+    blocks, K = 256 one block and four CTAs per head, GVA 2 and 1): outputs equal the fp64
+    reference's plain MTP; the windows of live slots hold the raw inputs bit for bit (v, k) and the
+    gates; padding and invalid rows, the other slots' windows and the pool stay untouched."""
+    H = 2
+    HV = H * ratio
+    inputs = make_inputs(B, T, H, HV, K, K, device=DEV)
+    P = B + 4
+    pool = make_state(P, HV, K, K, torch.bfloat16, DEV)
+    before = pool.clone()
+    idx, live_idx = _live_indices(B, P)
+    win = windows((P,), H, HV, T, K, K)
+    win_before = [w.clone() for w in win]
+    out = torch.full((B, T, HV, K), NAN, dtype=torch.bfloat16, device=DEV)
+    verify(inputs, pool, idx, win, out)
+    assert_tensor_core_verify(tensor_core_specs)
+    live = live_idx >= 0
+    assert torch.isnan(out[~live]).all(), "a padding or invalid row's output is written"
+    assert_close_output(out[live], ref_outputs(inputs, before, live_idx)[live])
+    assert torch.equal(bits(pool), bits(before)), "the verify wrote the checkpoint"
+    check_windows(win, win_before, inputs, live_idx, HV, H)
+
+
+@pytest.mark.parametrize("T", (3, 8))
+def test_tensor_core_verify_then_commit(tensor_core_specs, T):
+    """Two layers verified on the tensor-core kernel, then one commit with accept_lens 0..T: the
+    committed slots equal the fp64 reference state after that many tokens; the others stay."""
+    L, B, H, HV, K = 2, 100, 2, 4, 128
+    P = B + 4
+    inputs, ck, caches = _layers(L, B, T, H, HV, K, torch.bfloat16, P)
+    idx, live_idx = _live_indices(B, P)
+    acc = (torch.arange(B, device=DEV) % (T + 1)).to(torch.int32)  # every count on live rows too
+    before = ck.clone()
+    live = live_idx >= 0
+    for layer in range(L):
+        o, _ = verify(inputs[layer], ck[layer], idx, [c[layer] for c in caches])
+        assert_close_output(o[live], ref_outputs(inputs[layer], before[layer], live_idx)[live])
+    assert_tensor_core_verify(tensor_core_specs)
+    assert torch.equal(bits(ck), bits(before))
+    flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, live_idx, acc)
+    committed = live & (acc > 0)
+    slots = live_idx[committed].long()
+    for layer in range(L):
+        want = _ref_after(inputs[layer], before[layer], live_idx, acc)
+        assert_close_state(ck[layer, slots], want[slots], f"layer {layer}: committed slots")
+    untouched = torch.ones(P, dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert torch.equal(bits(ck[:, untouched]), bits(before[:, untouched])), "slots that must stay untouched changed"
 
 
 # ----------------------------------------------------------------------------- commit
