@@ -6,7 +6,8 @@ compile cache and calls it; it never imports CuTe. Tensors go to the compiled TV
 as they are (strided views included), on the current torch stream.
 
 Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`,
-`_replayssm_commit`) directly; only while torch.compile or torch.export traces does it call the
+`_replayssm_commit`) directly (a repeated call signature goes straight to the compiled function:
+flashgdn.fastpath); only while torch.compile or torch.export traces does it call the
 flashgdn custom op instead (flashgdn.ops registers them: their real implementations are these eager
 bodies), so that the graph holds one op per call with its mutated arguments declared, and eager
 calls pay no op dispatch.
@@ -149,9 +150,10 @@ def _plan(result) -> _Plan:
 
 def _validated(check, *args, options=()) -> _Plan:
     """The _Plan of check(*args) -> (Problem, device), remembered per signature
-    (validation.remembered): the full checks cost 20-30 us of Python per call, the signature
-    about 5 us; the plan also keeps the compiled function, so a repeated call skips the kernel
-    lookup too. `options` (the other arguments that select the kernel) are part of the signature
+    (validation.remembered): the full way of a call, which a repeated call skips (flashgdn.fastpath);
+    a signature the compiled function refuses, or one whose fast key is new, still costs only the
+    signature key (about 5 us) here, not the 20-30 us of the checks. The plan also keeps the compiled
+    function. `options` (the other arguments that select the kernel) are part of the signature
     but not checked. Index values are not validated on the host (the kernel handles them), so no
     check depends on data."""
     return val.remembered(_VALIDATED, check, args, options, _plan)

@@ -24,7 +24,12 @@ attribute reads (each function builds its key inline: this runs on every call):
   refuse True for a float; 1.0 == True as a dict key).
 A key miss or any error while building it (a non-tensor where a tensor goes) takes the full way.
 FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) always takes the full way. A batch of zero
-rows launches nothing, so nothing checks it: it is never kept.
+rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
+kept alive) and reads no data pointer (FakeTensors have none; tracing never runs this path).
+
+Served so far: flashgdn.api's three FlashInfer functions and the ReplaySSM commit. flashgdn.engines,
+flashgdn.recurrent and flashgdn.fused_step build views or workspaces per call and keep their
+memoised full checks.
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and
@@ -33,7 +38,7 @@ signed and unsigned integers alike); both run as the torch tensor of that layout
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -44,11 +49,10 @@ CONTIGUOUS = torch.contiguous_format
 
 
 class Fast(NamedTuple):
-    """What a repeated call needs: the compiled function(s) and how to allocate the output."""
+    """What a repeated call needs: the compiled function and how to allocate the output."""
 
     fn: Callable
     zero_output: bool = False  # an output allocated here starts as zeros (padding rows keep it)
-    extra: Any = None  # what else a function keeps for its key (flashgdn.fused_step: the conv/gate function)
 
 
 def new_output(v: torch.Tensor, zero: bool) -> torch.Tensor:
