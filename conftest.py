@@ -34,3 +34,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"needs SM90, this GPU is SM{cc[0]}{cc[1]}"))
             elif cc not in SUPPORTED_ARCHS:
                 item.add_marker(pytest.mark.skip(reason=f"SM{cc[0]}{cc[1]} is not supported by flashgdn"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fast_path(monkeypatch):
+    """Each test starts with no remembered fast keys (flashgdn.fastpath), so that the kernels one
+    test stubs never serve another test's calls."""
+    from flashgdn import fastpath
+
+    monkeypatch.setattr(fastpath, "FAST", {})

@@ -6,7 +6,8 @@ compile cache and calls it; it never imports CuTe. Tensors go to the compiled TV
 as they are (strided views included), on the current torch stream.
 
 Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`,
-`_replayssm_commit`) directly; only while torch.compile or torch.export traces does it call the
+`_replayssm_commit`) directly (a repeated call signature goes straight to the compiled function:
+flashgdn.fastpath); only while torch.compile or torch.export traces does it call the
 flashgdn custom op instead (flashgdn.ops registers them: their real implementations are these eager
 bodies), so that the graph holds one op per call with its mutated arguments declared, and eager
 calls pay no op dispatch.
@@ -19,6 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from . import fastpath
 from . import validation as val
 from .cache import kernel_cache
 from .device import DeviceFacts, facts_of
@@ -109,16 +111,17 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
     if CHECK_INDICES:
         _check_index_values(p, args, options.update_state)
     if args.output is None:
-        args = args._replace(output=_new_output((p.B, p.T, p.HV, p.V), args.q, options.zero_padding_output))
+        args = args._replace(output=fastpath.new_output(args.v, not options.zero_padding_output))
     if p.B:
         fn(*args)
     return args.output
 
 
-def _new_output(shape, q: torch.Tensor, zero_padding_output: bool) -> torch.Tensor:
-    """The output [B, T, HV, V] of a call that passed none, of q's dtype and device: zeros where
-    padding rows leave their output as it is (`zero_padding_output` False), else uninitialised."""
-    return (torch.empty if zero_padding_output else torch.zeros)(shape, dtype=q.dtype, device=q.device)
+def _remember_fast(key, plan, zero_output: bool = False) -> None:
+    """After a full call: its fast key (flashgdn.fastpath) now takes the plan's compiled function,
+    unless nothing ran (no rows, or a stubbed launch)."""
+    if plan.fn is not None and plan.problem.B:
+        fastpath.remember(key, fastpath.Fast(plan.fn, zero_output))
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
@@ -147,9 +150,10 @@ def _plan(result) -> _Plan:
 
 def _validated(check, *args, options=()) -> _Plan:
     """The _Plan of check(*args) -> (Problem, device), remembered per signature
-    (validation.remembered): the full checks cost 20-30 us of Python per call, the signature
-    about 5 us; the plan also keeps the compiled function, so a repeated call skips the kernel
-    lookup too. `options` (the other arguments that select the kernel) are part of the signature
+    (validation.remembered): the full way of a call, which a repeated call skips (flashgdn.fastpath);
+    a signature the compiled function refuses, or one whose fast key is new, still costs only the
+    signature key (about 5 us) here, not the 20-30 us of the checks. The plan also keeps the compiled
+    function. `options` (the other arguments that select the kernel) are part of the signature
     but not checked. Index values are not validated on the host (the kernel handles them), so no
     check depends on data."""
     return val.remembered(_VALIDATED, check, args, options, _plan)
@@ -289,7 +293,7 @@ def gated_delta_rule_decode_pretranspose(
     if _is_compiling():  # traced: one custom op (module docstring)
         pool = state if initial_state is None else initial_state
         if output is None:  # v is [B, T, HV, V] in a valid call (the op's fake implementation checks)
-            output = _new_output(v.shape, q, zero_padding_output=q.shape[1] == 1)
+            output = fastpath.new_output(v, zero=q.shape[1] != 1)
         # With a pool, `state` is not used: the op does not get it, so no two of its mutated
         # arguments alias when a caller passes the pool as both.
         torch.ops.flashgdn.gated_delta_rule_decode_pretranspose(
@@ -308,19 +312,38 @@ def gated_delta_rule_decode_pretranspose(
 def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
                          initial_state_indices, output_state_indices, intermediate_states_buffer,
                          disable_state_update, backend, softplus_beta, softplus_threshold):
+    pool = state if initial_state is None else initial_state
+    inter = intermediate_states_buffer
+    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
+        key = (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
+               output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
+               inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend,
+               type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold)
+        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
+    except Exception:  # e.g. a non-tensor argument: the full checks name it
+        key = fast = None
+    if fast is not None:
+        out = fastpath.new_output(v, fast.zero_output) if output is None else output
+        try:
+            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices,
+                                None, inter, out))
+            return out, pool
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
     val.check_backend(backend)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
         initial_state_indices, output_state_indices, intermediate_states_buffer, disable_state_update,
         softplus_beta, softplus_threshold, options=(use_qk_l2norm,),
     )
-    pool = state if initial_state is None else initial_state
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, state_indices=initial_state_indices,
                       output_state_indices=output_state_indices, intermediate_states=intermediate_states_buffer,
                       output=output)
     options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
                           zero_padding_output=plan.problem.T == 1)
-    return _launch(plan, "klast", args, options), pool
+    out = _launch(plan, "klast", args, options)
+    _remember_fast(key, plan, zero_output=not options.zero_padding_output)
+    return out, pool
 
 
 @logged
@@ -336,7 +359,7 @@ def gated_delta_rule_decode(
     """
     if _is_compiling():  # traced: one custom op (module docstring)
         if output is None:
-            output = _new_output(v.shape, q, zero_padding_output=True)
+            output = fastpath.new_output(v, zero=False)
         torch.ops.flashgdn.gated_delta_rule_decode(
             q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
             softplus_threshold,
@@ -348,11 +371,26 @@ def gated_delta_rule_decode(
 
 def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
             softplus_threshold):
+    try:  # the fast key (flashgdn.fastpath); the state's shape is the batch's and the compiled function's
+        key = (_decode, q.shape[0], q.get_device(), state.stride(), output is None or output.stride(), use_qk_l2norm,
+               backend, type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold),
+               softplus_threshold)
+        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
+    except Exception:  # e.g. a non-tensor argument: the full checks name it
+        key = fast = None
+    if fast is not None:
+        out = fastpath.new_output(v, False) if output is None else output
+        try:
+            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out))
+            return out, state
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
     val.check_backend(backend)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
     out = _launch(plan, "kmajor", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
+    _remember_fast(key, plan)
     return out, state
 
 
@@ -389,7 +427,7 @@ def gated_delta_rule_mtp(
     if _is_compiling():  # traced: one custom op (module docstring)
         # disable_state_update=None resolves in the op: tracers cannot trace the warning it may raise.
         if output is None:
-            output = _new_output(v.shape, q, zero_padding_output=False)
+            output = fastpath.new_output(v, zero=True)
         torch.ops.flashgdn.gated_delta_rule_mtp(
             q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
             intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm,
@@ -407,6 +445,28 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
          intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
          accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm=False, replayssm_rawv=None,
          replayssm_rawk=None, replayssm_g=None, replayssm_beta=None):
+    inter, rv, rk, rg, rb = intermediate_states_buffer, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta
+    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
+        key = (_mtp, q.shape[0], q.get_device(), initial_state.shape, initial_state.stride(),
+               output is None or output.stride(), inter is None or (inter.shape, inter.stride()),
+               ssm_state_indices is None, output_state_indices is None, accepted_tokens is None,
+               rv is None or (rv.shape, rv.stride()), rk is None or (rk.shape, rk.stride()),
+               rg is None or (rg.shape, rg.stride()), rb is None or (rb.shape, rb.stride()), cache_replayssm,
+               disable_state_update,
+               use_qk_l2norm, type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold),
+               softplus_threshold)
+        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
+    except Exception:  # e.g. a non-tensor argument: the full checks name it
+        key = fast = None
+    if fast is not None:
+        out = fastpath.new_output(v, True) if output is None else output
+        try:
+            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
+                                output_state_indices, accepted_tokens, inter, out, ssm_state_indices, None,
+                                *((rv, rk, rg, rb) if cache_replayssm else (None,) * 4)))
+            return out, initial_state
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
@@ -421,7 +481,9 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                       token_state_indices=ssm_state_indices, **replay)
     options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
                           zero_padding_output=False)
-    return _launch(plan, "klast", args, options), initial_state
+    out = _launch(plan, "klast", args, options)
+    _remember_fast(key, plan, zero_output=True)
+    return out, initial_state
 
 
 COMMIT_BACKENDS = ("auto", "simt", "flashgdn")  # FlashInfer's "tcgen05" (its SM100 TF32 path) is not built
@@ -508,14 +570,27 @@ def _check_commit_backend(backend) -> None:
 
 def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
                       track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
+    args = CommitArgs(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+                      track_state_indices, track_steps)
+    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
+        key = (_replayssm_commit, state_indices.shape[0], checkpoint_state.get_device(), checkpoint_state.shape,
+               checkpoint_state.stride(), track_state_indices is None, track_steps is None, use_qk_l2norm, backend,
+               type(null_block_id), null_block_id)
+        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
+    except Exception:  # e.g. a non-tensor argument: the full checks name it
+        key = fast = None
+    if fast is not None:
+        try:
+            fast.fn(*args)
+            return
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
     _check_commit_backend(backend)
     plan = _validated(
         _check_commit, checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
         track_state_indices, track_steps, null_block_id, options=(use_qk_l2norm,),
     )
     p = plan.problem
-    args = CommitArgs(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                      track_state_indices, track_steps)
     fn = plan.fn
     if fn is None:
         fn = plan.fn = kernel_cache.get(commit_spec(p, checkpoint_state, use_qk_l2norm, null_block_id,
@@ -524,3 +599,4 @@ def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_ca
         _check_commit_values(p, args, null_block_id)
     if p.B:
         fn(*args)
+    _remember_fast(key, plan)

@@ -249,10 +249,63 @@ def graph_replay_equals_eager(call, static, fresh, bufs):
             assert same_bits(captured, eager_out), f"output: graph replay {i + 1} differs from the eager call"
 
 
+def ffi_checking_stub(spec, launched=None):
+    """The compiled function of `spec` as CPU tests stand it in: it checks its arguments as the
+    TVM-FFI wrapper that CuTe DSL generates for it does (flashgdn.fastpath: from kernels/build.py's
+    fake arguments: None where the variant takes none, else a tensor of the ndim, dtype and
+    alignment, its static dims and strides, its dynamic strides' divisibility (size-1 dims aside),
+    symbolic dims equal where shared, one device; CPU tensors pass), raising TypeError or
+    ValueError; it launches nothing (it appends its arguments to `launched`, if given)."""
+    from flashgdn.kernels.build import fake_arguments
+    from flashgdn.kernels.common import CUTLASS_DTYPES
+
+    dtypes = {cls: getattr(torch, name) for name, cls in CUTLASS_DTYPES.items()}
+    fakes = list(fake_arguments(spec))
+
+    def bind(bound, want, got, what):
+        if isinstance(want, int):
+            if got != want:
+                raise ValueError(f"{what}: expected {want}, got {got}")
+        elif id(want) in bound:
+            if bound[id(want)] != got:
+                raise ValueError(f"{what}: expected {bound[id(want)]} (shared), got {got}")
+        elif got % want.divisibility:
+            raise ValueError(f"{what}: {got} is not a multiple of {want.divisibility}")
+        else:
+            bound[id(want)] = got
+
+    def compiled(*args):
+        if len(args) != len(fakes):
+            raise TypeError(f"expected {len(fakes)} arguments, got {len(args)}")
+        bound, devices = {}, set()
+        for i, (fake, t) in enumerate(zip(fakes, args)):
+            if fake is None or t is None:
+                if fake is not None or t is not None:
+                    raise TypeError(f"argument {i}: expected {'None' if fake is None else 'a tensor'}")
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != len(fake.shape):
+                raise ValueError(f"argument {i}: expected a tensor of {len(fake.shape)} dims")
+            if t.dtype != dtypes[fake.element_type] or t.data_ptr() % (fake._assumed_align or t.element_size()):
+                raise ValueError(f"argument {i}: dtype or alignment")
+            devices.add(t.device)
+            for d, (want, got) in enumerate(zip(fake.shape, t.shape)):
+                bind(bound, want, got, f"argument {i} shape[{d}]")
+            for d, (want, got, size) in enumerate(zip(fake.stride, t.stride(), t.shape)):
+                if size != 1:
+                    bind(bound, want, got, f"argument {i} stride[{d}]")
+        if len(devices) > 1:
+            raise ValueError(f"tensors on {devices}")
+        if launched is not None:
+            launched.append(args)
+
+    return compiled
+
+
 def stub_kernel_lookups(monkeypatch, facts):
     """A CPU run of the API up to its kernel lookup: the device check passes, the device has
     `facts`, nothing is remembered, and the compile cache records the specs it is asked for (the
-    returned list) and hands back a function that does nothing."""
+    returned list) and hands back a function that checks its arguments as the compiled one does
+    and launches nothing (ffi_checking_stub)."""
     from flashgdn import api
     from flashgdn import validation as val
 
@@ -260,7 +313,7 @@ def stub_kernel_lookups(monkeypatch, facts):
 
     def get(spec):
         looked_up.append(spec)
-        return lambda *args: None
+        return ffi_checking_stub(spec)
 
     monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
     monkeypatch.setattr(api, "facts_of", lambda device: facts)

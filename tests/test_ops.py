@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 import flashgdn
-from flashgdn import api
+from flashgdn import api, fastpath
 from flashgdn import reference as ref
 from flashgdn import validation as val
 from flashgdn.device import DeviceFacts
@@ -227,7 +227,7 @@ def test_compiled_call_is_one_op_on_fake_cuda(name):
     else:  # allocated in the graph: zeros where padding rows keep their output (T > 1)
         assert out.dtype == kw["q"].dtype
         alloc = named_args(nodes[0])["output"]
-        assert alloc.target is (torch.zeros if kw["q"].shape[1] > 1 else torch.empty)
+        assert alloc.target is (torch.zeros_like if kw["q"].shape[1] > 1 else torch.empty_like)
 
 
 def test_compiled_calls_of_all_three_functions_are_three_ops():
@@ -356,8 +356,7 @@ def _reference_launch(plan, layout, args, options):
     """api._launch's stand-in: flashgdn.reference on the call's tensors, in place."""
     output = args.output
     if output is None:
-        output = api._new_output((plan.problem.B, plan.problem.T, plan.problem.HV, plan.problem.V), args.q,
-                                options.zero_padding_output)
+        output = fastpath.new_output(args.v, zero=not options.zero_padding_output)
     out = ref._decode(
         args.q, args.k, args.v, args.a, args.b, args.A_log, args.dt_bias, args.state, args.state_indices,
         args.output_state_indices, layout, options.scale, options.use_l2norm, output, args.intermediate_states,

@@ -14,7 +14,9 @@ the host's. A row whose GPU time reaches its host time is flagged GPU-bound: the
 queue fills and the host time measures the GPU.
 
 `--profile` adds a breakdown of one flashgdn pretranspose call (pool, output allocated) into the
-steps of flashgdn.api's eager path, each timed the same way in isolation.
+steps of flashgdn.api's eager path for a repeated signature (flashgdn.fastpath), each timed the
+same way in isolation, and the cost of the full way (what the first call of a signature, or one
+the compiled function refuses, adds).
 
 The measuring core (`host_times`, `measure`, `run_cases`) takes the call, the synchronisation,
 the clock and the GPU timer as callables, so it runs on the CPU with stand-ins.
@@ -32,8 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import api
-from .. import validation as val
+from .. import api, fastpath
 from ..spec import KernelArgs
 from .cli import _one_line, environment, format_env_line, format_table, progress, supported_gpu, write_outputs
 from .rows import Row, call_api, make_inputs, sweep_title
@@ -262,10 +263,10 @@ Part = Tuple[str, Optional[Callable[[], Any]], bool]  # label, call (None: by di
 
 
 def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
-    """The steps of one warm flashgdn pretranspose call `name(*args, **kwargs)` (its plan
-    compiled), in the order api._decode_pretranspose runs them, then two steps off its path for
-    scale; a call None is the remainder of the enclosing step, by difference. Labels are indented
-    by two spaces per level."""
+    """The steps of one warm flashgdn pretranspose call `name(*args, **kwargs)` (its fast key
+    remembered: flashgdn.fastpath), in the order api._decode_pretranspose runs them, then the
+    steps of the full way, off a repeated call's path, for scale; a call None is the remainder of
+    the enclosing step, by difference. Labels are indented by two spaces per level."""
     whole = functools.partial(getattr(api, name), *args, **kwargs)
     bound = inspect.signature(getattr(api, name)).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -273,39 +274,28 @@ def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
     checked = [A[n] for n in inspect.signature(api._check_pretranspose).parameters]
     options = (A["use_qk_l2norm"],)
     plan = api._validated(api._check_pretranspose, *checked, options=options)
-    if plan.fn is None:
-        raise RuntimeError("profile: the call's plan has no compiled function yet (call it first)")
+    if plan.fn is None or not fastpath.FAST:
+        raise RuntimeError("profile: the call has not run yet (call it first)")
     p, pool = plan.problem, A["initial_state"]
-    call_options = api.CallOptions(A["scale"], A["use_qk_l2norm"], not A["disable_state_update"], A["softplus_beta"],
-                                   A["softplus_threshold"], zero_padding_output=p.T == 1)
-    shape = (p.B, p.T, p.HV, p.V)
+    zero = p.T > 1  # an allocated output starts as zeros where padding rows keep it
 
-    def kernel_args(output):
+    def kernel_args(output):  # as the fast path builds them
         return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
-                          state_indices=A["initial_state_indices"], output_state_indices=A["output_state_indices"],
-                          intermediate_states=A["intermediate_states_buffer"], output=output)
+                          A["initial_state_indices"], A["output_state_indices"], None,
+                          A["intermediate_states_buffer"], output)
 
-    def build_args():  # what _decode_pretranspose builds between validation and launch
-        return kernel_args(A["output"]), api.CallOptions(
-            A["scale"], A["use_qk_l2norm"], not A["disable_state_update"], A["softplus_beta"],
-            A["softplus_threshold"], zero_padding_output=p.T == 1)
-
-    launch_args = kernel_args(A["output"])
-    fn_args = kernel_args(A["output"] if A["output"] is not None else api._new_output(shape, A["q"], p.T == 1))
+    fn_args = kernel_args(A["output"] if A["output"] is not None else fastpath.new_output(A["v"], zero))
     return [
         (f"{name} (the whole call)", whole, True),
-        ("  validation.check_backend", functools.partial(val.check_backend, A["backend"]), False),
-        ("  api._validated, warm memo (the signature key + lookup)",
-         functools.partial(api._validated, api._check_pretranspose, *checked, options=options), False),
-        ("  KernelArgs + CallOptions", build_args, False),
-        ("  api._launch (output allocation + compiled call)",
-         functools.partial(api._launch, plan, "klast", launch_args, call_options), True),
-        ("    api._new_output (torch.empty of the output)",
-         functools.partial(api._new_output, shape, A["q"], p.T == 1), False),
-        ("    plan.fn(*KernelArgs) (the TVM-FFI call + launch)", functools.partial(plan.fn, *fn_args), True),
-        ("    rest of api._launch (by difference)", None, False),
-        ("  rest of the call (by difference)", None, False),
+        ("  fastpath.new_output (torch.empty_like of the output)",
+         functools.partial(fastpath.new_output, A["v"], zero), False),
+        ("  KernelArgs", functools.partial(kernel_args, fn_args.output), False),
+        ("  fn(*KernelArgs) (the TVM-FFI call: its argument checks + launch)", functools.partial(plan.fn, *fn_args),
+         True),
+        ("  rest: the fast key + lookup, Python calls (by difference)", None, False),
         ("torch.cuda.current_stream() (a stream lookup from Python)", torch.cuda.current_stream, False),
+        ("api._validated, warm memo (the full way's signature key + lookup: a refused fast call)",
+         functools.partial(api._validated, api._check_pretranspose, *checked, options=options), False),
         ("api._check_pretranspose (full validation: what a memo miss costs)",
          functools.partial(api._check_pretranspose, *checked), False),
     ]
