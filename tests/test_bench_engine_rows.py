@@ -269,22 +269,47 @@ def test_composed_torch_conv_is_the_reference_conv():
     assert torch.equal(y, y_ref) and torch.equal(inp["conv_state"], expect["conv_state"])
 
 
+def _reference_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, idx, l2norm):
+    """The packed decode on the reference (a stand-in for flashgdn.engines')."""
+    B, HV, D = mixed_qkv.shape[0], a.shape[1], initial_state.shape[-1]
+    H = (mixed_qkv.shape[1] - HV * D) // (2 * D)
+    q, k, v = (mixed_qkv[:, :H * D].view(B, 1, H, D), mixed_qkv[:, H * D:2 * H * D].view(B, 1, H, D),
+               mixed_qkv[:, 2 * H * D:].view(B, 1, HV, D))
+    return ref.gated_delta_rule_decode_pretranspose(q, k, v, None, A_log, a[:, None], dt_bias, b[:, None], scale,
+                                                    out, l2norm, initial_state, idx)
+
+
 def test_composed_path_verifies_and_applies_to_fused_step_only(monkeypatch):
     """The composed path with the packed decode on the reference: b = ba[:, :HV], a = ba[:, HV:]."""
-    def packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, idx, l2norm):
-        B, HV, D = mixed_qkv.shape[0], a.shape[1], initial_state.shape[-1]
-        H = (mixed_qkv.shape[1] - HV * D) // (2 * D)
-        q, k, v = (mixed_qkv[:, :H * D].view(B, 1, H, D), mixed_qkv[:, H * D:2 * H * D].view(B, 1, H, D),
-                   mixed_qkv[:, 2 * H * D:].view(B, 1, HV, D))
-        return ref.gated_delta_rule_decode_pretranspose(q, k, v, None, A_log, a[:, None], dt_bias, b[:, None], scale,
-                                                        out, l2norm, initial_state, idx)
-
-    monkeypatch.setattr(engines, "fused_recurrent_gated_delta_rule_packed_decode", packed_decode)
+    monkeypatch.setattr(engines, "fused_recurrent_gated_delta_rule_packed_decode", _reference_packed_decode)
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)  # not importable: the torch-ops conv
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", None)
     r = row("fused_step")
     assert verify(COMPOSED, r, "cpu", seed=4) is None
     assert "torch ops" in COMPOSED.note(r)
     assert COMPOSED.applies(r) and not any(COMPOSED.applies(x) for x in ROWS if x.version != "fused_step")
+
+
+def _fla_conv_update(x, cache, residual=None, weight=None, bias=None, activation=None):
+    """FLA's causal_conv1d_update on a dense cache [N, D, W], in torch: the window is the cache's
+    last W - 1 columns and x; the whole row is rewritten, shifted by one."""
+    window = torch.cat([cache[..., 1:], x.unsqueeze(-1)], -1)
+    y = (window.float() * weight.float()).sum(-1) + bias.float()
+    cache.copy_(window)
+    return torch.nn.functional.silu(y).to(x.dtype), cache
+
+
+def test_composed_path_with_flas_dense_conv_verifies(monkeypatch):
+    """With FLA's conv (its dense per-row cache, seeded from the pool rows), the composed path's
+    output and conv states still match the reference step."""
+    fla_conv = types.ModuleType("fla.modules.causal_conv1d")
+    fla_conv.causal_conv1d_update = _fla_conv_update
+    monkeypatch.setitem(sys.modules, "causal_conv1d", None)
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", fla_conv)
+    monkeypatch.setattr(engines, "fused_recurrent_gated_delta_rule_packed_decode", _reference_packed_decode)
+    r = row("fused_step")
+    assert verify(COMPOSED, r, "cpu", seed=5) is None
+    assert "FLA" in COMPOSED.note(r)
 
 
 # ----------------------------------------------------------------------------- table

@@ -20,9 +20,9 @@ Baselines: FLA (fla-core >= 0.6, fused_recurrent_gated_delta_rule) has no state 
 per-token state slots: a recurrent row's read states are gathered into a dense initial state
 (untimed) and FLA writes only the final state, to a new fp32 tensor. FlashInfer 0.7.2 has no
 decode on precomputed gates; its gdn_fused_decode_step takes an fp32 ssm_state only. "composed"
-is the fused step as an engine runs it today: torch `hidden @ w_ba`, a conv update
-(causal_conv1d_update of the causal-conv1d package when importable, else torch ops) and
-flashgdn's packed decode.
+is the fused step as an engine runs it today: torch `hidden @ w_ba`, a conv update kernel
+(causal-conv1d's causal_conv1d_update when importable, else FLA's Triton one, else torch ops:
+CONV_KERNELS) and flashgdn's packed decode.
 """
 from __future__ import annotations
 
@@ -315,28 +315,70 @@ def _torch_conv_update(inp) -> torch.Tensor:
     return F.silu(acc).to(torch.bfloat16)
 
 
-def _conv_update():
-    """(conv update of a step's arguments, its name): causal-conv1d's kernel when importable."""
-    try:
+def _pool_conv_rows(inp) -> torch.Tensor:
+    """The conv states of the step's rows, [B, qkv_dim, width - 1], from the paged pool."""
+    return inp["conv_state"][inp["state_indices"].long()]
+
+
+CONV_KERNELS = {  # the composed path's conv update, in order of preference
+    "causal-conv1d": "causal-conv1d's causal_conv1d_update",
+    "fla": "FLA's Triton causal_conv1d_update (dense per-row cache)",
+    "torch": "torch ops (causal-conv1d and FLA not importable)",
+}
+
+
+def _conv_kernel() -> str:
+    """The first importable of CONV_KERNELS."""
+    for kind, module in (("causal-conv1d", "causal_conv1d"), ("fla", "fla.modules.causal_conv1d")):
+        try:
+            importlib.import_module(module)
+            return kind
+        except Exception:  # not installed, or a broken install
+            pass
+    return "torch"
+
+
+def _conv_update(inp):
+    """(conv update of a step's arguments -> y, its rows' conv states after the update ->
+    [B, qkv_dim, width - 1]) by _conv_kernel(): causal-conv1d's update on the paged pool (as vLLM
+    calls it), FLA's Triton update or torch ops.
+
+    FLA's update keeps one dense cache row [qkv_dim, width] per sequence (its last width - 1
+    columns are the window; the update shifts them and writes the whole row) and takes no slot
+    indices: the step's rows start as a dense copy of their pool rows (untimed), which spares the
+    composed path the gather and scatter a paged pool would cost it: its best case."""
+    kind = _conv_kernel()
+    if kind == "causal-conv1d":
         from causal_conv1d import causal_conv1d_update
-    except Exception:
-        return _torch_conv_update, "torch ops (causal-conv1d not importable)"
 
-    def update(inp):
-        return causal_conv1d_update(inp["mixed_qkv"], inp["conv_state"], inp["conv_weight"], inp["conv_bias"],
-                                    "silu", conv_state_indices=inp["state_indices"])
+        def update(inp):
+            return causal_conv1d_update(inp["mixed_qkv"], inp["conv_state"], inp["conv_weight"], inp["conv_bias"],
+                                        "silu", conv_state_indices=inp["state_indices"])
 
-    return update, "causal-conv1d's causal_conv1d_update"
+        return update, _pool_conv_rows
+    if kind == "torch":
+        return _torch_conv_update, _pool_conv_rows
+    from fla.modules.causal_conv1d import causal_conv1d_update as fla_update
+
+    rows = _pool_conv_rows(inp)
+    cache = torch.zeros(*rows.shape[:2], rows.shape[2] + 1, dtype=rows.dtype, device=rows.device)
+    cache[..., 1:] = rows
+
+    def fla_conv(inp):
+        return fla_update(inp["mixed_qkv"], cache, weight=inp["conv_weight"], bias=inp["conv_bias"],
+                          activation="silu")[0]
+
+    return fla_conv, lambda inp: cache[..., 1:]
 
 
 def composed_prepare(row, inp):
-    """The fused step as separate launches: torch `hidden @ w_ba`, a conv update, flashgdn's packed
-    decode (b = ba[:, :HV], a = ba[:, HV:], as gdn_fused_decode_step splits them)."""
+    """The fused step as separate launches: torch `hidden @ w_ba`, a conv update (_conv_update),
+    flashgdn's packed decode (b = ba[:, :HV], a = ba[:, HV:], as gdn_fused_decode_step splits them)."""
     if row.version != "fused_step":
         raise Unavailable("the composed path is the fused step's baseline")
     from ..engines import fused_recurrent_gated_delta_rule_packed_decode
 
-    conv, _ = _conv_update()
+    conv, conv_rows = _conv_update(inp)
     HV = row.HV
 
     def call():
@@ -347,13 +389,14 @@ def composed_prepare(row, inp):
             inp["state_indices"], row.l2norm)
         return inp["out"], inp["conv_state"], inp["ssm_state"]
 
-    return call, _fused_collect(inp)
+    idx = inp["state_indices"].long()
+    return call, lambda ret: (ret[0], inp["ssm_state"][idx], conv_rows(inp))
 
 
 def composed_note(row) -> Optional[str]:
     if row.version != "fused_step":
         return None
-    return f"torch hidden @ w_ba + conv update by {_conv_update()[1]} + flashgdn's packed decode"
+    return f"torch hidden @ w_ba + conv update by {CONV_KERNELS[_conv_kernel()]} + flashgdn's packed decode"
 
 
 COMPOSED = Impl("composed", composed_prepare, composed_note, applies=lambda row: row.version == "fused_step")
