@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session's checks, run from the project root on a machine with the DSL on PYTHONPATH:
-#   bash benchmarks/device_check.sh tests      # the GPU test suite, four pytest processes side by side
+# One GPU session's checks, run from the project root on a machine with the DSL on PYTHONPATH, each mode
+# sized to fit one device call (10 minutes):
+#   bash benchmarks/device_check.sh tests      # every GPU test, five pytest processes side by side
 #   bash benchmarks/device_check.sh sanitize   # compute-sanitizer memcheck and racecheck on the newest kernels
-#   bash benchmarks/device_check.sh bench DIR  # the results sweep (CSV/JSON/PNG into DIR)
-#   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates and contiguous slots, engine rows,
-#                                              # the fused step and the ReplaySSM step
+#   bash benchmarks/device_check.sh bench DIR  # the results sweep with copy floors (CSV/JSON/PNG into DIR)
+#   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates, on contiguous slots, with token slots
+#   bash benchmarks/device_check.sh engines DIR # engine rows, the fused step's shape grid, padded pools
+#   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -13,26 +15,38 @@ limit=${LIMIT:-240}
 pytest="timeout $limit python3 -m pytest -q -rs -p no:cacheprovider"
 sanitizer="timeout $limit compute-sanitizer --print-limit 10"
 bench="timeout $limit python3 -m flashgdn.bench.cli"
+day=$(date +%F)
 summary() {  # the pytest result and the sanitizer summary of each log
   for f in "$@"; do
     echo "== $f: $(grep -E "passed|failed|error" "$out/$f.log" | tail -1) $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/$f.log" | tail -1)"
     grep -E "^FAILED|^ERROR|Invalid __(global|shared)__" "$out/$f.log" | head -6
   done
+  return 0
 }
+tails() {  # the last lines of each log
+  for f in "$@"; do echo "== $f"; tail -"${TAIL:-25}" "$out/$f.log"; done
+}
+# The test files of groups t1-t4; t5 runs the GPU tests of every other file.
+T1="tests/test_mtp_gpu.py"
+T2="tests/test_replay_gpu.py tests/test_engines_gpu.py"
+T3="tests/test_pretranspose_gpu.py tests/test_nontranspose_gpu.py tests/test_ops_gpu.py tests/test_ops_fused_step_gpu.py"
+T4="tests/test_flashinfer_patterns_gpu.py tests/test_fused_step_gpu.py"
 case "${1:-tests}" in
 tests)
-  # Compiling dominates a first run: four processes share the 16 cores (the disk cache is safe to share).
-  $pytest tests/test_mtp_gpu.py > "$out/t1.log" 2>&1 &
-  $pytest tests/test_replay_gpu.py tests/test_engines_gpu.py > "$out/t2.log" 2>&1 &
-  $pytest tests/test_pretranspose_gpu.py tests/test_nontranspose_gpu.py tests/test_ops_gpu.py \
-    tests/test_ops_fused_step_gpu.py > "$out/t3.log" 2>&1 &
-  $pytest tests/test_flashinfer_patterns_gpu.py tests/test_fused_step_gpu.py > "$out/t4.log" 2>&1 &
+  # Compiling dominates a first run: five processes share the 16 cores (the disk cache is safe to share).
+  rest=$(ls tests/test_*.py | grep -v -x -F -f <(printf "%s\n" $T1 $T2 $T3 $T4))
+  $pytest $T1 > "$out/t1.log" 2>&1 &
+  $pytest $T2 > "$out/t2.log" 2>&1 &
+  $pytest $T3 > "$out/t3.log" 2>&1 &
+  $pytest $T4 > "$out/t4.log" 2>&1 &
+  $pytest -m gpu $rest > "$out/t5.log" 2>&1 &
   wait
-  summary t1 t2 t3 t4 ;;
+  summary t1 t2 t3 t4 t5 ;;
 sanitize)
   # memcheck's "CUDA_ERROR_INVALID_VALUE ... cuGetProcAddress" lines are the host probing driver entry
   # points, not kernel accesses: the kernels' errors show as "Invalid __global__/__shared__ ...".
-  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "not graph" > "$out/mc1.log" 2>&1 &
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "tensor_core or commit_equals or fp16 or out_of_range" \
+    > "$out/mc1.log" 2>&1 &
   $sanitizer --tool memcheck $pytest tests/test_engines_gpu.py tests/test_fused_step_gpu.py \
     tests/test_flashinfer_patterns_gpu.py -k "(vllm or padded or matches_reference) and not graph" > "$out/mc2.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py \
@@ -42,19 +56,45 @@ sanitize)
   wait
   summary mc1 mc2 rc1 rc2 ;;
 bench)
-  dir=${2:-$out}; mkdir -p "$dir"; day=$(date +%F)
-  $bench --api all --state-dtype fp32 bf16 --compare --verify \
+  dir=${2:-$out}; mkdir -p "$dir"
+  $bench --api all --state-dtype fp32 bf16 --compare --verify --floor \
     --csv "$dir/h200_${day}.csv" --json "$dir/h200_${day}.json" --plot "$dir/h200_${day}.png" 2>&1 \
-    | tee "$out/bench.log" | tail -60 ;;
+    | tee "$out/bench.log" | tail -70 ;;
 extra)
-  dir=${2:-$out}; mkdir -p "$dir"; day=$(date +%F)
-  $bench --api mtp --state-dtype fp32 bf16 --cache-intermediate --compare --verify \
+  dir=${2:-$out}; mkdir -p "$dir"
+  $bench --api mtp --state-dtype fp32 bf16 --cache-intermediate --compare --verify --floor \
     --csv "$dir/h200_${day}_mtp_inter.csv" > "$out/mtp_inter.log" 2>&1
-  $bench --api mtp --state-dtype fp32 bf16 --pool-slots contiguous --compare --verify \
+  $bench --api mtp --state-dtype fp32 bf16 --pool-slots contiguous --compare --verify --floor \
     --csv "$dir/h200_${day}_mtp_contiguous.csv" > "$out/mtp_contiguous.log" 2>&1
+  $bench --api mtp --state-dtype fp32 bf16 --token-slots --batch-size 1 16 64 256 --compare --verify --floor \
+    --csv "$dir/h200_${day}_token_slots.csv" > "$out/token_slots.log" 2>&1
+  TAIL=40 tails mtp_inter mtp_contiguous token_slots ;;
+engines)
+  dir=${2:-$out}; mkdir -p "$dir"
   $bench --api engines --state-dtype fp32 bf16 --compare --verify --csv "$dir/h200_${day}_engines.csv" \
     > "$out/engines.log" 2>&1
+  # The fused step at the Qwen3-Next (hidden 2048, HV 32) and Qwen3.5 (hidden 5120, HV 48) layer shapes, TP1
+  # and TP4; CUDA-graph events: the launch gaps of the composed path count.
+  for shape in "next_tp1 2048 16 32" "next_tp4 2048 4 8" "q35_tp1 5120 16 48" "q35_tp4 5120 4 12"; do
+    set -- $shape
+    $bench --api fused_step --hidden-size "$2" --num-q-heads "$3" --num-v-heads "$4" --state-dtype fp32 bf16 \
+      --batch-size 1 4 16 64 256 --timer events --compare --verify --csv "$dir/h200_${day}_fused_$1.csv" \
+      > "$out/fused_$1.log" 2>&1
+  done
+  # Pools with padded strides against packed ones (same rows, same run).
+  for api in pretranspose mtp; do
+    [ $api = mtp ] && T="2 4 8" || T=1
+    for pad in 0 64; do
+      $bench --api $api --pool --pool-padding $pad --state-dtype fp32 bf16 --batch-size 64 256 --seq-len $T \
+        --csv "$dir/h200_${day}_pad${pad}_$api.csv" > "$out/pad${pad}_$api.log" 2>&1
+    done
+  done
+  TAIL=30 tails engines fused_next_tp1 fused_next_tp4 fused_q35_tp1 fused_q35_tp4 pad0_pretranspose pad64_pretranspose \
+    pad0_mtp pad64_mtp ;;
+replay)
+  dir=${2:-$out}; mkdir -p "$dir"
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --csv "$dir/h200_${day}_replay.csv" \
     > "$out/replay.log" 2>&1
-  for f in mtp_inter mtp_contiguous engines replay; do echo "== $f"; tail -25 "$out/$f.log"; done ;;
+  $bench --host --profile --state-dtype fp32 bf16 --json "$dir/h200_${day}_host.json" > "$out/host.log" 2>&1
+  TAIL=60 tails replay host ;;
 esac
