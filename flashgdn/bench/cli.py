@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--floor", action="store_true",
         help="per row, also time a plain copy of the row's bytes (half read, half written: torch's copy_ of a "
              "contiguous uint8 buffer, i.e. cudaMemcpyAsync device-to-device, the copy the copy bandwidth is "
-             "measured with) with the row's timer, L2 flush and --iters; report its median (floor µs) and the "
-             "row's median over it (vs floor). Each byte count is timed once per run")
+             "measured with; torch issues that very call, so neither is faster) with the row's timer, L2 flush and "
+             "--iters (with --timer events outside a CUDA graph: a captured memcpy node is slower); report its "
+             "median (floor µs) and the row's median over it (vs floor). Each byte count is timed once per run")
     add("--json", metavar="PATH", help="write environment + rows as JSON")
     add("--csv", metavar="PATH", help="write rows as CSV, after '# key: value' environment lines")
     add("--plot", metavar="PATH.png",
