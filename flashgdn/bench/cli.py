@@ -17,6 +17,9 @@ conv update + flashgdn's packed decode); a baseline with no such function runs w
 and says so in its note (flashgdn.bench.engine_rows). `--verify` first checks every implementation against
 flashgdn.reference (called with the same arguments) on fresh inputs; a mismatch marks the row
 FAILED and the exit status non-zero.
+`--floor` adds, per row, the copy floor: the median time of a plain device-to-device copy that moves
+the row's bytes (flashgdn.bench.metrics; half read, half written), timed as the row (same timer, L2
+flush and iterations), and the row's time over it (flashgdn.bench.timing.CopyFloor).
 `--api all` sweeps the three FlashInfer API functions; `--api engines` the serving engines' entry
 points (packed, recurrent) and gdn_fused_decode_step (fused_step); each can be asked for by name.
 Progress goes to stderr; the table is printed to stdout last. `--plot` draws the speedup over the
@@ -70,7 +73,7 @@ HOST_BATCH_SIZES = (1,)
 HOST_ITERS = 2000
 # Flags of the sweep that --host has no use for (its rows are fixed): given with it, a usage error.
 SWEEP_ONLY = ("api", "seq_len", "pool", "pool_padding", "cache_intermediate", "token_slots", "timer", "compare",
-              "verify", "plot", "compile_only", "hidden_size")
+              "verify", "plot", "compile_only", "hidden_size", "floor")
 
 # The const of a bare `--version` (print the package version), told apart from an API name.
 SHOW_VERSION = object()
@@ -147,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     add("--compare", action="store_true", help="also time FLA (fused_recurrent) and FlashInfer (gdn_decode)")
     add("--verify", action="store_true", help="check every implementation against flashgdn.reference first")
+    add("--floor", action="store_true",
+        help="per row, also time a plain copy of the row's bytes (half read, half written: torch's copy_ of a "
+             "contiguous uint8 buffer, i.e. cudaMemcpyAsync device-to-device, the copy the copy bandwidth is "
+             "measured with; torch issues that very call, so neither is faster) with the row's timer, L2 flush and "
+             "--iters (with --timer events outside a CUDA graph: a captured memcpy node is slower); report its "
+             "median (floor µs) and the row's median over it (vs floor). Each byte count is timed once per run")
     add("--json", metavar="PATH", help="write environment + rows as JSON")
     add("--csv", metavar="PATH", help="write rows as CSV, after '# key: value' environment lines")
     add("--plot", metavar="PATH.png",
@@ -225,8 +234,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.compile_only and (args.arch or args.sm_count):
         parser.error("--arch and --sm-count only apply with --compile-only (a GPU run uses the GPU's own)")
-    if args.compile_only and args.plot:
-        parser.error("--plot needs measured times: it does not apply with --compile-only")
+    if args.compile_only and (args.plot or args.floor):
+        parser.error(f"{'--plot' if args.plot else '--floor'} needs measured times: it does not apply with "
+                     f"--compile-only")
     if args.pool_padding and not any(r.pool for r in sweep_rows(args)):
         parser.error("--pool-padding applies to pool rows: add --pool, --api mtp or --api pretranspose --seq-len > 1")
     args.arch = args.arch or "sm_90a"
@@ -341,8 +351,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: float, seen: set,
-            timers: set) -> dict:
-    """One result row (every field of result_fields()): flashgdn, then each baseline (--compare)."""
+            timers: set, floor=None) -> dict:
+    """One result row (every field of result_fields()): flashgdn, then each baseline (--compare),
+    then with `floor` (a timing.CopyFloor: --floor) the copy floor of the row's bytes."""
     import torch
 
     kernel = " + ".join(s.short_name() for s in row_specs(row, arch, sm_count))
@@ -380,8 +391,25 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
         # flashgdn's compulsory bytes over the baseline's time (FLA, e.g., also writes an fp32 state copy).
         rec[f"{impl.name}_pct_copy_bw"] = pct_of_copy(row.bytes(), b_us, copy_bw)
         rec[f"{impl.name}_speedup"] = b_us / rec["median_us"] if rec["median_us"] else None
+    if floor is not None:
+        measure_floor(rec, floor, timers)
     torch.cuda.empty_cache()
     return rec
+
+
+def measure_floor(rec: dict, floor, timers: set) -> None:
+    """Set rec's floor_us (the copy floor of rec["bytes"]) and vs_floor (rec's median over it);
+    None (n/a) where the row counts no bytes, the copy fails or flashgdn has no time."""
+    if not rec["bytes"]:
+        return
+    try:
+        times, timer = floor(rec["bytes"])
+    except Exception as exc:  # e.g. out of memory: the row stands, its floor reads n/a
+        progress(f"  copy floor of {rec['bytes']} bytes: {_one_line(exc)}")
+        return
+    timers.add(timer)
+    rec["floor_us"] = times["median_us"]
+    rec["vs_floor"] = rec["median_us"] / rec["floor_us"] if rec["median_us"] else None
 
 
 def supported_gpu():
@@ -405,7 +433,7 @@ def sweep(args) -> int:
     """Time every row on the current GPU; print the table; write --json/--csv/--plot."""
     import torch
 
-    from .timing import L2Flusher, copy_bandwidth
+    from .timing import CopyFloor, L2Flusher, copy_bandwidth
 
     found = supported_gpu()
     if found is None:
@@ -416,16 +444,17 @@ def sweep(args) -> int:
     copy_bw = copy_bandwidth(device, timer=args.timer)
     progress(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
     flusher, seen, results = L2Flusher(device), set(), []
+    floor = CopyFloor(device, args.iters, args.warmup, args.timer, flusher) if args.floor else None
     rows = sweep_rows(args)
     for i, row in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {row.label()} ...")
-        results.append(run_row(row, args, device, arch, sm_count, flusher, copy_bw, seen, timers))
+        results.append(run_row(row, args, device, arch, sm_count, flusher, copy_bw, seen, timers, floor))
     env = environment(device, copy_bw, timers, args.argv)
     write_outputs(args, results, env)
     if args.plot:
         write_plot(args.plot, results)
     print(format_env_line(env))
-    print(results_table(results, args.compare))
+    print(results_table(results, args.compare, args.floor))
     return 1 if any(row_failed(r) for r in results) else 0
 
 

@@ -18,7 +18,7 @@ from .rows import BASELINES, sweep_title
 ROW_FIELDS = (
     "version", "B", "T", "H", "HV", "K", "V", "hidden", "dtype", "state_dtype", "pool", "pool_slots", "pool_padding",
     "intermediate", "token_slots", "l2norm", "kernel", "flops", "bytes", "median_us", "p10_us", "p90_us",
-    "tflops", "tbps", "pct_copy_bw", "verify", "error",
+    "tflops", "tbps", "pct_copy_bw", "floor_us", "vs_floor", "verify", "error",
 )
 BASELINE_SUFFIXES = ("us", "speedup", "pct_copy_bw", "verify", "note")
 # Fields of one --compile-only row: "kernel" is the variant's name, as in a result row.
@@ -143,20 +143,29 @@ def api_label(rec: dict) -> str:
     return rec["version"] + ("+slots" if rec.get("token_slots") else "")
 
 
-def results_table(rows: List[dict], compare: bool) -> str:
-    """The stdout table under its title (sweep_title), then one note per distinct error, mismatch
-    or unavailable baseline."""
+# The table title's words on the --floor columns.
+FLOOR_NOTE = ("floor µs: a device-to-device copy (cudaMemcpyAsync) of the row's bytes, half read and half written, "
+              "timed as the row (timer, L2 flush, median); vs floor: median µs / floor µs")
+
+
+def results_table(rows: List[dict], compare: bool, floor: bool = False) -> str:
+    """The stdout table under its title (sweep_title; with `floor`, FLOOR_NOTE), then one note per
+    distinct error, mismatch or unavailable baseline."""
     # A baseline's columns where some row ran it or says why not (the composed path: fused_step rows).
     names = [b.name for b in BASELINES if any(r.get(f"{b.name}_us") is not None or r.get(f"{b.name}_note")
                                                for r in rows)] if compare else []
     headers = ["version", "B", "T", "state", "pool", "median µs", "p10 µs", "p90 µs", "TFLOPS", "TB/s",
-               "% copy bw", "verify"]
+               "% copy bw"] + (["floor µs", "vs floor"] if floor else []) + ["verify"]
     headers += [h for n in names for h in (f"{n} µs", f"vs {n}")]
     body, notes = [], []
     for r in rows:
         verdict = "ERROR" if r["error"] else "FAILED" if r["verify"].startswith("FAILED") else r["verify"]
         line = [api_label(r), r["B"], r["T"], r["state_dtype"], r["pool_slots"] if r["pool"] else "no",
-                r["median_us"], r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"], verdict]
+                r["median_us"], r["p10_us"], r["p90_us"], r["tflops"], r["tbps"], r["pct_copy_bw"]]
+        if floor:
+            line += ["n/a" if r.get("floor_us") is None else r["floor_us"],
+                     "n/a" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}x"]
+        line.append(verdict)
         where = f"{api_label(r)} B={r['B']} T={r['T']} {r['state_dtype']}"
         for msg in (r["error"], r["verify"]):
             if msg and msg != "ok":
@@ -171,7 +180,8 @@ def results_table(rows: List[dict], compare: bool) -> str:
                 notes.append(f"{n} {where}: {r[f'{n}_verify']}")
         body.append(line)
     notes = list(dict.fromkeys(notes))
-    table = sweep_title(rows) + "\n\n" + format_table(headers, body)
+    title = sweep_title(rows) + (f"; {FLOOR_NOTE}" if floor else "")
+    table = title + "\n\n" + format_table(headers, body)
     return table + ("\n\nnotes:\n  " + "\n  ".join(notes) if notes else "")
 
 

@@ -156,10 +156,38 @@ def summarize(times_us: List[float]) -> Dict[str, float]:
     return {"median_us": statistics.median(s), "p10_us": q[0], "p90_us": q[-1]}
 
 
-def copy_bandwidth(device=None, nbytes: int = 1 << 30, iters: int = 20, timer: str = "auto") -> float:
-    """Device copy bandwidth in bytes/s: a `nbytes` device-to-device copy, bytes read + written."""
+def _copy_call(nbytes: int, device=None) -> Callable[[], None]:
+    """A device-to-device copy of `nbytes` bytes: torch's copy_ of one contiguous uint8 buffer into
+    another, which is a cudaMemcpyAsync D2D (CUPTI records it as a memcpy)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device or "cuda").random_(0, 255)
     dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def copy_bandwidth(device=None, nbytes: int = 1 << 30, iters: int = 20, timer: str = "auto") -> float:
+    """Device copy bandwidth in bytes/s: a `nbytes` device-to-device copy, bytes read + written."""
     # No graph capture: a captured memcpy node took a slower path than the plain copy on the H100.
-    times, _ = time_fn(lambda: dst.copy_(src), iters=iters, warmup=3, cold_l2=False, timer=timer, use_graph=False)
+    times, _ = time_fn(_copy_call(nbytes, device), iters=iters, warmup=3, cold_l2=False, timer=timer,
+                       use_graph=False)
     return 2 * nbytes / (statistics.median(times) * 1e-6)
+
+
+class CopyFloor:
+    """The copy floor of a byte count: the time of a device-to-device copy (copy_bandwidth's) that
+    moves that many bytes, half read and half written, timed as the benchmark rows are (`timer`,
+    `iters`, `warmup`, the L2 flushed by `flusher` before each iteration; no CUDA graph, as
+    copy_bandwidth). `floor(nbytes)` gives summarize() of its times and the timer used; each byte
+    count is timed once per CopyFloor (rows of equal bytes share it)."""
+
+    def __init__(self, device=None, iters: int = 100, warmup: int = 10, timer: str = "auto",
+                 flusher: Optional[L2Flusher] = None):
+        self.device, self.iters, self.warmup, self.timer, self.flusher = device, iters, warmup, timer, flusher
+        self.measured: Dict[int, tuple] = {}
+
+    def __call__(self, nbytes: int) -> tuple:
+        if nbytes not in self.measured:
+            # The buffers live only while timed: the largest rows' copies take gigabytes.
+            times, timer = time_fn(_copy_call(-(-nbytes // 2), self.device), iters=self.iters, warmup=self.warmup,
+                                   cold_l2=True, timer=self.timer, flusher=self.flusher, use_graph=False)
+            self.measured[nbytes] = summarize(times), timer
+        return self.measured[nbytes]
