@@ -7,6 +7,7 @@
 #   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates, on contiguous slots, with token slots
 #   bash benchmarks/device_check.sh engines DIR # engine rows, the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
+#   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state against the token loop
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -101,4 +102,11 @@ replay)
     > "$out/replay.log" 2>&1
   $bench --host --profile --state-dtype fp32 bf16 --json "$dir/h200_${day}_host.json" > "$out/host.log" 2>&1
   TAIL=60 tails replay host ;;
+tune)
+  # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
+  for T in 4 8; do
+    timeout "$limit" python3 benchmarks/tune.py --state-dtype float32 --seq-len $T --pool --batch-size 16 64 256 \
+      --tiles "(4,2,8),(4,4,8),(2,1),(4,1),(8,1),(4,2)" > "$out/tune_f32_T$T.log" 2>&1
+  done
+  TAIL=8 tails tune_f32_T4 tune_f32_T8 ;;
 esac

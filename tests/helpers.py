@@ -322,6 +322,34 @@ def stub_kernel_lookups(monkeypatch, facts):
     return looked_up
 
 
+def use_h200_table(monkeypatch, **table_changes):
+    """Calls take the H200 table (policy.SM90_HBM3E, with `table_changes`) on any device, with no
+    remembered plan; returns the list of KernelSpecs they look up. A changed table gets a compile
+    cache of its own in memory: a spec's build follows the table, so the shared caches (this
+    process's and the disk's) may hold the other table's build of the same spec."""
+    import dataclasses
+
+    from flashgdn import api
+    from flashgdn.cache import CompileCache, compile_variant
+    from flashgdn.kernels import policy
+
+    facts = api.facts_of
+    monkeypatch.setattr(api, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
+    monkeypatch.setattr(api, "_VALIDATED", {})  # a plan keeps the function it looked up first
+    if table_changes:
+        monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **table_changes))
+        monkeypatch.setattr(api, "kernel_cache", CompileCache(compile_variant))
+    specs = []
+    get = api.kernel_cache.get
+
+    def record(spec):
+        specs.append(spec)
+        return get(spec)
+
+    monkeypatch.setattr(api.kernel_cache, "get", record)
+    return specs
+
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -6,7 +6,8 @@ import torch
 
 import flashgdn
 from flashgdn import reference as ref
-from helpers import assert_close_output, assert_close_state, make_inputs, make_state
+from flashgdn.kernels import policy
+from helpers import assert_close_output, assert_close_state, make_inputs, make_state, use_h200_table
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -101,6 +102,20 @@ def test_mtp_bf16_tensor_core(T, update, accepted, pad, ratio, K):
     """bf16 state, large batch, T >= 5: the tensor-core kernel (closed form, the state update as a
     matrix product), with padding, accepted counts, no state update, GVA and other head dims."""
     _run(T, 200, ratio, torch.bfloat16, False, update, accepted, pad, K=K)
+
+
+@pytest.mark.parametrize("T,update,accepted,pad,ratio,K", [
+    (2, True, False, True, 1, 128), (4, True, True, False, 2, 128), (8, False, False, True, 2, 128),
+    (8, True, True, True, 1, 64), (16, True, False, True, 2, 128), (5, True, True, False, 1, 256),
+])
+def test_mtp_fp32_tensor_core(monkeypatch, T, update, accepted, pad, ratio, K):
+    """fp32 state on the tensor-core kernel (its dot products on bf16 hi + lo parts of the state),
+    which a table takes from mma_min_tokens_fp32 on (here the H200 table from T = 2): outputs, and
+    the state after up to 16 tokens within the fp32 tolerance; padding, accepted counts, no state
+    update, GVA, other head dims."""
+    specs = use_h200_table(monkeypatch, mma_min_tokens_fp32=2)
+    _run(T, 200, ratio, torch.float32, False, update, accepted, pad, K=K)
+    assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
 
 
 @pytest.mark.parametrize("sdt,B", [(torch.float32, 200), (torch.bfloat16, 200), (torch.bfloat16, 5)],

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import flashgdn
-from flashgdn import api as fapi
 from flashgdn import reference as ref
 from flashgdn.kernels import policy
 from flashgdn.spec import KernelSpec
-from helpers import assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state
+from helpers import assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state, use_h200_table
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -133,19 +132,8 @@ def test_verify_fp16_inputs_and_strided_slots():
 @pytest.fixture
 def tensor_core_specs(monkeypatch):
     """Calls take the H200 table (the tensor cores for a bf16 state at large batch from T = 3) on
-    any device, with no remembered plan; returns the list of KernelSpecs they look up."""
-    facts = fapi.facts_of
-    monkeypatch.setattr(fapi, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
-    monkeypatch.setattr(fapi, "_VALIDATED", {})  # a plan keeps the function it looked up first
-    specs = []
-    get = fapi.kernel_cache.get
-
-    def record(spec):
-        specs.append(spec)
-        return get(spec)
-
-    monkeypatch.setattr(fapi.kernel_cache, "get", record)
-    return specs
+    any device; returns the list of KernelSpecs they look up."""
+    return use_h200_table(monkeypatch)
 
 
 def assert_tensor_core_verify(specs):

@@ -1,4 +1,4 @@
-"""K-last MTP kernel on the tensor cores, for a bf16 state and bf16 q/k/v: state [.., HV, V, K].
+"""K-last MTP kernel on the tensor cores, for a bf16 or fp32 state and bf16 q/k/v: state [.., HV, V, K].
 
 The T tokens are applied in closed form. With D(t, j) the product of the decays of tokens j+1..t
 and G(t) = D(t, -1), the state after token t is
@@ -12,6 +12,11 @@ product: G S_0 plus the rank-T update, with W = D u |k|^-1 in two bf16 parts (hi
 mantissa). Decays only multiply (no division, no rescale test). Per state element this is a load,
 a conversion, a multiply and a store, where kmtp.KLastMTP does 3 FMAs per token; that kernel is
 bound by its serial per-token arithmetic at T = 8 with a bf16 state, this one much less.
+
+An fp32 state stays fp32 in registers and in memory: its dot products take it as two bf16
+operands (hi + lo: 16 bits of mantissa, two tensor-core products each), and the update adds the
+rank-T term to G S_0 computed in fp32. So the products carry about 2^-17 relative error where the
+token loop's carry 2^-24; the state itself is never rounded below fp32.
 
 A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of it. A warp loads
 q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while the rows are in
@@ -40,10 +45,12 @@ from . import common
 
 class KLastMTPMma(common.DecodeKernel):
     def __init__(self, spec, config):
-        if spec.state_dtype != "bfloat16" or spec.io_dtype != "bfloat16" or spec.writes_states:
-            raise ValueError("the tensor-core MTP kernel takes a bf16 state and bf16 q/k/v, no intermediates "
-                             "or token slots")
+        if spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.writes_states:
+            raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, no "
+                             "intermediates or token slots")
         super().__init__(spec, config)
+        self.split_state = spec.state_dtype == "float32"  # the state's operands as bf16 hi + lo
+        self.state_type = Float32 if self.split_state else BFloat16
         num_warps, blocks_per_warp = config.tile
         self.num_warps = num_warps
         self.mb = blocks_per_warp  # 16-row blocks per warp
@@ -59,8 +66,9 @@ class KLastMTPMma(common.DecodeKernel):
         # Load the update's k with the state rather than after the dot products: as L1 hits there
         # they often miss, and their wait falls just before the update. 2-5 % faster at T = 7-16
         # for 16-32 more registers (RESULTS.md "Tensor cores for MTP"). At K = 256 those registers
-        # would cost a CTA per SM (T <= 8) or spill (T >= 12).
-        self.early_k = spec.K <= 128
+        # would cost a CTA per SM (T <= 8) or spill (T >= 12); an fp32 state holds twice the
+        # registers, so there the same holds from K = 128.
+        self.early_k = spec.K <= (64 if self.split_state else 128)
 
     # ---- operands -------------------------------------------------------------------------------
 
@@ -70,15 +78,30 @@ class KLastMTPMma(common.DecodeKernel):
         cute.gemm(atom, acc, a, b, acc)
 
     @cute.jit
-    def _frag_a(self, rTop, rBot, s: int):
-        """A operand of k-step s from two 16-byte chunks (rows g and g + 8 of the 16-row block)."""
-        rA = cute.make_rmem_tensor((8, 1), BFloat16)
+    def _frag_a(self, rTop, rBot, s: int, dtype=BFloat16):
+        """A operand of k-step s from two 8-element chunks (rows g and g + 8 of the 16-row block),
+        in `dtype` (the operand's bf16, or fp32 to split)."""
+        rA = cute.make_rmem_tensor((8, 1), dtype)
         for e in cutlass.range_constexpr(2):
             rA[e, 0] = rTop[4 * s + e]
             rA[2 + e, 0] = rBot[4 * s + e]
             rA[4 + e, 0] = rTop[4 * s + 2 + e]
             rA[6 + e, 0] = rBot[4 * s + 2 + e]
         return rA
+
+    @cute.jit
+    def _state_frags(self, rTop, rBot, s: int):
+        """The A operands of k-step s of the state rows: one (_frag_a) for a bf16 state; for an fp32
+        state its bf16 hi and lo parts (x = hi + lo to 16 bits of mantissa), whose products add up."""
+        if const_expr(not self.split_state):
+            return [self._frag_a(rTop, rBot, s)]
+        rA = self._frag_a(rTop, rBot, s, Float32)
+        hi = cute.make_rmem_tensor((8, 1), BFloat16)
+        lo = cute.make_rmem_tensor((8, 1), BFloat16)
+        for i in cutlass.range_constexpr(8):
+            hi[i, 0] = rA[i, 0].to(BFloat16)
+            lo[i, 0] = (rA[i, 0] - hi[i, 0].to(Float32)).to(BFloat16)
+        return [hi, lo]
 
     @cute.jit
     def _frag_b(self, rChunk, s: int):
@@ -199,9 +222,11 @@ class KLastMTPMma(common.DecodeKernel):
                 aq.fill(0.0)
                 for p in cutlass.range_constexpr(KP):
                     for s in cutlass.range_constexpr(2):
-                        rA = self._frag_a(rS[None, p, 0, m], rS[None, p, 1, m], s)
-                        self._gemm(ak, rA, self._frag_b(rK[None, p, na], s))
-                        self._gemm(aq, rA, self._frag_b(rQ[None, p, na], s))
+                        rBk = self._frag_b(rK[None, p, na], s)
+                        rBq = self._frag_b(rQ[None, p, na], s)
+                        for rA in self._state_frags(rS[None, p, 0, m], rS[None, p, 1, m], s):
+                            self._gemm(ak, rA, rBk)
+                            self._gemm(aq, rA, rBq)
                 for hh in cutlass.range_constexpr(2):
                     for e in cutlass.range_constexpr(2):
                         sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 0] = ak[2 * hh + e, 0, 0]
@@ -278,7 +303,7 @@ class KLastMTPMma(common.DecodeKernel):
             rV[t] = gmem.v[b, t, hv, row0 + my_row]
         raw = common.load_gates(gmem, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
         common.load_fence()
-        rS = cute.make_rmem_tensor((8, KP, 2, MB), BFloat16)
+        rS = cute.make_rmem_tensor((8, KP, 2, MB), self.state_type)
         for m in cutlass.range_constexpr(MB):
             for hh in cutlass.range_constexpr(2):
                 for p in cutlass.range_constexpr(KP):
@@ -378,8 +403,8 @@ class KLastMTPMma(common.DecodeKernel):
                     rA[6 + e, 0] = up[e, 1, up_half]
                 steps.append(rA)
             for p in cutlass.range_constexpr(KP):
-                rTop = cute.make_rmem_tensor((8,), BFloat16)
-                rBot = cute.make_rmem_tensor((8,), BFloat16)
+                rTop = cute.make_rmem_tensor((8,), self.state_type)
+                rBot = cute.make_rmem_tensor((8,), self.state_type)
                 for mq in cutlass.range_constexpr(4):
                     rB = cute.make_rmem_tensor((4, 1), BFloat16)
                     for e in cutlass.range_constexpr(2):  # k of the token halves, the same every step
@@ -392,10 +417,10 @@ class KLastMTPMma(common.DecodeKernel):
                     acc[3, 0, 0] = gx * rS[mq + 4, p, 1, m].to(Float32)
                     for rA in steps:
                         self._gemm(acc, rA, rB)
-                    rTop[mq] = acc[0, 0, 0].to(BFloat16)
-                    rTop[mq + 4] = acc[1, 0, 0].to(BFloat16)
-                    rBot[mq] = acc[2, 0, 0].to(BFloat16)
-                    rBot[mq + 4] = acc[3, 0, 0].to(BFloat16)
+                    rTop[mq] = acc[0, 0, 0].to(self.state_type)
+                    rTop[mq + 4] = acc[1, 0, 0].to(self.state_type)
+                    rBot[mq] = acc[2, 0, 0].to(self.state_type)
+                    rBot[mq + 4] = acc[3, 0, 0].to(self.state_type)
                 if run:
                     cute.autovec_copy(rTop, self._chunk(mDst[frag_row + 16 * m, None], p, c))
                     cute.autovec_copy(rBot, self._chunk(mDst[frag_row + 16 * m + 8, None], p, c))

@@ -46,6 +46,9 @@ class DeviceTable:
     # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and
     # block of conv channels, or per batch row and 16-byte column block of w_ba). Not yet measured.
     conv_gate_threads: int = 128
+    # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
+    # not measured yet, so the token loop serves it (a tuning run asks for the tensor cores by tile).
+    mma_min_tokens_fp32: Optional[int] = None
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -63,6 +66,7 @@ SM90_HBM3 = DeviceTable(
         ("mtp_inter", "large", "float32"): (8, 1, 16),
         ("mtp_inter", "large", "bfloat16"): (4, 2, 16),
         ("mtp_mma", "large", "bfloat16"): (4, 2),
+        ("mtp_mma", "large", "float32"): (4, 1),  # not measured: one block per warp (twice the registers)
         ("kmajor", "small", "float32"): (4, 4),
         ("kmajor", "large", "float32"): (8, 2),
         ("kmajor", "small", "bfloat16"): (4, 4),
@@ -171,17 +175,21 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
     "Tensor cores for MTP"). On the H200, where the token loop is compute-bound, from T = 3:
     1.05x at T = 3 and 1.2x at T = 4 for B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A
-    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp. A ReplaySSM verify
+    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp. An fp32 state takes it from
+    the table's mma_min_tokens_fp32 on (None: never by default, not yet measured). A ReplaySSM verify
     (replay_cache) follows the same choice as plain MTP without a state update: both kernels store
     the windows from the raw inputs they load."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
         return KLAST
-    mma_ok = spec.state_dtype == "bfloat16" and spec.io_dtype == "bfloat16" and not spec.writes_states
+    mma_ok = (spec.state_dtype in ("bfloat16", "float32") and spec.io_dtype == "bfloat16"
+              and not spec.writes_states)
     if spec.tile is not None:
         return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
-    return KMTP_MMA if mma_ok and spec.regime == "large" and spec.T >= table.mma_min_tokens else KMTP
+    min_tokens = table.mma_min_tokens if spec.state_dtype == "bfloat16" else table.mma_min_tokens_fp32
+    return (KMTP_MMA if mma_ok and min_tokens is not None and spec.regime == "large" and spec.T >= min_tokens
+            else KMTP)
 
 
 def _tile(spec: KernelSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
