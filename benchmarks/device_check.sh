@@ -7,7 +7,8 @@
 #   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates, on contiguous slots, with token slots
 #   bash benchmarks/device_check.sh engines DIR # engine rows, the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
-#   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state against the token loop
+#   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
+#                                              # states against the token loop
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -108,5 +109,10 @@ tune)
     timeout "$limit" python3 benchmarks/tune.py --state-dtype float32 --seq-len $T --pool --batch-size 16 64 256 \
       --tiles "(4,2,8),(4,4,8),(2,1),(4,1),(8,1),(4,2)" > "$out/tune_f32_T$T.log" 2>&1
   done
-  TAIL=8 tails tune_f32_T4 tune_f32_T8 ;;
+  # A state per token (intermediates): the token loop's mtp_inter shapes against the tensor cores.
+  for sdt in float32 bfloat16; do
+    timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --seq-len 4 --pool --inter --batch-size 16 64 256 \
+      --tiles "(8,1,16),(4,2,16),(2,1),(4,1),(8,1),(4,2)" > "$out/tune_inter_$sdt.log" 2>&1
+  done
+  TAIL=8 tails tune_f32_T4 tune_f32_T8 tune_inter_float32 tune_inter_bfloat16 ;;
 esac

@@ -73,9 +73,14 @@ VARIANTS = [
     ("mtp-mma-T3-large-bfloat16-h200",
      dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
-    # an fp32 state on the tensor cores (the tuning runs' 2-tuple tile): hi + lo operands, fp32 update
-    ("mtp-mma-T8-accepted-tile41-large-float32",
-     dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True, tile=(4, 1))),
+    # the tensor cores by the tuning runs' 2-tuple tile: a state per token (intermediates with accepted
+    # counts; token slots), an fp32 state (hi + lo operands, fp32 update)
+    ("mtp-mma-T4-inter-accepted-tile42-large-bfloat16",
+     dict(T=4, regime="large", state="bfloat16", index_dtype="int32", has_intermediate=True, has_accepted=True,
+          tile=(4, 2))),
+    ("mtp-mma-T8-tokslots-tile41-large-float32",
+     dict(T=8, regime="large", state="float32", index_dtype="int64", has_token_slots=True, zero_padding_output=False,
+          tile=(4, 1))),
     # T=1 through the MTP entry point (intermediates, accepted counts build the multi-token kernel), K=64
     ("mtp-T1-inter-accepted-K64V64-small-float32",
      dict(T=1, K=64, V=64, state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True)),
@@ -206,8 +211,11 @@ def test_mma_kernel_follows_the_measured_cases():
 
     assert mma() and mma(T=5) and mma(T=16) and mma(has_accepted=True) and mma(update_state=False)
     assert not mma(T=4) and not mma(regime="small") and not mma(has_intermediate=True)
-    # An fp32 state only by tile until a table measures it (mma_min_tokens_fp32 None everywhere).
+    # An fp32 state and a state per token only by tile until a table measures them (mma_min_tokens_fp32
+    # and mma_min_tokens_writes None everywhere); never vLLM's slot rule.
     assert not mma(state="float32") and mma(state="float32", tile=(4, 1)) and not mma(state="float32", tile=(4, 2, 8))
+    assert not mma(has_intermediate=True) and mma(has_intermediate=True, tile=(4, 2))
+    assert not mma(has_token_slots=True, zero_padding_output=False, tile=(4, 2), vllm_slots=True)
     assert not mma(io="float16") and not mma(T=1, has_accepted=True)
     assert mma(T=2, regime="small", tile=(1, 1)) and not mma(tile=(2, 4, 8))
     assert isinstance(make_kernel(spec("sm_90a", T=8, regime="large", state="bfloat16", index_dtype="int32")),
@@ -218,9 +226,11 @@ def test_mma_kernel_follows_the_measured_cases():
         assert (kernel.num_warps, kernel.mb) == tile and kernel.rows_per_cta <= V
         # The update's k loads early up to K = 128; at K = 256 its registers would cost occupancy.
         assert kernel.early_k == (K <= 128)
-    bad = spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_intermediate=True)
-    with pytest.raises(ValueError, match="no intermediates"):
-        KLastMTPMma(bad, config(T=8, state="bfloat16", index_dtype="int32", tile=(1, 2)))
+    for bad in (spec("sm_90a", T=8, state="bfloat16", io="float16", gate="float16", index_dtype="int32"),
+                spec("sm_90a", T=8, state="bfloat16", index_dtype="int32", has_token_slots=True, vllm_slots=True,
+                     zero_padding_output=False)):
+        with pytest.raises(ValueError, match="bf16 q/k/v, not vLLM's slot rule"):
+            KLastMTPMma(bad, config(T=8, state="bfloat16", index_dtype="int32", tile=(1, 2)))
 
 
 def test_replay_verify_follows_plain_mtp():

@@ -18,8 +18,9 @@ import torch
 import flashgdn
 from flashgdn import api as fg_api
 from flashgdn import reference as ref
+from flashgdn.kernels import policy
 from helpers import (assert_close_output, assert_close_state, graph_replay_equals_eager, make_inputs, make_state,
-                     same_bits)
+                     same_bits, use_h200_table)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -249,6 +250,19 @@ def test_mtp_per_token_state_slots(case):
     """ssm_state_indices [B, T]: the state after token t of row i lands in its slot; negative
     entries are skipped; no final write-back; read slots and unused slots stay bit for bit."""
     _case_token_slots(**case)
+
+
+@pytest.mark.parametrize("case", _params([
+    dict(**LARGE, T=2, sdt=F32), dict(**LARGE, T=4, sdt=BF16), dict(**LARGE, T=8, sdt=F32, bad_row=True),
+    dict(**LARGE, T=8, sdt=BF16, K=64), dict(B=40, H=2, HV=8, T=16, sdt=BF16),
+]))
+def test_mtp_per_token_state_slots_tensor_core(case, monkeypatch):
+    """The same contract on the tensor-core kernel (each token's state one matrix product), which a
+    table takes from mma_min_tokens_writes on (here the H200 table from T = 2, both state dtypes)."""
+    monkeypatch.setattr(fg_api, "CHECK_INDICES", False)
+    specs = use_h200_table(monkeypatch, mma_min_tokens_writes=2, mma_min_tokens_fp32=2)
+    _case_token_slots(**case)
+    assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
 
 
 @pytest.mark.parametrize("case", _params([dict(**SMALL, T=4, sdt=F32), dict(**LARGE, T=8, sdt=BF16)]))

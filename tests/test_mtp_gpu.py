@@ -118,6 +118,20 @@ def test_mtp_fp32_tensor_core(monkeypatch, T, update, accepted, pad, ratio, K):
     assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
 
 
+@pytest.mark.parametrize("T,sdt,update,accepted,pad,ratio,K", [
+    (2, torch.float32, True, True, True, 1, 128), (4, torch.bfloat16, True, False, False, 2, 128),
+    (4, torch.float32, False, False, True, 2, 128), (8, torch.bfloat16, True, True, True, 1, 128),
+    (8, torch.float32, True, False, False, 2, 64), (16, torch.bfloat16, False, False, True, 2, 128),
+])
+def test_mtp_tensor_core_intermediates(monkeypatch, T, sdt, update, accepted, pad, ratio, K):
+    """Intermediate states on the tensor-core kernel (the state after each token one matrix product),
+    which a table takes from mma_min_tokens_writes on (here the H200 table from T = 2, both state
+    dtypes): every intermediate, the committed state (all T or the accepted count) and outputs."""
+    specs = use_h200_table(monkeypatch, mma_min_tokens_writes=2, mma_min_tokens_fp32=2)
+    _run(T, 200, ratio, sdt, True, update, accepted, pad, K=K)
+    assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
+
+
 @pytest.mark.parametrize("sdt,B", [(torch.float32, 200), (torch.bfloat16, 200), (torch.bfloat16, 5)],
                          ids=("fp32-large", "bf16-large-tensor-core", "bf16-small"))
 def test_mtp_out_of_range_accepted_counts(sdt, B):

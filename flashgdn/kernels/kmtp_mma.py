@@ -22,8 +22,8 @@ A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of
 q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while the rows are in
 flight, the CTA's warps share the work of the head's tables (the Gram matrix of q/k and the decay
 tables, in shared memory, behind two CTA barriers). Each warp then runs the recurrence one row per
-lane and writes its rows back. Intermediate states are not built here (kmtp.KLastMTP is faster
-for them). A ReplaySSM verify (spec.replay_cache: a frozen state) stores the raw inputs into the
+lane and writes its rows back. A state per token (intermediates, token slots) is one more
+matrix product each (the tables hold the weights of every prefix). A ReplaySSM verify (spec.replay_cache: a frozen state) stores the raw inputs into the
 windows of the row's read slot from the registers that hold them: each lane's v, the k chunks of
 the dot products and the gates of the tables (kmtp.KLastMTP's window contract).
 
@@ -45,9 +45,10 @@ from . import common
 
 class KLastMTPMma(common.DecodeKernel):
     def __init__(self, spec, config):
-        if spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.writes_states:
-            raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, no "
-                             "intermediates or token slots")
+        if (spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.vllm_slots
+                or spec.varlen is not None):
+            raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, not vLLM's "
+                             "slot rule or varlen")
         super().__init__(spec, config)
         self.split_state = spec.state_dtype == "float32"  # the state's operands as bf16 hi + lo
         self.state_type = Float32 if self.split_state else BFloat16
@@ -288,6 +289,9 @@ class KLastMTPMma(common.DecodeKernel):
         # tables need only q/k and the gates, so they are built while the state is in flight),
         # then the state, whose address waits for the pool index.
         read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
+        tok_slots = None
+        if const_expr(spec.has_token_slots):
+            tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
         run = status == common.RUN
         rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
         rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
@@ -362,14 +366,22 @@ class KLastMTPMma(common.DecodeKernel):
                 sP[my_row, t, 0] = u[t]
         cute.arch.sync_warp()
 
-        if const_expr(spec.update_state):
-            mDst = gmem.state[write_slot, hv, None, None]
-            if const_expr(spec.has_accepted):
-                # The count indexes the tables: out of [0, T] (an invalid row, not stored) it reads 0.
-                n_acc = Int32(cutlass.select_(run, accepted, 0))
-                self._apply(n_acc, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
-            else:
-                self._apply(T, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run)
+        # The state after each token n (intermediates, token slots: kmtp's stores, each a matrix
+        # product here), then the committed one.
+        for n in cutlass.range_constexpr(1, T + 1 if spec.writes_states else 1):
+            if const_expr(spec.has_intermediate):
+                self._apply(n, rS, rKu, sVec, sW, sP, gmem.intermediate_states[b, n - 1, hv, None, None], frag_row,
+                            g, c, run)
+            if const_expr(spec.has_token_slots):
+                slot = tok_slots[n - 1]
+                self._apply(n, rS, rKu, sVec, sW, sP, gmem.state[slot, hv, None, None], frag_row, g, c,
+                            run and slot >= 0)
+        if const_expr(spec.update_state and spec.has_accepted):
+            # The count indexes the tables: out of [0, T] (an invalid row, not stored) it reads 0.
+            n_acc = Int32(cutlass.select_(run, accepted, 0))
+            self._apply(n_acc, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
+        elif const_expr(spec.update_state and not spec.has_token_slots):
+            self._apply(T, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
 
     @cute.jit
     def _apply(self, n, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run):

@@ -49,6 +49,9 @@ class DeviceTable:
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # not measured yet, so the token loop serves it (a tuning run asks for the tensor cores by tile).
     mma_min_tokens_fp32: Optional[int] = None
+    # Fewest tokens for which it serves a call that writes a state per token (intermediates or
+    # token slots), either state dtype; None: not measured yet, the token loop serves them.
+    mma_min_tokens_writes: Optional[int] = None
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -169,25 +172,31 @@ class BuildConfig:
 
 
 def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
-    """The tensor-core MTP kernel serves a bf16 state with bf16 q/k/v, no intermediates, in the
-    large-batch regime from mma_min_tokens on, without per-token state writes. On the H100:
+    """The tensor-core MTP kernel serves bf16 q/k/v in the large-batch regime from a table's token
+    threshold on: mma_min_tokens for a bf16 state without per-token state writes, mma_min_tokens_fp32
+    for an fp32 state, mma_min_tokens_writes for intermediates or token slots (the last two None
+    where not yet measured: the token loop serves them). Measured for a bf16 state, on the H100:
     1.4-1.5x faster than kmtp at T = 8 and 2.2x at T = 16 for B >= 16, 10 % at T = 6; slower at
     T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
-    "Tensor cores for MTP"). On the H200, where the token loop is compute-bound, from T = 3:
-    1.05x at T = 3 and 1.2x at T = 4 for B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A
-    2-tuple `spec.tile` (tuning runs) asks for it, a 3-tuple for kmtp. An fp32 state takes it from
-    the table's mma_min_tokens_fp32 on (None: never by default, not yet measured). A ReplaySSM verify
-    (replay_cache) follows the same choice as plain MTP without a state update: both kernels store
-    the windows from the raw inputs they load."""
+    "Tensor cores for MTP"). On the H200,
+    where the token loop is compute-bound, from T = 3: 1.05x at T = 3 and 1.2x at T = 4 for
+    B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A 2-tuple `spec.tile` (tuning runs)
+    asks for it, a 3-tuple for kmtp. vLLM's slot rule and varlen builds take kmtp (the tensor-core
+    kernel addresses tokens as [B, T] rows). A ReplaySSM verify (replay_cache) follows the same
+    choice as plain MTP without a state update: both kernels store the windows from the raw inputs
+    they load."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
         return KLAST
-    mma_ok = (spec.state_dtype in ("bfloat16", "float32") and spec.io_dtype == "bfloat16"
-              and not spec.writes_states)
+    mma_ok = (spec.state_dtype in ("bfloat16", "float32") and spec.io_dtype == "bfloat16" and not spec.vllm_slots
+              and spec.varlen is None)
     if spec.tile is not None:
         return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
-    min_tokens = table.mma_min_tokens if spec.state_dtype == "bfloat16" else table.mma_min_tokens_fp32
+    if spec.writes_states:
+        min_tokens = table.mma_min_tokens_writes
+    else:
+        min_tokens = table.mma_min_tokens if spec.state_dtype == "bfloat16" else table.mma_min_tokens_fp32
     return (KMTP_MMA if mma_ok and min_tokens is not None and spec.regime == "large" and spec.T >= min_tokens
             else KMTP)
 
