@@ -38,7 +38,7 @@ signed and unsigned integers alike); both run as the torch tensor of that layout
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -46,13 +46,44 @@ from .validation import MEMO_MAX
 
 FAST: dict = {}  # fast key -> Fast
 CONTIGUOUS = torch.contiguous_format
+MISS = object()  # run(): no fast call was made, the full way runs
 
 
 class Fast(NamedTuple):
-    """What a repeated call needs: the compiled function and how to allocate the output."""
+    """What a repeated call needs: the compiled function, how to allocate the output, and what else
+    its entry point keeps for the key (the geometry of the views it builds, a second compiled
+    function)."""
 
     fn: Callable
     zero_output: bool = False  # an output allocated here starts as zeros (padding rows keep it)
+    extra: Any = None
+
+
+def run(skip: bool, key_of: Callable[[], Any], launch: Callable[[Fast], Any]):
+    """The repeated-call path of one call: (key, result). `key_of()` builds the call's fast key
+    (an exception, e.g. a non-tensor where a tensor goes: no key; the full checks name the
+    argument). On a hit, `launch(entry)` calls the compiled function and returns the call's
+    result. The result is MISS when the full way must run: `skip` (FLASHGDN_CHECK_INDICES), no
+    entry, or the compiled function refused the arguments (TypeError or ValueError, nothing
+    launched); the full way then keeps its compiled function for `key` (remember)."""
+    if skip:
+        return None, MISS
+    try:
+        key = key_of()
+    except Exception:
+        return None, MISS
+    fast = FAST.get(key)
+    if fast is not None:
+        try:
+            return key, launch(fast)
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
+    return key, MISS
+
+
+def output(fast: Fast, given, v: torch.Tensor) -> torch.Tensor:
+    """The output of a fast call: `given`, or when None a new one as the full way allocates it."""
+    return new_output(v, fast.zero_output) if given is None else given
 
 
 def new_output(v: torch.Tensor, zero: bool) -> torch.Tensor:
