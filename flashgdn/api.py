@@ -309,6 +309,16 @@ def gated_delta_rule_decode_pretranspose(
     )
 
 
+def pretranspose_key(q, pool, initial_state, output, initial_state_indices, output_state_indices, inter,
+                     disable_state_update, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
+    """The fast key of a pretranspose call (flashgdn.fastpath): what its compiled function does not
+    check itself. flashgdn.engines reads the entry its own calls leave under it."""
+    return (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
+            output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
+            inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend, type(scale),
+            scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold)
+
+
 def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
                          initial_state_indices, output_state_indices, intermediate_states_buffer,
                          disable_state_update, backend, softplus_beta, softplus_threshold):
@@ -321,11 +331,9 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                             inter, out))
         return out
 
-    key, out = fastpath.run(CHECK_INDICES, lambda: (  # what the compiled function does not check (flashgdn.fastpath)
-        _decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
-        output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
-        inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend, type(scale), scale,
-        type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold), launch)
+    key, out = fastpath.run(CHECK_INDICES, lambda: pretranspose_key(
+        q, pool, initial_state, output, initial_state_indices, output_state_indices, inter, disable_state_update,
+        use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold), launch)
     if out is not fastpath.MISS:
         return out, pool
     val.check_backend(backend)

@@ -99,3 +99,12 @@ def remember(key, entry: Fast) -> None:
         if len(FAST) >= MEMO_MAX:
             FAST.clear()
         FAST[key] = entry
+
+
+def remember_as(key, inner_key, extra) -> None:
+    """Keep for `key` the entry of `inner_key` with `extra`: an entry point whose full way calls
+    another public function (flashgdn.engines) reuses the compiled function that call kept,
+    which the inner key, implied by `key`, selects. Nothing when either is missing."""
+    entry = None if key is None else FAST.get(inner_key)
+    if entry is not None:
+        remember(key, entry._replace(extra=extra))
