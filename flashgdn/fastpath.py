@@ -12,7 +12,7 @@ refuse the arguments (TypeError or ValueError, nothing launched), the call takes
 which raises the error naming the argument, or runs a new variant and keeps it for this key.
 
 The fast key holds, besides the function, only what those checks cannot see, read with the fewest
-attribute reads (each function builds its key inline: this runs on every call):
+attribute reads (each function states its key and its launch; `run` does the rest):
 - the batch size, which picks the regime (kernels.policy.regime), and the device index (its arch,
   SM count and tuning table);
 - each tensor the kernel writes whose dims or strides the compiled function leaves dynamic (the
@@ -25,11 +25,20 @@ attribute reads (each function builds its key inline: this runs on every call):
 A key miss or any error while building it (a non-tensor where a tensor goes) takes the full way.
 FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) always takes the full way. A batch of zero
 rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
-kept alive) and reads no data pointer (FakeTensors have none; tracing never runs this path).
+kept alive) and, but for the fused step's (below), reads no data pointer (FakeTensors have none;
+tracing never runs this path).
 
-Served so far: flashgdn.api's three FlashInfer functions and the ReplaySSM commit. flashgdn.engines,
-flashgdn.recurrent and flashgdn.fused_step build views or workspaces per call and keep their
-memoised full checks.
+Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flashgdn.engines' packed
+decodes and SGLang's update, whose full way calls gated_delta_rule_decode_pretranspose and whose
+entry (remember_as) is that call's compiled function with the geometry of the views the entry point
+builds of the engine's tensors (its key holds what decides that geometry: the shapes and strides
+of the viewed tensors); flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and
+the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
+before the decode function checks its own tensors: its key also holds every fact the decode
+function checks of the tensors only it gets (dtype, shape, strides, device and address modulo 16
+of A_log, dt_bias, ssm_state and out; it runs eagerly only, so those are real addresses), so that
+a call the decode function would refuse misses the key. Its workspace is looked up per call, on
+the stream current at the call (its views built once per stream and batch), as the full way does.
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and
