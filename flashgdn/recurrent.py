@@ -181,9 +181,9 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_ind
     and the shapes and strides of q, k and v, whose size-1 strides the entry keeps repacked."""
     def launch(fast):
         qs, ks, vs = fast.extra
-        fast.fn(*KernelArgs(
-            _restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, None, None, initial_state, None, None, num_accepted_tokens, None, o,
-            ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1), cu_seqlens))
+        slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
+        fast.fn(*KernelArgs(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, None, None,
+                            initial_state, None, None, num_accepted_tokens, None, o, slots, cu_seqlens))
 
     key, done = fastpath.run(api.CHECK_INDICES, lambda: (
         _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
