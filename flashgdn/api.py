@@ -117,11 +117,11 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
     return args.output
 
 
-def _remember_fast(key, plan, zero_output: bool = False) -> None:
-    """After a full call: its fast key (flashgdn.fastpath) now takes the plan's compiled function,
-    unless nothing ran (no rows, or a stubbed launch)."""
+def _remember_fast(key, plan, zero_output: bool = False, extra=None) -> None:
+    """After a full call: its fast key (flashgdn.fastpath) now takes the plan's compiled function
+    (and `extra`: fastpath.Fast), unless nothing ran (no rows, or a stubbed launch)."""
     if plan.fn is not None and plan.problem.B:
-        fastpath.remember(key, fastpath.Fast(plan.fn, zero_output))
+        fastpath.remember(key, fastpath.Fast(plan.fn, zero_output, extra))
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
@@ -309,27 +309,33 @@ def gated_delta_rule_decode_pretranspose(
     )
 
 
+def pretranspose_key(q, pool, initial_state, output, initial_state_indices, output_state_indices, inter,
+                     disable_state_update, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
+    """The fast key of a pretranspose call (flashgdn.fastpath): what its compiled function does not
+    check itself. flashgdn.engines reads the entry its own calls leave under it."""
+    return (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
+            output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
+            inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend, type(scale),
+            scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold)
+
+
 def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
                          initial_state_indices, output_state_indices, intermediate_states_buffer,
                          disable_state_update, backend, softplus_beta, softplus_threshold):
     pool = state if initial_state is None else initial_state
     inter = intermediate_states_buffer
-    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
-        key = (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
-               output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
-               inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend,
-               type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold)
-        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
-    except Exception:  # e.g. a non-tensor argument: the full checks name it
-        key = fast = None
-    if fast is not None:
-        out = fastpath.new_output(v, fast.zero_output) if output is None else output
-        try:
-            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices,
-                                None, inter, out))
-            return out, pool
-        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
-            pass
+
+    def launch(fast):
+        out = fastpath.output(fast, output, v)
+        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
+                            inter, out))
+        return out
+
+    key, out = fastpath.run(CHECK_INDICES, lambda: pretranspose_key(
+        q, pool, initial_state, output, initial_state_indices, output_state_indices, inter, disable_state_update,
+        use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold), launch)
+    if out is not fastpath.MISS:
+        return out, pool
     val.check_backend(backend)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
@@ -371,20 +377,17 @@ def gated_delta_rule_decode(
 
 def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
             softplus_threshold):
-    try:  # the fast key (flashgdn.fastpath); the state's shape is the batch's and the compiled function's
-        key = (_decode, q.shape[0], q.get_device(), state.stride(), output is None or output.stride(), use_qk_l2norm,
-               backend, type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold),
-               softplus_threshold)
-        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
-    except Exception:  # e.g. a non-tensor argument: the full checks name it
-        key = fast = None
-    if fast is not None:
-        out = fastpath.new_output(v, False) if output is None else output
-        try:
-            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out))
-            return out, state
-        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
-            pass
+    def launch(fast):
+        out = fastpath.output(fast, output, v)
+        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out))
+        return out
+
+    # The fast key (flashgdn.fastpath); the state's shape is the batch's and the compiled function's.
+    key, out = fastpath.run(CHECK_INDICES, lambda: (
+        _decode, q.shape[0], q.get_device(), state.stride(), output is None or output.stride(), use_qk_l2norm, backend,
+        type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold), launch)
+    if out is not fastpath.MISS:
+        return out, state
     val.check_backend(backend)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
@@ -446,27 +449,24 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
          accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm=False, replayssm_rawv=None,
          replayssm_rawk=None, replayssm_g=None, replayssm_beta=None):
     inter, rv, rk, rg, rb = intermediate_states_buffer, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta
-    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
-        key = (_mtp, q.shape[0], q.get_device(), initial_state.shape, initial_state.stride(),
-               output is None or output.stride(), inter is None or (inter.shape, inter.stride()),
-               ssm_state_indices is None, output_state_indices is None, accepted_tokens is None,
-               rv is None or (rv.shape, rv.stride()), rk is None or (rk.shape, rk.stride()),
-               rg is None or (rg.shape, rg.stride()), rb is None or (rb.shape, rb.stride()), cache_replayssm,
-               disable_state_update,
-               use_qk_l2norm, type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold),
-               softplus_threshold)
-        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
-    except Exception:  # e.g. a non-tensor argument: the full checks name it
-        key = fast = None
-    if fast is not None:
-        out = fastpath.new_output(v, True) if output is None else output
-        try:
-            fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices,
-                                output_state_indices, accepted_tokens, inter, out, ssm_state_indices, None,
-                                *((rv, rk, rg, rb) if cache_replayssm else (None,) * 4)))
-            return out, initial_state
-        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
-            pass
+
+    def launch(fast):
+        out = fastpath.output(fast, output, v)
+        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
+                            accepted_tokens, inter, out, ssm_state_indices, None,
+                            *((rv, rk, rg, rb) if cache_replayssm else (None,) * 4)))
+        return out
+
+    key, out = fastpath.run(CHECK_INDICES, lambda: (  # what the compiled function does not check (flashgdn.fastpath)
+        _mtp, q.shape[0], q.get_device(), initial_state.shape, initial_state.stride(),
+        output is None or output.stride(), inter is None or (inter.shape, inter.stride()),
+        ssm_state_indices is None, output_state_indices is None, accepted_tokens is None,
+        rv is None or (rv.shape, rv.stride()), rk is None or (rk.shape, rk.stride()),
+        rg is None or (rg.shape, rg.stride()), rb is None or (rb.shape, rb.stride()), cache_replayssm,
+        disable_state_update, use_qk_l2norm, type(scale), scale, type(softplus_beta), softplus_beta,
+        type(softplus_threshold), softplus_threshold), launch)
+    if out is not fastpath.MISS:
+        return out, initial_state
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
@@ -572,19 +572,12 @@ def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_ca
                       track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
     args = CommitArgs(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
                       track_state_indices, track_steps)
-    try:  # the fast key: what the compiled function does not check itself (flashgdn.fastpath)
-        key = (_replayssm_commit, state_indices.shape[0], checkpoint_state.get_device(), checkpoint_state.shape,
-               checkpoint_state.stride(), track_state_indices is None, track_steps is None, use_qk_l2norm, backend,
-               type(null_block_id), null_block_id)
-        fast = None if CHECK_INDICES else fastpath.FAST.get(key)
-    except Exception:  # e.g. a non-tensor argument: the full checks name it
-        key = fast = None
-    if fast is not None:
-        try:
-            fast.fn(*args)
-            return
-        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
-            pass
+    key, done = fastpath.run(CHECK_INDICES, lambda: (  # what the compiled function does not check (flashgdn.fastpath)
+        _replayssm_commit, state_indices.shape[0], checkpoint_state.get_device(), checkpoint_state.shape,
+        checkpoint_state.stride(), track_state_indices is None, track_steps is None, use_qk_l2norm, backend,
+        type(null_block_id), null_block_id), lambda fast: fast.fn(*args))
+    if done is not fastpath.MISS:
+        return
     _check_commit_backend(backend)
     plan = _validated(
         _check_commit, checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,

@@ -38,11 +38,11 @@ from typing import Optional
 
 import torch
 
-from . import api
+from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
 from .recurrent import fused_recurrent_gated_delta_rule
-from .spec import SUPPORTED_HEAD_DIMS
+from .spec import SUPPORTED_HEAD_DIMS, KernelArgs
 
 __all__ = [
     "fused_recurrent_gated_delta_rule_packed_decode",
@@ -102,16 +102,26 @@ def _check_packed(mixed_qkv, a, b, initial_state, out, ssm_state_indices) -> int
     return H
 
 
-def _packed_views(mixed_qkv: torch.Tensor, H: int, HV: int, K: int, V: int):
-    """q, k [N, 1, H, K] and v [N, 1, HV, V]: views of mixed_qkv's rows, no copy. The compiled
-    kernel declares every q/k/v stride but the last a multiple of 16 bytes; a size-1 dim's stride
-    is never stepped (validation skips it), so it gets a packed one, which is such a multiple."""
-    N, row, base = mixed_qkv.shape[0], mixed_qkv.stride(0), mixed_qkv.storage_offset()
+def _packed_geometry(mixed_qkv: torch.Tensor, H: int, HV: int, K: int, V: int) -> tuple:
+    """(shape, strides, column offset) of the views q, k [N, 1, H, K] and v [N, 1, HV, V] of
+    mixed_qkv's rows. The compiled kernel declares every q/k/v stride but the last a multiple of
+    16 bytes; a size-1 dim's stride is never stepped (validation skips it), so it gets a packed
+    one, which is such a multiple."""
+    N, row = mixed_qkv.shape[0], mixed_qkv.stride(0)
     qk_row, v_row = (row, row) if N > 1 else (H * K, HV * V)
-    q = mixed_qkv.as_strided((N, 1, H, K), (qk_row, H * K, K, 1), base)
-    k = mixed_qkv.as_strided((N, 1, H, K), (qk_row, H * K, K, 1), base + H * K)
-    v = mixed_qkv.as_strided((N, 1, HV, V), (v_row, HV * V, V, 1), base + 2 * H * K)
-    return q, k, v
+    qk = ((N, 1, H, K), (qk_row, H * K, K, 1))
+    return (*qk, 0), (*qk, H * K), ((N, 1, HV, V), (v_row, HV * V, V, 1), 2 * H * K)
+
+
+def _views(t: torch.Tensor, geometry) -> list:
+    """The views (shape, strides, offset from t's own) of `t`, no copy."""
+    base = t.storage_offset()
+    return [t.as_strided(shape, stride, base + offset) for shape, stride, offset in geometry]
+
+
+def _packed_views(mixed_qkv: torch.Tensor, H: int, HV: int, K: int, V: int):
+    """q, k [N, 1, H, K] and v [N, 1, HV, V]: views of mixed_qkv's rows (_packed_geometry)."""
+    return _views(mixed_qkv, _packed_geometry(mixed_qkv, H, HV, K, V))
 
 
 def _packed_indices(slots: torch.Tensor) -> torch.Tensor:
@@ -125,14 +135,41 @@ def _packed_indices(slots: torch.Tensor) -> torch.Tensor:
     return slots.contiguous()
 
 
-def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, slots, use_qk_l2norm_in_kernel, H):
+def _vllm_slots(ssm_state_indices: torch.Tensor) -> torch.Tensor:
+    """vLLM's padding rule in flashgdn's: a slot index <= 0 becomes -1."""
+    return torch.where(ssm_state_indices > 0, ssm_state_indices, -1)
+
+
+def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                   use_qk_l2norm_in_kernel, vllm_padding: bool):
+    """Both packed decodes. A repeated call (flashgdn.fastpath) skips the checks and the view
+    arithmetic: its key holds what decides the views' geometry (mixed_qkv's shape and strides, the
+    state's shape) and what the API call's key holds; the entry keeps the geometry."""
+    def launch(fast):
+        slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
+        q, k, v = _views(mixed_qkv, fast.extra)
+        fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state, slots, None, None,
+                            None, out))
+        return out
+
+    key, done = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
+        _packed_decode, vllm_padding, mixed_qkv.shape, mixed_qkv.stride(), mixed_qkv.get_device(),
+        initial_state.shape, initial_state.stride(), out.stride(), ssm_state_indices.stride(), type(scale), scale,
+        use_qk_l2norm_in_kernel), launch)
+    if done is not fastpath.MISS:
+        return out, initial_state
+    H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
+    slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
     HV, V, K = initial_state.shape[1:]
-    slots = _packed_indices(slots)
-    q, k, v = _packed_views(mixed_qkv, H, HV, K, V)
+    geometry = _packed_geometry(mixed_qkv, H, HV, K, V)
+    q, k, v = _views(mixed_qkv, geometry)
     api.gated_delta_rule_decode_pretranspose(
         q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale=scale, output=out,
         use_qk_l2norm=use_qk_l2norm_in_kernel, initial_state=initial_state, initial_state_indices=slots,
     )
+    if key is not None:
+        fastpath.remember_as(key, api.pretranspose_key(q, initial_state, initial_state, out, slots, None, None, False,
+                                                       use_qk_l2norm_in_kernel, "auto", scale, 1.0, 20.0), geometry)
     return out, initial_state
 
 
@@ -165,9 +202,8 @@ def fused_recurrent_gated_delta_rule_packed_decode(
 
     Returns (out, initial_state).
     """
-    H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
     return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
-                          use_qk_l2norm_in_kernel, H)
+                          use_qk_l2norm_in_kernel, vllm_padding=False)
 
 
 @logged
@@ -191,10 +227,8 @@ def fused_recurrent_gated_delta_rule_packed_decode_vllm(
 
     Returns (out, initial_state).
     """
-    H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    slots = torch.where(ssm_state_indices > 0, ssm_state_indices, -1)
-    return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, slots,
-                          use_qk_l2norm_in_kernel, H)
+    return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                          use_qk_l2norm_in_kernel, vllm_padding=True)
 
 
 # ----------------------------------------------------------------------------- SGLang's fused decode
@@ -336,20 +370,49 @@ def fused_sigmoid_gating_delta_rule_update(
     _refuse_sigmoid_features(initial_state_source, is_kda, lower_bound, disable_state_update,
                              intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token,
                              cache_ring, (replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta))
+
+    def launch(fast):
+        o = fastpath.new_output(v, False)
+        q4, k4, v4, a3, b3, o4 = [t.as_strided(*g, t.storage_offset()) for t, g in zip((q, k, v, a, b, o), fast.extra)]
+        fast.fn(*KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source,
+                            _sigmoid_indices(initial_state_indices), None, None, None, o4))
+        return o
+
+    # The fast key (flashgdn.fastpath): what decides the views' geometry (the shapes and strides of
+    # q, k, v, a, b; cu_seqlens, which the compiled function does not get) and what the API call's
+    # key holds; the entry keeps the geometry.
+    key, o = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
+        fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
+        a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
+        initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale), scale,
+        type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel),
+        launch)
+    if o is not fastpath.MISS:
+        return o
     varlen, geometry = _checked(_check_sigmoid, q, k, v, a, b, A_log, dt_bias, initial_state_source, scale,
                                 cu_seqlens)
-    if varlen and getattr(api, "CHECK_INDICES", False):
+    if varlen and api.CHECK_INDICES:
         expected = torch.arange(cu_seqlens.shape[0], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
         if not torch.equal(cu_seqlens, expected):
             raise ValueError(f"cu_seqlens must be arange(N + 1) (one token per sequence), got {cu_seqlens.tolist()}")
-    o = torch.empty((q.shape[0], q.shape[1], v.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
+    o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
     q4, k4, v4, a3, b3, o4 = (t.as_strided(*g, t.storage_offset()) for t, g in zip((q, k, v, a, b, o), geometry))
-    if (isinstance(initial_state_indices, torch.Tensor) and initial_state_indices.dim() == 1
-            and initial_state_indices.shape[0] <= 1):  # one index: its stride is never stepped
-        initial_state_indices = _packed_indices(initial_state_indices)
+    indices = _sigmoid_indices(initial_state_indices)
     api.gated_delta_rule_decode_pretranspose(
         q4, k4, v4, None, A_log, a3, dt_bias, b3, scale=scale, output=o4, use_qk_l2norm=use_qk_l2norm_in_kernel,
-        initial_state=initial_state_source, initial_state_indices=initial_state_indices,
+        initial_state=initial_state_source, initial_state_indices=indices,
         softplus_beta=softplus_beta, softplus_threshold=softplus_threshold,
     )
+    if key is not None:
+        fastpath.remember_as(key, api.pretranspose_key(
+            q4, initial_state_source, initial_state_source, o4, indices, None, None, False, use_qk_l2norm_in_kernel,
+            "auto", scale, softplus_beta, softplus_threshold), geometry)
     return o
+
+
+def _sigmoid_indices(indices):
+    """SGLang's slot indices as the kernel takes them: one index is viewed with stride 1 (never
+    stepped); anything else goes as it is (flashgdn's checks name it)."""
+    if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.shape[0] <= 1:
+        return _packed_indices(indices)
+    return indices

@@ -12,7 +12,7 @@ refuse the arguments (TypeError or ValueError, nothing launched), the call takes
 which raises the error naming the argument, or runs a new variant and keeps it for this key.
 
 The fast key holds, besides the function, only what those checks cannot see, read with the fewest
-attribute reads (each function builds its key inline: this runs on every call):
+attribute reads (each function states its key and its launch; `run` does the rest):
 - the batch size, which picks the regime (kernels.policy.regime), and the device index (its arch,
   SM count and tuning table);
 - each tensor the kernel writes whose dims or strides the compiled function leaves dynamic (the
@@ -25,11 +25,20 @@ attribute reads (each function builds its key inline: this runs on every call):
 A key miss or any error while building it (a non-tensor where a tensor goes) takes the full way.
 FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) always takes the full way. A batch of zero
 rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
-kept alive) and reads no data pointer (FakeTensors have none; tracing never runs this path).
+kept alive) and, but for the fused step's (below), reads no data pointer (FakeTensors have none;
+tracing never runs this path).
 
-Served so far: flashgdn.api's three FlashInfer functions and the ReplaySSM commit. flashgdn.engines,
-flashgdn.recurrent and flashgdn.fused_step build views or workspaces per call and keep their
-memoised full checks.
+Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flashgdn.engines' packed
+decodes and SGLang's update, whose full way calls gated_delta_rule_decode_pretranspose and whose
+entry (remember_as) is that call's compiled function with the geometry of the views the entry point
+builds of the engine's tensors (its key holds what decides that geometry: the shapes and strides
+of the viewed tensors); flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and
+the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
+before the decode function checks its own tensors: its key also holds every fact the decode
+function checks of the tensors only it gets (dtype, shape, strides, device and address modulo 16
+of A_log, dt_bias, ssm_state and out; it runs eagerly only, so those are real addresses), so that
+a call the decode function would refuse misses the key. Its workspace is looked up per call, on
+the stream current at the call (its views built once per stream and batch), as the full way does.
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and
@@ -38,7 +47,7 @@ signed and unsigned integers alike); both run as the torch tensor of that layout
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -46,13 +55,44 @@ from .validation import MEMO_MAX
 
 FAST: dict = {}  # fast key -> Fast
 CONTIGUOUS = torch.contiguous_format
+MISS = object()  # run(): no fast call was made, the full way runs
 
 
 class Fast(NamedTuple):
-    """What a repeated call needs: the compiled function and how to allocate the output."""
+    """What a repeated call needs: the compiled function, how to allocate the output, and what else
+    its entry point keeps for the key (the geometry of the views it builds, a second compiled
+    function)."""
 
     fn: Callable
     zero_output: bool = False  # an output allocated here starts as zeros (padding rows keep it)
+    extra: Any = None
+
+
+def run(skip: bool, key_of: Callable[[], Any], launch: Callable[[Fast], Any]):
+    """The repeated-call path of one call: (key, result). `key_of()` builds the call's fast key
+    (an exception, e.g. a non-tensor where a tensor goes: no key; the full checks name the
+    argument). On a hit, `launch(entry)` calls the compiled function and returns the call's
+    result. The result is MISS when the full way must run: `skip` (FLASHGDN_CHECK_INDICES), no
+    entry, or the compiled function refused the arguments (TypeError or ValueError, nothing
+    launched); the full way then keeps its compiled function for `key` (remember)."""
+    if skip:
+        return None, MISS
+    try:
+        key = key_of()
+    except Exception:
+        return None, MISS
+    fast = FAST.get(key)
+    if fast is not None:
+        try:
+            return key, launch(fast)
+        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
+            pass
+    return key, MISS
+
+
+def output(fast: Fast, given, v: torch.Tensor) -> torch.Tensor:
+    """The output of a fast call: `given`, or when None a new one as the full way allocates it."""
+    return new_output(v, fast.zero_output) if given is None else given
 
 
 def new_output(v: torch.Tensor, zero: bool) -> torch.Tensor:
@@ -68,3 +108,12 @@ def remember(key, entry: Fast) -> None:
         if len(FAST) >= MEMO_MAX:
             FAST.clear()
         FAST[key] = entry
+
+
+def remember_as(key, inner_key, extra) -> None:
+    """Keep for `key` the entry of `inner_key` with `extra`: an entry point whose full way calls
+    another public function (flashgdn.engines) reuses the compiled function that call kept,
+    which the inner key, implied by `key`, selects. Nothing when either is missing."""
+    entry = None if key is None else FAST.get(inner_key)
+    if entry is not None:
+        remember(key, entry._replace(extra=extra))

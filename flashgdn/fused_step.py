@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import api
+from . import api, fastpath
 from . import validation as val
 from .cache import kernel_cache
 from .device import facts_of
@@ -117,36 +117,56 @@ class _Plan:
 
 
 _VALIDATED: dict = {}
-_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV) -> (qkv rows, ba rows)
+_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV) -> _Workspace
 _RETIRED: list = []  # outgrown workspaces, kept alive for the CUDA graphs that captured them
 
 
-def _workspace(device: torch.device, B: int, qkv_dim: int, HV: int):
-    """[B, qkv_dim] and [B, 2 HV] bf16 views of this stream's workspace (module docstring)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream, qkv_dim, HV)
+def _current_stream(device: torch.device) -> int:
+    """The raw handle of `device`'s current CUDA stream (torch.cuda.current_stream(device)
+    .cuda_stream without building a Stream object); under CUDA-graph capture, the capture stream."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+class _Workspace:
+    """One stream's workspace: qkv [rows, qkv_dim] and ba [rows, 2 HV] (bf16), and per (B, H, D)
+    the views a call of B rows takes of it (_decode_views), built once."""
+
+    __slots__ = ("qkv", "ba", "views")
+
+    def __init__(self, rows: int, qkv_dim: int, HV: int, device: torch.device):
+        self.qkv = torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device)
+        self.ba = torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device)
+        self.views = {}
+
+
+def _workspace(device: torch.device, B: int, H: int, HV: int, D: int):
+    """(qkv [B, qkv_dim], ba [B, 2 HV], q, k, v, a, b): this stream's workspace rows and the decode
+    kernel's views of them (module docstring)."""
+    qkv_dim = (2 * H + HV) * D
+    key = (device, _current_stream(device), qkv_dim, HV)
     ws = _WORKSPACES.get(key)
-    if ws is None or ws[0].shape[0] < B:
+    if ws is None or ws.qkv.shape[0] < B:
         if ws is not None:
             # A CUDA graph captured on the smaller workspace keeps using its address: never free it.
             _RETIRED.append(ws)
-        rows = max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1))))
-        ws = _WORKSPACES[key] = (torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device),
-                                 torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
-    return ws[0][:B], ws[1][:B]
+        ws = _WORKSPACES[key] = _Workspace(max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1)))), qkv_dim, HV,
+                                           device)
+    views = ws.views.get((B, H, D))
+    if views is None:
+        qkv, ba = ws.qkv[:B], ws.ba[:B]
+        views = ws.views[(B, H, D)] = (qkv, ba, *_decode_views(B, H, HV, D, qkv, ba))
+    return views
 
 
-def _decode_args(p: val.Problem, qkv: torch.Tensor, ba: torch.Tensor, A_log, dt_bias, ssm_state, state_indices,
-                 out) -> KernelArgs:
-    """The decode kernel's arguments: q, k, v, a and b as views of the workspace rows (as the
-    engines' packed decode views mixed_qkv: flashgdn.engines), b = ba[:, :HV], a = ba[:, HV:]."""
-    B, H, HV, D = p.B, p.H, p.HV, p.K
+def _decode_views(B: int, H: int, HV: int, D: int, qkv: torch.Tensor, ba: torch.Tensor):
+    """q, k, v, a and b of the decode kernel as views of the workspace rows (as the engines' packed
+    decode views mixed_qkv: flashgdn.engines), b = ba[:, :HV], a = ba[:, HV:]."""
     row = qkv.stride(0)
     q = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset())
     k = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset() + H * D)
     v = qkv.as_strided((B, 1, HV, D), (row, HV * D, D, 1), qkv.storage_offset() + 2 * H * D)
     gate = lambda off: ba.as_strided((B, 1, HV), (ba.stride(0), HV, 1), ba.storage_offset() + off)  # noqa: E731
-    return KernelArgs(q, k, v, gate(HV), gate(0), A_log, dt_bias, ssm_state, state_indices=state_indices,
-                      output=out)
+    return q, k, v, gate(HV), gate(0)
 
 
 @logged
@@ -201,7 +221,29 @@ def gdn_fused_decode_step(
 def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out) -> torch.Tensor:
     """The eager body (also the custom op's real implementation): validate, then the two
-    launches; returns the output."""
+    launches; returns the output.
+
+    A repeated call (flashgdn.fastpath) skips the checks. The conv/gate launch writes the conv
+    pool before the decode's compiled function checks its own tensors, so the key holds, besides
+    what neither checks (the batch, the device, both pools' layouts, the options), every fact the
+    decode function checks of the tensors only it gets (A_log, dt_bias, ssm_state, out: dtype,
+    shape, strides, device, address modulo 16): a call the decode function would refuse misses
+    the key and takes the full way, which writes nothing before its checks pass."""
+    def launch(fast):
+        decode_fn, device, shape = fast.extra
+        p = shape
+        qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
+        o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
+        fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
+        decode_fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, o))
+        return o
+
+    key, o = fastpath.run(False, lambda: (
+        _fused_step, hidden_states.shape[0], hidden_states.get_device(), mixed_qkv.shape[1], conv_bias is None,
+        conv_state.shape, conv_state.stride(), _decode_only(ssm_state), _decode_only(A_log), _decode_only(dt_bias),
+        out is None or _decode_only(out), type(scale), scale, use_qk_l2norm), launch)
+    if o is not fastpath.MISS:
+        return o
     plan = val.remembered(
         _VALIDATED, _check,
         (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
@@ -214,7 +256,14 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     if p.B:
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out)
+        if key is not None and plan.fns is not None:  # not when the launch is stubbed
+            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p)))
     return out
+
+
+def _decode_only(t: torch.Tensor) -> tuple:
+    """What the decode's compiled function checks of a tensor the conv/gate one does not get."""
+    return t.dtype, t.shape, t.stride(), t.get_device(), t.data_ptr() % 16
 
 
 def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
@@ -222,8 +271,8 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
     """The conv/gate launch then the decode launch of a validated call (its _Plan); the first
     call of a plan looks both compiled functions up."""
     p = plan.problem
-    qkv, ba = _workspace(plan.device, p.B, mixed_qkv.shape[1], p.HV)
-    decode = _decode_args(p, qkv, ba, A_log, dt_bias, ssm_state, state_indices, out)
+    qkv, ba, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K)
+    decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
     if plan.fns is None:
         facts = facts_of(plan.device)
         conv_spec = ConvGateSpec(p.H, p.HV, p.K, hidden_states.shape[1], plan.width, conv_bias is not None,

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import api
+from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
 from .spec import MAX_TOKENS, KernelArgs
@@ -33,6 +33,11 @@ def packed_unit_strides(t: torch.Tensor) -> torch.Tensor:
     (validation.unit_dims_packed)."""
     stride = val.unit_dims_packed(t.shape, t.stride())
     return t if stride == t.stride() else t.as_strided(t.shape, stride, t.storage_offset())
+
+
+def _restrided(t: torch.Tensor, stride) -> torch.Tensor:
+    """`t`, or (stride not None) its view with those strides (packed_unit_strides' result)."""
+    return t if stride is None else t.as_strided(t.shape, stride, t.storage_offset())
 
 
 def _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v) -> None:
@@ -170,7 +175,22 @@ def fused_recurrent_gated_delta_rule(
 def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                use_qk_l2norm_in_kernel, o) -> None:
     """The eager body of fused_recurrent_gated_delta_rule (and the op's implementation): checks,
-    then one launch writing `o` and the pool."""
+    then one launch writing `o` and the pool. A repeated call (flashgdn.fastpath) skips the checks:
+    its key holds what the compiled function does not check (the batch of sequences and the slot
+    columns, the written pool's and o's layout, cu_seqlens' length, the None pattern, the options)
+    and the shapes and strides of q, k and v, whose size-1 strides the entry keeps repacked."""
+    def launch(fast):
+        qs, ks, vs = fast.extra
+        slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
+        fast.fn(*KernelArgs(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, None, None,
+                            initial_state, None, None, num_accepted_tokens, None, o, slots, cu_seqlens))
+
+    key, done = fastpath.run(api.CHECK_INDICES, lambda: (
+        _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
+        initial_state.stride(), o.stride(), cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
+        ssm_state_indices.stride(), num_accepted_tokens is None, type(scale), scale, use_qk_l2norm_in_kernel), launch)
+    if done is not fastpath.MISS:
+        return
     plan = api._validated(_check, q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices,
                           num_accepted_tokens, options=(use_qk_l2norm_in_kernel,))
     if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run
@@ -178,7 +198,8 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_ind
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
-    q, k, v = (packed_unit_strides(t) for t in (q, k, v))
-    args = KernelArgs(q, k, v, g, beta, None, None, initial_state, accepted_tokens=num_accepted_tokens,
+    views = [packed_unit_strides(t) for t in (q, k, v)]
+    args = KernelArgs(*views, g, beta, None, None, initial_state, accepted_tokens=num_accepted_tokens,
                       output=o, token_state_indices=slots, cu_seqlens=cu_seqlens)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
+    api._remember_fast(key, plan, extra=[None if w is t else w.stride() for w, t in zip(views, (q, k, v))])

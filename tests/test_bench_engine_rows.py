@@ -178,7 +178,7 @@ def test_row_specs_are_what_flashgdn_looks_up(r, monkeypatch):
     monkeypatch.setattr(engines, "_CHECKED", {})
     monkeypatch.setattr(fused_step, "_VALIDATED", {})
     monkeypatch.setattr(fused_step, "_WORKSPACES", {})
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     FLASHGDN.prepare(r, make_inputs(r, "cpu", seed=0))[0]()
     assert looked_up == list(row_specs(r, *facts))
 

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from flashgdn import api, engines
+from flashgdn import api, engines, fused_step
 from flashgdn import validation as val
 from flashgdn.bench import cli, host
 from flashgdn.bench.rows import Row, make_inputs
@@ -114,7 +114,7 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     a = _args("--batch-size", "1", "4", "--state-dtype", "fp32", "bf16")
     plain = host.cases(a, flashinfer=False)
     assert plain[0] == host.Case("torch") and plain[0].row is None
-    assert len(plain) == 1 + 2 * 2 * (4 * 2 + 1)
+    assert len(plain) == 1 + 2 * 2 * (4 * 2 + 5)
     both = host.cases(a, flashinfer=True)
     assert len(both) == len(plain) + 2 * 2 * 4 * 2
     fg = [c for c in plain if c.impl == "flashgdn" and not c.engine and c.row.B == 1 and c.row.state_dtype == "fp32"]
@@ -123,8 +123,11 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
         ("pretranspose", True, 1, True), ("pretranspose", True, 1, False),
         ("nontranspose", False, 1, True), ("nontranspose", False, 1, False),
         ("mtp", True, 4, True), ("mtp", True, 4, False)]
-    [engine] = [c for c in plain if c.engine and c.row.B == 4 and c.row.state_dtype == "bf16"]
-    assert engine.row.version == "pretranspose" and engine.row.pool and engine.output_given
+    engine = [c for c in plain if c.engine and c.row.B == 4 and c.row.state_dtype == "bf16"]
+    assert [(c.engine, c.row.version, c.row.T, c.output_given) for c in engine] == [
+        ("packed", "pretranspose", 1, True), ("sglang", "pretranspose", 1, False), ("recurrent", "recurrent", 1, False),
+        ("recurrent", "recurrent", 4, False), ("fused_step", "fused_step", 1, True)]
+    assert engine[3].variant() == "pool T=4 varlen, output allocated" and engine[4].row.hidden == host.FUSED_STEP_HIDDEN
     assert {c.impl for c in both} == {"torch", "flashgdn", "flashinfer"}
     assert not any(c.engine for c in both if c.impl == "flashinfer")
     assert fg[7].variant() == "pool T=4, output allocated" and fg[0].variant() == "dense, output given"
@@ -134,7 +137,7 @@ def _fake_run():
     """Records of run_cases with stand-in binds and measurements (µs by function)."""
     row = Row("pretranspose", 1, 1, 16, 32, 128, 128, "bf16", "fp32", pool=True)
     case_list = [host.Case("torch"), host.Case("flashgdn", row), host.Case("flashgdn", row, output_given=False),
-                 host.Case("flashgdn", row, engine=True), host.Case("flashinfer", row)]
+                 host.Case("flashgdn", row, engine="packed"), host.Case("flashinfer", row)]
     times = {"x.add_(1)": (8.0, 1.5), "fast": (10.0, 3.0), "slow": (20.0, 3.0), "bound": (11.0, 12.0)}
     names = iter(["x.add_(1)", "fast", "slow", "bound"])
 
@@ -214,7 +217,7 @@ def test_bind_routes_as_the_sweep_does(impl, version, state, pool, expected, giv
 
 def test_engine_row_packs_q_k_v_into_one_row():
     row = Row("pretranspose", 3, 1, 2, 4, 64, 64, "bf16", "fp32", pool=True)
-    name, call = host.bind(host.Case("flashgdn", row, engine=True), _MODULES, "cpu", seed=1)
+    name, call = host.bind(host.Case("flashgdn", row, engine="packed"), _MODULES, "cpu", seed=1)
     assert name == "fused_recurrent_gated_delta_rule_packed_decode"
     assert call.func is engines.fused_recurrent_gated_delta_rule_packed_decode
     mixed, a, b, A_log, dt_bias, scale, pool, out, slots = call.args
@@ -226,6 +229,30 @@ def test_engine_row_packs_q_k_v_into_one_row():
     for view, key in zip(engines._packed_views(mixed, 2, 4, 64, 64), ("q", "k", "v")):
         assert torch.equal(view, inp[key])
     assert torch.equal(a, inp["a"][:, 0]) and torch.equal(slots, inp["indices"])
+
+
+def test_engine_rows_call_each_entry_point_with_valid_arguments(monkeypatch):
+    """Each engine case binds its entry point on arguments that pass its checks (CPU tensors: the
+    device check, facts, kernel cache and workspace stream stubbed) and launches."""
+    facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+    launched = []
+    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
+    for module in (api, fused_step):
+        monkeypatch.setattr(module, "facts_of", lambda device: facts)
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
+    monkeypatch.setattr(api.kernel_cache, "get", lambda spec: (lambda *args: launched.append(spec)))
+    row = Row("pretranspose", 3, 1, 2, 4, 64, 64, "bf16", "fp32", pool=True)
+    names = []
+    for case in host.engine_cases(row):
+        name, call = host.bind(case, _MODULES, "cpu", seed=2)
+        n = len(launched)
+        call()
+        assert len(launched) > n, name
+        names.append(name)
+    assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
+                     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_fused_decode_step"]
+    assert [s.varlen for s in launched if getattr(s, "precomputed_gates", False)] == [None, "int32"]
 
 
 def test_run_cases_on_the_cpu_reports_each_failure():
@@ -307,8 +334,10 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(host, "environment", lambda device, command: {"command": " ".join(command)})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
-    monkeypatch.setattr(api, "facts_of", lambda device: facts)
+    for module in (api, fused_step):
+        monkeypatch.setattr(module, "facts_of", lambda device: facts)
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.kernel_cache, "get", lambda spec: (lambda *args: None))
     out_json = tmp_path / "h.json"
@@ -319,11 +348,12 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 1 + 9 and not any(r["error"] for r in rows)
+    assert len(main_rows) == 1 + 13 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)
     assert {r["function"] for r in main_rows} == {
         "x.add_(1)", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
-        "fused_recurrent_gated_delta_rule_packed_decode"}
+        "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
+        "fused_recurrent_gated_delta_rule", "gdn_fused_decode_step"}
     assert profile[0]["share_of_call"] == 1.0 and len(profile) == 8
     assert sum(r["gpu_us"] is not None for r in profile) == 2  # the steps that launch: the call, fn
     assert "fused_recurrent_gated_delta_rule_packed_decode" in captured.out and "profile:" in captured.out

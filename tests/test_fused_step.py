@@ -139,11 +139,16 @@ def test_misaligned_w_ba_rows():
 
 def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     monkeypatch.setattr(fused_step, "_WORKSPACES", {})
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
-    q1, b1 = fused_step._workspace(cpu, 3, 512, 4)
-    q2, b2 = fused_step._workspace(cpu, 16, 512, 4)
+    H, HV, D = 2, 4, 64  # qkv_dim 512
+    q1, b1, *views1 = fused_step._workspace(cpu, 3, H, HV, D)
+    q2, b2, *_ = fused_step._workspace(cpu, 16, H, HV, D)
     assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
-    q3, _ = fused_step._workspace(cpu, 17, 512, 4)
-    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4)][0].shape[0] == 32
-    assert fused_step._workspace(cpu, 5, 512, 4)[0].data_ptr() == q3.data_ptr()
+    assert [t.shape for t in views1] == [(3, 1, H, D), (3, 1, H, D), (3, 1, HV, D), (3, 1, HV), (3, 1, HV)]
+    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D), (q1, b1, *views1)))  # built once
+    q3, *_ = fused_step._workspace(cpu, 17, H, HV, D)
+    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4)].qkv.shape[0] == 32
+    assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() == q3.data_ptr()
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
+    assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()

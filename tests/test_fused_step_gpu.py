@@ -74,7 +74,7 @@ def run_and_check(kw, *, out=None):
     assert o is out and conv_state is kw["conv_state"] and ssm_state is kw["ssm_state"]
 
     # Stage 1: the conv/gate launch.
-    qkv, ba = fused_step._workspace(o.device, B, qkv_dim, HV)
+    qkv, ba = fused_step._workspace(o.device, B, H, HV, D)[:2]
     y_ref = ref.conv_update(before["mixed_qkv"], before["conv_weight"], before["conv_bias"],
                             clone_fused(before)["conv_state"], before["state_indices"], F64)
     ba_ref = (before["hidden_states"].to(F64) @ before["w_ba"].to(F64)).to(BF16)

@@ -50,6 +50,13 @@ SPIN_MARGIN_US = 1000.0
 
 BASELINE = "x.add_(1)"
 ENGINE_FUNCTION = "fused_recurrent_gated_delta_rule_packed_decode"
+# The engine entry points' rows (Case.engine) and the function each times, on the ENGINE_ROW's
+# shape: the packed decode, SGLang's update (q, k, v [1, B, ...] views of one packed row),
+# vLLM's recurrent op (T = 1, and a varlen speculative verify of MTP_TOKENS tokens per sequence:
+# engine_rows' recurrent inputs) and the fused step (hidden FUSED_STEP_HIDDEN).
+ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_delta_rule_update",
+                    "recurrent": "fused_recurrent_gated_delta_rule", "fused_step": "gdn_fused_decode_step"}
+FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
 FLASHINFER_MODULE = "flashinfer.gdn_decode"
 # (API version, pool) of the rows of each API module.
 API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
@@ -137,23 +144,25 @@ class GpuTimer:
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One row of the --host table: `impl` "torch" (the x.add_(1) baseline, `row` None),
-    "flashgdn" or "flashinfer"; `engine`: flashgdn.engines' packed decode on the row's inputs."""
+    "flashgdn" or "flashinfer"; `engine`: the engine entry point (ENGINE_FUNCTIONS) on `row`."""
 
     impl: str
     row: Optional[Row] = None
     output_given: bool = True
-    engine: bool = False
+    engine: str = ""
 
     def variant(self) -> str:
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
-        return f"{'pool' if self.row.pool else 'dense'}{t}, output {'given' if self.output_given else 'allocated'}"
+        varlen = " varlen" if self.engine == "recurrent" and self.row.T > 1 else ""
+        return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
+                f"output {'given' if self.output_given else 'allocated'}")
 
 
 def cases(args, flashinfer: bool) -> List[Case]:
     """The baseline, then per state dtype and batch size flashgdn's rows (each API function with
-    the output given and allocated, then the engine's packed decode) and, with `flashinfer`,
+    the output given and allocated, then the engine entry points: engine_cases) and, with `flashinfer`,
     FlashInfer's same API rows."""
     out = [Case("torch")]
     for state_dtype in args.state_dtype:
@@ -165,7 +174,21 @@ def cases(args, flashinfer: bool) -> List[Case]:
             for impl in ("flashgdn", "flashinfer") if flashinfer else ("flashgdn",):
                 out += [Case(impl, row, given) for row in rows for given in (True, False)]
                 if impl == "flashgdn":
-                    out.append(Case(impl, rows[API_ROWS.index(ENGINE_ROW)], engine=True))
+                    out += engine_cases(rows[API_ROWS.index(ENGINE_ROW)])
+    return out
+
+
+def engine_cases(row: Row) -> List[Case]:
+    """The engine entry points' cases on the shape of `row` (a one-token pool row): each
+    ENGINE_FUNCTIONS entry, vLLM's recurrent op at T = 1 and T = MTP_TOKENS; the fused step where
+    its contract allows the row (bf16, K = V)."""
+    recurrent = dataclasses.replace(row, version="recurrent")
+    out = [Case("flashgdn", row, engine="packed"), Case("flashgdn", row, engine="sglang", output_given=False),
+           Case("flashgdn", recurrent, engine="recurrent", output_given=False),
+           Case("flashgdn", dataclasses.replace(recurrent, T=MTP_TOKENS), engine="recurrent", output_given=False)]
+    if row.dtype == "bf16" and row.K == row.V:
+        out.append(Case("flashgdn", dataclasses.replace(row, version="fused_step", hidden=FUSED_STEP_HIDDEN),
+                        engine="fused_step"))
     return out
 
 
@@ -200,17 +223,48 @@ def packed_decode_call(row: Row, inp: dict) -> Callable[[], Any]:
     )
 
 
+def sglang_update_call(row: Row, inp: dict) -> Callable[[], Any]:
+    """flashgdn.engines' SGLang update on a one-token pool row's inputs, as SGLang's decode calls
+    it: q, k, v [1, B, ...] views of one packed projection row, cu_seqlens arange(B + 1), a and b
+    [B, HV], softplus 1.0 / 20.0, the scale K ** -0.5."""
+    from .. import engines
+
+    B, HK = row.B, row.H * row.K
+    mixed = torch.cat([inp[n].flatten(1) for n in ("q", "k", "v")], 1)
+    q, k = (mixed[:, i * HK:(i + 1) * HK].view(1, B, row.H, row.K) for i in (0, 1))
+    v = mixed[:, 2 * HK:].view(1, B, row.HV, row.V)
+    cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=mixed.device)
+    return functools.partial(
+        engines.fused_sigmoid_gating_delta_rule_update, inp["A_log"], inp["a"][:, 0], inp["dt_bias"], 1.0, 20.0, q, k,
+        v, inp["b"][:, 0], inp["state"], inp["indices"], scale=row.K ** -0.5, use_qk_l2norm_in_kernel=row.l2norm,
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def engine_call(case: Case, device, seed: int) -> Callable[[], Any]:
+    """The call of an engine case on fresh inputs (rows.make_inputs; engine_rows for vLLM's
+    recurrent op and the fused step, as the engine sweep runs them)."""
+    from .engine_rows import flashgdn_prepare
+
+    inp = make_inputs(case.row, device, seed)
+    if case.engine == "packed":
+        return packed_decode_call(case.row, inp)
+    if case.engine == "sglang":
+        return sglang_update_call(case.row, inp)
+    return flashgdn_prepare(case.row, inp)[0]
+
+
 def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, Callable[[], Any]]:
     """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
     and "flashinfer" to their API modules."""
     if case.row is None:
         x = torch.zeros(1, device=device)
         return BASELINE, functools.partial(x.add_, 1)
+    if case.engine:
+        return ENGINE_FUNCTIONS[case.engine], engine_call(case, device, seed)
     inp = make_inputs(case.row, device, seed)
     if not case.output_given:
         inp["output"] = None
-    if case.engine:
-        return ENGINE_FUNCTION, packed_decode_call(case.row, inp)
     name, args, kwargs = api_call(case.row, inp, via_pretranspose=case.impl == "flashinfer")
     return name, functools.partial(getattr(modules[case.impl], name), *args, **kwargs)
 
@@ -230,7 +284,7 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
     """One record per case (a failing case gets its error, the others run), with ratios."""
     records = []
     for i, case in enumerate(case_list, 1):
-        function = (ENGINE_FUNCTION if case.engine else BASELINE if case.row is None
+        function = (ENGINE_FUNCTIONS[case.engine] if case.engine else BASELINE if case.row is None
                     else VERSION_FUNCTIONS[case.row.version])
         try:
             function, call = bind_case(case)

@@ -1,0 +1,245 @@
+"""CPU tests of the repeated-call path (flashgdn.fastpath) of the engine entry points, vLLM's
+recurrent op and the fused step: a repeated call skips the full checks and hands the compiled
+function the same tensors (views rebuilt from the kept geometry) as the full way; a change that
+matters takes the full way, which raises the same clear error as a first call (nothing written)
+or runs the call as a first call would. The compiled functions are the argument-checking
+stand-ins of helpers.ffi_checking_stub."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from flashgdn import api, engines, fastpath, fused_step, recurrent
+from flashgdn import validation as val
+from flashgdn.device import DeviceFacts
+from helpers import BF16, ffi_checking_stub, make_fused_inputs
+from test_engines import packed_kwargs, sigmoid_kwargs
+from test_recurrent import recurrent_kwargs
+
+FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+PACKED = engines.fused_recurrent_gated_delta_rule_packed_decode
+PACKED_VLLM = engines.fused_recurrent_gated_delta_rule_packed_decode_vllm
+SIGMOID = engines.fused_sigmoid_gating_delta_rule_update
+RECURRENT = recurrent.fused_recurrent_gated_delta_rule
+STEP = fused_step.gdn_fused_decode_step
+
+
+def _fused_kwargs():
+    return make_fused_inputs(B=3, H=2, HV=4, D=64, hidden=128, P=6, slots=[4, -1, 0], seed=2)
+
+
+ENTRIES = {  # name: (function, valid keyword arguments)
+    "packed": (PACKED, packed_kwargs),
+    "packed_vllm": (PACKED_VLLM, packed_kwargs),
+    "sigmoid": (SIGMOID, sigmoid_kwargs),
+    "sigmoid_batched": (SIGMOID, lambda: sigmoid_kwargs(varlen=False, gates_3d=True)),
+    "recurrent_varlen": (RECURRENT, recurrent_kwargs),
+    "recurrent_one_token": (RECURRENT, lambda: recurrent_kwargs(varlen=False, one_d=True)),
+    "fused_step": (STEP, _fused_kwargs),
+}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """(full checks run, arguments of each launch): every memo (validation.remembered) call is one
+    full way; the compiled functions record their arguments."""
+    launched, full = [], []
+    remembered = val.remembered
+
+    def counting(*args, **kw):
+        full.append(args[1])
+        return remembered(*args, **kw)
+
+    monkeypatch.setattr(val, "remembered", counting)
+    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
+    for module in (api, fused_step):
+        monkeypatch.setattr(module, "facts_of", lambda device: FACTS)
+    for module, memo in ((api, "_VALIDATED"), (engines, "_CHECKED"), (fused_step, "_VALIDATED"),
+                         (fused_step, "_WORKSPACES")):
+        monkeypatch.setattr(module, memo, {})
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
+    monkeypatch.setattr(api.kernel_cache, "get", lambda spec: ffi_checking_stub(spec, launched))
+    return full, launched
+
+
+def _layout(t):
+    return None if t is None else (t.shape, t.stride(), t.data_ptr(), t.dtype)
+
+
+@pytest.mark.parametrize("name", list(ENTRIES))
+def test_a_repeated_call_skips_the_full_checks(calls, name):
+    full, launched = calls
+    fn, make = ENTRIES[name]
+    kw = make()
+    fn(**kw)
+    n_full, n_launched = len(full), len(launched)
+    assert n_full >= 1 and n_launched >= 1
+    for _ in range(3):
+        fn(**kw)
+    assert len(full) == n_full, "a repeated call ran the full checks"
+    assert len(launched) == 4 * n_launched
+    # The fast calls hand the compiled functions the tensors of the full call: views of the
+    # caller's tensors at the same addresses (rebuilt from the kept geometry), the outputs a call
+    # allocates of the same layout.
+    inputs = {t.untyped_storage().data_ptr() for t in kw.values() if isinstance(t, torch.Tensor)}
+    for full_args, fast_args in zip(launched[:n_launched], launched[n_launched:2 * n_launched]):
+        for i, (x, y) in enumerate(zip(full_args, fast_args)):
+            assert (x is None) == (y is None), f"argument {i}"
+            if x is not None:
+                assert (x.shape, x.stride(), x.dtype) == (y.shape, y.stride(), y.dtype), f"argument {i}"
+                if x.untyped_storage().data_ptr() in inputs:
+                    assert x.data_ptr() == y.data_ptr(), f"argument {i}"
+
+
+def _expect_same_error(fn, kw, bad, reset, launched):
+    """fn(**bad) after fast calls of kw raises what it raises as a first call, launching nothing
+    (the stand-ins write nothing: a launch stands for a write) and writing nothing."""
+    for _ in range(2):
+        fn(**kw)
+    before = {n: t.clone() for n, t in bad.items() if isinstance(t, torch.Tensor)}
+    n_launched = len(launched)
+    with pytest.raises((TypeError, ValueError, NotImplementedError)) as after_fast:
+        fn(**bad)
+    assert len(launched) == n_launched, "a refused call launched a kernel"
+    for n, t in before.items():
+        assert torch.equal(bad[n], t), f"{n} written by a refused call"
+    reset()
+    with pytest.raises(type(after_fast.value)) as first:
+        fn(**bad)
+    assert str(after_fast.value) == str(first.value)
+    return str(first.value)
+
+
+def _expanded(t):
+    return t[:1].expand(t.shape)
+
+
+def _misaligned_pool(pool):
+    """The pool at an address 4 bytes past a 16-byte boundary (same shape and strides)."""
+    flat = torch.empty(pool.untyped_storage().nbytes() // pool.element_size() + 1, dtype=pool.dtype)
+    view = flat.as_strided(pool.shape, pool.stride(), 1)
+    view.copy_(pool)
+    return view
+
+
+BAD = [  # (entry, change, message)
+    ("packed", lambda kw: dict(kw, initial_state=_expanded(kw["initial_state"])), r"initial_state must not overlap"),
+    ("packed", lambda kw: dict(kw, out=_expanded(kw["out"])), r"^out must not overlap itself"),
+    ("packed", lambda kw: dict(kw, a=kw["a"].half()), r"^a must have dtype"),
+    ("packed", lambda kw: dict(kw, scale=True), r"^scale must be a float or None, got bool"),
+    ("packed", lambda kw: dict(kw, mixed_qkv=kw["mixed_qkv"][:, :-64]), r"^mixed_qkv must have shape"),
+    ("packed", lambda kw: dict(kw, ssm_state_indices=kw["ssm_state_indices"][:, None]),
+     r"^ssm_state_indices must have shape"),
+    ("packed_vllm", lambda kw: dict(kw, ssm_state_indices=kw["ssm_state_indices"].tolist()),
+     r"^ssm_state_indices must be a torch.Tensor"),
+    ("sigmoid", lambda kw: dict(kw, cu_seqlens=torch.arange(kw["q"].shape[1] + 2, dtype=torch.int32)),
+     r"varlen batch of 4 tokens in 5 sequences"),
+    ("sigmoid", lambda kw: dict(kw, is_kda=True), r"is_kda=True"),
+    ("sigmoid", lambda kw: dict(kw, scale=-1.0), r"^scale must be positive"),
+    ("sigmoid", lambda kw: dict(kw, softplus_threshold=True), r"^softplus_threshold must be a float, got bool"),
+    ("sigmoid", lambda kw: dict(kw, initial_state_source=_expanded(kw["initial_state_source"])),
+     r"^initial_state_source must not overlap itself"),
+    ("recurrent_varlen", lambda kw: dict(kw, cu_seqlens=kw["cu_seqlens"][:-1]), r"^ssm_state_indices must have 2 rows"),
+    ("recurrent_varlen", lambda kw: dict(kw, initial_state=_expanded(kw["initial_state"])),
+     r"^initial_state must not overlap itself"),
+    ("recurrent_varlen", lambda kw: dict(kw, scale=-0.5), r"^scale must be positive"),
+    ("recurrent_varlen", lambda kw: dict(kw, beta=kw["beta"][:, :, :1]), r"^beta must have shape"),
+    ("fused_step", lambda kw: dict(kw, A_log=kw["A_log"].bfloat16()), r"^A_log must have dtype float32"),
+    ("fused_step", lambda kw: dict(kw, ssm_state=_misaligned_pool(kw["ssm_state"])), r"^ssm_state data pointer"),
+    ("fused_step", lambda kw: dict(kw, out=torch.zeros(1, 1, 4, 64, dtype=BF16).expand(3, 1, 4, 64)),
+     r"^out must not overlap itself"),
+    ("fused_step", lambda kw: dict(kw, conv_state=_expanded(kw["conv_state"])), r"^conv_state must not overlap"),
+    ("fused_step", lambda kw: dict(kw, dt_bias=kw["dt_bias"][:2]), r"^dt_bias must have shape"),
+]
+
+
+@pytest.mark.parametrize("name, change, match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_a_change_that_matters_raises_the_first_calls_error(calls, monkeypatch, name, change, match):
+    fn, make = ENTRIES[name]
+    kw = make()
+
+    def reset():
+        for module, memo in ((api, "_VALIDATED"), (engines, "_CHECKED"), (fused_step, "_VALIDATED"),
+                             (fastpath, "FAST")):
+            monkeypatch.setattr(module, memo, {})
+
+    message = _expect_same_error(fn, kw, change(kw), reset, calls[1])
+    assert re.search(match, message), message
+
+
+def test_packed_row_stride_change_rebuilds_the_views(calls):
+    """Another row stride of mixed_qkv (same shape) is another geometry: a new key, views of the
+    new rows."""
+    full, launched = calls
+    kw = packed_kwargs()
+    PACKED(**kw)
+    wider = torch.zeros(kw["mixed_qkv"].shape[0], kw["mixed_qkv"].shape[1] + 40, dtype=BF16)
+    wider[:, :kw["mixed_qkv"].shape[1]] = kw["mixed_qkv"]
+    moved = dict(kw, mixed_qkv=wider[:, :kw["mixed_qkv"].shape[1]])
+    for _ in range(2):
+        PACKED(**moved)
+    q, k, v = launched[-1][:3]
+    assert q.stride(0) == wider.stride(0) and q.data_ptr() == wider.data_ptr()
+    assert torch.equal(q.flatten(1), kw["mixed_qkv"][:, :q[0].numel()])
+    assert len(fastpath.FAST) >= 2
+
+
+def test_sigmoid_q_strides_change_rebuilds_the_views(calls):
+    full, launched = calls
+    kw = sigmoid_kwargs()
+    SIGMOID(**kw)
+    for name in ("q", "k", "v", "a", "b"):  # one tensor at a time: each one's strides are in the key
+        dense = dict(kw, **{name: kw[name].contiguous()})
+        for _ in range(2):
+            SIGMOID(**dense)
+        t, view = dense[name], launched[-1]["qkvab".index(name)]
+        assert view.data_ptr() == t.data_ptr() and torch.equal(view.flatten(), t.flatten())
+
+
+def test_recurrent_accepted_counts_appearing_take_the_full_way(calls):
+    full, launched = calls
+    kw = recurrent_kwargs(accepted=False)
+    RECURRENT(**kw)
+    n = len(full)
+    RECURRENT(**dict(kw, num_accepted_tokens=torch.tensor([1, 2, 4], dtype=torch.int64)))
+    assert len(full) > n and launched[-1][10] is not None
+
+
+def test_recurrent_without_tokens_is_never_kept(calls):
+    full, launched = calls
+    kw = recurrent_kwargs()
+    for n in ("q", "k", "v", "g", "beta"):
+        kw[n] = kw[n][:, :0]
+    kw["cu_seqlens"] = torch.zeros(4, dtype=torch.int32)
+    for _ in range(2):
+        RECURRENT(**kw)
+    assert not launched and not fastpath.FAST
+
+
+def test_fused_step_workspace_follows_the_current_stream(calls, monkeypatch):
+    """The fast call takes the workspace of the stream current at the call, as the full way does."""
+    full, launched = calls
+    kw = _fused_kwargs()
+    STEP(**kw)
+    n = len(full)
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)
+    STEP(**kw)
+    assert len(full) == n  # the fast path
+    ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4)] for s in (7, 8))
+    conv7, conv8 = launched[0], launched[2]  # conv/gate launches write qkv (argument 7) and ba (8)
+    assert conv7[7].data_ptr() == ws7.qkv.data_ptr() and conv8[7].data_ptr() == ws8.qkv.data_ptr()
+    assert launched[3][0].data_ptr() == ws8.qkv.data_ptr()  # the decode reads this stream's rows
+
+
+def test_check_indices_always_takes_the_full_way(calls, monkeypatch):
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    full, launched = calls
+    for name in ("packed", "sigmoid", "recurrent_varlen"):
+        fn, make = ENTRIES[name]
+        kw = make()
+        fn(**kw)
+        n = len(full)
+        fn(**kw)
+        assert len(full) > n, name
