@@ -137,9 +137,7 @@ class KLastMTP(KLastDecode):
         """The tensors of spec.KernelArgs, in its order."""
         gmem = KernelArgs(*args)
         spec = self.spec
-        R = self.rows_per_thread
         T = spec.T
-        E = self.vec * self.chunks  # elements of one row held by this lane
         lane, warp, tile, b, hv, h, lane_in_row, row0 = self._thread_coords()
         local0 = row0 - tile * self.rows_per_cta  # first row of this thread within the CTA tile
 
