@@ -5,7 +5,12 @@ exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackw
 Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec)
 writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace,
 and flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the
-pool) reads q, k, v, a and b as views of it. The workspace (bf16, [rows, qkv_dim] and
+pool) reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the
+decode is a programmatic dependent launch (PDL) of the conv/gate kernel: it starts while that
+kernel ends, loads its slot indices and state, and waits for that grid before it reads the
+workspace. One launch would not pay here: the q/k channels of a head feed HV / H value heads and
+all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
+head (a sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and
 [rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
 exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and
 CUDA-graph replays allocate nothing beyond the output; calls on one stream run in order, so they
@@ -17,6 +22,7 @@ never imports CuTe.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple
 
@@ -26,6 +32,7 @@ from . import api, fastpath
 from . import validation as val
 from .cache import kernel_cache
 from .device import facts_of
+from .kernels import policy
 from .logging_utils import logged
 from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, conv_gate_vec
 
@@ -261,6 +268,16 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     return out
 
 
+def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs, options, facts) -> tuple:
+    """The compiled variants of a step (Problem `p`; `decode`: the decode's KernelArgs, meta tensors
+    do), in launch order: the conv/gate kernel, then the decode, a programmatic dependent of it
+    where the policy says so (policy.fused_step_pdl)."""
+    conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class)
+    decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts),
+                                      pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
+    return conv, decode_spec
+
+
 def _decode_only(t: torch.Tensor) -> tuple:
     """What the decode's compiled function checks of a tensor the conv/gate one does not get."""
     return t.dtype, t.shape, t.stride(), t.get_device(), t.data_ptr() % 16
@@ -274,12 +291,9 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
     qkv, ba, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K)
     decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
     if plan.fns is None:
-        facts = facts_of(plan.device)
-        conv_spec = ConvGateSpec(p.H, p.HV, p.K, hidden_states.shape[1], plan.width, conv_bias is not None,
-                                 facts.arch, facts.device_class)
-        options = api.CallOptions(scale, use_qk_l2norm)
-        plan.fns = (kernel_cache.get(conv_spec),
-                    kernel_cache.get(api.kernel_spec("klast", p, decode, options, facts)))
+        specs = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, decode,
+                             api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+        plan.fns = tuple(kernel_cache.get(spec) for spec in specs)
     conv_fn, decode_fn = plan.fns
     conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
     decode_fn(*decode)

@@ -133,6 +133,10 @@ class KernelSpec:
     # t < its length <= T (None: dense [B, T, ...]).
     varlen: Optional[str] = None
     replay_cache: bool = False  # writes the ReplaySSM windows (replay_v/k/g/beta) of every live row
+    # Launched as a programmatic dependent (PDL) of the kernel before it in the stream, whose
+    # outputs are its q/k/v and gates (the fused step's conv/gate kernel): its slot indices and
+    # state load while that kernel finishes; it reads q/k/v and the gates after griddepcontrol.wait.
+    pdl_wait: bool = False
 
     def __post_init__(self) -> None:
         checks = (
@@ -163,6 +167,7 @@ class KernelSpec:
             (not self.replay_cache or (self.pool and self.T >= 2 and not self.update_state and not self.writes_states
                                        and not self.has_accepted),
              "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
+            (not self.pdl_wait or (self.layout == "klast" and not self.multi_token), "pdl_wait is for the K-last T = 1 decode"),
         )
         for ok, msg in checks:
             if not ok:
@@ -204,8 +209,8 @@ class KernelSpec:
             (self.has_accepted, "accepted"), (not self.use_l2norm, "nol2"), (self.has_token_slots, "tokslots"),
             (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
             (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
-            (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"),
-            (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.replay_cache, "replay"),
+            (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
+            (self.pdl_wait, "pdl"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

@@ -33,8 +33,9 @@ VARIANTS = [
      dict(regime="small", state="float32", index_dtype="int64", has_out_indices=True)),
     ("klast-T1-pool-int64-outidx-large-bfloat16",
      dict(regime="large", state="bfloat16", index_dtype="int64", has_out_indices=True)),
-    ("klast-T1-pool-int32-strided-large-float32",
-     dict(regime="large", state="float32", index_dtype="int32", strided_state=True)),
+    # the fused step's decode: a padded pool, launched as a programmatic dependent of the conv/gate kernel
+    ("klast-T1-pool-int32-strided-pdl-large-float32",
+     dict(regime="large", state="float32", index_dtype="int32", strided_state=True, pdl_wait=True)),
     # K-major (nontranspose) T=1
     *[(f"kmajor-T1-{r}-{s}", dict(layout="kmajor", regime=r, state=s))
       for r in ("small", "large") for s in ("float32", "bfloat16")],

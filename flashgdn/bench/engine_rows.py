@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .. import api
 from .. import reference
 from ..device import DeviceFacts
-from ..spec import ConvGateSpec, KernelArgs
+from ..spec import KernelArgs
 from ..validation import Problem
 from .impl import Collected, Impl, Unavailable
 from .metrics import fused_step_bytes, fused_step_flops, gdn_bytes, gdn_flops
@@ -121,11 +121,12 @@ def kernel_specs(row, facts: DeviceFacts) -> tuple:
             cu_seqlens=_meta(SLOT_DTYPE, 0) if varlen else None,
         )
         return (api.kernel_spec("klast", problem, args, options, facts),)
-    conv = ConvGateSpec(row.H, row.HV, row.K, row.hidden, CONV_WIDTH, True, facts.arch, facts.device_class)
+    from .. import fused_step
+
     bf16 = _meta(torch.bfloat16, 0)
     args = KernelArgs(q=bf16, k=bf16, v=bf16, a=bf16, b=bf16, A_log=_meta(torch.float32, 0), dt_bias=bf16,
                       state=state, state_indices=_meta(SLOT_DTYPE, 0), output=bf16)
-    return conv, api.kernel_spec("klast", problem, args, options, facts)
+    return fused_step.kernel_specs(problem, row.hidden, CONV_WIDTH, True, args, options, facts)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -340,6 +340,7 @@ class DecodeKernel:
     `kernel`, which takes the tensors of spec.KernelArgs in their order."""
 
     tile_rows = 0
+    pdl = False  # launched as a programmatic dependent of the previous kernel (KernelSpec.pdl_wait)
 
     def __init__(self, spec: KernelSpec, config):
         self.spec = spec
@@ -372,7 +373,8 @@ class DecodeKernel:
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
         grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
-        self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream)
+        self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream,
+                                     use_pdl=self.pdl)
 
     def grid_rows(self, tensors):
         """Rows of the grid, each HV x num_tiles CTAs: the batch size (q's first dim; for varlen,

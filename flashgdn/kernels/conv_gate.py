@@ -48,6 +48,9 @@ class ConvGate:
     def kernel(self, *args):
         """The tensors of spec.ConvGateArgs, in its order."""
         gmem = ConvGateArgs(*args)
+        # The decode launched behind this kernel (KernelSpec.pdl_wait) may start once every CTA
+        # here has: it loads its state meanwhile, and waits for this grid's end to read our outputs.
+        cute.arch.griddepcontrol_launch_dependents()
         bidx, _, _ = cute.arch.block_idx()
         b = bidx // self.ctas_per_row
         part = bidx % self.ctas_per_row

@@ -43,6 +43,7 @@ class KLastDecode(common.DecodeKernel):
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
         self.tile_rows = self.rows_per_cta  # whole rows of K
+        self.pdl = spec.pdl_wait
 
     def _reg_shape(self):
         """Registers of this thread's rows: ((chunk elements, chunks), rows)."""
@@ -136,7 +137,14 @@ class KLastDecode(common.DecodeKernel):
         read_slot, write_slot, _, status = common.row_slots(gmem, b, 1)
         start, count, status = common.sequence_span(gmem, b, 1, status)
         token = common.token_at(gmem, b, 0, start, count)
-        if const_expr(gmem.state_indices is None and gmem.token_state_indices is None):
+        if const_expr(spec.pdl_wait):
+            # q/k/v and the gates are the previous kernel's outputs: the slot index and the state
+            # load while it finishes, the rest once its grid has ended (griddepcontrol.wait).
+            rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
+            common.load_fence()
+            cute.arch.griddepcontrol_wait()
+            v_raw, rQraw, rKraw, raw = self._io_loads(gmem, token, h, hv, row0, lane_in_row)
+        elif const_expr(gmem.state_indices is None and gmem.token_state_indices is None):
             rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()  # the state first: the other loads have arithmetic right behind them
             v_raw, rQraw, rKraw, raw = self._io_loads(gmem, token, h, hv, row0, lane_in_row)

@@ -52,6 +52,10 @@ class DeviceTable:
     # Fewest tokens for which it serves a call that writes a state per token (intermediates or
     # token slots), either state dtype; None: not measured yet, the token loop serves them.
     mma_min_tokens_writes: Optional[int] = None
+    # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
+    # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
+    # gap between the two closes. Not yet measured against plain stream order.
+    fused_step_pdl: bool = True
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -296,6 +300,11 @@ class ConvGateConfig:
         table = DEVICE_TABLES[spec.device_class] if spec.device_class else _arch_table(spec.arch)
         threads = table.conv_gate_threads
         return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec)
+
+
+def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
+    """Whether the fused step's decode waits on its conv/gate kernel programmatically (DeviceTable.fused_step_pdl)."""
+    return (DEVICE_TABLES[device_class] if device_class else _arch_table(arch)).fused_step_pdl
 
 
 def _arch_table(arch: str) -> DeviceTable:
