@@ -87,6 +87,8 @@ engines)
   # one-launch step could save at most.
   $bench --api fused_step --state-dtype fp32 bf16 --batch-size 1 4 16 64 256 --timer cupti \
     --csv "$dir/h200_${day}_fused_next_tp1_cupti.csv" > "$out/fused_cupti.log" 2>&1
+  # The decode as a programmatic dependent launch (PDL) against plain stream order.
+  timeout "$limit" python3 benchmarks/fused_pdl.py > "$out/fused_pdl.log" 2>&1
   # Pools with padded strides against packed ones (same rows, same run).
   for api in pretranspose mtp; do
     [ $api = mtp ] && T="2 4 8" || T=1
@@ -95,7 +97,7 @@ engines)
         --csv "$dir/h200_${day}_pad${pad}_$api.csv" > "$out/pad${pad}_$api.log" 2>&1
     done
   done
-  TAIL=30 tails engines fused_next_tp1 fused_next_tp4 fused_q35_tp1 fused_q35_tp4 fused_cupti pad0_pretranspose pad64_pretranspose \
+  TAIL=30 tails engines fused_next_tp1 fused_next_tp4 fused_q35_tp1 fused_q35_tp4 fused_cupti fused_pdl pad0_pretranspose pad64_pretranspose \
     pad0_mtp pad64_mtp ;;
 replay)
   dir=${2:-$out}; mkdir -p "$dir"
