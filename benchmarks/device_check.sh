@@ -56,7 +56,14 @@ sanitize)
   $sanitizer --tool racecheck $pytest tests/test_fused_step_gpu.py -k "matches_reference and (tp4 or d64)" \
     > "$out/rc2.log" 2>&1 &
   wait
-  summary mc1 mc2 rc1 rc2 ;;
+  # The tensor-core MTP kernel's fp32-state and per-token-state builds (by table: tests/helpers.use_h200_table).
+  $sanitizer --tool memcheck $pytest tests/test_mtp_gpu.py tests/test_flashinfer_patterns_gpu.py \
+    -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core" > "$out/mc3.log" 2>&1 &
+  $sanitizer --tool racecheck $pytest tests/test_mtp_gpu.py \
+    -k "(fp32_tensor_core and 8-True-True-True-1-64) or (tensor_core_intermediates and 4-sdt1)" \
+    > "$out/rc3.log" 2>&1 &
+  wait
+  summary mc1 mc2 rc1 rc2 mc3 rc3 ;;
 bench)
   dir=${2:-$out}; mkdir -p "$dir"
   $bench --api all --state-dtype fp32 bf16 --compare --verify --floor \
