@@ -77,7 +77,10 @@ extra)
     --csv "$dir/h200_${day}_mtp_contiguous.csv" > "$out/mtp_contiguous.log" 2>&1
   $bench --api mtp --state-dtype fp32 bf16 --token-slots --batch-size 1 16 64 256 --compare --verify --floor \
     --csv "$dir/h200_${day}_token_slots.csv" > "$out/token_slots.log" 2>&1
-  TAIL=40 tails mtp_inter mtp_contiguous token_slots ;;
+  # FlashInfer's bf16-state MTP entry point: pretranspose with T > 1 (flashgdn serves it with the MTP kernels).
+  $bench --api pretranspose --seq-len 2 4 8 --state-dtype bf16 --pool --batch-size 1 4 16 64 256 --compare --verify \
+    --floor --csv "$dir/h200_${day}_pretranspose_mtp.csv" > "$out/pretranspose_mtp.log" 2>&1
+  TAIL=40 tails mtp_inter mtp_contiguous token_slots pretranspose_mtp ;;
 engines)
   dir=${2:-$out}; mkdir -p "$dir"
   $bench --api engines --state-dtype fp32 bf16 --compare --verify --csv "$dir/h200_${day}_engines.csv" \
