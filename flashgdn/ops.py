@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api, fused_step, recurrent
+from . import api, engines, fused_step, recurrent
 from . import validation as val
 
 
@@ -161,3 +161,41 @@ def fused_recurrent_op(
 def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
       use_qk_l2norm_in_kernel, o):
     recurrent._check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+
+
+@torch.library.custom_op(
+    "flashgdn::fused_recurrent_gated_delta_rule_packed_decode", mutates_args=("initial_state", "out"),
+)
+def packed_decode_op(
+    mixed_qkv: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, scale: Optional[float],
+    initial_state: Tensor, out: Tensor, ssm_state_indices: Tensor, use_qk_l2norm_in_kernel: bool, vllm_padding: bool,
+) -> None:
+    engines._packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                           use_qk_l2norm_in_kernel, vllm_padding)
+
+
+@packed_decode_op.register_fake
+def _(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, use_qk_l2norm_in_kernel,
+      vllm_padding):
+    engines._check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                                 vllm_padding)
+
+
+@torch.library.custom_op(
+    "flashgdn::fused_sigmoid_gating_delta_rule_update", mutates_args=("initial_state_source", "o"),
+)
+def sigmoid_update_op(
+    A_log: Tensor, a: Tensor, dt_bias: Tensor, softplus_beta: float, softplus_threshold: float, q: Tensor,
+    k: Tensor, v: Tensor, b: Tensor, initial_state_source: Tensor, initial_state_indices: Tensor,
+    scale: Optional[float], use_qk_l2norm_in_kernel: bool, cu_seqlens: Optional[Tensor], o: Tensor,
+) -> None:
+    engines._check_sigmoid_output(o, v)
+    engines._sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, o)
+
+
+@sigmoid_update_op.register_fake
+def _(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source, initial_state_indices,
+      scale, use_qk_l2norm_in_kernel, cu_seqlens, o):
+    engines._check_sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b,
+                                  initial_state_source, initial_state_indices, scale, cu_seqlens, o)
