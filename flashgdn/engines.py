@@ -31,6 +31,10 @@ a, b, out and the slot indices, the layout of q/k/v), raising TypeError/ValueErr
 own arguments; flashgdn's checks follow, naming q, k, v (views of `mixed_qkv`), output (`out`) and
 initial_state_indices (the slot indices) where they differ, and the device check comes last.
 Nothing is written by a call that fails.
+
+Eager calls run the eager bodies (`_packed_decode`, `_sigmoid_update`); while torch.compile or
+torch.export traces, each call is one flashgdn custom op instead (flashgdn.ops), whose fake
+implementation runs these checks on fake tensors.
 """
 from __future__ import annotations
 

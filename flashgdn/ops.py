@@ -17,13 +17,20 @@ returns nothing, as FlashInfer's does); the index tensors, accepted_tokens, the 
 and the inputs are only read.
 gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
 above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
-vLLM's fused_recurrent_gated_delta_rule (flashgdn.engines) has an op too: it mutates the pool
-initial_state and `o`, which the function allocates (as its eager path does) and returns.
+flashgdn.engines' entry points have ops too, each mutating the pool and the output: vLLM's
+fused_recurrent_gated_delta_rule (initial_state, `o`) and SGLang's
+fused_sigmoid_gating_delta_rule_update (initial_state_source, `o`), whose functions allocate `o`
+(as their eager paths do) and return it; both packed decodes share
+fused_recurrent_gated_delta_rule_packed_decode (initial_state, `out`), their one difference, the
+padding rule, its argument vllm_padding. The arguments that only select modes flashgdn refuses
+(SGLang's is_kda, ReplaySSM rings, ...) or that it ignores (cache_steps, num_warps) stay out of the
+op: the function refuses them before the op, while tracing too.
 
-The real implementations are the api's eager bodies, so launching happens in one place; the fake
-implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
-self-overlap; not the data pointer's alignment or index values, which need real tensors and run
-when the compiled graph does), so bad input raises its eager error while tracing. Eager calls do
+The real implementations are the eager bodies, so launching happens in one place; the fake
+implementations run the eager structure checks on fake tensors (shapes, strides, dtypes, devices,
+self-overlap; not the data pointer's alignment (validation.has_address) or index values, which
+need real tensors and run when the compiled graph does), so bad input raises its eager error while
+tracing. Eager calls do
 not go through these ops (api: only while compiling). Imported by flashgdn; no CuTe import.
 """
 from typing import Optional
