@@ -14,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flashgdn import engines, fastpath
+from flashgdn import validation as val
 from helpers import BF16, F32, same_bits
 from test_engines import PACKED_FNS, expect_error, expect_only_device_error, packed_kwargs, sigmoid_kwargs
 from test_ops import Recorder, cpu_kernels, fake_cuda, fresh_dynamo, named_args, trace  # noqa: F401  (fixtures)
@@ -192,6 +193,16 @@ def test_sigmoid_op_refuses_an_output_of_another_layout():
             call(*sigmoid_op_args(kw, o))
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=r"^o must be contiguous"):
         SIGMOID_OP(*fake_cuda(sigmoid_op_args(kw, o)))
+
+
+def test_address_checks_skip_tensors_dynamo_traces():
+    """validation.has_address: a check that Dynamo traces reads no data pointer (no graph break);
+    eager, an unaligned tensor still fails it."""
+    check = lambda t: val.check_inner_contiguous("t", t, 1, align_leading=True) or t + 1  # noqa: E731
+    _, _, graphs = trace(check, dict(t=torch.zeros(4, 16, dtype=BF16)))
+    assert len(graphs) == 1
+    with pytest.raises(ValueError, match=r"^t data pointer must be 16-byte aligned"):
+        check(torch.zeros(65, dtype=BF16)[1:].view(4, 16))
 
 
 # ----------------------------------------------------------------------------- eager path
