@@ -31,6 +31,10 @@ a, b, out and the slot indices, the layout of q/k/v), raising TypeError/ValueErr
 own arguments; flashgdn's checks follow, naming q, k, v (views of `mixed_qkv`), output (`out`) and
 initial_state_indices (the slot indices) where they differ, and the device check comes last.
 Nothing is written by a call that fails.
+
+Eager calls run the eager bodies (`_packed_decode`, `_sigmoid_update`); while torch.compile or
+torch.export traces, each call is one flashgdn custom op instead (flashgdn.ops), whose fake
+implementation runs these checks on fake tensors.
 """
 from __future__ import annotations
 
@@ -140,11 +144,45 @@ def _vllm_slots(ssm_state_indices: torch.Tensor) -> torch.Tensor:
     return torch.where(ssm_state_indices > 0, ssm_state_indices, -1)
 
 
+def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                 use_qk_l2norm_in_kernel, vllm_padding: bool):
+    """Both packed decodes: the eager body, or while torch.compile / torch.export traces the custom
+    op flashgdn::fused_recurrent_gated_delta_rule_packed_decode (flashgdn.ops), which writes `out`
+    and the pool and returns nothing (an op may not return its inputs)."""
+    if api._is_compiling():
+        torch.ops.flashgdn.fused_recurrent_gated_delta_rule_packed_decode(
+            mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, use_qk_l2norm_in_kernel,
+            vllm_padding)
+        return out, initial_state
+    return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                          use_qk_l2norm_in_kernel, vllm_padding)
+
+
+def _packed_args(mixed_qkv, initial_state, ssm_state_indices, H: int, vllm_padding: bool):
+    """q, k, v (views of mixed_qkv), the slot indices and the views' geometry that a checked packed
+    call hands flashgdn."""
+    slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
+    HV, V, K = initial_state.shape[1:]
+    geometry = _packed_geometry(mixed_qkv, H, HV, K, V)
+    return (*_views(mixed_qkv, geometry), slots, geometry)
+
+
+def _check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                         vllm_padding: bool) -> None:
+    """Every check of a packed decode, in the eager order (the entry point's, then flashgdn's on the
+    views it hands on), reading no address and no index value: the op's fake implementation."""
+    H = _check_packed(mixed_qkv, a, b, initial_state, out, ssm_state_indices)
+    q, k, v, slots, _ = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H, vllm_padding)
+    api._check_pretranspose(q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale, out, initial_state,
+                            slots, None, None, False, 1.0, 20.0)
+
+
 def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
                    use_qk_l2norm_in_kernel, vllm_padding: bool):
-    """Both packed decodes. A repeated call (flashgdn.fastpath) skips the checks and the view
-    arithmetic: its key holds what decides the views' geometry (mixed_qkv's shape and strides, the
-    state's shape) and what the API call's key holds; the entry keeps the geometry."""
+    """The eager body of both packed decodes (and their op's implementation). A repeated call
+    (flashgdn.fastpath) skips the checks and the view arithmetic: its key holds what decides the
+    views' geometry (mixed_qkv's shape and strides, the state's shape) and what the API call's key
+    holds; the entry keeps the geometry."""
     def launch(fast):
         slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
         q, k, v = _views(mixed_qkv, fast.extra)
@@ -159,10 +197,7 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
     if done is not fastpath.MISS:
         return out, initial_state
     H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
-    HV, V, K = initial_state.shape[1:]
-    geometry = _packed_geometry(mixed_qkv, H, HV, K, V)
-    q, k, v = _views(mixed_qkv, geometry)
+    q, k, v, slots, geometry = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H, vllm_padding)
     api.gated_delta_rule_decode_pretranspose(
         q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale=scale, output=out,
         use_qk_l2norm=use_qk_l2norm_in_kernel, initial_state=initial_state, initial_state_indices=slots,
@@ -201,9 +236,12 @@ def fused_recurrent_gated_delta_rule_packed_decode(
     row is zero and no state is read or written. out [N, 1, HV, V] receives the output.
 
     Returns (out, initial_state).
+
+    While torch.compile or torch.export traces, the call is the custom op
+    flashgdn::fused_recurrent_gated_delta_rule_packed_decode (flashgdn.ops; both packed decodes).
     """
-    return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
-                          use_qk_l2norm_in_kernel, vllm_padding=False)
+    return _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                        use_qk_l2norm_in_kernel, vllm_padding=False)
 
 
 @logged
@@ -227,8 +265,8 @@ def fused_recurrent_gated_delta_rule_packed_decode_vllm(
 
     Returns (out, initial_state).
     """
-    return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
-                          use_qk_l2norm_in_kernel, vllm_padding=True)
+    return _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                        use_qk_l2norm_in_kernel, vllm_padding=True)
 
 
 # ----------------------------------------------------------------------------- SGLang's fused decode
@@ -294,7 +332,7 @@ def _check_sigmoid(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, c
             raise ValueError(f"{name} must have shape [{N}, {HV}] or [{q.shape[0]}, {q.shape[1]}, {HV}] "
                              f"(per token and value head), got {list(t.shape)}")
     geometry = [_row_geometry(t, varlen) for t in (q, k, v, a, b)]
-    q4, k4, v4, a3, b3 = (t.as_strided(*g, t.storage_offset()) for t, g in zip((q, k, v, a, b), geometry))
+    q4, k4, v4, a3, b3 = _row_views((q, k, v, a, b), geometry)
     # q, k, v, a, b, A_log and dt_bias keep their names in flashgdn's messages; only the state's
     # differs: check it here, against the heads and head sizes that q and v hold.
     p = val.check_inputs(q4, k4, v4, a3, b3, A_log, dt_bias, max_tokens=1)
@@ -316,6 +354,31 @@ def _row_geometry(t: torch.Tensor, varlen: bool):
         d = 1 if varlen else 0
         shape, stride = (t.shape[d], 1, *t.shape[2:]), (t.stride(d), 0, *t.stride()[2:])
     return shape, val.unit_dims_packed(shape, stride)
+
+
+def _row_views(tensors, geometry) -> list:
+    """The row views [N, 1, ...] of SGLang's tensors (_row_geometry's shapes and strides), no copy."""
+    return [t.as_strided(*g, t.storage_offset()) for t, g in zip(tensors, geometry)]
+
+
+def _check_sigmoid_output(o, v) -> None:
+    """The op's `o`: the output as the function allocates it (v's shape and dtype, packed), whose
+    row views _check_sigmoid's geometry describes."""
+    val.check_tensor("o", o, (v.dtype,), tuple(v.shape))
+    if not o.is_contiguous():
+        raise ValueError(f"o must be contiguous (the output the function allocates), got strides {list(o.stride())}")
+
+
+def _check_sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                          initial_state_indices, scale, cu_seqlens, o) -> None:
+    """Every check of SGLang's decode call, in the eager order (the entry point's, then flashgdn's on
+    the views it hands on), reading no address and no value: the op's fake implementation."""
+    _check_sigmoid_output(o, v)
+    _, geometry = _check_sigmoid(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlens)
+    q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, o), geometry)
+    api._check_pretranspose(q4, k4, v4, None, A_log, a3, dt_bias, b3, scale, o4, initial_state_source,
+                            _sigmoid_indices(initial_state_indices), None, None, False, softplus_beta,
+                            softplus_threshold)
 
 
 @logged
@@ -366,37 +429,54 @@ def fused_sigmoid_gating_delta_rule_update(
     initial_state_source=None.
 
     Returns the output in q's layout: [1, N, HV, V] or [N, 1, HV, V], q's dtype.
+
+    While torch.compile or torch.export traces, the call is the custom op
+    flashgdn::fused_sigmoid_gating_delta_rule_update (flashgdn.ops), with the output allocated here.
     """
     _refuse_sigmoid_features(initial_state_source, is_kda, lower_bound, disable_state_update,
                              intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token,
                              cache_ring, (replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta))
+    if api._is_compiling():  # traced: one custom op, which may not return a tensor: it writes `o`
+        o = fastpath.new_output(v, False)  # v is [q0, q1, HV, V] of q's dtype (the op's fake implementation checks)
+        torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update(
+            A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, o)
+        return o
+    return _sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                           initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, None)
 
+
+def _sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                    initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, o):
+    """The eager body of fused_sigmoid_gating_delta_rule_update (and its op's implementation, which
+    passes the output `o` its caller allocated; None: allocated here); returns the output."""
     def launch(fast):
-        o = fastpath.new_output(v, False)
-        q4, k4, v4, a3, b3, o4 = [t.as_strided(*g, t.storage_offset()) for t, g in zip((q, k, v, a, b, o), fast.extra)]
+        out = fastpath.new_output(v, False) if o is None else o
+        q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), fast.extra)
         fast.fn(*KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source,
                             _sigmoid_indices(initial_state_indices), None, None, None, o4))
-        return o
+        return out
 
     # The fast key (flashgdn.fastpath): what decides the views' geometry (the shapes and strides of
     # q, k, v, a, b; cu_seqlens, which the compiled function does not get) and what the API call's
     # key holds; the entry keeps the geometry.
-    key, o = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
+    key, out = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
         fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
         a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
         initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale), scale,
         type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel),
         launch)
-    if o is not fastpath.MISS:
-        return o
+    if out is not fastpath.MISS:
+        return out
     varlen, geometry = _checked(_check_sigmoid, q, k, v, a, b, A_log, dt_bias, initial_state_source, scale,
                                 cu_seqlens)
     if varlen and api.CHECK_INDICES:
         expected = torch.arange(cu_seqlens.shape[0], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
         if not torch.equal(cu_seqlens, expected):
             raise ValueError(f"cu_seqlens must be arange(N + 1) (one token per sequence), got {cu_seqlens.tolist()}")
-    o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
-    q4, k4, v4, a3, b3, o4 = (t.as_strided(*g, t.storage_offset()) for t, g in zip((q, k, v, a, b, o), geometry))
+    if o is None:
+        o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
+    q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, o), geometry)
     indices = _sigmoid_indices(initial_state_indices)
     api.gated_delta_rule_decode_pretranspose(
         q4, k4, v4, None, A_log, a3, dt_bias, b3, scale=scale, output=o4, use_qk_l2norm=use_qk_l2norm_in_kernel,

@@ -17,13 +17,20 @@ returns nothing, as FlashInfer's does); the index tensors, accepted_tokens, the 
 and the inputs are only read.
 gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
 above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
-vLLM's fused_recurrent_gated_delta_rule (flashgdn.engines) has an op too: it mutates the pool
-initial_state and `o`, which the function allocates (as its eager path does) and returns.
+flashgdn.engines' entry points have ops too, each mutating the pool and the output: vLLM's
+fused_recurrent_gated_delta_rule (initial_state, `o`) and SGLang's
+fused_sigmoid_gating_delta_rule_update (initial_state_source, `o`), whose functions allocate `o`
+(as their eager paths do) and return it; both packed decodes share
+fused_recurrent_gated_delta_rule_packed_decode (initial_state, `out`), their one difference, the
+padding rule, its argument vllm_padding. The arguments that only select modes flashgdn refuses
+(SGLang's is_kda, ReplaySSM rings, ...) or that it ignores (cache_steps, num_warps) stay out of the
+op: the function refuses them before the op, while tracing too.
 
-The real implementations are the api's eager bodies, so launching happens in one place; the fake
-implementations run the api's structure checks on fake tensors (shapes, strides, dtypes, devices,
-self-overlap; not the data pointer's alignment or index values, which need real tensors and run
-when the compiled graph does), so bad input raises its eager error while tracing. Eager calls do
+The real implementations are the eager bodies, so launching happens in one place; the fake
+implementations run the eager structure checks on fake tensors (shapes, strides, dtypes, devices,
+self-overlap; not the data pointer's alignment (validation.has_address) or index values, which
+need real tensors and run when the compiled graph does), so bad input raises its eager error while
+tracing. Eager calls do
 not go through these ops (api: only while compiling). Imported by flashgdn; no CuTe import.
 """
 from typing import Optional
@@ -31,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api, fused_step, recurrent
+from . import api, engines, fused_step, recurrent
 from . import validation as val
 
 
@@ -161,3 +168,41 @@ def fused_recurrent_op(
 def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
       use_qk_l2norm_in_kernel, o):
     recurrent._check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+
+
+@torch.library.custom_op(
+    "flashgdn::fused_recurrent_gated_delta_rule_packed_decode", mutates_args=("initial_state", "out"),
+)
+def packed_decode_op(
+    mixed_qkv: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, scale: Optional[float],
+    initial_state: Tensor, out: Tensor, ssm_state_indices: Tensor, use_qk_l2norm_in_kernel: bool, vllm_padding: bool,
+) -> None:
+    engines._packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                           use_qk_l2norm_in_kernel, vllm_padding)
+
+
+@packed_decode_op.register_fake
+def _(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, use_qk_l2norm_in_kernel,
+      vllm_padding):
+    engines._check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                                 vllm_padding)
+
+
+@torch.library.custom_op(
+    "flashgdn::fused_sigmoid_gating_delta_rule_update", mutates_args=("initial_state_source", "o"),
+)
+def sigmoid_update_op(
+    A_log: Tensor, a: Tensor, dt_bias: Tensor, softplus_beta: float, softplus_threshold: float, q: Tensor,
+    k: Tensor, v: Tensor, b: Tensor, initial_state_source: Tensor, initial_state_indices: Tensor,
+    scale: Optional[float], use_qk_l2norm_in_kernel: bool, cu_seqlens: Optional[Tensor], o: Tensor,
+) -> None:
+    engines._check_sigmoid_output(o, v)
+    engines._sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, o)
+
+
+@sigmoid_update_op.register_fake
+def _(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source, initial_state_indices,
+      scale, use_qk_l2norm_in_kernel, cu_seqlens, o):
+    engines._check_sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b,
+                                  initial_state_source, initial_state_indices, scale, cu_seqlens, o)

@@ -77,6 +77,13 @@ def _unpacked_dim(t, inner: int):
     return None
 
 
+def has_address(t: torch.Tensor) -> bool:
+    """Whether `t`'s data pointer can be read. A fake tensor (an op's fake implementation) and a
+    tensor Dynamo traces have none: the address checks run on the real tensors when the compiled
+    graph runs."""
+    return not (isinstance(t, FakeTensor) or torch.compiler.is_dynamo_compiling())
+
+
 def check_inner_contiguous(name: str, t: torch.Tensor, inner: int, align_leading: bool) -> None:
     """The last `inner` dims are packed row-major; with `align_leading`, every other stride keeps
     16-byte alignment and the data pointer is 16-byte aligned (strided views are fine)."""
@@ -95,9 +102,7 @@ def check_inner_contiguous(name: str, t: torch.Tensor, inner: int, align_leading
                     f"{name} stride {t.stride(d)} at dim {d} must be a multiple of {elems} elements "
                     f"({ALIGN} bytes), got strides {list(t.stride())}"
                 )
-        # A fake tensor (the op's fake implementation, while torch.compile traces) has no address:
-        # the real tensors are checked when the compiled graph runs.
-        if not isinstance(t, FakeTensor) and t.data_ptr() % ALIGN:
+        if has_address(t) and t.data_ptr() % ALIGN:
             raise ValueError(f"{name} data pointer must be {ALIGN}-byte aligned (got address % {ALIGN} = {t.data_ptr() % ALIGN})")
 
 
