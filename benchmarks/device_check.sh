@@ -8,7 +8,7 @@
 #   bash benchmarks/device_check.sh engines DIR # engine rows, the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
-#                                              # states against the token loop
+#                                              # states against the token loop; K-last CTA shapes at small B
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -126,5 +126,9 @@ tune)
     timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --seq-len 4 --pool --inter --batch-size 16 64 256 \
       --tiles "(8,1,16),(4,2,16),(2,1),(4,1),(8,1),(4,2)" > "$out/tune_inter_$sdt.log" 2>&1
   done
-  TAIL=8 tails tune_f32_T4 tune_f32_T8 tune_inter_float32 tune_inter_bfloat16 ;;
+  # Small batches of the K-last T = 1 decode (issue #26's B = 1 targets): every CTA shape of tune.py.
+  for sdt in float32 bfloat16; do
+    timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --batch-size 1 4 16 > "$out/tune_klast_$sdt.log" 2>&1
+  done
+  TAIL=8 tails tune_f32_T4 tune_f32_T8 tune_inter_float32 tune_inter_bfloat16 tune_klast_float32 tune_klast_bfloat16 ;;
 esac
