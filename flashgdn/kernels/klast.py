@@ -43,7 +43,7 @@ class KLastDecode(common.DecodeKernel):
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
         self.tile_rows = self.rows_per_cta  # whole rows of K
-        self.pdl = spec.pdl_wait
+        self.pdl = isinstance(spec, KernelSpec) and spec.pdl_wait  # kmtp's ReplayCommit builds from a CommitSpec
 
     def _reg_shape(self):
         """Registers of this thread's rows: ((chunk elements, chunks), rows)."""
