@@ -248,6 +248,25 @@ def test_flashinfer_routing_of_engine_rows(monkeypatch):
     assert FLASHINFER.note(row("packed")) and FLASHINFER.note(r) is None
 
 
+def test_flashinfer_fused_step_from_its_module(monkeypatch):
+    """A FlashInfer whose __init__ does not export gdn_fused_decode_step: the function from its
+    module; neither importable: Unavailable naming both."""
+    calls = []
+
+    def step(**kw):
+        calls.append(kw)
+        return ref.gdn_fused_decode_step(**kw)
+
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "flashinfer.gdn_kernels.experimental.gdn_fused_decode",
+                        types.SimpleNamespace(gdn_fused_decode_step=step))
+    r = row("fused_step")
+    assert verify(FLASHINFER, r, "cpu", seed=2) is None and calls
+    monkeypatch.setitem(sys.modules, "flashinfer.gdn_kernels.experimental.gdn_fused_decode", None)
+    with pytest.raises(Unavailable, match="flashinfer: .*gdn_fused_decode: "):
+        FLASHINFER.prepare(r, {})
+
+
 def test_flashinfer_packed_is_the_pretranspose_call_on_unpacked_inputs(monkeypatch):
     module = types.SimpleNamespace(calls=[])
     module.gated_delta_rule_decode_pretranspose = lambda *a, **kw: module.calls.append((a, kw))

@@ -295,14 +295,24 @@ def fla_recurrent_prepare(row, inp):
     return call, lambda ret: (ret[0].view(row.B, row.T, row.HV, row.V), ret[1], None)
 
 
+FLASHINFER_FUSED_MODULES = ("flashinfer", "flashinfer.gdn_kernels.experimental.gdn_fused_decode")
+
+
 def flashinfer_fused_step_prepare(row, inp):
-    """flashinfer.gdn_fused_decode_step (FlashInfer >= 0.7.2) on the same arguments."""
+    """flashinfer.gdn_fused_decode_step (FlashInfer >= 0.7.2) on the same arguments: the top-level
+    export, else its module (an install that trims flashinfer's __init__ keeps the function there).
+    On Hopper it runs FlashInfer's composable torch path (its kernels serve SM120 only)."""
     if row.state_dtype != "fp32":
         raise Unavailable("FlashInfer's gdn_fused_decode_step takes an fp32 ssm_state only")
-    try:
-        fn = importlib.import_module("flashinfer").gdn_fused_decode_step
-    except Exception as exc:  # ImportError, a broken install, or a FlashInfer before 0.7.2
-        raise Unavailable(f"cannot import flashinfer.gdn_fused_decode_step: {exc}") from exc
+    errors = []
+    for module in FLASHINFER_FUSED_MODULES:
+        try:
+            fn = importlib.import_module(module).gdn_fused_decode_step
+            break
+        except Exception as exc:  # ImportError, a broken install, or a FlashInfer before 0.7.2
+            errors.append(f"{module}: {exc}")
+    else:
+        raise Unavailable(f"cannot import flashinfer.gdn_fused_decode_step ({'; '.join(errors)})")
     return (lambda: fn(**inp)), _fused_collect(inp)
 
 
