@@ -139,9 +139,11 @@ def _packed_indices(slots: torch.Tensor) -> torch.Tensor:
     return slots.contiguous()
 
 
-def _vllm_slots(ssm_state_indices: torch.Tensor) -> torch.Tensor:
-    """vLLM's padding rule in flashgdn's: a slot index <= 0 becomes -1."""
-    return torch.where(ssm_state_indices > 0, ssm_state_indices, -1)
+def _vllm_token_slots(ssm_state_indices: torch.Tensor) -> torch.Tensor:
+    """vLLM's slot indices [N] as the kernel's vLLM token slots [N, 1] (KernelSpec.vllm_slots: row i
+    reads and writes slot [i, 0], a slot <= 0 is padding), a view: no kernel turns vLLM's padding
+    rule into flashgdn's, and a strided column of a block table needs no copy."""
+    return ssm_state_indices.unsqueeze(1)
 
 
 def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
@@ -158,10 +160,10 @@ def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm
                           use_qk_l2norm_in_kernel, vllm_padding)
 
 
-def _packed_args(mixed_qkv, initial_state, ssm_state_indices, H: int, vllm_padding: bool):
-    """q, k, v (views of mixed_qkv), the slot indices and the views' geometry that a checked packed
-    call hands flashgdn."""
-    slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
+def _packed_args(mixed_qkv, initial_state, ssm_state_indices, H: int):
+    """q, k, v (views of mixed_qkv), the slot indices as flashgdn's checks take them and the views'
+    geometry, of a checked packed call."""
+    slots = _packed_indices(ssm_state_indices)
     HV, V, K = initial_state.shape[1:]
     geometry = _packed_geometry(mixed_qkv, H, HV, K, V)
     return (*_views(mixed_qkv, geometry), slots, geometry)
@@ -172,7 +174,7 @@ def _check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, 
     """Every check of a packed decode, in the eager order (the entry point's, then flashgdn's on the
     views it hands on), reading no address and no index value: the op's fake implementation."""
     H = _check_packed(mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    q, k, v, slots, _ = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H, vllm_padding)
+    q, k, v, slots, _ = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H)
     api._check_pretranspose(q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale, out, initial_state,
                             slots, None, None, False, 1.0, 20.0)
 
@@ -182,12 +184,15 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
     """The eager body of both packed decodes (and their op's implementation). A repeated call
     (flashgdn.fastpath) skips the checks and the view arithmetic: its key holds what decides the
     views' geometry (mixed_qkv's shape and strides, the state's shape) and what the API call's key
-    holds; the entry keeps the geometry."""
+    holds; the entry keeps the geometry. vLLM's padding rule is the kernel's (_vllm_token_slots)."""
     def launch(fast):
-        slots = _packed_indices(_vllm_slots(ssm_state_indices) if vllm_padding else ssm_state_indices)
         q, k, v = _views(mixed_qkv, fast.extra)
-        fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state, slots, None, None,
-                            None, out))
+        if vllm_padding:
+            fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state, None, None,
+                                None, None, out, _vllm_token_slots(ssm_state_indices)))
+        else:
+            fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state,
+                                _packed_indices(ssm_state_indices), None, None, None, out))
         return out
 
     key, done = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
@@ -197,7 +202,11 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
     if done is not fastpath.MISS:
         return out, initial_state
     H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    q, k, v, slots, geometry = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H, vllm_padding)
+    q, k, v, slots, geometry = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H)
+    if vllm_padding:
+        _vllm_decode(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, scale, initial_state, out, slots,
+                     ssm_state_indices, use_qk_l2norm_in_kernel, key, geometry)
+        return out, initial_state
     api.gated_delta_rule_decode_pretranspose(
         q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale=scale, output=out,
         use_qk_l2norm=use_qk_l2norm_in_kernel, initial_state=initial_state, initial_state_indices=slots,
@@ -206,6 +215,19 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
         fastpath.remember_as(key, api.pretranspose_key(q, initial_state, initial_state, out, slots, None, None, False,
                                                        use_qk_l2norm_in_kernel, "auto", scale, 1.0, 20.0), geometry)
     return out, initial_state
+
+
+def _vllm_decode(q, k, v, a, b, A_log, dt_bias, scale, initial_state, out, slots, ssm_state_indices, use_qk_l2norm,
+                 key, geometry) -> None:
+    """vLLM's packed decode after its own checks: flashgdn's pretranspose checks on the views (with
+    `slots`, the indices as they take them), then the decode with vLLM's slot rule in the kernel
+    (_vllm_token_slots); keeps the compiled function and the views' geometry for `key`."""
+    plan = api._validated(api._check_pretranspose, q, k, v, None, A_log, a, dt_bias, b, scale, out, initial_state,
+                          slots, None, None, False, 1.0, 20.0, options=(use_qk_l2norm, "vllm slots"))
+    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, output=out,
+                      token_state_indices=_vllm_token_slots(ssm_state_indices))
+    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm))
+    api._remember_fast(key, plan, extra=geometry)
 
 
 # ----------------------------------------------------------------------------- packed decode

@@ -94,8 +94,10 @@ VARIANTS = [
     # dtypes and options
     ("klast-T1-fp16io-nol2norm-small-float32",
      dict(io="float16", gate="float16", l2norm=False, scale=0.25)),
-    ("klast-T1-fp32gates-bf16dtbias-large-bfloat16",
-     dict(regime="large", state="bfloat16", gate="float32", dt_bias="bfloat16")),
+    # ... and vLLM's packed decode: raw gates with vLLM's slot rule (token slots [B, 1], slot <= 0 padding)
+    ("klast-T1-vllm-fp32gates-bf16dtbias-large-bfloat16",
+     dict(regime="large", state="bfloat16", gate="float32", dt_bias="bfloat16", index_dtype="int64",
+          has_token_slots=True, vllm_slots=True)),
     ("kmajor-T1-softplus-custom-small-float32",
      dict(layout="kmajor", softplus_beta=2.0, softplus_threshold=10.0)),
     # ReplaySSM verify: kmtp (windows written by its staging): fp16 q/k/v into the bf16 windows, GVA 1,

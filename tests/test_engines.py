@@ -11,9 +11,11 @@ import inspect
 import pytest
 import torch
 
-from flashgdn import api, engines
+from flashgdn import api, engines, fastpath
 
-from helpers import BF16, F32, make_state, run_example, supported_gpu
+from flashgdn.device import DeviceFacts
+from flashgdn.spec import KernelArgs
+from helpers import BF16, F32, make_state, run_example, stub_kernel_lookups, supported_gpu
 
 EMPTY = inspect.Parameter.empty
 F16 = torch.float16
@@ -315,19 +317,57 @@ def _capture(monkeypatch):
     return calls
 
 
+def _capture_launch(monkeypatch):
+    """Run flashgdn on the CPU up to its kernel (stub_kernel_lookups); the returned list collects
+    (spec, KernelArgs) of every launch, as the compiled kernel would get them."""
+    launched = []
+    specs = stub_kernel_lookups(monkeypatch, DeviceFacts("sm_90a", 132, "sm90-hbm3e"))
+    get = api.kernel_cache.get
+
+    def lookup(spec):
+        stub = get(spec)
+
+        def run(*args):
+            stub(*args)
+            launched.append((spec, KernelArgs(*args)))
+
+        return run
+
+    monkeypatch.setattr(api.kernel_cache, "get", lookup)
+    assert specs == []
+    return launched
+
+
+def _captured(monkeypatch, variant):
+    """(recorder, call's arguments): the pretranspose call the SGLang packed decode makes, or for
+    vLLM's (its slot rule in the kernel: token slots [N, 1], no state_indices) the kernel launch,
+    both as a dict of flashgdn's names."""
+    if variant == "sglang":
+        calls = _capture(monkeypatch)
+        return lambda: calls[0]
+    launched = _capture_launch(monkeypatch)
+
+    def got():
+        (spec, args), = launched
+        assert spec.vllm_slots and spec.T == 1 and args.state_indices is None
+        return dict(args._asdict(), initial_state=args.state, state=None, initial_state_indices=args.token_state_indices,
+                    scale=spec.scale, use_qk_l2norm=spec.use_l2norm)
+
+    return got
+
+
 def _shares_storage(view, base):
     return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("variant", list(PACKED_FNS))
 def test_packed_hands_views_of_mixed_qkv_to_flashgdn(monkeypatch, variant):
-    calls = _capture(monkeypatch)
+    captured = _captured(monkeypatch, variant)
     kw = packed_kwargs()
     mixed, row = kw["mixed_qkv"], kw["mixed_qkv"].stride(0)
     out, st = PACKED_FNS[variant](**kw)
     assert out is kw["out"] and st is kw["initial_state"]
-    assert len(calls) == 1
-    got = calls[0]
+    got = captured()
     q, k, v = got["q"], got["k"], got["v"]
     item = mixed.element_size()
     for t, col, heads, size in ((q, 0, H, K), (k, H * K, H, K), (v, 2 * H * K, HV, V)):
@@ -346,20 +386,26 @@ def test_packed_hands_views_of_mixed_qkv_to_flashgdn(monkeypatch, variant):
     slots = got["initial_state_indices"]
     if variant == "sglang":  # flashgdn's own rule: handed over as it is
         assert slots is kw["ssm_state_indices"]
-    else:  # slot 0, vLLM's null block, becomes padding too
-        assert slots.dtype == kw["ssm_state_indices"].dtype
-        assert slots.tolist() == [3, -1, -1, 5]
-        assert kw["ssm_state_indices"].tolist() == [3, 0, -1, 5], "the caller's indices must not change"
+    else:  # vLLM's rule (slot 0, its null block, is padding too) in the kernel: a view, no conversion
+        assert _shares_storage(slots, kw["ssm_state_indices"]) and slots.dtype == kw["ssm_state_indices"].dtype
+        assert slots.tolist() == [[3], [0], [-1], [5]]
 
 
 @pytest.mark.parametrize("variant", list(PACKED_FNS))
 def test_packed_strided_indices_arrive_packed(monkeypatch, variant):
-    calls = _capture(monkeypatch)
-    kw = packed_kwargs(idx=torch.tensor([[3, 9], [0, 9], [-1, 9], [5, 9]], dtype=torch.int64)[:, 0])
+    """A column of a block table: packed for the SGLang decode's index vector; vLLM's token slots
+    [N, 1] take the column's stride (the kernel declares their row stride dynamic): no copy."""
+    captured = _captured(monkeypatch, variant)
+    column = torch.tensor([[3, 9], [0, 9], [-1, 9], [5, 9]], dtype=torch.int64)[:, 0]
+    kw = packed_kwargs(idx=column)
     PACKED_FNS[variant](**kw)
-    slots = calls[0]["initial_state_indices"]
-    assert slots.stride() == (1,) and slots.dtype == torch.int64
-    assert slots.tolist() == ([3, 0, -1, 5] if variant == "sglang" else [3, -1, -1, 5])
+    slots = captured()["initial_state_indices"]
+    assert slots.dtype == torch.int64
+    if variant == "sglang":
+        assert slots.stride() == (1,) and slots.tolist() == [3, 0, -1, 5]
+    else:
+        assert slots.stride() == (2, 1) and slots.data_ptr() == column.data_ptr()
+        assert slots.tolist() == [[3], [0], [-1], [5]]
 
 
 def _size_one_strides_packed(t):
@@ -375,19 +421,21 @@ def _size_one_strides_packed(t):
 def test_packed_one_row_with_an_odd_row_stride(monkeypatch):
     """One row: mixed_qkv's row stride is never stepped, so any is valid; the views flashgdn gets
     carry packed strides in their size-1 dims (the compiled kernel checks every stride)."""
-    calls = _capture(monkeypatch)
     column = torch.tensor([[2, 9]], dtype=torch.int32)[:, 0]  # a block table's column: stride 2
     kw = packed_kwargs(n=1, row_pad=3, idx=column)
     assert kw["mixed_qkv"].stride(0) % 8
-    for fn in PACKED_FNS.values():
-        fn(**kw)
-    for got in calls:
+    for variant, fn in PACKED_FNS.items():
+        with monkeypatch.context() as m:  # its stubs (and the fast path they fill) end with the block
+            m.setattr(fastpath, "FAST", {})
+            captured = _captured(m, variant)
+            fn(**kw)
+            got = captured()
         for name in ("q", "k", "v"):  # a and b take any stride
             assert _size_one_strides_packed(got[name]), (name, got[name].stride())
         assert torch.equal(got["q"][0, 0].flatten(), kw["mixed_qkv"][0, :H * K])
-        assert got["initial_state_indices"].stride() == (1,) and got["initial_state_indices"].tolist() == [2]
-    assert calls[0]["initial_state_indices"].data_ptr() == column.data_ptr(), "one index is viewed, not copied"
-    monkeypatch.undo()
+        slots = got["initial_state_indices"]
+        assert slots.data_ptr() == column.data_ptr(), "one index is viewed, not copied"
+        assert slots.flatten().tolist() == [2] and slots.stride()[-1] == 1
     for fn in PACKED_FNS.values():
         expect_only_device_error(fn, kw)
 
