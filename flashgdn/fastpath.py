@@ -23,13 +23,14 @@ attribute reads (each function states its key and its launch; `run` does the res
 - which optional tensors are None, and the non-tensor arguments with their types (the checks
   refuse True for a float; 1.0 == True as a dict key).
 A key miss or any error while building it (a non-tensor where a tensor goes) takes the full way.
-FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) always takes the full way. A batch of zero
-rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
+FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) and FLASHGDN_FAST_PATH=0 (ENABLED) always take
+the full way. A batch of zero rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
 kept alive) and, but for the fused step's (below), reads no data pointer (FakeTensors have none;
 tracing never runs this path).
 
 Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flashgdn.engines' packed
-decodes and SGLang's update, whose full way calls gated_delta_rule_decode_pretranspose and whose
+decodes and SGLang's update, whose full way calls gated_delta_rule_decode_pretranspose (vLLM's packed
+decode: its kernel with vLLM's slot rule) and whose
 entry (remember_as) is that call's compiled function with the geometry of the views the entry point
 builds of the engine's tensors (its key holds what decides that geometry: the shapes and strides
 of the viewed tensors); flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and
@@ -47,12 +48,15 @@ signed and unsigned integers alike); both run as the torch tensor of that layout
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .validation import MEMO_MAX
 
+# FLASHGDN_FAST_PATH=0: every call takes the full way (all of flashgdn's checks, on every call).
+ENABLED = os.environ.get("FLASHGDN_FAST_PATH", "1") not in ("", "0")
 FAST: dict = {}  # fast key -> Fast
 CONTIGUOUS = torch.contiguous_format
 MISS = object()  # run(): no fast call was made, the full way runs
@@ -75,7 +79,7 @@ def run(skip: bool, key_of: Callable[[], Any], launch: Callable[[Fast], Any]):
     result. The result is MISS when the full way must run: `skip` (FLASHGDN_CHECK_INDICES), no
     entry, or the compiled function refused the arguments (TypeError or ValueError, nothing
     launched); the full way then keeps its compiled function for `key` (remember)."""
-    if skip:
+    if skip or not ENABLED:
         return None, MISS
     try:
         key = key_of()

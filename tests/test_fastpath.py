@@ -164,6 +164,16 @@ def test_check_indices_always_takes_the_full_way(calls, monkeypatch):
     expect_error("pool", kw, ValueError, r"^initial_state_indices values must be in \[0, 5\)")
 
 
+def test_fast_path_off_takes_the_full_way(calls, monkeypatch):
+    """FLASHGDN_FAST_PATH=0 (fastpath.ENABLED): every call runs the full checks."""
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    looked_up, full = calls
+    kw = valid_kwargs("pool")
+    for _ in range(3):
+        call("pool", kw)
+    assert len(full) == 3 and len(looked_up) == 1 and not fastpath.FAST
+
+
 def test_an_empty_batch_is_never_kept(calls):
     looked_up, full = calls
     kw = valid_kwargs("pool")
