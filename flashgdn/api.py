@@ -88,7 +88,10 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
             val.check_index_values("num_accepted_tokens - 1", args.accepted_tokens - 1, p.T, allow_negative=False)
         else:
             val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
-    if vllm_slots:  # the engine's slot layout: rows of padding may share slots; no distinctness rule
+    if vllm_slots:  # the engine's slot layout: padding rows (slot <= 0) may share slots
+        if update_state and args.token_state_indices.shape[1] == 1:  # one token: a row writes the slot it reads
+            live = torch.where(args.token_state_indices[:, 0] > 0, args.token_state_indices[:, 0], -1)
+            val.check_distinct_slots("ssm_state_indices", live, live)
         return
     if args.token_state_indices is not None:  # every (row, token) writes its own slot
         rows = args.state_indices[:, None].expand_as(args.token_state_indices)

@@ -408,6 +408,19 @@ def test_packed_strided_indices_arrive_packed(monkeypatch, variant):
         assert slots.tolist() == [[3], [0], [-1], [5]]
 
 
+def test_vllm_packed_check_indices_refuses_a_slot_written_twice(monkeypatch):
+    """FLASHGDN_CHECK_INDICES=1: vLLM's packed decode refuses two running rows on one slot; its null
+    block 0 (padding) may repeat. Nothing is launched on a refusal."""
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    launched = _capture_launch(monkeypatch)
+    fn = PACKED_FNS["vllm"]
+    fn(**packed_kwargs(idx=torch.tensor([3, 0, 0, 5], dtype=torch.int32)))
+    assert len(launched) == 1
+    with pytest.raises(ValueError, match=r"^ssm_state_indices must not repeat a written slot .* slot 3 in 2 rows"):
+        fn(**packed_kwargs(idx=torch.tensor([3, 0, 3, 5], dtype=torch.int32)))
+    assert len(launched) == 1
+
+
 def _size_one_strides_packed(t):
     """Every size-1 dim of t has the packed stride of the dims inside it."""
     inner = 1
