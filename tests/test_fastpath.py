@@ -153,25 +153,22 @@ def test_a_none_becoming_a_tensor_takes_the_full_way(calls):
     assert [s.has_out_indices for s in looked_up] == [False, True] and len(full) == 2
 
 
-def test_check_indices_always_takes_the_full_way(calls, monkeypatch):
-    monkeypatch.setattr(api, "CHECK_INDICES", True)
-    looked_up, full = calls
-    kw = valid_kwargs("pool")
-    for _ in range(3):
-        call("pool", kw)
-    assert len(full) == 3 and len(looked_up) == 1
-    kw["initial_state_indices"] = torch.tensor([P, 0], dtype=torch.int32)
-    expect_error("pool", kw, ValueError, r"^initial_state_indices values must be in \[0, 5\)")
-
-
-def test_fast_path_off_takes_the_full_way(calls, monkeypatch):
-    """FLASHGDN_FAST_PATH=0 (fastpath.ENABLED): every call runs the full checks."""
-    monkeypatch.setattr(fastpath, "ENABLED", False)
+@pytest.mark.parametrize("switch", ["check_indices", "fast_path_off"])
+def test_the_switches_take_the_full_way(calls, monkeypatch, switch):
+    """FLASHGDN_CHECK_INDICES=1 (api.CHECK_INDICES) and FLASHGDN_FAST_PATH=0 (fastpath.ENABLED): every
+    call runs the full checks (the first also checks index values)."""
+    if switch == "check_indices":
+        monkeypatch.setattr(api, "CHECK_INDICES", True)
+    else:
+        monkeypatch.setattr(fastpath, "ENABLED", False)
     looked_up, full = calls
     kw = valid_kwargs("pool")
     for _ in range(3):
         call("pool", kw)
     assert len(full) == 3 and len(looked_up) == 1 and not fastpath.FAST
+    if switch == "check_indices":
+        kw["initial_state_indices"] = torch.tensor([P, 0], dtype=torch.int32)
+        expect_error("pool", kw, ValueError, r"^initial_state_indices values must be in \[0, 5\)")
 
 
 def test_an_empty_batch_is_never_kept(calls):
