@@ -86,6 +86,23 @@ class CommitArgs(NamedTuple):
     track_steps: Any = None
 
 
+def _head_checks(spec) -> tuple:
+    """(condition, message) of the head geometry and token count a decode or commit spec holds."""
+    return (
+        (spec.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
+        (spec.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
+        (spec.H >= 1 and spec.HV >= 1 and spec.HV % spec.H == 0, "HV must be a multiple of H"),
+        (1 <= spec.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
+    )
+
+
+def _refuse_invalid(spec, checks) -> None:
+    """ValueError naming the spec's class and the first failed (condition, message) of `checks`."""
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"invalid {type(spec).__name__}: {msg} (got {spec})")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """Compile-time facts of one GDN decode kernel variant (hashable: the cache key)."""
@@ -139,12 +156,9 @@ class KernelSpec:
     pdl_wait: bool = False
 
     def __post_init__(self) -> None:
-        checks = (
+        _refuse_invalid(self, (
             (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}"),
-            (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
-            (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
-            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
-            (1 <= self.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
+            *_head_checks(self),
             (self.io_dtype in IO_DTYPES, f"io_dtype must be one of {IO_DTYPES}"),
             (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
             (self.gate_dtype in GATE_DTYPES, f"gate_dtype must be one of {GATE_DTYPES}"),
@@ -168,10 +182,7 @@ class KernelSpec:
                                        and not self.has_accepted),
              "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
             (not self.pdl_wait or (self.layout == "klast" and not self.multi_token), "pdl_wait is for the K-last T = 1 decode"),
-        )
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"invalid KernelSpec: {msg} (got {self})")
+        ))
 
     @property
     def pool(self) -> bool:
@@ -267,16 +278,13 @@ class ConvGateSpec:
     device_class: Optional[str] = None  # the tuning table (kernels.policy); None: the arch's
 
     def __post_init__(self) -> None:
-        checks = (
+        _refuse_invalid(self, (
             (self.D in SUPPORTED_HEAD_DIMS, f"D must be one of {SUPPORTED_HEAD_DIMS}"),
             (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
             (self.hidden >= 64 and self.hidden % 64 == 0, "hidden must be a positive multiple of 64"),
             (self.width in CONV_WIDTHS, f"width must be one of {CONV_WIDTHS}"),
             (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
-        )
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"invalid ConvGateSpec: {msg} (got {self})")
+        ))
 
     @property
     def qkv_dim(self) -> int:
@@ -310,19 +318,13 @@ class CommitSpec:
     device_class: Optional[str] = None  # as KernelSpec.device_class
 
     def __post_init__(self) -> None:
-        checks = (
-            (self.K in SUPPORTED_HEAD_DIMS, f"K must be one of {SUPPORTED_HEAD_DIMS}"),
-            (self.V in SUPPORTED_HEAD_DIMS, f"V must be one of {SUPPORTED_HEAD_DIMS}"),
-            (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
-            (1 <= self.T <= MAX_TOKENS, f"T must be in [1, {MAX_TOKENS}]"),
+        _refuse_invalid(self, (
+            *_head_checks(self),
             (self.state_dtype in STATE_DTYPES, f"state_dtype must be one of {STATE_DTYPES}"),
             (self.arch in ARCHS, f"arch must be one of {ARCHS}"),
             (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
             (self.null_block_id >= -1, "null_block_id must be >= -1"),
-        )
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"invalid CommitSpec: {msg} (got {self})")
+        ))
 
     def short_name(self) -> str:
         """A compact, human-readable label for logs and benchmark tables."""
