@@ -281,9 +281,9 @@ def fused_recurrent_gated_delta_rule_packed_decode_vllm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_recurrent_gated_delta_rule_packed_decode` with vLLM's padding rule: a slot index
     <= 0 is padding (vLLM's block 0 is its null block, and it pads CUDA-graph batches with it):
-    zero output row, slot 0 never read nor written. The rule costs one small elementwise kernel
-    on the N indices per call (they are mapped to -1, flashgdn's padding); no host sync, so it
-    captures in a CUDA graph like the rest.
+    zero output row, slot 0 never read nor written. The decode kernel applies the rule itself
+    (the indices go in as a view: no extra kernel, no copy), so it captures in a CUDA graph like
+    the rest.
 
     Returns (out, initial_state).
     """

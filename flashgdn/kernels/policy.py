@@ -131,9 +131,12 @@ def device_class(arch: str, sm_count: int, memory_gib: float) -> str:
 
 
 def _table(spec: Union[KernelSpec, CommitSpec]) -> DeviceTable:
-    if spec.device_class is not None:
-        return DEVICE_TABLES[spec.device_class]
-    return _arch_table(spec.arch)
+    return _table_of(spec.device_class, spec.arch)
+
+
+def _table_of(device_class: Optional[str], arch: str) -> DeviceTable:
+    """The table of a device class, or (None) the reference table of `arch`."""
+    return DEVICE_TABLES[device_class] if device_class is not None else _arch_table(arch)
 
 
 def regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str] = None) -> str:
@@ -304,7 +307,7 @@ class ConvGateConfig:
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
     """Whether the fused step's decode waits on its conv/gate kernel programmatically (DeviceTable.fused_step_pdl)."""
-    return (DEVICE_TABLES[device_class] if device_class else _arch_table(arch)).fused_step_pdl
+    return _table_of(device_class, arch).fused_step_pdl
 
 
 def _arch_table(arch: str) -> DeviceTable:
