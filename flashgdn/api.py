@@ -70,8 +70,16 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         beta_dtype=None if args.b.dtype == args.a.dtype else name(args.b.dtype), vllm_slots=vllm_slots,
         accepted_dtype="int32" if args.accepted_tokens is None else name(args.accepted_tokens.dtype),
         varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
-        replay_cache=args.replay_v is not None,
+        replay_cache=args.replay_v is not None, row_form=row_form(args),
     )
+
+
+def row_form(args: KernelArgs) -> str:
+    """KernelSpec.row_form of a call's tensors: "packed" (no k: q holds the packed rows), "flat" (2-D
+    gates beside [1, B, ...] q/k/v), else "batch"."""
+    if args.k is None:
+        return "packed"
+    return "flat" if args.a.dim() == 2 else "batch"
 
 
 def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) -> None:
@@ -89,8 +97,9 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
         else:
             val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
     if vllm_slots:  # the engine's slot layout: padding rows (slot <= 0) may share slots
-        if update_state and args.token_state_indices.shape[1] == 1:  # one token: a row writes the slot it reads
-            live = torch.where(args.token_state_indices[:, 0] > 0, args.token_state_indices[:, 0], -1)
+        slots = args.token_state_indices.reshape(args.token_state_indices.shape[0], -1)  # [B] of packed rows: [B, 1]
+        if update_state and slots.shape[1] == 1:  # one token: a row writes the slot it reads
+            live = torch.where(slots[:, 0] > 0, slots[:, 0], -1)
             val.check_distinct_slots("ssm_state_indices", live, live)
         return
     if args.token_state_indices is not None:  # every (row, token) writes its own slot

@@ -24,11 +24,15 @@ The upstream definitions these match (tests/test_engines.py pins them):
   sgl-project/sglang, python/sglang/kernels/ops/attention/fla/fused_sigmoid_gating_recurrent.py:
       fused_sigmoid_gating_delta_rule_update
 
-Every function but the last hands q, k and v to `flashgdn.api.gated_delta_rule_decode_pretranspose` as views
-of the engine's tensors (no copy), with the engine's K-last state pool [P, HV, V, K] as
-`initial_state`. Each checks first what only it knows (the split of the packed row, the shapes of
-a, b, out and the slot indices, the layout of q/k/v), raising TypeError/ValueError that name its
-own arguments; flashgdn's checks follow, naming q, k, v (views of `mixed_qkv`), output (`out`) and
+Every function but the last runs the kernel of `flashgdn.api.gated_delta_rule_decode_pretranspose`
+(K-last, one token) on the engine's K-last state pool [P, HV, V, K]. The engine's tensors go to the
+kernel as the engine passes them, no copy: the packed row `mixed_qkv` with 2-D gates and slot
+indices of any stride (KernelSpec.row_form "packed"), SGLang's varlen q, k, v [1, N, ...] with 2-D
+gates ("flat"); the kernel's launch views them as the [N, 1, ...] tensors it reads, so a call builds
+no torch view. SGLang's other layouts go as row views [N, 1, ...]. Each function checks first what
+only it knows (the split of the packed row, the shapes of a, b, out and the slot indices, the layout
+of q/k/v), raising TypeError/ValueError that name its own arguments; flashgdn's pretranspose checks
+follow on the [N, 1, ...] views, naming q, k, v (views of `mixed_qkv`), output (`out`) and
 initial_state_indices (the slot indices) where they differ, and the device check comes last.
 Nothing is written by a call that fails.
 
@@ -129,21 +133,15 @@ def _packed_views(mixed_qkv: torch.Tensor, H: int, HV: int, K: int, V: int):
 
 
 def _packed_indices(slots: torch.Tensor) -> torch.Tensor:
-    """The slot indices with stride 1, as flashgdn's kernel declares them. Both engines' kernels
-    take a strided index vector (vLLM's eager path passes a column of its block table): N > 1
-    integers are copied (one small kernel); one index is viewed with stride 1 (never stepped)."""
+    """The slot indices with stride 1, as flashgdn's pretranspose checks (and the kernels of
+    flashgdn's own functions) take them. Both engines' kernels take a strided index vector (vLLM's
+    eager path passes a column of its block table): N > 1 integers are copied (one small kernel);
+    one index is viewed with stride 1 (never stepped)."""
     if slots.stride(0) == 1:
         return slots
     if slots.shape[0] <= 1:
         return slots.as_strided(slots.shape, (1,), slots.storage_offset())
     return slots.contiguous()
-
-
-def _vllm_token_slots(ssm_state_indices: torch.Tensor) -> torch.Tensor:
-    """vLLM's slot indices [N] as the kernel's vLLM token slots [N, 1] (KernelSpec.vllm_slots: row i
-    reads and writes slot [i, 0], a slot <= 0 is padding), a view: no kernel turns vLLM's padding
-    rule into flashgdn's, and a strided column of a block table needs no copy."""
-    return ssm_state_indices.unsqueeze(1)
 
 
 def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
@@ -160,74 +158,62 @@ def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm
                           use_qk_l2norm_in_kernel, vllm_padding)
 
 
-def _packed_args(mixed_qkv, initial_state, ssm_state_indices, H: int):
-    """q, k, v (views of mixed_qkv), the slot indices as flashgdn's checks take them and the views'
-    geometry, of a checked packed call."""
-    slots = _packed_indices(ssm_state_indices)
+def _pretranspose_check_args(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                             H: int) -> tuple:
+    """The arguments of flashgdn's pretranspose checks (api._check_pretranspose) of a packed call
+    that passed its own (H: _check_packed's): q, k, v as views of mixed_qkv's rows, a and b with
+    their token dim, the slot indices with stride 1."""
     HV, V, K = initial_state.shape[1:]
-    geometry = _packed_geometry(mixed_qkv, H, HV, K, V)
-    return (*_views(mixed_qkv, geometry), slots, geometry)
+    q, k, v = _packed_views(mixed_qkv, H, HV, K, V)
+    return (q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale, out, initial_state,
+            _packed_indices(ssm_state_indices), None, None, False, 1.0, 20.0)
 
 
 def _check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
                          vllm_padding: bool) -> None:
     """Every check of a packed decode, in the eager order (the entry point's, then flashgdn's on the
-    views it hands on), reading no address and no index value: the op's fake implementation."""
+    views the kernel takes), reading no address and no index value: the op's fake implementation."""
     H = _check_packed(mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    q, k, v, slots, _ = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H)
-    api._check_pretranspose(q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale, out, initial_state,
-                            slots, None, None, False, 1.0, 20.0)
+    api._check_pretranspose(*_pretranspose_check_args(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out,
+                                                      ssm_state_indices, H))
+
+
+def _packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices,
+                 vllm_padding: bool) -> KernelArgs:
+    """The compiled function's arguments: the engine's tensors as they are (KernelSpec.row_form "packed":
+    the kernel views them). vLLM's padding rule is the kernel's: its indices go in as token slots
+    (KernelSpec.vllm_slots: a slot <= 0 is padding), no kernel turns it into flashgdn's."""
+    if vllm_padding:
+        return KernelArgs(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, output=out,
+                          token_state_indices=ssm_state_indices)
+    return KernelArgs(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, ssm_state_indices, output=out)
 
 
 def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
                    use_qk_l2norm_in_kernel, vllm_padding: bool):
-    """The eager body of both packed decodes (and their op's implementation). A repeated call
-    (flashgdn.fastpath) skips the checks and the view arithmetic: its key holds what decides the
-    views' geometry (mixed_qkv's shape and strides, the state's shape) and what the API call's key
-    holds; the entry keeps the geometry. vLLM's padding rule is the kernel's (_vllm_token_slots)."""
+    """The eager body of both packed decodes (and their op's implementation): the checks (the
+    entry point's, then flashgdn's on views of the packed rows), then the kernel on the engine's
+    tensors (_packed_args). A repeated call (flashgdn.fastpath) skips the checks: its key holds
+    what the compiled function does not check (the batch size, the device, the shapes and strides
+    of mixed_qkv, the pool and out, the scalars)."""
     def launch(fast):
-        q, k, v = _views(mixed_qkv, fast.extra)
-        if vllm_padding:
-            fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state, None, None,
-                                None, None, out, _vllm_token_slots(ssm_state_indices)))
-        else:
-            fast.fn(*KernelArgs(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, initial_state,
-                                _packed_indices(ssm_state_indices), None, None, None, out))
+        fast.fn(*_packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices, vllm_padding))
         return out
 
     key, done = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
         _packed_decode, vllm_padding, mixed_qkv.shape, mixed_qkv.stride(), mixed_qkv.get_device(),
-        initial_state.shape, initial_state.stride(), out.stride(), ssm_state_indices.stride(), type(scale), scale,
-        use_qk_l2norm_in_kernel), launch)
+        initial_state.shape, initial_state.stride(), out.stride(), type(scale), scale, use_qk_l2norm_in_kernel),
+        launch)
     if done is not fastpath.MISS:
         return out, initial_state
     H = _checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    q, k, v, slots, geometry = _packed_args(mixed_qkv, initial_state, ssm_state_indices, H)
-    if vllm_padding:
-        _vllm_decode(q, k, v, a.unsqueeze(1), b.unsqueeze(1), A_log, dt_bias, scale, initial_state, out, slots,
-                     ssm_state_indices, use_qk_l2norm_in_kernel, key, geometry)
-        return out, initial_state
-    api.gated_delta_rule_decode_pretranspose(
-        q, k, v, None, A_log, a.unsqueeze(1), dt_bias, b.unsqueeze(1), scale=scale, output=out,
-        use_qk_l2norm=use_qk_l2norm_in_kernel, initial_state=initial_state, initial_state_indices=slots,
-    )
-    if key is not None:
-        fastpath.remember_as(key, api.pretranspose_key(q, initial_state, initial_state, out, slots, None, None, False,
-                                                       use_qk_l2norm_in_kernel, "auto", scale, 1.0, 20.0), geometry)
+    plan = api._validated(api._check_pretranspose, *_pretranspose_check_args(
+        mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, H),
+        options=(use_qk_l2norm_in_kernel, "packed rows", vllm_padding))
+    args = _packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices, vllm_padding)
+    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
+    api._remember_fast(key, plan)
     return out, initial_state
-
-
-def _vllm_decode(q, k, v, a, b, A_log, dt_bias, scale, initial_state, out, slots, ssm_state_indices, use_qk_l2norm,
-                 key, geometry) -> None:
-    """vLLM's packed decode after its own checks: flashgdn's pretranspose checks on the views (with
-    `slots`, the indices as they take them), then the decode with vLLM's slot rule in the kernel
-    (_vllm_token_slots); keeps the compiled function and the views' geometry for `key`."""
-    plan = api._validated(api._check_pretranspose, q, k, v, None, A_log, a, dt_bias, b, scale, out, initial_state,
-                          slots, None, None, False, 1.0, 20.0, options=(use_qk_l2norm, "vllm slots"))
-    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, output=out,
-                      token_state_indices=_vllm_token_slots(ssm_state_indices))
-    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm))
-    api._remember_fast(key, plan, extra=geometry)
 
 
 # ----------------------------------------------------------------------------- packed decode
@@ -468,20 +454,31 @@ def fused_sigmoid_gating_delta_rule_update(
                            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, None)
 
 
+def _sigmoid_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out,
+                  geometry) -> KernelArgs:
+    """The compiled function's arguments. SGLang's own layout (varlen [1, N, ...] q, k, v with 2-D
+    gates; geometry None) goes as it is (KernelSpec.row_form "flat": the kernel views it); any other,
+    as the row views [N, 1, ...] that `geometry` (_check_sigmoid's) describes."""
+    if geometry is None:
+        return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, output=out)
+    q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
+    return KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source,
+                      _sigmoid_indices(initial_state_indices), output=o4)
+
+
 def _sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                     initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, o):
     """The eager body of fused_sigmoid_gating_delta_rule_update (and its op's implementation, which
     passes the output `o` its caller allocated; None: allocated here); returns the output."""
     def launch(fast):
         out = fastpath.new_output(v, False) if o is None else o
-        q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), fast.extra)
-        fast.fn(*KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source,
-                            _sigmoid_indices(initial_state_indices), None, None, None, o4))
+        fast.fn(*_sigmoid_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out,
+                               fast.extra))
         return out
 
-    # The fast key (flashgdn.fastpath): what decides the views' geometry (the shapes and strides of
-    # q, k, v, a, b; cu_seqlens, which the compiled function does not get) and what the API call's
-    # key holds; the entry keeps the geometry.
+    # The fast key (flashgdn.fastpath): what decides the form and the views' geometry (the shapes
+    # and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get) and what
+    # the API call's key holds; the entry keeps the geometry.
     key, out = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
         fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
         a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
@@ -499,16 +496,15 @@ def _sigmoid_update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, 
     if o is None:
         o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, o), geometry)
-    indices = _sigmoid_indices(initial_state_indices)
-    api.gated_delta_rule_decode_pretranspose(
-        q4, k4, v4, None, A_log, a3, dt_bias, b3, scale=scale, output=o4, use_qk_l2norm=use_qk_l2norm_in_kernel,
-        initial_state=initial_state_source, initial_state_indices=indices,
-        softplus_beta=softplus_beta, softplus_threshold=softplus_threshold,
-    )
-    if key is not None:
-        fastpath.remember_as(key, api.pretranspose_key(
-            q4, initial_state_source, initial_state_source, o4, indices, None, None, False, use_qk_l2norm_in_kernel,
-            "auto", scale, softplus_beta, softplus_threshold), geometry)
+    flat = varlen and a.dim() == 2 and b.dim() == 2
+    plan = api._validated(api._check_pretranspose, q4, k4, v4, None, A_log, a3, dt_bias, b3, scale, o4,
+                          initial_state_source, _sigmoid_indices(initial_state_indices), None, None, False,
+                          softplus_beta, softplus_threshold, options=(use_qk_l2norm_in_kernel, "sglang", flat))
+    extra = None if flat else geometry
+    args = _sigmoid_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, o, extra)
+    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
+                                                     softplus_threshold))
+    api._remember_fast(key, plan, extra=extra)
     return o
 
 

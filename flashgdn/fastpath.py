@@ -29,12 +29,10 @@ kept alive) and, but for the fused step's (below), reads no data pointer (FakeTe
 tracing never runs this path).
 
 Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flashgdn.engines' packed
-decodes and SGLang's update, whose full way calls gated_delta_rule_decode_pretranspose (vLLM's packed
-decode: its kernel with vLLM's slot rule) and whose
-entry (remember_as) is that call's compiled function with the geometry of the views the entry point
-builds of the engine's tensors (its key holds what decides that geometry: the shapes and strides
-of the viewed tensors); flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and
-the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
+decodes and SGLang's update, which run the pretranspose kernel on the engine's tensors as they are
+(KernelSpec.row_form; SGLang's layouts other than its own keep the geometry of their row views in the
+entry, and the key holds what decides that geometry: the shapes and strides of the viewed tensors);
+flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
 before the decode function checks its own tensors: its key also holds every fact the decode
 function checks of the tensors only it gets (dtype, shape, strides, device and address modulo 16
 of A_log, dt_bias, ssm_state and out; it runs eagerly only, so those are real addresses), so that
@@ -112,12 +110,3 @@ def remember(key, entry: Fast) -> None:
         if len(FAST) >= MEMO_MAX:
             FAST.clear()
         FAST[key] = entry
-
-
-def remember_as(key, inner_key, extra) -> None:
-    """Keep for `key` the entry of `inner_key` with `extra`: an entry point whose full way calls
-    another public function (flashgdn.engines) reuses the compiled function that call kept,
-    which the inner key, implied by `key`, selects. Nothing when either is missing."""
-    entry = None if key is None else FAST.get(inner_key)
-    if entry is not None:
-        remember(key, entry._replace(extra=extra))

@@ -25,6 +25,7 @@ OUT_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 LAYOUTS = ("klast", "kmajor")
 REGIMES = ("small", "large")
+ROW_FORMS = ("batch", "packed", "flat")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
 VEC_BYTES = 16  # one 128-bit global access per lane and chunk
@@ -46,7 +47,9 @@ class KernelArgs(NamedTuple):
     all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
     token_state_indices.shape[0]. The ReplaySSM windows of a verify, indexed by the read slot:
     replay_v [P, HV, T, V] and replay_k [P, H, T, K] (bf16, k before its norm), replay_g (log
-    decay) and replay_beta [P, HV, T] (fp32)."""
+    decay) and replay_beta [P, HV, T] (fp32). KernelSpec.row_form "packed": q holds mixed_qkv
+    [B, 2*H*K + HV*V], k and v are None, a and b [B, HV], token_state_indices [B]; "flat": q, k, v and
+    output [1, B, ...], a and b [B, HV]."""
 
     q: Any
     k: Any
@@ -154,6 +157,14 @@ class KernelSpec:
     # outputs are its q/k/v and gates (the fused step's conv/gate kernel): its slot indices and
     # state load while that kernel finishes; it reads q/k/v and the gates after griddepcontrol.wait.
     pdl_wait: bool = False
+    # How the per-row tensors of a one-token decode arrive (ROW_FORMS). The launch views them as
+    # KernelArgs' [B, 1, ...] shapes, so an engine's call hands its tensors over as they are, without
+    # a torch view per tensor and call. "batch": KernelArgs' shapes. "packed" (flashgdn.engines' packed
+    # decodes): q holds mixed_qkv [B, 2·H·K + HV·V] (q | k | v of a token side by side; k and v are
+    # None), a and b are [B, HV], vLLM's token slots [B]. "flat" (SGLang's decode): q, k, v and the
+    # output are [1, B, ...] (B one-token sequences in dim 1), a and b [B, HV]. Both take slot
+    # indices of any stride (a column of a block table).
+    row_form: str = "batch"
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
@@ -182,6 +193,9 @@ class KernelSpec:
                                        and not self.has_accepted),
              "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
             (not self.pdl_wait or (self.layout == "klast" and not self.multi_token), "pdl_wait is for the K-last T = 1 decode"),
+            (self.row_form in ROW_FORMS, f"row_form must be one of {ROW_FORMS}"),
+            (self.row_form == "batch" or (self.layout == "klast" and not self.multi_token and self.varlen is None),
+             "packed and flat rows are for the K-last T = 1 decode"),
         ))
 
     @property
@@ -221,7 +235,7 @@ class KernelSpec:
             (self.strided_state, "strided"), (not self.zero_padding_output, "keeppad"),
             (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
-            (self.pdl_wait, "pdl"),
+            (self.pdl_wait, "pdl"), (self.row_form != "batch", self.row_form),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

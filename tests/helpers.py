@@ -301,6 +301,26 @@ def ffi_checking_stub(spec, launched=None):
     return compiled
 
 
+def batch_rows(args, problem):
+    """KernelArgs of a launch as the kernel takes them (kernels.common.DecodeKernel.batch_rows): a
+    launch with packed rows (KernelSpec.row_form "packed": q holds mixed_qkv, k and v None) gets q | k | v
+    of each row [B, 1, heads, dim]; one with flat rows ("flat": 2-D gates) gets q, k, v and the
+    output [1, B, ...] with dims 0 and 1 swapped; both get a and b [B, 1, HV] and token slots
+    [B, 1]. Any other launch is returned as it is."""
+    if args.k is not None and args.a.dim() != 2:
+        return args
+    from flashgdn import engines
+
+    slots = args.token_state_indices
+    if args.k is None:
+        q, k, v = engines._packed_views(args.q, problem.H, problem.HV, problem.K, problem.V)
+        out = args.output
+    else:
+        q, k, v, out = (t.transpose(0, 1) for t in (args.q, args.k, args.v, args.output))
+    return args._replace(q=q, k=k, v=v, a=args.a.unsqueeze(1), b=args.b.unsqueeze(1), output=out,
+                         token_state_indices=None if slots is None else slots.unsqueeze(1))
+
+
 def stub_kernel_lookups(monkeypatch, facts):
     """A CPU run of the API up to its kernel lookup: the device check passes, the device has
     `facts`, nothing is remembered, and the compile cache records the specs it is asked for (the

@@ -338,74 +338,55 @@ def _capture_launch(monkeypatch):
     return launched
 
 
-def _captured(monkeypatch, variant):
-    """(recorder, call's arguments): the pretranspose call the SGLang packed decode makes, or for
-    vLLM's (its slot rule in the kernel: token slots [N, 1], no state_indices) the kernel launch,
-    both as a dict of flashgdn's names."""
-    if variant == "sglang":
-        calls = _capture(monkeypatch)
-        return lambda: calls[0]
+def _launched_packed(monkeypatch, variant):
+    """A recorder of the packed decode's one launch: (spec, KernelArgs), checked to be the packed-rows
+    variant (KernelSpec.row_form "packed", T = 1) with the slot rule of `variant`."""
     launched = _capture_launch(monkeypatch)
 
     def got():
         (spec, args), = launched
-        assert spec.vllm_slots and spec.T == 1 and args.state_indices is None
-        return dict(args._asdict(), initial_state=args.state, state=None, initial_state_indices=args.token_state_indices,
-                    scale=spec.scale, use_qk_l2norm=spec.use_l2norm)
+        assert spec.row_form == "packed" and spec.T == 1 and spec.layout == "klast" and spec.vllm_slots == (variant == "vllm")
+        return spec, args
 
     return got
 
 
-def _shares_storage(view, base):
-    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+def _slots(variant, args):
+    """The slot indices a packed launch got: vLLM's as its token slots, SGLang's as state indices."""
+    if variant == "vllm":
+        assert args.state_indices is None
+        return args.token_state_indices
+    assert args.token_state_indices is None
+    return args.state_indices
 
 
 @pytest.mark.parametrize("variant", list(PACKED_FNS))
-def test_packed_hands_views_of_mixed_qkv_to_flashgdn(monkeypatch, variant):
-    captured = _captured(monkeypatch, variant)
+def test_packed_hands_the_engine_tensors_to_the_kernel(monkeypatch, variant):
+    """The packed rows go to the kernel as they are (it views q | k | v of each row itself): no
+    view, no copy, no conversion of the slot indices."""
+    captured = _launched_packed(monkeypatch, variant)
     kw = packed_kwargs()
-    mixed, row = kw["mixed_qkv"], kw["mixed_qkv"].stride(0)
     out, st = PACKED_FNS[variant](**kw)
     assert out is kw["out"] and st is kw["initial_state"]
-    got = captured()
-    q, k, v = got["q"], got["k"], got["v"]
-    item = mixed.element_size()
-    for t, col, heads, size in ((q, 0, H, K), (k, H * K, H, K), (v, 2 * H * K, HV, V)):
-        assert _shares_storage(t, mixed), "q/k/v must be views of mixed_qkv, not copies"
-        assert t.data_ptr() == mixed.data_ptr() + col * item
-        assert tuple(t.shape) == (N, 1, heads, size) and t.stride()[0] == row and t.stride()[2:] == (size, 1)
-        assert torch.equal(t[:, 0].flatten(1), mixed[:, col:col + heads * size])
-    for name in ("a", "b"):
-        t = got[name]
-        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr()
-        assert tuple(t.shape) == (N, 1, HV) and torch.equal(t[:, 0], kw[name])
-    assert got["state"] is None and got["initial_state"] is kw["initial_state"]
-    assert got["output"] is kw["out"]
-    assert got["A_log"] is kw["A_log"] and got["dt_bias"] is kw["dt_bias"]
-    assert got["scale"] == kw["scale"] and got["use_qk_l2norm"] is True
-    slots = got["initial_state_indices"]
-    if variant == "sglang":  # flashgdn's own rule: handed over as it is
-        assert slots is kw["ssm_state_indices"]
-    else:  # vLLM's rule (slot 0, its null block, is padding too) in the kernel: a view, no conversion
-        assert _shares_storage(slots, kw["ssm_state_indices"]) and slots.dtype == kw["ssm_state_indices"].dtype
-        assert slots.tolist() == [[3], [0], [-1], [5]]
+    spec, args = captured()
+    assert args.q is kw["mixed_qkv"] and args.k is None and args.v is None
+    for name in ("a", "b", "A_log", "dt_bias"):
+        assert getattr(args, name) is kw[name], name
+    assert args.state is kw["initial_state"] and args.output is kw["out"]
+    assert _slots(variant, args) is kw["ssm_state_indices"]
+    assert (spec.H, spec.HV, spec.K, spec.V) == (H, HV, K, V) and spec.io_dtype == "bfloat16"
+    assert spec.scale == kw["scale"] and spec.use_l2norm is True
 
 
 @pytest.mark.parametrize("variant", list(PACKED_FNS))
-def test_packed_strided_indices_arrive_packed(monkeypatch, variant):
-    """A column of a block table: packed for the SGLang decode's index vector; vLLM's token slots
-    [N, 1] take the column's stride (the kernel declares their row stride dynamic): no copy."""
-    captured = _captured(monkeypatch, variant)
+def test_packed_strided_indices_arrive_as_they_are(monkeypatch, variant):
+    """A column of a block table: the packed-rows kernel declares the slot vector's stride dynamic,
+    so neither decode copies it."""
+    captured = _launched_packed(monkeypatch, variant)
     column = torch.tensor([[3, 9], [0, 9], [-1, 9], [5, 9]], dtype=torch.int64)[:, 0]
-    kw = packed_kwargs(idx=column)
-    PACKED_FNS[variant](**kw)
-    slots = captured()["initial_state_indices"]
-    assert slots.dtype == torch.int64
-    if variant == "sglang":
-        assert slots.stride() == (1,) and slots.tolist() == [3, 0, -1, 5]
-    else:
-        assert slots.stride() == (2, 1) and slots.data_ptr() == column.data_ptr()
-        assert slots.tolist() == [[3], [0], [-1], [5]]
+    PACKED_FNS[variant](**packed_kwargs(idx=column))
+    spec, args = captured()
+    assert _slots(variant, args) is column and spec.index_dtype == "int64"
 
 
 def test_vllm_packed_check_indices_refuses_a_slot_written_twice(monkeypatch):
@@ -421,6 +402,10 @@ def test_vllm_packed_check_indices_refuses_a_slot_written_twice(monkeypatch):
     assert len(launched) == 1
 
 
+def _shares_storage(view, base):
+    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
 def _size_one_strides_packed(t):
     """Every size-1 dim of t has the packed stride of the dims inside it."""
     inner = 1
@@ -432,30 +417,27 @@ def _size_one_strides_packed(t):
 
 
 def test_packed_one_row_with_an_odd_row_stride(monkeypatch):
-    """One row: mixed_qkv's row stride is never stepped, so any is valid; the views flashgdn gets
-    carry packed strides in their size-1 dims (the compiled kernel checks every stride)."""
+    """One row: mixed_qkv's row stride is never stepped, so any is valid (the compiled function
+    checks no stride of a size-1 dim); the row and the one slot index go over as they are."""
     column = torch.tensor([[2, 9]], dtype=torch.int32)[:, 0]  # a block table's column: stride 2
     kw = packed_kwargs(n=1, row_pad=3, idx=column)
     assert kw["mixed_qkv"].stride(0) % 8
     for variant, fn in PACKED_FNS.items():
         with monkeypatch.context() as m:  # its stubs (and the fast path they fill) end with the block
             m.setattr(fastpath, "FAST", {})
-            captured = _captured(m, variant)
+            captured = _launched_packed(m, variant)
             fn(**kw)
-            got = captured()
-        for name in ("q", "k", "v"):  # a and b take any stride
-            assert _size_one_strides_packed(got[name]), (name, got[name].stride())
-        assert torch.equal(got["q"][0, 0].flatten(), kw["mixed_qkv"][0, :H * K])
-        slots = got["initial_state_indices"]
-        assert slots.data_ptr() == column.data_ptr(), "one index is viewed, not copied"
-        assert slots.flatten().tolist() == [2] and slots.stride()[-1] == 1
+            _, args = captured()
+        assert args.q is kw["mixed_qkv"] and _slots(variant, args) is column
     for fn in PACKED_FNS.values():
         expect_only_device_error(fn, kw)
 
 
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
 def test_sigmoid_one_token_views_have_packed_size_one_strides(monkeypatch, varlen):
-    calls = _capture(monkeypatch)
+    """One sequence: SGLang's own layout (varlen, 2-D gates) goes to the kernel as it is (it checks no
+    stride of a size-1 dim); the batched layout's row views carry packed strides in their size-1 dims."""
+    launched = _capture_launch(monkeypatch)
     kw = sigmoid_kwargs(varlen=varlen, n=1)
     mixed = torch.randn(1, WIDTH + 3).to(BF16)[:, :WIDTH]  # an odd row stride: never stepped
     lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
@@ -463,29 +445,35 @@ def test_sigmoid_one_token_views_have_packed_size_one_strides(monkeypatch, varle
               v=lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V))))
     kw["initial_state_indices"] = torch.tensor([[4, 9]], dtype=torch.int32)[:, 0]
     engines.fused_sigmoid_gating_delta_rule_update(**kw)
-    for name in ("q", "k", "v", "a", "b", "output", "initial_state_indices"):
-        assert _size_one_strides_packed(calls[0][name]), (name, calls[0][name].stride())
-    assert calls[0]["initial_state_indices"].data_ptr() == kw["initial_state_indices"].data_ptr()
+    (spec, args), = launched
+    assert spec.row_form == ("flat" if varlen else "batch")
+    if varlen:
+        assert all(getattr(args, n) is kw[n] for n in ("q", "k", "v", "a", "b"))
+        assert args.state_indices is kw["initial_state_indices"]
+    else:
+        for name in ("q", "k", "v", "a", "b", "output", "state_indices"):
+            assert _size_one_strides_packed(getattr(args, name)), (name, getattr(args, name).stride())
+        assert args.state_indices.data_ptr() == kw["initial_state_indices"].data_ptr()
     monkeypatch.undo()
     expect_only_device_error(engines.fused_sigmoid_gating_delta_rule_update, kw)
 
 
 def test_packed_positional_call(monkeypatch):
     """The engines call it with keywords, FLA-style code positionally: both bind the same."""
-    calls = _capture(monkeypatch)
+    launched = _capture_launch(monkeypatch)
     kw = packed_kwargs()
     engines.fused_recurrent_gated_delta_rule_packed_decode(*kw.values())
     engines.fused_recurrent_gated_delta_rule_packed_decode(**kw)
-    assert len(calls) == 2
-    for name in ("q", "k", "v", "output", "initial_state", "initial_state_indices"):
-        assert calls[0][name].data_ptr() == calls[1][name].data_ptr()
+    assert len(launched) == 2
+    assert all(x is y for x, y in zip(launched[0][1], launched[1][1]))
 
 
 # ----------------------------------------------------------------------------- memo of checked signatures
 
 
 def test_checks_run_once_per_call_signature(monkeypatch):
-    _capture(monkeypatch)
+    _capture_launch(monkeypatch)
+    monkeypatch.setattr(fastpath, "ENABLED", False)  # every call takes the full way
     monkeypatch.setattr(engines, "_CHECKED", {})
     runs = []
     check = engines._check_packed

@@ -10,7 +10,9 @@ import torch
 from flashgdn import api, engines
 
 from helpers import BF16, F32
-from test_engines import (H, HV, K, N, P, V, _capture, _kmajor, _shares_storage, _strided_last_dim, expect_error,
+from flashgdn.validation import Problem
+from helpers import batch_rows
+from test_engines import (H, HV, K, N, P, V, _capture_launch, _kmajor, _shares_storage, _strided_last_dim, expect_error,
                           expect_only_device_error, sigmoid_kwargs)
 
 # ----------------------------------------------------------------------------- SGLang's decode
@@ -144,12 +146,22 @@ def test_sigmoid_bad_gate_shape_without_cu_seqlens():
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
 def test_sigmoid_hands_views_to_flashgdn(monkeypatch, varlen, gates_3d):
-    calls = _capture(monkeypatch)
+    """SGLang's own layout (varlen, 2-D gates) goes to the kernel as it is (KernelSpec.row_form "flat":
+    the kernel views it); the other layouts as row views. Either way the kernel's q, k, v, a, b and
+    output are views of the engine's tensors, no copies."""
+    launched = _capture_launch(monkeypatch)
     kw = sigmoid_kwargs(varlen=varlen, gates_3d=gates_3d)
     kw.update(scale=0.1, softplus_beta=2.0, softplus_threshold=15.0)
     o = SIGMOID_FN(**kw)
     assert tuple(o.shape) == (*kw["q"].shape[:2], HV, V) and o.dtype == kw["q"].dtype
-    got = calls[0]
+    (spec, args), = launched
+    flat = varlen and not gates_3d
+    assert spec.row_form == ("flat" if flat else "batch")
+    if flat:
+        assert all(getattr(args, n) is kw[n] for n in ("q", "k", "v", "a", "b")) and args.output is o
+    assert (spec.scale, spec.use_l2norm, spec.softplus_beta, spec.softplus_threshold) == (0.1, True, 2.0, 15.0)
+    assert args.state is kw["initial_state_source"] and args.state_indices is kw["initial_state_indices"]
+    got = batch_rows(args, Problem(N, 1, H, HV, K, V))._asdict()
     for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
         t = got[name]
         assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr(), f"{name} was copied"
@@ -161,15 +173,11 @@ def test_sigmoid_hands_views_to_flashgdn(monkeypatch, varlen, gates_3d):
         assert tuple(t.shape) == (N, 1, HV) and torch.equal(t[:, 0], kw[name].reshape(N, HV))
     out = got["output"]
     assert _shares_storage(out, o) and tuple(out.shape) == (N, 1, HV, V)
-    assert got["initial_state"] is kw["initial_state_source"] and got["state"] is None
-    assert got["initial_state_indices"] is kw["initial_state_indices"]
-    assert got["scale"] == 0.1 and got["use_qk_l2norm"] is True
-    assert got["softplus_beta"] == 2.0 and got["softplus_threshold"] == 15.0
 
 
 def test_sigmoid_checks_cu_seqlens_values_when_asked(monkeypatch):
     """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads cu_seqlens back: not arange(N + 1) raises."""
-    _capture(monkeypatch)
+    _capture_launch(monkeypatch)
     monkeypatch.setattr(api, "CHECK_INDICES", True)
     kw = sigmoid_kwargs()
     SIGMOID_FN(**kw)

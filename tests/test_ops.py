@@ -27,7 +27,7 @@ from flashgdn import validation as val
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import CommitArgs
 
-from helpers import make_inputs, make_intermediate, make_state
+from helpers import batch_rows, make_inputs, make_intermediate, make_state
 
 B, H, HV, K, V = 2, 2, 4, 64, 128
 P = 8  # pool slots: the cases' read, write and per-token slots are all distinct
@@ -354,6 +354,7 @@ def test_op_runs_the_eager_code(name):
 
 def _reference_launch(plan, layout, args, options):
     """api._launch's stand-in: flashgdn.reference on the call's tensors, in place."""
+    args = batch_rows(args, plan.problem)
     output = args.output
     if output is None:
         output = fastpath.new_output(args.v, zero=not options.zero_padding_output)

@@ -129,8 +129,9 @@ class Row:
 
 
 def decode_twin(row: Row) -> Row:
-    """The pretranspose pool row of a packed row's shape: the call the packed decode makes on views
-    of mixed_qkv, and the one the baselines without a packed decode run."""
+    """The pretranspose pool row of a packed row's shape: the kernel the packed decode runs (with
+    packed rows: KernelSpec.row_form), and the call the baselines without a packed decode make
+    on views of mixed_qkv."""
     return dataclasses.replace(row, version="pretranspose")
 
 
@@ -139,7 +140,7 @@ def row_specs(row: Row, arch: str, sm_count: int, device_class: Optional[str] = 
     launch order, on `arch` with `sm_count` SMs (device_class None: the arch's reference tuning
     table). tests/test_bench_cli.py checks them against the API's own lookups."""
     if row.version == "packed":
-        row = decode_twin(row)
+        return (dataclasses.replace(_decode_spec(decode_twin(row), arch, sm_count, device_class), row_form="packed"),)
     if row.version in ENGINE_VERSIONS:
         return engine_rows.kernel_specs(row, DeviceFacts(arch, sm_count, device_class))
     return (_decode_spec(row, arch, sm_count, device_class),)

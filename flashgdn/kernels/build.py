@@ -59,8 +59,9 @@ def fake_arguments(spec: AnySpec):
     idx_t = CUTLASS_DTYPES[spec.index_dtype] if spec.pool else None
     B = cute.sym_int()
     T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
-    # Varlen: the tokens of all sequences in dim 1 ([1, total, ...]); B sequences
-    lead = (1, cute.sym_int()) if spec.varlen else (B, T)
+    # Varlen: the tokens of all sequences in dim 1 ([1, total, ...]); B sequences. Flat rows: the B
+    # one-token sequences in dim 1.
+    lead = (1, cute.sym_int()) if spec.varlen else (1, B) if spec.row_form == "flat" else (B, T)
     io_div = vec_elems(spec.io_dtype)
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
@@ -68,17 +69,23 @@ def fake_arguments(spec: AnySpec):
     # A strided state (a padded pool) keeps only its last dim static.
     state_inner = (1,) if spec.strided_state else inner
     raw_gates = not spec.precomputed_gates
+    beta = CUTLASS_DTYPES[spec.beta_dtype or spec.gate_dtype]
+    # Packed and flat rows (KernelSpec.row_form): the engine's tensors as they are, its slot indices of
+    # any stride; the launch views them (DecodeKernel.batch_rows).
+    packed, engine_rows = spec.row_form == "packed", spec.row_form != "batch"
+    slot_index = (lambda: _strided(idx_t, (B,), 1, inner_static=())) if engine_rows else (  # noqa: E731
+        lambda: make_fake_tensor(idx_t, (B,), stride=(1,)))
     return KernelArgs(
-        q=_strided(io, (*lead, H, K), io_div),
-        k=_strided(io, (*lead, H, K), io_div),
-        v=_strided(io, (*lead, HV, V), io_div),
-        a=_strided(gate, (*lead, HV), 1),
-        b=_strided(CUTLASS_DTYPES[spec.beta_dtype or spec.gate_dtype], (*lead, HV), 1),
+        q=_strided(io, (B, 2 * H * K + HV * V) if packed else (*lead, H, K), io_div),
+        k=None if packed else _strided(io, (*lead, H, K), io_div),
+        v=None if packed else _strided(io, (*lead, HV, V), io_div),
+        a=_strided(gate, (B, HV) if engine_rows else (*lead, HV), 1),
+        b=_strided(beta, (B, HV) if engine_rows else (*lead, HV), 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
         state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
         # vLLM's slots come from token_state_indices alone
-        state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.pool and not spec.vllm_slots else None,
+        state_indices=slot_index() if spec.pool and not spec.vllm_slots else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
         accepted_tokens=(make_fake_tensor(CUTLASS_DTYPES[spec.accepted_dtype], (B,), stride=(1,))
                          if spec.has_accepted else None),
@@ -88,7 +95,8 @@ def fake_arguments(spec: AnySpec):
         ),
         output=_strided(CUTLASS_DTYPES[spec.output_dtype], (*lead, HV, V), 1),
         # vLLM's slots are the engine's index tensor, of its index dtype
-        token_state_indices=_strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1) if spec.has_token_slots else None,
+        token_state_indices=None if not spec.has_token_slots else (
+            slot_index() if engine_rows else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1)),
         cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
         **(_fake_windows(spec, (cute.sym_int(),)) if spec.replay_cache else {}),
     )

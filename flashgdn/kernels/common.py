@@ -345,6 +345,8 @@ class DecodeKernel:
     def __init__(self, spec: KernelSpec, config):
         self.spec = spec
         self.config = config
+        # How the per-row tensors arrive (KernelSpec.row_form; a CommitSpec's kernel takes its own list)
+        self.row_form = spec.row_form if isinstance(spec, KernelSpec) else "batch"
 
     @property
     def tile_bytes(self) -> int:
@@ -372,9 +374,42 @@ class DecodeKernel:
     def __call__(self, *args_and_stream):
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
+        if const_expr(self.row_form != "batch"):
+            tensors = self.batch_rows(KernelArgs(*tensors))
         grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream,
                                      use_pdl=self.pdl)
+
+    def batch_rows(self, args: KernelArgs) -> KernelArgs:
+        """The kernel's tensors of a call whose rows arrive as an engine passes them
+        (KernelSpec.row_form), as views, no copy: q, k [B, 1, H, K], v and the output [B, 1, HV, V], a
+        and b [B, 1, HV], vLLM's token slots [B, 1]. "packed": q | k | v of each row of mixed_qkv,
+        at static column offsets that keep its 16-byte alignment; "flat": dims 0 and 1 of q, k, v
+        and the output swapped. The token dim is never stepped (T = 1): its stride is 0."""
+        H, HV, K, V = self.spec.H, self.spec.HV, self.spec.K, self.spec.V
+
+        def view(mX, offset, shape, stride):
+            return cute.make_tensor(mX.iterator + offset, cute.make_layout(shape, stride=stride))
+
+        def with_token(mX):  # [B, ...] -> [B, 1, ...]
+            return view(mX, 0, (mX.shape[0], 1, *mX.shape[1:]), (mX.stride[0], 0, *mX.stride[1:]))
+
+        def swapped(mX):  # [1, B, ...] -> [B, 1, ...]
+            return view(mX, 0, (mX.shape[1], 1, *mX.shape[2:]), (mX.stride[1], 0, *mX.stride[2:]))
+
+        if const_expr(self.row_form == "packed"):
+            mQKV = args.q
+            B, row = mQKV.shape[0], mQKV.stride[0]
+
+            def heads(offset: int, n: int, d: int):
+                return view(mQKV, offset, (B, 1, n, d), (row, 0, d, 1))
+
+            q, k, v, out = heads(0, H, K), heads(H * K, H, K), heads(2 * H * K, HV, V), args.output
+        else:
+            q, k, v, out = swapped(args.q), swapped(args.k), swapped(args.v), swapped(args.output)
+        mTok = args.token_state_indices
+        return args._replace(q=q, k=k, v=v, a=with_token(args.a), b=with_token(args.b), output=out,
+                             token_state_indices=None if mTok is None else with_token(mTok))
 
     def grid_rows(self, tensors):
         """Rows of the grid, each HV x num_tiles CTAs: the batch size (q's first dim; for varlen,
