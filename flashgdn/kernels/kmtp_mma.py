@@ -15,8 +15,9 @@ bound by its serial per-token arithmetic at T = 8 with a bf16 state, this one mu
 
 An fp32 state stays fp32 in registers and in memory: its dot products take it as two bf16
 operands (hi + lo: 16 bits of mantissa, two tensor-core products each), and the update adds the
-rank-T term to G S_0 computed in fp32. So the products carry about 2^-17 relative error where the
-token loop's carry 2^-24; the state itself is never rounded below fp32.
+rank-T term to G S_0 after the MMAs, an fp32 add rounded to nearest (the tensor cores' fp32
+accumulation does not round so). So the products carry about 2^-17 relative error where the token
+loop's carry 2^-24; the state itself is never rounded below fp32.
 
 A CTA serves one (sequence, value head); each of its warps owns 16-row blocks of it. A warp loads
 q/k and the gates, then its rows in the operand layout of mma.m16n8k16; while the rows are in
@@ -422,13 +423,17 @@ class KLastMTPMma(common.DecodeKernel):
                     for e in cutlass.range_constexpr(2):  # k of the token halves, the same every step
                         rB[e, 0] = rKu[mq, p, e, groups[0][1]]
                         rB[2 + e, 0] = rKu[mq, p, e, groups[1][1]]
+                    decayed = [gx * rS[mq + 4 * r, p, hh, m].to(Float32) for hh in range(2) for r in range(2)]
+                    # An fp32 state is added after the MMAs, rounded to nearest: the tensor cores'
+                    # fp32 accumulation does not round so, and the state would drift each step.
                     acc = cute.make_rmem_tensor((4, 1, 1), Float32)
-                    acc[0, 0, 0] = gx * rS[mq, p, 0, m].to(Float32)
-                    acc[1, 0, 0] = gx * rS[mq + 4, p, 0, m].to(Float32)
-                    acc[2, 0, 0] = gx * rS[mq, p, 1, m].to(Float32)
-                    acc[3, 0, 0] = gx * rS[mq + 4, p, 1, m].to(Float32)
+                    for i in cutlass.range_constexpr(4):
+                        acc[i, 0, 0] = Float32(0.0) if const_expr(self.split_state) else decayed[i]
                     for rA in steps:
                         self._gemm(acc, rA, rB)
+                    if const_expr(self.split_state):
+                        for i in cutlass.range_constexpr(4):
+                            acc[i, 0, 0] = acc[i, 0, 0] + decayed[i]
                     rTop[mq] = acc[0, 0, 0].to(self.state_type)
                     rTop[mq + 4] = acc[1, 0, 0].to(self.state_type)
                     rBot[mq] = acc[2, 0, 0].to(self.state_type)
