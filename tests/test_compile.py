@@ -222,7 +222,8 @@ def test_mma_kernel_follows_the_measured_cases():
     # and mma_min_tokens_writes None everywhere); never vLLM's slot rule.
     assert not mma(state="float32") and mma(state="float32", tile=(4, 1)) and not mma(state="float32", tile=(4, 2, 8))
     assert not mma(has_intermediate=True) and mma(has_intermediate=True, tile=(4, 2))
-    assert not mma(has_token_slots=True, zero_padding_output=False, tile=(4, 2), vllm_slots=True)
+    with pytest.raises(ValueError, match="2-tuple tile asks for the tensor-core MTP kernel"):
+        mma(has_token_slots=True, zero_padding_output=False, tile=(4, 2), vllm_slots=True)
     assert not mma(io="float16") and not mma(T=1, has_accepted=True)
     assert mma(T=2, regime="small", tile=(1, 1)) and not mma(tile=(2, 4, 8))
     assert isinstance(make_kernel(spec("sm_90a", T=8, regime="large", state="bfloat16", index_dtype="int32")),

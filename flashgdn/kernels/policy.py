@@ -199,7 +199,9 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     mma_ok = (spec.state_dtype in ("bfloat16", "float32") and spec.io_dtype == "bfloat16" and not spec.vllm_slots
               and spec.varlen is None)
     if spec.tile is not None:
-        return KMTP_MMA if mma_ok and len(spec.tile) == 2 else KMTP
+        if len(spec.tile) == 2 and not mma_ok:
+            raise ValueError(f"a 2-tuple tile asks for the tensor-core MTP kernel, which does not serve {spec}")
+        return KMTP_MMA if len(spec.tile) == 2 else KMTP
     if spec.writes_states:
         min_tokens = table.mma_min_tokens_writes
     else:
