@@ -179,6 +179,9 @@ SIGMOID_CASES = [
     dict(varlen=True, gates_3d=True, N=6, H=2, HV=8, K=64, V=128, sdt=BF16, softplus=(2.0, 5.0), scale=0.1),
     dict(varlen=False, gates_3d=False, N=5, H=1, HV=4, K=128, V=64, sdt=BF16, softplus=(1.0, 20.0), scale=None),
     dict(varlen=False, gates_3d=True, N=130, H=2, HV=16, K=128, V=128, sdt=F32, softplus=(1.0, 20.0), scale=None),
+    # SGLang's own layout (KernelSpec.row_form "flat") at large batch
+    dict(varlen=True, gates_3d=False, N=130, H=2, HV=16, K=128, V=128, sdt=BF16, softplus=(1.0, 20.0), scale=None),
+    dict(varlen=True, gates_3d=False, N=67, H=4, HV=8, K=64, V=64, sdt=F32, softplus=(1.0, 20.0), scale=0.2),
 ]
 
 
