@@ -161,7 +161,9 @@ def fused_recurrent_gated_delta_rule(
     _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v)
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
-    o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    # v's layout packed: q's dtype on any call that runs (the checks, or the compiled function's, refuse
+    # another), and empty_like costs less host time than torch.empty
+    o = fastpath.new_output(v, False)
     if api._is_compiling():  # traced: one custom op (flashgdn.api's module docstring)
         torch.ops.flashgdn.fused_recurrent_gated_delta_rule(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
