@@ -18,16 +18,9 @@ from .device import DeviceFacts
 from .spec import KernelArgs
 from .validation import Problem
 
-# Each entry point, and the engine call it stands for (docs/engines.md).
-ENTRIES = {
-    "packed": "fused_recurrent_gated_delta_rule_packed_decode (SGLang's padding rule)",
-    "packed-vllm": "fused_recurrent_gated_delta_rule_packed_decode_vllm (vLLM's padding rule)",
-    "sglang": "fused_sigmoid_gating_delta_rule_update in SGLang's own layout (varlen q/k/v [1, N, ...], "
-              "a, b [N, HV])",
-    "recurrent": "fused_recurrent_gated_delta_rule on precomputed gates (T = 1: the decode; T > 1: the "
-                 "varlen verify with accepted counts)",
-    "fused-step": "gdn_fused_decode_step (its conv/gate kernel and its decode)",
-}
+# The entry points: the packed decodes with SGLang's and vLLM's padding rules, SGLang's decode in its
+# own layout, vLLM's recurrent op on precomputed gates, the fused decode step (docs/engines.md).
+ENTRIES = ("packed", "packed-vllm", "sglang", "recurrent", "fused-step")
 ONE_TOKEN = ("packed", "packed-vllm", "sglang", "fused-step")  # decode one token per sequence only
 
 
@@ -79,5 +72,5 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
                             output=meta(bf16, B, 1, HV, V))
         return fused_step.kernel_specs(p, hidden, conv_width, conv_bias, decode, options, facts, regime)
     else:
-        raise ValueError(f"entry must be one of {sorted(ENTRIES)}, got {entry!r}")
+        raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")
     return (api.kernel_spec("klast", p, args, options, facts, regime),)

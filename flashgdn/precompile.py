@@ -10,6 +10,28 @@ compiling. T = 1 builds the one-token decode kernel of each --layout ("klast", t
 pretranspose; "kmajor", its nontranspose, dense state only); T > 1 builds the multi-token (MTP)
 kernel, which always reads a state pool. One line per variant says whether it was compiled or
 was already on disk, and how long it took; the exit status is non-zero when any variant failed.
+
+--entry picks the functions whose variants are built (flashgdn.engine_specs derives the engines'
+from meta tensors of their calls, through each entry point's own argument list):
+
+    flashinfer    gated_delta_rule_decode_pretranspose / _decode / _mtp (the default): --layout,
+                  --pool, --out-indices, --intermediate, --no-state-update, --accepted-tokens apply
+    packed        flashgdn.engines.fused_recurrent_gated_delta_rule_packed_decode (SGLang's rule)
+    packed-vllm   fused_recurrent_gated_delta_rule_packed_decode_vllm (vLLM's rule)
+    sglang        fused_sigmoid_gating_delta_rule_update in SGLang's own layout (varlen q/k/v
+                  [1, N, ...] with cu_seqlens, a and b [N, HV])
+    recurrent     fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates: g fp32, beta in
+                  --io-dtype): T = 1 the decode, T > 1 the varlen verify with accepted counts, for
+                  each --seq-len; --index-dtype is that of the slots, cu_seqlens and the counts
+    fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
+                  --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
+
+The one-token entries (packed, packed-vllm, sglang, fused-step) build their T = 1 variant whatever
+--seq-len says. --gate-dtype is that of a and b (packed, sglang), --dt-bias-dtype that of dt_bias
+(all but recurrent). A vLLM deployment with speculative decoding (3 draft tokens), say:
+
+    flashgdn-precompile -H 4 -HV 8 --dt-bias-dtype bf16 --state-dtype bf16 --entry packed-vllm recurrent \
+        --seq-len 1 4
 """
 from __future__ import annotations
 
@@ -25,10 +47,7 @@ from . import engine_specs
 from .spec import ARCHS, CONV_WIDTHS, LAYOUTS, MAX_TOKENS, REGIMES, SUPPORTED_HEAD_DIMS, KernelSpec
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
-ENTRIES = {
-    "flashinfer": "gated_delta_rule_decode_pretranspose / gated_delta_rule_decode / gated_delta_rule_mtp",
-    **engine_specs.ENTRIES,
-}
+ENTRIES = ("flashinfer", *engine_specs.ENTRIES)
 
 
 def _positive_int(text: str) -> int:
@@ -71,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device-class", help="tuning table (kernels.policy.DEVICE_TABLES) the GPU uses "
         "(default: that of the arch's first known device, as the API picks for it)")
     add("--entry", nargs="+", choices=ENTRIES, default=["flashinfer"],
-        help="the functions whose variants to build: " + "; ".join(f"{k}: {v}" for k, v in ENTRIES.items())
-        + " (default: flashinfer)")
+        help="the functions whose variants to build (the list above) (default: flashinfer)")
     add("--hidden", type=_positive_int, default=2048, help="fused-step: hidden size, a multiple of 64 (default: 2048)")
     add("--conv-width", type=int, choices=CONV_WIDTHS, default=4, help="fused-step: conv width (default: 4)")
     add("--conv-bias", action=argparse.BooleanOptionalAction, default=True,
