@@ -268,12 +268,13 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     return out
 
 
-def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs, options, facts) -> tuple:
+def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs, options, facts,
+                 regime: Optional[str] = None) -> tuple:
     """The compiled variants of a step (Problem `p`; `decode`: the decode's KernelArgs, meta tensors
     do), in launch order: the conv/gate kernel, then the decode, a programmatic dependent of it
-    where the policy says so (policy.fused_step_pdl)."""
+    where the policy says so (policy.fused_step_pdl). `regime` None: the one p.B falls in."""
     conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class)
-    decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts),
+    decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts, regime),
                                       pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
     return conv, decode_spec
 

@@ -10,6 +10,28 @@ compiling. T = 1 builds the one-token decode kernel of each --layout ("klast", t
 pretranspose; "kmajor", its nontranspose, dense state only); T > 1 builds the multi-token (MTP)
 kernel, which always reads a state pool. One line per variant says whether it was compiled or
 was already on disk, and how long it took; the exit status is non-zero when any variant failed.
+
+--entry picks the functions whose variants are built (flashgdn.engine_specs derives the engines'
+from meta tensors of their calls, through each entry point's own argument list):
+
+    flashinfer    gated_delta_rule_decode_pretranspose / _decode / _mtp (the default): --layout,
+                  --pool, --out-indices, --intermediate, --no-state-update, --accepted-tokens apply
+    packed        flashgdn.engines.fused_recurrent_gated_delta_rule_packed_decode (SGLang's rule)
+    packed-vllm   fused_recurrent_gated_delta_rule_packed_decode_vllm (vLLM's rule)
+    sglang        fused_sigmoid_gating_delta_rule_update in SGLang's own layout (varlen q/k/v
+                  [1, N, ...] with cu_seqlens, a and b [N, HV])
+    recurrent     fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates: g fp32, beta in
+                  --io-dtype): T = 1 the decode, T > 1 the varlen verify with accepted counts, for
+                  each --seq-len; --index-dtype is that of the slots, cu_seqlens and the counts
+    fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
+                  --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
+
+The one-token entries (packed, packed-vllm, sglang, fused-step) build their T = 1 variant whatever
+--seq-len says. --gate-dtype is that of a and b (packed, sglang), --dt-bias-dtype that of dt_bias
+(all but recurrent). A vLLM deployment with speculative decoding (3 draft tokens), say:
+
+    flashgdn-precompile -H 4 -HV 8 --dt-bias-dtype bf16 --state-dtype bf16 --entry packed-vllm recurrent \
+        --seq-len 1 4
 """
 from __future__ import annotations
 
@@ -19,11 +41,13 @@ import logging
 import multiprocessing
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-from .spec import ARCHS, LAYOUTS, MAX_TOKENS, REGIMES, SUPPORTED_HEAD_DIMS, KernelSpec
+from . import engine_specs
+from .spec import ARCHS, CONV_WIDTHS, LAYOUTS, MAX_TOKENS, REGIMES, SUPPORTED_HEAD_DIMS, KernelSpec
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
+ENTRIES = ("flashinfer", *engine_specs.ENTRIES)
 
 
 def _positive_int(text: str) -> int:
@@ -65,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scale", type=float, help="q scale (default: head_k ** -0.5)")
     add("--device-class", help="tuning table (kernels.policy.DEVICE_TABLES) the GPU uses "
         "(default: that of the arch's first known device, as the API picks for it)")
+    add("--entry", nargs="+", choices=ENTRIES, default=["flashinfer"],
+        help="the functions whose variants to build (the list above) (default: flashinfer)")
+    add("--hidden", type=_positive_int, default=2048, help="fused-step: hidden size, a multiple of 64 (default: 2048)")
+    add("--conv-width", type=int, choices=CONV_WIDTHS, default=4, help="fused-step: conv width (default: 4)")
+    add("--conv-bias", action=argparse.BooleanOptionalAction, default=True,
+        help="fused-step: the conv has a bias (default) or none (conv_bias=None)")
     add("--regime", nargs="+", choices=REGIMES, default=list(REGIMES), help="batch regime(s) (default: both)")
     add("--cache-dir", help="cache directory (default: FLASHGDN_CACHE_DIR, else $XDG_CACHE_HOME/flashgdn)")
     add("--jobs", "-j", type=_positive_int, default=1, help="variants built at once, one process each (default: 1)")
@@ -85,59 +115,107 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--device-class must be one of {sorted(policy.DEVICE_TABLES)}, got {args.device_class!r}")
     if args.accepted_tokens and args.no_state_update:
         parser.error("--accepted-tokens selects the state to commit: it cannot go with --no-state-update")
+    if args.hidden % 64:
+        parser.error(f"--hidden must be a multiple of 64, got {args.hidden}")
+    gate = args.gate_dtype or args.io_dtype
+    gated = [e for e in args.entry if e in ("flashinfer", "packed", "packed-vllm", "sglang")]
+    if gated and gate not in (args.io_dtype, "fp32"):
+        parser.error(f"--gate-dtype must be the --io-dtype ({args.io_dtype}) or fp32 (a and b of the {gated[0]} "
+                     f"entry), got {gate}")
+    if "fused-step" in args.entry and (args.io_dtype != "bf16" or args.head_k != args.head_v):
+        parser.error(f"the fused-step entry is bf16 with K = V (gdn_fused_decode_step's contract), got "
+                     f"--io-dtype {args.io_dtype}, --head-k {args.head_k}, --head-v {args.head_v}")
     return args
 
 
-def model_specs(args: argparse.Namespace) -> List[KernelSpec]:
-    """Every KernelSpec the flags ask for, made by the API's own api.kernel_spec from meta tensors
-    of the call's shapes (B = 1: the batch only picks the regime, given here), so that each is the
-    spec that a call with those shapes and options looks up: arch, then state dtype, then T, then
-    layout (T = 1) and pool index dtype, then regime. Duplicates are dropped."""
-    import torch
-
-    from . import api
+def model_specs(args: argparse.Namespace) -> list:
+    """Every variant (KernelSpec, or the fused step's ConvGateSpec) the flags ask for, made by the
+    API's own api.kernel_spec from meta tensors of the call's shapes (B = 1: the batch only picks
+    the regime, given here), so that each is the variant that a call with those shapes and options
+    looks up: arch, then state dtype, then entry, then T, then layout (T = 1) and pool index dtype,
+    then regime. Duplicates are dropped."""
     from .device import DeviceFacts
     from .kernels import policy
-    from .spec import KernelArgs
-    from .validation import Problem
 
-    def meta(dtype, *shape):
-        return None if dtype is None else torch.empty(shape, dtype=getattr(torch, DTYPES[dtype]), device="meta")
-
-    H, HV, K, V = args.num_q_heads, args.num_v_heads, args.head_k, args.head_v
-    io, gate = args.io_dtype, args.gate_dtype or args.io_dtype
     specs: dict = {}
     for arch in args.arch:
         known = next(d for d in policy.KNOWN_DEVICES if d.arch == arch)
         facts = DeviceFacts(arch, known.sm_count, args.device_class or known.table)
         for state in args.state_dtype:
-            for T in args.seq_len:
-                mtp = T > 1
-                if mtp:
-                    builds = [("klast", d) for d in args.index_dtype]
-                else:
-                    builds = [(layout, None) for layout in args.layout if layout == "kmajor" or not args.pool]
-                    if "klast" in args.layout and args.pool:
-                        builds += [("klast", d) for d in args.index_dtype]
-                # T > 1 (gated_delta_rule_mtp, or pretranspose with T > 1) leaves padding rows' output as it is.
-                options = api.CallOptions(scale=args.scale, use_l2norm=not args.no_l2norm,
-                                          update_state=not (mtp and args.no_state_update), zero_padding_output=not mtp)
-                for layout, index in builds:
-                    rows, cols = (V, K) if layout == "klast" else (K, V)
-                    tensors = KernelArgs(
-                        q=meta(io, 1, T, H, K), k=meta(io, 1, T, H, K), v=meta(io, 1, T, HV, V),
-                        a=meta(gate, 1, T, HV), b=meta(gate, 1, T, HV), A_log=meta("fp32", HV),
-                        dt_bias=meta(args.dt_bias_dtype, HV), state=meta(state, 1, HV, rows, cols),
-                        state_indices=meta(index, 1),
-                        output_state_indices=meta(index, 1) if index and args.out_indices else None,
-                        accepted_tokens=meta("int32", 1) if mtp and args.accepted_tokens else None,
-                        intermediate_states=meta(state, 1, T, HV, rows, cols) if mtp and args.intermediate else None,
-                        output=meta(io, 1, T, HV, V),
-                    )
-                    problem = Problem(1, T, H, HV, K, V)
-                    for regime in args.regime:
-                        specs.setdefault(api.kernel_spec(layout, problem, tensors, options, facts, regime), None)
+            for entry in args.entry:
+                found = _flashinfer_specs(args, state, facts) if entry == "flashinfer" else \
+                    _engine_specs(args, entry, state, facts)
+                specs.update(dict.fromkeys(found))
     return list(specs)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _engine_specs(args: argparse.Namespace, entry: str, state: str, facts) -> list:
+    """The variants of a serving engine's entry point (flashgdn.engine_specs): its T = 1 decode; the
+    recurrent op's, for each --seq-len T (T > 1: vLLM's varlen verify); per index dtype (the
+    fused step's indices are int32) and regime."""
+    from .validation import Problem
+
+    found = []
+    tokens = (1,) if entry in engine_specs.ONE_TOKEN else args.seq_len
+    indices = ("int32",) if entry == "fused-step" else args.index_dtype
+    for T in tokens:
+        problem = Problem(1, T, args.num_q_heads, args.num_v_heads, args.head_k, args.head_v)
+        for index in indices:
+            for regime in args.regime:
+                found += engine_specs.kernel_specs(
+                    entry, problem, facts, io=_torch_dtype(args.io_dtype), state=_torch_dtype(state),
+                    index=_torch_dtype(index), gate=_torch_dtype(args.gate_dtype or args.io_dtype),
+                    dt_bias=_torch_dtype(args.dt_bias_dtype), scale=args.scale, use_l2norm=not args.no_l2norm,
+                    hidden=args.hidden, conv_width=args.conv_width, conv_bias=args.conv_bias, regime=regime)
+    return found
+
+
+def _flashinfer_specs(args: argparse.Namespace, state: str, facts) -> list:
+    """The variants of the FlashInfer-style functions: per T, layout (T = 1) and pool index dtype,
+    then regime."""
+    from . import api
+    from .spec import KernelArgs
+    from .validation import Problem
+
+    def meta(dtype, *shape):
+        return None if dtype is None else engine_specs.meta(_torch_dtype(dtype), *shape)
+
+    H, HV, K, V = args.num_q_heads, args.num_v_heads, args.head_k, args.head_v
+    io, gate = args.io_dtype, args.gate_dtype or args.io_dtype
+    found = []
+    for T in args.seq_len:
+        mtp = T > 1
+        if mtp:
+            builds = [("klast", d) for d in args.index_dtype]
+        else:
+            builds = [(layout, None) for layout in args.layout if layout == "kmajor" or not args.pool]
+            if "klast" in args.layout and args.pool:
+                builds += [("klast", d) for d in args.index_dtype]
+        # T > 1 (gated_delta_rule_mtp, or pretranspose with T > 1) leaves padding rows' output as it is.
+        options = api.CallOptions(scale=args.scale, use_l2norm=not args.no_l2norm,
+                                  update_state=not (mtp and args.no_state_update), zero_padding_output=not mtp)
+        for layout, index in builds:
+            rows, cols = (V, K) if layout == "klast" else (K, V)
+            tensors = KernelArgs(
+                q=meta(io, 1, T, H, K), k=meta(io, 1, T, H, K), v=meta(io, 1, T, HV, V),
+                a=meta(gate, 1, T, HV), b=meta(gate, 1, T, HV), A_log=meta("fp32", HV),
+                dt_bias=meta(args.dt_bias_dtype, HV), state=meta(state, 1, HV, rows, cols),
+                state_indices=meta(index, 1),
+                output_state_indices=meta(index, 1) if index and args.out_indices else None,
+                accepted_tokens=meta("int32", 1) if mtp and args.accepted_tokens else None,
+                intermediate_states=meta(state, 1, T, HV, rows, cols) if mtp and args.intermediate else None,
+                output=meta(io, 1, T, HV, V),
+            )
+            problem = Problem(1, T, H, HV, K, V)
+            for regime in args.regime:
+                found.append(api.kernel_spec(layout, problem, tensors, options, facts, regime))
+    return found
 
 
 # ----------------------------------------------------------------------------- building

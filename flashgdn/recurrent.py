@@ -40,6 +40,15 @@ def _restrided(t: torch.Tensor, stride) -> torch.Tensor:
     return t if stride is None else t.as_strided(t.shape, stride, t.storage_offset())
 
 
+def kernel_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                o) -> KernelArgs:
+    """The compiled function's arguments of a call: g and beta in the places of a and b (no A_log,
+    no dt_bias), the slots as token slots [N, T] ([N] as [N, 1])."""
+    slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
+    return KernelArgs(q, k, v, g, beta, None, None, initial_state, None, None, num_accepted_tokens, None, o, slots,
+                      cu_seqlens)
+
+
 def _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v) -> None:
     """NotImplementedError / ValueError for what vLLM's op does that flashgdn does not serve."""
     if not inplace_final_state:
@@ -183,9 +192,8 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_ind
     and the shapes and strides of q, k and v, whose size-1 strides the entry keeps repacked."""
     def launch(fast):
         qs, ks, vs = fast.extra
-        slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
-        fast.fn(*KernelArgs(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, None, None,
-                            initial_state, None, None, num_accepted_tokens, None, o, slots, cu_seqlens))
+        fast.fn(*kernel_args(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, initial_state,
+                             cu_seqlens, ssm_state_indices, num_accepted_tokens, o))
 
     key, done = fastpath.run(api.CHECK_INDICES, lambda: (
         _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
@@ -199,9 +207,7 @@ def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_ind
         return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
-    slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
     views = [packed_unit_strides(t) for t in (q, k, v)]
-    args = KernelArgs(*views, g, beta, None, None, initial_state, accepted_tokens=num_accepted_tokens,
-                      output=o, token_state_indices=slots, cu_seqlens=cu_seqlens)
+    args = kernel_args(*views, g, beta, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, o)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
     api._remember_fast(key, plan, extra=[None if w is t else w.stride() for w, t in zip(views, (q, k, v))])

@@ -33,10 +33,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import api
-from .. import reference
+from .. import engine_specs, reference
 from ..device import DeviceFacts
-from ..spec import KernelArgs
 from ..validation import Problem
 from .impl import Collected, Impl, Unavailable
 from .metrics import fused_step_bytes, fused_step_flops, gdn_bytes, gdn_flops
@@ -102,31 +100,15 @@ def row_bytes(row) -> int:
                      token_index_bytes=SLOT_DTYPE.itemsize) + varlen
 
 
-def _meta(dtype, *shape):  # kernel_spec reads dtypes, presence and the state's strides
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 def kernel_specs(row, facts: DeviceFacts) -> tuple:
-    """The compiled variants a recurrent or fused_step row's flashgdn call launches, in launch
-    order (a packed row launches its pretranspose twin's: rows.row_specs)."""
-    io = _meta(row.io_torch, 0)
-    state = _meta(row.state_torch, 1, row.HV, row.V, row.K + row.pool_padding)[..., :row.K]
-    options = api.CallOptions(scale=None, use_l2norm=row.l2norm)
-    problem = Problem(row.B, row.T, row.H, row.HV, row.K, row.V)
-    if row.version == "recurrent":
-        varlen = row.T > 1
-        args = KernelArgs(
-            q=io, k=io, v=io, a=_meta(torch.float32, 0), b=io, A_log=None, dt_bias=None, state=state, output=io,
-            accepted_tokens=_meta(SLOT_DTYPE, 0) if varlen else None, token_state_indices=_meta(SLOT_DTYPE, 0, 0),
-            cu_seqlens=_meta(SLOT_DTYPE, 0) if varlen else None,
-        )
-        return (api.kernel_spec("klast", problem, args, options, facts),)
-    from .. import fused_step
-
-    bf16 = _meta(torch.bfloat16, 0)
-    args = KernelArgs(q=bf16, k=bf16, v=bf16, a=bf16, b=bf16, A_log=_meta(torch.float32, 0), dt_bias=bf16,
-                      state=state, state_indices=_meta(SLOT_DTYPE, 0), output=bf16)
-    return fused_step.kernel_specs(problem, row.hidden, CONV_WIDTH, True, args, options, facts)
+    """The compiled variants an engine row's flashgdn call launches, in launch order
+    (flashgdn.engine_specs, on the row's shapes and dtypes: the bench's slot indices are int32, a
+    fused_step row's dt_bias bf16)."""
+    entry = {"packed": "packed", "recurrent": "recurrent", "fused_step": "fused-step"}[row.version]
+    return engine_specs.kernel_specs(
+        entry, Problem(row.B, row.T, row.H, row.HV, row.K, row.V), facts, io=row.io_torch, state=row.state_torch,
+        index=SLOT_DTYPE, dt_bias=torch.bfloat16 if row.version == "fused_step" else torch.float32,
+        use_l2norm=row.l2norm, state_padding=row.pool_padding, hidden=row.hidden, conv_width=CONV_WIDTH)
 
 
 # ----------------------------------------------------------------------------- inputs

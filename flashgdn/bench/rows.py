@@ -139,8 +139,6 @@ def row_specs(row: Row, arch: str, sm_count: int, device_class: Optional[str] = 
     """Every compiled variant (KernelSpec, or ConvGateSpec) flashgdn's call of `row` launches, in
     launch order, on `arch` with `sm_count` SMs (device_class None: the arch's reference tuning
     table). tests/test_bench_cli.py checks them against the API's own lookups."""
-    if row.version == "packed":
-        return (dataclasses.replace(_decode_spec(decode_twin(row), arch, sm_count, device_class), row_form="packed"),)
     if row.version in ENGINE_VERSIONS:
         return engine_rows.kernel_specs(row, DeviceFacts(arch, sm_count, device_class))
     return (_decode_spec(row, arch, sm_count, device_class),)

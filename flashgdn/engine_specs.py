@@ -1,0 +1,76 @@
+"""The compiled variants that the serving engines' entry points (flashgdn.engines) and the fused
+decode step (flashgdn.fused_step) look up, without a GPU: what `flashgdn-precompile --entry`
+builds and what the benchmark's engine rows compile (flashgdn.bench.engine_rows).
+
+Each entry's variants come from api.kernel_spec on meta tensors of the call's shapes, handed
+through the entry point's own argument list (engines._packed_args, engines._sigmoid_args,
+recurrent.kernel_args, the fused step's workspace views), so that they are the variants a call
+with those shapes, dtypes and options looks up (tests/test_precompile_entries.py runs the calls).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import api, engines, fused_step, recurrent
+from .device import DeviceFacts
+from .spec import KernelArgs
+from .validation import Problem
+
+# The entry points: the packed decodes with SGLang's and vLLM's padding rules, SGLang's decode in its
+# own layout, vLLM's recurrent op on precomputed gates, the fused decode step (docs/engines.md).
+ENTRIES = ("packed", "packed-vllm", "sglang", "recurrent", "fused-step")
+ONE_TOKEN = ("packed", "packed-vllm", "sglang", "fused-step")  # decode one token per sequence only
+
+
+def meta(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """A meta tensor: kernel_spec reads dtypes, presence, a's rank and the state's strides."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype, state: torch.dtype,
+                 index: torch.dtype = torch.int32, gate: Optional[torch.dtype] = None,
+                 dt_bias: torch.dtype = torch.float32, scale: Optional[float] = None, use_l2norm: bool = False,
+                 state_padding: int = 0, hidden: int = 2048, conv_width: int = 4, conv_bias: bool = True,
+                 regime: Optional[str] = None) -> tuple:
+    """The variants (KernelSpec, or ConvGateSpec) a call of `entry` (ENTRIES) with the problem `p`
+    looks up, in launch order. p.B sequences of p.T tokens (T > 1: "recurrent" only); io: q, k, v
+    (mixed_qkv) and the output; state: the K-last pool [P, HV, V, K], its rows padded by
+    `state_padding` elements (a strided state); index: the slot indices ("recurrent": also
+    cu_seqlens and num_accepted_tokens; "fused-step" takes int32 only); gate: a and b of the
+    packed and SGLang decodes (None: io; "recurrent" takes g in fp32 and beta in io, as vLLM
+    passes them; the fused step's are its bf16 workspace); dt_bias: its dtype (not "recurrent");
+    hidden, conv_width, conv_bias: the fused step's projection and conv. `regime` None: the one
+    p.B falls in on `facts`' device."""
+    B, T, H, HV, K, V = p.B, p.T, p.H, p.HV, p.K, p.V
+    if T > 1 and entry != "recurrent":
+        raise ValueError(f"the {entry} entry decodes one token per sequence (T = 1), got T={T}")
+    gate = io if gate is None else gate
+    pool = meta(state, 1, HV, V, K + state_padding)[..., :K]
+    A_log, dt = meta(torch.float32, HV), meta(dt_bias, HV)
+    options = api.CallOptions(scale, use_l2norm)  # SGLang's softplus_beta 1.0 and threshold 20.0: the defaults
+    if entry in ("packed", "packed-vllm"):
+        args = engines._packed_args(meta(io, B, 2 * H * K + HV * V), meta(gate, B, HV), meta(gate, B, HV), A_log, dt,
+                                    pool, meta(io, B, 1, HV, V), meta(index, B), vllm_padding=entry == "packed-vllm")
+    elif entry == "sglang":
+        q, v = meta(io, 1, B, H, K), meta(io, 1, B, HV, V)
+        args = engines._sigmoid_args(q, q, v, meta(gate, B, HV), meta(gate, B, HV), A_log, dt, pool, meta(index, B),
+                                     meta(io, 1, B, HV, V), None)
+    elif entry == "recurrent":
+        varlen = T > 1  # vLLM's verify: the tokens of all sequences in dim 1, with accepted counts
+        lead = (1, B * T) if varlen else (B, 1)
+        q, v = meta(io, *lead, H, K), meta(io, *lead, HV, V)
+        args = recurrent.kernel_args(q, q, v, meta(torch.float32, *lead, HV), meta(io, *lead, HV), pool,
+                                     meta(index, B + 1) if varlen else None,
+                                     meta(index, B, T) if varlen else meta(index, B),
+                                     meta(index, B) if varlen else None, meta(io, *lead, HV, V))
+    elif entry == "fused-step":
+        bf16 = torch.bfloat16
+        views = fused_step._decode_views(B, H, HV, K, meta(bf16, B, (2 * H + HV) * K), meta(bf16, B, 2 * HV))
+        decode = KernelArgs(*views, A_log, dt, pool, state_indices=meta(torch.int32, B),
+                            output=meta(bf16, B, 1, HV, V))
+        return fused_step.kernel_specs(p, hidden, conv_width, conv_bias, decode, options, facts, regime)
+    else:
+        raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")
+    return (api.kernel_spec("klast", p, args, options, facts, regime),)
