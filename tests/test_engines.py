@@ -301,20 +301,7 @@ def test_packed_bad_argument(variant, case):
     expect_error(PACKED_FNS[variant], kw, exc, match)
 
 
-# ----------------------------------------------------------------------------- packed decode: the views
-
-
-def _capture(monkeypatch):
-    """Replace flashgdn's pretranspose (as the engines look it up) with a recorder of its arguments."""
-    calls = []
-    signature = inspect.signature(api.gated_delta_rule_decode_pretranspose)
-
-    def record(*args, **kwargs):
-        calls.append(signature.bind(*args, **kwargs).arguments)
-        return kwargs.get("output"), kwargs.get("initial_state")
-
-    monkeypatch.setattr(api, "gated_delta_rule_decode_pretranspose", record)
-    return calls
+# ----------------------------------------------------------------------------- packed decode: what the kernel gets
 
 
 def _capture_launch(monkeypatch):
