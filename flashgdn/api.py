@@ -97,7 +97,9 @@ def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) ->
         else:
             val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
     if vllm_slots:  # the engine's slot layout: padding rows (slot <= 0) may share slots
-        slots = args.token_state_indices.reshape(args.token_state_indices.shape[0], -1)  # [B] of packed rows: [B, 1]
+        slots = args.token_state_indices
+        if slots.dim() == 1:  # packed rows' [B]: one token
+            slots = slots[:, None]
         if update_state and slots.shape[1] == 1:  # one token: a row writes the slot it reads
             live = torch.where(slots[:, 0] > 0, slots[:, 0], -1)
             val.check_distinct_slots("ssm_state_indices", live, live)

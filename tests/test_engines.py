@@ -389,6 +389,16 @@ def test_vllm_packed_check_indices_refuses_a_slot_written_twice(monkeypatch):
     assert len(launched) == 1
 
 
+@pytest.mark.parametrize("variant", list(PACKED_FNS))
+def test_packed_check_indices_with_no_rows(monkeypatch, variant):
+    """FLASHGDN_CHECK_INDICES=1 and an empty batch: the checks pass, nothing is launched."""
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    launched = _capture_launch(monkeypatch)
+    kw = packed_kwargs(n=0, idx=torch.zeros(0, dtype=torch.int32))
+    out, _ = PACKED_FNS[variant](**kw)
+    assert out is kw["out"] and launched == []
+
+
 def _shares_storage(view, base):
     return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
