@@ -58,13 +58,13 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
         args = engines._sigmoid_args(q, q, v, meta(gate, B, HV), meta(gate, B, HV), A_log, dt, pool, meta(index, B),
                                      meta(io, 1, B, HV, V), None)
     elif entry == "recurrent":
-        varlen = T > 1  # vLLM's verify: the tokens of all sequences in dim 1, with accepted counts
-        lead = (1, B * T) if varlen else (B, 1)
+        # As vLLM calls it: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)
+        # with slots [B], its verify (T > 1) with slots [B, T] and accepted counts
+        lead = (1, B * T)
         q, v = meta(io, *lead, H, K), meta(io, *lead, HV, V)
         args = recurrent.kernel_args(q, q, v, meta(torch.float32, *lead, HV), meta(io, *lead, HV), pool,
-                                     meta(index, B + 1) if varlen else None,
-                                     meta(index, B, T) if varlen else meta(index, B),
-                                     meta(index, B) if varlen else None, meta(io, *lead, HV, V))
+                                     meta(index, B + 1), meta(index, B, T) if T > 1 else meta(index, B),
+                                     meta(index, B) if T > 1 else None, meta(io, *lead, HV, V))
     elif entry == "fused-step":
         bf16 = torch.bfloat16
         views = fused_step._decode_views(B, H, HV, K, meta(bf16, B, (2 * H + HV) * K), meta(bf16, B, 2 * HV))

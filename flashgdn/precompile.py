@@ -21,8 +21,9 @@ from meta tensors of their calls, through each entry point's own argument list):
     sglang        fused_sigmoid_gating_delta_rule_update in SGLang's own layout (varlen q/k/v
                   [1, N, ...] with cu_seqlens, a and b [N, HV])
     recurrent     fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates: g fp32, beta in
-                  --io-dtype): T = 1 the decode, T > 1 the varlen verify with accepted counts, for
-                  each --seq-len; --index-dtype is that of the slots, cu_seqlens and the counts
+                  --io-dtype), varlen as vLLM calls it: T = 1 its decode, T > 1 its verify with
+                  accepted counts, for each --seq-len; --index-dtype is that of the slots,
+                  cu_seqlens and the counts
     fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
                   --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
 
@@ -157,7 +158,7 @@ def _torch_dtype(name: str):
 
 def _engine_specs(args: argparse.Namespace, entry: str, state: str, facts) -> list:
     """The variants of a serving engine's entry point (flashgdn.engine_specs): its T = 1 decode; the
-    recurrent op's, for each --seq-len T (T > 1: vLLM's varlen verify); per index dtype (the
+    recurrent op's, for each --seq-len T (varlen; T > 1: vLLM's verify); per index dtype (the
     fused step's indices are int32) and regime."""
     from .validation import Problem
 

@@ -136,8 +136,8 @@ def test_recurrent_inputs_follow_vllm():
     assert len(set(slots.flatten().tolist())) == 12 and inp["state"].shape[0] == 2 * 12 + 1
     assert bool(((inp["accepted"] >= 1) & (inp["accepted"] <= 3)).all())
     one = make_inputs(row("recurrent", B=4), "cpu", seed=1)
-    assert one["slots"].shape == (4,) and one["cu_seqlens"] is None and one["accepted"] is None
-    assert one["q"].shape == (4, 1, 1, 64)
+    assert one["slots"].shape == (4,) and one["cu_seqlens"].tolist() == [0, 1, 2, 3, 4] and one["accepted"] is None
+    assert one["q"].shape == (1, 4, 1, 64)  # vLLM's decode: varlen too
 
 
 def test_packed_inputs_are_the_twin_packed():

@@ -252,7 +252,8 @@ def test_engine_rows_call_each_entry_point_with_valid_arguments(monkeypatch):
         names.append(name)
     assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
                      "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_fused_decode_step"]
-    assert [s.varlen for s in launched if getattr(s, "precomputed_gates", False)] == [None, "int32"]
+    # vLLM's recurrent op: its decode and its verify, both varlen as vLLM calls them
+    assert [(s.varlen, s.T) for s in launched if getattr(s, "precomputed_gates", False)] == [("int32", 1), ("int32", 4)]
 
 
 def test_run_cases_on_the_cpu_reports_each_failure():

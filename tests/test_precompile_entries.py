@@ -62,19 +62,19 @@ def _sglang(B, o):
 
 
 def _recurrent(B, o):
-    """vLLM's calls: the T = 1 decode (dense [B, 1, ...], slots [B]), then for each T > 1 the varlen
-    verify (q [1, B*T, ...], cu_seqlens, slots [B, T], accepted counts), all indices of one dtype."""
+    """vLLM's calls, varlen (q [1, B*T, ...], cu_seqlens): the T = 1 decode (slots [B]), then for each
+    T > 1 the verify (slots [B, T], accepted counts), all indices of one dtype."""
     gen = torch.Generator().manual_seed(B)
     io, index = DTYPES[o.io_dtype], DTYPES[o.index_dtype[0]]
     rnd = lambda *s, dt=io: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
     for T in o.seq_len:
-        lead = (1, B * T) if T > 1 else (B, 1)
+        lead = (1, B * T)
         pool = make_state(B * T + 1, HV, V, K, DTYPES[o.state_dtype[0]], pad=16, seed=B)
         slots = torch.arange(1, B * T + 1).view(B, T).to(index)
         engines.fused_recurrent_gated_delta_rule(
             rnd(*lead, H, K), rnd(*lead, H, K), rnd(*lead, HV, V), -rnd(*lead, HV, dt=torch.float32).abs(),
             rnd(*lead, HV).sigmoid(), o.scale, pool, True,
-            torch.arange(0, B * T + 1, T).to(index) if T > 1 else None, slots if T > 1 else slots[:, 0],
+            torch.arange(0, B * T + 1, T).to(index), slots if T > 1 else slots[:, 0],
             torch.randint(1, T + 1, (B,), generator=gen).to(index) if T > 1 else None, not o.no_l2norm)
 
 

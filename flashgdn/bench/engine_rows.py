@@ -8,10 +8,10 @@ flashgdn.bench.rows dispatches its rows of these versions here.
   (`decode_twin`), q | k | v packed side by side into mixed_qkv; FLA and FlashInfer have no packed
   decode and run as on that pretranspose row, on the unpacked inputs (rows.py).
 - "recurrent": flashgdn.engines.fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates:
-  g the log decay in fp32 and beta in q's dtype, as vLLM's fused_gdn_gating makes them). T = 1:
-  dense q [B, 1, ...] with ssm_state_indices [B]. T > 1 (speculative-decode verify): varlen
-  q [1, B*T, ...] with cu_seqlens, ssm_state_indices [B, T] and num_accepted_tokens (random in
-  1..T), as vLLM calls it. Slots are >= 1: vLLM's slot 0 is its null block (padding).
+  g the log decay in fp32 and beta in q's dtype, as vLLM's fused_gdn_gating makes them), varlen
+  q [1, B*T, ...] with cu_seqlens, as vLLM calls it. T = 1 (its decode): ssm_state_indices [B].
+  T > 1 (speculative-decode verify): ssm_state_indices [B, T] and num_accepted_tokens (random in
+  1..T). Slots are >= 1: vLLM's slot 0 is its null block (padding).
 - "fused_step": flashgdn.gdn_fused_decode_step: hidden_states [B, hidden], w_ba, mixed_qkv
   [B, qkv_dim], conv width 4 with a bias, vLLM's SD conv pool (passed as its transposed view),
   dt_bias bf16 (FlashInfer's contract), the ssm pool; one slot index addresses both pools.
@@ -94,8 +94,8 @@ def row_bytes(row) -> int:
     if row.version == "packed":
         return gdn_bytes(**geometry, gate_bytes=io, dt_bias_bytes=4, index_bytes=SLOT_DTYPE.itemsize)
     # recurrent: g fp32 and beta; the state read once, written to each token's slot; a slot per
-    # token, and with T > 1 the accepted counts [B] and cu_seqlens [B + 1].
-    varlen = (2 * row.B + 1) * SLOT_DTYPE.itemsize if row.T > 1 else 0
+    # token, cu_seqlens [B + 1], and with T > 1 the accepted counts [B].
+    varlen = ((2 if row.T > 1 else 1) * row.B + 1) * SLOT_DTYPE.itemsize
     return gdn_bytes(**geometry, gate_bytes=4, beta_bytes=io, gate_params=False, state_writes=row.T,
                      token_index_bytes=SLOT_DTYPE.itemsize) + varlen
 
@@ -142,8 +142,8 @@ def packed_inputs(twin_inputs: Dict[str, Optional[torch.Tensor]]) -> Dict[str, O
 
 def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
     """Fresh random inputs of a recurrent row (module docstring): q k v g beta state slots
-    accepted cu_seqlens (the last two None for T = 1). Pool slot 0 is never used; the B*T slots
-    are laid out as row.pool_slots says."""
+    accepted cu_seqlens (accepted None for T = 1). Pool slot 0 is never used; the B*T slots are laid
+    out as row.pool_slots says."""
     _, randn, slots, pool, A_log = _random(row, device, seed)
     B, T = row.B, row.T
     io = row.io_torch
@@ -155,12 +155,13 @@ def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     written = B * T * (2 if row.pool_slots == "scattered" else 1)  # slots 1..written
     inp = dict(q=q, k=k, v=v, g=g, beta=b.sigmoid().to(io), state=pool(written + 1),
                slots=slots(B * T, offset=1).view(B, T).to(SLOT_DTYPE), accepted=None, cu_seqlens=None)
-    if T > 1:  # varlen, as vLLM's speculative decode calls it
+    # varlen, as vLLM calls it
+    inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
+    inp["cu_seqlens"] = torch.arange(0, B * T + 1, T, device=device).to(SLOT_DTYPE)
+    if T > 1:  # speculative-decode verify
         gen = torch.Generator(device=device)
         gen.manual_seed(seed + 1)
-        inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
         inp["accepted"] = torch.randint(1, T + 1, (B,), generator=gen, device=device).to(SLOT_DTYPE)
-        inp["cu_seqlens"] = torch.arange(0, B * T + 1, T, device=device).to(SLOT_DTYPE)
     else:
         inp["slots"] = inp["slots"][:, 0]  # 1-D ssm_state_indices
     return inp

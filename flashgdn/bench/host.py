@@ -52,8 +52,8 @@ BASELINE = "x.add_(1)"
 ENGINE_FUNCTION = "fused_recurrent_gated_delta_rule_packed_decode"
 # The engine entry points' rows (Case.engine) and the function each times, on the ENGINE_ROW's
 # shape: the packed decode, SGLang's update (q, k, v [1, B, ...] views of one packed row),
-# vLLM's recurrent op (T = 1, and a varlen speculative verify of MTP_TOKENS tokens per sequence:
-# engine_rows' recurrent inputs) and the fused step (hidden FUSED_STEP_HIDDEN).
+# vLLM's recurrent op (its varlen decode, T = 1, and its varlen speculative verify of MTP_TOKENS tokens
+# per sequence: engine_rows' recurrent inputs) and the fused step (hidden FUSED_STEP_HIDDEN).
 ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_delta_rule_update",
                     "recurrent": "fused_recurrent_gated_delta_rule", "fused_step": "gdn_fused_decode_step"}
 FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
@@ -155,7 +155,7 @@ class Case:
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
-        varlen = " varlen" if self.engine == "recurrent" and self.row.T > 1 else ""
+        varlen = " varlen" if self.engine == "recurrent" else ""
         return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
                 f"output {'given' if self.output_given else 'allocated'}")
 
