@@ -82,40 +82,6 @@ def row_form(args: KernelArgs) -> str:
     return "flat" if args.a.dim() == 2 else "batch"
 
 
-def _check_index_values(p: val.Problem, args: KernelArgs, update_state: bool) -> None:
-    """FLASHGDN_CHECK_INDICES=1: index values in range and no slot written twice (a host sync)."""
-    pool_size = args.state.shape[0]
-    for name, t in (("initial_state_indices", args.state_indices),
-                    ("output_state_indices", args.output_state_indices),
-                    ("ssm_state_indices", args.token_state_indices)):
-        if t is not None:
-            val.check_index_values(name, t, pool_size, allow_negative=True)
-    vllm_slots = args.state_indices is None and args.token_state_indices is not None  # flashgdn.recurrent
-    if args.accepted_tokens is not None:
-        if vllm_slots:  # the count picks the slot read: 1..T
-            val.check_index_values("num_accepted_tokens - 1", args.accepted_tokens - 1, p.T, allow_negative=False)
-        else:
-            val.check_index_values("accepted_tokens", args.accepted_tokens, p.T + 1, allow_negative=False)
-    if vllm_slots:  # the engine's slot layout: padding rows (slot <= 0) may share slots
-        slots = args.token_state_indices
-        if slots.dim() == 1:  # packed rows' [B]: one token
-            slots = slots[:, None]
-        if update_state and slots.shape[1] == 1:  # one token: a row writes the slot it reads
-            live = torch.where(slots[:, 0] > 0, slots[:, 0], -1)
-            val.check_distinct_slots("ssm_state_indices", live, live)
-        return
-    if args.token_state_indices is not None:  # every (row, token) writes its own slot
-        rows = args.state_indices[:, None].expand_as(args.token_state_indices)
-        val.check_distinct_slots("ssm_state_indices", args.token_state_indices.flatten(), rows.flatten())
-    elif args.replay_v is not None:  # the windows of a slot are written by one row
-        val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
-    elif update_state and args.state_indices is not None:  # a pool: rows must not write one slot
-        if args.output_state_indices is None:
-            val.check_distinct_slots("initial_state_indices", args.state_indices, args.state_indices)
-        else:
-            val.check_distinct_slots("output_state_indices", args.output_state_indices, args.state_indices)
-
-
 def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.Tensor:
     """Run the variant of a validated call (its _Plan) on `args`; returns the output."""
     p = plan.problem
@@ -123,7 +89,7 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
     if fn is None:  # first call of this signature: look the compiled variant up once
         fn = plan.fn = kernel_cache.get(kernel_spec(layout, p, args, options, facts_of(plan.device)))
     if CHECK_INDICES:
-        _check_index_values(p, args, options.update_state)
+        val.check_launch_indices(p, args, options.update_state)
     if args.output is None:
         args = args._replace(output=fastpath.new_output(args.v, not options.zero_padding_output))
     if p.B:
