@@ -19,8 +19,9 @@ from .spec import KernelArgs
 from .validation import Problem
 
 # The entry points: the packed decodes with SGLang's and vLLM's padding rules, SGLang's decode in its
-# own layout, vLLM's recurrent op on precomputed gates, the fused decode step (docs/engines.md).
-ENTRIES = ("packed", "packed-vllm", "sglang", "recurrent", "fused-step")
+# own layout, vLLM's recurrent op on precomputed gates and its sigmoid-gating op on raw ones, the fused
+# decode step (docs/engines.md).
+ENTRIES = ("packed", "packed-vllm", "sglang", "recurrent", "sigmoid-vllm", "fused-step")
 ONE_TOKEN = ("packed", "packed-vllm", "sglang", "fused-step")  # decode one token per sequence only
 
 
@@ -35,16 +36,17 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
                  state_padding: int = 0, hidden: int = 2048, conv_width: int = 4, conv_bias: bool = True,
                  regime: Optional[str] = None) -> tuple:
     """The variants (KernelSpec, or ConvGateSpec) a call of `entry` (ENTRIES) with the problem `p`
-    looks up, in launch order. p.B sequences of p.T tokens (T > 1: "recurrent" only); io: q, k, v
-    (mixed_qkv) and the output; state: the K-last pool [P, HV, V, K], its rows padded by
-    `state_padding` elements (a strided state); index: the slot indices ("recurrent": also
-    cu_seqlens and num_accepted_tokens; "fused-step" takes int32 only); gate: a and b of the
-    packed and SGLang decodes (None: io; "recurrent" takes g in fp32 and beta in io, as vLLM
-    passes them; the fused step's are its bf16 workspace); dt_bias: its dtype (not "recurrent");
+    looks up, in launch order. p.B sequences of p.T tokens (T > 1: vLLM's two recurrent ops only);
+    io: q, k, v (mixed_qkv) and the output; state: the K-last pool [P, HV, V, K], its rows padded
+    by `state_padding` elements (a strided state); index: the slot indices (vLLM's recurrent ops:
+    also cu_seqlens and num_accepted_tokens; "fused-step" takes int32 only); gate: a and b of the
+    packed, SGLang and "sigmoid-vllm" decodes (None: io; "recurrent" takes g in fp32 and beta in
+    io, as vLLM passes them; the fused step's are its bf16 workspace); dt_bias: its dtype (not
+    "recurrent");
     hidden, conv_width, conv_bias: the fused step's projection and conv. `regime` None: the one
     p.B falls in on `facts`' device."""
     B, T, H, HV, K, V = p.B, p.T, p.H, p.HV, p.K, p.V
-    if T > 1 and entry != "recurrent":
+    if T > 1 and entry in ONE_TOKEN:
         raise ValueError(f"the {entry} entry decodes one token per sequence (T = 1), got T={T}")
     gate = io if gate is None else gate
     pool = meta(state, 1, HV, V, K + state_padding)[..., :K]
@@ -57,13 +59,16 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
         q, v = meta(io, 1, B, H, K), meta(io, 1, B, HV, V)
         args = engines._sigmoid_args(q, q, v, meta(gate, B, HV), meta(gate, B, HV), A_log, dt, pool, meta(index, B),
                                      meta(io, 1, B, HV, V), None)
-    elif entry == "recurrent":
-        # As vLLM calls it: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)
-        # with slots [B], its verify (T > 1) with slots [B, T] and accepted counts
+    elif entry in ("recurrent", "sigmoid-vllm"):
+        # As vLLM calls them: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)
+        # with slots [B], its verify (T > 1) with slots [B, T] and accepted counts; precomputed gates
+        # (g fp32, beta in io) or raw ones (a and b in `gate`, A_log, dt_bias)
         lead = (1, B * T)
         q, v = meta(io, *lead, H, K), meta(io, *lead, HV, V)
-        args = recurrent.kernel_args(q, q, v, meta(torch.float32, *lead, HV), meta(io, *lead, HV), pool,
-                                     meta(index, B + 1), meta(index, B, T) if T > 1 else meta(index, B),
+        gates = ((meta(torch.float32, *lead, HV), meta(io, *lead, HV), None, None) if entry == "recurrent"
+                 else (meta(gate, *lead, HV), meta(gate, *lead, HV), A_log, dt))
+        args = recurrent.kernel_args(q, q, v, *gates, pool, meta(index, B + 1),
+                                     meta(index, B, T) if T > 1 else meta(index, B),
                                      meta(index, B) if T > 1 else None, meta(io, *lead, HV, V))
     elif entry == "fused-step":
         bf16 = torch.bfloat16

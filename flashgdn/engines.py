@@ -14,6 +14,9 @@ value, in-place updates), so that an engine swaps the function it calls and noth
 - `fused_recurrent_gated_delta_rule`: vLLM's recurrent op on precomputed gates g and beta, for
   decode and speculative-decode verify (varlen, per-token state slots, accepted counts); defined
   in flashgdn.recurrent.
+- `fused_sigmoid_gating_delta_rule_update_vllm`: vLLM's `fused_sigmoid_gating_delta_rule_update`
+  (another signature than SGLang's op of that name): the same op with the gates computed in the
+  kernel, which vLLM's GDN layer runs for speculative decoding; defined in flashgdn.recurrent.
 
 The upstream definitions these match (tests/test_engines.py pins them):
   vllm-project/vllm, vllm/third_party/flash_linear_attention/ops/fused_recurrent.py
@@ -23,8 +26,10 @@ The upstream definitions these match (tests/test_engines.py pins them):
       fused_recurrent_gated_delta_rule_packed_decode (the same signature as vLLM's)
   sgl-project/sglang, python/sglang/kernels/ops/attention/fla/fused_sigmoid_gating_recurrent.py:
       fused_sigmoid_gating_delta_rule_update
+  vllm-project/vllm, vllm/model_executor/layers/fla/ops/fused_sigmoid_gating.py
+      (commit 95a3d5a40244d55ae2761d61e6c744dccac7ba3a): fused_sigmoid_gating_delta_rule_update (the _vllm one)
 
-Every function but the last runs the kernel of `flashgdn.api.gated_delta_rule_decode_pretranspose`
+Every function but the last two runs the kernel of `flashgdn.api.gated_delta_rule_decode_pretranspose`
 (K-last, one token) on the engine's K-last state pool [P, HV, V, K]. The engine's tensors go to the
 kernel as the engine passes them, no copy: the packed row `mixed_qkv` with 2-D gates and slot
 indices of any stride (KernelSpec.row_form "packed"), SGLang's varlen q, k, v [1, N, ...] with 2-D
@@ -49,7 +54,7 @@ import torch
 from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
-from .recurrent import fused_recurrent_gated_delta_rule
+from .recurrent import fused_recurrent_gated_delta_rule, fused_sigmoid_gating_delta_rule_update_vllm
 from .spec import SUPPORTED_HEAD_DIMS, KernelArgs
 
 __all__ = [
@@ -57,6 +62,7 @@ __all__ = [
     "fused_recurrent_gated_delta_rule_packed_decode_vllm",
     "fused_sigmoid_gating_delta_rule_update",
     "fused_recurrent_gated_delta_rule",
+    "fused_sigmoid_gating_delta_rule_update_vllm",
 ]
 
 

@@ -18,12 +18,13 @@ and the inputs are only read.
 gdn_fused_decode_step's op mutates conv_state, ssm_state and out (its `out` required, as `output`
 above); the bf16 workspace it writes between its two launches is flashgdn's own, never an input.
 flashgdn.engines' entry points have ops too, each mutating the pool and the output: vLLM's
-fused_recurrent_gated_delta_rule (initial_state, `o`) and SGLang's
+fused_recurrent_gated_delta_rule and fused_sigmoid_gating_delta_rule_update (initial_state, `o`;
+the latter's op named ..._vllm, as its function) and SGLang's
 fused_sigmoid_gating_delta_rule_update (initial_state_source, `o`), whose functions allocate `o`
 (as their eager paths do) and return it; both packed decodes share
 fused_recurrent_gated_delta_rule_packed_decode (initial_state, `out`), their one difference, the
 padding rule, its argument vllm_padding. The arguments that only select modes flashgdn refuses
-(SGLang's is_kda, ReplaySSM rings, ...) or that it ignores (cache_steps, num_warps) stay out of the
+(is_kda, SGLang's ReplaySSM rings, ...) or that it ignores (cache_steps, num_warps) stay out of the
 op: the function refuses them before the op, while tracing too.
 
 The real implementations are the eager bodies, so launching happens in one place; the fake
@@ -160,14 +161,32 @@ def fused_recurrent_op(
     cu_seqlens: Optional[Tensor], ssm_state_indices: Tensor, num_accepted_tokens: Optional[Tensor],
     use_qk_l2norm_in_kernel: bool, o: Tensor,
 ) -> None:
-    recurrent._recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-                         use_qk_l2norm_in_kernel, o)
+    recurrent._recurrent(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
+                         num_accepted_tokens, use_qk_l2norm_in_kernel, o)
 
 
 @fused_recurrent_op.register_fake
 def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
       use_qk_l2norm_in_kernel, o):
-    recurrent._check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+    recurrent._check(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
+                     num_accepted_tokens)
+
+
+@torch.library.custom_op("flashgdn::fused_sigmoid_gating_delta_rule_update_vllm", mutates_args=("initial_state", "o"))
+def sigmoid_update_vllm_op(
+    A_log: Tensor, a: Tensor, b: Tensor, dt_bias: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: float,
+    threshold: float, scale: Optional[float], initial_state: Tensor, cu_seqlens: Optional[Tensor],
+    ssm_state_indices: Tensor, num_accepted_tokens: Optional[Tensor], use_qk_l2norm_in_kernel: bool, o: Tensor,
+) -> None:
+    recurrent._recurrent(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
+                         ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+
+
+@sigmoid_update_vllm_op.register_fake
+def _(A_log, a, b, dt_bias, q, k, v, beta, threshold, scale, initial_state, cu_seqlens, ssm_state_indices,
+      num_accepted_tokens, use_qk_l2norm_in_kernel, o):
+    recurrent._check(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
+                     ssm_state_indices, num_accepted_tokens)
 
 
 @torch.library.custom_op(

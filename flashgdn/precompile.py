@@ -24,14 +24,18 @@ from meta tensors of their calls, through each entry point's own argument list):
                   --io-dtype), varlen as vLLM calls it: T = 1 its decode, T > 1 its verify with
                   accepted counts, for each --seq-len; --index-dtype is that of the slots,
                   cu_seqlens and the counts
+    sigmoid-vllm  vLLM's fused_sigmoid_gating_delta_rule_update (engines'
+                  fused_sigmoid_gating_delta_rule_update_vllm): recurrent's calls on raw gates a and
+                  b (--gate-dtype), A_log and dt_bias, the gates computed in the kernel
     fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
                   --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
 
 The one-token entries (packed, packed-vllm, sglang, fused-step) build their T = 1 variant whatever
---seq-len says. --gate-dtype is that of a and b (packed, sglang), --dt-bias-dtype that of dt_bias
-(all but recurrent). A vLLM deployment with speculative decoding (3 draft tokens), say:
+--seq-len says. --gate-dtype is that of a and b (packed, sglang, sigmoid-vllm), --dt-bias-dtype that
+of dt_bias (all but recurrent). A vLLM deployment with speculative decoding (3 draft tokens), whose
+GDN layer runs the packed decode and, for the verify, its sigmoid-gating op, say:
 
-    flashgdn-precompile -H 4 -HV 8 --dt-bias-dtype bf16 --state-dtype bf16 --entry packed-vllm recurrent \
+    flashgdn-precompile -H 4 -HV 8 --dt-bias-dtype bf16 --state-dtype bf16 --entry packed-vllm sigmoid-vllm \
         --seq-len 1 4
 """
 from __future__ import annotations
@@ -119,7 +123,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.hidden % 64:
         parser.error(f"--hidden must be a multiple of 64, got {args.hidden}")
     gate = args.gate_dtype or args.io_dtype
-    gated = [e for e in args.entry if e in ("flashinfer", "packed", "packed-vllm", "sglang")]
+    gated = [e for e in args.entry if e in ("flashinfer", "packed", "packed-vllm", "sglang", "sigmoid-vllm")]
     if gated and gate not in (args.io_dtype, "fp32"):
         parser.error(f"--gate-dtype must be the --io-dtype ({args.io_dtype}) or fp32 (a and b of the {gated[0]} "
                      f"entry), got {gate}")
@@ -158,7 +162,7 @@ def _torch_dtype(name: str):
 
 def _engine_specs(args: argparse.Namespace, entry: str, state: str, facts) -> list:
     """The variants of a serving engine's entry point (flashgdn.engine_specs): its T = 1 decode; the
-    recurrent op's, for each --seq-len T (varlen; T > 1: vLLM's verify); per index dtype (the
+    recurrent ops', for each --seq-len T (varlen; T > 1: vLLM's verify); per index dtype (the
     fused step's indices are int32) and regime."""
     from .validation import Problem
 

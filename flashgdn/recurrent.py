@@ -1,5 +1,11 @@
 """vLLM's `fused_recurrent_gated_delta_rule` (its in-tree FLA copy) on flashgdn's kernels: the
-recurrent GDN op on precomputed gates, for decode and speculative-decode verify.
+recurrent GDN op on precomputed gates, for decode and speculative-decode verify; and vLLM's
+`fused_sigmoid_gating_delta_rule_update`, the same op on the raw gates (the kernel computes them),
+which vLLM's GDN layer calls for speculative decoding and for decode without its packed decode
+(vllm/model_executor/layers/fla/ops/fused_sigmoid_gating.py: `fused_sigmoid_gating_delta_rule_update
+(A_log, a, b, dt_bias, q, k, v, beta=1.0, threshold=20.0, scale=None, initial_state=None,
+inplace_final_state=True, cu_seqlens=None, ssm_state_indices=None, num_accepted_tokens=None,
+use_qk_l2norm_in_kernel=False, is_kda=False)`; its `beta` and `threshold` shape the softplus).
 
 vLLM's contract (vllm/third_party/flash_linear_attention/ops/fused_recurrent.py, vllm-project/vllm
 5c7cb312): g is the log decay and beta the update weight of every token, both computed by the
@@ -11,7 +17,9 @@ written where written. The kernels take g and beta in the places of a and b (Ker
 of all sequences in one dim when cu_seqlens is given (KernelSpec.varlen). docs/engines.md lists
 what differs from vLLM and what raises.
 
-flashgdn.engines exports `fused_recurrent_gated_delta_rule`; this module holds it and its checks.
+flashgdn.engines exports `fused_recurrent_gated_delta_rule` and (under the name
+`fused_sigmoid_gating_delta_rule_update_vllm`: SGLang's op of that name has another signature) the
+raw-gate op; this module holds both, their checks and their one eager body.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from .spec import MAX_TOKENS, KernelArgs
 
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "fused_recurrent_gated_delta_rule"
+SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 
 
 def packed_unit_strides(t: torch.Tensor) -> torch.Tensor:
@@ -40,46 +49,65 @@ def _restrided(t: torch.Tensor, stride) -> torch.Tensor:
     return t if stride is None else t.as_strided(t.shape, stride, t.storage_offset())
 
 
-def kernel_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                 o) -> KernelArgs:
-    """The compiled function's arguments of a call: g and beta in the places of a and b (no A_log,
-    no dt_bias), the slots as token slots [N, T] ([N] as [N, 1])."""
+    """The compiled function's arguments of a call, the slots as token slots [N, T] ([N] as
+    [N, 1]). Precomputed gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates)."""
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
-    return KernelArgs(q, k, v, g, beta, None, None, initial_state, None, None, num_accepted_tokens, None, o, slots,
+    return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o, slots,
                       cu_seqlens)
 
 
-def _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v) -> None:
-    """NotImplementedError / ValueError for what vLLM's op does that flashgdn does not serve."""
+def _check_refused(name: str, initial_state, inplace_final_state, ssm_state_indices) -> None:
+    """NotImplementedError / ValueError for what vLLM's op `name` does that flashgdn does not serve."""
     if not inplace_final_state:
         raise NotImplementedError(
-            f"{NAME}(inplace_final_state=False) (the state after every token into a new [tokens, HV, V, K] "
+            f"{name}(inplace_final_state=False) (the state after every token into a new [tokens, HV, V, K] "
             f"tensor: vLLM's prefill and test path) is not supported; flashgdn writes the pool in place")
     if initial_state is None:
-        raise ValueError(f"{NAME}: initial_state (the state pool [P, HV, V, K]) is required "
+        raise ValueError(f"{name}: initial_state (the state pool [P, HV, V, K]) is required "
                          f"(vLLM's op reads its strides too)")
     if ssm_state_indices is None:
-        raise ValueError(f"{NAME}: inplace_final_state=True writes the states at ssm_state_indices; "
+        raise ValueError(f"{name}: inplace_final_state=True writes the states at ssm_state_indices; "
                          f"pass ssm_state_indices [N] or [N, T]")
-    if isinstance(beta, torch.Tensor) and isinstance(v, torch.Tensor) and beta.dim() == v.dim():
-        raise NotImplementedError(f"{NAME}: a headwise beta [B, T, HV, V] is not supported (beta [B, T, HV])")
 
 
-def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens):
+def _check_gates(q, a, b, A_log, dt_bias, HV: int) -> dict:
+    """The gates of a call, [B, T, HV] each, q's first two dims (B, T); returns them by name.
+    Precomputed (A_log None): g and beta, fp32, bf16 or fp16 each. Raw: a (q's dtype or fp32) and b
+    (a's dtype) with A_log [HV] fp32 and dt_bias [HV] fp32 or bf16."""
+    lead = (q.shape[0], q.shape[1], HV)
+    if A_log is None:
+        gates = dict(g=a, beta=b)
+        for name, t in gates.items():
+            val.check_tensor(name, t, GATE_DTYPES, lead)
+    else:
+        gates = dict(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
+        val.check_tensor("a", a, (q.dtype, torch.float32), lead)
+        val.check_tensor("b", b, (a.dtype,), lead)
+        val.check_tensor("A_log", A_log, (torch.float32,), (HV,))
+        val.check_tensor("dt_bias", dt_bias, val.DT_BIAS_DTYPES, (HV,))
+    for name, t in gates.items():
+        val.check_inner_contiguous(name, t, 1, align_leading=False)
+    return gates
+
+
+def _check(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale, initial_state, cu_seqlens,
+           ssm_state_indices, num_accepted_tokens):
     """vLLM's layout rules; returns (Problem, device): B the sequences, T the slot columns (the
-    most tokens of one sequence)."""
+    most tokens of one sequence). Gates: _check_gates; the softplus shape of raw gates carries the
+    names of vLLM's sigmoid op (beta, threshold)."""
     val.check_tensor("q", q, val.IO_DTYPES, (None,) * 4)
     val.check_tensor("k", k, (q.dtype,), tuple(q.shape))
     val.check_tensor("v", v, (q.dtype,), (q.shape[0], q.shape[1], None, None))
     rows, H, K = q.shape[1], q.shape[2], q.shape[3]
     HV, V = v.shape[2], v.shape[3]
     val.check_heads(H, HV, K, V)
-    val.check_tensor("g", g, GATE_DTYPES, (q.shape[0], rows, HV))
-    val.check_tensor("beta", beta, GATE_DTYPES, (q.shape[0], rows, HV))
+    gates = _check_gates(q, a, b, A_log, dt_bias, HV)
+    if A_log is not None:
+        val.check_softplus(softplus_beta, softplus_threshold, names=("beta", "threshold"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         val.check_inner_contiguous(name, t, 1, align_leading=True)
-    for name, t in (("g", g), ("beta", beta)):
-        val.check_inner_contiguous(name, t, 1, align_leading=False)
     two_d = isinstance(ssm_state_indices, torch.Tensor) and ssm_state_indices.dim() == 2
     val.check_tensor("ssm_state_indices", ssm_state_indices, val.INDEX_DTYPES, (None, None) if two_d else (None,))
     if two_d:  # [N] may be strided (a column of a block table): its one column is never stepped
@@ -115,9 +143,8 @@ def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices
     val.check_scale(scale)
     if scale is not None and scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    return p, val.check_devices(dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
-                                     cu_seqlens=cu_seqlens, ssm_state_indices=ssm_state_indices,
-                                     num_accepted_tokens=num_accepted_tokens))
+    return p, val.check_devices(dict(q=q, k=k, v=v, **gates, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                     ssm_state_indices=ssm_state_indices, num_accepted_tokens=num_accepted_tokens))
 
 
 def _check_index_values(cu_seqlens, T: int, total: int) -> None:
@@ -167,7 +194,9 @@ def fused_recurrent_gated_delta_rule(
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_recurrent_gated_delta_rule (flashgdn.ops), with `o` allocated here.
     """
-    _check_refused(beta, initial_state, inplace_final_state, ssm_state_indices, v)
+    _check_refused(NAME, initial_state, inplace_final_state, ssm_state_indices)
+    if isinstance(beta, torch.Tensor) and isinstance(v, torch.Tensor) and beta.dim() == v.dim():
+        raise NotImplementedError(f"{NAME}: a headwise beta [B, T, HV, V] is not supported (beta [B, T, HV])")
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
     # v's layout packed: q's dtype on any call that runs (the checks, or the compiled function's, refuse
@@ -178,36 +207,103 @@ def fused_recurrent_gated_delta_rule(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
             use_qk_l2norm_in_kernel, o)
     else:
-        _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-                   use_qk_l2norm_in_kernel, o)
+        _recurrent(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
+                   num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     return o, initial_state
 
 
-def _recurrent(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-               use_qk_l2norm_in_kernel, o) -> None:
-    """The eager body of fused_recurrent_gated_delta_rule (and the op's implementation): checks,
-    then one launch writing `o` and the pool. A repeated call (flashgdn.fastpath) skips the checks:
-    its key holds what the compiled function does not check (the batch of sequences and the slot
-    columns, the written pool's and o's layout, cu_seqlens' length, the None pattern, the options)
-    and the shapes and strides of q, k and v, whose size-1 strides the entry keeps repacked."""
+def _token_gates(q, t):
+    """vLLM's gates [rows, HV] (a view of its projection) as [B, T, HV], q's first two dims: their
+    first B * T rows, as vLLM's kernel reads them (its GDN layer passes its whole batch's gates beside
+    the speculative tokens' q, k, v); a view. Anything else as it is (the checks name what is wrong)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 2 and isinstance(q, torch.Tensor) and q.dim() == 4:
+        tokens = q.shape[0] * q.shape[1]
+        if t.shape[0] >= tokens:
+            return (t if t.shape[0] == tokens else t[:tokens]).unflatten(0, (q.shape[0], q.shape[1]))
+    return t
+
+
+@logged
+def fused_sigmoid_gating_delta_rule_update_vllm(
+    A_log: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    dt_bias: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: float = 1.0,
+    threshold: float = 20.0,
+    scale: float = None,
+    initial_state: torch.Tensor = None,
+    inplace_final_state: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    ssm_state_indices: Optional[torch.Tensor] = None,
+    num_accepted_tokens: Optional[torch.Tensor] = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    is_kda: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's `fused_sigmoid_gating_delta_rule_update`: fused_recurrent_gated_delta_rule with the
+    gates computed in the kernel, g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b).
+
+    Everything but the gates is fused_recurrent_gated_delta_rule's (layouts, varlen, slots, accepted
+    counts, vLLM's padding rule, what raises). a and b: [rows, HV] as vLLM passes them (views of its
+    projection, any row stride; rows >= the B * T tokens of q, of which the first B * T are read, as
+    vLLM's kernel does) or q's [B, T] then HV; a of q's dtype or fp32, b of a's dtype.
+    A_log [HV] fp32, dt_bias [HV] fp32 or bf16. `beta` and `threshold` (floats, not tensors) shape
+    the softplus: log(1 + exp(beta x)) / beta, x where beta x > threshold. is_kda=True (per-K gates)
+    raises NotImplementedError.
+
+    Returns (o [B, T, HV, V] of q's dtype, initial_state).
+
+    While torch.compile or torch.export traces, the call is the custom op
+    flashgdn::fused_sigmoid_gating_delta_rule_update_vllm (flashgdn.ops), with `o` allocated here.
+    """
+    if is_kda:
+        raise NotImplementedError(f"{SIGMOID_NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
+    _check_refused(SIGMOID_NAME, initial_state, inplace_final_state, ssm_state_indices)
+    a, b = _token_gates(q, a), _token_gates(q, b)
+    o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
+    if api._is_compiling():
+        torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update_vllm(
+            A_log, a, b, dt_bias, q, k, v, beta, threshold, scale, initial_state, cu_seqlens, ssm_state_indices,
+            num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+    else:
+        _recurrent(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
+                   ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+    return o, initial_state
+
+
+def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale, initial_state, cu_seqlens,
+               ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
+    """The eager body of both ops (and their ops' implementation): checks, then one launch writing
+    `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
+    (flashgdn.fastpath) skips the checks: its key holds what the compiled function does not check
+    (the batch of sequences and the slot columns, the written pool's and o's layout, cu_seqlens'
+    length, the None pattern, the options) and the shapes and strides of q, k and v, whose size-1
+    strides the entry keeps repacked."""
     def launch(fast):
         qs, ks, vs = fast.extra
-        fast.fn(*kernel_args(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), g, beta, initial_state,
-                             cu_seqlens, ssm_state_indices, num_accepted_tokens, o))
+        fast.fn(*kernel_args(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), a, b, A_log, dt_bias,
+                             initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, o))
 
     key, done = fastpath.run(api.CHECK_INDICES, lambda: (
         _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
         initial_state.stride(), o.stride(), cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
-        ssm_state_indices.stride(), num_accepted_tokens is None, type(scale), scale, use_qk_l2norm_in_kernel), launch)
+        ssm_state_indices.stride(), num_accepted_tokens is None, A_log is None, type(softplus_beta), softplus_beta,
+        type(softplus_threshold), softplus_threshold, type(scale), scale, use_qk_l2norm_in_kernel), launch)
     if done is not fastpath.MISS:
         return
-    plan = api._validated(_check, q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices,
-                          num_accepted_tokens, options=(use_qk_l2norm_in_kernel,))
+    plan = api._validated(_check, q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale,
+                          initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                          options=(use_qk_l2norm_in_kernel,))
     if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run
         return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
     views = [packed_unit_strides(t) for t in (q, k, v)]
-    args = kernel_args(*views, g, beta, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, o)
-    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
+    args = kernel_args(*views, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
+                       num_accepted_tokens, o)
+    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
+                                                     softplus_threshold))
     api._remember_fast(key, plan, extra=[None if w is t else w.stride() for w, t in zip(views, (q, k, v))])

@@ -307,14 +307,14 @@ def check_scale(scale) -> None:
         _check_finite("scale", scale, "a float or None")
 
 
-def check_softplus(softplus_beta, softplus_threshold) -> None:
+def check_softplus(softplus_beta, softplus_threshold, names=("softplus_beta", "softplus_threshold")) -> None:
     """softplus(x) = log(1 + exp(beta x)) / beta, linear where beta x > threshold (torch's
     definition): beta divides and sets the slope, so it must be positive; torch takes any
-    finite threshold."""
-    _check_finite("softplus_beta", softplus_beta, "a float")
+    finite threshold. `names`: the two arguments' names in the caller's signature."""
+    _check_finite(names[0], softplus_beta, "a float")
     if softplus_beta <= 0:
-        raise ValueError(f"softplus_beta must be > 0, got {softplus_beta}")
-    _check_finite("softplus_threshold", softplus_threshold, "a float")
+        raise ValueError(f"{names[0]} must be > 0, got {softplus_beta}")
+    _check_finite(names[1], softplus_threshold, "a float")
 
 
 def check_index_values(name: str, idx: torch.Tensor, upper: int, allow_negative: bool) -> None:

@@ -54,6 +54,15 @@ SIGMOID = [
     ("replayssm_beta", None), ("num_warps", 1),
 ]
 
+# vllm-project/vllm, vllm/model_executor/layers/fla/ops/fused_sigmoid_gating.py at commit
+# 95a3d5a40244d55ae2761d61e6c744dccac7ba3a (its `beta`/`threshold` shape the softplus).
+SIGMOID_VLLM = [
+    ("A_log", EMPTY), ("a", EMPTY), ("b", EMPTY), ("dt_bias", EMPTY), ("q", EMPTY), ("k", EMPTY), ("v", EMPTY),
+    ("beta", 1.0), ("threshold", 20.0), ("scale", None), ("initial_state", None), ("inplace_final_state", True),
+    ("cu_seqlens", None), ("ssm_state_indices", None), ("num_accepted_tokens", None),
+    ("use_qk_l2norm_in_kernel", False), ("is_kda", False),
+]
+
 PACKED_FNS = {
     "sglang": engines.fused_recurrent_gated_delta_rule_packed_decode,
     "vllm": engines.fused_recurrent_gated_delta_rule_packed_decode_vllm,
@@ -65,7 +74,8 @@ PACKED_FNS = {
     (engines.fused_recurrent_gated_delta_rule_packed_decode_vllm, PACKED_DECODE),
     (engines.fused_recurrent_gated_delta_rule, RECURRENT),
     (engines.fused_sigmoid_gating_delta_rule_update, SIGMOID),
-], ids=["packed_decode", "packed_decode_vllm", "fused_recurrent", "fused_sigmoid_gating"])
+    (engines.fused_sigmoid_gating_delta_rule_update_vllm, SIGMOID_VLLM),
+], ids=["packed_decode", "packed_decode_vllm", "fused_recurrent", "fused_sigmoid_gating", "fused_sigmoid_gating_vllm"])
 def test_signature_matches_upstream(fn, expected):
     params = list(inspect.signature(fn).parameters.values())
     assert [(p.name, p.default) for p in params] == expected
@@ -76,6 +86,7 @@ def test_module_exports():
     assert sorted(engines.__all__) == sorted([
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_recurrent_gated_delta_rule_packed_decode_vllm",
         "fused_sigmoid_gating_delta_rule_update", "fused_recurrent_gated_delta_rule",
+        "fused_sigmoid_gating_delta_rule_update_vllm",
     ])
     import flashgdn.engines as by_path
     assert by_path is engines

@@ -401,8 +401,11 @@ def _recurrent_id(c):
     return _case_id({("seqs" if n == "lengths" else n): (len(x) if n == "lengths" else x) for n, x in c.items()})
 
 
-@pytest.mark.parametrize("case", RECURRENT_CASES, ids=_recurrent_id)
-def test_vllm_recurrent_matches_the_contract(case):
+def check_vllm_recurrent(case, raw_gates: bool):
+    """One call of vLLM's recurrent op (precomputed gates) or of its sigmoid-gating op (raw gates a,
+    b [tokens, HV] as vLLM passes them, the gates computed in the kernel; softplus beta 1.5,
+    threshold 15) on `case`, against the contract in fp64: outputs, padding rows, written slots,
+    untouched slots and the slot padding."""
     c = dict(case)
     seed = 13 * len(c.get("lengths", [])) + c["T"] + c["HV"]
     gen = _gen(seed + 5)
@@ -423,12 +426,21 @@ def test_vllm_recurrent_matches_the_contract(case):
     flat_before, idx_before, cu_before = flat.clone(), idx.clone(), None if cu is None else cu.clone()
     pool64 = pool.double()
 
+    if raw_gates:  # b | a of one projection row per token, as vLLM's GDN layer splits it
+        tokens = q.shape[0] * q.shape[1]
+        ba = _randn(gen, tokens, 2 * HV + 8, dtype=c["gdt"])
+        b, a = ba[:, :HV], ba[:, HV:2 * HV]
+        A_log, dt_bias = torch.rand(HV, generator=gen).to(DEV), _randn(gen, HV, dtype=F32)
+        g, beta = ref.log_gates(A_log, a, dt_bias, b, 1.5, 15.0, dtype=torch.float64)
+        g, beta = g.view(*q.shape[:2], HV), beta.view(*q.shape[:2], HV)
     expected = ref.fused_recurrent_gated_delta_rule_vllm(q, k, v, g, beta, c["scale"], pool64, cu, idx, acc_dev,
                                                          c["l2"], compute_dtype=torch.float64)
-    poison = torch.full(v.shape, float("nan"), dtype=q.dtype, device=DEV)  # the block the output reuses
-    del poison
-    o, st = engines.fused_recurrent_gated_delta_rule(q, k, v, g, beta, c["scale"], pool, True, cu, idx, acc_dev,
-                                                     c["l2"])
+    if raw_gates:
+        o, st = engines.fused_sigmoid_gating_delta_rule_update_vllm(
+            A_log, a, b, dt_bias, q, k, v, 1.5, 15.0, c["scale"], pool, True, cu, idx, acc_dev, c["l2"])
+    else:
+        o, st = engines.fused_recurrent_gated_delta_rule(q, k, v, g, beta, c["scale"], pool, True, cu, idx, acc_dev,
+                                                         c["l2"])
     torch.cuda.synchronize()
 
     assert st is pool and o.shape == v.shape and o.dtype == q.dtype
@@ -442,6 +454,21 @@ def test_vllm_recurrent_matches_the_contract(case):
     assert torch.equal(pool[~mask], before[~mask]), "a slot that no token writes changed"
     assert torch.equal(flat[:, pool[0].numel():], flat_before[:, pool[0].numel():]), "the slot padding changed"
     assert_close_state(pool[mask], pool64[mask])
+
+
+@pytest.mark.parametrize("case", RECURRENT_CASES, ids=_recurrent_id)
+def test_vllm_recurrent_matches_the_contract(case):
+    check_vllm_recurrent(case, raw_gates=False)
+
+
+# vLLM's sigmoid-gating op: its speculative verify (varlen, accepted counts; fp32 and bf16 gates),
+# its decode (one token per sequence, [N] slots, large batch), a dense batch.
+SIGMOID_VLLM_CASES = [RECURRENT_CASES[i] for i in (0, 1, 2, 4, 5)]
+
+
+@pytest.mark.parametrize("case", SIGMOID_VLLM_CASES, ids=_recurrent_id)
+def test_vllm_sigmoid_gating_matches_the_contract(case):
+    check_vllm_recurrent(case, raw_gates=True)
 
 
 def _composition(total, N, T, gen):

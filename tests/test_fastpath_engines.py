@@ -17,6 +17,7 @@ from flashgdn.device import DeviceFacts
 from helpers import BF16, ffi_checking_stub, make_fused_inputs
 from test_engines import packed_kwargs, sigmoid_kwargs
 from test_recurrent import recurrent_kwargs
+from test_recurrent_sigmoid import sigmoid_kwargs as sigmoid_vllm_kwargs
 
 FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
 PACKED = engines.fused_recurrent_gated_delta_rule_packed_decode
@@ -37,6 +38,9 @@ ENTRIES = {  # name: (function, valid keyword arguments)
     "sigmoid_batched": (SIGMOID, lambda: sigmoid_kwargs(varlen=False, gates_3d=True)),
     "recurrent_varlen": (RECURRENT, recurrent_kwargs),
     "recurrent_one_token": (RECURRENT, lambda: recurrent_kwargs(varlen=False, one_d=True)),
+    "sigmoid_vllm_verify": (engines.fused_sigmoid_gating_delta_rule_update_vllm, sigmoid_vllm_kwargs),
+    "sigmoid_vllm_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
+                            lambda: sigmoid_vllm_kwargs(one_d=True)),
     "fused_step": (STEP, _fused_kwargs),
 }
 

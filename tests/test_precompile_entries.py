@@ -61,21 +61,31 @@ def _sglang(B, o):
         use_qk_l2norm_in_kernel=not o.no_l2norm, cu_seqlens=torch.arange(B + 1, dtype=DTYPES[o.index_dtype[0]]))
 
 
-def _recurrent(B, o):
-    """vLLM's calls, varlen (q [1, B*T, ...], cu_seqlens): the T = 1 decode (slots [B]), then for each
-    T > 1 the verify (slots [B, T], accepted counts), all indices of one dtype."""
-    gen = torch.Generator().manual_seed(B)
-    io, index = DTYPES[o.io_dtype], DTYPES[o.index_dtype[0]]
-    rnd = lambda *s, dt=io: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
-    for T in o.seq_len:
-        lead = (1, B * T)
-        pool = make_state(B * T + 1, HV, V, K, DTYPES[o.state_dtype[0]], pad=16, seed=B)
-        slots = torch.arange(1, B * T + 1).view(B, T).to(index)
-        engines.fused_recurrent_gated_delta_rule(
-            rnd(*lead, H, K), rnd(*lead, H, K), rnd(*lead, HV, V), -rnd(*lead, HV, dt=torch.float32).abs(),
-            rnd(*lead, HV).sigmoid(), o.scale, pool, True,
-            torch.arange(0, B * T + 1, T).to(index), slots if T > 1 else slots[:, 0],
-            torch.randint(1, T + 1, (B,), generator=gen).to(index) if T > 1 else None, not o.no_l2norm)
+def _vllm_recurrent(raw_gates: bool):
+    def call(B, o):
+        """vLLM's calls of its recurrent op (precomputed gates) or its sigmoid-gating op (raw gates a,
+        b [tokens, HV]), varlen (q [1, B*T, ...], cu_seqlens): the T = 1 decode (slots [B]), then for
+        each T > 1 the verify (slots [B, T], accepted counts), all indices of one dtype."""
+        gen = torch.Generator().manual_seed(B)
+        io, index = DTYPES[o.io_dtype], DTYPES[o.index_dtype[0]]
+        rnd = lambda *s, dt=io: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
+        for T in o.seq_len:
+            lead = (1, B * T)
+            pool = make_state(B * T + 1, HV, V, K, DTYPES[o.state_dtype[0]], pad=16, seed=B)
+            slots = torch.arange(1, B * T + 1).view(B, T).to(index)
+            rest = (o.scale, pool, True, torch.arange(0, B * T + 1, T).to(index), slots if T > 1 else slots[:, 0],
+                    torch.randint(1, T + 1, (B,), generator=gen).to(index) if T > 1 else None, not o.no_l2norm)
+            q, k, v = rnd(*lead, H, K), rnd(*lead, H, K), rnd(*lead, HV, V)
+            if raw_gates:
+                gate = DTYPES[o.gate_dtype or o.io_dtype]
+                engines.fused_sigmoid_gating_delta_rule_update_vllm(
+                    torch.rand(HV), rnd(B * T, HV, dt=gate), rnd(B * T, HV, dt=gate),
+                    rnd(HV, dt=DTYPES[o.dt_bias_dtype]), q, k, v, 1.0, 20.0, *rest)
+            else:
+                engines.fused_recurrent_gated_delta_rule(
+                    q, k, v, -rnd(*lead, HV, dt=torch.float32).abs(), rnd(*lead, HV).sigmoid(), *rest)
+
+    return call
 
 
 def _fused_step(B, o):
@@ -90,7 +100,9 @@ CASES = {  # entry: (the flags besides MODEL, the call)
                 "--dt-bias-dtype", "bf16"], _packed(vllm=False)),
     "packed-vllm": ([], _packed(vllm=True)),
     "sglang": (["--index-dtype", "int64", "--no-l2norm", "--scale", "0.1"], _sglang),
-    "recurrent": (["--seq-len", "1", "3", "--state-dtype", "bf16"], _recurrent),
+    "recurrent": (["--seq-len", "1", "3", "--state-dtype", "bf16"], _vllm_recurrent(raw_gates=False)),
+    "sigmoid-vllm": (["--seq-len", "1", "4", "--gate-dtype", "fp32", "--dt-bias-dtype", "bf16", "--index-dtype",
+                      "int64"], _vllm_recurrent(raw_gates=True)),
     "fused-step": (["--head-v", str(K), "--hidden", "128", "--conv-width", "3", "--no-conv-bias",
                     "--dt-bias-dtype", "bf16"], _fused_step),
 }
@@ -121,7 +133,7 @@ def test_entry_variants_are_what_the_call_looks_up(entry, regime, looked_up):
     call(B, args)
     assert looked_up == expected
     assert all(s.regime == regime for s in expected if isinstance(s, KernelSpec))
-    assert len(expected) == {"recurrent": 2, "fused-step": 2}.get(entry, 1)
+    assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": 2}.get(entry, 1)
 
 
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
