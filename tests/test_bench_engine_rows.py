@@ -1,5 +1,5 @@
 """CPU tests of the benchmark's engine rows (flashgdn.bench.engine_rows): `--api packed | recurrent |
-fused_step | engines` flags and rows, their FLOP/byte counts, inputs and --verify plumbing on the
+sigmoid_vllm | fused_step | engines` flags and rows, their FLOP/byte counts, inputs and --verify plumbing on the
 reference, the compiled variants against the API's own lookups, the baselines' routing (FLA and
 FlashInfer stand-ins, the composed path), the table, and real `--compile-only` runs."""
 from __future__ import annotations
@@ -35,6 +35,8 @@ ROWS = [
     row("recurrent"),
     row("recurrent", T=4, state="bf16", pool_padding=8),
     row("recurrent", T=2, pool_slots="contiguous"),
+    row("sigmoid_vllm"),
+    row("sigmoid_vllm", T=4, state="bf16", pool_padding=8),
     row("fused_step"),
     row("fused_step", state="bf16", pool_slots="contiguous", pool_padding=8),
 ]
@@ -49,11 +51,15 @@ def test_engine_rows_of_the_flags():
     rows = cli.sweep_rows(a)
     assert [r.version for r in rows].count("packed") == 4 and [r.version for r in rows].count("fused_step") == 4
     assert sorted({r.T for r in rows if r.version == "recurrent"}) == [1, 2, 4, 8]
+    assert sorted({r.T for r in rows if r.version == "sigmoid_vllm"}) == [1, 2, 4, 8]
+    assert [r.version for r in rows].count("sigmoid_vllm") == 16
     assert all(r.pool and not r.intermediate and not r.token_slots for r in rows)
     assert {r.hidden for r in rows} == {0, cli.DEFAULT_HIDDEN} and all(
         (r.hidden > 0) == (r.version == "fused_step") for r in rows)
     rec = cli.sweep_rows(cli.parse_args(["--api", "recurrent", "--seq-len", "3"]))
     assert {(r.version, r.T) for r in rec} == {("recurrent", 3)}
+    sig = cli.sweep_rows(cli.parse_args(["--api", "sigmoid_vllm", "--seq-len", "1", "3"]))
+    assert {(r.version, r.T) for r in sig} == {("sigmoid_vllm", 1), ("sigmoid_vllm", 3)}
     fused = cli.sweep_rows(cli.parse_args(["--api", "fused_step", "--hidden-size", "5120", "--batch-size", "2"]))
     assert [(r.version, r.hidden, r.T) for r in fused] == [("fused_step", 5120, 1)]
     # --api all stays the three API functions.
@@ -68,6 +74,8 @@ def test_engine_rows_of_the_flags():
     (["--api", "engines", "--cache-intermediate"], "--cache-intermediate"),
     (["--api", "recurrent", "--token-slots"], "mtp rows"),
     (["--api", "recurrent", "--seq-len", "17"], "--seq-len"),
+    (["--api", "sigmoid_vllm", "--token-slots"], "mtp rows"),
+    (["--api", "sigmoid_vllm", "--cache-intermediate"], "--cache-intermediate"),
     (["--host", "--hidden-size", "2048"], "--hidden-size"),
 ])
 def test_bad_engine_flags_exit_2_with_one_line(argv, phrase, capsys):
@@ -107,6 +115,10 @@ def test_engine_row_bytes_hand_computed():
     qkvo = 4 * (2 * 3 * 1 * 64 * 2 + 2 * 3 * 2 * 64 * 2)
     gates = 4 * 3 * 2 * (4 + 2)
     assert row("recurrent", T=4).bytes() == 5 * state + qkvo + gates + 3 * 4 * 4 + 3 * 4 + 4 * 4
+    # sigmoid_vllm T = 4: the same, with raw a and b bf16 and A_log + dt_bias fp32 for g and beta.
+    raw = 4 * 3 * 2 * (2 + 2) + 2 * 4 + 2 * 4
+    assert row("sigmoid_vllm", T=4).bytes() == 5 * state + qkvo + raw + 3 * 4 * 4 + 3 * 4 + 4 * 4
+    assert row("sigmoid_vllm", T=4).flops() == row("recurrent", T=4).flops()
     # fused_step, hidden 128, width 4: qkv_dim = (2 + 2) * 64 = 256.
     C = 256
     # decode: the state read and written, mixed_qkv, out, A_log + dt_bias (bf16), the indices; then
@@ -138,6 +150,27 @@ def test_recurrent_inputs_follow_vllm():
     one = make_inputs(row("recurrent", B=4), "cpu", seed=1)
     assert one["slots"].shape == (4,) and one["cu_seqlens"].tolist() == [0, 1, 2, 3, 4] and one["accepted"] is None
     assert one["q"].shape == (1, 4, 1, 64)  # vLLM's decode: varlen too
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_sigmoid_inputs_are_the_recurrent_rows_with_vllms_raw_gates(T):
+    """a and b: [B*T, HV] bf16 column views of one [B*T, 2HV] projection, b first (vLLM's
+    `b, a = ba.chunk(2, -1)`); everything else is the recurrent row's, and its g and beta are the
+    raw gates' (up to their rounding to bf16)."""
+    r = row("sigmoid_vllm", B=4, T=T)
+    inp, rec = make_inputs(r, "cpu", seed=1), make_inputs(row("recurrent", B=4, T=T), "cpu", seed=1)
+    a, b = inp["a"], inp["b"]
+    assert a.shape == b.shape == (4 * T, 2) and a.dtype == b.dtype == torch.bfloat16
+    assert a.stride() == b.stride() == (4, 1) and a.data_ptr() == b.data_ptr() + 2 * a.element_size()
+    assert inp["A_log"].dtype == inp["dt_bias"].dtype == torch.float32 and inp["A_log"].shape == (2,)
+    assert "g" not in inp and "beta" not in inp and "g" not in engine_rows.recurrent_inputs(r, "cpu", 1)
+    for name in ("q", "k", "v", "state", "slots", "accepted", "cu_seqlens"):
+        assert (inp[name] is None and rec[name] is None) or torch.equal(inp[name], rec[name]), name
+    g, beta = engine_rows.precomputed_gates(r, inp)
+    assert g.shape == beta.shape == (1, 4 * T, 2) and g.dtype == beta.dtype == torch.float32
+    assert torch.allclose(g, rec["g"], rtol=0.1, atol=0.05) and torch.allclose(beta, rec["beta"].float(), atol=0.01)
+    rec_g, rec_beta = engine_rows.precomputed_gates(row("recurrent", B=4, T=T), rec)
+    assert rec_g is rec["g"] and rec_beta is rec["beta"]
 
 
 def test_packed_inputs_are_the_twin_packed():
@@ -216,8 +249,9 @@ def _fake_fla(monkeypatch, calls):
         monkeypatch.setitem(sys.modules, name, mod)
 
 
-@pytest.mark.parametrize("r", [row("recurrent"), row("recurrent", T=4, state="bf16", pool_padding=8), row("packed")],
-                         ids=["T1", "T4-bf16-padded", "packed"])
+@pytest.mark.parametrize("r", [row("recurrent"), row("recurrent", T=4, state="bf16", pool_padding=8), row("packed"),
+                               row("sigmoid_vllm", T=4, state="bf16", pool_padding=8)],
+                         ids=["T1", "T4-bf16-padded", "packed", "sigmoid-T4-bf16-padded"])
 def test_fla_runs_on_gathered_read_states(r, monkeypatch):
     """FLA gets the read slots (ssm_state_indices[i, num_accepted_tokens[i] - 1]) gathered densely
     and, varlen, cu_seqlens as int64; its output and final state agree with the reference's."""
@@ -227,7 +261,8 @@ def test_fla_runs_on_gathered_read_states(r, monkeypatch):
     assert calls and calls[0]["use_gate_in_kernel"] == (r.version == "packed")
     if r.version == "packed":  # the unpacked twin's q (contiguous), not a view of mixed_qkv
         assert calls[0]["q"].is_contiguous() and calls[0]["q"].shape == (3, 1, 1, 64)
-    assert "gathered" in FLA.note(r) if r.version == "recurrent" else "unpacked" in FLA.note(r)
+    assert "gathered" in FLA.note(r) if r.version != "packed" else "unpacked" in FLA.note(r)
+    assert ("raw gates" in FLA.note(r)) == (r.version == "sigmoid_vllm")
     assert FLA.applies(r) and not FLA.applies(row("fused_step"))
 
 
@@ -245,6 +280,8 @@ def test_flashinfer_routing_of_engine_rows(monkeypatch):
         FLASHINFER.prepare(row("fused_step", state="bf16"), {})
     with pytest.raises(Unavailable, match="precomputed gates"):
         FLASHINFER.prepare(row("recurrent"), {})
+    with pytest.raises(Unavailable, match="accepted counts"):
+        FLASHINFER.prepare(row("sigmoid_vllm"), {})
     assert FLASHINFER.note(row("packed")) and FLASHINFER.note(r) is None
 
 
@@ -353,7 +390,7 @@ def test_table_shows_the_baselines_a_sweep_ran():
 
 def test_compile_only_engine_rows(capsys, tmp_path):
     """The fused step's two variants (conv/gate, decode) for sm_90a; vLLM's varlen verify variant for
-    sm_100a (K = V = 64: small builds)."""
+    sm_100a; vLLM's sigmoid-gating decode (raw gates) for sm_90a (K = V = 64: small builds)."""
     out_json = tmp_path / "c.json"
     small = ["--compile-only", "--batch-size", "1", "--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2"]
     rc = cli.main(small + ["--api", "fused_step", "--hidden-size", "128", "--json", str(out_json)])
@@ -366,4 +403,8 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]
     assert rec["kernel"].endswith("sm_100a/pool/accepted/tokslots/gates/vllm/varlen") and not rec.get("error")
+    rc = cli.main(small + ["--api", "sigmoid_vllm", "--seq-len", "1", "--json", str(out_json)])
+    assert rc == 0, capsys.readouterr()
+    [rec] = json.loads(out_json.read_text())["rows"]
+    assert rec["kernel"].endswith("sm_90a/pool/tokslots/vllm/varlen") and not rec.get("error")
 

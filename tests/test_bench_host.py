@@ -114,7 +114,7 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     a = _args("--batch-size", "1", "4", "--state-dtype", "fp32", "bf16")
     plain = host.cases(a, flashinfer=False)
     assert plain[0] == host.Case("torch") and plain[0].row is None
-    assert len(plain) == 1 + 2 * 2 * (4 * 2 + 5)
+    assert len(plain) == 1 + 2 * 2 * (4 * 2 + 7)
     both = host.cases(a, flashinfer=True)
     assert len(both) == len(plain) + 2 * 2 * 4 * 2
     fg = [c for c in plain if c.impl == "flashgdn" and not c.engine and c.row.B == 1 and c.row.state_dtype == "fp32"]
@@ -126,8 +126,10 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     engine = [c for c in plain if c.engine and c.row.B == 4 and c.row.state_dtype == "bf16"]
     assert [(c.engine, c.row.version, c.row.T, c.output_given) for c in engine] == [
         ("packed", "pretranspose", 1, True), ("sglang", "pretranspose", 1, False), ("recurrent", "recurrent", 1, False),
-        ("recurrent", "recurrent", 4, False), ("fused_step", "fused_step", 1, True)]
-    assert engine[3].variant() == "pool T=4 varlen, output allocated" and engine[4].row.hidden == host.FUSED_STEP_HIDDEN
+        ("recurrent", "recurrent", 4, False), ("sigmoid_vllm", "sigmoid_vllm", 1, False),
+        ("sigmoid_vllm", "sigmoid_vllm", 4, False), ("fused_step", "fused_step", 1, True)]
+    assert engine[3].variant() == engine[5].variant() == "pool T=4 varlen, output allocated"
+    assert engine[4].variant() == "pool varlen, output allocated" and engine[6].row.hidden == host.FUSED_STEP_HIDDEN
     assert {c.impl for c in both} == {"torch", "flashgdn", "flashinfer"}
     assert not any(c.engine for c in both if c.impl == "flashinfer")
     assert fg[7].variant() == "pool T=4, output allocated" and fg[0].variant() == "dense, output given"
@@ -251,9 +253,13 @@ def test_engine_rows_call_each_entry_point_with_valid_arguments(monkeypatch):
         assert len(launched) > n, name
         names.append(name)
     assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
-                     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_fused_decode_step"]
-    # vLLM's recurrent op: its decode and its verify, both varlen as vLLM calls them
-    assert [(s.varlen, s.T) for s in launched if getattr(s, "precomputed_gates", False)] == [("int32", 1), ("int32", 4)]
+                     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                     "fused_sigmoid_gating_delta_rule_update_vllm", "fused_sigmoid_gating_delta_rule_update_vllm",
+                     "gdn_fused_decode_step"]
+    # vLLM's recurrent op and its sigmoid-gating op: each its decode and its verify, both varlen as vLLM
+    # calls them, on precomputed and on raw gates
+    vllm = [(s.varlen, s.T, s.precomputed_gates) for s in launched if getattr(s, "vllm_slots", False)]
+    assert vllm == [("int32", 1, True), ("int32", 4, True), ("int32", 1, False), ("int32", 4, False)]
 
 
 def test_run_cases_on_the_cpu_reports_each_failure():
@@ -349,12 +355,12 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 1 + 13 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    assert len(main_rows) == 1 + 15 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)
     assert {r["function"] for r in main_rows} == {
         "x.add_(1)", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
-        "fused_recurrent_gated_delta_rule", "gdn_fused_decode_step"}
+        "fused_recurrent_gated_delta_rule", "fused_sigmoid_gating_delta_rule_update_vllm", "gdn_fused_decode_step"}
     assert profile[0]["share_of_call"] == 1.0 and len(profile) == 8
     assert sum(r["gpu_us"] is not None for r in profile) == 2  # the steps that launch: the call, fn
     assert "fused_recurrent_gated_delta_rule_packed_decode" in captured.out and "profile:" in captured.out

@@ -12,6 +12,11 @@ flashgdn.bench.rows dispatches its rows of these versions here.
   q [1, B*T, ...] with cu_seqlens, as vLLM calls it. T = 1 (its decode): ssm_state_indices [B].
   T > 1 (speculative-decode verify): ssm_state_indices [B, T] and num_accepted_tokens (random in
   1..T). Slots are >= 1: vLLM's slot 0 is its null block (padding).
+- "sigmoid_vllm": flashgdn.engines.fused_sigmoid_gating_delta_rule_update_vllm (vLLM's
+  fused_sigmoid_gating_delta_rule_update: the same op on the raw gates, computed in the kernel):
+  the recurrent row's inputs and slots, with a and b [B*T, HV] in the io dtype, column views of one
+  [B*T, 2HV] projection (b, a = ba.chunk(2, -1), as vLLM splits it), A_log and dt_bias fp32. The
+  reference and FLA run the recurrent row's calls on g and beta computed from them (fp32, untimed).
 - "fused_step": flashgdn.gdn_fused_decode_step: hidden_states [B, hidden], w_ba, mixed_qkv
   [B, qkv_dim], conv width 4 with a bias, vLLM's SD conv pool (passed as its transposed view),
   dt_bias bf16 (FlashInfer's contract), the ssm pool; one slot index addresses both pools.
@@ -19,8 +24,9 @@ flashgdn.bench.rows dispatches its rows of these versions here.
 Baselines: FLA (fla-core >= 0.6, fused_recurrent_gated_delta_rule) has no state pool and no
 per-token state slots: a recurrent row's read states are gathered into a dense initial state
 (untimed) and FLA writes only the final state, to a new fp32 tensor. FlashInfer 0.7.2 has no
-decode on precomputed gates; its gdn_fused_decode_step takes an fp32 ssm_state only. "composed"
-is the fused step as an engine runs it today: torch `hidden @ w_ba`, a conv update kernel
+decode on precomputed gates, no varlen decode with vLLM's slots and accepted counts, and its
+gdn_fused_decode_step takes an fp32 ssm_state only. "composed" is the fused step as an engine
+runs it today: torch `hidden @ w_ba`, a conv update kernel
 (causal-conv1d's causal_conv1d_update when importable, else FLA's Triton one, else torch ops:
 CONV_KERNELS) and flashgdn's packed decode.
 """
@@ -39,7 +45,9 @@ from ..validation import Problem
 from .impl import Collected, Impl, Unavailable
 from .metrics import fused_step_bytes, fused_step_flops, gdn_bytes, gdn_flops
 
-ENGINE_VERSIONS = ("packed", "recurrent", "fused_step")
+ENGINE_VERSIONS = ("packed", "recurrent", "sigmoid_vllm", "fused_step")
+# vLLM's two recurrent ops: varlen, [B] or [B, T] slots and accepted counts; precomputed or raw gates
+RECURRENT_VERSIONS = ("recurrent", "sigmoid_vllm")
 SLOT_DTYPE = torch.int32  # ssm_state_indices, num_accepted_tokens, cu_seqlens, state_indices
 CONV_WIDTH = 4  # Qwen3-Next's and Qwen3.5's conv
 FLA_FUNCTION = "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule"
@@ -47,6 +55,8 @@ FLA_RECURRENT_NEEDS = ("state_v_first", "use_qk_l2norm_in_kernel", "output_final
                        "cu_seqlens")
 FLA_RECURRENT_NOTE = ("FLA has no ssm_state_indices: timed on the read states gathered into a dense initial_state "
                       "(untimed), writing only the final state, to a new fp32 tensor")
+FLA_SIGMOID_NOTE = (FLA_RECURRENT_NOTE + "; no raw gates: its recurrent row's call, on g and beta computed from the "
+                    "raw gates (fp32, untimed)")
 PACKED_BASELINE_NOTE = "no packed decode: timed on the unpacked q, k, v, a, b (the pretranspose pool call)"
 
 
@@ -70,7 +80,7 @@ def collected_names(row) -> Tuple[str, str, str]:
     """What the three collected tensors of a row are (the names --verify reports)."""
     if row.version == "fused_step":
         return "output", "ssm state", "conv state"
-    if row.version == "recurrent":
+    if row.version in RECURRENT_VERSIONS:
         return "output", "final state", "per-token states"
     return "output", "state", "intermediate states"
 
@@ -93,18 +103,21 @@ def row_bytes(row) -> int:
     geometry = dict(B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, io_bytes=io, state_bytes=state)
     if row.version == "packed":
         return gdn_bytes(**geometry, gate_bytes=io, dt_bias_bytes=4, index_bytes=SLOT_DTYPE.itemsize)
-    # recurrent: g fp32 and beta; the state read once, written to each token's slot; a slot per
-    # token, cu_seqlens [B + 1], and with T > 1 the accepted counts [B].
+    # vLLM's recurrent ops: the state read once, written to each token's slot; a slot per token,
+    # cu_seqlens [B + 1], and with T > 1 the accepted counts [B]. recurrent: g fp32 and beta, no
+    # A_log or dt_bias; sigmoid_vllm: raw a and b in the io dtype, A_log and dt_bias fp32.
+    gates = (dict(gate_bytes=4, beta_bytes=io, gate_params=False) if row.version == "recurrent"
+             else dict(gate_bytes=io, dt_bias_bytes=4))
     varlen = ((2 if row.T > 1 else 1) * row.B + 1) * SLOT_DTYPE.itemsize
-    return gdn_bytes(**geometry, gate_bytes=4, beta_bytes=io, gate_params=False, state_writes=row.T,
-                     token_index_bytes=SLOT_DTYPE.itemsize) + varlen
+    return gdn_bytes(**geometry, **gates, state_writes=row.T, token_index_bytes=SLOT_DTYPE.itemsize) + varlen
 
 
 def kernel_specs(row, facts: DeviceFacts) -> tuple:
     """The compiled variants an engine row's flashgdn call launches, in launch order
     (flashgdn.engine_specs, on the row's shapes and dtypes: the bench's slot indices are int32, a
     fused_step row's dt_bias bf16)."""
-    entry = {"packed": "packed", "recurrent": "recurrent", "fused_step": "fused-step"}[row.version]
+    entry = {"packed": "packed", "recurrent": "recurrent", "sigmoid_vllm": "sigmoid-vllm",
+             "fused_step": "fused-step"}[row.version]
     return engine_specs.kernel_specs(
         entry, Problem(row.B, row.T, row.H, row.HV, row.K, row.V), facts, io=row.io_torch, state=row.state_torch,
         index=SLOT_DTYPE, dt_bias=torch.bfloat16 if row.version == "fused_step" else torch.float32,
@@ -141,9 +154,11 @@ def packed_inputs(twin_inputs: Dict[str, Optional[torch.Tensor]]) -> Dict[str, O
 
 
 def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
-    """Fresh random inputs of a recurrent row (module docstring): q k v g beta state slots
-    accepted cu_seqlens (accepted None for T = 1). Pool slot 0 is never used; the B*T slots are laid
-    out as row.pool_slots says."""
+    """Fresh random inputs of a recurrent or sigmoid_vllm row (module docstring): q k v, the gates
+    (recurrent: g beta; sigmoid_vllm: a b A_log dt_bias), state slots accepted cu_seqlens (accepted
+    None for T = 1). Both rows draw the same numbers (a sigmoid_vllm row's a and b are the recurrent
+    row's, rounded to the io dtype). Pool slot 0 is never used; the B*T slots are laid out as
+    row.pool_slots says."""
     _, randn, slots, pool, A_log = _random(row, device, seed)
     B, T = row.B, row.T
     io = row.io_torch
@@ -151,12 +166,16 @@ def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     q, k = randn(B, T, row.H, row.K, dtype=io), randn(B, T, row.H, row.K, dtype=io)
     v = randn(B, T, row.HV, row.V, dtype=io)
     a, b, dt_bias = randn(B, T, row.HV, dtype=f32), randn(B, T, row.HV, dtype=f32), randn(row.HV, dtype=f32)
-    g = -A_log.exp() * F.softplus(a + dt_bias)  # the log decay, as vLLM's fused_gdn_gating computes it
+    if row.version == "recurrent":  # the log decay and beta, as vLLM's fused_gdn_gating computes them
+        gates = dict(g=-A_log.exp() * F.softplus(a + dt_bias), beta=b.sigmoid().to(io))
+    else:  # raw, as vLLM's GDN layer passes them: b, a = ba.chunk(2, -1) of its projection [tokens, 2HV]
+        raw_b, raw_a = torch.cat([b, a], -1).flatten(0, 1).to(io).chunk(2, -1)
+        gates = dict(a=raw_a, b=raw_b, A_log=A_log, dt_bias=dt_bias)
     written = B * T * (2 if row.pool_slots == "scattered" else 1)  # slots 1..written
-    inp = dict(q=q, k=k, v=v, g=g, beta=b.sigmoid().to(io), state=pool(written + 1),
+    inp = dict(q=q, k=k, v=v, **gates, state=pool(written + 1),
                slots=slots(B * T, offset=1).view(B, T).to(SLOT_DTYPE), accepted=None, cu_seqlens=None)
     # varlen, as vLLM calls it
-    inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta")})
+    inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta") if n in inp})
     inp["cu_seqlens"] = torch.arange(0, B * T + 1, T, device=device).to(SLOT_DTYPE)
     if T > 1:  # speculative-decode verify
         gen = torch.Generator(device=device)
@@ -194,6 +213,16 @@ def _packed_views(row, mixed: torch.Tensor):
             mixed[:, 2 * HK:].view(B, 1, row.HV, row.V))
 
 
+def precomputed_gates(row, inp) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(g, beta) [1, B*T, HV] of a recurrent or sigmoid_vllm row: the recurrent row's inputs; a
+    sigmoid_vllm row's computed from its raw gates in fp32 (reference.log_gates), for the reference
+    and the baselines."""
+    if row.version == "recurrent":
+        return inp["g"], inp["beta"]
+    g, beta = reference.log_gates(inp["A_log"], inp["a"], inp["dt_bias"], inp["b"])
+    return g.unsqueeze(0), beta.unsqueeze(0)
+
+
 def _recurrent_collect(row, inp):
     def collect(out) -> Collected:
         o = out.view(row.B, row.T, row.HV, row.V)
@@ -228,6 +257,13 @@ def flashgdn_prepare(row, inp):
                 inp["slots"], inp["accepted"], row.l2norm)[0]
 
         return call, _recurrent_collect(row, inp)
+    if row.version == "sigmoid_vllm":
+        def call():
+            return engines.fused_sigmoid_gating_delta_rule_update_vllm(
+                inp["A_log"], inp["a"], inp["b"], inp["dt_bias"], inp["q"], inp["k"], inp["v"], 1.0, 20.0, None,
+                inp["state"], True, inp["cu_seqlens"], inp["slots"], inp["accepted"], row.l2norm)[0]
+
+        return call, _recurrent_collect(row, inp)
     return (lambda: fused_step.gdn_fused_decode_step(**inp)), _fused_collect(inp)
 
 
@@ -242,11 +278,13 @@ def reference_prepare(row, inp):
                 use_qk_l2norm=row.l2norm, initial_state=inp["state"], initial_state_indices=inp["indices"])
 
         return call, lambda ret: (ret[0], ret[1][inp["indices"].long()], None)
-    if row.version == "recurrent":
+    if row.version in RECURRENT_VERSIONS:
+        g, beta = precomputed_gates(row, inp)
+
         def call():
             return reference.fused_recurrent_gated_delta_rule_vllm(
-                inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], None, inp["state"], inp["cu_seqlens"],
-                inp["slots"], inp["accepted"], row.l2norm)
+                inp["q"], inp["k"], inp["v"], g, beta, None, inp["state"], inp["cu_seqlens"], inp["slots"],
+                inp["accepted"], row.l2norm)
 
         return call, _recurrent_collect(row, inp)
     return (lambda: reference.gdn_fused_decode_step(**inp)), _fused_collect(inp)
@@ -256,8 +294,9 @@ def reference_prepare(row, inp):
 
 
 def fla_recurrent_prepare(row, inp):
-    """FLA's fused_recurrent_gated_delta_rule on a recurrent row's precomputed g and beta, from
-    the read states gathered into a dense [B, HV, V, K] initial state (state_v_first)."""
+    """FLA's fused_recurrent_gated_delta_rule on a recurrent row's precomputed g and beta (a
+    sigmoid_vllm row's: precomputed_gates), from the read states gathered into a dense
+    [B, HV, V, K] initial state (state_v_first)."""
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fn
     except Exception as exc:
@@ -268,10 +307,11 @@ def fla_recurrent_prepare(row, inp):
     slots = inp["slots"].long()
     read = slots if row.T == 1 else slots.gather(1, inp["accepted"].long()[:, None] - 1)[:, 0]
     h0 = inp["state"][read].contiguous()
+    g, beta = precomputed_gates(row, inp)
     cu_seqlens = None if inp["cu_seqlens"] is None else inp["cu_seqlens"].long()  # FLA takes a LongTensor
 
     def call():
-        return fla_fn(inp["q"], inp["k"], inp["v"], g=inp["g"], beta=inp["beta"], scale=None, initial_state=h0,
+        return fla_fn(inp["q"], inp["k"], inp["v"], g=g, beta=beta, scale=None, initial_state=h0,
                       output_final_state=True, use_qk_l2norm_in_kernel=row.l2norm, state_v_first=True,
                       cu_seqlens=cu_seqlens)
 

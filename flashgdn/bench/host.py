@@ -37,6 +37,7 @@ import torch
 from .. import api, fastpath
 from ..spec import KernelArgs
 from .cli import _one_line, environment, format_env_line, format_table, progress, supported_gpu, write_outputs
+from .engine_rows import RECURRENT_VERSIONS
 from .rows import Row, call_api, make_inputs, sweep_title
 
 TARGET_RATIO = 1.5  # the issue's target: host time <= 1.5x that of x.add_(1)
@@ -52,10 +53,13 @@ BASELINE = "x.add_(1)"
 ENGINE_FUNCTION = "fused_recurrent_gated_delta_rule_packed_decode"
 # The engine entry points' rows (Case.engine) and the function each times, on the ENGINE_ROW's
 # shape: the packed decode, SGLang's update (q, k, v [1, B, ...] views of one packed row),
-# vLLM's recurrent op (its varlen decode, T = 1, and its varlen speculative verify of MTP_TOKENS tokens
-# per sequence: engine_rows' recurrent inputs) and the fused step (hidden FUSED_STEP_HIDDEN).
+# vLLM's recurrent op and its sigmoid-gating op on raw gates (each: its varlen decode, T = 1, and its
+# varlen speculative verify of MTP_TOKENS tokens per sequence: engine_rows' recurrent inputs) and the
+# fused step (hidden FUSED_STEP_HIDDEN).
 ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_delta_rule_update",
-                    "recurrent": "fused_recurrent_gated_delta_rule", "fused_step": "gdn_fused_decode_step"}
+                    "recurrent": "fused_recurrent_gated_delta_rule",
+                    "sigmoid_vllm": "fused_sigmoid_gating_delta_rule_update_vllm",
+                    "fused_step": "gdn_fused_decode_step"}
 FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
 FLASHINFER_MODULE = "flashinfer.gdn_decode"
 # (API version, pool) of the rows of each API module.
@@ -155,7 +159,7 @@ class Case:
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
-        varlen = " varlen" if self.engine == "recurrent" else ""
+        varlen = " varlen" if self.engine in RECURRENT_VERSIONS else ""
         return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
                 f"output {'given' if self.output_given else 'allocated'}")
 
@@ -180,12 +184,12 @@ def cases(args, flashinfer: bool) -> List[Case]:
 
 def engine_cases(row: Row) -> List[Case]:
     """The engine entry points' cases on the shape of `row` (a one-token pool row): each
-    ENGINE_FUNCTIONS entry, vLLM's recurrent op at T = 1 and T = MTP_TOKENS; the fused step where
-    its contract allows the row (bf16, K = V)."""
-    recurrent = dataclasses.replace(row, version="recurrent")
-    out = [Case("flashgdn", row, engine="packed"), Case("flashgdn", row, engine="sglang", output_given=False),
-           Case("flashgdn", recurrent, engine="recurrent", output_given=False),
-           Case("flashgdn", dataclasses.replace(recurrent, T=MTP_TOKENS), engine="recurrent", output_given=False)]
+    ENGINE_FUNCTIONS entry, vLLM's recurrent op and its sigmoid-gating op each at T = 1 and
+    T = MTP_TOKENS; the fused step where its contract allows the row (bf16, K = V)."""
+    out = [Case("flashgdn", row, engine="packed"), Case("flashgdn", row, engine="sglang", output_given=False)]
+    for version in RECURRENT_VERSIONS:
+        out += [Case("flashgdn", dataclasses.replace(row, version=version, T=T), engine=version, output_given=False)
+                for T in (1, MTP_TOKENS)]
     if row.dtype == "bf16" and row.K == row.V:
         out.append(Case("flashgdn", dataclasses.replace(row, version="fused_step", hidden=FUSED_STEP_HIDDEN),
                         engine="fused_step"))
@@ -243,7 +247,7 @@ def sglang_update_call(row: Row, inp: dict) -> Callable[[], Any]:
 
 def engine_call(case: Case, device, seed: int) -> Callable[[], Any]:
     """The call of an engine case on fresh inputs (rows.make_inputs; engine_rows for vLLM's
-    recurrent op and the fused step, as the engine sweep runs them)."""
+    recurrent ops and the fused step, as the engine sweep runs them)."""
     from .engine_rows import flashgdn_prepare
 
     inp = make_inputs(case.row, device, seed)

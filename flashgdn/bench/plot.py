@@ -16,6 +16,7 @@ API_FUNCTIONS = {
     "mtp": "gated_delta_rule_mtp",
     "packed": "fused_recurrent_gated_delta_rule_packed_decode",
     "recurrent": "fused_recurrent_gated_delta_rule (vLLM)",
+    "sigmoid_vllm": "fused_sigmoid_gating_delta_rule_update (vLLM)",
     "fused_step": "gdn_fused_decode_step",
 }
 MAX_SERIES = 6
