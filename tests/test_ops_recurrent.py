@@ -1,6 +1,7 @@
-"""CPU tests of the torch.library op of vLLM's fused_recurrent_gated_delta_rule (flashgdn.ops): its
-schema, the graph torch.compile captures of a call (one op, fake CUDA tensors, varlen and dense),
-trace-time validation, and that eager calls skip the op.
+"""CPU tests of the torch.library ops of vLLM's fused_recurrent_gated_delta_rule and
+fused_sigmoid_gating_delta_rule_update (flashgdn.ops): their schemas, the graph torch.compile captures
+of a call (one op, fake CUDA tensors, varlen and dense), trace-time validation, and that eager calls
+skip the op.
 """
 from __future__ import annotations
 
@@ -11,34 +12,44 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from flashgdn import engines, recurrent
 from test_ops import Recorder, fake_cuda, fresh_dynamo  # noqa: F401  (fresh_dynamo: an autouse fixture)
 from test_recurrent import LAYOUTS, recurrent_kwargs
+from test_recurrent_sigmoid import LAYOUTS as SIGMOID_LAYOUTS
+from test_recurrent_sigmoid import sigmoid_kwargs
 
 OP = torch.ops.flashgdn.fused_recurrent_gated_delta_rule
 FN = engines.fused_recurrent_gated_delta_rule
+SIGMOID_OP = torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update_vllm
+SIGMOID_FN = engines.fused_sigmoid_gating_delta_rule_update_vllm
+# (function, its op, its valid keyword arguments): each layout of both
+CALLS = {**{f"recurrent-{n}": (FN, OP, lambda n=n: recurrent_kwargs(**LAYOUTS[n])) for n in LAYOUTS},
+         **{f"sigmoid-{n}": (SIGMOID_FN, SIGMOID_OP, lambda n=n: sigmoid_kwargs(**SIGMOID_LAYOUTS[n]))
+            for n in SIGMOID_LAYOUTS}}
 
 
-def op_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (OP, OP.default)]
+def op_nodes(gm, op=OP):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
 
 
-def trace(kw):
+def trace(kw, fn=FN):
     rec = Recorder()
     with FakeTensorMode(allow_non_fake_inputs=True):
         kw = fake_cuda(kw)
-        result = torch.compile(lambda kw: FN(**kw), backend=rec, fullgraph=True)(kw)
+        result = torch.compile(lambda kw: fn(**kw), backend=rec, fullgraph=True)(kw)
     return result, kw, rec.graphs
 
 
-def test_schema_declares_exactly_the_written_arguments():
-    schema = OP.default._schema
+@pytest.mark.parametrize("op", [OP, SIGMOID_OP], ids=["recurrent", "sigmoid"])
+def test_schema_declares_exactly_the_written_arguments(op):
+    schema = op.default._schema
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert written == {"initial_state", "o"} and not schema.returns
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_compiled_call_is_one_op_on_fake_cuda(layout):
-    kw = recurrent_kwargs(**LAYOUTS[layout])
-    (o, state), fkw, graphs = trace(kw)
-    assert len(graphs) == 1 and len(op_nodes(graphs[0])) == 1
+@pytest.mark.parametrize("call", list(CALLS))
+def test_compiled_call_is_one_op_on_fake_cuda(call):
+    fn, op, make = CALLS[call]
+    kw = make()
+    (o, state), fkw, graphs = trace(kw, fn)
+    assert len(graphs) == 1 and len(op_nodes(graphs[0], op)) == 1
     assert state is fkw["initial_state"]
     assert o.shape == kw["v"].shape and o.dtype == kw["q"].dtype and o.device.type == "cuda"
 
@@ -62,20 +73,26 @@ def test_bad_input_raises_its_error_while_tracing():
         trace(kw)
 
 
+def test_bad_softplus_raises_while_tracing():
+    with pytest.raises(Exception, match=r"beta must be > 0"):
+        trace(dict(sigmoid_kwargs(), beta=-1.0), SIGMOID_FN)
+
+
 def test_refused_mode_raises_while_tracing():
     kw = dict(recurrent_kwargs(), inplace_final_state=False)
     with pytest.raises(Exception, match="inplace_final_state=False"):
         trace(kw)
 
 
-def test_eager_calls_do_not_go_through_the_op(monkeypatch):
+@pytest.mark.parametrize("call", ["recurrent-varlen", "sigmoid-varlen-accepted"])
+def test_eager_calls_do_not_go_through_the_op(monkeypatch, call):
     """An eager call runs the eager body (here up to its device check on CPU tensors), never the op."""
-    monkeypatch.setattr(torch.ops.flashgdn, "fused_recurrent_gated_delta_rule",
-                        lambda *a: pytest.fail("the op ran in an eager call"))
+    fn, op, make = CALLS[call]
+    monkeypatch.setattr(torch.ops.flashgdn, op.__name__, lambda *a: pytest.fail("the op ran in an eager call"))
     bodies = []
     monkeypatch.setattr(recurrent, "_recurrent", lambda *a: bodies.append(a))
-    kw = recurrent_kwargs()
-    o, state = FN(**kw)
+    kw = make()
+    o, state = fn(**kw)
     assert len(bodies) == 1 and bodies[0][-1] is o and state is kw["initial_state"]
 
 

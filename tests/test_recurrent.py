@@ -44,11 +44,11 @@ def recurrent_kwargs(*, seed=0, varlen=True, sdt=F32, g_dtype=F32, beta_dtype=BF
     return kw
 
 
-def expect_error(kw, exc, match):
-    """FN(**kw) raises `exc` matching `match` and leaves every tensor argument as it was."""
+def expect_error(kw, exc, match, fn=FN):
+    """fn(**kw) raises `exc` matching `match` and leaves every tensor argument as it was."""
     before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
     with pytest.raises(exc, match=match):
-        FN(**kw)
+        fn(**kw)
     for n, t in before.items():
         assert torch.equal(kw[n], t), f"{n} changed by a call that failed"
 

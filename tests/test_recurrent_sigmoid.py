@@ -1,18 +1,17 @@
 """flashgdn.engines.fused_sigmoid_gating_delta_rule_update_vllm (vLLM's fused_sigmoid_gating_delta_rule_update:
 its recurrent op with the gates computed in the kernel) on the CPU: valid calls in vLLM's layouts
 reach the device check, each bad argument raises naming it with nothing written, the refused modes
-raise, a valid call builds the raw-gate variant on the engine's tensors, and its torch.library op
-traces as one op with fake CUDA tensors."""
+raise, a valid call builds the raw-gate variant on the engine's tensors (its torch.library op:
+tests/test_ops_recurrent.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flashgdn import api, engines, recurrent
 from flashgdn.device import DeviceFacts
 from helpers import BF16, F32
-from test_ops import Recorder, fake_cuda, fresh_dynamo  # noqa: F401  (fresh_dynamo: an autouse fixture)
+import test_recurrent
 from test_recurrent import HV, N, recurrent_kwargs
 
 FN = engines.fused_sigmoid_gating_delta_rule_update_vllm
@@ -36,12 +35,7 @@ def sigmoid_kwargs(*, seed=0, gates_2d=True, gate_dtype=BF16, dt_bias_dtype=F32,
 
 
 def expect_error(kw, exc, match):
-    """FN(**kw) raises `exc` matching `match` and leaves every tensor argument as it was."""
-    before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
-    with pytest.raises(exc, match=match):
-        FN(**kw)
-    for n, t in before.items():
-        assert torch.equal(kw[n], t), f"{n} changed by a call that failed"
+    test_recurrent.expect_error(kw, exc, match, fn=FN)
 
 
 LAYOUTS = {  # vLLM's speculative verify, its decode, a dense batch; gates as vLLM passes them or 3-D
@@ -135,49 +129,6 @@ def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
     assert [f for f in args._fields if getattr(args, f) is None] == [f for f in fakes._fields if getattr(fakes, f) is None]
     FN(**kw)  # the second call of the signature is remembered
     assert len(api._VALIDATED) == 1 and len(launched) == 2
-
-
-# ----------------------------------------------------------------------------- its torch.library op
-
-
-def trace(kw):
-    rec = Recorder()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        kw = fake_cuda(kw)
-        result = torch.compile(lambda kw: FN(**kw), backend=rec, fullgraph=True)(kw)
-    return result, kw, rec.graphs
-
-
-def test_schema_declares_exactly_the_written_arguments():
-    schema = OP.default._schema
-    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert written == {"initial_state", "o"} and not schema.returns
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_compiled_call_is_one_op_on_fake_cuda(layout):
-    kw = sigmoid_kwargs(**LAYOUTS[layout])
-    (o, state), fkw, graphs = trace(kw)
-    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target in (OP, OP.default)]
-    assert len(graphs) == 1 and len(ops) == 1
-    assert state is fkw["initial_state"]
-    assert o.shape == kw["v"].shape and o.dtype == kw["q"].dtype and o.device.type == "cuda"
-
-
-def test_bad_input_raises_its_error_while_tracing():
-    kw = dict(sigmoid_kwargs(), beta=-1.0)
-    with pytest.raises(Exception, match=r"beta must be > 0"):
-        trace(kw)
-
-
-def test_eager_calls_do_not_go_through_the_op(monkeypatch):
-    monkeypatch.setattr(torch.ops.flashgdn, "fused_sigmoid_gating_delta_rule_update_vllm",
-                        lambda *a: pytest.fail("the op ran in an eager call"))
-    bodies = []
-    monkeypatch.setattr(recurrent, "_recurrent", lambda *a: bodies.append(a))
-    kw = sigmoid_kwargs()
-    o, state = FN(**kw)
-    assert len(bodies) == 1 and bodies[0][-1] is o and state is kw["initial_state"]
 
 
 def _op_args(kw, o):
