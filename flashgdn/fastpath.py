@@ -32,7 +32,7 @@ Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flas
 decodes and SGLang's update, which run the pretranspose kernel on the engine's tensors as they are
 (KernelSpec.row_form; SGLang's layouts other than its own keep the geometry of their row views in the
 entry, and the key holds what decides that geometry: the shapes and strides of the viewed tensors);
-flashgdn.recurrent's op (its entry keeps the repacked q/k/v strides); and the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
+vLLM's two recurrent ops (flashgdn.recurrent); and the fused step. The fused step makes two launches, and the conv/gate one writes the conv pool
 before the decode function checks its own tensors: its key also holds every fact the decode
 function checks of the tensors only it gets (dtype, shape, strides, device and address modulo 16
 of A_log, dt_bias, ssm_state and out; it runs eagerly only, so those are real addresses), so that

@@ -37,18 +37,6 @@ NAME = "fused_recurrent_gated_delta_rule"
 SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 
 
-def packed_unit_strides(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a view of it whose size-1 dims have the packed stride of the dims inside them
-    (validation.unit_dims_packed)."""
-    stride = val.unit_dims_packed(t.shape, t.stride())
-    return t if stride == t.stride() else t.as_strided(t.shape, stride, t.storage_offset())
-
-
-def _restrided(t: torch.Tensor, stride) -> torch.Tensor:
-    """`t`, or (stride not None) its view with those strides (packed_unit_strides' result)."""
-    return t if stride is None else t.as_strided(t.shape, stride, t.storage_offset())
-
-
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                 o) -> KernelArgs:
     """The compiled function's arguments of a call, the slots as token slots [N, T] ([N] as
@@ -218,8 +206,8 @@ def _token_gates(q, t):
     the speculative tokens' q, k, v); a view. Anything else as it is (the checks name what is wrong)."""
     if isinstance(t, torch.Tensor) and t.dim() == 2 and isinstance(q, torch.Tensor) and q.dim() == 4:
         tokens = q.shape[0] * q.shape[1]
-        if t.shape[0] >= tokens:
-            return (t if t.shape[0] == tokens else t[:tokens]).unflatten(0, (q.shape[0], q.shape[1]))
+        if t.shape[0] >= tokens:  # splitting dim 0 is a view at any strides
+            return (t if t.shape[0] == tokens else t[:tokens]).view(q.shape[0], q.shape[1], t.shape[1])
     return t
 
 
@@ -280,12 +268,13 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
     `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
     (flashgdn.fastpath) skips the checks: its key holds what the compiled function does not check
     (the batch of sequences and the slot columns, the written pool's and o's layout, cu_seqlens'
-    length, the None pattern, the options) and the shapes and strides of q, k and v, whose size-1
-    strides the entry keeps repacked."""
+    length, the None pattern, the options) and the shapes and strides of q, k and v. q, k and v go
+    as they are: a size-1 dim's stride is never stepped, and neither flashgdn's checks nor the
+    compiled function's check it (vLLM's [1, tokens, ...] views of its projection carry an unpacked
+    one)."""
     def launch(fast):
-        qs, ks, vs = fast.extra
-        fast.fn(*kernel_args(_restrided(q, qs), _restrided(k, ks), _restrided(v, vs), a, b, A_log, dt_bias,
-                             initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, o))
+        fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
+                             num_accepted_tokens, o))
 
     key, done = fastpath.run(api.CHECK_INDICES, lambda: (
         _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
@@ -301,9 +290,8 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
         return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
-    views = [packed_unit_strides(t) for t in (q, k, v)]
-    args = kernel_args(*views, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
+    args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
                        num_accepted_tokens, o)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
                                                      softplus_threshold))
-    api._remember_fast(key, plan, extra=[None if w is t else w.stride() for w, t in zip(views, (q, k, v))])
+    api._remember_fast(key, plan)
