@@ -24,10 +24,10 @@ def _gen(seed):
 
 def recurrent_kwargs(*, seed=0, varlen=True, sdt=F32, g_dtype=F32, beta_dtype=BF16, one_d=False, accepted=True):
     """Valid CPU arguments in vLLM's layouts: varlen q, k, v [1, tokens, ...] views of one packed
-    projection row with sequences of 3, 0 and 2 tokens (T_max = 4), or a dense batch [N, T, ...];
-    slots [N, T] (or [N] for one token), accepted counts 1..T."""
+    projection row with sequences of 3, 0 and 2 tokens (T_max = 4; one token each with slots [N]),
+    or a dense batch [N, T, ...]; slots [N, T] (or [N] for one token), accepted counts 1..T."""
     gen = _gen(seed)
-    tokens = 5 if varlen else N * (1 if one_d else T)
+    tokens = (N if one_d else 5) if varlen else N * (1 if one_d else T)
     width = 2 * H * K + HV * V
     mixed = torch.randn(tokens, width + 24, generator=gen).to(BF16)[:, :width]
     lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unflatten(0, (N, tokens // N)))
@@ -36,7 +36,7 @@ def recurrent_kwargs(*, seed=0, varlen=True, sdt=F32, g_dtype=F32, beta_dtype=BF
         v=lead(mixed[:, 2 * H * K:].unflatten(1, (HV, V))),
         g=lead(-torch.rand(tokens, HV, generator=gen).to(g_dtype)), beta=lead(torch.rand(tokens, HV, generator=gen).to(beta_dtype)),
         scale=None, initial_state=make_state(P, HV, V, K, sdt, pad=16, seed=seed + 1), inplace_final_state=True,
-        cu_seqlens=torch.tensor([0, 3, 3, 5], dtype=I32) if varlen else None,
+        cu_seqlens=(torch.arange(N + 1, dtype=I32) if one_d else torch.tensor([0, 3, 3, 5], dtype=I32)) if varlen else None,
         ssm_state_indices=(torch.arange(1, N + 1, dtype=I32) if one_d else torch.arange(1, N * T + 1, dtype=I32).view(N, T)),
         num_accepted_tokens=torch.tensor([1, 2, 4][:N], dtype=I64) if accepted and not one_d else None,
         use_qk_l2norm_in_kernel=True,
