@@ -40,8 +40,16 @@ SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                 o) -> KernelArgs:
     """The compiled function's arguments of a call, the slots as token slots [N, T] ([N] as
-    [N, 1]). Precomputed gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates)."""
+    [N, 1]), the slot table and the accepted counts cut to the N sequences (vLLM passes them padded
+    to its CUDA-graph batch; the rows past N are not read). Precomputed gates (A_log None): a is g
+    and b is beta (KernelSpec.precomputed_gates)."""
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
+    if slots.shape[0] != N:
+        slots = slots[:N]
+        num_accepted_tokens = None if num_accepted_tokens is None else num_accepted_tokens[:N]
+    elif num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N:
+        num_accepted_tokens = num_accepted_tokens[:N]
     return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o, slots,
                       cu_seqlens)
 
@@ -121,11 +129,16 @@ def _check(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, sca
                 f"without cu_seqlens every sequence has q.shape[1] = {rows} tokens: ssm_state_indices must have "
                 f"shape [{N}, {rows}] (a slot per token){' or [N] for one token' if rows == 1 else ''}, "
                 f"got {list(ssm_state_indices.shape)}")
-    if ssm_state_indices.shape[0] != N:
-        raise ValueError(f"ssm_state_indices must have {N} rows (one per sequence), got {list(ssm_state_indices.shape)}")
+    # vLLM pads the slot table and the accepted counts to its CUDA-graph batch: rows past N are not read
+    if ssm_state_indices.shape[0] < N:
+        raise ValueError(f"ssm_state_indices must have at least {N} rows (one per sequence), "
+                         f"got {list(ssm_state_indices.shape)}")
     if num_accepted_tokens is not None:
-        val.check_tensor("num_accepted_tokens", num_accepted_tokens, val.INDEX_DTYPES, (N,))
+        val.check_tensor("num_accepted_tokens", num_accepted_tokens, val.INDEX_DTYPES, (None,))
         val.check_inner_contiguous("num_accepted_tokens", num_accepted_tokens, 1, align_leading=False)
+        if num_accepted_tokens.shape[0] < N:
+            raise ValueError(f"num_accepted_tokens must have at least {N} entries (one per sequence), "
+                             f"got {list(num_accepted_tokens.shape)}")
     p = val.Problem(N, T, H, HV, K, V)
     val.check_state("initial_state", initial_state, (None,), p, layout="klast")
     val.check_scale(scale)
@@ -250,6 +263,9 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     if is_kda:
         raise NotImplementedError(f"{SIGMOID_NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
     _check_refused(SIGMOID_NAME, initial_state, inplace_final_state, ssm_state_indices)
+    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):  # None would select precomputed gates
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     a, b = _token_gates(q, a), _token_gates(q, b)
     o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
     if api._is_compiling():

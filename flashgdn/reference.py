@@ -252,12 +252,13 @@ def fused_recurrent_gated_delta_rule_vllm(
     sequence at a time: g log decay, beta [B, T, HV]; sequence i (rows cu_seqlens[i]..[i + 1] of
     dim 1, or row i of a dense batch) reads slot ssm_state_indices[i, num_accepted_tokens[i] - 1]
     and writes the state after its token t to slot ssm_state_indices[i, t] (in place, the pool's
-    dtype); a slot <= 0 is padding (read: zero output, nothing written) or not written. Returns
-    the output (v's shape, q's dtype; NaN in rows of no sequence)."""
+    dtype); a slot <= 0 is padding (read: zero output, nothing written) or not written; rows of
+    the slot table and accepted counts past the N sequences (a CUDA-graph batch's padding) are not
+    read. Returns the output (v's shape, q's dtype; NaN in rows of no sequence)."""
     idx = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices[:, None]
     out = torch.full(v.shape, float("nan"), dtype=q.dtype, device=q.device)
     HV = v.shape[2]
-    for i in range(idx.shape[0]):
+    for i in range(q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1):
         if cu_seqlens is None:
             row, start, n = i, 0, q.shape[1]
         else:

@@ -325,7 +325,7 @@ def test_engine_decode_loop_example_on_the_gpu(engine):
 
 RECURRENT_CASES = [
     dict(varlen=True, lengths=[3, 1, 0, 4, 2, 4, 3], T=4, H=2, HV=4, K=128, V=128, sdt=F32, gdt=F32, bdt=BF16,
-         acc=True, l2=True, scale=None),
+         acc=True, l2=True, scale=None, padded_table=True),
     dict(varlen=True, lengths=[2, 2, 1, 2] * 3, T=2, H=2, HV=8, K=64, V=128, sdt=BF16, gdt=BF16, bdt=BF16,
          acc=False, l2=False, scale=0.1, cu_dtype=torch.int64),
     dict(varlen=False, N=5, T=3, H=1, HV=4, K=128, V=64, sdt=BF16, gdt=F32, bdt=F32, acc=True, l2=True, scale=None,
@@ -421,6 +421,9 @@ def check_vllm_recurrent(case, raw_gates: bool):
         if c.get("idx_column"):  # a column of a block table: stride 2
             idx = torch.stack([idx, idx + 1], 1)[:, 0]
     acc_dev = None if acc is None else acc.to(DEV)
+    if c.get("padded_table"):  # vLLM's CUDA-graph batch: rows past the N sequences (not read)
+        idx = torch.cat([idx, torch.full((3, *idx.shape[1:]), -1, dtype=idx.dtype, device=DEV)])
+        acc_dev = None if acc_dev is None else torch.cat([acc_dev, torch.full((3,), 99, device=DEV)])
     real, pad, written = recurrent_expectations(table, acc, lengths, q.shape[0] * q.shape[1])
     assert real.any() and pad.any() and len(set(written)) == len(written)
     flat_before, idx_before, cu_before = flat.clone(), idx.clone(), None if cu is None else cu.clone()

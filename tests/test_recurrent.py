@@ -100,7 +100,7 @@ BAD = {
     "indices-3d": (lambda kw: kw.update(ssm_state_indices=kw["ssm_state_indices"][..., None]), ValueError,
                    r"^ssm_state_indices must have shape \[\*\]"),
     "indices-rows": (lambda kw: kw.update(ssm_state_indices=kw["ssm_state_indices"][:2]), ValueError,
-                     r"^ssm_state_indices must have 3 rows"),
+                     r"^ssm_state_indices must have at least 3 rows"),
     "indices-columns": (lambda kw: kw.update(ssm_state_indices=torch.ones(N, 17, dtype=I32)), ValueError,
                         r"^ssm_state_indices.shape\[1\] .* must be in \[1, 16\], got 17"),
     "indices-last-dim": (lambda kw: kw.update(ssm_state_indices=_bad_last_dim(kw["ssm_state_indices"])), ValueError,
@@ -112,7 +112,7 @@ BAD = {
     "cu-batch": (lambda kw: kw.update(**{n: torch.cat([kw[n]] * 2) for n in ("q", "k", "v", "g", "beta")}),
                  ValueError, r"^with cu_seqlens, q must have shape \[1, tokens, H, K\]"),
     "accepted-shape": (lambda kw: kw.update(num_accepted_tokens=kw["num_accepted_tokens"][:2]), ValueError,
-                       r"^num_accepted_tokens must have shape \[3\]"),
+                       r"^num_accepted_tokens must have at least 3 entries"),
     "accepted-dtype": (lambda kw: kw.update(num_accepted_tokens=kw["num_accepted_tokens"].float()), TypeError,
                        r"^num_accepted_tokens must have dtype int32 or int64"),
     "state-shape": (lambda kw: kw.update(initial_state=kw["initial_state"].transpose(-1, -2)), ValueError,
@@ -171,6 +171,23 @@ def test_a_valid_call_builds_its_variant(monkeypatch, layout):
     assert [f for f in args._fields if getattr(args, f) is None] == [f for f in fakes._fields if getattr(fakes, f) is None]
     FN(**kw)  # the second call of the signature is remembered
     assert len(api._VALIDATED) == 1 and len(launched) == 2
+
+
+def test_a_padded_slot_table_gives_its_first_rows(monkeypatch):
+    """vLLM pads the slot table and the accepted counts to its CUDA-graph batch: the kernel gets
+    the rows of the N sequences (views)."""
+    launched = []
+    monkeypatch.setattr(api, "_VALIDATED", {})
+    monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
+    monkeypatch.setattr(api, "_launch", lambda plan, layout, args, options: launched.append(args))
+    kw = recurrent_kwargs()
+    idx, acc = kw["ssm_state_indices"], kw["num_accepted_tokens"]
+    kw.update(ssm_state_indices=torch.cat([idx, torch.full((2, T), -1, dtype=I32)]),
+              num_accepted_tokens=torch.cat([acc, torch.full((2,), 9, dtype=I64)]))
+    FN(**kw)
+    args = launched[0]
+    assert torch.equal(args.token_state_indices, idx) and torch.equal(args.accepted_tokens, acc)
+    assert args.token_state_indices.data_ptr() == kw["ssm_state_indices"].data_ptr()
 
 
 def test_no_tokens_launch_nothing(monkeypatch):

@@ -53,6 +53,8 @@ def test_valid_inputs_reach_the_device_check(layout):
 
 BAD = {
     "is-kda": (lambda kw: kw.update(is_kda=True), NotImplementedError, r"is_kda=True .* not supported"),
+    "no-A_log": (lambda kw: kw.update(A_log=None), TypeError, r"^A_log must be a torch.Tensor, got NoneType"),
+    "no-dt_bias": (lambda kw: kw.update(dt_bias=None), TypeError, r"^dt_bias must be a torch.Tensor, got NoneType"),
     "inplace-false": (lambda kw: kw.update(inplace_final_state=False), NotImplementedError,
                       r"^fused_sigmoid_gating_delta_rule_update\(inplace_final_state=False\)"),
     "no-initial-state": (lambda kw: kw.update(initial_state=None), ValueError, r"initial_state .* is required"),
