@@ -161,14 +161,14 @@ def fused_recurrent_op(
     cu_seqlens: Optional[Tensor], ssm_state_indices: Tensor, num_accepted_tokens: Optional[Tensor],
     use_qk_l2norm_in_kernel: bool, o: Tensor,
 ) -> None:
-    recurrent._recurrent(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
-                         num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+    recurrent._recurrent(q, k, v, g, beta, *recurrent.PRECOMPUTED, scale, initial_state, cu_seqlens,
+                         ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
 
 
 @fused_recurrent_op.register_fake
 def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
       use_qk_l2norm_in_kernel, o):
-    recurrent._check(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
+    recurrent._check(q, k, v, g, beta, *recurrent.PRECOMPUTED, scale, initial_state, cu_seqlens, ssm_state_indices,
                      num_accepted_tokens)
 
 

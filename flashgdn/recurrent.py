@@ -35,6 +35,9 @@ from .spec import MAX_TOKENS, KernelArgs
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "fused_recurrent_gated_delta_rule"
 SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
+# (A_log, dt_bias, softplus beta, softplus threshold) of a call on precomputed gates: no raw-gate
+# parameters (KernelSpec.precomputed_gates), the softplus at its defaults (unused)
+PRECOMPUTED = (None, None, 1.0, 20.0)
 
 
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
@@ -47,8 +50,7 @@ def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_st
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
     if slots.shape[0] != N:
         slots = slots[:N]
-        num_accepted_tokens = None if num_accepted_tokens is None else num_accepted_tokens[:N]
-    elif num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N:
+    if num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N:
         num_accepted_tokens = num_accepted_tokens[:N]
     return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o, slots,
                       cu_seqlens)
@@ -208,7 +210,7 @@ def fused_recurrent_gated_delta_rule(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
             use_qk_l2norm_in_kernel, o)
     else:
-        _recurrent(q, k, v, g, beta, None, None, 1.0, 20.0, scale, initial_state, cu_seqlens, ssm_state_indices,
+        _recurrent(q, k, v, g, beta, *PRECOMPUTED, scale, initial_state, cu_seqlens, ssm_state_indices,
                    num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     return o, initial_state
 

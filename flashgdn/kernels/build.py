@@ -73,8 +73,12 @@ def fake_arguments(spec: AnySpec):
     # Packed and flat rows (KernelSpec.row_form): the engine's tensors as they are, its slot indices of
     # any stride; the launch views them (DecodeKernel.batch_rows).
     packed, engine_rows = spec.row_form == "packed", spec.row_form != "batch"
-    slot_index = (lambda: _strided(idx_t, (B,), 1, inner_static=())) if engine_rows else (  # noqa: E731
-        lambda: make_fake_tensor(idx_t, (B,), stride=(1,)))
+
+    def slot_index():
+        if engine_rows:
+            return _strided(idx_t, (B,), 1, inner_static=())
+        return make_fake_tensor(idx_t, (B,), stride=(1,))
+
     return KernelArgs(
         q=_strided(io, (B, 2 * H * K + HV * V) if packed else (*lead, H, K), io_div),
         k=None if packed else _strided(io, (*lead, H, K), io_div),
