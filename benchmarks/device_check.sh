@@ -51,7 +51,7 @@ sanitize)
   # points, not kernel accesses: the kernels' errors show as "Invalid __global__/__shared__ ...".
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "tensor_core or commit_equals or fp16 or out_of_range" \
     > "$out/mc1.log" 2>&1 &
-  $sanitizer --tool memcheck $pytest tests/test_engines_gpu.py tests/test_fused_step_gpu.py \
+  $sanitizer --tool memcheck $pytest tests/test_engines_gpu.py tests/test_engines_sglang_gpu.py tests/test_fused_step_gpu.py \
     tests/test_flashinfer_patterns_gpu.py -k "(vllm or padded or matches_reference or matches_the_contract) and not graph" > "$out/mc2.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py \
     -k "(commit_equals and (2-3-2 or 3-7-1)) or (tensor_core_verify_outputs and 3-100)" > "$out/rc1.log" 2>&1 &

@@ -71,6 +71,7 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         accepted_dtype="int32" if args.accepted_tokens is None else name(args.accepted_tokens.dtype),
         varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
         replay_cache=args.replay_v is not None, row_form=row_form(args),
+        intermediate_rows=None if args.intermediate_indices is None else name(args.intermediate_indices.dtype),
     )
 
 
@@ -141,7 +142,9 @@ def _validated(check, *args, options=()) -> _Plan:
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
                         initial_state_indices, output_state_indices, intermediate_states_buffer,
-                        disable_state_update, softplus_beta, softplus_threshold):
+                        disable_state_update, softplus_beta, softplus_threshold, intermediate_rows=None):
+    """`intermediate_rows` (flashgdn.sglang: SGLang's intermediate_state_indices) the buffer row of
+    each batch row (_check_intermediate)."""
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     if p.T == 1:
         if intermediate_states_buffer is not None:
@@ -163,23 +166,31 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
         val.check_state("state", pool, (p.B,), p, layout="klast", written=written)
-    _check_intermediate(intermediate_states_buffer, pool, p)
+    _check_intermediate(intermediate_states_buffer, pool, p, intermediate_rows)
     return p, _check_common(
         p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
         dt_bias=dt_bias, state=pool, initial_state_indices=initial_state_indices,
         output_state_indices=output_state_indices, intermediate_states_buffer=intermediate_states_buffer,
+        intermediate_state_indices=intermediate_rows,
     )
 
 
-def _check_intermediate(buffer, pool, p: val.Problem) -> None:
+def _check_intermediate(buffer, pool, p: val.Problem, rows=None) -> None:
     """intermediate_states_buffer [>= B, >= T, HV, V, K] of the state's dtype: batch row i writes
-    buffer[i, t] (engines pass their whole buffer)."""
+    buffer[i, t] (engines pass their whole buffer); with `rows` (SGLang's intermediate_state_indices
+    [>= B], any stride) buffer[rows[i], t], and the buffer may have any number of rows."""
     if buffer is None:
         return
     val.check_state("intermediate_states_buffer", buffer, (None, None), p, layout="klast", dtype=pool.dtype, inner=3)
-    if buffer.shape[0] < p.B or buffer.shape[1] < p.T:
+    if rows is not None:
+        val.check_tensor("intermediate_state_indices", rows, val.INDEX_DTYPES, (None,))
+        if rows.shape[0] < p.B:
+            raise ValueError(f"intermediate_state_indices must have at least B={p.B} entries (one per "
+                             f"sequence), got {list(rows.shape)}")
+    if buffer.shape[0] < (1 if rows is not None else p.B) or buffer.shape[1] < p.T:
+        least = "1" if rows is not None else f"B={p.B}"
         raise ValueError(
-            f"intermediate_states_buffer must have shape [>= B={p.B}, >= T={p.T}, ...], got {list(buffer.shape)}"
+            f"intermediate_states_buffer must have shape [>= {least}, >= T={p.T}, ...], got {list(buffer.shape)}"
         )
 
 

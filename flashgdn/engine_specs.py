@@ -3,7 +3,7 @@ decode step (flashgdn.fused_step) look up, without a GPU: what `flashgdn-precomp
 builds and what the benchmark's engine rows compile (flashgdn.bench.engine_rows).
 
 Each entry's variants come from api.kernel_spec on meta tensors of the call's shapes, handed
-through the entry point's own argument list (engines._packed_args, engines._sigmoid_args,
+through the entry point's own argument list (engines._packed_args, sglang.kernel_args,
 recurrent.kernel_args, the fused step's workspace views), so that they are the variants a call
 with those shapes, dtypes and options looks up (tests/test_precompile_entries.py runs the calls).
 """
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import api, engines, fused_step, recurrent
+from . import api, engines, fused_step, recurrent, sglang
 from .device import DeviceFacts
 from .spec import KernelArgs
 from .validation import Problem
@@ -22,7 +22,7 @@ from .validation import Problem
 # own layout, vLLM's recurrent op on precomputed gates and its sigmoid-gating op on raw ones, the fused
 # decode step (docs/engines.md).
 ENTRIES = ("packed", "packed-vllm", "sglang", "recurrent", "sigmoid-vllm", "fused-step")
-ONE_TOKEN = ("packed", "packed-vllm", "sglang", "fused-step")  # decode one token per sequence only
+ONE_TOKEN = ("packed", "packed-vllm", "fused-step")  # decode one token per sequence only
 
 
 def meta(dtype: torch.dtype, *shape: int) -> torch.Tensor:
@@ -36,7 +36,8 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
                  state_padding: int = 0, hidden: int = 2048, conv_width: int = 4, conv_bias: bool = True,
                  regime: Optional[str] = None) -> tuple:
     """The variants (KernelSpec, or ConvGateSpec) a call of `entry` (ENTRIES) with the problem `p`
-    looks up, in launch order. p.B sequences of p.T tokens (T > 1: vLLM's two recurrent ops only);
+    looks up, in launch order. p.B sequences of p.T tokens (T > 1: vLLM's two recurrent ops, and
+    SGLang's target verify: the pool frozen, the state after every token into its buffer);
     io: q, k, v (mixed_qkv) and the output; state: the K-last pool [P, HV, V, K], its rows padded
     by `state_padding` elements (a strided state); index: the slot indices (vLLM's recurrent ops:
     also cu_seqlens and num_accepted_tokens; "fused-step" takes int32 only); gate: a and b of the
@@ -56,9 +57,14 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
         args = engines._packed_args(meta(io, B, 2 * H * K + HV * V), meta(gate, B, HV), meta(gate, B, HV), A_log, dt,
                                     pool, meta(io, B, 1, HV, V), meta(index, B), vllm_padding=entry == "packed-vllm")
     elif entry == "sglang":
-        q, v = meta(io, 1, B, H, K), meta(io, 1, B, HV, V)
-        args = engines._sigmoid_args(q, q, v, meta(gate, B, HV), meta(gate, B, HV), A_log, dt, pool, meta(index, B),
-                                     meta(io, 1, B, HV, V), None)
+        # SGLang's layout: its decode (T = 1, as it is) or its target verify (views [B, T, ...], the
+        # speculative buffer with its int32 row table)
+        q, v, ab = meta(io, 1, B * T, H, K), meta(io, 1, B * T, HV, V), meta(gate, B * T, HV)
+        verify = T > 1
+        inter, rows = (meta(state, B + 1, T, HV, V, K), meta(torch.int32, B + 1)) if verify else (None, None)
+        geometry = [sglang._row_geometry(t, True, T) for t in (q, q, v, ab, ab, v)] if verify else None
+        args = sglang.kernel_args(q, q, v, ab, ab, A_log, dt, pool, meta(index, B), inter, rows, v, geometry)
+        options = options._replace(update_state=not verify)
     elif entry in ("recurrent", "sigmoid-vllm"):
         # As vLLM calls them: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)
         # with slots [B], its verify (T > 1) with slots [B, T] and accepted counts; precomputed gates

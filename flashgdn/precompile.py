@@ -19,7 +19,9 @@ from meta tensors of their calls, through each entry point's own argument list):
     packed        flashgdn.engines.fused_recurrent_gated_delta_rule_packed_decode (SGLang's rule)
     packed-vllm   fused_recurrent_gated_delta_rule_packed_decode_vllm (vLLM's rule)
     sglang        fused_sigmoid_gating_delta_rule_update in SGLang's own layout (varlen q/k/v
-                  [1, N, ...] with cu_seqlens, a and b [N, HV])
+                  [1, N * T, ...] with cu_seqlens, a and b [N * T, HV]): T = 1 its decode, T > 1
+                  its target verify (the state after every token into its speculative buffer),
+                  for each --seq-len
     recurrent     fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates: g fp32, beta in
                   --io-dtype), varlen as vLLM calls it: T = 1 its decode, T > 1 its verify with
                   accepted counts, for each --seq-len; --index-dtype is that of the slots,
@@ -30,7 +32,7 @@ from meta tensors of their calls, through each entry point's own argument list):
     fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
                   --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
 
-The one-token entries (packed, packed-vllm, sglang, fused-step) build their T = 1 variant whatever
+The one-token entries (packed, packed-vllm, fused-step) build their T = 1 variant whatever
 --seq-len says. --gate-dtype is that of a and b (packed, sglang, sigmoid-vllm), --dt-bias-dtype that
 of dt_bias (all but recurrent). A vLLM deployment with speculative decoding (3 draft tokens), whose
 GDN layer runs the packed decode and, for the verify, its sigmoid-gating op, say:
@@ -162,7 +164,7 @@ def _torch_dtype(name: str):
 
 def _engine_specs(args: argparse.Namespace, entry: str, state: str, facts) -> list:
     """The variants of a serving engine's entry point (flashgdn.engine_specs): its T = 1 decode; the
-    recurrent ops', for each --seq-len T (varlen; T > 1: vLLM's verify); per index dtype (the
+    recurrent ops' and SGLang's, for each --seq-len T (T > 1: the engine's verify); per index dtype (the
     fused step's indices are int32) and regime."""
     from .validation import Problem
 

@@ -77,8 +77,11 @@ def _decode(
     q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, layout, scale, use_qk_l2norm,
     output, intermediate_states_buffer=None, update_state=True, accepted_tokens=None,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32, token_slots=None,
-    zero_padding_output=True,
+    zero_padding_output=True, intermediate_rows=None,
 ):
+    """The decode of B rows of T tokens. `intermediate_rows` [>= B] (SGLang's target verify): row i
+    writes its states to intermediate_states_buffer[intermediate_rows[i]] (negative: nowhere; past
+    the buffer: NaN output, nothing written) instead of buffer row i."""
     B, T = q.shape[:2]
     HV, V = v.shape[2], v.shape[3]
     out_dtype = q.dtype if output is None else output.dtype
@@ -96,6 +99,10 @@ def _decode(
         bad |= run & ((accepted_tokens < 0) | (accepted_tokens > T))
     if token_slots is not None:
         bad |= run & (token_slots >= pool.shape[0]).any(1)
+    inter_rows = torch.arange(B, device=q.device)
+    if intermediate_states_buffer is not None and intermediate_rows is not None:
+        inter_rows = intermediate_rows[:B].long()
+        bad |= run & (inter_rows >= intermediate_states_buffer.shape[0])
     out[bad] = float("nan")
     run &= ~bad
     rows = torch.nonzero(run).flatten()
@@ -111,8 +118,10 @@ def _decode(
         out[rows] = o.to(out_dtype)
         as_stored = (lambda s: s.transpose(-1, -2)) if layout == "klast" else (lambda s: s)
         if intermediate_states_buffer is not None:
+            dst = inter_rows[rows]
+            keep = dst >= 0
             for t, s in enumerate(states):
-                intermediate_states_buffer[rows, t] = as_stored(s).to(intermediate_states_buffer.dtype)
+                intermediate_states_buffer[dst[keep], t] = as_stored(s[keep]).to(intermediate_states_buffer.dtype)
         if token_slots is not None:  # the state after token t to its slot; no final write-back
             for t, s in enumerate(states):
                 slots = token_slots[rows, t].long()

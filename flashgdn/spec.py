@@ -41,7 +41,9 @@ class KernelArgs(NamedTuple):
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log, dt_bias [HV]; state
     [P, HV, V, K] ("klast") or [P, HV, K, V] ("kmajor"), P = B for a dense state; state_indices,
     output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
-    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token).
+    output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token);
+    intermediate_indices [>= B] (KernelSpec.intermediate_rows: batch row b writes its states to
+    intermediate_states[intermediate_indices[b]] instead of row b; negative: none).
     Precomputed gates (KernelSpec.precomputed_gates): a holds the log decay g, b holds beta, A_log
     and dt_bias are None. Varlen (KernelSpec.varlen): q, k, v, a, b and output hold the tokens of
     all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
@@ -70,6 +72,7 @@ class KernelArgs(NamedTuple):
     replay_k: Any = None
     replay_g: Any = None
     replay_beta: Any = None
+    intermediate_indices: Any = None
 
 
 class CommitArgs(NamedTuple):
@@ -165,6 +168,9 @@ class KernelSpec:
     # output are [1, B, ...] (B one-token sequences in dim 1), a and b [B, HV]. Both take slot
     # indices of any stride (a column of a block table).
     row_form: str = "batch"
+    # SGLang's target verify: the dtype of KernelArgs.intermediate_indices, the intermediate
+    # buffer's row of each batch row (None: row b writes buffer row b).
+    intermediate_rows: Optional[str] = None
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
@@ -196,6 +202,9 @@ class KernelSpec:
             (self.row_form in ROW_FORMS, f"row_form must be one of {ROW_FORMS}"),
             (self.row_form == "batch" or (self.layout == "klast" and not self.multi_token and self.varlen is None),
              "packed and flat rows are for the K-last T = 1 decode"),
+            (self.intermediate_rows in (None,) + INDEX_DTYPES,
+             f"intermediate_rows must be None or one of {INDEX_DTYPES}"),
+            (self.intermediate_rows is None or self.has_intermediate, "intermediate rows need intermediates"),
         ))
 
     @property
@@ -236,6 +245,7 @@ class KernelSpec:
             (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
             (self.pdl_wait, "pdl"), (self.row_form != "batch", self.row_form),
+            (self.intermediate_rows is not None, "interrows"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

@@ -286,6 +286,29 @@ def remembered(memo: dict, check, args: tuple, options: tuple = (), make=None):
     return hit
 
 
+_CHECKED: dict = {}  # (check, call signature) -> what the check returned (checked)
+
+
+def checked(check, *args):
+    """check(*args), remembered per call signature (remembered): the engine entry points' own
+    checks. While torch.compile traces, tensors have no address: the check runs every time."""
+    if torch.compiler.is_compiling():
+        return check(*args)
+    return remembered(_CHECKED, check, args)
+
+
+def stride1_indices(slots: torch.Tensor) -> torch.Tensor:
+    """An engine's slot indices [N] with stride 1, as flashgdn's pretranspose checks (and the
+    kernels of flashgdn's own functions) take them. The engines' kernels take a strided index
+    vector (vLLM's eager path passes a column of its block table): N > 1 integers are copied (one
+    small kernel); one index is viewed with stride 1 (never stepped)."""
+    if slots.stride(0) == 1:
+        return slots
+    if slots.shape[0] <= 1:
+        return slots.as_strided(slots.shape, (1,), slots.storage_offset())
+    return slots.contiguous()
+
+
 def packed_heads(width: int, HV: int, V: int, K: int) -> int:
     """H of a packed q | k | v row of `width` channels (2 H K + HV V), or 0 where the width does
     not split into H >= 1 heads that divide HV."""

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from flashgdn import engines, fused_step
+from flashgdn import engines, fused_step, validation
 from flashgdn import reference as ref
 from flashgdn.bench import cli, engine_rows
 from flashgdn.bench.metrics import fused_step_bytes, gdn_bytes
@@ -208,7 +208,7 @@ def test_row_specs_are_what_flashgdn_looks_up(r, monkeypatch):
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
     looked_up = stub_kernel_lookups(monkeypatch, facts)
     monkeypatch.setattr(fused_step, "facts_of", lambda device: facts)
-    monkeypatch.setattr(engines, "_CHECKED", {})
+    monkeypatch.setattr(validation, "_CHECKED", {})
     monkeypatch.setattr(fused_step, "_VALIDATED", {})
     monkeypatch.setattr(fused_step, "_WORKSPACES", {})
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)

@@ -75,16 +75,18 @@ VARIANTS = [
      dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # the tensor cores by the tuning runs' 2-tuple tile: a state per token (intermediates with accepted
-    # counts; token slots), an fp32 state (hi + lo operands, fp32 update)
-    ("mtp-mma-T4-inter-accepted-tile42-large-bfloat16",
+    # counts, at SGLang's buffer row table; token slots), an fp32 state (hi + lo operands, fp32 update)
+    ("mtp-mma-T4-inter-accepted-interrows-tile42-large-bfloat16",
      dict(T=4, regime="large", state="bfloat16", index_dtype="int32", has_intermediate=True, has_accepted=True,
-          tile=(4, 2))),
+          intermediate_rows="int64", tile=(4, 2))),
     ("mtp-mma-T8-tokslots-tile41-large-float32",
      dict(T=8, regime="large", state="float32", index_dtype="int64", has_token_slots=True, zero_padding_output=False,
           tile=(4, 1))),
-    # T=1 through the MTP entry point (intermediates, accepted counts build the multi-token kernel), K=64
-    ("mtp-T1-inter-accepted-K64V64-small-float32",
-     dict(T=1, K=64, V=64, state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True)),
+    # T=1 through the MTP entry point (intermediates, accepted counts build the multi-token kernel), K=64,
+    # the intermediates at a row table (SGLang's target verify)
+    ("mtp-T1-inter-accepted-interrows-K64V64-small-float32",
+     dict(T=1, K=64, V=64, state="float32", index_dtype="int32", has_intermediate=True, has_accepted=True,
+          intermediate_rows="int32")),
     # head dims
     ("klast-T1-K64V64-small-float32", dict(K=64, V=64)),
     ("klast-T1-K256V256-small-float32", dict(K=256, V=256)),

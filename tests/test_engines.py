@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flashgdn import api, engines, fastpath
+from flashgdn import validation as val
 
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import KernelArgs
@@ -120,13 +121,15 @@ def packed_kwargs(*, seed=0, sdt=F32, io=BF16, n=N, h=H, hv=HV, k=K, v=V, row_pa
     )
 
 
-def sigmoid_kwargs(*, seed=0, varlen=True, sdt=F32, gates_3d=False, n=N):
-    """Valid CPU arguments of SGLang's decode: q, k, v views of one packed projection row, in the
-    varlen layout [1, n, ...] with cu_seqlens = arange(n + 1), or [n, 1, ...] without."""
+def sigmoid_kwargs(*, seed=0, varlen=True, sdt=F32, gates_3d=False, n=N, tokens=1):
+    """Valid CPU arguments of SGLang's decode (`tokens` 1) or of the tokens of its target verify
+    without the verify's own arguments: q, k, v views of one packed projection row per token, in the
+    varlen layout [1, n * tokens, ...] with cu_seqlens = arange(0, n * tokens + 1, tokens), or
+    [n, tokens, ...] without."""
     gen = _gen(seed)
-    mixed = torch.randn(n, WIDTH + 24, generator=gen).to(BF16)[:, :WIDTH]
-    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unsqueeze(1))
-    ab = torch.randn(n, 2 * HV + 8, generator=gen).to(BF16)
+    mixed = torch.randn(n * tokens, WIDTH + 24, generator=gen).to(BF16)[:, :WIDTH]
+    lead = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t.unflatten(0, (n, tokens)))
+    ab = torch.randn(n * tokens, 2 * HV + 8, generator=gen).to(BF16)
     a, b = ab[:, HV:2 * HV], ab[:, :HV]
     if gates_3d:
         a, b = lead(a), lead(b)
@@ -138,7 +141,7 @@ def sigmoid_kwargs(*, seed=0, varlen=True, sdt=F32, gates_3d=False, n=N):
         initial_state_source=make_state(P, HV, V, K, sdt, pad=16, seed=seed + 1),
         initial_state_indices=torch.tensor([3, 0, -1, 5], dtype=torch.int32)[:n],
         use_qk_l2norm_in_kernel=True,
-        cu_seqlens=torch.arange(n + 1, dtype=torch.int32) if varlen else None,
+        cu_seqlens=torch.arange(0, n * tokens + 1, tokens, dtype=torch.int32) if varlen else None,
     )
 
 
@@ -482,7 +485,7 @@ def test_packed_positional_call(monkeypatch):
 def test_checks_run_once_per_call_signature(monkeypatch):
     _capture_launch(monkeypatch)
     monkeypatch.setattr(fastpath, "ENABLED", False)  # every call takes the full way
-    monkeypatch.setattr(engines, "_CHECKED", {})
+    monkeypatch.setattr(val, "_CHECKED", {})
     runs = []
     check = engines._check_packed
     monkeypatch.setattr(engines, "_check_packed", lambda *args: runs.append(1) or check(*args))

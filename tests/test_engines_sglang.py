@@ -1,6 +1,6 @@
-"""CPU tests of flashgdn.engines.fused_sigmoid_gating_delta_rule_update (SGLang's decode): valid
-arguments reach flashgdn's device check, each unsupported mode and bad argument raises an error
-naming it (nothing written), and the views handed to flashgdn are views (no copies).
+"""CPU tests of flashgdn.engines.fused_sigmoid_gating_delta_rule_update (SGLang's decode and target
+verify): valid arguments reach flashgdn's device check, each unsupported mode and bad argument
+raises an error naming it (nothing written), and the views handed to flashgdn are views (no copies).
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashgdn import api, engines
+from flashgdn.spec import MAX_TOKENS
 
 from helpers import BF16, F32
 from flashgdn.validation import Problem
@@ -48,9 +49,11 @@ SIGMOID_NOT_IMPLEMENTED = {
     "no-state": (dict(initial_state_source=None), r"initial_state_source=None"),
     "kda": (dict(is_kda=True), r"is_kda=True"),
     "lower-bound": (dict(lower_bound=-5.0), r"lower_bound"),
-    "no-state-update": (dict(disable_state_update=True), r"disable_state_update=True"),
-    "intermediate": (dict(intermediate_states_buffer=torch.zeros(N, 2, HV, V, K)), r"intermediate_states_buffer"),
-    "intermediate-indices": (dict(intermediate_state_indices=torch.arange(N)), r"intermediate_state_indices"),
+    "one-token-frozen": (dict(disable_state_update=True),
+                         r"disable_state_update / intermediate_states_buffer with one token per sequence"),
+    "one-token-intermediate": (dict(intermediate_states_buffer=torch.zeros(N, 2, HV, V, K),
+                                    intermediate_state_indices=torch.arange(N)),
+                               r"disable_state_update / intermediate_states_buffer with one token per sequence"),
     "tree": (dict(retrieve_parent_token=torch.zeros(N, 2, dtype=torch.int64)), r"retrieve_parent_token"),
     "ring": (dict(cache_ring=True), r"cache_ring"),
     "ring-buffer": (dict(replayssm_g=torch.zeros(P, HV, 4)), r"replayssm_"),
@@ -67,12 +70,6 @@ def test_sigmoid_unsupported_mode(case):
     expect_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra}, NotImplementedError, match)
 
 
-def test_sigmoid_several_tokens_without_cu_seqlens():
-    kw = sigmoid_kwargs(varlen=False)
-    for n in ("q", "k", "v"):
-        kw[n] = kw[n].expand(-1, 2, -1, -1)
-    kw["a"], kw["b"] = kw["a"].unsqueeze(1).expand(-1, 2, -1), kw["b"].unsqueeze(1).expand(-1, 2, -1)
-    expect_error(SIGMOID_FN, kw, NotImplementedError, r"q.shape\[1\] = 2 tokens per sequence without cu_seqlens")
 
 
 def _q_views(kw, f):
@@ -85,7 +82,7 @@ SIGMOID_BAD = {
     "k-shape": (lambda kw: kw.update(k=kw["k"][..., :32]), ValueError, r"^k must have shape \[1, 4, 2, 64\]"),
     "v-tokens": (lambda kw: kw.update(v=kw["v"][:, :N - 1]), ValueError, r"^v must have shape \[1, 4, \*, \*\]"),
     "varlen-batch": (lambda kw: _q_views(kw, lambda t: t.expand(2, -1, -1, -1)), ValueError,
-                     r"^with cu_seqlens, q must have shape \[1, N, H, K\]"),
+                     r"^with cu_seqlens, q must have shape \[1, tokens, H, K\]"),
     "cu-list": (lambda kw: kw.update(cu_seqlens=list(range(N + 1))), TypeError,
                 r"^cu_seqlens must be a torch.Tensor or None, got list"),
     "cu-float": (lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"].float()), TypeError,
@@ -176,10 +173,121 @@ def test_sigmoid_hands_views_to_flashgdn(monkeypatch, varlen, gates_3d):
 
 
 def test_sigmoid_checks_cu_seqlens_values_when_asked(monkeypatch):
-    """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads cu_seqlens back: not arange(N + 1) raises."""
+    """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads cu_seqlens back: not arange(0, N * T + 1, T) raises."""
     _capture_launch(monkeypatch)
     monkeypatch.setattr(api, "CHECK_INDICES", True)
     kw = sigmoid_kwargs()
     SIGMOID_FN(**kw)
     kw["cu_seqlens"] = torch.tensor([0, 1, 3, 3, 4], dtype=torch.int32)
-    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(N \+ 1\)")
+    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(0, N \* T \+ 1, T\) with T = 1")
+
+
+# ----------------------------------------------------------------------------- SGLang's target verify
+
+
+def verify_kwargs(*, T=3, varlen=True, sdt=F32, gates_3d=False, seed=0, steps=None, rows=(2, -1, 0, 5)):
+    """Valid CPU arguments of SGLang's target verify: sigmoid_kwargs' T tokens per sequence, the
+    pool frozen, the state after every token into a speculative buffer [6, steps, HV, V, K] (packed
+    in its row dims, its slot stride padded) at the rows `rows` (a negative one: not written)."""
+    kw = sigmoid_kwargs(seed=seed, varlen=varlen, sdt=sdt, gates_3d=gates_3d, tokens=T)
+    steps = T + 1 if steps is None else steps
+    buffer = torch.zeros(6, steps * HV * V * K + 64, dtype=sdt)[:, :steps * HV * V * K].unflatten(1, (steps, HV, V, K))
+    kw.update(disable_state_update=True, intermediate_states_buffer=buffer,
+              intermediate_state_indices=torch.tensor(rows, dtype=torch.int32), cache_steps=steps)
+    return kw
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_verify_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt):
+    expect_only_device_error(SIGMOID_FN, verify_kwargs(varlen=varlen, gates_3d=gates_3d, sdt=sdt))
+
+
+@pytest.mark.parametrize("extra", [
+    dict(disable_state_update=False), dict(intermediate_states_buffer=None, intermediate_state_indices=None),
+    dict(intermediate_states_buffer=None), dict(intermediate_state_indices=torch.arange(N + 3, dtype=torch.int64)),
+    dict(intermediate_state_indices=torch.arange(2 * N, dtype=torch.int32)[::2]),
+], ids=["state-written", "no-buffer", "indices-without-buffer", "long-int64-indices", "strided-indices"])
+def test_verify_accepted_arguments(extra):
+    """Several tokens per sequence with or without the verify's arguments; SGLang's row table may be
+    longer than the batch (its whole arange), int64, strided, and is ignored without a buffer."""
+    expect_only_device_error(SIGMOID_FN, {**verify_kwargs(), **extra})
+
+
+def test_verify_most_tokens():
+    expect_only_device_error(SIGMOID_FN, verify_kwargs(T=MAX_TOKENS, steps=MAX_TOKENS))
+    kw = sigmoid_kwargs(n=1, tokens=MAX_TOKENS + 1)
+    expect_error(SIGMOID_FN, kw, NotImplementedError, rf"varlen batch of {MAX_TOKENS + 1} tokens in 1 sequences")
+
+
+VERIFY_BAD = {
+    "no-indices": (dict(intermediate_state_indices=None), ValueError,
+                   r"^intermediate_states_buffer needs intermediate_state_indices \[N\]"),
+    "indices-float": (dict(intermediate_state_indices=torch.zeros(N)), TypeError,
+                      r"^intermediate_state_indices must have dtype int32 or int64"),
+    "indices-short": (dict(intermediate_state_indices=torch.zeros(N - 1, dtype=torch.int32)), ValueError,
+                      r"^intermediate_state_indices must have at least B=4 entries"),
+    "indices-2d": (dict(intermediate_state_indices=torch.zeros(N, 1, dtype=torch.int32)), ValueError,
+                   r"^intermediate_state_indices must have shape \[\*\]"),
+    "buffer-dtype": (dict(intermediate_states_buffer=torch.zeros(6, 4, HV, V, K, dtype=BF16)), TypeError,
+                     r"^intermediate_states_buffer must have dtype float32"),
+    "buffer-steps": (dict(intermediate_states_buffer=torch.zeros(6, 2, HV, V, K)), ValueError,
+                     r"^intermediate_states_buffer must have shape \[>= 1, >= T=3, \.\.\.\]"),
+    "buffer-layout": (dict(intermediate_states_buffer=torch.zeros(6, 4, HV, K, V)), ValueError,
+                      r"^intermediate_states_buffer must have shape \[\*, \*, 4, 128, 64\]"),
+    "buffer-no-rows": (dict(intermediate_states_buffer=torch.zeros(0, 4, HV, V, K)), ValueError,
+                       r"^intermediate_states_buffer has no slots"),
+    "disable-not-bool": (dict(disable_state_update=1), TypeError, r"^disable_state_update must be a bool, got int"),
+}
+
+
+@pytest.mark.parametrize("case", list(VERIFY_BAD))
+def test_verify_bad_argument(case):
+    extra, exc, match = VERIFY_BAD[case]
+    expect_error(SIGMOID_FN, {**verify_kwargs(), **extra}, exc, match)
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
+@pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
+def test_verify_hands_views_and_the_buffer_to_the_mtp_kernel(monkeypatch, varlen, gates_3d):
+    """The verify runs one MTP variant on row views [N, T, ...] of the engine's tensors (no copy),
+    with SGLang's buffer and row table as they are and the pool frozen."""
+    launched = _capture_launch(monkeypatch)
+    T = 3
+    kw = verify_kwargs(T=T, varlen=varlen, gates_3d=gates_3d)
+    o = SIGMOID_FN(**kw)
+    assert tuple(o.shape) == (*kw["q"].shape[:2], HV, V) and o.dtype == kw["q"].dtype
+    (spec, args), = launched
+    assert (spec.T, spec.row_form, spec.has_intermediate, spec.update_state) == (T, "batch", True, False)
+    assert spec.intermediate_rows == "int32" and spec.multi_token
+    assert args.intermediate_states is kw["intermediate_states_buffer"]
+    assert args.intermediate_indices is kw["intermediate_state_indices"]
+    assert args.state is kw["initial_state_source"] and args.state_indices is kw["initial_state_indices"]
+    for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
+        t = getattr(args, name)
+        assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr(), f"{name} was copied"
+        assert tuple(t.shape) == (N, T, heads, size)
+        assert torch.equal(t.flatten(0, 1), kw[name].flatten(0, 1))
+    for name in ("a", "b"):
+        t = getattr(args, name)
+        assert _shares_storage(t, kw[name]) and tuple(t.shape) == (N, T, HV)
+        assert torch.equal(t.flatten(0, 1), kw[name].reshape(N * T, HV))
+    assert _shares_storage(args.output, o) and tuple(args.output.shape) == (N, T, HV, V)
+
+
+def test_verify_without_buffer_drops_the_row_table(monkeypatch):
+    launched = _capture_launch(monkeypatch)
+    SIGMOID_FN(**{**verify_kwargs(), "intermediate_states_buffer": None, "disable_state_update": False})
+    (spec, args), = launched
+    assert args.intermediate_states is None and args.intermediate_indices is None
+    assert (spec.has_intermediate, spec.intermediate_rows, spec.update_state) == (False, None, True)
+
+
+def test_verify_checks_cu_seqlens_values_when_asked(monkeypatch):
+    _capture_launch(monkeypatch)
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    kw = verify_kwargs(T=2)
+    SIGMOID_FN(**kw)
+    kw["cu_seqlens"] = torch.tensor([0, 1, 4, 6, 8], dtype=torch.int32)
+    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(0, N \* T \+ 1, T\) with T = 2")

@@ -60,7 +60,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
     for module in (api, fused_step):
         monkeypatch.setattr(module, "facts_of", lambda device: FACTS)
-    for module, memo in ((api, "_VALIDATED"), (engines, "_CHECKED"), (fused_step, "_VALIDATED"),
+    for module, memo in ((api, "_VALIDATED"), (val, "_CHECKED"), (fused_step, "_VALIDATED"),
                          (fused_step, "_WORKSPACES")):
         monkeypatch.setattr(module, memo, {})
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
@@ -166,7 +166,7 @@ def test_a_change_that_matters_raises_the_first_calls_error(calls, monkeypatch, 
     kw = make()
 
     def reset():
-        for module, memo in ((api, "_VALIDATED"), (engines, "_CHECKED"), (fused_step, "_VALIDATED"),
+        for module, memo in ((api, "_VALIDATED"), (val, "_CHECKED"), (fused_step, "_VALIDATED"),
                              (fastpath, "FAST")):
             monkeypatch.setattr(module, memo, {})
 

@@ -17,17 +17,32 @@ from flashgdn import engines, fastpath
 from flashgdn import validation as val
 from helpers import BF16, F32, same_bits
 from test_engines import PACKED_FNS, expect_error, expect_only_device_error, packed_kwargs, sigmoid_kwargs
+from test_engines_sglang import verify_kwargs
 from test_ops import Recorder, cpu_kernels, fake_cuda, fresh_dynamo, named_args, trace  # noqa: F401  (fixtures)
 
 PACKED_OP = torch.ops.flashgdn.fused_recurrent_gated_delta_rule_packed_decode
 SIGMOID_OP = torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update
 SIGMOID_FN = engines.fused_sigmoid_gating_delta_rule_update
 OPS = {"packed": PACKED_OP, "sigmoid": SIGMOID_OP}
-WRITES = {"packed": {"initial_state", "out"}, "sigmoid": {"initial_state_source", "o"}}
+WRITES = {"packed": {"initial_state", "out"}, "sigmoid": {"initial_state_source", "intermediate_states_buffer", "o"}}
 PUBLIC = {"packed": engines.fused_recurrent_gated_delta_rule_packed_decode, "sigmoid": SIGMOID_FN}
 OP_ONLY = {"packed": {"vllm_padding"}, "sigmoid": {"o"}}  # the op's arguments the function does not have
 SIGMOID_LAYOUTS = {"varlen": dict(varlen=True), "batched": dict(varlen=False),
-                   "gates-3d": dict(varlen=False, gates_3d=True)}
+                   "gates-3d": dict(varlen=False, gates_3d=True),
+                   # SGLang's target verify: several tokens per sequence, the states into its buffer
+                   "verify": dict(verify=True), "verify-batched": dict(verify=True, varlen=False)}
+
+
+def layout_kwargs(layout, **kw):
+    """Valid CPU arguments of SGLang's update in one of SIGMOID_LAYOUTS."""
+    opts = dict(SIGMOID_LAYOUTS[layout])
+    make = verify_kwargs if opts.pop("verify", False) else sigmoid_kwargs
+    return make(**opts, **kw)
+
+
+def written_arg(layout) -> str:
+    """The pool or buffer a call in `layout` writes (the verify freezes the pool)."""
+    return "intermediate_states_buffer" if SIGMOID_LAYOUTS[layout].get("verify") else "initial_state_source"
 
 
 def flashgdn_targets(gm):
@@ -61,7 +76,8 @@ def packed_op_args(kw, vllm_padding):
 def sigmoid_op_args(kw, o):
     return (kw["A_log"], kw["a"], kw["dt_bias"], kw["softplus_beta"], kw["softplus_threshold"], kw["q"], kw["k"],
             kw["v"], kw["b"], kw["initial_state_source"], kw["initial_state_indices"], kw.get("scale"),
-            kw["use_qk_l2norm_in_kernel"], kw["cu_seqlens"], o)
+            kw["use_qk_l2norm_in_kernel"], kw["cu_seqlens"], kw.get("disable_state_update", False),
+            kw.get("intermediate_states_buffer"), kw.get("intermediate_state_indices"), o)
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -91,12 +107,12 @@ def test_packed_compiled_call_is_one_op_on_fake_cuda(variant):
 
 @pytest.mark.parametrize("layout", list(SIGMOID_LAYOUTS))
 def test_sigmoid_compiled_call_is_one_op_on_fake_cuda(layout):
-    kw = sigmoid_kwargs(**SIGMOID_LAYOUTS[layout])
+    kw = layout_kwargs(layout)
     o, fkw, graphs = trace(SIGMOID_FN, kw)
     assert len(graphs) == 1 and flashgdn_targets(graphs[0]) == [SIGMOID_OP]
     assert o.shape == kw["v"].shape and o.dtype == kw["q"].dtype and o.device.type == "cuda" and o.is_contiguous()
     args = named_args(op_node(graphs[0]))
-    assert args["o"].target is torch.empty_like and args["initial_state_source"].op == "placeholder"
+    assert args["o"].target is torch.empty_like and args[written_arg(layout)].op == "placeholder"
 
 
 def test_calls_of_all_engine_entry_points_are_one_op_each():
@@ -239,7 +255,7 @@ def _call(name, variant, seed, sdt=F32):
     """(call, arguments, state argument) of an entry point; the same values for the same seed."""
     if name == "packed":
         return PACKED_FNS[variant], packed_kwargs(seed=seed, sdt=sdt), "initial_state"
-    return SIGMOID_FN, sigmoid_kwargs(seed=seed, sdt=sdt, **SIGMOID_LAYOUTS[variant]), "initial_state_source"
+    return SIGMOID_FN, layout_kwargs(variant, seed=seed, sdt=sdt), written_arg(variant)
 
 
 CALLS = [("packed", "sglang"), ("packed", "vllm"), *(("sigmoid", layout) for layout in SIGMOID_LAYOUTS)]

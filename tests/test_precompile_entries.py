@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashgdn import engines, fastpath, fused_step, precompile
+from flashgdn import engines, fastpath, fused_step, precompile, validation
 from flashgdn.device import DeviceFacts
 from flashgdn.kernels import policy
 from flashgdn.spec import KernelSpec
@@ -47,18 +47,24 @@ def _packed(vllm):
 
 
 def _sglang(B, o):
-    """SGLang's own layout: q, k [1, B, H, K], v [1, B, HV, V] with cu_seqlens, a and b [B, HV]."""
+    """SGLang's own layout: q, k [1, B*T, H, K], v [1, B*T, HV, V] with cu_seqlens, a and b [B*T, HV]:
+    its decode (T = 1), then for each T > 1 its target verify (the pool frozen, the states into its
+    speculative buffer at an int32 row table)."""
     gen = torch.Generator().manual_seed(B)
-    io, gate = DTYPES[o.io_dtype], DTYPES[o.gate_dtype or o.io_dtype]
+    io, gate, state = DTYPES[o.io_dtype], DTYPES[o.gate_dtype or o.io_dtype], DTYPES[o.state_dtype[0]]
+    index = DTYPES[o.index_dtype[0]]
     rnd = lambda *s, dt=io: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
     P = 2 * B + 1
-    engines.fused_sigmoid_gating_delta_rule_update(
-        A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1), a=rnd(B, HV, dt=gate),
-        dt_bias=rnd(HV, dt=DTYPES[o.dt_bias_dtype]), softplus_beta=1.0, softplus_threshold=20.0,
-        q=rnd(1, B, H, K), k=rnd(1, B, H, K), v=rnd(1, B, HV, V), b=rnd(B, HV, dt=gate),
-        initial_state_source=make_state(P, HV, V, K, DTYPES[o.state_dtype[0]], pad=16, seed=B),
-        initial_state_indices=_slots(B, P, DTYPES[o.index_dtype[0]]), scale=o.scale,
-        use_qk_l2norm_in_kernel=not o.no_l2norm, cu_seqlens=torch.arange(B + 1, dtype=DTYPES[o.index_dtype[0]]))
+    for T in o.seq_len:
+        verify = dict(disable_state_update=True, intermediate_states_buffer=torch.zeros(B + 2, T, HV, V, K, dtype=state),
+                      intermediate_state_indices=torch.arange(B + 2, dtype=torch.int32), cache_steps=T) if T > 1 else {}
+        engines.fused_sigmoid_gating_delta_rule_update(
+            A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1), a=rnd(B * T, HV, dt=gate),
+            dt_bias=rnd(HV, dt=DTYPES[o.dt_bias_dtype]), softplus_beta=1.0, softplus_threshold=20.0,
+            q=rnd(1, B * T, H, K), k=rnd(1, B * T, H, K), v=rnd(1, B * T, HV, V), b=rnd(B * T, HV, dt=gate),
+            initial_state_source=make_state(P, HV, V, K, state, pad=16, seed=B),
+            initial_state_indices=_slots(B, P, index), scale=o.scale, use_qk_l2norm_in_kernel=not o.no_l2norm,
+            cu_seqlens=torch.arange(0, B * T + 1, T, dtype=index), **verify)
 
 
 def _vllm_recurrent(raw_gates: bool):
@@ -99,7 +105,7 @@ CASES = {  # entry: (the flags besides MODEL, the call)
     "packed": (["--io-dtype", "fp16", "--gate-dtype", "fp32", "--state-dtype", "bf16", "--index-dtype", "int64",
                 "--dt-bias-dtype", "bf16"], _packed(vllm=False)),
     "packed-vllm": ([], _packed(vllm=True)),
-    "sglang": (["--index-dtype", "int64", "--no-l2norm", "--scale", "0.1"], _sglang),
+    "sglang": (["--index-dtype", "int64", "--no-l2norm", "--scale", "0.1", "--seq-len", "1", "3"], _sglang),
     "recurrent": (["--seq-len", "1", "3", "--state-dtype", "bf16"], _vllm_recurrent(raw_gates=False)),
     "sigmoid-vllm": (["--seq-len", "1", "4", "--gate-dtype", "fp32", "--dt-bias-dtype", "bf16", "--index-dtype",
                       "int64"], _vllm_recurrent(raw_gates=True)),
@@ -114,7 +120,7 @@ def looked_up(monkeypatch):
     cache stubbed (helpers.stub_kernel_lookups), no fast path kept from other tests."""
     specs = stub_kernel_lookups(monkeypatch, FACTS)
     monkeypatch.setattr(fastpath, "FAST", {})
-    monkeypatch.setattr(engines, "_CHECKED", {})
+    monkeypatch.setattr(validation, "_CHECKED", {})
     monkeypatch.setattr(fused_step, "facts_of", lambda device: FACTS)
     monkeypatch.setattr(fused_step, "_VALIDATED", {})
     monkeypatch.setattr(fused_step, "_WORKSPACES", {})
@@ -133,7 +139,7 @@ def test_entry_variants_are_what_the_call_looks_up(entry, regime, looked_up):
     call(B, args)
     assert looked_up == expected
     assert all(s.regime == regime for s in expected if isinstance(s, KernelSpec))
-    assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": 2}.get(entry, 1)
+    assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": 2, "sglang": 2}.get(entry, 1)
 
 
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])

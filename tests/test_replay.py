@@ -14,7 +14,7 @@ import flashgdn
 from flashgdn import api as fapi
 from flashgdn import reference as ref
 from flashgdn.device import DeviceFacts
-from flashgdn.spec import CommitArgs, CommitSpec
+from flashgdn.spec import CommitArgs, CommitSpec, KernelArgs
 
 from helpers import (
     B, BF16, F32, H, HV, K, P, T_MTP, V, expect_call_error, expect_error, expect_only_device_error, make_inputs,
@@ -293,8 +293,9 @@ def test_verify_builds_the_replay_variant(captured):
     flashgdn.gated_delta_rule_mtp(**kw)
     spec = captured["spec"]
     assert spec.replay_cache and not spec.update_state and spec.T == T_MTP
-    args = captured["args"]
-    assert args[-4:] == (kw["replayssm_rawv"], kw["replayssm_rawk"], kw["replayssm_g"], kw["replayssm_beta"])
+    args = KernelArgs(*captured["args"])
+    windows = (args.replay_v, args.replay_k, args.replay_g, args.replay_beta)
+    assert all(x is kw[n] for x, n in zip(windows, ("replayssm_rawv", "replayssm_rawk", "replayssm_g", "replayssm_beta")))
 
 
 @pytest.mark.parametrize("track", [False, True], ids=["plain", "track"])

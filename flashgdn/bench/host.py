@@ -329,7 +329,8 @@ def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
     bound = inspect.signature(getattr(api, name)).bind(*args, **kwargs)
     bound.apply_defaults()
     A = bound.arguments
-    checked = [A[n] for n in inspect.signature(api._check_pretranspose).parameters]
+    # the check's arguments as the call passes them (its SGLang-only last one omitted)
+    checked = [A[n] for n in inspect.signature(api._check_pretranspose).parameters if n in A]
     options = (A["use_qk_l2norm"],)
     plan = api._validated(api._check_pretranspose, *checked, options=options)
     if plan.fn is None or not fastpath.FAST:

@@ -103,6 +103,9 @@ def fake_arguments(spec: AnySpec):
             slot_index() if engine_rows else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1)),
         cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
         **(_fake_windows(spec, (cute.sym_int(),)) if spec.replay_cache else {}),
+        # SGLang's row table: its whole [>= B] index vector, of any stride
+        intermediate_indices=(_strided(CUTLASS_DTYPES[spec.intermediate_rows], (cute.sym_int(),), 1, inner_static=())
+                              if spec.intermediate_rows else None),
     )
 
 

@@ -249,6 +249,28 @@ def token_slots(mTok, b, pool_size, num_tokens: cutlass.Constexpr[int], status: 
 
 
 @cute.jit
+def intermediate_row(mRows, b, rows, status: Int32):
+    """(intermediate buffer row of batch row b, whether the row's states go there, status): row b
+    (a static True); or, with a row table (KernelSpec.intermediate_rows), mRows[b], where a negative entry
+    writes nothing and one >= the buffer's `rows` makes a running row INVALID (NaN output,
+    nothing written)."""
+    if const_expr(mRows is None):
+        return b, True, status
+    row = Int64(mRows[b])
+    if row >= Int64(rows) and status == Int32(RUN):
+        status = Int32(INVALID)
+    return row, row >= Int64(0), status
+
+
+def inter_row(gmem, b, status):
+    """intermediate_row of batch row b from the KernelArgs gmem (static (b, True) without
+    intermediates)."""
+    if gmem.intermediate_states is None:
+        return b, True, status
+    return intermediate_row(gmem.intermediate_indices, b, gmem.intermediate_states.shape[0], status)
+
+
+@cute.jit
 def varlen_span(mCu, b, num_tokens: cutlass.Constexpr[int], total, status: Int32):
     """(first flat token row, token count, status) of sequence b from cu_seqlens. A sequence of
     no tokens becomes PADDING (nothing read or written); cu_seqlens values that do not make a

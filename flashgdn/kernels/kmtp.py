@@ -148,6 +148,7 @@ class KLastMTP(KLastDecode):
         if const_expr(spec.has_token_slots):
             tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status,
                                                    spec.vllm_slots, None if start is None else count)
+        inter, inter_on, status = common.inter_row(gmem, b, status)
         run = status == common.RUN
         # The state first even with a pool (unlike T = 1): placed after the others, its loads end
         # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
@@ -177,8 +178,8 @@ class KLastMTP(KLastDecode):
         if const_expr(spec.update_state and spec.commits_accepted):
             if run and accepted == 0:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
-        loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, b, hv, row0, lane, lane_in_row,
-                     local0, run, accepted, write_slot, tok_slots)
+        loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, inter, hv, row0, lane,
+                     lane_in_row, local0, run and inter_on, run, accepted, write_slot, tok_slots)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
             # partial product (a NaN fails the test and takes the checked loop).
@@ -199,11 +200,12 @@ class KLastMTP(KLastDecode):
         self._write_outputs(sO, gmem, b, hv, tile, warp * 32 + lane, status, start, count)
 
     @cute.jit
-    def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, b, hv, row0,
-                    lane, lane_in_row, local0, run, accepted, write_slot, tok_slots):
+    def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, inter, hv, row0,
+                    lane, lane_in_row, local0, inter_run, run, accepted, write_slot, tok_slots):
         """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
         test c against RESCALE_MIN every token (a branch); without it the caller has made sure
-        no partial product of the decays falls below it."""
+        no partial product of the decays falls below it. The state after each token goes to
+        intermediate buffer row `inter` where `inter_run` (common.intermediate_row)."""
         spec = self.spec
         R = self.rows_per_thread
         T = spec.T
@@ -261,8 +263,8 @@ class KLastMTP(KLastDecode):
                 if q_writer:
                     sO[local0 + (part - R) * self.row_step, t] = c * held + u_mine * kq
             if const_expr(spec.has_intermediate):
-                if run:
-                    self._store_rows(rS, mInter[b, t, hv, None, None], row0, lane_in_row, c)
+                if inter_run:
+                    self._store_rows(rS, mInter[inter, t, hv, None, None], row0, lane_in_row, c)
             if const_expr(spec.update_state and spec.commits_accepted):
                 if run and accepted == t + 1:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)

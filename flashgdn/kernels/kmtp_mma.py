@@ -293,6 +293,7 @@ class KLastMTPMma(common.DecodeKernel):
         tok_slots = None
         if const_expr(spec.has_token_slots):
             tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
+        inter, inter_on, status = common.inter_row(gmem, b, status)
         run = status == common.RUN
         rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
         rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
@@ -371,8 +372,8 @@ class KLastMTPMma(common.DecodeKernel):
         # product here), then the committed one.
         for n in cutlass.range_constexpr(1, T + 1 if spec.writes_states else 1):
             if const_expr(spec.has_intermediate):
-                self._apply(n, rS, rKu, sVec, sW, sP, gmem.intermediate_states[b, n - 1, hv, None, None], frag_row,
-                            g, c, run)
+                self._apply(n, rS, rKu, sVec, sW, sP, gmem.intermediate_states[inter, n - 1, hv, None, None],
+                            frag_row, g, c, run and inter_on)
             if const_expr(spec.has_token_slots):
                 slot = tok_slots[n - 1]
                 self._apply(n, rS, rKu, sVec, sW, sP, gmem.state[slot, hv, None, None], frag_row, g, c,
