@@ -271,14 +271,15 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
 
     # The fast key (flashgdn.fastpath): what decides the form and the views' geometry (the shapes
     # and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get), what the
-    # API call's key holds, and the buffer the kernel writes; the entry keeps the geometry.
+    # API call's key holds, the buffer the kernel writes and the row table's length (the compiled
+    # function takes any: it must cover the batch); the entry keeps the geometry.
     key, out = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
         fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
         a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
         initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale), scale,
         type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel,
         type(disable_state_update), disable_state_update, inter is None or (inter.shape, inter.stride()),
-        rows is None),
+        rows is None or rows.shape),
         launch)
     if out is not fastpath.MISS:
         return out

@@ -17,6 +17,7 @@ from flashgdn.device import DeviceFacts
 from helpers import BF16, ffi_checking_stub, make_fused_inputs
 from test_engines import packed_kwargs, sigmoid_kwargs
 from test_recurrent import recurrent_kwargs
+from test_engines_sglang import verify_kwargs
 from test_recurrent_sigmoid import sigmoid_kwargs as sigmoid_vllm_kwargs
 
 FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
@@ -36,6 +37,7 @@ ENTRIES = {  # name: (function, valid keyword arguments)
     "packed_vllm": (PACKED_VLLM, packed_kwargs),
     "sigmoid": (SIGMOID, sigmoid_kwargs),
     "sigmoid_batched": (SIGMOID, lambda: sigmoid_kwargs(varlen=False, gates_3d=True)),
+    "sigmoid_verify": (SIGMOID, verify_kwargs),
     "recurrent_varlen": (RECURRENT, recurrent_kwargs),
     "recurrent_one_token": (RECURRENT, lambda: recurrent_kwargs(varlen=False, one_d=True)),
     "sigmoid_vllm_verify": (engines.fused_sigmoid_gating_delta_rule_update_vllm, sigmoid_vllm_kwargs),
@@ -145,6 +147,15 @@ BAD = [  # (entry, change, message)
     ("sigmoid", lambda kw: dict(kw, softplus_threshold=True), r"^softplus_threshold must be a float, got bool"),
     ("sigmoid", lambda kw: dict(kw, initial_state_source=_expanded(kw["initial_state_source"])),
      r"^initial_state_source must not overlap itself"),
+    ("sigmoid_verify", lambda kw: dict(kw, intermediate_state_indices=None),
+     r"^intermediate_states_buffer needs intermediate_state_indices"),
+    ("sigmoid_verify", lambda kw: dict(kw, intermediate_states_buffer=kw["intermediate_states_buffer"][:, :2]),
+     r"^intermediate_states_buffer must have shape \[>= 1, >= T=3"),
+    ("sigmoid_verify", lambda kw: dict(kw, intermediate_states_buffer=kw["intermediate_states_buffer"].bfloat16()),
+     r"^intermediate_states_buffer must have dtype float32"),
+    ("sigmoid_verify", lambda kw: dict(kw, intermediate_state_indices=kw["intermediate_state_indices"][:2]),
+     r"^intermediate_state_indices must have at least B=4 entries"),
+    ("sigmoid_verify", lambda kw: dict(kw, disable_state_update=1), r"^disable_state_update must be a bool"),
     ("recurrent_varlen", lambda kw: dict(kw, cu_seqlens=torch.cat([kw["cu_seqlens"], kw["cu_seqlens"][-1:]])),
      r"^ssm_state_indices must have at least 4 rows"),
     ("recurrent_varlen", lambda kw: dict(kw, initial_state=_expanded(kw["initial_state"])),
