@@ -5,7 +5,7 @@
 #   bash benchmarks/device_check.sh sanitize   # compute-sanitizer memcheck and racecheck on the newest kernels
 #   bash benchmarks/device_check.sh bench DIR  # the results sweep with copy floors (CSV/JSON/PNG into DIR)
 #   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates, on contiguous slots, with token slots
-#   bash benchmarks/device_check.sh engines DIR # engine rows, the fused step's shape grid, padded pools
+#   bash benchmarks/device_check.sh engines DIR # engine rows (sglang too), the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
@@ -85,8 +85,11 @@ extra)
   TAIL=40 tails mtp_inter mtp_contiguous token_slots pretranspose_mtp ;;
 engines)
   dir=${2:-$out}; mkdir -p "$dir"
-  $bench --api engines --state-dtype fp32 bf16 --compare --verify --csv "$dir/h200_${day}_engines.csv" \
-    > "$out/engines.log" 2>&1
+  # The engine rows (--api engines), one run per entry point: each within the step's time limit.
+  for api in packed recurrent sigmoid_vllm sglang fused_step; do
+    $bench --api $api --state-dtype fp32 bf16 --compare --verify --csv "$dir/h200_${day}_engines_$api.csv" \
+      > "$out/engines_$api.log" 2>&1
+  done
   # The fused step at the Qwen3-Next (hidden 2048, HV 32) and Qwen3.5 (hidden 5120, HV 48) layer shapes, TP1
   # and TP4; CUDA-graph events: the launch gaps of the composed path count.
   for shape in "next_tp1 2048 16 32" "next_tp4 2048 4 8" "q35_tp1 5120 16 48" "q35_tp4 5120 4 12"; do
@@ -109,7 +112,8 @@ engines)
         --csv "$dir/h200_${day}_pad${pad}_$api.csv" > "$out/pad${pad}_$api.log" 2>&1
     done
   done
-  TAIL=30 tails engines fused_next_tp1 fused_next_tp4 fused_q35_tp1 fused_q35_tp4 fused_cupti fused_pdl pad0_pretranspose pad64_pretranspose \
+  TAIL=30 tails engines_packed engines_recurrent engines_sigmoid_vllm engines_sglang engines_fused_step \
+    fused_next_tp1 fused_next_tp4 fused_q35_tp1 fused_q35_tp4 fused_cupti fused_pdl pad0_pretranspose pad64_pretranspose \
     pad0_mtp pad64_mtp ;;
 replay)
   dir=${2:-$out}; mkdir -p "$dir"

@@ -1,7 +1,8 @@
 """CPU tests of the benchmark's engine rows (flashgdn.bench.engine_rows): `--api packed | recurrent |
-sigmoid_vllm | fused_step | engines` flags and rows, their FLOP/byte counts, inputs and --verify plumbing on the
-reference, the compiled variants against the API's own lookups, the baselines' routing (FLA and
-FlashInfer stand-ins, the composed path), the table, and real `--compile-only` runs."""
+sigmoid_vllm | sglang | fused_step | engines` flags and rows, their FLOP/byte counts, inputs and
+--verify plumbing on the reference, the compiled variants against the API's own lookups, the
+baselines' routing (FLA and FlashInfer stand-ins, the composed path), the table, and real
+`--compile-only` runs."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,9 @@ ROWS = [
     row("recurrent", T=2, pool_slots="contiguous"),
     row("sigmoid_vllm"),
     row("sigmoid_vllm", T=4, state="bf16", pool_padding=8),
+    row("sglang"),
+    row("sglang", T=3, state="bf16", pool_padding=8),
+    row("sglang", T=2, pool_slots="contiguous"),
     row("fused_step"),
     row("fused_step", state="bf16", pool_slots="contiguous", pool_padding=8),
 ]
@@ -53,6 +57,8 @@ def test_engine_rows_of_the_flags():
     assert sorted({r.T for r in rows if r.version == "recurrent"}) == [1, 2, 4, 8]
     assert sorted({r.T for r in rows if r.version == "sigmoid_vllm"}) == [1, 2, 4, 8]
     assert [r.version for r in rows].count("sigmoid_vllm") == 16
+    assert sorted({r.T for r in rows if r.version == "sglang"}) == [1, 2, 4, 8]
+    assert [r.version for r in rows].count("sglang") == 16
     assert all(r.pool and not r.intermediate and not r.token_slots for r in rows)
     assert {r.hidden for r in rows} == {0, cli.DEFAULT_HIDDEN} and all(
         (r.hidden > 0) == (r.version == "fused_step") for r in rows)
@@ -60,6 +66,8 @@ def test_engine_rows_of_the_flags():
     assert {(r.version, r.T) for r in rec} == {("recurrent", 3)}
     sig = cli.sweep_rows(cli.parse_args(["--api", "sigmoid_vllm", "--seq-len", "1", "3"]))
     assert {(r.version, r.T) for r in sig} == {("sigmoid_vllm", 1), ("sigmoid_vllm", 3)}
+    sgl = cli.sweep_rows(cli.parse_args(["--api", "sglang", "--seq-len", "1", "3"]))
+    assert {(r.version, r.T) for r in sgl} == {("sglang", 1), ("sglang", 3)}
     fused = cli.sweep_rows(cli.parse_args(["--api", "fused_step", "--hidden-size", "5120", "--batch-size", "2"]))
     assert [(r.version, r.hidden, r.T) for r in fused] == [("fused_step", 5120, 1)]
     # --api all stays the three API functions.
@@ -76,6 +84,8 @@ def test_engine_rows_of_the_flags():
     (["--api", "recurrent", "--seq-len", "17"], "--seq-len"),
     (["--api", "sigmoid_vllm", "--token-slots"], "mtp rows"),
     (["--api", "sigmoid_vllm", "--cache-intermediate"], "--cache-intermediate"),
+    (["--api", "sglang", "--cache-intermediate"], "--cache-intermediate"),
+    (["--api", "sglang", "--token-slots"], "mtp rows"),
     (["--host", "--hidden-size", "2048"], "--hidden-size"),
 ])
 def test_bad_engine_flags_exit_2_with_one_line(argv, phrase, capsys):
@@ -119,6 +129,14 @@ def test_engine_row_bytes_hand_computed():
     raw = 4 * 3 * 2 * (2 + 2) + 2 * 4 + 2 * 4
     assert row("sigmoid_vllm", T=4).bytes() == 5 * state + qkvo + raw + 3 * 4 * 4 + 3 * 4 + 4 * 4
     assert row("sigmoid_vllm", T=4).flops() == row("recurrent", T=4).flops()
+    # sglang T = 1 (its decode): the state read and written back at its slot [B]; raw gates, A_log +
+    # dt_bias; cu_seqlens B + 1 int32.
+    raw1 = 3 * 2 * (2 + 2) + 2 * 4 + 2 * 4
+    assert row("sglang").bytes() == 2 * state + qkvo // 4 + raw1 + 3 * 4 + 4 * 4
+    # sglang T = 4 (its target verify): the state read once, the 4 per-token states written to the
+    # buffer, the pool not written; the slot [B], the buffer's row table [B], cu_seqlens B + 1.
+    assert row("sglang", T=4).bytes() == 5 * state + qkvo + raw + 3 * 4 + 3 * 4 + 4 * 4
+    assert row("sglang", T=4).flops() == row("recurrent", T=4).flops()
     # fused_step, hidden 128, width 4: qkv_dim = (2 + 2) * 64 = 256.
     C = 256
     # decode: the state read and written, mixed_qkv, out, A_log + dt_bias (bf16), the indices; then
@@ -173,6 +191,51 @@ def test_sigmoid_inputs_are_the_recurrent_rows_with_vllms_raw_gates(T):
     assert rec_g is rec["g"] and rec_beta is rec["beta"]
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_sglang_inputs_follow_sglang(T):
+    """SGLang's varlen layout: q, k, v and the raw gates of the sigmoid_vllm row; one slot per
+    sequence (initial_state_indices [B], slot 0 a slot); T > 1: the buffer [B, T, HV, V, K] in the
+    state dtype, NaN until written, and its row table arange(B)."""
+    r = row("sglang", B=4, T=T, state="bf16")
+    inp, sig = make_inputs(r, "cpu", seed=1), make_inputs(row("sigmoid_vllm", B=4, T=T, state="bf16"), "cpu", seed=1)
+    for name in ("q", "k", "v", "a", "b", "A_log", "dt_bias", "cu_seqlens"):
+        assert torch.equal(inp[name], sig[name]), name
+    assert inp["q"].shape == (1, 4 * T, 1, 64) and inp["cu_seqlens"].tolist() == list(range(0, 4 * T + 1, T))
+    slots = inp["slots"]
+    assert slots.shape == (4,) and slots.dtype == torch.int32 and inp["accepted"] is None
+    assert len(set(slots.tolist())) == 4 and 0 <= int(slots.min()) and inp["state"].shape[0] == 8
+    if T == 1:
+        assert inp["inter"] is None and inp["rows"] is None
+    else:
+        assert inp["inter"].shape == (4, T, 2, 64, 64) and inp["inter"].dtype == torch.bfloat16
+        assert bool(inp["inter"].isnan().all()) and inp["rows"].tolist() == [0, 1, 2, 3]
+        assert inp["rows"].dtype == torch.int32
+    contiguous = make_inputs(row("sglang", B=4, T=T, pool_slots="contiguous"), "cpu", seed=1)
+    assert contiguous["slots"].tolist() == [0, 1, 2, 3] and contiguous["state"].shape[0] == 4
+
+
+def test_sglang_verify_freezes_the_pool_and_fills_the_buffer():
+    """The reference of a T > 1 sglang row (SGLang's target verify) writes no pool slot and the
+    per-token states of every sequence; its last is the final state; T = 1 writes the slot back."""
+    r = row("sglang", T=3)
+    inp = make_inputs(r, "cpu", seed=4)
+    pool = inp["state"].clone()
+    call, collect = REFERENCE.prepare(r, inp)
+    o, final, per_token = collect(call())
+    assert torch.equal(inp["state"], pool) and not bool(per_token.isnan().any()) and not bool(o.isnan().any())
+    assert per_token.shape == (3, 3, 2, 64, 64) and torch.equal(final, per_token[:, -1])
+    one = row("sglang")
+    inp = make_inputs(one, "cpu", seed=4)
+    pool = inp["state"].clone()
+    call, collect = REFERENCE.prepare(one, inp)
+    o, final, per_token = collect(call())
+    slots = inp["slots"].long()
+    assert per_token is None and torch.equal(inp["state"][slots], final) and not torch.equal(pool[slots], final)
+    untouched = torch.ones(pool.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(inp["state"][untouched], pool[untouched])
+
+
 def test_packed_inputs_are_the_twin_packed():
     r = row("packed")
     inp, twin = make_inputs(r, "cpu", seed=3), make_inputs(decode_twin(r), "cpu", seed=3)
@@ -182,8 +245,9 @@ def test_packed_inputs_are_the_twin_packed():
                                                                                      twin["v"])
 
 
-def test_verify_catches_a_wrong_per_token_state():
-    r = row("recurrent", T=3)
+@pytest.mark.parametrize("version", ["recurrent", "sglang"])
+def test_verify_catches_a_wrong_per_token_state(version):
+    r = row(version, T=3)
 
     def last_slot_only(rw, inp):  # per-token states all equal to the final one
         call, collect = REFERENCE.prepare(rw, inp)
@@ -250,11 +314,14 @@ def _fake_fla(monkeypatch, calls):
 
 
 @pytest.mark.parametrize("r", [row("recurrent"), row("recurrent", T=4, state="bf16", pool_padding=8), row("packed"),
-                               row("sigmoid_vllm", T=4, state="bf16", pool_padding=8)],
-                         ids=["T1", "T4-bf16-padded", "packed", "sigmoid-T4-bf16-padded"])
+                               row("sigmoid_vllm", T=4, state="bf16", pool_padding=8), row("sglang"),
+                               row("sglang", T=3, state="bf16", pool_padding=8)],
+                         ids=["T1", "T4-bf16-padded", "packed", "sigmoid-T4-bf16-padded", "sglang-T1",
+                              "sglang-T3-bf16-padded"])
 def test_fla_runs_on_gathered_read_states(r, monkeypatch):
-    """FLA gets the read slots (ssm_state_indices[i, num_accepted_tokens[i] - 1]) gathered densely
-    and, varlen, cu_seqlens as int64; its output and final state agree with the reference's."""
+    """FLA gets the read slots (ssm_state_indices[i, num_accepted_tokens[i] - 1]; SGLang's
+    initial_state_indices) gathered densely and, varlen, cu_seqlens as int64; its output and final
+    state agree with the reference's (for sglang rows: the reference's other path, SGLang's)."""
     calls = []
     _fake_fla(monkeypatch, calls)
     assert verify(FLA, r, "cpu", seed=5) is None
@@ -262,7 +329,8 @@ def test_fla_runs_on_gathered_read_states(r, monkeypatch):
     if r.version == "packed":  # the unpacked twin's q (contiguous), not a view of mixed_qkv
         assert calls[0]["q"].is_contiguous() and calls[0]["q"].shape == (3, 1, 1, 64)
     assert "gathered" in FLA.note(r) if r.version != "packed" else "unpacked" in FLA.note(r)
-    assert ("raw gates" in FLA.note(r)) == (r.version == "sigmoid_vllm")
+    assert ("raw gates" in FLA.note(r)) == (r.version in ("sigmoid_vllm", "sglang"))
+    assert ("intermediate_states_buffer" in FLA.note(r)) == (r.version == "sglang")
     assert FLA.applies(r) and not FLA.applies(row("fused_step"))
 
 
@@ -282,6 +350,8 @@ def test_flashinfer_routing_of_engine_rows(monkeypatch):
         FLASHINFER.prepare(row("recurrent"), {})
     with pytest.raises(Unavailable, match="accepted counts"):
         FLASHINFER.prepare(row("sigmoid_vllm"), {})
+    with pytest.raises(Unavailable, match="SGLang's layout"):
+        FLASHINFER.prepare(row("sglang", T=3), {})
     assert FLASHINFER.note(row("packed")) and FLASHINFER.note(r) is None
 
 
@@ -390,7 +460,8 @@ def test_table_shows_the_baselines_a_sweep_ran():
 
 def test_compile_only_engine_rows(capsys, tmp_path):
     """The fused step's two variants (conv/gate, decode) for sm_90a; vLLM's varlen verify variant for
-    sm_100a; vLLM's sigmoid-gating decode (raw gates) for sm_90a (K = V = 64: small builds)."""
+    sm_100a; vLLM's sigmoid-gating decode (raw gates) for sm_90a; SGLang's target verify (its buffer
+    row table) for sm_100a (K = V = 64: small builds)."""
     out_json = tmp_path / "c.json"
     small = ["--compile-only", "--batch-size", "1", "--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2"]
     rc = cli.main(small + ["--api", "fused_step", "--hidden-size", "128", "--json", str(out_json)])
@@ -407,4 +478,8 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]
     assert rec["kernel"].endswith("sm_90a/pool/tokslots/vllm/varlen") and not rec.get("error")
+    rc = cli.main(small + ["--api", "sglang", "--seq-len", "3", "--arch", "sm_100a", "--json", str(out_json)])
+    assert rc == 0, capsys.readouterr()
+    [rec] = json.loads(out_json.read_text())["rows"]
+    assert rec["kernel"].endswith("sm_100a/pool/inter/noupdate/interrows") and not rec.get("error")
 

@@ -2,7 +2,7 @@
 
     flashgdn-bench --api pretranspose --batch-size 1 64 512 --compare --verify --json out.json --plot out.png
     flashgdn-bench --api mtp --token-slots --pool-padding 8 --compare --verify
-    flashgdn-bench --api engines --compare --verify       # packed, recurrent, sigmoid_vllm, fused_step rows
+    flashgdn-bench --api engines --compare --verify       # packed, recurrent, sigmoid_vllm, sglang, fused_step
     flashgdn-bench --api fused_step --hidden-size 5120 --num-v-heads 48 --timer events --compare
     flashgdn-bench --compile-only --arch sm_100a          # no GPU needed: compile every variant
     flashgdn-bench --host --profile                       # host time per call (flashgdn.bench.host)
@@ -21,8 +21,8 @@ FAILED and the exit status non-zero.
 the row's bytes (flashgdn.bench.metrics; half read, half written), timed as the row (same timer, L2
 flush and iterations), and the row's time over it (flashgdn.bench.timing.CopyFloor).
 `--api all` sweeps the three FlashInfer API functions; `--api engines` the serving engines' entry
-points (packed, recurrent, sigmoid_vllm) and gdn_fused_decode_step (fused_step); each can be asked for
-by name.
+points (packed, recurrent, sigmoid_vllm, sglang) and gdn_fused_decode_step (fused_step); each can be
+asked for by name.
 Progress goes to stderr; the table is printed to stdout last. `--plot` draws the speedup over the
 fastest baseline (or µs without baselines) against batch size, per API and state dtype.
 
@@ -62,8 +62,8 @@ DEFAULT_SM_COUNT = 132  # H100 SXM: regime planning for --compile-only
 COMPILE_ARCHS = ("sm_90a", "sm_100a")
 
 DEFAULT_SEQ_LEN = (2, 4, 8)  # MTP rows' T; pretranspose rows are T = 1 unless --api pretranspose --seq-len
-# recurrent and sigmoid_vllm rows: T = 1 (decode, 1-D ssm_state_indices) and the MTP rows' T
-# (speculative-decode verify)
+# recurrent, sigmoid_vllm and sglang rows: T = 1 (decode, 1-D slot indices) and the MTP rows' T
+# (speculative-decode verify; SGLang's target verify)
 DEFAULT_RECURRENT_SEQ_LEN = (1,) + DEFAULT_SEQ_LEN
 DEFAULT_HIDDEN = 2048  # Qwen3-Next's hidden size (fused_step rows)
 API_GROUPS = {"all": VERSIONS, "engines": ENGINE_VERSIONS}
@@ -113,16 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api", choices=VERSIONS + ENGINE_VERSIONS + tuple(API_GROUPS),
         help="function(s) to sweep: an API version, an engine row (packed: the engines' packed decode; recurrent: "
              "vLLM's fused_recurrent_gated_delta_rule; sigmoid_vllm: vLLM's fused_sigmoid_gating_delta_rule_update; "
-             "fused_step: gdn_fused_decode_step), 'all' (the three API functions, the default) or 'engines' "
-             "(packed, recurrent, sigmoid_vllm, fused_step)")
+             "sglang: SGLang's fused_sigmoid_gating_delta_rule_update; fused_step: gdn_fused_decode_step), 'all' "
+             "(the three API functions, the default) or 'engines' (packed, recurrent, sigmoid_vllm, sglang, "
+             "fused_step)")
     add("--version", nargs="?", const=SHOW_VERSION, choices=VERSIONS + ("all",), metavar="API", dest="api_alias",
         help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
     add("--batch-size", type=_positive_int, nargs="+",
         help="batch sizes B (default: 1 4 16 64 256 512; with --host: 1)")
     add("--seq-len", type=_positive_int, nargs="+",
-        help="tokens per sequence T of the mtp rows (default: 2 4 8), of the recurrent and sigmoid_vllm rows "
-             "(default: 1 2 4 8; T > 1: varlen speculative-decode verify) and, with --api pretranspose, of the "
-             "pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
+        help="tokens per sequence T of the mtp rows (default: 2 4 8), of the recurrent, sigmoid_vllm and sglang "
+             "rows (default: 1 2 4 8; T > 1: varlen speculative-decode verify, SGLang's target verify) and, with "
+             "--api pretranspose, of the pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
     add("--num-q-heads", type=_positive_int, default=16, help="H, q and k heads (default: 16)")
     add("--num-v-heads", type=_positive_int, default=32, help="HV, value heads, a multiple of H (default: 32)")
     add("--head-size", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K = V (default: 128)")
@@ -250,7 +251,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def sweep_rows(args: argparse.Namespace) -> List[Row]:
     """Every row the flags ask for: API, then state dtype, then T, then batch size."""
     tokens = {"pretranspose": args.pretranspose_seq_len, "nontranspose": [1], "mtp": args.seq_len,
-              "recurrent": args.recurrent_seq_len, "sigmoid_vllm": args.recurrent_seq_len, "packed": [1],
+              "recurrent": args.recurrent_seq_len, "sigmoid_vllm": args.recurrent_seq_len,
+              "sglang": args.recurrent_seq_len, "packed": [1],
               "fused_step": [1]}
     rows = []
     for version in API_GROUPS.get(args.api, (args.api,)):

@@ -17,15 +17,22 @@ flashgdn.bench.rows dispatches its rows of these versions here.
   the recurrent row's inputs and slots, with a and b [B*T, HV] in the io dtype, column views of one
   [B*T, 2HV] projection (b, a = ba.chunk(2, -1), as vLLM splits it), A_log and dt_bias fp32. The
   reference and FLA run the recurrent row's calls on g and beta computed from them (fp32, untimed).
+- "sglang": flashgdn.engines.fused_sigmoid_gating_delta_rule_update (SGLang's op of that name) in
+  SGLang's varlen layout: q, k [1, B*T, H, K], v [1, B*T, HV, V], cu_seqlens, a and b as the
+  sigmoid_vllm row's, the pool read at initial_state_indices [B] (row.pool_slots; SGLang's slot 0 is
+  a slot). T = 1 (its decode): the state written back to the slot. T > 1 (its target verify of T
+  draft tokens): disable_state_update=True, the state after token t of sequence i into
+  intermediate_states_buffer [B, T, HV, V, K] at [intermediate_state_indices[i], t], the row table
+  arange(B) as SGLang passes it; the pool is not written.
 - "fused_step": flashgdn.gdn_fused_decode_step: hidden_states [B, hidden], w_ba, mixed_qkv
   [B, qkv_dim], conv width 4 with a bias, vLLM's SD conv pool (passed as its transposed view),
   dt_bias bf16 (FlashInfer's contract), the ssm pool; one slot index addresses both pools.
 
 Baselines: FLA (fla-core >= 0.6, fused_recurrent_gated_delta_rule) has no state pool and no
-per-token state slots: a recurrent row's read states are gathered into a dense initial state
+per-token state output: a varlen row's read states are gathered into a dense initial state
 (untimed) and FLA writes only the final state, to a new fp32 tensor. FlashInfer 0.7.2 has no
-decode on precomputed gates, no varlen decode with vLLM's slots and accepted counts, and its
-gdn_fused_decode_step takes an fp32 ssm_state only. "composed" is the fused step as an engine
+decode on precomputed gates, no varlen decode (vLLM's slots and accepted counts, SGLang's layout),
+and its gdn_fused_decode_step takes an fp32 ssm_state only. "composed" is the fused step as an engine
 runs it today: torch `hidden @ w_ba`, a conv update kernel
 (causal-conv1d's causal_conv1d_update when importable, else FLA's Triton one, else torch ops:
 CONV_KERNELS) and flashgdn's packed decode.
@@ -45,18 +52,25 @@ from ..validation import Problem
 from .impl import Collected, Impl, Unavailable
 from .metrics import fused_step_bytes, fused_step_flops, gdn_bytes, gdn_flops
 
-ENGINE_VERSIONS = ("packed", "recurrent", "sigmoid_vllm", "fused_step")
+ENGINE_VERSIONS = ("packed", "recurrent", "sigmoid_vllm", "sglang", "fused_step")
 # vLLM's two recurrent ops: varlen, [B] or [B, T] slots and accepted counts; precomputed or raw gates
 RECURRENT_VERSIONS = ("recurrent", "sigmoid_vllm")
-SLOT_DTYPE = torch.int32  # ssm_state_indices, num_accepted_tokens, cu_seqlens, state_indices
+# The varlen rows (q, k, v [1, B*T, ...] with cu_seqlens): vLLM's two ops and SGLang's
+VARLEN_VERSIONS = RECURRENT_VERSIONS + ("sglang",)
+# ssm_state_indices, num_accepted_tokens, cu_seqlens, state_indices, initial_state_indices,
+# intermediate_state_indices
+SLOT_DTYPE = torch.int32
 CONV_WIDTH = 4  # Qwen3-Next's and Qwen3.5's conv
 FLA_FUNCTION = "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule"
 FLA_RECURRENT_NEEDS = ("state_v_first", "use_qk_l2norm_in_kernel", "output_final_state", "initial_state",
                        "cu_seqlens")
-FLA_RECURRENT_NOTE = ("FLA has no ssm_state_indices: timed on the read states gathered into a dense initial_state "
-                      "(untimed), writing only the final state, to a new fp32 tensor")
-FLA_SIGMOID_NOTE = (FLA_RECURRENT_NOTE + "; no raw gates: its recurrent row's call, on g and beta computed from the "
-                    "raw gates (fp32, untimed)")
+_FLA_GATHERED = ("timed on the read states gathered into a dense initial_state (untimed), writing only the final "
+                 "state, to a new fp32 tensor")
+_FLA_RAW_GATES = "; no raw gates: its recurrent row's call, on g and beta computed from the raw gates (fp32, untimed)"
+FLA_RECURRENT_NOTE = "FLA has no ssm_state_indices: " + _FLA_GATHERED
+FLA_SIGMOID_NOTE = FLA_RECURRENT_NOTE + _FLA_RAW_GATES
+FLA_SGLANG_NOTE = ("FLA has no slot pool (initial_state_indices) and no per-token state output "
+                   "(intermediate_states_buffer): " + _FLA_GATHERED + _FLA_RAW_GATES)
 PACKED_BASELINE_NOTE = "no packed decode: timed on the unpacked q, k, v, a, b (the pretranspose pool call)"
 
 
@@ -80,7 +94,7 @@ def collected_names(row) -> Tuple[str, str, str]:
     """What the three collected tensors of a row are (the names --verify reports)."""
     if row.version == "fused_step":
         return "output", "ssm state", "conv state"
-    if row.version in RECURRENT_VERSIONS:
+    if row.version in VARLEN_VERSIONS:
         return "output", "final state", "per-token states"
     return "output", "state", "intermediate states"
 
@@ -103,20 +117,24 @@ def row_bytes(row) -> int:
     geometry = dict(B=row.B, T=row.T, H=row.H, HV=row.HV, K=row.K, V=row.V, io_bytes=io, state_bytes=state)
     if row.version == "packed":
         return gdn_bytes(**geometry, gate_bytes=io, dt_bias_bytes=4, index_bytes=SLOT_DTYPE.itemsize)
-    # vLLM's recurrent ops: the state read once, written to each token's slot; a slot per token,
-    # cu_seqlens [B + 1], and with T > 1 the accepted counts [B]. recurrent: g fp32 and beta, no
-    # A_log or dt_bias; sigmoid_vllm: raw a and b in the io dtype, A_log and dt_bias fp32.
+    # The varlen rows: the state read once; cu_seqlens [B + 1], and with T > 1 one more int32 per
+    # sequence (vLLM's accepted counts, SGLang's buffer row table). recurrent: g fp32 and beta, no
+    # A_log or dt_bias; sigmoid_vllm and sglang: raw a and b in the io dtype, A_log and dt_bias fp32.
     gates = (dict(gate_bytes=4, beta_bytes=io, gate_params=False) if row.version == "recurrent"
              else dict(gate_bytes=io, dt_bias_bytes=4))
     varlen = ((2 if row.T > 1 else 1) * row.B + 1) * SLOT_DTYPE.itemsize
-    return gdn_bytes(**geometry, **gates, state_writes=row.T, token_index_bytes=SLOT_DTYPE.itemsize) + varlen
+    if row.version == "sglang":  # a slot per sequence; T = 1 writes it back, T > 1 each token's state to the buffer
+        writes = dict(index_bytes=SLOT_DTYPE.itemsize, state_writes=1 if row.T == 1 else 0, intermediate=row.T > 1)
+    else:  # vLLM's: a slot per token, each written
+        writes = dict(state_writes=row.T, token_index_bytes=SLOT_DTYPE.itemsize)
+    return gdn_bytes(**geometry, **gates, **writes) + varlen
 
 
 def kernel_specs(row, facts: DeviceFacts) -> tuple:
     """The compiled variants an engine row's flashgdn call launches, in launch order
     (flashgdn.engine_specs, on the row's shapes and dtypes: the bench's slot indices are int32, a
     fused_step row's dt_bias bf16)."""
-    entry = {"packed": "packed", "recurrent": "recurrent", "sigmoid_vllm": "sigmoid-vllm",
+    entry = {"packed": "packed", "recurrent": "recurrent", "sigmoid_vllm": "sigmoid-vllm", "sglang": "sglang",
              "fused_step": "fused-step"}[row.version]
     return engine_specs.kernel_specs(
         entry, Problem(row.B, row.T, row.H, row.HV, row.K, row.V), facts, io=row.io_torch, state=row.state_torch,
@@ -154,11 +172,14 @@ def packed_inputs(twin_inputs: Dict[str, Optional[torch.Tensor]]) -> Dict[str, O
 
 
 def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]]:
-    """Fresh random inputs of a recurrent or sigmoid_vllm row (module docstring): q k v, the gates
-    (recurrent: g beta; sigmoid_vllm: a b A_log dt_bias), state slots accepted cu_seqlens (accepted
-    None for T = 1). Both rows draw the same numbers (a sigmoid_vllm row's a and b are the recurrent
-    row's, rounded to the io dtype). Pool slot 0 is never used; the B*T slots are laid out as
-    row.pool_slots says."""
+    """Fresh random inputs of a varlen row (VARLEN_VERSIONS, module docstring): q k v, the gates
+    (recurrent: g beta; sigmoid_vllm, sglang: a b A_log dt_bias), state slots accepted cu_seqlens
+    inter rows. The rows draw the same q, k, v and gates (the raw a and b are the recurrent row's,
+    rounded to the io dtype). vLLM's rows: B*T slots from slot 1 on (its slot 0 is the null block),
+    [B] for T = 1, [B, T] and the accepted counts for T > 1. sglang rows: initial_state_indices [B]
+    (slot 0 a slot), accepted None, and for T > 1 the buffer inter [B, T, HV, V, K] (NaN until
+    written) and its row table rows = arange(B). Slots are laid out as row.pool_slots says; what a
+    row does not use is None."""
     _, randn, slots, pool, A_log = _random(row, device, seed)
     B, T = row.B, row.T
     io = row.io_torch
@@ -168,21 +189,27 @@ def recurrent_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     a, b, dt_bias = randn(B, T, row.HV, dtype=f32), randn(B, T, row.HV, dtype=f32), randn(row.HV, dtype=f32)
     if row.version == "recurrent":  # the log decay and beta, as vLLM's fused_gdn_gating computes them
         gates = dict(g=-A_log.exp() * F.softplus(a + dt_bias), beta=b.sigmoid().to(io))
-    else:  # raw, as vLLM's GDN layer passes them: b, a = ba.chunk(2, -1) of its projection [tokens, 2HV]
+    else:  # raw, as vLLM's GDN layer passes them (sglang rows too): b, a = ba.chunk(2, -1) of its [tokens, 2HV]
         raw_b, raw_a = torch.cat([b, a], -1).flatten(0, 1).to(io).chunk(2, -1)
         gates = dict(a=raw_a, b=raw_b, A_log=A_log, dt_bias=dt_bias)
-    written = B * T * (2 if row.pool_slots == "scattered" else 1)  # slots 1..written
-    inp = dict(q=q, k=k, v=v, **gates, state=pool(written + 1),
-               slots=slots(B * T, offset=1).view(B, T).to(SLOT_DTYPE), accepted=None, cu_seqlens=None)
-    # varlen, as vLLM calls it
+    sglang = row.version == "sglang"
+    count, first = (B, 0) if sglang else (B * T, 1)  # the slots, from slot `first` on
+    used = count * (2 if row.pool_slots == "scattered" else 1)
+    inp = dict(q=q, k=k, v=v, **gates, state=pool(first + used),
+               slots=slots(count, offset=first).view(B, -1).to(SLOT_DTYPE), accepted=None, cu_seqlens=None, inter=None,
+               rows=None)
+    # varlen, as vLLM and SGLang call them
     inp.update({n: inp[n].flatten(0, 1).unsqueeze(0) for n in ("q", "k", "v", "g", "beta") if n in inp})
     inp["cu_seqlens"] = torch.arange(0, B * T + 1, T, device=device).to(SLOT_DTYPE)
-    if T > 1:  # speculative-decode verify
+    if T > 1 and not sglang:  # vLLM's speculative-decode verify
         gen = torch.Generator(device=device)
         gen.manual_seed(seed + 1)
         inp["accepted"] = torch.randint(1, T + 1, (B,), generator=gen, device=device).to(SLOT_DTYPE)
-    else:
-        inp["slots"] = inp["slots"][:, 0]  # 1-D ssm_state_indices
+    else:  # 1-D: vLLM's decode's ssm_state_indices, SGLang's initial_state_indices
+        inp["slots"] = inp["slots"][:, 0]
+    if sglang and T > 1:  # SGLang's target verify
+        inp["inter"] = torch.full((B, T, row.HV, row.V, row.K), float("nan"), dtype=row.state_torch, device=device)
+        inp["rows"] = torch.arange(B, device=device).to(SLOT_DTYPE)
     return inp
 
 
@@ -214,22 +241,26 @@ def _packed_views(row, mixed: torch.Tensor):
 
 
 def precomputed_gates(row, inp) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta) [1, B*T, HV] of a recurrent or sigmoid_vllm row: the recurrent row's inputs; a
-    sigmoid_vllm row's computed from its raw gates in fp32 (reference.log_gates), for the reference
-    and the baselines."""
+    """(g, beta) [1, B*T, HV] of a varlen row: the recurrent row's inputs; a sigmoid_vllm or sglang
+    row's computed from its raw gates in fp32 (reference.log_gates), for the reference and the
+    baselines."""
     if row.version == "recurrent":
         return inp["g"], inp["beta"]
     g, beta = reference.log_gates(inp["A_log"], inp["a"], inp["dt_bias"], inp["b"])
     return g.unsqueeze(0), beta.unsqueeze(0)
 
 
-def _recurrent_collect(row, inp):
+def _varlen_collect(row, inp):
+    """A varlen row's (output [B, T, HV, V], final state, per-token states [B, T, ...]; None for
+    T = 1) from its call's output: the pool's slots (vLLM's per-token slots; SGLang's decode slot),
+    or SGLang's verify buffer at its row table."""
     def collect(out) -> Collected:
         o = out.view(row.B, row.T, row.HV, row.V)
         slots = inp["slots"].long()
         if row.T == 1:
             return o, inp["state"][slots], None
-        return o, inp["state"][slots[:, -1]], inp["state"][slots]
+        states = inp["inter"][inp["rows"].long()] if row.version == "sglang" else inp["state"][slots]
+        return o, states[:, -1], states
 
     return collect
 
@@ -256,14 +287,23 @@ def flashgdn_prepare(row, inp):
                 inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], None, inp["state"], True, inp["cu_seqlens"],
                 inp["slots"], inp["accepted"], row.l2norm)[0]
 
-        return call, _recurrent_collect(row, inp)
+        return call, _varlen_collect(row, inp)
     if row.version == "sigmoid_vllm":
         def call():
             return engines.fused_sigmoid_gating_delta_rule_update_vllm(
                 inp["A_log"], inp["a"], inp["b"], inp["dt_bias"], inp["q"], inp["k"], inp["v"], 1.0, 20.0, None,
                 inp["state"], True, inp["cu_seqlens"], inp["slots"], inp["accepted"], row.l2norm)[0]
 
-        return call, _recurrent_collect(row, inp)
+        return call, _varlen_collect(row, inp)
+    if row.version == "sglang":  # as SGLang's decode (T = 1) and target verify (T > 1) call it
+        def call():
+            return engines.fused_sigmoid_gating_delta_rule_update(
+                inp["A_log"], inp["a"], inp["dt_bias"], 1.0, 20.0, inp["q"], inp["k"], inp["v"], inp["b"],
+                inp["state"], inp["slots"], scale=None, use_qk_l2norm_in_kernel=row.l2norm,
+                cu_seqlens=inp["cu_seqlens"], disable_state_update=row.T > 1,
+                intermediate_states_buffer=inp["inter"], intermediate_state_indices=inp["rows"])
+
+        return call, _varlen_collect(row, inp)
     return (lambda: fused_step.gdn_fused_decode_step(**inp)), _fused_collect(inp)
 
 
@@ -278,6 +318,17 @@ def reference_prepare(row, inp):
                 use_qk_l2norm=row.l2norm, initial_state=inp["state"], initial_state_indices=inp["indices"])
 
         return call, lambda ret: (ret[0], ret[1][inp["indices"].long()], None)
+    if row.version == "sglang":  # on the rows [B, T, ...]; the buffer's rows are its row table's arange(B)
+        q, k, v, a, b = (t.unflatten(0, (row.B, row.T)) for t in (inp["q"][0], inp["k"][0], inp["v"][0], inp["a"],
+                                                                   inp["b"]))
+
+        def call():
+            return reference.gated_delta_rule_decode_pretranspose(
+                q, k, v, None, inp["A_log"], a, inp["dt_bias"], b, use_qk_l2norm=row.l2norm, initial_state=inp["state"],
+                initial_state_indices=inp["slots"], intermediate_states_buffer=inp["inter"],
+                disable_state_update=row.T > 1)[0]
+
+        return call, _varlen_collect(row, inp)
     if row.version in RECURRENT_VERSIONS:
         g, beta = precomputed_gates(row, inp)
 
@@ -286,7 +337,7 @@ def reference_prepare(row, inp):
                 inp["q"], inp["k"], inp["v"], g, beta, None, inp["state"], inp["cu_seqlens"], inp["slots"],
                 inp["accepted"], row.l2norm)
 
-        return call, _recurrent_collect(row, inp)
+        return call, _varlen_collect(row, inp)
     return (lambda: reference.gdn_fused_decode_step(**inp)), _fused_collect(inp)
 
 
@@ -294,8 +345,8 @@ def reference_prepare(row, inp):
 
 
 def fla_recurrent_prepare(row, inp):
-    """FLA's fused_recurrent_gated_delta_rule on a recurrent row's precomputed g and beta (a
-    sigmoid_vllm row's: precomputed_gates), from the read states gathered into a dense
+    """FLA's fused_recurrent_gated_delta_rule on a varlen row's precomputed g and beta (a
+    sigmoid_vllm or sglang row's: precomputed_gates), from the read states gathered into a dense
     [B, HV, V, K] initial state (state_v_first)."""
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fn
@@ -305,7 +356,7 @@ def fla_recurrent_prepare(row, inp):
     if missing:
         raise Unavailable(f"{FLA_FUNCTION} has no argument(s) {', '.join(missing)} (needs fla-core >= 0.6)")
     slots = inp["slots"].long()
-    read = slots if row.T == 1 else slots.gather(1, inp["accepted"].long()[:, None] - 1)[:, 0]
+    read = slots if inp["accepted"] is None else slots.gather(1, inp["accepted"].long()[:, None] - 1)[:, 0]
     h0 = inp["state"][read].contiguous()
     g, beta = precomputed_gates(row, inp)
     cu_seqlens = None if inp["cu_seqlens"] is None else inp["cu_seqlens"].long()  # FLA takes a LongTensor

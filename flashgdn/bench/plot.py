@@ -17,6 +17,7 @@ API_FUNCTIONS = {
     "packed": "fused_recurrent_gated_delta_rule_packed_decode",
     "recurrent": "fused_recurrent_gated_delta_rule (vLLM)",
     "sigmoid_vllm": "fused_sigmoid_gating_delta_rule_update (vLLM)",
+    "sglang": "fused_sigmoid_gating_delta_rule_update (SGLang)",
     "fused_step": "gdn_fused_decode_step",
 }
 MAX_SERIES = 6

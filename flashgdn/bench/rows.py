@@ -9,7 +9,7 @@ intermediate states) for comparison).
 
 The versions: the FlashInfer API functions (VERSIONS: pretranspose, nontranspose, mtp) here, and
 the serving engines' entry points and the fused decode step (ENGINE_VERSIONS: packed, recurrent,
-sigmoid_vllm, fused_step) in flashgdn.bench.engine_rows, to which this module hands their rows.
+sigmoid_vllm, sglang, fused_step) in flashgdn.bench.engine_rows, to which this module hands their rows.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..device import DeviceFacts
 from ..spec import KernelArgs, KernelSpec
 from ..validation import Problem
 from . import engine_rows
-from .engine_rows import ENGINE_VERSIONS, FLA_FUNCTION, PACKED_BASELINE_NOTE, RECURRENT_VERSIONS
+from .engine_rows import ENGINE_VERSIONS, FLA_FUNCTION, PACKED_BASELINE_NOTE, VARLEN_VERSIONS
 from .impl import Collected, Impl, Unavailable  # noqa: F401  (part of this module's interface)
 from .metrics import gdn_bytes, gdn_flops
 
@@ -179,7 +179,7 @@ def make_inputs(row: Row, device, seed: int) -> Dict[str, Optional[torch.Tensor]
     are its decode_twin's, with mixed_qkv)."""
     if row.version == "packed":
         return engine_rows.packed_inputs(make_inputs(decode_twin(row), device, seed))
-    if row.version in RECURRENT_VERSIONS:
+    if row.version in VARLEN_VERSIONS:
         return engine_rows.recurrent_inputs(row, device, seed)
     if row.version == "fused_step":
         return engine_rows.fused_step_inputs(row, device, seed)
@@ -347,7 +347,7 @@ def _for_engine_rows(api_impl: Impl, engine_prepare, note=None, applies=None) ->
 def _fla_engine_prepare(row: Row, inp: dict):
     if row.version == "packed":  # FLA has no packed decode: the unpacked inputs (engine_rows)
         return _fla_prepare(decode_twin(row), inp)
-    if row.version in RECURRENT_VERSIONS:
+    if row.version in VARLEN_VERSIONS:
         return engine_rows.fla_recurrent_prepare(row, inp)
     raise Unavailable("FLA has no fused decode step")
 
@@ -359,12 +359,14 @@ def _flashinfer_engine_prepare(row: Row, inp: dict):
         raise Unavailable("FlashInfer 0.7.2 has no decode on precomputed gates (g, beta)")
     if row.version == "sigmoid_vllm":
         raise Unavailable("FlashInfer 0.7.2 has no varlen decode (cu_seqlens) with vLLM's slots and accepted counts")
+    if row.version == "sglang":
+        raise Unavailable("FlashInfer 0.7.2 has no varlen decode (cu_seqlens, gates [tokens, HV]) in SGLang's layout")
     return engine_rows.flashinfer_fused_step_prepare(row, inp)
 
 
 def _fla_note(row: Row) -> Optional[str]:
     return {"packed": PACKED_BASELINE_NOTE, "recurrent": engine_rows.FLA_RECURRENT_NOTE,
-            "sigmoid_vllm": engine_rows.FLA_SIGMOID_NOTE}.get(row.version)
+            "sigmoid_vllm": engine_rows.FLA_SIGMOID_NOTE, "sglang": engine_rows.FLA_SGLANG_NOTE}.get(row.version)
 
 
 def _flashinfer_note(row: Row) -> Optional[str]:
