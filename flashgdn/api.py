@@ -72,6 +72,7 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
         replay_cache=args.replay_v is not None, row_form=row_form(args),
         intermediate_rows=None if args.intermediate_indices is None else name(args.intermediate_indices.dtype),
+        tree_parents=None if args.parent_tokens is None else name(args.parent_tokens.dtype),
     )
 
 
@@ -142,9 +143,10 @@ def _validated(check, *args, options=()) -> _Plan:
 
 def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
                         initial_state_indices, output_state_indices, intermediate_states_buffer,
-                        disable_state_update, softplus_beta, softplus_threshold, intermediate_rows=None):
-    """`intermediate_rows` (flashgdn.sglang: SGLang's intermediate_state_indices) the buffer row of
-    each batch row (_check_intermediate)."""
+                        disable_state_update, softplus_beta, softplus_threshold, intermediate_rows=None,
+                        parent_tokens=None):
+    """`intermediate_rows` and `parent_tokens` (flashgdn.sglang: SGLang's intermediate_state_indices
+    and retrieve_parent_token) the buffer row of each batch row and its EAGLE tree (_check_intermediate)."""
     p = val.check_inputs(q, k, v, a, b, A_log, dt_bias, max_tokens=MAX_TOKENS)
     if p.T == 1:
         if intermediate_states_buffer is not None:
@@ -166,21 +168,30 @@ def _check_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, ini
             raise ValueError("state [B, HV, V, K] is required when no initial_state pool is given")
         pool = state
         val.check_state("state", pool, (p.B,), p, layout="klast", written=written)
-    _check_intermediate(intermediate_states_buffer, pool, p, intermediate_rows)
+    _check_intermediate(intermediate_states_buffer, pool, p, intermediate_rows, parent_tokens)
     return p, _check_common(
         p, output, scale, softplus_beta, softplus_threshold, q, k=k, v=v, a=a, b=b, A_log=A_log,
         dt_bias=dt_bias, state=pool, initial_state_indices=initial_state_indices,
         output_state_indices=output_state_indices, intermediate_states_buffer=intermediate_states_buffer,
-        intermediate_state_indices=intermediate_rows,
+        intermediate_state_indices=intermediate_rows, retrieve_parent_token=parent_tokens,
     )
 
 
-def _check_intermediate(buffer, pool, p: val.Problem, rows=None) -> None:
+def _check_intermediate(buffer, pool, p: val.Problem, rows=None, parents=None) -> None:
     """intermediate_states_buffer [>= B, >= T, HV, V, K] of the state's dtype: batch row i writes
     buffer[i, t] (engines pass their whole buffer); with `rows` (SGLang's intermediate_state_indices
-    [>= B], any stride) buffer[rows[i], t], and the buffer may have any number of rows."""
+    [>= B], any stride) buffer[rows[i], t], and the buffer may have any number of rows; `parents`
+    (SGLang's retrieve_parent_token [>= B, T], any strides) an EAGLE tree over those rows."""
     if buffer is None:
         return
+    if parents is not None:
+        if rows is None:
+            raise ValueError("retrieve_parent_token needs intermediate_state_indices (the buffer rows its states "
+                             "are read back from)")
+        val.check_tensor("retrieve_parent_token", parents, val.INDEX_DTYPES, (None, p.T))
+        if parents.shape[0] < p.B:
+            raise ValueError(f"retrieve_parent_token must have at least B={p.B} rows (one per sequence), "
+                             f"got {list(parents.shape)}")
     val.check_state("intermediate_states_buffer", buffer, (None, None), p, layout="klast", dtype=pool.dtype, inner=3)
     if rows is not None:
         val.check_tensor("intermediate_state_indices", rows, val.INDEX_DTYPES, (None,))

@@ -21,7 +21,7 @@ flashgdn.engines' entry points have ops too, each mutating the pool and the outp
 fused_recurrent_gated_delta_rule and fused_sigmoid_gating_delta_rule_update (initial_state, `o`;
 the latter's op named ..._vllm, as its function) and SGLang's
 fused_sigmoid_gating_delta_rule_update (initial_state_source, its target verify's
-intermediate_states_buffer, `o`), whose functions allocate `o`
+intermediate_states_buffer, `o`; its row table and EAGLE tree only read), whose functions allocate `o`
 (as their eager paths do) and return it; both packed decodes share
 fused_recurrent_gated_delta_rule_packed_decode (initial_state, `out`), their one difference, the
 padding rule, its argument vllm_padding. The arguments that only select modes flashgdn refuses
@@ -216,18 +216,19 @@ def sigmoid_update_op(
     A_log: Tensor, a: Tensor, dt_bias: Tensor, softplus_beta: float, softplus_threshold: float, q: Tensor,
     k: Tensor, v: Tensor, b: Tensor, initial_state_source: Tensor, initial_state_indices: Tensor,
     scale: Optional[float], use_qk_l2norm_in_kernel: bool, cu_seqlens: Optional[Tensor], disable_state_update: bool,
-    intermediate_states_buffer: Optional[Tensor], intermediate_state_indices: Optional[Tensor], o: Tensor,
+    intermediate_states_buffer: Optional[Tensor], intermediate_state_indices: Optional[Tensor],
+    retrieve_parent_token: Optional[Tensor], o: Tensor,
 ) -> None:
     sglang.check_output(o, v)
     sglang.update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                   initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-                  intermediate_states_buffer, intermediate_state_indices, o)
+                  intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, o)
 
 
 @sigmoid_update_op.register_fake
 def _(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source, initial_state_indices,
       scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update, intermediate_states_buffer,
-      intermediate_state_indices, o):
+      intermediate_state_indices, retrieve_parent_token, o):
     sglang._check_call(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                        initial_state_indices, scale, cu_seqlens, disable_state_update, intermediate_states_buffer,
-                       intermediate_state_indices, o)
+                       intermediate_state_indices, retrieve_parent_token, o)

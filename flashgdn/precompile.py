@@ -22,6 +22,8 @@ from meta tensors of their calls, through each entry point's own argument list):
                   [1, N * T, ...] with cu_seqlens, a and b [N * T, HV]): T = 1 its decode, T > 1
                   its target verify (the state after every token into its speculative buffer),
                   for each --seq-len
+    sglang-tree   the same with an EAGLE tree (retrieve_parent_token, in --index-dtype) in its
+                  target verify (--speculative-eagle-topk > 1)
     recurrent     fused_recurrent_gated_delta_rule (vLLM's op on precomputed gates: g fp32, beta in
                   --io-dtype), varlen as vLLM calls it: T = 1 its decode, T > 1 its verify with
                   accepted counts, for each --seq-len; --index-dtype is that of the slots,
@@ -125,7 +127,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.hidden % 64:
         parser.error(f"--hidden must be a multiple of 64, got {args.hidden}")
     gate = args.gate_dtype or args.io_dtype
-    gated = [e for e in args.entry if e in ("flashinfer", "packed", "packed-vllm", "sglang", "sigmoid-vllm")]
+    gated = [e for e in args.entry if e in ("flashinfer", "packed", "packed-vllm", "sglang", "sglang-tree",
+                                            "sigmoid-vllm")]
     if gated and gate not in (args.io_dtype, "fp32"):
         parser.error(f"--gate-dtype must be the --io-dtype ({args.io_dtype}) or fp32 (a and b of the {gated[0]} "
                      f"entry), got {gate}")

@@ -43,19 +43,27 @@ def step(S, q, k, v, g, beta):
     return torch.einsum("nhkv,nhk->nhv", S, q), S
 
 
-def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta, softplus_threshold, dtype):
+def _recur(q, k, v, a, b, A_log, dt_bias, S, scale, use_qk_l2norm, softplus_beta, softplus_threshold, dtype,
+           tree=None):
     """Run T tokens for N sequences. S [N, HV, K, V] in `dtype`; returns (o [N,T,HV,V], states list)."""
     qf, kf = _prepare_qk(q, k, v.shape[2], scale, use_qk_l2norm, dtype)
     g, beta = gates(A_log, a, dt_bias, b, softplus_beta, softplus_threshold, dtype)
-    return _recur_gated(qf, kf, v, g, beta, S, dtype)
+    return _recur_gated(qf, kf, v, g, beta, S, dtype, tree)
 
 
-def _recur_gated(qf, kf, v, g, beta, S, dtype):
+def _recur_gated(qf, kf, v, g, beta, S, dtype, tree=None):
     """T tokens on gates g (decay), beta [N, T, HV] and prepared q, k [N, T, HV, K] (normed,
-    scaled, repeated over the value heads). Returns (o [N, T, HV, V], states list)."""
+    scaled, repeated over the value heads). Returns (o [N, T, HV, V], states list). `tree`
+    (parents [N, T] in range, which rows follow them [N], the dtype states are stored in): an
+    EAGLE tree, token t >= 1 of such a row starting from the stored state after its parent (a
+    parent outside [0, t), on a row the caller discards, is clamped into it)."""
     T = qf.shape[1]
     outs, states = [], []
     for t in range(T):
+        if tree is not None and t > 0:
+            parents, follows, stored = tree
+            after = torch.stack(states)[parents[:, t].long().clamp(0, t - 1), torch.arange(S.shape[0], device=S.device)]
+            S = torch.where(follows[:, None, None, None], after.to(stored).to(dtype), S)
         o, S = step(S, qf[:, t], kf[:, t], v[:, t].to(dtype), g[:, t].to(dtype), beta[:, t].to(dtype))
         outs.append(o)
         states.append(S)
@@ -77,11 +85,14 @@ def _decode(
     q, k, v, a, b, A_log, dt_bias, pool, read_idx, write_idx, layout, scale, use_qk_l2norm,
     output, intermediate_states_buffer=None, update_state=True, accepted_tokens=None,
     softplus_beta=1.0, softplus_threshold=20.0, compute_dtype=torch.float32, token_slots=None,
-    zero_padding_output=True, intermediate_rows=None,
+    zero_padding_output=True, intermediate_rows=None, parent_tokens=None,
 ):
     """The decode of B rows of T tokens. `intermediate_rows` [>= B] (SGLang's target verify): row i
     writes its states to intermediate_states_buffer[intermediate_rows[i]] (negative: nowhere; past
-    the buffer: NaN output, nothing written) instead of buffer row i."""
+    the buffer: NaN output, nothing written) instead of buffer row i. `parent_tokens` [>= B, T]
+    (with intermediate_rows: an EAGLE tree): token t >= 1 of a row that writes its states starts
+    from the state stored after its parent token (a parent outside [0, t): NaN output, nothing
+    written)."""
     B, T = q.shape[:2]
     HV, V = v.shape[2], v.shape[3]
     out_dtype = q.dtype if output is None else output.dtype
@@ -103,6 +114,14 @@ def _decode(
     if intermediate_states_buffer is not None and intermediate_rows is not None:
         inter_rows = intermediate_rows[:B].long()
         bad |= run & (inter_rows >= intermediate_states_buffer.shape[0])
+    tree = None
+    if parent_tokens is not None and intermediate_states_buffer is not None:
+        parents = parent_tokens[:B].long()
+        steps = torch.arange(T, device=q.device)
+        wrong = ((parents < 0) | (parents >= steps)) & (steps > 0)
+        follows = inter_rows >= 0
+        bad |= run & follows & wrong.any(1)
+        tree = (parents, follows, intermediate_states_buffer.dtype)
     out[bad] = float("nan")
     run &= ~bad
     rows = torch.nonzero(run).flatten()
@@ -114,6 +133,7 @@ def _decode(
         o, states = _recur(
             q[rows], k[rows], v[rows], a[rows], b[rows], A_log, dt_bias, S, scale, use_qk_l2norm,
             softplus_beta, softplus_threshold, compute_dtype,
+            None if tree is None else (tree[0][rows], tree[1][rows], tree[2]),
         )
         out[rows] = o.to(out_dtype)
         as_stored = (lambda s: s.transpose(-1, -2)) if layout == "klast" else (lambda s: s)

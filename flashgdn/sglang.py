@@ -5,9 +5,10 @@ Upstream: sgl-project/sglang, python/sglang/kernels/ops/attention/fla/fused_sigm
 (tests/test_engines.py pins the signature). SGLang's Triton GDN kernel class calls it in `decode`
 (one token per sequence, the state written back) and in `target_verify` (the draft tokens of each
 sequence, `disable_state_update=True`, the state after every token into the speculative buffer
-`intermediate_states_buffer[intermediate_state_indices[i], t]`). Both run the kernels of
-flashgdn.api.gated_delta_rule_decode_pretranspose: one token on the K-last decode kernel, several on
-the MTP kernels, whose intermediate writes take SGLang's row table (KernelSpec.intermediate_rows).
+`intermediate_states_buffer[intermediate_state_indices[i], t]`, with `retrieve_parent_token` for an
+EAGLE tree). Both run the kernels of flashgdn.api.gated_delta_rule_decode_pretranspose: one token
+on the K-last decode kernel, several on the MTP kernels, whose intermediate writes take SGLang's
+row table (KernelSpec.intermediate_rows) and its tree (KernelSpec.tree_parents).
 
 SGLang's varlen layout of one token per sequence (q, k, v [1, N, ...] with 2-D gates) goes to the
 kernel as it is (KernelSpec.row_form "flat": its launch views the rows); every other layout goes as
@@ -31,7 +32,7 @@ from .spec import MAX_TOKENS, KernelArgs
 NAME = "fused_sigmoid_gating_delta_rule_update"
 
 
-def _refuse(initial_state_source, is_kda, lower_bound, retrieve_parent_token, cache_ring, replayssm) -> None:
+def _refuse(initial_state_source, is_kda, lower_bound, cache_ring, replayssm) -> None:
     """NotImplementedError for each of SGLang's modes that flashgdn does not serve yet."""
     if initial_state_source is None:
         raise NotImplementedError(f"{NAME}: initial_state_source=None (no state pool) is not supported")
@@ -39,9 +40,6 @@ def _refuse(initial_state_source, is_kda, lower_bound, retrieve_parent_token, ca
         raise NotImplementedError(f"{NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
     if lower_bound is not None:
         raise NotImplementedError(f"{NAME}: lower_bound (the KDA gate) is not supported")
-    if retrieve_parent_token is not None:
-        raise NotImplementedError(f"{NAME}: retrieve_parent_token (EAGLE tree verify) is not supported; "
-                                  f"chain drafts (--speculative-eagle-topk 1) pass None")
     if cache_ring or any(t is not None for t in replayssm):
         raise NotImplementedError(f"{NAME}: cache_ring / replayssm_* (ReplaySSM ring writes) are not supported")
 
@@ -51,6 +49,9 @@ def _tokens(q, cu_seqlens) -> tuple:
     (its values are not read: every sequence must have T tokens, as SGLang's decode and target
     verify pass them), or [N, T, H, K] without."""
     if cu_seqlens is None:
+        if q.shape[1] > MAX_TOKENS:
+            raise NotImplementedError(f"{NAME}: {q.shape[1]} tokens per sequence (q {list(q.shape)}): flashgdn "
+                                      f"serves up to {MAX_TOKENS}")
         return False, q.shape[0], q.shape[1]
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
@@ -105,9 +106,18 @@ def _check_layout(q, k, v, a, b, cu_seqlens):
     return varlen, T, [_row_geometry(t, varlen, T) for t in (q, k, v, a, b, o)]
 
 
+def _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token) -> tuple:
+    """The target verify's tensors as the kernel takes them: SGLang's kernel reads the row table and
+    the tree only with a buffer, so without one they are dropped."""
+    if intermediate_states_buffer is None:
+        return None, None, None
+    return intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token
+
+
 def _check_verify(q, disable_state_update, intermediate_states_buffer, intermediate_state_indices, T: int) -> None:
-    """The target verify's own rules: a buffer needs its row table; one token per sequence takes
-    neither a buffer nor a frozen state (flashgdn's one-token decode writes its state)."""
+    """The target verify's own rules: a buffer needs its row table; one token per sequence (also an
+    empty varlen batch, whose T nothing tells) takes neither a buffer nor a frozen state (flashgdn's
+    one-token decode writes its state)."""
     if not isinstance(disable_state_update, bool):
         raise TypeError(f"disable_state_update must be a bool, got {type(disable_state_update).__name__}")
     if intermediate_states_buffer is not None and intermediate_state_indices is None:
@@ -121,7 +131,8 @@ def _check_verify(q, disable_state_update, intermediate_states_buffer, intermedi
 
 def _check(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlens, disable_state_update,
            intermediate_states_buffer, intermediate_state_indices):
-    """Every rule of this module (no address, no value read); returns _check_layout's."""
+    """Every rule of this module (no address, no value read; the tree's rules are flashgdn's
+    pretranspose checks'); returns _check_layout's."""
     varlen, T, geometry = _check_layout(q, k, v, a, b, cu_seqlens)
     _check_verify(q, disable_state_update, intermediate_states_buffer, intermediate_state_indices, T)
     # q, k, v, a, b, A_log and dt_bias keep their names in flashgdn's messages; only the state's
@@ -137,26 +148,27 @@ def _check(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlen
 
 def _pretranspose_args(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, initial_state_source,
                        initial_state_indices, scale, disable_state_update, intermediate_states_buffer,
-                       intermediate_state_indices, o, geometry) -> tuple:
-    """The arguments of flashgdn's pretranspose checks (api._check_pretranspose) on the row views."""
+                       intermediate_state_indices, retrieve_parent_token, o, geometry) -> tuple:
+    """The arguments of flashgdn's pretranspose checks (api._check_pretranspose) on the row views
+    (the verify's tensors as _verify leaves them)."""
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, o), geometry)
-    rows = None if intermediate_states_buffer is None else intermediate_state_indices
     return (q4, k4, v4, None, A_log, a3, dt_bias, b3, scale, o4, initial_state_source,
             _indices(initial_state_indices), None, intermediate_states_buffer, disable_state_update, softplus_beta,
-            softplus_threshold, rows)
+            softplus_threshold, intermediate_state_indices, retrieve_parent_token)
 
 
 def _check_call(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                 initial_state_indices, scale, cu_seqlens, disable_state_update, intermediate_states_buffer,
-                intermediate_state_indices, o) -> None:
+                intermediate_state_indices, retrieve_parent_token, o) -> None:
     """Every check of a call, in the eager order (this module's, then flashgdn's on the views),
     reading no address and no value: the op's fake implementation."""
     check_output(o, v)
+    verify = _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token)
     _, _, geometry = _check(q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlens,
-                            disable_state_update, intermediate_states_buffer, intermediate_state_indices)
+                            disable_state_update, *verify[:2])
     api._check_pretranspose(*_pretranspose_args(
         q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, initial_state_source, initial_state_indices,
-        scale, disable_state_update, intermediate_states_buffer, intermediate_state_indices, o, geometry))
+        scale, disable_state_update, *verify, o, geometry))
 
 
 def check_output(o, v) -> None:
@@ -210,39 +222,42 @@ def fused_sigmoid_gating_delta_rule_update(
 
     Target verify (T >= 2): intermediate_states_buffer [R, >= T, HV, V, K] (the pool's dtype)
     receives the state after token t of sequence i at [intermediate_state_indices[i], t]; a
-    negative row is not written, one >= R makes the sequence's output NaN (nothing written). The
-    row table is ignored without a buffer, as SGLang's kernel does.
+    negative row is not written, one >= R makes a running sequence's output NaN (nothing written).
+    retrieve_parent_token [N, T] (an EAGLE tree): token t >= 1 of a sequence whose row is written
+    starts from the state stored there after its parent token retrieve_parent_token[i, t] (read
+    back in the buffer's dtype, as SGLang's kernel does); a parent that is not an earlier token
+    makes the sequence's output NaN (nothing written). The row table and the tree are ignored
+    without a buffer, as SGLang's kernel does.
 
     cu_seqlens' values are not read (no host sync): every sequence must have T tokens, which its
     shape [N + 1] alone cannot tell (FLASHGDN_CHECK_INDICES=1 checks the values, with a host sync).
     cache_steps (SGLang derives the buffer's stride from its shape too) and num_warps (a Triton
     launch setting) are accepted and not used. What raises NotImplementedError, naming it: is_kda,
-    lower_bound, EAGLE trees (retrieve_parent_token), ReplaySSM rings, initial_state_source=None,
-    sequences of unequal or more than 16 tokens, a verify of one token per sequence.
+    lower_bound, ReplaySSM rings, initial_state_source=None, sequences of unequal or more than 16
+    tokens, a verify of one token per sequence.
 
     Returns the output in q's layout: [1, N * T, HV, V] or [N, T, HV, V], q's dtype.
 
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_sigmoid_gating_delta_rule_update (flashgdn.ops), with the output allocated here.
     """
-    _refuse(initial_state_source, is_kda, lower_bound, retrieve_parent_token, cache_ring,
-            (replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta))
-    if intermediate_states_buffer is None:
-        intermediate_state_indices = None  # not read without a buffer (SGLang's kernel neither)
+    _refuse(initial_state_source, is_kda, lower_bound, cache_ring, (replayssm_rawv, replayssm_rawk, replayssm_g,
+                                                                    replayssm_beta))
     if api._is_compiling():  # traced: one custom op, which may not return a tensor: it writes `o`
         o = fastpath.new_output(v, False)  # v is [q0, q1, HV, V] of q's dtype (the op's fake implementation checks)
         torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update(
             A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
             initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-            intermediate_states_buffer, intermediate_state_indices, o)
+            intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, o)
         return o
     return update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                   initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-                  intermediate_states_buffer, intermediate_state_indices, None)
+                  intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, None)
 
 
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
-                intermediate_states_buffer, intermediate_state_indices, out, geometry) -> KernelArgs:
+                intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, out,
+                geometry) -> KernelArgs:
     """The compiled function's arguments. SGLang's own decode layout (varlen [1, N, ...] q, k, v of
     one token per sequence with 2-D gates; geometry None) goes as it is (KernelSpec.row_form
     "flat": the kernel views it); any other, as the row views [N, T, ...] that `geometry`
@@ -252,34 +267,35 @@ def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_sta
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
     return KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices),
                       intermediate_states=intermediate_states_buffer, output=o4,
-                      intermediate_indices=intermediate_state_indices)
+                      intermediate_indices=intermediate_state_indices, parent_tokens=retrieve_parent_token)
 
 
 def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-           intermediate_states_buffer, intermediate_state_indices, o):
+           intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, o):
     """The eager body of fused_sigmoid_gating_delta_rule_update (and its op's implementation, which
     passes the output `o` its caller allocated; None: allocated here); returns the output. The row
-    table goes only with a buffer (the caller has dropped it otherwise)."""
-    inter, rows = intermediate_states_buffer, intermediate_state_indices
+    table and the tree go only with a buffer (_verify)."""
+    verify = _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token)
+    inter, rows, parents = verify
 
     def launch(fast):
         out = fastpath.new_output(v, False) if o is None else o
-        fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, inter, rows,
+        fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, *verify,
                              out, fast.extra))
         return out
 
     # The fast key (flashgdn.fastpath): what decides the form and the views' geometry (the shapes
     # and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get), what the
-    # API call's key holds, the buffer the kernel writes and the row table's length (the compiled
-    # function takes any: it must cover the batch); the entry keeps the geometry.
+    # API call's key holds, the buffer the kernel writes and the lengths of the row table and the
+    # tree (the compiled function takes any: they must cover the batch); the entry keeps the geometry.
     key, out = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
         fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
         a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
         initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale), scale,
         type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel,
         type(disable_state_update), disable_state_update, inter is None or (inter.shape, inter.stride()),
-        rows is None or rows.shape),
+        rows is None or rows.shape, parents is None or parents.shape),
         launch)
     if out is not fastpath.MISS:
         return out
@@ -295,10 +311,9 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
     flat = varlen and T == 1 and a.dim() == 2 and b.dim() == 2 and inter is None and not disable_state_update
     plan = api._validated(api._check_pretranspose, *_pretranspose_args(
         q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, initial_state_source, initial_state_indices,
-        scale, disable_state_update, inter, rows, o, geometry), options=(use_qk_l2norm_in_kernel, "sglang", flat))
+        scale, disable_state_update, *verify, o, geometry), options=(use_qk_l2norm_in_kernel, "sglang", flat))
     extra = None if flat else geometry
-    args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, inter, rows, o,
-                       extra)
+    args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, *verify, o, extra)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, not disable_state_update,
                                                      softplus_beta, softplus_threshold))
     api._remember_fast(key, plan, extra=extra)

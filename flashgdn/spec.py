@@ -43,7 +43,9 @@ class KernelArgs(NamedTuple):
     output_state_indices, accepted_tokens [B]; intermediate_states [>= B, >= T, HV, V, K];
     output [B, T, HV, V]; token_state_indices [B, T] (the pool slot of the state after each token);
     intermediate_indices [>= B] (KernelSpec.intermediate_rows: batch row b writes its states to
-    intermediate_states[intermediate_indices[b]] instead of row b; negative: none).
+    intermediate_states[intermediate_indices[b]] instead of row b; negative: none); parent_tokens
+    [>= B, T] (KernelSpec.tree_parents: an EAGLE tree, token t >= 1 of row b starts from the state
+    after its parent token parent_tokens[b, t], read back from that row's intermediate states).
     Precomputed gates (KernelSpec.precomputed_gates): a holds the log decay g, b holds beta, A_log
     and dt_bias are None. Varlen (KernelSpec.varlen): q, k, v, a, b and output hold the tokens of
     all sequences in dim 1 ([1, total, ...]), cu_seqlens [B + 1] their boundaries, and B is
@@ -73,6 +75,7 @@ class KernelArgs(NamedTuple):
     replay_g: Any = None
     replay_beta: Any = None
     intermediate_indices: Any = None
+    parent_tokens: Any = None
 
 
 class CommitArgs(NamedTuple):
@@ -171,6 +174,11 @@ class KernelSpec:
     # SGLang's target verify: the dtype of KernelArgs.intermediate_indices, the intermediate
     # buffer's row of each batch row (None: row b writes buffer row b).
     intermediate_rows: Optional[str] = None
+    # SGLang's EAGLE-tree verify: the dtype of KernelArgs.parent_tokens. Where a row writes its
+    # intermediates, token t >= 1 starts from the state stored for its parent token (SGLang's kernel
+    # reads it back from the buffer, in the buffer's dtype); a parent outside [0, t) makes the row
+    # INVALID. None: each token follows the one before it.
+    tree_parents: Optional[str] = None
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
@@ -205,6 +213,9 @@ class KernelSpec:
             (self.intermediate_rows in (None,) + INDEX_DTYPES,
              f"intermediate_rows must be None or one of {INDEX_DTYPES}"),
             (self.intermediate_rows is None or self.has_intermediate, "intermediate rows need intermediates"),
+            (self.tree_parents in (None,) + INDEX_DTYPES, f"tree_parents must be None or one of {INDEX_DTYPES}"),
+            (self.tree_parents is None or (self.intermediate_rows is not None and self.layout == "klast"),
+             "tree parents need intermediates at a row table"),
         ))
 
     @property
@@ -245,7 +256,7 @@ class KernelSpec:
             (self.out_dtype is not None, f"out-{self.out_dtype}"), (self.precomputed_gates, "gates"),
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
             (self.pdl_wait, "pdl"), (self.row_form != "batch", self.row_form),
-            (self.intermediate_rows is not None, "interrows"),
+            (self.intermediate_rows is not None, "interrows"), (self.tree_parents is not None, "tree"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

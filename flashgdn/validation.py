@@ -372,6 +372,19 @@ def check_launch_indices(p: Problem, args: spec.KernelArgs, update_state: bool) 
                     ("ssm_state_indices", args.token_state_indices)):
         if t is not None:
             check_index_values(name, t, pool_size, allow_negative=True)
+    if args.intermediate_indices is not None:  # SGLang's row table: each running row writes its own buffer row
+        read = args.state_indices
+        rows = torch.where(read >= 0, args.intermediate_indices[:p.B], -1)
+        check_index_values("intermediate_state_indices", rows, args.intermediate_states.shape[0], allow_negative=True)
+        check_distinct_slots("intermediate_state_indices", rows, read)
+        if args.parent_tokens is not None:  # token t >= 1 from an earlier token's state
+            parents = args.parent_tokens[:p.B, 1:].long()
+            earlier = torch.arange(1, p.T, device=parents.device)
+            wrong = ((parents < 0) | (parents >= earlier)) & (rows >= 0)[:, None] & (read >= 0)[:, None]
+            if wrong.any():
+                i, t = (int(x) for x in wrong.nonzero()[0])
+                raise ValueError(f"retrieve_parent_token[{i}, {t + 1}] must be an earlier token of its sequence "
+                                 f"(in [0, {t + 1})), got {int(args.parent_tokens[i, t + 1])}")
     vllm_slots = args.state_indices is None and args.token_state_indices is not None  # flashgdn.recurrent
     if args.accepted_tokens is not None:
         if vllm_slots:  # the count picks the slot read: 1..T

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashgdn import api, engines
+from flashgdn.kernels import policy
 from flashgdn.spec import MAX_TOKENS
 
 from helpers import BF16, F32
@@ -32,9 +33,11 @@ def test_sigmoid_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt):
 @pytest.mark.parametrize("extra", [
     dict(cache_steps=4), dict(num_warps=4), dict(scale=0.05), dict(use_qk_l2norm_in_kernel=False),
     dict(softplus_beta=2, softplus_threshold=-5.0), dict(is_kda=False, disable_state_update=False, cache_ring=False),
-], ids=["cache_steps", "num_warps", "scale", "no-l2norm", "softplus", "flags-off"])
+    dict(intermediate_state_indices=torch.arange(N), retrieve_parent_token=torch.zeros(N, 2, dtype=torch.int64)),
+], ids=["cache_steps", "num_warps", "scale", "no-l2norm", "softplus", "flags-off", "tree-without-buffer"])
 def test_sigmoid_accepted_arguments(extra):
-    """cache_steps (unused upstream too) and num_warps (a Triton launch setting) are accepted."""
+    """cache_steps (unused upstream too) and num_warps (a Triton launch setting) are accepted; the
+    row table and the tree are not read without a buffer (SGLang's kernel neither)."""
     expect_only_device_error(SIGMOID_FN, {**sigmoid_kwargs(), **extra})
 
 
@@ -54,7 +57,6 @@ SIGMOID_NOT_IMPLEMENTED = {
     "one-token-intermediate": (dict(intermediate_states_buffer=torch.zeros(N, 2, HV, V, K),
                                     intermediate_state_indices=torch.arange(N)),
                                r"disable_state_update / intermediate_states_buffer with one token per sequence"),
-    "tree": (dict(retrieve_parent_token=torch.zeros(N, 2, dtype=torch.int64)), r"retrieve_parent_token"),
     "ring": (dict(cache_ring=True), r"cache_ring"),
     "ring-buffer": (dict(replayssm_g=torch.zeros(P, HV, 4)), r"replayssm_"),
     "varlen-long": (dict(cu_seqlens=torch.tensor([0, 2, 3, 4], dtype=torch.int32)),
@@ -185,30 +187,37 @@ def test_sigmoid_checks_cu_seqlens_values_when_asked(monkeypatch):
 # ----------------------------------------------------------------------------- SGLang's target verify
 
 
-def verify_kwargs(*, T=3, varlen=True, sdt=F32, gates_3d=False, seed=0, steps=None, rows=(2, -1, 0, 5)):
+def verify_kwargs(*, T=3, varlen=True, sdt=F32, gates_3d=False, seed=0, steps=None, rows=(2, -1, 0, 5), tree=False):
     """Valid CPU arguments of SGLang's target verify: sigmoid_kwargs' T tokens per sequence, the
     pool frozen, the state after every token into a speculative buffer [6, steps, HV, V, K] (packed
-    in its row dims, its slot stride padded) at the rows `rows` (a negative one: not written)."""
+    in its row dims, its slot stride padded) at the rows `rows` (a negative one: not written); with
+    `tree`, an EAGLE tree (retrieve_parent_token: token t's parent (t - 1) // 2)."""
     kw = sigmoid_kwargs(seed=seed, varlen=varlen, sdt=sdt, gates_3d=gates_3d, tokens=T)
     steps = T + 1 if steps is None else steps
     buffer = torch.zeros(6, steps * HV * V * K + 64, dtype=sdt)[:, :steps * HV * V * K].unflatten(1, (steps, HV, V, K))
     kw.update(disable_state_update=True, intermediate_states_buffer=buffer,
               intermediate_state_indices=torch.tensor(rows, dtype=torch.int32), cache_steps=steps)
+    if tree:
+        kw["retrieve_parent_token"] = torch.tensor([-1] + [(t - 1) // 2 for t in range(1, T)]).repeat(N, 1)
     return kw
 
 
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
-def test_verify_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt):
-    expect_only_device_error(SIGMOID_FN, verify_kwargs(varlen=varlen, gates_3d=gates_3d, sdt=sdt))
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_verify_valid_inputs_reach_the_device_check(varlen, gates_3d, sdt, tree):
+    expect_only_device_error(SIGMOID_FN, verify_kwargs(varlen=varlen, gates_3d=gates_3d, sdt=sdt, tree=tree))
 
 
 @pytest.mark.parametrize("extra", [
     dict(disable_state_update=False), dict(intermediate_states_buffer=None, intermediate_state_indices=None),
     dict(intermediate_states_buffer=None), dict(intermediate_state_indices=torch.arange(N + 3, dtype=torch.int64)),
     dict(intermediate_state_indices=torch.arange(2 * N, dtype=torch.int32)[::2]),
-], ids=["state-written", "no-buffer", "indices-without-buffer", "long-int64-indices", "strided-indices"])
+    dict(retrieve_parent_token=torch.zeros(N + 2, 3, dtype=torch.int32)),
+    dict(retrieve_parent_token=torch.zeros(3, 2 * N, dtype=torch.int64).t()[:, :3]),
+], ids=["state-written", "no-buffer", "indices-without-buffer", "long-int64-indices", "strided-indices",
+        "long-int32-tree", "strided-tree"])
 def test_verify_accepted_arguments(extra):
     """Several tokens per sequence with or without the verify's arguments; SGLang's row table may be
     longer than the batch (its whole arange), int64, strided, and is ignored without a buffer."""
@@ -219,6 +228,21 @@ def test_verify_most_tokens():
     expect_only_device_error(SIGMOID_FN, verify_kwargs(T=MAX_TOKENS, steps=MAX_TOKENS))
     kw = sigmoid_kwargs(n=1, tokens=MAX_TOKENS + 1)
     expect_error(SIGMOID_FN, kw, NotImplementedError, rf"varlen batch of {MAX_TOKENS + 1} tokens in 1 sequences")
+    kw = sigmoid_kwargs(n=1, tokens=MAX_TOKENS + 1, varlen=False)
+    expect_error(SIGMOID_FN, kw, NotImplementedError, rf"{MAX_TOKENS + 1} tokens per sequence")
+
+
+def test_verify_of_no_sequences():
+    """An empty batch (N = 0): accepted dense ([0, T, ...]); varlen its T is unknown, so the verify's
+    arguments go as for one token (NotImplementedError, which a fallback wrapper takes)."""
+    kw = verify_kwargs(varlen=False)
+    kw.update(q=kw["q"][:0], k=kw["k"][:0], v=kw["v"][:0], a=kw["a"][:0], b=kw["b"][:0],
+              initial_state_indices=kw["initial_state_indices"][:0])
+    expect_only_device_error(SIGMOID_FN, kw)
+    kw = verify_kwargs()
+    kw.update(q=kw["q"][:, :0], k=kw["k"][:, :0], v=kw["v"][:, :0], a=kw["a"][:0], b=kw["b"][:0],
+              initial_state_indices=kw["initial_state_indices"][:0], cu_seqlens=kw["cu_seqlens"][:1])
+    expect_error(SIGMOID_FN, kw, NotImplementedError, r"with one token per sequence")
 
 
 VERIFY_BAD = {
@@ -239,6 +263,12 @@ VERIFY_BAD = {
     "buffer-no-rows": (dict(intermediate_states_buffer=torch.zeros(0, 4, HV, V, K)), ValueError,
                        r"^intermediate_states_buffer has no slots"),
     "disable-not-bool": (dict(disable_state_update=1), TypeError, r"^disable_state_update must be a bool, got int"),
+    "tree-float": (dict(retrieve_parent_token=torch.zeros(N, 3)), TypeError,
+                   r"^retrieve_parent_token must have dtype int32 or int64"),
+    "tree-tokens": (dict(retrieve_parent_token=torch.zeros(N, 4, dtype=torch.int32)), ValueError,
+                    r"^retrieve_parent_token must have shape \[\*, 3\]"),
+    "tree-rows": (dict(retrieve_parent_token=torch.zeros(N - 1, 3, dtype=torch.int32)), ValueError,
+                  r"^retrieve_parent_token must have at least B=4 rows"),
 }
 
 
@@ -262,7 +292,7 @@ def test_verify_hands_views_and_the_buffer_to_the_mtp_kernel(monkeypatch, varlen
     assert (spec.T, spec.row_form, spec.has_intermediate, spec.update_state) == (T, "batch", True, False)
     assert spec.intermediate_rows == "int32" and spec.multi_token
     assert args.intermediate_states is kw["intermediate_states_buffer"]
-    assert args.intermediate_indices is kw["intermediate_state_indices"]
+    assert args.intermediate_indices is kw["intermediate_state_indices"] and args.parent_tokens is None
     assert args.state is kw["initial_state_source"] and args.state_indices is kw["initial_state_indices"]
     for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
         t = getattr(args, name)
@@ -276,18 +306,47 @@ def test_verify_hands_views_and_the_buffer_to_the_mtp_kernel(monkeypatch, varlen
     assert _shares_storage(args.output, o) and tuple(args.output.shape) == (N, T, HV, V)
 
 
-def test_verify_without_buffer_drops_the_row_table(monkeypatch):
+def test_verify_hands_the_tree_to_the_token_loop(monkeypatch):
     launched = _capture_launch(monkeypatch)
-    SIGMOID_FN(**{**verify_kwargs(), "intermediate_states_buffer": None, "disable_state_update": False})
+    kw = verify_kwargs(T=4, tree=True)
+    kw["retrieve_parent_token"] = kw["retrieve_parent_token"].long()
+    SIGMOID_FN(**kw)
     (spec, args), = launched
-    assert args.intermediate_states is None and args.intermediate_indices is None
-    assert (spec.has_intermediate, spec.intermediate_rows, spec.update_state) == (False, None, True)
+    assert args.parent_tokens is kw["retrieve_parent_token"]
+    assert (spec.tree_parents, spec.intermediate_rows, spec.T) == ("int64", "int32", 4)
+    assert policy.BuildConfig.for_spec(spec).kernel == policy.KMTP
 
 
-def test_verify_checks_cu_seqlens_values_when_asked(monkeypatch):
+def test_verify_without_buffer_drops_the_row_table_and_the_tree(monkeypatch):
+    launched = _capture_launch(monkeypatch)
+    SIGMOID_FN(**{**verify_kwargs(tree=True), "intermediate_states_buffer": None, "disable_state_update": False})
+    (spec, args), = launched
+    assert args.intermediate_states is None and args.intermediate_indices is None and args.parent_tokens is None
+    assert (spec.has_intermediate, spec.intermediate_rows, spec.tree_parents, spec.update_state) == (
+        False, None, None, True)
+
+
+VERIFY_INDEX_VALUES = {  # FLASHGDN_CHECK_INDICES: a value the kernel would refuse, or a race
+    "cu_seqlens": (dict(cu_seqlens=torch.tensor([0, 1, 4, 6, 8], dtype=torch.int32)),
+                   r"^cu_seqlens must be arange\(0, N \* T \+ 1, T\) with T = 2"),
+    "row-past": (dict(intermediate_state_indices=torch.tensor([2, -1, 6, 5], dtype=torch.int32)),
+                 r"^intermediate_state_indices values must be in \[0, 6\)"),
+    "row-twice": (dict(intermediate_state_indices=torch.tensor([2, -1, 2, 5], dtype=torch.int32)),
+                  r"^intermediate_state_indices must not repeat a written slot"),
+    "parent-later": (dict(retrieve_parent_token=torch.tensor([[-1, 0]] * 3 + [[-1, 1]], dtype=torch.int32)),
+                     r"^retrieve_parent_token\[3, 1\] must be an earlier token of its sequence"),
+}
+
+
+@pytest.mark.parametrize("case", list(VERIFY_INDEX_VALUES))
+def test_verify_checks_index_values_when_asked(monkeypatch, case):
+    """FLASHGDN_CHECK_INDICES (api.CHECK_INDICES) reads the index tensors back; the valid call runs,
+    and a padding sequence's (row 1: slot -1) values are not its concern."""
     _capture_launch(monkeypatch)
     monkeypatch.setattr(api, "CHECK_INDICES", True)
-    kw = verify_kwargs(T=2)
+    kw = verify_kwargs(T=2, tree=True)
+    kw["initial_state_indices"] = torch.tensor([3, -1, 0, 5], dtype=torch.int32)
     SIGMOID_FN(**kw)
-    kw["cu_seqlens"] = torch.tensor([0, 1, 4, 6, 8], dtype=torch.int32)
-    expect_error(SIGMOID_FN, kw, ValueError, r"^cu_seqlens must be arange\(0, N \* T \+ 1, T\) with T = 2")
+    SIGMOID_FN(**{**kw, "intermediate_state_indices": torch.tensor([2, 9, 0, 5], dtype=torch.int32)})
+    change, match = VERIFY_INDEX_VALUES[case]
+    expect_error(SIGMOID_FN, {**kw, **change}, ValueError, match)

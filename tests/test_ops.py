@@ -363,7 +363,7 @@ def _reference_launch(plan, layout, args, options):
         args.output_state_indices, layout, options.scale, options.use_l2norm, output, args.intermediate_states,
         options.update_state, args.accepted_tokens, options.softplus_beta, options.softplus_threshold,
         token_slots=args.token_state_indices, zero_padding_output=options.zero_padding_output,
-        intermediate_rows=args.intermediate_indices,
+        intermediate_rows=args.intermediate_indices, parent_tokens=args.parent_tokens,
     )
     if args.replay_v is not None:
         ref.replay_windows(args.replay_v, args.replay_k, args.replay_g, args.replay_beta, args.state_indices,

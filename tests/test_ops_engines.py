@@ -30,7 +30,8 @@ OP_ONLY = {"packed": {"vllm_padding"}, "sigmoid": {"o"}}  # the op's arguments t
 SIGMOID_LAYOUTS = {"varlen": dict(varlen=True), "batched": dict(varlen=False),
                    "gates-3d": dict(varlen=False, gates_3d=True),
                    # SGLang's target verify: several tokens per sequence, the states into its buffer
-                   "verify": dict(verify=True), "verify-batched": dict(verify=True, varlen=False)}
+                   "verify": dict(verify=True), "verify-batched": dict(verify=True, varlen=False),
+                   "verify-tree": dict(verify=True, tree=True)}
 
 
 def layout_kwargs(layout, **kw):
@@ -77,7 +78,8 @@ def sigmoid_op_args(kw, o):
     return (kw["A_log"], kw["a"], kw["dt_bias"], kw["softplus_beta"], kw["softplus_threshold"], kw["q"], kw["k"],
             kw["v"], kw["b"], kw["initial_state_source"], kw["initial_state_indices"], kw.get("scale"),
             kw["use_qk_l2norm_in_kernel"], kw["cu_seqlens"], kw.get("disable_state_update", False),
-            kw.get("intermediate_states_buffer"), kw.get("intermediate_state_indices"), o)
+            kw.get("intermediate_states_buffer"), kw.get("intermediate_state_indices"),
+            kw.get("retrieve_parent_token"), o)
 
 
 # ----------------------------------------------------------------------------- schemas

@@ -46,10 +46,17 @@ def _packed(vllm):
     return call
 
 
-def _sglang(B, o):
-    """SGLang's own layout: q, k [1, B*T, H, K], v [1, B*T, HV, V] with cu_seqlens, a and b [B*T, HV]:
-    its decode (T = 1), then for each T > 1 its target verify (the pool frozen, the states into its
-    speculative buffer at an int32 row table)."""
+def _sglang(tree: bool):
+    def call(B, o):
+        """SGLang's own layout: q, k [1, B*T, H, K], v [1, B*T, HV, V] with cu_seqlens, a and b [B*T, HV]:
+        its decode (T = 1), then for each T > 1 its target verify (the pool frozen, the states into its
+        speculative buffer at an int32 row table; with `tree` an EAGLE tree in the index dtype)."""
+        _sglang_calls(B, o, tree)
+
+    return call
+
+
+def _sglang_calls(B, o, tree):
     gen = torch.Generator().manual_seed(B)
     io, gate, state = DTYPES[o.io_dtype], DTYPES[o.gate_dtype or o.io_dtype], DTYPES[o.state_dtype[0]]
     index = DTYPES[o.index_dtype[0]]
@@ -58,6 +65,8 @@ def _sglang(B, o):
     for T in o.seq_len:
         verify = dict(disable_state_update=True, intermediate_states_buffer=torch.zeros(B + 2, T, HV, V, K, dtype=state),
                       intermediate_state_indices=torch.arange(B + 2, dtype=torch.int32), cache_steps=T) if T > 1 else {}
+        if T > 1 and tree:
+            verify["retrieve_parent_token"] = (torch.arange(T) - 1).clamp(min=-1).repeat(B, 1).to(index)
         engines.fused_sigmoid_gating_delta_rule_update(
             A_log=torch.log(torch.rand(HV, generator=gen) * 15 + 1), a=rnd(B * T, HV, dt=gate),
             dt_bias=rnd(HV, dt=DTYPES[o.dt_bias_dtype]), softplus_beta=1.0, softplus_threshold=20.0,
@@ -105,7 +114,8 @@ CASES = {  # entry: (the flags besides MODEL, the call)
     "packed": (["--io-dtype", "fp16", "--gate-dtype", "fp32", "--state-dtype", "bf16", "--index-dtype", "int64",
                 "--dt-bias-dtype", "bf16"], _packed(vllm=False)),
     "packed-vllm": ([], _packed(vllm=True)),
-    "sglang": (["--index-dtype", "int64", "--no-l2norm", "--scale", "0.1", "--seq-len", "1", "3"], _sglang),
+    "sglang": (["--index-dtype", "int64", "--no-l2norm", "--scale", "0.1", "--seq-len", "1", "3"], _sglang(False)),
+    "sglang-tree": (["--state-dtype", "bf16", "--seq-len", "4"], _sglang(True)),
     "recurrent": (["--seq-len", "1", "3", "--state-dtype", "bf16"], _vllm_recurrent(raw_gates=False)),
     "sigmoid-vllm": (["--seq-len", "1", "4", "--gate-dtype", "fp32", "--dt-bias-dtype", "bf16", "--index-dtype",
                       "int64"], _vllm_recurrent(raw_gates=True)),
@@ -140,6 +150,7 @@ def test_entry_variants_are_what_the_call_looks_up(entry, regime, looked_up):
     assert looked_up == expected
     assert all(s.regime == regime for s in expected if isinstance(s, KernelSpec))
     assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": 2, "sglang": 2}.get(entry, 1)
+    assert entry != "sglang-tree" or all(s.tree_parents == "int32" for s in expected)
 
 
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])

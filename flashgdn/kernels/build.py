@@ -106,6 +106,9 @@ def fake_arguments(spec: AnySpec):
         # SGLang's row table: its whole [>= B] index vector, of any stride
         intermediate_indices=(_strided(CUTLASS_DTYPES[spec.intermediate_rows], (cute.sym_int(),), 1, inner_static=())
                               if spec.intermediate_rows else None),
+        # SGLang's retrieve_parent_token [>= B, T], of any strides
+        parent_tokens=(_strided(CUTLASS_DTYPES[spec.tree_parents], (cute.sym_int(), T), 1, inner_static=())
+                       if spec.tree_parents else None),
     )
 
 

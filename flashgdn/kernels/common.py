@@ -271,6 +271,23 @@ def inter_row(gmem, b, status):
 
 
 @cute.jit
+def tree_parents(mPar, b, num_tokens: cutlass.Constexpr[int], reloads, status: Int32):
+    """The parent token of each token t >= 1 of batch row b (KernelSpec.tree_parents; entry t - 1
+    of the list), and the row status: where the row `reloads` (it writes its intermediates), a
+    parent outside [0, t) makes a running row INVALID (NaN output, nothing written). Parents
+    outside that range are clamped into it (the reload's address stays inside the row's states)."""
+    parents = []
+    for t in cutlass.range_constexpr(1, num_tokens):
+        p = Int32(mPar[b, t])
+        if p < Int32(0) or p >= Int32(t):
+            if reloads and status == Int32(RUN):
+                status = Int32(INVALID)
+            p = Int32(t - 1)
+        parents.append(p)
+    return parents, status
+
+
+@cute.jit
 def varlen_span(mCu, b, num_tokens: cutlass.Constexpr[int], total, status: Int32):
     """(first flat token row, token count, status) of sequence b from cu_seqlens. A sequence of
     no tokens becomes PADDING (nothing read or written); cu_seqlens values that do not make a

@@ -149,6 +149,9 @@ class KLastMTP(KLastDecode):
             tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status,
                                                    spec.vllm_slots, None if start is None else count)
         inter, inter_on, status = common.inter_row(gmem, b, status)
+        parents = None
+        if const_expr(spec.tree_parents is not None):
+            parents, status = common.tree_parents(gmem.parent_tokens, b, T, inter_on, status)
         run = status == common.RUN
         # The state first even with a pool (unlike T = 1): placed after the others, its loads end
         # up below the staging arithmetic in the SASS, waiting for q/k, fences or not.
@@ -179,7 +182,7 @@ class KLastMTP(KLastDecode):
             if run and accepted == 0:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
         loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, inter, hv, row0, lane,
-                     lane_in_row, local0, run and inter_on, run, accepted, write_slot, tok_slots)
+                     lane_in_row, local0, run and inter_on, run, accepted, write_slot, tok_slots, parents)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
             # partial product (a NaN fails the test and takes the checked loop).
@@ -201,11 +204,13 @@ class KLastMTP(KLastDecode):
 
     @cute.jit
     def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, inter, hv, row0,
-                    lane, lane_in_row, local0, inter_run, run, accepted, write_slot, tok_slots):
+                    lane, lane_in_row, local0, inter_run, run, accepted, write_slot, tok_slots, parents):
         """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
         test c against RESCALE_MIN every token (a branch); without it the caller has made sure
         no partial product of the decays falls below it. The state after each token goes to
-        intermediate buffer row `inter` where `inter_run` (common.intermediate_row)."""
+        intermediate buffer row `inter` where `inter_run` (common.intermediate_row); with
+        `parents` (an EAGLE tree: common.tree_parents) token t >= 1 of such a row starts from the
+        state stored there for its parent token, read back by the thread that stored it."""
         spec = self.spec
         R = self.rows_per_thread
         T = spec.T
@@ -220,6 +225,13 @@ class KLastMTP(KLastDecode):
             q_writer = part >= R and lane_in_row % span == 0
         c = Float32(1.0)
         for t in cutlass.range_constexpr(T):
+            if const_expr(parents is not None and t > 0):
+                if inter_run:
+                    rParent = self._load_rows(mInter[inter, parents[t - 1], hv, None, None], row0, lane_in_row)
+                    for i in cutlass.range_constexpr(R):
+                        for e in cutlass.range_constexpr(E):
+                            rS[e, i] = rParent[e, i].to(Float32)
+                    c = Float32(1.0)
             rQ = self._f32(self._load_vec(sQK[None, 0, t], lane_in_row))
             rK = self._f32(self._load_vec(sQK[None, 1, t], lane_in_row))
             rGate = cute.make_rmem_tensor((4,), Float32)

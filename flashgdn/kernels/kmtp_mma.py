@@ -47,9 +47,9 @@ from . import common
 class KLastMTPMma(common.DecodeKernel):
     def __init__(self, spec, config):
         if (spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.vllm_slots
-                or spec.varlen is not None):
+                or spec.varlen is not None or spec.tree_parents is not None):
             raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, not vLLM's "
-                             "slot rule or varlen")
+                             "slot rule, varlen or an EAGLE tree")
         super().__init__(spec, config)
         self.split_state = spec.state_dtype == "float32"  # the state's operands as bf16 hi + lo
         self.state_type = Float32 if self.split_state else BFloat16

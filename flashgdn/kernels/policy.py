@@ -189,15 +189,15 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     where the token loop is compute-bound, from T = 3: 1.05x at T = 3 and 1.2x at T = 4 for
     B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A 2-tuple `spec.tile` (tuning runs)
     asks for it, a 3-tuple for kmtp. vLLM's slot rule and varlen builds take kmtp (the tensor-core
-    kernel addresses tokens as [B, T] rows). A ReplaySSM verify (replay_cache) follows the same
-    choice as plain MTP without a state update: both kernels store the windows from the raw inputs
-    they load."""
+    kernel addresses tokens as [B, T] rows), and so do EAGLE trees (its closed form is a chain). A
+    ReplaySSM verify (replay_cache) follows the same choice as plain MTP without a state update:
+    both kernels store the windows from the raw inputs they load."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
         return KLAST
     mma_ok = (spec.state_dtype in ("bfloat16", "float32") and spec.io_dtype == "bfloat16" and not spec.vllm_slots
-              and spec.varlen is None)
+              and spec.varlen is None and spec.tree_parents is None)
     if spec.tile is not None:
         if len(spec.tile) == 2 and not mma_ok:
             raise ValueError(f"a 2-tuple tile asks for the tensor-core MTP kernel, which does not serve {spec}")
