@@ -184,10 +184,7 @@ def _check_intermediate(buffer, pool, p: val.Problem, rows=None, parents=None) -
     (SGLang's retrieve_parent_token [>= B, T], any strides) an EAGLE tree over those rows."""
     if buffer is None:
         return
-    if parents is not None:
-        if rows is None:
-            raise ValueError("retrieve_parent_token needs intermediate_state_indices (the buffer rows its states "
-                             "are read back from)")
+    if parents is not None:  # flashgdn.sglang passes a tree with its row table only
         val.check_tensor("retrieve_parent_token", parents, val.INDEX_DTYPES, (None, p.T))
         if parents.shape[0] < p.B:
             raise ValueError(f"retrieve_parent_token must have at least B={p.B} rows (one per sequence), "
@@ -198,7 +195,8 @@ def _check_intermediate(buffer, pool, p: val.Problem, rows=None, parents=None) -
         if rows.shape[0] < p.B:
             raise ValueError(f"intermediate_state_indices must have at least B={p.B} entries (one per "
                              f"sequence), got {list(rows.shape)}")
-    if buffer.shape[0] < (1 if rows is not None else p.B) or buffer.shape[1] < p.T:
+    # check_state has refused a buffer without rows; without a row table batch row i needs row i
+    if (rows is None and buffer.shape[0] < p.B) or buffer.shape[1] < p.T:
         least = "1" if rows is not None else f"B={p.B}"
         raise ValueError(
             f"intermediate_states_buffer must have shape [>= {least}, >= T={p.T}, ...], got {list(buffer.shape)}"

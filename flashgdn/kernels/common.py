@@ -250,12 +250,9 @@ def token_slots(mTok, b, pool_size, num_tokens: cutlass.Constexpr[int], status: 
 
 @cute.jit
 def intermediate_row(mRows, b, rows, status: Int32):
-    """(intermediate buffer row of batch row b, whether the row's states go there, status): row b
-    (a static True); or, with a row table (KernelSpec.intermediate_rows), mRows[b], where a negative entry
-    writes nothing and one >= the buffer's `rows` makes a running row INVALID (NaN output,
-    nothing written)."""
-    if const_expr(mRows is None):
-        return b, True, status
+    """(mRows[b], whether row b's states go there, status) of a row table (KernelSpec
+    .intermediate_rows): a negative entry writes nothing; one >= the buffer's `rows` makes a
+    running row INVALID (NaN output, nothing written)."""
     row = Int64(mRows[b])
     if row >= Int64(rows) and status == Int32(RUN):
         status = Int32(INVALID)
@@ -263,9 +260,9 @@ def intermediate_row(mRows, b, rows, status: Int32):
 
 
 def inter_row(gmem, b, status):
-    """intermediate_row of batch row b from the KernelArgs gmem (static (b, True) without
-    intermediates)."""
-    if gmem.intermediate_states is None:
+    """The intermediate buffer row of batch row b from the KernelArgs gmem, whether its states go
+    there, and the status: intermediate_row with a row table, else row b (a static True)."""
+    if gmem.intermediate_indices is None:
         return b, True, status
     return intermediate_row(gmem.intermediate_indices, b, gmem.intermediate_states.shape[0], status)
 

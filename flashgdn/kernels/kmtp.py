@@ -208,7 +208,7 @@ class KLastMTP(KLastDecode):
         """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
         test c against RESCALE_MIN every token (a branch); without it the caller has made sure
         no partial product of the decays falls below it. The state after each token goes to
-        intermediate buffer row `inter` where `inter_run` (common.intermediate_row); with
+        intermediate buffer row `inter` where `inter_run` (common.inter_row); with
         `parents` (an EAGLE tree: common.tree_parents) token t >= 1 of such a row starts from the
         state stored there for its parent token, read back by the thread that stored it."""
         spec = self.spec
