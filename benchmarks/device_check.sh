@@ -9,6 +9,7 @@
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
+#   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate CTA size
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -106,7 +107,8 @@ engines)
   $bench --api fused_step --state-dtype fp32 bf16 --batch-size 1 4 16 64 256 --timer cupti \
     --csv "$dir/h200_${day}_fused_next_tp1_cupti.csv" > "$out/fused_cupti.log" 2>&1
   # The decode as a programmatic dependent launch (PDL) against plain stream order.
-  timeout "$limit" python3 benchmarks/fused_pdl.py > "$out/fused_pdl.log" 2>&1
+  timeout "$limit" python3 benchmarks/fused_table.py --settings fused_step_pdl=False fused_step_pdl=True \
+    > "$out/fused_pdl.log" 2>&1
   # Pools with padded strides against packed ones (same rows, same run).
   for api in pretranspose mtp; do
     [ $api = mtp ] && T="2 4 8" || T=1
@@ -140,4 +142,16 @@ tune)
     timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --batch-size 1 4 16 > "$out/tune_klast_$sdt.log" 2>&1
   done
   TAIL=8 tails tune_f32_T4 tune_f32_T8 tune_inter_float32 tune_inter_bfloat16 tune_klast_float32 tune_klast_bfloat16 ;;
+small)
+  # The floors of the small-batch rows: a one-element kernel and the fastest copy kernel per size.
+  timeout "$limit" python3 benchmarks/tune.py --calibrate > "$out/calibrate.log" 2>&1
+  # The fused step's conv/gate CTA size: its b/a GEMV keeps two of a thread's hidden / threads loads in
+  # flight (ptxas interleaves them with the products), a chain of DRAM round trips at small batch.
+  for shape in "2048 16 32" "5120 16 48" "5120 4 12"; do
+    set -- $shape
+    timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
+      --state-dtype bf16 --settings conv_gate_threads=128 conv_gate_threads=256 conv_gate_threads=512 \
+      > "$out/conv_gate_$1_$3.log" 2>&1
+  done
+  TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_5120_48 conv_gate_5120_12 ;;
 esac

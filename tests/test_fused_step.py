@@ -152,3 +152,50 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() == q3.data_ptr()
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
     assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()
+
+
+def _fused_table(monkeypatch):
+    """benchmarks/fused_table.py as a module (it turns the disk cache off when loaded: restored after)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    monkeypatch.setenv("FLASHGDN_DISK_CACHE", os.environ.get("FLASHGDN_DISK_CACHE", "1"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_table.py"
+    spec = importlib.util.spec_from_file_location("fused_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fused_table_settings_name_table_fields(monkeypatch):
+    """fused_table.py's settings are DeviceTable fields with literal values; anything else is a usage error."""
+    import argparse
+
+    module = _fused_table(monkeypatch)
+    assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
+    assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
+    for bad, match in (("threads=256", "DeviceTable field"), ("conv_gate_threads", "DeviceTable field"),
+                       ("conv_gate_threads=many", "Python literal")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            module.parse_setting(bad)
+    if not torch.cuda.is_available():
+        assert module.main(["--settings", "conv_gate_threads=256"]) == 2  # no GPU: says so, times nothing
+
+
+def test_conv_gate_threads_setting_reaches_the_build():
+    """A table's conv_gate_threads is the conv/gate kernel's CTA size, and its CTA counts follow it."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec
+
+    spec = ConvGateSpec(H=4, HV=12, D=128, hidden=5120, width=4, has_bias=True, arch="sm_90a",
+                        device_class="sm90-hbm3e")
+    table = policy.DEVICE_TABLES["sm90-hbm3e"]
+    try:
+        policy.DEVICE_TABLES["sm90-hbm3e"] = dataclasses.replace(table, conv_gate_threads=512)
+        config = policy.ConvGateConfig.for_spec(spec)
+    finally:
+        policy.DEVICE_TABLES["sm90-hbm3e"] = table
+    assert (config.threads, config.conv_ctas, config.gate_ctas) == (512, 5, 3)

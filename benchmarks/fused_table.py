@@ -1,0 +1,101 @@
+"""The fused decode step under several settings of its device table (policy.DeviceTable fields),
+side by side in one process: CUDA events over CUDA-graph replays (the launch gap between the two
+kernels counts, as in a graph-captured decode), cold L2, median.
+
+    python benchmarks/fused_table.py --settings fused_step_pdl=False fused_step_pdl=True
+    python benchmarks/fused_table.py --hidden-size 5120 --num-v-heads 48 \\
+        --settings conv_gate_threads=128 conv_gate_threads=256 conv_gate_threads=512
+
+The first setting is the baseline of the speedup columns. Each setting runs the step through
+flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
+remembered plans and the compiled variants of this process cleared, and the disk cache off (its
+entries are keyed by the spec, not by the table), so each setting compiles its own variants.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import sys
+
+os.environ["FLASHGDN_DISK_CACHE"] = "0"  # before flashgdn reads it: a table setting is not in the key
+
+import torch  # noqa: E402
+
+import flashgdn  # noqa: E402
+from flashgdn import fastpath, fused_step  # noqa: E402
+from flashgdn.bench.engine_rows import fused_step_inputs  # noqa: E402
+from flashgdn.bench.rows import Row  # noqa: E402
+from flashgdn.bench.timing import summarize, time_fn  # noqa: E402
+from flashgdn.cache import kernel_cache  # noqa: E402
+from flashgdn.device import facts_of, unavailable_reason  # noqa: E402
+from flashgdn.kernels import policy  # noqa: E402
+
+
+def parse_setting(text: str) -> dict:
+    """"field=value" (a DeviceTable field, a Python literal) as {field: value}."""
+    name, sep, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(policy.DeviceTable)}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"a setting is field=value with a DeviceTable field "
+                                         f"({', '.join(sorted(fields))}), got {text!r}")
+    try:
+        return {name: ast.literal_eval(value)}
+    except (ValueError, SyntaxError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a Python literal") from exc
+
+
+def _forget() -> None:
+    fused_step._VALIDATED.clear()  # a remembered plan keeps the variants it looked up
+    fastpath.FAST.clear()
+    kernel_cache.clear()
+
+
+def step_us(row: Row, setting: dict, iters: int, seed: int) -> float:
+    """Median µs of one step of `row` with the device's table changed by `setting`."""
+    name = facts_of(torch.device("cuda")).device_class
+    table = policy.DEVICE_TABLES[name]
+    policy.DEVICE_TABLES[name] = dataclasses.replace(table, **setting)
+    _forget()
+    try:
+        inp = fused_step_inputs(row, "cuda", seed)
+        times, _ = time_fn(lambda: flashgdn.gdn_fused_decode_step(**inp), iters=iters, timer="events")
+        return summarize(times)["median_us"]
+    finally:
+        policy.DEVICE_TABLES[name] = table
+        _forget()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", type=parse_setting, nargs="+", required=True,
+                   help="DeviceTable settings to compare, each field=value; the first is the baseline")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--num-q-heads", type=int, default=16)
+    p.add_argument("--num-v-heads", type=int, default=32)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    why = unavailable_reason()
+    if why:
+        print(f"fused_table: {why}", file=sys.stderr)
+        return 2
+    labels = [",".join(f"{k}={v}" for k, v in s.items()) for s in args.settings]
+    print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads} K=V=128; CUDA events over graph "
+          f"replays, cold L2, median of {args.iters}; µs, and the speedup over {labels[0]}")
+    print("state     B  " + "  ".join(f"{label:>24s}" for label in labels))
+    for sdt in args.state_dtype:
+        for B in args.batch_size:
+            row = Row("fused_step", B, 1, args.num_q_heads, args.num_v_heads, 128, 128, "bf16", sdt, pool=True,
+                      hidden=args.hidden_size)
+            us = [step_us(row, s, args.iters, args.seed) for s in args.settings]
+            cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
+            print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
