@@ -145,12 +145,14 @@ tune)
 small)
   # The floors of the small-batch rows: a one-element kernel and the fastest copy kernel per size.
   timeout "$limit" python3 benchmarks/tune.py --calibrate > "$out/calibrate.log" 2>&1
-  # The fused step's conv/gate CTA size: its b/a GEMV keeps two of a thread's hidden / threads loads in
-  # flight (ptxas interleaves them with the products), a chain of DRAM round trips at small batch.
+  # The fused step's conv/gate CTA size and L2 prefetch: its b/a GEMV keeps two of a thread's
+  # hidden / threads loads in flight (ptxas interleaves them with the products), a chain of DRAM
+  # round trips at small batch.
   for shape in "2048 16 32" "5120 16 48" "5120 4 12"; do
     set -- $shape
     timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
       --state-dtype bf16 --settings conv_gate_threads=128 conv_gate_threads=256 conv_gate_threads=512 \
+      conv_gate_prefetch=True conv_gate_threads=256,conv_gate_prefetch=True conv_gate_threads=512,conv_gate_prefetch=True \
       > "$out/conv_gate_$1_$3.log" 2>&1
   done
   TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_5120_48 conv_gate_5120_12 ;;

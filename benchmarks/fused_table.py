@@ -4,7 +4,7 @@ kernels counts, as in a graph-captured decode), cold L2, median.
 
     python benchmarks/fused_table.py --settings fused_step_pdl=False fused_step_pdl=True
     python benchmarks/fused_table.py --hidden-size 5120 --num-v-heads 48 \\
-        --settings conv_gate_threads=128 conv_gate_threads=256 conv_gate_threads=512
+        --settings conv_gate_threads=128 conv_gate_threads=512 conv_gate_threads=512,conv_gate_prefetch=True
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
@@ -34,16 +34,19 @@ from flashgdn.kernels import policy  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
-    """"field=value" (a DeviceTable field, a Python literal) as {field: value}."""
-    name, sep, value = text.partition("=")
+    """"field=value[,field=value...]" (DeviceTable fields, Python literals without commas) as a dict."""
     fields = {f.name for f in dataclasses.fields(policy.DeviceTable)}
-    if not sep or name not in fields:
-        raise argparse.ArgumentTypeError(f"a setting is field=value with a DeviceTable field "
-                                         f"({', '.join(sorted(fields))}), got {text!r}")
-    try:
-        return {name: ast.literal_eval(value)}
-    except (ValueError, SyntaxError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a Python literal") from exc
+    setting = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name not in fields:
+            raise argparse.ArgumentTypeError(f"a setting is field=value[,field=value...] with DeviceTable fields "
+                                             f"({', '.join(sorted(fields))}), got {text!r}")
+        try:
+            setting[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise argparse.ArgumentTypeError(f"{part!r}: the value must be a Python literal") from exc
+    return setting
 
 
 def _forget() -> None:
@@ -70,7 +73,8 @@ def step_us(row: Row, setting: dict, iters: int, seed: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", type=parse_setting, nargs="+", required=True,
-                   help="DeviceTable settings to compare, each field=value; the first is the baseline")
+                   help="DeviceTable settings to compare, each field=value[,field=value...]; the first is the "
+                   "baseline")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--hidden-size", type=int, default=2048)

@@ -164,6 +164,25 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_conv_gate_prefetch_compiles(monkeypatch, arch):
+    """The conv/gate kernel with its L2 prefetch (a table's conv_gate_prefetch, off until measured),
+    at a hidden size with a partial last pass."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    name = "sm90-hbm3e"
+    s = ConvGateSpec(arch=arch, device_class=name, **dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"])
+    monkeypatch.setitem(policy.DEVICE_TABLES, name,
+                        dataclasses.replace(policy.DEVICE_TABLES[name], conv_gate_prefetch=True))
+    assert policy.ConvGateConfig.for_spec(s).gate_prefetch
+    fn = compile_kernel(s)
+    assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kw", [pytest.param(kw, id=vid) for vid, kw in COMMIT_VARIANTS])
 def test_commit_compiles(monkeypatch, arch, kw):
     from flashgdn.spec import CommitSpec

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import flashgdn
 from flashgdn import fused_step
 from flashgdn import reference as ref
-from helpers import BF16, F32, clone_fused, make_fused_inputs
+from helpers import BF16, clone_fused, make_fused_inputs
 
 GEOMETRY = dict(B=3, H=2, HV=4, D=64, hidden=128)
 
@@ -175,7 +175,10 @@ def test_fused_table_settings_name_table_fields(monkeypatch):
     module = _fused_table(monkeypatch)
     assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
     assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
+    assert module.parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
+        "conv_gate_threads": 512, "conv_gate_prefetch": True}
     for bad, match in (("threads=256", "DeviceTable field"), ("conv_gate_threads", "DeviceTable field"),
+                       ("conv_gate_threads=512,", "DeviceTable field"),
                        ("conv_gate_threads=many", "Python literal")):
         with pytest.raises(argparse.ArgumentTypeError, match=match):
             module.parse_setting(bad)

@@ -13,7 +13,9 @@ A 1-D grid of B x (conv_ctas + gate_ctas) CTAs (policy.ConvGateConfig):
   pool (windows contiguous).
 - gate CTA: one block of gate_vec columns of w_ba (one 16-byte load per row), its dot products
   with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
-  the sums are rounded to bf16 as the projection's bf16 output is.
+  the sums are rounded to bf16 as the projection's bf16 output is. With gate_prefetch the CTA
+  first asks L2 for every w_ba row it will read and for hidden_states[b]: the loads themselves
+  keep two rows in flight per thread (ptxas interleaves them with the products).
 
 A row whose slot is negative (padding) or past the conv pool touches no conv state; the decode
 kernel then leaves its output zero (padding) or NaN (a slot past the ssm pool).
@@ -100,6 +102,8 @@ class ConvGate:
         smem = cutlass.memory.SmemAllocator()
         sPart = smem.allocate_tensor(Float32, cute.make_layout((n, self.num_warps)), byte_alignment=16)
 
+        if const_expr(self.config.gate_prefetch):
+            self._gate_prefetch(gmem, b, block)
         rAcc = cute.make_rmem_tensor((n,), Float32)
         rAcc.fill(0.0)
         rW = cute.make_rmem_tensor((n,), BFloat16)
@@ -121,6 +125,22 @@ class ConvGate:
             for w in cutlass.range_constexpr(self.num_warps):
                 acc += sPart[tid, w]
             gmem.ba_out[b, block * n + tid] = acc.to(BFloat16)
+
+    @cute.jit
+    def _gate_prefetch(self, gmem: ConvGateArgs, b: Int32, block: Int32):
+        """Line prefetches into L2: this thread's w_ba rows of the block (all but the partial last
+        pass), and one 128-byte line of hidden_states[b] per thread."""
+        threads = self.config.threads
+        tid, _, _ = cute.arch.thread_idx()
+        n = self.spec.gate_vec
+        for m in cutlass.range_constexpr(self.spec.hidden // threads):
+            row = gmem.w_ba[tid + m * threads, None].iterator + block * n
+            cute.arch.prefetch(row.to_llvm_ptr(), cache_level="L2")
+        line = 128 // 2  # bf16 elements of one line
+        for m in cutlass.range_constexpr((self.spec.hidden // line + threads - 1) // threads):
+            j = (tid + m * threads) * line
+            if j < self.spec.hidden:
+                cute.arch.prefetch((gmem.hidden_states[b, None].iterator + j).to_llvm_ptr(), cache_level="L2")
 
     @cute.jit
     def _gate_row(self, gmem: ConvGateArgs, b, block, i, rW: cute.Tensor, rAcc: cute.Tensor):

@@ -46,6 +46,10 @@ class DeviceTable:
     # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and
     # block of conv channels, or per batch row and 16-byte column block of w_ba). Not yet measured.
     conv_gate_threads: int = 128
+    # A gate CTA first prefetches into L2 every w_ba row it reads and the batch row's hidden_states:
+    # its loads keep only two rows in flight per thread (ptxas interleaves them with the products),
+    # a chain of DRAM round trips at small batch. Not yet measured.
+    conv_gate_prefetch: bool = False
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # not measured yet, so the token loop serves it (a tuning run asks for the tensor cores by tile).
     mma_min_tokens_fp32: Optional[int] = None
@@ -299,12 +303,14 @@ class ConvGateConfig:
     threads: int
     conv_ctas: int  # CTAs of conv channels per batch row, one channel per thread
     gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each
+    gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
         table = DEVICE_TABLES[spec.device_class] if spec.device_class else _arch_table(spec.arch)
         threads = table.conv_gate_threads
-        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec)
+        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec,
+                   gate_prefetch=table.conv_gate_prefetch)
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
