@@ -116,6 +116,34 @@ def test_matches_reference(geom, layout, sdt):
         run_and_check(kw)
 
 
+@pytest.mark.parametrize("change", [dict(conv_gate_threads=512, conv_gate_prefetch=True),
+                                    dict(conv_gate_threads=256, conv_gate_prefetch=True)], ids=["512-prefetch", "256-prefetch"])
+@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
+def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
+    """The conv/gate CTA sizes and the L2 prefetch that device_check.sh's `small` mode times: the same
+    results as the reference (a table's settings change the build, never the sums' order per thread)."""
+    import dataclasses
+
+    from flashgdn import fastpath
+    from flashgdn.cache import CompileCache, compile_variant
+    from flashgdn.kernels import policy
+
+    facts = fused_step.facts_of
+    monkeypatch.setattr(fused_step, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **change))
+    monkeypatch.setattr(fused_step, "kernel_cache", CompileCache(compile_variant))  # memory only: the table's builds
+    monkeypatch.setattr(fused_step, "_VALIDATED", {})
+    monkeypatch.setattr(fastpath, "FAST", {})
+    _, H, HV, D, hidden, width, bias = geom
+    for n, B in enumerate((1, 70)):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=BF16, conv_layout="SD", bias=bias,
+                               slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=20 + n)
+        run_and_check(kw)
+    built = [s for s in fused_step.kernel_cache._fns if isinstance(s, ConvGateSpec)]
+    assert built and all(policy.ConvGateConfig.for_spec(s).threads == change["conv_gate_threads"] for s in built)
+
+
 @pytest.mark.parametrize("layout", ["SD", "DS"])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
 def test_padded_page_and_slot_strides(layout, sdt):
