@@ -9,7 +9,8 @@
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
-#   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate CTA size
+#   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate CTA size,
+#                                              # L2 prefetch and batch rows per gate CTA
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -155,5 +156,12 @@ small)
       conv_gate_prefetch=True conv_gate_threads=256,conv_gate_prefetch=True conv_gate_threads=512,conv_gate_prefetch=True \
       > "$out/conv_gate_$1_$3.log" 2>&1
   done
-  TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_5120_48 conv_gate_5120_12 ;;
+  # Batch rows per gate CTA: w_ba read B / rows times from L2 instead of B times.
+  for shape in "2048 16 32" "5120 16 48"; do
+    set -- $shape
+    timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
+      --batch-size 16 64 256 --settings conv_gate_rows=1 conv_gate_rows=2 conv_gate_rows=4 conv_gate_rows=8 \
+      > "$out/conv_rows_$1_$3.log" 2>&1
+  done
+  TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_5120_48 conv_gate_5120_12 conv_rows_2048_32 conv_rows_5120_48 ;;
 esac

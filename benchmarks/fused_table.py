@@ -5,32 +5,30 @@ kernels counts, as in a graph-captured decode), cold L2, median.
     python benchmarks/fused_table.py --settings fused_step_pdl=False fused_step_pdl=True
     python benchmarks/fused_table.py --hidden-size 5120 --num-v-heads 48 \\
         --settings conv_gate_threads=128 conv_gate_threads=512 conv_gate_threads=512,conv_gate_prefetch=True
+    python benchmarks/fused_table.py --batch-size 64 256 --settings conv_gate_rows=1 conv_gate_rows=4
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
-remembered plans and the compiled variants of this process cleared, and the disk cache off (its
-entries are keyed by the spec, not by the table), so each setting compiles its own variants.
+remembered plans cleared and a compile cache of its own in memory (the process's and the disk's
+key a variant by its spec, not by the table that built it).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
-import os
 import sys
 
-os.environ["FLASHGDN_DISK_CACHE"] = "0"  # before flashgdn reads it: a table setting is not in the key
+import torch
 
-import torch  # noqa: E402
-
-import flashgdn  # noqa: E402
-from flashgdn import fastpath, fused_step  # noqa: E402
-from flashgdn.bench.engine_rows import fused_step_inputs  # noqa: E402
-from flashgdn.bench.rows import Row  # noqa: E402
-from flashgdn.bench.timing import summarize, time_fn  # noqa: E402
-from flashgdn.cache import kernel_cache  # noqa: E402
-from flashgdn.device import facts_of, unavailable_reason  # noqa: E402
-from flashgdn.kernels import policy  # noqa: E402
+import flashgdn
+from flashgdn import fastpath, fused_step
+from flashgdn.bench.engine_rows import fused_step_inputs
+from flashgdn.bench.rows import Row
+from flashgdn.bench.timing import summarize, time_fn
+from flashgdn.cache import CompileCache, compile_variant
+from flashgdn.device import facts_of, unavailable_reason
+from flashgdn.kernels import policy
 
 
 def parse_setting(text: str) -> dict:
@@ -52,21 +50,22 @@ def parse_setting(text: str) -> dict:
 def _forget() -> None:
     fused_step._VALIDATED.clear()  # a remembered plan keeps the variants it looked up
     fastpath.FAST.clear()
-    kernel_cache.clear()
 
 
-def step_us(row: Row, setting: dict, iters: int, seed: int) -> float:
-    """Median µs of one step of `row` with the device's table changed by `setting`."""
+def step_us(row: Row, setting: dict, cache: CompileCache, iters: int, seed: int) -> float:
+    """Median µs of one step of `row` with the device's table changed by `setting`, its variants
+    from `cache` (the setting's own)."""
     name = facts_of(torch.device("cuda")).device_class
-    table = policy.DEVICE_TABLES[name]
+    table, shared = policy.DEVICE_TABLES[name], fused_step.kernel_cache
     policy.DEVICE_TABLES[name] = dataclasses.replace(table, **setting)
+    fused_step.kernel_cache = cache
     _forget()
     try:
         inp = fused_step_inputs(row, "cuda", seed)
         times, _ = time_fn(lambda: flashgdn.gdn_fused_decode_step(**inp), iters=iters, timer="events")
         return summarize(times)["median_us"]
     finally:
-        policy.DEVICE_TABLES[name] = table
+        policy.DEVICE_TABLES[name], fused_step.kernel_cache = table, shared
         _forget()
 
 
@@ -91,11 +90,12 @@ def main(argv=None) -> int:
     print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads} K=V=128; CUDA events over graph "
           f"replays, cold L2, median of {args.iters}; µs, and the speedup over {labels[0]}")
     print("state     B  " + "  ".join(f"{label:>24s}" for label in labels))
+    caches = [CompileCache(compile_variant) for _ in args.settings]
     for sdt in args.state_dtype:
         for B in args.batch_size:
             row = Row("fused_step", B, 1, args.num_q_heads, args.num_v_heads, 128, 128, "bf16", sdt, pool=True,
                       hidden=args.hidden_size)
-            us = [step_us(row, s, args.iters, args.seed) for s in args.settings]
+            us = [step_us(row, s, c, args.iters, args.seed) for s, c in zip(args.settings, caches)]
             cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
             print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
     return 0

@@ -164,9 +164,10 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_conv_gate_prefetch_compiles(monkeypatch, arch):
-    """The conv/gate kernel with its L2 prefetch (a table's conv_gate_prefetch, off until measured),
-    at a hidden size with a partial last pass."""
+def test_conv_gate_rows_and_prefetch_compile(monkeypatch, arch):
+    """The conv/gate kernel with three batch rows per gate CTA and its L2 prefetch (a table's
+    conv_gate_rows and conv_gate_prefetch, both off until measured), at a hidden size with a partial
+    last pass."""
     import dataclasses
 
     from flashgdn.kernels import policy
@@ -176,8 +177,9 @@ def test_conv_gate_prefetch_compiles(monkeypatch, arch):
     name = "sm90-hbm3e"
     s = ConvGateSpec(arch=arch, device_class=name, **dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"])
     monkeypatch.setitem(policy.DEVICE_TABLES, name,
-                        dataclasses.replace(policy.DEVICE_TABLES[name], conv_gate_prefetch=True))
-    assert policy.ConvGateConfig.for_spec(s).gate_prefetch
+                        dataclasses.replace(policy.DEVICE_TABLES[name], conv_gate_prefetch=True, conv_gate_rows=3))
+    config = policy.ConvGateConfig.for_spec(s)
+    assert config.gate_prefetch and config.gate_rows == 3
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 

@@ -154,13 +154,11 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()
 
 
-def _fused_table(monkeypatch):
-    """benchmarks/fused_table.py as a module (it turns the disk cache off when loaded: restored after)."""
+def _fused_table():
+    """benchmarks/fused_table.py as a module."""
     import importlib.util
-    import os
     from pathlib import Path
 
-    monkeypatch.setenv("FLASHGDN_DISK_CACHE", os.environ.get("FLASHGDN_DISK_CACHE", "1"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_table.py"
     spec = importlib.util.spec_from_file_location("fused_table", path)
     module = importlib.util.module_from_spec(spec)
@@ -168,11 +166,11 @@ def _fused_table(monkeypatch):
     return module
 
 
-def test_fused_table_settings_name_table_fields(monkeypatch):
+def test_fused_table_settings_name_table_fields():
     """fused_table.py's settings are DeviceTable fields with literal values; anything else is a usage error."""
     import argparse
 
-    module = _fused_table(monkeypatch)
+    module = _fused_table()
     assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
     assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
     assert module.parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
@@ -186,8 +184,9 @@ def test_fused_table_settings_name_table_fields(monkeypatch):
         assert module.main(["--settings", "conv_gate_threads=256"]) == 2  # no GPU: says so, times nothing
 
 
-def test_conv_gate_threads_setting_reaches_the_build():
-    """A table's conv_gate_threads is the conv/gate kernel's CTA size, and its CTA counts follow it."""
+def test_conv_gate_settings_reach_the_build():
+    """A table's conv_gate_threads is the conv/gate kernel's CTA size (its CTA counts follow it), its
+    conv_gate_rows the batch rows of a gate CTA and conv_gate_prefetch the gate CTA's prefetch."""
     import dataclasses
 
     from flashgdn.kernels import policy
@@ -201,4 +200,10 @@ def test_conv_gate_threads_setting_reaches_the_build():
         config = policy.ConvGateConfig.for_spec(spec)
     finally:
         policy.DEVICE_TABLES["sm90-hbm3e"] = table
-    assert (config.threads, config.conv_ctas, config.gate_ctas) == (512, 5, 3)
+    assert (config.threads, config.conv_ctas, config.gate_ctas, config.gate_rows) == (512, 5, 3, 1)
+    try:
+        policy.DEVICE_TABLES["sm90-hbm3e"] = dataclasses.replace(table, conv_gate_rows=4, conv_gate_prefetch=True)
+        config = policy.ConvGateConfig.for_spec(spec)
+    finally:
+        policy.DEVICE_TABLES["sm90-hbm3e"] = table
+    assert (config.threads, config.gate_rows, config.gate_prefetch) == (128, 4, True)

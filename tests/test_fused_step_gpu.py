@@ -117,11 +117,13 @@ def test_matches_reference(geom, layout, sdt):
 
 
 @pytest.mark.parametrize("change", [dict(conv_gate_threads=512, conv_gate_prefetch=True),
-                                    dict(conv_gate_threads=256, conv_gate_prefetch=True)], ids=["512-prefetch", "256-prefetch"])
+                                    dict(conv_gate_threads=256, conv_gate_rows=3),
+                                    dict(conv_gate_threads=128, conv_gate_rows=4, conv_gate_prefetch=True)],
+                         ids=["512-prefetch", "256-rows3", "128-rows4-prefetch"])
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
-    """The conv/gate CTA sizes and the L2 prefetch that device_check.sh's `small` mode times: the same
-    results as the reference (a table's settings change the build, never the sums' order per thread)."""
+    """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
+    mode times: the same results as the reference (B = 70 leaves a partial last group of rows)."""
     import dataclasses
 
     from flashgdn import fastpath

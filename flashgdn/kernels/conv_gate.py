@@ -2,7 +2,8 @@
 and the b/a projection GEMV, for one token per sequence, written to a workspace that the K-last
 decode kernel (klast.py) then reads as q, k, v, a and b.
 
-A 1-D grid of B x (conv_ctas + gate_ctas) CTAs (policy.ConvGateConfig):
+A 1-D grid of CTAs in groups of gate_rows batch rows (policy.ConvGateConfig): per group
+gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) groups.
 
 - conv CTA: one channel per thread. It reads the channel's old window (width - 1 values) at the
   row's conv-state slot and its new input x, writes the activated output
@@ -13,7 +14,9 @@ A 1-D grid of B x (conv_ctas + gate_ctas) CTAs (policy.ConvGateConfig):
   pool (windows contiguous).
 - gate CTA: one block of gate_vec columns of w_ba (one 16-byte load per row), its dot products
   with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
-  the sums are rounded to bf16 as the projection's bf16 output is. With gate_prefetch the CTA
+  the sums are rounded to bf16 as the projection's bf16 output is. A gate CTA serves its group's
+  batch rows: each w_ba row it loads is multiplied by each of their hidden rows (a row past the
+  batch reads the last one and writes nothing). With gate_prefetch the CTA
   first asks L2 for every w_ba row it will read and for hidden_states[b]: the loads themselves
   keep two rows in flight per thread (ptxas interleaves them with the products).
 
@@ -36,13 +39,17 @@ class ConvGate:
         self.spec = spec
         self.config = config
         self.num_warps = config.threads // 32
-        self.ctas_per_row = config.conv_ctas + config.gate_ctas
+        self.rows = config.gate_rows
+        self.conv_parts = self.rows * config.conv_ctas
+        self.ctas_per_group = self.conv_parts + config.gate_ctas
 
     @cute.jit
     def __call__(self, *args_and_stream):
         """The tensors of spec.ConvGateArgs, then the stream."""
         *tensors, stream = args_and_stream
-        grid = tensors[0].shape[0] * self.ctas_per_row
+        B = tensors[0].shape[0]
+        groups = B if const_expr(self.rows == 1) else (B + self.rows - 1) // self.rows
+        grid = groups * self.ctas_per_group
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.config.threads, 1, 1], stream=stream)
 
     @common.kernel_params(ConvGateArgs._fields)
@@ -54,12 +61,17 @@ class ConvGate:
         # here has: it loads its state meanwhile, and waits for this grid's end to read our outputs.
         cute.arch.griddepcontrol_launch_dependents()
         bidx, _, _ = cute.arch.block_idx()
-        b = bidx // self.ctas_per_row
-        part = bidx % self.ctas_per_row
-        if part < self.config.conv_ctas:
-            self._conv(gmem, b, part)
+        group = bidx // self.ctas_per_group
+        part = bidx % self.ctas_per_group
+        if part < self.conv_parts:
+            if const_expr(self.rows == 1):
+                self._conv(gmem, group, part)
+            else:
+                b = group * self.rows + part // self.config.conv_ctas
+                if b < gmem.hidden_states.shape[0]:
+                    self._conv(gmem, b, part % self.config.conv_ctas)
         else:
-            self._gate(gmem, b, part - self.config.conv_ctas)
+            self._gate(gmem, group, part - self.conv_parts)
 
     def _conv_loads(self, gmem: ConvGateArgs, b, c, slot):
         """Channel c's old window, its new input and its weights (raw bf16)."""
@@ -92,44 +104,57 @@ class ConvGate:
                     gmem.conv_state[slot, c, W - 2] = x
 
     @cute.jit
-    def _gate(self, gmem: ConvGateArgs, b: Int32, block: Int32):
+    def _gate(self, gmem: ConvGateArgs, group: Int32, block: Int32):
         spec = self.spec
         n = spec.gate_vec
+        R = self.rows
         threads = self.config.threads
         tid, _, _ = cute.arch.thread_idx()
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
         smem = cutlass.memory.SmemAllocator()
-        sPart = smem.allocate_tensor(Float32, cute.make_layout((n, self.num_warps)), byte_alignment=16)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((R * n, self.num_warps)), byte_alignment=16)
+        # The hidden rows of the group's batch rows, a row past the batch reading the last one.
+        rows = [group]
+        if const_expr(R > 1):
+            rows = [cutlass.min(group * R + r, gmem.hidden_states.shape[0] - 1) for r in range(R)]
 
         if const_expr(self.config.gate_prefetch):
-            self._gate_prefetch(gmem, b, block)
-        rAcc = cute.make_rmem_tensor((n,), Float32)
-        rAcc.fill(0.0)
+            self._gate_prefetch(gmem, rows, block)
+        rAccs = [cute.make_rmem_tensor((n,), Float32) for _ in range(R)]
+        for rAcc in rAccs:
+            rAcc.fill(0.0)
         rW = cute.make_rmem_tensor((n,), BFloat16)
         for m in cutlass.range_constexpr((spec.hidden + threads - 1) // threads):
             i = tid + m * threads
             if const_expr((m + 1) * threads <= spec.hidden):
-                self._gate_row(gmem, b, block, i, rW, rAcc)
+                self._gate_row(gmem, rows, block, i, rW, rAccs)
             else:
                 if i < spec.hidden:
-                    self._gate_row(gmem, b, block, i, rW, rAcc)
-        for e in cutlass.range_constexpr(n):
-            rAcc[e] = cute.arch.warp_reduction_sum(rAcc[e])
-        if lane == 0:
+                    self._gate_row(gmem, rows, block, i, rW, rAccs)
+        for r in cutlass.range_constexpr(R):
             for e in cutlass.range_constexpr(n):
-                sPart[e, warp] = rAcc[e]
+                rAccs[r][e] = cute.arch.warp_reduction_sum(rAccs[r][e])
+        if lane == 0:
+            for r in cutlass.range_constexpr(R):
+                for e in cutlass.range_constexpr(n):
+                    sPart[r * n + e, warp] = rAccs[r][e]
         cute.arch.barrier()
-        if tid < n:
+        if tid < R * n:
             acc = Float32(0.0)
             for w in cutlass.range_constexpr(self.num_warps):
                 acc += sPart[tid, w]
-            gmem.ba_out[b, block * n + tid] = acc.to(BFloat16)
+            if const_expr(R == 1):
+                gmem.ba_out[group, block * n + tid] = acc.to(BFloat16)
+            else:
+                b = group * R + tid // n
+                if b < gmem.hidden_states.shape[0]:
+                    gmem.ba_out[b, block * n + tid % n] = acc.to(BFloat16)
 
     @cute.jit
-    def _gate_prefetch(self, gmem: ConvGateArgs, b: Int32, block: Int32):
+    def _gate_prefetch(self, gmem: ConvGateArgs, rows, block: Int32):
         """Line prefetches into L2: this thread's w_ba rows of the block (all but the partial last
-        pass), and one 128-byte line of hidden_states[b] per thread."""
+        pass), and one 128-byte line of each hidden row per thread."""
         threads = self.config.threads
         tid, _, _ = cute.arch.thread_idx()
         n = self.spec.gate_vec
@@ -140,13 +165,15 @@ class ConvGate:
         for m in cutlass.range_constexpr((self.spec.hidden // line + threads - 1) // threads):
             j = (tid + m * threads) * line
             if j < self.spec.hidden:
-                cute.arch.prefetch((gmem.hidden_states[b, None].iterator + j).to_llvm_ptr(), cache_level="L2")
+                for b in rows:
+                    cute.arch.prefetch((gmem.hidden_states[b, None].iterator + j).to_llvm_ptr(), cache_level="L2")
 
-    @cute.jit
-    def _gate_row(self, gmem: ConvGateArgs, b, block, i, rW: cute.Tensor, rAcc: cute.Tensor):
-        """rAcc += hidden_states[b, i] * w_ba[i, this block's columns]."""
+    def _gate_row(self, gmem: ConvGateArgs, rows, block, i, rW: cute.Tensor, rAccs):
+        """rAccs[r] += hidden_states[rows[r], i] * w_ba[i, this block's columns]: one load of the
+        w_ba row for every batch row."""
         cute.autovec_copy(cute.local_tile(gmem.w_ba[i, None], (self.spec.gate_vec,), (block,)), rW)
-        h = gmem.hidden_states[b, i].to(Float32)
+        hs = [gmem.hidden_states[b, i].to(Float32) for b in rows]
         w = rW.load().to(Float32)
-        for e in cutlass.range_constexpr(self.spec.gate_vec):
-            rAcc[e] += h * w[e]
+        for h, rAcc in zip(hs, rAccs):
+            for e in range(self.spec.gate_vec):
+                rAcc[e] += h * w[e]

@@ -50,6 +50,10 @@ class DeviceTable:
     # its loads keep only two rows in flight per thread (ptxas interleaves them with the products),
     # a chain of DRAM round trips at small batch. Not yet measured.
     conv_gate_prefetch: bool = False
+    # Batch rows of one gate CTA: each w_ba row it loads serves that many hidden rows, so w_ba is
+    # read B / conv_gate_rows times instead of B times (from L2: at B = 256 and hidden 5120, 250 MB
+    # at one row per CTA). Fewer gate CTAs at small batch. Not yet measured.
+    conv_gate_rows: int = 1
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # not measured yet, so the token loop serves it (a tuning run asks for the tensor cores by tile).
     mma_min_tokens_fp32: Optional[int] = None
@@ -304,13 +308,14 @@ class ConvGateConfig:
     conv_ctas: int  # CTAs of conv channels per batch row, one channel per thread
     gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
+    gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows)
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
         table = DEVICE_TABLES[spec.device_class] if spec.device_class else _arch_table(spec.arch)
         threads = table.conv_gate_threads
         return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch)
+                   gate_prefetch=table.conv_gate_prefetch, gate_rows=table.conv_gate_rows)
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
