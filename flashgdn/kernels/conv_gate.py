@@ -16,9 +16,9 @@ gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) g
   with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
   the sums are rounded to bf16 as the projection's bf16 output is. A gate CTA serves its group's
   batch rows: each w_ba row it loads is multiplied by each of their hidden rows (a row past the
-  batch reads the last one and writes nothing). With gate_prefetch the CTA
-  first asks L2 for every w_ba row it will read and for hidden_states[b]: the loads themselves
-  keep two rows in flight per thread (ptxas interleaves them with the products).
+  batch reads the last one and writes nothing). With gate_prefetch the CTA first asks L2 for
+  every w_ba row it will read and for its hidden rows: the loads themselves keep two rows in
+  flight per thread (ptxas interleaves them with the products).
 
 A row whose slot is negative (padding) or past the conv pool touches no conv state; the decode
 kernel then leaves its output zero (padding) or NaN (a slot past the ssm pool).
