@@ -343,22 +343,26 @@ def stub_kernel_lookups(monkeypatch, facts):
 
 
 def use_h200_table(monkeypatch, **table_changes):
-    """Calls take the H200 table (policy.SM90_HBM3E, with `table_changes`) on any device, with no
-    remembered plan; returns the list of KernelSpecs they look up. A changed table gets a compile
-    cache of its own in memory: a spec's build follows the table, so the shared caches (this
-    process's and the disk's) may hold the other table's build of the same spec."""
+    """Calls (the fused step's too) take the H200 table (policy.SM90_HBM3E, with `table_changes`) on
+    any device, with no remembered plan; returns the list of specs they look up. A changed table
+    gets a compile cache of its own in memory: a spec's build follows the table, so the shared
+    caches (this process's and the disk's) may hold the other table's build of the same spec."""
     import dataclasses
 
-    from flashgdn import api
+    from flashgdn import api, fused_step
     from flashgdn.cache import CompileCache, compile_variant
     from flashgdn.kernels import policy
 
-    facts = api.facts_of
-    monkeypatch.setattr(api, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
-    monkeypatch.setattr(api, "_VALIDATED", {})  # a plan keeps the function it looked up first
+    for module in (api, fused_step):
+        facts = module.facts_of
+        monkeypatch.setattr(module, "facts_of", lambda device, facts=facts: facts(device)._replace(
+            device_class="sm90-hbm3e"))
+        monkeypatch.setattr(module, "_VALIDATED", {})  # a plan keeps the function it looked up first
     if table_changes:
         monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **table_changes))
-        monkeypatch.setattr(api, "kernel_cache", CompileCache(compile_variant))
+        cache = CompileCache(compile_variant)
+        monkeypatch.setattr(api, "kernel_cache", cache)
+        monkeypatch.setattr(fused_step, "kernel_cache", cache)
     specs = []
     get = api.kernel_cache.get
 
@@ -385,3 +389,15 @@ def supported_gpu() -> bool:
     from flashgdn.device import unavailable_reason
 
     return unavailable_reason() is None
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import flashgdn
 from flashgdn import fused_step
 from flashgdn import reference as ref
-from helpers import BF16, clone_fused, make_fused_inputs
+from helpers import BF16, clone_fused, load_benchmark, make_fused_inputs
 
 GEOMETRY = dict(B=3, H=2, HV=4, D=64, hidden=128)
 
@@ -154,23 +154,11 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()
 
 
-def _fused_table():
-    """benchmarks/fused_table.py as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_table.py"
-    spec = importlib.util.spec_from_file_location("fused_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fused_table_settings_name_table_fields():
     """fused_table.py's settings are DeviceTable fields with literal values; anything else is a usage error."""
     import argparse
 
-    module = _fused_table()
+    module = load_benchmark("fused_table")
     assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
     assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
     assert module.parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
@@ -184,7 +172,11 @@ def test_fused_table_settings_name_table_fields():
         assert module.main(["--settings", "conv_gate_threads=256"]) == 2  # no GPU: says so, times nothing
 
 
-def test_conv_gate_settings_reach_the_build():
+@pytest.mark.parametrize("change, expected", [
+    (dict(conv_gate_threads=512), (512, 5, 3, 1, False)),
+    (dict(conv_gate_rows=4, conv_gate_prefetch=True), (128, 20, 3, 4, True)),
+])
+def test_conv_gate_settings_reach_the_build(monkeypatch, change, expected):
     """A table's conv_gate_threads is the conv/gate kernel's CTA size (its CTA counts follow it), its
     conv_gate_rows the batch rows of a gate CTA and conv_gate_prefetch the gate CTA's prefetch."""
     import dataclasses
@@ -194,16 +186,6 @@ def test_conv_gate_settings_reach_the_build():
 
     spec = ConvGateSpec(H=4, HV=12, D=128, hidden=5120, width=4, has_bias=True, arch="sm_90a",
                         device_class="sm90-hbm3e")
-    table = policy.DEVICE_TABLES["sm90-hbm3e"]
-    try:
-        policy.DEVICE_TABLES["sm90-hbm3e"] = dataclasses.replace(table, conv_gate_threads=512)
-        config = policy.ConvGateConfig.for_spec(spec)
-    finally:
-        policy.DEVICE_TABLES["sm90-hbm3e"] = table
-    assert (config.threads, config.conv_ctas, config.gate_ctas, config.gate_rows) == (512, 5, 3, 1)
-    try:
-        policy.DEVICE_TABLES["sm90-hbm3e"] = dataclasses.replace(table, conv_gate_rows=4, conv_gate_prefetch=True)
-        config = policy.ConvGateConfig.for_spec(spec)
-    finally:
-        policy.DEVICE_TABLES["sm90-hbm3e"] = table
-    assert (config.threads, config.gate_rows, config.gate_prefetch) == (128, 4, True)
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **change))
+    config = policy.ConvGateConfig.for_spec(spec)
+    assert (config.threads, config.conv_ctas, config.gate_ctas, config.gate_rows, config.gate_prefetch) == expected

@@ -19,7 +19,7 @@ from flashgdn import reference as ref
 from flashgdn.cache import kernel_cache
 from flashgdn.spec import ConvGateSpec
 from helpers import (BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, graph_replay_equals_eager,
-                     make_fused_inputs)
+                     make_fused_inputs, use_h200_table)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -124,25 +124,18 @@ def test_matches_reference(geom, layout, sdt):
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
     """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
     mode times: the same results as the reference (B = 70 leaves a partial last group of rows)."""
-    import dataclasses
-
     from flashgdn import fastpath
-    from flashgdn.cache import CompileCache, compile_variant
     from flashgdn.kernels import policy
 
-    facts = fused_step.facts_of
-    monkeypatch.setattr(fused_step, "facts_of", lambda device: facts(device)._replace(device_class="sm90-hbm3e"))
-    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **change))
-    monkeypatch.setattr(fused_step, "kernel_cache", CompileCache(compile_variant))  # memory only: the table's builds
-    monkeypatch.setattr(fused_step, "_VALIDATED", {})
-    monkeypatch.setattr(fastpath, "FAST", {})
+    monkeypatch.setattr(fastpath, "FAST", {})  # a fast entry keeps the functions it looked up first
+    specs = use_h200_table(monkeypatch, **change)
     _, H, HV, D, hidden, width, bias = geom
     for n, B in enumerate((1, 70)):
         P = 2 * B + 5
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=BF16, conv_layout="SD", bias=bias,
                                slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=20 + n)
         run_and_check(kw)
-    built = [s for s in fused_step.kernel_cache._fns if isinstance(s, ConvGateSpec)]
+    built = [s for s in specs if isinstance(s, ConvGateSpec)]
     assert built and all(policy.ConvGateConfig.for_spec(s).threads == change["conv_gate_threads"] for s in built)
 
 

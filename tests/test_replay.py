@@ -342,13 +342,9 @@ def test_policy_serves_replay_verify_as_plain_mtp():
 def test_replay_step_benchmark_compiles_its_variants(capsys):
     """benchmarks/replay_step.py --compile-only builds the verify and commit variants it would time."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
-    import importlib.util
-    from pathlib import Path
+    from helpers import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_step.py"
-    spec = importlib.util.spec_from_file_location("replay_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("replay_step")
     assert module.main(["--compile-only", "--tokens", "2", "--batch-size", "1", "--state-dtype", "bfloat16",
                         "--layers", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
