@@ -9,8 +9,8 @@
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
-#   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate CTA size,
-#                                              # L2 prefetch and batch rows per gate CTA
+#   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
+#                                              # by the table against one build for every batch
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -63,11 +63,11 @@ sanitize)
   $sanitizer --tool racecheck $pytest tests/test_fused_step_gpu.py -k "matches_reference and (tp4 or d64)" \
     > "$out/rc2.log" 2>&1 &
   wait
-  # The tensor-core MTP kernel's fp32-state and per-token-state builds (by table: tests/helpers.use_h200_table).
+  # The tensor-core MTP kernel's fp32-state and per-token-state builds (by table: tests/helpers.use_table).
   $sanitizer --tool memcheck $pytest tests/test_mtp_gpu.py tests/test_flashinfer_patterns_gpu.py \
-    -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core" > "$out/mc3.log" 2>&1 &
+    -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core or h200-table" > "$out/mc3.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_mtp_gpu.py \
-    -k "(fp32_tensor_core and 8-True-True-True-1-64) or (tensor_core_intermediates and 4-sdt1)" \
+    -k "(fp32_tensor_core and 8-True-True-True-1-64) or (tensor_core_intermediates and 4-sdt1) or plain-h200-table" \
     > "$out/rc3.log" 2>&1 &
   wait
   summary mc1 mc2 rc1 rc2 mc3 rc3 ;;
@@ -146,22 +146,12 @@ tune)
 small)
   # The floors of the small-batch rows: a one-element kernel and the fastest copy kernel per size.
   timeout "$limit" python3 benchmarks/tune.py --calibrate > "$out/calibrate.log" 2>&1
-  # The fused step's conv/gate CTA size and L2 prefetch: its b/a GEMV keeps two of a thread's
-  # hidden / threads loads in flight (ptxas interleaves them with the products), a chain of DRAM
-  # round trips at small batch.
-  for shape in "2048 16 32" "5120 16 48" "5120 4 12"; do
+  # The fused step's conv/gate kernel as the table builds it (512 threads at small batch, 4 batch rows
+  # per gate CTA for a large w_ba) against one size for every batch and one row per gate CTA.
+  for shape in "2048 16 32" "2048 4 8" "5120 16 48" "5120 4 12"; do
     set -- $shape
     timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
-      --state-dtype bf16 --settings conv_gate_threads=128 conv_gate_threads=256 conv_gate_threads=512 \
-      conv_gate_prefetch=True conv_gate_threads=256,conv_gate_prefetch=True conv_gate_threads=512,conv_gate_prefetch=True \
-      > "$out/conv_gate_$1_$3.log" 2>&1
+      --settings conv_gate_threads_small=None,conv_gate_rows=1 table > "$out/conv_gate_$1_$3.log" 2>&1
   done
-  # Batch rows per gate CTA: w_ba read B / rows times from L2 instead of B times.
-  for shape in "2048 16 32" "5120 16 48"; do
-    set -- $shape
-    timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
-      --batch-size 16 64 256 --settings conv_gate_rows=1 conv_gate_rows=2 conv_gate_rows=4 conv_gate_rows=8 \
-      > "$out/conv_rows_$1_$3.log" 2>&1
-  done
-  TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_5120_48 conv_gate_5120_12 conv_rows_2048_32 conv_rows_5120_48 ;;
+  TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_2048_8 conv_gate_5120_48 conv_gate_5120_12 ;;
 esac

@@ -6,6 +6,7 @@ kernels counts, as in a graph-captured decode), cold L2, median.
     python benchmarks/fused_table.py --hidden-size 5120 --num-v-heads 48 \\
         --settings conv_gate_threads=128 conv_gate_threads=512 conv_gate_threads=512,conv_gate_prefetch=True
     python benchmarks/fused_table.py --batch-size 64 256 --settings conv_gate_rows=1 conv_gate_rows=4
+    python benchmarks/fused_table.py --settings conv_gate_threads_small=None,conv_gate_rows=1 table
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
@@ -32,7 +33,10 @@ from flashgdn.kernels import policy
 
 
 def parse_setting(text: str) -> dict:
-    """"field=value[,field=value...]" (DeviceTable fields, Python literals without commas) as a dict."""
+    """"field=value[,field=value...]" (DeviceTable fields, Python literals without commas) as a dict;
+    "table": the device's table as it is."""
+    if text == "table":
+        return {}
     fields = {f.name for f in dataclasses.fields(policy.DeviceTable)}
     setting = {}
     for part in text.split(","):

@@ -272,8 +272,11 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs,
                  regime: Optional[str] = None) -> tuple:
     """The compiled variants of a step (Problem `p`; `decode`: the decode's KernelArgs, meta tensors
     do), in launch order: the conv/gate kernel, then the decode, a programmatic dependent of it
-    where the policy says so (policy.fused_step_pdl). `regime` None: the one p.B falls in."""
-    conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class)
+    where the policy says so (policy.fused_step_pdl). `regime` None: the ones p.B falls in (each
+    kernel has its own threshold); given: both kernels' where the table has it (precompiling both
+    regimes builds every pair a call can meet)."""
+    conv_regime = policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch, regime)
+    conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, conv_regime)
     decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts, regime),
                                       pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
     return conv, decode_spec

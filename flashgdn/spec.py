@@ -311,10 +311,12 @@ class ConvGateSpec:
     has_bias: bool
     arch: str
     device_class: Optional[str] = None  # the tuning table (kernels.policy); None: the arch's
+    regime: str = "large"  # kernels.policy.conv_gate_regime: the CTA size and batch rows per gate CTA
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
             (self.D in SUPPORTED_HEAD_DIMS, f"D must be one of {SUPPORTED_HEAD_DIMS}"),
+            (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
             (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
             (self.hidden >= 64 and self.hidden % 64 == 0, "hidden must be a positive multiple of 64"),
             (self.width in CONV_WIDTHS, f"width must be one of {CONV_WIDTHS}"),
@@ -331,7 +333,7 @@ class ConvGateSpec:
 
     def short_name(self) -> str:
         parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
-                 f"w{self.width}", self.arch]
+                 f"w{self.width}", self.regime, self.arch]
         return "/".join(parts + ([] if self.has_bias else ["nobias"]))
 @dataclasses.dataclass(frozen=True)
 class CommitSpec:

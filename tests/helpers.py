@@ -343,10 +343,16 @@ def stub_kernel_lookups(monkeypatch, facts):
 
 
 def use_h200_table(monkeypatch, **table_changes):
-    """Calls (the fused step's too) take the H200 table (policy.SM90_HBM3E, with `table_changes`) on
-    any device, with no remembered plan; returns the list of specs they look up. A changed table
-    gets a compile cache of its own in memory: a spec's build follows the table, so the shared
-    caches (this process's and the disk's) may hold the other table's build of the same spec."""
+    """use_table with the H200 table (policy.SM90_HBM3E)."""
+    return use_table(monkeypatch, "sm90-hbm3e", **table_changes)
+
+
+def use_table(monkeypatch, name, **table_changes):
+    """Calls (the fused step's too) take the tuning table `name` (policy.DEVICE_TABLES, with
+    `table_changes`) on any device, with no remembered plan; returns the list of specs they look
+    up. A changed table gets a compile cache of its own in memory: a spec's build follows the table,
+    so the shared caches (this process's and the disk's) may hold the other table's build of the
+    same spec."""
     import dataclasses
 
     from flashgdn import api, fused_step
@@ -356,10 +362,10 @@ def use_h200_table(monkeypatch, **table_changes):
     for module in (api, fused_step):
         facts = module.facts_of
         monkeypatch.setattr(module, "facts_of", lambda device, facts=facts: facts(device)._replace(
-            device_class="sm90-hbm3e"))
+            device_class=name))
         monkeypatch.setattr(module, "_VALIDATED", {})  # a plan keeps the function it looked up first
     if table_changes:
-        monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **table_changes))
+        monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(policy.DEVICE_TABLES[name], **table_changes))
         cache = CompileCache(compile_variant)
         monkeypatch.setattr(api, "kernel_cache", cache)
         monkeypatch.setattr(fused_step, "kernel_cache", cache)

@@ -329,6 +329,24 @@ def test_bf16_mtp_routing_passes_intermediates():
     assert cli.BASELINES[1].name == "flashinfer"
 
 
+@pytest.mark.parametrize("version, B, state_dtype, intermediate, skips", [
+    ("mtp", 64, "bf16", True, True), ("pretranspose", 64, "bf16", True, True),
+    ("mtp", 63, "bf16", True, False),  # B * HV = 126: its other kernel writes the final state
+    ("mtp", 64, "fp32", True, False), ("mtp", 64, "bf16", False, False),
+])
+def test_flashinfer_final_state_with_a_buffer(version, B, state_dtype, intermediate, skips, monkeypatch):
+    """FlashInfer 0.7.2's bf16-state T > 1 path with intermediate_states_buffer writes no final state
+    from B * HV >= 128 on: those rows leave FlashInfer's state out of the verification and say so."""
+    row = Row(version, B, 2, 1, 2, 64, 64, "bf16", state_dtype, pool=True, intermediate=intermediate)
+    inp = make_inputs(row, "cpu", seed=0)
+    monkeypatch.setattr(rows_module.importlib, "import_module", lambda name: _Recorder())
+    _, collect = BASELINES[1].prepare(row, inp)
+    output, state, inter = collect((inp["output"], inp["state"]))
+    assert (state is None) == skips and output is inp["output"] and inter is inp["inter"]
+    note = BASELINES[1].note(row) or ""
+    assert ("writes no final state" in note) == skips
+
+
 # ----------------------------------------------------------------------------- compile-only
 
 

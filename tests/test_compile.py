@@ -69,10 +69,14 @@ VARIANTS = [
      dict(T=5, K=256, V=256, regime="large", state="bfloat16", index_dtype="int32", l2norm=False, scale=0.25)),
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
-    # The H200 table's own choices: the (8, 2, 16) fp32 tile, the tensor cores at T = 3
+    # The H200 table's own choices: the (8, 2, 16) fp32 tile (its small (4, 2, 16) one has the same two
+    # rows per thread), the tensor cores at T = 3 for a bf16 state and from T = 8 for an fp32 one (its
+    # (2, 1) shape)
     ("klast-T1-dense-large-float32-h200", dict(regime="large", state="float32", device_class="sm90-hbm3e")),
     ("mtp-mma-T3-large-bfloat16-h200",
      dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
+    ("mtp-mma-T8-accepted-large-float32-h200",
+     dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True, device_class="sm90-hbm3e")),
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # the tensor cores by the tuning runs' 2-tuple tile: a state per token (intermediates with accepted
     # counts, at SGLang's buffer row table; token slots), an fp32 state (hi + lo operands, fp32 update)
@@ -164,10 +168,17 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_conv_gate_rows_and_prefetch_compile(monkeypatch, arch):
-    """The conv/gate kernel with three batch rows per gate CTA and its L2 prefetch (a table's
-    conv_gate_rows and conv_gate_prefetch, both off until measured), at a hidden size with a partial
-    last pass."""
+@pytest.mark.parametrize("regime, kw, change, expected", [
+    # Three batch rows per gate CTA and the L2 prefetch, at a hidden size with a partial last pass.
+    ("large", dict(H=2, HV=6, D=64, hidden=192, width=3, has_bias=True),
+     dict(conv_gate_prefetch=True, conv_gate_rows=3, conv_gate_rows_min_bytes=0), (128, 3, True)),
+    # The H200 table's own builds at the Qwen3.5 shape: 512 threads at small batch, 4 rows per
+    # gate CTA (a 960 KiB w_ba) at large batch.
+    ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (512, 1, False)),
+    ("large", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (128, 4, False)),
+], ids=["rows3-prefetch", "h200-small", "h200-large-rows4"])
+def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
+    """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses
 
     from flashgdn.kernels import policy
@@ -175,11 +186,10 @@ def test_conv_gate_rows_and_prefetch_compile(monkeypatch, arch):
 
     monkeypatch.setenv("CUTE_DSL_ARCH", arch)
     name = "sm90-hbm3e"
-    s = ConvGateSpec(arch=arch, device_class=name, **dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"])
-    monkeypatch.setitem(policy.DEVICE_TABLES, name,
-                        dataclasses.replace(policy.DEVICE_TABLES[name], conv_gate_prefetch=True, conv_gate_rows=3))
+    s = ConvGateSpec(arch=arch, device_class=name, regime=regime, **kw)
+    monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(policy.DEVICE_TABLES[name], **change))
     config = policy.ConvGateConfig.for_spec(s)
-    assert config.gate_prefetch and config.gate_rows == 3
+    assert (config.threads, config.gate_rows, config.gate_prefetch) == expected
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
@@ -237,7 +247,7 @@ def test_mma_kernel_follows_the_measured_cases():
     no intermediates, large batch, T >= 5; a 2-tuple tile asks for it, a 3-tuple for kmtp."""
     from flashgdn.kernels.build import make_kernel
     from flashgdn.kernels.kmtp_mma import KLastMTPMma
-    from flashgdn.kernels.policy import KMTP_MMA
+    from flashgdn.kernels.policy import KMTP_MMA, BuildConfig
 
     def mma(**kw):
         kw = dict(T=8, regime="large", state="bfloat16", index_dtype="int32") | kw
@@ -245,9 +255,13 @@ def test_mma_kernel_follows_the_measured_cases():
 
     assert mma() and mma(T=5) and mma(T=16) and mma(has_accepted=True) and mma(update_state=False)
     assert not mma(T=4) and not mma(regime="small") and not mma(has_intermediate=True)
-    # An fp32 state and a state per token only by tile until a table measures them (mma_min_tokens_fp32
-    # and mma_min_tokens_writes None everywhere); never vLLM's slot rule.
+    # An fp32 state only by tile in the H100 table (mma_min_tokens_fp32 None), from T = 8 with the
+    # (2, 1) shape in the H200's; a state per token only by tile in both; never vLLM's slot rule.
     assert not mma(state="float32") and mma(state="float32", tile=(4, 1)) and not mma(state="float32", tile=(4, 2, 8))
+    h200 = dict(state="float32", device_class="sm90-hbm3e")
+    assert config(T=8, regime="large", index_dtype="int32", **h200) == BuildConfig(KMTP_MMA, (2, 1), 8 << 20)
+    assert not mma(T=7, **h200) and not mma(T=8, regime="small", **h200) and mma(T=16, **h200)
+    assert not mma(T=8, has_intermediate=True, **h200)
     assert not mma(has_intermediate=True) and mma(has_intermediate=True, tile=(4, 2))
     with pytest.raises(ValueError, match="2-tuple tile asks for the tensor-core MTP kernel"):
         mma(has_token_slots=True, zero_padding_output=False, tile=(4, 2), vllm_slots=True)

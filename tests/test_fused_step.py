@@ -160,6 +160,8 @@ def test_fused_table_settings_name_table_fields():
 
     module = load_benchmark("fused_table")
     assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
+    assert module.parse_setting("table") == {}
+    assert module.parse_setting("conv_gate_threads_small=None") == {"conv_gate_threads_small": None}
     assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
     assert module.parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
         "conv_gate_threads": 512, "conv_gate_prefetch": True}
@@ -172,20 +174,44 @@ def test_fused_table_settings_name_table_fields():
         assert module.main(["--settings", "conv_gate_threads=256"]) == 2  # no GPU: says so, times nothing
 
 
-@pytest.mark.parametrize("change, expected", [
-    (dict(conv_gate_threads=512), (512, 5, 3, 1, False)),
-    (dict(conv_gate_rows=4, conv_gate_prefetch=True), (128, 20, 3, 4, True)),
+@pytest.mark.parametrize("regime, change, expected", [
+    # The H200 table at large batch: 4 rows per gate CTA only for a w_ba of 512 KiB or more (this
+    # one is 240 KiB).
+    ("large", dict(conv_gate_threads=512), (512, 5, 3, 1, False)),
+    ("large", dict(conv_gate_rows_min_bytes=0, conv_gate_prefetch=True), (128, 20, 3, 4, True)),
+    ("large", dict(conv_gate_rows_min_bytes=240 << 10), (128, 20, 3, 4, False)),
+    # At small batch: conv_gate_threads_small (None: conv_gate_threads) and one row per gate CTA.
+    ("small", {}, (512, 5, 3, 1, False)),
+    ("small", dict(conv_gate_threads_small=None, conv_gate_rows_min_bytes=0), (128, 20, 3, 1, False)),
 ])
-def test_conv_gate_settings_reach_the_build(monkeypatch, change, expected):
-    """A table's conv_gate_threads is the conv/gate kernel's CTA size (its CTA counts follow it), its
-    conv_gate_rows the batch rows of a gate CTA and conv_gate_prefetch the gate CTA's prefetch."""
+def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expected):
+    """A table's conv/gate CTA size (its CTA counts follow it) per regime, its batch rows per gate
+    CTA (large regime, w_ba of conv_gate_rows_min_bytes or more) and the gate CTA's prefetch."""
     import dataclasses
 
     from flashgdn.kernels import policy
     from flashgdn.spec import ConvGateSpec
 
     spec = ConvGateSpec(H=4, HV=12, D=128, hidden=5120, width=4, has_bias=True, arch="sm_90a",
-                        device_class="sm90-hbm3e")
+                        device_class="sm90-hbm3e", regime=regime)
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **change))
     config = policy.ConvGateConfig.for_spec(spec)
     assert (config.threads, config.conv_ctas, config.gate_ctas, config.gate_rows, config.gate_prefetch) == expected
+
+
+@pytest.mark.parametrize("table, batch, HV, given, expected", [
+    ("sm90-hbm3e", 33, 32, None, "small"),  # B * HV = 1056 = 8 per SM
+    ("sm90-hbm3e", 34, 32, None, "large"),
+    ("sm90-hbm3e", 256, 8, None, "large"),
+    ("sm90-hbm3e", 256, 8, "small", "small"),  # a precompile of the small regime
+    ("sm90-hbm3", 1, 32, None, "large"),  # no small conv/gate regime in the H100 table
+    ("sm90-hbm3", 1, 32, "small", "large"),
+])
+def test_conv_gate_regime(table, batch, HV, given, expected):
+    """The conv/gate kernel's batch regime has its own threshold (the decode's is policy.regime),
+    and only tables with a small conv/gate regime build one."""
+    from flashgdn.kernels import policy
+
+    assert policy.conv_gate_regime(batch, HV, 132, table, "sm_90a", given) == expected
+
+

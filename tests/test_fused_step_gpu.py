@@ -116,9 +116,12 @@ def test_matches_reference(geom, layout, sdt):
         run_and_check(kw)
 
 
-@pytest.mark.parametrize("change", [dict(conv_gate_threads=512, conv_gate_prefetch=True),
-                                    dict(conv_gate_threads=256, conv_gate_rows=3),
-                                    dict(conv_gate_threads=128, conv_gate_rows=4, conv_gate_prefetch=True)],
+# Both regimes at one CTA size; batch rows per gate CTA for any w_ba size.
+@pytest.mark.parametrize("change", [dict(conv_gate_threads=512, conv_gate_threads_small=512, conv_gate_prefetch=True),
+                                    dict(conv_gate_threads=256, conv_gate_threads_small=256, conv_gate_rows=3,
+                                         conv_gate_rows_min_bytes=0),
+                                    dict(conv_gate_threads=128, conv_gate_threads_small=128, conv_gate_rows=4,
+                                         conv_gate_rows_min_bytes=0, conv_gate_prefetch=True)],
                          ids=["512-prefetch", "256-rows3", "128-rows4-prefetch"])
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
@@ -137,6 +140,24 @@ def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
         run_and_check(kw)
     built = [s for s in specs if isinstance(s, ConvGateSpec)]
     assert built and all(policy.ConvGateConfig.for_spec(s).threads == change["conv_gate_threads"] for s in built)
+
+
+def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
+    """The H200 table's own conv/gate builds at the Qwen3.5 TP1 shape (a 960 KiB w_ba): 512 threads
+    at small batch (B = 1, 16), 4 batch rows per gate CTA at B = 70 (a partial last group)."""
+    from flashgdn import fastpath
+    from flashgdn.kernels import policy
+
+    monkeypatch.setattr(fastpath, "FAST", {})
+    specs = use_h200_table(monkeypatch)
+    for n, B in enumerate((1, 16, 70)):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=BF16, conv_layout="SD", bias=False,
+                               slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=30 + n)
+        run_and_check(kw)
+    built = {(c.threads, c.gate_rows) for c in map(policy.ConvGateConfig.for_spec,
+                                                   (s for s in specs if isinstance(s, ConvGateSpec)))}
+    assert built == {(512, 1), (128, 4)}
 
 
 @pytest.mark.parametrize("layout", ["SD", "DS"])

@@ -7,7 +7,7 @@ import torch
 import flashgdn
 from flashgdn import reference as ref
 from flashgdn.kernels import policy
-from helpers import assert_close_output, assert_close_state, make_inputs, make_state, use_h200_table
+from helpers import assert_close_output, assert_close_state, make_inputs, make_state, use_h200_table, use_table
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -77,12 +77,17 @@ def test_mtp_extreme_decay(sdt, inter, B, T):
     _run(T, B, 2, sdt, inter, True, not inter, False, A_log=A_log)
 
 
+@pytest.mark.parametrize("table, kernel", [("sm90-hbm3", policy.KMTP), ("sm90-hbm3e", policy.KMTP_MMA)],
+                         ids=("h100-table", "h200-table"))
 @pytest.mark.parametrize("inter,update,accepted", [(False, True, False), (False, True, True), (True, False, False)],
                          ids=("plain", "accepted", "inter-noupdate"))
-def test_mtp_fp32_large_t8(inter, update, accepted):
-    """fp32 state, large-batch regime, T=8: the "mtp_long" (4, 4, 8) build with the L2 prefetch
-    (without intermediates; with them, the "mtp_inter" build)."""
+def test_mtp_fp32_large_t8(monkeypatch, inter, update, accepted, table, kernel):
+    """fp32 state, large-batch regime, T=8, as each table builds it without intermediates: the H100's
+    "mtp_long" (4, 4, 8) token loop with the L2 prefetch, the H200's tensor cores (2, 1); with them
+    the "mtp_inter" token loop in both."""
+    specs = use_table(monkeypatch, table)
     _run(8, 200, 2, torch.float32, inter, update, accepted, True)
+    assert specs and {policy.BuildConfig.for_spec(s).kernel for s in specs} == {policy.KMTP if inter else kernel}
 
 
 @pytest.mark.parametrize("accepted", (False, True), ids=("plain", "accepted"))

@@ -205,6 +205,6 @@ def test_precompile_fused_step_then_load(tmp_path, capsys):
             "--regime", "small", "--cache-dir", str(tmp_path)]
     assert precompile.main(argv) == 0
     out = capsys.readouterr().out
-    assert "convgate/H1/HV1/D64/hidden64/w4/sm_90a: compiled (" in out and "2 compiled, 0 loaded from disk" in out
+    assert "convgate/H1/HV1/D64/hidden64/w4/large/sm_90a: compiled (" in out and "2 compiled, 0 loaded from disk" in out
     assert precompile.main(argv) == 0
     assert "0 compiled, 2 loaded from disk, 0 failed" in capsys.readouterr().out

@@ -43,22 +43,31 @@ class DeviceTable:
     # kernel; twice these distances measured slower (the prefetched lines are evicted first).
     # RESULTS.md "L2 prefetch distance".
     prefetch_bytes: Dict[str, int]
-    # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and
-    # block of conv channels, or per batch row and 16-byte column block of w_ba). Not yet measured.
+    # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and block of
+    # conv channels, or per batch row and 16-byte column block of w_ba) in the "large" conv/gate
+    # regime, and in the "small" one (None: the same): up to B * HV <= conv_gate_small_heads_per_sm
+    # * SMs (0: never small). More threads keep more of the GEMV's w_ba loads in flight, which pays
+    # while a few CTAs per SM leave the DRAM latency exposed. RESULTS.md "Fused step: conv/gate CTAs".
     conv_gate_threads: int = 128
+    conv_gate_threads_small: Optional[int] = None
+    conv_gate_small_heads_per_sm: int = 0
     # A gate CTA first prefetches into L2 every w_ba row it reads and the batch row's hidden_states:
     # its loads keep only two rows in flight per thread (ptxas interleaves them with the products),
-    # a chain of DRAM round trips at small batch. Not yet measured.
+    # a chain of DRAM round trips at small batch. Measured slower on the H200 (0.71-0.93x from B = 4).
     conv_gate_prefetch: bool = False
-    # Batch rows of one gate CTA: each w_ba row it loads serves that many hidden rows, so w_ba is
-    # read B / conv_gate_rows times instead of B times (from L2: at B = 256 and hidden 5120, 250 MB
-    # at one row per CTA). Fewer gate CTAs at small batch. Not yet measured.
+    # Batch rows of one gate CTA in the "large" conv/gate regime, where w_ba has at least
+    # conv_gate_rows_min_bytes: each w_ba row it loads serves that many hidden rows, so w_ba is read
+    # B / conv_gate_rows times instead of B times (from L2: at B = 256 and hidden 5120, 250 MB at one
+    # row per CTA). The small regime keeps one row per CTA (fewer gate CTAs cost more there).
     conv_gate_rows: int = 1
+    conv_gate_rows_min_bytes: int = 0
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
-    # not measured yet, so the token loop serves it (a tuning run asks for the tensor cores by tile).
+    # the token loop serves it (a tuning run asks for the tensor cores by tile). RESULTS.md "Tensor
+    # cores for an fp32 state".
     mma_min_tokens_fp32: Optional[int] = None
     # Fewest tokens for which it serves a call that writes a state per token (intermediates or
-    # token slots), either state dtype; None: not measured yet, the token loop serves them.
+    # token slots), either state dtype; None: the token loop serves them (faster at T = 4 on the
+    # H200: fp32 1.33-1.46x, bf16 1.06-1.07x; RESULTS.md "Tensor cores for an fp32 state").
     mma_min_tokens_writes: Optional[int] = None
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
@@ -99,9 +108,15 @@ SM90_HBM3 = DeviceTable(
 # kernel behind FLA at large batch. RESULTS.md "H200 tables".
 SM90_HBM3E = dataclasses.replace(
     SM90_HBM3,
-    tiles={**SM90_HBM3.tiles, ("klast", "large", "float32"): (8, 2, 16)},
+    tiles={**SM90_HBM3.tiles, ("klast", "large", "float32"): (8, 2, 16), ("klast", "small", "float32"): (4, 2, 16),
+           ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
+    mma_min_tokens_fp32=8,
     prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
+    conv_gate_threads_small=512,
+    conv_gate_small_heads_per_sm=8,
+    conv_gate_rows=4,
+    conv_gate_rows_min_bytes=512 << 10,
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
@@ -189,8 +204,11 @@ class BuildConfig:
 def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     """The tensor-core MTP kernel serves bf16 q/k/v in the large-batch regime from a table's token
     threshold on: mma_min_tokens for a bf16 state without per-token state writes, mma_min_tokens_fp32
-    for an fp32 state, mma_min_tokens_writes for intermediates or token slots (the last two None
-    where not yet measured: the token loop serves them). Measured for a bf16 state, on the H100:
+    for an fp32 state, mma_min_tokens_writes for intermediates or token slots (None: the token loop
+    serves them). For an fp32 state on the H200 with its (2, 1) shape: 1.07-1.13x faster than the
+    token loop at T = 8 for B = 16-256, 0.90-0.97x at T = 4 (RESULTS.md "Tensor cores for an fp32
+    state"); with per-token writes at T = 4 the token loop is faster for both state dtypes.
+    Measured for a bf16 state, on the H100:
     1.4-1.5x faster than kmtp at T = 8 and 2.2x at T = 16 for B >= 16, 10 % at T = 6; slower at
     T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
     "Tensor cores for MTP"). On the H200,
@@ -300,6 +318,17 @@ def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
             and spec.varlen is None)
 
 
+def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str], arch: str,
+                     regime: Optional[str] = None) -> str:
+    """"small" or "large": the conv/gate kernel's batch regime (its own threshold,
+    DeviceTable.conv_gate_small_heads_per_sm; the decode's is `regime`). A given `regime` (a
+    precompile of both) is kept where the table has a small conv/gate regime, else "large"."""
+    small = _table_of(device_class_name, arch).conv_gate_small_heads_per_sm
+    if not small:
+        return "large"
+    return regime or ("small" if batch * HV <= small * sm_count else "large")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvGateConfig:
     """How a ConvGateSpec is built: CTA threads and how many CTAs of each kind serve a batch row."""
@@ -312,10 +341,19 @@ class ConvGateConfig:
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
-        table = DEVICE_TABLES[spec.device_class] if spec.device_class else _arch_table(spec.arch)
-        threads = table.conv_gate_threads
+        """The table's choices for the spec's regime: conv_gate_threads_small and one batch row per
+        gate CTA in the small one; conv_gate_threads and, for a w_ba of conv_gate_rows_min_bytes or
+        more, conv_gate_rows in the large one. Measured on the H200 (RESULTS.md "Fused step: conv/gate
+        CTAs"): 512 threads 1.2-1.97x faster at B = 1-4 and level to 1.57x up to B * HV = 768, 0.96-0.98x
+        at B * HV = 2048; 4 rows per gate CTA 1.05-1.22x for hidden 5120, HV 48 (a 960 KiB w_ba) from
+        B = 64 on, 0.89-1.00x for a w_ba of 256 KiB or less and 0.64-0.85x at B <= 16."""
+        table = _table_of(spec.device_class, spec.arch)
+        small = spec.regime == "small"
+        threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
+        w_ba_bytes = spec.hidden * 2 * spec.HV * 2
+        rows = table.conv_gate_rows if not small and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
         return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch, gate_rows=table.conv_gate_rows)
+                   gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
