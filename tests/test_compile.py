@@ -70,13 +70,12 @@ VARIANTS = [
     # T not a multiple of the warps, nor T x rows of the CTA of its threads: the padded staging paths
     ("mtp-T3-large-bfloat16", dict(T=3, regime="large", state="bfloat16", index_dtype="int32")),
     # The H200 table's own choices: the (8, 2, 16) fp32 tile (its small (4, 2, 16) one has the same two
-    # rows per thread), the tensor cores at T = 3 for a bf16 state and from T = 8 for an fp32 one (its
-    # (2, 1) shape)
+    # rows per thread), the tensor cores at T = 3 for a bf16 state (from T = 8 for an fp32 one: the
+    # ReplaySSM variants)
     ("klast-T1-dense-large-float32-h200", dict(regime="large", state="float32", device_class="sm90-hbm3e")),
     ("mtp-mma-T3-large-bfloat16-h200",
      dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
-    ("mtp-mma-T8-accepted-large-float32-h200",
-     dict(T=8, regime="large", state="float32", index_dtype="int32", has_accepted=True, device_class="sm90-hbm3e")),
+
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # the tensor cores by the tuning runs' 2-tuple tile: a state per token (intermediates with accepted
     # counts, at SGLang's buffer row table; token slots), an fp32 state (hi + lo operands, fp32 update)
@@ -126,6 +125,10 @@ VARIANTS = [
           update_state=False, zero_padding_output=False, replay_cache=True)),
     ("mtp-mma-replay-T3-int64-keeppad-large-bfloat16-h200",
      dict(T=3, regime="large", state="bfloat16", index_dtype="int64", update_state=False, zero_padding_output=False,
+          replay_cache=True, device_class="sm90-hbm3e")),
+    # an fp32 checkpoint from T = 8 on the H200 table: its (2, 1) tensor-core build
+    ("mtp-mma-replay-T8-large-float32-h200",
+     dict(T=8, regime="large", state="float32", index_dtype="int32", update_state=False, zero_padding_output=False,
           replay_cache=True, device_class="sm90-hbm3e")),
 ]
 

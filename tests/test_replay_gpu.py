@@ -152,18 +152,21 @@ def _live_indices(B, P):
     return idx, torch.where(idx < P, idx, -1)
 
 
-@pytest.mark.parametrize("T,B,ratio,K", [(3, 100, 2, 128), (4, 200, 1, 64), (4, 160, 1, 256), (8, 100, 2, 128),
-                                         (8, 100, 2, 256)])
-def test_tensor_core_verify_outputs_and_windows(tensor_core_specs, T, B, ratio, K):
-    """The tensor-core kernel's verify (bf16 state at large batch; two or four warps of two 16-row
-    blocks, K = 256 one block and four CTAs per head, GVA 2 and 1): outputs equal the fp64
-    reference's plain MTP; the windows of live slots hold the raw inputs bit for bit (v, k) and the
-    gates; padding and invalid rows, the other slots' windows and the pool stay untouched."""
+@pytest.mark.parametrize("T,B,ratio,K,sdt", [(3, 100, 2, 128, torch.bfloat16), (4, 200, 1, 64, torch.bfloat16),
+                                             (4, 160, 1, 256, torch.bfloat16), (8, 100, 2, 128, torch.bfloat16),
+                                             (8, 100, 2, 256, torch.bfloat16),
+                                             (8, 100, 2, 128, torch.float32)])
+def test_tensor_core_verify_outputs_and_windows(tensor_core_specs, T, B, ratio, K, sdt):
+    """The tensor-core kernel's verify (large batch: a bf16 state, two or four warps of two 16-row
+    blocks, K = 256 one block and four CTAs per head, GVA 2 and 1; an fp32 state from T = 8, two
+    warps of one block): outputs equal the fp64 reference's plain MTP; the windows of live slots
+    hold the raw inputs bit for bit (v, k) and the gates; padding and invalid rows, the other
+    slots' windows and the pool stay untouched."""
     H = 2
     HV = H * ratio
     inputs = make_inputs(B, T, H, HV, K, K, device=DEV)
     P = B + 4
-    pool = make_state(P, HV, K, K, torch.bfloat16, DEV)
+    pool = make_state(P, HV, K, K, sdt, DEV)
     before = pool.clone()
     idx, live_idx = _live_indices(B, P)
     win = windows((P,), H, HV, T, K, K)
