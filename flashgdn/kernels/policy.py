@@ -344,9 +344,9 @@ class ConvGateConfig:
         """The table's choices for the spec's regime: conv_gate_threads_small and one batch row per
         gate CTA in the small one; conv_gate_threads and, for a w_ba of conv_gate_rows_min_bytes or
         more, conv_gate_rows in the large one. Measured on the H200 (RESULTS.md "Fused step: conv/gate
-        CTAs"): 512 threads 1.2-1.97x faster at B = 1-4 and level to 1.57x up to B * HV = 768, 0.96-0.98x
-        at B * HV = 2048; 4 rows per gate CTA 1.05-1.22x for hidden 5120, HV 48 (a 960 KiB w_ba) from
-        B = 64 on, 0.89-1.00x for a w_ba of 256 KiB or less and 0.64-0.85x at B <= 16."""
+        CTAs"): 512 threads against 128 1.23-1.97x at B = 1, 1.00-1.57x at B * HV = 512-768, 0.96-1.03x
+        from B * HV = 2048 on; 4 rows per gate CTA 1.05-1.22x for hidden 5120, HV 48 (a 960 KiB w_ba)
+        from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16."""
         table = _table_of(spec.device_class, spec.arch)
         small = spec.regime == "small"
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
