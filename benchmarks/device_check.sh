@@ -11,6 +11,7 @@
 #                                              # states against the token loop; K-last CTA shapes at small B
 #   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
 #                                              # by the table against one build for every batch
+#   bash benchmarks/device_check.sh floors     # copy floors of padded pools and per-token state slots
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -154,4 +155,9 @@ small)
       --settings conv_gate_threads_small=None,conv_gate_rows=1 table > "$out/conv_gate_$1_$3.log" 2>&1
   done
   TAIL=14 tails calibrate conv_gate_2048_32 conv_gate_2048_8 conv_gate_5120_48 conv_gate_5120_12 ;;
+floors)
+  # What a plain copy of the same bytes in the same pattern costs: a padded pool against a packed one, T
+  # scattered token slots against a contiguous buffer (the FlashInfer parity issue's two layout targets).
+  timeout "$limit" python3 benchmarks/layout_floors.py > "$out/layout_floors.log" 2>&1
+  TAIL=40 tails layout_floors ;;
 esac
