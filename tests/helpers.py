@@ -349,15 +349,18 @@ def use_h200_table(monkeypatch, **table_changes):
 
 def use_table(monkeypatch, name, **table_changes):
     """Calls (the fused step's too) take the tuning table `name` (policy.DEVICE_TABLES, with
-    `table_changes`) on any device, with no remembered plan; returns the list of specs they look
-    up. A changed table gets a compile cache of its own in memory: a spec's build follows the table,
-    so the shared caches (this process's and the disk's) may hold the other table's build of the
-    same spec."""
+    `table_changes`) on any device, with no remembered plan or fast-path entry (an entry keeps the
+    function an earlier call with the same key looked up, under another table); returns the list of
+    specs they look up. A changed table gets a compile cache of its own in memory: a spec's build
+    follows the table, so the shared caches (this process's and the disk's) may hold the other
+    table's build of the same spec."""
     import dataclasses
 
-    from flashgdn import api, fused_step
+    from flashgdn import api, fastpath, fused_step
     from flashgdn.cache import CompileCache, compile_variant
     from flashgdn.kernels import policy
+
+    monkeypatch.setattr(fastpath, "FAST", {})
 
     for module in (api, fused_step):
         facts = module.facts_of

@@ -127,10 +127,8 @@ def test_matches_reference(geom, layout, sdt):
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
     """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
     mode times: the same results as the reference (B = 70 leaves a partial last group of rows)."""
-    from flashgdn import fastpath
     from flashgdn.kernels import policy
 
-    monkeypatch.setattr(fastpath, "FAST", {})  # a fast entry keeps the functions it looked up first
     specs = use_h200_table(monkeypatch, **change)
     _, H, HV, D, hidden, width, bias = geom
     for n, B in enumerate((1, 70)):
@@ -145,10 +143,8 @@ def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
 def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
     """The H200 table's own conv/gate builds at the Qwen3.5 TP1 shape (a 960 KiB w_ba): 512 threads
     at small batch (B = 1, 16), 4 batch rows per gate CTA at B = 70 (a partial last group)."""
-    from flashgdn import fastpath
     from flashgdn.kernels import policy
 
-    monkeypatch.setattr(fastpath, "FAST", {})
     specs = use_h200_table(monkeypatch)
     for n, B in enumerate((1, 16, 70)):
         P = 2 * B + 5
