@@ -75,7 +75,6 @@ VARIANTS = [
     ("klast-T1-dense-large-float32-h200", dict(regime="large", state="float32", device_class="sm90-hbm3e")),
     ("mtp-mma-T3-large-bfloat16-h200",
      dict(T=3, regime="large", state="bfloat16", index_dtype="int32", device_class="sm90-hbm3e")),
-
     ("mtp-T5-K256V256-small-float32", dict(T=5, K=256, V=256, state="float32", index_dtype="int32")),
     # the tensor cores by the tuning runs' 2-tuple tile: a state per token (intermediates with accepted
     # counts, at SGLang's buffer row table; token slots), an fp32 state (hi + lo operands, fp32 update)
@@ -173,7 +172,7 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("regime, kw, change, expected", [
     # Three batch rows per gate CTA and the L2 prefetch, at a hidden size with a partial last pass.
-    ("large", dict(H=2, HV=6, D=64, hidden=192, width=3, has_bias=True),
+    ("large", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"],
      dict(conv_gate_prefetch=True, conv_gate_rows=3, conv_gate_rows_min_bytes=0), (128, 3, True)),
     # The H200 table's own builds at the Qwen3.5 shape: 512 threads at small batch, 4 rows per
     # gate CTA (a 960 KiB w_ba) at large batch.
