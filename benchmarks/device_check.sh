@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's checks, run from the project root on a machine with the DSL on PYTHONPATH, each mode
 # sized to fit one device call (10 minutes):
-#   bash benchmarks/device_check.sh tests      # every GPU test, seven pytest processes side by side
+#   bash benchmarks/device_check.sh tests      # every GPU test, eight pytest processes side by side
 #   bash benchmarks/device_check.sh sanitize   # compute-sanitizer memcheck and racecheck on the newest kernels
 #   bash benchmarks/device_check.sh bench DIR  # the results sweep with copy floors (CSV/JSON/PNG into DIR)
 #   bash benchmarks/device_check.sh extra DIR  # MTP with intermediates, on contiguous slots, with token slots
 #   bash benchmarks/device_check.sh engines DIR # engine rows (sglang too), the fused step's shape grid, padded pools
-#   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid and the host time per call
+#   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid, its commit on the tensor cores
+#                                              # against the token loop, and the host time per call
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
 #   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
@@ -31,8 +32,8 @@ summary() {  # the pytest result and the sanitizer summary of each log
 tails() {  # the last lines of each log
   for f in "$@"; do echo "== $f"; tail -"${TAIL:-25}" "$out/$f.log"; done
 }
-# The test files of groups t1-t4, t6 and t7 (t1 and t7 split the MTP file); t5 runs the GPU tests of every
-# other file.
+# The test files of groups t1-t4, t6 and t7 (t1 and t7 split the MTP file, t2 and t8 the ReplaySSM file);
+# t5 runs the GPU tests of every other file.
 T1="tests/test_mtp_gpu.py"
 T2="tests/test_replay_gpu.py"
 T6="tests/test_engines_gpu.py"
@@ -40,38 +41,46 @@ T3="tests/test_pretranspose_gpu.py tests/test_nontranspose_gpu.py tests/test_ops
 T4="tests/test_flashinfer_patterns_gpu.py tests/test_fused_step_gpu.py"
 case "${1:-tests}" in
 tests)
-  # Compiling dominates a first run: seven processes share the 16 cores (the disk cache is safe to share);
-  # the MTP file alone outlasts a 230 s step, so its tensor-core tests run apart (t7).
+  # Compiling dominates a first run: eight processes share the 16 cores (the disk cache is safe to share);
+  # the MTP file alone outlasts a 230 s step, so its tensor-core tests run apart (t7), as do the ReplaySSM
+  # file's tests of the tensor-core commit (t8).
   rest=$(ls tests/test_*.py | grep -v -x -F -f <(printf "%s\n" $T1 $T2 $T3 $T4 $T6))
   $pytest $T1 -k "not tensor_core" > "$out/t1.log" 2>&1 &
   $pytest $T1 -k tensor_core > "$out/t7.log" 2>&1 &
-  $pytest $T2 > "$out/t2.log" 2>&1 &
+  $pytest $T2 -k "not commit-mma" > "$out/t2.log" 2>&1 &
+  $pytest $T2 -k commit-mma > "$out/t8.log" 2>&1 &
   $pytest $T3 > "$out/t3.log" 2>&1 &
   $pytest $T4 > "$out/t4.log" 2>&1 &
   $pytest -m gpu $rest > "$out/t5.log" 2>&1 &
   $pytest $T6 > "$out/t6.log" 2>&1 &
   wait
-  summary t1 t2 t3 t4 t5 t6 t7 ;;
+  summary t1 t2 t3 t4 t5 t6 t7 t8 ;;
 sanitize)
   # memcheck's "CUDA_ERROR_INVALID_VALUE ... cuGetProcAddress" lines are the host probing driver entry
   # points, not kernel accesses: the kernels' errors show as "Invalid __global__/__shared__ ...".
-  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "tensor_core or commit_equals or fp16 or out_of_range" \
-    > "$out/mc1.log" 2>&1 &
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py \
+    -k "(tensor_core or commit_equals or fp16 or out_of_range) and not commit-mma" > "$out/mc1.log" 2>&1 &
   $sanitizer --tool memcheck $pytest tests/test_engines_gpu.py tests/test_engines_sglang_gpu.py tests/test_fused_step_gpu.py \
     tests/test_flashinfer_patterns_gpu.py -k "(vllm or padded or matches_reference or matches_the_contract) and not graph" > "$out/mc2.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py \
-    -k "(commit_equals and (2-3-2 or 3-7-1)) or (tensor_core_verify_outputs and 3-100)" > "$out/rc1.log" 2>&1 &
+    -k "(commit_equals and commit-loop and (2-3-2 or 3-7-1)) or (tensor_core_verify_outputs and 3-100)" \
+    > "$out/rc1.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_fused_step_gpu.py -k "matches_reference and (tp4 or d64)" \
     > "$out/rc2.log" 2>&1 &
   wait
-  # The tensor-core MTP kernel's fp32-state and per-token-state builds (by table: tests/helpers.use_table).
+  # The tensor-core MTP kernel's fp32-state and per-token-state builds and the tensor-core commit (by
+  # table: tests/helpers.use_table).
   $sanitizer --tool memcheck $pytest tests/test_mtp_gpu.py tests/test_flashinfer_patterns_gpu.py \
     -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core or h200-table" > "$out/mc3.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_mtp_gpu.py \
     -k "(fp32_tensor_core and 8-True-True-True-1-64) or (tensor_core_intermediates and 4-sdt1) or plain-h200-table" \
     > "$out/rc3.log" 2>&1 &
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "commit-mma and (commit_equals or out_of_range)" \
+    > "$out/mc4.log" 2>&1 &
+  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py \
+    -k "commit-mma and ((commit_equals and (4-40-2 or 8-64-2 or 16-20-2)) or out_of_range)" > "$out/rc4.log" 2>&1 &
   wait
-  summary mc1 mc2 rc1 rc2 mc3 rc3 ;;
+  summary mc1 mc2 rc1 rc2 mc3 rc3 mc4 rc4 ;;
 bench)
   dir=${2:-$out}; mkdir -p "$dir"
   $bench --api all --state-dtype fp32 bf16 --compare --verify --floor \
@@ -126,8 +135,12 @@ replay)
   dir=${2:-$out}; mkdir -p "$dir"
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --csv "$dir/h200_${day}_replay.csv" \
     > "$out/replay.log" 2>&1
+  # The commit on the tensor cores (ReplayCommitMma) against the token loop, every other call as it is.
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --tokens 2 4 8 --batch-size 1 16 64 256 \
+    --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}" \
+    --csv "$dir/h200_${day}_replay_commit_mma.csv" > "$out/replay_mma.log" 2>&1
   $bench --host --profile --state-dtype fp32 bf16 --json "$dir/h200_${day}_host.json" > "$out/host.log" 2>&1
-  TAIL=60 tails replay host ;;
+  TAIL=60 tails replay replay_mma host ;;
 tune)
   # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
   for T in 4 8; do

@@ -11,66 +11,31 @@ kernels counts, as in a graph-captured decode), cold L2, median.
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
 remembered plans cleared and a compile cache of its own in memory (the process's and the disk's
-key a variant by its spec, not by the table that built it).
+key a variant by its spec, not by the table that built it: flashgdn.bench.table_setting).
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import sys
 
 import torch
 
 import flashgdn
-from flashgdn import fastpath, fused_step
 from flashgdn.bench.engine_rows import fused_step_inputs
 from flashgdn.bench.rows import Row
+from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.bench.timing import summarize, time_fn
 from flashgdn.cache import CompileCache, compile_variant
 from flashgdn.device import facts_of, unavailable_reason
-from flashgdn.kernels import policy
-
-
-def parse_setting(text: str) -> dict:
-    """"field=value[,field=value...]" (DeviceTable fields, Python literals without commas) as a dict;
-    "table": the device's table as it is."""
-    if text == "table":
-        return {}
-    fields = {f.name for f in dataclasses.fields(policy.DeviceTable)}
-    setting = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        if not sep or name not in fields:
-            raise argparse.ArgumentTypeError(f"a setting is field=value[,field=value...] with DeviceTable fields "
-                                             f"({', '.join(sorted(fields))}), got {text!r}")
-        try:
-            setting[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as exc:
-            raise argparse.ArgumentTypeError(f"{part!r}: the value must be a Python literal") from exc
-    return setting
-
-
-def _forget() -> None:
-    fused_step._VALIDATED.clear()  # a remembered plan keeps the variants it looked up
-    fastpath.FAST.clear()
 
 
 def step_us(row: Row, setting: dict, cache: CompileCache, iters: int, seed: int) -> float:
     """Median µs of one step of `row` with the device's table changed by `setting`, its variants
     from `cache` (the setting's own)."""
-    name = facts_of(torch.device("cuda")).device_class
-    table, shared = policy.DEVICE_TABLES[name], fused_step.kernel_cache
-    policy.DEVICE_TABLES[name] = dataclasses.replace(table, **setting)
-    fused_step.kernel_cache = cache
-    _forget()
-    try:
+    with switched(facts_of(torch.device("cuda")).device_class, setting, cache):
         inp = fused_step_inputs(row, "cuda", seed)
         times, _ = time_fn(lambda: flashgdn.gdn_fused_decode_step(**inp), iters=iters, timer="events")
         return summarize(times)["median_us"]
-    finally:
-        policy.DEVICE_TABLES[name], fused_step.kernel_cache = table, shared
-        _forget()
 
 
 def main(argv=None) -> int:
@@ -90,7 +55,7 @@ def main(argv=None) -> int:
     if why:
         print(f"fused_table: {why}", file=sys.stderr)
         return 2
-    labels = [",".join(f"{k}={v}" for k, v in s.items()) for s in args.settings]
+    labels = [label(s) for s in args.settings]
     print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads} K=V=128; CUDA events over graph "
           f"replays, cold L2, median of {args.iters}; µs, and the speedup over {labels[0]}")
     print("state     B  " + "  ".join(f"{label:>24s}" for label in labels))

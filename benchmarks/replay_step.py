@@ -8,10 +8,13 @@ share of the device copy bandwidth (target: >= 90 % at B >= 64).
     python benchmarks/replay_step.py --state-dtype float32 bfloat16 --tokens 2 4 8 \\
         --batch-size 1 4 16 64 128 256 --layers 48 --csv replay.csv
     python benchmarks/replay_step.py --compile-only --arch sm_90a   # no GPU: builds the variants
+    python benchmarks/replay_step.py --tokens 4 8 --batch-size 16 64 256 \
+        --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}"   # the commit's two kernels
 
 Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted
 counts random in [1, T] (and all T for the commit's worst case). Times are CUPTI kernel times (or
-CUDA events), medians with a cold L2 (flashgdn.bench.timing).
+CUDA events), medians with a cold L2 (flashgdn.bench.timing). With --settings, the grid runs once
+per setting of the device table (flashgdn.bench.table_setting; its "setting" column).
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ import sys
 import time
 
 import torch
+
+from flashgdn.bench.table_setting import label, parse_setting, switched
+from flashgdn.cache import CompileCache, compile_variant
 
 H, HV, K, V = 16, 32, 128, 128
 SM90_FACTS = ("sm90-hbm3e", 132)  # the device class and SM count the compile-only builds assume: the H200
@@ -37,12 +43,22 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--compile-only", action="store_true", help="only build the verify and commit variants (no GPU)")
     p.add_argument("--arch", default="sm_90a", help="target of --compile-only (sm_90a, sm_100a, sm_103a)")
+    p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
+                   help='device-table settings, each "table" or field=value[,field=value...] (default: table)')
     return p.parse_args(argv)
 
 
 def compile_only(args) -> int:
-    """Build every verify and commit variant the sweep would use, for args.arch, on the CPU."""
-    from flashgdn.cache import compile_variant
+    """Build every verify and commit variant the sweep would use under each setting, for args.arch,
+    on the CPU."""
+    device_class = SM90_FACTS[0]
+    for setting in args.settings:
+        with switched(device_class, setting, CompileCache(compile_variant)):
+            _compile_grid(args, setting)
+    return 0
+
+
+def _compile_grid(args, setting) -> None:
     from flashgdn.kernels import policy
     from flashgdn.spec import CommitSpec, KernelSpec
 
@@ -60,8 +76,9 @@ def compile_only(args) -> int:
     for spec in sorted(specs, key=lambda s: s.short_name()):
         start = time.perf_counter()
         compile_variant(spec)
-        print(f"{spec.short_name()}: compiled ({time.perf_counter() - start:.2f} s)", flush=True)
-    return 0
+        kernel = policy.BuildConfig.for_spec(spec).kernel
+        print(f"{spec.short_name()} ({kernel}, {label(setting)}): compiled ({time.perf_counter() - start:.2f} s)",
+              flush=True)
 
 
 def _inputs(B, T, sdt, L, device):
@@ -136,7 +153,7 @@ def main(argv=None) -> int:
     if args.compile_only:
         return compile_only(args)
     from flashgdn.bench.timing import L2Flusher, copy_bandwidth
-    from flashgdn.device import unavailable_reason
+    from flashgdn.device import facts_of, unavailable_reason
 
     why = unavailable_reason()
     if why:
@@ -145,13 +162,16 @@ def main(argv=None) -> int:
     flusher = L2Flusher()
     copy_bw = copy_bandwidth(timer=args.timer)
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    device_class = facts_of(torch.device("cuda")).device_class
     rows = []
-    for sdt in args.state_dtype:
-        for T in args.tokens:
-            for B in args.batch_size:
-                row = measure(B, T, sdt, args, flusher, copy_bw)
-                rows.append(row)
-                print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    for setting in args.settings:
+        with switched(device_class, setting, CompileCache(compile_variant)):
+            for sdt in args.state_dtype:
+                for T in args.tokens:
+                    for B in args.batch_size:
+                        row = dict(setting=label(setting), **measure(B, T, sdt, args, flusher, copy_bw))
+                        rows.append(row)
+                        print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

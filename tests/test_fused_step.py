@@ -154,24 +154,33 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()
 
 
-def test_fused_table_settings_name_table_fields():
-    """fused_table.py's settings are DeviceTable fields with literal values; anything else is a usage error."""
+def test_table_settings_name_table_fields():
+    """The timing scripts' settings (flashgdn.bench.table_setting) are DeviceTable fields with literal
+    values, commas inside a literal included; anything else is a usage error."""
     import argparse
 
-    module = load_benchmark("fused_table")
-    assert module.parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
-    assert module.parse_setting("table") == {}
-    assert module.parse_setting("conv_gate_threads_small=None") == {"conv_gate_threads_small": None}
-    assert module.parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
-    assert module.parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
+    from flashgdn.bench.table_setting import label, parse_setting
+
+    assert parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
+    assert parse_setting("table") == {} and label({}) == "table"
+    assert parse_setting("conv_gate_threads_small=None") == {"conv_gate_threads_small": None}
+    assert parse_setting("fused_step_pdl=False") == {"fused_step_pdl": False}
+    assert parse_setting("conv_gate_threads=512,conv_gate_prefetch=True") == {
         "conv_gate_threads": 512, "conv_gate_prefetch": True}
+    both = "commit_mma_min_tokens={'float32': 8, 'bfloat16': 4},conv_gate_rows=2"
+    assert parse_setting(both) == {"commit_mma_min_tokens": {"float32": 8, "bfloat16": 4}, "conv_gate_rows": 2}
+    assert parse_setting(label(parse_setting(both))) == parse_setting(both)
     for bad, match in (("threads=256", "DeviceTable field"), ("conv_gate_threads", "DeviceTable field"),
                        ("conv_gate_threads=512,", "DeviceTable field"),
                        ("conv_gate_threads=many", "Python literal")):
         with pytest.raises(argparse.ArgumentTypeError, match=match):
-            module.parse_setting(bad)
-    if not torch.cuda.is_available():
-        assert module.main(["--settings", "conv_gate_threads=256"]) == 2  # no GPU: says so, times nothing
+            parse_setting(bad)
+
+
+def test_fused_table_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert load_benchmark("fused_table").main(["--settings", "conv_gate_threads=256"]) == 2  # times nothing
 
 
 @pytest.mark.parametrize("regime, change, expected", [

@@ -339,14 +339,41 @@ def test_policy_serves_replay_verify_as_plain_mtp():
     assert small.tile[0] * (32 // small.tile[2]) * small.tile[1] <= 64
 
 
+def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch):
+    """The tensor-core commit serves a 2-tuple tile, and the large regime from the table's
+    commit_mma_min_tokens of the checkpoint dtype on (no table names one yet); its tile is the
+    table's "mtp_mma" one, fitted to the head dims as the tensor-core MTP kernel's."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+
+    def commit(T=8, sdt="bfloat16", regime="large", K=128, **kw):
+        return policy.BuildConfig.for_spec(CommitSpec(16, 32, K, K, T, sdt, True, "sm_90a", regime, **kw))
+
+    assert not any(t.commit_mma_min_tokens for t in policy.DEVICE_TABLES.values())
+    assert commit().kernel == policy.REPLAY_COMMIT
+    assert commit(tile=(2, 2)).kernel == policy.REPLAY_COMMIT_MMA and commit(tile=(2, 2)).tile == (2, 2)
+    assert commit(tile=(4, 2, 8)).kernel == policy.REPLAY_COMMIT
+    table = dataclasses.replace(policy.SM90_HBM3, commit_mma_min_tokens={"bfloat16": 4})
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", table)
+    assert commit(T=4).kernel == commit(T=16).kernel == policy.REPLAY_COMMIT_MMA
+    assert commit(T=4).tile == table.tiles[("mtp_mma", "large", "bfloat16")] and commit(T=4).prefetch_bytes == 0
+    assert commit(T=8, K=256).tile == (4, 1)  # one 16-row block per warp at K = 256
+    for off in (commit(T=3), commit(T=8, regime="small"), commit(T=8, sdt="float32")):
+        assert off.kernel == policy.REPLAY_COMMIT
+
+
 def test_replay_step_benchmark_compiles_its_variants(capsys):
     """benchmarks/replay_step.py --compile-only builds the verify and commit variants it would time."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
     from helpers import load_benchmark
 
     module = load_benchmark("replay_step")
+    mma = "commit_mma_min_tokens={'bfloat16': 2},small_regime_heads_per_sm=0"
     assert module.main(["--compile-only", "--tokens", "2", "--batch-size", "1", "--state-dtype", "bfloat16",
-                        "--layers", "2"]) == 0
+                        "--layers", "2", "--settings", "table", mma]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and all(": compiled (" in line for line in lines)
-    assert any(line.startswith("commit/T2/") for line in lines) and any("/replay:" in line for line in lines)
+    assert len(lines) == 4 and all(": compiled (" in line for line in lines)
+    commits = [line for line in lines if line.startswith("commit/T2/")]
+    assert len(commits) == 2 and sum("/replay (" in line for line in lines) == 2
+    assert "(ReplayCommit, table)" in commits[0] and "(ReplayCommitMma, commit_mma_min_tokens=" in commits[1]

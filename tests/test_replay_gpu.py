@@ -11,7 +11,7 @@ import torch
 import flashgdn
 from flashgdn import reference as ref
 from flashgdn.kernels import policy
-from flashgdn.spec import KernelSpec
+from flashgdn.spec import CommitSpec, KernelSpec
 from helpers import assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state, use_h200_table
 
 pytestmark = pytest.mark.gpu
@@ -211,6 +211,26 @@ def test_tensor_core_verify_then_commit(tensor_core_specs, T):
 # ----------------------------------------------------------------------------- commit
 
 
+@pytest.fixture(params=("loop", "mma"), ids=("commit-loop", "commit-mma"))
+def commit_kernel(request, monkeypatch):
+    """The commit's kernel, under the H200 table: the token loop (ReplayCommit: no table puts the
+    commit on the tensor cores yet), or the tensor cores (ReplayCommitMma: commit_mma_min_tokens
+    from T = 2 for both checkpoint dtypes, and every call in the large regime, whose kernels the
+    verifies take too). Returns a check, called after the commits, that every commit took it."""
+    mma = request.param == "mma"
+    changes = dict(commit_mma_min_tokens={"float32": 2, "bfloat16": 2}, small_regime_heads_per_sm=0) if mma else {}
+    specs = use_h200_table(monkeypatch, **changes)
+    expected = policy.REPLAY_COMMIT_MMA if mma else policy.REPLAY_COMMIT
+
+    def check():
+        commits = [s for s in specs if isinstance(s, CommitSpec)]
+        assert commits, "no commit was looked up"
+        for s in commits:
+            assert policy.BuildConfig.for_spec(s).kernel == expected, f"{s.short_name()} is not built by {expected}"
+
+    return check
+
+
 def _layers(L, B, T, H, HV, K, sdt, P):
     """Per-layer inputs, a checkpoint [L, P, HV, K, K] and windows [L, P, ...]."""
     inputs = [make_inputs(B, T, H, HV, K, K, device=DEV) for _ in range(L)]
@@ -238,12 +258,13 @@ def _ref_after(inputs, pool, idx, acc):
     (5, 17, 1, 64, torch.float32, -1, True),
     (6, 17, 2, 256, torch.bfloat16, -1, True),
 ])
-def test_commit_equals_the_state_after_the_accepted_tokens(T, B, ratio, K, sdt, null_block_id, track):
+def test_commit_equals_the_state_after_the_accepted_tokens(commit_kernel, T, B, ratio, K, sdt, null_block_id,
+                                                          track):
     """Three layers: verify each (windows are per-layer views of the commit's caches), commit with
     accept_lens covering 0..T; each committed slot of each layer equals the reference state after
     that many tokens; padding, a null block (null_block_id = 0: slot 0) and accept_lens 0 leave
     their slots bit for bit; track writes land at the tracked step's state where the step is inside
-    the accepted prefix and the track slot is live, and nowhere else."""
+    the accepted prefix and the track slot is live, and nowhere else. Both commit kernels."""
     L, H = 3, 2
     HV = H * ratio
     P = B + 6 + (B if track else 0)
@@ -269,6 +290,7 @@ def test_commit_equals_the_state_after_the_accepted_tokens(T, B, ratio, K, sdt, 
         assert_close_output(o[run], ref_outputs(inputs[layer], before[layer], idx)[run])
     assert torch.equal(bits(ck), bits(before))
     flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, idx, acc, null_block_id=null_block_id, **kw)
+    commit_kernel()
 
     live = (idx > null_block_id) & (acc > 0)
     written = torch.zeros(L, P, dtype=torch.bool, device=DEV)
@@ -289,9 +311,10 @@ def test_commit_equals_the_state_after_the_accepted_tokens(T, B, ratio, K, sdt, 
     assert torch.equal(bits(ck[~written]), bits(before[~written])), "slots that must stay untouched changed"
 
 
-def test_commit_out_of_range_values_leave_everything():
+def test_commit_out_of_range_values_leave_everything(commit_kernel):
     """Unchecked on the host: a slot past the pool, accept_lens outside [0, T], a track slot past
-    the pool: those rows (and the bad track write) change nothing; the good rows commit."""
+    the pool: those rows (and the bad track write) change nothing; the good rows commit (both
+    commit kernels)."""
     L, B, T, H, HV, K = 2, 6, 4, 2, 4, 128
     P = 10
     inputs, ck, caches = _layers(L, B, T, H, HV, K, torch.float32, P)
@@ -306,6 +329,7 @@ def test_commit_out_of_range_values_leave_everything():
     steps = torch.zeros(B, dtype=torch.int32, device=DEV)
     flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, bad_idx, acc, track_state_indices=track_idx,
                                                track_steps=steps)
+    commit_kernel()
     for layer in range(L):
         want = _ref_after(inputs[layer], before[layer], idx, torch.where(acc.clamp(0, T) == acc, acc, 0))
         assert_close_state(ck[layer, [0, 5]], want[[0, 5]])
@@ -329,11 +353,11 @@ def _close_after_rounds(actual, want, what):
 
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 @pytest.mark.parametrize("T,B", [(4, 9), (8, 70)])
-def test_rounds_of_verify_and_commit_equal_token_by_token(sdt, T, B):
+def test_rounds_of_verify_and_commit_equal_token_by_token(commit_kernel, sdt, T, B):
     """Six rounds of verify + commit on two layers (accept_lens 0..T each round, a padding row):
     every round's outputs equal the reference's from its token-by-token state, and the checkpoint
     stays equal to that state (the accepted tokens applied one at a time, fp64; for a bf16
-    checkpoint, from the kernel's checkpoint of the round before)."""
+    checkpoint, from the kernel's checkpoint of the round before). Both commit kernels."""
     L, H, HV, K = 2, 2, 4, 128
     P = B + 5
     ck = make_state(L * P, HV, K, K, sdt, DEV).unflatten(0, (L, P))
@@ -354,6 +378,7 @@ def test_rounds_of_verify_and_commit_equal_token_by_token(sdt, T, B):
             o, _ = verify(inputs[layer], ck[layer], idx, [c[layer] for c in caches])
             assert_close_output(o[run], ref_outputs(inputs[layer], state[layer], idx)[run], f"round {rnd} output")
         flashgdn.gated_delta_rule_replayssm_commit(ck, *caches, idx, acc)
+        commit_kernel()
         for layer in range(L):
             q, k, v, a, b, A_log, dt_bias = inputs[layer]
             for t in range(T):
@@ -375,9 +400,9 @@ def test_rounds_of_verify_and_commit_equal_token_by_token(sdt, T, B):
 
 
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-def test_cuda_graph_replay_equals_eager(sdt):
+def test_cuda_graph_replay_equals_eager(commit_kernel, sdt):
     """Two layers' verifies and the commit captured in one CUDA graph; replayed with new inputs
-    and accept_lens, it gives what eager calls on copies give, bit for bit."""
+    and accept_lens, it gives what eager calls on copies give, bit for bit (both commit kernels)."""
     L, B, T, H, HV, K = 2, 24, 4, 2, 4, 128
     P = B + 3
     static = [list(make_inputs(B, T, H, HV, K, K, device=DEV)) for _ in range(L)]
@@ -412,3 +437,4 @@ def test_cuda_graph_replay_equals_eager(sdt):
             assert torch.equal(bits(c), bits(e)), "windows"
         for o, e in zip(outs, e_outs):
             assert torch.equal(bits(o), bits(e)), "outputs"
+    commit_kernel()

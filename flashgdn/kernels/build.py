@@ -23,9 +23,10 @@ from .klast import KLastDecode
 from .kmajor import KMajorDecode
 from .kmtp import KLastMTP
 from .kmtp_mma import KLastMTPMma
-from .replay_commit import ReplayCommit
+from .replay_commit import ReplayCommit, ReplayCommitMma
 
-KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KLastMTPMma, ReplayCommit)}
+KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KLastMTPMma, ReplayCommit,
+                                         ReplayCommitMma)}
 AnySpec = Union[KernelSpec, CommitSpec, ConvGateSpec]
 
 

@@ -46,10 +46,7 @@ from . import common
 
 class KLastMTPMma(common.DecodeKernel):
     def __init__(self, spec, config):
-        if (spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.vllm_slots
-                or spec.varlen is not None or spec.tree_parents is not None):
-            raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, not vLLM's "
-                             "slot rule, varlen or an EAGLE tree")
+        self._refuse_unsupported(spec)
         super().__init__(spec, config)
         self.split_state = spec.state_dtype == "float32"  # the state's operands as bf16 hi + lo
         self.state_type = Float32 if self.split_state else BFloat16
@@ -71,6 +68,13 @@ class KLastMTPMma(common.DecodeKernel):
         # would cost a CTA per SM (T <= 8) or spill (T >= 12); an fp32 state holds twice the
         # registers, so there the same holds from K = 128.
         self.early_k = spec.K <= (64 if self.split_state else 128)
+
+    @staticmethod
+    def _refuse_unsupported(spec):
+        if (spec.state_dtype not in ("bfloat16", "float32") or spec.io_dtype != "bfloat16" or spec.vllm_slots
+                or spec.varlen is not None or spec.tree_parents is not None):
+            raise ValueError("the tensor-core MTP kernel takes a bf16 or fp32 state and bf16 q/k/v, not vLLM's "
+                             "slot rule, varlen or an EAGLE tree")
 
     # ---- operands -------------------------------------------------------------------------------
 
@@ -117,10 +121,53 @@ class KLastMTPMma(common.DecodeKernel):
         """Lane c's 16-byte chunk of block p of a length-K row."""
         return cute.local_tile(mVec, (8,), (4 * p + c,))
 
-    def _token(self, t):
-        """Token index clamped to T - 1 (padding tokens read real rows; their weights are 0)."""
+    def _token(self, t, count=None):
+        """Token index clamped to T - 1 (padding tokens read real rows; their weights are 0), or to
+        count - 1 for a runtime token count in [1, T] (the tokens from `count` on are never read)."""
         T = self.spec.T
+        if count is not None:
+            return Int32(cutlass.select_(t < count, t, count - 1))
         return t if const_expr(self.tp == T) else Int32(cutlass.select_(t < T, t, T - 1))
+
+    # ---- loads ----------------------------------------------------------------------------------
+
+    def _token_chunks(self, rows, g, c, count=None):
+        """The dot products' B operands: lane (g, c)'s chunk p (_chunk) of token g + 8 na of each
+        kind of vector, rows(t) the length-K row of token t of a kind (k, q); an (8, KP, NB) bf16
+        tensor per kind. Token indices are clamped (_token, `count`)."""
+        regs = [cute.make_rmem_tensor((8, self.kp, self.nb), BFloat16) for _ in rows]
+        for na in range(self.nb):
+            tc = self._token(g + 8 * na, count)
+            for p in range(self.kp):
+                for row, rX in zip(rows, regs):
+                    cute.autovec_copy(self._chunk(row(tc), p, c), rX[None, p, na])
+        return regs
+
+    def _load_state(self, row, frag_row, c):
+        """This lane's operand rows of the state, row(r) the length-K row r: frag_row + 16 m + 8 hh."""
+        rS = cute.make_rmem_tensor((8, self.kp, 2, self.mb), self.state_type)
+        for m in range(self.mb):
+            for hh in range(2):
+                for p in range(self.kp):
+                    cute.autovec_copy(self._chunk(row(frag_row + 16 * m + 8 * hh), p, c), rS[None, p, hh, m])
+        return rS
+
+    def _smem_tables(self, warp):
+        """The head's tables (_tables) and this warp's plane of sP, in shared memory."""
+        TP, W = self.tp, self.num_warps
+        smem = cutlass.memory.SmemAllocator()
+        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
+        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1)), byte_alignment=16)
+        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP)), byte_alignment=16)
+        # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
+        plane = self.rows_per_warp * (TP + 1)
+        sP = smem.allocate_tensor(
+            Float32, cute.make_layout((self.rows_per_warp, TP, 2, W), stride=(TP + 1, 1, plane, 2 * plane)),
+            byte_alignment=16,
+        )[None, None, None, warp]
+        return sGram, sVec, sAkk, sAkq, sW, sP
 
     # ---- the head's tables ----------------------------------------------------------------------
 
@@ -154,6 +201,16 @@ class KLastMTPMma(common.DecodeKernel):
             sGram[TP + 8 * na + g, col + e] = acc[2 + e, 0, 0]
 
     @cute.jit
+    def _decay_beta(self, raw, window, warp, lane):
+        """Token `lane`'s decay and beta from its gate inputs (common.gdn_gates); a ReplaySSM verify
+        also stores them into its windows (common.window_gates)."""
+        spec = self.spec
+        if const_expr(window is None):
+            return common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
+        return common.window_gates(raw, spec.softplus_beta, spec.softplus_threshold, window, lane,
+                                   warp == 0 and lane < spec.T)
+
+    @cute.jit
     def _tables(self, rK, rQ, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane, window=None):
         """The CTA's shared-memory tables of the head, each entry computed by one warp. sGram: the
         raw Gram matrix of [k; q] (k_i rows and columns first, then q_i). sVec rows: 0 G(t)
@@ -161,22 +218,23 @@ class KLastMTPMma(common.DecodeKernel):
         D(t, j) k^_j . k^_t (j < t), sAkq(t, j) = D(t, j) k^_j . q^_t (j <= t), sW(n, j) =
         D(n - 1, j) |k_j|^-1 (j < n): the weight of u_j in the state after n tokens. With `window`
         (a ReplaySSM verify), lane t < T of warp 0 also stores token t's log decay and beta
-        (common.window_gates)."""
+        (common.window_gates). Without q (rQ None: a replay, no outputs) the q parts are left out:
+        sAkq, sVec row 1 and the Gram's q columns (its q rows hold k . k again)."""
         spec = self.spec
         TP, NB, W = self.tp, self.nb, self.num_warps
         g, c = lane // 4, lane % 4
+        with_q = rQ is not None
+        rLow = rQ  # the lower 8 rows of the Gram tiles' A operand
+        if const_expr(not with_q):
+            rLow = rK
         # Gram of the raw vectors on the tensor cores, tile i by warp i % W.
         for na in cutlass.range_constexpr(NB):
-            for nc in cutlass.range_constexpr(2 * NB):
+            for nc in cutlass.range_constexpr(2 * NB if with_q else NB):
                 if const_expr(W == 1):
-                    self._gram_tile(rK, rQ, na, nc, sGram, g, c)
+                    self._gram_tile(rK, rLow, na, nc, sGram, g, c)
                 elif warp == (na * 2 * NB + nc) % W:
-                    self._gram_tile(rK, rQ, na, nc, sGram, g, c)
-        if const_expr(window is None):
-            decay, beta = common.gdn_gates(raw, spec.softplus_beta, spec.softplus_threshold)
-        else:
-            decay, beta = common.window_gates(raw, spec.softplus_beta, spec.softplus_threshold, window, lane,
-                                              warp == 0 and lane < spec.T)
+                    self._gram_tile(rK, rLow, na, nc, sGram, g, c)
+        decay, beta = self._decay_beta(raw, window, warp, lane)
         if lane < TP and warp == 0:
             sVec[2, lane] = beta
             sVec[4, lane] = decay
@@ -203,47 +261,50 @@ class KLastMTPMma(common.DecodeKernel):
                     sVec[3, n] = gt
                 if n > 0:
                     kf_t = self._inv_norm(sGram[t, t])
-                    qf_t = self._inv_norm(sGram[TP + t, TP + t]) * Float32(spec.scale)
+                    qf_t = Float32(0.0)
+                    if const_expr(with_q):
+                        qf_t = self._inv_norm(sGram[TP + t, TP + t]) * Float32(spec.scale)
                     sAkk[t, j] = Float32(cutlass.select_(j < t, d * kf_j * kf_t * sGram[t, j], Float32(0.0)))
-                    sAkq[t, j] = Float32(cutlass.select_(j <= t, d * kf_j * qf_t * sGram[TP + t, j], Float32(0.0)))
+                    if const_expr(with_q):
+                        sAkq[t, j] = Float32(cutlass.select_(j <= t, d * kf_j * qf_t * sGram[TP + t, j], Float32(0.0)))
                     if j == 0:
                         sVec[0, t] = gt * kf_t
-                        sVec[1, t] = gt * qf_t
+                        if const_expr(with_q):
+                            sVec[1, t] = gt * qf_t
         self._sync_tables()
 
     @cute.jit
     def _dots(self, rS, rK, rQ, sP, g, c):
-        """S_0 k_t and S_0 q_t of this warp's rows, into sP: C of block (m, na) holds rows
-        16 m + g (+ 8) and tokens 8 na + 2c (+ 1)."""
+        """S_0 k_t and S_0 q_t (none without q: rQ None) of this warp's rows, into sP: C of block
+        (m, na) holds rows 16 m + g (+ 8) and tokens 8 na + 2c (+ 1)."""
         NB, KP, MB = self.nb, self.kp, self.mb
+        vecs = [rK] if const_expr(rQ is None) else [rK, rQ]
         for m in cutlass.range_constexpr(MB):
             for na in cutlass.range_constexpr(NB):
-                ak = cute.make_rmem_tensor((4, 1, 1), Float32)
-                aq = cute.make_rmem_tensor((4, 1, 1), Float32)
-                ak.fill(0.0)
-                aq.fill(0.0)
+                accs = [cute.make_rmem_tensor((4, 1, 1), Float32) for _ in vecs]
+                for acc in accs:
+                    acc.fill(0.0)
                 for p in cutlass.range_constexpr(KP):
                     for s in cutlass.range_constexpr(2):
-                        rBk = self._frag_b(rK[None, p, na], s)
-                        rBq = self._frag_b(rQ[None, p, na], s)
+                        rBs = [self._frag_b(rX[None, p, na], s) for rX in vecs]
                         for rA in self._state_frags(rS[None, p, 0, m], rS[None, p, 1, m], s):
-                            self._gemm(ak, rA, rBk)
-                            self._gemm(aq, rA, rBq)
+                            for acc, rB in zip(accs, rBs):
+                                self._gemm(acc, rA, rB)
                 for hh in cutlass.range_constexpr(2):
                     for e in cutlass.range_constexpr(2):
-                        sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 0] = ak[2 * hh + e, 0, 0]
-                        sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, 1] = aq[2 * hh + e, 0, 0]
+                        for i, acc in enumerate(accs):
+                            sP[16 * m + 8 * hh + g, 8 * na + 2 * c + e, i] = acc[2 * hh + e, 0, 0]
 
-    @cute.jit
-    def _update_k(self, mK, b, h, g, c):
-        """k for the update's B operand: tokens 2c + e + 8 half, columns 32 p + 4 g .. + 4."""
+    def _update_k(self, k_row, g, c, count=None):
+        """k for the update's B operand, k_row(t) the row of token t: tokens 2c + e + 8 half,
+        columns 32 p + 4 g .. + 4 (token indices clamped: _token, `count`)."""
         KP, NB = self.kp, self.nb
         rKu = cute.make_rmem_tensor((4, KP, 2, NB), BFloat16)
-        for half in cutlass.range_constexpr(NB):
-            for e in cutlass.range_constexpr(2):
-                tc = self._token(2 * c + e + 8 * half)
-                for p in cutlass.range_constexpr(KP):
-                    cute.autovec_copy(cute.local_tile(mK[b, tc, h, None], (4,), (8 * p + g,)), rKu[None, p, e, half])
+        for half in range(NB):
+            for e in range(2):
+                tc = self._token(2 * c + e + 8 * half, count)
+                for p in range(KP):
+                    cute.autovec_copy(cute.local_tile(k_row(tc), (4,), (8 * p + g,)), rKu[None, p, e, half])
         return rKu
 
     # ---- ReplaySSM windows (spec.replay_cache) --------------------------------------------------
@@ -278,7 +339,7 @@ class KLastMTPMma(common.DecodeKernel):
         """The tensors of spec.KernelArgs, in its order."""
         gmem = KernelArgs(*args)
         spec = self.spec
-        T, TP, NB, KP, MB, W = spec.T, self.tp, self.nb, self.kp, self.mb, self.num_warps
+        T, MB = spec.T, self.mb
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
         tile, b, hv, h = self.cta_coords()
@@ -295,13 +356,8 @@ class KLastMTPMma(common.DecodeKernel):
             tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
         inter, inter_on, status = common.inter_row(gmem, b, status)
         run = status == common.RUN
-        rK = cute.make_rmem_tensor((8, KP, NB), BFloat16)
-        rQ = cute.make_rmem_tensor((8, KP, NB), BFloat16)
-        for na in cutlass.range_constexpr(NB):
-            tc = self._token(g + 8 * na)
-            for p in cutlass.range_constexpr(KP):
-                cute.autovec_copy(self._chunk(gmem.k[b, tc, h, None], p, c), rK[None, p, na])
-                cute.autovec_copy(self._chunk(gmem.q[b, tc, h, None], p, c), rQ[None, p, na])
+        k_row = lambda t: gmem.k[b, t, h, None]  # noqa: E731
+        rK, rQ = self._token_chunks((k_row, lambda t: gmem.q[b, t, h, None]), g, c)
         # The recurrence runs one row per lane (lanes 16.. repeat rows 0..15 when MB = 1).
         my_row = lane % self.rows_per_warp
         rV = cute.make_rmem_tensor((T,), BFloat16)
@@ -309,30 +365,13 @@ class KLastMTPMma(common.DecodeKernel):
             rV[t] = gmem.v[b, t, hv, row0 + my_row]
         raw = common.load_gates(gmem, b, Int32(cutlass.select_(lane < T, lane, T - 1)), hv)
         common.load_fence()
-        rS = cute.make_rmem_tensor((8, KP, 2, MB), self.state_type)
-        for m in cutlass.range_constexpr(MB):
-            for hh in cutlass.range_constexpr(2):
-                for p in cutlass.range_constexpr(KP):
-                    cute.autovec_copy(self._chunk(gmem.state[read_slot, hv, frag_row + 16 * m + 8 * hh, None], p, c),
-                                      rS[None, p, hh, m])
+        rS = self._load_state(lambda r: gmem.state[read_slot, hv, r, None], frag_row, c)
         common.load_fence()
         self.prefetch_later(gmem, with_inputs=True)
 
-        smem = cutlass.memory.SmemAllocator()
-        sGram = smem.allocate_tensor(Float32, cute.make_layout((2 * TP, 2 * TP)), byte_alignment=16)
-        sVec = smem.allocate_tensor(Float32, cute.make_layout((5, TP + 1)), byte_alignment=16)
-        sAkk = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
-        sAkq = smem.allocate_tensor(Float32, cute.make_layout((TP, TP)), byte_alignment=16)
-        sW = smem.allocate_tensor(Float32, cute.make_layout((TP + 1, TP)), byte_alignment=16)
-        # S_0 k_t, S_0 q_t (then u_t) by (row of the warp, token): padded rows, no bank conflicts.
-        plane = self.rows_per_warp * (TP + 1)
-        sP = smem.allocate_tensor(
-            Float32, cute.make_layout((self.rows_per_warp, TP, 2, W), stride=(TP + 1, 1, plane, 2 * plane)),
-            byte_alignment=16,
-        )[None, None, None, warp]
-
+        sGram, sVec, sAkk, sAkq, sW, sP = self._smem_tables(warp)
         if const_expr(self.early_k):
-            rKu = self._update_k(gmem.k, b, h, g, c)
+            rKu = self._update_k(k_row, g, c)
         # A ReplaySSM verify stores the raw inputs from these registers: the gates in the tables, k
         # after its last use, v after the recurrence's.
         window = (gmem, read_slot, tile, hv, h, run) if const_expr(spec.replay_cache) else None
@@ -342,7 +381,7 @@ class KLastMTPMma(common.DecodeKernel):
             self._window_k(window, rK, warp, g, c)
         cute.arch.sync_warp()  # sP written
         if const_expr(not self.early_k):
-            rKu = self._update_k(gmem.k, b, h, g, c)  # L1 hits: the warp read these rows above
+            rKu = self._update_k(k_row, g, c)  # L1 hits: the warp read these rows above
 
         # The triangular recurrence of row my_row; its u_t replace S_0 k_t in sP.
         fill = common.skipped_output(status)
@@ -350,10 +389,7 @@ class KLastMTPMma(common.DecodeKernel):
         out_writer = writer and common.writes_output(spec, status)
         u = []
         for t in cutlass.range_constexpr(T):
-            a = sVec[0, t] * sP[my_row, t, 0]
-            for j in cutlass.range_constexpr(t):
-                a += sAkk[t, j] * u[j]
-            u.append(sVec[2, t] * (rV[t].to(Float32) - a))
+            u.append(self._u(t, u, sVec, sAkk, sP, rV, my_row))
             o = sVec[1, t] * sP[my_row, t, 1]
             for j in cutlass.range_constexpr(t + 1):
                 o += sAkq[t, j] * u[j]
@@ -362,11 +398,7 @@ class KLastMTPMma(common.DecodeKernel):
                     gmem.output.element_type)
         if const_expr(window is not None):
             self._window_v(window, rV, row0 + my_row, writer)
-        cute.arch.sync_warp()  # every lane has read its S_0 k_t
-        if writer:
-            for t in cutlass.range_constexpr(T):
-                sP[my_row, t, 0] = u[t]
-        cute.arch.sync_warp()
+        self._stash_u(u, sP, my_row, writer)
 
         # The state after each token n (intermediates, token slots: kmtp's stores, each a matrix
         # product here), then the committed one.
@@ -384,6 +416,22 @@ class KLastMTPMma(common.DecodeKernel):
             self._apply(n_acc, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
         elif const_expr(spec.update_state and not spec.has_token_slots):
             self._apply(T, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
+
+    def _u(self, t: int, u, sVec, sAkk, sP, rV, my_row):
+        """u_t of row my_row from S_0 k_t (in sP), v_t and the u_j of the tokens before it."""
+        a = sVec[0, t] * sP[my_row, t, 0]
+        for j in range(t):
+            a += sAkk[t, j] * u[j]
+        return sVec[2, t] * (rV[t].to(Float32) - a)
+
+    @cute.jit
+    def _stash_u(self, u, sP, my_row, writer):
+        """The u_t of row my_row replace its S_0 k_t in sP, once every lane of the warp has read them."""
+        cute.arch.sync_warp()
+        if writer:
+            for t in cutlass.range_constexpr(self.spec.T):
+                sP[my_row, t, 0] = u[t]
+        cute.arch.sync_warp()
 
     @cute.jit
     def _apply(self, n, rS, rKu, sVec, sW, sP, mDst, frag_row, g, c, run):

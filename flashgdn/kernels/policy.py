@@ -14,7 +14,7 @@ from ..spec import CommitSpec, ConvGateSpec, KernelSpec, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
-REPLAY_COMMIT = "ReplayCommit"
+REPLAY_COMMIT, REPLAY_COMMIT_MMA = "ReplayCommit", "ReplayCommitMma"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +26,8 @@ class DeviceTable:
     # MTP kernel. MTP builds take "mtp", "mtp_long" from long_mtp_tokens tokens on and "mtp_inter"
     # when they write a state per token (intermediates or token slots); these two hold only the
     # shapes that differ from "mtp". "mtp_mma" serves the tensor-core kernel. The ReplaySSM commit
-    # takes "commit" where the table has it, else "mtp" (its per-token work is kmtp's without q).
-    # RESULTS.md "CTA shapes".
+    # takes "commit" where the table has it, else "mtp" (its per-token work is kmtp's without q), and
+    # on the tensor cores "commit_mma", else "mtp_mma". RESULTS.md "CTA shapes".
     tiles: Dict[Tuple[str, str, str], Tuple[int, ...]]
     # Below this many (sequence, value head) pairs per SM the "small" regime (more, smaller CTAs)
     # wins. RESULTS.md "Batch regime threshold".
@@ -69,6 +69,11 @@ class DeviceTable:
     # token slots), either state dtype; None: the token loop serves them (faster at T = 4 on the
     # H200: fp32 1.33-1.46x, bf16 1.06-1.07x; RESULTS.md "Tensor cores for an fp32 state").
     mma_min_tokens_writes: Optional[int] = None
+    # Fewest tokens of a window for which the tensor-core commit (ReplayCommitMma) replays it in the
+    # large regime, by checkpoint dtype; a dtype not named: the token loop (ReplayCommit). Not yet
+    # measured: the token loop's bf16 commit is compute-bound at T = 8 (54-61 % of copy bandwidth on
+    # the H200; RESULTS.md "ReplaySSM").
+    commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
     # gap between the two closes. Not yet measured against plain stream order.
@@ -173,7 +178,7 @@ def regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str] 
 class BuildConfig:
     """How a KernelSpec is built: the kernel class and its static options."""
 
-    kernel: str  # KLAST, KMAJOR, KMTP or KMTP_MMA
+    kernel: str  # KLAST, KMAJOR, KMTP, KMTP_MMA, REPLAY_COMMIT or REPLAY_COMMIT_MMA
     tile: Tuple[int, ...]  # CTA shape, in the kernel's own terms (see DeviceTable.tiles)
     # L2 prefetch of a later CTA's state tile, this many bytes of state ahead (0: none); the
     # kernel turns it into whole CTA tiles and skips it where its tile is not contiguous.
@@ -188,7 +193,8 @@ class BuildConfig:
     def for_spec(cls, spec: Union[KernelSpec, CommitSpec]) -> "BuildConfig":
         table = _table(spec)
         if isinstance(spec, CommitSpec):
-            return cls(kernel=REPLAY_COMMIT, tile=_commit_tile(spec, table))
+            kernel = _commit_kernel(spec, table)
+            return cls(kernel=kernel, tile=_commit_tile(spec, table, kernel))
         kernel = _kernel(spec, table)
         tile = _tile(spec, table, kernel)
         unchecked = _unchecked_loop(spec, kernel, tile)
@@ -241,10 +247,7 @@ def _tile(spec: KernelSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
         return spec.tile
     tiles = table.tiles
     if kernel == KMTP_MMA:
-        warps, blocks = tiles[("mtp_mma", spec.regime, spec.state_dtype)]
-        # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
-        blocks = 1 if spec.K > 128 else blocks
-        return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
+        return _mma_tile(spec, *tiles[("mtp_mma", spec.regime, spec.state_dtype)])
     name = spec.layout
     if kernel == KMTP:
         name = "mtp_inter" if spec.writes_states else "mtp_long" if spec.T >= table.long_mtp_tokens else "mtp"
@@ -271,14 +274,32 @@ def _fit_rows(spec: Union[KernelSpec, CommitSpec], warps: int, rows: int, lanes:
     return warps, rows, lanes
 
 
-def _commit_tile(spec: CommitSpec, table: DeviceTable) -> Tuple[int, ...]:
-    """(warps, rows per thread, lanes per row) of the ReplaySSM commit kernel (klast's register
-    layout): the table's "commit" shape, else its "mtp" one (not yet measured apart), fitted to
-    the head dims."""
+def _mma_tile(spec: Union[KernelSpec, CommitSpec], warps: int, blocks: int) -> Tuple[int, int]:
+    """A tensor-core tile (warps, 16-row blocks per warp) capped to the head dims."""
+    # One 16-row block per warp at K = 256: two hold 128 registers of state alone.
+    blocks = 1 if spec.K > 128 else blocks
+    return min(warps, spec.V // (16 * blocks)), blocks  # the CTA's warps share one head
+
+
+def _commit_kernel(spec: CommitSpec, table: DeviceTable) -> str:
+    """The tensor-core commit for a 2-tuple spec.tile (tuning runs), and in the large regime from
+    the table's commit_mma_min_tokens of the checkpoint dtype on; else the token loop."""
+    if spec.tile is not None:
+        return REPLAY_COMMIT_MMA if len(spec.tile) == 2 else REPLAY_COMMIT
+    min_tokens = table.commit_mma_min_tokens.get(spec.state_dtype)
+    mma = min_tokens is not None and spec.regime == "large" and spec.T >= min_tokens
+    return REPLAY_COMMIT_MMA if mma else REPLAY_COMMIT
+
+
+def _commit_tile(spec: CommitSpec, table: DeviceTable, kernel: str) -> Tuple[int, ...]:
+    """The ReplaySSM commit kernel's tile: the table's "commit" shape, else its "mtp" one (not yet
+    measured apart), for the token loop ((warps, rows per thread, lanes per row) of klast's register
+    layout); "commit_mma", else "mtp_mma", for the tensor cores; fitted to the head dims."""
     if spec.tile is not None:
         return spec.tile
-    key = ("commit", spec.regime, spec.state_dtype)
-    return _fit_rows(spec, *(table.tiles.get(key) or table.tiles[("mtp", spec.regime, spec.state_dtype)]))
+    own, shared = ("commit_mma", "mtp_mma") if kernel == REPLAY_COMMIT_MMA else ("commit", "mtp")
+    tile = table.tiles.get((own, spec.regime, spec.state_dtype)) or table.tiles[(shared, spec.regime, spec.state_dtype)]
+    return _mma_tile(spec, *tile) if kernel == REPLAY_COMMIT_MMA else _fit_rows(spec, *tile)
 
 
 def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> bool:

@@ -4,30 +4,38 @@ verify (kmtp.KLastMTP or kmtp_mma.KLastMTPMma with spec.replay_cache): replay_v 
 replay_k [L, P, H, T, K] (bf16, k before its norm), replay_g (log decay) and replay_beta
 [L, P, HV, T] (fp32).
 
-One CTA per (layer, batch row, value head, tile of rows), in klast's register layout (the CTA
-shape of kmtp.KLastMTP). A live row (slot above null_block_id and inside the pool, 0 < accepted
-<= T) loads its state rows, stages the window's normalised k, decays, betas and its rows' v in
-shared memory behind one barrier (as kmtp does for its inputs), runs the accepted tokens
+One CTA per (layer, batch row, value head, tile of rows). A live row (slot above null_block_id and
+inside the pool, 0 < accepted <= T) reads its state rows and the window once, applies the accepted
+tokens
 
     S = g S;  u = (v - S^T k) beta;  S = S + k u^T
 
-and stores its rows once (and at the tracked step into the track slot). A row that is not live
-reads and writes nothing: an accepted count of 0 is a no-op, as is an out-of-range slot or count.
-There are no outputs.
+and stores its rows once (and the state at the tracked step into the track slot). A row that is
+not live reads and writes nothing: an accepted count of 0 is a no-op, as is an out-of-range slot
+or count. There are no outputs. Two kernels, the policy's choice (policy.BuildConfig):
+
+- ReplayCommit, kmtp.KLastMTP's token loop in klast's register layout: it stages the window's
+  normalised k, decays, betas and its rows' v in shared memory behind one barrier and runs the
+  tokens one by one (3 FMAs per state element and token).
+- ReplayCommitMma, kmtp_mma.KLastMTPMma's closed form without q: the state after n tokens is
+  G(n - 1) S_0 plus a rank-T update whose weights of the tokens from n on are zero, so the accepted
+  count (and the tracked step) is a runtime index into the head's tables; per state element a
+  load, a multiply and a store, whatever the count.
 """
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64, const_expr
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 
 from ..spec import CommitArgs
 from . import common
 from .kmtp import KLastMTP
+from .kmtp_mma import KLastMTPMma
 
 
-class ReplayCommit(KLastMTP):
-    """Built from a spec.CommitSpec (its T, H, HV, K, V and state dtype are KernelSpec's)."""
+class _CommitRows:
+    """The grid and row rules both commit kernels share (a mixin ahead of their decode kernel)."""
 
     def grid_rows(self, tensors):
         """One grid row per (layer, batch row)."""
@@ -56,6 +64,11 @@ class ReplayCommit(KLastMTP):
         slot = Int64(gmem.track_state_indices[b])
         live = slot > Int64(self.spec.null_block_id) and slot < Int64(gmem.state.shape[1])
         return slot, Int32(gmem.track_steps[b]), live
+
+
+class ReplayCommit(_CommitRows, KLastMTP):
+    """Built from a spec.CommitSpec (its T, H, HV, K, V and state dtype are KernelSpec's) and a
+    (warps, rows per thread, lanes per row) tile."""
 
     @cute.jit
     def _window_loads(self, gmem: CommitArgs, layer, slot, h, hv, tile, warp, lane):
@@ -163,3 +176,73 @@ class ReplayCommit(KLastMTP):
             u = (sV[local0 + i * self.row_step, t] - g * dot) * beta
             for e in cutlass.range_constexpr(E):
                 rS[e, i] = g * rS[e, i] + rK[e] * u
+
+
+class ReplayCommitMma(_CommitRows, KLastMTPMma):
+    """Built from a spec.CommitSpec and a (warps, 16-row blocks per warp) tile: each warp loads the
+    window's k chunks, its rows' v and (lane t) token t's gates, then its state rows; the CTA's
+    warps build the head's tables (no q: kmtp_mma's _tables and _dots with rQ None), each lane runs
+    the recurrence of u for its row, and the rows are written after `accepted` tokens."""
+
+    @staticmethod
+    def _refuse_unsupported(spec):
+        """Every CommitSpec: bf16 windows, an fp32 or bf16 checkpoint."""
+
+    def _decay_beta(self, raw, window, warp, lane):
+        """The window's decay exp(log g) and beta of token `lane` (raw: as they are stored)."""
+        log_g, beta = raw
+        return cute.math.exp(log_g), beta
+
+    @common.kernel_params(CommitArgs._fields)
+    @cute.kernel
+    def kernel(self, *args):
+        """The tensors of spec.CommitArgs, in its order."""
+        gmem = CommitArgs(*args)
+        spec = self.spec
+        T = spec.T
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        tile, layer, b, hv, h = self._coords(gmem)
+        g, c = lane // 4, lane % 4
+        row0 = tile * self.rows_per_cta + warp * self.rows_per_warp  # first row of the warp
+        frag_row = row0 + g  # this lane's operand rows: frag_row + 16 m + 8 hh
+        my_row = lane % self.rows_per_warp  # the recurrence's row (lanes 16.. repeat 0..15 when MB = 1)
+        writer = lane < self.rows_per_warp if const_expr(self.mb == 1) else True
+        sGram, sVec, sAkk, sAkq, sW, sP = self._smem_tables(warp)
+
+        slot, accepted, live = self._live(gmem, b)
+        # The branch is uniform over the CTA (one batch row), so its barriers are too.
+        if live:
+            # The window first (the tables need only k and the gates), then the state. Tokens from
+            # `accepted` on read the last accepted one again (_token): their weights are zero, and
+            # the window past the accepted prefix is never read (it may hold anything).
+            k_row = lambda t: gmem.replay_k[layer, slot, h, t, None]  # noqa: E731
+            rK = self._token_chunks((k_row,), g, c, accepted)[0]
+            rV = cute.make_rmem_tensor((T,), BFloat16)
+            for t in cutlass.range_constexpr(T):
+                rV[t] = gmem.replay_v[layer, slot, hv, self._token(t, accepted), row0 + my_row]
+            tc = self._token(lane, accepted)
+            raw = (gmem.replay_g[layer, slot, hv, tc], gmem.replay_beta[layer, slot, hv, tc])
+            common.load_fence()
+            mS = gmem.state[layer, slot, hv, None, None]
+            rS = self._load_state(lambda r: mS[r, None], frag_row, c)
+            common.load_fence()
+            if const_expr(self.early_k):
+                rKu = self._update_k(k_row, g, c, accepted)
+            self._tables(rK, None, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)
+            self._dots(rS, rK, None, sP, g, c)
+            cute.arch.sync_warp()  # sP written
+            if const_expr(not self.early_k):
+                rKu = self._update_k(k_row, g, c, accepted)  # L1 hits: the warp read these rows above
+            u = []
+            for t in cutlass.range_constexpr(T):
+                u.append(self._u(t, u, sVec, sAkk, sP, rV, my_row))
+            self._stash_u(u, sP, my_row, writer)
+            if const_expr(spec.has_track):
+                # The state after token `step` (step + 1 tokens), where that token is accepted.
+                track_slot, step, track_live = self._track(gmem, b)
+                tracked = track_live and step >= Int32(0) and step < accepted
+                n_track = Int32(cutlass.select_(tracked, step + 1, 0))
+                self._apply(n_track, rS, rKu, sVec, sW, sP, gmem.state[layer, track_slot, hv, None, None], frag_row,
+                            g, c, tracked)
+            self._apply(accepted, rS, rKu, sVec, sW, sP, mS, frag_row, g, c, True)
