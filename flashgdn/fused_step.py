@@ -8,7 +8,10 @@ and flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspos
 pool) reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the
 decode is a programmatic dependent launch (PDL) of the conv/gate kernel: it starts while that
 kernel ends, loads its slot indices and state, and waits for that grid before it reads the
-workspace. One launch would not pay here: the q/k channels of a head feed HV / H value heads and
+workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch
+on a table that names it), the b/a projection is instead one cuBLAS GEMM (torch.mm into the
+workspace) launched first, and the conv/gate kernel runs the conv only: three launches, as the
+composed path runs it. One launch would not pay here: the q/k channels of a head feed HV / H value heads and
 all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
 head (a sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and
 [rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
@@ -115,12 +118,13 @@ def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
 
 class _Plan:
     """A validated call signature: its Problem, conv width, device, and (after the first call)
-    the two compiled functions."""
+    the two compiled functions and whether the b/a projection is a GEMM before them (the "gemm"
+    conv/gate regime)."""
 
-    __slots__ = ("problem", "width", "device", "fns")
+    __slots__ = ("problem", "width", "device", "fns", "gemm")
 
     def __init__(self, problem, width, device):
-        self.problem, self.width, self.device, self.fns = problem, width, device, None
+        self.problem, self.width, self.device, self.fns, self.gemm = problem, width, device, None, False
 
 
 _VALIDATED: dict = {}
@@ -237,10 +241,12 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     shape, strides, device, address modulo 16): a call the decode function would refuse misses
     the key and takes the full way, which writes nothing before its checks pass."""
     def launch(fast):
-        decode_fn, device, shape = fast.extra
+        decode_fn, device, shape, gemm = fast.extra
         p = shape
         qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
         o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
+        if gemm:
+            torch.mm(hidden_states, w_ba, out=ba)
         fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
         decode_fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, o))
         return o
@@ -264,7 +270,7 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out)
         if key is not None and plan.fns is not None:  # not when the launch is stubbed
-            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p)))
+            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p, plan.gemm)))
     return out
 
 
@@ -273,13 +279,18 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs,
     """The compiled variants of a step (Problem `p`; `decode`: the decode's KernelArgs, meta tensors
     do), in launch order: the conv/gate kernel, then the decode, a programmatic dependent of it
     where the policy says so (policy.fused_step_pdl). `regime` None: the ones p.B falls in (each
-    kernel has its own threshold); given: both kernels' where the table has it (precompiling both
-    regimes builds every pair a call can meet)."""
-    conv_regime = policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch, regime)
-    conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, conv_regime)
+    kernel has its own thresholds); given (a precompile): the decode of that regime after every
+    conv/gate build a call in it can meet (policy.conv_gate_regimes), so that precompiling both
+    regimes builds every pair."""
+    if regime is None:
+        conv_regimes = (policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch),)
+    else:
+        conv_regimes = policy.conv_gate_regimes(facts.device_class, facts.arch, regime)
+    convs = tuple(ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
+                  for r in conv_regimes)
     decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts, regime),
                                       pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
-    return conv, decode_spec
+    return (*convs, decode_spec)
 
 
 def _decode_only(t: torch.Tensor) -> tuple:
@@ -289,15 +300,18 @@ def _decode_only(t: torch.Tensor) -> tuple:
 
 def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
             ssm_state, state_indices, use_qk_l2norm, out) -> None:
-    """The conv/gate launch then the decode launch of a validated call (its _Plan); the first
-    call of a plan looks both compiled functions up."""
+    """The conv/gate launch then the decode launch of a validated call (its _Plan), after the
+    b/a GEMM in the "gemm" regime; the first call of a plan looks both compiled functions up."""
     p = plan.problem
     qkv, ba, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K)
     decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
     if plan.fns is None:
-        specs = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, decode,
-                             api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
-        plan.fns = tuple(kernel_cache.get(spec) for spec in specs)
+        conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, decode,
+                                              api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+        plan.gemm = conv_spec.regime == "gemm"
+        plan.fns = (kernel_cache.get(conv_spec), kernel_cache.get(decode_spec))
     conv_fn, decode_fn = plan.fns
+    if plan.gemm:
+        torch.mm(hidden_states, w_ba, out=ba)  # cuBLAS, as the engines' own projection
     conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
     decode_fn(*decode)

@@ -25,6 +25,9 @@ OUT_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 LAYOUTS = ("klast", "kmajor")
 REGIMES = ("small", "large")
+# The conv/gate kernel's regimes (kernels.policy.conv_gate_regime): "gemm" leaves the b/a projection
+# to a cuBLAS GEMM before it (its CTAs run the conv only).
+CONV_GATE_REGIMES = ("small", "large", "gemm")
 ROW_FORMS = ("batch", "packed", "flat")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
@@ -311,12 +314,12 @@ class ConvGateSpec:
     has_bias: bool
     arch: str
     device_class: Optional[str] = None  # the tuning table (kernels.policy); None: the arch's
-    regime: str = "large"  # kernels.policy.conv_gate_regime: the CTA size and batch rows per gate CTA
+    regime: str = "large"  # kernels.policy.conv_gate_regime: the CTA size, batch rows per gate CTA, gate CTAs
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
             (self.D in SUPPORTED_HEAD_DIMS, f"D must be one of {SUPPORTED_HEAD_DIMS}"),
-            (self.regime in REGIMES, f"regime must be one of {REGIMES}"),
+            (self.regime in CONV_GATE_REGIMES, f"regime must be one of {CONV_GATE_REGIMES}"),
             (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
             (self.hidden >= 64 and self.hidden % 64 == 0, "hidden must be a positive multiple of 64"),
             (self.width in CONV_WIDTHS, f"width must be one of {CONV_WIDTHS}"),

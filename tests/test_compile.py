@@ -184,7 +184,10 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
     # gate CTA (a 960 KiB w_ba) at large batch.
     ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (512, 1, False)),
     ("large", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (128, 4, False)),
-], ids=["rows3-prefetch", "h200-small", "h200-large-rows4"])
+    # The "gemm" regime: conv CTAs only (the b/a projection is a cuBLAS GEMM before it).
+    ("gemm", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_gemm_heads_per_sm=16),
+     (128, 1, False)),
+], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "h200-gemm"])
 def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
     """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses
@@ -198,6 +201,7 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
     monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(policy.DEVICE_TABLES[name], **change))
     config = policy.ConvGateConfig.for_spec(s)
     assert (config.threads, config.gate_rows, config.gate_prefetch) == expected
+    assert (config.gate_ctas == 0) == (regime == "gemm")
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 

@@ -100,6 +100,32 @@ def test_a_repeated_call_skips_the_full_checks(calls, name):
                     assert x.data_ptr() == y.data_ptr(), f"argument {i}"
 
 
+def test_the_gemm_regime_projects_before_the_conv_launch(calls, monkeypatch):
+    """In the "gemm" conv/gate regime (a table's conv_gate_gemm_heads_per_sm) the step writes
+    hidden_states @ w_ba (torch.mm) into the workspace's b | a rows before the conv-only conv/gate
+    launch, on the full way and on the fast one; the conv/gate build is the gemm one."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec
+
+    full, launched = calls
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", dataclasses.replace(
+        policy.SM90_HBM3, conv_gate_gemm_heads_per_sm=2))
+    looked_up = []
+    monkeypatch.setattr(api.kernel_cache, "get", lambda spec: looked_up.append(spec) or ffi_checking_stub(spec, launched))
+    kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)  # B * HV = 280 > 2 * 132
+    want = torch.mm(kw["hidden_states"], kw["w_ba"])
+    for n in range(2):
+        ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1]
+        ba.zero_()
+        STEP(**kw)
+        conv_args = launched[-2]
+        assert conv_args[-1].data_ptr() == ba.data_ptr() and torch.equal(ba, want), f"call {n}"
+    assert len(full) == 1, "the second call takes the fast way"
+    assert [s.regime for s in looked_up if isinstance(s, ConvGateSpec)] == ["gemm"]
+
+
 def _expect_same_error(fn, kw, bad, reset, launched):
     """fn(**bad) after fast calls of kw raises what it raises as a first call, launching nothing
     (the stand-ins write nothing: a launch stands for a write) and writing nothing."""

@@ -192,6 +192,8 @@ def test_fused_table_without_a_gpu_says_so():
     # At small batch: conv_gate_threads_small (None: conv_gate_threads) and one row per gate CTA.
     ("small", {}, (512, 5, 3, 1, False)),
     ("small", dict(conv_gate_threads_small=None, conv_gate_rows_min_bytes=0), (128, 20, 3, 1, False)),
+    # The "gemm" regime: conv CTAs only (the projection is a cuBLAS GEMM), one row each, no prefetch.
+    ("gemm", dict(conv_gate_rows_min_bytes=0, conv_gate_prefetch=True), (128, 20, 0, 1, False)),
 ])
 def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expected):
     """A table's conv/gate CTA size (its CTA counts follow it) per regime, its batch rows per gate
@@ -215,6 +217,7 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
     ("sm90-hbm3e", 256, 8, "small", "small"),  # a precompile of the small regime
     ("sm90-hbm3", 1, 32, None, "large"),  # no small conv/gate regime in the H100 table
     ("sm90-hbm3", 1, 32, "small", "large"),
+    ("sm90-hbm3e", 4096, 32, "gemm", "large"),  # no table names a gemm regime yet
 ])
 def test_conv_gate_regime(table, batch, HV, given, expected):
     """The conv/gate kernel's batch regime has its own threshold (the decode's is policy.regime),
@@ -222,5 +225,37 @@ def test_conv_gate_regime(table, batch, HV, given, expected):
     from flashgdn.kernels import policy
 
     assert policy.conv_gate_regime(batch, HV, 132, table, "sm_90a", given) == expected
+
+
+def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
+    """A table's conv_gate_gemm_heads_per_sm puts B * HV above it per SM in the "gemm" regime; a
+    precompile of the decode's large regime builds the large and gemm conv/gate builds before it,
+    of the small regime the small one; every shipped table keeps the gemm threshold at or above the
+    decode's small one (else a gemm call could pair with a small decode no precompile builds)."""
+    import dataclasses
+
+    from flashgdn import engine_specs
+    from flashgdn.device import DeviceFacts
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec, KernelSpec
+    from flashgdn.validation import Problem
+
+    for table in policy.DEVICE_TABLES.values():
+        assert not table.conv_gate_gemm_heads_per_sm or (
+            table.conv_gate_gemm_heads_per_sm >= table.small_regime_heads_per_sm)
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
+        policy.SM90_HBM3E, conv_gate_gemm_heads_per_sm=16))
+    regime = lambda B, HV, given=None: policy.conv_gate_regime(B, HV, 132, "sm90-hbm3e", "sm_90a", given)  # noqa: E731
+    assert regime(66, 32) == "large" and regime(67, 32) == "gemm" and regime(33, 32) == "small"
+    assert regime(1, 32, "gemm") == "gemm" and policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large") == (
+        "large", "gemm")
+    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("large",)
+    facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
+    p = Problem(1, 1, 16, 32, 128, 128)
+    for given, convs in (("large", ["large", "gemm"]), ("small", ["small"])):
+        specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.float32,
+                                          regime=given)
+        assert [s.regime for s in specs[:-1]] == convs and all(isinstance(s, ConvGateSpec) for s in specs[:-1])
+        assert isinstance(specs[-1], KernelSpec) and specs[-1].regime == given
 
 

@@ -52,8 +52,10 @@ def _check_bf16_close(actual, expected, what):
     assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} values beyond one bf16 step, max {err.max():.3g}"
 
 
-def run_and_check(kw, *, out=None):
-    """Run the fused step on `kw` (GPU tensors) and check everything against the fp64 oracle."""
+def run_and_check(kw, *, out=None, gemm=False):
+    """Run the fused step on `kw` (GPU tensors) and check everything against the fp64 oracle. With
+    `gemm` (the "gemm" conv/gate regime) the b | a rows are cuBLAS's: checked against torch.mm of the
+    same tensors (cuBLAS may reduce in bf16 where the oracle does not round)."""
     B = kw["hidden_states"].shape[0]
     HV, D = kw["A_log"].shape[0], kw["ssm_state"].shape[-1]
     qkv_dim = kw["mixed_qkv"].shape[1]
@@ -77,7 +79,8 @@ def run_and_check(kw, *, out=None):
     qkv, ba = fused_step._workspace(o.device, B, H, HV, D)[:2]
     y_ref = ref.conv_update(before["mixed_qkv"], before["conv_weight"], before["conv_bias"],
                             clone_fused(before)["conv_state"], before["state_indices"], F64)
-    ba_ref = (before["hidden_states"].to(F64) @ before["w_ba"].to(F64)).to(BF16)
+    ba_ref = (torch.mm(before["hidden_states"], before["w_ba"]) if gemm
+              else (before["hidden_states"].to(F64) @ before["w_ba"].to(F64)).to(BF16))
     _check_bf16_close(qkv[run], y_ref[run], "conv output (q | k | v)")
     _check_bf16_close(ba, ba_ref, "b | a projection")
     assert torch.equal(conv_state, oracle["conv_state"]), "conv_state differs from the reference"
@@ -156,6 +159,29 @@ def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
     assert built == {(512, 1), (128, 4)}
 
 
+GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0)  # from B * HV > 264
+
+
+@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen3next-tp1", "qwen35-tp4", "d64-hv6-w3")],
+                         ids=lambda g: g[0])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
+    """The "gemm" conv/gate regime (the b/a projection by torch.mm into the workspace, then a
+    conv-only conv/gate kernel and the decode): the same results as the reference, padding and an
+    out-of-range slot included, in the DS and SD layouts."""
+    from flashgdn.kernels import policy
+
+    specs = use_h200_table(monkeypatch, **GEMM_REGIME)
+    _, H, HV, D, hidden, width, bias = geom
+    for n, (B, layout) in enumerate(((70, "SD"), (130, "DS"))):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
+                               slots=_slots(B, P, pad=True, invalid=True, seed=n), device=DEV, seed=50 + n)
+        run_and_check(kw, gemm=True)
+    built = [s for s in specs if isinstance(s, ConvGateSpec)]
+    assert built and all(s.regime == "gemm" and policy.ConvGateConfig.for_spec(s).gate_ctas == 0 for s in built)
+
+
 @pytest.mark.parametrize("layout", ["SD", "DS"])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
 def test_padded_page_and_slot_strides(layout, sdt):
@@ -189,9 +215,13 @@ def test_out_none_and_batch_dynamic_compiles_once():
     assert len(specs()) == 1, "one conv/gate build serves every batch size"
 
 
-def test_cuda_graph_replay_equals_eager():
-    """New hidden states, inputs and slots (padding rows included) per replay, as a decode step."""
-    B, H, HV, D, hidden = 9, 4, 8, 128, 2048
+@pytest.mark.parametrize("gemm", [False, True], ids=["conv-gate", "gemm"])
+def test_cuda_graph_replay_equals_eager(monkeypatch, gemm):
+    """New hidden states, inputs and slots (padding rows included) per replay, as a decode step;
+    also in the "gemm" conv/gate regime (torch.mm captured with the two kernels)."""
+    if gemm:
+        use_h200_table(monkeypatch, **GEMM_REGIME)
+    B, H, HV, D, hidden = (40 if gemm else 9), 4, 8, 128, 2048
     P = 2 * B + 3
     kw = make_fused_inputs(B, H, HV, D, hidden, 4, P=P, state_dtype=F32, conv_layout="SD", page_pad=8,
                            slot_pad=32, device=DEV, seed=20)

@@ -1,6 +1,8 @@
 """The fused decode step's first launch: the causal conv1d update with SiLU over the q/k/v channels
 and the b/a projection GEMV, for one token per sequence, written to a workspace that the K-last
-decode kernel (klast.py) then reads as q, k, v, a and b.
+decode kernel (klast.py) then reads as q, k, v, a and b. In the "gemm" regime (no gate CTAs:
+policy.ConvGateConfig) the projection is a cuBLAS GEMM launched before it, and it runs the conv
+only.
 
 A 1-D grid of CTAs in groups of gate_rows batch rows (policy.ConvGateConfig): per group
 gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) groups.
@@ -63,15 +65,18 @@ class ConvGate:
         bidx, _, _ = cute.arch.block_idx()
         group = bidx // self.ctas_per_group
         part = bidx % self.ctas_per_group
-        if part < self.conv_parts:
-            if const_expr(self.rows == 1):
-                self._conv(gmem, group, part)
-            else:
-                b = group * self.rows + part // self.config.conv_ctas
-                if b < gmem.hidden_states.shape[0]:
-                    self._conv(gmem, b, part % self.config.conv_ctas)
+        if const_expr(not self.config.gate_ctas):
+            self._conv(gmem, group, part)  # one batch row per group (policy.ConvGateConfig)
         else:
-            self._gate(gmem, group, part - self.conv_parts)
+            if part < self.conv_parts:
+                if const_expr(self.rows == 1):
+                    self._conv(gmem, group, part)
+                else:
+                    b = group * self.rows + part // self.config.conv_ctas
+                    if b < gmem.hidden_states.shape[0]:
+                        self._conv(gmem, b, part % self.config.conv_ctas)
+            else:
+                self._gate(gmem, group, part - self.conv_parts)
 
     def _conv_loads(self, gmem: ConvGateArgs, b, c, slot):
         """Channel c's old window, its new input and its weights (raw bf16)."""

@@ -61,6 +61,14 @@ class DeviceTable:
     # row per CTA). The small regime keeps one row per CTA (fewer gate CTAs cost more there).
     conv_gate_rows: int = 1
     conv_gate_rows_min_bytes: int = 0
+    # From B * HV > conv_gate_gemm_heads_per_sm * SMs (0: never) the "gemm" conv/gate regime: the b/a
+    # projection is one cuBLAS GEMM (torch.mm into the workspace) launched before a conv-only conv/gate
+    # kernel, as the composed path an engine runs does it: the kernel's GEMV, one batch row (or
+    # conv_gate_rows) per gate CTA, reads w_ba B / conv_gate_rows times from L2, and at large batch the
+    # step measured slower than that composed path (0.76-0.97x at B = 256; RESULTS.md "Fused decode
+    # step"). Not yet measured itself. At least small_regime_heads_per_sm (fused_step.kernel_specs'
+    # precompile pairs rely on it).
+    conv_gate_gemm_heads_per_sm: int = 0
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # the token loop serves it (a tuning run asks for the tensor cores by tile). RESULTS.md "Tensor
     # cores for an fp32 state".
@@ -341,13 +349,24 @@ def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
 
 def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str], arch: str,
                      regime: Optional[str] = None) -> str:
-    """"small" or "large": the conv/gate kernel's batch regime (its own threshold,
-    DeviceTable.conv_gate_small_heads_per_sm; the decode's is `regime`). A given `regime` (a
-    precompile of both) is kept where the table has a small conv/gate regime, else "large"."""
-    small = _table_of(device_class_name, arch).conv_gate_small_heads_per_sm
-    if not small:
-        return "large"
-    return regime or ("small" if batch * HV <= small * sm_count else "large")
+    """"small", "large" or "gemm": the conv/gate kernel's batch regime (its own thresholds,
+    DeviceTable.conv_gate_small_heads_per_sm and conv_gate_gemm_heads_per_sm; the decode's is
+    `regime`). A given `regime` (a precompile) is kept where the table has it, else "large"."""
+    table = _table_of(device_class_name, arch)
+    small, gemm = table.conv_gate_small_heads_per_sm, table.conv_gate_gemm_heads_per_sm
+    if regime is not None:
+        return regime if {"small": small, "large": True, "gemm": gemm}[regime] else "large"
+    if small and batch * HV <= small * sm_count:
+        return "small"
+    return "gemm" if gemm and batch * HV > gemm * sm_count else "large"
+
+
+def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str) -> Tuple[str, ...]:
+    """The conv/gate regimes a call in the decode's batch regime `regime` can meet (a precompile
+    builds each): "small" where the table has it; "large", and "gemm" where the table has it."""
+    if regime == "small":
+        return (conv_gate_regime(0, 1, 1, device_class_name, arch, "small"),)
+    return tuple(dict.fromkeys(("large", conv_gate_regime(0, 1, 1, device_class_name, arch, "gemm"))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +375,7 @@ class ConvGateConfig:
 
     threads: int
     conv_ctas: int  # CTAs of conv channels per batch row, one channel per thread
-    gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each
+    gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each; 0: no GEMV
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
     gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows)
 
@@ -367,14 +386,16 @@ class ConvGateConfig:
         more, conv_gate_rows in the large one. Measured on the H200 (RESULTS.md "Fused step: conv/gate
         CTAs"): 512 threads against 128 1.23-1.97x at B = 1, 1.00-1.57x at B * HV = 512-768, 0.96-1.03x
         from B * HV = 2048 on; 4 rows per gate CTA 1.05-1.22x for hidden 5120, HV 48 (a 960 KiB w_ba)
-        from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16."""
+        from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16. The "gemm"
+        regime: conv CTAs only, conv_gate_threads each (the projection is cuBLAS's)."""
         table = _table_of(spec.device_class, spec.arch)
-        small = spec.regime == "small"
+        small, gemm = spec.regime == "small", spec.regime == "gemm"
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
-        rows = table.conv_gate_rows if not small and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
-        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
+        rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
+        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads),
+                   gate_ctas=0 if gemm else 2 * spec.HV // spec.gate_vec,
+                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows)
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
