@@ -184,10 +184,13 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
     # gate CTA (a 960 KiB w_ba) at large batch.
     ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (512, 1, False)),
     ("large", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (128, 4, False)),
+    # 1024-thread CTAs at small batch (device_check.sh small times them), 32 registers a thread.
+    ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_threads_small=1024),
+     (1024, 1, False)),
     # The "gemm" regime: conv CTAs only (the b/a projection is a cuBLAS GEMM before it).
     ("gemm", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_gemm_heads_per_sm=16),
      (128, 1, False)),
-], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "h200-gemm"])
+], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "small-1024", "h200-gemm"])
 def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
     """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses

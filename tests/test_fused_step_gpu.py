@@ -120,12 +120,13 @@ def test_matches_reference(geom, layout, sdt):
 
 
 # Both regimes at one CTA size; batch rows per gate CTA for any w_ba size.
-@pytest.mark.parametrize("change", [dict(conv_gate_threads=512, conv_gate_threads_small=512, conv_gate_prefetch=True),
+@pytest.mark.parametrize("change", [dict(conv_gate_threads=1024, conv_gate_threads_small=1024),
+                                    dict(conv_gate_threads=512, conv_gate_threads_small=512, conv_gate_prefetch=True),
                                     dict(conv_gate_threads=256, conv_gate_threads_small=256, conv_gate_rows=3,
                                          conv_gate_rows_min_bytes=0),
                                     dict(conv_gate_threads=128, conv_gate_threads_small=128, conv_gate_rows=4,
                                          conv_gate_rows_min_bytes=0, conv_gate_prefetch=True)],
-                         ids=["512-prefetch", "256-rows3", "128-rows4-prefetch"])
+                         ids=["1024", "512-prefetch", "256-rows3", "128-rows4-prefetch"])
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
     """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
