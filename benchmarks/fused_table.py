@@ -10,8 +10,9 @@ kernels counts, as in a graph-captured decode), cold L2, median.
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
-remembered plans cleared and a compile cache of its own in memory (the process's and the disk's
-key a variant by its spec, not by the table that built it: flashgdn.bench.table_setting).
+remembered plans cleared and, but for "table", a compile cache of its own in memory (the process's
+and the disk's key a variant by its spec, not by the table that built it:
+flashgdn.bench.table_setting).
 """
 from __future__ import annotations
 

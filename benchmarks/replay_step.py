@@ -8,7 +8,7 @@ share of the device copy bandwidth (target: >= 90 % at B >= 64).
     python benchmarks/replay_step.py --state-dtype float32 bfloat16 --tokens 2 4 8 \\
         --batch-size 1 4 16 64 128 256 --layers 48 --csv replay.csv
     python benchmarks/replay_step.py --compile-only --arch sm_90a   # no GPU: builds the variants
-    python benchmarks/replay_step.py --tokens 4 8 --batch-size 16 64 256 \
+    python benchmarks/replay_step.py --tokens 4 8 --batch-size 16 64 256 \\
         --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}"   # the commit's two kernels
 
 Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted

@@ -11,8 +11,8 @@ kernel ends, loads its slot indices and state, and waits for that grid before it
 workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch
 on a table that names it), the b/a projection is instead one cuBLAS GEMM (torch.mm into the
 workspace) launched first, and the conv/gate kernel runs the conv only: three launches, as the
-composed path runs it. One launch would not pay here: the q/k channels of a head feed HV / H value heads and
-all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
+composed path runs it. One launch would not pay here: the q/k channels of a head feed HV / H value
+heads and all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
 head (a sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and
 [rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
 exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and

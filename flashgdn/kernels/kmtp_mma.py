@@ -227,12 +227,13 @@ class KLastMTPMma(common.DecodeKernel):
         rLow = rQ  # the lower 8 rows of the Gram tiles' A operand
         if const_expr(not with_q):
             rLow = rK
+        cols = 2 * NB if with_q else NB  # column blocks of the Gram: [k | q], or k alone
         # Gram of the raw vectors on the tensor cores, tile i by warp i % W.
         for na in cutlass.range_constexpr(NB):
-            for nc in cutlass.range_constexpr(2 * NB if with_q else NB):
+            for nc in cutlass.range_constexpr(cols):
                 if const_expr(W == 1):
                     self._gram_tile(rK, rLow, na, nc, sGram, g, c)
-                elif warp == (na * 2 * NB + nc) % W:
+                elif warp == (na * cols + nc) % W:
                     self._gram_tile(rK, rLow, na, nc, sGram, g, c)
         decay, beta = self._decay_beta(raw, window, warp, lane)
         if lane < TP and warp == 0:

@@ -353,9 +353,9 @@ def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Opti
     DeviceTable.conv_gate_small_heads_per_sm and conv_gate_gemm_heads_per_sm; the decode's is
     `regime`). A given `regime` (a precompile) is kept where the table has it, else "large"."""
     table = _table_of(device_class_name, arch)
-    small, gemm = table.conv_gate_small_heads_per_sm, table.conv_gate_gemm_heads_per_sm
     if regime is not None:
-        return regime if {"small": small, "large": True, "gemm": gemm}[regime] else "large"
+        return _conv_gate_kept(table, regime)
+    small, gemm = table.conv_gate_small_heads_per_sm, table.conv_gate_gemm_heads_per_sm
     if small and batch * HV <= small * sm_count:
         return "small"
     return "gemm" if gemm and batch * HV > gemm * sm_count else "large"
@@ -364,9 +364,15 @@ def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Opti
 def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str) -> Tuple[str, ...]:
     """The conv/gate regimes a call in the decode's batch regime `regime` can meet (a precompile
     builds each): "small" where the table has it; "large", and "gemm" where the table has it."""
-    if regime == "small":
-        return (conv_gate_regime(0, 1, 1, device_class_name, arch, "small"),)
-    return tuple(dict.fromkeys(("large", conv_gate_regime(0, 1, 1, device_class_name, arch, "gemm"))))
+    table = _table_of(device_class_name, arch)
+    wanted = ("small",) if regime == "small" else ("large", "gemm")
+    return tuple(dict.fromkeys(_conv_gate_kept(table, r) for r in wanted))
+
+
+def _conv_gate_kept(table: DeviceTable, regime: str) -> str:
+    """A conv/gate regime where `table` has it, else "large"."""
+    has = {"small": table.conv_gate_small_heads_per_sm, "large": True, "gemm": table.conv_gate_gemm_heads_per_sm}
+    return regime if has[regime] else "large"
 
 
 @dataclasses.dataclass(frozen=True)
