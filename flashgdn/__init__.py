@@ -5,8 +5,8 @@ from .api import (
     gated_delta_rule_decode,
     gated_delta_rule_decode_pretranspose,
     gated_delta_rule_mtp,
-    gated_delta_rule_replayssm_commit,
 )
+from .replay import gated_delta_rule_replayssm_commit
 from .device import UnsupportedGPUError
 from .fused_step import gdn_fused_decode_step
 from . import reference

@@ -5,8 +5,8 @@ This layer validates, picks the kernel variant (layout, batch regime, flags), fe
 compile cache and calls it; it never imports CuTe. Tensors go to the compiled TVM-FFI function
 as they are (strided views included), on the current torch stream.
 
-Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`,
-`_replayssm_commit`) directly (a repeated call signature goes straight to the compiled function:
+Each public function runs its eager body (`_decode_pretranspose`, `_decode`, `_mtp`; the ReplaySSM
+commit's is in flashgdn.replay) directly (a repeated call signature goes straight to the compiled function:
 flashgdn.fastpath); only while torch.compile or torch.export traces does it call the
 flashgdn custom op instead (flashgdn.ops registers them: their real implementations are these eager
 bodies), so that the graph holds one op per call with its mutated arguments declared, and eager
@@ -26,7 +26,7 @@ from .cache import kernel_cache
 from .device import DeviceFacts, facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import MAX_TOKENS, CommitArgs, CommitSpec, KernelArgs, KernelSpec
+from .spec import AFTER_OUTPUT, AFTER_REPLAY, MAX_TOKENS, KernelArgs, KernelSpec
 
 CHECK_INDICES = os.environ.get("FLASHGDN_CHECK_INDICES", "0") not in ("", "0")
 # Bound once, as every public call checks it; Dynamo recognises the function object, so this name
@@ -309,10 +309,10 @@ def gated_delta_rule_decode_pretranspose(
     )
 
 
-def pretranspose_key(q, pool, initial_state, output, initial_state_indices, output_state_indices, inter,
+def _pretranspose_key(q, pool, initial_state, output, initial_state_indices, output_state_indices, inter,
                      disable_state_update, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
     """The fast key of a pretranspose call (flashgdn.fastpath): what its compiled function does not
-    check itself. flashgdn.engines reads the entry its own calls leave under it."""
+    check itself."""
     return (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,
             output is None or output.stride(), initial_state_indices is None, output_state_indices is None,
             inter is None or (inter.shape, inter.stride()), disable_state_update, use_qk_l2norm, backend, type(scale),
@@ -323,19 +323,17 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                          initial_state_indices, output_state_indices, intermediate_states_buffer,
                          disable_state_update, backend, softplus_beta, softplus_threshold):
     pool = state if initial_state is None else initial_state
-    inter = intermediate_states_buffer
-
-    def launch(fast):
+    key, fast = fastpath.find(CHECK_INDICES, _pretranspose_key, q, pool, initial_state, output, initial_state_indices,
+                              output_state_indices, intermediate_states_buffer, disable_state_update, use_qk_l2norm,
+                              backend, scale, softplus_beta, softplus_threshold)
+    if fast is not None:
         out = fastpath.output(fast, output, v)
-        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
-                            inter, out))
-        return out
-
-    key, out = fastpath.run(CHECK_INDICES, lambda: pretranspose_key(
-        q, pool, initial_state, output, initial_state_indices, output_state_indices, inter, disable_state_update,
-        use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold), launch)
-    if out is not fastpath.MISS:
-        return out, pool
+        try:
+            fast.fn(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
+                    intermediate_states_buffer, out, *AFTER_OUTPUT)
+            return out, pool
+        except fastpath.REFUSED:
+            pass
     val.check_backend(backend)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
@@ -375,19 +373,25 @@ def gated_delta_rule_decode(
                    softplus_threshold)
 
 
+def _decode_key(q, state, output, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
+    """The fast key of a K-major decode (flashgdn.fastpath); the state's shape is the batch's and
+    the compiled function's."""
+    return (_decode, q.shape[0], q.get_device(), state.stride(), output is None or output.stride(), use_qk_l2norm,
+            backend, type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold),
+            softplus_threshold)
+
+
 def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
             softplus_threshold):
-    def launch(fast):
+    key, fast = fastpath.find(CHECK_INDICES, _decode_key, q, state, output, use_qk_l2norm, backend, scale,
+                              softplus_beta, softplus_threshold)
+    if fast is not None:
         out = fastpath.output(fast, output, v)
-        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out))
-        return out
-
-    # The fast key (flashgdn.fastpath); the state's shape is the batch's and the compiled function's.
-    key, out = fastpath.run(CHECK_INDICES, lambda: (
-        _decode, q.shape[0], q.get_device(), state.stride(), output is None or output.stride(), use_qk_l2norm, backend,
-        type(scale), scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold), launch)
-    if out is not fastpath.MISS:
-        return out, state
+        try:
+            fast.fn(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out, *AFTER_OUTPUT)
+            return out, state
+        except fastpath.REFUSED:
+            pass
     val.check_backend(backend)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
@@ -444,29 +448,36 @@ def gated_delta_rule_mtp(
                 cache_replayssm, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta)
 
 
+def _mtp_key(q, initial_state, output, inter, ssm_state_indices, output_state_indices, accepted_tokens, rv, rk, rg,
+             rb, cache_replayssm, disable_state_update, use_qk_l2norm, scale, softplus_beta,
+             softplus_threshold) -> tuple:
+    """The fast key of an MTP call (flashgdn.fastpath): what its compiled function does not check."""
+    return (_mtp, q.shape[0], q.get_device(), initial_state.shape, initial_state.stride(),
+            output is None or output.stride(), inter is None or (inter.shape, inter.stride()),
+            ssm_state_indices is None, output_state_indices is None, accepted_tokens is None,
+            rv is None or (rv.shape, rv.stride()), rk is None or (rk.shape, rk.stride()),
+            rg is None or (rg.shape, rg.stride()), rb is None or (rb.shape, rb.stride()), cache_replayssm,
+            disable_state_update, use_qk_l2norm, type(scale), scale, type(softplus_beta), softplus_beta,
+            type(softplus_threshold), softplus_threshold)
+
+
 def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
          intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
          accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm=False, replayssm_rawv=None,
          replayssm_rawk=None, replayssm_g=None, replayssm_beta=None):
-    inter, rv, rk, rg, rb = intermediate_states_buffer, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta
-
-    def launch(fast):
+    rv, rk, rg, rb = replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta
+    key, fast = fastpath.find(CHECK_INDICES, _mtp_key, q, initial_state, output, intermediate_states_buffer,
+                              ssm_state_indices, output_state_indices, accepted_tokens, rv, rk, rg, rb, cache_replayssm,
+                              disable_state_update, use_qk_l2norm, scale, softplus_beta, softplus_threshold)
+    if fast is not None:
         out = fastpath.output(fast, output, v)
-        fast.fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
-                            accepted_tokens, inter, out, ssm_state_indices, None,
-                            *((rv, rk, rg, rb) if cache_replayssm else (None,) * 4)))
-        return out
-
-    key, out = fastpath.run(CHECK_INDICES, lambda: (  # what the compiled function does not check (flashgdn.fastpath)
-        _mtp, q.shape[0], q.get_device(), initial_state.shape, initial_state.stride(),
-        output is None or output.stride(), inter is None or (inter.shape, inter.stride()),
-        ssm_state_indices is None, output_state_indices is None, accepted_tokens is None,
-        rv is None or (rv.shape, rv.stride()), rk is None or (rk.shape, rk.stride()),
-        rg is None or (rg.shape, rg.stride()), rb is None or (rb.shape, rb.stride()), cache_replayssm,
-        disable_state_update, use_qk_l2norm, type(scale), scale, type(softplus_beta), softplus_beta,
-        type(softplus_threshold), softplus_threshold), launch)
-    if out is not fastpath.MISS:
-        return out, initial_state
+        try:  # windows without cache_replayssm fail the full checks: no entry has them
+            fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
+                    accepted_tokens, intermediate_states_buffer, out, ssm_state_indices, None, rv, rk, rg, rb,
+                    *AFTER_REPLAY)
+            return out, initial_state
+        except fastpath.REFUSED:
+            pass
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,
@@ -484,112 +495,3 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
     out = _launch(plan, "klast", args, options)
     _remember_fast(key, plan, zero_output=True)
     return out, initial_state
-
-
-COMMIT_BACKENDS = ("auto", "simt", "flashgdn")  # FlashInfer's "tcgen05" (its SM100 TF32 path) is not built
-
-
-def commit_spec(p: val.CommitProblem, checkpoint_state: torch.Tensor, use_l2norm: bool, null_block_id: int,
-                has_track: bool, facts: DeviceFacts) -> CommitSpec:
-    """The compiled ReplaySSM commit variant of a call; its regime counts (layer, row, value head)
-    CTAs as the decode kernels count (row, value head)."""
-    return CommitSpec(
-        H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, state_dtype=val.dtype_name(checkpoint_state.dtype),
-        use_l2norm=bool(use_l2norm), arch=facts.arch,
-        regime=policy.regime(p.L * p.B, p.HV, facts.sm_count, facts.device_class), null_block_id=null_block_id,
-        has_track=has_track, device_class=facts.device_class,
-    )
-
-
-def _check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                  track_state_indices, track_steps, null_block_id):
-    p = val.check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                         track_state_indices, track_steps, null_block_id)
-    return p, val.check_devices(dict(
-        checkpoint_state=checkpoint_state, rawv_cache=rawv_cache, rawk_cache=rawk_cache, g_cache=g_cache,
-        beta_cache=beta_cache, state_indices=state_indices, accept_lens=accept_lens,
-        track_state_indices=track_state_indices, track_steps=track_steps,
-    ))
-
-
-def _check_commit_values(p: val.CommitProblem, args: CommitArgs, null_block_id: int) -> None:
-    """FLASHGDN_CHECK_INDICES=1: accepted counts in [0, T]; live slots (above null_block_id) in
-    range, each committed by one row, track slots distinct and apart from them (a host sync)."""
-    val.check_index_values("accept_lens", args.accept_lens, p.T + 1, allow_negative=False)
-    slots = [("state_indices", args.state_indices)]
-    if args.track_state_indices is not None:
-        slots.append(("track_state_indices", args.track_state_indices))
-    live = []
-    for name, t in slots:
-        t = t[t > null_block_id]
-        val.check_index_values(name, t, p.P, allow_negative=False)
-        val.check_distinct_slots(name, t, t)
-        live.append(t)
-    if len(live) == 2 and torch.isin(live[1], live[0]).any():
-        raise ValueError("track_state_indices must not name a slot that state_indices commits")
-
-
-@logged
-def gated_delta_rule_replayssm_commit(
-    checkpoint_state: torch.Tensor, rawv_cache: torch.Tensor, rawk_cache: torch.Tensor, g_cache: torch.Tensor,
-    beta_cache: torch.Tensor, state_indices: torch.Tensor, accept_lens: torch.Tensor, *,
-    track_state_indices: Optional[torch.Tensor] = None, track_steps: Optional[torch.Tensor] = None,
-    use_qk_l2norm: bool = True, null_block_id: int = -1, backend: str = "auto",
-) -> None:
-    """Commit the accepted ReplaySSM prefix into every layer's checkpoint, in one launch.
-
-    checkpoint_state [L, P, HV, V, K] (fp32 or bf16, K-last, its last three dims packed) is updated
-    in place from the windows that gated_delta_rule_mtp(cache_replayssm=True) wrote for each layer:
-    rawv_cache [L, P, HV, T, V], rawk_cache [L, P, H, T, K] (bf16), g_cache and beta_cache
-    [L, P, HV, T] (fp32). For row i with a live slot s = state_indices[i] (null_block_id < s < P)
-    and n = accept_lens[i] in [1, T], the first n tokens of slot s's windows are replayed into
-    checkpoint_state[:, s]: S = exp(g) S; u = (v - S^T k) beta; S = S + k u^T, with k normalised
-    when use_qk_l2norm (as in the verify). accept_lens 0, a slot at or below null_block_id, or
-    (unchecked values) a slot or count out of range leave everything untouched. With
-    track_state_indices / track_steps [B] (int32, together), the state after token track_steps[i]
-    (zero-based, < n) also goes to slot track_state_indices[i] when that slot is live. Live slots
-    must be unique, and track slots distinct and apart from them (not checked on the host unless
-    FLASHGDN_CHECK_INDICES=1). backend: "auto" or "simt" (FlashInfer's names; both run flashgdn's
-    fp32 kernel), "flashgdn".
-    """
-    if _is_compiling():  # traced: one custom op (module docstring)
-        torch.ops.flashgdn.gated_delta_rule_replayssm_commit(
-            checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-            track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend,
-        )
-        return None
-    _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                      track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
-    return None
-
-
-def _check_commit_backend(backend) -> None:
-    if backend not in COMMIT_BACKENDS:
-        raise ValueError(f"backend must be one of {COMMIT_BACKENDS} (flashgdn has no tcgen05 commit), got {backend!r}")
-
-
-def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                      track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
-    args = CommitArgs(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                      track_state_indices, track_steps)
-    key, done = fastpath.run(CHECK_INDICES, lambda: (  # what the compiled function does not check (flashgdn.fastpath)
-        _replayssm_commit, state_indices.shape[0], checkpoint_state.get_device(), checkpoint_state.shape,
-        checkpoint_state.stride(), track_state_indices is None, track_steps is None, use_qk_l2norm, backend,
-        type(null_block_id), null_block_id), lambda fast: fast.fn(*args))
-    if done is not fastpath.MISS:
-        return
-    _check_commit_backend(backend)
-    plan = _validated(
-        _check_commit, checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-        track_state_indices, track_steps, null_block_id, options=(use_qk_l2norm,),
-    )
-    p = plan.problem
-    fn = plan.fn
-    if fn is None:
-        fn = plan.fn = kernel_cache.get(commit_spec(p, checkpoint_state, use_qk_l2norm, null_block_id,
-                                                    track_state_indices is not None, facts_of(plan.device)))
-    if CHECK_INDICES:
-        _check_commit_values(p, args, null_block_id)
-    if p.B:
-        fn(*args)
-    _remember_fast(key, plan)

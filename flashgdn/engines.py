@@ -54,7 +54,7 @@ from . import validation as val
 from .logging_utils import logged
 from .recurrent import fused_recurrent_gated_delta_rule, fused_sigmoid_gating_delta_rule_update_vllm
 from .sglang import fused_sigmoid_gating_delta_rule_update
-from .spec import SUPPORTED_HEAD_DIMS, KernelArgs
+from .spec import AFTER_TOKEN_SLOTS, SUPPORTED_HEAD_DIMS, KernelArgs
 
 __all__ = [
     "fused_recurrent_gated_delta_rule_packed_decode",
@@ -160,34 +160,44 @@ def _check_packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, 
                                                       ssm_state_indices, H))
 
 
+def _slot_args(ssm_state_indices, vllm_padding: bool) -> tuple:
+    """(state_indices, token_state_indices) of the compiled function: vLLM's padding rule is the
+    kernel's, its indices go in as token slots (KernelSpec.vllm_slots: a slot <= 0 is padding), no
+    kernel turns it into flashgdn's."""
+    return (None, ssm_state_indices) if vllm_padding else (ssm_state_indices, None)
+
+
 def _packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices,
                  vllm_padding: bool) -> KernelArgs:
     """The compiled function's arguments: the engine's tensors as they are (KernelSpec.row_form "packed":
-    the kernel views them). vLLM's padding rule is the kernel's: its indices go in as token slots
-    (KernelSpec.vllm_slots: a slot <= 0 is padding), no kernel turns it into flashgdn's."""
-    if vllm_padding:
-        return KernelArgs(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, output=out,
-                          token_state_indices=ssm_state_indices)
-    return KernelArgs(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, ssm_state_indices, output=out)
+    the kernel views them), the slots where _slot_args puts them."""
+    slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)
+    return KernelArgs(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, slots, output=out,
+                      token_state_indices=token_slots)
+
+
+def _packed_key(mixed_qkv, initial_state, out, scale, use_qk_l2norm_in_kernel, vllm_padding) -> tuple:
+    """The fast key of a packed decode (flashgdn.fastpath): the batch size, the device, the shapes
+    and strides of mixed_qkv, the pool and out, the scalars."""
+    return (_packed_decode, vllm_padding, mixed_qkv.shape, mixed_qkv.stride(), mixed_qkv.get_device(),
+            initial_state.shape, initial_state.stride(), out.stride(), type(scale), scale, use_qk_l2norm_in_kernel)
 
 
 def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
                    use_qk_l2norm_in_kernel, vllm_padding: bool):
     """The eager body of both packed decodes (and their op's implementation): the checks (the
     entry point's, then flashgdn's on views of the packed rows), then the kernel on the engine's
-    tensors (_packed_args). A repeated call (flashgdn.fastpath) skips the checks: its key holds
-    what the compiled function does not check (the batch size, the device, the shapes and strides
-    of mixed_qkv, the pool and out, the scalars)."""
-    def launch(fast):
-        fast.fn(*_packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices, vllm_padding))
-        return out
-
-    key, done = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
-        _packed_decode, vllm_padding, mixed_qkv.shape, mixed_qkv.stride(), mixed_qkv.get_device(),
-        initial_state.shape, initial_state.stride(), out.stride(), type(scale), scale, use_qk_l2norm_in_kernel),
-        launch)
-    if done is not fastpath.MISS:
-        return out, initial_state
+    tensors (_packed_args). A repeated call (flashgdn.fastpath) skips the checks (_packed_key)."""
+    key, fast = fastpath.find(api.CHECK_INDICES or api._is_compiling(), _packed_key, mixed_qkv, initial_state, out,
+                              scale, use_qk_l2norm_in_kernel, vllm_padding)
+    if fast is not None:
+        slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)
+        try:  # KernelArgs' order
+            fast.fn(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, slots, None, None, None, out,
+                    token_slots, *AFTER_TOKEN_SLOTS)
+            return out, initial_state
+        except fastpath.REFUSED:
+            pass
     H = val.checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
     plan = api._validated(api._check_pretranspose, *_pretranspose_check_args(
         mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, H),

@@ -12,7 +12,8 @@ refuse the arguments (TypeError or ValueError, nothing launched), the call takes
 which raises the error naming the argument, or runs a new variant and keeps it for this key.
 
 The fast key holds, besides the function, only what those checks cannot see, read with the fewest
-attribute reads (each function states its key and its launch; `run` does the rest):
+attribute reads (each function has a module-level key function, which `find` calls, and launches
+its compiled function itself):
 - the batch size, which picks the regime (kernels.policy.regime), and the device index (its arch,
   SM count and tuning table);
 - each tensor the kernel writes whose dims or strides the compiled function leaves dynamic (the
@@ -57,7 +58,6 @@ from .validation import MEMO_MAX
 ENABLED = os.environ.get("FLASHGDN_FAST_PATH", "1") not in ("", "0")
 FAST: dict = {}  # fast key -> Fast
 CONTIGUOUS = torch.contiguous_format
-MISS = object()  # run(): no fast call was made, the full way runs
 
 
 class Fast(NamedTuple):
@@ -70,26 +70,30 @@ class Fast(NamedTuple):
     extra: Any = None
 
 
-def run(skip: bool, key_of: Callable[[], Any], launch: Callable[[Fast], Any]):
-    """The repeated-call path of one call: (key, result). `key_of()` builds the call's fast key
-    (an exception, e.g. a non-tensor where a tensor goes: no key; the full checks name the
-    argument). On a hit, `launch(entry)` calls the compiled function and returns the call's
-    result. The result is MISS when the full way must run: `skip` (FLASHGDN_CHECK_INDICES), no
-    entry, or the compiled function refused the arguments (TypeError or ValueError, nothing
-    launched); the full way then keeps its compiled function for `key` (remember)."""
+# What a compiled function raises when its own checks refuse the arguments (nothing launched): the
+# call then takes the full way, which names the argument or runs a new variant.
+REFUSED = (TypeError, ValueError)
+
+
+def find(skip: bool, key_of: Callable[..., Any], *args) -> tuple:
+    """(key, entry) of a call: `key_of(*args)` builds its fast key and the entry is the one kept
+    for it (None: none, the full way runs). No key (None, None) when `skip`
+    (FLASHGDN_CHECK_INDICES) or while the fast path is off, or when building the key raises (a
+    non-tensor where a tensor goes, an unhashable scalar: the full checks name the argument).
+    `key_of` is a module-level function of the arguments: a closure over a call's locals costs
+    more host time than passing them.
+
+    On a hit the caller launches the entry's function with the call's tensors in KernelArgs'
+    order, positionally (building a KernelArgs costs more than the rest of the lookup), under
+    `except REFUSED`; on a miss or a refusal it takes the full way, which keeps its compiled
+    function for `key` (remember)."""
     if skip or not ENABLED:
-        return None, MISS
+        return None, None
     try:
-        key = key_of()
+        key = key_of(*args)
+        return key, FAST.get(key)
     except Exception:
-        return None, MISS
-    fast = FAST.get(key)
-    if fast is not None:
-        try:
-            return key, launch(fast)
-        except (TypeError, ValueError):  # refused by the compiled function's own checks: the full way says why
-            pass
-    return key, MISS
+        return None, None
 
 
 def output(fast: Fast, given, v: torch.Tensor) -> torch.Tensor:

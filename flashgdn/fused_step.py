@@ -37,7 +37,7 @@ from .cache import kernel_cache
 from .device import facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, conv_gate_vec
+from .spec import AFTER_OUTPUT, CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, conv_gate_vec
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -229,6 +229,14 @@ def gdn_fused_decode_step(
                        ssm_state, state_indices, use_qk_l2norm, out), conv_state, ssm_state
 
 
+def _step_key(hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log, dt_bias, out, scale,
+              use_qk_l2norm) -> tuple:
+    """The fast key of a step (flashgdn.fastpath; _fused_step says what it holds)."""
+    return (_fused_step, hidden_states.shape[0], hidden_states.get_device(), mixed_qkv.shape[1], conv_bias is None,
+            conv_state.shape, conv_state.stride(), _decode_only(ssm_state), _decode_only(A_log), _decode_only(dt_bias),
+            out is None or _decode_only(out), type(scale), scale, use_qk_l2norm)
+
+
 def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out) -> torch.Tensor:
     """The eager body (also the custom op's real implementation): validate, then the two
@@ -239,24 +247,22 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     what neither checks (the batch, the device, both pools' layouts, the options), every fact the
     decode function checks of the tensors only it gets (A_log, dt_bias, ssm_state, out: dtype,
     shape, strides, device, address modulo 16): a call the decode function would refuse misses
-    the key and takes the full way, which writes nothing before its checks pass."""
-    def launch(fast):
-        decode_fn, device, shape, gemm = fast.extra
-        p = shape
+    the key and takes the full way, which writes nothing before its checks pass (_step_key)."""
+    key, fast = fastpath.find(False, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log,
+                              dt_bias, out, scale, use_qk_l2norm)
+    if fast is not None:
+        decode_fn, device, p, gemm = fast.extra
         qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
         o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
-        if gemm:
-            torch.mm(hidden_states, w_ba, out=ba)
-        fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
-        decode_fn(*KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, o))
-        return o
-
-    key, o = fastpath.run(False, lambda: (
-        _fused_step, hidden_states.shape[0], hidden_states.get_device(), mixed_qkv.shape[1], conv_bias is None,
-        conv_state.shape, conv_state.stride(), _decode_only(ssm_state), _decode_only(A_log), _decode_only(dt_bias),
-        out is None or _decode_only(out), type(scale), scale, use_qk_l2norm), launch)
-    if o is not fastpath.MISS:
-        return o
+        try:
+            if gemm:
+                torch.mm(hidden_states, w_ba, out=ba)
+            fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
+            # KernelArgs' order
+            decode_fn(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, o, *AFTER_OUTPUT)
+            return o
+        except fastpath.REFUSED:
+            pass
     plan = val.remembered(
         _VALIDATED, _check,
         (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,

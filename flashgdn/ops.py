@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import api, engines, fused_step, recurrent, sglang
+from . import api, engines, fused_step, recurrent, replay, sglang
 from . import validation as val
 
 
@@ -127,15 +127,15 @@ def replayssm_commit_op(
     state_indices: Tensor, accept_lens: Tensor, track_state_indices: Optional[Tensor], track_steps: Optional[Tensor],
     use_qk_l2norm: bool, null_block_id: int, backend: str,
 ) -> None:
-    api._replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices,
+    replay._replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices,
                           accept_lens, track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
 
 
 @replayssm_commit_op.register_fake
 def _(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
       track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
-    api._check_commit_backend(backend)
-    api._check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
+    replay._check_commit_backend(backend)
+    replay._check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
                       track_state_indices, track_steps, null_block_id)
 
 

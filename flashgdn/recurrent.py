@@ -30,7 +30,7 @@ import torch
 from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
-from .spec import MAX_TOKENS, KernelArgs
+from .spec import AFTER_CU_SEQLENS, MAX_TOKENS, KernelArgs
 
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NAME = "fused_recurrent_gated_delta_rule"
@@ -40,20 +40,25 @@ SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 PRECOMPUTED = (None, None, 1.0, 20.0)
 
 
-def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-                o) -> KernelArgs:
-    """The compiled function's arguments of a call, the slots as token slots [N, T] ([N] as
-    [N, 1]), the slot table and the accepted counts cut to the N sequences (vLLM passes them padded
-    to its CUDA-graph batch; the rows past N are not read). Precomputed gates (A_log None): a is g
-    and b is beta (KernelSpec.precomputed_gates)."""
+def slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> tuple:
+    """(token slots [N, T], accepted counts [N] or None) as the compiled function takes them: the
+    slots as token slots ([N] as [N, 1]), both cut to the N sequences (vLLM passes them padded to
+    its CUDA-graph batch; the rows past N are not read)."""
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
     if slots.shape[0] != N:
         slots = slots[:N]
     if num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N:
         num_accepted_tokens = num_accepted_tokens[:N]
-    return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o, slots,
-                      cu_seqlens)
+    return slots, num_accepted_tokens
+
+
+def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                o) -> KernelArgs:
+    """The compiled function's arguments of a call (the slots and counts: slot_table). Precomputed
+    gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates)."""
+    slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+    return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens)
 
 
 def _check_refused(name: str, initial_state, inplace_final_state, ssm_state_indices) -> None:
@@ -215,14 +220,23 @@ def fused_recurrent_gated_delta_rule(
     return o, initial_state
 
 
-def _token_gates(q, t):
-    """vLLM's gates [rows, HV] (a view of its projection) as [B, T, HV], q's first two dims: their
-    first B * T rows, as vLLM's kernel reads them (its GDN layer passes its whole batch's gates beside
-    the speculative tokens' q, k, v); a view. Anything else as it is (the checks name what is wrong)."""
-    if isinstance(t, torch.Tensor) and t.dim() == 2 and isinstance(q, torch.Tensor) and q.dim() == 4:
-        tokens = q.shape[0] * q.shape[1]
-        if t.shape[0] >= tokens:  # splitting dim 0 is a view at any strides
-            return (t if t.shape[0] == tokens else t[:tokens]).view(q.shape[0], q.shape[1], t.shape[1])
+def _token_gates(q, a, b) -> tuple:
+    """vLLM's gates a and b [rows, HV] (views of its projection) as [B, T, HV], q's first two dims:
+    their first B * T rows, as vLLM's kernel reads them (its GDN layer passes its whole batch's gates
+    beside the speculative tokens' q, k, v); views. Anything else as it is (the checks name what is
+    wrong)."""
+    if not (isinstance(q, torch.Tensor) and q.dim() == 4):
+        return a, b
+    B, T, _, _ = q.shape
+    return _token_view(a, B, T), _token_view(b, B, T)
+
+
+def _token_view(t, B: int, T: int):
+    """_token_gates of one gate."""
+    if isinstance(t, torch.Tensor) and t.dim() == 2:
+        rows, HV = t.shape
+        if rows >= B * T:  # splitting dim 0 is a view at any strides
+            return (t if rows == B * T else t[:B * T]).view(B, T, HV)
     return t
 
 
@@ -268,7 +282,7 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):  # None would select precomputed gates
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    a, b = _token_gates(q, a), _token_gates(q, b)
+    a, b = _token_gates(q, a, b)
     o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
     if api._is_compiling():
         torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update_vllm(
@@ -280,27 +294,36 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     return o, initial_state
 
 
+def _recurrent_key(q, k, v, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, A_log, softplus_beta,
+                   softplus_threshold, scale, use_qk_l2norm_in_kernel, o) -> tuple:
+    """The fast key of both ops (flashgdn.fastpath): what the compiled function does not check (the
+    batch of sequences and the slot columns, the written pool's and o's layout, cu_seqlens' length,
+    the None pattern, the options) and the shapes and strides of q, k and v."""
+    return (_recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(),
+            initial_state.shape, initial_state.stride(), o.stride(), cu_seqlens is None or cu_seqlens.shape,
+            ssm_state_indices.shape, ssm_state_indices.stride(), num_accepted_tokens is None, A_log is None,
+            type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, type(scale), scale,
+            use_qk_l2norm_in_kernel)
+
+
 def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale, initial_state, cu_seqlens,
                ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
     """The eager body of both ops (and their ops' implementation): checks, then one launch writing
     `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
-    (flashgdn.fastpath) skips the checks: its key holds what the compiled function does not check
-    (the batch of sequences and the slot columns, the written pool's and o's layout, cu_seqlens'
-    length, the None pattern, the options) and the shapes and strides of q, k and v. q, k and v go
-    as they are: a size-1 dim's stride is never stepped, and neither flashgdn's checks nor the
-    compiled function's check it (vLLM's [1, tokens, ...] views of its projection carry an unpacked
-    one)."""
-    def launch(fast):
-        fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
-                             num_accepted_tokens, o))
-
-    key, done = fastpath.run(api.CHECK_INDICES, lambda: (
-        _recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(), initial_state.shape,
-        initial_state.stride(), o.stride(), cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
-        ssm_state_indices.stride(), num_accepted_tokens is None, A_log is None, type(softplus_beta), softplus_beta,
-        type(softplus_threshold), softplus_threshold, type(scale), scale, use_qk_l2norm_in_kernel), launch)
-    if done is not fastpath.MISS:
-        return
+    (flashgdn.fastpath) skips the checks (_recurrent_key). q, k and v go as they are: a size-1 dim's
+    stride is never stepped, and neither flashgdn's checks nor the compiled function's check it
+    (vLLM's [1, tokens, ...] views of its projection carry an unpacked one)."""
+    key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, k, v, initial_state, cu_seqlens, ssm_state_indices,
+                              num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
+                              use_qk_l2norm_in_kernel, o)
+    if fast is not None:
+        slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+        try:  # KernelArgs' order
+            fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens,
+                    *AFTER_CU_SEQLENS)
+            return
+        except fastpath.REFUSED:
+            pass
     plan = api._validated(_check, q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale,
                           initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                           options=(use_qk_l2norm_in_kernel,))

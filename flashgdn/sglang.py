@@ -27,7 +27,7 @@ import torch
 from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
-from .spec import MAX_TOKENS, KernelArgs
+from .spec import AFTER_OUTPUT, MAX_TOKENS, KernelArgs
 
 NAME = "fused_sigmoid_gating_delta_rule_update"
 
@@ -255,19 +255,41 @@ def fused_sigmoid_gating_delta_rule_update(
                   intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, None)
 
 
+def _flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out) -> tuple:
+    """The compiled function's arguments, in KernelArgs' order, of SGLang's own decode layout
+    (varlen [1, N, ...] q, k, v of one token per sequence with 2-D gates), which goes as it is
+    (KernelSpec.row_form "flat": the kernel views it)."""
+    return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None, None, out,
+            *AFTER_OUTPUT)
+
+
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
                 intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, out,
                 geometry) -> KernelArgs:
-    """The compiled function's arguments. SGLang's own decode layout (varlen [1, N, ...] q, k, v of
-    one token per sequence with 2-D gates; geometry None) goes as it is (KernelSpec.row_form
-    "flat": the kernel views it); any other, as the row views [N, T, ...] that `geometry`
-    (_check_layout's) describes."""
+    """The compiled function's arguments: SGLang's own decode layout (geometry None) as it is
+    (_flat_args); any other as the row views [N, T, ...] that `geometry` (_check_layout's) describes."""
     if geometry is None:
-        return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, output=out)
+        return KernelArgs(*_flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out))
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
     return KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices),
                       intermediate_states=intermediate_states_buffer, output=o4,
                       intermediate_indices=intermediate_state_indices, parent_tokens=retrieve_parent_token)
+
+
+def _update_key(q, k, v, a, b, cu_seqlens, initial_state_source, initial_state_indices, scale, softplus_beta,
+                softplus_threshold, use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents) -> tuple:
+    """The fast key of an update (flashgdn.fastpath): what decides the form and the views' geometry
+    (the shapes and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get),
+    what the API call's key holds, the buffer the kernel writes and the lengths of the row table and
+    the tree (the compiled function takes any: they must cover the batch); the entry keeps the
+    geometry."""
+    return (update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape, a.stride(), b.shape,
+            b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
+            initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale),
+            scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold,
+            use_qk_l2norm_in_kernel, type(disable_state_update), disable_state_update,
+            inter is None or (inter.shape, inter.stride()), rows is None or rows.shape,
+            parents is None or parents.shape)
 
 
 def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
@@ -279,26 +301,20 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
     verify = _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token)
     inter, rows, parents = verify
 
-    def launch(fast):
+    key, fast = fastpath.find(api.CHECK_INDICES or api._is_compiling(), _update_key, q, k, v, a, b, cu_seqlens,
+                              initial_state_source, initial_state_indices, scale, softplus_beta, softplus_threshold,
+                              use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents)
+    if fast is not None:
         out = fastpath.new_output(v, False) if o is None else o
-        fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, *verify,
-                             out, fast.extra))
-        return out
-
-    # The fast key (flashgdn.fastpath): what decides the form and the views' geometry (the shapes
-    # and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get), what the
-    # API call's key holds, the buffer the kernel writes and the lengths of the row table and the
-    # tree (the compiled function takes any: they must cover the batch); the entry keeps the geometry.
-    key, out = fastpath.run(api.CHECK_INDICES or api._is_compiling(), lambda: (
-        fused_sigmoid_gating_delta_rule_update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape,
-        a.stride(), b.shape, b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
-        initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale), scale,
-        type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel,
-        type(disable_state_update), disable_state_update, inter is None or (inter.shape, inter.stride()),
-        rows is None or rows.shape, parents is None or parents.shape),
-        launch)
-    if out is not fastpath.MISS:
-        return out
+        try:
+            if fast.extra is None:
+                fast.fn(*_flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out))
+            else:
+                fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
+                                     *verify, out, fast.extra))
+            return out
+        except fastpath.REFUSED:
+            pass
     varlen, T, geometry = val.checked(_check, q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlens,
                                       disable_state_update, inter, rows)
     if varlen and api.CHECK_INDICES:

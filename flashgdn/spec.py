@@ -81,6 +81,19 @@ class KernelArgs(NamedTuple):
     parent_tokens: Any = None
 
 
+def _unset_from(field: str) -> tuple:
+    """None for each KernelArgs field from `field` on."""
+    return (None,) * (len(KernelArgs._fields) - KernelArgs._fields.index(field))
+
+
+# The None tails of launches that pass their tensors positionally in KernelArgs' order
+# (flashgdn.fastpath), without building a KernelArgs: the fields after the one named.
+AFTER_OUTPUT = _unset_from("token_state_indices")
+AFTER_TOKEN_SLOTS = _unset_from("cu_seqlens")
+AFTER_CU_SEQLENS = _unset_from("replay_v")
+AFTER_REPLAY = _unset_from("intermediate_indices")
+
+
 class CommitArgs(NamedTuple):
     """The tensors of the ReplaySSM commit kernel, in order (None where a variant has no such
     tensor). state [L, P, HV, V, K] (the checkpoints of L layers); the windows replay_v

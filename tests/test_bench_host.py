@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from flashgdn import api, engines, fused_step
+from flashgdn import api, engines, fastpath, fused_step
 from flashgdn import validation as val
 from flashgdn.bench import cli, host
 from flashgdn.bench.rows import Row, make_inputs
@@ -42,6 +42,8 @@ def test_host_defaults_and_flags():
     (["--host", "--compile-only"], "--compile-only"),
     (["--host", "--plot", "p.png"], "--plot"),
     (["--profile"], "--host"),
+    (["--python-only"], "--host"),
+    (["--host", "--python-only", "--profile"], "--python-only"),
 ])
 def test_host_bad_flags_exit_2_with_one_line(argv, phrase, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -233,25 +235,21 @@ def test_engine_row_packs_q_k_v_into_one_row():
     assert torch.equal(a, inp["a"][:, 0]) and torch.equal(slots, inp["indices"])
 
 
-def test_engine_rows_call_each_entry_point_with_valid_arguments(monkeypatch):
-    """Each engine case binds its entry point on arguments that pass its checks (CPU tensors: the
-    device check, facts, kernel cache and workspace stream stubbed) and launches."""
-    facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+def test_engine_rows_call_each_entry_point_with_valid_arguments():
+    """Each engine case binds its entry point on arguments that pass its checks (CPU tensors under
+    host.stubbed_launches: the device check, facts, kernel cache and workspace stream stubbed) and
+    launches."""
     launched = []
-    monkeypatch.setattr(val, "check_devices", lambda named: torch.device("cpu"))
-    for module in (api, fused_step):
-        monkeypatch.setattr(module, "facts_of", lambda device: facts)
-    monkeypatch.setattr(api, "_VALIDATED", {})
-    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
-    monkeypatch.setattr(api.kernel_cache, "get", lambda spec: (lambda *args: launched.append(spec)))
     row = Row("pretranspose", 3, 1, 2, 4, 64, 64, "bf16", "fp32", pool=True)
     names = []
-    for case in host.engine_cases(row):
-        name, call = host.bind(case, _MODULES, "cpu", seed=2)
-        n = len(launched)
-        call()
-        assert len(launched) > n, name
-        names.append(name)
+    with host.stubbed_launches(DeviceFacts("sm_90a", 132, "sm90-hbm3"),
+                               lambda spec: (lambda *args: launched.append(spec))):
+        for case in host.engine_cases(row):
+            name, call = host.bind(case, _MODULES, "cpu", seed=2)
+            n = len(launched)
+            call()
+            assert len(launched) > n, name
+            names.append(name)
     assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
                      "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                      "fused_sigmoid_gating_delta_rule_update_vllm", "fused_sigmoid_gating_delta_rule_update_vllm",
@@ -260,6 +258,22 @@ def test_engine_rows_call_each_entry_point_with_valid_arguments(monkeypatch):
     # calls them, on precomputed and on raw gates
     vllm = [(s.varlen, s.T, s.precomputed_gates) for s in launched if getattr(s, "vllm_slots", False)]
     assert vllm == [("int32", 1, True), ("int32", 4, True), ("int32", 1, False), ("int32", 4, False)]
+
+
+def test_python_only_times_every_flashgdn_row_on_the_cpu(capsys, tmp_path):
+    """--host --python-only: no GPU; every flashgdn row runs (stubbed launches) and gets a time, no
+    target verdict; afterwards no memo or fast-path entry holds a stand-in."""
+    before = (dict(api._VALIDATED), dict(fastpath.FAST), api.kernel_cache.get)
+    out = tmp_path / "py.json"
+    argv = ["--host", "--python-only", "--head-size", "64", "--num-q-heads", "2", "--num-v-heads", "4",
+            "--iters", "3", "--warmup", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    recs = json.loads(out.read_text())["rows"]
+    assert recs[0]["function"] == host.BASELINE and len(recs) == len(host.cases(_args(*argv[2:]), flashinfer=False))
+    assert all(r["host_median_us"] > 0 and not r["error"] and r["meets_target"] is None for r in recs), recs
+    assert {r["function"] for r in recs} >= set(host.ENGINE_FUNCTIONS.values()) and "python µs" in text
+    assert (dict(api._VALIDATED), dict(fastpath.FAST), api.kernel_cache.get) == before
 
 
 def test_run_cases_on_the_cpu_reports_each_failure():
@@ -300,7 +314,8 @@ def test_profile_records_fill_the_remainders():
 
 def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch):
     """Every step the profile times is the one the warm call runs (the fast path: the same compiled
-    function with the call's KernelArgs), and the full way's steps use the call's memo entry and plan."""
+    function with the call's tensors in KernelArgs' order), and the full way's steps use the call's
+    memo entry and plan."""
     launched = []
 
     def compiled(*args):
@@ -361,7 +376,7 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
         "x.add_(1)", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
         "fused_recurrent_gated_delta_rule", "fused_sigmoid_gating_delta_rule_update_vllm", "gdn_fused_decode_step"}
-    assert profile[0]["share_of_call"] == 1.0 and len(profile) == 8
+    assert profile[0]["share_of_call"] == 1.0 and len(profile) == 7
     assert sum(r["gpu_us"] is not None for r in profile) == 2  # the steps that launch: the call, fn
     assert "fused_recurrent_gated_delta_rule_packed_decode" in captured.out and "profile:" in captured.out
     if "cannot import flashinfer" in captured.err:

@@ -1,6 +1,7 @@
 """CPU tests of the repeated-call path (flashgdn.fastpath) of the engine entry points, vLLM's
-recurrent op and the fused step: a repeated call skips the full checks and hands the compiled
-function the same tensors (views rebuilt from the kept geometry) as the full way; a change that
+recurrent op and the fused step (and, for the arguments of its launches, of every public
+function): a repeated call skips the full checks and hands the compiled function the same
+tensors, in the same places (views rebuilt from the kept geometry), as the full way; a change that
 matters takes the full way, which raises the same clear error as a first call (nothing written)
 or runs the call as a first call would. The compiled functions are the argument-checking
 stand-ins of helpers.ffi_checking_stub."""
@@ -14,10 +15,13 @@ import torch
 from flashgdn import api, engines, fastpath, fused_step, recurrent
 from flashgdn import validation as val
 from flashgdn.device import DeviceFacts
-from helpers import BF16, ffi_checking_stub, make_fused_inputs
+import flashgdn
+from helpers import BF16, FNS, T_MTP, ffi_checking_stub, make_fused_inputs, make_intermediate, valid_kwargs
 from test_engines import packed_kwargs, sigmoid_kwargs
 from test_recurrent import recurrent_kwargs
 from test_engines_sglang import verify_kwargs
+from test_replay import commit_kwargs
+from test_replay import verify_kwargs as replay_verify_kwargs
 from test_recurrent_sigmoid import sigmoid_kwargs as sigmoid_vllm_kwargs
 
 FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
@@ -45,6 +49,17 @@ ENTRIES = {  # name: (function, valid keyword arguments)
     "sigmoid_vllm_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
                             lambda: sigmoid_vllm_kwargs(one_d=True)),
     "fused_step": (STEP, _fused_kwargs),
+    # flashgdn.api's functions (test_fastpath.py tests what takes their full way)
+    "pretranspose": (FNS["pre"], lambda: valid_kwargs("pre")),
+    "pretranspose_pool": (FNS["pool"], lambda: dict(valid_kwargs("pool"), output_state_indices=torch.tensor(
+        [1, 4], dtype=torch.int32))),
+    "decode": (FNS["dec"], lambda: valid_kwargs("dec")),
+    "mtp": (FNS["mtp"], lambda: dict(valid_kwargs("mtp"), intermediate_states_buffer=make_intermediate(),
+                                     accepted_tokens=torch.tensor([2, 1], dtype=torch.int32))),
+    "mtp_token_slots": (FNS["mtp"], lambda: dict(valid_kwargs("mtp"), ssm_state_indices=torch.tensor(
+        [[1, 2, 4], [0, -1, 3]], dtype=torch.int32)[:, :T_MTP])),
+    "replay_verify": (FNS["mtp"], replay_verify_kwargs),
+    "replay_commit": (flashgdn.gated_delta_rule_replayssm_commit, lambda: commit_kwargs(track=True)),
 }
 
 

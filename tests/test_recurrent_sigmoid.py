@@ -135,7 +135,7 @@ def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
 
 def _op_args(kw, o):
     """The op's arguments of a call's keyword arguments (its gates as the function views them)."""
-    a, b = recurrent._token_gates(kw["q"], kw["a"]), recurrent._token_gates(kw["q"], kw["b"])
+    a, b = recurrent._token_gates(kw["q"], kw["a"], kw["b"])
     return (kw["A_log"], a, b, kw["dt_bias"], kw["q"], kw["k"], kw["v"], 1.0, 20.0, kw["scale"], kw["initial_state"],
             kw["cu_seqlens"], kw["ssm_state_indices"], kw["num_accepted_tokens"], kw["use_qk_l2norm_in_kernel"], o)
 

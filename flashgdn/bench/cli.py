@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
              "--warmup, --seed, --json and --csv flags")
     add("--profile", action="store_true",
         help="with --host: also time each step of one flashgdn pretranspose call (pool, output allocated)")
+    add("--python-only", action="store_true",
+        help="with --host: no GPU; time flashgdn's calls on CPU tensors with every compiled function replaced "
+             "by a no-op (their Python part: a repeated call's key, lookup, views and output allocation) beside "
+             "x.add_(1) on the CPU")
     return p
 
 
@@ -199,8 +203,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         given = [f"--{d.replace('_', '-')}" for d in SWEEP_ONLY if getattr(args, d) != parser.get_default(d)]
         if given:
             parser.error(f"--host times a fixed set of calls: it does not take {', '.join(given)}")
-    elif args.profile:
-        parser.error("--profile applies with --host")
+    elif args.profile or args.python_only:
+        parser.error(f"--{'profile' if args.profile else 'python-only'} applies with --host")
+    if args.python_only and args.profile:
+        parser.error("--profile times the GPU call's steps: it does not go with --python-only")
     args.batch_size = args.batch_size or list(HOST_BATCH_SIZES if args.host else DEFAULT_BATCH_SIZES)
     args.iters = args.iters or (HOST_ITERS if args.host else DEFAULT_ITERS)
     args.api = args.api or "all"

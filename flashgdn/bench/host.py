@@ -18,11 +18,18 @@ steps of flashgdn.api's eager path for a repeated signature (flashgdn.fastpath),
 same way in isolation, and the cost of the full way (what the first call of a signature, or one
 the compiled function refuses, adds).
 
+`--python-only` needs no GPU: flashgdn's rows run on CPU tensors with every compiled function
+replaced by a no-op (stubbed_launches), which times their Python part alone (the fast key and its
+lookup, the views a call builds, the output allocation) beside `x.add_(1)` on the CPU. What it
+leaves out is the TVM-FFI call itself (its argument checks and the launch) and what a CUDA tensor
+adds to an allocation.
+
 The measuring core (`host_times`, `measure`, `run_cases`) takes the call, the synchronisation,
 the clock and the GPU timer as callables, so it runs on the CPU with stand-ins.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -30,6 +37,7 @@ import inspect
 import statistics
 import sys
 import time
+import unittest.mock
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -338,19 +346,16 @@ def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
     p, pool = plan.problem, A["initial_state"]
     zero = p.T > 1  # an allocated output starts as zeros where padding rows keep it
 
-    def kernel_args(output):  # as the fast path builds them
-        return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
-                          A["initial_state_indices"], A["output_state_indices"], None,
-                          A["intermediate_states_buffer"], output)
-
-    fn_args = kernel_args(A["output"] if A["output"] is not None else fastpath.new_output(A["v"], zero))
+    # the compiled function's arguments, as the fast path passes them (KernelArgs' order)
+    fn_args = KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
+                         A["initial_state_indices"], A["output_state_indices"], None, A["intermediate_states_buffer"],
+                         A["output"] if A["output"] is not None else fastpath.new_output(A["v"], zero))
     return [
         (f"{name} (the whole call)", whole, True),
         ("  fastpath.new_output (torch.empty_like of the output)",
          functools.partial(fastpath.new_output, A["v"], zero), False),
-        ("  KernelArgs", functools.partial(kernel_args, fn_args.output), False),
-        ("  fn(*KernelArgs) (the TVM-FFI call: its argument checks + launch)", functools.partial(plan.fn, *fn_args),
-         True),
+        ("  the compiled function (the TVM-FFI call: its argument checks + launch)",
+         functools.partial(plan.fn, *fn_args), True),
         ("  rest: the fast key + lookup, Python calls (by difference)", None, False),
         ("torch.cuda.current_stream() (a stream lookup from Python)", torch.cuda.current_stream, False),
         ("api._validated, warm memo (the full way's signature key + lookup: a refused fast call)",
@@ -457,9 +462,67 @@ def profile(args, device, measure_call: Callable[..., Dict[str, Any]], baseline_
                            HOST_REPEATS, baseline_us)
 
 
+def _no_op(*args) -> None:
+    """A compiled function under stubbed_launches: takes any arguments, launches nothing."""
+
+
+@contextlib.contextmanager
+def stubbed_launches(facts, compiled: Callable[[Any], Callable[..., Any]] = lambda spec: _no_op):
+    """flashgdn on CPU tensors up to its launches, for --python-only: the device check takes the
+    CPU, the device has `facts` (a DeviceFacts), the compiled function of a spec is `compiled(spec)`
+    (_no_op), the fused step's stream is a constant, and the memos and fast-path entries start
+    empty; all restored on exit (no entry holding a stand-in outlives it)."""
+    from .. import fused_step
+    from .. import validation as val
+
+    with contextlib.ExitStack() as stack:
+        def patch(obj, name, value):
+            stack.enter_context(unittest.mock.patch.object(obj, name, value))
+
+        patch(val, "check_devices", lambda named: torch.device("cpu"))
+        for module in (api, fused_step):
+            patch(module, "facts_of", lambda device: facts)
+            patch(module, "_VALIDATED", {})
+        patch(api.kernel_cache, "get", compiled)
+        patch(fused_step, "_current_stream", lambda device: 0)
+        patch(fused_step, "_WORKSPACES", {})
+        patch(fastpath, "FAST", {})
+        yield
+
+
+def python_only(args) -> int:
+    """`flashgdn-bench --host --python-only`: flashgdn's rows (cases) on the CPU under
+    stubbed_launches, on the H200's tuning table; print the table, write --json/--csv."""
+    from ..device import DeviceFacts
+    from ..kernels import policy
+
+    facts = DeviceFacts("sm_90a", 132, policy.device_class("sm_90a", 132, 141))
+    device = torch.device("cpu")
+
+    def measure_call(call):
+        return measure(call, args.iters, HOST_REPEATS, args.warmup, lambda: None)
+
+    with stubbed_launches(facts):
+        records = run_cases(cases(args, flashinfer=False), lambda c: bind(c, {"flashgdn": api}, device, args.seed),
+                            measure_call, args.iters, HOST_REPEATS)
+    for r in records:
+        r["meets_target"] = None  # the target is about the whole call on a GPU
+    write_outputs(args, records, {"command": args.argv, "mode": "python-only"}, HOST_FIELDS)
+    print(f"Python part per call on the CPU (compiled functions stubbed): median (min) of {HOST_REPEATS} runs of "
+          f"{args.iters} calls with one signature, against {BASELINE} on a CPU tensor\n")
+    headers = ["function", "variant", "state", "python µs", "min µs", f"vs {BASELINE} (CPU)", "note"]
+    print(format_table(headers, [[r["function"], r["variant"], r["state_dtype"], r["host_median_us"], r["host_min_us"],
+                                  None if r["ratio"] is None else f"{r['ratio']:.2f}x", r["error"]] for r in records]))
+    sys.stdout.flush()
+    return 0
+
+
 def run(args) -> int:
-    """`flashgdn-bench --host [--profile]` on the current GPU: print the tables, write --json/--csv.
-    Exit status 1 only without a supported GPU: the target is informational."""
+    """`flashgdn-bench --host [--profile | --python-only]` on the current GPU (no GPU with
+    --python-only): print the tables, write --json/--csv. Exit status 1 only without a supported
+    GPU: the target is informational."""
+    if args.python_only:
+        return python_only(args)
     found = supported_gpu()
     if found is None:
         return 1
