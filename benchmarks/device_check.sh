@@ -69,10 +69,12 @@ sanitize)
   $sanitizer --tool racecheck $pytest tests/test_fused_step_gpu.py -k "matches_reference and (tp4 or d64)" \
     > "$out/rc2.log" 2>&1 &
   wait
-  # The tensor-core MTP kernel's fp32-state and per-token-state builds and the tensor-core commit (by
+  # The tensor-core MTP kernel's fp32-state and per-token-state builds, the MTP builds that write an
+  # allocated output's padding rows, and the tensor-core commit (by
   # table: tests/helpers.use_table).
   $sanitizer --tool memcheck $pytest tests/test_mtp_gpu.py tests/test_flashinfer_patterns_gpu.py \
-    -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core or h200-table" > "$out/mc3.log" 2>&1 &
+    -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core or h200-table or allocated_output" \
+    > "$out/mc3.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_mtp_gpu.py \
     -k "(fp32_tensor_core and 8-True-True-True-1-64) or (tensor_core_intermediates and 4-sdt1) or plain-h200-table" \
     > "$out/rc3.log" 2>&1 &

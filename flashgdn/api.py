@@ -42,7 +42,9 @@ class CallOptions(NamedTuple):
     update_state: bool = True
     softplus_beta: float = 1.0
     softplus_threshold: float = 20.0
-    zero_padding_output: bool = True  # False: a padding row's output is left as it is
+    # False: a padding row's output is left as it is (FlashInfer's T > 1 rule for an output the caller
+    # passes). An output allocated here is all written by the kernel, zeros in padding rows: no fill launch.
+    zero_padding_output: bool = True
 
 
 def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOptions, facts: DeviceFacts,
@@ -99,11 +101,11 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
     return args.output
 
 
-def _remember_fast(key, plan, zero_output: bool = False, extra=None) -> None:
+def _remember_fast(key, plan, extra=None) -> None:
     """After a full call: its fast key (flashgdn.fastpath) now takes the plan's compiled function
     (and `extra`: fastpath.Fast), unless nothing ran (no rows, or a stubbed launch)."""
     if plan.fn is not None and plan.problem.B:
-        fastpath.remember(key, fastpath.Fast(plan.fn, zero_output, extra))
+        fastpath.remember(key, fastpath.Fast(plan.fn, extra))
 
 
 def _check_common(p, output, scale, softplus_beta, softplus_threshold, q, **tensors) -> torch.device:
@@ -327,7 +329,7 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                               output_state_indices, intermediate_states_buffer, disable_state_update, use_qk_l2norm,
                               backend, scale, softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(fast, output, v)
+        out = fastpath.output(output, v)
         try:
             fast.fn(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
                     intermediate_states_buffer, out, *AFTER_OUTPUT)
@@ -343,10 +345,11 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, pool, state_indices=initial_state_indices,
                       output_state_indices=output_state_indices, intermediate_states=intermediate_states_buffer,
                       output=output)
+    # T > 1 leaves a padding row's output as the caller wrote it (CallOptions.zero_padding_output)
     options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
-                          zero_padding_output=plan.problem.T == 1)
+                          zero_padding_output=plan.problem.T == 1 or output is None)
     out = _launch(plan, "klast", args, options)
-    _remember_fast(key, plan, zero_output=not options.zero_padding_output)
+    _remember_fast(key, plan)
     return out, pool
 
 
@@ -386,7 +389,7 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
     key, fast = fastpath.find(CHECK_INDICES, _decode_key, q, state, output, use_qk_l2norm, backend, scale,
                               softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(fast, output, v)
+        out = fastpath.output(output, v)
         try:
             fast.fn(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out, *AFTER_OUTPUT)
             return out, state
@@ -470,7 +473,7 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                               ssm_state_indices, output_state_indices, accepted_tokens, rv, rk, rg, rb, cache_replayssm,
                               disable_state_update, use_qk_l2norm, scale, softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(fast, output, v)
+        out = fastpath.output(output, v)
         try:  # windows without cache_replayssm fail the full checks: no entry has them
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
                     accepted_tokens, intermediate_states_buffer, out, ssm_state_indices, None, rv, rk, rg, rb,
@@ -491,7 +494,7 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                       intermediate_states=intermediate_states_buffer, output=output,
                       token_state_indices=ssm_state_indices, **replay)
     options = CallOptions(scale, use_qk_l2norm, not disable_state_update, softplus_beta, softplus_threshold,
-                          zero_padding_output=False)
+                          zero_padding_output=output is None)  # CallOptions.zero_padding_output
     out = _launch(plan, "klast", args, options)
-    _remember_fast(key, plan, zero_output=True)
+    _remember_fast(key, plan)
     return out, initial_state

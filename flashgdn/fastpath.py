@@ -61,12 +61,10 @@ CONTIGUOUS = torch.contiguous_format
 
 
 class Fast(NamedTuple):
-    """What a repeated call needs: the compiled function, how to allocate the output, and what else
-    its entry point keeps for the key (the geometry of the views it builds, a second compiled
-    function)."""
+    """What a repeated call needs: the compiled function and what else its entry point keeps for
+    the key (the geometry of the views it builds, a second compiled function)."""
 
     fn: Callable
-    zero_output: bool = False  # an output allocated here starts as zeros (padding rows keep it)
     extra: Any = None
 
 
@@ -96,14 +94,16 @@ def find(skip: bool, key_of: Callable[..., Any], *args) -> tuple:
         return None, None
 
 
-def output(fast: Fast, given, v: torch.Tensor) -> torch.Tensor:
-    """The output of a fast call: `given`, or when None a new one as the full way allocates it."""
-    return new_output(v, fast.zero_output) if given is None else given
+def output(given, v: torch.Tensor) -> torch.Tensor:
+    """The output of a fast call: `given`, or when None a new one as the full way allocates it (a
+    call that allocates its output runs the variant that writes its padding rows)."""
+    return new_output(v, False) if given is None else given
 
 
 def new_output(v: torch.Tensor, zero: bool) -> torch.Tensor:
     """A packed tensor of v's shape, dtype and device (the output [B, T, HV, V] of a call, v being
-    [B, T, HV, V] of q's dtype): zeros where padding rows leave their output as it is."""
+    [B, T, HV, V] of q's dtype): zeros where the kernel leaves padding rows' output as it is (a
+    traced call's output, allocated before the op)."""
     return (torch.zeros_like if zero else torch.empty_like)(v, memory_format=CONTIGUOUS)
 
 

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--intermediate", action="store_true", help="MTP kernels write intermediate_states_buffer")
     add("--no-state-update", action="store_true", help="MTP kernels with disable_state_update=True")
     add("--accepted-tokens", action="store_true", help="MTP kernels take accepted_tokens")
+    add("--output-allocated", action="store_true",
+        help="T > 1 calls pass output=None (flashgdn allocates it: the variant that writes padding rows' output)")
     add("--no-l2norm", action="store_true", help="use_qk_l2norm=False")
     add("--scale", type=float, help="q scale (default: head_k ** -0.5)")
     add("--device-class", help="tuning table (kernels.policy.DEVICE_TABLES) the GPU uses "
@@ -207,9 +209,11 @@ def _flashinfer_specs(args: argparse.Namespace, state: str, facts) -> list:
             builds = [(layout, None) for layout in args.layout if layout == "kmajor" or not args.pool]
             if "klast" in args.layout and args.pool:
                 builds += [("klast", d) for d in args.index_dtype]
-        # T > 1 (gated_delta_rule_mtp, or pretranspose with T > 1) leaves padding rows' output as it is.
+        # T > 1 (gated_delta_rule_mtp, or pretranspose with T > 1) leaves a passed output's padding rows as
+        # they are (api.CallOptions.zero_padding_output).
         options = api.CallOptions(scale=args.scale, use_l2norm=not args.no_l2norm,
-                                  update_state=not (mtp and args.no_state_update), zero_padding_output=not mtp)
+                                  update_state=not (mtp and args.no_state_update),
+                                  zero_padding_output=not mtp or args.output_allocated)
         for layout, index in builds:
             rows, cols = (V, K) if layout == "klast" else (K, V)
             tensors = KernelArgs(

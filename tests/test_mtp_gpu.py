@@ -21,7 +21,7 @@ def _cases():
     return cases
 
 
-def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=None, K=128):
+def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=None, K=128, out_none=False):
     H = 2
     HV = H * ratio
     q, k, v, a, b, A_log_rand, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, strided=strided)
@@ -38,12 +38,15 @@ def _run(T, B, ratio, sdt, inter, update, accepted, pad, strided=False, A_log=No
     ref_pool = before.double()
     o_ref, _ = ref.gated_delta_rule_mtp(q, k, v, ref_pool, idx, A_log, a, dt_bias, b, None, None, ref_ibuf,
                                         disable_state_update=not update, accepted_tokens=acc, compute_dtype=torch.float64)
-    out = torch.full((B, T, HV, K), float("nan"), dtype=q.dtype, device=DEV)
+    out = None if out_none else torch.full((B, T, HV, K), float("nan"), dtype=q.dtype, device=DEV)
     o, st = flashgdn.gated_delta_rule_mtp(q, k, v, pool, idx, A_log, a, dt_bias, b, None, out, ibuf,
                                          disable_state_update=not update, accepted_tokens=acc)
-    assert o is out and st is pool
+    assert (out_none or o is out) and st is pool
     run = idx >= 0
-    assert torch.isnan(o[~run]).all(), "a padding row's output is left as it is (FlashInfer's MTP rule)"
+    if out_none:
+        assert o.shape == (B, T, HV, K) and (o[~run] == 0).all(), "an allocated output's padding rows are zero"
+    else:
+        assert torch.isnan(o[~run]).all(), "a padding row's output is left as it is (FlashInfer's MTP rule)"
     assert_close_output(o[run], o_ref[run])
     touched = torch.zeros(P, dtype=torch.bool, device=DEV)
     if update:
@@ -96,6 +99,15 @@ def test_mtp_two_tokens_large_batch(sdt, accepted):
     """T=2, large-batch regime, no intermediates: the kmtp builds that prefetch 6 MiB of state
     ahead (the policy table's short_mtp_tokens), with padding rows."""
     _run(2, 200, 2, sdt, False, True, accepted, True)
+
+
+@pytest.mark.parametrize("sdt,T,B", [(torch.float32, 4, 5), (torch.bfloat16, 3, 64), (torch.bfloat16, 8, 200),
+                                     (torch.float32, 8, 200)])
+def test_mtp_allocated_output_has_zero_padding_rows(sdt, T, B):
+    """output=None: flashgdn allocates the output and the kernel writes every row of it, zeros for
+    padding rows (FlashInfer's allocated output has them): the token loop and, at B = 200, the
+    tensor cores (bf16; fp32 on the H200 table)."""
+    _run(T, B, 2, sdt, False, True, False, True, out_none=True)
 
 
 @pytest.mark.parametrize("T,update,accepted,pad,ratio,K", [

@@ -2,18 +2,20 @@
 variants it lists for each serving engine's entry point and for the fused step are exactly those
 the real call looks up (CPU tensors, the kernel lookups stubbed), for a batch in the small and one
 in the large regime; --list; argument errors; one real build of the fused step's two variants.
-The FlashInfer-style functions' variants (the default entry) are tested in test_disk_cache.py."""
+The FlashInfer-style functions' variants (the default entry) are tested in test_disk_cache.py, but for
+which MTP variant --output-allocated builds (here)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import flashgdn
 from flashgdn import engines, fastpath, fused_step, precompile, validation
 from flashgdn.device import DeviceFacts
 from flashgdn.kernels import policy
 from flashgdn.spec import KernelSpec
 
-from helpers import make_fused_inputs, make_state, stub_kernel_lookups
+from helpers import make_fused_inputs, make_inputs, make_state, stub_kernel_lookups
 from test_engines import packed_kwargs, sigmoid_kwargs
 
 DTYPES = {name: getattr(torch, torch_name) for name, torch_name in precompile.DTYPES.items()}
@@ -208,3 +210,19 @@ def test_precompile_fused_step_then_load(tmp_path, capsys):
     assert "convgate/H1/HV1/D64/hidden64/w4/large/sm_90a: compiled (" in out and "2 compiled, 0 loaded from disk" in out
     assert precompile.main(argv) == 0
     assert "0 compiled, 2 loaded from disk, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("allocated", [False, True], ids=["output-given", "output-allocated"])
+@pytest.mark.parametrize("regime", list(BATCHES))
+def test_mtp_variants_follow_who_allocates_the_output(allocated, regime, looked_up):
+    """gated_delta_rule_mtp with its output given leaves padding rows' output as it is; with output
+    None the variant writes them (zeros): --output-allocated builds the one the call looks up."""
+    B, T = BATCHES[regime], 3
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, V, seed=B)
+    pool = make_state(2 * B + 1, HV, V, K, torch.float32, seed=B)
+    out = None if allocated else torch.empty(B, T, HV, V, dtype=q.dtype)
+    flashgdn.gated_delta_rule_mtp(q, k, v, pool, _slots(B, 2 * B + 1, torch.int32), A_log, a, dt_bias, b,
+                                  output=out, disable_state_update=False)
+    flags = ["--seq-len", str(T), "--regime", regime] + (["--output-allocated"] if allocated else [])
+    assert looked_up == precompile.model_specs(precompile.parse_args(MODEL + flags))
+    assert looked_up[0].zero_padding_output == allocated
