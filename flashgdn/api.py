@@ -329,8 +329,8 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                               output_state_indices, intermediate_states_buffer, disable_state_update, use_qk_l2norm,
                               backend, scale, softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(output, v)
         try:
+            out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
                     intermediate_states_buffer, out, *AFTER_OUTPUT)
             return out, pool
@@ -389,8 +389,8 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
     key, fast = fastpath.find(CHECK_INDICES, _decode_key, q, state, output, use_qk_l2norm, backend, scale,
                               softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(output, v)
         try:
+            out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out, *AFTER_OUTPUT)
             return out, state
         except fastpath.REFUSED:
@@ -473,8 +473,8 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                               ssm_state_indices, output_state_indices, accepted_tokens, rv, rk, rg, rb, cache_replayssm,
                               disable_state_update, use_qk_l2norm, scale, softplus_beta, softplus_threshold)
     if fast is not None:
-        out = fastpath.output(output, v)
         try:  # windows without cache_replayssm fail the full checks: no entry has them
+            out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
                     accepted_tokens, intermediate_states_buffer, out, ssm_state_indices, None, rv, rk, rg, rb,
                     *AFTER_REPLAY)

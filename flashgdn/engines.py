@@ -191,8 +191,8 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
     key, fast = fastpath.find(api.CHECK_INDICES or api._is_compiling(), _packed_key, mixed_qkv, initial_state, out,
                               scale, use_qk_l2norm_in_kernel, vllm_padding)
     if fast is not None:
-        slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)
         try:  # KernelArgs' order
+            slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)
             fast.fn(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, slots, None, None, None, out,
                     token_slots, *AFTER_TOKEN_SLOTS)
             return out, initial_state

@@ -68,9 +68,11 @@ class Fast(NamedTuple):
     extra: Any = None
 
 
-# What a compiled function raises when its own checks refuse the arguments (nothing launched): the
-# call then takes the full way, which names the argument or runs a new variant.
-REFUSED = (TypeError, ValueError)
+# What a compiled function raises when its own checks refuse the arguments (TypeError, ValueError;
+# nothing launched), and what building its arguments raises on an object that is not a tensor where
+# the key does not look (AttributeError, TypeError): the call then takes the full way, which names
+# the argument or runs a new variant.
+REFUSED = (TypeError, ValueError, AttributeError)
 
 
 def find(skip: bool, key_of: Callable[..., Any], *args) -> tuple:
@@ -81,10 +83,10 @@ def find(skip: bool, key_of: Callable[..., Any], *args) -> tuple:
     `key_of` is a module-level function of the arguments: a closure over a call's locals costs
     more host time than passing them.
 
-    On a hit the caller launches the entry's function with the call's tensors in KernelArgs'
-    order, positionally (building a KernelArgs costs more than the rest of the lookup), under
-    `except REFUSED`; on a miss or a refusal it takes the full way, which keeps its compiled
-    function for `key` (remember)."""
+    On a hit the caller builds what it passes (the output, views) and launches the entry's function
+    with the call's tensors in KernelArgs' order, positionally (building a KernelArgs costs more
+    than the rest of the lookup), all under `except REFUSED`; on a miss or a refusal it takes the
+    full way, which keeps its compiled function for `key` (remember)."""
     if skip or not ENABLED:
         return None, None
     try:

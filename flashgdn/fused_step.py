@@ -252,9 +252,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
                               dt_bias, out, scale, use_qk_l2norm)
     if fast is not None:
         decode_fn, device, p, gemm = fast.extra
-        qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
-        o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
         try:
+            qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
+            o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
             if gemm:
                 torch.mm(hidden_states, w_ba, out=ba)
             fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)

@@ -317,8 +317,8 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
                               num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
                               use_qk_l2norm_in_kernel, o)
     if fast is not None:
-        slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
         try:  # KernelArgs' order
+            slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens,
                     *AFTER_CU_SEQLENS)
             return

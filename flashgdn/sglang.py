@@ -305,8 +305,8 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
                               initial_state_source, initial_state_indices, scale, softplus_beta, softplus_threshold,
                               use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents)
     if fast is not None:
-        out = fastpath.new_output(v, False) if o is None else o
         try:
+            out = fastpath.output(o, v)
             if fast.extra is None:
                 fast.fn(*_flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out))
             else:

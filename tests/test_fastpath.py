@@ -88,6 +88,10 @@ REFUSED = [
      r"^intermediate_states_buffer must have shape \[>= B=2"),
     ("mtp", lambda kw: dict(kw, replayssm_g=torch.zeros(P, HV, T_MTP)), ValueError,
      r"^replayssm_rawv/rawk/g/beta buffers require cache_replayssm=True"),
+    # not read by the key, used before the compiled function's checks (the output is v's layout)
+    ("pool", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
+    ("mtp", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
+    ("dec", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
 ]
 
 

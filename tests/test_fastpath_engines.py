@@ -206,6 +206,9 @@ BAD = [  # (entry, change, message)
      r"^initial_state must not overlap itself"),
     ("recurrent_varlen", lambda kw: dict(kw, scale=-0.5), r"^scale must be positive"),
     ("recurrent_varlen", lambda kw: dict(kw, beta=kw["beta"][:, :, :1]), r"^beta must have shape"),
+    # not read by the key, used before the compiled function's checks (cut to the sequences)
+    ("recurrent_varlen", lambda kw: dict(kw, num_accepted_tokens=kw["num_accepted_tokens"].tolist()),
+     r"^num_accepted_tokens must be a torch.Tensor"),
     ("fused_step", lambda kw: dict(kw, A_log=kw["A_log"].bfloat16()), r"^A_log must have dtype float32"),
     ("fused_step", lambda kw: dict(kw, ssm_state=_misaligned_pool(kw["ssm_state"])), r"^ssm_state data pointer"),
     ("fused_step", lambda kw: dict(kw, out=torch.zeros(1, 1, 4, 64, dtype=BF16).expand(3, 1, 4, 64)),
