@@ -295,6 +295,9 @@ def test_mma_kernel_follows_the_measured_cases():
                      zero_padding_output=False)):
         with pytest.raises(ValueError, match="bf16 q/k/v, not vLLM's slot rule"):
             KLastMTPMma(bad, config(T=8, state="bfloat16", index_dtype="int32", tile=(1, 2)))
+    # one lane runs the recurrence of one row: at most two 16-row blocks per warp
+    with pytest.raises(ValueError, match="16-row blocks per warp must be 1 or 2, got 4"):
+        make_kernel(spec("sm_90a", T=8, regime="large", state="bfloat16", index_dtype="int32", tile=(2, 4)))
 
 
 def test_replay_verify_follows_plain_mtp():

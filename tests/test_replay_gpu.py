@@ -337,6 +337,40 @@ def test_commit_out_of_range_values_leave_everything(commit_kernel):
     assert torch.equal(bits(ck[:, 6:]), bits(before[:, 6:]))
 
 
+@pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_commit_without_l2norm_ignores_the_window_past_the_prefix(commit_kernel, sdt):
+    """Without the l2 norm, a token repeated beyond the accepted prefix would grow u by about
+    |1 - beta |k|^2| (here ~1000) per repeat up to fp32 overflow: what the commit computes past
+    accept_lens (the tensor cores re-read the last accepted token there, with zero weight) must not
+    reach the state. T = 16, large raw k, accept_lens 1..3; both commit kernels."""
+    L, B, H, HV, K, T = 2, 6, 2, 4, 128, 16
+    P = B + 2
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    ck = (torch.randn(L, P, HV, K, K, generator=gen, device=DEV) * 0.1).to(sdt)
+    rawv = torch.randn(L, P, HV, T, K, generator=gen, device=DEV).bfloat16()
+    rawk = (torch.randn(L, P, H, T, K, generator=gen, device=DEV) * 3).bfloat16()
+    log_g = -torch.rand(L, P, HV, T, generator=gen, device=DEV) * 0.1
+    beta = torch.full((L, P, HV, T), 0.9, device=DEV)
+    idx = torch.arange(1, B + 1, dtype=torch.int32, device=DEV)
+    acc = torch.tensor([1, 2, 3, 1, 2, 3], dtype=torch.int32, device=DEV)
+    want = ck.double()
+    ref.gated_delta_rule_replayssm_commit(want, rawv, rawk, log_g, beta, idx, acc, use_qk_l2norm=False,
+                                          compute_dtype=F64)
+    assert torch.isfinite(want).all(), "test bug: the reference state overflows"
+    before = ck.clone()
+    flashgdn.gated_delta_rule_replayssm_commit(ck, rawv, rawk, log_g, beta, idx, acc, use_qk_l2norm=False)
+    commit_kernel()
+    slots = idx.long()
+    assert torch.isfinite(ck[:, slots].float()).all(), "a committed state is not finite"
+    # against the size of each head's state (three such tokens scale it by up to ~1e6): fp32 within 1e-4
+    # of it, bf16 within one rounding step of each element
+    got, ref_state = ck[:, slots].double(), want[:, slots]
+    size = ref_state.abs().amax(dim=(-1, -2), keepdim=True)
+    tol = 1e-4 * size if sdt == torch.float32 else bf16_ulp(ref_state.float()).double() + 1e-4 * size
+    assert ((got - ref_state).abs() <= tol).all(), f"max error {(got - ref_state).abs().max():.3g}"
+    assert torch.equal(bits(ck[:, [0, P - 1]]), bits(before[:, [0, P - 1]]))
+
+
 # ----------------------------------------------------------------------------- rounds
 
 

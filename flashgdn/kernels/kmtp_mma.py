@@ -51,6 +51,9 @@ class KLastMTPMma(common.DecodeKernel):
         self.split_state = spec.state_dtype == "float32"  # the state's operands as bf16 hi + lo
         self.state_type = Float32 if self.split_state else BFloat16
         num_warps, blocks_per_warp = config.tile
+        if blocks_per_warp not in (1, 2):  # a lane runs the recurrence of one row: 32 rows per warp at most
+            raise ValueError(f"tile {tuple(config.tile)}: 16-row blocks per warp must be 1 or 2, "
+                             f"got {blocks_per_warp}")
         self.num_warps = num_warps
         self.mb = blocks_per_warp  # 16-row blocks per warp
         self.rows_per_warp = 16 * blocks_per_warp

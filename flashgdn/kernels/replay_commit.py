@@ -234,9 +234,13 @@ class ReplayCommitMma(_CommitRows, KLastMTPMma):
             cute.arch.sync_warp()  # sP written
             if const_expr(not self.early_k):
                 rKu = self._update_k(k_row, g, c, accepted)  # L1 hits: the warp read these rows above
+            # A repeat of the last accepted token (t >= accepted) has no weight (sW is 0 there), but
+            # its u can overflow without the l2 norm (each repeat scales u by up to |1 - beta |k|^2|):
+            # it is stored as 0, so that no 0 * inf reaches the update.
             u = []
             for t in cutlass.range_constexpr(T):
-                u.append(self._u(t, u, sVec, sAkk, sP, rV, my_row))
+                u_t = self._u(t, u, sVec, sAkk, sP, rV, my_row)
+                u.append(u_t if t == 0 else Float32(cutlass.select_(Int32(t) < accepted, u_t, Float32(0.0))))
             self._stash_u(u, sP, my_row, writer)
             if const_expr(spec.has_track):
                 # The state after token `step` (step + 1 tokens), where that token is accepted.
