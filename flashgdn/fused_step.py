@@ -6,12 +6,13 @@ Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; 
 writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace,
 and flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the
 pool) reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the
-decode is a programmatic dependent launch (PDL) of the conv/gate kernel: it starts while that
+decode is a programmatic dependent launch (PDL) of the kernel before it: it starts while that
 kernel ends, loads its slot indices and state, and waits for that grid before it reads the
 workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch
-on a table that names it), the b/a projection is instead one cuBLAS GEMM (torch.mm into the
-workspace) launched first, and the conv/gate kernel runs the conv only: three launches, as the
-composed path runs it. One launch would not pay here: the q/k channels of a head feed HV / H value
+on a table that names it), the conv/gate kernel runs the conv only and the b/a projection is one
+cuBLAS GEMM (torch.mm into the workspace) between it and the decode: three launches, as the
+composed path runs them. The conv kernel goes first because its compiled function checks
+hidden_states and w_ba (which the fast key does not read) before anything runs. One launch would not pay here: the q/k channels of a head feed HV / H value
 heads and all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
 head (a sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and
 [rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
@@ -253,13 +254,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     if fast is not None:
         decode_fn, device, p, gemm = fast.extra
         try:
-            qkv, ba, q, k, v, a, b = _workspace(device, p.B, p.H, p.HV, p.K)
             o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
-            if gemm:
-                torch.mm(hidden_states, w_ba, out=ba)
-            fast.fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
-            # KernelArgs' order
-            decode_fn(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, o, *AFTER_OUTPUT)
+            _launches(fast.fn, decode_fn, gemm, _workspace(device, p.B, p.H, p.HV, p.K), hidden_states, w_ba,
+                      mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
             return o
         except fastpath.REFUSED:
             pass
@@ -306,18 +303,32 @@ def _decode_only(t: torch.Tensor) -> tuple:
 
 def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
             ssm_state, state_indices, use_qk_l2norm, out) -> None:
-    """The conv/gate launch then the decode launch of a validated call (its _Plan), after the
-    b/a GEMM in the "gemm" regime; the first call of a plan looks both compiled functions up."""
+    """The launches of a validated call (its _Plan: _launches); the first call of a plan looks both
+    compiled functions up."""
     p = plan.problem
-    qkv, ba, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K)
-    decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
+    ws = _workspace(plan.device, p.B, p.H, p.HV, p.K)
     if plan.fns is None:
+        _, _, q, k, v, a, b = ws
+        decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
         conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, decode,
                                               api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
         plan.gemm = conv_spec.regime == "gemm"
         plan.fns = (kernel_cache.get(conv_spec), kernel_cache.get(decode_spec))
-    conv_fn, decode_fn = plan.fns
-    if plan.gemm:
-        torch.mm(hidden_states, w_ba, out=ba)  # cuBLAS, as the engines' own projection
+    _launches(*plan.fns, plan.gemm, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
+              state_indices, A_log, dt_bias, ssm_state, out)
+
+
+def _launches(conv_fn, decode_fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
+              state_indices, A_log, dt_bias, ssm_state, out) -> None:
+    """The conv/gate launch, the b/a GEMM in the "gemm" regime (module docstring: after the conv
+    launch, whose checks cover hidden_states and w_ba), then the decode launch, on the workspace
+    `ws` (_workspace's rows and views)."""
+    qkv, ba, q, k, v, a, b = ws
     conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
-    decode_fn(*decode)
+    if gemm:
+        # cuBLAS, as the engines' own projection; inference only: a weight that requires grad (an
+        # nn.Parameter) goes detached, as the kernels take it
+        if hidden_states.requires_grad or w_ba.requires_grad:
+            hidden_states, w_ba = hidden_states.detach(), w_ba.detach()
+        torch.mm(hidden_states, w_ba, out=ba)
+    decode_fn(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, out, *AFTER_OUTPUT)

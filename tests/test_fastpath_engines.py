@@ -115,30 +115,67 @@ def test_a_repeated_call_skips_the_full_checks(calls, name):
                     assert x.data_ptr() == y.data_ptr(), f"argument {i}"
 
 
-def test_the_gemm_regime_projects_before_the_conv_launch(calls, monkeypatch):
-    """In the "gemm" conv/gate regime (a table's conv_gate_gemm_heads_per_sm) the step writes
-    hidden_states @ w_ba (torch.mm) into the workspace's b | a rows before the conv-only conv/gate
-    launch, on the full way and on the fast one; the conv/gate build is the gemm one."""
+def _gemm_table(monkeypatch, launched):
+    """The "gemm" conv/gate regime from B * HV > 2 per SM (a table's conv_gate_gemm_heads_per_sm);
+    returns (specs looked up, the b | a workspace rows as each launch saw them)."""
     import dataclasses
 
     from flashgdn.kernels import policy
+
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", dataclasses.replace(
+        policy.SM90_HBM3, conv_gate_gemm_heads_per_sm=2))
+    looked_up, seen = [], []
+
+    def get(spec):
+        looked_up.append(spec)
+        stub = ffi_checking_stub(spec, launched)
+
+        def compiled(*args):
+            stub(*args)
+            seen.append(fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1].clone())
+
+        return compiled
+
+    monkeypatch.setattr(api.kernel_cache, "get", get)
+    return looked_up, seen
+
+
+def test_the_gemm_regime_projects_between_the_conv_and_the_decode(calls, monkeypatch):
+    """In the "gemm" regime the step writes hidden_states @ w_ba (torch.mm) into the workspace's
+    b | a rows after the conv-only conv/gate launch (whose checks cover hidden_states and w_ba) and
+    before the decode, on the full way and on the fast one; the conv/gate build is the gemm one;
+    a w_ba that requires grad (an nn.Parameter) goes detached."""
     from flashgdn.spec import ConvGateSpec
 
     full, launched = calls
-    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", dataclasses.replace(
-        policy.SM90_HBM3, conv_gate_gemm_heads_per_sm=2))
-    looked_up = []
-    monkeypatch.setattr(api.kernel_cache, "get", lambda spec: looked_up.append(spec) or ffi_checking_stub(spec, launched))
+    looked_up, seen = _gemm_table(monkeypatch, launched)
     kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)  # B * HV = 280 > 2 * 132
     want = torch.mm(kw["hidden_states"], kw["w_ba"])
+    kw["w_ba"].requires_grad_(True)
     for n in range(2):
         ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1]
         ba.zero_()
+        seen.clear()
         STEP(**kw)
-        conv_args = launched[-2]
-        assert conv_args[-1].data_ptr() == ba.data_ptr() and torch.equal(ba, want), f"call {n}"
+        assert launched[-2][-1].data_ptr() == ba.data_ptr(), f"call {n}: the conv launch's b | a rows"
+        assert not seen[0].any() and torch.equal(seen[1], want), f"call {n}: conv, then the GEMM, then the decode"
     assert len(full) == 1, "the second call takes the fast way"
     assert [s.regime for s in looked_up if isinstance(s, ConvGateSpec)] == ["gemm"]
+
+
+def test_the_gemm_regime_refuses_a_bad_w_ba_before_the_gemm(calls, monkeypatch):
+    """w_ba is not in the fast key: a repeated call with another w_ba layout is refused by the conv
+    launch's checks before the GEMM runs (no launch, the workspace not resized), and the full way
+    raises its error."""
+    full, launched = calls
+    _gemm_table(monkeypatch, launched)
+    kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)
+    STEP(**kw)
+    ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1]
+    shape, n_launched = ba.shape, len(launched)
+    with pytest.raises(ValueError, match="^w_ba must have shape"):
+        STEP(**dict(kw, w_ba=torch.cat([kw["w_ba"], kw["w_ba"]], 1)))
+    assert len(launched) == n_launched and ba.shape == shape
 
 
 def _expect_same_error(fn, kw, bad, reset, launched):

@@ -52,10 +52,11 @@ def _check_bf16_close(actual, expected, what):
     assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} values beyond one bf16 step, max {err.max():.3g}"
 
 
-def run_and_check(kw, *, out=None, gemm=False):
+def run_and_check(kw, *, out=None, gemm=False, w_ba_param=False):
     """Run the fused step on `kw` (GPU tensors) and check everything against the fp64 oracle. With
     `gemm` (the "gemm" conv/gate regime) the b | a rows are cuBLAS's: checked against torch.mm of the
-    same tensors (cuBLAS may reduce in bf16 where the oracle does not round)."""
+    same tensors (cuBLAS may reduce in bf16 where the oracle does not round). `w_ba_param`: the step
+    gets w_ba as an nn.Parameter (it requires grad; no torch.no_grad around the call)."""
     B = kw["hidden_states"].shape[0]
     HV, D = kw["A_log"].shape[0], kw["ssm_state"].shape[-1]
     qkv_dim = kw["mixed_qkv"].shape[1]
@@ -71,7 +72,8 @@ def run_and_check(kw, *, out=None, gemm=False):
     o_ref, _, _ = ref.gdn_fused_decode_step(**oracle, out=None, compute_dtype=F64)
     if out is None:
         out = torch.full((B, 1, HV, D), float("nan"), dtype=BF16, device=DEV)
-    o, conv_state, ssm_state = flashgdn.gdn_fused_decode_step(**kw, out=out)
+    call = dict(kw, w_ba=torch.nn.Parameter(kw["w_ba"])) if w_ba_param else kw
+    o, conv_state, ssm_state = flashgdn.gdn_fused_decode_step(**call, out=out)
     torch.cuda.synchronize()
     assert o is out and conv_state is kw["conv_state"] and ssm_state is kw["ssm_state"]
 
@@ -167,9 +169,10 @@ GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0
                          ids=lambda g: g[0])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
 def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
-    """The "gemm" conv/gate regime (the b/a projection by torch.mm into the workspace, then a
-    conv-only conv/gate kernel and the decode): the same results as the reference, padding and an
-    out-of-range slot included, in the DS and SD layouts."""
+    """The "gemm" conv/gate regime (a conv-only conv/gate kernel, the b/a projection by torch.mm into
+    the workspace, then the decode as a programmatic dependent of the GEMM): the same results as the
+    reference, padding and an out-of-range slot included, in the DS and SD layouts; the second
+    call's w_ba requires grad (an nn.Parameter), outside torch.no_grad."""
     from flashgdn.kernels import policy
 
     specs = use_h200_table(monkeypatch, **GEMM_REGIME)
@@ -178,7 +181,7 @@ def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
         P = 2 * B + 5
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
                                slots=_slots(B, P, pad=True, invalid=True, seed=n), device=DEV, seed=50 + n)
-        run_and_check(kw, gemm=True)
+        run_and_check(kw, gemm=True, w_ba_param=n == 1)
     built = [s for s in specs if isinstance(s, ConvGateSpec)]
     assert built and all(s.regime == "gemm" and policy.ConvGateConfig.for_spec(s).gate_ctas == 0 for s in built)
 
