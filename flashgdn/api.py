@@ -337,6 +337,7 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
         except fastpath.REFUSED:
             pass
     val.check_backend(backend)
+    val.check_flags(use_qk_l2norm=use_qk_l2norm, disable_state_update=disable_state_update)
     plan = _validated(
         _check_pretranspose, q, k, v, state, A_log, a, dt_bias, b, scale, output, initial_state,
         initial_state_indices, output_state_indices, intermediate_states_buffer, disable_state_update,
@@ -396,6 +397,7 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
         except fastpath.REFUSED:
             pass
     val.check_backend(backend)
+    val.check_flags(use_qk_l2norm=use_qk_l2norm)
     plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
                       softplus_threshold, options=(use_qk_l2norm,))
     args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
@@ -481,6 +483,8 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
             return out, initial_state
         except fastpath.REFUSED:
             pass
+    val.check_flags(use_qk_l2norm=use_qk_l2norm, disable_state_update=disable_state_update,
+                    cache_replayssm=cache_replayssm)
     plan = _validated(
         _check_mtp, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
         intermediate_states_buffer, ssm_state_indices, disable_state_update, output_state_indices,

@@ -199,6 +199,7 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
         except fastpath.REFUSED:
             pass
     H = val.checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
+    val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     plan = api._validated(api._check_pretranspose, *_pretranspose_check_args(
         mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, H),
         options=(use_qk_l2norm_in_kernel, "packed rows", vllm_padding))

@@ -249,7 +249,7 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     decode function checks of the tensors only it gets (A_log, dt_bias, ssm_state, out: dtype,
     shape, strides, device, address modulo 16): a call the decode function would refuse misses
     the key and takes the full way, which writes nothing before its checks pass (_step_key)."""
-    key, fast = fastpath.find(False, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log,
+    key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log,
                               dt_bias, out, scale, use_qk_l2norm)
     if fast is not None:
         decode_fn, device, p, gemm = fast.extra
@@ -260,6 +260,7 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
             return o
         except fastpath.REFUSED:
             pass
+    val.check_flags(use_qk_l2norm=use_qk_l2norm)
     plan = val.remembered(
         _VALIDATED, _check,
         (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
@@ -267,6 +268,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         (use_qk_l2norm,), lambda result: _Plan(*result),
     )
     p = plan.problem
+    if api.CHECK_INDICES:  # FLASHGDN_CHECK_INDICES=1: slots in range, none written by two rows (a host sync)
+        val.check_index_values("state_indices", state_indices, ssm_state.shape[0], allow_negative=True)
+        val.check_distinct_slots("state_indices", state_indices, state_indices)
     if out is None:
         out = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=hidden_states.device)
     if p.B:

@@ -324,6 +324,7 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
             return
         except fastpath.REFUSED:
             pass
+    val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     plan = api._validated(_check, q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale,
                           initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                           options=(use_qk_l2norm_in_kernel,))

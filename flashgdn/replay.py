@@ -118,6 +118,7 @@ def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_ca
         except fastpath.REFUSED:
             pass
     _check_commit_backend(backend)
+    val.check_flags(use_qk_l2norm=use_qk_l2norm)
     plan = api._validated(
         _check_commit, checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
         track_state_indices, track_steps, null_block_id, options=(use_qk_l2norm,),

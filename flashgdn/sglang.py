@@ -315,6 +315,7 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
             return out
         except fastpath.REFUSED:
             pass
+    val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     varlen, T, geometry = val.checked(_check, q, k, v, a, b, A_log, dt_bias, initial_state_source, scale, cu_seqlens,
                                       disable_state_update, inter, rows)
     if varlen and api.CHECK_INDICES:

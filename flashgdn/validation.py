@@ -325,6 +325,15 @@ def _check_finite(name: str, x, expected: str) -> None:
         raise ValueError(f"{name} must be finite, got {x}")
 
 
+def check_flags(**flags) -> None:
+    """Each flag a bool (or an int, taken by its truth, as Python's `if` would): a tensor would
+    decide the compiled variant by its value (a host sync), and the call signature memo and the
+    fast keys see a tensor by its layout or identity, not its value."""
+    for name, value in flags.items():
+        if not isinstance(value, int):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_scale(scale) -> None:
     if scale is not None:
         _check_finite("scale", scale, "a float or None")

@@ -92,6 +92,14 @@ REFUSED = [
     ("pool", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
     ("mtp", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
     ("dec", lambda kw: dict(kw, v=kw["v"].tolist()), TypeError, r"^v must be a torch.Tensor"),
+    # a flag that selects the variant: a tensor's value would need a host sync, its layout or identity is
+    # all a memo or a key sees
+    ("pool", lambda kw: dict(kw, use_qk_l2norm=torch.tensor(False)), TypeError,
+     r"^use_qk_l2norm must be a bool, got Tensor"),
+    ("dec", lambda kw: dict(kw, use_qk_l2norm=torch.tensor(True)), TypeError, r"^use_qk_l2norm must be a bool"),
+    ("mtp", lambda kw: dict(kw, disable_state_update=torch.tensor(True)), TypeError,
+     r"^disable_state_update must be a bool, got Tensor"),
+    ("mtp", lambda kw: dict(kw, cache_replayssm=torch.tensor(False)), TypeError, r"^cache_replayssm must be a bool"),
 ]
 
 

@@ -252,6 +252,14 @@ BAD = [  # (entry, change, message)
      r"^out must not overlap itself"),
     ("fused_step", lambda kw: dict(kw, conv_state=_expanded(kw["conv_state"])), r"^conv_state must not overlap"),
     ("fused_step", lambda kw: dict(kw, dt_bias=kw["dt_bias"][:2]), r"^dt_bias must have shape"),
+    # a flag that selects the variant, as a tensor (its value would need a host sync)
+    ("packed", lambda kw: dict(kw, use_qk_l2norm_in_kernel=torch.tensor(True)),
+     r"^use_qk_l2norm_in_kernel must be a bool, got Tensor"),
+    ("sigmoid", lambda kw: dict(kw, use_qk_l2norm_in_kernel=torch.tensor(False)), r"^use_qk_l2norm_in_kernel must"),
+    ("recurrent_varlen", lambda kw: dict(kw, use_qk_l2norm_in_kernel=torch.tensor(True)),
+     r"^use_qk_l2norm_in_kernel must be a bool"),
+    ("fused_step", lambda kw: dict(kw, use_qk_l2norm=torch.tensor(False)), r"^use_qk_l2norm must be a bool"),
+    ("replay_commit", lambda kw: dict(kw, use_qk_l2norm=torch.tensor(True)), r"^use_qk_l2norm must be a bool"),
 ]
 
 
@@ -336,10 +344,25 @@ def test_fused_step_workspace_follows_the_current_stream(calls, monkeypatch):
 def test_check_indices_always_takes_the_full_way(calls, monkeypatch):
     monkeypatch.setattr(api, "CHECK_INDICES", True)
     full, launched = calls
-    for name in ("packed", "sigmoid", "recurrent_varlen"):
+    for name in ("packed", "sigmoid", "recurrent_varlen", "fused_step"):
         fn, make = ENTRIES[name]
         kw = make()
         fn(**kw)
         n = len(full)
         fn(**kw)
         assert len(full) > n, name
+
+
+@pytest.mark.parametrize("slots, match", [([4, 4, 0], r"^state_indices must not repeat a written slot"),
+                                          ([4, -1, 6], r"^state_indices values must be in \[0, 6\)")])
+def test_check_indices_refuses_the_fused_steps_bad_slots(calls, monkeypatch, slots, match):
+    """FLASHGDN_CHECK_INDICES=1: the fused step's slots in range and none written by two rows (a host
+    sync), raised before any launch."""
+    monkeypatch.setattr(api, "CHECK_INDICES", True)
+    full, launched = calls
+    kw = _fused_kwargs()
+    STEP(**kw)
+    n = len(launched)
+    with pytest.raises(ValueError, match=match):
+        STEP(**dict(kw, state_indices=torch.tensor(slots, dtype=torch.int32)))
+    assert len(launched) == n
