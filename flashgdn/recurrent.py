@@ -12,7 +12,8 @@ vLLM's contract (vllm/third_party/flash_linear_attention/ops/fused_recurrent.py,
 caller; sequence i reads the state in pool slot ssm_state_indices[i, num_accepted_tokens[i] - 1]
 (column 0 without accepted counts) and writes the state after its token t to slot
 ssm_state_indices[i, t]; a slot index <= 0 (vLLM's null block) is padding where read and not
-written where written. The kernels take g and beta in the places of a and b (KernelSpec
+written where written, and so is a sequence without an accepted token (newer vLLM masks it so:
+vllm-project/vllm#50021). The kernels take g and beta in the places of a and b (KernelSpec
 .precomputed_gates) and apply this slot rule themselves (KernelSpec.vllm_slots), with the tokens
 of all sequences in one dim when cu_seqlens is given (KernelSpec.varlen). docs/engines.md lists
 what differs from vLLM and what raises.
@@ -191,8 +192,9 @@ def fused_recurrent_gated_delta_rule(
     (K-last; padded slot stride allowed) is read and written in place. ssm_state_indices [N, T_max]
     (int32 or int64; [N] means [N, 1]): sequence i reads slot ssm_state_indices[i,
     num_accepted_tokens[i] - 1] (column 0 without num_accepted_tokens) and writes the state after
-    its token t to slot ssm_state_indices[i, t]. A read slot <= 0 is padding: the sequence's output
-    rows are zero and no slot is touched; a write slot <= 0 is not written. Without cu_seqlens T
+    its token t to slot ssm_state_indices[i, t]. A read slot <= 0 or an accepted count of 0 is
+    padding: the sequence's output rows are zero and no slot is touched; a write slot <= 0 is not
+    written (an accepted count outside [0, T_max]: NaN rows, nothing written). Without cu_seqlens T
     must equal T_max; with it each sequence has at most T_max <= 16 tokens (cu_seqlens' values are
     not read on the host: a longer sequence gets NaN output rows and writes no state).
     scale None means K ** -0.5; beta None means ones.

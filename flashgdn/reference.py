@@ -281,9 +281,10 @@ def fused_recurrent_gated_delta_rule_vllm(
     sequence at a time: g log decay, beta [B, T, HV]; sequence i (rows cu_seqlens[i]..[i + 1] of
     dim 1, or row i of a dense batch) reads slot ssm_state_indices[i, num_accepted_tokens[i] - 1]
     and writes the state after its token t to slot ssm_state_indices[i, t] (in place, the pool's
-    dtype); a slot <= 0 is padding (read: zero output, nothing written) or not written; rows of
-    the slot table and accepted counts past the N sequences (a CUDA-graph batch's padding) are not
-    read. Returns the output (v's shape, q's dtype; NaN in rows of no sequence)."""
+    dtype); a slot <= 0 is padding (read: zero output, nothing written) or not written, and so is
+    an accepted count of 0; a count outside [0, T] gives NaN output rows and writes nothing; rows
+    of the slot table and accepted counts past the N sequences (a CUDA-graph batch's padding) are
+    not read. Returns the output (v's shape, q's dtype; NaN in rows of no sequence)."""
     idx = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices[:, None]
     out = torch.full(v.shape, float("nan"), dtype=q.dtype, device=q.device)
     HV = v.shape[2]
@@ -296,7 +297,9 @@ def fused_recurrent_gated_delta_rule_vllm(
             continue
         span = slice(start, start + n)
         acc = 1 if num_accepted_tokens is None else int(num_accepted_tokens[i])
-        slot = int(idx[i, acc - 1])
+        if not 0 <= acc <= idx.shape[1]:
+            continue  # NaN rows, nothing written
+        slot = int(idx[i, acc - 1]) if acc else 0
         if slot <= 0:
             out[row, span] = 0
             continue

@@ -11,7 +11,7 @@ where they must) and flashgdn.reference computed in fp64.
 vLLM's fused_recurrent_gated_delta_rule (precomputed gates) is checked against
 flashgdn.reference.fused_recurrent_gated_delta_rule_vllm in fp64: varlen with unequal lengths
 (empty sequences and spare tokens included), dense batches, [N] and [N, T] slot tables,
-accepted counts 1..T, padding read slots (0 and -1), unwritten token slots, fp32/bf16 states,
+accepted counts 0..T (0: a padding sequence), padding read slots (0 and -1), unwritten token slots, fp32/bf16 states,
 g and beta in fp32 and bf16, and CUDA graph replay with new lengths and slots per replay.
 
 Covered: both padding rules, strided views (mixed_qkv with a row stride larger than its width, a
@@ -319,8 +319,8 @@ def test_engine_decode_loop_example_on_the_gpu(engine):
 # ----------------------------------------------------------------------------- vLLM's precomputed-gate op
 # The contract (flashgdn.recurrent): sequence i (rows cu_seqlens[i]..cu_seqlens[i + 1] of dim 1,
 # or row i of a dense batch) reads slot ssm_state_indices[i, num_accepted_tokens[i] - 1] and writes
-# the state after its token t to slot ssm_state_indices[i, t]; a read slot <= 0 is a padding
-# sequence (zero output rows, no slot touched), a write slot <= 0 is not written. Expected values:
+# the state after its token t to slot ssm_state_indices[i, t]; a read slot <= 0 or no accepted token
+# is a padding sequence (zero output rows, no slot touched), a write slot <= 0 is not written. Expected values:
 # flashgdn.reference.fused_recurrent_gated_delta_rule_vllm in fp64.
 
 RECURRENT_CASES = [
@@ -370,10 +370,10 @@ def recurrent_inputs(c, seed):
 def vllm_slot_table(N, T, P, acc, gen):
     """[N, T] distinct slots in 1..P-1; every third sequence (from 1) pads its read slot (0, then
     -1 alternately); a real sequence's write column after its read column is 0 or -1 (not written)
-    every other row."""
+    every other row. A sequence with no accepted token (acc 0) is padding whatever its slots."""
     idx = (torch.randperm(P - 1, generator=gen)[:N * T] + 1).view(N, T)
     for i in range(N):
-        read = int(acc[i]) - 1
+        read = max(int(acc[i]) - 1, 0)
         if i % 3 == 1:
             idx[i, read] = 0 if i % 2 else -1
         elif T > 1 and i % 2 == 0:
@@ -388,7 +388,7 @@ def recurrent_expectations(idx, acc, lengths, tokens):
     written, start = [], 0
     for i, n in enumerate(lengths):
         a = 1 if acc is None else int(acc[i])
-        if n and int(idx[i, a - 1]) <= 0:
+        if n and (a == 0 or int(idx[i, a - 1]) <= 0):
             pad[start:start + n] = True
         elif n:
             real[start:start + n] = True
@@ -414,6 +414,8 @@ def check_vllm_recurrent(case, raw_gates: bool):
     P = N * T + 5
     pool, flat = padded_pool(P, HV, V, K, c["sdt"], 16, seed + 1)
     acc = torch.randint(1, T + 1, (N,), generator=gen) if c["acc"] else None
+    if acc is not None and N > 4:
+        acc[4::5] = 0  # no accepted token: vLLM sends such rows, its kernel masks them (zero rows, no state)
     table = vllm_slot_table(N, T, P, acc if acc is not None else torch.ones(N, dtype=torch.long), gen)
     idx = table.to(c.get("idx_dtype", torch.int32)).to(DEV)
     if c.get("one_d"):

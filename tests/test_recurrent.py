@@ -225,6 +225,27 @@ def test_reference_matches_flashgdn_reference():
     assert torch.all(out[1] == 0) and torch.equal(mine[0], pool[0])
 
 
+
+def test_reference_accepted_count_zero_is_padding_and_outside_the_row_is_nan():
+    """vLLM's accepted counts: 0 (a row vLLM sends without an accepted token, which its kernel
+    masks) is a padding sequence, zero rows and no slot touched; a count past the row's slots or
+    negative gives NaN rows and writes nothing; the others read column count - 1."""
+    gen = _gen(9)
+    T = 3
+    q, k = torch.randn(4, T, H, K, generator=gen), torch.randn(4, T, H, K, generator=gen)
+    v = torch.randn(4, T, HV, V, generator=gen)
+    g, beta = -torch.rand(4, T, HV, generator=gen), torch.rand(4, T, HV, generator=gen)
+    pool = torch.randn(4 * T + 1, HV, V, K, generator=gen, dtype=torch.float64)
+    idx = torch.arange(1, 4 * T + 1).view(4, T)
+    acc = torch.tensor([2, 0, T + 1, -1])
+    mine = pool.clone()
+    out = ref.fused_recurrent_gated_delta_rule_vllm(q, k, v, g, beta, None, mine, None, idx, acc, True,
+                                                    compute_dtype=torch.float64)
+    assert torch.all(out[1] == 0) and torch.isnan(out[2:]).all() and not torch.isnan(out[0]).any()
+    assert torch.equal(mine[4:], pool[4:]), "only the first sequence writes its slots"
+    assert not torch.equal(mine[1:4], pool[1:4])
+
+
 # ----------------------------------------------------------------------------- compiles (no GPU)
 
 COMPILED = {  # keyword arguments of test_compile.spec: the variants this function builds

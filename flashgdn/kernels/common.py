@@ -199,13 +199,16 @@ def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.
 def resolve_vllm_slots(mTok, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int]):
     """resolve_slots under vLLM's rule (KernelSpec.vllm_slots): row b reads slot
     mTok[b, mAcc[b] - 1] (column 0 without accepted counts), and writes it too where it runs one
-    token. PADDING for a read slot <= 0; INVALID for an accepted count outside [1, T] or a read
+    token. PADDING for a read slot <= 0 or an accepted count of 0 (a row vLLM sends without an
+    accepted token; its kernel masks it so); INVALID for an accepted count outside [0, T] or a read
     slot >= the pool size."""
     acc = Int64(1)
     if const_expr(mAcc is not None):
         acc = Int64(mAcc[b])
     status = Int32(RUN)
-    if acc < Int64(1) or acc > Int64(num_tokens):
+    if acc == Int64(0):
+        status = Int32(PADDING)
+    elif acc < Int64(0) or acc > Int64(num_tokens):
         status = Int32(INVALID)
     column = Int32(cutlass.select_(status == Int32(RUN), acc - Int64(1), Int64(0)))
     read_slot = Int64(mTok[b, column])
