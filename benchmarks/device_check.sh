@@ -62,7 +62,7 @@ sanitize)
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py \
     -k "(tensor_core or commit_equals or fp16 or out_of_range) and not commit-mma" > "$out/mc1.log" 2>&1 &
   $sanitizer --tool memcheck $pytest tests/test_engines_gpu.py tests/test_engines_sglang_gpu.py tests/test_fused_step_gpu.py \
-    tests/test_flashinfer_patterns_gpu.py -k "(vllm or padded or matches_reference or matches_the_contract) and not graph" > "$out/mc2.log" 2>&1 &
+    tests/test_flashinfer_patterns_gpu.py -k "(vllm or padded or matches_reference or matches_the_contract or negative_write) and not graph" > "$out/mc2.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py \
     -k "(commit_equals and commit-loop and (2-3-2 or 3-7-1)) or (tensor_core_verify_outputs and 3-100)" \
     > "$out/rc1.log" 2>&1 &

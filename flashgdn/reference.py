@@ -100,12 +100,15 @@ def _decode(
     if read_idx is None:
         read_idx = torch.arange(B, device=q.device)
     write_idx = read_idx if write_idx is None else write_idx
-    run = (read_idx >= 0) & (write_idx >= 0)
+    # A negative read index is padding; a negative write index (FlashInfer's rule) lets the row run
+    # (output, intermediate states) without storing its final state.
+    run = read_idx >= 0
     padding = ~run
     if output is not None and not zero_padding_output:
         out[padding] = output[padding]
-    # Rows the kernels refuse (slot past the pool, accepted count outside [0, T]) get NaN output.
-    bad = run & ((read_idx >= pool.shape[0]) | (write_idx >= pool.shape[0]))
+    # Rows the kernels refuse (slot past the pool, a write slot past it where the state is stored,
+    # accepted count outside [0, T]) get NaN output.
+    bad = run & ((read_idx >= pool.shape[0]) | (update_state & (write_idx >= pool.shape[0])))
     if accepted_tokens is not None:
         bad |= run & ((accepted_tokens < 0) | (accepted_tokens > T))
     if token_slots is not None:
@@ -151,7 +154,8 @@ def _decode(
             final = torch.stack([S] + states, 1)  # [n, T+1, ...]: state after 0..T tokens
             n_acc = torch.full_like(rows, T) if accepted_tokens is None else accepted_tokens[rows].long()
             chosen = final[torch.arange(rows.numel(), device=q.device), n_acc]
-            pool[wi] = as_stored(chosen).to(pool.dtype)
+            stored = wi >= 0
+            pool[wi[stored]] = as_stored(chosen[stored]).to(pool.dtype)
     if output is not None:
         output.copy_(out)
         out = output

@@ -376,8 +376,9 @@ def check_launch_indices(p: Problem, args: spec.KernelArgs, update_state: bool) 
     """FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES): the index values of a launch's tensors in
     range and no slot written twice (a host sync)."""
     pool_size = args.state.shape[0]
+    # The write index is used only where the state is stored (resolve_slots)
     for name, t in (("initial_state_indices", args.state_indices),
-                    ("output_state_indices", args.output_state_indices),
+                    ("output_state_indices", args.output_state_indices if update_state else None),
                     ("ssm_state_indices", args.token_state_indices)):
         if t is not None:
             check_index_values(name, t, pool_size, allow_negative=True)

@@ -456,3 +456,45 @@ def test_mtp_per_token_state_slots_cuda_graph(case):
 
     graph_replay_equals_eager(lambda t: _call(
         flashgdn, "mtp", static[:7], t["pool"], static[7], t["out"], tok=static[8]), static, fresh, bufs)
+
+
+# ----------------------------------------------------------------------------- a negative write index
+
+
+@pytest.mark.parametrize("T,sdt,B", [(1, F32, 6), (1, BF16, 200), (3, F32, 6), (8, BF16, 200), (8, F32, 200)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_negative_write_index_runs_the_row_and_stores_no_state(T, sdt, B):
+    """output_state_indices negative with a valid read index (FlashInfer's MTP rule): the row's
+    output is computed and its state is stored nowhere, while the other rows store theirs; with
+    disable_state_update=True (T > 1) a write index past the pool or negative changes nothing
+    either. The T = 1 kernel, the token loop and (B = 200, T = 8) the tensor cores."""
+    H, HV, K = 2, 4, 128
+    q, k, v, a, b, A_log, dt_bias = make_inputs(B, T, H, HV, K, K, device=DEV, seed=31)
+    P = 2 * B + 2
+    pool = make_state(P, HV, K, K, sdt, DEV, seed=32)
+    before = pool.clone()
+    slots = torch.randperm(P, device=DEV).to(torch.int32)
+    read, write = slots[:B].clone(), slots[B:2 * B].clone()
+    write[::3] = -1
+    ref_pool = before.double()
+    o_ref, _ = ref.gated_delta_rule_decode_pretranspose(
+        q, k, v, None, A_log, a, dt_bias, b, initial_state=ref_pool, initial_state_indices=read,
+        output_state_indices=write, compute_dtype=F64)
+    out = torch.full((B, T, HV, K), float("nan"), dtype=BF16, device=DEV)
+    o, _ = flashgdn.gated_delta_rule_decode_pretranspose(
+        q, k, v, None, A_log, a, dt_bias, b, output=out, initial_state=pool, initial_state_indices=read,
+        output_state_indices=write)
+    assert_close_output(o, o_ref)
+    stored = torch.zeros(P, dtype=torch.bool, device=DEV)
+    stored[write[write >= 0].long()] = True
+    assert_close_state(pool[stored], ref_pool[stored])
+    assert same_bits(pool[~stored], before[~stored]), "a slot no row stores changed"
+    if T > 1:
+        frozen = before.clone()
+        write[1::3] = P + 7
+        o2, _ = flashgdn.gated_delta_rule_mtp(q, k, v, frozen, read, A_log, a, dt_bias, b, output_state_indices=write,
+                                              disable_state_update=True)
+        o_frozen, _ = ref.gated_delta_rule_mtp(q, k, v, before.double(), read, A_log, a, dt_bias, b,
+                                               disable_state_update=True, compute_dtype=F64)
+        assert_close_output(o2, o_frozen)
+        assert same_bits(frozen, before), "disable_state_update=True wrote the pool"

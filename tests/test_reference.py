@@ -262,8 +262,9 @@ def test_padding_t1_pretranspose_pool():
     assert torch.equal(pool, before)
 
 
-def test_negative_write_index_is_padding():
-    """A negative output_state_indices entry also marks padding (zero row, nothing written)."""
+def test_negative_write_index_stores_no_state():
+    """A negative output_state_indices entry with a valid read index (FlashInfer's rule): the row
+    runs, its output is computed, and its state is stored nowhere."""
     B, H, HV, K, V = 2, 2, 2, 64, 64
     q, k, v, a, b, A_log, dt_bias = inputs(B, 1, H, HV, K, V, seed=54)
     pool = make_state(4, HV, V, K, torch.float32, seed=55)
@@ -273,8 +274,9 @@ def test_negative_write_index_is_padding():
         initial_state_indices=torch.tensor([1, 2], dtype=torch.int32),
         output_state_indices=torch.tensor([-1, 3], dtype=torch.int32),
     )
-    assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(pool[:3], before[:3])
+    o, _ = naive_seq(q[0], k[0], v[0], a[0], b[0], A_log, dt_bias, before[1], layout="klast")
+    close(out[0], o)
     o, s = naive_seq(q[1], k[1], v[1], a[1], b[1], A_log, dt_bias, before[2], layout="klast")
     close(out[1], o)
     close(pool[3], stored(s[-1], "klast"))
@@ -589,3 +591,17 @@ def test_compute_dtype_float64_agrees(fn):
     close(outs[0], outs[1], msg="output fp32 vs fp64 compute")
     close(s32, s64, msg="state fp32 vs fp64 compute")
     assert not torch.equal(s32, s64)  # fp64 really computed differently
+
+
+def test_write_index_unused_without_a_state_update():
+    """disable_state_update=True stores no state, so the write index is not used (FlashInfer's MTP):
+    one past the pool or negative gives the same outputs as the read index alone; nothing written."""
+    B, H, HV, K, V, T, P = 3, 2, 2, 64, 64, 2, 4
+    q, k, v, a, b, A_log, dt_bias = inputs(B, T, H, HV, K, V, seed=104)
+    pool = make_state(P, HV, V, K, torch.float32, seed=105)
+    before = pool.clone()
+    read = torch.tensor([1, 0, 2], dtype=torch.int32)
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, disable_state_update=True,
+                                      output_state_indices=torch.tensor([P + 5, -1, 3], dtype=torch.int32))
+    plain, _ = ref.gated_delta_rule_mtp(q, k, v, pool, read, A_log, a, dt_bias, b, disable_state_update=True)
+    assert torch.equal(out, plain) and not torch.isnan(out).any() and torch.equal(pool, before)

@@ -167,12 +167,15 @@ def group_reduce_scatter(values, group: int, lane_in_group):
 
 
 @cute.jit
-def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int]):
+def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.Constexpr[int],
+                  stores_state: cutlass.Constexpr[bool] = True):
     """Read/write slots of batch row b (64-bit), tokens to commit, and the row status.
 
-    status RUN; PADDING for a negative index (zero output, state untouched); INVALID for an index
-    >= pool size or accepted tokens outside [0, T] (NaN output so the error shows, state untouched).
-    """
+    status RUN; PADDING for a negative read index (zero output, state untouched); INVALID for a
+    read index >= pool size, a write index >= pool size where the state is stored
+    (`stores_state`), or accepted tokens outside [0, T] (NaN output so the error shows, state
+    untouched). A negative write index leaves the row running (its output, its intermediate
+    states) and stores no final state (FlashInfer's rule: commits_state)."""
     read_slot = Int64(b)
     if const_expr(mIdx is not None):
         read_slot = Int64(mIdx[b])
@@ -183,9 +186,11 @@ def resolve_slots(mIdx, mOutIdx, mAcc, b: Int32, pool_size, num_tokens: cutlass.
     if const_expr(mAcc is not None):
         accepted = Int32(mAcc[b])
     status = Int32(RUN)
-    if read_slot < Int64(0) or write_slot < Int64(0):
+    if read_slot < Int64(0):
         status = Int32(PADDING)
-    elif read_slot >= Int64(pool_size) or write_slot >= Int64(pool_size):
+    elif read_slot >= Int64(pool_size):
+        status = Int32(INVALID)
+    elif stores_state and write_slot >= Int64(pool_size):
         status = Int32(INVALID)
     elif accepted < Int32(0) or accepted > Int32(num_tokens):
         status = Int32(INVALID)
@@ -221,12 +226,21 @@ def resolve_vllm_slots(mTok, mAcc, b: Int32, pool_size, num_tokens: cutlass.Cons
     return read_slot, read_slot, Int32(acc), status
 
 
-def row_slots(gmem, b, num_tokens: int):
+def row_slots(gmem, b, num_tokens: int, stores_state: bool = True):
     """resolve_slots of batch row b from the KernelArgs gmem (resolve_vllm_slots where the read
-    slot comes from the token slots: vLLM's rule, no state_indices)."""
+    slot comes from the token slots: vLLM's rule, no state_indices). `stores_state`: the kernel
+    stores the row's state (KernelSpec.update_state), so its write index must be in the pool."""
     if gmem.state_indices is None and gmem.token_state_indices is not None:
         return resolve_vllm_slots(gmem.token_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0], num_tokens)
-    return resolve_slots(gmem.state_indices, gmem.output_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0], num_tokens)
+    return resolve_slots(gmem.state_indices, gmem.output_state_indices, gmem.accepted_tokens, b, gmem.state.shape[0],
+                         num_tokens, stores_state)
+
+
+@cute.jit
+def commits_state(status: Int32, write_slot: Int64):
+    """Whether a row stores its final (committed) state: it runs and its write index is not
+    negative (resolve_slots)."""
+    return status == Int32(RUN) and write_slot >= Int64(0)
 
 
 @cute.jit

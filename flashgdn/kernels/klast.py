@@ -134,7 +134,7 @@ class KLastDecode(common.DecodeKernel):
         lane, warp, tile, b, hv, h, lane_in_row, row0 = self._thread_coords()
 
         # Load phase: raw registers only, no arithmetic that waits for a load.
-        read_slot, write_slot, _, status = common.row_slots(gmem, b, 1)
+        read_slot, write_slot, _, status = common.row_slots(gmem, b, 1, spec.update_state)
         start, count, status = common.sequence_span(gmem, b, 1, status)
         token = common.token_at(gmem, b, 0, start, count)
         if const_expr(spec.pdl_wait):
@@ -184,5 +184,5 @@ class KLastDecode(common.DecodeKernel):
                 out = Float32(cutlass.select_(run, g * dot_q + u * kq, fill))
                 gmem.output[token[0], token[1], hv, row0 + i * self.row_step] = out.to(gmem.output.element_type)
         if const_expr(spec.update_state):
-            if run:
+            if common.commits_state(status, write_slot):
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)

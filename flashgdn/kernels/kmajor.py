@@ -66,7 +66,7 @@ class KMajorDecode(common.DecodeKernel):
 
         # Load phase: every global load is issued up front, in fenced groups (common.load_fence),
         # into raw registers; the state and v first, the loads with arithmetic right behind last.
-        read_slot, _, _, status = common.row_slots(gmem, b, 1)
+        read_slot, _, _, status = common.row_slots(gmem, b, 1, spec.update_state)
         mRows = gmem.state[read_slot, hv, None, None]
         rRaw = cute.make_rmem_tensor((VEC, M), self.state_dtype)
         for m in cutlass.range_constexpr(M):

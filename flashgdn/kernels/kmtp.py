@@ -142,7 +142,7 @@ class KLastMTP(KLastDecode):
         local0 = row0 - tile * self.rows_per_cta  # first row of this thread within the CTA tile
 
         # Loads: raw registers only, no arithmetic that waits for a load.
-        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
+        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T, spec.update_state)
         start, count, status = common.sequence_span(gmem, b, T, status)
         tok_slots = None
         if const_expr(spec.has_token_slots):
@@ -178,11 +178,14 @@ class KLastMTP(KLastDecode):
         # The recurrence runs unconditionally (on slot 0 for a row that does not run) and only the
         # stores depend on the row status: a branch around the compute would let the compiler
         # sink loads into it.
+        # The final state: stored by a running row whose write index is not negative (token slots
+        # come without one: there the write slot is the read slot)
+        commit = common.commits_state(status, write_slot)
         if const_expr(spec.update_state and spec.commits_accepted):
-            if run and accepted == 0:
+            if commit and accepted == 0:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row)
         loop_args = (rS, sQK, sGate, sV, sO, gmem.state, gmem.intermediate_states, inter, hv, row0, lane,
-                     lane_in_row, local0, run and inter_on, run, accepted, write_slot, tok_slots, parents)
+                     lane_in_row, local0, run and inter_on, commit, accepted, write_slot, tok_slots, parents)
         if const_expr(self.unchecked_loop):
             # Every decay is <= 1, so if the product of all T stays above the bound, so does every
             # partial product (a NaN fails the test and takes the checked loop).
@@ -197,20 +200,21 @@ class KLastMTP(KLastDecode):
         else:
             c = self._token_loop(True, *loop_args)
         if const_expr(spec.update_state and not spec.has_accepted and not spec.has_token_slots):
-            if run:
+            if commit:
                 self._store_rows(rS, gmem.state[write_slot, hv, None, None], row0, lane_in_row, c)
         cute.arch.barrier()
         self._write_outputs(sO, gmem, b, hv, tile, warp * 32 + lane, status, start, count)
 
     @cute.jit
     def _token_loop(self, checked: cutlass.Constexpr[bool], rS, sQK, sGate, sV, sO, mS, mInter, inter, hv, row0,
-                    lane, lane_in_row, local0, inter_run, run, accepted, write_slot, tok_slots, parents):
+                    lane, lane_in_row, local0, inter_run, commit, accepted, write_slot, tok_slots, parents):
         """The T tokens, one after another; returns the folded decay c (S = c rS). `checked`:
         test c against RESCALE_MIN every token (a branch); without it the caller has made sure
         no partial product of the decays falls below it. The state after each token goes to
         intermediate buffer row `inter` where `inter_run` (common.inter_row); with
         `parents` (an EAGLE tree: common.tree_parents) token t >= 1 of such a row starts from the
-        state stored there for its parent token, read back by the thread that stored it."""
+        state stored there for its parent token, read back by the thread that stored it. `commit`:
+        the row stores its states in the pool (common.commits_state)."""
         spec = self.spec
         R = self.rows_per_thread
         T = spec.T
@@ -278,10 +282,10 @@ class KLastMTP(KLastDecode):
                 if inter_run:
                     self._store_rows(rS, mInter[inter, t, hv, None, None], row0, lane_in_row, c)
             if const_expr(spec.update_state and spec.commits_accepted):
-                if run and accepted == t + 1:
+                if commit and accepted == t + 1:
                     self._store_rows(rS, mS[write_slot, hv, None, None], row0, lane_in_row, c)
             if const_expr(spec.has_token_slots):
-                if run and tok_slots[t] >= 0:
+                if commit and tok_slots[t] >= 0:
                     self._store_rows(rS, mS[tok_slots[t], hv, None, None], row0, lane_in_row, c)
         return c
 

@@ -354,7 +354,7 @@ class KLastMTPMma(common.DecodeKernel):
         # Loads, all up front (common.load_fence): q/k chunks, v and the gate inputs first (the
         # tables need only q/k and the gates, so they are built while the state is in flight),
         # then the state, whose address waits for the pool index.
-        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T)
+        read_slot, write_slot, accepted, status = common.row_slots(gmem, b, T, spec.update_state)
         tok_slots = None
         if const_expr(spec.has_token_slots):
             tok_slots, status = common.token_slots(gmem.token_state_indices, b, gmem.state.shape[0], T, status)
@@ -417,9 +417,11 @@ class KLastMTPMma(common.DecodeKernel):
         if const_expr(spec.update_state and spec.has_accepted):
             # The count indexes the tables: out of [0, T] (an invalid row, not stored) it reads 0.
             n_acc = Int32(cutlass.select_(run, accepted, 0))
-            self._apply(n_acc, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
+            self._apply(n_acc, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c,
+                        common.commits_state(status, write_slot))
         elif const_expr(spec.update_state and not spec.has_token_slots):
-            self._apply(T, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c, run)
+            self._apply(T, rS, rKu, sVec, sW, sP, gmem.state[write_slot, hv, None, None], frag_row, g, c,
+                        common.commits_state(status, write_slot))
 
     def _u(self, t: int, u, sVec, sAkk, sP, rV, my_row):
         """u_t of row my_row from S_0 k_t (in sP), v_t and the u_j of the tokens before it."""
