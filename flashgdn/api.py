@@ -284,8 +284,9 @@ def gated_delta_rule_decode_pretranspose(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode, state K-last: `state` [B, HV, V, K], or a pool `initial_state` [P, HV, V, K] (then
     `state` is not used) read at `initial_state_indices` [B] and written at `output_state_indices`
-    [B] (default: the same slots). A negative index marks padding: no state is touched, and its
-    output row is zero for T = 1 and left as it is for T > 1 (zero when `output` is None).
+    [B] (default: the same slots). A negative read index marks padding: no state is touched, and
+    its output row is zero for T = 1 and left as it is for T > 1 (zero when `output` is None). A
+    negative write index runs the row and stores its state nowhere (FlashInfer's MTP rule).
 
     q, k [B, T, H, K]; v [B, T, HV, V]; a, b [B, T, HV]; A_log [HV] fp32; dt_bias [HV]. T > 1 runs the
     MTP kernels: `intermediate_states_buffer` [>= B, >= T, HV, V, K] receives the state after every
@@ -425,8 +426,9 @@ def gated_delta_rule_mtp(
     [B, T] int32 instead writes it to pool slot ssm_state_indices[i, t] (negative: not written; no
     final write-back). `disable_state_update` None means True, as in FlashInfer 0.7.2 (with a
     FutureWarning once). `accepted_tokens` [B] int32 (beyond FlashInfer) commits the state after
-    that many tokens (0..T) instead of after T. A padding row (negative index) leaves its output
-    row as it is (zero when `output` is None). Returns (output [B, T, HV, V], pool).
+    that many tokens (0..T) instead of after T. A padding row (negative read index) leaves its
+    output row as it is (zero when `output` is None); a negative write index (output_state_indices)
+    runs the row and stores its final state nowhere. Returns (output [B, T, HV, V], pool).
 
     `cache_replayssm` (ReplaySSM verify; needs disable_state_update=True, T >= 2, no intermediate
     buffer or ssm_state_indices): besides the outputs, each running row writes this step's raw
