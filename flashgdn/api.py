@@ -313,7 +313,7 @@ def gated_delta_rule_decode_pretranspose(
 
 
 def _pretranspose_key(q, pool, initial_state, output, initial_state_indices, output_state_indices, inter,
-                     disable_state_update, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
+                      disable_state_update, use_qk_l2norm, backend, scale, softplus_beta, softplus_threshold) -> tuple:
     """The fast key of a pretranspose call (flashgdn.fastpath): what its compiled function does not
     check itself."""
     return (_decode_pretranspose, q.shape[0], q.get_device(), pool.shape, pool.stride(), initial_state is None,

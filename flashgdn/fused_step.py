@@ -3,26 +3,26 @@ GEMV, the causal conv1d update with SiLU, the q/k/v split and the gated delta-ru
 exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackwell.
 
 Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec)
-writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace,
-and flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the
-pool) reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the
-decode is a programmatic dependent launch (PDL) of the kernel before it: it starts while that
-kernel ends, loads its slot indices and state, and waits for that grid before it reads the
-workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch
-on a table that names it), the conv/gate kernel runs the conv only and the b/a projection is one
-cuBLAS GEMM (torch.mm into the workspace) between it and the decode: three launches, as the
-composed path runs them. The conv kernel goes first because its compiled function checks
-hidden_states and w_ba (which the fast key does not read) before anything runs. One launch would not pay here: the q/k channels of a head feed HV / H value
-heads and all their CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k
-head (a sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and
-[rows, 2 HV]) is cached per (device, stream, qkv_dim, HV): a call allocates only when its batch
-exceeds every earlier one on that stream (the capacity then doubles), so steady-state calls and
-CUDA-graph replays allocate nothing beyond the output; calls on one stream run in order, so they
-can share it. An outgrown workspace is kept, not freed: a CUDA graph captured with it still
-reads and writes its address. While torch.compile or torch.export traces, a call is the custom op
-flashgdn::gdn_fused_decode_step (flashgdn.ops; its real implementation is the eager body
-`_fused_step`); eager calls run that body directly. Like the rest of the API layer, this module
-never imports CuTe.
+writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace, and
+flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the pool)
+reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the decode
+is a programmatic dependent launch (PDL) of the kernel before it: it starts while that kernel ends,
+loads its slot indices and state, and waits for that grid before it reads the workspace. Where the
+policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch on a table that names
+it), the conv/gate kernel runs the conv only and the b/a projection is one cuBLAS GEMM (torch.mm
+into the workspace) between it and the decode: three launches, as the composed path runs them. The
+conv kernel goes first because its compiled function checks hidden_states and w_ba (which the fast
+key does not read) before anything runs. One launch would not pay here: the q/k channels of a head
+feed HV / H value heads and all their CTAs, and the conv state is updated in place, so either one
+CTA would serve a whole q/k head (a sixteenth of the CTAs at B = 1) or every CTA would need a
+grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and [rows, 2 HV]) is cached per (device,
+stream, qkv_dim, HV): a call allocates only when its batch exceeds every earlier one on that stream
+(the capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond
+the output; calls on one stream run in order, so they can share it. An outgrown workspace is kept,
+not freed: a CUDA graph captured with it still reads and writes its address. While torch.compile or
+torch.export traces, a call is the custom op flashgdn::gdn_fused_decode_step (flashgdn.ops; its real
+implementation is the eager body `_fused_step`); eager calls run that body directly. Like the rest
+of the API layer, this module never imports CuTe.
 """
 from __future__ import annotations
 
@@ -249,12 +249,12 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     decode function checks of the tensors only it gets (A_log, dt_bias, ssm_state, out: dtype,
     shape, strides, device, address modulo 16): a call the decode function would refuse misses
     the key and takes the full way, which writes nothing before its checks pass (_step_key)."""
-    key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log,
-                              dt_bias, out, scale, use_qk_l2norm)
+    key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
+                              ssm_state, A_log, dt_bias, out, scale, use_qk_l2norm)
     if fast is not None:
         decode_fn, device, p, gemm = fast.extra
         try:
-            o = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
+            o = _output(out, p, device)
             _launches(fast.fn, decode_fn, gemm, _workspace(device, p.B, p.H, p.HV, p.K), hidden_states, w_ba,
                       mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
             return o
@@ -271,8 +271,7 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     if api.CHECK_INDICES:  # FLASHGDN_CHECK_INDICES=1: slots in range, none written by two rows (a host sync)
         val.check_index_values("state_indices", state_indices, ssm_state.shape[0], allow_negative=True)
         val.check_distinct_slots("state_indices", state_indices, state_indices)
-    if out is None:
-        out = torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=hidden_states.device)
+    out = _output(out, p, hidden_states.device)
     if p.B:
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out)
@@ -298,6 +297,11 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs,
     decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts, regime),
                                       pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
     return (*convs, decode_spec)
+
+
+def _output(out, p, device) -> torch.Tensor:
+    """`out`, or when None a new [B, 1, HV, V] bf16 output (Problem `p`)."""
+    return torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
 
 
 def _decode_only(t: torch.Tensor) -> tuple:

@@ -128,7 +128,7 @@ def replayssm_commit_op(
     use_qk_l2norm: bool, null_block_id: int, backend: str,
 ) -> None:
     replay._replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices,
-                          accept_lens, track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
+                             accept_lens, track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend)
 
 
 @replayssm_commit_op.register_fake
@@ -136,7 +136,7 @@ def _(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indic
       track_state_indices, track_steps, use_qk_l2norm, null_block_id, backend):
     replay._check_commit_backend(backend)
     replay._check_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_cache, state_indices, accept_lens,
-                      track_state_indices, track_steps, null_block_id)
+                         track_state_indices, track_steps, null_block_id)
 
 
 @torch.library.custom_op("flashgdn::gdn_fused_decode_step", mutates_args=("conv_state", "ssm_state", "out"))

@@ -129,7 +129,7 @@ def _replayssm_commit(checkpoint_state, rawv_cache, rawk_cache, g_cache, beta_ca
     fn = plan.fn
     if fn is None:
         fn = plan.fn = api.kernel_cache.get(commit_spec(p, checkpoint_state, use_qk_l2norm, null_block_id,
-                                                    track_state_indices is not None, api.facts_of(plan.device)))
+                                                        track_state_indices is not None, api.facts_of(plan.device)))
     if api.CHECK_INDICES:
         _check_commit_values(p, args, null_block_id)
     if p.B:

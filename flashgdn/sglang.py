@@ -255,25 +255,25 @@ def fused_sigmoid_gating_delta_rule_update(
                   intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, None)
 
 
-def _flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out) -> tuple:
-    """The compiled function's arguments, in KernelArgs' order, of SGLang's own decode layout
-    (varlen [1, N, ...] q, k, v of one token per sequence with 2-D gates), which goes as it is
-    (KernelSpec.row_form "flat": the kernel views it)."""
-    return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None, None, out,
-            *AFTER_OUTPUT)
-
-
-def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
-                intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, out,
-                geometry) -> KernelArgs:
-    """The compiled function's arguments: SGLang's own decode layout (geometry None) as it is
-    (_flat_args); any other as the row views [N, T, ...] that `geometry` (_check_layout's) describes."""
+def _launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
+                 intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, out,
+                 geometry) -> tuple:
+    """The compiled function's arguments in KernelArgs' order: SGLang's own decode layout (varlen
+    [1, N, ...] q, k, v of one token per sequence with 2-D gates; geometry None) as it is, a plain
+    tuple (KernelSpec.row_form "flat": the kernel views it); any other as the row views
+    [N, T, ...] that `geometry` (_check_layout's) describes."""
     if geometry is None:
-        return KernelArgs(*_flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out))
+        return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None, None, out,
+                *AFTER_OUTPUT)
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
     return KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices),
                       intermediate_states=intermediate_states_buffer, output=o4,
                       intermediate_indices=intermediate_state_indices, parent_tokens=retrieve_parent_token)
+
+
+def kernel_args(*args) -> KernelArgs:
+    """_launch_args as a KernelArgs (the full way's kernel lookup reads its fields by name)."""
+    return KernelArgs(*_launch_args(*args))
 
 
 def _update_key(q, k, v, a, b, cu_seqlens, initial_state_source, initial_state_indices, scale, softplus_beta,
@@ -307,11 +307,8 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
     if fast is not None:
         try:
             out = fastpath.output(o, v)
-            if fast.extra is None:
-                fast.fn(*_flat_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, out))
-            else:
-                fast.fn(*kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
-                                     *verify, out, fast.extra))
+            fast.fn(*_launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, *verify,
+                                  out, fast.extra))
             return out
         except fastpath.REFUSED:
             pass
