@@ -37,9 +37,9 @@ tails() {  # the last lines of each log
 # t5 runs the GPU tests of every other file.
 T1="tests/test_mtp_gpu.py"
 T2="tests/test_replay_gpu.py"
-T6="tests/test_engines_gpu.py"
+T6="tests/test_engines_gpu.py tests/test_fused_step_gpu.py"
 T3="tests/test_pretranspose_gpu.py tests/test_nontranspose_gpu.py tests/test_ops_gpu.py tests/test_ops_fused_step_gpu.py"
-T4="tests/test_flashinfer_patterns_gpu.py tests/test_fused_step_gpu.py"
+T4="tests/test_flashinfer_patterns_gpu.py"
 case "${1:-tests}" in
 tests)
   # Compiling dominates a first run: eight processes share the 16 cores (the disk cache is safe to share);
@@ -57,6 +57,7 @@ tests)
   wait
   summary t1 t2 t3 t4 t5 t6 t7 t8 ;;
 sanitize)
+  # Eight processes in one wave, as the tests mode runs them: compiling dominates, and the cores are shared.
   # memcheck's "CUDA_ERROR_INVALID_VALUE ... cuGetProcAddress" lines are the host probing driver entry
   # points, not kernel accesses: the kernels' errors show as "Invalid __global__/__shared__ ...".
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py \
@@ -68,10 +69,8 @@ sanitize)
     > "$out/rc1.log" 2>&1 &
   $sanitizer --tool racecheck $pytest tests/test_fused_step_gpu.py -k "matches_reference and (tp4 or d64)" \
     > "$out/rc2.log" 2>&1 &
-  wait
   # The tensor-core MTP kernel's fp32-state and per-token-state builds, the MTP builds that write an
-  # allocated output's padding rows, and the tensor-core commit (by
-  # table: tests/helpers.use_table).
+  # allocated output's padding rows, and the tensor-core commit (by table: tests/helpers.use_table).
   $sanitizer --tool memcheck $pytest tests/test_mtp_gpu.py tests/test_flashinfer_patterns_gpu.py \
     -k "fp32_tensor_core or tensor_core_intermediates or state_slots_tensor_core or h200-table or allocated_output" \
     > "$out/mc3.log" 2>&1 &
