@@ -343,17 +343,16 @@ def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
     plan = api._validated(api._check_pretranspose, *checked, options=options)
     if plan.fn is None or not fastpath.FAST:
         raise RuntimeError("profile: the call has not run yet (call it first)")
-    p, pool = plan.problem, A["initial_state"]
-    zero = p.T > 1  # an allocated output starts as zeros where padding rows keep it
+    pool = A["initial_state"]
 
     # the compiled function's arguments, as the fast path passes them (KernelArgs' order)
     fn_args = KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
                          A["initial_state_indices"], A["output_state_indices"], None, A["intermediate_states_buffer"],
-                         A["output"] if A["output"] is not None else fastpath.new_output(A["v"], zero))
+                         fastpath.output(A["output"], A["v"]))
     return [
         (f"{name} (the whole call)", whole, True),
-        ("  fastpath.new_output (torch.empty_like of the output)",
-         functools.partial(fastpath.new_output, A["v"], zero), False),
+        ("  fastpath.output (torch.empty_like of the output when none is given)",
+         functools.partial(fastpath.output, A["output"], A["v"]), False),
         ("  the compiled function (the TVM-FFI call: its argument checks + launch)",
          functools.partial(plan.fn, *fn_args), True),
         ("  rest: the fast key + lookup, Python calls (by difference)", None, False),
