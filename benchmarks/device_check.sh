@@ -12,7 +12,8 @@
 #                                              # states against the token loop; K-last CTA shapes at small B
 #   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
 #                                              # by the table against 1024-thread CTAs at small batch
-#                                              # and the b/a projection by cuBLAS ("gemm") at large
+#                                              # and the b/a projection by cuBLAS ("gemm") at large,
+#                                              # beside the composed path
 #   bash benchmarks/device_check.sh floors     # copy floors of padded pools and per-token state slots
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
@@ -164,13 +165,14 @@ small)
   timeout "$limit" python3 benchmarks/tune.py --calibrate > "$out/calibrate.log" 2>&1
   # The fused step's conv/gate kernel as the table builds it (512 threads at small batch, 4 batch rows
   # per gate CTA for a large w_ba) against 1024-thread CTAs at small batch, and against the "gemm"
-  # regime (the b/a projection by cuBLAS, a conv-only kernel) at large batch.
+  # regime (the b/a projection by cuBLAS, a conv-only kernel) at large batch, beside the composed path
+  # an engine runs (the fused step's large-batch target).
   for shape in "2048 16 32" "2048 4 8" "5120 16 48" "5120 4 12"; do
     set -- $shape
     timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
       --batch-size 1 4 16 --settings table conv_gate_threads_small=1024 > "$out/conv_small_$1_$3.log" 2>&1
     timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
-      --batch-size 64 256 --settings table conv_gate_gemm_heads_per_sm=2 > "$out/conv_large_$1_$3.log" 2>&1
+      --batch-size 64 256 --settings table conv_gate_gemm_heads_per_sm=2 --composed > "$out/conv_large_$1_$3.log" 2>&1
   done
   TAIL=8 tails calibrate conv_small_2048_32 conv_small_2048_8 conv_small_5120_48 conv_small_5120_12 \
     conv_large_2048_32 conv_large_2048_8 conv_large_5120_48 conv_large_5120_12 ;;

@@ -7,6 +7,7 @@ kernels counts, as in a graph-captured decode), cold L2, median.
         --settings conv_gate_threads=128 conv_gate_threads=512 conv_gate_threads=512,conv_gate_prefetch=True
     python benchmarks/fused_table.py --batch-size 64 256 --settings conv_gate_rows=1 conv_gate_rows=4
     python benchmarks/fused_table.py --settings conv_gate_threads_small=None,conv_gate_rows=1 table
+    python benchmarks/fused_table.py --batch-size 64 256 --settings table conv_gate_gemm_heads_per_sm=2 --composed
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
@@ -22,7 +23,7 @@ import sys
 import torch
 
 import flashgdn
-from flashgdn.bench.engine_rows import fused_step_inputs
+from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_inputs
 from flashgdn.bench.rows import Row
 from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.bench.timing import summarize, time_fn
@@ -39,6 +40,19 @@ def step_us(row: Row, setting: dict, cache: CompileCache, iters: int, seed: int)
         return summarize(times)["median_us"]
 
 
+def step_row(args, state_dtype: str, B: int) -> Row:
+    """The fused-step row of the command line's shape."""
+    return Row("fused_step", B, 1, args.num_q_heads, args.num_v_heads, 128, 128, "bf16", state_dtype, pool=True,
+               hidden=args.hidden_size)
+
+
+def composed_us(row: Row, iters: int, seed: int) -> float:
+    """Median µs of the composed path (the device's table as it is) on the same inputs."""
+    call, _ = COMPOSED.prepare(row, fused_step_inputs(row, "cuda", seed))
+    times, _ = time_fn(call, iters=iters, timer="events")
+    return summarize(times)["median_us"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", type=parse_setting, nargs="+", required=True,
@@ -49,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden-size", type=int, default=2048)
     p.add_argument("--num-q-heads", type=int, default=16)
     p.add_argument("--num-v-heads", type=int, default=32)
+    p.add_argument("--composed", action="store_true",
+                   help="also time the composed path (torch GEMV + conv update + packed decode) as a last column")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -56,16 +72,19 @@ def main(argv=None) -> int:
     if why:
         print(f"fused_table: {why}", file=sys.stderr)
         return 2
-    labels = [label(s) for s in args.settings]
+    labels = [label(s) for s in args.settings] + (["composed"] if args.composed else [])
     print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads} K=V=128; CUDA events over graph "
           f"replays, cold L2, median of {args.iters}; µs, and the speedup over {labels[0]}")
+    if args.composed:
+        print(f"composed: {composed_note(step_row(args, 'fp32', 1))}")
     print("state     B  " + "  ".join(f"{label:>24s}" for label in labels))
     caches = [CompileCache(compile_variant) for _ in args.settings]
     for sdt in args.state_dtype:
         for B in args.batch_size:
-            row = Row("fused_step", B, 1, args.num_q_heads, args.num_v_heads, 128, 128, "bf16", sdt, pool=True,
-                      hidden=args.hidden_size)
+            row = step_row(args, sdt, B)
             us = [step_us(row, s, c, args.iters, args.seed) for s, c in zip(args.settings, caches)]
+            if args.composed:
+                us.append(composed_us(row, args.iters, args.seed))
             cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
             print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
     return 0
