@@ -213,11 +213,14 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
 @pytest.mark.parametrize("table, batch, HV, given, expected", [
     ("sm90-hbm3e", 33, 32, None, "small"),  # B * HV = 1056 = 8 per SM
     ("sm90-hbm3e", 34, 32, None, "large"),
-    ("sm90-hbm3e", 256, 8, None, "large"),
+    ("sm90-hbm3e", 256, 8, None, "large"),  # B * HV = 2048: 15.5 per SM
     ("sm90-hbm3e", 256, 8, "small", "small"),  # a precompile of the small regime
+    ("sm90-hbm3e", 82, 32, None, "large"),  # 2624 = 19.9 per SM
+    ("sm90-hbm3e", 83, 32, None, "gemm"),  # 2656: from 20 per SM the b/a projection is cuBLAS's
+    ("sm90-hbm3e", 64, 48, None, "gemm"),
     ("sm90-hbm3", 1, 32, None, "large"),  # no small conv/gate regime in the H100 table
     ("sm90-hbm3", 1, 32, "small", "large"),
-    ("sm90-hbm3e", 4096, 32, "gemm", "large"),  # no table names a gemm regime yet
+    ("sm90-hbm3", 4096, 32, "gemm", "large"),  # nor a gemm one
 ])
 def test_conv_gate_regime(table, batch, HV, given, expected):
     """The conv/gate kernel's batch regime has its own threshold (the decode's is policy.regime),

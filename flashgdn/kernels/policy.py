@@ -64,10 +64,10 @@ class DeviceTable:
     # From B * HV > conv_gate_gemm_heads_per_sm * SMs (0: never) the "gemm" conv/gate regime: the b/a
     # projection is one cuBLAS GEMM (torch.mm into the workspace) launched before a conv-only conv/gate
     # kernel, as the composed path an engine runs does it: the kernel's GEMV, one batch row (or
-    # conv_gate_rows) per gate CTA, reads w_ba B / conv_gate_rows times from L2, and at large batch the
-    # step measured slower than that composed path (0.76-0.97x at B = 256; RESULTS.md "Fused decode
-    # step"). Not yet measured itself. At least small_regime_heads_per_sm (fused_step.kernel_specs'
-    # precompile pairs rely on it).
+    # conv_gate_rows) per gate CTA, reads w_ba B / conv_gate_rows times from L2. On the H200 it pays
+    # from about 20 heads per SM (1.02-1.18x over the large regime) and costs 5-6 % at 15.5
+    # (RESULTS.md "Fused step: conv/gate CTAs"). At least small_regime_heads_per_sm
+    # (fused_step.kernel_specs' precompile pairs rely on it).
     conv_gate_gemm_heads_per_sm: int = 0
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # the token loop serves it (a tuning run asks for the tensor cores by tile). RESULTS.md "Tensor
@@ -78,13 +78,15 @@ class DeviceTable:
     # H200: fp32 1.33-1.46x, bf16 1.06-1.07x; RESULTS.md "Tensor cores for an fp32 state").
     mma_min_tokens_writes: Optional[int] = None
     # Fewest tokens of a window for which the tensor-core commit (ReplayCommitMma) replays it in the
-    # large regime, by checkpoint dtype; a dtype not named: the token loop (ReplayCommit). Not yet
-    # measured: the token loop's bf16 commit is compute-bound at T = 8 (54-61 % of copy bandwidth on
-    # the H200; RESULTS.md "ReplaySSM").
+    # large regime, by checkpoint dtype; a dtype not named: the token loop (ReplayCommit). On the H200
+    # it is slower than the token loop for an fp32 checkpoint at T = 2-8 (87-88 % of copy bandwidth
+    # against 92-93 %) and a bf16 one at T = 2 (1-2 %); bf16 at T = 4 and 8, where the token loop is
+    # compute-bound (54-61 % at T = 8), is not yet measured (RESULTS.md "ReplaySSM").
     commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
-    # gap between the two closes. Not yet measured against plain stream order.
+    # gap between the two closes: 1.02-1.12x over plain stream order on the H200 (RESULTS.md "Fused
+    # decode step").
     fused_step_pdl: bool = True
 
 
@@ -130,6 +132,7 @@ SM90_HBM3E = dataclasses.replace(
     conv_gate_small_heads_per_sm=8,
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
+    conv_gate_gemm_heads_per_sm=20,
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
