@@ -31,13 +31,19 @@ from flashgdn.cache import CompileCache, compile_variant
 from flashgdn.device import facts_of, unavailable_reason
 
 
+def median_us(call, iters: int) -> float:
+    """Median µs of `call` by the script's one method (CUDA events over graph replays, cold L2): every
+    column, the composed path's too, is timed by it."""
+    times, _ = time_fn(call, iters=iters, timer="events")
+    return summarize(times)["median_us"]
+
+
 def step_us(row: Row, setting: dict, cache: CompileCache, iters: int, seed: int) -> float:
     """Median µs of one step of `row` with the device's table changed by `setting`, its variants
     from `cache` (the setting's own)."""
     with switched(facts_of(torch.device("cuda")).device_class, setting, cache):
         inp = fused_step_inputs(row, "cuda", seed)
-        times, _ = time_fn(lambda: flashgdn.gdn_fused_decode_step(**inp), iters=iters, timer="events")
-        return summarize(times)["median_us"]
+        return median_us(lambda: flashgdn.gdn_fused_decode_step(**inp), iters)
 
 
 def step_row(args, state_dtype: str, B: int) -> Row:
@@ -49,8 +55,7 @@ def step_row(args, state_dtype: str, B: int) -> Row:
 def composed_us(row: Row, iters: int, seed: int) -> float:
     """Median µs of the composed path (the device's table as it is) on the same inputs."""
     call, _ = COMPOSED.prepare(row, fused_step_inputs(row, "cuda", seed))
-    times, _ = time_fn(call, iters=iters, timer="events")
-    return summarize(times)["median_us"]
+    return median_us(call, iters)
 
 
 def main(argv=None) -> int:
