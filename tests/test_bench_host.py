@@ -289,6 +289,15 @@ def test_run_cases_on_the_cpu_reports_each_failure():
 # ----------------------------------------------------------------------------- profile
 
 
+def test_counting_full_ways_counts_the_calls_that_remember():
+    with host.counting_full_ways() as count:
+        fastpath.remember(None, None)  # a key that could not be built: kept nowhere, still a full way
+        fastpath.remember(None, None)
+    assert count == [2] and fastpath.remember.__name__ == "remember"
+    rec = dict(error="", gpu_bound=False, full_way_calls=5)
+    assert "full way on 5 calls" in host._note(rec) and host._note(dict(rec, full_way_calls=1)) == ""
+
+
 def test_profile_records_fill_the_remainders():
     us = {"whole": 30.0, "backend": 0.5, "memo": 5.0, "args": 1.0, "launch": 18.0, "empty": 3.0, "fn": 12.0,
           "stream": 0.7}
@@ -312,7 +321,8 @@ def test_profile_records_fill_the_remainders():
     assert "% of call" in text and "17%" in text and "    rest of launch" in text
 
 
-def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch):
+@pytest.mark.parametrize("version,T", [("pretranspose", 1), ("mtp", 4)])
+def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch, version, T):
     """Every step the profile times is the one the warm call runs (the fast path: the same compiled
     function with the call's tensors in KernelArgs' order), and the full way's steps use the call's
     memo entry and plan."""
@@ -325,14 +335,14 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch):
     monkeypatch.setattr(api, "facts_of", lambda device: DeviceFacts("sm_90a", 132, "sm90-hbm3"))
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.kernel_cache, "get", lambda spec: compiled)
-    row = Row("pretranspose", 2, 1, 1, 2, 64, 64, "bf16", "fp32", pool=True)
+    row = Row(version, 2, T, 1, 2, 64, 64, "bf16", "fp32", pool=True)
     inp = dict(make_inputs(row, "cpu", 0), output=None)
     name, args, kwargs = host.api_call(row, inp, via_pretranspose=False)
     getattr(api, name)(*args, **kwargs)
     [plan] = api._VALIDATED.values()
     parts = host.profile_parts(name, args, kwargs)
     labels = [label.strip() for label, _, _ in parts]
-    assert labels[0].startswith("gated_delta_rule_decode_pretranspose") and any("TVM-FFI" in x for x in labels)
+    assert labels[0].startswith(name) and any("TVM-FFI" in x for x in labels)
     for label, call, launches in parts:
         if call is not None and "current_stream" not in label:  # no CUDA here
             launched.clear()
@@ -341,7 +351,8 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch):
             if launches:
                 [kargs] = launched
                 assert len(kargs) == len(KernelArgs._fields) and kargs[7] is inp["state"] and kargs[8] is inp["indices"]
-                assert kargs[12].shape == (2, 1, 2, 64)  # the output, allocated
+                assert kargs[12].shape == (2, T, 2, 64)  # the output, allocated
+                assert all(x is None for x in kargs[13:])
     assert len(api._VALIDATED) == 1 and next(iter(api._VALIDATED.values())) is plan
     p, device = parts[-1][1]()  # the full validation returns what the memo keeps
     assert p == plan.problem
@@ -372,12 +383,16 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     profile = [r for r in rows if r["impl"] == "profile"]
     assert len(main_rows) == 1 + 15 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)
+    # every repeated call takes its fast path: the full way at most on a signature's first call
+    assert all(r["full_way_calls"] in (0, 1) for r in main_rows if r["impl"] == "flashgdn")
     assert {r["function"] for r in main_rows} == {
         "x.add_(1)", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
         "fused_recurrent_gated_delta_rule", "fused_sigmoid_gating_delta_rule_update_vllm", "gdn_fused_decode_step"}
-    assert profile[0]["share_of_call"] == 1.0 and len(profile) == 7
-    assert sum(r["gpu_us"] is not None for r in profile) == 2  # the steps that launch: the call, fn
+    assert len(profile) == 14 and len({r["variant"] for r in profile}) == 2  # a pretranspose and an MTP call
+    assert profile[0]["share_of_call"] == 1.0 and profile[7]["share_of_call"] == 1.0
+    assert profile[7]["function"].startswith("gated_delta_rule_mtp")
+    assert sum(r["gpu_us"] is not None for r in profile) == 4  # the steps that launch: the call, fn
     assert "fused_recurrent_gated_delta_rule_packed_decode" in captured.out and "profile:" in captured.out
     if "cannot import flashinfer" in captured.err:
         assert "notes:" in captured.out

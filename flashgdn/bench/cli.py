@@ -33,7 +33,7 @@ one it reads n/a.
 
 `--host` prints the host time per call of every public function and engine entry point beside
 that of `x.add_(1)` in the same process (and FlashInfer's, when installed); `--profile` adds a
-breakdown of one pretranspose call into its steps (flashgdn.bench.host).
+breakdown of one pretranspose call and one MTP call into their steps (flashgdn.bench.host).
 """
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
              "FlashInfer's too when installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
              "--warmup, --seed, --json and --csv flags")
     add("--profile", action="store_true",
-        help="with --host: also time each step of one flashgdn pretranspose call (pool, output allocated)")
+        help="with --host: also time each step of one flashgdn pretranspose call and one MTP call (pool, output "
+             "allocated)")
     add("--python-only", action="store_true",
         help="with --host: no GPU; time flashgdn's calls on CPU tensors with every compiled function replaced "
              "by a no-op (their Python part: a repeated call's key, lookup, views and output allocation) beside "

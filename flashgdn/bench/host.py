@@ -13,10 +13,10 @@ would not tell: while the host is the bottleneck the GPU idles between calls and
 the host's. A row whose GPU time reaches its host time is flagged GPU-bound: there the launch
 queue fills and the host time measures the GPU.
 
-`--profile` adds a breakdown of one flashgdn pretranspose call (pool, output allocated) into the
-steps of flashgdn.api's eager path for a repeated signature (flashgdn.fastpath), each timed the
-same way in isolation, and the cost of the full way (what the first call of a signature, or one
-the compiled function refuses, adds).
+`--profile` adds a breakdown of one flashgdn pretranspose call and one MTP call (pool, output
+allocated) into the steps of flashgdn.api's eager path for a repeated signature
+(flashgdn.fastpath), each timed the same way in isolation, and the cost of the full way (what the
+first call of a signature, or one the compiled function refuses, adds).
 
 `--python-only` needs no GPU: flashgdn's rows run on CPU tensors with every compiled function
 replaced by a no-op (stubbed_launches), which times their Python part alone (the fast key and its
@@ -80,7 +80,8 @@ VERSION_FUNCTIONS = {"pretranspose": "gated_delta_rule_decode_pretranspose", "no
 # Fields of one --host record (JSON keys, CSV columns); profile parts have impl "profile".
 HOST_FIELDS = (
     "impl", "function", "variant", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "iters", "repeats",
-    "host_median_us", "host_min_us", "gpu_us", "gpu_bound", "ratio", "meets_target", "share_of_call", "error",
+    "host_median_us", "host_min_us", "gpu_us", "gpu_bound", "full_way_calls", "ratio", "meets_target", "share_of_call",
+    "error",
 )
 
 
@@ -302,7 +303,10 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
             function, call = bind_case(case)
             rec = new_record(case, function, iters, repeats)
             progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
-            rec.update(measure_call(call))
+            with counting_full_ways() as full_ways:
+                rec.update(measure_call(call))
+            if case.impl == "flashgdn":
+                rec["full_way_calls"] = full_ways[0]
         except Exception as exc:
             rec = new_record(case, function, iters, repeats)
             rec["error"] = _one_line(exc)
@@ -310,6 +314,23 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
         records.append(rec)
     add_ratios(records)
     return records
+
+
+@contextlib.contextmanager
+def counting_full_ways():
+    """Counts, in the list it yields, the calls that took flashgdn's full way (each ends in
+    fastpath.remember): the first call of a signature, and every call its fast path misses or
+    its compiled function refuses. Of a row's calls (warm-up, timed, GPU-timed) one at most
+    should: more means its repeated call pays the full checks (flashgdn.fastpath)."""
+    count = [0]
+    remember = fastpath.remember
+
+    def counted(key, entry):
+        count[0] += 1
+        remember(key, entry)
+
+    with unittest.mock.patch.object(fastpath, "remember", counted):
+        yield count
 
 
 def add_ratios(records: List[dict]) -> None:
@@ -328,39 +349,59 @@ def add_ratios(records: List[dict]) -> None:
 Part = Tuple[str, Optional[Callable[[], Any]], bool]  # label, call (None: by difference), launches GPU work
 
 
-def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
-    """The steps of one warm flashgdn pretranspose call `name(*args, **kwargs)` (its fast key
-    remembered: flashgdn.fastpath), in the order api._decode_pretranspose runs them, then the
-    steps of the full way, off a repeated call's path, for scale; a call None is the remainder of
-    the enclosing step, by difference. Labels are indented by two spaces per level."""
-    whole = functools.partial(getattr(api, name), *args, **kwargs)
+# The functions --profile breaks down, each with the check of its full way.
+PROFILED_CHECKS = {"gated_delta_rule_decode_pretranspose": api._check_pretranspose, "gated_delta_rule_mtp": api._check_mtp}
+
+
+def _profiled_arguments(name: str, args: tuple, kwargs: dict) -> Tuple[dict, list]:
+    """The bound arguments of a call of `name` (disable_state_update resolved as the MTP function
+    resolves it) and its check's arguments as the call passes them (the SGLang-only ones omitted)."""
     bound = inspect.signature(getattr(api, name)).bind(*args, **kwargs)
     bound.apply_defaults()
-    A = bound.arguments
-    # the check's arguments as the call passes them (its SGLang-only last one omitted)
-    checked = [A[n] for n in inspect.signature(api._check_pretranspose).parameters if n in A]
+    A = dict(bound.arguments)
+    if name == "gated_delta_rule_mtp":
+        A["disable_state_update"] = api._mtp_disable_state_update(A["disable_state_update"])
+        A["cache_replayssm"] = bool(A["cache_replayssm"])
+    return A, [A[n] for n in inspect.signature(PROFILED_CHECKS[name]).parameters if n in A]
+
+
+def _fast_arguments(name: str, A: dict) -> KernelArgs:
+    """The compiled function's arguments of the call, as its fast path passes them (KernelArgs'
+    order, the output allocated when none is given)."""
+    output = fastpath.output(A["output"], A["v"])
+    if name == "gated_delta_rule_mtp":
+        return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], A["initial_state"],
+                          A["initial_state_indices"], A["output_state_indices"], A["accepted_tokens"],
+                          A["intermediate_states_buffer"], output, A["ssm_state_indices"], None,
+                          A["replayssm_rawv"], A["replayssm_rawk"], A["replayssm_g"], A["replayssm_beta"])
+    return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], A["initial_state"],
+                      A["initial_state_indices"], A["output_state_indices"], None, A["intermediate_states_buffer"],
+                      output)
+
+
+def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
+    """The steps of one warm flashgdn call `name(*args, **kwargs)` (a PROFILED_CHECKS function, its
+    fast key remembered: flashgdn.fastpath), in the order its fast path runs them, then the steps of
+    the full way, off a repeated call's path, for scale; a call None is the remainder of the
+    enclosing step, by difference. Labels are indented by two spaces per level."""
+    whole = functools.partial(getattr(api, name), *args, **kwargs)
+    A, checked = _profiled_arguments(name, args, kwargs)
+    check = PROFILED_CHECKS[name]
     options = (A["use_qk_l2norm"],)
-    plan = api._validated(api._check_pretranspose, *checked, options=options)
+    plan = api._validated(check, *checked, options=options)
     if plan.fn is None or not fastpath.FAST:
         raise RuntimeError("profile: the call has not run yet (call it first)")
-    pool = A["initial_state"]
-
-    # the compiled function's arguments, as the fast path passes them (KernelArgs' order)
-    fn_args = KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], pool,
-                         A["initial_state_indices"], A["output_state_indices"], None, A["intermediate_states_buffer"],
-                         fastpath.output(A["output"], A["v"]))
     return [
         (f"{name} (the whole call)", whole, True),
         ("  fastpath.output (torch.empty_like of the output when none is given)",
          functools.partial(fastpath.output, A["output"], A["v"]), False),
         ("  the compiled function (the TVM-FFI call: its argument checks + launch)",
-         functools.partial(plan.fn, *fn_args), True),
+         functools.partial(plan.fn, *_fast_arguments(name, A)), True),
         ("  rest: the fast key + lookup, Python calls (by difference)", None, False),
         ("torch.cuda.current_stream() (a stream lookup from Python)", torch.cuda.current_stream, False),
         ("api._validated, warm memo (the full way's signature key + lookup: a refused fast call)",
-         functools.partial(api._validated, api._check_pretranspose, *checked, options=options), False),
-        ("api._check_pretranspose (full validation: what a memo miss costs)",
-         functools.partial(api._check_pretranspose, *checked), False),
+         functools.partial(api._validated, check, *checked, options=options), False),
+        (f"api.{check.__name__} (full validation: what a memo miss costs)", functools.partial(check, *checked), False),
     ]
 
 
@@ -405,6 +446,8 @@ def _note(r: dict) -> str:
         return r["error"]
     if r["gpu_bound"]:
         return "GPU-bound: the GPU time reaches the host time"
+    if (r.get("full_way_calls") or 0) > 1:
+        return f"the full way on {r['full_way_calls']} calls: the fast path misses"
     return ""
 
 
@@ -447,18 +490,22 @@ def _flashinfer() -> Tuple[Optional[Any], str]:
 
 
 def profile(args, device, measure_call: Callable[..., Dict[str, Any]], baseline_us: Optional[float]) -> List[dict]:
-    """--profile: the steps of one flashgdn pretranspose call with a pool, the output allocated,
-    at the first --batch-size and --state-dtype (profile_parts, profile_records)."""
-    row = Row("pretranspose", args.batch_size[0], 1, args.num_q_heads, args.num_v_heads, args.head_size,
-              args.head_size, args.dtype, args.state_dtype[0], pool=True, l2norm=not args.no_l2norm,
-              pool_slots=args.pool_slots)
-    inp = dict(make_inputs(row, device, args.seed), output=None)
-    name, call_args, call_kwargs = api_call(row, inp, via_pretranspose=False)
-    getattr(api, name)(*call_args, **call_kwargs)  # compiles, fills the memo and the plan's function
-    torch.cuda.synchronize(device)
-    variant = f"flashgdn {Case('flashgdn', row, output_given=False).variant()}, B={row.B}, {row.state_dtype} state"
-    return profile_records(profile_parts(name, call_args, call_kwargs), measure_call, variant, args.iters,
-                           HOST_REPEATS, baseline_us)
+    """--profile: the steps of one flashgdn pretranspose call and one MTP call (T = MTP_TOKENS), each
+    with a pool and the output allocated, at the first --batch-size and --state-dtype
+    (profile_parts, profile_records)."""
+    records = []
+    for version, T in (("pretranspose", 1), ("mtp", MTP_TOKENS)):
+        row = Row(version, args.batch_size[0], T, args.num_q_heads, args.num_v_heads, args.head_size,
+                  args.head_size, args.dtype, args.state_dtype[0], pool=True, l2norm=not args.no_l2norm,
+                  pool_slots=args.pool_slots)
+        inp = dict(make_inputs(row, device, args.seed), output=None)
+        name, call_args, call_kwargs = api_call(row, inp, via_pretranspose=False)
+        getattr(api, name)(*call_args, **call_kwargs)  # compiles, fills the memo and the plan's function
+        torch.cuda.synchronize(device)
+        variant = f"flashgdn {Case('flashgdn', row, output_given=False).variant()}, B={row.B}, {row.state_dtype} state"
+        records += profile_records(profile_parts(name, call_args, call_kwargs), measure_call, variant, args.iters,
+                                   HOST_REPEATS, baseline_us)
+    return records
 
 
 def _no_op(*args) -> None:
@@ -551,7 +598,7 @@ def run(args) -> int:
     print(title(records, args.iters, HOST_REPEATS) + "\n\n" + host_table(records))
     if notes:
         print("\nnotes:\n  " + "\n  ".join(notes))
-    if parts:
-        print(f"\nprofile: {parts[0]['variant']}\n\n" + profile_table(parts))
+    for variant in dict.fromkeys(r["variant"] for r in parts):
+        print(f"\nprofile: {variant}\n\n" + profile_table([r for r in parts if r["variant"] == variant]))
     sys.stdout.flush()
     return 0
