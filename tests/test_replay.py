@@ -341,8 +341,8 @@ def test_policy_serves_replay_verify_as_plain_mtp():
 
 def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch):
     """The tensor-core commit serves a 2-tuple tile, and the large regime from the table's
-    commit_mma_min_tokens of the checkpoint dtype on (no table names one yet); its tile is the
-    table's "mtp_mma" one, fitted to the head dims as the tensor-core MTP kernel's."""
+    commit_mma_min_tokens of the checkpoint dtype on (the H200 table: a bf16 checkpoint from T = 8);
+    its tile is the table's "mtp_mma" one, fitted to the head dims as the tensor-core MTP kernel's."""
     import dataclasses
 
     from flashgdn.kernels import policy
@@ -350,8 +350,13 @@ def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch
     def commit(T=8, sdt="bfloat16", regime="large", K=128, **kw):
         return policy.BuildConfig.for_spec(CommitSpec(16, 32, K, K, T, sdt, True, "sm_90a", regime, **kw))
 
-    assert not any(t.commit_mma_min_tokens for t in policy.DEVICE_TABLES.values())
+    assert not policy.SM90_HBM3.commit_mma_min_tokens
+    assert policy.SM90_HBM3E.commit_mma_min_tokens == {"bfloat16": 8}
     assert commit().kernel == policy.REPLAY_COMMIT
+    h200 = dict(device_class="sm90-hbm3e")
+    assert commit(**h200).kernel == commit(T=16, **h200).kernel == policy.REPLAY_COMMIT_MMA
+    for loop in (commit(T=7, **h200), commit(T=8, sdt="float32", **h200), commit(T=8, regime="small", **h200)):
+        assert loop.kernel == policy.REPLAY_COMMIT
     assert commit(tile=(2, 2)).kernel == policy.REPLAY_COMMIT_MMA and commit(tile=(2, 2)).tile == (2, 2)
     assert commit(tile=(4, 2, 8)).kernel == policy.REPLAY_COMMIT
     table = dataclasses.replace(policy.SM90_HBM3, commit_mma_min_tokens={"bfloat16": 4})

@@ -213,12 +213,13 @@ def test_tensor_core_verify_then_commit(tensor_core_specs, T):
 
 @pytest.fixture(params=("loop", "mma"), ids=("commit-loop", "commit-mma"))
 def commit_kernel(request, monkeypatch):
-    """The commit's kernel, under the H200 table: the token loop (ReplayCommit: no table puts the
-    commit on the tensor cores yet), or the tensor cores (ReplayCommitMma: commit_mma_min_tokens
-    from T = 2 for both checkpoint dtypes, and every call in the large regime, whose kernels the
+    """The commit's kernel, under the H200 table: the token loop (ReplayCommit: the table without
+    its commit_mma_min_tokens), or the tensor cores (ReplayCommitMma: commit_mma_min_tokens from
+    T = 2 for both checkpoint dtypes, and every call in the large regime, whose kernels the
     verifies take too). Returns a check, called after the commits, that every commit took it."""
     mma = request.param == "mma"
-    changes = dict(commit_mma_min_tokens={"float32": 2, "bfloat16": 2}, small_regime_heads_per_sm=0) if mma else {}
+    changes = (dict(commit_mma_min_tokens={"float32": 2, "bfloat16": 2}, small_regime_heads_per_sm=0) if mma
+               else dict(commit_mma_min_tokens={}))
     specs = use_h200_table(monkeypatch, **changes)
     expected = policy.REPLAY_COMMIT_MMA if mma else policy.REPLAY_COMMIT
 

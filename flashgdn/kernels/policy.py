@@ -79,9 +79,10 @@ class DeviceTable:
     mma_min_tokens_writes: Optional[int] = None
     # Fewest tokens of a window for which the tensor-core commit (ReplayCommitMma) replays it in the
     # large regime, by checkpoint dtype; a dtype not named: the token loop (ReplayCommit). On the H200
-    # it is slower than the token loop for an fp32 checkpoint at T = 2-8 (87-88 % of copy bandwidth
-    # against 92-93 %) and a bf16 one at T = 2 (1-2 %); bf16 at T = 4 and 8, where the token loop is
-    # compute-bound (54-61 % at T = 8), is not yet measured (RESULTS.md "ReplaySSM").
+    # the token loop is faster for an fp32 checkpoint at T = 2-8 (92-93 % of copy bandwidth against
+    # 87-88 %) and a bf16 one at T = 2-4 (T = 4: 89.9-90.6 % against 88.9-89.4 %); for a bf16 one at
+    # T = 8 the token loop is compute-bound (61 %) and the tensor cores run at 87.5-87.9 %, 1.17-1.18x
+    # faster. T = 5-7 are not measured (RESULTS.md "ReplaySSM").
     commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
@@ -133,6 +134,7 @@ SM90_HBM3E = dataclasses.replace(
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     conv_gate_gemm_heads_per_sm=20,
+    commit_mma_min_tokens={"bfloat16": 8},
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
