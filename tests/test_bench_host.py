@@ -171,6 +171,23 @@ def test_run_cases_ratios_and_target():
     assert list(fast) == list(host.HOST_FIELDS)
 
 
+def test_run_cases_time_the_baseline_before_each_row():
+    """The host's speed drifts within a process: each row's ratio is to x.add_(1) timed right before it."""
+    row = Row("pretranspose", 1, 1, 16, 32, 128, 128, "bf16", "fp32", pool=True)
+    case_list = [host.Case("torch"), host.Case("flashgdn", row), host.Case("flashgdn", row, output_given=False)]
+    baseline = iter([8.0, 8.0, 16.0])  # the baseline row, then before each flashgdn row
+    bound = iter(["x.add_(1)", "a", "b"])
+
+    def measure(call):
+        us = next(baseline) if call() == "x.add_(1)" else 20.0
+        return {"host_median_us": us, "host_min_us": us, "gpu_us": None, "gpu_bound": False}
+
+    base, a, b = host.run_cases(case_list, lambda case: (name := next(bound), lambda: name), measure, 100, 7)
+    assert base["ratio"] == 1.0 and base["baseline_us"] is None
+    assert a["baseline_us"] == 8.0 and a["ratio"] == pytest.approx(2.5)
+    assert b["baseline_us"] == 16.0 and b["ratio"] == pytest.approx(1.25) and b["meets_target"] is True
+
+
 def test_host_table_and_title():
     records = _fake_run()
     text = host.host_table(records)
