@@ -138,9 +138,9 @@ replay)
   dir=${2:-$out}; mkdir -p "$dir"
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --csv "$dir/h200_${day}_replay.csv" \
     > "$out/replay.log" 2>&1
-  # The commit on the tensor cores (ReplayCommitMma) against the token loop, every other call as it is: for a
-  # bf16 checkpoint at T = 4 and 8, where the token loop is compute-bound (fp32 and bf16 T = 2 measured slower
-  # on the tensor cores, RESULTS.md "ReplaySSM").
+  # The commit on the tensor cores (ReplayCommitMma) against the table, every other call as it is: for a bf16
+  # checkpoint at T = 4 and 8, either side of the table's threshold (the tensor cores from T = 8; fp32 and
+  # bf16 T = 2-4 measured slower on them, RESULTS.md "ReplaySSM").
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 --tokens 8 4 \
     --batch-size 16 64 256 --settings table "commit_mma_min_tokens={'bfloat16': 2}" \
     --csv "$dir/h200_${day}_replay_commit_mma.csv" > "$out/replay_mma.log" 2>&1
