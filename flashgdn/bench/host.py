@@ -296,7 +296,7 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
               measure_call: Callable[[Callable[[], Any]], Dict[str, Any]], iters: int, repeats: int) -> List[dict]:
     """One record per case (a failing case gets its error, the others run), with ratios. The
     baseline (the "torch" case) is timed again right before each other row (baseline_us), and a
-    row's ratio is to that time: this host's speed drifts within a process (up to 1.45x between
+    row's ratio is to that time: this host's speed drifts within a process (up to 1.43x between
     two measurements of the same call), and a ratio to one early measurement would carry it."""
     records = []
     baseline_call = None
