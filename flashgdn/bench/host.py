@@ -43,7 +43,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import api, fastpath
-from ..spec import KernelArgs
 from .cli import _one_line, environment, format_env_line, format_table, progress, supported_gpu, write_outputs
 from .engine_rows import RECURRENT_VERSIONS
 from .rows import Row, call_api, make_inputs, sweep_title
@@ -374,18 +373,24 @@ def _profiled_arguments(name: str, args: tuple, kwargs: dict) -> Tuple[dict, lis
     return A, [A[n] for n in inspect.signature(PROFILED_CHECKS[name]).parameters if n in A]
 
 
-def _fast_arguments(name: str, A: dict) -> KernelArgs:
-    """The compiled function's arguments of the call, as its fast path passes them (KernelArgs'
-    order, the output allocated when none is given)."""
-    output = fastpath.output(A["output"], A["v"])
-    if name == "gated_delta_rule_mtp":
-        return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], A["initial_state"],
-                          A["initial_state_indices"], A["output_state_indices"], A["accepted_tokens"],
-                          A["intermediate_states_buffer"], output, A["ssm_state_indices"], None,
-                          A["replayssm_rawv"], A["replayssm_rawk"], A["replayssm_g"], A["replayssm_beta"])
-    return KernelArgs(A["q"], A["k"], A["v"], A["a"], A["b"], A["A_log"], A["dt_bias"], A["initial_state"],
-                      A["initial_state_indices"], A["output_state_indices"], None, A["intermediate_states_buffer"],
-                      output)
+def _fast_arguments(whole: Callable[[], Any], fn: Callable) -> tuple:
+    """The arguments a warm call `whole` passes its compiled function `fn` on its fast path, recorded
+    from one call (the output it allocates included), so the profile times `fn` on exactly those."""
+    seen = []
+
+    def record(*args):
+        seen.append(args)
+        return fn(*args)
+
+    kept = dict(fastpath.FAST)
+    fastpath.FAST.update({key: entry._replace(fn=record) for key, entry in kept.items() if entry.fn is fn})
+    try:
+        whole()
+    finally:
+        fastpath.FAST.update(kept)
+    if not seen:
+        raise RuntimeError("profile: the call did not take its fast path")
+    return seen[0]
 
 
 def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
@@ -405,7 +410,7 @@ def profile_parts(name: str, args: tuple, kwargs: dict) -> List[Part]:
         ("  fastpath.output (torch.empty_like of the output when none is given)",
          functools.partial(fastpath.output, A["output"], A["v"]), False),
         ("  the compiled function (the TVM-FFI call: its argument checks + launch)",
-         functools.partial(plan.fn, *_fast_arguments(name, A)), True),
+         functools.partial(plan.fn, *_fast_arguments(whole, plan.fn)), True),
         ("  rest: the fast key + lookup, Python calls (by difference)", None, False),
         ("torch.cuda.current_stream() (a stream lookup from Python)", torch.cuda.current_stream, False),
         ("api._validated, warm memo (the full way's signature key + lookup: a refused fast call)",
