@@ -8,6 +8,7 @@ kernels counts, as in a graph-captured decode), cold L2, median.
     python benchmarks/fused_table.py --batch-size 64 256 --settings conv_gate_rows=1 conv_gate_rows=4
     python benchmarks/fused_table.py --settings conv_gate_threads_small=None,conv_gate_rows=1 table
     python benchmarks/fused_table.py --batch-size 64 256 --settings table conv_gate_gemm_heads_per_sm=2 --composed
+    python benchmarks/fused_table.py --batch-size 1 4 16 --settings table --composed --decode-alone
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
@@ -23,7 +24,7 @@ import sys
 import torch
 
 import flashgdn
-from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_inputs
+from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.rows import Row
 from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.bench.timing import summarize, time_fn
@@ -58,6 +59,12 @@ def composed_us(row: Row, iters: int, seed: int) -> float:
     return median_us(call, iters)
 
 
+def decode_alone_us(row: Row, iters: int, seed: int) -> float:
+    """Median µs of the step's decode alone (engine_rows.fused_step_decode_call), timed the same way:
+    the floor the step's first launch adds to."""
+    return median_us(fused_step_decode_call(row, fused_step_inputs(row, "cuda", seed)), iters)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", type=parse_setting, nargs="+", required=True,
@@ -70,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-v-heads", type=int, default=32)
     p.add_argument("--composed", action="store_true",
                    help="also time the composed path (torch GEMV + conv update + packed decode) as a last column")
+    p.add_argument("--decode-alone", action="store_true",
+                   help="also time the decode alone (the packed decode on the same pool) as a last column")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -77,7 +86,8 @@ def main(argv=None) -> int:
     if why:
         print(f"fused_table: {why}", file=sys.stderr)
         return 2
-    labels = [label(s) for s in args.settings] + (["composed"] if args.composed else [])
+    labels = ([label(s) for s in args.settings] + (["composed"] if args.composed else [])
+              + (["decode alone"] if args.decode_alone else []))
     print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads} K=V=128; CUDA events over graph "
           f"replays, cold L2, median of {args.iters}; µs, and the speedup over {labels[0]}")
     if args.composed:
@@ -90,6 +100,8 @@ def main(argv=None) -> int:
             us = [step_us(row, s, c, args.iters, args.seed) for s, c in zip(args.settings, caches)]
             if args.composed:
                 us.append(composed_us(row, args.iters, args.seed))
+            if args.decode_alone:
+                us.append(decode_alone_us(row, args.iters, args.seed))
             cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
             print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
     return 0

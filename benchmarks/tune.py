@@ -25,18 +25,25 @@ KLAST_SHAPES = [(4, 1, 16), (4, 2, 16), (4, 4, 16), (8, 1, 16), (4, 1, 8), (4, 2
 KMAJOR_SHAPES = [(4, 8), (4, 4), (2, 8), (8, 4), (4, 2)]
 
 
-def _args(layout, p, sdt, pool, inter):
+def _args(layout, p, sdt, pool, inter, token_slots=False):
     q, k = (torch.randn(p.B, p.T, p.H, p.K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(p.B, p.T, p.HV, p.V, device="cuda", dtype=torch.bfloat16)
     a, b = (torch.randn(p.B, p.T, p.HV, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     A_log = torch.log(torch.rand(p.HV, device="cuda") * 15 + 1)
     dt_bias = torch.randn(p.HV, device="cuda")
     rows, cols = (p.V, p.K) if layout == "klast" else (p.K, p.V)
-    state = torch.randn(p.B, p.HV, rows, cols, device="cuda").to(sdt)
-    idx = torch.randperm(p.B, device="cuda").to(torch.int32) if pool else None
+    if token_slots:  # vLLM's layout: the state read from one scattered slot, written to T others
+        slots = torch.randperm(p.B * (p.T + 1), device="cuda").to(torch.int32)
+        state = torch.randn(p.B * (p.T + 1), p.HV, rows, cols, device="cuda").to(sdt)
+        idx, token_idx = slots[:p.B], slots[p.B:].view(p.B, p.T)
+    else:
+        state = torch.randn(p.B, p.HV, rows, cols, device="cuda").to(sdt)
+        idx = torch.randperm(p.B, device="cuda").to(torch.int32) if pool else None
+        token_idx = None
     ib = torch.empty(p.B, p.T, p.HV, rows, cols, device="cuda", dtype=sdt) if inter else None
     out = torch.empty(p.B, p.T, p.HV, p.V, device="cuda", dtype=torch.bfloat16)
-    return KernelArgs(q, k, v, a, b, A_log, dt_bias, state, state_indices=idx, intermediate_states=ib, output=out)
+    return KernelArgs(q, k, v, a, b, A_log, dt_bias, state, state_indices=idx, intermediate_states=ib, output=out,
+                      token_state_indices=token_idx)
 
 
 def _triton_copy():
@@ -129,6 +136,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=1)
     ap.add_argument("--pool", action="store_true")
     ap.add_argument("--inter", action="store_true")
+    ap.add_argument("--token-slots", action="store_true", help="the state after each token to its own pool slot")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--tiles", default=None, help='CTA shapes to try, e.g. "(4,1),(8,4)"')
     ap.add_argument("--prefetch-mib", type=float, nargs="+", default=None,
@@ -150,7 +158,7 @@ def main():
     rows = []
     for B in ns.batch_size:
         p = Problem(B, ns.seq_len, 16, 32, 128, 128)
-        args = _args(ns.layout, p, sdt, ns.pool, ns.inter)
+        args = _args(ns.layout, p, sdt, ns.pool or ns.token_slots, ns.inter, ns.token_slots)
         line = []
         for tile, pf in columns:
             spec = dataclasses.replace(
@@ -163,7 +171,7 @@ def main():
             us = summarize(time_fn(lambda: fn(*args), iters=ns.iters)[0])["median_us"]
             line.append(us)
         rows.append((B, line))
-    print(f"{ns.layout} state={ns.state_dtype} T={ns.seq_len} pool={ns.pool} inter={ns.inter}: median us (CUPTI, cold L2)")
+    print(f"{ns.layout} state={ns.state_dtype} T={ns.seq_len} pool={ns.pool} inter={ns.inter} token_slots={ns.token_slots}: median us (CUPTI, cold L2)")
     names = [str(t) if pf is None else f"{t}@{pf / (1 << 20):g}M" for t, pf in columns]
     width = max(10, max(len(n) for n in names) + 1)
     print("B".rjust(5) + "".join(n.rjust(width) for n in names))

@@ -20,7 +20,7 @@ from flashgdn import api as fg_api
 from flashgdn import reference as ref
 from flashgdn.kernels import policy
 from helpers import (assert_close_output, assert_close_state, graph_replay_equals_eager, make_inputs, make_state,
-                     same_bits, use_h200_table)
+                     same_bits, use_h200_table, use_table)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -263,6 +263,15 @@ def test_mtp_per_token_state_slots_tensor_core(case, monkeypatch):
     specs = use_h200_table(monkeypatch, mma_min_tokens_writes=2, mma_min_tokens_fp32=2)
     _case_token_slots(**case)
     assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
+
+
+@pytest.mark.parametrize("case", _params([dict(**LARGE, T=2, sdt=F32), dict(**LARGE, T=2, sdt=BF16)]))
+def test_mtp_per_token_state_slots_l2_prefetch(case, monkeypatch):
+    """The same contract with the L2 prefetch of later CTAs' state tiles that the H100 table runs for
+    token slots of up to short_mtp_tokens tokens (its "mtp_slots" distance)."""
+    specs = use_table(monkeypatch, "sm90-hbm3")
+    _case_token_slots(**case)
+    assert specs and all(policy.BuildConfig.for_spec(s).prefetch_bytes > 0 for s in specs)
 
 
 @pytest.mark.parametrize("case", _params([dict(**SMALL, T=4, sdt=F32), dict(**LARGE, T=8, sdt=BF16)]))

@@ -127,12 +127,17 @@ def test_matches_reference(geom, layout, sdt):
                                     dict(conv_gate_threads=256, conv_gate_threads_small=256, conv_gate_rows=3,
                                          conv_gate_rows_min_bytes=0),
                                     dict(conv_gate_threads=128, conv_gate_threads_small=128, conv_gate_rows=4,
-                                         conv_gate_rows_min_bytes=0, conv_gate_prefetch=True)],
-                         ids=["1024", "512-prefetch", "256-rows3", "128-rows4-prefetch"])
+                                         conv_gate_rows_min_bytes=0, conv_gate_prefetch=True),
+                                    dict(conv_gate_threads=512, conv_gate_threads_small=512, conv_gate_loads=8,
+                                         conv_gate_conv_channels=2),
+                                    dict(conv_gate_threads=128, conv_gate_threads_small=128, conv_gate_rows=3,
+                                         conv_gate_rows_min_bytes=0, conv_gate_loads=4, conv_gate_conv_channels=4)],
+                         ids=["1024", "512-prefetch", "256-rows3", "128-rows4-prefetch", "512-loads8-channels2",
+                              "128-rows3-loads4-channels4"])
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
-    """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
-    mode times: the same results as the reference (B = 70 leaves a partial last group of rows)."""
+    """The conv/gate CTA sizes, batch rows per gate CTA, L2 prefetch, batched gate loads and conv
+    channels per thread that the tuning runs time: the same results as the reference (B = 70 leaves a partial last group of rows)."""
     from flashgdn.kernels import policy
 
     specs = use_h200_table(monkeypatch, **change)
@@ -148,11 +153,12 @@ def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
 
 def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
     """The H200 table's own conv/gate builds at the Qwen3.5 TP1 shape (a 960 KiB w_ba): 512 threads
-    at small batch (B = 1, 16), 4 batch rows per gate CTA at B = 70 (a partial last group)."""
+    at small batch (B = 1, 16), 4 batch rows per gate CTA at B = 45 (the large regime, B * HV = 2160
+    of 1056-2640 heads on 132 SMs; a partial last group)."""
     from flashgdn.kernels import policy
 
     specs = use_h200_table(monkeypatch)
-    for n, B in enumerate((1, 16, 70)):
+    for n, B in enumerate((1, 16, 45)):
         P = 2 * B + 5
         kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=BF16, conv_layout="SD", bias=False,
                                slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=30 + n)

@@ -231,6 +231,18 @@ def fused_step_inputs(row, device, seed: int) -> Dict[str, Optional[torch.Tensor
     )
 
 
+def fused_step_decode_call(row, inp: Dict[str, Optional[torch.Tensor]]):
+    """The fused step's decode alone on a fused_step row's inputs (fused_step_inputs): the packed
+    decode, the kernel of the step's second launch, on the same pool and slots (random gates; the
+    pre-conv row stands in for the post-conv one). What the step's first launch adds to."""
+    from ..engines import fused_recurrent_gated_delta_rule_packed_decode
+
+    gates = torch.randn(row.B, row.HV, device=inp["mixed_qkv"].device, dtype=torch.bfloat16)
+    return lambda: fused_recurrent_gated_delta_rule_packed_decode(
+        inp["mixed_qkv"], gates, gates, inp["A_log"], inp["dt_bias"], None, inp["ssm_state"], inp["out"],
+        inp["state_indices"])
+
+
 # ----------------------------------------------------------------------------- flashgdn and the reference
 
 

@@ -55,6 +55,15 @@ class DeviceTable:
     # its loads keep only two rows in flight per thread (ptxas interleaves them with the products),
     # a chain of DRAM round trips at small batch. Measured slower on the H200 (0.71-0.93x from B = 4).
     conv_gate_prefetch: bool = False
+    # Passes over the hidden rows whose loads a gate thread issues before their products (each
+    # pass: one 16-byte w_ba load and a hidden_states value per batch row): its loads wait for
+    # memory once per batch of passes instead of once per pass or two (ptxas's own interleaving).
+    # Registers: about (4 + conv_gate_rows) per pass.
+    conv_gate_loads: int = 1
+    # Channels of one conv thread (threads apart, their loads issued together): fewer conv CTAs,
+    # so that more of each SM is free for the decode, a programmatic dependent that loads its state
+    # while this kernel runs (fused_step_pdl).
+    conv_gate_conv_channels: int = 1
     # Batch rows of one gate CTA in the "large" conv/gate regime, where w_ba has at least
     # conv_gate_rows_min_bytes: each w_ba row it loads serves that many hidden rows, so w_ba is read
     # B / conv_gate_rows times instead of B times (from L2: at B = 256 and hidden 5120, 250 MB at one
@@ -116,7 +125,8 @@ SM90_HBM3 = DeviceTable(
     mma_min_tokens=5,
     long_mtp_tokens=8,
     short_mtp_tokens=2,
-    prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20},
+    prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
+                    "mtp_slots": 4 << 20},
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
@@ -128,7 +138,8 @@ SM90_HBM3E = dataclasses.replace(
            ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
-    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
+    # Token slots' prefetch ("mtp_slots") is measured on the H100 only: off here until it is on this one.
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "mtp_slots": 0},
     conv_gate_threads_small=512,
     conv_gate_small_heads_per_sm=8,
     conv_gate_rows=4,
@@ -331,10 +342,15 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
     0.6-1.5 %); kmtp with at most short_mtp_tokens tokens gains from 6 MiB (bf16 B = 64 1.3 %,
     fp32 0.5 %). Off where it measured slower or neutral: with intermediates (within 1 %), with the
     unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major).
-    Per-token state writes are bound by the writes, as intermediates are. A strided state (a
-    padded pool) prefetches row by row (RESULTS.md "L2 prefetch distance", "Padded pools")."""
-    if spec.regime != "large" or spec.writes_states or unchecked_loop:
+    Per-token state writes are bound by the writes, as intermediates are, but for token slots of
+    at most short_mtp_tokens tokens, where a table's "mtp_slots" distance (absent: none) measured
+    faster on the H100 (fp32 1.1-1.8 %, bf16 1.2-2.1 % at T = 2, B = 64 and 256). A strided state
+    (a padded pool) prefetches row by row (RESULTS.md "L2 prefetch distance", "Padded pools")."""
+    if spec.regime != "large" or unchecked_loop:
         return 0
+    if spec.writes_states:
+        short_slots = kernel == KMTP and not spec.has_intermediate and spec.T <= table.short_mtp_tokens
+        return table.prefetch_bytes.get("mtp_slots", 0) if short_slots else 0
     if kernel == KMAJOR and spec.state_dtype != "bfloat16":
         return 0
     name = {KLAST: "klast", KMAJOR: "kmajor", KMTP_MMA: "mtp_mma"}.get(kernel)
@@ -389,6 +405,8 @@ class ConvGateConfig:
     gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each; 0: no GEMV
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
     gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows)
+    gate_loads: int  # passes over the hidden rows per batch of loads (DeviceTable.conv_gate_loads)
+    conv_channels: int  # channels per conv thread (DeviceTable.conv_gate_conv_channels)
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
@@ -404,9 +422,11 @@ class ConvGateConfig:
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
-        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads),
+        channels = max(1, table.conv_gate_conv_channels)
+        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // (threads * channels)), conv_channels=channels,
                    gate_ctas=0 if gemm else 2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows)
+                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows,
+                   gate_loads=max(1, table.conv_gate_loads))
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:

@@ -1,0 +1,96 @@
+"""The fused decode step's kernels on the GPU's timeline (CUPTI kernel records, cold L2, median over
+calls): how long each kernel runs, when the next one starts, the call's span, and beside it the
+decode alone (the packed decode on the same pool), so that what the conv/gate kernel adds shows.
+
+    python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 1 4 16 \\
+        --settings table conv_gate_threads_small=128 fused_step_pdl=False
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+import flashgdn
+from flashgdn.bench.engine_rows import fused_step_decode_call, fused_step_inputs
+from flashgdn.bench.table_setting import label, parse_setting, switched
+from flashgdn.bench.timing import L2Flusher
+from flashgdn.cache import CompileCache, compile_variant
+from flashgdn.device import facts_of, unavailable_reason
+from fused_table import step_row  # noqa: E402  (this folder is the script's path)
+
+
+def kernel_records(fn, iters: int) -> list:
+    """Per call of `fn` (cold L2), its kernels as (start_ns, end_ns, name), in start order."""
+    from cupti import cupti
+
+    records, brackets = [], []
+    kind = cupti.ActivityKind.CONCURRENT_KERNEL
+
+    def completed(activities):
+        records.extend((a.start, a.end, getattr(a, "name", "?")) for a in activities if int(a.kind) == int(kind))
+
+    flush = L2Flusher()
+    cupti.activity_register_callbacks(lambda: (8 << 20, 0), completed)
+    try:
+        cupti.activity_enable(kind)
+        for _ in range(iters):
+            flush()
+            torch.cuda.synchronize()
+            t0 = cupti.get_timestamp()
+            fn()
+            torch.cuda.synchronize()
+            brackets.append((t0, cupti.get_timestamp()))
+        cupti.activity_flush_all(1)
+    finally:
+        cupti.activity_disable(kind)
+        cupti.finalize()
+    return [sorted(r for r in records if t0 <= r[0] <= t1) for t0, t1 in brackets]
+
+
+def summary(calls: list) -> str:
+    """Median duration of each kernel, the start of each after the first, and the span (µs)."""
+    n = min(len(c) for c in calls)
+    med = lambda xs: statistics.median(xs) / 1e3  # noqa: E731
+    parts = [f"k{i} {med([c[i][1] - c[i][0] for c in calls]):6.2f}" for i in range(n)]
+    parts += [f"k{i}@{med([c[i][0] - c[0][0] for c in calls]):5.2f}" for i in range(1, n)]
+    parts.append(f"span {med([max(r[1] for r in c) - c[0][0] for c in calls]):6.2f}")
+    return "  ".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}])
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--num-q-heads", type=int, default=16)
+    p.add_argument("--num-v-heads", type=int, default=32)
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args(argv)
+    why = unavailable_reason()
+    if why:
+        print(f"fused_timeline: {why}", file=sys.stderr)
+        return 2
+    device_class = facts_of(torch.device("cuda")).device_class
+    caches = [CompileCache(compile_variant) for _ in args.settings]
+    print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads}; CUPTI kernel records, cold L2, "
+          f"median of {args.iters}: kN duration, kN@ start after k0, span (µs)")
+    for sdt in args.state_dtype:
+        for B in args.batch_size:
+            row = step_row(args, sdt, B)
+            inp = fused_step_inputs(row, "cuda", 0)
+            for setting, cache in zip(args.settings, caches):
+                with switched(device_class, setting, cache):
+                    calls = kernel_records(lambda: flashgdn.gdn_fused_decode_step(**inp), args.iters)
+                print(f"{sdt} B={B:<4d} {label(setting):40s} {summary(calls)}", flush=True)
+            decode = fused_step_decode_call(row, inp)
+            print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(kernel_records(decode, args.iters))}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
