@@ -188,8 +188,8 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
     """The eager body of both packed decodes (and their op's implementation): the checks (the
     entry point's, then flashgdn's on views of the packed rows), then the kernel on the engine's
     tensors (_packed_args). A repeated call (flashgdn.fastpath) skips the checks (_packed_key)."""
-    key, fast = fastpath.find(api.CHECK_INDICES or api._is_compiling(), _packed_key, mixed_qkv, initial_state, out,
-                              scale, use_qk_l2norm_in_kernel, vllm_padding)
+    key, fast = fastpath.find(api.CHECK_INDICES, _packed_key, mixed_qkv, initial_state, out, scale,
+                              use_qk_l2norm_in_kernel, vllm_padding)
     if fast is not None:
         try:  # KernelArgs' order
             slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)

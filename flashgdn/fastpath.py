@@ -62,7 +62,8 @@ CONTIGUOUS = torch.contiguous_format
 
 class Fast(NamedTuple):
     """What a repeated call needs: the compiled function and what else its entry point keeps for
-    the key (the geometry of the views it builds, a second compiled function)."""
+    the key (the geometry of the views it builds, how it takes the slot table, a second compiled
+    function)."""
 
     fn: Callable
     extra: Any = None

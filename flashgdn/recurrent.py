@@ -41,24 +41,33 @@ SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 PRECOMPUTED = (None, None, 1.0, 20.0)
 
 
-def slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> tuple:
-    """(token slots [N, T], accepted counts [N] or None) as the compiled function takes them: the
-    slots as token slots ([N] as [N, 1]), both cut to the N sequences (vLLM passes them padded to
-    its CUDA-graph batch; the rows past N are not read)."""
+def slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> tuple:
+    """How slot_table takes a call's slots and accepted counts: (N sequences, whether the slots are
+    [N] (one token: viewed [N, 1]), whether the slots and the counts have rows past N (vLLM passes
+    them padded to its CUDA-graph batch; those rows are not read)). A function of the shapes that
+    the fast key holds (_recurrent_key): the entry keeps it."""
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = ssm_state_indices if ssm_state_indices.dim() == 2 else ssm_state_indices.unsqueeze(1)
-    if slots.shape[0] != N:
-        slots = slots[:N]
-    if num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N:
-        num_accepted_tokens = num_accepted_tokens[:N]
-    return slots, num_accepted_tokens
+    return (N, ssm_state_indices.dim() == 1, ssm_state_indices.shape[0] != N,
+            num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N)
+
+
+def slot_table(ssm_state_indices, num_accepted_tokens, plan) -> tuple:
+    """(token slots [N, T], accepted counts [N] or None) as the compiled function takes them
+    (slot_plan: cut to the N sequences, [N] as [N, 1])."""
+    N, one_token, cut_slots, cut_accepted = plan
+    slots = ssm_state_indices[:N] if cut_slots else ssm_state_indices
+    if one_token:
+        slots = slots.unsqueeze(1)
+    return slots, num_accepted_tokens[:N] if cut_accepted else num_accepted_tokens
 
 
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-                o) -> KernelArgs:
-    """The compiled function's arguments of a call (the slots and counts: slot_table). Precomputed
-    gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates)."""
-    slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+                o, plan=None) -> KernelArgs:
+    """The compiled function's arguments of a call (the slots and counts: slot_table, on `plan` or
+    the call's slot_plan). Precomputed gates (A_log None): a is g and b is beta
+    (KernelSpec.precomputed_gates)."""
+    plan = plan or slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+    slots, accepted = slot_table(ssm_state_indices, num_accepted_tokens, plan)
     return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens)
 
 
@@ -281,9 +290,9 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     if is_kda:
         raise NotImplementedError(f"{SIGMOID_NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
     _check_refused(SIGMOID_NAME, initial_state, inplace_final_state, ssm_state_indices)
-    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):  # None would select precomputed gates
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (isinstance(A_log, torch.Tensor) and isinstance(dt_bias, torch.Tensor)):  # None: precomputed gates
+        name, t = ("dt_bias", dt_bias) if isinstance(A_log, torch.Tensor) else ("A_log", A_log)
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     a, b = _token_gates(q, a, b)
     o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
     if api._is_compiling():
@@ -296,31 +305,34 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     return o, initial_state
 
 
-def _recurrent_key(q, k, v, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, A_log, softplus_beta,
+def _recurrent_key(q, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, A_log, softplus_beta,
                    softplus_threshold, scale, use_qk_l2norm_in_kernel, o) -> tuple:
-    """The fast key of both ops (flashgdn.fastpath): what the compiled function does not check (the
-    batch of sequences and the slot columns, the written pool's and o's layout, cu_seqlens' length,
-    the None pattern, the options) and the shapes and strides of q, k and v."""
-    return (_recurrent, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.get_device(),
-            initial_state.shape, initial_state.stride(), o.stride(), cu_seqlens is None or cu_seqlens.shape,
-            ssm_state_indices.shape, ssm_state_indices.stride(), num_accepted_tokens is None, A_log is None,
-            type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, type(scale), scale,
-            use_qk_l2norm_in_kernel)
+    """The fast key of both ops (flashgdn.fastpath): what the compiled function does not check. q's
+    shape (the sequences without cu_seqlens; a call without tokens launches nothing), cu_seqlens'
+    length and the shapes of the slots and the accepted counts (the sequences, the slot columns and
+    slot_plan, which the entry keeps); the written pool's and o's layout; the None pattern, the
+    options. The layouts of q, k, v, the gates, the slots and the counts are the compiled function's
+    to check: k, v, the gates and the output share q's symbolic dims, the slot columns are static."""
+    return (_recurrent, q.shape, q.get_device(), initial_state.shape, initial_state.stride(), o.stride(),
+            cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
+            num_accepted_tokens is None or num_accepted_tokens.shape, A_log is None, type(softplus_beta),
+            softplus_beta, type(softplus_threshold), softplus_threshold, type(scale), scale, use_qk_l2norm_in_kernel)
 
 
 def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale, initial_state, cu_seqlens,
                ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
     """The eager body of both ops (and their ops' implementation): checks, then one launch writing
     `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
-    (flashgdn.fastpath) skips the checks (_recurrent_key). q, k and v go as they are: a size-1 dim's
-    stride is never stepped, and neither flashgdn's checks nor the compiled function's check it
-    (vLLM's [1, tokens, ...] views of its projection carry an unpacked one)."""
-    key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, k, v, initial_state, cu_seqlens, ssm_state_indices,
+    (flashgdn.fastpath) skips the checks (_recurrent_key) and takes its slot table as the entry's
+    slot_plan says. q, k and v go as they are: a size-1 dim's stride is never stepped, and neither
+    flashgdn's checks nor the compiled function's check it (vLLM's [1, tokens, ...] views of its
+    projection carry an unpacked one)."""
+    key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, initial_state, cu_seqlens, ssm_state_indices,
                               num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
                               use_qk_l2norm_in_kernel, o)
     if fast is not None:
         try:  # KernelArgs' order
-            slots, accepted = slot_table(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+            slots, accepted = slot_table(ssm_state_indices, num_accepted_tokens, fast.extra)
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens,
                     *AFTER_CU_SEQLENS)
             return
@@ -334,8 +346,9 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
         return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
+    slots = slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
     args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
-                       num_accepted_tokens, o)
+                       num_accepted_tokens, o, slots)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
                                                      softplus_threshold))
-    api._remember_fast(key, plan)
+    api._remember_fast(key, plan, extra=slots)

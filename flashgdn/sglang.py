@@ -27,20 +27,23 @@ import torch
 from . import api, fastpath
 from . import validation as val
 from .logging_utils import logged
-from .spec import AFTER_OUTPUT, MAX_TOKENS, KernelArgs
+from .spec import AFTER_OUTPUT, AFTER_REPLAY, MAX_TOKENS, KernelArgs
 
 NAME = "fused_sigmoid_gating_delta_rule_update"
+# The KernelArgs fields between the output and the row table (intermediate_indices), all None here
+BEFORE_ROWS = AFTER_OUTPUT[:len(AFTER_OUTPUT) - len(AFTER_REPLAY)]
 
 
-def _refuse(initial_state_source, is_kda, lower_bound, cache_ring, replayssm) -> None:
-    """NotImplementedError for each of SGLang's modes that flashgdn does not serve yet."""
+def _refuse(initial_state_source, is_kda, lower_bound, cache_ring, rawv, rawk, g, beta) -> None:
+    """NotImplementedError for each of SGLang's modes that flashgdn does not serve yet (rawv, rawk,
+    g, beta: the replayssm_* rings)."""
     if initial_state_source is None:
         raise NotImplementedError(f"{NAME}: initial_state_source=None (no state pool) is not supported")
     if is_kda:
         raise NotImplementedError(f"{NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
     if lower_bound is not None:
         raise NotImplementedError(f"{NAME}: lower_bound (the KDA gate) is not supported")
-    if cache_ring or any(t is not None for t in replayssm):
+    if cache_ring or rawv is not None or rawk is not None or g is not None or beta is not None:
         raise NotImplementedError(f"{NAME}: cache_ring / replayssm_* (ReplaySSM ring writes) are not supported")
 
 
@@ -241,8 +244,8 @@ def fused_sigmoid_gating_delta_rule_update(
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_sigmoid_gating_delta_rule_update (flashgdn.ops), with the output allocated here.
     """
-    _refuse(initial_state_source, is_kda, lower_bound, cache_ring, (replayssm_rawv, replayssm_rawk, replayssm_g,
-                                                                    replayssm_beta))
+    _refuse(initial_state_source, is_kda, lower_bound, cache_ring, replayssm_rawv, replayssm_rawk, replayssm_g,
+            replayssm_beta)
     if api._is_compiling():  # traced: one custom op, which may not return a tensor: it writes `o`
         o = fastpath.new_output(v, False)  # v is [q0, q1, HV, V] of q's dtype (the op's fake implementation checks)
         torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update(
@@ -266,9 +269,8 @@ def _launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_st
         return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None, None, out,
                 *AFTER_OUTPUT)
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
-    return KernelArgs(q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices),
-                      intermediate_states=intermediate_states_buffer, output=o4,
-                      intermediate_indices=intermediate_state_indices, parent_tokens=retrieve_parent_token)
+    return (q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices), None, None,
+            intermediate_states_buffer, o4, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
 
 
 def kernel_args(*args) -> KernelArgs:
@@ -276,18 +278,33 @@ def kernel_args(*args) -> KernelArgs:
     return KernelArgs(*_launch_args(*args))
 
 
+def _flat(tokens: int, lengths, a, b, inter, disable_state_update) -> bool:
+    """Whether a call is in SGLang's decode layout, which goes to the kernel as it is (_launch_args):
+    varlen with one token per sequence (`tokens`, q.shape[1], = N beside cu_seqlens' shape `lengths`
+    [N + 1]; None without cu_seqlens), 2-D gates, no buffer, the state written. On a call that passed
+    the checks, and in the fast key (_update_key), which it splits."""
+    return (lengths is not None and inter is None and disable_state_update is False and a.dim() == 2
+            and b.dim() == 2 and tokens == lengths[0] - 1)
+
+
 def _update_key(q, k, v, a, b, cu_seqlens, initial_state_source, initial_state_indices, scale, softplus_beta,
                 softplus_threshold, use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents) -> tuple:
-    """The fast key of an update (flashgdn.fastpath): what decides the form and the views' geometry
-    (the shapes and strides of q, k, v, a, b; cu_seqlens, which the compiled function does not get),
-    what the API call's key holds, the buffer the kernel writes and the lengths of the row table and
-    the tree (the compiled function takes any: they must cover the batch); the entry keeps the
-    geometry."""
-    return (update, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape, a.stride(), b.shape,
-            b.stride(), q.get_device(), cu_seqlens is None or (cu_seqlens.shape, cu_seqlens.dtype),
-            initial_state_source.shape, initial_state_source.stride(), initial_state_indices.stride(), type(scale),
-            scale, type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold,
-            use_qk_l2norm_in_kernel, type(disable_state_update), disable_state_update,
+    """The fast key of an update (flashgdn.fastpath): what the API call's key holds (the pool's
+    layout, the batch and the device, the options) and what decides the form (_flat). SGLang's decode
+    layout (_flat) goes as it is: the compiled function checks q, k, v, a, b and the output against
+    each other, and the key adds cu_seqlens' shape and dtype (the compiled function does not get it)
+    and the slot indices' stride (flashgdn's checks take more than one slot with stride 1 only). Any
+    other layout goes as row views, whose geometry the entry keeps: the key holds the shapes and
+    strides of q, k, v, a, b, the buffer the kernel writes and the lengths of the row table and the
+    tree (the compiled function takes any: they must cover the batch)."""
+    shape, lengths = q.shape, None if cu_seqlens is None else cu_seqlens.shape
+    common = (shape, lengths, lengths is None or cu_seqlens.dtype, initial_state_source.shape,
+              initial_state_source.stride(), initial_state_indices.stride(), q.get_device(), type(scale), scale,
+              type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel)
+    if _flat(shape[1], lengths, a, b, inter, disable_state_update):
+        return _flat, common
+    return (update, common, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape, a.stride(), b.shape,
+            b.stride(), type(disable_state_update), disable_state_update,
             inter is None or (inter.shape, inter.stride()), rows is None or rows.shape,
             parents is None or parents.shape)
 
@@ -301,9 +318,9 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
     verify = _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token)
     inter, rows, parents = verify
 
-    key, fast = fastpath.find(api.CHECK_INDICES or api._is_compiling(), _update_key, q, k, v, a, b, cu_seqlens,
-                              initial_state_source, initial_state_indices, scale, softplus_beta, softplus_threshold,
-                              use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents)
+    key, fast = fastpath.find(api.CHECK_INDICES, _update_key, q, k, v, a, b, cu_seqlens, initial_state_source,
+                              initial_state_indices, scale, softplus_beta, softplus_threshold, use_qk_l2norm_in_kernel,
+                              disable_state_update, inter, rows, parents)
     if fast is not None:
         try:
             out = fastpath.output(o, v)
@@ -322,7 +339,7 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
                              f"tokens), got {cu_seqlens.tolist()}")
     if o is None:
         o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
-    flat = varlen and T == 1 and a.dim() == 2 and b.dim() == 2 and inter is None and not disable_state_update
+    flat = _flat(q.shape[1], None if cu_seqlens is None else cu_seqlens.shape, a, b, inter, disable_state_update)
     plan = api._validated(api._check_pretranspose, *_pretranspose_args(
         q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, initial_state_source, initial_state_indices,
         scale, disable_state_update, *verify, o, geometry), options=(use_qk_l2norm_in_kernel, "sglang", flat))

@@ -36,6 +36,23 @@ def _fused_kwargs():
     return make_fused_inputs(B=3, H=2, HV=4, D=64, hidden=128, P=6, slots=[4, -1, 0], seed=2)
 
 
+def _padded(kw):
+    """vLLM's slot table and accepted counts padded to its CUDA-graph batch (two rows more)."""
+    slots, accepted = kw["ssm_state_indices"], kw["num_accepted_tokens"]
+    kw["ssm_state_indices"] = torch.cat([slots, torch.full((2, *slots.shape[1:]), -1, dtype=slots.dtype)])
+    if accepted is not None:
+        kw["num_accepted_tokens"] = torch.cat([accepted, torch.full((2,), 9, dtype=accepted.dtype)])
+    return kw
+
+
+def _unaligned(t):
+    """t's values in a tensor whose last-but-one stride is one element more than packed (not a
+    multiple of 16 bytes)."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype)
+    wide[..., :-1] = t
+    return wide[..., :-1]
+
+
 ENTRIES = {  # name: (function, valid keyword arguments)
     "packed": (PACKED, packed_kwargs),
     "packed_vllm": (PACKED_VLLM, packed_kwargs),
@@ -48,6 +65,9 @@ ENTRIES = {  # name: (function, valid keyword arguments)
     "sigmoid_vllm_verify": (engines.fused_sigmoid_gating_delta_rule_update_vllm, sigmoid_vllm_kwargs),
     "sigmoid_vllm_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
                             lambda: sigmoid_vllm_kwargs(one_d=True)),
+    "recurrent_padded": (RECURRENT, lambda: _padded(recurrent_kwargs())),
+    "sigmoid_vllm_padded_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
+                                   lambda: _padded(sigmoid_vllm_kwargs(one_d=True))),
     "fused_step": (STEP, _fused_kwargs),
     # flashgdn.api's functions (test_fastpath.py tests what takes their full way)
     "pretranspose": (FNS["pre"], lambda: valid_kwargs("pre")),
@@ -243,6 +263,19 @@ BAD = [  # (entry, change, message)
      r"^initial_state must not overlap itself"),
     ("recurrent_varlen", lambda kw: dict(kw, scale=-0.5), r"^scale must be positive"),
     ("recurrent_varlen", lambda kw: dict(kw, beta=kw["beta"][:, :, :1]), r"^beta must have shape"),
+    # q, k, v, the gates and the slots' layouts are the compiled function's to check (not in the key)
+    ("recurrent_varlen", lambda kw: dict(kw, k=kw["k"][:, :4]), r"^k must have shape"),
+    ("recurrent_varlen", lambda kw: dict(kw, v=_unaligned(kw["v"])), r"^v stride \d+ at dim \d must be a multiple"),
+    ("recurrent_varlen", lambda kw: dict(kw, ssm_state_indices=kw["ssm_state_indices"].t().contiguous().t()),
+     r"^ssm_state_indices must have its last dim contiguous"),
+    ("sigmoid_vllm_decode", lambda kw: dict(kw, b=kw["b"].float()), r"^b must have dtype"),
+    # SGLang's decode layout goes as it is: the key holds what decides it, the rest is checked there
+    ("sigmoid", lambda kw: dict(kw, k=kw["k"][:, :2]), r"^k must have shape"),
+    ("sigmoid", lambda kw: dict(kw, q=_unaligned(kw["q"])), r"^q stride \d+ at dim \d must be a multiple"),
+    ("sigmoid", lambda kw: dict(kw, b=kw["b"].float()), r"^b must have dtype"),
+    ("sigmoid", lambda kw: dict(kw, initial_state_indices=torch.stack([kw["initial_state_indices"]] * 2, 1)[:, 0]),
+     r"^initial_state_indices must have its last dim contiguous"),
+    ("sigmoid", lambda kw: dict(kw, disable_state_update=True), r"disable_state_update / intermediate_states_buffer"),
     # not read by the key, used before the compiled function's checks (cut to the sequences)
     ("recurrent_varlen", lambda kw: dict(kw, num_accepted_tokens=kw["num_accepted_tokens"].tolist()),
      r"^num_accepted_tokens must be a torch.Tensor"),
@@ -304,6 +337,22 @@ def test_sigmoid_q_strides_change_rebuilds_the_views(calls):
             SIGMOID(**dense)
         t, view = dense[name], launched[-1]["qkvab".index(name)]
         assert view.data_ptr() == t.data_ptr() and torch.equal(view.flatten(), t.flatten())
+
+
+def test_sigmoid_gates_changing_form_take_their_own_views(calls):
+    """SGLang's decode layout (2-D gates) goes as it is; 3-D gates with the same q go as row views
+    (another key), and back: each call hands the compiled function its own form."""
+    full, launched = calls
+    kw = sigmoid_kwargs()
+    SIGMOID(**kw)
+    n_full = len(full)  # the checks one full way runs
+    three_d = dict(kw, a=kw["a"][None], b=kw["b"][None])
+    for call in (kw, kw, three_d, three_d, kw):
+        SIGMOID(**call)
+        a = launched[-1][3]
+        assert a.shape == ((call["a"].shape[1], 1, a.shape[-1]) if call is three_d else call["a"].shape)
+        assert a.data_ptr() == call["a"].data_ptr()
+    assert len(full) == 2 * n_full, "one full way per form"
 
 
 def test_recurrent_accepted_counts_appearing_take_the_full_way(calls):
