@@ -65,16 +65,31 @@ def decode_alone_us(row: Row, iters: int, seed: int) -> float:
     return median_us(fused_step_decode_call(row, fused_step_inputs(row, "cuda", seed)), iters)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", type=parse_setting, nargs="+", required=True,
+def step_parser(doc: str, batch_sizes: list, **settings) -> argparse.ArgumentParser:
+    """The arguments of a script that runs the step at one layer shape under table settings
+    (`settings`: how --settings is given)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--settings", type=parse_setting, nargs="+",
                    help="DeviceTable settings to compare, each field=value[,field=value...]; the first is the "
-                   "baseline")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+                   "baseline", **settings)
+    p.add_argument("--batch-size", type=int, nargs="+", default=batch_sizes)
     p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--hidden-size", type=int, default=2048)
     p.add_argument("--num-q-heads", type=int, default=16)
     p.add_argument("--num-v-heads", type=int, default=32)
+    return p
+
+
+def gpu_missing(script: str) -> bool:
+    """Says why on stderr when there is no GPU to time on."""
+    why = unavailable_reason()
+    if why:
+        print(f"{script}: {why}", file=sys.stderr)
+    return bool(why)
+
+
+def main(argv=None) -> int:
+    p = step_parser(__doc__, [1, 4, 16, 64, 256], required=True)
     p.add_argument("--composed", action="store_true",
                    help="also time the composed path (torch GEMV + conv update + packed decode) as a last column")
     p.add_argument("--decode-alone", action="store_true",
@@ -82,9 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    why = unavailable_reason()
-    if why:
-        print(f"fused_table: {why}", file=sys.stderr)
+    if gpu_missing("fused_table"):
         return 2
     labels = ([label(s) for s in args.settings] + (["composed"] if args.composed else [])
               + (["decode alone"] if args.decode_alone else []))

@@ -7,7 +7,6 @@ decode alone (the packed decode on the same pool), so that what the conv/gate ke
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
@@ -15,11 +14,11 @@ import torch
 
 import flashgdn
 from flashgdn.bench.engine_rows import fused_step_decode_call, fused_step_inputs
-from flashgdn.bench.table_setting import label, parse_setting, switched
+from flashgdn.bench.table_setting import label, switched
 from flashgdn.bench.timing import L2Flusher
 from flashgdn.cache import CompileCache, compile_variant
-from flashgdn.device import facts_of, unavailable_reason
-from fused_table import step_row  # noqa: E402  (this folder is the script's path)
+from flashgdn.device import facts_of
+from fused_table import gpu_missing, step_parser, step_row  # this script's folder is on sys.path
 
 
 def kernel_records(fn, iters: int) -> list:
@@ -61,18 +60,10 @@ def summary(calls: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}])
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--hidden-size", type=int, default=2048)
-    p.add_argument("--num-q-heads", type=int, default=16)
-    p.add_argument("--num-v-heads", type=int, default=32)
+    p = step_parser(__doc__, [1, 4, 16], default=[{}])
     p.add_argument("--iters", type=int, default=50)
     args = p.parse_args(argv)
-    why = unavailable_reason()
-    if why:
-        print(f"fused_timeline: {why}", file=sys.stderr)
+    if gpu_missing("fused_timeline"):
         return 2
     device_class = facts_of(torch.device("cuda")).device_class
     caches = [CompileCache(compile_variant) for _ in args.settings]

@@ -401,11 +401,16 @@ def supported_gpu() -> bool:
 
 
 def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    """benchmarks/<name>.py as a module (the scripts are not a package); its folder goes on sys.path,
+    as when it runs as a script (one script imports another)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -467,7 +467,7 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     rc = cli.main(small + ["--api", "fused_step", "--hidden-size", "128", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     recs = json.loads(out_json.read_text())["rows"]
-    assert [r["kernel"] for r in recs] == ["convgate/H1/HV2/D64/hidden128/w4/large/sm_90a",
+    assert [r["kernel"] for r in recs] == ["convgate/H1/HV2/D64/hidden128/w4/small/sm_90a",
                                            "klast/T1/H1/HV2/K64/V64/bfloat16/state-float32/small/sm_90a/pool/pdl"]
     assert recs[0]["kernel_class"] == "ConvGate" and not any(r.get("error") for r in recs)
     rc = cli.main(small + ["--api", "recurrent", "--seq-len", "2", "--arch", "sm_100a", "--json", str(out_json)])

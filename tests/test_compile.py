@@ -179,26 +179,18 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
 @pytest.mark.parametrize("regime, kw, change, expected", [
     # Three batch rows per gate CTA and the L2 prefetch, at a hidden size with a partial last pass.
     ("large", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"],
-     dict(conv_gate_prefetch=True, conv_gate_rows=3, conv_gate_rows_min_bytes=0), (128, 3, True, 1, 1)),
-    # Batched gate loads over full passes (here 2 of 128 threads at hidden 320) and a partial last one;
-    # 4 conv channels per thread over 640 channels (a partial last conv CTA).
-    ("large", dict(H=2, HV=6, D=64, hidden=320, width=3, has_bias=True),
-     dict(conv_gate_loads=4, conv_gate_rows=3, conv_gate_rows_min_bytes=0, conv_gate_conv_channels=4),
-     (128, 3, False, 4, 4)),
+     dict(conv_gate_prefetch=True, conv_gate_rows=3, conv_gate_rows_min_bytes=0), (128, 3, True)),
     # The H200 table's own builds at the Qwen3.5 shape: 512 threads at small batch, 4 rows per
     # gate CTA (a 960 KiB w_ba) at large batch.
-    ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (512, 1, False, 1, 1)),
-    ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_loads=4, conv_gate_conv_channels=5),
-     (512, 1, False, 4, 5)),
-    ("large", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (128, 4, False, 1, 1)),
+    ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (512, 1, False)),
+    ("large", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), {}, (128, 4, False)),
     # 1024-thread CTAs at small batch (device_check.sh small times them), 32 registers a thread.
     ("small", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_threads_small=1024),
-     (1024, 1, False, 1, 1)),
+     (1024, 1, False)),
     # The "gemm" regime: conv CTAs only (the b/a projection is a cuBLAS GEMM before it).
     ("gemm", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_gemm_heads_per_sm=16),
-     (128, 1, False, 1, 1)),
-], ids=["rows3-prefetch", "rows3-loads4-partial", "h200-small", "h200-small-loads4-channels5", "h200-large-rows4", "small-1024",
-        "h200-gemm"])
+     (128, 1, False)),
+], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "small-1024", "h200-gemm"])
 def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
     """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses
@@ -211,8 +203,7 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
     s = ConvGateSpec(arch=arch, device_class=name, regime=regime, **kw)
     monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(policy.DEVICE_TABLES[name], **change))
     config = policy.ConvGateConfig.for_spec(s)
-    assert (config.threads, config.gate_rows, config.gate_prefetch, config.gate_loads,
-            config.conv_channels) == expected
+    assert (config.threads, config.gate_rows, config.gate_prefetch) == expected
     assert (config.gate_ctas == 0) == (regime == "gemm")
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"

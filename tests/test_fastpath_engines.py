@@ -136,14 +136,15 @@ def test_a_repeated_call_skips_the_full_checks(calls, name):
 
 
 def _gemm_table(monkeypatch, launched):
-    """The "gemm" conv/gate regime from B * HV > 2 per SM (a table's conv_gate_gemm_heads_per_sm);
-    returns (specs looked up, the b | a workspace rows as each launch saw them)."""
+    """The "gemm" conv/gate regime from B * HV > 2 per SM (a table's conv_gate_gemm_heads_per_sm; no
+    small conv/gate regime); returns (specs looked up, the b | a workspace rows as each launch saw
+    them)."""
     import dataclasses
 
     from flashgdn.kernels import policy
 
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", dataclasses.replace(
-        policy.SM90_HBM3, conv_gate_gemm_heads_per_sm=2))
+        policy.SM90_HBM3, conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0))
     looked_up, seen = [], []
 
     def get(spec):

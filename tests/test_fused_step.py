@@ -181,6 +181,16 @@ def test_fused_table_without_a_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert load_benchmark("fused_table").main(["--settings", "conv_gate_threads=256"]) == 2  # times nothing
+    assert load_benchmark("fused_timeline").main(["--settings", "table", "fused_step_pdl=False"]) == 2
+
+
+def test_fused_timeline_summary():
+    """Per kernel of a call its median duration, each later kernel's start after the first, and the
+    call's span (µs), from (start, end, name) records in ns."""
+    calls = [[(0, 5000, "conv"), (3000, 12000, "decode")], [(100, 4100, "conv"), (2100, 13100, "decode")],
+             [(0, 6000, "conv"), (4000, 10000, "decode")]]
+    assert load_benchmark("fused_timeline").summary(calls).split() == [
+        "k0", "5.00", "k1", "9.00", "k1@", "3.00", "span", "12.00"]
 
 
 @pytest.mark.parametrize("regime, change, expected", [
@@ -218,22 +228,29 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
     ("sm90-hbm3e", 82, 32, None, "large"),  # 2624 = 19.9 per SM
     ("sm90-hbm3e", 83, 32, None, "gemm"),  # 2656: from 20 per SM the b/a projection is cuBLAS's
     ("sm90-hbm3e", 64, 48, None, "gemm"),
-    ("sm90-hbm3", 1, 32, None, "large"),  # no small conv/gate regime in the H100 table
-    ("sm90-hbm3", 1, 32, "small", "large"),
-    ("sm90-hbm3", 4096, 32, "gemm", "large"),  # nor a gemm one
+    ("sm90-hbm3", 33, 32, None, "small"),  # the H100 table's small conv/gate regime is the H200's
+    ("sm90-hbm3", 34, 32, None, "large"),
+    ("sm90-hbm3", 4096, 32, None, "large"),  # no gemm regime in the H100 table
+    ("sm90-hbm3", 4096, 32, "gemm", "large"),
+    ("sm90-hbm3-nosmall", 1, 32, None, "large"),  # a table without a small regime
+    ("sm90-hbm3-nosmall", 1, 32, "small", "large"),
 ])
-def test_conv_gate_regime(table, batch, HV, given, expected):
+def test_conv_gate_regime(monkeypatch, table, batch, HV, given, expected):
     """The conv/gate kernel's batch regime has its own threshold (the decode's is policy.regime),
-    and only tables with a small conv/gate regime build one."""
+    and only tables with a small (gemm) conv/gate regime build one."""
+    import dataclasses
+
     from flashgdn.kernels import policy
 
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3-nosmall",
+                        dataclasses.replace(policy.SM90_HBM3, conv_gate_small_heads_per_sm=0))
     assert policy.conv_gate_regime(batch, HV, 132, table, "sm_90a", given) == expected
 
 
 def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     """A table's conv_gate_gemm_heads_per_sm puts B * HV above it per SM in the "gemm" regime; a
-    precompile of the decode's large regime builds the large and gemm conv/gate builds before it,
-    of the small regime the small one; every shipped table keeps the gemm threshold at or above the
+    precompile of the decode's large regime builds the small, large and gemm conv/gate builds before
+    it, of the small regime the small one; every shipped table keeps the gemm threshold at or above the
     decode's small one (else a gemm call could pair with a small decode no precompile builds)."""
     import dataclasses
 
@@ -250,12 +267,19 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
         policy.SM90_HBM3E, conv_gate_gemm_heads_per_sm=16))
     regime = lambda B, HV, given=None: policy.conv_gate_regime(B, HV, 132, "sm90-hbm3e", "sm_90a", given)  # noqa: E731
     assert regime(66, 32) == "large" and regime(67, 32) == "gemm" and regime(33, 32) == "small"
+    # The conv/gate's small regime reaches past the decode's (8 heads per SM against 2): a large
+    # decode can follow a small conv/gate build too.
     assert regime(1, 32, "gemm") == "gemm" and policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large") == (
-        "large", "gemm")
-    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("large",)
+        "small", "large", "gemm")
+    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("small", "large")
+    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "small") == ("small",)
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-lowsmall", dataclasses.replace(
+        policy.SM90_HBM3, conv_gate_small_heads_per_sm=1))
+    assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "small") == ("small", "large")
+    assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "large") == ("large",)
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
     p = Problem(1, 1, 16, 32, 128, 128)
-    for given, convs in (("large", ["large", "gemm"]), ("small", ["small"])):
+    for given, convs in (("large", ["small", "large", "gemm"]), ("small", ["small"])):
         specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.float32,
                                           regime=given)
         assert [s.regime for s in specs[:-1]] == convs and all(isinstance(s, ConvGateSpec) for s in specs[:-1])

@@ -87,43 +87,26 @@ class ConvGate:
 
     @cute.jit
     def _conv(self, gmem: ConvGateArgs, b: Int32, part: Int32):
-        """conv_channels channels per thread, threads apart (each pass one coalesced row of
-        channels); every pass's loads go before the first product. A channel past qkv_dim loads
-        the last one and stores nothing."""
         spec = self.spec
         W = spec.width
-        threads, n = self.config.threads, self.config.conv_channels
-        exact = spec.qkv_dim % (threads * n) == 0
         tid, _, _ = cute.arch.thread_idx()
-        first = part * (threads * n) + tid
+        c = part * self.config.threads + tid
         slot = Int64(gmem.state_indices[b])
-        if slot >= Int64(0):
-            if slot < Int64(gmem.conv_state.shape[0]):
-                cs = [first + j * threads for j in range(n)]
-                loaded = [self._conv_loads(gmem, b, c if const_expr(exact) else cutlass.min(c, spec.qkv_dim - 1), slot)
-                          for c in cs]
-                for c, (window, x, weights) in zip(cs, loaded):
+        if c < spec.qkv_dim:
+            if slot >= Int64(0):
+                if slot < Int64(gmem.conv_state.shape[0]):
+                    window, x, weights = self._conv_loads(gmem, b, c, slot)
                     acc = Float32(0.0)
                     for j in cutlass.range_constexpr(W - 1):
                         acc += window[j].to(Float32) * weights[j].to(Float32)
                     acc += x.to(Float32) * weights[W - 1].to(Float32)
                     if const_expr(gmem.conv_bias is not None):
-                        acc += gmem.conv_bias[c if const_expr(exact) else cutlass.min(c, spec.qkv_dim - 1)].to(Float32)
+                        acc += gmem.conv_bias[c].to(Float32)
                     y = acc / (Float32(1.0) + cute.math.exp(-acc))  # SiLU
-                    if const_expr(exact):
-                        self._conv_stores(gmem, b, c, slot, y, window, x)
-                    else:
-                        if c < spec.qkv_dim:
-                            self._conv_stores(gmem, b, c, slot, y, window, x)
-
-    def _conv_stores(self, gmem: ConvGateArgs, b, c, slot, y, window, x) -> None:
-        """Channel c's activated output (bf16, as the models' conv kernels store it) and its new
-        window (old[1:], x)."""
-        W = self.spec.width
-        gmem.qkv_out[b, c] = y.to(BFloat16)
-        for j in range(W - 2):
-            gmem.conv_state[slot, c, j] = window[j + 1]
-        gmem.conv_state[slot, c, W - 2] = x
+                    gmem.qkv_out[b, c] = y.to(BFloat16)
+                    for j in cutlass.range_constexpr(W - 2):
+                        gmem.conv_state[slot, c, j] = window[j + 1]
+                    gmem.conv_state[slot, c, W - 2] = x
 
     @cute.jit
     def _gate(self, gmem: ConvGateArgs, group: Int32, block: Int32):
@@ -146,22 +129,14 @@ class ConvGate:
         rAccs = [cute.make_rmem_tensor((n,), Float32) for _ in range(R)]
         for rAcc in rAccs:
             rAcc.fill(0.0)
-        # The passes over the hidden rows in batches: a batch's loads are all issued before its
-        # products, so a thread waits for memory once per batch rather than once per pass (the
-        # loads wait behind the decode's state stream, which starts alongside: KernelSpec.pdl_wait).
-        full = spec.hidden // threads
-        batch = self.config.gate_loads
-        for m0 in cutlass.range_constexpr(0, full, batch):
-            passes = range(m0, min(m0 + batch, full))
-            rWs = [cute.make_rmem_tensor((n,), BFloat16) for _ in passes]
-            hs = [self._gate_loads(gmem, rows, block, tid + m * threads, rW) for m, rW in zip(passes, rWs)]
-            for rW, h in zip(rWs, hs):
-                self._gate_products(rW, h, rAccs)
-        if const_expr(full * threads < spec.hidden):
-            i = tid + full * threads
-            if i < spec.hidden:
-                rW = cute.make_rmem_tensor((n,), BFloat16)
-                self._gate_products(rW, self._gate_loads(gmem, rows, block, i, rW), rAccs)
+        rW = cute.make_rmem_tensor((n,), BFloat16)
+        for m in cutlass.range_constexpr((spec.hidden + threads - 1) // threads):
+            i = tid + m * threads
+            if const_expr((m + 1) * threads <= spec.hidden):
+                self._gate_row(gmem, rows, block, i, rW, rAccs)
+            else:
+                if i < spec.hidden:
+                    self._gate_row(gmem, rows, block, i, rW, rAccs)
         for r in cutlass.range_constexpr(R):
             for e in cutlass.range_constexpr(n):
                 rAccs[r][e] = cute.arch.warp_reduction_sum(rAccs[r][e])
@@ -198,16 +173,12 @@ class ConvGate:
                 for b in rows:
                     cute.arch.prefetch((gmem.hidden_states[b, None].iterator + j).to_llvm_ptr(), cache_level="L2")
 
-    def _gate_loads(self, gmem: ConvGateArgs, rows, block, i, rW: cute.Tensor) -> list:
-        """w_ba[i, this block's columns] into rW (one load serves every batch row) and
-        hidden_states[rows[r], i] for each batch row r (raw bf16)."""
+    def _gate_row(self, gmem: ConvGateArgs, rows, block, i, rW: cute.Tensor, rAccs):
+        """rAccs[r] += hidden_states[rows[r], i] * w_ba[i, this block's columns]: one load of the
+        w_ba row for every batch row."""
         cute.autovec_copy(cute.local_tile(gmem.w_ba[i, None], (self.spec.gate_vec,), (block,)), rW)
-        return [gmem.hidden_states[b, i] for b in rows]
-
-    def _gate_products(self, rW: cute.Tensor, hs: list, rAccs) -> None:
-        """rAccs[r] += hs[r] * rW in fp32."""
+        hs = [gmem.hidden_states[b, i].to(Float32) for b in rows]
         w = rW.load().to(Float32)
         for h, rAcc in zip(hs, rAccs):
-            hf = h.to(Float32)
             for e in range(self.spec.gate_vec):
-                rAcc[e] += hf * w[e]
+                rAcc[e] += h * w[e]

@@ -55,15 +55,6 @@ class DeviceTable:
     # its loads keep only two rows in flight per thread (ptxas interleaves them with the products),
     # a chain of DRAM round trips at small batch. Measured slower on the H200 (0.71-0.93x from B = 4).
     conv_gate_prefetch: bool = False
-    # Passes over the hidden rows whose loads a gate thread issues before their products (each
-    # pass: one 16-byte w_ba load and a hidden_states value per batch row): its loads wait for
-    # memory once per batch of passes instead of once per pass or two (ptxas's own interleaving).
-    # Registers: about (4 + conv_gate_rows) per pass.
-    conv_gate_loads: int = 1
-    # Channels of one conv thread (threads apart, their loads issued together): fewer conv CTAs,
-    # so that more of each SM is free for the decode, a programmatic dependent that loads its state
-    # while this kernel runs (fused_step_pdl).
-    conv_gate_conv_channels: int = 1
     # Batch rows of one gate CTA in the "large" conv/gate regime, where w_ba has at least
     # conv_gate_rows_min_bytes: each w_ba row it loads serves that many hidden rows, so w_ba is read
     # B / conv_gate_rows times instead of B times (from L2: at B = 256 and hidden 5120, 250 MB at one
@@ -127,6 +118,10 @@ SM90_HBM3 = DeviceTable(
     short_mtp_tokens=2,
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
                     "mtp_slots": 4 << 20},
+    # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
+    # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
+    conv_gate_threads_small=512,
+    conv_gate_small_heads_per_sm=8,
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
@@ -140,8 +135,6 @@ SM90_HBM3E = dataclasses.replace(
     mma_min_tokens_fp32=8,
     # Token slots' prefetch ("mtp_slots") is measured on the H100 only: off here until it is on this one.
     prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "mtp_slots": 0},
-    conv_gate_threads_small=512,
-    conv_gate_small_heads_per_sm=8,
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     conv_gate_gemm_heads_per_sm=20,
@@ -384,9 +377,16 @@ def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Opti
 
 def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str) -> Tuple[str, ...]:
     """The conv/gate regimes a call in the decode's batch regime `regime` can meet (a precompile
-    builds each): "small" where the table has it; "large", and "gemm" where the table has it."""
+    builds each), each where the table has it: in the decode's small regime "small", and "large"
+    where the conv/gate's small threshold is the lower; in its large regime "small" where that
+    threshold is the higher (the H100 and H200 tables: 8 heads per SM against 2), then "large" and
+    "gemm"."""
     table = _table_of(device_class_name, arch)
-    wanted = ("small",) if regime == "small" else ("large", "gemm")
+    small, decode_small = table.conv_gate_small_heads_per_sm, table.small_regime_heads_per_sm
+    if regime == "small":
+        wanted = ("small",) if small >= decode_small else ("small", "large")
+    else:
+        wanted = (("small",) if small > decode_small else ()) + ("large", "gemm")
     return tuple(dict.fromkeys(_conv_gate_kept(table, r) for r in wanted))
 
 
@@ -405,8 +405,6 @@ class ConvGateConfig:
     gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each; 0: no GEMV
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
     gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows)
-    gate_loads: int  # passes over the hidden rows per batch of loads (DeviceTable.conv_gate_loads)
-    conv_channels: int  # channels per conv thread (DeviceTable.conv_gate_conv_channels)
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
@@ -422,11 +420,9 @@ class ConvGateConfig:
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
-        channels = max(1, table.conv_gate_conv_channels)
-        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // (threads * channels)), conv_channels=channels,
+        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads),
                    gate_ctas=0 if gemm else 2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows,
-                   gate_loads=max(1, table.conv_gate_loads))
+                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows)
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
