@@ -338,6 +338,18 @@ def test_commit_out_of_range_values_leave_everything(commit_kernel):
     assert torch.equal(bits(ck[:, 6:]), bits(before[:, 6:]))
 
 
+@pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
+                         ids=["T8-tensor-cores", "T4-token-loop"])
+def test_commit_with_the_h200_table_as_it_is(monkeypatch, T, kernel):
+    """The H200 table unchanged: a bf16 checkpoint's commit in the large regime (B * HV = 280 > 264)
+    runs on the tensor cores from T = 8 (commit_mma_min_tokens) and on the token loop below it; both
+    equal the reference (the checks of test_commit_equals_the_state_after_the_accepted_tokens)."""
+    specs = use_h200_table(monkeypatch)
+    test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, torch.bfloat16, -1, True)
+    commits = [s for s in specs if isinstance(s, CommitSpec)]
+    assert commits and all(policy.BuildConfig.for_spec(s).kernel == kernel for s in commits)
+
+
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_commit_without_l2norm_ignores_the_window_past_the_prefix(commit_kernel, sdt):
     """Without the l2 norm, a token repeated beyond the accepted prefix would grow u by about
