@@ -32,7 +32,7 @@ def _args(layout, p, sdt, pool, inter, token_slots=False):
     A_log = torch.log(torch.rand(p.HV, device="cuda") * 15 + 1)
     dt_bias = torch.randn(p.HV, device="cuda")
     rows, cols = (p.V, p.K) if layout == "klast" else (p.K, p.V)
-    if token_slots:  # vLLM's layout: the state read from one scattered slot, written to T others
+    if token_slots:  # vLLM's layout, a pool whatever `pool`: each state read from one slot, written to T others
         slots = torch.randperm(p.B * (p.T + 1), device="cuda").to(torch.int32)
         state = torch.randn(p.B * (p.T + 1), p.HV, rows, cols, device="cuda").to(sdt)
         idx, token_idx = slots[:p.B], slots[p.B:].view(p.B, p.T)
@@ -158,7 +158,7 @@ def main():
     rows = []
     for B in ns.batch_size:
         p = Problem(B, ns.seq_len, 16, 32, 128, 128)
-        args = _args(ns.layout, p, sdt, ns.pool or ns.token_slots, ns.inter, ns.token_slots)
+        args = _args(ns.layout, p, sdt, ns.pool, ns.inter, ns.token_slots)
         line = []
         for tile, pf in columns:
             spec = dataclasses.replace(

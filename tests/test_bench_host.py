@@ -4,7 +4,6 @@ stand-in calls, clocks and GPU timers, the ratio/target/table logic, the calls e
 internals (device facts and kernel cache stubbed)."""
 from __future__ import annotations
 
-import functools
 import json
 import types
 
@@ -151,7 +150,7 @@ def _fake_run():
         name = next(names)
         return name, lambda: name
 
-    def measure(call):
+    def measure(call, gpu=True):
         us, gpu = times[call()]
         return {"host_median_us": us, "host_min_us": us - 1, "gpu_us": gpu, "gpu_bound": gpu >= us}
 
@@ -177,12 +176,16 @@ def test_run_cases_time_the_baseline_before_each_row():
     case_list = [host.Case("torch"), host.Case("flashgdn", row), host.Case("flashgdn", row, output_given=False)]
     baseline = iter([8.0, 8.0, 16.0])  # the baseline row, then before each flashgdn row
     bound = iter(["x.add_(1)", "a", "b"])
+    measured = []
 
-    def measure(call):
+    def measure(call, gpu=True):
+        measured.append((call(), gpu))
         us = next(baseline) if call() == "x.add_(1)" else 20.0
         return {"host_median_us": us, "host_min_us": us, "gpu_us": None, "gpu_bound": False}
 
     base, a, b = host.run_cases(case_list, lambda case: (name := next(bound), lambda: name), measure, 100, 7)
+    # the re-timed baseline's host time only
+    assert measured == [("x.add_(1)", True), ("x.add_(1)", False), ("a", True), ("x.add_(1)", False), ("b", True)]
     assert base["ratio"] == 1.0 and base["baseline_us"] is None
     assert a["baseline_us"] == 8.0 and a["ratio"] == pytest.approx(2.5)
     assert b["baseline_us"] == 16.0 and b["ratio"] == pytest.approx(1.25) and b["meets_target"] is True
@@ -297,7 +300,9 @@ def test_run_cases_on_the_cpu_reports_each_failure():
     """The baseline runs on the CPU; flashgdn refuses CPU tensors, and every row says so."""
     a = _args("--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2")
     case_list = host.cases(a, flashinfer=False)[:4]
-    measure = functools.partial(host.measure, iters=3, repeats=2, warmup=0, sync=lambda: None)
+    def measure(call, gpu=True):  # no GPU time on the CPU
+        return host.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None)
+
     records = host.run_cases(case_list, lambda c: host.bind(c, _MODULES, "cpu", 0), measure, 3, 2)
     assert records[0]["host_median_us"] > 0 and records[0]["ratio"] == 1.0 and not records[0]["error"]
     assert all("must be a CUDA tensor" in r["error"] for r in records[1:])

@@ -266,12 +266,16 @@ def engine_call(case: Case, device, seed: int) -> Callable[[], Any]:
     return flashgdn_prepare(case.row, inp)[0]
 
 
+def baseline_call(device) -> Callable[[], Any]:
+    """The baseline every ratio is to: x.add_(1) on a one-element fp32 tensor of `device`."""
+    return functools.partial(torch.zeros(1, device=device).add_, 1)
+
+
 def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, Callable[[], Any]]:
     """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
     and "flashinfer" to their API modules."""
     if case.row is None:
-        x = torch.zeros(1, device=device)
-        return BASELINE, functools.partial(x.add_, 1)
+        return BASELINE, baseline_call(device)
     if case.engine:
         return ENGINE_FUNCTIONS[case.engine], engine_call(case, device, seed)
     inp = make_inputs(case.row, device, seed)
@@ -292,13 +296,14 @@ def new_record(case: Case, function: str, iters: int, repeats: int) -> Dict[str,
 
 
 def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, Callable[[], Any]]],
-              measure_call: Callable[[Callable[[], Any]], Dict[str, Any]], iters: int, repeats: int) -> List[dict]:
+              measure_call: Callable[..., Dict[str, Any]], iters: int, repeats: int) -> List[dict]:
     """One record per case (a failing case gets its error, the others run), with ratios. The
-    baseline (the "torch" case) is timed again right before each other row (baseline_us), and a
-    row's ratio is to that time: this host's speed drifts within a process (up to 1.43x between
-    two measurements of the same call), and a ratio to one early measurement would carry it."""
+    baseline (the "torch" case) is timed again right before each other row (baseline_us; its host
+    time only: measure_call(call, gpu=False)), and a row's ratio is to that time: this host's speed
+    drifts within a process (up to 1.43x between two measurements of the same call), and a ratio to
+    one early measurement would carry it."""
     records = []
-    baseline_call = None
+    baseline = None
     for i, case in enumerate(case_list, 1):
         function = (ENGINE_FUNCTIONS[case.engine] if case.engine else BASELINE if case.row is None
                     else VERSION_FUNCTIONS[case.row.version])
@@ -307,9 +312,9 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
             rec = new_record(case, function, iters, repeats)
             progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
             if case.row is None:
-                baseline_call = call
-            elif baseline_call is not None:
-                rec["baseline_us"] = measure_call(baseline_call)["host_median_us"]
+                baseline = call
+            elif baseline is not None:
+                rec["baseline_us"] = measure_call(baseline, gpu=False)["host_median_us"]
             with counting_full_ways() as full_ways:
                 rec.update(measure_call(call))
             if case.impl == "flashgdn":
@@ -509,7 +514,7 @@ def profile(args, device, measure_call: Callable[..., Dict[str, Any]]) -> List[d
     with a pool and the output allocated, at the first --batch-size and --state-dtype
     (profile_parts, profile_records), each beside x.add_(1) timed right before it (run_cases)."""
     records = []
-    x = torch.zeros(1, device=device)
+    baseline = baseline_call(device)
     for version, T in (("pretranspose", 1), ("mtp", MTP_TOKENS)):
         row = Row(version, args.batch_size[0], T, args.num_q_heads, args.num_v_heads, args.head_size,
                   args.head_size, args.dtype, args.state_dtype[0], pool=True, l2norm=not args.no_l2norm,
@@ -519,7 +524,7 @@ def profile(args, device, measure_call: Callable[..., Dict[str, Any]]) -> List[d
         getattr(api, name)(*call_args, **call_kwargs)  # compiles, fills the memo and the plan's function
         torch.cuda.synchronize(device)
         variant = f"flashgdn {Case('flashgdn', row, output_given=False).variant()}, B={row.B}, {row.state_dtype} state"
-        baseline_us = measure_call(functools.partial(x.add_, 1), gpu=False)["host_median_us"]
+        baseline_us = measure_call(baseline, gpu=False)["host_median_us"]
         records += profile_records(profile_parts(name, call_args, call_kwargs), measure_call, variant, args.iters,
                                    HOST_REPEATS, baseline_us)
     return records
@@ -562,7 +567,7 @@ def python_only(args) -> int:
     facts = DeviceFacts("sm_90a", 132, policy.device_class("sm_90a", 132, 141))
     device = torch.device("cpu")
 
-    def measure_call(call):
+    def measure_call(call, gpu=False):  # no GPU time on the CPU
         return measure(call, args.iters, HOST_REPEATS, args.warmup, lambda: None)
 
     with stubbed_launches(facts):
