@@ -75,6 +75,7 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         replay_cache=args.replay_v is not None, row_form=row_form(args),
         intermediate_rows=None if args.intermediate_indices is None else name(args.intermediate_indices.dtype),
         tree_parents=None if args.parent_tokens is None else name(args.parent_tokens.dtype),
+        gate_parts=args.a.shape[0] if args.a.dim() == 4 else 0,  # the fused step's split projection
     )
 
 

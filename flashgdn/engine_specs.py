@@ -81,9 +81,13 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
                                      meta(index, B) if T > 1 else None, meta(io, *lead, HV, V))
     elif entry == "fused-step":
         bf16 = torch.bfloat16
-        views = fused_step._decode_views(B, H, HV, K, meta(bf16, B, (2 * H + HV) * K), meta(bf16, B, 2 * HV))
-        decode = KernelArgs(*views, A_log, dt, pool, state_indices=meta(torch.int32, B),
-                            output=meta(bf16, B, 1, HV, V))
+
+        def decode(parts):  # the decode's arguments on a workspace of `parts` partial sums (0: bf16 b | a)
+            ba = meta(torch.float32, parts, B, 2 * HV) if parts else meta(bf16, B, 2 * HV)
+            views = fused_step._decode_views(B, H, HV, K, meta(bf16, B, (2 * H + HV) * K), ba)
+            return KernelArgs(*views, A_log, dt, pool, state_indices=meta(torch.int32, B),
+                              output=meta(bf16, B, 1, HV, V))
+
         return fused_step.kernel_specs(p, hidden, conv_width, conv_bias, decode, options, facts, regime)
     else:
         raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")

@@ -5,7 +5,9 @@ exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackw
 Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec)
 writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace, and
 flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the pool)
-reads q, k, v, a and b as views of it. Where the policy says so (policy.fused_step_pdl) the decode
+reads q, k, v, a and b as views of it. Where the table splits the projection over the hidden
+dimension (policy.ConvGateConfig.partial_sums) the workspace holds fp32 partial sums of b | a, which
+the decode adds up (KernelSpec.gate_parts). Where the policy says so (policy.fused_step_pdl) the decode
 is a programmatic dependent launch (PDL) of the kernel before it: it starts while that kernel ends,
 loads its slot indices and state, and waits for that grid before it reads the workspace. Where the
 policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch on a table that names
@@ -15,8 +17,8 @@ conv kernel goes first because its compiled function checks hidden_states and w_
 key does not read) before anything runs. One launch would not pay here: the q/k channels of a head
 feed HV / H value heads and all their CTAs, and the conv state is updated in place, so either one
 CTA would serve a whole q/k head (a sixteenth of the CTAs at B = 1) or every CTA would need a
-grid-wide barrier. The workspace (bf16, [rows, qkv_dim] and [rows, 2 HV]) is cached per (device,
-stream, qkv_dim, HV): a call allocates only when its batch exceeds every earlier one on that stream
+grid-wide barrier. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV, partial
+sums): a call allocates only when its batch exceeds every earlier one on that stream
 (the capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond
 the output; calls on one stream run in order, so they can share it. An outgrown workspace is kept,
 not freed: a CUDA graph captured with it still reads and writes its address. While torch.compile or
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -119,17 +121,17 @@ def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
 
 class _Plan:
     """A validated call signature: its Problem, conv width, device, and (after the first call)
-    the two compiled functions and whether the b/a projection is a GEMM before them (the "gemm"
-    conv/gate regime)."""
+    the two compiled functions, whether the b/a projection is a GEMM before them (the "gemm"
+    conv/gate regime) and how many partial sums of it the workspace holds (_Workspace)."""
 
-    __slots__ = ("problem", "width", "device", "fns", "gemm")
+    __slots__ = ("problem", "width", "device", "fns", "gemm", "parts")
 
     def __init__(self, problem, width, device):
-        self.problem, self.width, self.device, self.fns, self.gemm = problem, width, device, None, False
+        self.problem, self.width, self.device, self.fns, self.gemm, self.parts = problem, width, device, None, False, 0
 
 
 _VALIDATED: dict = {}
-_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV) -> _Workspace
+_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV, parts) -> _Workspace
 _RETIRED: list = []  # outgrown workspaces, kept alive for the CUDA graphs that captured them
 
 
@@ -140,44 +142,50 @@ def _current_stream(device: torch.device) -> int:
 
 
 class _Workspace:
-    """One stream's workspace: qkv [rows, qkv_dim] and ba [rows, 2 HV] (bf16), and per (B, H, D)
-    the views a call of B rows takes of it (_decode_views), built once."""
+    """One stream's workspace: qkv [rows, qkv_dim] (bf16) and the b | a projection, ba [rows, 2 HV]
+    (bf16) or, from the split projection, its `parts` fp32 partial sums [parts, rows, 2 HV]
+    (policy.ConvGateConfig.partial_sums); and per (B, H, D) the views a call of B rows takes of it
+    (_decode_views), built once."""
 
     __slots__ = ("qkv", "ba", "views")
 
-    def __init__(self, rows: int, qkv_dim: int, HV: int, device: torch.device):
+    def __init__(self, rows: int, qkv_dim: int, HV: int, parts: int, device: torch.device):
         self.qkv = torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device)
-        self.ba = torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device)
+        self.ba = (torch.empty((parts, rows, 2 * HV), dtype=torch.float32, device=device) if parts
+                   else torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
         self.views = {}
 
 
-def _workspace(device: torch.device, B: int, H: int, HV: int, D: int):
-    """(qkv [B, qkv_dim], ba [B, 2 HV], q, k, v, a, b): this stream's workspace rows and the decode
-    kernel's views of them (module docstring)."""
+def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int):
+    """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV], q, k, v, a, b): this stream's workspace
+    rows and the decode kernel's views of them (module docstring)."""
     qkv_dim = (2 * H + HV) * D
-    key = (device, _current_stream(device), qkv_dim, HV)
+    key = (device, _current_stream(device), qkv_dim, HV, parts)
     ws = _WORKSPACES.get(key)
     if ws is None or ws.qkv.shape[0] < B:
         if ws is not None:
             # A CUDA graph captured on the smaller workspace keeps using its address: never free it.
             _RETIRED.append(ws)
         ws = _WORKSPACES[key] = _Workspace(max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1)))), qkv_dim, HV,
-                                           device)
+                                           parts, device)
     views = ws.views.get((B, H, D))
     if views is None:
-        qkv, ba = ws.qkv[:B], ws.ba[:B]
+        qkv, ba = ws.qkv[:B], ws.ba[..., :B, :]
         views = ws.views[(B, H, D)] = (qkv, ba, *_decode_views(B, H, HV, D, qkv, ba))
     return views
 
 
 def _decode_views(B: int, H: int, HV: int, D: int, qkv: torch.Tensor, ba: torch.Tensor):
     """q, k, v, a and b of the decode kernel as views of the workspace rows (as the engines' packed
-    decode views mixed_qkv: flashgdn.engines), b = ba[:, :HV], a = ba[:, HV:]."""
+    decode views mixed_qkv: flashgdn.engines), b = ba[..., :HV], a = ba[..., HV:]: [B, 1, HV], or
+    [parts, B, 1, HV] on partial sums (KernelSpec.gate_parts)."""
     row = qkv.stride(0)
     q = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset())
     k = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset() + H * D)
     v = qkv.as_strided((B, 1, HV, D), (row, HV * D, D, 1), qkv.storage_offset() + 2 * H * D)
-    gate = lambda off: ba.as_strided((B, 1, HV), (ba.stride(0), HV, 1), ba.storage_offset() + off)  # noqa: E731
+    lead = ba.shape[:-2]
+    shape, stride = (*lead, B, 1, HV), (*ba.stride()[:-2], ba.stride(-2), HV, 1)
+    gate = lambda off: ba.as_strided(shape, stride, ba.storage_offset() + off)  # noqa: E731
     return q, k, v, gate(HV), gate(0)
 
 
@@ -252,10 +260,10 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
                               ssm_state, A_log, dt_bias, out, scale, use_qk_l2norm)
     if fast is not None:
-        decode_fn, device, p, gemm = fast.extra
+        decode_fn, device, p, gemm, parts = fast.extra
         try:
             o = _output(out, p, device)
-            _launches(fast.fn, decode_fn, gemm, _workspace(device, p.B, p.H, p.HV, p.K), hidden_states, w_ba,
+            _launches(fast.fn, decode_fn, gemm, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states, w_ba,
                       mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
             return o
         except fastpath.REFUSED:
@@ -276,27 +284,33 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out)
         if key is not None and plan.fns is not None:  # not when the launch is stubbed
-            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p, plan.gemm)))
+            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p, plan.gemm, plan.parts)))
     return out
 
 
-def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode: KernelArgs, options, facts,
-                 regime: Optional[str] = None) -> tuple:
-    """The compiled variants of a step (Problem `p`; `decode`: the decode's KernelArgs, meta tensors
-    do), in launch order: the conv/gate kernel, then the decode, a programmatic dependent of it
-    where the policy says so (policy.fused_step_pdl). `regime` None: the ones p.B falls in (each
-    kernel has its own thresholds); given (a precompile): the decode of that regime after every
-    conv/gate build a call in it can meet (policy.conv_gate_regimes), so that precompiling both
-    regimes builds every pair."""
+def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode_args: Callable[[int], KernelArgs], options,
+                 facts, regime: Optional[str] = None) -> tuple:
+    """The compiled variants of a step (Problem `p`): the conv/gate builds, then the decodes that
+    read their workspaces, one each (`decode_args(parts)`: the decode's KernelArgs on a workspace
+    of that many partial sums of the projection, 0 for the bf16 projection; meta tensors do), a
+    programmatic dependent where the policy says so (policy.fused_step_pdl). `regime` None: the
+    pair p.B falls in (each kernel has its own thresholds), in launch order; given (a precompile):
+    every conv/gate build a call in that regime can meet (policy.conv_gate_regimes) and the decodes
+    of that regime behind them, so that precompiling both regimes builds every pair."""
+    split = policy.split_serves(facts.device_class, facts.arch, hidden, p.HV,
+                                val.dtype_name(decode_args(0).state.dtype))
     if regime is None:
-        conv_regimes = (policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch),)
+        conv_regimes = (policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch, None,
+                                                split),)
     else:
-        conv_regimes = policy.conv_gate_regimes(facts.device_class, facts.arch, regime)
-    convs = tuple(ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
-                  for r in conv_regimes)
-    decode_spec = dataclasses.replace(api.kernel_spec("klast", p, decode, options, facts, regime),
-                                      pdl_wait=policy.fused_step_pdl(facts.device_class, facts.arch))
-    return (*convs, decode_spec)
+        conv_regimes = policy.conv_gate_regimes(facts.device_class, facts.arch, regime, split)
+    pdl = policy.fused_step_pdl(facts.device_class, facts.arch)
+    convs = [ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
+             for r in conv_regimes]
+    parts = [policy.ConvGateConfig.for_spec(c).partial_sums for c in convs]
+    decodes = [dataclasses.replace(api.kernel_spec("klast", p, decode_args(n), options, facts, regime), pdl_wait=pdl)
+               for n in parts]
+    return tuple(dict.fromkeys(convs + decodes))
 
 
 def _output(out, p, device) -> torch.Tensor:
@@ -314,16 +328,17 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
     """The launches of a validated call (its _Plan: _launches); the first call of a plan looks both
     compiled functions up."""
     p = plan.problem
-    ws = _workspace(plan.device, p.B, p.H, p.HV, p.K)
     if plan.fns is None:
-        _, _, q, k, v, a, b = ws
-        decode = KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
-        conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, decode,
-                                              api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
-        plan.gemm = conv_spec.regime == "gemm"
+        def decode_args(parts):
+            _, _, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K, parts)
+            return KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
+
+        conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None,
+                                              decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+        plan.gemm, plan.parts = conv_spec.regime == "gemm", decode_spec.gate_parts
         plan.fns = (kernel_cache.get(conv_spec), kernel_cache.get(decode_spec))
-    _launches(*plan.fns, plan.gemm, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
-              state_indices, A_log, dt_bias, ssm_state, out)
+    _launches(*plan.fns, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
+              mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, out)
 
 
 def _launches(conv_fn, decode_fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,

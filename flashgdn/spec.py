@@ -25,9 +25,10 @@ OUT_DTYPES = ("bfloat16", "float16", "float32")
 ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 LAYOUTS = ("klast", "kmajor")
 REGIMES = ("small", "large")
-# The conv/gate kernel's regimes (kernels.policy.conv_gate_regime): "gemm" leaves the b/a projection
-# to a cuBLAS GEMM before it (its CTAs run the conv only).
-CONV_GATE_REGIMES = ("small", "large", "gemm")
+# The conv/gate kernel's regimes (kernels.policy.conv_gate_regime): "split" splits the b/a projection
+# over the hidden dimension (partial sums the decode adds up); "gemm" leaves it to a cuBLAS GEMM
+# before it (its CTAs run the conv only).
+CONV_GATE_REGIMES = ("small", "split", "large", "gemm")
 ROW_FORMS = ("batch", "packed", "flat")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
@@ -195,6 +196,10 @@ class KernelSpec:
     # reads it back from the buffer, in the buffer's dtype); a parent outside [0, t) makes the row
     # INVALID. None: each token follows the one before it.
     tree_parents: Optional[str] = None
+    # The fused step's split b/a projection (kernels.policy.ConvGateConfig.partial_sums): a and b
+    # are [gate_parts, B, T, HV] fp32 partial sums, the gate their sum rounded to bf16 as the
+    # projection's bf16 output is. 0: a and b are the gates themselves.
+    gate_parts: int = 0
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
@@ -232,6 +237,10 @@ class KernelSpec:
             (self.tree_parents in (None,) + INDEX_DTYPES, f"tree_parents must be None or one of {INDEX_DTYPES}"),
             (self.tree_parents is None or (self.intermediate_rows is not None and self.layout == "klast"),
              "tree parents need intermediates at a row table"),
+            (self.gate_parts >= 0 and (not self.gate_parts or (
+                self.gate_dtype == "float32" and self.beta_dtype is None and not self.precomputed_gates
+                and self.row_form == "batch" and self.varlen is None)),
+             "gate parts are fp32 raw gates of batch rows"),
         ))
 
     @property
@@ -273,6 +282,7 @@ class KernelSpec:
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
             (self.pdl_wait, "pdl"), (self.row_form != "batch", self.row_form),
             (self.intermediate_rows is not None, "interrows"), (self.tree_parents is not None, "tree"),
+            (self.gate_parts > 0, f"parts{self.gate_parts}"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 
@@ -300,7 +310,9 @@ class ConvGateArgs(NamedTuple):
     [hidden, 2 HV]; mixed_qkv [B, qkv_dim] (pre-conv); conv_weight [qkv_dim, width]; conv_bias
     [qkv_dim] (None: no bias); conv_state [P, qkv_dim, width - 1] (any strides: the "SD" and
     "DS" pools); state_indices [B] int32; qkv_out [B, qkv_dim] and ba_out [B, 2 HV], the
-    workspace rows the decode kernel reads (post-conv q | k | v, and b | a)."""
+    workspace rows the decode kernel reads (post-conv q | k | v, and b | a); with the split
+    projection (policy.ConvGateConfig.partial_sums = S) ba_out is [S, B, 2 HV] fp32, its partial
+    sums."""
 
     hidden_states: Any
     w_ba: Any

@@ -153,7 +153,7 @@ def _gemm_table(monkeypatch, launched):
 
         def compiled(*args):
             stub(*args)
-            seen.append(fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1].clone())
+            seen.append(fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64, 0)[1].clone())
 
         return compiled
 
@@ -174,7 +174,7 @@ def test_the_gemm_regime_projects_between_the_conv_and_the_decode(calls, monkeyp
     want = torch.mm(kw["hidden_states"], kw["w_ba"])
     kw["w_ba"].requires_grad_(True)
     for n in range(2):
-        ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1]
+        ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64, 0)[1]
         ba.zero_()
         seen.clear()
         STEP(**kw)
@@ -192,7 +192,7 @@ def test_the_gemm_regime_refuses_a_bad_w_ba_before_the_gemm(calls, monkeypatch):
     _gemm_table(monkeypatch, launched)
     kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)
     STEP(**kw)
-    ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64)[1]
+    ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64, 0)[1]
     shape, n_launched = ba.shape, len(launched)
     with pytest.raises(ValueError, match="^w_ba must have shape"):
         STEP(**dict(kw, w_ba=torch.cat([kw["w_ba"], kw["w_ba"]], 1)))
@@ -385,7 +385,7 @@ def test_fused_step_workspace_follows_the_current_stream(calls, monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)
     STEP(**kw)
     assert len(full) == n  # the fast path
-    ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4)] for s in (7, 8))
+    ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4, 0)] for s in (7, 8))
     conv7, conv8 = launched[0], launched[2]  # conv/gate launches write qkv (argument 7) and ba (8)
     assert conv7[7].data_ptr() == ws7.qkv.data_ptr() and conv8[7].data_ptr() == ws8.qkv.data_ptr()
     assert launched[3][0].data_ptr() == ws8.qkv.data_ptr()  # the decode reads this stream's rows

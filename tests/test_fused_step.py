@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import flashgdn
-from flashgdn import fused_step
+from flashgdn import api, fused_step
+from flashgdn import validation as val
+from flashgdn.spec import KernelArgs
 from flashgdn import reference as ref
 from helpers import BF16, clone_fused, load_benchmark, make_fused_inputs
 
@@ -142,16 +144,39 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D = 2, 4, 64  # qkv_dim 512
-    q1, b1, *views1 = fused_step._workspace(cpu, 3, H, HV, D)
-    q2, b2, *_ = fused_step._workspace(cpu, 16, H, HV, D)
+    q1, b1, *views1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
+    q2, b2, *_ = fused_step._workspace(cpu, 16, H, HV, D, 0)
     assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
     assert [t.shape for t in views1] == [(3, 1, H, D), (3, 1, H, D), (3, 1, HV, D), (3, 1, HV), (3, 1, HV)]
-    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D), (q1, b1, *views1)))  # built once
-    q3, *_ = fused_step._workspace(cpu, 17, H, HV, D)
-    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4)].qkv.shape[0] == 32
-    assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() == q3.data_ptr()
+    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1, *views1)))  # built once
+    q3, *_ = fused_step._workspace(cpu, 17, H, HV, D, 0)
+    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4, 0)].qkv.shape[0] == 32
+    assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() == q3.data_ptr()
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
-    assert fused_step._workspace(cpu, 5, H, HV, D)[0].data_ptr() != q3.data_ptr()
+    assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() != q3.data_ptr()
+
+
+def test_workspace_of_partial_sums_feeds_the_decode_their_views(monkeypatch):
+    """With the split projection (policy.ConvGateConfig.partial_sums) the workspace holds fp32
+    partial sums [parts, rows, 2 HV], a workspace of its own beside the bf16 one; the decode's a and
+    b are [parts, B, 1, HV] views of it (b the first HV columns, a the rest), which api.kernel_spec
+    reads as KernelSpec.gate_parts."""
+    from flashgdn.device import DeviceFacts
+
+    monkeypatch.setattr(fused_step, "_WORKSPACES", {})
+    monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
+    cpu = torch.device("cpu")
+    H, HV, D, B = 2, 4, 64, 3
+    qkv, ba, q, k, v, a, b = fused_step._workspace(cpu, B, H, HV, D, 5)
+    assert ba.dtype == torch.float32 and ba.shape == (5, B, 2 * HV) and a.shape == b.shape == (5, B, 1, HV)
+    assert fused_step._workspace(cpu, B, H, HV, D, 0)[1].data_ptr() != ba.data_ptr()
+    ba.copy_(torch.arange(ba.numel(), dtype=torch.float32).reshape(ba.shape))
+    assert torch.equal(b[:, :, 0], ba[:, :, :HV]) and torch.equal(a[:, :, 0], ba[:, :, HV:])
+    args = KernelArgs(q, k, v, a, b, torch.zeros(HV), torch.zeros(HV), torch.zeros(8, HV, D, D),
+                      state_indices=torch.zeros(B, dtype=torch.int32), output=torch.empty(B, 1, HV, D, dtype=BF16))
+    p = val.Problem(B=B, T=1, H=H, HV=HV, K=D, V=D)
+    spec = api.kernel_spec("klast", p, args, api.CallOptions(None, True), DeviceFacts("sm_90a", 132, "sm90-hbm3"))
+    assert spec.gate_parts == 5 and spec.gate_dtype == "float32" and spec.row_form == "batch"
 
 
 def test_table_settings_name_table_fields():
@@ -204,6 +229,18 @@ def test_fused_timeline_summary():
     ("small", dict(conv_gate_threads_small=None, conv_gate_rows_min_bytes=0), (128, 20, 3, 1, False)),
     # The "gemm" regime: conv CTAs only (the projection is a cuBLAS GEMM), one row each, no prefetch.
     ("gemm", dict(conv_gate_rows_min_bytes=0, conv_gate_prefetch=True), (128, 20, 0, 1, False)),
+    # The split regime: the small regime's CTA size, the split projection (3 column blocks padded to
+    # 4 lanes: 128 rows a pass at 512 threads, 32 at 128), conv_gate_split_batch_rows, no prefetch.
+    ("split", dict(conv_gate_split_rows=640, conv_gate_prefetch=True), (512, 5, 8, 1, False)),
+    ("split", dict(conv_gate_threads_small=None, conv_gate_split_rows=640, conv_gate_split_batch_rows=2),
+     (128, 20, 8, 2, False)),
+    ("split", dict(conv_gate_split_rows=1700), (512, 5, 3, 1, False)),  # 1792 rows: a partial last slice
+    ("split", dict(conv_gate_split_rows=0), (512, 5, 3, 1, False)),  # no slices: column-block gate CTAs
+    ("split", dict(conv_gate_split_rows=1 << 20), (512, 5, 1, 1, False)),  # one slice of all 5120 rows
+    # The other regimes never split.
+    ("small", dict(conv_gate_split_rows=640), (512, 5, 3, 1, False)),
+    ("large", dict(conv_gate_split_rows=640), (128, 20, 3, 1, False)),
+    ("gemm", dict(conv_gate_split_rows=640), (128, 20, 0, 1, False)),
 ])
 def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expected):
     """A table's conv/gate CTA size (its CTA counts follow it) per regime, its batch rows per gate
@@ -218,18 +255,41 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(policy.SM90_HBM3E, **change))
     config = policy.ConvGateConfig.for_spec(spec)
     assert (config.threads, config.conv_ctas, config.gate_ctas, config.gate_rows, config.gate_prefetch) == expected
+    split = regime == "split" and change.get("conv_gate_split_rows", 256) > 0
+    assert config.partial_sums == (config.gate_ctas if split else 0) and bool(config.split_rows) == split
+    if split:
+        assert config.split_rows % (config.threads // 4) == 0 and -(-5120 // config.split_rows) == config.gate_ctas
+
+
+def test_split_gate_rows_are_whole_passes():
+    """A slice of the split projection is whole passes of threads // CBp rows (CBp: the row's column
+    blocks padded to a power of two), at most those covering hidden; none where the padded blocks
+    outnumber the threads."""
+    from flashgdn.kernels.policy import split_gate_rows
+
+    assert split_gate_rows(5120, 48, 512, 256) == 256  # 12 blocks -> 16 lanes, 32 rows a pass: 20 slices
+    assert split_gate_rows(2048, 32, 512, 256) == 256  # 8 blocks, 64 rows a pass: 8 slices
+    assert split_gate_rows(2048, 8, 512, 256) == 256  # 2 blocks, 256 rows a pass
+    assert split_gate_rows(2048, 8, 512, 100) == 256  # never less than one pass
+    assert split_gate_rows(192, 6, 128, 4096) == 192  # 12 columns in blocks of 4: 3 blocks -> 4 lanes
+    assert split_gate_rows(5120, 48, 512, 0) == 0
+    assert split_gate_rows(4096, 1024, 128, 256) == 0  # 256 blocks, 128 threads
 
 
 @pytest.mark.parametrize("table, batch, HV, given, expected", [
-    ("sm90-hbm3e", 33, 32, None, "small"),  # B * HV = 1056 = 8 per SM
+    ("sm90-hbm3e", 33, 32, None, "split"),  # B * HV = 1056 = 8 per SM
     ("sm90-hbm3e", 34, 32, None, "large"),
     ("sm90-hbm3e", 256, 8, None, "large"),  # B * HV = 2048: 15.5 per SM
     ("sm90-hbm3e", 256, 8, "small", "small"),  # a precompile of the small regime
     ("sm90-hbm3e", 82, 32, None, "large"),  # 2624 = 19.9 per SM
     ("sm90-hbm3e", 83, 32, None, "gemm"),  # 2656: from 20 per SM the b/a projection is cuBLAS's
     ("sm90-hbm3e", 64, 48, None, "gemm"),
-    ("sm90-hbm3", 33, 32, None, "small"),  # the H100 table's small conv/gate regime is the H200's
+    ("sm90-hbm3", 12, 32, None, "small"),  # B * HV = 384 <= 3 per SM
+    ("sm90-hbm3", 13, 32, None, "split"),  # 416: the H100 table splits the projection from 3 per SM...
+    ("sm90-hbm3", 33, 32, None, "split"),  # ...up to the small regime's end, the H200's 8 per SM
     ("sm90-hbm3", 34, 32, None, "large"),
+    ("sm90-hbm3", 1, 32, "split", "split"),  # a precompile of the split regime
+    ("sm90-hbm3-nosmall", 1, 32, "split", "large"),  # a table without it (nor a small regime)
     ("sm90-hbm3", 4096, 32, None, "large"),  # no gemm regime in the H100 table
     ("sm90-hbm3", 4096, 32, "gemm", "large"),
     ("sm90-hbm3-nosmall", 1, 32, None, "large"),  # a table without a small regime
@@ -245,12 +305,27 @@ def test_conv_gate_regime(monkeypatch, table, batch, HV, given, expected):
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3-nosmall",
                         dataclasses.replace(policy.SM90_HBM3, conv_gate_small_heads_per_sm=0))
     assert policy.conv_gate_regime(batch, HV, 132, table, "sm_90a", given) == expected
+    # A step the split regime does not serve (policy.split_serves) stays in the small regime there.
+    no_split = policy.conv_gate_regime(batch, HV, 132, table, "sm_90a", given, split=False)
+    assert no_split == ("small" if expected == "split" else expected)
+
+
+@pytest.mark.parametrize("table", ["sm90-hbm3", "sm90-hbm3e"])
+def test_the_split_regime_serves_bf16_states_with_a_large_w_ba(table):
+    """The tables' split regime serves a bf16 state with a w_ba of 256 KiB or more (the TP1 shapes:
+    hidden 2048 and HV 32, hidden 5120 and HV 48), not an fp32 one nor the TP4 shapes' w_ba."""
+    from flashgdn.kernels import policy
+
+    serves = lambda hidden, HV, sdt: policy.split_serves(table, "sm_90a", hidden, HV, sdt)  # noqa: E731
+    assert serves(2048, 32, "bfloat16") and serves(5120, 48, "bfloat16")
+    assert not serves(2048, 32, "float32") and not serves(5120, 48, "float32")
+    assert not serves(2048, 8, "bfloat16") and not serves(5120, 12, "bfloat16")
 
 
 def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     """A table's conv_gate_gemm_heads_per_sm puts B * HV above it per SM in the "gemm" regime; a
-    precompile of the decode's large regime builds the small, large and gemm conv/gate builds before
-    it, of the small regime the small one; every shipped table keeps the gemm threshold at or above the
+    precompile of the decode's large regime builds the small, split (where it serves the step), large
+    and gemm conv/gate builds before it, of the small regime the small one; every shipped table keeps the gemm threshold at or above the
     decode's small one (else a gemm call could pair with a small decode no precompile builds)."""
     import dataclasses
 
@@ -266,12 +341,14 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
         policy.SM90_HBM3E, conv_gate_gemm_heads_per_sm=16))
     regime = lambda B, HV, given=None: policy.conv_gate_regime(B, HV, 132, "sm90-hbm3e", "sm_90a", given)  # noqa: E731
-    assert regime(66, 32) == "large" and regime(67, 32) == "gemm" and regime(33, 32) == "small"
-    # The conv/gate's small regime reaches past the decode's (8 heads per SM against 2): a large
-    # decode can follow a small conv/gate build too.
+    assert regime(66, 32) == "large" and regime(67, 32) == "gemm" and regime(33, 32) == "split"
+    assert [regime(B, 32) for B in (12, 13, 33, 34)] == ["small", "split", "split", "large"]
+    # The conv/gate's small and split regimes reach past the decode's small one (3 and 8 heads per SM
+    # against 2): a large decode can follow a small conv/gate build too.
     assert regime(1, 32, "gemm") == "gemm" and policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large") == (
-        "small", "large", "gemm")
-    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("small", "large")
+        "small", "split", "large", "gemm")
+    assert policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large", split=False) == ("small", "large", "gemm")
+    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("small", "split", "large")
     assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "small") == ("small",)
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-lowsmall", dataclasses.replace(
         policy.SM90_HBM3, conv_gate_small_heads_per_sm=1))
@@ -284,5 +361,11 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
                                           regime=given)
         assert [s.regime for s in specs[:-1]] == convs and all(isinstance(s, ConvGateSpec) for s in specs[:-1])
         assert isinstance(specs[-1], KernelSpec) and specs[-1].regime == given
+    # With a bf16 state (and this 256 KiB w_ba) the split regime serves the step: it leaves partial
+    # sums, which its decode adds up (gate_parts); the others' decode reads the bf16 projection.
+    specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.bfloat16, regime="large")
+    assert [type(s) for s in specs] == [ConvGateSpec] * 4 + [KernelSpec] * 2
+    assert [(s.gate_parts, s.gate_dtype) for s in specs[4:]] == [(0, "bfloat16"), (8, "float32")]
+    assert [policy.ConvGateConfig.for_spec(s).partial_sums for s in specs[:4]] == [0, 8, 0, 0]
 
 

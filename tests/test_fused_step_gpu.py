@@ -52,6 +52,34 @@ def _check_bf16_close(actual, expected, what):
     assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} values beyond one bf16 step, max {err.max():.3g}"
 
 
+def _poisoned_workspaces(qkv_dim, HV):
+    """This stream's workspaces of the geometry (one per form of the projection: fused_step._Workspace),
+    their rows set to NaN, so that the one a step writes shows (_written_workspace)."""
+    stream = fused_step._current_stream(torch.device(DEV, torch.cuda.current_device()))
+    found = {key: ws for key, ws in fused_step._WORKSPACES.items() if key[1:4] == (stream, qkv_dim, HV)}
+    for ws in found.values():
+        ws.qkv.fill_(float("nan"))
+        ws.ba.fill_(float("nan"))
+    return found
+
+
+def _written_workspace(before, qkv_dim, HV, B):
+    """(qkv rows, b | a rows as the decode reads them, partial sums) of the workspace the step just
+    wrote: every row of its projection is written (padding rows too). From the split projection's
+    fp32 partial sums, b | a is their sum in order, rounded to bf16, as the decode adds them up."""
+    stream = fused_step._current_stream(torch.device(DEV, torch.cuda.current_device()))
+    written = [(key[-1], ws) for key, ws in fused_step._WORKSPACES.items()
+               if key[1:4] == (stream, qkv_dim, HV) and (key not in before or not ws.ba[..., :B, :].isnan().any())]
+    assert len(written) == 1, f"one workspace written, found {len(written)}"
+    parts, ws = written[0]
+    if not parts:
+        return ws.qkv[:B], ws.ba[:B], parts
+    acc = ws.ba[0, :B].clone()
+    for s in range(1, parts):
+        acc += ws.ba[s, :B]
+    return ws.qkv[:B], acc.to(BF16), parts
+
+
 def run_and_check(kw, *, out=None, gemm=False, w_ba_param=False):
     """Run the fused step on `kw` (GPU tensors) and check everything against the fp64 oracle. With
     `gemm` (the "gemm" conv/gate regime) the b | a rows are cuBLAS's: checked against torch.mm of the
@@ -73,12 +101,14 @@ def run_and_check(kw, *, out=None, gemm=False, w_ba_param=False):
     if out is None:
         out = torch.full((B, 1, HV, D), float("nan"), dtype=BF16, device=DEV)
     call = dict(kw, w_ba=torch.nn.Parameter(kw["w_ba"])) if w_ba_param else kw
+    workspaces = _poisoned_workspaces(qkv_dim, HV)
     o, conv_state, ssm_state = flashgdn.gdn_fused_decode_step(**call, out=out)
     torch.cuda.synchronize()
     assert o is out and conv_state is kw["conv_state"] and ssm_state is kw["ssm_state"]
 
     # Stage 1: the conv/gate launch.
-    qkv, ba = fused_step._workspace(o.device, B, H, HV, D)[:2]
+    qkv, ba, parts = _written_workspace(workspaces, qkv_dim, HV, B)
+    assert not gemm or not parts, "the gemm regime's projection is cuBLAS's bf16 one"
     y_ref = ref.conv_update(before["mixed_qkv"], before["conv_weight"], before["conv_bias"],
                             clone_fused(before)["conv_state"], before["state_indices"], F64)
     ba_ref = (torch.mm(before["hidden_states"], before["w_ba"]) if gemm
@@ -121,18 +151,32 @@ def test_matches_reference(geom, layout, sdt):
         run_and_check(kw)
 
 
+# The split regime from B * HV > 132 for any w_ba and state dtype.
+SPLIT_ANY = dict(conv_gate_split_heads_per_sm=1, conv_gate_split_min_bytes=0,
+                 conv_gate_split_state_dtypes=("float32", "bfloat16"))
+
+
 # Both regimes at one CTA size; batch rows per gate CTA for any w_ba size.
 @pytest.mark.parametrize("change", [dict(conv_gate_threads=1024, conv_gate_threads_small=1024),
                                     dict(conv_gate_threads=512, conv_gate_threads_small=512, conv_gate_prefetch=True),
                                     dict(conv_gate_threads=256, conv_gate_threads_small=256, conv_gate_rows=3,
                                          conv_gate_rows_min_bytes=0),
                                     dict(conv_gate_threads=128, conv_gate_threads_small=128, conv_gate_rows=4,
-                                         conv_gate_rows_min_bytes=0, conv_gate_prefetch=True)],
-                         ids=["1024", "512-prefetch", "256-rows3", "128-rows4-prefetch"])
-@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3")], ids=lambda g: g[0])
+                                         conv_gate_rows_min_bytes=0, conv_gate_prefetch=True),
+                                    dict(conv_gate_threads_small=512, conv_gate_threads=512, **SPLIT_ANY,
+                                         conv_gate_split_rows=1024),
+                                    dict(conv_gate_threads=128, conv_gate_threads_small=128, **SPLIT_ANY,
+                                         conv_gate_split_rows=1728, conv_gate_split_batch_rows=3)],
+                         ids=["1024", "512-prefetch", "256-rows3", "128-rows4-prefetch", "512-split1024",
+                              "128-split1728-rows3"])
+@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen35-tp4", "d64-hv6-w3", "qwen3next-tp4")],
+                         ids=lambda g: g[0])
 def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
-    """The conv/gate CTA sizes, batch rows per gate CTA and L2 prefetch that device_check.sh's `small`
-    mode times: the same results as the reference (B = 70 leaves a partial last group of rows)."""
+    """The conv/gate CTA sizes, batch rows per gate CTA, L2 prefetch and split projection (hidden
+    slices of partial sums, the decode adding them up; the split regime from B * HV > 132 on) that the
+    timing scripts compare: the same results as the reference (B = 70 leaves a partial last group of
+    rows; slices of 1728 rows of hidden 5120 a partial last slice; w_ba rows of 2, 3 and 6 column
+    blocks)."""
     from flashgdn.kernels import policy
 
     specs = use_h200_table(monkeypatch, **change)
@@ -161,6 +205,28 @@ def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
     built = {(c.threads, c.gate_rows) for c in map(policy.ConvGateConfig.for_spec,
                                                    (s for s in specs if isinstance(s, ConvGateSpec)))}
     assert built == {(512, 1), (128, 4)}
+
+
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_matches_reference_with_the_split_projection_at_qwen35_tp1(monkeypatch, sdt):
+    """The split regime at the Qwen3.5 TP1 shape (12 column blocks of w_ba, padded to 16 lanes; 20
+    slices of 256 rows of hidden 5120), as the tables build it, from B * HV > 3 per SM (B = 16, 22)
+    up to 8 (B = 1 stays small), and with 4 batch rows per gate CTA (B = 22: a partial last group);
+    for an fp32 state too, which the tables leave in the small regime."""
+    from flashgdn.kernels import policy
+
+    for n, rows in enumerate((1, 4)):
+        specs = use_h200_table(monkeypatch, conv_gate_split_batch_rows=rows,
+                               conv_gate_split_state_dtypes=("float32", "bfloat16"))
+        for B in (1, 16, 22):
+            P = 2 * B + 5
+            kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=sdt, conv_layout="SD", bias=False,
+                                   slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=B), device=DEV, seed=60 + B + n)
+            run_and_check(kw)
+        built = {s.regime: policy.ConvGateConfig.for_spec(s) for s in specs if isinstance(s, ConvGateSpec)}
+        assert set(built) == {"small", "split"} and built["small"].partial_sums == 0
+        assert (built["split"].threads, built["split"].partial_sums, built["split"].gate_rows) == (512, 20, rows)
+        assert {s.gate_parts for s in specs if not isinstance(s, ConvGateSpec)} == {0, 20}
 
 
 GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0)  # from B * HV > 264

@@ -74,6 +74,7 @@ def fake_arguments(spec: AnySpec):
     # Packed and flat rows (KernelSpec.row_form): the engine's tensors as they are, its slot indices of
     # any stride; the launch views them (DecodeKernel.batch_rows).
     packed, engine_rows = spec.row_form == "packed", spec.row_form != "batch"
+    parts = (spec.gate_parts,) if spec.gate_parts else ()  # the split projection's partial sums
 
     def slot_index():
         if engine_rows:
@@ -84,8 +85,8 @@ def fake_arguments(spec: AnySpec):
         q=_strided(io, (B, 2 * H * K + HV * V) if packed else (*lead, H, K), io_div),
         k=None if packed else _strided(io, (*lead, H, K), io_div),
         v=None if packed else _strided(io, (*lead, HV, V), io_div),
-        a=_strided(gate, (B, HV) if engine_rows else (*lead, HV), 1),
-        b=_strided(beta, (B, HV) if engine_rows else (*lead, HV), 1),
+        a=_strided(gate, (B, HV) if engine_rows else (*parts, *lead, HV), 1),
+        b=_strided(beta, (B, HV) if engine_rows else (*parts, *lead, HV), 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
         state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
@@ -119,6 +120,7 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
     bf16 = cutlass.BFloat16
     B, P = cute.sym_int(), cute.sym_int()
     C, W = spec.qkv_dim, spec.width
+    parts = policy.ConvGateConfig.for_spec(spec).partial_sums
     return ConvGateArgs(
         hidden_states=_strided(bf16, (B, spec.hidden), 1),
         w_ba=_strided(bf16, (spec.hidden, 2 * spec.HV), spec.gate_vec),
@@ -128,7 +130,7 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
         conv_state=_strided(bf16, (P, C, W - 1), 1, inner_static=()),
         state_indices=make_fake_tensor(cutlass.Int32, (B,), stride=(1,)),
         qkv_out=_strided(bf16, (B, C), vec_elems("bfloat16")),
-        ba_out=_strided(bf16, (B, 2 * spec.HV), 1),
+        ba_out=_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts else _strided(bf16, (B, 2 * spec.HV), 1),
     )
 
 

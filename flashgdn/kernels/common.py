@@ -9,7 +9,7 @@ import inspect
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64, const_expr
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import nvvm
 
 from ..spec import DTYPE_BYTES, VEC_BYTES, KernelArgs, KernelSpec
@@ -95,7 +95,19 @@ def load_gates(gmem, b, t, hv):
     With precomputed gates (no A_log in gmem) the pair (log decay g, beta) from a and b."""
     if gmem.A_log is None:
         return gmem.a[b, t, hv], gmem.b[b, t, hv]
-    return gmem.a[b, t, hv], gmem.b[b, t, hv], gmem.A_log[hv], gmem.dt_bias[hv]
+    return gate_value(gmem.a, b, t, hv), gate_value(gmem.b, b, t, hv), gmem.A_log[hv], gmem.dt_bias[hv]
+
+
+def gate_value(mGate, b, t, hv):
+    """mGate[b, t, hv]; where mGate holds the split projection's partial sums [S, B, T, HV]
+    (KernelSpec.gate_parts), their sum rounded to bf16 as the projection's bf16 output is."""
+    if const_expr(cute.rank(mGate.layout) == 4):
+        parts = [mGate[s, b, t, hv] for s in range(mGate.shape[0])]
+        acc = parts[0]
+        for p in parts[1:]:
+            acc += p
+        return acc.to(BFloat16)
+    return mGate[b, t, hv]
 
 
 def load_fence():

@@ -21,6 +21,12 @@ gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) g
   batch reads the last one and writes nothing). With gate_prefetch the CTA first asks L2 for
   every w_ba row it will read and for its hidden rows: the loads themselves keep two rows in
   flight per thread (ptxas interleaves them with the products).
+- split gate CTA (config.split_rows): one slice of split_rows hidden rows, every column of w_ba.
+  Thread t takes column block t % CBp (the row's 2 HV / gate_vec blocks padded to a power of two;
+  the padding threads idle) of the rows t // CBp + m * (threads / CBp), so that a warp reads whole
+  w_ba rows side by side. The sums of one column block are added over the warp's lanes at offsets
+  CBp, 2 CBp, ... (butterfly shuffles) and over the warps through shared memory, and written as
+  fp32 partial sums ba_out[split, b, :]: the decode adds the splits up (common.gate_value).
 
 A row whose slot is negative (padding) or past the conv pool touches no conv state; the decode
 kernel then leaves its output zero (padding) or NaN (a slot past the ssm pool).
@@ -44,6 +50,11 @@ class ConvGate:
         self.rows = config.gate_rows
         self.conv_parts = self.rows * config.conv_ctas
         self.ctas_per_group = self.conv_parts + config.gate_ctas
+        self.blocks = 2 * spec.HV // spec.gate_vec  # w_ba column blocks of a row
+        self.blocks_pad = 1 << (self.blocks - 1).bit_length()
+        # The split gate's lanes of one column block sit blocks_pad apart: its sums are added with a
+        # butterfly over those offsets only (cute.arch's warp reductions add up adjacent lanes).
+        self.block_lane_offsets = [off for off in (1, 2, 4, 8, 16) if off >= self.blocks_pad]
 
     @cute.jit
     def __call__(self, *args_and_stream):
@@ -75,6 +86,8 @@ class ConvGate:
                     b = group * self.rows + part // self.config.conv_ctas
                     if b < gmem.hidden_states.shape[0]:
                         self._conv(gmem, b, part % self.config.conv_ctas)
+            elif const_expr(self.config.split_rows):
+                self._gate_split(gmem, group, part - self.conv_parts)
             else:
                 self._gate(gmem, group, part - self.conv_parts)
 
@@ -119,10 +132,7 @@ class ConvGate:
         warp = cute.arch.warp_idx()
         smem = cutlass.memory.SmemAllocator()
         sPart = smem.allocate_tensor(Float32, cute.make_layout((R * n, self.num_warps)), byte_alignment=16)
-        # The hidden rows of the group's batch rows, a row past the batch reading the last one.
-        rows = [group]
-        if const_expr(R > 1):
-            rows = [cutlass.min(group * R + r, gmem.hidden_states.shape[0] - 1) for r in range(R)]
+        rows = self._group_rows(gmem, group)
 
         if const_expr(self.config.gate_prefetch):
             self._gate_prefetch(gmem, rows, block)
@@ -155,6 +165,83 @@ class ConvGate:
                 b = group * R + tid // n
                 if b < gmem.hidden_states.shape[0]:
                     gmem.ba_out[b, block * n + tid % n] = acc.to(BFloat16)
+
+    def _group_rows(self, gmem: ConvGateArgs, group):
+        """The hidden rows of the group's batch rows, a row past the batch reading the last one."""
+        if const_expr(self.rows == 1):
+            return [group]
+        return [cutlass.min(group * self.rows + r, gmem.hidden_states.shape[0] - 1) for r in range(self.rows)]
+
+    @cute.jit
+    def _gate_split(self, gmem: ConvGateArgs, group: Int32, split: Int32):
+        spec = self.spec
+        n, R, cols = spec.gate_vec, self.rows, 2 * spec.HV
+        threads, split_rows = self.config.threads, self.config.split_rows
+        CB, CBp = self.blocks, self.blocks_pad
+        per_pass = threads // CBp
+        lanes = max(32, CBp)  # threads whose sums one shared-memory column holds
+        tid, _, _ = cute.arch.thread_idx()
+        lane = cute.arch.lane_idx()
+        smem = cutlass.memory.SmemAllocator()
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((R * cols, threads // lanes)), byte_alignment=16)
+        rows = self._group_rows(gmem, group)
+        rAccs = [cute.make_rmem_tensor((n,), Float32) for _ in range(R)]
+        for rAcc in rAccs:
+            rAcc.fill(0.0)
+        # The slice's hidden values go through shared memory: the products read them after a CTA
+        # barrier, which no load crosses, so every w_ba row a thread needs is loaded before its first
+        # product and all of them are in flight at once (read straight from global memory, ptxas
+        # sinks each pair of loads to its products: one DRAM round trip per two rows). Padding
+        # threads (c >= CB) load their warp's last block and write nothing; rows past hidden (a
+        # partial last slice) load the last w_ba row against a zero hidden value.
+        sH = smem.allocate_tensor(BFloat16, cute.make_layout((split_rows, R)), byte_alignment=16)
+        c = tid % CBp
+        partial = spec.hidden % split_rows != 0
+        rWs = [cute.make_rmem_tensor((n,), BFloat16) for _ in range(split_rows // per_pass)]
+        for m in cutlass.range_constexpr(split_rows // per_pass):
+            i = split * split_rows + tid // CBp + m * per_pass
+            if const_expr(partial):
+                i = cutlass.min(i, spec.hidden - 1)
+            cute.autovec_copy(cute.local_tile(gmem.w_ba[i, None], (n,), (cutlass.min(c, CB - 1),)), rWs[m])
+        for r, b in enumerate(rows):
+            for k in cutlass.range_constexpr((split_rows + threads - 1) // threads):
+                j = tid + k * threads
+                if j < split_rows:
+                    i = split * split_rows + j
+                    if const_expr(partial):
+                        sH[j, r] = gmem.hidden_states[b, cutlass.min(i, spec.hidden - 1)] if i < spec.hidden else (
+                            BFloat16(0.0))
+                    else:
+                        sH[j, r] = gmem.hidden_states[b, i]
+        cute.arch.barrier()
+        for m in cutlass.range_constexpr(split_rows // per_pass):
+            wv = rWs[m].load().to(Float32)
+            for r, rAcc in enumerate(rAccs):
+                h = sH[tid // CBp + m * per_pass, r].to(Float32)
+                for e in cutlass.range_constexpr(n):
+                    rAcc[e] += h * wv[e]
+        for rAcc in rAccs:
+            for e in cutlass.range_constexpr(n):
+                for off in self.block_lane_offsets:
+                    rAcc[e] = rAcc[e] + cute.arch.shuffle_sync_bfly(rAcc[e], offset=off)
+        if c < CB:
+            if lane < CBp:
+                for r in cutlass.range_constexpr(R):
+                    for e in cutlass.range_constexpr(n):
+                        sPart[r * cols + c * n + e, tid // lanes] = rAccs[r][e]
+        cute.arch.barrier()
+        for o in cutlass.range_constexpr((R * cols + threads - 1) // threads):
+            j = tid + o * threads
+            if j < R * cols:
+                acc = Float32(0.0)
+                for w in cutlass.range_constexpr(threads // lanes):
+                    acc += sPart[j, w]
+                if const_expr(R == 1):
+                    gmem.ba_out[split, group, j] = acc
+                else:
+                    b = group * R + j // cols
+                    if b < gmem.hidden_states.shape[0]:
+                        gmem.ba_out[split, b, j % cols] = acc
 
     @cute.jit
     def _gate_prefetch(self, gmem: ConvGateArgs, rows, block: Int32):

@@ -8,9 +8,10 @@ heading of benchmarks/RESULTS.md ("Measurement-backed constants") that holds the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Optional, Tuple, Union
 
-from ..spec import CommitSpec, ConvGateSpec, KernelSpec, vec_elems
+from ..spec import CommitSpec, ConvGateSpec, KernelSpec, conv_gate_vec, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
@@ -61,6 +62,22 @@ class DeviceTable:
     # row per CTA). The small regime keeps one row per CTA (fewer gate CTAs cost more there).
     conv_gate_rows: int = 1
     conv_gate_rows_min_bytes: int = 0
+    # The "split" conv/gate regime, the upper part of the small one: from B * HV >
+    # conv_gate_split_heads_per_sm * SMs (0: never) up to the small threshold. Its gate CTAs split
+    # the projection over the hidden dimension: each serves conv_gate_split_rows hidden rows (whole
+    # passes: split_gate_rows) of conv_gate_split_batch_rows batch rows for every column of w_ba,
+    # its threads reading whole w_ba rows side by side (coalesced, every 32-byte sector used) with all
+    # their loads in flight at once, and writes fp32 partial sums, which the decode adds up
+    # (KernelSpec.gate_parts: two loads per slice). The column-block gate CTAs of the other regimes
+    # read w_ba once per batch row and 16-byte column block (half of each sector), each thread walking
+    # hidden / threads rows two loads at a time. RESULTS.md "Fused step: the split projection".
+    conv_gate_split_heads_per_sm: int = 0
+    conv_gate_split_rows: int = 256
+    conv_gate_split_batch_rows: int = 1
+    # ...for calls whose w_ba has at least conv_gate_split_min_bytes and whose state dtype is listed
+    # (split_serves; other calls stay in the small regime there).
+    conv_gate_split_min_bytes: int = 0
+    conv_gate_split_state_dtypes: Tuple[str, ...] = ("float32", "bfloat16")
     # From B * HV > conv_gate_gemm_heads_per_sm * SMs (0: never) the "gemm" conv/gate regime: the b/a
     # projection is one cuBLAS GEMM (torch.mm into the workspace) launched before a conv-only conv/gate
     # kernel, as the composed path an engine runs does it: the kernel's GEMV, one batch row (or
@@ -122,6 +139,12 @@ SM90_HBM3 = DeviceTable(
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_threads_small=512,
     conv_gate_small_heads_per_sm=8,
+    # The split regime from 3 value heads per SM (B = 16 at the TP1 shapes) for a bf16 state and a
+    # w_ba of 256 KiB or more, as the H200 table (measured on the H100 at the TP1 shapes, B = 16:
+    # bf16 1.08-1.12x, fp32 1.01-1.03x; RESULTS.md "Fused step: the split projection").
+    conv_gate_split_heads_per_sm=3,
+    conv_gate_split_min_bytes=256 << 10,
+    conv_gate_split_state_dtypes=("bfloat16",),
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
@@ -133,11 +156,13 @@ SM90_HBM3E = dataclasses.replace(
            ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
-    # Token slots' prefetch ("mtp_slots") is measured on the H100 only: off here until it is on this one.
-    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "mtp_slots": 0},
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     conv_gate_gemm_heads_per_sm=20,
+    # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
+    # state at the TP1 shapes (w_ba 256 and 960 KiB); 0.93-1.07x for an fp32 state there and
+    # 0.80-0.95x at the TP4 shapes (w_ba 64 and 240 KiB, B = 64), which stay in the small regime.
     commit_mma_min_tokens={"bfloat16": 8},
 )
 
@@ -337,7 +362,8 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
     unchecked loop (2-4 % slower) and where it was not measured (small batch, fp32 K-major).
     Per-token state writes are bound by the writes, as intermediates are, but for token slots of
     at most short_mtp_tokens tokens, where a table's "mtp_slots" distance (absent: none) measured
-    faster on the H100 (fp32 1.1-1.8 %, bf16 1.2-2.1 % at T = 2, B = 64 and 256). A strided state
+    faster: 4 MiB at T = 2, B = 64 and 256, on the H100 fp32 1.1-1.8 % and bf16 1.2-2.1 %, on the
+    H200 fp32 7.7-9.2 % and bf16 2.5-3.5 % (6 MiB no better). A strided state
     (a padded pool) prefetches row by row (RESULTS.md "L2 prefetch distance", "Padded pools")."""
     if spec.regime != "large" or unchecked_loop:
         return 0
@@ -362,38 +388,48 @@ def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
 
 
 def conv_gate_regime(batch: int, HV: int, sm_count: int, device_class_name: Optional[str], arch: str,
-                     regime: Optional[str] = None) -> str:
-    """"small", "large" or "gemm": the conv/gate kernel's batch regime (its own thresholds,
-    DeviceTable.conv_gate_small_heads_per_sm and conv_gate_gemm_heads_per_sm; the decode's is
-    `regime`). A given `regime` (a precompile) is kept where the table has it, else "large"."""
-    table = _table_of(device_class_name, arch)
+                     regime: Optional[str] = None, split: bool = True) -> str:
+    """"small", "split", "large" or "gemm": the conv/gate kernel's batch regime, by B * HV per SM
+    against its own thresholds (_conv_gate_ranges; the decode's regime is `regime`; `split`: whether
+    the split regime serves the call, split_serves). A given `regime` (a precompile) is kept where the
+    table has it, else "small" for "split" (the small regime covers its range), else "large"."""
+    ranges = _conv_gate_ranges(_table_of(device_class_name, arch), split)
     if regime is not None:
-        return _conv_gate_kept(table, regime)
-    small, gemm = table.conv_gate_small_heads_per_sm, table.conv_gate_gemm_heads_per_sm
-    if small and batch * HV <= small * sm_count:
-        return "small"
-    return "gemm" if gemm and batch * HV > gemm * sm_count else "large"
+        fallback = "small" if regime == "split" and "small" in ranges else "large"
+        return regime if regime in ranges else fallback
+    heads = batch * HV
+    return next(r for r, (lo, hi) in ranges.items() if lo * sm_count < heads <= hi * sm_count)
 
 
-def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str) -> Tuple[str, ...]:
+def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str, split: bool = True) -> Tuple[str, ...]:
     """The conv/gate regimes a call in the decode's batch regime `regime` can meet (a precompile
-    builds each), each where the table has it: in the decode's small regime "small", and "large"
-    where the conv/gate's small threshold is the lower; in its large regime "small" where that
-    threshold is the higher (the H100 and H200 tables: 8 heads per SM against 2), then "large" and
-    "gemm"."""
+    builds each; `split` as in conv_gate_regime): those whose range of B * HV per SM meets the decode
+    regime's (the decode's small regime ends at small_regime_heads_per_sm). In the H100 and H200
+    tables the conv/gate's small regime reaches past the decode's (8 heads per SM against 2), so a
+    large decode can follow it."""
     table = _table_of(device_class_name, arch)
-    small, decode_small = table.conv_gate_small_heads_per_sm, table.small_regime_heads_per_sm
-    if regime == "small":
-        wanted = ("small",) if small >= decode_small else ("small", "large")
-    else:
-        wanted = (("small",) if small > decode_small else ()) + ("large", "gemm")
-    return tuple(dict.fromkeys(_conv_gate_kept(table, r) for r in wanted))
+    edge = table.small_regime_heads_per_sm
+    lo, hi = (0, edge) if regime == "small" else (edge, math.inf)
+    return tuple(r for r, (a, b) in _conv_gate_ranges(table, split).items() if a < hi and b > lo)
 
 
-def _conv_gate_kept(table: DeviceTable, regime: str) -> str:
-    """A conv/gate regime where `table` has it, else "large"."""
-    has = {"small": table.conv_gate_small_heads_per_sm, "large": True, "gemm": table.conv_gate_gemm_heads_per_sm}
-    return regime if has[regime] else "large"
+def split_serves(device_class_name: Optional[str], arch: str, hidden: int, HV: int, state_dtype: str) -> bool:
+    """Whether the split regime serves a step of this w_ba and state dtype (DeviceTable
+    .conv_gate_split_min_bytes, conv_gate_split_state_dtypes)."""
+    table = _table_of(device_class_name, arch)
+    return hidden * 2 * HV * 2 >= table.conv_gate_split_min_bytes and state_dtype in table.conv_gate_split_state_dtypes
+
+
+def _conv_gate_ranges(table: DeviceTable, split_ok: bool = True) -> Dict[str, Tuple[float, float]]:
+    """The conv/gate regimes of `table` in batch order, each with its range (lo, hi] of B * HV per SM
+    (without the split regime where `split_ok` is False: the small one covers its range)."""
+    small, split, gemm = (table.conv_gate_small_heads_per_sm, table.conv_gate_split_heads_per_sm,
+                          table.conv_gate_gemm_heads_per_sm)
+    split = split if small and split < small and split_ok else 0
+    ranges = {"small": (0, split or small), "split": (split, small), "large": (small, gemm or math.inf),
+              "gemm": (gemm, math.inf)}
+    kept = {"small": small, "split": split, "large": True, "gemm": gemm}
+    return {r: bounds for r, bounds in ranges.items() if kept[r]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,9 +438,18 @@ class ConvGateConfig:
 
     threads: int
     conv_ctas: int  # CTAs of conv channels per batch row, one channel per thread
-    gate_ctas: int  # CTAs of the b/a GEMV per batch row, one w_ba column block (gate_vec) each; 0: no GEMV
+    # CTAs of the b/a projection per group of gate_rows batch rows (0: no projection): one w_ba column
+    # block (gate_vec) each over the whole hidden dimension, or with split_rows one slice of it each
+    gate_ctas: int
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
-    gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows)
+    gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows, conv_gate_split_batch_rows)
+    split_rows: int = 0  # hidden rows per gate CTA of the split projection (0: column-block CTAs)
+
+    @property
+    def partial_sums(self) -> int:
+        """How many fp32 partial sums of each b/a value the split projection leaves for the decode
+        to add up (KernelSpec.gate_parts); 0: the kernel writes the bf16 projection itself."""
+        return self.gate_ctas if self.split_rows else 0
 
     @classmethod
     def for_spec(cls, spec: ConvGateSpec) -> "ConvGateConfig":
@@ -413,16 +458,37 @@ class ConvGateConfig:
         more, conv_gate_rows in the large one. Measured on the H200 (RESULTS.md "Fused step: conv/gate
         CTAs"): 512 threads against 128 1.23-1.97x at B = 1, 1.00-1.57x at B * HV = 512-768, 0.96-1.03x
         from B * HV = 2048 on; 4 rows per gate CTA 1.05-1.22x for hidden 5120, HV 48 (a 960 KiB w_ba)
-        from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16. The "gemm"
+        from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16. The "split"
+        regime: the small one's CTA size, the split projection (DeviceTable.conv_gate_split_heads_per_sm;
+        column-block gate CTAs where a w_ba row's padded blocks outnumber the threads). The "gemm"
         regime: conv CTAs only, conv_gate_threads each (the projection is cuBLAS's)."""
         table = _table_of(spec.device_class, spec.arch)
-        small, gemm = spec.regime == "small", spec.regime == "gemm"
+        small = spec.regime in ("small", "split")
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
+        conv_ctas = -(-spec.qkv_dim // threads)
+        if spec.regime == "gemm":
+            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1)
+        split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
+        if split:
+            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=-(-spec.hidden // split), gate_prefetch=False,
+                       gate_rows=table.conv_gate_split_batch_rows, split_rows=split)
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
-        return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads),
-                   gate_ctas=0 if gemm else 2 * spec.HV // spec.gate_vec,
-                   gate_prefetch=table.conv_gate_prefetch and not gemm, gate_rows=rows)
+        return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=2 * spec.HV // spec.gate_vec,
+                   gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
+
+
+def split_gate_rows(hidden: int, HV: int, threads: int, rows: int) -> int:
+    """Hidden rows per gate CTA of the split projection: `rows` rounded up to whole passes of
+    threads // CBp rows (the w_ba row's 2 HV / gate_vec column blocks padded to CBp, a power of two,
+    so that the threads of one column block sit at a fixed lane offset in every warp: the kernel adds
+    their sums with butterfly shuffles), at most the passes that cover `hidden`. 0 where `rows` is
+    0 or a row's padded blocks outnumber the threads."""
+    blocks = 2 * HV // conv_gate_vec(HV)
+    per_pass = threads // (1 << (blocks - 1).bit_length())
+    if not rows or not per_pass:
+        return 0
+    return min(-(-rows // per_pass), -(-hidden // per_pass)) * per_pass
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
