@@ -15,8 +15,8 @@
 #                                              # and the b/a projection by cuBLAS ("gemm") at large,
 #                                              # beside the composed path
 #   bash benchmarks/device_check.sh floors     # copy floors of padded pools and per-token state slots
-#   bash benchmarks/device_check.sh h200       # what the H100 windows could not time: the token-slot L2
-#                                              # prefetch at T = 2 and the fused step's decode-alone floor
+#   bash benchmarks/device_check.sh h200       # the token-slot L2 prefetch at T = 2, the fused step's split
+#                                              # regime against the column-block gates, and its decode-alone floor
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -181,9 +181,9 @@ small)
   TAIL=8 tails calibrate conv_small_2048_32 conv_small_2048_8 conv_small_5120_48 conv_small_5120_12 \
     conv_large_2048_32 conv_large_2048_8 conv_large_5120_48 conv_large_5120_12 ;;
 h200)
-  # Token slots at T = 2: the table's shapes with and without the L2 prefetch the H100 table takes ("mtp_slots",
-  # issue #24's fp32 T = 2 row); then the fused step at B <= 16 beside the composed path and its decode alone, the
-  # floor of issue #28's B = 16 rows.
+  # Token slots at T = 2: the table's shapes with and without the L2 prefetch the tables take ("mtp_slots",
+  # issue #24's fp32 T = 2 row); then the fused step at B <= 16 (the split regime and the column-block gates)
+  # beside the composed path and its decode alone, the floor of issue #28's B = 16 rows.
   for sdt in float32 bfloat16; do
     timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --seq-len 2 --token-slots --batch-size 64 256 \
       --tiles "(8,1,16),(4,2,16)" --prefetch-mib 0 4 6 > "$out/tune_slots_$sdt.log" 2>&1
@@ -191,7 +191,8 @@ h200)
   for shape in "2048 16 32" "5120 16 48"; do
     set -- $shape
     timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
-      --batch-size 1 4 16 --settings table --composed --decode-alone > "$out/fused_floor_$1_$3.log" 2>&1
+      --batch-size 1 4 16 --settings table conv_gate_split_heads_per_sm=0 --composed --decode-alone \
+      > "$out/fused_floor_$1_$3.log" 2>&1
   done
   TAIL=8 tails tune_slots_float32 tune_slots_bfloat16 fused_floor_2048_32 fused_floor_5120_48 ;;
 floors)
