@@ -88,7 +88,7 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
             return KernelArgs(*views, A_log, dt, pool, state_indices=meta(torch.int32, B),
                               output=meta(bf16, B, 1, HV, V))
 
-        return fused_step.kernel_specs(p, hidden, conv_width, conv_bias, decode, options, facts, regime)
+        return fused_step.kernel_specs(p, hidden, conv_width, conv_bias, state, decode, options, facts, regime)
     else:
         raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")
     return (api.kernel_spec("klast", p, args, options, facts, regime),)

@@ -284,21 +284,21 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out)
         if key is not None and plan.fns is not None:  # not when the launch is stubbed
-            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns[1], plan.device, p, plan.gemm, plan.parts)))
+            extra = (plan.fns[1], plan.device, p, plan.gemm, plan.parts)
+            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=extra))
     return out
 
 
-def kernel_specs(p, hidden: int, width: int, has_bias: bool, decode_args: Callable[[int], KernelArgs], options,
-                 facts, regime: Optional[str] = None) -> tuple:
-    """The compiled variants of a step (Problem `p`): the conv/gate builds, then the decodes that
-    read their workspaces, one each (`decode_args(parts)`: the decode's KernelArgs on a workspace
-    of that many partial sums of the projection, 0 for the bf16 projection; meta tensors do), a
-    programmatic dependent where the policy says so (policy.fused_step_pdl). `regime` None: the
+def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.dtype,
+                 decode_args: Callable[[int], KernelArgs], options, facts, regime: Optional[str] = None) -> tuple:
+    """The compiled variants of a step (Problem `p`, its ssm_state of `state_dtype`): the conv/gate
+    builds, then the decodes that read their workspaces, one each (`decode_args(parts)`: the decode's
+    KernelArgs on a workspace of that many partial sums of the projection, 0 for the bf16 projection;
+    meta tensors do), a programmatic dependent where the policy says so (policy.fused_step_pdl). `regime` None: the
     pair p.B falls in (each kernel has its own thresholds), in launch order; given (a precompile):
     every conv/gate build a call in that regime can meet (policy.conv_gate_regimes) and the decodes
     of that regime behind them, so that precompiling both regimes builds every pair."""
-    split = policy.split_serves(facts.device_class, facts.arch, hidden, p.HV,
-                                val.dtype_name(decode_args(0).state.dtype))
+    split = policy.split_serves(facts.device_class, facts.arch, hidden, p.HV, val.dtype_name(state_dtype))
     if regime is None:
         conv_regimes = (policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch, None,
                                                 split),)
@@ -334,7 +334,8 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
             return KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
 
         conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None,
-                                              decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+                                              ssm_state.dtype, decode_args, api.CallOptions(scale, use_qk_l2norm),
+                                              facts_of(plan.device))
         plan.gemm, plan.parts = conv_spec.regime == "gemm", decode_spec.gate_parts
         plan.fns = (kernel_cache.get(conv_spec), kernel_cache.get(decode_spec))
     _launches(*plan.fns, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,

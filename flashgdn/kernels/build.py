@@ -130,7 +130,9 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
         conv_state=_strided(bf16, (P, C, W - 1), 1, inner_static=()),
         state_indices=make_fake_tensor(cutlass.Int32, (B,), stride=(1,)),
         qkv_out=_strided(bf16, (B, C), vec_elems("bfloat16")),
-        ba_out=_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts else _strided(bf16, (B, 2 * spec.HV), 1),
+        # the split regime's fp32 partial sums, else the bf16 projection
+        ba_out=(_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts
+                else _strided(bf16, (B, 2 * spec.HV), 1)),
     )
 
 

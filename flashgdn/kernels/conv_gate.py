@@ -21,10 +21,12 @@ gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) g
   batch reads the last one and writes nothing). With gate_prefetch the CTA first asks L2 for
   every w_ba row it will read and for its hidden rows: the loads themselves keep two rows in
   flight per thread (ptxas interleaves them with the products).
-- split gate CTA (config.split_rows): one slice of split_rows hidden rows, every column of w_ba.
-  Thread t takes column block t % CBp (the row's 2 HV / gate_vec blocks padded to a power of two;
-  the padding threads idle) of the rows t // CBp + m * (threads / CBp), so that a warp reads whole
-  w_ba rows side by side. The sums of one column block are added over the warp's lanes at offsets
+- split gate CTA (the "split" regime, config.split_rows): one slice of split_rows hidden rows, every
+  column of w_ba. Thread t takes column block t % CBp (the row's 2 HV / gate_vec blocks padded to a
+  power of two; the padding threads load and discard) of the rows t // CBp + m * (threads / CBp),
+  so that a warp reads whole w_ba rows side by side; all its loads are issued before the CTA barrier
+  behind which it reads the slice's hidden values from shared memory, so they are all in flight at
+  once. The sums of one column block are added over the warp's lanes at offsets
   CBp, 2 CBp, ... (butterfly shuffles) and over the warps through shared memory, and written as
   fp32 partial sums ba_out[split, b, :]: the decode adds the splits up (common.gate_value).
 
