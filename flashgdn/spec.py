@@ -305,6 +305,13 @@ def conv_gate_vec(HV: int) -> int:
     return n
 
 
+def conv_gate_blocks(HV: int) -> Tuple[int, int]:
+    """(column blocks of a w_ba row, gate_vec columns each; that count padded to a power of two, the
+    lanes a split gate CTA gives one row)."""
+    blocks = 2 * HV // conv_gate_vec(HV)
+    return blocks, 1 << (blocks - 1).bit_length()
+
+
 class ConvGateArgs(NamedTuple):
     """The tensors of the conv/gate kernel, in order. hidden_states [B, hidden]; w_ba
     [hidden, 2 HV]; mixed_qkv [B, qkv_dim] (pre-conv); conv_weight [qkv_dim, width]; conv_bias

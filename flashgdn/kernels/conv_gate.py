@@ -39,7 +39,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 
-from ..spec import ConvGateArgs, ConvGateSpec
+from ..spec import ConvGateArgs, ConvGateSpec, conv_gate_blocks
 from . import common
 from .policy import ConvGateConfig
 
@@ -52,8 +52,7 @@ class ConvGate:
         self.rows = config.gate_rows
         self.conv_parts = self.rows * config.conv_ctas
         self.ctas_per_group = self.conv_parts + config.gate_ctas
-        self.blocks = 2 * spec.HV // spec.gate_vec  # w_ba column blocks of a row
-        self.blocks_pad = 1 << (self.blocks - 1).bit_length()
+        self.blocks, self.blocks_pad = conv_gate_blocks(spec.HV)  # w_ba column blocks of a row, padded
         # The split gate's lanes of one column block sit blocks_pad apart: its sums are added with a
         # butterfly over those offsets only (cute.arch's warp reductions add up adjacent lanes).
         self.block_lane_offsets = [off for off in (1, 2, 4, 8, 16) if off >= self.blocks_pad]

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Dict, Optional, Tuple, Union
 
-from ..spec import CommitSpec, ConvGateSpec, KernelSpec, conv_gate_vec, vec_elems
+from ..spec import CommitSpec, ConvGateSpec, KernelSpec, conv_gate_blocks, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
@@ -474,7 +474,7 @@ class ConvGateConfig:
                        gate_rows=table.conv_gate_split_batch_rows, split_rows=split)
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
-        return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=2 * spec.HV // spec.gate_vec,
+        return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=conv_gate_blocks(spec.HV)[0],
                    gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
 
 
@@ -484,8 +484,7 @@ def split_gate_rows(hidden: int, HV: int, threads: int, rows: int) -> int:
     so that the threads of one column block sit at a fixed lane offset in every warp: the kernel adds
     their sums with butterfly shuffles), at most the passes that cover `hidden`. 0 where `rows` is
     0 or a row's padded blocks outnumber the threads."""
-    blocks = 2 * HV // conv_gate_vec(HV)
-    per_pass = threads // (1 << (blocks - 1).bit_length())
+    per_pass = threads // conv_gate_blocks(HV)[1]
     if not rows or not per_pass:
         return 0
     return min(-(-rows // per_pass), -(-hidden // per_pass)) * per_pass
