@@ -2,29 +2,30 @@
 GEMV, the causal conv1d update with SiLU, the q/k/v split and the gated delta-rule decode), at its
 exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackwell.
 
-Two launches on the current stream: the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec)
-writes the post-conv q | k | v row and the b | a projection of every batch row into a workspace, and
-flashgdn's K-last decode kernel (the one gated_delta_rule_decode_pretranspose runs, with the pool)
-reads q, k, v, a and b as views of it. Where the table splits the projection over the hidden
-dimension (policy.ConvGateConfig.partial_sums) the workspace holds fp32 partial sums of b | a, which
-the decode adds up (KernelSpec.gate_parts). Where the policy says so (policy.fused_step_pdl) the decode
-is a programmatic dependent launch (PDL) of the kernel before it: it starts while that kernel ends,
-loads its slot indices and state, and waits for that grid before it reads the workspace. Where the
-policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a large batch on a table that names
-it), the conv/gate kernel runs the conv only and the b/a projection is one cuBLAS GEMM (torch.mm
-into the workspace) between it and the decode: three launches, as the composed path runs them. The
-conv kernel goes first because its compiled function checks hidden_states and w_ba (which the fast
-key does not read) before anything runs. One launch would not pay here: the q/k channels of a head
-feed HV / H value heads and all their CTAs, and the conv state is updated in place, so either one
-CTA would serve a whole q/k head (a sixteenth of the CTAs at B = 1) or every CTA would need a
-grid-wide barrier. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV, partial
-sums): a call allocates only when its batch exceeds every earlier one on that stream
-(the capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond
-the output; calls on one stream run in order, so they can share it. An outgrown workspace is kept,
-not freed: a CUDA graph captured with it still reads and writes its address. While torch.compile or
-torch.export traces, a call is the custom op flashgdn::gdn_fused_decode_step (flashgdn.ops; its real
-implementation is the eager body `_fused_step`); eager calls run that body directly. Like the rest
-of the API layer, this module never imports CuTe.
+One compiled function (spec.StepSpec, kernels/step.py) makes two launches on the current stream: the
+conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec) writes the post-conv q | k | v row and the
+b | a projection of every batch row into a workspace, and flashgdn's K-last decode kernel (the one
+gated_delta_rule_decode_pretranspose runs, with the pool) reads q, k, v, a and b as views of it, built
+in the compiled code; one host call checks the tensors of both launches before either runs. Where the
+table splits the projection over the hidden dimension (policy.ConvGateConfig.partial_sums) the workspace
+holds fp32 partial sums of b | a, which the decode adds up (KernelSpec.gate_parts). Where the policy
+says so (policy.fused_step_pdl) the decode is a programmatic dependent launch (PDL) of the kernel before
+it: it starts while that kernel ends, loads its slot indices and state, and waits for that grid before
+it reads the workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a
+large batch on a table that names it), the conv/gate kernel runs the conv only and the b/a projection is
+one cuBLAS GEMM (torch.mm into the workspace) between it and the decode: three launches, as the composed
+path runs them, the two kernels by compiled functions of their own. The conv kernel goes first because
+its compiled function checks hidden_states and w_ba (which the fast key does not read) before anything
+runs. One launch would not pay here: the q/k channels of a head feed HV / H value heads and all their
+CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k head (a
+sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (_Workspace)
+is cached per (device, stream, qkv_dim, HV, partial sums): a call allocates only when its batch exceeds
+every earlier one on that stream (the capacity then doubles), so steady-state calls and CUDA-graph
+replays allocate nothing beyond the output; calls on one stream run in order, so they can share it. An
+outgrown workspace is kept, not freed: a CUDA graph captured with it still reads and writes its address.
+While torch.compile or torch.export traces, a call is the custom op flashgdn::gdn_fused_decode_step
+(flashgdn.ops; its real implementation is the eager body `_fused_step`); eager calls run that body
+directly. Like the rest of the API layer, this module never imports CuTe.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .cache import kernel_cache
 from .device import facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import AFTER_OUTPUT, CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, conv_gate_vec
+from .spec import AFTER_OUTPUT, CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, StepSpec, conv_gate_vec
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -121,8 +122,9 @@ def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
 
 class _Plan:
     """A validated call signature: its Problem, conv width, device, and (after the first call)
-    the two compiled functions, whether the b/a projection is a GEMM before them (the "gemm"
-    conv/gate regime) and how many partial sums of it the workspace holds (_Workspace)."""
+    its compiled functions (one StepSpec build; in the "gemm" conv/gate regime, where the b/a
+    projection is a GEMM between the two kernels, the conv/gate build and the decode's), whether it
+    is in that regime, and how many partial sums of the projection the workspace holds (_Workspace)."""
 
     __slots__ = ("problem", "width", "device", "fns", "gemm", "parts")
 
@@ -238,34 +240,36 @@ def gdn_fused_decode_step(
                        ssm_state, state_indices, use_qk_l2norm, out), conv_state, ssm_state
 
 
-def _step_key(hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, A_log, dt_bias, out, scale,
-              use_qk_l2norm) -> tuple:
+def _step_key(hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, out, scale, use_qk_l2norm) -> tuple:
     """The fast key of a step (flashgdn.fastpath; _fused_step says what it holds)."""
     return (_fused_step, hidden_states.shape[0], hidden_states.get_device(), mixed_qkv.shape[1], conv_bias is None,
-            conv_state.shape, conv_state.stride(), _decode_only(ssm_state), _decode_only(A_log), _decode_only(dt_bias),
-            out is None or _decode_only(out), type(scale), scale, use_qk_l2norm)
+            conv_state.shape, conv_state.stride(), ssm_state.shape, ssm_state.stride(), out is None or out.stride(),
+            type(scale), scale, use_qk_l2norm)
 
 
 def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, out) -> torch.Tensor:
-    """The eager body (also the custom op's real implementation): validate, then the two
-    launches; returns the output.
+    """The eager body (also the custom op's real implementation): validate, then launch; returns
+    the output.
 
-    A repeated call (flashgdn.fastpath) skips the checks. The conv/gate launch writes the conv
-    pool before the decode's compiled function checks its own tensors, so the key holds, besides
-    what neither checks (the batch, the device, both pools' layouts, the options), every fact the
-    decode function checks of the tensors only it gets (A_log, dt_bias, ssm_state, out: dtype,
-    shape, strides, device, address modulo 16): a call the decode function would refuse misses
-    the key and takes the full way, which writes nothing before its checks pass (_step_key)."""
+    A repeated call (flashgdn.fastpath) skips the checks. Its key holds what the compiled
+    function does not check (the batch, the device, both pools' and the output's layouts, the
+    options): the step's one compiled function checks every tensor of both launches before either
+    runs. In the "gemm" regime the conv/gate launch writes the conv pool before the decode's own
+    compiled function checks the tensors only it gets (A_log, dt_bias, ssm_state, out), so the entry
+    also keeps every fact that function checks of them (dtype, shape, strides, device, address
+    modulo 16: _decode_facts), and a call whose facts differ takes the full way, which writes
+    nothing before its checks pass."""
     key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
-                              ssm_state, A_log, dt_bias, out, scale, use_qk_l2norm)
+                              ssm_state, out, scale, use_qk_l2norm)
     if fast is not None:
-        decode_fn, device, p, gemm, parts = fast.extra
+        fns, device, p, gemm, parts = fast.extra
         try:
-            o = _output(out, p, device)
-            _launches(fast.fn, decode_fn, gemm, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states, w_ba,
-                      mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
-            return o
+            if gemm is None or gemm == _decode_facts(A_log, dt_bias, ssm_state, out):
+                o = _output(out, p, device)
+                _launches(fns, gemm is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states, w_ba,
+                          mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
+                return o
         except fastpath.REFUSED:
             pass
     val.check_flags(use_qk_l2norm=use_qk_l2norm)
@@ -279,25 +283,28 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     if api.CHECK_INDICES:  # FLASHGDN_CHECK_INDICES=1: slots in range, none written by two rows (a host sync)
         val.check_index_values("state_indices", state_indices, ssm_state.shape[0], allow_negative=True)
         val.check_distinct_slots("state_indices", state_indices, state_indices)
-    out = _output(out, p, hidden_states.device)
+    o = _output(out, p, hidden_states.device)
     if p.B:
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
-                ssm_state, state_indices, use_qk_l2norm, out)
+                ssm_state, state_indices, use_qk_l2norm, o)
         if key is not None and plan.fns is not None:  # not when the launch is stubbed
-            extra = (plan.fns[1], plan.device, p, plan.gemm, plan.parts)
-            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=extra))
-    return out
+            # the gemm regime's entry: the decode-only facts of the call's own tensors (_fused_step), else None
+            gemm = _decode_facts(A_log, dt_bias, ssm_state, out) if plan.gemm else None
+            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns, plan.device, p, gemm, plan.parts)))
+    return o
 
 
 def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.dtype,
                  decode_args: Callable[[int], KernelArgs], options, facts, regime: Optional[str] = None) -> tuple:
-    """The compiled variants of a step (Problem `p`, its ssm_state of `state_dtype`): the conv/gate
-    builds, then the decodes that read their workspaces, one each (`decode_args(parts)`: the decode's
-    KernelArgs on a workspace of that many partial sums of the projection, 0 for the bf16 projection;
-    meta tensors do), a programmatic dependent where the policy says so (policy.fused_step_pdl). `regime` None: the
-    pair p.B falls in (each kernel has its own thresholds), in launch order; given (a precompile):
-    every conv/gate build a call in that regime can meet (policy.conv_gate_regimes) and the decodes
-    of that regime behind them, so that precompiling both regimes builds every pair."""
+    """The compiled variants of a step (Problem `p`, its ssm_state of `state_dtype`): per conv/gate
+    build, one StepSpec of it and the decode that reads its workspace (`decode_args(parts)`: the
+    decode's KernelArgs on a workspace of that many partial sums of the projection, 0 for the bf16
+    projection; meta tensors do), a programmatic dependent where the policy says so
+    (policy.fused_step_pdl); in the "gemm" regime the two builds apart, in launch order (the GEMM runs
+    between them). `regime` None: the builds of the conv/gate regime p.B falls in (each kernel has its
+    own thresholds); given (a precompile): those of every conv/gate build a call in that regime can
+    meet (policy.conv_gate_regimes) and the decodes of that regime behind them, so that precompiling
+    both regimes builds every pair."""
     split = policy.split_serves(facts.device_class, facts.arch, hidden, p.HV, val.dtype_name(state_dtype))
     if regime is None:
         conv_regimes = (policy.conv_gate_regime(p.B, p.HV, facts.sm_count, facts.device_class, facts.arch, None,
@@ -307,10 +314,12 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.
     pdl = policy.fused_step_pdl(facts.device_class, facts.arch)
     convs = [ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
              for r in conv_regimes]
-    parts = [policy.ConvGateConfig.for_spec(c).partial_sums for c in convs]
-    decodes = [dataclasses.replace(api.kernel_spec("klast", p, decode_args(n), options, facts, regime), pdl_wait=pdl)
-               for n in parts]
-    return tuple(dict.fromkeys(convs + decodes))
+    variants = []
+    for conv in convs:
+        decode = dataclasses.replace(api.kernel_spec("klast", p, decode_args(
+            policy.ConvGateConfig.for_spec(conv).partial_sums), options, facts, regime), pdl_wait=pdl)
+        variants += (conv, decode) if conv.regime == "gemm" else (StepSpec(conv, decode),)
+    return tuple(dict.fromkeys(variants))
 
 
 def _output(out, p, device) -> torch.Tensor:
@@ -318,9 +327,11 @@ def _output(out, p, device) -> torch.Tensor:
     return torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
 
 
-def _decode_only(t: torch.Tensor) -> tuple:
-    """What the decode's compiled function checks of a tensor the conv/gate one does not get."""
-    return t.dtype, t.shape, t.stride(), t.get_device(), t.data_ptr() % 16
+def _decode_facts(A_log, dt_bias, ssm_state, out) -> tuple:
+    """What the decode's own compiled function checks of the tensors the conv/gate one does not get
+    (the "gemm" regime's two launches: _fused_step)."""
+    return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.get_device(), t.data_ptr() % 16)
+                 for t in (A_log, dt_bias, ssm_state, out))
 
 
 def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
@@ -333,21 +344,27 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
             _, _, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K, parts)
             return KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
 
-        conv_spec, decode_spec = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None,
-                                              ssm_state.dtype, decode_args, api.CallOptions(scale, use_qk_l2norm),
-                                              facts_of(plan.device))
-        plan.gemm, plan.parts = conv_spec.regime == "gemm", decode_spec.gate_parts
-        plan.fns = (kernel_cache.get(conv_spec), kernel_cache.get(decode_spec))
-    _launches(*plan.fns, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
+        specs = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, ssm_state.dtype,
+                             decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+        plan.gemm = isinstance(specs[0], ConvGateSpec)
+        plan.parts = specs[-1].gate_parts if plan.gemm else specs[0].decode.gate_parts
+        plan.fns = tuple(kernel_cache.get(s) for s in specs)
+    _launches(plan.fns, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
               mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, out)
 
 
-def _launches(conv_fn, decode_fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
+def _launches(fns, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
               state_indices, A_log, dt_bias, ssm_state, out) -> None:
-    """The conv/gate launch, the b/a GEMM in the "gemm" regime (module docstring: after the conv
-    launch, whose checks cover hidden_states and w_ba), then the decode launch, on the workspace
-    `ws` (_workspace's rows and views)."""
+    """The step's launches on the workspace `ws` (_workspace's rows and views): its one compiled
+    function (`fns`: the StepSpec build, spec.StepArgs' order), or in the "gemm" regime (`fns`: the
+    conv/gate build, the decode's) the conv/gate launch, the b/a GEMM (module docstring: after the
+    conv launch, whose checks cover hidden_states and w_ba) and the decode launch."""
     qkv, ba, q, k, v, a, b = ws
+    if not gemm:
+        fns[0](hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, A_log,
+               dt_bias, ssm_state, out)
+        return
+    conv_fn, decode_fn = fns
     conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
     if gemm:
         # cuBLAS, as the engines' own projection; inference only: a weight that requires grad (an

@@ -370,6 +370,45 @@ class ConvGateSpec:
         parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
                  f"w{self.width}", self.regime, self.arch]
         return "/".join(parts + ([] if self.has_bias else ["nobias"]))
+
+
+# The tensors of the fused step's one compiled function (StepSpec), in order: ConvGateArgs', then the
+# decode's tensors that are not the workspace's views (its q, k, v, a and b are views of qkv_out and
+# ba_out; its slot indices are state_indices): A_log [HV], dt_bias [HV], ssm_state [P, HV, V, K] and
+# the output [B, 1, HV, V].
+StepArgs = NamedTuple("StepArgs", [(name, Any) for name in (*ConvGateArgs._fields, "A_log", "dt_bias", "ssm_state",
+                                                            "output")])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The fused step's conv/gate kernel and the K-last decode behind it, launched by one compiled
+    function (hashable: the cache key): the decode reads q, k, v, a and b as views of the conv/gate
+    kernel's workspace rows (its KernelSpec as a separate build would take them: [B, 1, ...] views,
+    gate_parts partial sums where the conv/gate build splits the projection)."""
+
+    conv: ConvGateSpec
+    decode: KernelSpec
+
+    def __post_init__(self) -> None:
+        c, d = self.conv, self.decode
+        _refuse_invalid(self, (
+            (c.regime != "gemm", "the gemm regime's projection runs between the two kernels"),
+            (d.layout == "klast" and d.T == 1 and d.pool and d.row_form == "batch" and d.varlen is None,
+             "the decode must be the K-last T = 1 pool decode on batch rows"),
+            ((d.H, d.HV, d.K, d.V) == (c.H, c.HV, c.D, c.D), "the two kernels' geometries differ"),
+            (d.arch == c.arch and d.device_class == c.device_class, "the two kernels' targets differ"),
+            (d.io_dtype == "bfloat16" and d.index_dtype == "int32", "the workspace is bf16, the slots int32"),
+        ))
+
+    @property
+    def arch(self) -> str:
+        return self.conv.arch
+
+    def short_name(self) -> str:
+        return f"step[{self.conv.short_name()}+{self.decode.short_name()}]"
+
+
 @dataclasses.dataclass(frozen=True)
 class CommitSpec:
     """Compile-time facts of one ReplaySSM commit variant (hashable: the cache key). The layer,

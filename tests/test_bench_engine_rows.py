@@ -459,17 +459,18 @@ def test_table_shows_the_baselines_a_sweep_ran():
 
 
 def test_compile_only_engine_rows(capsys, tmp_path):
-    """The fused step's two variants (conv/gate, decode) for sm_90a; vLLM's varlen verify variant for
-    sm_100a; vLLM's sigmoid-gating decode (raw gates) for sm_90a; SGLang's target verify (its buffer
-    row table) for sm_100a (K = V = 64: small builds)."""
+    """The fused step's one variant (conv/gate and decode in one compiled function) for sm_90a;
+    vLLM's varlen verify variant for sm_100a; vLLM's sigmoid-gating decode (raw gates) for sm_90a;
+    SGLang's target verify (its buffer row table) for sm_100a (K = V = 64: small builds)."""
     out_json = tmp_path / "c.json"
     small = ["--compile-only", "--batch-size", "1", "--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2"]
     rc = cli.main(small + ["--api", "fused_step", "--hidden-size", "128", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     recs = json.loads(out_json.read_text())["rows"]
-    assert [r["kernel"] for r in recs] == ["convgate/H1/HV2/D64/hidden128/w4/small/sm_90a",
-                                           "klast/T1/H1/HV2/K64/V64/bfloat16/state-float32/small/sm_90a/pool/pdl"]
-    assert recs[0]["kernel_class"] == "ConvGate" and not any(r.get("error") for r in recs)
+    assert [r["kernel"] for r in recs] == ["step[convgate/H1/HV2/D64/hidden128/w4/small/sm_90a+"
+                                           "klast/T1/H1/HV2/K64/V64/bfloat16/state-float32/small/sm_90a/pool/pdl]"]
+    assert recs[0]["kernel_class"] == "ConvGate + KLastDecode" and not any(r.get("error") for r in recs)
+    assert recs[0]["registers"] == "n/a" or len(recs[0]["registers"].split("/")) == 2  # one count per kernel
     rc = cli.main(small + ["--api", "recurrent", "--seq-len", "2", "--arch", "sm_100a", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]

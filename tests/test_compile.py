@@ -221,6 +221,34 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("state, H, HV, hidden, regime", [
+    ("float32", 4, 8, 2048, "small"),  # the TP4 shard: the bf16 projection, read as [B, 1, HV] views
+    ("bfloat16", 16, 48, 5120, "large"),  # Qwen3.5 TP1: every conv/gate build of the large decode
+], ids=["tp4-fp32-small", "qwen35-bf16-large"])
+def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
+    """The fused step's compiled functions (StepSpec: the conv/gate kernel and the decode on views
+    of its workspace, one TVM-FFI function) as the H200 table lays them out on sm_90a and the arch's
+    own on sm_100a: the split projection's partial sums, read as [parts, B, 1, HV] views, included."""
+    import torch
+
+    from flashgdn import engine_specs
+    from flashgdn.device import DeviceFacts
+    from flashgdn.spec import StepSpec
+    from flashgdn.validation import Problem
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    facts = DeviceFacts(arch, 132, "sm90-hbm3e" if arch == "sm_90a" else None)
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[state]
+    specs = engine_specs.kernel_specs("fused-step", Problem(1, 1, H, HV, 128, 128), facts, io=torch.bfloat16,
+                                      state=dtype, hidden=hidden, use_l2norm=True, regime=regime)
+    steps = [s for s in specs if isinstance(s, StepSpec)]
+    assert steps and (regime == "small" or any(s.decode.gate_parts for s in steps) or arch != "sm_90a")
+    for s in steps:
+        fn = compile_kernel(s)
+        assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kw", [pytest.param(kw, id=vid) for vid, kw in COMMIT_VARIANTS])
 def test_commit_compiles(monkeypatch, arch, kw):
     from flashgdn.spec import CommitSpec

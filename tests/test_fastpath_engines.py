@@ -297,17 +297,32 @@ BAD = [  # (entry, change, message)
 ]
 
 
+def _reset_memos(monkeypatch):
+    for module, memo in ((api, "_VALIDATED"), (val, "_CHECKED"), (fused_step, "_VALIDATED"), (fastpath, "FAST")):
+        monkeypatch.setattr(module, memo, {})
+
+
 @pytest.mark.parametrize("name, change, match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
 def test_a_change_that_matters_raises_the_first_calls_error(calls, monkeypatch, name, change, match):
     fn, make = ENTRIES[name]
     kw = make()
+    message = _expect_same_error(fn, kw, change(kw), lambda: _reset_memos(monkeypatch), calls[1])
+    assert re.search(match, message), message
 
-    def reset():
-        for module, memo in ((api, "_VALIDATED"), (val, "_CHECKED"), (fused_step, "_VALIDATED"),
-                             (fastpath, "FAST")):
-            monkeypatch.setattr(module, memo, {})
 
-    message = _expect_same_error(fn, kw, change(kw), reset, calls[1])
+@pytest.mark.parametrize("change, match", [c[1:] for c in BAD if c[0] == "fused_step"],
+                         ids=[f"fused_step-{i}" for i, c in enumerate(BAD) if c[0] == "fused_step"])
+def test_the_gemm_regime_refuses_what_its_decode_would_before_the_conv(calls, monkeypatch, change, match):
+    """In the "gemm" regime the conv/gate launch (which writes the conv pool) goes before the
+    decode's own checks: a repeated call whose decode-only tensors that function would refuse
+    (A_log, dt_bias, ssm_state, out) launches nothing and raises the first call's error."""
+    _gemm_table(monkeypatch, calls[1])
+    kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=6)
+    kw["out"] = torch.zeros(70, 1, 4, 64, dtype=BF16)
+    bad = change(kw)
+    if bad["out"].shape[0] != 70:  # the overlapping output of the 3-row call, at this batch
+        bad["out"] = torch.zeros(1, 1, 4, 64, dtype=BF16).expand(70, 1, 4, 64)
+    message = _expect_same_error(STEP, kw, bad, lambda: _reset_memos(monkeypatch), calls[1])
     assert re.search(match, message), message
 
 
@@ -386,9 +401,12 @@ def test_fused_step_workspace_follows_the_current_stream(calls, monkeypatch):
     STEP(**kw)
     assert len(full) == n  # the fast path
     ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4, 0)] for s in (7, 8))
-    conv7, conv8 = launched[0], launched[2]  # conv/gate launches write qkv (argument 7) and ba (8)
-    assert conv7[7].data_ptr() == ws7.qkv.data_ptr() and conv8[7].data_ptr() == ws8.qkv.data_ptr()
-    assert launched[3][0].data_ptr() == ws8.qkv.data_ptr()  # the decode reads this stream's rows
+    # One compiled function per step (StepArgs: the conv/gate kernel writes qkv (argument 7) and ba
+    # (8), which the decode reads)
+    assert len(launched) == 2
+    step7, step8 = launched
+    assert step7[7].data_ptr() == ws7.qkv.data_ptr() and step8[7].data_ptr() == ws8.qkv.data_ptr()
+    assert step7[8].data_ptr() == ws7.ba.data_ptr() and step8[8].data_ptr() == ws8.ba.data_ptr()
 
 
 def test_check_indices_always_takes_the_full_way(calls, monkeypatch):

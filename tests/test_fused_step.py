@@ -276,6 +276,38 @@ def test_split_gate_rows_are_whole_passes():
     assert split_gate_rows(4096, 1024, 128, 256) == 0  # 256 blocks, 128 threads
 
 
+def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
+    """A StepSpec holds a conv/gate build and the K-last T = 1 pool decode of the same geometry and
+    target that reads its workspace; anything else is refused by name, and so is a decode whose
+    partial sums differ from the conv/gate build's (at build time, by the kernel layer)."""
+    import dataclasses
+
+    from flashgdn import engine_specs
+    from flashgdn.device import DeviceFacts
+    from flashgdn.kernels import build
+    from flashgdn.spec import StepSpec
+    from flashgdn.validation import Problem
+
+    facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
+    [step] = engine_specs.kernel_specs("fused-step", Problem(16, 1, 16, 48, 128, 128), facts, io=torch.bfloat16,
+                                       state=torch.bfloat16, hidden=5120)
+    assert step.conv.regime == "split" and step.decode.gate_parts == 20 and step.arch == "sm_90a"
+    assert step.short_name() == f"step[{step.conv.short_name()}+{step.decode.short_name()}]"
+    for conv, decode, message in (
+        (dataclasses.replace(step.conv, regime="gemm"), step.decode, "gemm regime"),
+        (step.conv, dataclasses.replace(step.decode, row_form="flat", gate_parts=0, gate_dtype="bfloat16"),
+         "K-last T = 1 pool decode"),
+        (step.conv, dataclasses.replace(step.decode, index_dtype=None), "K-last T = 1 pool decode"),
+        (dataclasses.replace(step.conv, HV=32), step.decode, "geometries differ"),
+        (dataclasses.replace(step.conv, arch="sm_100a"), step.decode, "targets differ"),
+        (step.conv, dataclasses.replace(step.decode, index_dtype="int64"), "slots int32"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            StepSpec(conv, decode)
+    with pytest.raises(ValueError, match="adds up 0 partial sums of the projection, the conv/gate build writes 20"):
+        build.make_kernel(StepSpec(step.conv, dataclasses.replace(step.decode, gate_parts=0, gate_dtype="bfloat16")))
+
+
 @pytest.mark.parametrize("table, batch, HV, given, expected", [
     ("sm90-hbm3e", 33, 32, None, "split"),  # B * HV = 1056 = 8 per SM
     ("sm90-hbm3e", 34, 32, None, "large"),
@@ -332,7 +364,7 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     from flashgdn import engine_specs
     from flashgdn.device import DeviceFacts
     from flashgdn.kernels import policy
-    from flashgdn.spec import ConvGateSpec, KernelSpec
+    from flashgdn.spec import ConvGateSpec, KernelSpec, StepSpec
     from flashgdn.validation import Problem
 
     for table in policy.DEVICE_TABLES.values():
@@ -356,16 +388,25 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "large") == ("large",)
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
     p = Problem(1, 1, 16, 32, 128, 128)
+    # One StepSpec per conv/gate build (both kernels in one compiled function) but in the gemm
+    # regime, whose two builds go apart (the GEMM runs between them), in launch order.
     for given, convs in (("large", ["small", "large", "gemm"]), ("small", ["small"])):
         specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.float32,
                                           regime=given)
-        assert [s.regime for s in specs[:-1]] == convs and all(isinstance(s, ConvGateSpec) for s in specs[:-1])
-        assert isinstance(specs[-1], KernelSpec) and specs[-1].regime == given
+        steps = [s for s in specs if isinstance(s, StepSpec)]
+        gemm = [s for s in specs if not isinstance(s, StepSpec)]
+        assert [s.conv.regime for s in steps] + [s.regime for s in gemm[:1]] == convs
+        assert [type(s) for s in gemm] == ([ConvGateSpec, KernelSpec] if "gemm" in convs else [])
+        assert {s.decode for s in steps} | set(gemm[1:]) == {specs[-1] if gemm else steps[0].decode}
+        assert all(s.decode.regime == given and s.decode.pdl_wait for s in steps)
     # With a bf16 state (and this 256 KiB w_ba) the split regime serves the step: it leaves partial
     # sums, which its decode adds up (gate_parts); the others' decode reads the bf16 projection.
     specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.bfloat16, regime="large")
-    assert [type(s) for s in specs] == [ConvGateSpec] * 4 + [KernelSpec] * 2
-    assert [(s.gate_parts, s.gate_dtype) for s in specs[4:]] == [(0, "bfloat16"), (8, "float32")]
-    assert [policy.ConvGateConfig.for_spec(s).partial_sums for s in specs[:4]] == [0, 8, 0, 0]
+    assert [type(s) for s in specs] == [StepSpec] * 3 + [ConvGateSpec, KernelSpec]
+    assert [s.conv.regime for s in specs[:3]] == ["small", "split", "large"]
+    assert [(s.decode.gate_parts, s.decode.gate_dtype) for s in specs[:3]] == [
+        (0, "bfloat16"), (8, "float32"), (0, "bfloat16")]
+    assert [policy.ConvGateConfig.for_spec(s.conv).partial_sums for s in specs[:3]] == [0, 8, 0]
+    assert specs[-1] == specs[0].decode
 
 

@@ -17,7 +17,7 @@ import flashgdn
 from flashgdn import fused_step
 from flashgdn import reference as ref
 from flashgdn.cache import kernel_cache
-from flashgdn.spec import ConvGateSpec
+from flashgdn.spec import ConvGateSpec, KernelSpec, StepSpec
 from helpers import (BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, graph_replay_equals_eager,
                      make_fused_inputs, use_h200_table)
 
@@ -33,6 +33,16 @@ GEOMETRIES = [
     ("d64-hv6-w3", 2, 6, 64, 192, 3, True),
     ("d256-w2", 1, 2, 256, 256, 2, True),
 ]
+
+
+def _convs(specs):
+    """The conv/gate builds among looked-up specs (a StepSpec's own, or a gemm regime's apart)."""
+    return [s.conv if isinstance(s, StepSpec) else s for s in specs if isinstance(s, (StepSpec, ConvGateSpec))]
+
+
+def _decodes(specs):
+    """The decode builds among looked-up specs (a StepSpec's own, or a gemm regime's apart)."""
+    return [s.decode if isinstance(s, StepSpec) else s for s in specs if isinstance(s, (StepSpec, KernelSpec))]
 
 
 def _slots(B, P, pad, invalid, seed):
@@ -186,7 +196,7 @@ def test_matches_reference_with_conv_gate_settings(monkeypatch, change, geom):
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=BF16, conv_layout="SD", bias=bias,
                                slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=20 + n)
         run_and_check(kw)
-    built = [s for s in specs if isinstance(s, ConvGateSpec)]
+    built = _convs(specs)
     assert built and all(policy.ConvGateConfig.for_spec(s).threads == change["conv_gate_threads"] for s in built)
 
 
@@ -202,8 +212,7 @@ def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
         kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=BF16, conv_layout="SD", bias=False,
                                slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=30 + n)
         run_and_check(kw)
-    built = {(c.threads, c.gate_rows) for c in map(policy.ConvGateConfig.for_spec,
-                                                   (s for s in specs if isinstance(s, ConvGateSpec)))}
+    built = {(c.threads, c.gate_rows) for c in map(policy.ConvGateConfig.for_spec, _convs(specs))}
     assert built == {(512, 1), (128, 4)}
 
 
@@ -223,10 +232,10 @@ def test_matches_reference_with_the_split_projection_at_qwen35_tp1(monkeypatch, 
             kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=sdt, conv_layout="SD", bias=False,
                                    slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=B), device=DEV, seed=60 + B + n)
             run_and_check(kw)
-        built = {s.regime: policy.ConvGateConfig.for_spec(s) for s in specs if isinstance(s, ConvGateSpec)}
+        built = {s.regime: policy.ConvGateConfig.for_spec(s) for s in _convs(specs)}
         assert set(built) == {"small", "split"} and built["small"].partial_sums == 0
         assert (built["split"].threads, built["split"].partial_sums, built["split"].gate_rows) == (512, 20, rows)
-        assert {s.gate_parts for s in specs if not isinstance(s, ConvGateSpec)} == {0, 20}
+        assert {s.gate_parts for s in _decodes(specs)} == {0, 20}
 
 
 GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0)  # from B * HV > 264
@@ -249,8 +258,9 @@ def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
                                slots=_slots(B, P, pad=True, invalid=True, seed=n), device=DEV, seed=50 + n)
         run_and_check(kw, gemm=True, w_ba_param=n == 1)
-    built = [s for s in specs if isinstance(s, ConvGateSpec)]
+    built = _convs(specs)
     assert built and all(s.regime == "gemm" and policy.ConvGateConfig.for_spec(s).gate_ctas == 0 for s in built)
+    assert not any(isinstance(s, StepSpec) for s in specs), "the gemm regime's two kernels go apart"
 
 
 @pytest.mark.parametrize("layout", ["SD", "DS"])
@@ -275,7 +285,7 @@ def test_scale_and_strided_rows():
 
 def test_out_none_and_batch_dynamic_compiles_once():
     H, HV, D, hidden = 2, 4, 128, 512
-    specs = lambda: {s for s in kernel_cache._fns if isinstance(s, ConvGateSpec) and s.hidden == hidden}  # noqa: E731
+    specs = lambda: {s for s in _convs(kernel_cache._fns) if s.hidden == hidden}  # noqa: E731
     for B in (1, 3, 130, 17):
         kw = make_fused_inputs(B, H, HV, D, hidden, 4, P=B + 2, device=DEV, seed=B)
         oracle = clone_fused(kw)

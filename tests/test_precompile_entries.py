@@ -13,7 +13,7 @@ import flashgdn
 from flashgdn import engines, fastpath, fused_step, precompile, validation
 from flashgdn.device import DeviceFacts
 from flashgdn.kernels import policy
-from flashgdn.spec import KernelSpec
+from flashgdn.spec import KernelSpec, StepSpec
 
 from helpers import make_fused_inputs, make_inputs, make_state, stub_kernel_lookups
 from test_engines import packed_kwargs, sigmoid_kwargs
@@ -152,12 +152,14 @@ def test_entry_variants_are_what_the_call_looks_up(entry, regime, looked_up):
     if entry == "fused-step":
         # A precompile of the decode's large regime builds every conv/gate build a call in it can
         # meet (policy.conv_gate_regimes: small, up to 8 heads per SM, and large in this table; the
-        # split regime does not serve this fp32 state and small w_ba), and the decode behind them.
-        assert set(looked_up) <= set(expected) and looked_up[-1] == expected[-1]
+        # split regime does not serve this fp32 state and small w_ba), each with the decode behind it
+        # in one compiled function (StepSpec).
+        assert set(looked_up) <= set(expected) and all(isinstance(s, StepSpec) for s in expected)
     else:
         assert looked_up == expected
     assert all(s.regime == regime for s in expected if isinstance(s, KernelSpec))
-    fused = 2 if regime == "small" else 3
+    assert all(s.decode.regime == regime for s in expected if isinstance(s, StepSpec))
+    fused = 1 if regime == "small" else 2
     assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": fused, "sglang": 2}.get(entry, 1)
     assert entry != "sglang-tree" or all(s.tree_parents == "int32" for s in expected)
 
@@ -186,10 +188,10 @@ def test_list_of_entries(capsys):
     both = capsys.readouterr().out.split()
     assert precompile.main(MODEL + ["--list", "--head-v", str(K), "--seq-len", "1", "2"]) == 0
     flashinfer = capsys.readouterr().out.split()
-    # flashinfer: T = 1 and T = 2 per regime; recurrent: the same T; fused-step: the decode per
-    # regime and the conv/gate builds they meet (small, and large with the large decode).
-    assert len(default) == 2 and both[:4] == flashinfer and len(both) == 4 + 4 + 4
-    assert sum(n.startswith("convgate/") for n in both) == 2 and sum(n.endswith("/pdl") for n in both) == 2
+    # flashinfer: T = 1 and T = 2 per regime; recurrent: the same T; fused-step: per regime of the
+    # decode, one compiled function with each conv/gate build it meets (small; small and large).
+    assert len(default) == 2 and both[:4] == flashinfer and len(both) == 4 + 4 + 3
+    assert sum(n.startswith("step[convgate/") and n.endswith("/pdl]") for n in both) == 3
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -208,15 +210,15 @@ def test_argument_errors(argv, message, capsys):
 
 
 def test_precompile_fused_step_then_load(tmp_path, capsys):
-    """The fused step's conv/gate and decode variants (small: H = HV = 1, D = 64, hidden 64) are
-    built, stored and loaded back from the disk cache."""
+    """The fused step's compiled function (its conv/gate and decode kernels; small: H = HV = 1,
+    D = 64, hidden 64) is built, stored and loaded back from the disk cache."""
     argv = ["-H", "1", "-HV", "1", "--head-k", "64", "--head-v", "64", "--entry", "fused-step", "--hidden", "64",
             "--regime", "small", "--cache-dir", str(tmp_path)]
     assert precompile.main(argv) == 0
     out = capsys.readouterr().out
-    assert "convgate/H1/HV1/D64/hidden64/w4/small/sm_90a: compiled (" in out and "2 compiled, 0 loaded from disk" in out
+    assert "step[convgate/H1/HV1/D64/hidden64/w4/small/sm_90a+klast/" in out and "1 compiled, 0 loaded" in out
     assert precompile.main(argv) == 0
-    assert "0 compiled, 2 loaded from disk, 0 failed" in capsys.readouterr().out
+    assert "0 compiled, 1 loaded from disk, 0 failed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("allocated", [False, True], ids=["output-given", "output-allocated"])

@@ -17,9 +17,11 @@ DYNAMIC_SMEM_FIELD = "array<i32: 0, 2>"
 
 def kernel_name(spec) -> str:
     """Name of the kernel class that builds `spec` (KLastDecode, KLastMTP, KLastMTPMma, KMajorDecode;
-    ConvGate for a ConvGateSpec)."""
-    from ..spec import ConvGateSpec
+    ConvGate for a ConvGateSpec; "ConvGate + KLastDecode" for a StepSpec, in launch order)."""
+    from ..spec import ConvGateSpec, StepSpec
 
+    if isinstance(spec, StepSpec):
+        return f"{kernel_name(spec.conv)} + {kernel_name(spec.decode)}"
     if isinstance(spec, ConvGateSpec):  # one kernel class, no build policy of the decode's
         from ..kernels.build import make_kernel
 

@@ -15,7 +15,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
-from ..spec import CommitArgs, CommitSpec, ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, vec_elems
+from ..spec import (CommitArgs, CommitSpec, ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, StepArgs, StepSpec,
+                    vec_elems)
 from . import policy
 from .common import CUTLASS_DTYPES
 from .conv_gate import ConvGate
@@ -24,14 +25,18 @@ from .kmajor import KMajorDecode
 from .kmtp import KLastMTP
 from .kmtp_mma import KLastMTPMma
 from .replay_commit import ReplayCommit, ReplayCommitMma
+from .step import FusedStep
 
 KERNELS = {cls.__name__: cls for cls in (KLastDecode, KMajorDecode, KLastMTP, KLastMTPMma, ReplayCommit,
                                          ReplayCommitMma)}
-AnySpec = Union[KernelSpec, CommitSpec, ConvGateSpec]
+AnySpec = Union[KernelSpec, CommitSpec, ConvGateSpec, StepSpec]
 
 
 def make_kernel(spec: AnySpec, config: Optional[policy.BuildConfig] = None):
-    """The kernel object that builds `spec` (with the policy's config unless one is given)."""
+    """The kernel object that builds `spec` (with the policy's config unless one is given; a StepSpec
+    takes each of its kernels' own)."""
+    if isinstance(spec, StepSpec):
+        return FusedStep(spec, make_kernel(spec.conv), make_kernel(spec.decode))
     if isinstance(spec, ConvGateSpec):
         return ConvGate(spec, config or policy.ConvGateConfig.for_spec(spec))
     config = config or policy.BuildConfig.for_spec(spec)
@@ -47,18 +52,24 @@ def _strided(dtype, shape, divisibility: int, inner_static: tuple = (1,)):
     return make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
 
 
-def fake_arguments(spec: AnySpec):
+def fake_arguments(spec: AnySpec, batch=None):
     """Fake tensors of the variant's arguments (KernelArgs; CommitArgs for a CommitSpec,
-    ConvGateArgs for a ConvGateSpec), batch and pool sizes symbolic."""
+    ConvGateArgs for a ConvGateSpec, StepArgs for a StepSpec), batch and pool sizes symbolic (the
+    batch size `batch` where given: one symbol for the tensors of two kernels)."""
     if isinstance(spec, CommitSpec):
         return _fake_commit_arguments(spec)
     if isinstance(spec, ConvGateSpec):
-        return _fake_conv_gate_arguments(spec)
+        return _fake_conv_gate_arguments(spec, batch)
+    if isinstance(spec, StepSpec):
+        B = cute.sym_int()
+        decode = fake_arguments(spec.decode, B)
+        return StepArgs(*_fake_conv_gate_arguments(spec.conv, B), decode.A_log, decode.dt_bias, decode.state,
+                        decode.output)
     io = CUTLASS_DTYPES[spec.io_dtype]
     st = CUTLASS_DTYPES[spec.state_dtype]
     gate = CUTLASS_DTYPES[spec.gate_dtype]
     idx_t = CUTLASS_DTYPES[spec.index_dtype] if spec.pool else None
-    B = cute.sym_int()
+    B = cute.sym_int() if batch is None else batch
     T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
     # Varlen: the tokens of all sequences in dim 1 ([1, total, ...]); B sequences. Flat rows: the B
     # one-token sequences in dim 1.
@@ -114,11 +125,12 @@ def fake_arguments(spec: AnySpec):
     )
 
 
-def _fake_conv_gate_arguments(spec: ConvGateSpec) -> ConvGateArgs:
-    """Fake tensors of a conv/gate variant's arguments: batch and pool sizes symbolic, the conv
-    weight, bias and state strides all dynamic (any layout), w_ba's rows whole column blocks."""
+def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None) -> ConvGateArgs:
+    """Fake tensors of a conv/gate variant's arguments: batch (`batch` where given) and pool sizes
+    symbolic, the conv weight, bias and state strides all dynamic (any layout), w_ba's rows whole
+    column blocks."""
     bf16 = cutlass.BFloat16
-    B, P = cute.sym_int(), cute.sym_int()
+    B, P = cute.sym_int() if batch is None else batch, cute.sym_int()
     C, W = spec.qkv_dim, spec.width
     parts = policy.ConvGateConfig.for_spec(spec).partial_sums
     return ConvGateArgs(
@@ -165,7 +177,7 @@ def _fake_commit_arguments(spec: CommitSpec) -> CommitArgs:
 
 
 def compile_kernel(spec: AnySpec, *, keep_dir: Optional[str] = None) -> Callable:
-    """Compile `spec` (a KernelSpec, CommitSpec or ConvGateSpec) for `spec.arch`; returns the TVM-FFI
+    """Compile `spec` (a KernelSpec, CommitSpec, ConvGateSpec or StepSpec) for `spec.arch`; returns the TVM-FFI
     callable (no GPU needed to compile)."""
     options = f"--enable-tvm-ffi --gpu-arch={spec.arch}"
     if keep_dir:

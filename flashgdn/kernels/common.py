@@ -397,6 +397,12 @@ def kernel_params(fields):
 kernel_args = kernel_params(KernelArgs._fields)  # the decode kernels' parameters
 
 
+def bulk_prefetch(start, nbytes) -> None:
+    """Have the TMA engine bring `nbytes` (a multiple of 16) of global memory from iterator `start`
+    into L2: one instruction, no registers held, no wait."""
+    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(nbytes).ir_value())
+
+
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
     (batch row, value head, tile of that head's state). Subclasses call __init__ with the spec and
@@ -537,10 +543,10 @@ class DecodeKernel:
                     row = tid + r * n
                     if row < self.tile_rows:
                         start = mS[slot, hv, tile * self.tile_rows + row, None].iterator
-                        nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(row_bytes).ir_value())
+                        bulk_prefetch(start, row_bytes)
             else:
                 start = mS[slot, hv, tile * self.tile_rows, None].iterator
-                nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_bytes).ir_value())
+                bulk_prefetch(start, self.tile_bytes)
 
     @cute.jit
     def _prefetch_inputs(self, gmem, tile, b, hv, h, tid):
@@ -557,11 +563,11 @@ class DecodeKernel:
             kind = e // T  # 0 v, 1 q, 2 k, 3 a, 4 b; none past 4
             if kind == 0:
                 start = gmem.v[b, t, hv, None].iterator + tile * self.tile_rows
-                nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.tile_rows * io_bytes).ir_value())
+                bulk_prefetch(start, self.tile_rows * io_bytes)
             for which, mRow in ((1, gmem.q), (2, gmem.k)):
                 if kind == which:
                     start = mRow[b, t, h, None].iterator
-                    nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(self.spec.K * io_bytes).ir_value())
+                    bulk_prefetch(start, self.spec.K * io_bytes)
             for which, mGate in ((3, gmem.a), (4, gmem.b)):
                 if kind == which:
                     cute.arch.prefetch((mGate[b, t, None].iterator + hv).to_llvm_ptr(), cache_level="L2")
