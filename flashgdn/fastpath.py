@@ -26,21 +26,18 @@ its compiled function itself):
 A key miss or any error while building it (a non-tensor where a tensor goes) takes the full way.
 FLASHGDN_CHECK_INDICES=1 (flashgdn.api.CHECK_INDICES) and FLASHGDN_FAST_PATH=0 (ENABLED) always take
 the full way. A batch of zero rows launches nothing, so nothing checks it: it is never kept. The key holds no tensor (nothing is
-kept alive) and reads no data pointer (FakeTensors have none; tracing never runs this path; the
-fused step's gemm-regime entry reads its decode-only tensors' ones, below).
+kept alive) and reads no data pointer (FakeTensors have none; tracing never runs this path).
 
 Served: flashgdn.api's three FlashInfer functions and the ReplaySSM commit; flashgdn.engines' packed
 decodes and SGLang's update, which run the pretranspose kernel on the engine's tensors as they are
 (KernelSpec.row_form; SGLang's layouts other than its own keep the geometry of their row views in the
 entry, and the key holds what decides that geometry: the shapes and strides of the viewed tensors);
 vLLM's two recurrent ops (flashgdn.recurrent); and the fused step, whose one compiled function
-checks the tensors of both its launches before either runs. In its "gemm" regime the two kernels
-are compiled functions of their own and the conv/gate one writes the conv pool before the decode
-function checks its own tensors: that entry also keeps every fact the decode function checks of the
-tensors only it gets (dtype, shape, strides, device and address modulo 16 of A_log, dt_bias,
-ssm_state and out; it runs eagerly only, so those are real addresses), and a call whose facts
-differ takes the full way. Its workspace is looked up per call, on the stream current at the call
-(its views built once per stream and batch), as the full way does.
+checks the tensors of both its launches before either runs. In its "gemm" regime a GEMM on
+hidden_states and w_ba (which the key does not read) runs before that function: that entry also
+keeps their dtypes, shapes and devices, and a call whose facts differ takes the full way. Its
+workspace is looked up per call, on the stream current at the call (its rows sliced once per
+stream and batch), as the full way does.
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and

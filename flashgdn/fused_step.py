@@ -12,20 +12,19 @@ holds fp32 partial sums of b | a, which the decode adds up (KernelSpec.gate_part
 says so (policy.fused_step_pdl) the decode is a programmatic dependent launch (PDL) of the kernel before
 it: it starts while that kernel ends, loads its slot indices and state, and waits for that grid before
 it reads the workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a
-large batch on a table that names it), the conv/gate kernel runs the conv only and the b/a projection is
-one cuBLAS GEMM (torch.mm into the workspace) between it and the decode: three launches, as the composed
-path runs them, the two kernels by compiled functions of their own. The conv kernel goes first because
-its compiled function checks hidden_states and w_ba (which the fast key does not read) before anything
-runs. One launch would not pay here: the q/k channels of a head feed HV / H value heads and all their
-CTAs, and the conv state is updated in place, so either one CTA would serve a whole q/k head (a
-sixteenth of the CTAs at B = 1) or every CTA would need a grid-wide barrier. The workspace (_Workspace)
-is cached per (device, stream, qkv_dim, HV, partial sums): a call allocates only when its batch exceeds
-every earlier one on that stream (the capacity then doubles), so steady-state calls and CUDA-graph
-replays allocate nothing beyond the output; calls on one stream run in order, so they can share it. An
-outgrown workspace is kept, not freed: a CUDA graph captured with it still reads and writes its address.
-While torch.compile or torch.export traces, a call is the custom op flashgdn::gdn_fused_decode_step
-(flashgdn.ops; its real implementation is the eager body `_fused_step`); eager calls run that body
-directly. Like the rest of the API layer, this module never imports CuTe.
+large batch on a table that names it), the b/a projection is one cuBLAS GEMM (torch.mm into the
+workspace) before that function, whose conv/gate kernel then runs the conv only: three launches, as the
+composed path runs them, the decode a programmatic dependent of the conv. One launch would not pay here:
+the q/k channels of a head feed HV / H value heads and all their CTAs, and the conv state is updated in
+place, so either one CTA would serve a whole q/k head (a sixteenth of the CTAs at B = 1) or every CTA
+would need a grid-wide barrier. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV,
+partial sums): a call allocates only when its batch exceeds every earlier one on that stream (the
+capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond the output;
+calls on one stream run in order, so they can share it. An outgrown workspace is kept, not freed: a CUDA
+graph captured with it still reads and writes its address. While torch.compile or torch.export traces, a
+call is the custom op flashgdn::gdn_fused_decode_step (flashgdn.ops; its real implementation is the
+eager body `_fused_step`); eager calls run that body directly. Like the rest of the API layer, this
+module never imports CuTe.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ from .cache import kernel_cache
 from .device import facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import AFTER_OUTPUT, CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, StepSpec, conv_gate_vec
+from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, StepSpec, conv_gate_vec
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -122,14 +121,13 @@ def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
 
 class _Plan:
     """A validated call signature: its Problem, conv width, device, and (after the first call)
-    its compiled functions (one StepSpec build; in the "gemm" conv/gate regime, where the b/a
-    projection is a GEMM between the two kernels, the conv/gate build and the decode's), whether it
-    is in that regime, and how many partial sums of the projection the workspace holds (_Workspace)."""
+    its compiled function (a StepSpec build), whether the b/a projection is a GEMM before it (the
+    "gemm" conv/gate regime) and how many partial sums of it the workspace holds (_Workspace)."""
 
-    __slots__ = ("problem", "width", "device", "fns", "gemm", "parts")
+    __slots__ = ("problem", "width", "device", "fn", "gemm", "parts")
 
     def __init__(self, problem, width, device):
-        self.problem, self.width, self.device, self.fns, self.gemm, self.parts = problem, width, device, None, False, 0
+        self.problem, self.width, self.device, self.fn, self.gemm, self.parts = problem, width, device, None, False, 0
 
 
 _VALIDATED: dict = {}
@@ -146,21 +144,21 @@ def _current_stream(device: torch.device) -> int:
 class _Workspace:
     """One stream's workspace: qkv [rows, qkv_dim] (bf16) and the b | a projection, ba [rows, 2 HV]
     (bf16) or, from the split projection, its `parts` fp32 partial sums [parts, rows, 2 HV]
-    (policy.ConvGateConfig.partial_sums); and per (B, H, D) the views a call of B rows takes of it
-    (_decode_views), built once."""
+    (policy.ConvGateConfig.partial_sums); and per batch size B the rows a call of B rows takes of
+    them, sliced once."""
 
-    __slots__ = ("qkv", "ba", "views")
+    __slots__ = ("qkv", "ba", "rows")
 
     def __init__(self, rows: int, qkv_dim: int, HV: int, parts: int, device: torch.device):
         self.qkv = torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device)
         self.ba = (torch.empty((parts, rows, 2 * HV), dtype=torch.float32, device=device) if parts
                    else torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
-        self.views = {}
+        self.rows = {}
 
 
 def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int):
-    """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV], q, k, v, a, b): this stream's workspace
-    rows and the decode kernel's views of them (module docstring)."""
+    """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV]): this stream's workspace rows (module
+    docstring)."""
     qkv_dim = (2 * H + HV) * D
     key = (device, _current_stream(device), qkv_dim, HV, parts)
     ws = _WORKSPACES.get(key)
@@ -170,17 +168,17 @@ def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int
             _RETIRED.append(ws)
         ws = _WORKSPACES[key] = _Workspace(max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1)))), qkv_dim, HV,
                                            parts, device)
-    views = ws.views.get((B, H, D))
-    if views is None:
-        qkv, ba = ws.qkv[:B], ws.ba[..., :B, :]
-        views = ws.views[(B, H, D)] = (qkv, ba, *_decode_views(B, H, HV, D, qkv, ba))
-    return views
+    rows = ws.rows.get(B)
+    if rows is None:
+        rows = ws.rows[B] = (ws.qkv[:B], ws.ba[..., :B, :])
+    return rows
 
 
 def _decode_views(B: int, H: int, HV: int, D: int, qkv: torch.Tensor, ba: torch.Tensor):
-    """q, k, v, a and b of the decode kernel as views of the workspace rows (as the engines' packed
-    decode views mixed_qkv: flashgdn.engines), b = ba[..., :HV], a = ba[..., HV:]: [B, 1, HV], or
-    [parts, B, 1, HV] on partial sums (KernelSpec.gate_parts)."""
+    """q, k, v, a and b of the decode kernel as views of the workspace rows, b = ba[..., :HV],
+    a = ba[..., HV:]: [B, 1, HV], or [parts, B, 1, HV] on partial sums (KernelSpec.gate_parts): the
+    arguments from which the decode's KernelSpec is derived (kernels/step.py builds the same views in
+    the compiled code)."""
     row = qkv.stride(0)
     q = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset())
     k = qkv.as_strided((B, 1, H, D), (row, H * D, D, 1), qkv.storage_offset() + H * D)
@@ -254,21 +252,20 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
 
     A repeated call (flashgdn.fastpath) skips the checks. Its key holds what the compiled
     function does not check (the batch, the device, both pools' and the output's layouts, the
-    options): the step's one compiled function checks every tensor of both launches before either
-    runs. In the "gemm" regime the conv/gate launch writes the conv pool before the decode's own
-    compiled function checks the tensors only it gets (A_log, dt_bias, ssm_state, out), so the entry
-    also keeps every fact that function checks of them (dtype, shape, strides, device, address
-    modulo 16: _decode_facts), and a call whose facts differ takes the full way, which writes
-    nothing before its checks pass."""
+    options): the step's compiled function checks every tensor of both its launches before either
+    runs. In the "gemm" regime the GEMM runs before that function, on hidden_states and w_ba: that
+    entry also keeps their dtypes, shapes and devices (_gemm_facts), and a call whose facts differ
+    takes the full way, which raises before anything runs."""
     key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
                               ssm_state, out, scale, use_qk_l2norm)
     if fast is not None:
-        fns, device, p, gemm, parts = fast.extra
+        device, p, gemm, parts = fast.extra
         try:
-            if gemm is None or gemm == _decode_facts(A_log, dt_bias, ssm_state, out):
+            if gemm is None or gemm == _gemm_facts(hidden_states, w_ba):
                 o = _output(out, p, device)
-                _launches(fns, gemm is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states, w_ba,
-                          mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
+                _launches(fast.fn, gemm is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states,
+                          w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias,
+                          ssm_state, o)
                 return o
         except fastpath.REFUSED:
             pass
@@ -287,10 +284,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     if p.B:
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, o)
-        if key is not None and plan.fns is not None:  # not when the launch is stubbed
-            # the gemm regime's entry: the decode-only facts of the call's own tensors (_fused_step), else None
-            gemm = _decode_facts(A_log, dt_bias, ssm_state, out) if plan.gemm else None
-            fastpath.remember(key, fastpath.Fast(plan.fns[0], extra=(plan.fns, plan.device, p, gemm, plan.parts)))
+        if key is not None and plan.fn is not None:  # not when the launch is stubbed
+            gemm = _gemm_facts(hidden_states, w_ba) if plan.gemm else None  # the gemm regime's entry: _fused_step
+            fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm, plan.parts)))
     return o
 
 
@@ -300,10 +296,9 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.
     build, one StepSpec of it and the decode that reads its workspace (`decode_args(parts)`: the
     decode's KernelArgs on a workspace of that many partial sums of the projection, 0 for the bf16
     projection; meta tensors do), a programmatic dependent where the policy says so
-    (policy.fused_step_pdl); in the "gemm" regime the two builds apart, in launch order (the GEMM runs
-    between them). `regime` None: the builds of the conv/gate regime p.B falls in (each kernel has its
-    own thresholds); given (a precompile): those of every conv/gate build a call in that regime can
-    meet (policy.conv_gate_regimes) and the decodes of that regime behind them, so that precompiling
+    (policy.fused_step_pdl). `regime` None: the one of the conv/gate regime p.B falls in (each kernel
+    has its own thresholds); given (a precompile): those of every conv/gate build a call in that
+    regime can meet (policy.conv_gate_regimes) with the decodes of that regime, so that precompiling
     both regimes builds every pair."""
     split = policy.split_serves(facts.device_class, facts.arch, hidden, p.HV, val.dtype_name(state_dtype))
     if regime is None:
@@ -312,14 +307,13 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.
     else:
         conv_regimes = policy.conv_gate_regimes(facts.device_class, facts.arch, regime, split)
     pdl = policy.fused_step_pdl(facts.device_class, facts.arch)
-    convs = [ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
-             for r in conv_regimes]
-    variants = []
-    for conv in convs:
-        decode = dataclasses.replace(api.kernel_spec("klast", p, decode_args(
-            policy.ConvGateConfig.for_spec(conv).partial_sums), options, facts, regime), pdl_wait=pdl)
-        variants += (conv, decode) if conv.regime == "gemm" else (StepSpec(conv, decode),)
-    return tuple(dict.fromkeys(variants))
+    steps = []
+    for r in conv_regimes:
+        conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
+        decode = api.kernel_spec("klast", p, decode_args(policy.ConvGateConfig.for_spec(conv).partial_sums), options,
+                                 facts, regime)
+        steps.append(StepSpec(conv, dataclasses.replace(decode, pdl_wait=pdl)))
+    return tuple(steps)
 
 
 def _output(out, p, device) -> torch.Tensor:
@@ -327,49 +321,42 @@ def _output(out, p, device) -> torch.Tensor:
     return torch.empty((p.B, 1, p.HV, p.V), dtype=torch.bfloat16, device=device) if out is None else out
 
 
-def _decode_facts(A_log, dt_bias, ssm_state, out) -> tuple:
-    """What the decode's own compiled function checks of the tensors the conv/gate one does not get
-    (the "gemm" regime's two launches: _fused_step)."""
-    return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.get_device(), t.data_ptr() % 16)
-                 for t in (A_log, dt_bias, ssm_state, out))
+def _gemm_facts(hidden_states, w_ba) -> tuple:
+    """What the "gemm" regime's GEMM, which runs before the compiled function's checks, takes of its
+    operands beyond the fast key (_fused_step): their dtypes, shapes and devices."""
+    return (hidden_states.dtype, hidden_states.shape, hidden_states.get_device(), w_ba.dtype, w_ba.shape,
+            w_ba.get_device())
 
 
 def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
             ssm_state, state_indices, use_qk_l2norm, out) -> None:
-    """The launches of a validated call (its _Plan: _launches); the first call of a plan looks both
-    compiled functions up."""
+    """The launches of a validated call (its _Plan: _launches); the first call of a plan looks its
+    compiled function up."""
     p = plan.problem
-    if plan.fns is None:
+    if plan.fn is None:
         def decode_args(parts):
-            _, _, q, k, v, a, b = _workspace(plan.device, p.B, p.H, p.HV, p.K, parts)
-            return KernelArgs(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
+            views = _decode_views(p.B, p.H, p.HV, p.K, *_workspace(plan.device, p.B, p.H, p.HV, p.K, parts))
+            return KernelArgs(*views, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
 
-        specs = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, ssm_state.dtype,
-                             decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
-        plan.gemm = isinstance(specs[0], ConvGateSpec)
-        plan.parts = specs[-1].gate_parts if plan.gemm else specs[0].decode.gate_parts
-        plan.fns = tuple(kernel_cache.get(s) for s in specs)
-    _launches(plan.fns, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
+        [spec] = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, ssm_state.dtype,
+                              decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
+        plan.gemm, plan.parts = spec.conv.regime == "gemm", spec.decode.gate_parts
+        plan.fn = kernel_cache.get(spec)
+    _launches(plan.fn, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
               mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, out)
 
 
-def _launches(fns, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state,
-              state_indices, A_log, dt_bias, ssm_state, out) -> None:
-    """The step's launches on the workspace `ws` (_workspace's rows and views): its one compiled
-    function (`fns`: the StepSpec build, spec.StepArgs' order), or in the "gemm" regime (`fns`: the
-    conv/gate build, the decode's) the conv/gate launch, the b/a GEMM (module docstring: after the
-    conv launch, whose checks cover hidden_states and w_ba) and the decode launch."""
-    qkv, ba, q, k, v, a, b = ws
-    if not gemm:
-        fns[0](hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, A_log,
-               dt_bias, ssm_state, out)
-        return
-    conv_fn, decode_fn = fns
-    conv_fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba)
+def _launches(fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices,
+              A_log, dt_bias, ssm_state, out) -> None:
+    """The step's compiled function `fn` (spec.StepArgs' order) on the workspace `ws` (_workspace's
+    rows; the decode's views of them are built in the compiled code), after the b/a GEMM into the
+    workspace in the "gemm" regime."""
+    qkv, ba = ws
     if gemm:
         # cuBLAS, as the engines' own projection; inference only: a weight that requires grad (an
         # nn.Parameter) goes detached, as the kernels take it
         if hidden_states.requires_grad or w_ba.requires_grad:
             hidden_states, w_ba = hidden_states.detach(), w_ba.detach()
         torch.mm(hidden_states, w_ba, out=ba)
-    decode_fn(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, None, None, None, out, *AFTER_OUTPUT)
+    fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, A_log, dt_bias,
+       ssm_state, out)

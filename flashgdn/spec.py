@@ -393,7 +393,6 @@ class StepSpec:
     def __post_init__(self) -> None:
         c, d = self.conv, self.decode
         _refuse_invalid(self, (
-            (c.regime != "gemm", "the gemm regime's projection runs between the two kernels"),
             (d.layout == "klast" and d.T == 1 and d.pool and d.row_form == "batch" and d.varlen is None,
              "the decode must be the K-last T = 1 pool decode on batch rows"),
             ((d.H, d.HV, d.K, d.V) == (c.H, c.HV, c.D, c.D), "the two kernels' geometries differ"),

@@ -161,13 +161,11 @@ def _gemm_table(monkeypatch, launched):
     return looked_up, seen
 
 
-def test_the_gemm_regime_projects_between_the_conv_and_the_decode(calls, monkeypatch):
+def test_the_gemm_regime_projects_before_the_step(calls, monkeypatch):
     """In the "gemm" regime the step writes hidden_states @ w_ba (torch.mm) into the workspace's
-    b | a rows after the conv-only conv/gate launch (whose checks cover hidden_states and w_ba) and
-    before the decode, on the full way and on the fast one; the conv/gate build is the gemm one;
-    a w_ba that requires grad (an nn.Parameter) goes detached."""
-    from flashgdn.spec import ConvGateSpec
-
+    b | a rows before its compiled function (the conv-only conv/gate kernel and the decode) runs, on
+    the full way and on the fast one; the conv/gate build is the gemm one; a w_ba that requires grad
+    (an nn.Parameter) goes detached."""
     full, launched = calls
     looked_up, seen = _gemm_table(monkeypatch, launched)
     kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)  # B * HV = 280 > 2 * 132
@@ -178,25 +176,31 @@ def test_the_gemm_regime_projects_between_the_conv_and_the_decode(calls, monkeyp
         ba.zero_()
         seen.clear()
         STEP(**kw)
-        assert launched[-2][-1].data_ptr() == ba.data_ptr(), f"call {n}: the conv launch's b | a rows"
-        assert not seen[0].any() and torch.equal(seen[1], want), f"call {n}: conv, then the GEMM, then the decode"
+        assert launched[-1][8].data_ptr() == ba.data_ptr(), f"call {n}: the step's b | a rows"
+        assert len(seen) == 1 and torch.equal(seen[0], want), f"call {n}: the GEMM, then the step"
     assert len(full) == 1, "the second call takes the fast way"
-    assert [s.regime for s in looked_up if isinstance(s, ConvGateSpec)] == ["gemm"]
+    assert [s.conv.regime for s in looked_up] == ["gemm"]
 
 
-def test_the_gemm_regime_refuses_a_bad_w_ba_before_the_gemm(calls, monkeypatch):
-    """w_ba is not in the fast key: a repeated call with another w_ba layout is refused by the conv
-    launch's checks before the GEMM runs (no launch, the workspace not resized), and the full way
-    raises its error."""
+@pytest.mark.parametrize("change, match", [
+    (lambda kw: dict(kw, w_ba=torch.cat([kw["w_ba"], kw["w_ba"]], 1)), "^w_ba must have shape"),
+    (lambda kw: dict(kw, w_ba=kw["w_ba"].half()), "^w_ba must have dtype"),
+    (lambda kw: dict(kw, hidden_states=torch.cat([kw["hidden_states"]] * 2, 1)), "^w_ba must have shape"),
+], ids=["w_ba-columns", "w_ba-dtype", "hidden"])
+def test_the_gemm_regime_refuses_bad_operands_before_the_gemm(calls, monkeypatch, change, match):
+    """hidden_states and w_ba are not in the fast key: the gemm regime's entry keeps their dtypes,
+    shapes and devices, so a repeated call with other ones takes the full way, which raises before
+    the GEMM runs (no launch, the workspace rows not resized)."""
     full, launched = calls
     _gemm_table(monkeypatch, launched)
     kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=5)
     STEP(**kw)
+    STEP(**kw)
     ba = fused_step._workspace(torch.device("cpu"), 70, 2, 4, 64, 0)[1]
-    shape, n_launched = ba.shape, len(launched)
-    with pytest.raises(ValueError, match="^w_ba must have shape"):
-        STEP(**dict(kw, w_ba=torch.cat([kw["w_ba"], kw["w_ba"]], 1)))
-    assert len(launched) == n_launched and ba.shape == shape
+    before, shape, n_launched = ba.clone(), ba.shape, len(launched)
+    with pytest.raises((TypeError, ValueError), match=match):
+        STEP(**change(kw))
+    assert len(launched) == n_launched and ba.shape == shape and torch.equal(ba, before)
 
 
 def _expect_same_error(fn, kw, bad, reset, launched):
@@ -312,10 +316,9 @@ def test_a_change_that_matters_raises_the_first_calls_error(calls, monkeypatch, 
 
 @pytest.mark.parametrize("change, match", [c[1:] for c in BAD if c[0] == "fused_step"],
                          ids=[f"fused_step-{i}" for i, c in enumerate(BAD) if c[0] == "fused_step"])
-def test_the_gemm_regime_refuses_what_its_decode_would_before_the_conv(calls, monkeypatch, change, match):
-    """In the "gemm" regime the conv/gate launch (which writes the conv pool) goes before the
-    decode's own checks: a repeated call whose decode-only tensors that function would refuse
-    (A_log, dt_bias, ssm_state, out) launches nothing and raises the first call's error."""
+def test_the_gemm_regime_refuses_what_its_step_would_before_the_gemm(calls, monkeypatch, change, match):
+    """In the "gemm" regime the GEMM runs before the step's compiled function checks its tensors:
+    a repeated call that function would refuse launches nothing and raises the first call's error."""
     _gemm_table(monkeypatch, calls[1])
     kw = make_fused_inputs(B=70, H=2, HV=4, D=64, hidden=128, P=80, seed=6)
     kw["out"] = torch.zeros(70, 1, 4, 64, dtype=BF16)

@@ -144,12 +144,12 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D = 2, 4, 64  # qkv_dim 512
-    q1, b1, *views1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
-    q2, b2, *_ = fused_step._workspace(cpu, 16, H, HV, D, 0)
+    q1, b1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
+    q2, b2 = fused_step._workspace(cpu, 16, H, HV, D, 0)
     assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
-    assert [t.shape for t in views1] == [(3, 1, H, D), (3, 1, H, D), (3, 1, HV, D), (3, 1, HV), (3, 1, HV)]
-    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1, *views1)))  # built once
-    q3, *_ = fused_step._workspace(cpu, 17, H, HV, D, 0)
+    assert q1.shape == (3, 512) and b1.shape == (3, 8)
+    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1)))  # sliced once
+    q3, _ = fused_step._workspace(cpu, 17, H, HV, D, 0)
     assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4, 0)].qkv.shape[0] == 32
     assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() == q3.data_ptr()
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
@@ -167,7 +167,9 @@ def test_workspace_of_partial_sums_feeds_the_decode_their_views(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D, B = 2, 4, 64, 3
-    qkv, ba, q, k, v, a, b = fused_step._workspace(cpu, B, H, HV, D, 5)
+    qkv, ba = fused_step._workspace(cpu, B, H, HV, D, 5)
+    q, k, v, a, b = fused_step._decode_views(B, H, HV, D, qkv, ba)
+    assert [t.shape for t in (q, k, v)] == [(B, 1, H, D), (B, 1, H, D), (B, 1, HV, D)]
     assert ba.dtype == torch.float32 and ba.shape == (5, B, 2 * HV) and a.shape == b.shape == (5, B, 1, HV)
     assert fused_step._workspace(cpu, B, H, HV, D, 0)[1].data_ptr() != ba.data_ptr()
     ba.copy_(torch.arange(ba.numel(), dtype=torch.float32).reshape(ba.shape))
@@ -294,7 +296,6 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
     assert step.conv.regime == "split" and step.decode.gate_parts == 20 and step.arch == "sm_90a"
     assert step.short_name() == f"step[{step.conv.short_name()}+{step.decode.short_name()}]"
     for conv, decode, message in (
-        (dataclasses.replace(step.conv, regime="gemm"), step.decode, "gemm regime"),
         (step.conv, dataclasses.replace(step.decode, row_form="flat", gate_parts=0, gate_dtype="bfloat16"),
          "K-last T = 1 pool decode"),
         (step.conv, dataclasses.replace(step.decode, index_dtype=None), "K-last T = 1 pool decode"),
@@ -364,7 +365,7 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     from flashgdn import engine_specs
     from flashgdn.device import DeviceFacts
     from flashgdn.kernels import policy
-    from flashgdn.spec import ConvGateSpec, KernelSpec, StepSpec
+    from flashgdn.spec import StepSpec
     from flashgdn.validation import Problem
 
     for table in policy.DEVICE_TABLES.values():
@@ -388,25 +389,20 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "large") == ("large",)
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
     p = Problem(1, 1, 16, 32, 128, 128)
-    # One StepSpec per conv/gate build (both kernels in one compiled function) but in the gemm
-    # regime, whose two builds go apart (the GEMM runs between them), in launch order.
+    # One StepSpec per conv/gate build (both kernels in one compiled function; in the gemm regime the
+    # GEMM runs before it).
     for given, convs in (("large", ["small", "large", "gemm"]), ("small", ["small"])):
         specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.float32,
                                           regime=given)
-        steps = [s for s in specs if isinstance(s, StepSpec)]
-        gemm = [s for s in specs if not isinstance(s, StepSpec)]
-        assert [s.conv.regime for s in steps] + [s.regime for s in gemm[:1]] == convs
-        assert [type(s) for s in gemm] == ([ConvGateSpec, KernelSpec] if "gemm" in convs else [])
-        assert {s.decode for s in steps} | set(gemm[1:]) == {specs[-1] if gemm else steps[0].decode}
-        assert all(s.decode.regime == given and s.decode.pdl_wait for s in steps)
+        assert all(isinstance(s, StepSpec) for s in specs) and [s.conv.regime for s in specs] == convs
+        assert len({s.decode for s in specs}) == 1 and specs[0].decode.regime == given and specs[0].decode.pdl_wait
     # With a bf16 state (and this 256 KiB w_ba) the split regime serves the step: it leaves partial
     # sums, which its decode adds up (gate_parts); the others' decode reads the bf16 projection.
     specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.bfloat16, regime="large")
-    assert [type(s) for s in specs] == [StepSpec] * 3 + [ConvGateSpec, KernelSpec]
-    assert [s.conv.regime for s in specs[:3]] == ["small", "split", "large"]
-    assert [(s.decode.gate_parts, s.decode.gate_dtype) for s in specs[:3]] == [
-        (0, "bfloat16"), (8, "float32"), (0, "bfloat16")]
-    assert [policy.ConvGateConfig.for_spec(s.conv).partial_sums for s in specs[:3]] == [0, 8, 0]
-    assert specs[-1] == specs[0].decode
+    assert [s.conv.regime for s in specs] == ["small", "split", "large", "gemm"]
+    assert [(s.decode.gate_parts, s.decode.gate_dtype) for s in specs] == [
+        (0, "bfloat16"), (8, "float32"), (0, "bfloat16"), (0, "bfloat16")]
+    assert [policy.ConvGateConfig.for_spec(s.conv).partial_sums for s in specs] == [0, 8, 0, 0]
+    assert policy.ConvGateConfig.for_spec(specs[-1].conv).gate_ctas == 0  # the gemm regime's conv runs alone
 
 
