@@ -323,8 +323,9 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
     ("sm90-hbm3", 34, 32, None, "large"),
     ("sm90-hbm3", 1, 32, "split", "split"),  # a precompile of the split regime
     ("sm90-hbm3-nosmall", 1, 32, "split", "large"),  # a table without it (nor a small regime)
-    ("sm90-hbm3", 4096, 32, None, "large"),  # no gemm regime in the H100 table
-    ("sm90-hbm3", 4096, 32, "gemm", "large"),
+    ("sm90-hbm3", 82, 32, None, "large"),  # the H100 table's gemm regime from 20 per SM, as the H200's
+    ("sm90-hbm3", 4096, 32, None, "gemm"),
+    ("sm90-hbm3", 1, 32, "gemm", "gemm"),
     ("sm90-hbm3-nosmall", 1, 32, None, "large"),  # a table without a small regime
     ("sm90-hbm3-nosmall", 1, 32, "small", "large"),
 ])
@@ -381,12 +382,12 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     assert regime(1, 32, "gemm") == "gemm" and policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large") == (
         "small", "split", "large", "gemm")
     assert policy.conv_gate_regimes("sm90-hbm3e", "sm_90a", "large", split=False) == ("small", "large", "gemm")
-    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("small", "split", "large")
+    assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "large") == ("small", "split", "large", "gemm")
     assert policy.conv_gate_regimes("sm90-hbm3", "sm_90a", "small") == ("small",)
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-lowsmall", dataclasses.replace(
         policy.SM90_HBM3, conv_gate_small_heads_per_sm=1))
     assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "small") == ("small", "large")
-    assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "large") == ("large",)
+    assert policy.conv_gate_regimes("sm90-lowsmall", "sm_90a", "large") == ("large", "gemm")
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3e")
     p = Problem(1, 1, 16, 32, 128, 128)
     # One StepSpec per conv/gate build (both kernels in one compiled function; in the gemm regime the

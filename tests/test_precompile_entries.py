@@ -151,15 +151,15 @@ def test_entry_variants_are_what_the_call_looks_up(entry, regime, looked_up):
     call(B, args)
     if entry == "fused-step":
         # A precompile of the decode's large regime builds every conv/gate build a call in it can
-        # meet (policy.conv_gate_regimes: small, up to 8 heads per SM, and large in this table; the
-        # split regime does not serve this fp32 state and small w_ba), each with the decode behind it
-        # in one compiled function (StepSpec).
+        # meet (policy.conv_gate_regimes: small, up to 8 heads per SM, large and, from 20, gemm in
+        # this table; the split regime does not serve this fp32 state and small w_ba), each with the
+        # decode behind it in one compiled function (StepSpec).
         assert set(looked_up) <= set(expected) and all(isinstance(s, StepSpec) for s in expected)
     else:
         assert looked_up == expected
     assert all(s.regime == regime for s in expected if isinstance(s, KernelSpec))
     assert all(s.decode.regime == regime for s in expected if isinstance(s, StepSpec))
-    fused = 1 if regime == "small" else 2
+    fused = 1 if regime == "small" else 3
     assert len(expected) == {"recurrent": 2, "sigmoid-vllm": 2, "fused-step": fused, "sglang": 2}.get(entry, 1)
     assert entry != "sglang-tree" or all(s.tree_parents == "int32" for s in expected)
 
@@ -189,9 +189,9 @@ def test_list_of_entries(capsys):
     assert precompile.main(MODEL + ["--list", "--head-v", str(K), "--seq-len", "1", "2"]) == 0
     flashinfer = capsys.readouterr().out.split()
     # flashinfer: T = 1 and T = 2 per regime; recurrent: the same T; fused-step: per regime of the
-    # decode, one compiled function with each conv/gate build it meets (small; small and large).
-    assert len(default) == 2 and both[:4] == flashinfer and len(both) == 4 + 4 + 3
-    assert sum(n.startswith("step[convgate/") and n.endswith("/pdl]") for n in both) == 3
+    # decode, one compiled function with each conv/gate build it meets (small; small, large and gemm).
+    assert len(default) == 2 and both[:4] == flashinfer and len(both) == 4 + 4 + 4
+    assert sum(n.startswith("step[convgate/") and n.endswith("/pdl]") for n in both) == 4
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -145,6 +145,10 @@ SM90_HBM3 = DeviceTable(
     conv_gate_split_heads_per_sm=3,
     conv_gate_split_min_bytes=256 << 10,
     conv_gate_split_state_dtypes=("bfloat16",),
+    # The gemm regime from 20 heads per SM, as the H200 table: at Qwen3.5 TP1 (a 960 KiB w_ba) B = 64 and
+    # 256 1.11-1.30x over the large regime, which ran 0.77-0.87x the composed path there; at 3072 heads
+    # and more of the other shapes 1.01-1.03x; at 2048 heads level (RESULTS.md "Fused step: conv/gate CTAs").
+    conv_gate_gemm_heads_per_sm=20,
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
