@@ -35,7 +35,7 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
                  dt_bias: torch.dtype = torch.float32, scale: Optional[float] = None, use_l2norm: bool = False,
                  state_padding: int = 0, hidden: int = 2048, conv_width: int = 4, conv_bias: bool = True,
                  regime: Optional[str] = None) -> tuple:
-    """The variants (KernelSpec, or ConvGateSpec) a call of `entry` (ENTRIES) with the problem `p`
+    """The variants (KernelSpec, or the fused step's StepSpec) a call of `entry` (ENTRIES) with the problem `p`
     looks up, in launch order. p.B sequences of p.T tokens (T > 1: vLLM's two recurrent ops, and
     SGLang's target verify: the pool frozen, the state after every token into its buffer);
     io: q, k, v (mixed_qkv) and the output; state: the K-last pool [P, HV, V, K], its rows padded

@@ -31,8 +31,9 @@ from meta tensors of their calls, through each entry point's own argument list):
     sigmoid-vllm  vLLM's fused_sigmoid_gating_delta_rule_update (engines'
                   fused_sigmoid_gating_delta_rule_update_vllm): recurrent's calls on raw gates a and
                   b (--gate-dtype), A_log and dt_bias, the gates computed in the kernel
-    fused-step    gdn_fused_decode_step: its conv/gate kernel (--hidden, --conv-width,
-                  --conv-bias / --no-conv-bias) and its decode; bf16 with K = V, int32 indices
+    fused-step    gdn_fused_decode_step: its compiled function of the conv/gate kernel (--hidden,
+                  --conv-width, --conv-bias / --no-conv-bias) and the decode, one per conv/gate
+                  build the regime can meet; bf16 with K = V, int32 indices
 
 The one-token entries (packed, packed-vllm, fused-step) build their T = 1 variant whatever
 --seq-len says. --gate-dtype is that of a and b (packed, sglang, sigmoid-vllm), --dt-bias-dtype that
@@ -141,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def model_specs(args: argparse.Namespace) -> list:
-    """Every variant (KernelSpec, or the fused step's ConvGateSpec) the flags ask for, made by the
+    """Every variant (KernelSpec, or the fused step's StepSpec) the flags ask for, made by the
     API's own api.kernel_spec from meta tensors of the call's shapes (B = 1: the batch only picks
     the regime, given here), so that each is the variant that a call with those shapes and options
     looks up: arch, then state dtype, then entry, then T, then layout (T = 1) and pool index dtype,

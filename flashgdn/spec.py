@@ -288,10 +288,10 @@ class KernelSpec:
 
 
 # ----------------------------------------------------------------------------- fused decode step
-# The fused step (flashgdn.gdn_fused_decode_step) runs two launches: the conv/gate kernel
-# (kernels/conv_gate.py: the causal conv1d update with SiLU over the q/k/v channels and the b/a
-# projection GEMV, into a workspace) and then the K-last decode kernel of a KernelSpec on views
-# of that workspace. The conv/gate kernel has its own spec and argument list.
+# The fused step (flashgdn.gdn_fused_decode_step) runs two launches from one compiled function
+# (StepSpec): the conv/gate kernel (kernels/conv_gate.py: the causal conv1d update with SiLU over the
+# q/k/v channels and the b/a projection GEMV, into a workspace) and then the K-last decode kernel of a
+# KernelSpec on views of that workspace. The conv/gate kernel has its own spec and argument list.
 
 CONV_WIDTHS = (2, 3, 4)
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import api
 from ..device import DeviceFacts
-from ..spec import KernelArgs, KernelSpec
+from ..spec import KernelArgs, KernelSpec, StepSpec
 from ..validation import Problem
 from . import engine_rows
 from .engine_rows import ENGINE_VERSIONS, FLA_FUNCTION, PACKED_BASELINE_NOTE, VARLEN_VERSIONS
@@ -136,7 +136,7 @@ def decode_twin(row: Row) -> Row:
 
 
 def row_specs(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> tuple:
-    """Every compiled variant (KernelSpec, or ConvGateSpec) flashgdn's call of `row` launches, in
+    """Every compiled variant (KernelSpec, or the fused step's StepSpec) flashgdn's call of `row` launches, in
     launch order, on `arch` with `sm_count` SMs (device_class None: the arch's reference tuning
     table). tests/test_bench_cli.py checks them against the API's own lookups."""
     if row.version in ENGINE_VERSIONS:
@@ -145,8 +145,9 @@ def row_specs(row: Row, arch: str, sm_count: int, device_class: Optional[str] = 
 
 
 def row_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str] = None) -> KernelSpec:
-    """The decode kernel's KernelSpec (compile-cache key) among row_specs: the last launch."""
-    return row_specs(row, arch, sm_count, device_class)[-1]
+    """The decode kernel's KernelSpec among row_specs: the last launch (a fused step's decode)."""
+    last = row_specs(row, arch, sm_count, device_class)[-1]
+    return last.decode if isinstance(last, StepSpec) else last
 
 
 def _decode_spec(row: Row, arch: str, sm_count: int, device_class: Optional[str]) -> KernelSpec:
