@@ -150,9 +150,10 @@ def _fake_run():
         name = next(names)
         return name, lambda: name
 
-    def measure(call, gpu=True):
+    def measure(call, gpu=True, baseline=None):
         us, gpu = times[call()]
-        return {"host_median_us": us, "host_min_us": us - 1, "gpu_us": gpu, "gpu_bound": gpu >= us}
+        paired = {} if baseline is None else {"baseline_us": times[baseline()][0], "ratio": us / times[baseline()][0]}
+        return {"host_median_us": us, "host_min_us": us - 1, "gpu_us": gpu, "gpu_bound": gpu >= us, **paired}
 
     return host.run_cases(case_list, bind, measure, iters=100, repeats=7)
 
@@ -170,25 +171,60 @@ def test_run_cases_ratios_and_target():
     assert list(fast) == list(host.HOST_FIELDS)
 
 
-def test_run_cases_time_the_baseline_before_each_row():
-    """The host's speed drifts within a process: each row's ratio is to x.add_(1) timed right before it."""
+def test_run_cases_time_the_baseline_in_turns_with_each_row():
+    """The host's speed drifts within a process: each row is measured with x.add_(1) in turns."""
     row = Row("pretranspose", 1, 1, 16, 32, 128, 128, "bf16", "fp32", pool=True)
     case_list = [host.Case("torch"), host.Case("flashgdn", row), host.Case("flashgdn", row, output_given=False)]
-    baseline = iter([8.0, 8.0, 16.0])  # the baseline row, then before each flashgdn row
     bound = iter(["x.add_(1)", "a", "b"])
     measured = []
 
-    def measure(call, gpu=True):
-        measured.append((call(), gpu))
-        us = next(baseline) if call() == "x.add_(1)" else 20.0
-        return {"host_median_us": us, "host_min_us": us, "gpu_us": None, "gpu_bound": False}
+    def measure(call, gpu=True, baseline=None):
+        measured.append((call(), None if baseline is None else baseline()))
+        return {"host_median_us": 8.0, "host_min_us": 8.0, "gpu_us": None, "gpu_bound": False,
+                **({} if baseline is None else {"baseline_us": 4.0, "ratio": 1.75})}
 
     base, a, b = host.run_cases(case_list, lambda case: (name := next(bound), lambda: name), measure, 100, 7)
-    # the re-timed baseline's host time only
-    assert measured == [("x.add_(1)", True), ("x.add_(1)", False), ("a", True), ("x.add_(1)", False), ("b", True)]
+    assert measured == [("x.add_(1)", None), ("a", "x.add_(1)"), ("b", "x.add_(1)")]
     assert base["ratio"] == 1.0 and base["baseline_us"] is None
-    assert a["baseline_us"] == 8.0 and a["ratio"] == pytest.approx(2.5)
-    assert b["baseline_us"] == 16.0 and b["ratio"] == pytest.approx(1.25) and b["meets_target"] is True
+    assert a["baseline_us"] == 4.0 and a["ratio"] == 1.75 and b["meets_target"] is False
+
+
+def test_measure_in_turns_pairs_each_run_with_a_baseline_run():
+    """measure with a baseline: one baseline run before each of the call's runs; the ratio is the
+    median of the pairs' ratios, so a host that slows down between pairs moves both sides."""
+    t = _FakeTime(0.0)
+    speeds = iter([1.0, 2.0, 4.0] * 10)  # the host slows down from one pair to the next
+
+    def slowing(us):
+        def call():
+            t.now += us * slowing.factor * 1e-6
+            t.log.append(us)
+        return call
+
+    def sync():
+        t.log.append("sync")
+
+    slowing.factor = 1.0
+    row, base = slowing(10.0), slowing(5.0)
+
+    def clock():
+        return t.now
+
+    runs = []
+    orig = host.host_times
+
+    def pair_times(call, iters, repeats, sync, clock):
+        if call is base:
+            slowing.factor = next(speeds)
+        runs.append("base" if call is base else "row")
+        return orig(call, iters, repeats, sync, clock)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host, "host_times", pair_times)
+        m = host.measure(row, iters=2, repeats=3, warmup=1, sync=sync, clock=clock, baseline=base)
+    assert runs == ["base", "row"] * 3
+    assert m["ratio"] == pytest.approx(2.0) and m["baseline_us"] == pytest.approx(10.0)
+    assert m["host_median_us"] == pytest.approx(20.0) and m["host_min_us"] == pytest.approx(10.0)
 
 
 def test_host_table_and_title():
@@ -300,8 +336,8 @@ def test_run_cases_on_the_cpu_reports_each_failure():
     """The baseline runs on the CPU; flashgdn refuses CPU tensors, and every row says so."""
     a = _args("--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2")
     case_list = host.cases(a, flashinfer=False)[:4]
-    def measure(call, gpu=True):  # no GPU time on the CPU
-        return host.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None)
+    def measure(call, gpu=True, baseline=None):  # no GPU time on the CPU
+        return host.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None, baseline=baseline)
 
     records = host.run_cases(case_list, lambda c: host.bind(c, _MODULES, "cpu", 0), measure, 3, 2)
     assert records[0]["host_median_us"] > 0 and records[0]["ratio"] == 1.0 and not records[0]["error"]

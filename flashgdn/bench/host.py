@@ -3,9 +3,11 @@
 Host time per call: the wall time to enqueue `--iters` calls with one call signature, divided by
 `--iters`, after warm-up calls that compile the kernel and fill the signature memo; the GPU is
 synchronised only before and after the timed calls. A row reports the median and the min of
-HOST_REPEATS such runs and the ratio of its median to the median of `x.add_(1)` on a one-element
-CUDA tensor, timed the same way right before the row (baseline_us), against TARGET_RATIO. The
-target is informational: it never sets the exit status.
+HOST_REPEATS such runs and its ratio to `x.add_(1)` on a one-element CUDA tensor, timed the same way
+in turns with the row's runs (one run of each per repeat; baseline_us, their median): the ratio is
+the median of the repeats' row / baseline ratios, so a drift of the host's speed within the process
+moves both sides of a pair. Against TARGET_RATIO; the target is informational: it never sets the
+exit status.
 
 GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
 back without waiting for the host, between CUDA events. Events around the host-timed calls
@@ -104,16 +106,28 @@ def host_times(call: Callable[[], Any], iters: int, repeats: int, sync: Callable
 
 def measure(call: Callable[[], Any], iters: int, repeats: int, warmup: int, sync: Callable[[], None],
             gpu_time: Optional[Callable[[Callable[[], Any], float], Optional[float]]] = None,
-            clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
+            clock: Callable[[], float] = time.perf_counter,
+            baseline: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     """Warm-up calls (at least one: it compiles and fills the memo), then host_times; with
-    `gpu_time(call, host_us)`, the GPU time per call and whether it reaches the host time."""
+    `gpu_time(call, host_us)`, the GPU time per call and whether it reaches the host time. With
+    `baseline`, a run of it before each run of `call` (module docstring): baseline_us, the median of
+    its runs, and ratio, the median of the pairs' ratios."""
     for _ in range(max(warmup, 1)):
         call()
-    runs = host_times(call, iters, repeats, sync, clock)
+    if baseline is None:
+        runs, base_runs = host_times(call, iters, repeats, sync, clock), []
+    else:
+        pairs = [(host_times(baseline, iters, 1, sync, clock)[0], host_times(call, iters, 1, sync, clock)[0])
+                 for _ in range(repeats)]
+        base_runs, runs = [b for b, _ in pairs], [r for _, r in pairs]
     host = statistics.median(runs)
     gpu = gpu_time(call, host) if gpu_time is not None else None
-    return {"host_median_us": host, "host_min_us": min(runs), "gpu_us": gpu,
-            "gpu_bound": gpu is not None and gpu >= host}
+    measured = {"host_median_us": host, "host_min_us": min(runs), "gpu_us": gpu,
+                "gpu_bound": gpu is not None and gpu >= host}
+    if base_runs:
+        measured.update(baseline_us=statistics.median(base_runs),
+                        ratio=statistics.median(r / b for b, r in pairs))
+    return measured
 
 
 class GpuTimer:
@@ -298,10 +312,10 @@ def new_record(case: Case, function: str, iters: int, repeats: int) -> Dict[str,
 def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, Callable[[], Any]]],
               measure_call: Callable[..., Dict[str, Any]], iters: int, repeats: int) -> List[dict]:
     """One record per case (a failing case gets its error, the others run), with ratios. The
-    baseline (the "torch" case) is timed again right before each other row (baseline_us; its host
-    time only: measure_call(call, gpu=False)), and a row's ratio is to that time: this host's speed
-    drifts within a process (up to 1.43x between two measurements of the same call), and a ratio to
-    one early measurement would carry it."""
+    baseline (the "torch" case) is timed again in turns with each other row's runs
+    (measure_call(call, baseline=...): measure), and a row's ratio is to those runs: this host's
+    speed drifts within a process (up to 1.5x between two measurements of the same call), and a
+    ratio to one early measurement would carry it."""
     records = []
     baseline = None
     for i, case in enumerate(case_list, 1):
@@ -311,12 +325,11 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
             function, call = bind_case(case)
             rec = new_record(case, function, iters, repeats)
             progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
+            paired = {} if case.row is None or baseline is None else {"baseline": baseline}
             if case.row is None:
                 baseline = call
-            elif baseline is not None:
-                rec["baseline_us"] = measure_call(baseline, gpu=False)["host_median_us"]
             with counting_full_ways() as full_ways:
-                rec.update(measure_call(call))
+                rec.update(measure_call(call, **paired))
             if case.impl == "flashgdn":
                 rec["full_way_calls"] = full_ways[0]
         except Exception as exc:
@@ -346,13 +359,14 @@ def counting_full_ways():
 
 
 def add_ratios(records: List[dict]) -> None:
-    """ratio: the median host time over the baseline's (the record's baseline_us, timed right
-    before it, else the first "torch" record's); meets_target: ratio <= TARGET_RATIO (None for the
-    baseline and for rows without a time)."""
+    """ratio, where measure has not set it (the median of the pairs' ratios, timed in turns): the
+    median host time over the first "torch" record's; meets_target: ratio <= TARGET_RATIO (None for
+    the baseline and for rows without a time)."""
     first = next((r["host_median_us"] for r in records if r["impl"] == "torch"), None)
     for r in records:
-        us, base = r.get("host_median_us"), r.get("baseline_us") or first
-        r["ratio"] = us / base if us is not None and base else None
+        us = r.get("host_median_us")
+        if r.get("ratio") is None:
+            r["ratio"] = us / first if us is not None and first else None
         r["meets_target"] = None if r["ratio"] is None or r["impl"] == "torch" else r["ratio"] <= TARGET_RATIO
 
 
@@ -494,7 +508,7 @@ def title(records: Sequence[dict], iters: int, repeats: int) -> str:
     shaped = [r for r in records if r["H"] is not None]
     shape = sweep_title(shaped) if shaped else ""
     return (f"host time per call: median (min) of {repeats} runs of {iters} calls with one signature; GPU µs: "
-            f"the calls back to back on the GPU; target: <= {TARGET_RATIO}x {BASELINE} timed right before each row\n"
+            f"the calls back to back on the GPU; target: <= {TARGET_RATIO}x {BASELINE} timed in turns with each row\n"
             f"{shape}")
 
 
@@ -512,7 +526,7 @@ def _flashinfer() -> Tuple[Optional[Any], str]:
 def profile(args, device, measure_call: Callable[..., Dict[str, Any]]) -> List[dict]:
     """--profile: the steps of one flashgdn pretranspose call and one MTP call (T = MTP_TOKENS), each
     with a pool and the output allocated, at the first --batch-size and --state-dtype
-    (profile_parts, profile_records), each beside x.add_(1) timed right before it (run_cases)."""
+    (profile_parts, profile_records), beside x.add_(1) timed right before the breakdown."""
     records = []
     baseline = baseline_call(device)
     for version, T in (("pretranspose", 1), ("mtp", MTP_TOKENS)):
@@ -567,8 +581,8 @@ def python_only(args) -> int:
     facts = DeviceFacts("sm_90a", 132, policy.device_class("sm_90a", 132, 141))
     device = torch.device("cpu")
 
-    def measure_call(call, gpu=False):  # no GPU time on the CPU
-        return measure(call, args.iters, HOST_REPEATS, args.warmup, lambda: None)
+    def measure_call(call, gpu=False, baseline=None):  # no GPU time on the CPU
+        return measure(call, args.iters, HOST_REPEATS, args.warmup, lambda: None, baseline=baseline)
 
     with stubbed_launches(facts):
         records = run_cases(cases(args, flashinfer=False), lambda c: bind(c, {"flashgdn": api}, device, args.seed),
@@ -602,8 +616,9 @@ def run(args) -> int:
     sync = functools.partial(torch.cuda.synchronize, device)
     gpu_timer = GpuTimer()
 
-    def measure_call(call, gpu=True):
-        return measure(call, args.iters, HOST_REPEATS, args.warmup, sync, gpu_timer if gpu else None)
+    def measure_call(call, gpu=True, baseline=None):
+        return measure(call, args.iters, HOST_REPEATS, args.warmup, sync, gpu_timer if gpu else None,
+                       baseline=baseline)
 
     records = run_cases(cases(args, flashinfer is not None), lambda c: bind(c, modules, device, args.seed),
                         measure_call, args.iters, HOST_REPEATS)
