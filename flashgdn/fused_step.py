@@ -259,11 +259,11 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
                               ssm_state, out, scale, use_qk_l2norm)
     if fast is not None:
-        device, p, gemm, parts = fast.extra
+        device, p, gemm_guard, parts = fast.extra
         try:
-            if gemm is None or gemm == _gemm_facts(hidden_states, w_ba):
+            if gemm_guard is None or gemm_guard == _gemm_facts(hidden_states, w_ba):
                 o = _output(out, p, device)
-                _launches(fast.fn, gemm is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states,
+                _launches(fast.fn, gemm_guard is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states,
                           w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias,
                           ssm_state, o)
                 return o
@@ -285,8 +285,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
                 ssm_state, state_indices, use_qk_l2norm, o)
         if key is not None and plan.fn is not None:  # not when the launch is stubbed
-            gemm = _gemm_facts(hidden_states, w_ba) if plan.gemm else None  # the gemm regime's entry: _fused_step
-            fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm, plan.parts)))
+            # the gemm regime's guard (_fused_step), None in the other regimes
+            gemm_guard = _gemm_facts(hidden_states, w_ba) if plan.gemm else None
+            fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm_guard, plan.parts)))
     return o
 
 

@@ -145,9 +145,10 @@ SM90_HBM3 = DeviceTable(
     conv_gate_split_heads_per_sm=3,
     conv_gate_split_min_bytes=256 << 10,
     conv_gate_split_state_dtypes=("bfloat16",),
-    # The gemm regime from 20 heads per SM, as the H200 table: at Qwen3.5 TP1 (a 960 KiB w_ba) B = 64 and
-    # 256 1.11-1.30x over the large regime, which ran 0.77-0.87x the composed path there; at 3072 heads
-    # and more of the other shapes 1.01-1.03x; at 2048 heads level (RESULTS.md "Fused step: conv/gate CTAs").
+    # The gemm regime from 20 heads per SM (the H200 table's too): on the H100 at Qwen3.5 TP1 (a 960 KiB
+    # w_ba) B = 64 and 256 1.11-1.30x over the large regime, which ran 0.77-0.87x the composed path
+    # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
+    # 1.02-1.18x from 3072 heads, 0.94-1.01x at 2048 (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_gemm_heads_per_sm=20,
 )
 
@@ -163,7 +164,6 @@ SM90_HBM3E = dataclasses.replace(
     prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
-    conv_gate_gemm_heads_per_sm=20,
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
     # state at the TP1 shapes (w_ba 256 and 960 KiB); 0.93-1.07x for an fp32 state there and
     # 0.80-0.95x at the TP4 shapes (w_ba 64 and 240 KiB, B = 64), which stay in the small regime.
