@@ -55,6 +55,9 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
     # vLLM's slot rule: the read slots come from the token slots (flashgdn.recurrent)
     vllm_slots = args.state_indices is None and args.token_state_indices is not None
     index = args.token_state_indices if vllm_slots else args.state_indices
+    form = row_form(args)
+    # vLLM's tensors as it passes them, on batch rows: 2-D gates, one-token slots [B]
+    vllm_rows = form == "batch" and vllm_slots
     return KernelSpec(
         layout=layout, H=p.H, HV=p.HV, K=p.K, V=p.V, T=p.T, io_dtype=name(args.q.dtype),
         state_dtype=name(args.state.dtype), gate_dtype=name(args.a.dtype),
@@ -72,7 +75,8 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
         beta_dtype=None if args.b.dtype == args.a.dtype else name(args.b.dtype), vllm_slots=vllm_slots,
         accepted_dtype="int32" if args.accepted_tokens is None else name(args.accepted_tokens.dtype),
         varlen=None if args.cu_seqlens is None else name(args.cu_seqlens.dtype),
-        replay_cache=args.replay_v is not None, row_form=row_form(args),
+        replay_cache=args.replay_v is not None, row_form=form,
+        gate_rows=vllm_rows and args.a.dim() == 2, slot_column=vllm_rows and args.token_state_indices.dim() == 1,
         intermediate_rows=None if args.intermediate_indices is None else name(args.intermediate_indices.dtype),
         tree_parents=None if args.parent_tokens is None else name(args.parent_tokens.dtype),
         gate_parts=args.a.shape[0] if args.a.dim() == 4 else 0,  # the fused step's split projection
@@ -81,10 +85,11 @@ def kernel_spec(layout: str, p: val.Problem, args: KernelArgs, options: CallOpti
 
 def row_form(args: KernelArgs) -> str:
     """KernelSpec.row_form of a call's tensors: "packed" (no k: q holds the packed rows), "flat" (2-D
-    gates beside [1, B, ...] q/k/v), else "batch"."""
+    gates beside [1, B, ...] q/k/v, SGLang's state indices), else "batch" (vLLM's 2-D gates with its
+    token slots included: KernelSpec.gate_rows)."""
     if args.k is None:
         return "packed"
-    return "flat" if args.a.dim() == 2 else "batch"
+    return "flat" if args.a.dim() == 2 and args.state_indices is not None else "batch"
 
 
 def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.Tensor:

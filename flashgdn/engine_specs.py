@@ -71,11 +71,11 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
     elif entry in ("recurrent", "sigmoid-vllm"):
         # As vLLM calls them: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)
         # with slots [B], its verify (T > 1) with slots [B, T] and accepted counts; precomputed gates
-        # (g fp32, beta in io) or raw ones (a and b in `gate`, A_log, dt_bias)
+        # (g fp32, beta in io) or raw ones (a and b [tokens, HV] in `gate`, A_log, dt_bias)
         lead = (1, B * T)
         q, v = meta(io, *lead, H, K), meta(io, *lead, HV, V)
         gates = ((meta(torch.float32, *lead, HV), meta(io, *lead, HV), None, None) if entry == "recurrent"
-                 else (meta(gate, *lead, HV), meta(gate, *lead, HV), A_log, dt))
+                 else (meta(gate, B * T, HV), meta(gate, B * T, HV), A_log, dt))
         args = recurrent.kernel_args(q, q, v, *gates, pool, meta(index, B + 1),
                                      meta(index, B, T) if T > 1 else meta(index, B),
                                      meta(index, B) if T > 1 else None, meta(io, *lead, HV, V))

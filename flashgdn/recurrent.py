@@ -41,32 +41,32 @@ SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 PRECOMPUTED = (None, None, 1.0, 20.0)
 
 
-def slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> tuple:
-    """How slot_table takes a call's slots and accepted counts: (N sequences, whether the slots are
-    [N] (one token: viewed [N, 1]), whether the slots and the counts have rows past N (vLLM passes
-    them padded to its CUDA-graph batch; those rows are not read)). A function of the shapes that
-    the fast key holds (_recurrent_key): the entry keeps it."""
+def slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> Optional[tuple]:
+    """How slot_table takes a call's slots and accepted counts: None where both go as they are, else
+    (N sequences, whether the slots, whether the counts have rows past N: vLLM passes them padded
+    to its CUDA-graph batch; those rows are not read). A function of the shapes that the fast key
+    holds (_recurrent_key): the entry keeps it."""
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (N, ssm_state_indices.dim() == 1, ssm_state_indices.shape[0] != N,
-            num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N)
+    cut = (ssm_state_indices.shape[0] != N, num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N)
+    return (N, *cut) if any(cut) else None
 
 
 def slot_table(ssm_state_indices, num_accepted_tokens, plan) -> tuple:
-    """(token slots [N, T], accepted counts [N] or None) as the compiled function takes them
-    (slot_plan: cut to the N sequences, [N] as [N, 1])."""
-    N, one_token, cut_slots, cut_accepted = plan
-    slots = ssm_state_indices[:N] if cut_slots else ssm_state_indices
-    if one_token:
-        slots = slots.unsqueeze(1)
-    return slots, num_accepted_tokens[:N] if cut_accepted else num_accepted_tokens
+    """(token slots [N, T] or [N] (one token: KernelSpec.slot_column), accepted counts [N] or None)
+    as the compiled function takes them (slot_plan: cut to the N sequences)."""
+    if plan is None:
+        return ssm_state_indices, num_accepted_tokens
+    N, cut_slots, cut_accepted = plan
+    return (ssm_state_indices[:N] if cut_slots else ssm_state_indices,
+            num_accepted_tokens[:N] if cut_accepted else num_accepted_tokens)
 
 
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
-                o, plan=None) -> KernelArgs:
-    """The compiled function's arguments of a call (the slots and counts: slot_table, on `plan` or
-    the call's slot_plan). Precomputed gates (A_log None): a is g and b is beta
-    (KernelSpec.precomputed_gates)."""
-    plan = plan or slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
+                o) -> KernelArgs:
+    """The compiled function's arguments of a call (the slots and counts: slot_table on the call's
+    slot_plan). Precomputed gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates);
+    raw gates go as they are, [B, T, HV] or vLLM's [rows, HV] (KernelSpec.gate_rows)."""
+    plan = slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
     slots, accepted = slot_table(ssm_state_indices, num_accepted_tokens, plan)
     return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens)
 
@@ -88,7 +88,8 @@ def _check_refused(name: str, initial_state, inplace_final_state, ssm_state_indi
 def _check_gates(q, a, b, A_log, dt_bias, HV: int) -> dict:
     """The gates of a call, [B, T, HV] each, q's first two dims (B, T); returns them by name.
     Precomputed (A_log None): g and beta, fp32, bf16 or fp16 each. Raw: a (q's dtype or fp32) and b
-    (a's dtype) with A_log [HV] fp32 and dt_bias [HV] fp32 or bf16."""
+    (a's dtype) with A_log [HV] fp32 and dt_bias [HV] fp32 or bf16; a and b may also be [rows, HV]
+    as vLLM passes them (rows >= B·T, the tokens' gates in their first B·T rows: KernelSpec.gate_rows)."""
     lead = (q.shape[0], q.shape[1], HV)
     if A_log is None:
         gates = dict(g=a, beta=b)
@@ -96,8 +97,15 @@ def _check_gates(q, a, b, A_log, dt_bias, HV: int) -> dict:
             val.check_tensor(name, t, GATE_DTYPES, lead)
     else:
         gates = dict(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
-        val.check_tensor("a", a, (q.dtype, torch.float32), lead)
-        val.check_tensor("b", b, (a.dtype,), lead)
+        if isinstance(a, torch.Tensor) and a.dim() == 2:
+            val.check_tensor("a", a, (q.dtype, torch.float32), (None, HV))
+            if a.shape[0] < lead[0] * lead[1]:
+                raise ValueError(f"a as [rows, HV] must have a row per token, at least {lead[0] * lead[1]} "
+                                 f"(q.shape[0] * q.shape[1]), got {list(a.shape)}")
+            val.check_tensor("b", b, (a.dtype,), tuple(a.shape))
+        else:
+            val.check_tensor("a", a, (q.dtype, torch.float32), lead)
+            val.check_tensor("b", b, (a.dtype,), lead)
         val.check_tensor("A_log", A_log, (torch.float32,), (HV,))
         val.check_tensor("dt_bias", dt_bias, val.DT_BIAS_DTYPES, (HV,))
     for name, t in gates.items():
@@ -231,26 +239,6 @@ def fused_recurrent_gated_delta_rule(
     return o, initial_state
 
 
-def _token_gates(q, a, b) -> tuple:
-    """vLLM's gates a and b [rows, HV] (views of its projection) as [B, T, HV], q's first two dims:
-    their first B * T rows, as vLLM's kernel reads them (its GDN layer passes its whole batch's gates
-    beside the speculative tokens' q, k, v); views. Anything else as it is (the checks name what is
-    wrong)."""
-    if not (isinstance(q, torch.Tensor) and q.dim() == 4):
-        return a, b
-    B, T, _, _ = q.shape
-    return _token_view(a, B, T), _token_view(b, B, T)
-
-
-def _token_view(t, B: int, T: int):
-    """_token_gates of one gate."""
-    if isinstance(t, torch.Tensor) and t.dim() == 2:
-        rows, HV = t.shape
-        if rows >= B * T:  # splitting dim 0 is a view at any strides
-            return (t if rows == B * T else t[:B * T]).view(B, T, HV)
-    return t
-
-
 @logged
 def fused_sigmoid_gating_delta_rule_update_vllm(
     A_log: torch.Tensor,
@@ -293,7 +281,6 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     if not (isinstance(A_log, torch.Tensor) and isinstance(dt_bias, torch.Tensor)):  # None: precomputed gates
         name, t = ("dt_bias", dt_bias) if isinstance(A_log, torch.Tensor) else ("A_log", A_log)
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    a, b = _token_gates(q, a, b)
     o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
     if api._is_compiling():
         torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update_vllm(
@@ -305,15 +292,17 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     return o, initial_state
 
 
-def _recurrent_key(q, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, A_log, softplus_beta,
+def _recurrent_key(q, a, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, A_log, softplus_beta,
                    softplus_threshold, scale, use_qk_l2norm_in_kernel, o) -> tuple:
     """The fast key of both ops (flashgdn.fastpath): what the compiled function does not check. q's
-    shape (the sequences without cu_seqlens; a call without tokens launches nothing), cu_seqlens'
-    length and the shapes of the slots and the accepted counts (the sequences, the slot columns and
+    shape (the sequences without cu_seqlens; a call without tokens launches nothing), a's rows (vLLM's
+    [rows, HV] gates must cover q's tokens: their rows are a symbol of their own), cu_seqlens' length
+    and the shapes of the slots and the accepted counts (the sequences, the slot columns and
     slot_plan, which the entry keeps); the written pool's and o's layout; the None pattern, the
     options. The layouts of q, k, v, the gates, the slots and the counts are the compiled function's
-    to check: k, v, the gates and the output share q's symbolic dims, the slot columns are static."""
-    return (_recurrent, q.shape, q.get_device(), initial_state.shape, initial_state.stride(), o.stride(),
+    to check: k, v, the gates and the output share q's symbolic dims (or b a's rows), the slot
+    columns are static."""
+    return (_recurrent, q.shape, a.shape[0], q.get_device(), initial_state.shape, initial_state.stride(), o.stride(),
             cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
             num_accepted_tokens is None or num_accepted_tokens.shape, A_log is None, type(softplus_beta),
             softplus_beta, type(softplus_threshold), softplus_threshold, type(scale), scale, use_qk_l2norm_in_kernel)
@@ -327,14 +316,15 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
     slot_plan says. q, k and v go as they are: a size-1 dim's stride is never stepped, and neither
     flashgdn's checks nor the compiled function's check it (vLLM's [1, tokens, ...] views of its
     projection carry an unpacked one)."""
-    key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, initial_state, cu_seqlens, ssm_state_indices,
+    key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, a, initial_state, cu_seqlens, ssm_state_indices,
                               num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
                               use_qk_l2norm_in_kernel, o)
     if fast is not None:
         try:  # KernelArgs' order
-            slots, accepted = slot_table(ssm_state_indices, num_accepted_tokens, fast.extra)
-            fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens,
-                    *AFTER_CU_SEQLENS)
+            if fast.extra is not None:  # vLLM's padded slot table
+                ssm_state_indices, num_accepted_tokens = slot_table(ssm_state_indices, num_accepted_tokens, fast.extra)
+            fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o,
+                    ssm_state_indices, cu_seqlens, *AFTER_CU_SEQLENS)
             return
         except fastpath.REFUSED:
             pass
@@ -346,9 +336,8 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
         return
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
-    slots = slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
     args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
-                       num_accepted_tokens, o, slots)
+                       num_accepted_tokens, o)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
                                                      softplus_threshold))
-    api._remember_fast(key, plan, extra=slots)
+    api._remember_fast(key, plan, extra=slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens))

@@ -57,7 +57,8 @@ class KernelArgs(NamedTuple):
     replay_v [P, HV, T, V] and replay_k [P, H, T, K] (bf16, k before its norm), replay_g (log
     decay) and replay_beta [P, HV, T] (fp32). KernelSpec.row_form "packed": q holds mixed_qkv
     [B, 2*H*K + HV*V], k and v are None, a and b [B, HV], token_state_indices [B]; "flat": q, k, v and
-    output [1, B, ...], a and b [B, HV]."""
+    output [1, B, ...], a and b [B, HV]. KernelSpec.gate_rows: a and b [rows >= B·T, HV];
+    KernelSpec.slot_column: token_state_indices [B]."""
 
     q: Any
     k: Any
@@ -188,6 +189,14 @@ class KernelSpec:
     # output are [1, B, ...] (B one-token sequences in dim 1), a and b [B, HV]. Both take slot
     # indices of any stride (a column of a block table).
     row_form: str = "batch"
+    # vLLM's raw-gate op (flashgdn.recurrent) on row_form "batch": a and b arrive as vLLM passes them,
+    # [rows, HV] views of its projection (any row stride), whose first B·T rows are the tokens' gates
+    # in order (rows >= B·T, which the caller's checks and fast key hold); the launch views them as
+    # [B, T, HV] on q's first two dims.
+    gate_rows: bool = False
+    # vLLM's one-token slots on row_form "batch": token_state_indices arrives as [B] (any stride), not
+    # [B, 1]; the launch views it.
+    slot_column: bool = False
     # SGLang's target verify: the dtype of KernelArgs.intermediate_indices, the intermediate
     # buffer's row of each batch row (None: row b writes buffer row b).
     intermediate_rows: Optional[str] = None
@@ -231,6 +240,9 @@ class KernelSpec:
             (self.row_form in ROW_FORMS, f"row_form must be one of {ROW_FORMS}"),
             (self.row_form == "batch" or (self.layout == "klast" and not self.multi_token and self.varlen is None),
              "packed and flat rows are for the K-last T = 1 decode"),
+            (not (self.gate_rows or self.slot_column) or (self.row_form == "batch" and self.vllm_slots),
+             "gate rows and a slot column are vLLM's tensors on batch rows"),
+            (not self.slot_column or self.T == 1, "a slot column is one token's slots (T = 1)"),
             (self.intermediate_rows in (None,) + INDEX_DTYPES,
              f"intermediate_rows must be None or one of {INDEX_DTYPES}"),
             (self.intermediate_rows is None or self.has_intermediate, "intermediate rows need intermediates"),
@@ -282,7 +294,8 @@ class KernelSpec:
             (self.vllm_slots, "vllm"), (self.varlen is not None, "varlen"), (self.replay_cache, "replay"),
             (self.pdl_wait, "pdl"), (self.row_form != "batch", self.row_form),
             (self.intermediate_rows is not None, "interrows"), (self.tree_parents is not None, "tree"),
-            (self.gate_parts > 0, f"parts{self.gate_parts}"),
+            (self.gate_parts > 0, f"parts{self.gate_parts}"), (self.gate_rows, "gaterows"),
+            (self.slot_column, "slotcol"),
         )
         return "/".join(parts + [name for on, name in flags if on])
 

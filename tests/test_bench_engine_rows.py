@@ -478,7 +478,7 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     rc = cli.main(small + ["--api", "sigmoid_vllm", "--seq-len", "1", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]
-    assert rec["kernel"].endswith("sm_90a/pool/tokslots/vllm/varlen") and not rec.get("error")
+    assert rec["kernel"].endswith("sm_90a/pool/tokslots/vllm/varlen/gaterows/slotcol") and not rec.get("error")
     rc = cli.main(small + ["--api", "sglang", "--seq-len", "3", "--arch", "sm_100a", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]

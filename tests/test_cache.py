@@ -258,6 +258,11 @@ def test_short_name():
     (dict(arch="sm_80"), "arch must be one of"),
     (dict(regime="medium"), "regime must be one of"),
     (dict(has_out_indices=True), "out indices need a pool"),
+    (dict(gate_rows=True), "gate rows and a slot column are vLLM's tensors on batch rows"),
+    (dict(index_dtype="int32", has_token_slots=True, vllm_slots=True, row_form="packed", slot_column=True),
+     "gate rows and a slot column are vLLM's tensors on batch rows"),
+    (dict(T=2, index_dtype="int32", has_token_slots=True, vllm_slots=True, slot_column=True),
+     r"a slot column is one token's slots \(T = 1\)"),
 ], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
 def test_kernel_spec_rejects(change, what):
     with pytest.raises(ValueError, match=r"invalid KernelSpec: " + what):

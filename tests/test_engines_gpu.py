@@ -431,12 +431,13 @@ def check_vllm_recurrent(case, raw_gates: bool):
     flat_before, idx_before, cu_before = flat.clone(), idx.clone(), None if cu is None else cu.clone()
     pool64 = pool.double()
 
-    if raw_gates:  # b | a of one projection row per token, as vLLM's GDN layer splits it
+    if raw_gates:  # b | a of one projection row per token, as vLLM's GDN layer splits it, with rows past
+        # the tokens (its whole batch's gates beside the speculative tokens; not read)
         tokens = q.shape[0] * q.shape[1]
-        ba = _randn(gen, tokens, 2 * HV + 8, dtype=c["gdt"])
+        ba = _randn(gen, tokens + 3, 2 * HV + 8, dtype=c["gdt"])
         b, a = ba[:, :HV], ba[:, HV:2 * HV]
         A_log, dt_bias = torch.rand(HV, generator=gen).to(DEV), _randn(gen, HV, dtype=F32)
-        g, beta = ref.log_gates(A_log, a, dt_bias, b, 1.5, 15.0, dtype=torch.float64)
+        g, beta = ref.log_gates(A_log, a[:tokens], dt_bias, b[:tokens], 1.5, 15.0, dtype=torch.float64)
         g, beta = g.view(*q.shape[:2], HV), beta.view(*q.shape[:2], HV)
     expected = ref.fused_recurrent_gated_delta_rule_vllm(q, k, v, g, beta, c["scale"], pool64, cu, idx, acc_dev,
                                                          c["l2"], compute_dtype=torch.float64)
@@ -487,15 +488,17 @@ def _composition(total, N, T, gen):
     return lengths
 
 
+@pytest.mark.parametrize("raw_gates", [False, True], ids=["recurrent", "sigmoid"])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
-def test_vllm_recurrent_cuda_graph_replay_equals_eager(sdt):
-    """New tokens, sequence lengths, slots and accepted counts per replay, as a spec-decode step."""
+def test_vllm_recurrent_cuda_graph_replay_equals_eager(sdt, raw_gates):
+    """New tokens, sequence lengths, slots and accepted counts per replay, as a spec-decode step; the
+    sigmoid-gating op on the same buffers (g and beta standing in for a and b [tokens, HV])."""
     N, T, H, HV, K, V = 6, 4, 2, 8, 128, 128
     total, P = 12, N * T + 5
     width = 2 * H * K + HV * V
     mixed_buf = torch.zeros(total, width + 24, dtype=BF16, device=DEV)
     g_buf = torch.zeros(total, HV, dtype=F32, device=DEV)
-    beta_buf = torch.zeros(total, HV, dtype=BF16, device=DEV)
+    beta_buf = torch.zeros(total, HV, dtype=F32 if raw_gates else BF16, device=DEV)  # raw gates: b of a's dtype
     cu = torch.zeros(N + 1, dtype=torch.int32, device=DEV)
     idx = torch.zeros(N, T, dtype=torch.int32, device=DEV)
     acc = torch.ones(N, dtype=torch.int32, device=DEV)
@@ -510,7 +513,7 @@ def test_vllm_recurrent_cuda_graph_replay_equals_eager(sdt):
         a = torch.randint(1, T + 1, (N,), generator=gen)
         return [_randn(gen, total, width + 24),
                 torch.nn.functional.logsigmoid(_randn(gen, total, HV, dtype=F32) + 3),
-                torch.sigmoid(_randn(gen, total, HV, dtype=F32)).to(BF16),
+                torch.sigmoid(_randn(gen, total, HV, dtype=F32)).to(beta_buf.dtype),
                 torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEV),
                 vllm_slot_table(N, T, P, a, gen).to(torch.int32).to(DEV), a.to(torch.int32).to(DEV)]
 
@@ -519,7 +522,14 @@ def test_vllm_recurrent_cuda_graph_replay_equals_eager(sdt):
         s.copy_(f)
     pool, _ = padded_pool(P, HV, V, K, sdt, 16, 7)
 
+    A_log, dt_bias = torch.rand(HV, generator=_gen(9)).to(DEV), _randn(_gen(10), HV, dtype=F32)
+
     def call(t):
+        if raw_gates:
+            o, _ = engines.fused_sigmoid_gating_delta_rule_update_vllm(
+                A_log, g_buf, beta_buf, dt_bias, q, k, v, initial_state=t["pool"], cu_seqlens=cu,
+                ssm_state_indices=idx, num_accepted_tokens=acc, use_qk_l2norm_in_kernel=True)
+            return o
         o, _ = engines.fused_recurrent_gated_delta_rule(q, k, v, g_buf.unsqueeze(0), beta_buf.unsqueeze(0), None,
                                                         t["pool"], True, cu, idx, acc, True)
         return o

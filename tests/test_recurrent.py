@@ -143,8 +143,9 @@ def test_dense_tokens_must_match_the_slot_columns():
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_valid_call_builds_its_variant(monkeypatch, layout):
-    """The launch gets g and beta as a and b, no A_log or dt_bias, the slots [N, T] and the
-    engine's tensors; the spec says precomputed gates, vLLM's slots and (varlen) the cu_seqlens dtype."""
+    """The launch gets g and beta as a and b, no A_log or dt_bias, the slots as they are ([N, T], or
+    [N] at one token: KernelSpec.slot_column) and the engine's tensors; the spec says precomputed
+    gates, vLLM's slots and (varlen) the cu_seqlens dtype."""
     launched = []
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
@@ -155,11 +156,13 @@ def test_a_valid_call_builds_its_variant(monkeypatch, layout):
     plan, args, options = launched[0]
     assert args.a is kw["g"] and args.b is kw["beta"] and args.A_log is None and args.dt_bias is None
     assert args.state is kw["initial_state"] and args.state_indices is None
-    assert args.token_state_indices.dim() == 2 and args.cu_seqlens is kw["cu_seqlens"]
+    assert args.token_state_indices is kw["ssm_state_indices"] and args.cu_seqlens is kw["cu_seqlens"]
     assert args.accepted_tokens is kw["num_accepted_tokens"] and args.output is o
     spec = api.kernel_spec("klast", plan.problem, args, options, DeviceFacts("sm_90a", 132, "sm90-hbm3"))
     assert spec.precomputed_gates and spec.vllm_slots and spec.has_token_slots and not spec.commits_accepted
-    assert spec.T == args.token_state_indices.shape[1] and plan.problem.B == N
+    one_column = args.token_state_indices.dim() == 1
+    assert spec.slot_column == one_column and not spec.gate_rows
+    assert spec.T == (1 if one_column else args.token_state_indices.shape[1]) and plan.problem.B == N
     assert spec.varlen == (None if kw["cu_seqlens"] is None else "int32")
     assert spec.gate_dtype == str(kw["g"].dtype)[6:]
     assert spec.beta_dtype == (None if kw["beta"].dtype == kw["g"].dtype else str(kw["beta"].dtype)[6:])
@@ -249,8 +252,8 @@ def test_reference_accepted_count_zero_is_padding_and_outside_the_row_is_nan():
 # ----------------------------------------------------------------------------- compiles (no GPU)
 
 COMPILED = {  # keyword arguments of test_compile.spec: the variants this function builds
-    "T1-varlen-large-float32": dict(regime="large", gate="float32", beta_dtype="bfloat16", index_dtype="int32",
-                                    varlen="int32"),
+    "T1-varlen-slotcol-large-float32": dict(regime="large", gate="float32", beta_dtype="bfloat16",
+                                            index_dtype="int32", varlen="int32", slot_column=True),
     "T1-dense-accepted-strided-small-bfloat16": dict(state="bfloat16", index_dtype="int64", has_accepted=True,
                                                      accepted_dtype="int64", strided_state=True),
     "T4-varlen-accepted-large-bfloat16": dict(T=4, regime="large", state="bfloat16", gate="float32",

@@ -59,13 +59,15 @@ BAD = {
                       r"^fused_sigmoid_gating_delta_rule_update\(inplace_final_state=False\)"),
     "no-initial-state": (lambda kw: kw.update(initial_state=None), ValueError, r"initial_state .* is required"),
     "no-indices": (lambda kw: kw.update(ssm_state_indices=None), ValueError, r"pass ssm_state_indices"),
-    "a-tokens": (lambda kw: kw.update(a=kw["a"][:4]), ValueError, r"^a must have shape \[1, 5, 4\]"),
+    "a-tokens": (lambda kw: kw.update(a=kw["a"][:4]), ValueError,
+                 r"^a as \[rows, HV\] must have a row per token, at least 5 .*got \[4, 4\]"),
+    "b-tokens": (lambda kw: kw.update(b=torch.cat([kw["b"]] * 2)), ValueError, r"^b must have shape \[5, 4\]"),
     "a-3d-tokens": (lambda kw: kw.update(a=torch.cat([kw["a"]] * 2)[None]), ValueError,
                     r"^a must have shape \[1, 5, 4\]"),
     "a-dtype": (lambda kw: kw.update(a=kw["a"].half(), b=kw["b"].half()), TypeError,
                 r"^a must have dtype bfloat16 or float32"),
     "b-dtype": (lambda kw: kw.update(b=kw["b"].float()), TypeError, r"^b must have dtype bfloat16"),
-    "b-heads": (lambda kw: kw.update(b=kw["b"][:, :HV - 1]), ValueError, r"^b must have shape \[1, 5, 4\]"),
+    "b-heads": (lambda kw: kw.update(b=kw["b"][:, :HV - 1]), ValueError, r"^b must have shape \[5, 4\]"),
     "A_log-dtype": (lambda kw: kw.update(A_log=kw["A_log"].to(BF16)), TypeError, r"^A_log must have dtype float32"),
     "dt_bias-shape": (lambda kw: kw.update(dt_bias=kw["dt_bias"][:2]), ValueError, r"^dt_bias must have shape \[4\]"),
     "beta-zero": (lambda kw: kw.update(beta=0.0), ValueError, r"^beta must be > 0, got 0.0"),
@@ -84,8 +86,9 @@ def test_bad_argument(case):
 
 
 def test_gates_of_more_rows_give_their_first_tokens(monkeypatch):
-    """vLLM passes its whole batch's gates beside the speculative tokens' q, k, v: the first
-    tokens' rows are read, as vLLM's kernel reads them."""
+    """vLLM passes its whole batch's gates beside the speculative tokens' q, k, v: they go to the
+    kernel as they are (KernelSpec.gate_rows: it reads the first tokens' rows, as vLLM's kernel does),
+    and the fast key holds their rows."""
     launched = []
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
@@ -95,16 +98,17 @@ def test_gates_of_more_rows_give_their_first_tokens(monkeypatch):
     ba = torch.cat([torch.cat([kw["b"], kw["a"]], 1), torch.randn(3, 2 * HV).to(BF16)])  # 3 more tokens
     kw.update(b=ba[:, :HV], a=ba[:, HV:])
     FN(**kw)
-    for name in ("a", "b"):
-        t = getattr(launched[0], name)
-        assert t.shape == (1, tokens, HV) and t.data_ptr() == kw[name].data_ptr()
-        assert torch.equal(t[0], kw[name][:tokens])
+    assert launched[0].a is kw["a"] and launched[0].b is kw["b"] and kw["a"].shape[0] == tokens + 3
+    key = recurrent._recurrent_key(kw["q"], kw["a"], kw["initial_state"], kw["cu_seqlens"], kw["ssm_state_indices"],
+                                   kw["num_accepted_tokens"], kw["A_log"], 1.0, 20.0, None, False, kw["v"])
+    assert tokens + 3 in key
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
-    """The launch gets a and b as [B, T, HV] views of the engine's gates, A_log and dt_bias, the
-    slots [N, T]; the spec computes the gates (softplus from beta and threshold) with vLLM's slots."""
+    """The launch gets the engine's a and b as they are (vLLM's [tokens, HV]: KernelSpec.gate_rows, or
+    [B, T, HV]), A_log and dt_bias, the slots as they are ([N] at one token: KernelSpec.slot_column);
+    the spec computes the gates (softplus from beta and threshold) with vLLM's slots."""
     launched = []
     monkeypatch.setattr(api, "_VALIDATED", {})
     monkeypatch.setattr(api.val, "check_devices", lambda named: torch.device("cpu"))
@@ -113,17 +117,15 @@ def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
     o, state = FN(**kw)
     assert state is kw["initial_state"] and o.shape == kw["v"].shape and o.dtype == kw["q"].dtype
     plan, args, options = launched[0]
-    for name in ("a", "b"):
-        t = getattr(args, name)
-        assert t.data_ptr() == kw[name].data_ptr() and t.shape == (*kw["q"].shape[:2], HV)
-        assert torch.equal(t.flatten(0, 1), kw[name].reshape(-1, HV)), f"{name} is not the engine's gates"
+    assert args.a is kw["a"] and args.b is kw["b"]
     assert args.A_log is kw["A_log"] and args.dt_bias is kw["dt_bias"]
     assert args.state is kw["initial_state"] and args.state_indices is None and args.output is o
-    assert args.token_state_indices.dim() == 2 and args.cu_seqlens is kw["cu_seqlens"]
+    assert args.token_state_indices is kw["ssm_state_indices"] and args.cu_seqlens is kw["cu_seqlens"]
     assert args.accepted_tokens is kw["num_accepted_tokens"] and plan.problem.B == N
     spec = api.kernel_spec("klast", plan.problem, args, options, DeviceFacts("sm_90a", 132, "sm90-hbm3"))
     assert not spec.precomputed_gates and spec.vllm_slots and spec.has_token_slots
     assert (spec.softplus_beta, spec.softplus_threshold) == (2.0, 15.0)
+    assert spec.gate_rows == (kw["a"].dim() == 2) and spec.slot_column == (kw["ssm_state_indices"].dim() == 1)
     assert spec.varlen == (None if kw["cu_seqlens"] is None else "int32")
     from flashgdn.kernels.build import fake_arguments
 
@@ -134,9 +136,8 @@ def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
 
 
 def _op_args(kw, o):
-    """The op's arguments of a call's keyword arguments (its gates as the function views them)."""
-    a, b = recurrent._token_gates(kw["q"], kw["a"], kw["b"])
-    return (kw["A_log"], a, b, kw["dt_bias"], kw["q"], kw["k"], kw["v"], 1.0, 20.0, kw["scale"], kw["initial_state"],
+    """The op's arguments of a call's keyword arguments."""
+    return (kw["A_log"], kw["a"], kw["b"], kw["dt_bias"], kw["q"], kw["k"], kw["v"], 1.0, 20.0, kw["scale"], kw["initial_state"],
             kw["cu_seqlens"], kw["ssm_state_indices"], kw["num_accepted_tokens"], kw["use_qk_l2norm_in_kernel"], o)
 
 
@@ -177,10 +178,14 @@ def test_compiled_equals_eager_on_the_kernels(layout):
 
 # ----------------------------------------------------------------------------- compiles (no GPU)
 
-COMPILED = {  # vLLM's speculative verify and its decode, raw gates (test_compile.spec's keywords)
+COMPILED = {  # vLLM's speculative verify and its decode, raw gates [tokens, HV] (test_compile.spec's keywords):
+    # the token loop, the tensor cores, and one-token slots [N]
     "T4-varlen-accepted-large-bfloat16": dict(T=4, regime="large", state="bfloat16", index_dtype="int32",
                                               has_accepted=True, varlen="int32"),
-    "T1-varlen-small-float32": dict(gate="float32", index_dtype="int64", varlen="int64"),
+    "T8-mma-varlen-accepted-fp32gates-large-bfloat16": dict(T=8, regime="large", state="bfloat16", gate="float32",
+                                                            index_dtype="int64", has_accepted=True,
+                                                            accepted_dtype="int64", varlen="int32"),
+    "T1-varlen-slotcol-small-float32": dict(gate="float32", index_dtype="int64", varlen="int64", slot_column=True),
 }
 
 
@@ -191,4 +196,4 @@ def test_compiles(arch, kw):
     from flashgdn.kernels.build import compile_kernel
     from test_compile import spec
 
-    assert callable(compile_kernel(spec(arch, has_token_slots=True, vllm_slots=True, **kw)))
+    assert callable(compile_kernel(spec(arch, has_token_slots=True, vllm_slots=True, gate_rows=True, **kw)))

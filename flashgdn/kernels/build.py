@@ -86,9 +86,11 @@ def fake_arguments(spec: AnySpec, batch=None):
     # any stride; the launch views them (DecodeKernel.batch_rows).
     packed, engine_rows = spec.row_form == "packed", spec.row_form != "batch"
     parts = (spec.gate_parts,) if spec.gate_parts else ()  # the split projection's partial sums
+    # vLLM's gate rows: [rows >= B·T, HV], rows a symbol of their own
+    gate_shape = ((B, HV) if engine_rows else (cute.sym_int(), HV) if spec.gate_rows else (*parts, *lead, HV))
 
     def slot_index():
-        if engine_rows:
+        if engine_rows or spec.slot_column:
             return _strided(idx_t, (B,), 1, inner_static=())
         return make_fake_tensor(idx_t, (B,), stride=(1,))
 
@@ -96,8 +98,8 @@ def fake_arguments(spec: AnySpec, batch=None):
         q=_strided(io, (B, 2 * H * K + HV * V) if packed else (*lead, H, K), io_div),
         k=None if packed else _strided(io, (*lead, H, K), io_div),
         v=None if packed else _strided(io, (*lead, HV, V), io_div),
-        a=_strided(gate, (B, HV) if engine_rows else (*parts, *lead, HV), 1),
-        b=_strided(beta, (B, HV) if engine_rows else (*parts, *lead, HV), 1),
+        a=_strided(gate, gate_shape, 1),
+        b=_strided(beta, gate_shape, 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
         state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
@@ -113,7 +115,7 @@ def fake_arguments(spec: AnySpec, batch=None):
         output=_strided(CUTLASS_DTYPES[spec.output_dtype], (*lead, HV, V), 1),
         # vLLM's slots are the engine's index tensor, of its index dtype
         token_state_indices=None if not spec.has_token_slots else (
-            slot_index() if engine_rows else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1)),
+            slot_index() if engine_rows or spec.slot_column else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (B, T), 1)),
         cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
         **(_fake_windows(spec, (cute.sym_int(),)) if spec.replay_cache else {}),
         # SGLang's row table: its whole [>= B] index vector, of any stride

@@ -416,8 +416,11 @@ class DecodeKernel:
     def __init__(self, spec: KernelSpec, config):
         self.spec = spec
         self.config = config
-        # How the per-row tensors arrive (KernelSpec.row_form; a CommitSpec's kernel takes its own list)
-        self.row_form = spec.row_form if isinstance(spec, KernelSpec) else "batch"
+        # How the per-row tensors arrive (KernelSpec.row_form, gate_rows, slot_column; a CommitSpec's
+        # kernel takes its own list)
+        decode = isinstance(spec, KernelSpec)
+        self.row_form = spec.row_form if decode else "batch"
+        self.views_rows = decode and (spec.row_form != "batch" or spec.gate_rows or spec.slot_column)
 
     @property
     def tile_bytes(self) -> int:
@@ -445,7 +448,7 @@ class DecodeKernel:
     def __call__(self, *args_and_stream):
         """The tensors of spec.KernelArgs, then the stream."""
         *tensors, stream = args_and_stream
-        if const_expr(self.row_form != "batch"):
+        if const_expr(self.views_rows):
             tensors = self.batch_rows(KernelArgs(*tensors))
         grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream,
@@ -456,7 +459,9 @@ class DecodeKernel:
         (KernelSpec.row_form), as views, no copy: q, k [B, 1, H, K], v and the output [B, 1, HV, V], a
         and b [B, 1, HV], vLLM's token slots [B, 1]. "packed": q | k | v of each row of mixed_qkv,
         at static column offsets that keep its 16-byte alignment; "flat": dims 0 and 1 of q, k, v
-        and the output swapped. The token dim is never stepped (T = 1): its stride is 0."""
+        and the output swapped. The token dim is never stepped (T = 1): its stride is 0. "batch"
+        rows keep q, k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) become [B, T, HV]
+        on q's first two dims, and a slot column (KernelSpec.slot_column) [B, 1]."""
         H, HV, K, V = self.spec.H, self.spec.HV, self.spec.K, self.spec.V
 
         def view(mX, offset, shape, stride):
@@ -468,6 +473,19 @@ class DecodeKernel:
         def swapped(mX):  # [1, B, ...] -> [B, 1, ...]
             return view(mX, 0, (mX.shape[1], 1, *mX.shape[2:]), (mX.stride[1], 0, *mX.stride[2:]))
 
+        mTok = args.token_state_indices
+        if const_expr(self.row_form == "batch"):
+            a, b = args.a, args.b
+            if const_expr(self.spec.gate_rows):
+                B, T = args.q.shape[0], args.q.shape[1]
+
+                def tokens(mX):  # [rows, HV] -> [B, T, HV]: token t of row b is row b·T + t
+                    return view(mX, 0, (B, T, HV), (T * mX.stride[0], mX.stride[0], 1))
+
+                a, b = tokens(a), tokens(b)
+            if const_expr(self.spec.slot_column):
+                mTok = with_token(mTok)
+            return args._replace(a=a, b=b, token_state_indices=mTok)
         if const_expr(self.row_form == "packed"):
             mQKV = args.q
             B, row = mQKV.shape[0], mQKV.stride[0]
@@ -478,7 +496,6 @@ class DecodeKernel:
             q, k, v, out = heads(0, H, K), heads(H * K, H, K), heads(2 * H * K, HV, V), args.output
         else:
             q, k, v, out = swapped(args.q), swapped(args.k), swapped(args.v), swapped(args.output)
-        mTok = args.token_state_indices
         return args._replace(q=q, k=k, v=v, a=with_token(args.a), b=with_token(args.b), output=out,
                              token_state_indices=None if mTok is None else with_token(mTok))
 
