@@ -92,6 +92,8 @@ def _check_gates(q, a, b, A_log, dt_bias, HV: int) -> dict:
     as vLLM passes them (rows >= B·T, the tokens' gates in their first B·T rows: KernelSpec.gate_rows)."""
     lead = (q.shape[0], q.shape[1], HV)
     if A_log is None:
+        if isinstance(b, torch.Tensor) and b.dim() == 4:  # the compiled function refuses it: checked here only
+            raise NotImplementedError(f"{NAME}: a headwise beta [B, T, HV, V] is not supported (beta [B, T, HV])")
         gates = dict(g=a, beta=b)
         for name, t in gates.items():
             val.check_tensor(name, t, GATE_DTYPES, lead)
@@ -222,8 +224,6 @@ def fused_recurrent_gated_delta_rule(
     flashgdn::fused_recurrent_gated_delta_rule (flashgdn.ops), with `o` allocated here.
     """
     _check_refused(NAME, initial_state, inplace_final_state, ssm_state_indices)
-    if isinstance(beta, torch.Tensor) and isinstance(v, torch.Tensor) and beta.dim() == v.dim():
-        raise NotImplementedError(f"{NAME}: a headwise beta [B, T, HV, V] is not supported (beta [B, T, HV])")
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
     # v's layout packed: q's dtype on any call that runs (the checks, or the compiled function's, refuse
