@@ -5,6 +5,8 @@ raise, a valid call builds the raw-gate variant on the engine's tensors (its tor
 tests/test_ops_recurrent.py)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -197,3 +199,31 @@ def test_compiles(arch, kw):
     from test_compile import spec
 
     assert callable(compile_kernel(spec(arch, has_token_slots=True, vllm_slots=True, gate_rows=True, **kw)))
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_views_of_vllm_rows_leave_the_kernel_as_it_is(monkeypatch, tmp_path, T):
+    """vLLM's [tokens, HV] gates and one-token [N] slots (KernelSpec.gate_rows, slot_column) change
+    only the launch, which views them as [B, T, HV] and [N, 1]: the kernel's PTX is that of the
+    variant taking those shapes (the views' strides are launch parameters)."""
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
+    import dataclasses
+
+    from flashgdn.kernels.build import compile_kernel
+    from test_compile import spec
+
+    plain = spec("sm_90a", T=T, regime="large" if T > 1 else "small", index_dtype="int32", has_token_slots=True,
+                 vllm_slots=True, varlen="int32", has_accepted=T > 1)
+    viewed = dataclasses.replace(plain, gate_rows=True, slot_column=T == 1)
+    from cutlass.cutlass_dsl import CuTeDSL
+
+    # a build loaded from the DSL's file cache writes no PTX (its environment is read once per process)
+    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "disable_file_caching", True)
+    texts = []
+    for name, s in (("plain", plain), ("viewed", viewed)):
+        (tmp_path / name).mkdir()
+        compile_kernel(s, keep_dir=str(tmp_path / name))
+        [ptx] = (tmp_path / name).rglob("*.ptx")
+        texts.append(re.sub(r"_[0-9a-f]{6,}", "", ptx.read_text()))  # names carry per-object ids
+    assert texts[0] == texts[1]
+
