@@ -45,6 +45,15 @@ def _padded(kw):
     return kw
 
 
+def _wide(kw):
+    """vLLM's gates with rows past the tokens (its whole batch's, beside the speculative tokens) and
+    one-token slots that are a column of a block table (stride 2)."""
+    ba = torch.cat([torch.cat([kw["b"], kw["a"]], 1), torch.randn(3, 2 * kw["a"].shape[1]).to(kw["a"].dtype)])
+    HV = kw["a"].shape[1]
+    slots = kw["ssm_state_indices"]
+    return dict(kw, b=ba[:, :HV], a=ba[:, HV:], ssm_state_indices=torch.stack([slots, slots], 1)[:, 0])
+
+
 def _unaligned(t):
     """t's values in a tensor whose last-but-one stride is one element more than packed (not a
     multiple of 16 bytes)."""
@@ -68,6 +77,8 @@ ENTRIES = {  # name: (function, valid keyword arguments)
     "recurrent_padded": (RECURRENT, lambda: _padded(recurrent_kwargs())),
     "sigmoid_vllm_padded_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
                                    lambda: _padded(sigmoid_vllm_kwargs(one_d=True))),
+    "sigmoid_vllm_wide_decode": (engines.fused_sigmoid_gating_delta_rule_update_vllm,
+                                 lambda: _wide(sigmoid_vllm_kwargs(one_d=True))),
     "fused_step": (STEP, _fused_kwargs),
     # flashgdn.api's functions (test_fastpath.py tests what takes their full way)
     "pretranspose": (FNS["pre"], lambda: valid_kwargs("pre")),
@@ -274,6 +285,10 @@ BAD = [  # (entry, change, message)
     ("recurrent_varlen", lambda kw: dict(kw, ssm_state_indices=kw["ssm_state_indices"].t().contiguous().t()),
      r"^ssm_state_indices must have its last dim contiguous"),
     ("sigmoid_vllm_decode", lambda kw: dict(kw, b=kw["b"].float()), r"^b must have dtype"),
+    # vLLM's [rows, HV] gates: their rows are in the key (they must cover the tokens), b's are the
+    # compiled function's to check against a's
+    ("sigmoid_vllm_wide_decode", lambda kw: dict(kw, a=kw["a"][:1], b=kw["b"][:1]), r"^a as \[rows, HV\] must have"),
+    ("sigmoid_vllm_wide_decode", lambda kw: dict(kw, b=kw["b"][:-1]), r"^b must have shape"),
     # SGLang's decode layout goes as it is: the key holds what decides it, the rest is checked there
     ("sigmoid", lambda kw: dict(kw, k=kw["k"][:, :2]), r"^k must have shape"),
     ("sigmoid", lambda kw: dict(kw, q=_unaligned(kw["q"])), r"^q stride \d+ at dim \d must be a multiple"),
