@@ -12,7 +12,7 @@ import torch
 
 from flashgdn import api, engines, fastpath, fused_step
 from flashgdn import validation as val
-from flashgdn.bench import cli, host
+from flashgdn.bench import cli, host, host_timing
 from flashgdn.bench.rows import Row, make_inputs
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import KernelArgs
@@ -83,7 +83,7 @@ class _FakeTime:
 
 def test_host_times_divides_by_iters_and_syncs_only_around_runs():
     t = _FakeTime(7.5)
-    runs = host.host_times(t.call, iters=10, repeats=3, sync=t.sync, clock=t.clock)
+    runs = host_timing.host_times(t.call, iters=10, repeats=3, sync=t.sync, clock=t.clock)
     assert runs == pytest.approx([7.5] * 3)
     assert t.calls == 30 and t.syncs == 6
     assert t.log == (["sync"] + ["call"] * 10 + ["sync"]) * 3
@@ -98,13 +98,13 @@ def test_measure_reports_median_min_and_gpu_bound(gpu_us, bound):
         seen.append(host_us)
         return gpu_us
 
-    m = host.measure(t.call, iters=4, repeats=5, warmup=3, sync=t.sync, gpu_time=gpu_time, clock=t.clock)
+    m = host_timing.measure(t.call, iters=4, repeats=5, warmup=3, sync=t.sync, gpu_time=gpu_time, clock=t.clock)
     assert m["host_median_us"] == pytest.approx(8.0) and m["host_min_us"] == pytest.approx(8.0)
     assert m["gpu_us"] == gpu_us and m["gpu_bound"] is bound
     assert seen == [pytest.approx(8.0)]
     assert t.calls == 3 + 4 * 5
     t = _FakeTime(1.0)
-    host.measure(t.call, iters=2, repeats=1, warmup=0, sync=t.sync, clock=t.clock)
+    host_timing.measure(t.call, iters=2, repeats=1, warmup=0, sync=t.sync, clock=t.clock)
     assert t.calls == 1 + 2  # one warm-up call at least: it compiles and fills the memo
 
 
@@ -211,7 +211,7 @@ def test_measure_in_turns_pairs_each_run_with_a_baseline_run():
         return t.now
 
     runs = []
-    orig = host.host_times
+    orig = host_timing.host_times
 
     def pair_times(call, iters, repeats, sync, clock):
         if call is base:
@@ -220,8 +220,8 @@ def test_measure_in_turns_pairs_each_run_with_a_baseline_run():
         return orig(call, iters, repeats, sync, clock)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(host, "host_times", pair_times)
-        m = host.measure(row, iters=2, repeats=3, warmup=1, sync=sync, clock=clock, baseline=base)
+        mp.setattr(host_timing, "host_times", pair_times)
+        m = host_timing.measure(row, iters=2, repeats=3, warmup=1, sync=sync, clock=clock, baseline=base)
     assert runs == ["base", "row"] * 3
     assert m["ratio"] == pytest.approx(2.0) and m["baseline_us"] == pytest.approx(10.0)
     assert m["host_median_us"] == pytest.approx(20.0) and m["host_min_us"] == pytest.approx(10.0)
@@ -337,7 +337,7 @@ def test_run_cases_on_the_cpu_reports_each_failure():
     a = _args("--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2")
     case_list = host.cases(a, flashinfer=False)[:4]
     def measure(call, gpu=True, baseline=None):  # no GPU time on the CPU
-        return host.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None, baseline=baseline)
+        return host_timing.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None, baseline=baseline)
 
     records = host.run_cases(case_list, lambda c: host.bind(c, _MODULES, "cpu", 0), measure, 3, 2)
     assert records[0]["host_median_us"] > 0 and records[0]["ratio"] == 1.0 and not records[0]["error"]
