@@ -115,7 +115,10 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     a = _args("--batch-size", "1", "4", "--state-dtype", "fp32", "bf16")
     plain = host.cases(a, flashinfer=False)
     assert plain[0] == host.Case("torch") and plain[0].row is None
-    assert len(plain) == 1 + 2 * 2 * (4 * 2 + 7)
+    assert plain[1:3] == [host.Case("floor", launches=1), host.Case("floor", launches=2)]
+    assert plain[2].variant() == "2 empty launches, one-element fp32 tensor"
+    assert host.cases(a, flashinfer=False, floors=False) == plain[:1] + plain[3:]
+    assert len(plain) == 3 + 2 * 2 * (4 * 2 + 7)
     both = host.cases(a, flashinfer=True)
     assert len(both) == len(plain) + 2 * 2 * 4 * 2
     fg = [c for c in plain if c.impl == "flashgdn" and not c.engine and c.row.B == 1 and c.row.state_dtype == "fp32"]
@@ -131,7 +134,7 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
         ("sigmoid_vllm", "sigmoid_vllm", 4, False), ("fused_step", "fused_step", 1, True)]
     assert engine[3].variant() == engine[5].variant() == "pool T=4 varlen, output allocated"
     assert engine[4].variant() == "pool varlen, output allocated" and engine[6].row.hidden == host.FUSED_STEP_HIDDEN
-    assert {c.impl for c in both} == {"torch", "flashgdn", "flashinfer"}
+    assert {c.impl for c in both} == {"torch", "floor", "flashgdn", "flashinfer"}
     assert not any(c.engine for c in both if c.impl == "flashinfer")
     assert fg[7].variant() == "pool T=4, output allocated" and fg[0].variant() == "dense, output given"
 
@@ -326,7 +329,8 @@ def test_python_only_times_every_flashgdn_row_on_the_cpu(capsys, tmp_path):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     recs = json.loads(out.read_text())["rows"]
-    assert recs[0]["function"] == host.BASELINE and len(recs) == len(host.cases(_args(*argv[2:]), flashinfer=False))
+    assert recs[0]["function"] == host.BASELINE
+    assert len(recs) == len(host.cases(_args(*argv[2:]), flashinfer=False, floors=False))
     assert all(r["host_median_us"] > 0 and not r["error"] and r["meets_target"] is None for r in recs), recs
     assert {r["function"] for r in recs} >= set(host.ENGINE_FUNCTIONS.values()) and "python µs" in text
     assert (dict(api._VALIDATED), dict(fastpath.FAST), api.kernel_cache.get) == before
@@ -335,7 +339,7 @@ def test_python_only_times_every_flashgdn_row_on_the_cpu(capsys, tmp_path):
 def test_run_cases_on_the_cpu_reports_each_failure():
     """The baseline runs on the CPU; flashgdn refuses CPU tensors, and every row says so."""
     a = _args("--head-size", "64", "--num-q-heads", "1", "--num-v-heads", "2")
-    case_list = host.cases(a, flashinfer=False)[:4]
+    case_list = host.cases(a, flashinfer=False, floors=False)[:4]
     def measure(call, gpu=True, baseline=None):  # no GPU time on the CPU
         return host_timing.measure(call, iters=3, repeats=2, warmup=0, sync=lambda: None, baseline=baseline)
 
@@ -422,6 +426,7 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
     monkeypatch.setattr(host, "supported_gpu", lambda: (torch.device("cpu"), facts))
     monkeypatch.setattr(host, "GpuTimer", lambda: (lambda call, host_us: 0.5))
+    monkeypatch.setattr(host, "floor_call", lambda device, launches: (lambda: None))
     monkeypatch.setattr(host, "environment", lambda device, command: {"command": " ".join(command)})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
@@ -439,12 +444,14 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 1 + 15 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    assert len(main_rows) == 3 + 15 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    assert [r["impl"] for r in main_rows[:3]] == ["torch", "floor", "floor"]
+    assert all(r["meets_target"] is None and r["ratio"] > 0 for r in main_rows[:3])
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)
     # every repeated call takes its fast path: the full way at most on a signature's first call
     assert all(r["full_way_calls"] in (0, 1) for r in main_rows if r["impl"] == "flashgdn")
     assert {r["function"] for r in main_rows} == {
-        "x.add_(1)", "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
+        "x.add_(1)", host.FLOOR_FUNCTION, "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
         "fused_recurrent_gated_delta_rule", "fused_sigmoid_gating_delta_rule_update_vllm", "gdn_fused_decode_step"}
     assert len(profile) == 14 and len({r["variant"] for r in profile}) == 2  # a pretranspose and an MTP call

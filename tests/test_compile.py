@@ -266,6 +266,16 @@ def config(**kw):
     return BuildConfig.for_spec(spec("sm_90a", **kw))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_host_floor_compiles(arch):
+    """flashgdn-bench --host's floor rows: one compiled function of one and of two empty launches."""
+    from flashgdn.kernels.floor import EmptyLaunches, compile_floor
+
+    assert all(callable(compile_floor(n, arch)) for n in (1, 2))
+    with pytest.raises(ValueError, match="launches must be at least 1"):
+        EmptyLaunches(0)
+
+
 def test_unchecked_loop_follows_the_measured_cases():
     """The fp32 large-batch MTP knobs apply only to the shape and token counts they were measured on."""
     def unchecked(**kw):

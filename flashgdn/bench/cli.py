@@ -32,7 +32,8 @@ column needs ptxas (on PATH, under $CUDA_HOME, or from the `nvidia-cuda-nvcc` pi
 one it reads n/a.
 
 `--host` prints the host time per call of every public function and engine entry point beside
-that of `x.add_(1)` in the same process (and FlashInfer's, when installed); `--profile` adds a
+that of `x.add_(1)` in the same process (and FlashInfer's, when installed), with the floors of one
+compiled function making one and two empty launches; `--profile` adds a
 breakdown of one pretranspose call and one MTP call into their steps (flashgdn.bench.host).
 """
 from __future__ import annotations
@@ -173,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"--compile-only: SM count that picks the batch regime (default: {DEFAULT_SM_COUNT}, the H100's)")
     add("--host", action="store_true",
         help="host time per call of every public function and engine entry point (B = 1, output given and "
-             "allocated) beside x.add_(1) in the same process, with the ratio to it and GPU time per call; "
-             "FlashInfer's too when installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
+             "allocated) beside x.add_(1) in the same process, with the ratio to it and GPU time per call, and "
+             "the floors of one compiled function making one and two empty launches; FlashInfer's too when "
+             "installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
              "--warmup, --seed, --json and --csv flags")
     add("--profile", action="store_true",
         help="with --host: also time each step of one flashgdn pretranspose call and one MTP call (pool, output "

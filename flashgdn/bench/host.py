@@ -7,7 +7,9 @@ HOST_REPEATS such runs and its ratio to `x.add_(1)` on a one-element CUDA tensor
 in turns with the row's runs (one run of each per repeat; baseline_us, their median): the ratio is
 the median of the repeats' row / baseline ratios, so a drift of the host's speed within the process
 moves both sides of a pair. Against TARGET_RATIO; the target is informational: it never sets the
-exit status.
+exit status. Two "floor" rows time one compiled function (kernels/floor.py) that makes one and two
+empty launches on a one-element tensor: what a call making that many launches pays before its own
+argument checks and Python (the fused step makes two).
 
 GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
 back without waiting for the host, between CUDA events. Events around the host-timed calls
@@ -66,6 +68,10 @@ ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_d
                     "fused_step": "gdn_fused_decode_step"}
 FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
 FLASHINFER_MODULE = "flashinfer.gdn_decode"
+# The floor rows: one compiled function making this many empty launches (a call's floor; the fused
+# step makes two)
+FLOOR_LAUNCHES = (1, 2)
+FLOOR_FUNCTION = "compiled function (floor)"
 # (API version, pool) of the rows of each API module.
 API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
 ENGINE_ROW = ("pretranspose", True)  # the engine's packed decode runs on this row's inputs
@@ -86,15 +92,19 @@ HOST_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One row of the --host table: `impl` "torch" (the x.add_(1) baseline, `row` None),
+    """One row of the --host table: `impl` "torch" (the x.add_(1) baseline, `row` None), "floor"
+    (one compiled function making `launches` empty launches: kernels/floor.py, `row` None),
     "flashgdn" or "flashinfer"; `engine`: the engine entry point (ENGINE_FUNCTIONS) on `row`."""
 
     impl: str
     row: Optional[Row] = None
     output_given: bool = True
     engine: str = ""
+    launches: int = 0
 
     def variant(self) -> str:
+        if self.impl == "floor":
+            return f"{self.launches} empty launch{'es' if self.launches > 1 else ''}, one-element fp32 tensor"
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
@@ -103,11 +113,11 @@ class Case:
                 f"output {'given' if self.output_given else 'allocated'}")
 
 
-def cases(args, flashinfer: bool) -> List[Case]:
-    """The baseline, then per state dtype and batch size flashgdn's rows (each API function with
-    the output given and allocated, then the engine entry points: engine_cases) and, with `flashinfer`,
-    FlashInfer's same API rows."""
-    out = [Case("torch")]
+def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
+    """The baseline, with `floors` the floors of one and two launches (FLOOR_LAUNCHES), then per state
+    dtype and batch size flashgdn's rows (each API function with the output given and allocated, then
+    the engine entry points: engine_cases) and, with `flashinfer`, FlashInfer's same API rows."""
+    out = [Case("torch")] + ([Case("floor", launches=n) for n in FLOOR_LAUNCHES] if floors else [])
     for state_dtype in args.state_dtype:
         for B in args.batch_size:
             rows = [Row(version, B, MTP_TOKENS if version == "mtp" else 1, args.num_q_heads, args.num_v_heads,
@@ -202,9 +212,29 @@ def baseline_call(device) -> Callable[[], Any]:
     return functools.partial(torch.zeros(1, device=device).add_, 1)
 
 
+def floor_call(device, launches: int) -> Callable[[], Any]:
+    """A floor row's call: kernels/floor.py's compiled function of `launches` empty launches, for the
+    device's arch, on a one-element fp32 tensor of `device`."""
+    from ..device import facts_of
+    from ..kernels.floor import compile_floor
+
+    return functools.partial(compile_floor(launches, facts_of(device).arch), torch.zeros(1, device=device))
+
+
+def function_name(case: Case) -> str:
+    """The function a case times (what bind names it)."""
+    if case.impl == "floor":
+        return FLOOR_FUNCTION
+    if case.engine:
+        return ENGINE_FUNCTIONS[case.engine]
+    return BASELINE if case.row is None else VERSION_FUNCTIONS[case.row.version]
+
+
 def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, Callable[[], Any]]:
     """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
     and "flashinfer" to their API modules."""
+    if case.impl == "floor":
+        return FLOOR_FUNCTION, floor_call(device, case.launches)
     if case.row is None:
         return BASELINE, baseline_call(device)
     if case.engine:
@@ -236,14 +266,13 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
     records = []
     baseline = None
     for i, case in enumerate(case_list, 1):
-        function = (ENGINE_FUNCTIONS[case.engine] if case.engine else BASELINE if case.row is None
-                    else VERSION_FUNCTIONS[case.row.version])
+        function = function_name(case)
         try:
             function, call = bind_case(case)
             rec = new_record(case, function, iters, repeats)
             progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
-            paired = {} if case.row is None or baseline is None else {"baseline": baseline}
-            if case.row is None:
+            paired = {} if case.impl == "torch" or baseline is None else {"baseline": baseline}
+            if case.impl == "torch":
                 baseline = call
             with counting_full_ways() as full_ways:
                 rec.update(measure_call(call, **paired))
@@ -278,13 +307,14 @@ def counting_full_ways():
 def add_ratios(records: List[dict]) -> None:
     """ratio, where measure has not set it (the median of the pairs' ratios, timed in turns): the
     median host time over the first "torch" record's; meets_target: ratio <= TARGET_RATIO (None for
-    the baseline and for rows without a time)."""
+    the baseline, the floors and rows without a time)."""
     first = next((r["host_median_us"] for r in records if r["impl"] == "torch"), None)
     for r in records:
         us = r.get("host_median_us")
         if r.get("ratio") is None:
             r["ratio"] = us / first if us is not None and first else None
-        r["meets_target"] = None if r["ratio"] is None or r["impl"] == "torch" else r["ratio"] <= TARGET_RATIO
+        r["meets_target"] = (None if r["ratio"] is None or r["impl"] in ("torch", "floor")
+                             else r["ratio"] <= TARGET_RATIO)
 
 
 # ----------------------------------------------------------------------------- profile
@@ -502,7 +532,8 @@ def python_only(args) -> int:
         return measure(call, args.iters, HOST_REPEATS, args.warmup, lambda: None, baseline=baseline)
 
     with stubbed_launches(facts):
-        records = run_cases(cases(args, flashinfer=False), lambda c: bind(c, {"flashgdn": api}, device, args.seed),
+        records = run_cases(cases(args, flashinfer=False, floors=False),
+                            lambda c: bind(c, {"flashgdn": api}, device, args.seed),
                             measure_call, args.iters, HOST_REPEATS)
     for r in records:
         r["meets_target"] = None  # the target is about the whole call on a GPU
