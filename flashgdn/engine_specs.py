@@ -57,16 +57,13 @@ def kernel_specs(entry: str, p: Problem, facts: DeviceFacts, *, io: torch.dtype,
         args = engines._packed_args(meta(io, B, 2 * H * K + HV * V), meta(gate, B, HV), meta(gate, B, HV), A_log, dt,
                                     pool, meta(io, B, 1, HV, V), meta(index, B), vllm_padding=entry == "packed-vllm")
     elif entry in ("sglang", "sglang-tree"):
-        # SGLang's layout: its decode (T = 1, as it is) or its target verify (views [B, T, ...], the
-        # speculative buffer with its int32 row table; "sglang-tree": and an EAGLE tree, parents in
-        # the index dtype)
+        # SGLang's varlen layout, as it is: its decode (T = 1) or its target verify (the speculative
+        # buffer with its int32 row table; "sglang-tree": and an EAGLE tree, parents in the index dtype)
         q, v, ab = meta(io, 1, B * T, H, K), meta(io, 1, B * T, HV, V), meta(gate, B * T, HV)
         verify = T > 1
         inter, rows = (meta(state, B + 1, T, HV, V, K), meta(torch.int32, B + 1)) if verify else (None, None)
         parents = meta(index, B, T) if verify and entry == "sglang-tree" else None
-        geometry = [sglang._row_geometry(t, True, T) for t in (q, q, v, ab, ab, v)] if verify else None
-        args = sglang.kernel_args(q, q, v, ab, ab, A_log, dt, pool, meta(index, B), inter, rows, parents, v,
-                                  geometry)
+        args = sglang.kernel_args(q, q, v, ab, ab, A_log, dt, pool, meta(index, B), inter, rows, parents, v, None)
         options = options._replace(update_state=not verify)
     elif entry in ("recurrent", "sigmoid-vllm"):
         # As vLLM calls them: the tokens of all sequences in dim 1 with cu_seqlens; its decode (T = 1)

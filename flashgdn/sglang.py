@@ -10,9 +10,9 @@ EAGLE tree). Both run the kernels of flashgdn.api.gated_delta_rule_decode_pretra
 on the K-last decode kernel, several on the MTP kernels, whose intermediate writes take SGLang's
 row table (KernelSpec.intermediate_rows) and its tree (KernelSpec.tree_parents).
 
-SGLang's varlen layout of one token per sequence (q, k, v [1, N, ...] with 2-D gates) goes to the
-kernel as it is (KernelSpec.row_form "flat": its launch views the rows); every other layout goes as
-row views [N, T, ...] (one torch view per tensor). The checks of this module come first and name
+SGLang's varlen layout (q, k, v [1, N * T, ...] with 2-D gates: its decode and its target verify)
+goes to the kernel as it is (KernelSpec.row_form "flat": its launch views the rows); every other
+layout goes as row views [N, T, ...] (one torch view per tensor). The checks of this module come first and name
 SGLang's arguments; flashgdn's pretranspose checks follow on the views, naming q, k, v, a, b,
 initial_state_source's slots (initial_state_indices) and the output as flashgdn does. Nothing is
 written by a call that fails. While torch.compile traces, a call is the custom op
@@ -261,13 +261,13 @@ def fused_sigmoid_gating_delta_rule_update(
 def _launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
                  intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, out,
                  geometry) -> tuple:
-    """The compiled function's arguments in KernelArgs' order: SGLang's own decode layout (varlen
-    [1, N, ...] q, k, v of one token per sequence with 2-D gates; geometry None) as it is, a plain
+    """The compiled function's arguments in KernelArgs' order: SGLang's own varlen layout (q, k, v
+    [1, N * T, ...] of N sequences of T tokens with 2-D gates: _flat; geometry None) as it is, a plain
     tuple (KernelSpec.row_form "flat": the kernel views it); any other as the row views
     [N, T, ...] that `geometry` (_check_layout's) describes."""
     if geometry is None:
-        return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None, None, out,
-                *AFTER_OUTPUT)
+        return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None,
+                intermediate_states_buffer, out, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
     q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
     return (q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices), None, None,
             intermediate_states_buffer, o4, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
@@ -278,35 +278,46 @@ def kernel_args(*args) -> KernelArgs:
     return KernelArgs(*_launch_args(*args))
 
 
-def _flat(tokens: int, lengths, a, b, inter, disable_state_update) -> bool:
-    """Whether a call is in SGLang's decode layout, which goes to the kernel as it is (_launch_args):
-    varlen with one token per sequence (`tokens`, q.shape[1], = N beside cu_seqlens' shape `lengths`
-    [N + 1]; None without cu_seqlens), 2-D gates, no buffer, the state written. On a call that passed
-    the checks, and in the fast key (_update_key), which it splits."""
-    return (lengths is not None and inter is None and disable_state_update is False and a.dim() == 2
-            and b.dim() == 2 and tokens == lengths[0] - 1)
+def _flat(tokens: int, lengths, a, b, inter, disable_state_update) -> int:
+    """Whether a call is in SGLang's own varlen layout, which goes to the kernel as it is (_launch_args):
+    varlen (`tokens`, q.shape[1], beside cu_seqlens' shape `lengths` [N + 1]; None without
+    cu_seqlens) with 2-D gates, and either 1: its decode, one token per sequence (tokens = N), no
+    buffer, the state written; or 2: N sequences of T >= 2 tokens (tokens a multiple of N: its
+    target verify). 0: neither (row views). On a call that passed the checks, and in the fast key
+    (_update_key), which it splits."""
+    if lengths is None or a.dim() != 2 or b.dim() != 2:
+        return 0
+    N = lengths[0] - 1
+    if tokens == N:
+        return 1 if inter is None and disable_state_update is False else 0
+    return 2 if N > 0 and tokens % N == 0 else 0
 
 
 def _update_key(q, k, v, a, b, cu_seqlens, initial_state_source, initial_state_indices, scale, softplus_beta,
                 softplus_threshold, use_qk_l2norm_in_kernel, disable_state_update, inter, rows, parents) -> tuple:
     """The fast key of an update (flashgdn.fastpath): what the API call's key holds (the pool's
-    layout, the batch and the device, the options) and what decides the form (_flat). SGLang's decode
-    layout (_flat) goes as it is: the compiled function checks q, k, v, a, b and the output against
+    layout, the batch and the device, the options) and what decides the form (_flat). SGLang's own
+    varlen layout (_flat) goes as it is: the compiled function checks q, k, v, a, b and the output against
     each other, and the key adds cu_seqlens' shape and dtype (the compiled function does not get it)
-    and the slot indices' stride (flashgdn's checks take more than one slot with stride 1 only). Any
-    other layout goes as row views, whose geometry the entry keeps: the key holds the shapes and
-    strides of q, k, v, a, b, the buffer the kernel writes and the lengths of the row table and the
-    tree (the compiled function takes any: they must cover the batch)."""
+    and the slot indices' stride (flashgdn's checks take more than one slot with stride 1 only); with
+    T >= 2 tokens per sequence the slot indices' length too (the tokens' dim is not the batch's) and
+    what a verify adds (below). Any other layout goes as row views, whose geometry the entry keeps:
+    the key holds the shapes and strides of q, k, v, a, b and what a verify adds: the flag, the
+    buffer the kernel writes and the lengths of the row table and the tree (the compiled function
+    takes any: they must cover the batch)."""
     shape, lengths = q.shape, None if cu_seqlens is None else cu_seqlens.shape
     common = (shape, lengths, lengths is None or cu_seqlens.dtype, initial_state_source.shape,
               initial_state_source.stride(), initial_state_indices.stride(), q.get_device(), type(scale), scale,
               type(softplus_beta), softplus_beta, type(softplus_threshold), softplus_threshold, use_qk_l2norm_in_kernel)
-    if _flat(shape[1], lengths, a, b, inter, disable_state_update):
+    form = _flat(shape[1], lengths, a, b, inter, disable_state_update)
+    if form == 1:
         return _flat, common
+    verify = (type(disable_state_update), disable_state_update, inter is None or (inter.shape, inter.stride()),
+              rows is None or rows.shape, parents is None or parents.shape)
+    if form == 2:
+        return (_flat, common, initial_state_indices.shape, *verify)
     return (update, common, q.stride(), k.shape, k.stride(), v.shape, v.stride(), a.shape, a.stride(), b.shape,
-            b.stride(), type(disable_state_update), disable_state_update,
-            inter is None or (inter.shape, inter.stride()), rows is None or rows.shape,
-            parents is None or parents.shape)
+            b.stride(), *verify)
 
 
 def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,

@@ -57,7 +57,7 @@ class KernelArgs(NamedTuple):
     replay_v [P, HV, T, V] and replay_k [P, H, T, K] (bf16, k before its norm), replay_g (log
     decay) and replay_beta [P, HV, T] (fp32). KernelSpec.row_form "packed": q holds mixed_qkv
     [B, 2*H*K + HV*V], k and v are None, a and b [B, HV], token_state_indices [B]; "flat": q, k, v and
-    output [1, B, ...], a and b [B, HV]. KernelSpec.gate_rows: a and b [rows >= B·T, HV];
+    output [1, B*T, ...], a and b [B*T, HV]. KernelSpec.gate_rows: a and b [rows >= B·T, HV];
     KernelSpec.slot_column: token_state_indices [B]."""
 
     q: Any
@@ -181,13 +181,13 @@ class KernelSpec:
     # outputs are its q/k/v and gates (the fused step's conv/gate kernel): its slot indices and
     # state load while that kernel finishes; it reads q/k/v and the gates after griddepcontrol.wait.
     pdl_wait: bool = False
-    # How the per-row tensors of a one-token decode arrive (ROW_FORMS). The launch views them as
-    # KernelArgs' [B, 1, ...] shapes, so an engine's call hands its tensors over as they are, without
-    # a torch view per tensor and call. "batch": KernelArgs' shapes. "packed" (flashgdn.engines' packed
-    # decodes): q holds mixed_qkv [B, 2·H·K + HV·V] (q | k | v of a token side by side; k and v are
-    # None), a and b are [B, HV], vLLM's token slots [B]. "flat" (SGLang's decode): q, k, v and the
-    # output are [1, B, ...] (B one-token sequences in dim 1), a and b [B, HV]. Both take slot
-    # indices of any stride (a column of a block table).
+    # How the per-row tensors arrive (ROW_FORMS). The launch views them as KernelArgs' [B, T, ...]
+    # shapes, so an engine's call hands its tensors over as they are, without a torch view per tensor
+    # and call. "batch": KernelArgs' shapes. "packed" (flashgdn.engines' packed decodes, T = 1): q
+    # holds mixed_qkv [B, 2·H·K + HV·V] (q | k | v of a token side by side; k and v are None), a and
+    # b are [B, HV], vLLM's token slots [B]. "flat" (SGLang's varlen layout: its decode and its
+    # target verify): q, k, v and the output are [1, B·T, ...] (B sequences of T tokens each in dim
+    # 1), a and b [B·T, HV]. Both take slot indices of any stride (a column of a block table).
     row_form: str = "batch"
     # vLLM's raw-gate op (flashgdn.recurrent) on row_form "batch": a and b arrive as vLLM passes them,
     # [rows, HV] views of its projection (any row stride), whose first B·T rows are the tokens' gates
@@ -238,8 +238,9 @@ class KernelSpec:
              "replay windows need a pool, T >= 2 and a frozen state, without per-token state writes or accepted counts"),
             (not self.pdl_wait or (self.layout == "klast" and not self.multi_token), "pdl_wait is for the K-last T = 1 decode"),
             (self.row_form in ROW_FORMS, f"row_form must be one of {ROW_FORMS}"),
-            (self.row_form == "batch" or (self.layout == "klast" and not self.multi_token and self.varlen is None),
-             "packed and flat rows are for the K-last T = 1 decode"),
+            (self.row_form == "batch" or (self.layout == "klast" and self.varlen is None
+                                          and (self.row_form == "flat" or not self.multi_token)),
+             "packed rows are for the K-last T = 1 decode, flat rows for the K-last decode without varlen"),
             (not (self.gate_rows or self.slot_column) or (self.row_form == "batch" and self.vllm_slots),
              "gate rows and a slot column are vLLM's tensors on batch rows"),
             (not self.slot_column or self.T == 1, "a slot column is one token's slots (T = 1)"),

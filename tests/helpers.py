@@ -302,22 +302,27 @@ def ffi_checking_stub(spec, launched=None):
 
 
 def batch_rows(args, problem):
-    """KernelArgs of a launch as the kernel takes them (kernels.common.DecodeKernel.batch_rows): a
-    launch with packed rows (KernelSpec.row_form "packed": q holds mixed_qkv, k and v None) gets q | k | v
-    of each row [B, 1, heads, dim]; one with flat rows ("flat": 2-D gates) gets q, k, v and the
-    output [1, B, ...] with dims 0 and 1 swapped; both get a and b [B, 1, HV] and token slots
-    [B, 1]. Any other launch is returned as it is."""
-    if args.k is not None and args.a.dim() != 2:
-        return args
-    from flashgdn import engines
+    """KernelArgs of a launch as the kernel takes them (kernels.common.DecodeKernel.batch_rows), in
+    torch views: a launch with packed rows (KernelSpec.row_form "packed": q holds mixed_qkv, k and v
+    None) gets q | k | v of each row [B, 1, heads, dim]; one with flat rows ("flat": 2-D gates beside
+    state indices) gets q, k, v and the output [1, B * T, ...] split into [B, T, ...]; both get a and
+    b [B, T, HV] and token slots [B, 1]. A batch-rows launch gets vLLM's 2-D gates (gate rows) split
+    on q's first two dims and its one-token slots [N] as [N, 1]. Any other launch is returned as it is."""
+    from flashgdn import api, engines
 
-    slots = args.token_state_indices
-    if args.k is None:
+    form, slots = api.row_form(args), args.token_state_indices
+    if form == "batch":
+        B, T = args.q.shape[:2]
+        a, b = ((t[:B * T].unflatten(0, (B, T)) if t.dim() == 2 else t) for t in (args.a, args.b))
+        one_column = slots is not None and slots.dim() == 1
+        return args._replace(a=a, b=b, token_state_indices=slots.unsqueeze(1) if one_column else slots)
+    B, T = problem.B, problem.T
+    if form == "packed":
         q, k, v = engines._packed_views(args.q, problem.H, problem.HV, problem.K, problem.V)
         out = args.output
     else:
-        q, k, v, out = (t.transpose(0, 1) for t in (args.q, args.k, args.v, args.output))
-    return args._replace(q=q, k=k, v=v, a=args.a.unsqueeze(1), b=args.b.unsqueeze(1), output=out,
+        q, k, v, out = (t[0].unflatten(0, (B, T)) for t in (args.q, args.k, args.v, args.output))
+    return args._replace(q=q, k=k, v=v, a=args.a.unflatten(0, (B, T)), b=args.b.unflatten(0, (B, T)), output=out,
                          token_state_indices=None if slots is None else slots.unsqueeze(1))
 
 

@@ -482,5 +482,5 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     rc = cli.main(small + ["--api", "sglang", "--seq-len", "3", "--arch", "sm_100a", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]
-    assert rec["kernel"].endswith("sm_100a/pool/inter/noupdate/interrows") and not rec.get("error")
+    assert rec["kernel"].endswith("sm_100a/pool/inter/noupdate/flat/interrows") and not rec.get("error")
 

@@ -118,7 +118,7 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     assert plain[1:3] == [host.Case("floor", launches=1), host.Case("floor", launches=2)]
     assert plain[2].variant() == "2 empty launches, one-element fp32 tensor"
     assert host.cases(a, flashinfer=False, floors=False) == plain[:1] + plain[3:]
-    assert len(plain) == 3 + 2 * 2 * (4 * 2 + 7)
+    assert len(plain) == 3 + 2 * 2 * (4 * 2 + 8)
     both = host.cases(a, flashinfer=True)
     assert len(both) == len(plain) + 2 * 2 * 4 * 2
     fg = [c for c in plain if c.impl == "flashgdn" and not c.engine and c.row.B == 1 and c.row.state_dtype == "fp32"]
@@ -129,11 +129,12 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
         ("mtp", True, 4, True), ("mtp", True, 4, False)]
     engine = [c for c in plain if c.engine and c.row.B == 4 and c.row.state_dtype == "bf16"]
     assert [(c.engine, c.row.version, c.row.T, c.output_given) for c in engine] == [
-        ("packed", "pretranspose", 1, True), ("sglang", "pretranspose", 1, False), ("recurrent", "recurrent", 1, False),
-        ("recurrent", "recurrent", 4, False), ("sigmoid_vllm", "sigmoid_vllm", 1, False),
-        ("sigmoid_vllm", "sigmoid_vllm", 4, False), ("fused_step", "fused_step", 1, True)]
-    assert engine[3].variant() == engine[5].variant() == "pool T=4 varlen, output allocated"
-    assert engine[4].variant() == "pool varlen, output allocated" and engine[6].row.hidden == host.FUSED_STEP_HIDDEN
+        ("packed", "pretranspose", 1, True), ("sglang", "pretranspose", 1, False), ("sglang", "sglang", 4, False),
+        ("recurrent", "recurrent", 1, False), ("recurrent", "recurrent", 4, False),
+        ("sigmoid_vllm", "sigmoid_vllm", 1, False), ("sigmoid_vllm", "sigmoid_vllm", 4, False),
+        ("fused_step", "fused_step", 1, True)]
+    assert engine[2].variant() == engine[4].variant() == engine[6].variant() == "pool T=4 varlen, output allocated"
+    assert engine[5].variant() == "pool varlen, output allocated" and engine[7].row.hidden == host.FUSED_STEP_HIDDEN
     assert {c.impl for c in both} == {"torch", "floor", "flashgdn", "flashinfer"}
     assert not any(c.engine for c in both if c.impl == "flashinfer")
     assert fg[7].variant() == "pool T=4, output allocated" and fg[0].variant() == "dense, output given"
@@ -310,13 +311,16 @@ def test_engine_rows_call_each_entry_point_with_valid_arguments():
             assert len(launched) > n, name
             names.append(name)
     assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
-                     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                     "fused_sigmoid_gating_delta_rule_update", "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                      "fused_sigmoid_gating_delta_rule_update_vllm", "fused_sigmoid_gating_delta_rule_update_vllm",
                      "gdn_fused_decode_step"]
     # vLLM's recurrent op and its sigmoid-gating op: each its decode and its verify, both varlen as vLLM
     # calls them, on precomputed and on raw gates
     vllm = [(s.varlen, s.T, s.precomputed_gates) for s in launched if getattr(s, "vllm_slots", False)]
     assert vllm == [("int32", 1, True), ("int32", 4, True), ("int32", 1, False), ("int32", 4, False)]
+    # SGLang's decode and its target verify, both in its own varlen layout (the launch views the rows)
+    sglang = [(s.T, s.row_form, s.has_intermediate) for s in launched if getattr(s, "row_form", "") == "flat"]
+    assert sglang == [(1, "flat", False), (4, "flat", True)]
 
 
 def test_python_only_times_every_flashgdn_row_on_the_cpu(capsys, tmp_path):
@@ -444,7 +448,7 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 3 + 15 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    assert len(main_rows) == 3 + 16 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     assert [r["impl"] for r in main_rows[:3]] == ["torch", "floor", "floor"]
     assert all(r["meets_target"] is None and r["ratio"] > 0 for r in main_rows[:3])
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)

@@ -281,19 +281,26 @@ def test_verify_bad_argument(case):
 @pytest.mark.parametrize("varlen", [True, False], ids=["varlen", "batched"])
 @pytest.mark.parametrize("gates_3d", [False, True], ids=["gates-2d", "gates-3d"])
 def test_verify_hands_views_and_the_buffer_to_the_mtp_kernel(monkeypatch, varlen, gates_3d):
-    """The verify runs one MTP variant on row views [N, T, ...] of the engine's tensors (no copy),
-    with SGLang's buffer and row table as they are and the pool frozen."""
+    """The verify runs one MTP variant with SGLang's buffer and row table as they are and the pool
+    frozen: in SGLang's own varlen layout (2-D gates) on the engine's tensors as they are
+    (KernelSpec.row_form "flat": the launch views them), else on row views [N, T, ...] of them (no
+    copy)."""
     launched = _capture_launch(monkeypatch)
     T = 3
     kw = verify_kwargs(T=T, varlen=varlen, gates_3d=gates_3d)
     o = SIGMOID_FN(**kw)
     assert tuple(o.shape) == (*kw["q"].shape[:2], HV, V) and o.dtype == kw["q"].dtype
     (spec, args), = launched
-    assert (spec.T, spec.row_form, spec.has_intermediate, spec.update_state) == (T, "batch", True, False)
+    flat = varlen and not gates_3d
+    assert (spec.T, spec.row_form, spec.has_intermediate, spec.update_state) == (T, "flat" if flat else "batch",
+                                                                                  True, False)
     assert spec.intermediate_rows == "int32" and spec.multi_token
     assert args.intermediate_states is kw["intermediate_states_buffer"]
     assert args.intermediate_indices is kw["intermediate_state_indices"] and args.parent_tokens is None
     assert args.state is kw["initial_state_source"] and args.state_indices is kw["initial_state_indices"]
+    if flat:
+        assert all(getattr(args, n) is kw[n] for n in ("q", "k", "v", "a", "b")) and args.output is o
+        return
     for name, heads, size in (("q", H, K), ("k", H, K), ("v", HV, V)):
         t = getattr(args, name)
         assert _shares_storage(t, kw[name]) and t.data_ptr() == kw[name].data_ptr(), f"{name} was copied"
@@ -350,3 +357,34 @@ def test_verify_checks_index_values_when_asked(monkeypatch, case):
     SIGMOID_FN(**{**kw, "intermediate_state_indices": torch.tensor([2, 9, 0, 5], dtype=torch.int32)})
     change, match = VERIFY_INDEX_VALUES[case]
     expect_error(SIGMOID_FN, {**kw, **change}, ValueError, match)
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("T, state, tree", [(4, "float32", "int64"), (8, "bfloat16", None)],
+                         ids=["token-loop-tree", "tensor-cores"])
+def test_the_verify_in_its_own_layout_keeps_the_kernels_accesses(tmp_path, monkeypatch, arch, T, state, tree):
+    """SGLang's varlen verify as it comes (KernelSpec.row_form "flat") compiles, for Hopper and
+    Blackwell, into the MTP kernel of its row views [N, T, ...] with the same global loads and stores
+    (16-byte ones included): only the index arithmetic differs (the launch's views, slot indices of
+    any stride). The token loop with an EAGLE tree, the tensor cores without."""
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
+    import dataclasses
+    import re
+
+    from cutlass.cutlass_dsl import CuTeDSL
+
+    from flashgdn.kernels.build import compile_kernel
+    from test_compile import spec
+
+    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "disable_file_caching", True)  # a cached build writes no PTX
+    views = spec(arch, T=T, regime="large", state=state, index_dtype="int32", has_intermediate=True,
+                 intermediate_rows="int32", tree_parents=tree, update_state=False)
+    accesses = []
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    for name, s in (("views", views), ("flat", dataclasses.replace(views, row_form="flat"))):
+        (tmp_path / name).mkdir()
+        compile_kernel(s, keep_dir=str(tmp_path / name))
+        [ptx] = (tmp_path / name).rglob("*.ptx")
+        accesses.append(sorted(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx.read_text())))
+    assert accesses[0] == accesses[1] and any(".v4." in a for a in accesses[0])
+

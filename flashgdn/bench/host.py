@@ -108,7 +108,7 @@ class Case:
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
-        varlen = " varlen" if self.engine in RECURRENT_VERSIONS else ""
+        varlen = " varlen" if self.engine in RECURRENT_VERSIONS or self.row.version == "sglang" else ""
         return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
                 f"output {'given' if self.output_given else 'allocated'}")
 
@@ -133,9 +133,12 @@ def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
 
 def engine_cases(row: Row) -> List[Case]:
     """The engine entry points' cases on the shape of `row` (a one-token pool row): each
-    ENGINE_FUNCTIONS entry, vLLM's recurrent op and its sigmoid-gating op each at T = 1 and
-    T = MTP_TOKENS; the fused step where its contract allows the row (bf16, K = V)."""
-    out = [Case("flashgdn", row, engine="packed"), Case("flashgdn", row, engine="sglang", output_given=False)]
+    ENGINE_FUNCTIONS entry (SGLang's update: its decode, and its target verify of MTP_TOKENS tokens per
+    sequence as engine_rows' sglang row runs it), vLLM's recurrent op and its sigmoid-gating op each
+    at T = 1 and T = MTP_TOKENS; the fused step where its contract allows the row (bf16, K = V)."""
+    out = [Case("flashgdn", row, engine="packed"), Case("flashgdn", row, engine="sglang", output_given=False),
+           Case("flashgdn", dataclasses.replace(row, version="sglang", T=MTP_TOKENS), engine="sglang",
+                output_given=False)]
     for version in RECURRENT_VERSIONS:
         out += [Case("flashgdn", dataclasses.replace(row, version=version, T=T), engine=version, output_given=False)
                 for T in (1, MTP_TOKENS)]
@@ -202,7 +205,7 @@ def engine_call(case: Case, device, seed: int) -> Callable[[], Any]:
     inp = make_inputs(case.row, device, seed)
     if case.engine == "packed":
         return packed_decode_call(case.row, inp)
-    if case.engine == "sglang":
+    if case.engine == "sglang" and case.row.version != "sglang":  # its decode, on a one-token pool row
         return sglang_update_call(case.row, inp)
     return flashgdn_prepare(case.row, inp)[0]
 

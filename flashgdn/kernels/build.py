@@ -71,9 +71,10 @@ def fake_arguments(spec: AnySpec, batch=None):
     idx_t = CUTLASS_DTYPES[spec.index_dtype] if spec.pool else None
     B = cute.sym_int() if batch is None else batch
     T, H, HV, K, V = spec.T, spec.H, spec.HV, spec.K, spec.V
-    # Varlen: the tokens of all sequences in dim 1 ([1, total, ...]); B sequences. Flat rows: the B
-    # one-token sequences in dim 1.
-    lead = (1, cute.sym_int()) if spec.varlen else (1, B) if spec.row_form == "flat" else (B, T)
+    # Flat rows: the B·T tokens of B sequences in dim 1 (B itself where T = 1, else a symbol of their
+    # own: B is the slot indices'). Varlen: the tokens of all sequences in dim 1 ([1, total, ...]).
+    tokens = B if T == 1 else cute.sym_int()
+    lead = (1, cute.sym_int()) if spec.varlen else (1, tokens) if spec.row_form == "flat" else (B, T)
     io_div = vec_elems(spec.io_dtype)
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
@@ -87,7 +88,7 @@ def fake_arguments(spec: AnySpec, batch=None):
     packed, engine_rows = spec.row_form == "packed", spec.row_form != "batch"
     parts = (spec.gate_parts,) if spec.gate_parts else ()  # the split projection's partial sums
     # vLLM's gate rows: [rows >= B·T, HV], rows a symbol of their own
-    gate_shape = ((B, HV) if engine_rows else (cute.sym_int(), HV) if spec.gate_rows else (*parts, *lead, HV))
+    gate_shape = ((tokens, HV) if engine_rows else (cute.sym_int(), HV) if spec.gate_rows else (*parts, *lead, HV))
 
     def slot_index():
         if engine_rows or spec.slot_column:

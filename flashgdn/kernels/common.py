@@ -456,33 +456,33 @@ class DecodeKernel:
 
     def batch_rows(self, args: KernelArgs) -> KernelArgs:
         """The kernel's tensors of a call whose rows arrive as an engine passes them
-        (KernelSpec.row_form), as views, no copy: q, k [B, 1, H, K], v and the output [B, 1, HV, V], a
-        and b [B, 1, HV], vLLM's token slots [B, 1]. "packed": q | k | v of each row of mixed_qkv,
-        at static column offsets that keep its 16-byte alignment; "flat": dims 0 and 1 of q, k, v
-        and the output swapped. The token dim is never stepped (T = 1): its stride is 0. "batch"
-        rows keep q, k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) become [B, T, HV]
-        on q's first two dims, and a slot column (KernelSpec.slot_column) [B, 1]."""
-        H, HV, K, V = self.spec.H, self.spec.HV, self.spec.K, self.spec.V
+        (KernelSpec.row_form, gate_rows, slot_column), as views, no copy: q, k [B, T, H, K], v and
+        the output [B, T, HV, V], a and b [B, T, HV], vLLM's token slots [B, 1]. "packed" (T = 1): q | k
+        | v of each row of mixed_qkv, at static column offsets that keep its 16-byte alignment;
+        "flat": dim 1 of q, k, v and the output (dim 0 of a and b) split into B sequences of T tokens.
+        "batch" rows keep q, k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) are split
+        on q's first two dims, and a slot column (KernelSpec.slot_column) becomes [B, 1]. A token dim
+        of a static size 1 is never stepped: its stride is 0."""
+        H, HV, K, V, T = self.spec.H, self.spec.HV, self.spec.K, self.spec.V, self.spec.T
 
         def view(mX, offset, shape, stride):
             return cute.make_tensor(mX.iterator + offset, cute.make_layout(shape, stride=stride))
 
-        def with_token(mX):  # [B, ...] -> [B, 1, ...]
-            return view(mX, 0, (mX.shape[0], 1, *mX.shape[1:]), (mX.stride[0], 0, *mX.stride[1:]))
+        def token_rows(mX, dim, rows, tokens):  # [.., rows·tokens, ...] (dims before `dim` of size 1)
+            s = mX.stride[dim]  # -> [rows, tokens, ...]: token t of row b at b·tokens + t
+            one = isinstance(tokens, int) and tokens == 1
+            return view(mX, 0, (rows, tokens, *mX.shape[dim + 1:]),
+                        (s if one else tokens * s, 0 if one else s, *mX.stride[dim + 1:]))
 
-        def swapped(mX):  # [1, B, ...] -> [B, 1, ...]
-            return view(mX, 0, (mX.shape[1], 1, *mX.shape[2:]), (mX.stride[1], 0, *mX.stride[2:]))
+        def with_token(mX):  # [B, ...] -> [B, 1, ...]
+            return token_rows(mX, 0, mX.shape[0], 1)
 
         mTok = args.token_state_indices
         if const_expr(self.row_form == "batch"):
             a, b = args.a, args.b
             if const_expr(self.spec.gate_rows):
-                B, T = args.q.shape[0], args.q.shape[1]
-
-                def tokens(mX):  # [rows, HV] -> [B, T, HV]: token t of row b is row b·T + t
-                    return view(mX, 0, (B, T, HV), (T * mX.stride[0], mX.stride[0], 1))
-
-                a, b = tokens(a), tokens(b)
+                a, b = (token_rows(a, 0, args.q.shape[0], args.q.shape[1]),
+                        token_rows(b, 0, args.q.shape[0], args.q.shape[1]))
             if const_expr(self.spec.slot_column):
                 mTok = with_token(mTok)
             return args._replace(a=a, b=b, token_state_indices=mTok)
@@ -494,9 +494,18 @@ class DecodeKernel:
                 return view(mQKV, offset, (B, 1, n, d), (row, 0, d, 1))
 
             q, k, v, out = heads(0, H, K), heads(H * K, H, K), heads(2 * H * K, HV, V), args.output
-        else:
-            q, k, v, out = swapped(args.q), swapped(args.k), swapped(args.v), swapped(args.output)
-        return args._replace(q=q, k=k, v=v, a=with_token(args.a), b=with_token(args.b), output=out,
+            a, b = with_token(args.a), with_token(args.b)
+        elif const_expr(T == 1):  # flat, one token: each tensor's dim is the batch
+            q, k, v, out = (token_rows(args.q, 1, args.q.shape[1], 1), token_rows(args.k, 1, args.k.shape[1], 1),
+                            token_rows(args.v, 1, args.v.shape[1], 1),
+                            token_rows(args.output, 1, args.output.shape[1], 1))
+            a, b = with_token(args.a), with_token(args.b)
+        else:  # flat, T tokens per sequence: the batch is the slot indices'
+            B = args.state_indices.shape[0]
+            q, k, v, out = (token_rows(args.q, 1, B, T), token_rows(args.k, 1, B, T), token_rows(args.v, 1, B, T),
+                            token_rows(args.output, 1, B, T))
+            a, b = token_rows(args.a, 0, B, T), token_rows(args.b, 0, B, T)
+        return args._replace(q=q, k=k, v=v, a=a, b=b, output=out,
                              token_state_indices=None if mTok is None else with_token(mTok))
 
     def grid_rows(self, tensors):
