@@ -41,34 +41,15 @@ SIGMOID_NAME = "fused_sigmoid_gating_delta_rule_update"
 PRECOMPUTED = (None, None, 1.0, 20.0)
 
 
-def slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens) -> Optional[tuple]:
-    """How slot_table takes a call's slots and accepted counts: None where both go as they are, else
-    (N sequences, whether the slots, whether the counts have rows past N: vLLM passes them padded
-    to its CUDA-graph batch; those rows are not read). A function of the shapes that the fast key
-    holds (_recurrent_key): the entry keeps it."""
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    cut = (ssm_state_indices.shape[0] != N, num_accepted_tokens is not None and num_accepted_tokens.shape[0] != N)
-    return (N, *cut) if any(cut) else None
-
-
-def slot_table(ssm_state_indices, num_accepted_tokens, plan) -> tuple:
-    """(token slots [N, T] or [N] (one token: KernelSpec.slot_column), accepted counts [N] or None)
-    as the compiled function takes them (slot_plan: cut to the N sequences)."""
-    if plan is None:
-        return ssm_state_indices, num_accepted_tokens
-    N, cut_slots, cut_accepted = plan
-    return (ssm_state_indices[:N] if cut_slots else ssm_state_indices,
-            num_accepted_tokens[:N] if cut_accepted else num_accepted_tokens)
-
-
 def kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                 o) -> KernelArgs:
-    """The compiled function's arguments of a call (the slots and counts: slot_table on the call's
-    slot_plan). Precomputed gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates);
-    raw gates go as they are, [B, T, HV] or vLLM's [rows, HV] (KernelSpec.gate_rows)."""
-    plan = slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens)
-    slots, accepted = slot_table(ssm_state_indices, num_accepted_tokens, plan)
-    return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, accepted, None, o, slots, cu_seqlens)
+    """The compiled function's arguments of a call, the engine's tensors as they are: the slots [N, T]
+    or [N] (one token: KernelSpec.slot_column) and the accepted counts, of N rows or more (vLLM pads
+    them to its CUDA-graph batch; the kernel reads the rows of the N sequences only). Precomputed
+    gates (A_log None): a is g and b is beta (KernelSpec.precomputed_gates); raw gates go as they are,
+    [B, T, HV] or vLLM's [rows, HV] (KernelSpec.gate_rows)."""
+    return KernelArgs(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o,
+                      ssm_state_indices, cu_seqlens)
 
 
 def _check_refused(name: str, initial_state, inplace_final_state, ssm_state_indices) -> None:
@@ -297,11 +278,11 @@ def _recurrent_key(q, a, initial_state, cu_seqlens, ssm_state_indices, num_accep
     """The fast key of both ops (flashgdn.fastpath): what the compiled function does not check. q's
     shape (the sequences without cu_seqlens; a call without tokens launches nothing), a's rows (vLLM's
     [rows, HV] gates must cover q's tokens: their rows are a symbol of their own), cu_seqlens' length
-    and the shapes of the slots and the accepted counts (the sequences, the slot columns and
-    slot_plan, which the entry keeps); the written pool's and o's layout; the None pattern, the
-    options. The layouts of q, k, v, the gates, the slots and the counts are the compiled function's
-    to check: k, v, the gates and the output share q's symbolic dims (or b a's rows), the slot
-    columns are static."""
+    and the shapes of the slots and the accepted counts (the sequences and the slot columns; their
+    rows, a symbol each, must cover the sequences); the written pool's and o's layout; the None
+    pattern, the options. The layouts of q, k, v, the gates, the slots and the counts are the
+    compiled function's to check: k, v, the gates and the output share q's symbolic dims (or b a's
+    rows), the slot columns are static."""
     return (_recurrent, q.shape, a.shape[0], q.get_device(), initial_state.shape, initial_state.stride(), o.stride(),
             cu_seqlens is None or cu_seqlens.shape, ssm_state_indices.shape,
             num_accepted_tokens is None or num_accepted_tokens.shape, A_log is None, type(softplus_beta),
@@ -312,8 +293,8 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
                ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
     """The eager body of both ops (and their ops' implementation): checks, then one launch writing
     `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
-    (flashgdn.fastpath) skips the checks (_recurrent_key) and takes its slot table as the entry's
-    slot_plan says. q, k and v go as they are: a size-1 dim's stride is never stepped, and neither
+    (flashgdn.fastpath) skips the checks (_recurrent_key). Every tensor goes as it is (kernel_args):
+    q, k and v too: a size-1 dim's stride is never stepped, and neither
     flashgdn's checks nor the compiled function's check it (vLLM's [1, tokens, ...] views of its
     projection carry an unpacked one)."""
     key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, a, initial_state, cu_seqlens, ssm_state_indices,
@@ -321,8 +302,6 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
                               use_qk_l2norm_in_kernel, o)
     if fast is not None:
         try:  # KernelArgs' order
-            if fast.extra is not None:  # vLLM's padded slot table
-                ssm_state_indices, num_accepted_tokens = slot_table(ssm_state_indices, num_accepted_tokens, fast.extra)
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o,
                     ssm_state_indices, cu_seqlens, *AFTER_CU_SEQLENS)
             return
@@ -340,4 +319,4 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
                        num_accepted_tokens, o)
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
                                                      softplus_threshold))
-    api._remember_fast(key, plan, extra=slot_plan(q, cu_seqlens, ssm_state_indices, num_accepted_tokens))
+    api._remember_fast(key, plan)

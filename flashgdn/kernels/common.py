@@ -510,8 +510,8 @@ class DecodeKernel:
 
     def grid_rows(self, tensors):
         """Rows of the grid, each HV x num_tiles CTAs: the batch size (q's first dim; for varlen,
-        where q holds tokens, not sequences, the token slots' rows, one per sequence)."""
-        return KernelArgs(*tensors).token_state_indices.shape[0] if self.spec.varlen else tensors[0].shape[0]
+        where q holds tokens, not sequences, cu_seqlens' sequences)."""
+        return KernelArgs(*tensors).cu_seqlens.shape[0] - 1 if self.spec.varlen else tensors[0].shape[0]
 
     def cta_coords(self, bidx=None):
         """(tile, grid row b (the batch row), value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
