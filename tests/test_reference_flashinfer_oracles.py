@@ -2,7 +2,7 @@
 references of its trace templates (flashinfer.trace.templates.gdn: the decode, MTP with the
 ReplaySSM windows, the ReplaySSM commit) and the composable path of gdn_fused_decode_step (its
 Hopper path). A second oracle for the contracts flashgdn claims; the tests skip where FlashInfer
-cannot be imported (the CI machine: the device's staged FlashInfer has these modules).
+or these modules cannot be imported (the CI machine).
 """
 from __future__ import annotations
 
