@@ -128,3 +128,22 @@ def test_fused_step_equals_flashinfers_hopper_path(B, H, HV, D, hidden, width, P
                                           our_conv, A_log, dt_bias, scale, our_ssm, idx, True)
     assert torch.equal(out, out_fi) and torch.equal(our_conv, fi_conv)
     torch.testing.assert_close(our_ssm, fi_ssm, atol=1e-6, rtol=1e-6)
+
+
+def test_mtp_with_intermediates_equals_flashinfers_reference():
+    """MTP writing the state after every token to intermediate_states_buffer[row, t] and the final
+    state to the pool (disable_state_update=False), with a padding row: bit for bit."""
+    B, T, H, HV, K, P = 3, 4, 2, 4, 64, 6
+    gen = torch.Generator().manual_seed(5)
+    q, k = _randn(gen, B, T, H, K, dtype=BF16), _randn(gen, B, T, H, K, dtype=BF16)
+    v = _randn(gen, B, T, HV, K, dtype=BF16)
+    a, b, A_log, dt_bias = _gates(gen, B, T, HV=HV)
+    pool = _randn(gen, P, HV, K, K, scale=0.1)
+    idx = torch.tensor([2, -1, 5], dtype=torch.int32)
+    fi_buf, our_buf = torch.zeros(B, T, HV, K, K), torch.zeros(B, T, HV, K, K)
+    out_fi, pool_fi = fi_gdn._gdn_mtp_reference(q, k, v, pool.clone(), idx, A_log, a, dt_bias, b, None, fi_buf,
+                                                disable_state_update=False)
+    ours = pool.clone()
+    out, _ = ref.gated_delta_rule_mtp(q, k, v, ours, idx, A_log, a, dt_bias, b, intermediate_states_buffer=our_buf,
+                                      disable_state_update=False, compute_dtype=F64)
+    assert torch.equal(out, out_fi) and torch.equal(ours, pool_fi) and torch.equal(our_buf, fi_buf)
