@@ -268,12 +268,16 @@ def config(**kw):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_host_floor_compiles(arch):
-    """flashgdn-bench --host's floor rows: one compiled function of one and of two empty launches."""
+    """flashgdn-bench --host's floor rows: one compiled function of one and of two empty launches,
+    with one tensor and with several."""
+    from flashgdn.bench.host import FLOOR_CASES
     from flashgdn.kernels.floor import EmptyLaunches, compile_floor
 
-    assert all(callable(compile_floor(n, arch)) for n in (1, 2))
+    assert all(callable(compile_floor(n, arch, t)) for n, t in FLOOR_CASES)
     with pytest.raises(ValueError, match="launches must be at least 1"):
         EmptyLaunches(0)
+    with pytest.raises(ValueError, match="tensors must be at least 1"):
+        compile_floor(1, arch, 0)
 
 
 def test_unchecked_loop_follows_the_measured_cases():

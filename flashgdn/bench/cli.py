@@ -33,7 +33,7 @@ one it reads n/a.
 
 `--host` prints the host time per call of every public function and engine entry point beside
 that of `x.add_(1)` in the same process (and FlashInfer's, when installed), with the floors of one
-compiled function making one and two empty launches; `--profile` adds a
+compiled function making one or two empty launches with one or more tensors; `--profile` adds a
 breakdown of one pretranspose call and one MTP call into their steps (flashgdn.bench.host).
 """
 from __future__ import annotations
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", action="store_true",
         help="host time per call of every public function and engine entry point (B = 1, output given and "
              "allocated) beside x.add_(1) in the same process, with the ratio to it and GPU time per call, and "
-             "the floors of one compiled function making one and two empty launches; FlashInfer's too when "
-             "installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
+             "the floors of one compiled function making one or two empty launches with one or more tensors; "
+             "FlashInfer's too when installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
              "--warmup, --seed, --json and --csv flags")
     add("--profile", action="store_true",
         help="with --host: also time each step of one flashgdn pretranspose call and one MTP call (pool, output "

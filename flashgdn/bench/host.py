@@ -7,9 +7,9 @@ HOST_REPEATS such runs and its ratio to `x.add_(1)` on a one-element CUDA tensor
 in turns with the row's runs (one run of each per repeat; baseline_us, their median): the ratio is
 the median of the repeats' row / baseline ratios, so a drift of the host's speed within the process
 moves both sides of a pair. Against TARGET_RATIO; the target is informational: it never sets the
-exit status. Two "floor" rows time one compiled function (kernels/floor.py) that makes one and two
-empty launches on a one-element tensor: what a call making that many launches pays before its own
-argument checks and Python (the fused step makes two).
+exit status. The "floor" rows time one compiled function (kernels/floor.py) that makes one or two
+empty launches with one or more one-element tensors (FLOOR_CASES): what a call making that many
+launches with that many tensors pays before its own Python (the fused step makes two launches).
 
 GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
 back without waiting for the host, between CUDA events. Events around the host-timed calls
@@ -68,9 +68,10 @@ ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_d
                     "fused_step": "gdn_fused_decode_step"}
 FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
 FLASHINFER_MODULE = "flashinfer.gdn_decode"
-# The floor rows: one compiled function making this many empty launches (a call's floor; the fused
-# step makes two)
-FLOOR_LAUNCHES = (1, 2)
+# The floor rows: one compiled function making this many empty launches with this many one-element
+# tensors (kernels/floor.py): one launch, two; with the tensors of the pretranspose pool call (10, one
+# launch) and of the fused step (13, two launches)
+FLOOR_CASES = ((1, 1), (2, 1), (1, 10), (2, 13))
 FLOOR_FUNCTION = "compiled function (floor)"
 # (API version, pool) of the rows of each API module.
 API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
@@ -93,7 +94,8 @@ HOST_FIELDS = (
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One row of the --host table: `impl` "torch" (the x.add_(1) baseline, `row` None), "floor"
-    (one compiled function making `launches` empty launches: kernels/floor.py, `row` None),
+    (one compiled function making `launches` empty launches with `tensors` one-element tensors:
+    kernels/floor.py, `row` None),
     "flashgdn" or "flashinfer"; `engine`: the engine entry point (ENGINE_FUNCTIONS) on `row`."""
 
     impl: str
@@ -101,10 +103,12 @@ class Case:
     output_given: bool = True
     engine: str = ""
     launches: int = 0
+    tensors: int = 1
 
     def variant(self) -> str:
         if self.impl == "floor":
-            return f"{self.launches} empty launch{'es' if self.launches > 1 else ''}, one-element fp32 tensor"
+            return (f"{self.launches} empty launch{'es' if self.launches > 1 else ''}, {self.tensors} one-element "
+                    f"tensor{'s' if self.tensors > 1 else ''}")
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
@@ -114,10 +118,10 @@ class Case:
 
 
 def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
-    """The baseline, with `floors` the floors of one and two launches (FLOOR_LAUNCHES), then per state
+    """The baseline, with `floors` the floor rows (FLOOR_CASES), then per state
     dtype and batch size flashgdn's rows (each API function with the output given and allocated, then
     the engine entry points: engine_cases) and, with `flashinfer`, FlashInfer's same API rows."""
-    out = [Case("torch")] + ([Case("floor", launches=n) for n in FLOOR_LAUNCHES] if floors else [])
+    out = [Case("torch")] + ([Case("floor", launches=n, tensors=t) for n, t in FLOOR_CASES] if floors else [])
     for state_dtype in args.state_dtype:
         for B in args.batch_size:
             rows = [Row(version, B, MTP_TOKENS if version == "mtp" else 1, args.num_q_heads, args.num_v_heads,
@@ -215,13 +219,14 @@ def baseline_call(device) -> Callable[[], Any]:
     return functools.partial(torch.zeros(1, device=device).add_, 1)
 
 
-def floor_call(device, launches: int) -> Callable[[], Any]:
+def floor_call(device, launches: int, tensors: int) -> Callable[[], Any]:
     """A floor row's call: kernels/floor.py's compiled function of `launches` empty launches, for the
-    device's arch, on a one-element fp32 tensor of `device`."""
+    device's arch, on `tensors` one-element fp32 tensors of `device`."""
     from ..device import facts_of
     from ..kernels.floor import compile_floor
 
-    return functools.partial(compile_floor(launches, facts_of(device).arch), torch.zeros(1, device=device))
+    return functools.partial(compile_floor(launches, facts_of(device).arch, tensors),
+                             *(torch.zeros(1, device=device) for _ in range(tensors)))
 
 
 def function_name(case: Case) -> str:
@@ -237,7 +242,7 @@ def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, C
     """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
     and "flashinfer" to their API modules."""
     if case.impl == "floor":
-        return FLOOR_FUNCTION, floor_call(device, case.launches)
+        return FLOOR_FUNCTION, floor_call(device, case.launches, case.tensors)
     if case.row is None:
         return BASELINE, baseline_call(device)
     if case.engine:
