@@ -293,10 +293,10 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
                ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
     """The eager body of both ops (and their ops' implementation): checks, then one launch writing
     `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
-    (flashgdn.fastpath) skips the checks (_recurrent_key). Every tensor goes as it is (kernel_args):
-    q, k and v too: a size-1 dim's stride is never stepped, and neither
-    flashgdn's checks nor the compiled function's check it (vLLM's [1, tokens, ...] views of its
-    projection carry an unpacked one)."""
+    (flashgdn.fastpath) skips the checks (_recurrent_key). Every tensor goes as it is (kernel_args),
+    q, k and v too: a size-1 dim's stride is never stepped, and neither flashgdn's checks nor the
+    compiled function's check it (vLLM's [1, tokens, ...] views of its projection carry an unpacked
+    one)."""
     key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, a, initial_state, cu_seqlens, ssm_state_indices,
                               num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
                               use_qk_l2norm_in_kernel, o)

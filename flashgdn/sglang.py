@@ -12,10 +12,10 @@ row table (KernelSpec.intermediate_rows) and its tree (KernelSpec.tree_parents).
 
 SGLang's varlen layout (q, k, v [1, N * T, ...] with 2-D gates: its decode and its target verify)
 goes to the kernel as it is (KernelSpec.row_form "flat": its launch views the rows); every other
-layout goes as row views [N, T, ...] (one torch view per tensor). The checks of this module come first and name
-SGLang's arguments; flashgdn's pretranspose checks follow on the views, naming q, k, v, a, b,
-initial_state_source's slots (initial_state_indices) and the output as flashgdn does. Nothing is
-written by a call that fails. While torch.compile traces, a call is the custom op
+layout goes as row views [N, T, ...] (one torch view per tensor). The checks of this module come
+first and name SGLang's arguments; flashgdn's pretranspose checks follow on the views, naming q, k,
+v, a, b, initial_state_source's slots (initial_state_indices) and the output as flashgdn does.
+Nothing is written by a call that fails. While torch.compile traces, a call is the custom op
 flashgdn::fused_sigmoid_gating_delta_rule_update (flashgdn.ops).
 """
 from __future__ import annotations
@@ -265,12 +265,11 @@ def _launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_st
     [1, N * T, ...] of N sequences of T tokens with 2-D gates: _flat; geometry None) as it is, a plain
     tuple (KernelSpec.row_form "flat": the kernel views it); any other as the row views
     [N, T, ...] that `geometry` (_check_layout's) describes."""
-    if geometry is None:
-        return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None,
-                intermediate_states_buffer, out, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
-    q4, k4, v4, a3, b3, o4 = _row_views((q, k, v, a, b, out), geometry)
-    return (q4, k4, v4, a3, b3, A_log, dt_bias, initial_state_source, _indices(initial_state_indices), None, None,
-            intermediate_states_buffer, o4, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
+    if geometry is not None:
+        q, k, v, a, b, out = _row_views((q, k, v, a, b, out), geometry)
+        initial_state_indices = _indices(initial_state_indices)
+    return (q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, None, None,
+            intermediate_states_buffer, out, *BEFORE_ROWS, intermediate_state_indices, retrieve_parent_token)
 
 
 def kernel_args(*args) -> KernelArgs:

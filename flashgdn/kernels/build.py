@@ -93,6 +93,7 @@ def fake_arguments(spec: AnySpec, batch=None):
     # vLLM's slot table and accepted counts may have rows past the batch (padded to its CUDA-graph
     # batch): rows of their own (the grid is q's batch, or cu_seqlens' sequences, and reads no row past it)
     own_rows = spec.vllm_slots and not engine_rows
+    slot_rows, accepted_rows = (cute.sym_int(), cute.sym_int()) if own_rows else (B, B)
 
     def slot_index(rows=B):
         if engine_rows or spec.slot_column:
@@ -111,8 +112,8 @@ def fake_arguments(spec: AnySpec, batch=None):
         # vLLM's slots come from token_state_indices alone
         state_indices=slot_index() if spec.pool and not spec.vllm_slots else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
-        accepted_tokens=(make_fake_tensor(CUTLASS_DTYPES[spec.accepted_dtype], (cute.sym_int() if own_rows else B,),
-                                          stride=(1,)) if spec.has_accepted else None),
+        accepted_tokens=(make_fake_tensor(CUTLASS_DTYPES[spec.accepted_dtype], (accepted_rows,), stride=(1,))
+                         if spec.has_accepted else None),
         intermediate_states=(
             _strided(st, (cute.sym_int(), cute.sym_int(), HV, rows, cols), st_div, inner_static=inner)
             if spec.has_intermediate else None
@@ -120,8 +121,8 @@ def fake_arguments(spec: AnySpec, batch=None):
         output=_strided(CUTLASS_DTYPES[spec.output_dtype], (*lead, HV, V), 1),
         # vLLM's slots are the engine's index tensor, of its index dtype
         token_state_indices=None if not spec.has_token_slots else (
-            slot_index(cute.sym_int() if own_rows else B) if engine_rows or spec.slot_column
-            else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (cute.sym_int() if own_rows else B, T), 1)),
+            slot_index(slot_rows) if engine_rows or spec.slot_column
+            else _strided(idx_t if spec.vllm_slots else cutlass.Int32, (slot_rows, T), 1)),
         cu_seqlens=make_fake_tensor(CUTLASS_DTYPES[spec.varlen], (cute.sym_int(),), stride=(1,)) if spec.varlen else None,
         **(_fake_windows(spec, (cute.sym_int(),)) if spec.replay_cache else {}),
         # SGLang's row table: its whole [>= B] index vector, of any stride

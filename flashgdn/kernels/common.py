@@ -403,6 +403,23 @@ def bulk_prefetch(start, nbytes) -> None:
     nvvm.cp_async_bulk_prefetch(start.to_llvm_ptr(), Int32(nbytes).ir_value())
 
 
+def tensor_view(mX: cute.Tensor, offset, shape, stride) -> cute.Tensor:
+    """The view of `mX`'s memory from element `offset` on with `shape` and `stride` (no copy)."""
+    return cute.make_tensor(mX.iterator + offset, cute.make_layout(shape, stride=stride))
+
+
+def packed_heads(mQKV: cute.Tensor, H: int, HV: int, K: int, V: int):
+    """q, k [B, 1, H, K] and v [B, 1, HV, V] of packed rows mQKV [B, 2·H·K + HV·V] (q | k | v of one
+    token side by side), at static column offsets that keep the rows' 16-byte alignment; the token
+    dim is never stepped (T = 1): its stride is 0."""
+    B, row = mQKV.shape[0], mQKV.stride[0]
+
+    def heads(offset: int, n: int, d: int):
+        return tensor_view(mQKV, offset, (B, 1, n, d), (row, 0, d, 1))
+
+    return heads(0, H, K), heads(H * K, H, K), heads(2 * H * K, HV, V)
+
+
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
     (batch row, value head, tile of that head's state). Subclasses call __init__ with the spec and
@@ -458,21 +475,17 @@ class DecodeKernel:
         """The kernel's tensors of a call whose rows arrive as an engine passes them
         (KernelSpec.row_form, gate_rows, slot_column), as views, no copy: q, k [B, T, H, K], v and
         the output [B, T, HV, V], a and b [B, T, HV], vLLM's token slots [B, 1]. "packed" (T = 1): q | k
-        | v of each row of mixed_qkv, at static column offsets that keep its 16-byte alignment;
-        "flat": dim 1 of q, k, v and the output (dim 0 of a and b) split into B sequences of T tokens.
+        | v of each row of mixed_qkv (packed_heads); "flat": dim 1 of q, k, v and the output (dim 0 of a and b) split into B sequences of T tokens.
         "batch" rows keep q, k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) are split
         on q's first two dims, and a slot column (KernelSpec.slot_column) becomes [B, 1]. A token dim
         of a static size 1 is never stepped: its stride is 0."""
-        H, HV, K, V, T = self.spec.H, self.spec.HV, self.spec.K, self.spec.V, self.spec.T
-
-        def view(mX, offset, shape, stride):
-            return cute.make_tensor(mX.iterator + offset, cute.make_layout(shape, stride=stride))
+        T = self.spec.T
 
         def token_rows(mX, dim, rows, tokens):  # [.., rows·tokens, ...] (dims before `dim` of size 1)
             s = mX.stride[dim]  # -> [rows, tokens, ...]: token t of row b at b·tokens + t
             one = isinstance(tokens, int) and tokens == 1
-            return view(mX, 0, (rows, tokens, *mX.shape[dim + 1:]),
-                        (s if one else tokens * s, 0 if one else s, *mX.stride[dim + 1:]))
+            return tensor_view(mX, 0, (rows, tokens, *mX.shape[dim + 1:]),
+                               (s if one else tokens * s, 0 if one else s, *mX.stride[dim + 1:]))
 
         def with_token(mX):  # [B, ...] -> [B, 1, ...]
             return token_rows(mX, 0, mX.shape[0], 1)
@@ -487,23 +500,14 @@ class DecodeKernel:
                 mTok = with_token(mTok)
             return args._replace(a=a, b=b, token_state_indices=mTok)
         if const_expr(self.row_form == "packed"):
-            mQKV = args.q
-            B, row = mQKV.shape[0], mQKV.stride[0]
-
-            def heads(offset: int, n: int, d: int):
-                return view(mQKV, offset, (B, 1, n, d), (row, 0, d, 1))
-
-            q, k, v, out = heads(0, H, K), heads(H * K, H, K), heads(2 * H * K, HV, V), args.output
+            (q, k, v), out = packed_heads(args.q, self.spec.H, self.spec.HV, self.spec.K, self.spec.V), args.output
             a, b = with_token(args.a), with_token(args.b)
         elif const_expr(T == 1):  # flat, one token: each tensor's dim is the batch
-            q, k, v, out = (token_rows(args.q, 1, args.q.shape[1], 1), token_rows(args.k, 1, args.k.shape[1], 1),
-                            token_rows(args.v, 1, args.v.shape[1], 1),
-                            token_rows(args.output, 1, args.output.shape[1], 1))
+            q, k, v, out = (token_rows(x, 1, x.shape[1], 1) for x in (args.q, args.k, args.v, args.output))
             a, b = with_token(args.a), with_token(args.b)
         else:  # flat, T tokens per sequence: the batch is the slot indices'
             B = args.state_indices.shape[0]
-            q, k, v, out = (token_rows(args.q, 1, B, T), token_rows(args.k, 1, B, T), token_rows(args.v, 1, B, T),
-                            token_rows(args.output, 1, B, T))
+            q, k, v, out = (token_rows(x, 1, B, T) for x in (args.q, args.k, args.v, args.output))
             a, b = token_rows(args.a, 0, B, T), token_rows(args.b, 0, B, T)
         return args._replace(q=q, k=k, v=v, a=a, b=b, output=out,
                              token_state_indices=None if mTok is None else with_token(mTok))

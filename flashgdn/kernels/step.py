@@ -13,6 +13,7 @@ import cutlass.cute as cute
 from cutlass import const_expr
 
 from ..spec import AFTER_OUTPUT, ConvGateArgs, StepArgs, StepSpec
+from .common import packed_heads, tensor_view
 
 
 class FusedStep:
@@ -37,21 +38,15 @@ class FusedStep:
                     args.output, *AFTER_OUTPUT, stream)
 
     def decode_views(self, mQKV: cute.Tensor, mBA: cute.Tensor):
-        """q, k [B, 1, H, D] and v [B, 1, HV, D] of the q | k | v rows mQKV [B, qkv_dim], at static
-        column offsets; b = mBA[..., :HV] and a = mBA[..., HV:] [B, 1, HV] of the b | a rows
-        mBA [B, 2 HV], or [parts, B, 1, HV] of its partial sums [parts, B, 2 HV]. The token dim is
-        never stepped (T = 1): its stride is 0."""
+        """q, k [B, 1, H, D] and v [B, 1, HV, D] of the q | k | v rows mQKV [B, qkv_dim] (the packed
+        rows of common.packed_heads); b = mBA[..., :HV] and a = mBA[..., HV:] [B, 1, HV] of the b | a
+        rows mBA [B, 2 HV], or [parts, B, 1, HV] of its partial sums [parts, B, 2 HV]. The token dim
+        is never stepped (T = 1): its stride is 0."""
         H, HV, D = self.spec.conv.H, self.spec.conv.HV, self.spec.conv.D
-        B, row = mQKV.shape[0], mQKV.stride[0]
-
-        def view(mX, offset, shape, stride):
-            return cute.make_tensor(mX.iterator + offset, cute.make_layout(shape, stride=stride))
-
-        q = view(mQKV, 0, (B, 1, H, D), (row, 0, D, 1))
-        k = view(mQKV, H * D, (B, 1, H, D), (row, 0, D, 1))
-        v = view(mQKV, 2 * H * D, (B, 1, HV, D), (row, 0, D, 1))
+        q, k, v = packed_heads(mQKV, H, HV, D, D)
+        B = mQKV.shape[0]
         if const_expr(self.spec.decode.gate_parts):
             shape, stride = (mBA.shape[0], B, 1, HV), (mBA.stride[0], mBA.stride[1], 0, 1)
         else:
             shape, stride = (B, 1, HV), (mBA.stride[0], 0, 1)
-        return q, k, v, view(mBA, HV, shape, stride), view(mBA, 0, shape, stride)
+        return q, k, v, tensor_view(mBA, HV, shape, stride), tensor_view(mBA, 0, shape, stride)
