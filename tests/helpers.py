@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -299,6 +300,21 @@ def ffi_checking_stub(spec, launched=None):
             launched.append(args)
 
     return compiled
+
+
+def compiled_ptx(spec, directory, monkeypatch) -> str:
+    """The PTX of `spec`'s build, compiled into `directory` (created), its per-object name suffixes
+    removed so two builds compare as text. The DSL's file cache is off for the test: a build it loads
+    writes no PTX (its environment is read once per process)."""
+    from cutlass.cutlass_dsl import CuTeDSL
+
+    from flashgdn.kernels.build import compile_kernel
+
+    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "disable_file_caching", True)
+    directory.mkdir()
+    compile_kernel(spec, keep_dir=str(directory))
+    [ptx] = directory.rglob("*.ptx")
+    return re.sub(r"_[0-9a-f]{6,}", "", ptx.read_text())
 
 
 def batch_rows(args, problem):

@@ -371,20 +371,13 @@ def test_the_verify_in_its_own_layout_keeps_the_kernels_accesses(tmp_path, monke
     import dataclasses
     import re
 
-    from cutlass.cutlass_dsl import CuTeDSL
-
-    from flashgdn.kernels.build import compile_kernel
+    from helpers import compiled_ptx
     from test_compile import spec
 
-    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "disable_file_caching", True)  # a cached build writes no PTX
     views = spec(arch, T=T, regime="large", state=state, index_dtype="int32", has_intermediate=True,
                  intermediate_rows="int32", tree_parents=tree, update_state=False)
-    accesses = []
     monkeypatch.setenv("CUTE_DSL_ARCH", arch)
-    for name, s in (("views", views), ("flat", dataclasses.replace(views, row_form="flat"))):
-        (tmp_path / name).mkdir()
-        compile_kernel(s, keep_dir=str(tmp_path / name))
-        [ptx] = (tmp_path / name).rglob("*.ptx")
-        accesses.append(sorted(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx.read_text())))
+    accesses = [sorted(re.findall(r"\b(?:ld|st)\.global[\w.]*", compiled_ptx(s, tmp_path / name, monkeypatch)))
+                for name, s in (("views", views), ("flat", dataclasses.replace(views, row_form="flat")))]
     assert accesses[0] == accesses[1] and any(".v4." in a for a in accesses[0])
 

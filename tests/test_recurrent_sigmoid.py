@@ -5,8 +5,6 @@ raise, a valid call builds the raw-gate variant on the engine's tensors (its tor
 tests/test_ops_recurrent.py)."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -209,21 +207,11 @@ def test_views_of_vllm_rows_leave_the_kernel_as_it_is(monkeypatch, tmp_path, T):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
     import dataclasses
 
-    from flashgdn.kernels.build import compile_kernel
+    from helpers import compiled_ptx
     from test_compile import spec
 
     plain = spec("sm_90a", T=T, regime="large" if T > 1 else "small", index_dtype="int32", has_token_slots=True,
                  vllm_slots=True, varlen="int32", has_accepted=T > 1)
     viewed = dataclasses.replace(plain, gate_rows=True, slot_column=T == 1)
-    from cutlass.cutlass_dsl import CuTeDSL
-
-    # a build loaded from the DSL's file cache writes no PTX (its environment is read once per process)
-    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "disable_file_caching", True)
-    texts = []
-    for name, s in (("plain", plain), ("viewed", viewed)):
-        (tmp_path / name).mkdir()
-        compile_kernel(s, keep_dir=str(tmp_path / name))
-        [ptx] = (tmp_path / name).rglob("*.ptx")
-        texts.append(re.sub(r"_[0-9a-f]{6,}", "", ptx.read_text()))  # names carry per-object ids
-    assert texts[0] == texts[1]
+    assert compiled_ptx(plain, tmp_path / "plain", monkeypatch) == compiled_ptx(viewed, tmp_path / "viewed", monkeypatch)
 
