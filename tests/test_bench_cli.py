@@ -594,3 +594,11 @@ def test_compile_only_token_slots_and_padded_pools(capsys, tmp_path):
     names = [r["kernel"] for r in json.loads(out_json.read_text())["rows"]]
     assert names == ["klast/T1/H16/HV32/K64/V64/bfloat16/state-bfloat16/small/sm_90a/pool/strided",
                      "klast/T2/H16/HV32/K64/V64/bfloat16/state-bfloat16/small/sm_90a/pool/strided/keeppad"]
+
+
+def test_recorded_command_keeps_only_output_file_names():
+    """The results record the command without the machine's folders of its output files."""
+    argv = ["--api", "all", "--csv", "/some/dir/a.csv", "--json=/x/y/b.json", "--plot", "c.png", "--verify"]
+    assert cli.recorded_command(argv) == ["--api", "all", "--csv", "a.csv", "--json=b.json", "--plot", "c.png",
+                                          "--verify"]
+    assert cli.parse_args(argv).argv == cli.recorded_command(argv)

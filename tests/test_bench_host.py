@@ -115,11 +115,14 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     a = _args("--batch-size", "1", "4", "--state-dtype", "fp32", "bf16")
     plain = host.cases(a, flashinfer=False)
     assert plain[0] == host.Case("torch") and plain[0].row is None
-    assert plain[1:5] == [host.Case("floor", launches=n, tensors=t) for n, t in host.FLOOR_CASES]
+    floors = len(host.FLOOR_CASES)
+    assert plain[1:1 + floors] == [host.Case("floor", launches=n, tensors=t, output_given=given)
+                                   for n, t, given in host.FLOOR_CASES]
     assert plain[1].variant() == "1 empty launch, 1 one-element tensor"
-    assert plain[4].variant() == "2 empty launches, 13 one-element tensors"
-    assert host.cases(a, flashinfer=False, floors=False) == plain[:1] + plain[5:]
-    assert len(plain) == 5 + 2 * 2 * (4 * 2 + 8)
+    assert plain[4].variant() == "1 empty launch, 10 one-element tensors, output allocated"
+    assert plain[floors].variant() == "2 empty launches, 13 one-element tensors"
+    assert host.cases(a, flashinfer=False, floors=False) == plain[:1] + plain[1 + floors:]
+    assert len(plain) == 1 + floors + 2 * 2 * (4 * 2 + 8)
     both = host.cases(a, flashinfer=True)
     assert len(both) == len(plain) + 2 * 2 * 4 * 2
     fg = [c for c in plain if c.impl == "flashgdn" and not c.engine and c.row.B == 1 and c.row.state_dtype == "fp32"]
@@ -431,7 +434,7 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     facts = DeviceFacts("sm_90a", 132, "sm90-hbm3")
     monkeypatch.setattr(host, "supported_gpu", lambda: (torch.device("cpu"), facts))
     monkeypatch.setattr(host, "GpuTimer", lambda: (lambda call, host_us: 0.5))
-    monkeypatch.setattr(host, "floor_call", lambda device, launches, tensors: (lambda: None))
+    monkeypatch.setattr(host, "floor_call", lambda device, launches, tensors, output_given: (lambda: None))
     monkeypatch.setattr(host, "environment", lambda device, command: {"command": " ".join(command)})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
@@ -449,7 +452,7 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 5 + 16 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    assert len(main_rows) == 1 + len(host.FLOOR_CASES) + 16 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     assert [r["impl"] for r in main_rows[:5]] == ["torch"] + ["floor"] * 4
     assert all(r["meets_target"] is None and r["ratio"] > 0 for r in main_rows[:5])
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", action="store_true",
         help="host time per call of every public function and engine entry point (B = 1, output given and "
              "allocated) beside x.add_(1) in the same process, with the ratio to it and GPU time per call, and "
-             "the floors of one compiled function making one or two empty launches with one or more tensors; "
+             "the floors of one compiled function making one or two empty launches with one or more tensors "
+             "(one allocating an output first); "
              "FlashInfer's too when installed. Takes the shape, dtype, --batch-size, --state-dtype, --iters, "
              "--warmup, --seed, --json and --csv flags")
     add("--profile", action="store_true",
@@ -188,11 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags whose value is an output file: the results record its name only, not the machine's folders.
+OUTPUT_FLAGS = ("--csv", "--json", "--plot")
+
+
+def recorded_command(argv: Sequence[str]) -> List[str]:
+    """The command line as the results record it: each output file (OUTPUT_FLAGS, as `--csv F` or
+    `--csv=F`) by its base name."""
+    out, after_flag = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if after_flag:
+            arg = os.path.basename(arg)
+        elif eq and flag in OUTPUT_FLAGS:
+            arg = f"{flag}={os.path.basename(value)}"
+        out.append(arg)
+        after_flag = arg in OUTPUT_FLAGS
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and cross-check the flags; a bad combination exits 2 with one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = recorded_command(sys.argv[1:] if argv is None else argv)
     if args.api_alias is SHOW_VERSION:
         print(f"flashgdn {__version__}")
         parser.exit(0)

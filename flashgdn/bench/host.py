@@ -9,7 +9,9 @@ the median of the repeats' row / baseline ratios, so a drift of the host's speed
 moves both sides of a pair. Against TARGET_RATIO; the target is informational: it never sets the
 exit status. The "floor" rows time one compiled function (kernels/floor.py) that makes one or two
 empty launches with one or more one-element tensors (FLOOR_CASES): what a call making that many
-launches with that many tensors pays before its own Python (the fused step makes two launches).
+launches with that many tensors pays before its own Python (the fused step makes two launches); one
+of them also allocates an output as flashgdn's calls do (fastpath.new_output), the floor of a call
+that allocates its output.
 
 GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
 back without waiting for the host, between CUDA events. Events around the host-timed calls
@@ -69,9 +71,10 @@ ENGINE_FUNCTIONS = {"packed": ENGINE_FUNCTION, "sglang": "fused_sigmoid_gating_d
 FUSED_STEP_HIDDEN = 2048  # Qwen3-Next's
 FLASHINFER_MODULE = "flashinfer.gdn_decode"
 # The floor rows: one compiled function making this many empty launches with this many one-element
-# tensors (kernels/floor.py): one launch, two; with the tensors of the pretranspose pool call (10, one
-# launch) and of the fused step (13, two launches)
-FLOOR_CASES = ((1, 1), (2, 1), (1, 10), (2, 13))
+# tensors (kernels/floor.py), with the output given or allocated first: one launch, two; with the
+# tensors of the pretranspose pool call (10, one launch; its output given and allocated) and of the
+# fused step (13, two launches)
+FLOOR_CASES = ((1, 1, True), (2, 1, True), (1, 10, True), (1, 10, False), (2, 13, True))
 FLOOR_FUNCTION = "compiled function (floor)"
 # (API version, pool) of the rows of each API module.
 API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
@@ -108,7 +111,7 @@ class Case:
     def variant(self) -> str:
         if self.impl == "floor":
             return (f"{self.launches} empty launch{'es' if self.launches > 1 else ''}, {self.tensors} one-element "
-                    f"tensor{'s' if self.tensors > 1 else ''}")
+                    f"tensor{'s' if self.tensors > 1 else ''}{'' if self.output_given else ', output allocated'}")
         if self.row is None:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
@@ -121,7 +124,8 @@ def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
     """The baseline, with `floors` the floor rows (FLOOR_CASES), then per state
     dtype and batch size flashgdn's rows (each API function with the output given and allocated, then
     the engine entry points: engine_cases) and, with `flashinfer`, FlashInfer's same API rows."""
-    out = [Case("torch")] + ([Case("floor", launches=n, tensors=t) for n, t in FLOOR_CASES] if floors else [])
+    out = [Case("torch")] + ([Case("floor", launches=n, tensors=t, output_given=given) for n, t, given in FLOOR_CASES]
+                             if floors else [])
     for state_dtype in args.state_dtype:
         for B in args.batch_size:
             rows = [Row(version, B, MTP_TOKENS if version == "mtp" else 1, args.num_q_heads, args.num_v_heads,
@@ -219,14 +223,26 @@ def baseline_call(device) -> Callable[[], Any]:
     return functools.partial(torch.zeros(1, device=device).add_, 1)
 
 
-def floor_call(device, launches: int, tensors: int) -> Callable[[], Any]:
+def floor_call(device, launches: int, tensors: int, output_given: bool = True) -> Callable[[], Any]:
     """A floor row's call: kernels/floor.py's compiled function of `launches` empty launches, for the
-    device's arch, on `tensors` one-element fp32 tensors of `device`."""
+    device's arch, on `tensors` one-element fp32 tensors of `device`; unless `output_given`, after
+    allocating an output of the Qwen3-Next decode's shape [1, 1, 32, 128] (bf16) as flashgdn's calls
+    allocate theirs."""
+    from .. import fastpath
     from ..device import facts_of
     from ..kernels.floor import compile_floor
 
-    return functools.partial(compile_floor(launches, facts_of(device).arch, tensors),
+    call = functools.partial(compile_floor(launches, facts_of(device).arch, tensors),
                              *(torch.zeros(1, device=device) for _ in range(tensors)))
+    if output_given:
+        return call
+    v = torch.zeros(1, 1, 32, 128, dtype=torch.bfloat16, device=device)
+
+    def allocating_call():
+        fastpath.new_output(v, False)
+        return call()
+
+    return allocating_call
 
 
 def function_name(case: Case) -> str:
@@ -242,7 +258,7 @@ def bind(case: Case, modules: Dict[str, Any], device, seed: int) -> Tuple[str, C
     """(function name, call) of a case on fresh inputs (rows.make_inputs); `modules` maps "flashgdn"
     and "flashinfer" to their API modules."""
     if case.impl == "floor":
-        return FLOOR_FUNCTION, floor_call(device, case.launches, case.tensors)
+        return FLOOR_FUNCTION, floor_call(device, case.launches, case.tensors, case.output_given)
     if case.row is None:
         return BASELINE, baseline_call(device)
     if case.engine:
