@@ -12,7 +12,7 @@ import torch
 
 from flashgdn import api, engines, fastpath, fused_step
 from flashgdn import validation as val
-from flashgdn.bench import cli, host, host_timing
+from flashgdn.bench import cli, host, host_profile, host_timing
 from flashgdn.bench.rows import Row, make_inputs
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import KernelArgs
@@ -380,7 +380,7 @@ def test_profile_records_fill_the_remainders():
         t = us[call()]
         return {"host_median_us": t, "host_min_us": t, "gpu_us": 2.0 if gpu else None, "gpu_bound": False}
 
-    recs = host.profile_records(parts, measure, "v", 10, 7, baseline_us=10.0)
+    recs = host_profile.profile_records(parts, measure, "v", 10, 7, baseline_us=10.0)
     by = {r["function"].strip(): r for r in recs}
     assert by["rest of launch"]["host_median_us"] == pytest.approx(18.0 - 3.0 - 12.0)
     assert by["rest of the call"]["host_median_us"] == pytest.approx(30.0 - 0.5 - 5.0 - 1.0 - 18.0)
@@ -410,7 +410,7 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch, version, T):
     name, args, kwargs = host.api_call(row, inp, via_pretranspose=False)
     getattr(api, name)(*args, **kwargs)
     [plan] = api._VALIDATED.values()
-    parts = host.profile_parts(name, args, kwargs)
+    parts = host_profile.profile_parts(name, args, kwargs)
     labels = [label.strip() for label, _, _ in parts]
     assert labels[0].startswith(name) and any("TVM-FFI" in x for x in labels)
     for label, call, launches in parts:

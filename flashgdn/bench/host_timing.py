@@ -16,6 +16,13 @@ GPU_ATTEMPTS = 3  # each with a 4x longer spin, when the host was not done befor
 SPIN_CALIBRATION_CYCLES = 10_000_000  # about 5 ms at an H200's clock
 SPIN_MARGIN_US = 1000.0
 
+# Fields of one --host record (JSON keys, CSV columns); profile parts have impl "profile".
+HOST_FIELDS = (
+    "impl", "function", "variant", "B", "T", "H", "HV", "K", "V", "dtype", "state_dtype", "iters", "repeats",
+    "host_median_us", "host_min_us", "gpu_us", "gpu_bound", "full_way_calls", "baseline_us", "ratio", "meets_target",
+    "share_of_call", "error",
+)
+
 
 def host_times(call: Callable[[], Any], iters: int, repeats: int, sync: Callable[[], None],
                clock: Callable[[], float] = time.perf_counter) -> List[float]:
