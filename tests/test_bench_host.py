@@ -428,6 +428,26 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch, version, T):
     assert p == plan.problem
 
 
+def test_allocating_floor_allocates_then_calls(monkeypatch):
+    """The allocating floor row's call allocates an output as flashgdn's calls do (fastpath.new_output of
+    the decode's [1, 1, 32, 128] bf16 output), then calls the compiled floor on its tensors."""
+    import flashgdn.device
+    import flashgdn.kernels.floor
+
+    events = []
+    monkeypatch.setattr(flashgdn.device, "facts_of", lambda device: DeviceFacts("sm_90a", 132, "sm90-hbm3"))
+    monkeypatch.setattr(flashgdn.kernels.floor, "compile_floor",
+                        lambda launches, arch, tensors: (lambda *ts: events.append(("call", len(ts)))))
+    real = host.fastpath.new_output
+    monkeypatch.setattr(host.fastpath, "new_output",
+                        lambda v, zero: events.append(("alloc", tuple(v.shape), v.dtype, zero)) or real(v, zero))
+    host.floor_call(torch.device("cpu"), 1, 10, output_given=False)()
+    assert events == [("alloc", (1, 1, 32, 128), torch.bfloat16, False), ("call", 10)]
+    events.clear()
+    host.floor_call(torch.device("cpu"), 2, 13)()
+    assert events == [("call", 13)]
+
+
 def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     """The whole mode on CPU tensors: device facts, kernel cache, GPU sync, GPU timer and stream
     stubbed; every row and profile step gets a time, the tables and the JSON come out, rc 0."""

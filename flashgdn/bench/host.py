@@ -220,7 +220,6 @@ def floor_call(device, launches: int, tensors: int, output_given: bool = True) -
     device's arch, on `tensors` one-element fp32 tensors of `device`; unless `output_given`, after
     allocating an output of the Qwen3-Next decode's shape [1, 1, 32, 128] (bf16) as flashgdn's calls
     allocate theirs."""
-    from .. import fastpath
     from ..device import facts_of
     from ..kernels.floor import compile_floor
 
