@@ -263,9 +263,9 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         try:
             if gemm_guard is None or gemm_guard == _gemm_facts(hidden_states, w_ba):
                 o = _output(out, p, device)
-                _launches(fast.fn, gemm_guard is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts), hidden_states,
-                          w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias,
-                          ssm_state, o)
+                _launches(fast.fn, gemm_guard is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts),
+                          hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log,
+                          dt_bias, ssm_state, o)
                 return o
         except fastpath.REFUSED:
             pass

@@ -80,15 +80,12 @@ def _check_gates(q, a, b, A_log, dt_bias, HV: int) -> dict:
             val.check_tensor(name, t, GATE_DTYPES, lead)
     else:
         gates = dict(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
-        if isinstance(a, torch.Tensor) and a.dim() == 2:
-            val.check_tensor("a", a, (q.dtype, torch.float32), (None, HV))
-            if a.shape[0] < lead[0] * lead[1]:
-                raise ValueError(f"a as [rows, HV] must have a row per token, at least {lead[0] * lead[1]} "
-                                 f"(q.shape[0] * q.shape[1]), got {list(a.shape)}")
-            val.check_tensor("b", b, (a.dtype,), tuple(a.shape))
-        else:
-            val.check_tensor("a", a, (q.dtype, torch.float32), lead)
-            val.check_tensor("b", b, (a.dtype,), lead)
+        rows = isinstance(a, torch.Tensor) and a.dim() == 2  # vLLM's [rows, HV]
+        val.check_tensor("a", a, (q.dtype, torch.float32), (None, HV) if rows else lead)
+        if rows and a.shape[0] < lead[0] * lead[1]:
+            raise ValueError(f"a as [rows, HV] must have a row per token, at least {lead[0] * lead[1]} "
+                             f"(q.shape[0] * q.shape[1]), got {list(a.shape)}")
+        val.check_tensor("b", b, (a.dtype,), tuple(a.shape) if rows else lead)
         val.check_tensor("A_log", A_log, (torch.float32,), (HV,))
         val.check_tensor("dt_bias", dt_bias, val.DT_BIAS_DTYPES, (HV,))
     for name, t in gates.items():

@@ -205,6 +205,12 @@ def make_fused_inputs(B, H, HV, D, hidden, width=4, P=None, state_dtype=F32, con
     return kw
 
 
+def strided_view(shape, strides, dtype=F32):
+    """Random values in a view with exactly these strides (storage just large enough)."""
+    n = 1 + sum((d - 1) * s for d, s in zip(shape, strides))
+    return torch.randn(n).to(dtype).as_strided(shape, strides)
+
+
 def clone_strided(t: torch.Tensor) -> torch.Tensor:
     """A copy of t with t's strides (a padded or transposed pool stays one)."""
     copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)

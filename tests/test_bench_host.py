@@ -315,7 +315,8 @@ def test_engine_rows_call_each_entry_point_with_valid_arguments():
             assert len(launched) > n, name
             names.append(name)
     assert names == ["fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
-                     "fused_sigmoid_gating_delta_rule_update", "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                     "fused_sigmoid_gating_delta_rule_update", "fused_recurrent_gated_delta_rule",
+                     "fused_recurrent_gated_delta_rule",
                      "fused_sigmoid_gating_delta_rule_update_vllm", "fused_sigmoid_gating_delta_rule_update_vllm",
                      "gdn_fused_decode_step"]
     # vLLM's recurrent op and its sigmoid-gating op: each its decode and its verify, both varlen as vLLM
@@ -472,14 +473,17 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     rows = json.loads(out_json.read_text())["rows"]
     main_rows = [r for r in rows if r["impl"] != "profile"]
     profile = [r for r in rows if r["impl"] == "profile"]
-    assert len(main_rows) == 1 + len(host.FLOOR_CASES) + 16 and not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
-    assert [r["impl"] for r in main_rows[:5]] == ["torch"] + ["floor"] * 4
-    assert all(r["meets_target"] is None and r["ratio"] > 0 for r in main_rows[:5])
+    floors = len(host.FLOOR_CASES)
+    assert len(main_rows) == 1 + floors + 16 and not any(r["error"] for r in rows), [r["error"] for r in rows
+                                                                                     if r["error"]]
+    assert [r["impl"] for r in main_rows[:1 + floors]] == ["torch"] + ["floor"] * floors
+    assert all(r["meets_target"] is None and r["ratio"] > 0 for r in main_rows[:1 + floors])
     assert all(r["host_median_us"] > 0 for r in main_rows) and all(r["gpu_us"] == 0.5 for r in main_rows)
     # every repeated call takes its fast path: the full way at most on a signature's first call
     assert all(r["full_way_calls"] in (0, 1) for r in main_rows if r["impl"] == "flashgdn")
     assert {r["function"] for r in main_rows} == {
-        "x.add_(1)", host.FLOOR_FUNCTION, "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode", "gated_delta_rule_mtp",
+        "x.add_(1)", host.FLOOR_FUNCTION, "gated_delta_rule_decode_pretranspose", "gated_delta_rule_decode",
+        "gated_delta_rule_mtp",
         "fused_recurrent_gated_delta_rule_packed_decode", "fused_sigmoid_gating_delta_rule_update",
         "fused_recurrent_gated_delta_rule", "fused_sigmoid_gating_delta_rule_update_vllm", "gdn_fused_decode_step"}
     assert len(profile) == 14 and len({r["variant"] for r in profile}) == 2  # a pretranspose and an MTP call

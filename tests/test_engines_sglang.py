@@ -380,4 +380,3 @@ def test_the_verify_in_its_own_layout_keeps_the_kernels_accesses(tmp_path, monke
     accesses = [sorted(re.findall(r"\b(?:ld|st)\.global[\w.]*", compiled_ptx(s, tmp_path / name, monkeypatch)))
                 for name, s in (("views", views), ("flat", dataclasses.replace(views, row_form="flat")))]
     assert accesses[0] == accesses[1] and any(".v4." in a for a in accesses[0])
-

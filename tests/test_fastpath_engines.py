@@ -48,8 +48,8 @@ def _padded(kw):
 def _wide(kw):
     """vLLM's gates with rows past the tokens (its whole batch's, beside the speculative tokens) and
     one-token slots that are a column of a block table (stride 2)."""
-    ba = torch.cat([torch.cat([kw["b"], kw["a"]], 1), torch.randn(3, 2 * kw["a"].shape[1]).to(kw["a"].dtype)])
     HV = kw["a"].shape[1]
+    ba = torch.cat([torch.cat([kw["b"], kw["a"]], 1), torch.randn(3, 2 * HV).to(kw["a"].dtype)])
     slots = kw["ssm_state_indices"]
     return dict(kw, b=ba[:, :HV], a=ba[:, HV:], ssm_state_indices=torch.stack([slots, slots], 1)[:, 0])
 

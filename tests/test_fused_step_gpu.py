@@ -246,9 +246,9 @@ GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
 def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
     """The "gemm" conv/gate regime (the b/a projection by torch.mm into the workspace, then the step's
-    compiled function: a conv-only conv/gate kernel and the decode as its programmatic dependent): the same results as the
-    reference, padding and an out-of-range slot included, in the DS and SD layouts; the second
-    call's w_ba requires grad (an nn.Parameter), outside torch.no_grad."""
+    compiled function: a conv-only conv/gate kernel and the decode as its programmatic dependent): the
+    same results as the reference, padding and an out-of-range slot included, in the DS and SD
+    layouts; the second call's w_ba requires grad (an nn.Parameter), outside torch.no_grad."""
     from flashgdn.kernels import policy
 
     specs = use_h200_table(monkeypatch, **GEMM_REGIME)

@@ -137,8 +137,9 @@ def test_a_valid_call_builds_the_raw_gate_variant(monkeypatch, layout):
 
 def _op_args(kw, o):
     """The op's arguments of a call's keyword arguments."""
-    return (kw["A_log"], kw["a"], kw["b"], kw["dt_bias"], kw["q"], kw["k"], kw["v"], 1.0, 20.0, kw["scale"], kw["initial_state"],
-            kw["cu_seqlens"], kw["ssm_state_indices"], kw["num_accepted_tokens"], kw["use_qk_l2norm_in_kernel"], o)
+    return (kw["A_log"], kw["a"], kw["b"], kw["dt_bias"], kw["q"], kw["k"], kw["v"], 1.0, 20.0, kw["scale"],
+            kw["initial_state"], kw["cu_seqlens"], kw["ssm_state_indices"], kw["num_accepted_tokens"],
+            kw["use_qk_l2norm_in_kernel"], o)
 
 
 # ----------------------------------------------------------------------------- on the GPU
@@ -213,5 +214,6 @@ def test_views_of_vllm_rows_leave_the_kernel_as_it_is(monkeypatch, tmp_path, T):
     plain = spec("sm_90a", T=T, regime="large" if T > 1 else "small", index_dtype="int32", has_token_slots=True,
                  vllm_slots=True, varlen="int32", has_accepted=T > 1)
     viewed = dataclasses.replace(plain, gate_rows=True, slot_column=T == 1)
-    assert compiled_ptx(plain, tmp_path / "plain", monkeypatch) == compiled_ptx(viewed, tmp_path / "viewed", monkeypatch)
+    assert (compiled_ptx(plain, tmp_path / "plain", monkeypatch)
+            == compiled_ptx(viewed, tmp_path / "viewed", monkeypatch))
 

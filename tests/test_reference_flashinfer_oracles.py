@@ -37,8 +37,8 @@ def test_decode_equals_flashinfers_reference(B, H, HV, K, scale):
     state = _randn(gen, B, HV, K, K, scale=0.1)
     out_fi, state_fi = fi_gdn._gdn_decode_reference(q, k, v, state.clone(), A_log, a, dt_bias, b, scale)
     ours = state.clone()
-    out = ref.gated_delta_rule_decode_pretranspose(q, k, v, ours, A_log, a, dt_bias, b, scale=scale, use_qk_l2norm=False,
-                                                   compute_dtype=F64)[0]
+    out = ref.gated_delta_rule_decode_pretranspose(q, k, v, ours, A_log, a, dt_bias, b, scale=scale,
+                                                   use_qk_l2norm=False, compute_dtype=F64)[0]
     assert torch.equal(out, out_fi)
     torch.testing.assert_close(ours, state_fi, atol=1e-6, rtol=1e-6)
 

@@ -19,18 +19,12 @@ from flashgdn import validation as val  # noqa: E402
 from flashgdn.kernels.build import make_kernel  # noqa: E402
 from flashgdn.kernels.common import CUTLASS_DTYPES  # noqa: E402
 from flashgdn.spec import KernelArgs  # noqa: E402
-from helpers import batch_rows  # noqa: E402
+from helpers import batch_rows, strided_view  # noqa: E402
 from test_compile import spec  # noqa: E402
 
 BF16, F32, I32 = torch.bfloat16, torch.float32, torch.int32
 N, H, HV, K = 3, 2, 4, 64
 WIDTH = 2 * H * K + HV * K  # one token's q | k | v
-
-
-def _strided(shape, stride, dtype):
-    """A tensor of `shape` and `stride` (a view of a large enough buffer)."""
-    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-    return torch.zeros(size, dtype=dtype).as_strided(shape, stride)
 
 
 def _fake(t):
@@ -65,44 +59,44 @@ def _stepped(shape, stride):
 def _rows(T):
     """q, k, v and the output [1, N * T, ...] as views of SGLang's projection (row stride past its width)."""
     row = WIDTH + 16
-    qkv = [_strided((1, N * T, heads, K), (N * T * row, row, K, 1), BF16) for heads in (H, H, HV)]
-    return qkv + [_strided((1, N * T, HV, K), (N * T * HV * K, HV * K, K, 1), BF16)]
+    qkv = [strided_view((1, N * T, heads, K), (N * T * row, row, K, 1), BF16) for heads in (H, H, HV)]
+    return qkv + [strided_view((1, N * T, HV, K), (N * T * HV * K, HV * K, K, 1), BF16)]
 
 
 def _gates(rows):
     """b and a [rows, HV], column blocks of one [rows, 2 HV + 8] projection."""
-    return [_strided((rows, HV), (2 * HV + 8, 1), BF16) for _ in range(2)]
+    return [strided_view((rows, HV), (2 * HV + 8, 1), BF16) for _ in range(2)]
 
 
 CASES = {
     # SGLang's decode and target verify in its varlen layout
     "flat-decode": lambda: (dict(index_dtype="int32", row_form="flat"), 1,
                             dict(zip("qkv", _rows(1)), output=_rows(1)[3], a=_gates(N)[0], b=_gates(N)[1],
-                                 state_indices=_strided((N,), (1,), I32))),
+                                 state_indices=strided_view((N,), (1,), I32))),
     "flat-verify": lambda: (dict(regime="large", index_dtype="int32", row_form="flat", has_intermediate=True,
                                  intermediate_rows="int32", update_state=False), 4,
                             dict(zip("qkv", _rows(4)), output=_rows(4)[3], a=_gates(N * 4)[0], b=_gates(N * 4)[1],
-                                 state_indices=_strided((N,), (1,), I32))),
+                                 state_indices=strided_view((N,), (1,), I32))),
     # vLLM's packed decode: one row per token, its slots a column of a block table (stride 2)
     "packed-vllm": lambda: (dict(index_dtype="int32", has_token_slots=True, vllm_slots=True, row_form="packed"), 1,
-                            dict(q=_strided((N, WIDTH), (WIDTH + 64, 1), BF16), k=None, v=None,
-                                 output=_strided((N, 1, HV, K), (HV * K, HV * K, K, 1), BF16), a=_gates(N)[0],
-                                 b=_gates(N)[1], token_state_indices=_strided((N,), (2,), I32))),
+                            dict(q=strided_view((N, WIDTH), (WIDTH + 64, 1), BF16), k=None, v=None,
+                                 output=strided_view((N, 1, HV, K), (HV * K, HV * K, K, 1), BF16), a=_gates(N)[0],
+                                 b=_gates(N)[1], token_state_indices=strided_view((N,), (2,), I32))),
     # vLLM's sigmoid op: varlen decode with [tokens + 3, HV] gates and [N] slots of stride 2 ...
     "vllm-varlen-decode": lambda: (dict(index_dtype="int32", has_token_slots=True, vllm_slots=True, varlen="int32",
                                         gate_rows=True, slot_column=True), 1,
                                    dict(zip("qkv", _rows(1)), output=_rows(1)[3], a=_gates(N + 3)[0],
-                                        b=_gates(N + 3)[1], token_state_indices=_strided((N,), (2,), I32),
-                                        cu_seqlens=_strided((N + 1,), (1,), I32))),
+                                        b=_gates(N + 3)[1], token_state_indices=strided_view((N,), (2,), I32),
+                                        cu_seqlens=strided_view((N + 1,), (1,), I32))),
     # ... and a dense verify of 4 tokens per sequence, gates with rows past the tokens
     "vllm-dense-verify": lambda: (dict(regime="large", index_dtype="int32", has_token_slots=True,
                                        vllm_slots=True, gate_rows=True), 4,
-                                  dict(q=_strided((N, 4, H, K), (4 * WIDTH, WIDTH, K, 1), BF16),
-                                       k=_strided((N, 4, H, K), (4 * WIDTH, WIDTH, K, 1), BF16),
-                                       v=_strided((N, 4, HV, K), (4 * WIDTH, WIDTH, K, 1), BF16),
-                                       output=_strided((N, 4, HV, K), (4 * HV * K, HV * K, K, 1), BF16),
+                                  dict(q=strided_view((N, 4, H, K), (4 * WIDTH, WIDTH, K, 1), BF16),
+                                       k=strided_view((N, 4, H, K), (4 * WIDTH, WIDTH, K, 1), BF16),
+                                       v=strided_view((N, 4, HV, K), (4 * WIDTH, WIDTH, K, 1), BF16),
+                                       output=strided_view((N, 4, HV, K), (4 * HV * K, HV * K, K, 1), BF16),
                                        a=_gates(N * 4 + 2)[0], b=_gates(N * 4 + 2)[1],
-                                       token_state_indices=_strided((N, 4), (4, 1), I32))),
+                                       token_state_indices=strided_view((N, 4), (4, 1), I32))),
 }
 
 
@@ -110,13 +104,13 @@ CASES = {
 def test_the_launch_views_the_rows_as_torch_does(case):
     kw, T, tensors = CASES[case]()
     s = spec("sm_90a", T=T, H=H, HV=HV, K=K, V=K, **kw)
-    tensors.setdefault("state", _strided((5, HV, K, K), (HV * K * K, K * K, K, 1), F32))
-    tensors.setdefault("A_log", _strided((HV,), (1,), F32))
-    tensors.setdefault("dt_bias", _strided((HV,), (1,), F32))
+    tensors.setdefault("state", strided_view((5, HV, K, K), (HV * K * K, K * K, K, 1), F32))
+    tensors.setdefault("A_log", strided_view((HV,), (1,), F32))
+    tensors.setdefault("dt_bias", strided_view((HV,), (1,), F32))
     if s.has_intermediate:
-        tensors.update(intermediate_states=_strided((N + 1, T, HV, K, K), (T * HV * K * K, HV * K * K, K * K, K, 1),
+        tensors.update(intermediate_states=strided_view((N + 1, T, HV, K, K), (T * HV * K * K, HV * K * K, K * K, K, 1),
                                                     F32),
-                       intermediate_indices=_strided((N + 1,), (1,), I32))
+                       intermediate_indices=strided_view((N + 1,), (1,), I32))
     args = KernelArgs(**{f: tensors.get(f) for f in KernelArgs._fields})
     launched = _launch_views(s, args)
     expected = batch_rows(args, val.Problem(N, T, H, HV, K, K))

@@ -13,7 +13,7 @@ import torch
 
 from helpers import (
     ALL, B, BF16, F32, FNS, H, HV, K, P, STATE_ARG, T_MTP, V, expect_error, expect_only_device_error,
-    make_inputs, make_intermediate, make_state, padded_state, state_dims, tokens, valid_kwargs,
+    make_inputs, make_intermediate, make_state, padded_state, state_dims, strided_view, tokens, valid_kwargs,
 )
 
 
@@ -48,12 +48,6 @@ def misaligned_pointer(t):
 
 def with_shape(t, shape):
     return torch.randn(*shape).to(t.dtype)
-
-
-def strided_view(shape, strides, dtype=F32):
-    """Random values in a view with exactly these strides (storage just large enough)."""
-    n = 1 + sum((d - 1) * s for d, s in zip(shape, strides))
-    return torch.randn(n).to(dtype).as_strided(shape, strides)
 
 
 # ----------------------------------------------------------------------------- cases

@@ -18,7 +18,8 @@ Part = Tuple[str, Optional[Callable[[], Any]], bool]  # label, call (None: by di
 
 
 # The functions --profile breaks down, each with the check of its full way.
-PROFILED_CHECKS = {"gated_delta_rule_decode_pretranspose": api._check_pretranspose, "gated_delta_rule_mtp": api._check_mtp}
+PROFILED_CHECKS = {"gated_delta_rule_decode_pretranspose": api._check_pretranspose,
+                   "gated_delta_rule_mtp": api._check_mtp}
 
 
 def _profiled_arguments(name: str, args: tuple, kwargs: dict) -> Tuple[dict, list]:

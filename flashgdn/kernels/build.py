@@ -89,7 +89,6 @@ def fake_arguments(spec: AnySpec, batch=None):
     parts = (spec.gate_parts,) if spec.gate_parts else ()  # the split projection's partial sums
     # vLLM's gate rows: [rows >= B·T, HV], rows a symbol of their own
     gate_shape = ((tokens, HV) if engine_rows else (cute.sym_int(), HV) if spec.gate_rows else (*parts, *lead, HV))
-
     # vLLM's slot table and accepted counts may have rows past the batch (padded to its CUDA-graph
     # batch): rows of their own (the grid is q's batch, or cu_seqlens' sequences, and reads no row past it)
     own_rows = spec.vllm_slots and not engine_rows

@@ -474,11 +474,12 @@ class DecodeKernel:
     def batch_rows(self, args: KernelArgs) -> KernelArgs:
         """The kernel's tensors of a call whose rows arrive as an engine passes them
         (KernelSpec.row_form, gate_rows, slot_column), as views, no copy: q, k [B, T, H, K], v and
-        the output [B, T, HV, V], a and b [B, T, HV], vLLM's token slots [B, 1]. "packed" (T = 1): q | k
-        | v of each row of mixed_qkv (packed_heads); "flat": dim 1 of q, k, v and the output (dim 0 of a and b) split into B sequences of T tokens.
-        "batch" rows keep q, k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) are split
-        on q's first two dims, and a slot column (KernelSpec.slot_column) becomes [B, 1]. A token dim
-        of a static size 1 is never stepped: its stride is 0."""
+        the output [B, T, HV, V], a and b [B, T, HV], vLLM's token slots [B, 1]. "packed" (T = 1):
+        q | k | v of each row of mixed_qkv (packed_heads); "flat": dim 1 of q, k, v and the output
+        (dim 0 of a and b) split into the slot indices' B sequences of T tokens. "batch" rows keep q,
+        k, v and the output; vLLM's gate rows (KernelSpec.gate_rows) are split on q's first two dims,
+        and a slot column (KernelSpec.slot_column) becomes [B, 1]. A token dim of a static size 1 is
+        never stepped: its stride is 0."""
         T = self.spec.T
 
         def token_rows(mX, dim, rows, tokens):  # [.., rows·tokens, ...] (dims before `dim` of size 1)
@@ -502,10 +503,7 @@ class DecodeKernel:
         if const_expr(self.row_form == "packed"):
             (q, k, v), out = packed_heads(args.q, self.spec.H, self.spec.HV, self.spec.K, self.spec.V), args.output
             a, b = with_token(args.a), with_token(args.b)
-        elif const_expr(T == 1):  # flat, one token: each tensor's dim is the batch
-            q, k, v, out = (token_rows(x, 1, x.shape[1], 1) for x in (args.q, args.k, args.v, args.output))
-            a, b = with_token(args.a), with_token(args.b)
-        else:  # flat, T tokens per sequence: the batch is the slot indices'
+        else:  # flat: the batch is the slot indices' (T = 1: the tokens', the same symbol)
             B = args.state_indices.shape[0]
             q, k, v, out = (token_rows(x, 1, B, T) for x in (args.q, args.k, args.v, args.output))
             a, b = token_rows(args.a, 0, B, T), token_rows(args.b, 0, B, T)
