@@ -10,6 +10,8 @@ share of the device copy bandwidth (target: >= 90 % at B >= 64).
     python benchmarks/replay_step.py --compile-only --arch sm_90a   # no GPU: builds the variants
     python benchmarks/replay_step.py --tokens 4 8 --batch-size 16 64 256 \\
         --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}"   # the commit's two kernels
+    python benchmarks/replay_step.py --calls commit commit_all_T --settings table \
+        "prefetch_bytes={..., 'commit': 4194304, 'commit_mma': 4194304}"   # the commit alone, two tables
 
 Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted
 counts random in [1, T] (and all T for the commit's worst case). Times are CUPTI kernel times (or
@@ -29,7 +31,8 @@ from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.cache import CompileCache, compile_variant
 
 H, HV, K, V = 16, 32, 128, 128
-SM90_FACTS = ("sm90-hbm3e", 132)  # the device class and SM count the compile-only builds assume: the H200
+SM90_FACTS = ("sm90-hbm3e", 132)
+CALLS = ("mtp_frozen", "verify", "commit", "commit_all_T", "mtp_inter", "copy", "mtp_token_slots")  # the device class and SM count the compile-only builds assume: the H200
 
 
 def parse_args(argv=None):
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--compile-only", action="store_true", help="only build the verify and commit variants (no GPU)")
     p.add_argument("--arch", default="sm_90a", help="target of --compile-only (sm_90a, sm_100a, sm_103a)")
+    p.add_argument("--calls", nargs="+", choices=CALLS, default=list(CALLS),
+                   help="time only these calls (default: all); a derived column needs its calls")
     p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
                    help='device-table settings, each "table" or field=value[,field=value...] (default: table)')
     return p.parse_args(argv)
@@ -132,19 +137,26 @@ def measure(B, T, sdt, args, flusher, copy_bw):
         "mtp_token_slots": lambda: mtp(pool=tok_pool, idx=tok_idx, disable_state_update=False,
                                        ssm_state_indices=slots),
     }
+    assert tuple(calls) == CALLS
     us = {}
     timer = None
-    for name, fn in calls.items():
-        times, timer = time_fn(fn, iters=args.iters, timer=args.timer, flusher=flusher)
+    for name in args.calls:
+        times, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
         us[name] = summarize(times)["median_us"]
     state_bytes = 2 * L * B * HV * V * K * ck.element_size()  # one read and one write per layer and slot
     row = dict(state_dtype=sdt, T=T, B=B, layers=L, timer=timer, **{f"{n}_us": round(t, 2) for n, t in us.items()})
-    row["verify_overhead_pct"] = round(100 * (us["verify"] / us["mtp_frozen"] - 1), 2)
-    row["commit_per_layer_us"] = round(us["commit"] / L, 2)
-    row["commit_pct_of_copy"] = round(100 * state_bytes / (us["commit_all_T"] * 1e-6) / copy_bw, 1)
-    row["replay_step_us"] = round(us["verify"] + us["commit"] / L, 2)
-    row["inter_copy_step_us"] = round(us["mtp_inter"] + us["copy"], 2)
-    row["token_slots_step_us"] = round(us["mtp_token_slots"], 2)
+    derived = {  # column: (the calls it needs, its value, its decimals)
+        "verify_overhead_pct": (("verify", "mtp_frozen"), lambda: 100 * (us["verify"] / us["mtp_frozen"] - 1), 2),
+        "commit_per_layer_us": (("commit",), lambda: us["commit"] / L, 2),
+        "commit_pct_of_copy": (("commit_all_T",), lambda: 100 * state_bytes / (us["commit_all_T"] * 1e-6) / copy_bw,
+                               1),
+        "replay_step_us": (("verify", "commit"), lambda: us["verify"] + us["commit"] / L, 2),
+        "inter_copy_step_us": (("mtp_inter", "copy"), lambda: us["mtp_inter"] + us["copy"], 2),
+        "token_slots_step_us": (("mtp_token_slots",), lambda: us["mtp_token_slots"], 2),
+    }
+    for column, (needs, value, digits) in derived.items():
+        if all(n in us for n in needs):
+            row[column] = round(value(), digits)
     return row
 
 

@@ -441,6 +441,11 @@ class CommitSpec:
     tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the policy's
     device_class: Optional[str] = None  # as KernelSpec.device_class
 
+    # What the decode kernels' L2 prefetch (common.DecodeKernel) reads of a spec: the checkpoint is
+    # K-last, and a head's rows are one range (its strides past the slot are static).
+    layout = "klast"
+    strided_state = False
+
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
             *_head_checks(self),

@@ -260,6 +260,24 @@ def test_commit_compiles(monkeypatch, arch, kw):
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("T, kernel", [(8, "ReplayCommitMma"), (4, "ReplayCommit")])
+def test_commit_with_an_l2_prefetch_compiles(monkeypatch, arch, T, kernel):
+    """Both commit kernels with a table's L2 prefetch distance (a bf16 checkpoint on the H200 table)."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+    from flashgdn.spec import CommitSpec
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    table = policy.SM90_HBM3E
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
+        table, prefetch_bytes={**table.prefetch_bytes, "commit": 4 << 20, "commit_mma": 4 << 20}))
+    s = CommitSpec(16, 32, 128, 128, T, "bfloat16", True, arch, "large", has_track=True, device_class="sm90-hbm3e")
+    assert policy.BuildConfig.for_spec(s).kernel == kernel and policy.BuildConfig.for_spec(s).prefetch_bytes
+    assert callable(compile_kernel(s))
+
+
 def config(**kw):
     from flashgdn.kernels.policy import BuildConfig
 

@@ -368,6 +368,29 @@ def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch
         assert off.kernel == policy.REPLAY_COMMIT
 
 
+def test_policy_gives_the_commit_its_tables_l2_prefetch(monkeypatch):
+    """The commit prefetches a later CTA's checkpoint tile as far ahead as the table's "commit"
+    (token loop) or "commit_mma" (tensor cores) distance says, in the large regime only; a table
+    without them prefetches nothing."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+
+    def commit(T, regime="large"):
+        return policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, T, "bfloat16", True, "sm_90a", regime,
+                                                      device_class="sm90-hbm3e"))
+
+    table = policy.SM90_HBM3E
+    assert commit(8).prefetch_bytes == table.prefetch_bytes.get("commit_mma", 0)
+    assert commit(4).prefetch_bytes == table.prefetch_bytes.get("commit", 0)
+    changed = dataclasses.replace(table, prefetch_bytes={**table.prefetch_bytes, "commit": 3 << 20,
+                                                         "commit_mma": 5 << 20})
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", changed)
+    assert (commit(8).kernel, commit(8).prefetch_bytes) == (policy.REPLAY_COMMIT_MMA, 5 << 20)
+    assert (commit(4).kernel, commit(4).prefetch_bytes) == (policy.REPLAY_COMMIT, 3 << 20)
+    assert commit(8, "small").prefetch_bytes == commit(4, "small").prefetch_bytes == 0
+
+
 def test_replay_step_benchmark_compiles_its_variants(capsys):
     """benchmarks/replay_step.py --compile-only builds the verify and commit variants it would time."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")

@@ -350,6 +350,20 @@ def test_commit_with_the_h200_table_as_it_is(monkeypatch, T, kernel):
     assert commits and all(policy.BuildConfig.for_spec(s).kernel == kernel for s in commits)
 
 
+@pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
+                         ids=["T8-tensor-cores", "T4-token-loop"])
+def test_commit_with_an_l2_prefetch(monkeypatch, T, kernel):
+    """The commit's L2 prefetch of a later CTA's checkpoint tile (the H200 table with a "commit" and
+    "commit_mma" distance of one tile: each CTA prefetches the next one's, across value heads, batch
+    rows and layers, where that row commits) leaves every check of
+    test_commit_equals_the_state_after_the_accepted_tokens as it is."""
+    table = policy.DEVICE_TABLES["sm90-hbm3e"]
+    specs = use_h200_table(monkeypatch, prefetch_bytes={**table.prefetch_bytes, "commit": 1, "commit_mma": 1})
+    test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, torch.bfloat16, -1, True)
+    configs = [policy.BuildConfig.for_spec(s) for s in specs if isinstance(s, CommitSpec)]
+    assert configs and all(c.kernel == kernel and c.prefetch_bytes == 1 for c in configs)
+
+
 @pytest.mark.parametrize("sdt", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_commit_without_l2norm_ignores_the_window_past_the_prefix(commit_kernel, sdt):
     """Without the l2 norm, a token repeated beyond the accepted prefix would grow u by about

@@ -458,8 +458,10 @@ class DecodeKernel:
     def prefetch_inputs(self) -> bool:
         """prefetch_later also brings in the later CTA's q/k/v and gates, where the policy asks
         for it and the CTA's v values make whole 16-byte units (a TMA bulk prefetch moves those)."""
+        if not self.config.prefetch_inputs:  # a CommitSpec has no q/k/v (nor io_dtype)
+            return False
         v_bytes = self.tile_rows * DTYPE_BYTES[self.spec.io_dtype]
-        return self.config.prefetch_inputs and v_bytes > 0 and v_bytes % VEC_BYTES == 0
+        return v_bytes > 0 and v_bytes % VEC_BYTES == 0
 
     @cute.jit
     def __call__(self, *args_and_stream):

@@ -240,7 +240,8 @@ class BuildConfig:
         table = _table(spec)
         if isinstance(spec, CommitSpec):
             kernel = _commit_kernel(spec, table)
-            return cls(kernel=kernel, tile=_commit_tile(spec, table, kernel))
+            return cls(kernel=kernel, tile=_commit_tile(spec, table, kernel),
+                       prefetch_bytes=_commit_prefetch_bytes(spec, table, kernel))
         kernel = _kernel(spec, table)
         tile = _tile(spec, table, kernel)
         unchecked = _unchecked_loop(spec, kernel, tile)
@@ -380,6 +381,14 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
     if kernel == KMTP:
         name = "mtp_short" if spec.T <= table.short_mtp_tokens else "mtp"
     return table.prefetch_bytes[name]
+
+
+def _commit_prefetch_bytes(spec: CommitSpec, table: DeviceTable, kernel: str) -> int:
+    """The ReplaySSM commit's L2 prefetch of a later CTA's checkpoint tile, in the large regime: a
+    table's "commit" (token loop) or "commit_mma" (tensor cores) distance; none where it has none."""
+    if spec.regime != "large":
+        return 0
+    return table.prefetch_bytes.get("commit_mma" if kernel == REPLAY_COMMIT_MMA else "commit", 0)
 
 
 def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:

@@ -59,6 +59,16 @@ class _CommitRows:
         return slot, accepted, live
 
     @cute.jit
+    def _prefetch_state(self, gmem: CommitArgs, tile, row, hv, tid):
+        """prefetch_later's fetch: the checkpoint tile of grid row `row` (a layer and batch row)
+        into L2, if that row commits."""
+        batch = gmem.state_indices.shape[0]
+        slot, _, live = self._live(gmem, row % batch)
+        if live:
+            common.bulk_prefetch(gmem.state[row // batch, slot, hv, tile * self.tile_rows, None].iterator,
+                                 self.tile_bytes)
+
+    @cute.jit
     def _track(self, gmem: CommitArgs, b):
         """(track slot (64-bit), zero-based step, whether it is written at all)."""
         slot = Int64(gmem.track_state_indices[b])
@@ -141,6 +151,7 @@ class ReplayCommit(_CommitRows, KLastMTP):
             mS = gmem.state[layer, slot, hv, None, None]
             rRaw = self._load_rows(mS, row0, lane_in_row)
             common.load_fence()  # the state first: the window's arithmetic comes first
+            self.prefetch_later(gmem)
             values, keys, gates = self._window_loads(gmem, layer, slot, h, hv, tile, warp, lane)
             rS = self._f32(rRaw)
             self._window_store(values, keys, gates, sK, sGate, sV, warp, lane)
@@ -227,6 +238,7 @@ class ReplayCommitMma(_CommitRows, KLastMTPMma):
             mS = gmem.state[layer, slot, hv, None, None]
             rS = self._load_state(lambda r: mS[r, None], frag_row, c)
             common.load_fence()
+            self.prefetch_later(gmem)
             if const_expr(self.early_k):
                 rKu = self._update_k(k_row, g, c, accepted)
             self._tables(rK, None, raw, sGram, sVec, sAkk, sAkq, sW, warp, lane)
