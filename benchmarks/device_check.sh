@@ -8,6 +8,7 @@
 #   bash benchmarks/device_check.sh engines DIR # engine rows (sglang too), the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid, its commit on the tensor cores
 #                                              # against the token loop, and the host time per call
+#   bash benchmarks/device_check.sh commit DIR # the ReplaySSM commit's L2 prefetch: GPU tests, memcheck, timing
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
 #   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
@@ -148,6 +149,19 @@ replay)
     --csv "$dir/h200_${day}_replay_commit_mma.csv" > "$out/replay_mma.log" 2>&1
   $bench --host --profile --state-dtype fp32 bf16 --json "$dir/h200_${day}_host.json" > "$out/host.log" 2>&1
   TAIL=60 tails replay replay_mma host ;;
+commit)
+  # The commit's L2 prefetch of a later CTA's checkpoint tile (a table's "commit" / "commit_mma" distance): its
+  # GPU tests and memcheck, then the commit alone at the table's distances (none) against 4 and 8 MiB.
+  dir=${2:-$out}; mkdir -p "$dir"
+  $pytest tests/test_replay_gpu.py -k "l2_prefetch or h200_table" > "$out/commit_tests.log" 2>&1
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k l2_prefetch > "$out/commit_memcheck.log" 2>&1
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 8 4 \
+    --batch-size 64 256 --calls commit commit_all_T --iters 30 --settings table \
+    "prefetch_bytes+={'commit': 4194304, 'commit_mma': 4194304}" \
+    "prefetch_bytes+={'commit': 8388608, 'commit_mma': 8388608}" \
+    --csv "$dir/h200_${day}_commit_prefetch.csv" > "$out/commit_prefetch.log" 2>&1
+  summary commit_tests commit_memcheck
+  TAIL=30 tails commit_prefetch ;;
 tune)
   # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
   for T in 4 8; do

@@ -70,8 +70,8 @@ def step_parser(doc: str, batch_sizes: list, **settings) -> argparse.ArgumentPar
     (`settings`: how --settings is given)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--settings", type=parse_setting, nargs="+",
-                   help="DeviceTable settings to compare, each field=value[,field=value...]; the first is the "
-                   "baseline", **settings)
+                   help="DeviceTable settings to compare, each field=value[,field=value...] (field+={...} adds "
+                   "entries to a dict field); the first is the baseline", **settings)
     p.add_argument("--batch-size", type=int, nargs="+", default=batch_sizes)
     p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--hidden-size", type=int, default=2048)

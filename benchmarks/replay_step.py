@@ -11,7 +11,7 @@ share of the device copy bandwidth (target: >= 90 % at B >= 64).
     python benchmarks/replay_step.py --tokens 4 8 --batch-size 16 64 256 \\
         --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}"   # the commit's two kernels
     python benchmarks/replay_step.py --calls commit commit_all_T --settings table \
-        "prefetch_bytes={..., 'commit': 4194304, 'commit_mma': 4194304}"   # the commit alone, two tables
+        "prefetch_bytes+={'commit': 4194304, 'commit_mma': 4194304}"   # the commit alone: its L2 prefetch
 
 Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted
 counts random in [1, T] (and all T for the commit's worst case). Times are CUPTI kernel times (or
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--calls", nargs="+", choices=CALLS, default=list(CALLS),
                    help="time only these calls (default: all); a derived column needs its calls")
     p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
-                   help='device-table settings, each "table" or field=value[,field=value...] (default: table)')
+                   help='device-table settings, each "table" or field=value[,field=value...] (field+={...} adds '
+                        'entries to a dict field; default: table)')
     return p.parse_args(argv)
 
 

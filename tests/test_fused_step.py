@@ -181,12 +181,29 @@ def test_workspace_of_partial_sums_feeds_the_decode_their_views(monkeypatch):
     assert spec.gate_parts == 5 and spec.gate_dtype == "float32" and spec.row_form == "batch"
 
 
+def test_a_table_setting_switches_the_table_for_its_block():
+    """Inside `switched` the device's table has the setting's fields (an added dict's entries beside
+    the table's own); on the way out it is the table again."""
+    from flashgdn.bench.table_setting import parse_setting, switched
+    from flashgdn.cache import CompileCache
+    from flashgdn.kernels import policy
+
+    table = policy.DEVICE_TABLES["sm90-hbm3e"]
+    setting = parse_setting("prefetch_bytes+={'commit': 3},conv_gate_rows=2")
+    with switched("sm90-hbm3e", setting, CompileCache(lambda spec: None)):
+        inside = policy.DEVICE_TABLES["sm90-hbm3e"]
+        assert inside.prefetch_bytes == {**table.prefetch_bytes, "commit": 3} and inside.conv_gate_rows == 2
+        assert inside.tiles == table.tiles
+    assert policy.DEVICE_TABLES["sm90-hbm3e"] is table
+
+
 def test_table_settings_name_table_fields():
     """The timing scripts' settings (flashgdn.bench.table_setting) are DeviceTable fields with literal
-    values, commas inside a literal included; anything else is a usage error."""
+    values, commas inside a literal included, and field+= adds a dict's entries to a dict field;
+    anything else is a usage error."""
     import argparse
 
-    from flashgdn.bench.table_setting import label, parse_setting
+    from flashgdn.bench.table_setting import Added, label, parse_setting
 
     assert parse_setting("conv_gate_threads=256") == {"conv_gate_threads": 256}
     assert parse_setting("table") == {} and label({}) == "table"
@@ -197,9 +214,14 @@ def test_table_settings_name_table_fields():
     both = "commit_mma_min_tokens={'float32': 8, 'bfloat16': 4},conv_gate_rows=2"
     assert parse_setting(both) == {"commit_mma_min_tokens": {"float32": 8, "bfloat16": 4}, "conv_gate_rows": 2}
     assert parse_setting(label(parse_setting(both))) == parse_setting(both)
+    added = parse_setting("prefetch_bytes+={'commit': 4194304},conv_gate_rows=2")
+    assert added == {"prefetch_bytes": {"commit": 4194304}, "conv_gate_rows": 2}
+    assert isinstance(added["prefetch_bytes"], Added) and not isinstance(parse_setting(both)["conv_gate_rows"], Added)
+    assert label(added) == "prefetch_bytes+={'commit': 4194304},conv_gate_rows=2" and parse_setting(label(added)) == added
     for bad, match in (("threads=256", "DeviceTable field"), ("conv_gate_threads", "DeviceTable field"),
                        ("conv_gate_threads=512,", "DeviceTable field"),
-                       ("conv_gate_threads=many", "Python literal")):
+                       ("conv_gate_threads=many", "Python literal"),
+                       ("conv_gate_rows+=2", "dict field"), ("prefetch_bytes+=4", "dict field")):
         with pytest.raises(argparse.ArgumentTypeError, match=match):
             parse_setting(bad)
 
