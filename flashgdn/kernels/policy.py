@@ -42,7 +42,8 @@ class DeviceTable:
     short_mtp_tokens: int
     # How far ahead, in bytes of state, a CTA prefetches a later CTA's state tile into L2, by
     # kernel; twice these distances measured slower (the prefetched lines are evicted first).
-    # RESULTS.md "L2 prefetch distance".
+    # RESULTS.md "L2 prefetch distance". The ReplaySSM commit's "commit" / "commit_mma" entries
+    # are optional (absent: no prefetch; RESULTS.md "ReplaySSM").
     prefetch_bytes: Dict[str, int]
     # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and block of
     # conv channels, or per batch row and 16-byte column block of w_ba) in the "large" conv/gate
