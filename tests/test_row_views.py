@@ -57,36 +57,34 @@ def _stepped(shape, stride):
 
 
 def _rows(T):
-    """q, k, v and the output [1, N * T, ...] as views of SGLang's projection (row stride past its width)."""
+    """q, k, v [1, N * T, ...] as views of SGLang's projection (row stride past its width), and the
+    output [1, N * T, HV, K]."""
     row = WIDTH + 16
     qkv = [strided_view((1, N * T, heads, K), (N * T * row, row, K, 1), BF16) for heads in (H, H, HV)]
-    return qkv + [strided_view((1, N * T, HV, K), (N * T * HV * K, HV * K, K, 1), BF16)]
+    return dict(zip("qkv", qkv), output=strided_view((1, N * T, HV, K), (N * T * HV * K, HV * K, K, 1), BF16))
 
 
 def _gates(rows):
     """b and a [rows, HV], column blocks of one [rows, 2 HV + 8] projection."""
-    return [strided_view((rows, HV), (2 * HV + 8, 1), BF16) for _ in range(2)]
+    return {name: strided_view((rows, HV), (2 * HV + 8, 1), BF16) for name in "ba"}
 
 
 CASES = {
     # SGLang's decode and target verify in its varlen layout
     "flat-decode": lambda: (dict(index_dtype="int32", row_form="flat"), 1,
-                            dict(zip("qkv", _rows(1)), output=_rows(1)[3], a=_gates(N)[0], b=_gates(N)[1],
-                                 state_indices=strided_view((N,), (1,), I32))),
+                            dict(**_rows(1), **_gates(N), state_indices=strided_view((N,), (1,), I32))),
     "flat-verify": lambda: (dict(regime="large", index_dtype="int32", row_form="flat", has_intermediate=True,
                                  intermediate_rows="int32", update_state=False), 4,
-                            dict(zip("qkv", _rows(4)), output=_rows(4)[3], a=_gates(N * 4)[0], b=_gates(N * 4)[1],
-                                 state_indices=strided_view((N,), (1,), I32))),
+                            dict(**_rows(4), **_gates(N * 4), state_indices=strided_view((N,), (1,), I32))),
     # vLLM's packed decode: one row per token, its slots a column of a block table (stride 2)
     "packed-vllm": lambda: (dict(index_dtype="int32", has_token_slots=True, vllm_slots=True, row_form="packed"), 1,
                             dict(q=strided_view((N, WIDTH), (WIDTH + 64, 1), BF16), k=None, v=None,
-                                 output=strided_view((N, 1, HV, K), (HV * K, HV * K, K, 1), BF16), a=_gates(N)[0],
-                                 b=_gates(N)[1], token_state_indices=strided_view((N,), (2,), I32))),
+                                 output=strided_view((N, 1, HV, K), (HV * K, HV * K, K, 1), BF16), **_gates(N),
+                                 token_state_indices=strided_view((N,), (2,), I32))),
     # vLLM's sigmoid op: varlen decode with [tokens + 3, HV] gates and [N] slots of stride 2 ...
     "vllm-varlen-decode": lambda: (dict(index_dtype="int32", has_token_slots=True, vllm_slots=True, varlen="int32",
                                         gate_rows=True, slot_column=True), 1,
-                                   dict(zip("qkv", _rows(1)), output=_rows(1)[3], a=_gates(N + 3)[0],
-                                        b=_gates(N + 3)[1], token_state_indices=strided_view((N,), (2,), I32),
+                                   dict(**_rows(1), **_gates(N + 3), token_state_indices=strided_view((N,), (2,), I32),
                                         cu_seqlens=strided_view((N + 1,), (1,), I32))),
     # ... and a dense verify of 4 tokens per sequence, gates with rows past the tokens
     "vllm-dense-verify": lambda: (dict(regime="large", index_dtype="int32", has_token_slots=True,
@@ -95,8 +93,7 @@ CASES = {
                                        k=strided_view((N, 4, H, K), (4 * WIDTH, WIDTH, K, 1), BF16),
                                        v=strided_view((N, 4, HV, K), (4 * WIDTH, WIDTH, K, 1), BF16),
                                        output=strided_view((N, 4, HV, K), (4 * HV * K, HV * K, K, 1), BF16),
-                                       a=_gates(N * 4 + 2)[0], b=_gates(N * 4 + 2)[1],
-                                       token_state_indices=strided_view((N, 4), (4, 1), I32))),
+                                       **_gates(N * 4 + 2), token_state_indices=strided_view((N, 4), (4, 1), I32))),
 }
 
 
