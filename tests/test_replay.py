@@ -376,11 +376,14 @@ def test_policy_gives_the_commit_its_tables_l2_prefetch(monkeypatch):
 
     from flashgdn.kernels import policy
 
-    def commit(T, regime="large"):
+    def commit(T, regime="large", device_class="sm90-hbm3e"):
         return policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, T, "bfloat16", True, "sm_90a", regime,
-                                                      device_class="sm90-hbm3e"))
+                                                      device_class=device_class))
 
+    # The H100's table prefetches 2 MiB ahead on the token loop; the H200's none yet.
+    assert commit(4, device_class="sm90-hbm3").prefetch_bytes == 2 << 20
     table = policy.SM90_HBM3E
+    assert commit(4).prefetch_bytes == 0
     assert commit(8).prefetch_bytes == table.prefetch_bytes.get("commit_mma", 0)
     assert commit(4).prefetch_bytes == table.prefetch_bytes.get("commit", 0)
     changed = dataclasses.replace(table, prefetch_bytes={**table.prefetch_bytes, "commit": 3 << 20,

@@ -134,8 +134,11 @@ SM90_HBM3 = DeviceTable(
     mma_min_tokens=5,
     long_mtp_tokens=8,
     short_mtp_tokens=2,
+    # "commit": the ReplaySSM commit's token loop, 0.4-1.5 % faster at 1-2 MiB on the H100 at B = 64 and 256
+    # (bf16 T = 8 with every token accepted, where the loop is compute-bound: 3 % slower); 4 and 8 MiB slower.
+    # No "commit_mma": this table takes no tensor-core commit. RESULTS.md "ReplaySSM".
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
-                    "mtp_slots": 4 << 20},
+                    "mtp_slots": 4 << 20, "commit": 2 << 20},
     # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_threads_small=512,
@@ -162,7 +165,8 @@ SM90_HBM3E = dataclasses.replace(
            ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
-    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20},
+    # No commit prefetch until it is measured on the H200.
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 0},
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
