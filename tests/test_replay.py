@@ -333,7 +333,7 @@ def test_policy_serves_replay_verify_as_plain_mtp():
         KernelSpec("klast", 16, 32, 128, 128, 4, "bfloat16", "float32", "bfloat16", "float32", 0.1, True, "sm_90a",
                    "large", index_dtype="int32", replay_cache=True)  # state updated
     commit = policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, 8, "float32", True, "sm_90a", "large"))
-    assert commit.kernel == policy.REPLAY_COMMIT and commit.prefetch_bytes == 0
+    assert commit.kernel == policy.REPLAY_COMMIT and commit.prefetch_bytes == policy.SM90_HBM3.prefetch_bytes["commit"]
     assert commit.tile == policy.SM90_HBM3.tiles[("mtp", "large", "float32")]
     small = policy.BuildConfig.for_spec(CommitSpec(1, 1, 64, 64, 2, "bfloat16", True, "sm_90a", "small"))
     assert small.tile[0] * (32 // small.tile[2]) * small.tile[1] <= 64
@@ -341,7 +341,7 @@ def test_policy_serves_replay_verify_as_plain_mtp():
 
 def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch):
     """The tensor-core commit serves a 2-tuple tile, and the large regime from the table's
-    commit_mma_min_tokens of the checkpoint dtype on (the H200 table: a bf16 checkpoint from T = 8);
+    commit_mma_min_tokens of the checkpoint dtype on (both tables: a bf16 checkpoint from T = 8);
     its tile is the table's "mtp_mma" one, fitted to the head dims as the tensor-core MTP kernel's."""
     import dataclasses
 
@@ -350,9 +350,8 @@ def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch
     def commit(T=8, sdt="bfloat16", regime="large", K=128, **kw):
         return policy.BuildConfig.for_spec(CommitSpec(16, 32, K, K, T, sdt, True, "sm_90a", regime, **kw))
 
-    assert not policy.SM90_HBM3.commit_mma_min_tokens
-    assert policy.SM90_HBM3E.commit_mma_min_tokens == {"bfloat16": 8}
-    assert commit().kernel == policy.REPLAY_COMMIT
+    assert policy.SM90_HBM3.commit_mma_min_tokens == policy.SM90_HBM3E.commit_mma_min_tokens == {"bfloat16": 8}
+    assert commit().kernel == commit(T=16).kernel == policy.REPLAY_COMMIT_MMA
     h200 = dict(device_class="sm90-hbm3e")
     assert commit(**h200).kernel == commit(T=16, **h200).kernel == policy.REPLAY_COMMIT_MMA
     for loop in (commit(T=7, **h200), commit(T=8, sdt="float32", **h200), commit(T=8, regime="small", **h200)):
@@ -362,7 +361,8 @@ def test_policy_puts_the_commit_on_the_tensor_cores_by_table_or_tile(monkeypatch
     table = dataclasses.replace(policy.SM90_HBM3, commit_mma_min_tokens={"bfloat16": 4})
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3", table)
     assert commit(T=4).kernel == commit(T=16).kernel == policy.REPLAY_COMMIT_MMA
-    assert commit(T=4).tile == table.tiles[("mtp_mma", "large", "bfloat16")] and commit(T=4).prefetch_bytes == 0
+    assert commit(T=4).tile == table.tiles[("mtp_mma", "large", "bfloat16")]
+    assert commit(T=4).prefetch_bytes == table.prefetch_bytes["commit_mma"]
     assert commit(T=8, K=256).tile == (4, 1)  # one 16-row block per warp at K = 256
     for off in (commit(T=3), commit(T=8, regime="small"), commit(T=8, sdt="float32")):
         assert off.kernel == policy.REPLAY_COMMIT
@@ -380,8 +380,10 @@ def test_policy_gives_the_commit_its_tables_l2_prefetch(monkeypatch):
         return policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, T, "bfloat16", True, "sm_90a", regime,
                                                       device_class=device_class))
 
-    # The H100's table prefetches 2 MiB ahead on the token loop; the H200's none yet.
-    assert commit(4, device_class="sm90-hbm3").prefetch_bytes == 2 << 20
+    # The H100's table prefetches 2 MiB ahead on either kernel; the H200's none yet.
+    on_h100 = commit(8, device_class="sm90-hbm3"), commit(4, device_class="sm90-hbm3")
+    assert [(c.kernel, c.prefetch_bytes) for c in on_h100] == [(policy.REPLAY_COMMIT_MMA, 2 << 20),
+                                                                (policy.REPLAY_COMMIT, 2 << 20)]
     table = policy.SM90_HBM3E
     assert commit(4).prefetch_bytes == 0
     assert commit(8).prefetch_bytes == table.prefetch_bytes.get("commit_mma", 0)

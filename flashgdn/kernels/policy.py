@@ -100,7 +100,8 @@ class DeviceTable:
     # the token loop is faster for an fp32 checkpoint at T = 2-8 (92-93 % of copy bandwidth against
     # 87-88 %) and a bf16 one at T = 2-4 (T = 4: 89.9-90.6 % against 88.9-89.4 %); for a bf16 one at
     # T = 8 the token loop is compute-bound (61 %) and the tensor cores run at 87.5-87.9 %, 1.17-1.18x
-    # faster. T = 5-7 are not measured (RESULTS.md "ReplaySSM").
+    # faster; on the H100 there 79-82 % against 92.6-93.0 %, 1.17-1.19x. T = 5-7 are not measured
+    # (RESULTS.md "ReplaySSM").
     commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
@@ -134,11 +135,12 @@ SM90_HBM3 = DeviceTable(
     mma_min_tokens=5,
     long_mtp_tokens=8,
     short_mtp_tokens=2,
-    # "commit": the ReplaySSM commit's token loop, 0.4-1.5 % faster at 1-2 MiB on the H100 at B = 64 and 256
-    # (bf16 T = 8 with every token accepted, where the loop is compute-bound: 3 % slower); 4 and 8 MiB slower.
-    # No "commit_mma": this table takes no tensor-core commit. RESULTS.md "ReplaySSM".
+    # The ReplaySSM commit's L2 prefetch, 2 MiB ahead on either kernel: the token loop ("commit") 0.8-1.5 %
+    # faster on the H100 where it is memory-bound (B = 64 and 256), the tensor cores ("commit_mma") 0.2-0.6
+    # points of copy bandwidth; 4 and 8 MiB slower. RESULTS.md "ReplaySSM".
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
-                    "mtp_slots": 4 << 20, "commit": 2 << 20},
+                    "mtp_slots": 4 << 20, "commit": 2 << 20, "commit_mma": 2 << 20},
+    commit_mma_min_tokens={"bfloat16": 8},
     # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_threads_small=512,
@@ -166,13 +168,12 @@ SM90_HBM3E = dataclasses.replace(
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
     # No commit prefetch until it is measured on the H200.
-    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 0},
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 0, "commit_mma": 0},
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
     # state at the TP1 shapes (w_ba 256 and 960 KiB); 0.93-1.07x for an fp32 state there and
     # 0.80-0.95x at the TP4 shapes (w_ba 64 and 240 KiB, B = 64), which stay in the small regime.
-    commit_mma_min_tokens={"bfloat16": 8},
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
