@@ -9,6 +9,8 @@
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid, its commit on the tensor cores
 #                                              # against the token loop, and the host time per call
 #   bash benchmarks/device_check.sh commit DIR # the ReplaySSM commit's L2 prefetch: GPU tests, memcheck, timing
+#   bash benchmarks/device_check.sh flashinfer DIR # FlashInfer's fused step beside flashgdn's (three shapes, fp32;
+#                                              # its module staged by benchmarks/stage_flashinfer_fused.py)
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
 #   bash benchmarks/device_check.sh small      # the small-batch floors; the fused step's conv/gate builds
@@ -164,6 +166,15 @@ commit)
     --csv "$dir/h200_${day}_commit_prefetch.csv" > "$out/commit_prefetch.log" 2>&1
   summary commit_tests commit_memcheck
   TAIL=30 tails commit_prefetch ;;
+flashinfer)
+  dir=${2:-$out}; mkdir -p "$dir"
+  for shape in "next_tp1 2048 16 32" "q35_tp1 5120 16 48" "next_tp4 2048 4 8"; do
+    set -- $shape
+    $bench --api fused_step --hidden-size "$2" --num-q-heads "$3" --num-v-heads "$4" --state-dtype fp32 \
+      --batch-size 1 4 16 64 256 --timer events --compare --verify --csv "$dir/h200_${day}_fused_flashinfer_$1.csv" \
+      > "$out/fused_flashinfer_$1.log" 2>&1
+  done
+  TAIL=14 tails fused_flashinfer_next_tp1 fused_flashinfer_q35_tp1 fused_flashinfer_next_tp4 ;;
 tune)
   # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
   for T in 4 8; do
