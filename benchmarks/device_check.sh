@@ -156,7 +156,7 @@ commit)
   # GPU tests and memcheck, then the commit alone at the table's distances against 1, 2 and 4 MiB (the H100
   # table's 2 MiB measured best there; 8 MiB was 5-9 % slower).
   dir=${2:-$out}; mkdir -p "$dir"
-  $pytest tests/test_replay_gpu.py -k "l2_prefetch or h200_table" > "$out/commit_tests.log" 2>&1
+  $pytest tests/test_replay_gpu.py -k "l2_prefetch or tables_as_they_are" > "$out/commit_tests.log" 2>&1
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k l2_prefetch > "$out/commit_memcheck.log" 2>&1
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 8 4 \
     --batch-size 64 256 --calls commit commit_all_T --iters 30 --settings table \

@@ -12,7 +12,8 @@ import flashgdn
 from flashgdn import reference as ref
 from flashgdn.kernels import policy
 from flashgdn.spec import CommitSpec, KernelSpec
-from helpers import assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state, use_h200_table
+from helpers import (assert_close_output, assert_close_state, bf16_ulp, make_inputs, make_state, use_h200_table,
+                     use_table)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -338,16 +339,19 @@ def test_commit_out_of_range_values_leave_everything(commit_kernel):
     assert torch.equal(bits(ck[:, 6:]), bits(before[:, 6:]))
 
 
+@pytest.mark.parametrize("table", ["sm90-hbm3e", "sm90-hbm3"], ids=["h200", "h100"])
 @pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
                          ids=["T8-tensor-cores", "T4-token-loop"])
-def test_commit_with_the_h200_table_as_it_is(monkeypatch, T, kernel):
-    """The H200 table unchanged: a bf16 checkpoint's commit in the large regime (B * HV = 280 > 264)
-    runs on the tensor cores from T = 8 (commit_mma_min_tokens) and on the token loop below it; both
-    equal the reference (the checks of test_commit_equals_the_state_after_the_accepted_tokens)."""
-    specs = use_h200_table(monkeypatch)
+def test_commit_with_the_tables_as_they_are(monkeypatch, T, kernel, table):
+    """Each table unchanged: a bf16 checkpoint's commit in the large regime (B * HV = 280 > 264)
+    runs on the tensor cores from T = 8 (commit_mma_min_tokens) and on the token loop below it, with
+    the table's L2 prefetch (the H100's 2 MiB, the H200's none); both equal the reference (the checks
+    of test_commit_equals_the_state_after_the_accepted_tokens)."""
+    specs = use_table(monkeypatch, table)
     test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, torch.bfloat16, -1, True)
-    commits = [s for s in specs if isinstance(s, CommitSpec)]
-    assert commits and all(policy.BuildConfig.for_spec(s).kernel == kernel for s in commits)
+    configs = [policy.BuildConfig.for_spec(s) for s in specs if isinstance(s, CommitSpec)]
+    assert configs and all(c.kernel == kernel for c in configs)
+    assert all(bool(c.prefetch_bytes) == (table == "sm90-hbm3") for c in configs)
 
 
 @pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
