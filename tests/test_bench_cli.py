@@ -602,3 +602,35 @@ def test_recorded_command_keeps_only_output_file_names():
     assert cli.recorded_command(argv) == ["--api", "all", "--csv", "a.csv", "--json=b.json", "--plot", "c.png",
                                           "--verify"]
     assert cli.parse_args(argv).argv == cli.recorded_command(argv)
+
+
+def test_sweep_writes_the_rows_done_before_a_stop(tmp_path):
+    """The sweep's CSV and JSON hold every row finished so far after each row: a run cut off by a
+    time limit (here: the third row raising) keeps the two rows it finished, in order."""
+    from flashgdn.bench import timing
+
+    done = []
+
+    def run_row(row, *rest):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # the time limit's signal, as far as the sweep can tell
+        done.append(row)
+        return {"version": row.version, "B": row.B, "T": row.T, "state_dtype": row.state_dtype,
+                "median_us": 10.0 + len(done)}
+
+    csv_path, json_path = tmp_path / "rows.csv", tmp_path / "rows.json"
+    args = cli.parse_args(["--api", "pretranspose", "--batch-size", "1", "4", "16", "--state-dtype", "fp32",
+                           "--csv", str(csv_path), "--json", str(json_path)])
+    patches = [(cli, "supported_gpu", lambda: (torch.device("cpu"), ("sm_90a", 132, None))),
+               (cli, "run_row", run_row), (cli, "environment", lambda *a, **k: {"gpu": "stand-in"}),
+               (timing, "copy_bandwidth", lambda *a, **k: 4.0e12), (timing, "L2Flusher", lambda *a, **k: None),
+               (torch.cuda, "get_device_name", lambda device: "stand-in")]
+    with pytest.MonkeyPatch.context() as mp:
+        for obj, name, value in patches:
+            mp.setattr(obj, name, value)
+        with pytest.raises(KeyboardInterrupt):
+            cli.sweep(args)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert [(r["B"], float(r["median_us"])) for r in rows] == [("1", 11.0), ("4", 12.0)]
+    assert [r["B"] for r in json.loads(json_path.read_text())["rows"]] == [1, 4]

@@ -481,11 +481,13 @@ def sweep(args) -> int:
     flusher, seen, results = L2Flusher(device), set(), []
     floor = CopyFloor(device, args.iters, args.warmup, args.timer, flusher) if args.floor else None
     rows = sweep_rows(args)
+    env = environment(device, copy_bw, timers, args.argv)
     for i, row in enumerate(rows, 1):
         progress(f"[{i}/{len(rows)}] {row.label()} ...")
         results.append(run_row(row, args, device, arch, sm_count, flusher, copy_bw, seen, timers, floor))
-    env = environment(device, copy_bw, timers, args.argv)
-    write_outputs(args, results, env)
+        # The files hold every row finished so far: a run stopped by a time limit keeps them.
+        env["timer"] = ",".join(sorted(timers)) or None
+        write_outputs(args, results, env)
     if args.plot:
         write_plot(args.plot, results)
     print(format_env_line(env))
