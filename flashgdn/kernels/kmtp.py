@@ -6,8 +6,9 @@ buffer). Every global load is issued up front as in klast; then the normalised q
 of every token are staged once per CTA in shared memory behind one barrier, and the tokens run one
 after another as S = c * rS, with the decay folded into the scalar c (one FMA per element and token
 in the update); c is tested against a rescale bound every token, or, where the policy asks
-for it (policy.BuildConfig.unchecked_loop), by the CTAs whose decays could reach the bound only, the others running a copy of the
-loop without the test. The outputs of all tokens go through shared memory and are written coalesced.
+for it (policy.BuildConfig.unchecked_loop), by the CTAs whose decays could reach the bound only,
+the others running a copy of the loop without the test. The outputs of all tokens go through
+shared memory and are written coalesced.
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
 not the bytes, bounds this kernel. (A closed form with every dot product against the initial state
