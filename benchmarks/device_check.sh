@@ -39,6 +39,19 @@ summary() {  # the pytest result and the sanitizer summary of each log
 tails() {  # the last lines of each log
   for f in "$@"; do echo "== $f"; tail -"${TAIL:-25}" "$out/$f.log"; done
 }
+# The fused step's layer shapes (label, hidden, q/k heads, value heads): Qwen3-Next and Qwen3.5 at TP1 and TP4.
+NEXT_TP1="next_tp1 2048 16 32"; NEXT_TP4="next_tp4 2048 4 8"; Q35_TP1="q35_tp1 5120 16 48"; Q35_TP4="q35_tp4 5120 4 12"
+fused_grid() {  # NAME STATE_DTYPES SHAPE...: the fused step at B = 1..256 per layer shape beside the composed path
+  # and FlashInfer's step (--compare); CUDA-graph events, so the composed path's launch gaps count.
+  # $dir/h200_<day>_NAME_<label>.csv, $out/NAME_<label>.log.
+  local name=$1 dtypes=$2 shape; shift 2
+  for shape in "$@"; do
+    set -- $shape
+    $bench --api fused_step --hidden-size "$2" --num-q-heads "$3" --num-v-heads "$4" --state-dtype $dtypes \
+      --batch-size 1 4 16 64 256 --timer events --compare --verify --csv "$dir/h200_${day}_${name}_$1.csv" \
+      > "$out/${name}_$1.log" 2>&1
+  done
+}
 # The test files of groups t1-t4, t6 and t7 (t1 and t7 split the MTP file, t2 and t8 the ReplaySSM file);
 # t5 runs the GPU tests of every other file.
 T1="tests/test_mtp_gpu.py"
@@ -113,14 +126,7 @@ engines)
     $bench --api $api --state-dtype fp32 bf16 --compare --verify --csv "$dir/h200_${day}_engines_$api.csv" \
       > "$out/engines_$api.log" 2>&1
   done
-  # The fused step at the Qwen3-Next (hidden 2048, HV 32) and Qwen3.5 (hidden 5120, HV 48) layer shapes, TP1
-  # and TP4; CUDA-graph events: the launch gaps of the composed path count.
-  for shape in "next_tp1 2048 16 32" "next_tp4 2048 4 8" "q35_tp1 5120 16 48" "q35_tp4 5120 4 12"; do
-    set -- $shape
-    $bench --api fused_step --hidden-size "$2" --num-q-heads "$3" --num-v-heads "$4" --state-dtype fp32 bf16 \
-      --batch-size 1 4 16 64 256 --timer events --compare --verify --csv "$dir/h200_${day}_fused_$1.csv" \
-      > "$out/fused_$1.log" 2>&1
-  done
+  fused_grid fused "fp32 bf16" "$NEXT_TP1" "$NEXT_TP4" "$Q35_TP1" "$Q35_TP4"
   # CUPTI sums the step's two kernels without the gap between them: against the events rows above, what a
   # one-launch step could save at most.
   $bench --api fused_step --state-dtype fp32 bf16 --batch-size 1 4 16 64 256 --timer cupti \
@@ -168,12 +174,7 @@ commit)
   TAIL=30 tails commit_prefetch ;;
 flashinfer)
   dir=${2:-$out}; mkdir -p "$dir"
-  for shape in "next_tp1 2048 16 32" "q35_tp1 5120 16 48" "next_tp4 2048 4 8"; do
-    set -- $shape
-    $bench --api fused_step --hidden-size "$2" --num-q-heads "$3" --num-v-heads "$4" --state-dtype fp32 \
-      --batch-size 1 4 16 64 256 --timer events --compare --verify --csv "$dir/h200_${day}_fused_flashinfer_$1.csv" \
-      > "$out/fused_flashinfer_$1.log" 2>&1
-  done
+  fused_grid fused_flashinfer fp32 "$NEXT_TP1" "$Q35_TP1" "$NEXT_TP4"  # FlashInfer's contract: an fp32 state
   TAIL=14 tails fused_flashinfer_next_tp1 fused_flashinfer_q35_tp1 fused_flashinfer_next_tp4 ;;
 tune)
   # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
