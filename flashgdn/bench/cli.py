@@ -51,7 +51,8 @@ from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .plot import write_plot
 from .report import (  # noqa: F401  (the writers are part of this module's interface: host.py, tests)
     BASELINE_SUFFIXES, COMPILE_FIELDS, ROW_FIELDS, api_label, environment, format_env_line, format_table,
-    pct_of_copy, progress, result_fields, results_table, row_failed, write_csv, write_json, write_outputs,
+    pct_of_copy, progress, result_fields, results_table, row_failed, timer_label, write_csv, write_json,
+    write_outputs,
 )
 from .resources import dynamic_smem_bytes, kernel_name, ptx_registers
 from .rows import (
@@ -486,7 +487,7 @@ def sweep(args) -> int:
         progress(f"[{i}/{len(rows)}] {row.label()} ...")
         results.append(run_row(row, args, device, arch, sm_count, flusher, copy_bw, seen, timers, floor))
         # The files hold every row finished so far: a run stopped by a time limit keeps them.
-        env["timer"] = ",".join(sorted(timers)) or None
+        env["timer"] = timer_label(timers)
         write_outputs(args, results, env)
     if args.plot:
         write_plot(args.plot, results)

@@ -55,6 +55,11 @@ def _cell(v) -> str:
     return str(v)
 
 
+def timer_label(timers: Iterable[str]) -> Optional[str]:
+    """The timers a run used, as its files record them ("cupti", "cupti,events"; None: none yet)."""
+    return ",".join(sorted(set(timers))) or None
+
+
 def environment(device=None, copy_bw: Optional[float] = None, timers: Iterable[str] = (),
                 command: Sequence[str] = ()) -> Dict[str, object]:
     """Facts of this run for the JSON/CSV files (GPU ones only when `device` is given)."""
@@ -71,7 +76,7 @@ def environment(device=None, copy_bw: Optional[float] = None, timers: Iterable[s
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "flashgdn": flashgdn.__version__, "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
         "nvidia-cutlass-dsl": version_of("nvidia-cutlass-dsl"), "python": sys.version.split()[0],
-        "timer": ",".join(sorted(set(timers))) or None,
+        "timer": timer_label(timers),
         "copy_bandwidth_GBps": None if copy_bw is None else round(copy_bw / 1e9, 1),
         "command": " ".join(["flashgdn-bench", *command]),
     }
