@@ -272,7 +272,7 @@ def test_commit_with_an_l2_prefetch_compiles(monkeypatch, arch, T, kernel):
     monkeypatch.setenv("CUTE_DSL_ARCH", arch)
     table = policy.SM90_HBM3E
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
-        table, prefetch_bytes={**table.prefetch_bytes, "commit": 4 << 20, "commit_mma": 4 << 20}))
+        table, prefetch_bytes={**table.prefetch_bytes, "commit:bfloat16": 4 << 20, "commit_mma": 4 << 20}))
     s = CommitSpec(16, 32, 128, 128, T, "bfloat16", True, arch, "large", has_track=True, device_class="sm90-hbm3e")
     assert policy.BuildConfig.for_spec(s).kernel == kernel and policy.BuildConfig.for_spec(s).prefetch_bytes
     assert callable(compile_kernel(s))

@@ -376,24 +376,34 @@ def test_policy_gives_the_commit_its_tables_l2_prefetch(monkeypatch):
 
     from flashgdn.kernels import policy
 
-    def commit(T, regime="large", device_class="sm90-hbm3e"):
-        return policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, T, "bfloat16", True, "sm_90a", regime,
+    def commit(T, regime="large", device_class="sm90-hbm3e", dtype="bfloat16"):
+        return policy.BuildConfig.for_spec(CommitSpec(16, 32, 128, 128, T, dtype, True, "sm_90a", regime,
                                                       device_class=device_class))
 
-    # The H100's table prefetches 2 MiB ahead on either kernel; the H200's none yet.
-    on_h100 = commit(8, device_class="sm90-hbm3"), commit(4, device_class="sm90-hbm3")
+    # The H100's table prefetches 2 MiB ahead on either kernel, for either checkpoint dtype.
+    on_h100 = (commit(8, device_class="sm90-hbm3"), commit(4, device_class="sm90-hbm3"),
+               commit(4, device_class="sm90-hbm3", dtype="float32"))
     assert [(c.kernel, c.prefetch_bytes) for c in on_h100] == [(policy.REPLAY_COMMIT_MMA, 2 << 20),
+                                                                (policy.REPLAY_COMMIT, 2 << 20),
                                                                 (policy.REPLAY_COMMIT, 2 << 20)]
+    # The H200's: 6 MiB on the tensor cores; on the token loop 4 MiB for fp32, none for bf16 ("commit:bfloat16").
+    on_h200 = commit(8), commit(4), commit(4, dtype="float32"), commit(8, dtype="float32")
+    assert [(c.kernel, c.prefetch_bytes) for c in on_h200] == [(policy.REPLAY_COMMIT_MMA, 6 << 20),
+                                                                (policy.REPLAY_COMMIT, 0),
+                                                                (policy.REPLAY_COMMIT, 4 << 20),
+                                                                (policy.REPLAY_COMMIT, 4 << 20)]
     table = policy.SM90_HBM3E
-    assert commit(4).prefetch_bytes == 0
-    assert commit(8).prefetch_bytes == table.prefetch_bytes.get("commit_mma", 0)
-    assert commit(4).prefetch_bytes == table.prefetch_bytes.get("commit", 0)
     changed = dataclasses.replace(table, prefetch_bytes={**table.prefetch_bytes, "commit": 3 << 20,
-                                                         "commit_mma": 5 << 20})
+                                                         "commit:bfloat16": 1 << 20, "commit_mma": 5 << 20})
     monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", changed)
     assert (commit(8).kernel, commit(8).prefetch_bytes) == (policy.REPLAY_COMMIT_MMA, 5 << 20)
-    assert (commit(4).kernel, commit(4).prefetch_bytes) == (policy.REPLAY_COMMIT, 3 << 20)
+    assert (commit(4).kernel, commit(4).prefetch_bytes) == (policy.REPLAY_COMMIT, 1 << 20)
+    assert commit(4, dtype="float32").prefetch_bytes == 3 << 20
     assert commit(8, "small").prefetch_bytes == commit(4, "small").prefetch_bytes == 0
+    # A table without the entries prefetches nothing.
+    bare = {k: v for k, v in table.prefetch_bytes.items() if not k.startswith("commit")}
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(table, prefetch_bytes=bare))
+    assert commit(8).prefetch_bytes == commit(4).prefetch_bytes == commit(4, dtype="float32").prefetch_bytes == 0
 
 
 def test_replay_step_benchmark_compiles_its_variants(capsys):

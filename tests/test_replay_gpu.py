@@ -339,30 +339,41 @@ def test_commit_out_of_range_values_leave_everything(commit_kernel):
     assert torch.equal(bits(ck[:, 6:]), bits(before[:, 6:]))
 
 
+# Each table's L2 prefetch distance of the commit by (T, checkpoint dtype): the H100's 2 MiB on either kernel; the
+# H200's 6 MiB on the tensor cores, 4 MiB on the token loop for an fp32 checkpoint and none for a bf16 one.
+TABLE_COMMIT_PREFETCH = {
+    "sm90-hbm3": {(8, torch.bfloat16): 2 << 20, (4, torch.bfloat16): 2 << 20, (4, torch.float32): 2 << 20},
+    "sm90-hbm3e": {(8, torch.bfloat16): 6 << 20, (4, torch.bfloat16): 0, (4, torch.float32): 4 << 20},
+}
+
+
 @pytest.mark.parametrize("table", ["sm90-hbm3e", "sm90-hbm3"], ids=["h200", "h100"])
-@pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
-                         ids=["T8-tensor-cores", "T4-token-loop"])
-def test_commit_with_the_tables_as_they_are(monkeypatch, T, kernel, table):
-    """Each table unchanged: a bf16 checkpoint's commit in the large regime (B * HV = 280 > 264)
-    runs on the tensor cores from T = 8 (commit_mma_min_tokens) and on the token loop below it, with
-    the table's L2 prefetch (the H100's 2 MiB, the H200's none); both equal the reference (the checks
-    of test_commit_equals_the_state_after_the_accepted_tokens)."""
+@pytest.mark.parametrize("T, kernel, sdt", [(8, policy.REPLAY_COMMIT_MMA, torch.bfloat16),
+                                            (4, policy.REPLAY_COMMIT, torch.bfloat16),
+                                            (4, policy.REPLAY_COMMIT, torch.float32)],
+                         ids=["T8-tensor-cores", "T4-token-loop", "T4-token-loop-fp32"])
+def test_commit_with_the_tables_as_they_are(monkeypatch, T, kernel, sdt, table):
+    """Each table unchanged: a checkpoint's commit in the large regime (B * HV = 280 > 264) runs a bf16
+    one on the tensor cores from T = 8 (commit_mma_min_tokens) and on the token loop below it, an fp32
+    one on the token loop, with the table's L2 prefetch (TABLE_COMMIT_PREFETCH); each equals the
+    reference (the checks of test_commit_equals_the_state_after_the_accepted_tokens)."""
     specs = use_table(monkeypatch, table)
-    test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, torch.bfloat16, -1, True)
+    test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, sdt, -1, True)
     configs = [policy.BuildConfig.for_spec(s) for s in specs if isinstance(s, CommitSpec)]
     assert configs and all(c.kernel == kernel for c in configs)
-    assert all(bool(c.prefetch_bytes) == (table == "sm90-hbm3") for c in configs)
+    assert all(c.prefetch_bytes == TABLE_COMMIT_PREFETCH[table][T, sdt] for c in configs)
 
 
 @pytest.mark.parametrize("T, kernel", [(8, policy.REPLAY_COMMIT_MMA), (4, policy.REPLAY_COMMIT)],
                          ids=["T8-tensor-cores", "T4-token-loop"])
 def test_commit_with_an_l2_prefetch(monkeypatch, T, kernel):
-    """The commit's L2 prefetch of a later CTA's checkpoint tile (the H200 table with a "commit" and
-    "commit_mma" distance of one tile: each CTA prefetches the next one's, across value heads, batch
-    rows and layers, where that row commits) leaves every check of
+    """The commit's L2 prefetch of a later CTA's checkpoint tile (the H200 table with a distance of
+    one tile on either kernel and for a bf16 checkpoint: each CTA prefetches the next one's, across
+    value heads, batch rows and layers, where that row commits) leaves every check of
     test_commit_equals_the_state_after_the_accepted_tokens as it is."""
     table = policy.DEVICE_TABLES["sm90-hbm3e"]
-    specs = use_h200_table(monkeypatch, prefetch_bytes={**table.prefetch_bytes, "commit": 1, "commit_mma": 1})
+    one_tile = {"commit": 1, "commit:bfloat16": 1, "commit_mma": 1}
+    specs = use_h200_table(monkeypatch, prefetch_bytes={**table.prefetch_bytes, **one_tile})
     test_commit_equals_the_state_after_the_accepted_tokens(lambda: None, T, 70, 2, 128, torch.bfloat16, -1, True)
     configs = [policy.BuildConfig.for_spec(s) for s in specs if isinstance(s, CommitSpec)]
     assert configs and all(c.kernel == kernel and c.prefetch_bytes == 1 for c in configs)

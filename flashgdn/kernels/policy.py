@@ -43,7 +43,8 @@ class DeviceTable:
     # How far ahead, in bytes of state, a CTA prefetches a later CTA's state tile into L2, by
     # kernel; twice these distances measured slower (the prefetched lines are evicted first).
     # RESULTS.md "L2 prefetch distance". The ReplaySSM commit's "commit" / "commit_mma" entries
-    # are optional (absent: no prefetch; RESULTS.md "ReplaySSM").
+    # are optional (absent: no prefetch; RESULTS.md "ReplaySSM"); an entry "commit:<checkpoint
+    # dtype>" overrides "commit" for that dtype.
     prefetch_bytes: Dict[str, int]
     # Threads of a conv/gate CTA (the fused step's first launch: one CTA per batch row and block of
     # conv channels, or per batch row and 16-byte column block of w_ba) in the "large" conv/gate
@@ -167,8 +168,13 @@ SM90_HBM3E = dataclasses.replace(
            ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
-    # No commit prefetch until it is measured on the H200.
-    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 0, "commit_mma": 0},
+    # The ReplaySSM commit's L2 prefetch: the token loop 4 MiB ahead for an fp32 checkpoint (91.5-92.4 %
+    # of copy bandwidth without it, 95.0-95.6 % with it at T = 4 and 8) and none for a bf16 one (every
+    # distance from 1 MiB slows its commit of all T tokens at T = 4: 86-88 % against 90 %); the tensor
+    # cores 6 MiB ahead (bf16 T = 8: 87.5-87.9 % without, 89.6-89.9 % with; 8 MiB level). RESULTS.md
+    # "ReplaySSM".
+    prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 4 << 20,
+                    "commit:bfloat16": 0, "commit_mma": 6 << 20},
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
@@ -391,10 +397,12 @@ def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked
 
 def _commit_prefetch_bytes(spec: CommitSpec, table: DeviceTable, kernel: str) -> int:
     """The ReplaySSM commit's L2 prefetch of a later CTA's checkpoint tile, in the large regime: a
-    table's "commit" (token loop) or "commit_mma" (tensor cores) distance; none where it has none."""
+    table's "commit" (token loop) or "commit_mma" (tensor cores) distance, the "<name>:<checkpoint
+    dtype>" entry where the table has one; none where it has neither."""
     if spec.regime != "large":
         return 0
-    return table.prefetch_bytes.get("commit_mma" if kernel == REPLAY_COMMIT_MMA else "commit", 0)
+    name = "commit_mma" if kernel == REPLAY_COMMIT_MMA else "commit"
+    return table.prefetch_bytes.get(f"{name}:{spec.state_dtype}", table.prefetch_bytes.get(name, 0))
 
 
 def _prefetch_inputs(spec: KernelSpec, table: DeviceTable, kernel: str) -> bool:
