@@ -8,7 +8,8 @@
 #   bash benchmarks/device_check.sh engines DIR # engine rows (sglang too), the fused step's shape grid, padded pools
 #   bash benchmarks/device_check.sh replay DIR # the ReplaySSM step grid, its commit on the tensor cores
 #                                              # against the token loop, and the host time per call
-#   bash benchmarks/device_check.sh commit DIR # the ReplaySSM commit's L2 prefetch: GPU tests, memcheck, timing
+#   bash benchmarks/device_check.sh commit DIR # the ReplaySSM commit under each table (GPU tests, memcheck,
+#                                              # racecheck) and the bf16 commit's candidates, timed
 #   bash benchmarks/device_check.sh flashinfer DIR # FlashInfer's fused step beside flashgdn's (three shapes, fp32;
 #                                              # its module staged by benchmarks/stage_flashinfer_fused.py)
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
@@ -18,8 +19,8 @@
 #                                              # and the b/a projection by cuBLAS ("gemm") at large,
 #                                              # beside the composed path
 #   bash benchmarks/device_check.sh floors     # copy floors of padded pools and per-token state slots
-#   bash benchmarks/device_check.sh h200       # the token-slot L2 prefetch at T = 2, the fused step's split
-#                                              # regime against the column-block gates, and its decode-alone floor
+#   bash benchmarks/device_check.sh h200       # the fp32 token loop's L2 prefetch at 4 and 6 MiB (T = 3-7, and
+#                                              # the ReplaySSM verify beside frozen MTP)
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -158,20 +159,25 @@ replay)
   $bench --host --profile --state-dtype fp32 bf16 --json "$dir/h200_${day}_host.json" > "$out/host.log" 2>&1
   TAIL=60 tails replay replay_mma host ;;
 commit)
-  # The commit's L2 prefetch of a later CTA's checkpoint tile (a table's "commit" / "commit_mma" distance): its
-  # GPU tests and memcheck, then the commit alone at the table's distances against 1, 2 and 4 MiB (the H100
-  # table's 2 MiB measured best there; 8 MiB was 5-9 % slower).
+  # The commit under each table as it is (its L2 prefetch: the H200's 6 MiB on the tensor cores, 4 MiB on the
+  # token loop for an fp32 checkpoint, none for a bf16 one): GPU tests, memcheck and racecheck; then the bf16
+  # commit's open cells (T = 4 and 8 at 89.6-89.9 %, RESULTS.md "ReplaySSM") against the tensor cores from T = 4,
+  # an 8 MiB distance and two other tensor-core CTA shapes.
   dir=${2:-$out}; mkdir -p "$dir"
-  $pytest tests/test_replay_gpu.py -k "l2_prefetch or tables_as_they_are" > "$out/commit_tests.log" 2>&1
-  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k l2_prefetch > "$out/commit_memcheck.log" 2>&1
-  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 8 4 \
+  $pytest tests/test_replay_gpu.py -k "l2_prefetch or tables_as_they_are" > "$out/commit_tests.log" 2>&1 &
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "tables_as_they_are and h200" \
+    > "$out/commit_memcheck.log" 2>&1 &
+  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "tables_as_they_are and h200" \
+    > "$out/commit_racecheck.log" 2>&1 &
+  wait
+  mma="('commit_mma', 'large', 'bfloat16')"
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 --tokens 8 4 \
     --batch-size 64 256 --calls commit commit_all_T --iters 30 --settings table \
-    "prefetch_bytes+={'commit': 1048576, 'commit_mma': 1048576}" \
-    "prefetch_bytes+={'commit': 2097152, 'commit_mma': 2097152}" \
-    "prefetch_bytes+={'commit': 4194304, 'commit_mma': 4194304}" \
-    --csv "$dir/h200_${day}_commit_prefetch.csv" > "$out/commit_prefetch.log" 2>&1
-  summary commit_tests commit_memcheck
-  TAIL=30 tails commit_prefetch ;;
+    "commit_mma_min_tokens={'bfloat16': 4}" "prefetch_bytes+={'commit_mma': 8388608}" \
+    "tiles+={$mma: (2, 2)}" "tiles+={$mma: (4, 1)}" \
+    --csv "$dir/h200_${day}_commit_bf16.csv" > "$out/commit_bf16.log" 2>&1
+  summary commit_tests commit_memcheck commit_racecheck
+  TAIL=30 tails commit_bf16 ;;
 flashinfer)
   dir=${2:-$out}; mkdir -p "$dir"
   fused_grid fused_flashinfer fp32 "$NEXT_TP1" "$Q35_TP1" "$NEXT_TP4"  # FlashInfer's contract: an fp32 state
@@ -209,20 +215,18 @@ small)
   TAIL=8 tails calibrate conv_small_2048_32 conv_small_2048_8 conv_small_5120_48 conv_small_5120_12 \
     conv_large_2048_32 conv_large_2048_8 conv_large_5120_48 conv_large_5120_12 ;;
 h200)
-  # Token slots at T = 2: the table's shapes with and without the L2 prefetch the tables take ("mtp_slots",
-  # issue #24's fp32 T = 2 row); then the fused step at B <= 16 (the split regime and the column-block gates)
-  # beside the composed path and its decode alone, the floor of issue #28's B = 16 rows.
-  for sdt in float32 bfloat16; do
-    timeout "$limit" python3 benchmarks/tune.py --state-dtype $sdt --seq-len 2 --token-slots --batch-size 64 256 \
-      --tiles "(8,1,16),(4,2,16)" --prefetch-mib 0 4 6 > "$out/tune_slots_$sdt.log" 2>&1
+  # The fp32 token loop's L2 prefetch ("mtp": 4 MiB in the table) at 6 MiB, 1.5 % faster at T = 4 in one run
+  # (RESULTS.md, the misses table): the other builds that share the distance, T = 3-7 with the state update
+  # (tune.py) and the ReplaySSM verify beside frozen MTP (replay_step.py), at 4 and 6 MiB.
+  for T in 3 4 5 6 7; do
+    timeout "$limit" python3 benchmarks/tune.py --state-dtype float32 --seq-len $T --pool --batch-size 64 256 \
+      --tiles "(4,2,8)" --prefetch-mib 4 6 > "$out/tune_f32_T$T.log" 2>&1
   done
-  for shape in "2048 16 32" "5120 16 48"; do
-    set -- $shape
-    timeout "$limit" python3 benchmarks/fused_table.py --hidden-size "$1" --num-q-heads "$2" --num-v-heads "$3" \
-      --batch-size 1 4 16 --settings table conv_gate_split_heads_per_sm=0 --composed --decode-alone \
-      > "$out/fused_floor_$1_$3.log" 2>&1
-  done
-  TAIL=8 tails tune_slots_float32 tune_slots_bfloat16 fused_floor_2048_32 fused_floor_5120_48 ;;
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype float32 --tokens 4 6 \
+    --batch-size 64 256 --calls mtp_frozen verify --settings table "prefetch_bytes+={'mtp': 6291456}" \
+    > "$out/verify_mtp_prefetch.log" 2>&1
+  TAIL=4 tails tune_f32_T3 tune_f32_T4 tune_f32_T5 tune_f32_T6 tune_f32_T7
+  TAIL=12 tails verify_mtp_prefetch ;;
 floors)
   # What a plain copy of the same bytes in the same pattern costs: a padded pool against a packed one, T
   # scattered token slots against a contiguous buffer (the FlashInfer parity issue's two layout targets).

@@ -169,10 +169,10 @@ SM90_HBM3E = dataclasses.replace(
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
     # The ReplaySSM commit's L2 prefetch: the token loop 4 MiB ahead for an fp32 checkpoint (91.5-92.4 %
-    # of copy bandwidth without it, 95.0-95.6 % with it at T = 4 and 8) and none for a bf16 one (every
-    # distance from 1 MiB slows its commit of all T tokens at T = 4: 86-88 % against 90 %); the tensor
-    # cores 6 MiB ahead (bf16 T = 8: 87.5-87.9 % without, 89.6-89.9 % with; 8 MiB level). RESULTS.md
-    # "ReplaySSM".
+    # of copy bandwidth without it, 95.2-95.6 % with it at T = 4 and 8) and none for a bf16 one (every
+    # distance from 1 MiB slows its commit of all T tokens at T = 4: 85.7-88.1 % against 89.7-90.6 %);
+    # the tensor cores 6 MiB ahead (bf16 T = 8: 87.5-88.0 % without, 89.6-89.9 % with; 8 MiB level).
+    # RESULTS.md "ReplaySSM".
     prefetch_bytes={**SM90_HBM3.prefetch_bytes, "klast": 8 << 20, "mtp_mma": 8 << 20, "commit": 4 << 20,
                     "commit:bfloat16": 0, "commit_mma": 6 << 20},
     conv_gate_rows=4,
