@@ -10,7 +10,7 @@
 #                                              # against the token loop, and the host time per call
 #   bash benchmarks/device_check.sh commit DIR # the ReplaySSM commit under each table (GPU tests, memcheck,
 #                                              # racecheck) and the bf16 commit's candidates, timed
-#   bash benchmarks/device_check.sh flashinfer DIR # FlashInfer's fused step beside flashgdn's (three shapes, fp32;
+#   bash benchmarks/device_check.sh flashinfer DIR # FlashInfer's fused step beside flashgdn's (four shapes, fp32;
 #                                              # its module staged by benchmarks/stage_flashinfer_fused.py)
 #   bash benchmarks/device_check.sh tune       # the tensor cores for an fp32 state and for per-token
 #                                              # states against the token loop; K-last CTA shapes at small B
@@ -167,9 +167,11 @@ commit)
   $pytest tests/test_replay_gpu.py -k "l2_prefetch or tables_as_they_are" > "$out/commit_tests.log" 2>&1 &
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "tables_as_they_are and h200" \
     > "$out/commit_memcheck.log" 2>&1 &
-  # racecheck: the two builds with a prefetch (one test took over 100 s under it on an H100)
-  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "tables_as_they_are and h200 and (T8 or fp32)" \
-    > "$out/commit_racecheck.log" 2>&1 &
+  # racecheck: the two builds with a prefetch, a process each (95-117 s per test on an H100)
+  for build in T8 fp32; do
+    $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "tables_as_they_are and h200 and $build" \
+      > "$out/commit_racecheck_$build.log" 2>&1 &
+  done
   wait
   mma="('commit_mma', 'large', 'bfloat16')"
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 --tokens 8 4 \
@@ -177,12 +179,12 @@ commit)
     "commit_mma_min_tokens={'bfloat16': 4}" "prefetch_bytes+={'commit_mma': 8388608}" \
     "tiles+={$mma: (2, 2)}" "tiles+={$mma: (4, 1)}" \
     --csv "$dir/h200_${day}_commit_bf16.csv" > "$out/commit_bf16.log" 2>&1
-  summary commit_tests commit_memcheck commit_racecheck
+  summary commit_tests commit_memcheck commit_racecheck_T8 commit_racecheck_fp32
   TAIL=30 tails commit_bf16 ;;
 flashinfer)
   dir=${2:-$out}; mkdir -p "$dir"
-  fused_grid fused_flashinfer fp32 "$NEXT_TP1" "$Q35_TP1" "$NEXT_TP4"  # FlashInfer's contract: an fp32 state
-  TAIL=14 tails fused_flashinfer_next_tp1 fused_flashinfer_q35_tp1 fused_flashinfer_next_tp4 ;;
+  fused_grid fused_flashinfer fp32 "$NEXT_TP1" "$Q35_TP1" "$NEXT_TP4" "$Q35_TP4"  # FlashInfer's contract: fp32 state
+  TAIL=14 tails fused_flashinfer_next_tp1 fused_flashinfer_q35_tp1 fused_flashinfer_next_tp4 fused_flashinfer_q35_tp4 ;;
 tune)
   # 2-tuples: the tensor-core kernel, (warps, 16-row blocks); 3-tuples: the token loop's table shapes.
   for T in 4 8; do
