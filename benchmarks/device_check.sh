@@ -19,6 +19,8 @@
 #                                              # and the b/a projection by cuBLAS ("gemm") at large,
 #                                              # beside the composed path
 #   bash benchmarks/device_check.sh floors     # copy floors of padded pools and per-token state slots
+#   bash benchmarks/device_check.sh window     # the ReplaySSM verify with window CTAs at small batch: GPU tests,
+#                                              # memcheck, racecheck, and timed beside frozen MTP and the table
 #   bash benchmarks/device_check.sh h200       # the fp32 token loop's L2 prefetch at 4 and 6 MiB (T = 3-7, and
 #                                              # the ReplaySSM verify beside frozen MTP)
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
@@ -217,6 +219,21 @@ small)
   done
   TAIL=8 tails calibrate conv_small_2048_32 conv_small_2048_8 conv_small_5120_48 conv_small_5120_12 \
     conv_large_2048_32 conv_large_2048_8 conv_large_5120_48 conv_large_5120_12 ;;
+window)
+  # The verify's windows stored by CTAs of their own (verify_window_ctas) at B = 1-8 against the decode CTAs
+  # storing them (5-7 % over frozen MTP at B = 1; RESULTS.md "ReplaySSM"): the table, neither, both state dtypes.
+  $pytest tests/test_replay_gpu.py -k "window" > "$out/window_tests.log" 2>&1 &
+  $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "window and (B1- or B5-) and T2" \
+    > "$out/window_memcheck.log" 2>&1 &
+  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "window_ctas and B5- and (T3 or T8)" \
+    > "$out/window_racecheck.log" 2>&1 &
+  wait
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 2 4 8 \
+    --batch-size 1 4 8 --calls mtp_frozen verify --iters 300 \
+    --settings table "verify_window_ctas=()" "verify_window_ctas=('float32', 'bfloat16')" \
+    > "$out/window_timing.log" 2>&1
+  summary window_tests window_memcheck window_racecheck
+  grep "=" "$out/window_timing.log" | sed -E "s/layers=48, timer=cupti, //" | cut -c1-200 ;;
 h200)
   # The fp32 token loop's L2 prefetch ("mtp": 4 MiB in the table) at 6 MiB, 1.5 % faster at T = 4 in one run
   # (RESULTS.md, the misses table): the other builds that share the distance, T = 3-7 with the state update

@@ -158,6 +158,24 @@ def test_compiles(monkeypatch, arch, kw):
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kw", [dict(T=2, state="bfloat16"), dict(T=5, state="float32", io="float16", H=32, HV=32)],
+                         ids=["T2-bfloat16", "T5-fp16io-gva1-float32"])
+def test_verify_with_window_ctas_compiles(monkeypatch, arch, kw):
+    """A ReplaySSM verify whose windows go to CTAs of their own (policy.BuildConfig.window_ctas)."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+
+    table = "sm90-hbm3e"
+    monkeypatch.setenv("CUTE_DSL_ARCH", arch)
+    monkeypatch.setitem(policy.DEVICE_TABLES, table,
+                        dataclasses.replace(policy.DEVICE_TABLES[table], verify_window_ctas=("float32", "bfloat16")))
+    s = spec(arch, **kw, index_dtype="int64", update_state=False, replay_cache=True, device_class=table)
+    assert policy.BuildConfig.for_spec(s).window_ctas
+    assert callable(compile_kernel(s))
+
+
 # The fused step's conv/gate kernel (flashgdn.gdn_fused_decode_step): Qwen3-Next at TP1 and a TP4
 # shard; its decode launch is the klast pool variants above (fp32 and bf16 state).
 CONV_GATE_VARIANTS = [
@@ -377,12 +395,17 @@ def test_replay_verify_follows_plain_mtp():
     table's mma_min_tokens on), kmtp elsewhere."""
     from flashgdn.kernels import policy
 
+    import dataclasses
+
     kernels = set()
     for T, regime, state, table in itertools.product((2, 3, 4, 8), ("small", "large"), ("float32", "bfloat16"),
                                                      ("sm90-hbm3", "sm90-hbm3e")):
         plain = dict(T=T, regime=regime, state=state, index_dtype="int32", update_state=False, device_class=table)
         replay = config(**plain, replay_cache=True, zero_padding_output=False)
-        assert replay == config(**plain), plain
+        assert dataclasses.replace(replay, window_ctas=False) == config(**plain), plain
+        # window CTAs where the table asks for them on the token loop, without an L2 prefetch
+        assert replay.window_ctas == (replay.kernel == policy.KMTP and regime == "small"
+                                      and state in policy.DEVICE_TABLES[table].verify_window_ctas), plain
         kernels.add(replay.kernel)
     assert kernels == {policy.KMTP, policy.KMTP_MMA}
     assert config(T=3, regime="large", state="bfloat16", index_dtype="int32", update_state=False,

@@ -81,11 +81,25 @@ def _verify_cases():
 
 @pytest.mark.parametrize("case", _verify_cases(),
                          ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
-def test_verify_outputs_and_windows(case, io=torch.bfloat16):
+def test_verify_outputs_and_windows(case):
     """Outputs equal the plain MTP's (frozen state, fp64 reference); the windows of the live slots
     hold the raw inputs; padding rows (every other row) leave their output and no window touched;
     the pool is not written (the large-batch bf16 cases run the tensor-core kernel from the device
     table's mma_min_tokens on, as plain MTP does)."""
+    check_verify(case)
+
+
+@pytest.mark.parametrize("case", [c for c in _verify_cases() if c["B"] < 200],
+                         ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
+def test_verify_with_window_ctas(monkeypatch, case):
+    """The same with the windows stored by CTAs of their own (policy.BuildConfig.window_ctas: every
+    case here is in the small regime, on the token loop)."""
+    specs = use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"))
+    check_verify(case)
+    assert specs and all(policy.BuildConfig.for_spec(s).window_ctas for s in specs if s.replay_cache)
+
+
+def check_verify(case, io=torch.bfloat16):
     T, B, ratio, sdt, K = case["T"], case["B"], case["ratio"], case["sdt"], case["K"]
     H = 2
     HV = H * ratio
@@ -107,8 +121,12 @@ def test_verify_outputs_and_windows(case, io=torch.bfloat16):
     check_windows(win, win_before, inputs, idx, HV, H)
 
 
-def test_verify_fp16_inputs_and_strided_slots():
-    """fp16 q/k/v (rounded to bf16 in the windows) and windows with a padded slot stride."""
+@pytest.mark.parametrize("window_ctas", [False, True], ids=["decode-ctas", "window-ctas"])
+def test_verify_fp16_inputs_and_strided_slots(monkeypatch, window_ctas):
+    """fp16 q/k/v (rounded to bf16 in the windows) and windows with a padded slot stride, stored by
+    the decode CTAs or by window CTAs (policy.BuildConfig.window_ctas)."""
+    if window_ctas:
+        use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"))
     B, T, H, HV, K = 9, 4, 2, 4, 128
     inputs = make_inputs(B, T, H, HV, K, K, dtype=torch.float16, device=DEV)
     P = 12

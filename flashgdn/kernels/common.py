@@ -422,12 +422,14 @@ def packed_heads(mQKV: cute.Tensor, H: int, HV: int, K: int, V: int):
 
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
-    (batch row, value head, tile of that head's state). Subclasses call __init__ with the spec and
-    its policy.BuildConfig, set num_tiles, num_warps and tile_rows (the state rows of a CTA's tile
+    (batch row, value head, tile of that head's state), then B x HV x window_ctas more where a
+    subclass sets window_ctas (kmtp.KLastMTP). Subclasses call __init__ with the spec and its
+    policy.BuildConfig, set num_tiles, num_warps and tile_rows (the state rows of a CTA's tile
     when that tile is whole rows, one contiguous range, else 0), and define the @cute.kernel
     `kernel`, which takes the tensors of spec.KernelArgs in their order."""
 
     tile_rows = 0
+    window_ctas = 0
     pdl = False  # launched as a programmatic dependent of the previous kernel (KernelSpec.pdl_wait)
 
     def __init__(self, spec: KernelSpec, config):
@@ -469,7 +471,7 @@ class DecodeKernel:
         *tensors, stream = args_and_stream
         if const_expr(self.views_rows):
             tensors = self.batch_rows(KernelArgs(*tensors))
-        grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles)
+        grid = self.grid_rows(tensors) * (self.spec.HV * (self.num_tiles + self.window_ctas))
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream,
                                      use_pdl=self.pdl)
 
@@ -513,8 +515,8 @@ class DecodeKernel:
                              token_state_indices=None if mTok is None else with_token(mTok))
 
     def grid_rows(self, tensors):
-        """Rows of the grid, each HV x num_tiles CTAs: the batch size (q's first dim; for varlen,
-        where q holds tokens, not sequences, cu_seqlens' sequences)."""
+        """Rows of the grid: the batch size (q's first dim; for varlen, where q holds tokens, not
+        sequences, cu_seqlens' sequences)."""
         return KernelArgs(*tensors).cu_seqlens.shape[0] - 1 if self.spec.varlen else tensors[0].shape[0]
 
     def cta_coords(self, bidx=None):

@@ -8,7 +8,9 @@ after another as S = c * rS, with the decay folded into the scalar c (one FMA pe
 in the update); c is tested against a rescale bound every token, or, where the policy asks
 for it (policy.BuildConfig.unchecked_loop), by the CTAs whose decays could reach the bound only,
 the others running a copy of the loop without the test. The outputs of all tokens go through
-shared memory and are written coalesced.
+shared memory and are written coalesced. A ReplaySSM verify (spec.replay_cache) stores its windows
+from the staging, or, where the policy says so (BuildConfig.window_ctas), from CTAs of their own
+after the decode CTAs, which then run as the frozen MTP does.
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
 not the bytes, bounds this kernel. (A closed form with every dot product against the initial state
@@ -49,6 +51,9 @@ class KLastMTP(KLastDecode):
         # 2R log2(L). With fewer sums than lanes the extra butterfly levels lengthen the serial
         # token chain more than they save (RESULTS.md "Reduce-scatter").
         self.scatter = 2 * rows_per_thread == self.lanes_per_row
+        self.window_ctas = int(config.window_ctas)
+        if self.window_ctas and self.prefetch_ctas:
+            raise ValueError("window CTAs and an L2 prefetch of a later CTA's tile do not go together")
 
     def _entry(self, tid, m: int):
         """Entry m of this thread in the flat (row, token) order the v staging and the output
@@ -137,6 +142,66 @@ class KLastMTP(KLastDecode):
     def kernel(self, *args):
         """The tensors of spec.KernelArgs, in its order."""
         gmem = KernelArgs(*args)
+        if const_expr(self.window_ctas):
+            # The window CTAs come after every decode CTA: at small batch they take the SMs the decode
+            # leaves free, or share one with a decode CTA, instead of a second decode CTA sharing an
+            # SM's issue slots (the token loop is issue-bound there).
+            bidx, _, _ = cute.arch.block_idx()
+            grid, _, _ = cute.arch.grid_dim()
+            window = bidx - grid // (self.num_tiles + self.window_ctas) * self.num_tiles
+            if window >= 0:
+                hv = window % self.spec.HV
+                self._store_windows(gmem, window // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H))
+            else:
+                self._decode(gmem)
+        else:
+            self._decode(gmem)
+
+    @cute.jit
+    def _store_windows(self, gmem: KernelArgs, b, hv, h):
+        """The window CTA of (batch row b, value head hv) (policy.BuildConfig.window_ctas): the
+        ReplaySSM windows of a running row as the decode CTAs would store them (_stage_store): v
+        and the log decay and beta of every token, and k from the first value head of q/k head h.
+        Every load is issued before the first store."""
+        spec = self.spec
+        T, threads = spec.T, self.num_warps * 32
+        n = 8  # q/k/v elements (bf16 or fp16) of a 16-byte vector
+        tid, _, _ = cute.arch.thread_idx()
+        slot, _, _, status = common.row_slots(gmem, b, T, spec.update_state)
+        start, count, status = common.sequence_span(gmem, b, T, status)
+        if status == common.RUN:
+            # (source row, window row, its 16-byte vector, entry i of the window, its entries, k?):
+            # v of head hv and k of head h, entry i = t * (vectors of a row) + vector.
+            copies = []
+            for src, dst, D, head, is_k in ((gmem.v, gmem.replay_v, spec.V, hv, False),
+                                            (gmem.k, gmem.replay_k, spec.K, h, True)):
+                per_row = D // n
+                for m in cutlass.range_constexpr((T * per_row + threads - 1) // threads):
+                    i = tid + m * threads
+                    t = i // per_row
+                    bi, ti = common.token_at(gmem, b, cutlass.min(t, T - 1), start, count)
+                    copies.append((src[bi, ti, head, None], dst[slot, head, t, None], i % per_row, i, T * per_row,
+                                   is_k))
+            writes_k = common.writes_window_k(spec, 0, hv)
+            rVecs = [cute.make_rmem_tensor((n,), src_row.element_type) for src_row, *_ in copies]
+            for (src_row, _, j, i, entries, is_k), rVec in zip(copies, rVecs):
+                if i < entries and (writes_k or not is_k):
+                    cute.autovec_copy(cute.local_tile(src_row, (n,), (j,)), rVec)
+            if tid < T:
+                bi, ti = common.token_at(gmem, b, tid, start, count)
+                log_g, beta = common.gdn_log_gates(common.load_gates(gmem, bi, ti, hv), spec.softplus_beta,
+                                                   spec.softplus_threshold)
+                gmem.replay_g[slot, hv, tid] = log_g
+                gmem.replay_beta[slot, hv, tid] = beta
+            for (_, dst_row, j, i, entries, is_k), rVec in zip(copies, rVecs):
+                if i < entries and (writes_k or not is_k):
+                    rRaw = cute.make_rmem_tensor((n,), BFloat16)
+                    rRaw.store(rVec.load().to(BFloat16))
+                    cute.autovec_copy(rRaw, cute.local_tile(dst_row, (n,), (j,)))
+
+    @cute.jit
+    def _decode(self, gmem: KernelArgs):
+        """A decode CTA: its tile of one (batch row, value head)'s state through the T tokens."""
         spec = self.spec
         T = spec.T
         lane, warp, tile, b, hv, h, lane_in_row, row0 = self._thread_coords()
@@ -172,7 +237,7 @@ class KLastMTP(KLastDecode):
         sV = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
         sO = smem.allocate_tensor(Float32, cute.make_layout((self.rows_per_cta, self.v_cols)), byte_alignment=16)
         rS = self._f32(rRaw)
-        window = (gmem, read_slot, tile, hv, h, run) if const_expr(spec.replay_cache) else None
+        window = (gmem, read_slot, tile, hv, h, run) if const_expr(spec.replay_cache and not self.window_ctas) else None
         self._stage_store(values, tokens, gates, sQK, sGate, sV, warp, lane, window)
         cute.arch.barrier()
 

@@ -104,6 +104,10 @@ class DeviceTable:
     # faster; on the H100 there 79-82 % against 92.6-93.0 %, 1.17-1.19x. T = 5-7 are not measured
     # (RESULTS.md "ReplaySSM").
     commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
+    # State dtypes whose ReplaySSM verify in the small regime (the token loop) has its windows stored
+    # by a CTA of their own per (sequence, value head) after the decode CTAs (BuildConfig.window_ctas)
+    # instead of by the decode CTAs, whose critical path each window lengthens (about 0.05 us at B = 1).
+    verify_window_ctas: Tuple[str, ...] = ()
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
     # gap between the two closes: 1.02-1.12x over plain stream order on the H200 (RESULTS.md "Fused
@@ -142,6 +146,10 @@ SM90_HBM3 = DeviceTable(
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
                     "mtp_slots": 4 << 20, "commit": 2 << 20, "commit_mma": 2 << 20},
     commit_mma_min_tokens={"bfloat16": 8},
+    # On the H100 at B = 1-8, the verify's overhead over frozen MTP with window CTAs against without, bf16:
+    # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 1.7 % against 10.0-10.2 %, the other cells within
+    # 0.9 points; fp32: 0.5-3.2 points slower (RESULTS.md "ReplaySSM").
+    verify_window_ctas=("bfloat16",),
     # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_threads_small=512,
@@ -246,6 +254,9 @@ class BuildConfig:
     # kmtp: a second token loop without the per-token rescale test, for CTAs whose decays cannot
     # reach the rescale bound.
     unchecked_loop: bool = False
+    # kmtp, a ReplaySSM verify: one more CTA per (row, value head) stores the windows
+    # (DeviceTable.verify_window_ctas; never with an L2 prefetch, which counts CTAs as tiles).
+    window_ctas: bool = False
 
     @classmethod
     def for_spec(cls, spec: Union[KernelSpec, CommitSpec]) -> "BuildConfig":
@@ -257,12 +268,15 @@ class BuildConfig:
         kernel = _kernel(spec, table)
         tile = _tile(spec, table, kernel)
         unchecked = _unchecked_loop(spec, kernel, tile)
+        prefetch = _prefetch_bytes(spec, table, kernel, unchecked)
         return cls(
             kernel=kernel,
             tile=tile,
-            prefetch_bytes=_prefetch_bytes(spec, table, kernel, unchecked),
+            prefetch_bytes=prefetch,
             prefetch_inputs=_prefetch_inputs(spec, table, kernel),
             unchecked_loop=unchecked,
+            window_ctas=(spec.replay_cache and kernel == KMTP and not prefetch and spec.regime == "small"
+                         and spec.state_dtype in table.verify_window_ctas),
         )
 
 
