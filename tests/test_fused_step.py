@@ -367,15 +367,17 @@ def test_conv_gate_regime(monkeypatch, table, batch, HV, given, expected):
 
 
 @pytest.mark.parametrize("table", ["sm90-hbm3", "sm90-hbm3e"])
-def test_the_split_regime_serves_bf16_states_with_a_large_w_ba(table):
+def test_the_split_regime_serves_the_measured_w_ba_sizes(table):
     """The tables' split regime serves a bf16 state with a w_ba of 256 KiB or more (the TP1 shapes:
-    hidden 2048 and HV 32, hidden 5120 and HV 48), not an fp32 one nor the TP4 shapes' w_ba."""
+    hidden 2048 and HV 32, hidden 5120 and HV 48) and an fp32 one up to 512 KiB (Qwen3-Next TP1's
+    256 KiB, not Qwen3.5 TP1's 960), neither for the TP4 shapes' w_ba."""
     from flashgdn.kernels import policy
 
     serves = lambda hidden, HV, sdt: policy.split_serves(table, "sm_90a", hidden, HV, sdt)  # noqa: E731
     assert serves(2048, 32, "bfloat16") and serves(5120, 48, "bfloat16")
-    assert not serves(2048, 32, "float32") and not serves(5120, 48, "float32")
-    assert not serves(2048, 8, "bfloat16") and not serves(5120, 12, "bfloat16")
+    assert serves(2048, 32, "float32") and not serves(5120, 48, "float32")
+    for sdt in ("float32", "bfloat16"):
+        assert not serves(2048, 8, sdt) and not serves(5120, 12, sdt)
 
 
 def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
@@ -414,9 +416,10 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     p = Problem(1, 1, 16, 32, 128, 128)
     # One StepSpec per conv/gate build (both kernels in one compiled function; in the gemm regime the
     # GEMM runs before it).
+    # (An fp32 state with a 1 MiB w_ba: the split regime does not serve it.)
     for given, convs in (("large", ["small", "large", "gemm"]), ("small", ["small"])):
         specs = engine_specs.kernel_specs("fused-step", p, facts, io=torch.bfloat16, state=torch.float32,
-                                          regime=given)
+                                          regime=given, hidden=8192)
         assert all(isinstance(s, StepSpec) for s in specs) and [s.conv.regime for s in specs] == convs
         assert len({s.decode for s in specs}) == 1 and specs[0].decode.regime == given and specs[0].decode.pdl_wait
     # With a bf16 state (and this 256 KiB w_ba) the split regime serves the step: it leaves partial

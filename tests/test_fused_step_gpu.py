@@ -162,7 +162,7 @@ def test_matches_reference(geom, layout, sdt):
 
 
 # The split regime from B * HV > 132 for any w_ba and state dtype.
-SPLIT_ANY = dict(conv_gate_split_heads_per_sm=1, conv_gate_split_min_bytes=0,
+SPLIT_ANY = dict(conv_gate_split_heads_per_sm=1, conv_gate_split_min_bytes=0, conv_gate_split_max_bytes={},
                  conv_gate_split_state_dtypes=("float32", "bfloat16"))
 
 
@@ -225,7 +225,7 @@ def test_matches_reference_with_the_split_projection_at_qwen35_tp1(monkeypatch, 
     from flashgdn.kernels import policy
 
     for n, rows in enumerate((1, 4)):
-        specs = use_h200_table(monkeypatch, conv_gate_split_batch_rows=rows,
+        specs = use_h200_table(monkeypatch, conv_gate_split_batch_rows=rows, conv_gate_split_max_bytes={},
                                conv_gate_split_state_dtypes=("float32", "bfloat16"))
         for B in (1, 16, 22):
             P = 2 * B + 5

@@ -76,9 +76,11 @@ class DeviceTable:
     conv_gate_split_heads_per_sm: int = 0
     conv_gate_split_rows: int = 256
     conv_gate_split_batch_rows: int = 1
-    # ...for calls whose w_ba has at least conv_gate_split_min_bytes and whose state dtype is listed
-    # (split_serves; other calls stay in the small regime there).
+    # ...for calls whose w_ba has at least conv_gate_split_min_bytes and, where conv_gate_split_max_bytes
+    # names their state dtype, at most that many, and whose state dtype is listed (split_serves; other
+    # calls stay in the small regime there).
     conv_gate_split_min_bytes: int = 0
+    conv_gate_split_max_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
     conv_gate_split_state_dtypes: Tuple[str, ...] = ("float32", "bfloat16")
     # From B * HV > conv_gate_gemm_heads_per_sm * SMs (0: never) the "gemm" conv/gate regime: the b/a
     # projection is one cuBLAS GEMM (torch.mm into the workspace) launched before a conv-only conv/gate
@@ -154,12 +156,13 @@ SM90_HBM3 = DeviceTable(
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_threads_small=512,
     conv_gate_small_heads_per_sm=8,
-    # The split regime from 3 value heads per SM (B = 16 at the TP1 shapes) for a bf16 state and a
-    # w_ba of 256 KiB or more, as the H200 table (measured on the H100 at the TP1 shapes, B = 16:
-    # bf16 1.08-1.12x, fp32 1.01-1.03x; RESULTS.md "Fused step: the split projection").
+    # The split regime from 3 value heads per SM (B = 16 at the TP1 shapes) for a w_ba of 256 KiB or
+    # more, up to 512 KiB for an fp32 state, as the H200 table (measured on the H100 at the TP1 shapes,
+    # B = 16: bf16 1.08-1.12x; fp32 1.03x at a 256 KiB w_ba, 1.01x at 960 KiB, where the H200 measured
+    # 1.07x and 0.93x; RESULTS.md "Fused step: the split projection").
     conv_gate_split_heads_per_sm=3,
     conv_gate_split_min_bytes=256 << 10,
-    conv_gate_split_state_dtypes=("bfloat16",),
+    conv_gate_split_max_bytes={"float32": 512 << 10},
     # The gemm regime from 20 heads per SM (the H200 table's too): on the H100 at Qwen3.5 TP1 (a 960 KiB
     # w_ba) B = 64 and 256 1.11-1.30x over the large regime, which ran 0.77-0.87x the composed path
     # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
@@ -186,8 +189,9 @@ SM90_HBM3E = dataclasses.replace(
     conv_gate_rows=4,
     conv_gate_rows_min_bytes=512 << 10,
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
-    # state at the TP1 shapes (w_ba 256 and 960 KiB); 0.93-1.07x for an fp32 state there and
-    # 0.80-0.95x at the TP4 shapes (w_ba 64 and 240 KiB, B = 64), which stay in the small regime.
+    # state at the TP1 shapes (w_ba 256 and 960 KiB); for an fp32 state 1.07x at 256 KiB and 0.93x at
+    # 960 KiB, which stays in the small regime, as do the TP4 shapes (w_ba 64 and 240 KiB, B = 64:
+    # 0.80-0.95x).
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
@@ -456,9 +460,11 @@ def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str, 
 
 def split_serves(device_class_name: Optional[str], arch: str, hidden: int, HV: int, state_dtype: str) -> bool:
     """Whether the split regime serves a step of this w_ba and state dtype (DeviceTable
-    .conv_gate_split_min_bytes, conv_gate_split_state_dtypes)."""
+    .conv_gate_split_min_bytes, conv_gate_split_max_bytes, conv_gate_split_state_dtypes)."""
     table = _table_of(device_class_name, arch)
-    return hidden * 2 * HV * 2 >= table.conv_gate_split_min_bytes and state_dtype in table.conv_gate_split_state_dtypes
+    w_ba = hidden * 2 * HV * 2
+    return (table.conv_gate_split_min_bytes <= w_ba <= table.conv_gate_split_max_bytes.get(state_dtype, w_ba)
+            and state_dtype in table.conv_gate_split_state_dtypes)
 
 
 def _conv_gate_ranges(table: DeviceTable, split_ok: bool = True) -> Dict[str, Tuple[float, float]]:
