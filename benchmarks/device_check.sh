@@ -221,16 +221,19 @@ small)
     conv_large_2048_32 conv_large_2048_8 conv_large_5120_48 conv_large_5120_12 ;;
 window)
   # The verify's windows stored by CTAs of their own (verify_window_ctas) at B = 1-8 against the decode CTAs
-  # storing them (5-7 % over frozen MTP at B = 1; RESULTS.md "ReplaySSM"): the table, neither, both state dtypes.
+  # storing them (5-7 % over frozen MTP at B = 1; RESULTS.md "ReplaySSM"): the table, neither, both state dtypes
+  # with a window CTA per value head and per 4 and 8 value heads.
   $pytest tests/test_replay_gpu.py -k "window" > "$out/window_tests.log" 2>&1 &
   $sanitizer --tool memcheck $pytest tests/test_replay_gpu.py -k "window and (B1- or B5-) and T2" \
     > "$out/window_memcheck.log" 2>&1 &
-  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "window_ctas and B5- and (T3 or T8)" \
+  $sanitizer --tool racecheck $pytest tests/test_replay_gpu.py -k "window_ctas and (B5- or B3-) and (T3 or T8)" \
     > "$out/window_racecheck.log" 2>&1 &
   wait
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 2 4 8 \
     --batch-size 1 4 8 --calls mtp_frozen verify --iters 300 \
     --settings table "verify_window_ctas=()" "verify_window_ctas=('float32', 'bfloat16')" \
+    "verify_window_ctas=('float32', 'bfloat16'),verify_window_heads=4" \
+    "verify_window_ctas=('float32', 'bfloat16'),verify_window_heads=8" \
     > "$out/window_timing.log" 2>&1
   summary window_tests window_memcheck window_racecheck
   grep "=" "$out/window_timing.log" | sed -E "s/layers=48, timer=cupti, //" | cut -c1-200 ;;

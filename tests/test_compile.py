@@ -159,20 +159,25 @@ def test_compiles(monkeypatch, arch, kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kw", [dict(T=2, state="bfloat16"), dict(T=5, state="float32", io="float16", H=32, HV=32)],
-                         ids=["T2-bfloat16", "T5-fp16io-gva1-float32"])
-def test_verify_with_window_ctas_compiles(monkeypatch, arch, kw):
-    """A ReplaySSM verify whose windows go to CTAs of their own (policy.BuildConfig.window_ctas)."""
+@pytest.mark.parametrize("kw, heads, expected", [
+    (dict(T=2, state="bfloat16"), 1, 1),
+    (dict(T=5, state="float32", io="float16", H=32, HV=32), 8, 8),
+    (dict(T=16, state="bfloat16", H=4, HV=12, K=256, V=256), 8, 2),  # 8 vectors a thread: two heads of T = 16
+    (dict(T=4, state="float32", H=4, HV=12), 8, 6),  # the largest divisor of HV up to 8
+], ids=["T2-bfloat16", "T5-fp16io-gva1-8heads-float32", "T16-K256-hv12-bfloat16", "T4-hv12-gva3-float32"])
+def test_verify_with_window_ctas_compiles(monkeypatch, arch, kw, heads, expected):
+    """A ReplaySSM verify whose windows go to CTAs of their own (policy.BuildConfig.window_heads),
+    one per row and group of value heads."""
     import dataclasses
 
     from flashgdn.kernels import policy
 
     table = "sm90-hbm3e"
     monkeypatch.setenv("CUTE_DSL_ARCH", arch)
-    monkeypatch.setitem(policy.DEVICE_TABLES, table,
-                        dataclasses.replace(policy.DEVICE_TABLES[table], verify_window_ctas=("float32", "bfloat16")))
+    monkeypatch.setitem(policy.DEVICE_TABLES, table, dataclasses.replace(
+        policy.DEVICE_TABLES[table], verify_window_ctas=("float32", "bfloat16"), verify_window_heads=heads))
     s = spec(arch, **kw, index_dtype="int64", update_state=False, replay_cache=True, device_class=table)
-    assert policy.BuildConfig.for_spec(s).window_ctas
+    assert policy.BuildConfig.for_spec(s).window_heads == expected
     assert callable(compile_kernel(s))
 
 
@@ -402,10 +407,10 @@ def test_replay_verify_follows_plain_mtp():
                                                      ("sm90-hbm3", "sm90-hbm3e")):
         plain = dict(T=T, regime=regime, state=state, index_dtype="int32", update_state=False, device_class=table)
         replay = config(**plain, replay_cache=True, zero_padding_output=False)
-        assert dataclasses.replace(replay, window_ctas=False) == config(**plain), plain
+        assert dataclasses.replace(replay, window_heads=0) == config(**plain), plain
         # window CTAs where the table asks for them on the token loop, without an L2 prefetch
-        assert replay.window_ctas == (replay.kernel == policy.KMTP and regime == "small"
-                                      and state in policy.DEVICE_TABLES[table].verify_window_ctas), plain
+        assert bool(replay.window_heads) == (replay.kernel == policy.KMTP and regime == "small"
+                                             and state in policy.DEVICE_TABLES[table].verify_window_ctas), plain
         kernels.add(replay.kernel)
     assert kernels == {policy.KMTP, policy.KMTP_MMA}
     assert config(T=3, regime="large", state="bfloat16", index_dtype="int32", update_state=False,

@@ -89,19 +89,26 @@ def test_verify_outputs_and_windows(case):
     check_verify(case)
 
 
-@pytest.mark.parametrize("case", [c for c in _verify_cases() if c["B"] < 200],
-                         ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
-def test_verify_with_window_ctas(monkeypatch, case):
-    """The same with the windows stored by CTAs of their own (policy.BuildConfig.window_ctas: every
-    case here is in the small regime, on the token loop)."""
-    specs = use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"))
+@pytest.mark.parametrize("case", [c for c in _verify_cases() if c["B"] < 200] + [
+    # several window CTAs per row of several value heads each: Qwen3-Next's heads (GVA 2), and 12 value
+    # heads of 3 per q/k head in groups of 4 or 6 (a group's first head need not be a q/k head's first)
+    dict(T=8, B=3, ratio=2, sdt=torch.float32, K=128, H=16), dict(T=4, B=5, ratio=3, sdt=torch.bfloat16, K=64, H=4),
+    dict(T=16, B=2, ratio=3, sdt=torch.float32, K=128, H=4)],
+    ids=lambda c: "-".join(f"{k}{v}".replace("torch.", "") for k, v in c.items()))
+@pytest.mark.parametrize("heads", [1, 8])
+def test_verify_with_window_ctas(monkeypatch, case, heads):
+    """The same with the windows stored by CTAs of their own after the decode CTAs, each of up to
+    `heads` value heads (policy.BuildConfig.window_heads: every case here is in the small regime, on
+    the token loop)."""
+    specs = use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"), verify_window_heads=heads)
     check_verify(case)
-    assert specs and all(policy.BuildConfig.for_spec(s).window_ctas for s in specs if s.replay_cache)
+    built = {policy.BuildConfig.for_spec(s).window_heads for s in specs if s.replay_cache}
+    assert built == {1} if heads == 1 else (built and min(built) > 1)
 
 
 def check_verify(case, io=torch.bfloat16):
     T, B, ratio, sdt, K = case["T"], case["B"], case["ratio"], case["sdt"], case["K"]
-    H = 2
+    H = case.get("H", 2)
     HV = H * ratio
     inputs = make_inputs(B, T, H, HV, K, K, dtype=io, device=DEV)
     P = B + 4
@@ -124,9 +131,9 @@ def check_verify(case, io=torch.bfloat16):
 @pytest.mark.parametrize("window_ctas", [False, True], ids=["decode-ctas", "window-ctas"])
 def test_verify_fp16_inputs_and_strided_slots(monkeypatch, window_ctas):
     """fp16 q/k/v (rounded to bf16 in the windows) and windows with a padded slot stride, stored by
-    the decode CTAs or by window CTAs (policy.BuildConfig.window_ctas)."""
+    the decode CTAs or by window CTAs of 4 value heads (policy.BuildConfig.window_heads)."""
     if window_ctas:
-        use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"))
+        use_h200_table(monkeypatch, verify_window_ctas=("float32", "bfloat16"), verify_window_heads=4)
     B, T, H, HV, K = 9, 4, 2, 4, 128
     inputs = make_inputs(B, T, H, HV, K, K, dtype=torch.float16, device=DEV)
     P = 12

@@ -422,7 +422,7 @@ def packed_heads(mQKV: cute.Tensor, H: int, HV: int, K: int, V: int):
 
 class DecodeKernel:
     """Launch shared by the decode kernels: a 1-D grid of B x HV x num_tiles CTAs, one per
-    (batch row, value head, tile of that head's state), then B x HV x window_ctas more where a
+    (batch row, value head, tile of that head's state), then B x window_ctas more where a
     subclass sets window_ctas (kmtp.KLastMTP). Subclasses call __init__ with the spec and its
     policy.BuildConfig, set num_tiles, num_warps and tile_rows (the state rows of a CTA's tile
     when that tile is whole rows, one contiguous range, else 0), and define the @cute.kernel
@@ -471,7 +471,7 @@ class DecodeKernel:
         *tensors, stream = args_and_stream
         if const_expr(self.views_rows):
             tensors = self.batch_rows(KernelArgs(*tensors))
-        grid = self.grid_rows(tensors) * (self.spec.HV * (self.num_tiles + self.window_ctas))
+        grid = self.grid_rows(tensors) * (self.spec.HV * self.num_tiles + self.window_ctas)
         self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.num_warps * 32, 1, 1], stream=stream,
                                      use_pdl=self.pdl)
 

@@ -9,7 +9,7 @@ in the update); c is tested against a rescale bound every token, or, where the p
 for it (policy.BuildConfig.unchecked_loop), by the CTAs whose decays could reach the bound only,
 the others running a copy of the loop without the test. The outputs of all tokens go through
 shared memory and are written coalesced. A ReplaySSM verify (spec.replay_cache) stores its windows
-from the staging, or, where the policy says so (BuildConfig.window_ctas), from CTAs of their own
+from the staging, or, where the policy says so (BuildConfig.window_heads), from CTAs of their own
 after the decode CTAs, which then run as the frozen MTP does.
 
 With more rows per thread, each shared-memory read of q/k serves more rows: the per-token work,
@@ -51,7 +51,9 @@ class KLastMTP(KLastDecode):
         # 2R log2(L). With fewer sums than lanes the extra butterfly levels lengthen the serial
         # token chain more than they save (RESULTS.md "Reduce-scatter").
         self.scatter = 2 * rows_per_thread == self.lanes_per_row
-        self.window_ctas = int(config.window_ctas)
+        # ReplaySSM windows by CTAs of their own (BuildConfig.window_heads): window_ctas per batch row.
+        self.window_heads = config.window_heads
+        self.window_ctas = spec.HV // config.window_heads if config.window_heads else 0
         if self.window_ctas and self.prefetch_ctas:
             raise ValueError("window CTAs and an L2 prefetch of a later CTA's tile do not go together")
 
@@ -148,53 +150,61 @@ class KLastMTP(KLastDecode):
             # SM's issue slots (the token loop is issue-bound there).
             bidx, _, _ = cute.arch.block_idx()
             grid, _, _ = cute.arch.grid_dim()
-            window = bidx - grid // (self.num_tiles + self.window_ctas) * self.num_tiles
+            decode_ctas = self.spec.HV * self.num_tiles
+            window = bidx - grid // (decode_ctas + self.window_ctas) * decode_ctas
             if window >= 0:
-                hv = window % self.spec.HV
-                self._store_windows(gmem, window // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H))
+                self._store_windows(gmem, window // self.window_ctas, window % self.window_ctas * self.window_heads)
             else:
                 self._decode(gmem)
         else:
             self._decode(gmem)
 
     @cute.jit
-    def _store_windows(self, gmem: KernelArgs, b, hv, h):
-        """The window CTA of (batch row b, value head hv) (policy.BuildConfig.window_ctas): the
-        ReplaySSM windows of a running row as the decode CTAs would store them (_stage_store): v
-        and the log decay and beta of every token, and k from the first value head of q/k head h.
-        Every load is issued before the first store."""
+    def _store_windows(self, gmem: KernelArgs, b, hv0):
+        """The window CTA of batch row b and value heads hv0 .. hv0 + window_heads - 1
+        (policy.BuildConfig.window_heads): the ReplaySSM windows of a running row as the decode CTAs
+        would store them (_stage_store): v and the log decay and beta of every token of each value
+        head, and k from each value head that is the first of its q/k head. Every load is issued
+        before the first store."""
         spec = self.spec
-        T, threads = spec.T, self.num_warps * 32
+        T, G, threads = spec.T, self.window_heads, self.num_warps * 32
+        ratio = spec.HV // spec.H
         n = 8  # q/k/v elements (bf16 or fp16) of a 16-byte vector
         tid, _, _ = cute.arch.thread_idx()
         slot, _, _, status = common.row_slots(gmem, b, T, spec.update_state)
         start, count, status = common.sequence_span(gmem, b, T, status)
         if status == common.RUN:
-            # (source row, window row, its 16-byte vector, entry i of the window, its entries, k?):
-            # v of head hv and k of head h, entry i = t * (vectors of a row) + vector.
+            # (source row, window row, its 16-byte vector, whether entry i is in the windows): entry
+            # i = (head of the group, token, vector) of v, and of k where the value head is the first
+            # of its q/k head.
             copies = []
-            for src, dst, D, head, is_k in ((gmem.v, gmem.replay_v, spec.V, hv, False),
-                                            (gmem.k, gmem.replay_k, spec.K, h, True)):
+            for src, dst, D, is_k in ((gmem.v, gmem.replay_v, spec.V, False), (gmem.k, gmem.replay_k, spec.K, True)):
                 per_row = D // n
-                for m in cutlass.range_constexpr((T * per_row + threads - 1) // threads):
+                for m in cutlass.range_constexpr((G * T * per_row + threads - 1) // threads):
                     i = tid + m * threads
-                    t = i // per_row
-                    bi, ti = common.token_at(gmem, b, cutlass.min(t, T - 1), start, count)
-                    copies.append((src[bi, ti, head, None], dst[slot, head, t, None], i % per_row, i, T * per_row,
-                                   is_k))
-            writes_k = common.writes_window_k(spec, 0, hv)
+                    hv = hv0 + cutlass.min(i // (T * per_row), G - 1)
+                    t = i // per_row % T
+                    bi, ti = common.token_at(gmem, b, t, start, count)
+                    head = hv // ratio if is_k else hv
+                    live = i < G * T * per_row
+                    if const_expr(is_k):
+                        live = live and hv % ratio == 0
+                    copies.append((src[bi, ti, head, None], dst[slot, head, t, None], i % per_row, live))
             rVecs = [cute.make_rmem_tensor((n,), src_row.element_type) for src_row, *_ in copies]
-            for (src_row, _, j, i, entries, is_k), rVec in zip(copies, rVecs):
-                if i < entries and (writes_k or not is_k):
+            for (src_row, _, j, live), rVec in zip(copies, rVecs):
+                if live:
                     cute.autovec_copy(cute.local_tile(src_row, (n,), (j,)), rVec)
-            if tid < T:
-                bi, ti = common.token_at(gmem, b, tid, start, count)
-                log_g, beta = common.gdn_log_gates(common.load_gates(gmem, bi, ti, hv), spec.softplus_beta,
-                                                   spec.softplus_threshold)
-                gmem.replay_g[slot, hv, tid] = log_g
-                gmem.replay_beta[slot, hv, tid] = beta
-            for (_, dst_row, j, i, entries, is_k), rVec in zip(copies, rVecs):
-                if i < entries and (writes_k or not is_k):
+            for m in cutlass.range_constexpr((G * T + threads - 1) // threads):
+                e = tid + m * threads
+                if e < G * T:
+                    hv, t = hv0 + e // T, e % T
+                    bi, ti = common.token_at(gmem, b, t, start, count)
+                    log_g, beta = common.gdn_log_gates(common.load_gates(gmem, bi, ti, hv), spec.softplus_beta,
+                                                       spec.softplus_threshold)
+                    gmem.replay_g[slot, hv, t] = log_g
+                    gmem.replay_beta[slot, hv, t] = beta
+            for (_, dst_row, j, live), rVec in zip(copies, rVecs):
+                if live:
                     rRaw = cute.make_rmem_tensor((n,), BFloat16)
                     rRaw.store(rVec.load().to(BFloat16))
                     cute.autovec_copy(rRaw, cute.local_tile(dst_row, (n,), (j,)))

@@ -107,9 +107,11 @@ class DeviceTable:
     # (RESULTS.md "ReplaySSM").
     commit_mma_min_tokens: Dict[str, int] = dataclasses.field(default_factory=dict)
     # State dtypes whose ReplaySSM verify in the small regime (the token loop) has its windows stored
-    # by a CTA of their own per (sequence, value head) after the decode CTAs (BuildConfig.window_ctas)
-    # instead of by the decode CTAs, whose critical path each window lengthens (about 0.05 us at B = 1).
+    # by CTAs of their own after the decode CTAs, one per sequence and verify_window_heads value heads
+    # (BuildConfig.window_heads), instead of by the decode CTAs, whose critical path each window
+    # lengthens (about 0.05 us at B = 1).
     verify_window_ctas: Tuple[str, ...] = ()
+    verify_window_heads: int = 1
     # The fused step's decode launches as a programmatic dependent (PDL) of its conv/gate kernel
     # (KernelSpec.pdl_wait): its slot indices and state load while that kernel ends, and the launch
     # gap between the two closes: 1.02-1.12x over plain stream order on the H200 (RESULTS.md "Fused
@@ -149,8 +151,9 @@ SM90_HBM3 = DeviceTable(
                     "mtp_slots": 4 << 20, "commit": 2 << 20, "commit_mma": 2 << 20},
     commit_mma_min_tokens={"bfloat16": 8},
     # On the H100 at B = 1-8, the verify's overhead over frozen MTP with window CTAs against without, bf16:
-    # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 1.7 % against 10.0-10.2 %, the other cells within
-    # 0.9 points; fp32: 0.5-3.2 points slower (RESULTS.md "ReplaySSM").
+    # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 0.9-1.7 % against 9.4-10.2 %, the other cells within
+    # 0.9 points; fp32: 0.5-3.2 points slower. Window CTAs of 4 or 8 value heads: level with one
+    # (RESULTS.md "ReplaySSM").
     verify_window_ctas=("bfloat16",),
     # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
@@ -258,9 +261,9 @@ class BuildConfig:
     # kmtp: a second token loop without the per-token rescale test, for CTAs whose decays cannot
     # reach the rescale bound.
     unchecked_loop: bool = False
-    # kmtp, a ReplaySSM verify: one more CTA per (row, value head) stores the windows
-    # (DeviceTable.verify_window_ctas; never with an L2 prefetch, which counts CTAs as tiles).
-    window_ctas: bool = False
+    # kmtp, a ReplaySSM verify: value heads of each window CTA, CTAs after the decode CTAs that store
+    # the windows (0: the decode CTAs store them; _window_heads).
+    window_heads: int = 0
 
     @classmethod
     def for_spec(cls, spec: Union[KernelSpec, CommitSpec]) -> "BuildConfig":
@@ -279,8 +282,7 @@ class BuildConfig:
             prefetch_bytes=prefetch,
             prefetch_inputs=_prefetch_inputs(spec, table, kernel),
             unchecked_loop=unchecked,
-            window_ctas=(spec.replay_cache and kernel == KMTP and not prefetch and spec.regime == "small"
-                         and spec.state_dtype in table.verify_window_ctas),
+            window_heads=_window_heads(spec, table, kernel, tile, prefetch),
         )
 
 
@@ -387,6 +389,18 @@ def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> boo
     (RESULTS.md "Unchecked token loop")."""
     return (kernel == KMTP and spec.state_dtype == "float32" and spec.regime == "large" and tile == (4, 2, 8)
             and not spec.writes_states and 4 < spec.T <= 8)
+
+
+def _window_heads(spec: KernelSpec, table: DeviceTable, kernel: str, tile: Tuple[int, ...], prefetch: int) -> int:
+    """Value heads per window CTA of a ReplaySSM verify on the token loop in the small regime, for the
+    table's verify_window_ctas state dtypes (never with an L2 prefetch, which counts CTAs as tiles): the
+    table's verify_window_heads, or the largest divisor of HV below it that leaves a thread at most 8
+    16-byte vectors of v and of k to copy. 0: the decode CTAs store the windows."""
+    if not (spec.replay_cache and kernel == KMTP and not prefetch and spec.regime == "small"
+            and spec.state_dtype in table.verify_window_ctas):
+        return 0
+    fits = 8 * tile[0] * 32 * vec_elems(spec.io_dtype) // (spec.T * max(spec.K, spec.V))  # heads of 8 vectors a thread
+    return max(g for g in range(1, max(1, min(table.verify_window_heads, fits)) + 1) if spec.HV % g == 0)
 
 
 def _prefetch_bytes(spec: KernelSpec, table: DeviceTable, kernel: str, unchecked_loop: bool) -> int:
