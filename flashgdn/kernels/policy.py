@@ -151,9 +151,9 @@ SM90_HBM3 = DeviceTable(
                     "mtp_slots": 4 << 20, "commit": 2 << 20, "commit_mma": 2 << 20},
     commit_mma_min_tokens={"bfloat16": 8},
     # On the H100 at B = 1-8, the verify's overhead over frozen MTP with window CTAs against without, bf16:
-    # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 0.9-1.7 % against 9.4-10.2 %, the other cells within
-    # 0.9 points; fp32: 0.5-3.2 points slower. Window CTAs of 4 or 8 value heads: level with one
-    # (RESULTS.md "ReplaySSM").
+    # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 0.9-1.7 % against 9.4-10.2 %, T = 16 0.4-0.8 %
+    # against 5.3-8.7 %, the other cells within 0.9 points; fp32: 0.5-3.2 points slower. Window CTAs
+    # of 4 or 8 value heads: level with one (RESULTS.md "ReplaySSM").
     verify_window_ctas=("bfloat16",),
     # The conv/gate kernel's small regime as the H200's: on the H100 its kernel takes 4.9 µs at
     # Qwen3.5 TP1 B = 1 against 13.4 at 128 threads (RESULTS.md "Fused step: conv/gate CTAs").
