@@ -25,7 +25,7 @@ import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, const_expr
 
 from . import common
-from ..spec import KernelArgs
+from ..spec import KernelArgs, vec_elems
 from .klast import KLastDecode
 
 # Smallest folded decay c kept as a scale; below it c is applied to the state itself.
@@ -169,7 +169,7 @@ class KLastMTP(KLastDecode):
         spec = self.spec
         T, G, threads = spec.T, self.window_heads, self.num_warps * 32
         ratio = spec.HV // spec.H
-        n = 8  # q/k/v elements (bf16 or fp16) of a 16-byte vector
+        n = vec_elems(spec.io_dtype)  # q/k/v elements of a 16-byte vector (policy._window_heads counts in them)
         tid, _, _ = cute.arch.thread_idx()
         slot, _, _, status = common.row_slots(gmem, b, T, spec.update_state)
         start, count, status = common.sequence_span(gmem, b, T, status)

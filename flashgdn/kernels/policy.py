@@ -394,7 +394,7 @@ def _unchecked_loop(spec: KernelSpec, kernel: str, tile: Tuple[int, ...]) -> boo
 def _window_heads(spec: KernelSpec, table: DeviceTable, kernel: str, tile: Tuple[int, ...], prefetch: int) -> int:
     """Value heads per window CTA of a ReplaySSM verify on the token loop in the small regime, for the
     table's verify_window_ctas state dtypes (never with an L2 prefetch, which counts CTAs as tiles): the
-    table's verify_window_heads, or the largest divisor of HV below it that leaves a thread at most 8
+    table's verify_window_heads, or the largest divisor of HV up to it that leaves a thread at most 8
     16-byte vectors of v and of k to copy. 0: the decode CTAs store the windows."""
     if not (spec.replay_cache and kernel == KMTP and not prefetch and spec.regime == "small"
             and spec.state_dtype in table.verify_window_ctas):
