@@ -230,7 +230,7 @@ window)
     > "$out/window_racecheck.log" 2>&1 &
   wait
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype bfloat16 float32 --tokens 2 4 8 \
-    --batch-size 1 4 8 --calls mtp_frozen verify --iters 300 \
+    --batch-size 1 4 8 --calls mtp_frozen verify --iters 100 --rounds 5 \
     --settings table "verify_window_ctas=()" "verify_window_ctas=('float32', 'bfloat16')" \
     "verify_window_ctas=('float32', 'bfloat16'),verify_window_heads=4" \
     "verify_window_ctas=('float32', 'bfloat16'),verify_window_heads=8" \

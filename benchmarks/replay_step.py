@@ -12,6 +12,8 @@ share of the device copy bandwidth (target: >= 90 % at B >= 64).
         --settings table "commit_mma_min_tokens={'float32': 2, 'bfloat16': 2}"   # the commit's two kernels
     python benchmarks/replay_step.py --calls commit commit_all_T --settings table \
         "prefetch_bytes+={'commit': 4194304, 'commit_mma': 4194304}"   # the commit alone: its L2 prefetch
+    python benchmarks/replay_step.py --calls mtp_frozen verify --batch-size 1 4 8 --iters 100 --rounds 7
+        # the verify's overhead timed in turns with frozen MTP: the median of 7 rounds' ratios
 
 Shapes: Qwen3-Next (H=16, HV=32, K=V=128), bf16 q/k/v, a pool of 2B scattered slots, accepted
 counts random in [1, T] (and all T for the commit's worst case). Times are CUPTI kernel times (or
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 import time
 
@@ -31,6 +34,7 @@ from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.cache import CompileCache, compile_variant
 
 H, HV, K, V = 16, 32, 128, 128
+DEVICE = "cuda"  # where measure() puts its tensors
 SM90_FACTS = ("sm90-hbm3e", 132)  # the device class and SM count the compile-only builds assume: the H200
 # The calls `measure` times, in its order (--calls picks some of them).
 CALLS = ("mtp_frozen", "verify", "commit", "commit_all_T", "mtp_inter", "copy", "mtp_token_slots")
@@ -43,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", nargs="+", type=int, default=[1, 4, 16, 64, 128, 256])
     p.add_argument("--layers", type=int, default=48, help="layers of the commit's checkpoint (default 48)")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the calls in turns, this many rounds of --iters each: the verify's overhead is then "
+                        "the median of the rounds' ratios (a drift between the calls' timings cancels), with their "
+                        "range")
     p.add_argument("--timer", default="auto", choices=["auto", "cupti", "events"])
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--compile-only", action="store_true", help="only build the verify and commit variants (no GPU)")
@@ -52,7 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
                    help='device-table settings, each "table" or field=value[,field=value...] (field+={...} adds '
                         'entries to a dict field; default: table)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def compile_only(args) -> int:
@@ -108,7 +119,7 @@ def measure(B, T, sdt, args, flusher, copy_bw):
     import flashgdn
     from flashgdn.bench.timing import summarize, time_fn
 
-    L, dev = args.layers, "cuda"
+    L, dev = args.layers, DEVICE
     inp, idx, ck, caches, acc = _inputs(B, T, sdt, L, dev)
     pool = ck[0]
     out = torch.empty(B, T, HV, V, dtype=torch.bfloat16, device=dev)
@@ -140,11 +151,15 @@ def measure(B, T, sdt, args, flusher, copy_bw):
                                        ssm_state_indices=slots),
     }
     assert tuple(calls) == CALLS
-    us = {}
+    times = {name: [] for name in args.calls}
+    rounds = {name: [] for name in args.calls}  # each round's median
     timer = None
-    for name in args.calls:
-        times, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
-        us[name] = summarize(times)["median_us"]
+    for _ in range(args.rounds):
+        for name in args.calls:
+            t, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
+            times[name] += t
+            rounds[name].append(summarize(t)["median_us"])
+    us = {name: summarize(t)["median_us"] for name, t in times.items()}
     state_bytes = 2 * L * B * HV * V * K * ck.element_size()  # one read and one write per layer and slot
     row = dict(state_dtype=sdt, T=T, B=B, layers=L, timer=timer, **{f"{n}_us": round(t, 2) for n, t in us.items()})
     derived = {  # column: (the calls it needs, its value, its decimals)
@@ -156,9 +171,15 @@ def measure(B, T, sdt, args, flusher, copy_bw):
         "inter_copy_step_us": (("mtp_inter", "copy"), lambda: us["mtp_inter"] + us["copy"], 2),
         "token_slots_step_us": (("mtp_token_slots",), lambda: us["mtp_token_slots"], 2),
     }
+    if args.rounds > 1 and "verify" in us and "mtp_frozen" in us:
+        # In turns: the median of the rounds' overheads, and their range.
+        ratios = sorted(100 * (v / f - 1) for v, f in zip(rounds["verify"], rounds["mtp_frozen"]))
+        derived["verify_overhead_pct"] = (("verify", "mtp_frozen"), lambda: statistics.median(ratios), 2)
+        spread = f"{ratios[0]:.2f}..{ratios[-1]:.2f}"
+        derived["verify_overhead_range"] = (("verify", "mtp_frozen"), lambda: spread, None)
     for column, (needs, value, digits) in derived.items():
         if all(n in us for n in needs):
-            row[column] = round(value(), digits)
+            row[column] = value() if digits is None else round(value(), digits)
     return row
 
 

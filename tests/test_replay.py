@@ -420,3 +420,26 @@ def test_replay_step_benchmark_compiles_its_variants(capsys):
     commits = [line for line in lines if line.startswith("commit/T2/")]
     assert len(commits) == 2 and sum("/replay (" in line for line in lines) == 2
     assert "(ReplayCommit, table)" in commits[0] and "(ReplayCommitMma, commit_mma_min_tokens=" in commits[1]
+
+
+
+def test_replay_step_times_the_verify_in_turns(monkeypatch):
+    """replay_step.py --rounds R times the calls in turns and takes the verify's overhead as the median
+    of the rounds' ratios (with their range), not the ratio of the pooled medians."""
+    from flashgdn.bench import timing
+    from helpers import load_benchmark
+
+    module = load_benchmark("replay_step")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    # The calls come in turns, frozen MTP first: round r's frozen MTP takes 10 (r + 1) µs (a drift),
+    # its verify 2 / 9 / 4 % more.
+    samples = iter([10.0, 10.2, 20.0, 21.8, 30.0, 31.2])
+    monkeypatch.setattr(timing, "time_fn", lambda fn, iters, **kw: ([next(samples)] * iters, "cupti"))
+    args = module.parse_args(["--calls", "mtp_frozen", "verify", "--rounds", "3", "--iters", "5", "--layers", "1"])
+    row = module.measure(1, 2, "float32", args, flusher=None, copy_bw=1e12)
+    assert row["verify_overhead_pct"] == 4.0
+    assert row["verify_overhead_range"] == "2.00..9.00"
+    # The calls' own columns are the medians of all their samples.
+    assert (row["mtp_frozen_us"], row["verify_us"]) == (20.0, 21.8)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--rounds", "0"])
