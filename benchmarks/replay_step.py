@@ -48,9 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=48, help="layers of the commit's checkpoint (default 48)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--rounds", type=int, default=1,
-                   help="time the calls in turns, this many rounds of --iters each: the verify's overhead is then "
-                        "the median of the rounds' ratios (a drift between the calls' timings cancels), with their "
-                        "range")
+                   help="time the calls in turns, this many rounds of --iters each, every other round in reverse "
+                        "order: the verify's overhead is then the median of the rounds' ratios (a drift between the "
+                        "calls' timings cancels), with their range")
     p.add_argument("--timer", default="auto", choices=["auto", "cupti", "events"])
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--compile-only", action="store_true", help="only build the verify and commit variants (no GPU)")
@@ -154,8 +154,10 @@ def measure(B, T, sdt, args, flusher, copy_bw):
     times = {name: [] for name in args.calls}
     rounds = {name: [] for name in args.calls}  # each round's median
     timer = None
-    for _ in range(args.rounds):
-        for name in args.calls:
+    for r in range(args.rounds):
+        # Every other round in reverse order: a call timed first or last in each round (a clock or
+        # cache state that follows the order) favours neither side of a ratio.
+        for name in args.calls if r % 2 == 0 else args.calls[::-1]:
             t, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
             times[name] += t
             rounds[name].append(summarize(t)["median_us"])

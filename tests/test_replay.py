@@ -431,9 +431,9 @@ def test_replay_step_times_the_verify_in_turns(monkeypatch):
 
     module = load_benchmark("replay_step")
     monkeypatch.setattr(module, "DEVICE", "cpu")
-    # The calls come in turns, frozen MTP first: round r's frozen MTP takes 10 (r + 1) µs (a drift),
-    # its verify 2 / 9 / 4 % more.
-    samples = iter([10.0, 10.2, 20.0, 21.8, 30.0, 31.2])
+    # The calls come in turns, frozen MTP first and every other round last: round r's frozen MTP takes
+    # 10 (r + 1) µs (a drift), its verify 2 / 9 / 4 % more.
+    samples = iter([10.0, 10.2, 21.8, 20.0, 30.0, 31.2])
     monkeypatch.setattr(timing, "time_fn", lambda fn, iters, **kw: ([next(samples)] * iters, "cupti"))
     args = module.parse_args(["--calls", "mtp_frozen", "verify", "--rounds", "3", "--iters", "5", "--layers", "1"])
     row = module.measure(1, 2, "float32", args, flusher=None, copy_bw=1e12)
