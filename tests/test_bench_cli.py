@@ -85,6 +85,7 @@ def test_default_sweep_size():
     (["--api", "pretranspose", "--token-slots"], "mtp rows"),
     (["--api", "mtp", "--token-slots", "--seq-len", "1", "2"], ">= 2"),
     (["--api", "mtp", "--token-slots", "--cache-intermediate"], "exclude"),
+    (["--rounds", "0"], "positive"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, phrase, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -634,3 +635,29 @@ def test_sweep_writes_the_rows_done_before_a_stop(tmp_path):
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     assert [(r["B"], float(r["median_us"])) for r in rows] == [("1", 11.0), ("4", 12.0)]
     assert [r["B"] for r in json.loads(json_path.read_text())["rows"]] == [1, 4]
+
+
+def test_time_in_turns_reverses_every_other_round(monkeypatch):
+    """--rounds R: R rounds of --iters per call, every other round in reverse order, each call's
+    samples pooled; a call that raises gives its exception and is timed no further."""
+    from flashgdn.bench import timing
+
+    order = []
+
+    def fake_time_fn(fn, iters, **kw):
+        order.append(fn.__name__)
+        if fn.__name__ == "broken" and len(order) > 3:
+            raise RuntimeError("out of memory")
+        return [float(len(order))] * iters, "cupti"
+
+    def a(): pass
+    def b(): pass
+    def broken(): pass
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
+    args = types.SimpleNamespace(rounds=3, iters=2, warmup=0, timer="cupti")
+    out = cli.time_in_turns([a, b, broken], args, flusher=None)
+    assert order == ["a", "b", "broken", "broken", "b", "a", "a", "b"]
+    # a's samples 1, 6, 7 (twice each), b's 2, 5, 8: medians of the pooled samples.
+    assert out[0] == (timing.summarize([1.0, 1.0, 6.0, 6.0, 7.0, 7.0]), "cupti")
+    assert out[1][0]["median_us"] == 5.0
+    assert isinstance(out[2], RuntimeError)

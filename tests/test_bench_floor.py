@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import types
 
 import pytest
 import torch
@@ -83,10 +84,9 @@ def _stub_gpu(monkeypatch):
     real_environment = cli.environment
     monkeypatch.setattr(cli, "environment", lambda device, *a: real_environment(None, *a))
 
-    def measure(impl, row, args, device, flusher, variant, seen):
-        return {"verify": "", "times": _times(row.bytes() / 500.0), "timer": "cupti"}
-
-    monkeypatch.setattr(cli, "measure", measure)
+    # An implementation's "call" is its time: the row's bytes / 500 µs.
+    monkeypatch.setattr(cli, "prepare", lambda impl, row, args, device, variant, seen: (row.bytes() / 500.0, ""))
+    monkeypatch.setattr(cli, "time_in_turns", lambda calls, args, flusher: [(_times(c), "cupti") for c in calls])
     return timed
 
 
@@ -162,3 +162,26 @@ def test_floor_reads_na_without_bytes_time_or_copy(capsys):
     # The floor columns are the last two before the verdict (ok; ERROR for the row without a time).
     assert [ln.split()[-3:] for ln in body] == [["n/a", "n/a", "ok"], ["4.00", "n/a", "ERROR"],
                                                  ["n/a", "n/a", "ok"], ["4.00", "2.00x", "ok"]]
+
+
+def test_sweep_in_turns_times_every_implementation_together(monkeypatch, capsys):
+    """--rounds R > 1: a row's implementations are prepared first and timed together in turns
+    (one time_in_turns call with all of them); a baseline that fails to time reads unavailable."""
+    _stub_gpu(monkeypatch)
+    batches = []
+
+    def in_turns(calls, args, flusher):
+        batches.append(len(calls))
+        assert args.rounds == 4
+        return [(_times(10.0), "cupti"), (_times(12.0), "cupti"), RuntimeError("out of memory")][:len(calls)]
+
+    monkeypatch.setattr(cli, "time_in_turns", in_turns)
+    monkeypatch.setattr(cli, "BASELINES", [types.SimpleNamespace(name=n, applies=lambda row: True,
+                                                                note=lambda row: "")
+                                           for n in ("fla", "flashinfer")])
+    args = cli.parse_args(["--api", "pretranspose", "--batch-size", "1", "--rounds", "4", "--compare"])
+    row = cli.sweep_rows(args)[0]
+    rec = cli.run_row(row, args, torch.device("cpu"), "sm_90a", 132, None, 3.0e12, set(), set())
+    assert batches == [3]
+    assert rec["median_us"] == 10.0 and rec["fla_us"] == 12.0 and rec["fla_speedup"] == 1.2
+    assert rec["flashinfer_us"] is None and "unavailable: RuntimeError: out of memory" in rec["flashinfer_note"]

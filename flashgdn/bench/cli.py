@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--iters", type=_positive_int,
         help="timed iterations per row (default: 100; with --host: 2000 calls per run, 7 runs)")
     add("--warmup", type=int, default=10, help="untimed iterations first (default: 10)")
+    add("--rounds", type=_positive_int, default=1,
+        help="time a row's implementations in turns: this many rounds of --iters each, every other round in "
+             "reverse order, so that an order effect (a block timed right after another measured up to 2 %% slower "
+             "on small kernels) favours none; each figure is the median of all its rounds' samples (default: 1)")
     add("--timer", choices=("auto", "cupti", "events"), default="auto",
         help="auto: cupti when cupti-python works, else CUDA events around a CUDA graph (default: auto)")
     add("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
@@ -349,23 +353,20 @@ def compile_only(args) -> int:
 # ----------------------------------------------------------------------------- GPU sweep
 
 
-def measure(impl: Impl, row: Row, args, device, flusher, variant, seen: set) -> dict:
-    """Verify (with --verify) and time one implementation on one row.
-
-    `variant` names what the first call compiles (a KernelSpec name, a baseline's configuration);
-    the first call of a new one runs untimed, with a progress line. Returns {"verify": "ok" |
-    "FAILED: ..." | "", "times": summarize(...), "timer": name}. Exceptions propagate."""
+def prepare(impl: Impl, row: Row, args, device, variant, seen: set):
+    """Verify (with --verify) one implementation on one row and build its timed call: (call, verify)
+    with verify "ok", "FAILED: ..." or "". `variant` names what the first call compiles (a
+    KernelSpec name, a baseline's configuration); the first call of a new one runs untimed, with a
+    progress line. Exceptions propagate."""
     import torch
-
-    from .timing import summarize, time_fn
 
     first, t0 = variant not in seen, time.perf_counter()
     if first:  # compiled by the first call: --verify's, else the untimed one below
         progress(f"  compiling {impl.name} {variant} ...")
-    out = {"verify": ""}
+    checked = ""
     if args.verify:
         problem = verify(impl, row, device, args.seed)
-        out["verify"] = "ok" if problem is None else f"FAILED: {problem}"
+        checked = "ok" if problem is None else f"FAILED: {problem}"
     inp = make_inputs(row, device, args.seed + 1)
     call, _ = impl.prepare(row, inp)
     if first:
@@ -373,10 +374,26 @@ def measure(impl: Impl, row: Row, args, device, flusher, variant, seen: set) -> 
         torch.cuda.synchronize(device)
         seen.add(variant)
         progress(f"  ... ready in {time.perf_counter() - t0:.1f} s{' (with --verify)' if args.verify else ''}")
-    times, out["timer"] = time_fn(call, iters=args.iters, warmup=args.warmup, cold_l2=True,
-                                  timer=args.timer, flusher=flusher)
-    out["times"] = summarize(times)
-    return out
+    return call, checked
+
+
+def time_in_turns(calls: list, args, flusher) -> list:
+    """Each call's times, summarize()d, and the timer used, in `calls`' order: --rounds rounds of
+    --iters each, every other round in reverse order. A call that raises is timed no further and
+    gives its exception instead."""
+    from .timing import summarize, time_fn
+
+    samples, timers = [[] for _ in calls], [None] * len(calls)
+    for r in range(args.rounds):
+        order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
+        for i in (i for i in order if not isinstance(samples[i], Exception)):
+            try:
+                times, timers[i] = time_fn(calls[i], iters=args.iters, warmup=args.warmup, cold_l2=True,
+                                           timer=args.timer, flusher=flusher)
+                samples[i] += times
+            except Exception as exc:
+                samples[i] = exc
+    return [t if isinstance(t, Exception) else (summarize(t), timer) for t, timer in zip(samples, timers)]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -400,33 +417,49 @@ def run_row(row: Row, args, device, arch: str, sm_count: int, flusher, copy_bw: 
         pool_padding=row.pool_padding, intermediate=row.intermediate, token_slots=row.token_slots, l2norm=row.l2norm,
         kernel=kernel, flops=row.flops(), bytes=row.bytes(), verify="", error="", hidden=row.hidden or None,
     )
-    try:
-        m = measure(FLASHGDN, row, args, device, flusher, kernel, seen)
-        timers.add(m["timer"])
-        us = m["times"]["median_us"]
-        rec.update(m["times"], verify=m["verify"], tflops=row.flops() / (us * 1e-6) / 1e12,
-                   tbps=row.bytes() / (us * 1e-6) / 1e12, pct_copy_bw=pct_of_copy(row.bytes(), us, copy_bw))
-    except Exception as exc:
-        rec["error"] = _one_line(exc)
-        progress(f"  flashgdn: {rec['error']}")
+    # (implementation, what its first call compiles): flashgdn, then each baseline (--compare).
+    variants = [(FLASHGDN, kernel)]
     for impl in [b for b in BASELINES if b.applies(row)] if args.compare else ():
         # What a baseline compiles per call signature (FlashInfer keys a padded pool's strides too).
         flags = (("nol2", not row.l2norm), ("inter", row.intermediate), ("token-slots", row.token_slots),
                  (f"padding={row.pool_padding}", row.pool_padding))
-        variant = " ".join([f"{row.version} T={row.T} {row.dtype}/{row.state_dtype}"] + [f for f, on in flags if on])
+        variants.append((impl, " ".join([f"{row.version} T={row.T} {row.dtype}/{row.state_dtype}"]
+                                        + [f for f, on in flags if on])))
+    # Timed as each is ready, or with --rounds > 1 all together in turns (their inputs then live together).
+    measured, pending = [], []  # (impl, verify, (times, timer) or the exception)
+    for impl, variant in variants:
         try:
-            m = measure(impl, row, args, device, flusher, variant, seen)
+            call, checked = prepare(impl, row, args, device, variant, seen)
         except Exception as exc:  # Unavailable, ImportError, a TypeError on the signature, ...
-            rec[f"{impl.name}_note"] = f"baseline unavailable: {_one_line(exc)}"
-            progress(f"  {impl.name}: {rec[f'{impl.name}_note']}")
+            measured.append((impl, "", exc))
             continue
-        timers.add(m["timer"])
-        b_us = m["times"]["median_us"]
-        rec[f"{impl.name}_us"], rec[f"{impl.name}_verify"] = b_us, m["verify"]
+        if args.rounds == 1:
+            measured.append((impl, checked, time_in_turns([call], args, flusher)[0]))
+        else:
+            pending.append((impl, call, checked))
+    timed = time_in_turns([call for _, call, _ in pending], args, flusher) if pending else []
+    measured += [(impl, checked, result) for (impl, _, checked), result in zip(pending, timed)]
+    for impl, checked, result in sorted(measured, key=lambda m: m[0] is not FLASHGDN):
+        if isinstance(result, Exception):
+            why = _one_line(result)
+            if impl is FLASHGDN:
+                rec["error"] = why
+            else:
+                rec[f"{impl.name}_note"] = why = f"baseline unavailable: {why}"
+            progress(f"  {impl.name}: {why}")
+            continue
+        times, timer = result
+        timers.add(timer)
+        us = times["median_us"]
+        if impl is FLASHGDN:
+            rec.update(times, verify=checked, tflops=row.flops() / (us * 1e-6) / 1e12,
+                       tbps=row.bytes() / (us * 1e-6) / 1e12, pct_copy_bw=pct_of_copy(row.bytes(), us, copy_bw))
+            continue
+        rec[f"{impl.name}_us"], rec[f"{impl.name}_verify"] = us, checked
         rec[f"{impl.name}_note"] = impl.note(row)
         # flashgdn's compulsory bytes over the baseline's time (FLA, e.g., also writes an fp32 state copy).
-        rec[f"{impl.name}_pct_copy_bw"] = pct_of_copy(row.bytes(), b_us, copy_bw)
-        rec[f"{impl.name}_speedup"] = b_us / rec["median_us"] if rec["median_us"] else None
+        rec[f"{impl.name}_pct_copy_bw"] = pct_of_copy(row.bytes(), us, copy_bw)
+        rec[f"{impl.name}_speedup"] = us / rec["median_us"] if rec["median_us"] else None
     if floor is not None:
         measure_floor(rec, floor, timers)
     torch.cuda.empty_cache()
