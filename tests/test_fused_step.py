@@ -285,6 +285,22 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
         assert config.split_rows % (config.threads // 4) == 0 and -(-5120 // config.split_rows) == config.gate_ctas
 
 
+@pytest.mark.parametrize("table, hidden, HV, rows", [
+    ("sm90-hbm3", 5120, 48, 2),  # Qwen3.5 TP1: a 960 KiB w_ba
+    ("sm90-hbm3", 2048, 32, 1),  # Qwen3-Next TP1: 256 KiB
+    ("sm90-hbm3e", 5120, 48, 1),  # the H200 table: one row at every size
+])
+def test_split_batch_rows_by_table_and_w_ba_size(table, hidden, HV, rows):
+    """The tables' batch rows per split gate CTA: the H100's two from a 512 KiB w_ba
+    (conv_gate_split_batch_rows_min_bytes), one below it; the H200's one."""
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec
+
+    spec = ConvGateSpec(H=16, HV=HV, D=128, hidden=hidden, width=4, has_bias=False, arch="sm_90a",
+                        device_class=table, regime="split")
+    assert policy.ConvGateConfig.for_spec(spec).gate_rows == rows
+
+
 def test_split_gate_rows_are_whole_passes():
     """A slice of the split projection is whole passes of threads // CBp rows (CBp: the row's column
     blocks padded to a power of two), at most those covering hidden; none where the padded blocks

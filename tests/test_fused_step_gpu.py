@@ -19,7 +19,7 @@ from flashgdn import reference as ref
 from flashgdn.cache import kernel_cache
 from flashgdn.spec import StepSpec
 from helpers import (BF16, F32, assert_close_output, assert_close_state, bf16_ulp, clone_fused, graph_replay_equals_eager,
-                     make_fused_inputs, use_h200_table)
+                     make_fused_inputs, use_h200_table, use_table)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -214,6 +214,21 @@ def test_matches_reference_with_the_h200_table_at_qwen35_tp1(monkeypatch):
         run_and_check(kw)
     built = {(c.threads, c.gate_rows) for c in map(policy.ConvGateConfig.for_spec, _convs(specs))}
     assert built == {(512, 1), (128, 4)}
+
+
+def test_matches_reference_with_the_h100_tables_split_at_qwen35_tp1(monkeypatch):
+    """The H100 table's split regime at the Qwen3.5 TP1 shape (a 960 KiB w_ba), a bf16 state: two
+    batch rows per gate CTA (conv_gate_split_batch_rows), B = 16 and 21 (a partial last group)."""
+    from flashgdn.kernels import policy
+
+    specs = use_table(monkeypatch, "sm90-hbm3")
+    for B in (16, 21):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, 16, 48, 128, 5120, 4, P=P, state_dtype=BF16, conv_layout="SD", bias=True,
+                               slots=_slots(B, P, pad=True, invalid=True, seed=B), device=DEV, seed=90 + B)
+        run_and_check(kw)
+    built = {s.regime: policy.ConvGateConfig.for_spec(s) for s in _convs(specs)}
+    assert set(built) == {"split"} and (built["split"].gate_rows, built["split"].partial_sums) == (2, 20)
 
 
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])

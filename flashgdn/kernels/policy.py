@@ -75,7 +75,9 @@ class DeviceTable:
     # hidden / threads rows two loads at a time. RESULTS.md "Fused step: the split projection".
     conv_gate_split_heads_per_sm: int = 0
     conv_gate_split_rows: int = 256
+    # (one batch row where w_ba has fewer than conv_gate_split_batch_rows_min_bytes)
     conv_gate_split_batch_rows: int = 1
+    conv_gate_split_batch_rows_min_bytes: int = 0
     # ...for calls whose w_ba has at least conv_gate_split_min_bytes and, where conv_gate_split_max_bytes
     # names their state dtype, at most that many, and whose state dtype is listed (split_serves; other
     # calls stay in the small regime there).
@@ -166,6 +168,11 @@ SM90_HBM3 = DeviceTable(
     conv_gate_split_heads_per_sm=3,
     conv_gate_split_min_bytes=256 << 10,
     conv_gate_split_max_bytes={"float32": 512 << 10},
+    # Two batch rows per split gate CTA for a w_ba of 512 KiB or more: on the H100 at Qwen3.5 TP1 (960
+    # KiB, bf16 state) B = 12 / 16 / 20 1.03 / 1.04 / 1.03-1.05x over one (4 rows 0.96-0.98x, 8 rows
+    # 0.95-1.01x); at Qwen3-Next TP1 (256 KiB) 0.99-1.00x (RESULTS.md "Fused step: the split projection").
+    conv_gate_split_batch_rows=2,
+    conv_gate_split_batch_rows_min_bytes=512 << 10,
     # The gemm regime from 20 heads per SM (the H200 table's too): on the H100 at Qwen3.5 TP1 (a 960 KiB
     # w_ba) B = 64 and 256 1.11-1.30x over the large regime, which ran 0.77-0.87x the composed path
     # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
@@ -194,7 +201,10 @@ SM90_HBM3E = dataclasses.replace(
     # The split regime (the H100 table's): at B = 16 (3-8 value heads per SM) 1.12-1.13x for a bf16
     # state at the TP1 shapes (w_ba 256 and 960 KiB); for an fp32 state 1.07x at 256 KiB and 0.93x at
     # 960 KiB, which stays in the small regime, as do the TP4 shapes (w_ba 64 and 240 KiB, B = 64:
-    # 0.80-0.95x).
+    # 0.80-0.95x). One batch row per split gate CTA, as timed here (two are the H100's choice; not timed
+    # on the H200).
+    conv_gate_split_batch_rows=1,
+    conv_gate_split_batch_rows_min_bytes=0,
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.
@@ -530,10 +540,11 @@ class ConvGateConfig:
         if spec.regime == "gemm":
             return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1)
         split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
-        if split:
-            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=-(-spec.hidden // split), gate_prefetch=False,
-                       gate_rows=table.conv_gate_split_batch_rows, split_rows=split)
         w_ba_bytes = spec.hidden * 2 * spec.HV * 2
+        if split:
+            rows = table.conv_gate_split_batch_rows if w_ba_bytes >= table.conv_gate_split_batch_rows_min_bytes else 1
+            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=-(-spec.hidden // split), gate_prefetch=False,
+                       gate_rows=rows, split_rows=split)
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
         return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=conv_gate_blocks(spec.HV)[0],
                    gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
