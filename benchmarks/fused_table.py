@@ -9,6 +9,8 @@ kernels counts, as in a graph-captured decode), cold L2, median.
     python benchmarks/fused_table.py --settings conv_gate_threads_small=None,conv_gate_rows=1 table
     python benchmarks/fused_table.py --batch-size 64 256 --settings table conv_gate_gemm_heads_per_sm=2 --composed
     python benchmarks/fused_table.py --batch-size 1 4 16 --settings table --composed --decode-alone
+    python benchmarks/fused_table.py --batch-size 16 --settings table conv_gate_split_batch_rows=1 --rounds 6
+        # the columns timed in turns, every other round reversed (flashgdn.bench.timing.turns)
 
 The first setting is the baseline of the speedup columns. Each setting runs the step through
 flashgdn.gdn_fused_decode_step with the device's table switched (policy.DEVICE_TABLES), the step's
@@ -19,6 +21,8 @@ flashgdn.bench.table_setting).
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import sys
 
 import torch
@@ -27,7 +31,7 @@ import flashgdn
 from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.rows import Row
 from flashgdn.bench.table_setting import label, parse_setting, switched
-from flashgdn.bench.timing import summarize, time_fn
+from flashgdn.bench.timing import summarize, time_fn, turns
 from flashgdn.cache import CompileCache, compile_variant
 from flashgdn.device import facts_of, unavailable_reason
 
@@ -95,8 +99,13 @@ def main(argv=None) -> int:
     p.add_argument("--decode-alone", action="store_true",
                    help="also time the decode alone (the packed decode on the same pool) as a last column")
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the columns in turns: this many rounds of --iters each, every other round in reverse "
+                        "order; each column is the median of its rounds' medians (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if gpu_missing("fused_table"):
         return 2
     labels = ([label(s) for s in args.settings] + (["composed"] if args.composed else [])
@@ -110,11 +119,16 @@ def main(argv=None) -> int:
     for sdt in args.state_dtype:
         for B in args.batch_size:
             row = step_row(args, sdt, B)
-            us = [step_us(row, s, c, args.iters, args.seed) for s, c in zip(args.settings, caches)]
+            columns = [functools.partial(step_us, row, s, c, args.iters, args.seed)
+                       for s, c in zip(args.settings, caches)]
             if args.composed:
-                us.append(composed_us(row, args.iters, args.seed))
+                columns.append(functools.partial(composed_us, row, args.iters, args.seed))
             if args.decode_alone:
-                us.append(decode_alone_us(row, args.iters, args.seed))
+                columns.append(functools.partial(decode_alone_us, row, args.iters, args.seed))
+            medians = [[] for _ in columns]
+            for i in turns(len(columns), args.rounds):
+                medians[i].append(columns[i]())
+            us = [statistics.median(m) for m in medians]
             cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
             print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
     return 0

@@ -117,7 +117,7 @@ def _inputs(B, T, sdt, L, device):
 
 def measure(B, T, sdt, args, flusher, copy_bw):
     import flashgdn
-    from flashgdn.bench.timing import summarize, time_fn
+    from flashgdn.bench.timing import summarize, time_fn, turns
 
     L, dev = args.layers, DEVICE
     inp, idx, ck, caches, acc = _inputs(B, T, sdt, L, dev)
@@ -154,13 +154,11 @@ def measure(B, T, sdt, args, flusher, copy_bw):
     times = {name: [] for name in args.calls}
     rounds = {name: [] for name in args.calls}  # each round's median
     timer = None
-    for r in range(args.rounds):
-        # Every other round in reverse order: a call timed first or last in each round (a clock or
-        # cache state that follows the order) favours neither side of a ratio.
-        for name in args.calls if r % 2 == 0 else args.calls[::-1]:
-            t, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
-            times[name] += t
-            rounds[name].append(summarize(t)["median_us"])
+    for i in turns(len(args.calls), args.rounds):
+        name = args.calls[i]
+        t, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
+        times[name] += t
+        rounds[name].append(summarize(t)["median_us"])
     us = {name: summarize(t)["median_us"] for name, t in times.items()}
     state_bytes = 2 * L * B * HV * V * K * ck.element_size()  # one read and one write per layer and slot
     row = dict(state_dtype=sdt, T=T, B=B, layers=L, timer=timer, **{f"{n}_us": round(t, 2) for n, t in us.items()})

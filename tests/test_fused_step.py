@@ -233,6 +233,35 @@ def test_fused_table_without_a_gpu_says_so():
     assert load_benchmark("fused_timeline").main(["--settings", "table", "fused_step_pdl=False"]) == 2
 
 
+def test_fused_table_times_its_columns_in_turns(monkeypatch, capsys):
+    """fused_table.py --rounds R: the columns (settings, composed, decode alone) timed in
+    flashgdn.bench.timing.turns' order, each the median of its rounds."""
+    from flashgdn.bench.timing import turns
+
+    assert list(turns(3, 3)) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert list(turns(2, 1)) == [0, 1]
+    module = load_benchmark("fused_table")
+    order = []
+    times = {"step": iter([10.0, 30.0, 20.0]), "composed": iter([15.0, 45.0, 30.0])}
+
+    def fake(name):
+        def timed(*args):
+            order.append(name)
+            return next(times[name])
+        return timed
+
+    monkeypatch.setattr(module, "gpu_missing", lambda script: False)
+    monkeypatch.setattr(module, "step_us", fake("step"))
+    monkeypatch.setattr(module, "composed_us", fake("composed"))
+    assert module.main(["--settings", "table", "--batch-size", "16", "--state-dtype", "bf16", "--composed",
+                        "--rounds", "3"]) == 0
+    assert order == ["step", "composed", "composed", "step", "step", "composed"]
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:3] == ["bf16", "16", "20.00"] and row[5] == "30.00"
+    with pytest.raises(SystemExit):
+        module.main(["--settings", "table", "--rounds", "0"])
+
+
 def test_fused_timeline_summary():
     """Per kernel of a call its median duration, each later kernel's start after the first, and the
     call's span (µs), from (start, end, name) records in ns."""

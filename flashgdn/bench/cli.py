@@ -381,18 +381,18 @@ def time_in_turns(calls: list, args, flusher) -> list:
     """Each call's times, summarize()d, and the timer used, in `calls`' order: --rounds rounds of
     --iters each, every other round in reverse order. A call that raises is timed no further and
     gives its exception instead."""
-    from .timing import summarize, time_fn
+    from .timing import summarize, time_fn, turns
 
     samples, timers = [[] for _ in calls], [None] * len(calls)
-    for r in range(args.rounds):
-        order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
-        for i in (i for i in order if not isinstance(samples[i], Exception)):
-            try:
-                times, timers[i] = time_fn(calls[i], iters=args.iters, warmup=args.warmup, cold_l2=True,
-                                           timer=args.timer, flusher=flusher)
-                samples[i] += times
-            except Exception as exc:
-                samples[i] = exc
+    for i in turns(len(calls), args.rounds):
+        if isinstance(samples[i], Exception):
+            continue
+        try:
+            times, timers[i] = time_fn(calls[i], iters=args.iters, warmup=args.warmup, cold_l2=True,
+                                       timer=args.timer, flusher=flusher)
+            samples[i] += times
+        except Exception as exc:
+            samples[i] = exc
     return [t if isinstance(t, Exception) else (summarize(t), timer) for t, timer in zip(samples, timers)]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import statistics
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -148,6 +148,14 @@ def time_fn(
     if timer == "events":
         return _event_times(fn, iters, flush, use_graph), timer
     raise ValueError(f"timer must be 'auto', 'cupti' or 'events', got {timer!r}")
+
+
+def turns(count: int, rounds: int) -> Iterator[int]:
+    """The order in which to time `count` calls in turns: `rounds` rounds, every other one in reverse,
+    so that what the order does to a timing (a block timed right after another ran up to 2 % slower
+    on small kernels; benchmarks/RESULTS.md "ReplaySSM") favours none of them."""
+    for r in range(rounds):
+        yield from (range(count) if r % 2 == 0 else reversed(range(count)))
 
 
 def summarize(times_us: List[float]) -> Dict[str, float]:
