@@ -2,19 +2,21 @@
 regime threshold in flashgdn/kernels/policy.py are chosen).
 
     python benchmarks/tune.py --layout klast --state-dtype float32 --batch-size 1 4 16 64 256
+    python benchmarks/tune.py --seq-len 8 --pool --batch-size 64 --tiles "(4,2,8),(4,4,8)" --rounds 6   # in turns
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import functools
 
 import cutlass.cute as cute
 import torch
 from cutlass.cute.runtime import make_fake_stream
 
 from flashgdn.api import CallOptions, kernel_spec
-from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn
+from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn, turns
 from flashgdn.cache import kernel_cache
 from flashgdn.device import facts_of
 from flashgdn.spec import KernelArgs
@@ -138,12 +140,17 @@ def main():
     ap.add_argument("--inter", action="store_true")
     ap.add_argument("--token-slots", action="store_true", help="the state after each token to its own pool slot")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the shapes in turns: this many rounds of --iters each, every other round in reverse "
+                         "order (flashgdn.bench.timing.turns); each figure is the median of its pooled samples")
     ap.add_argument("--tiles", default=None, help='CTA shapes to try, e.g. "(4,1),(8,4)"')
     ap.add_argument("--prefetch-mib", type=float, nargs="+", default=None,
                     help="L2 prefetch distances to try (MiB of state, 0: off), each CTA shape at each")
     ap.add_argument("--calibrate", action="store_true", help="time floors: a 1-element kernel and copies")
     ap.add_argument("--calibrate-writes", action="store_true", help="time the floors of MTP with intermediates")
     ns = ap.parse_args()
+    if ns.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {ns.rounds}")
     if ns.calibrate:
         return calibrate(ns.iters)
     if ns.calibrate_writes:
@@ -159,18 +166,19 @@ def main():
     for B in ns.batch_size:
         p = Problem(B, ns.seq_len, 16, 32, 128, 128)
         args = _args(ns.layout, p, sdt, ns.pool, ns.inter, ns.token_slots)
-        line = []
+        fns = []  # each column's compiled function, None where its shape does not fit
         for tile, pf in columns:
             spec = dataclasses.replace(
                 kernel_spec(ns.layout, p, args, CallOptions(scale=None, use_l2norm=True), facts), tile=tile)
             try:
-                fn = _build(spec, pf)
+                fns.append(_build(spec, pf))
             except ValueError:
-                line.append(float("nan"))
-                continue
-            us = summarize(time_fn(lambda: fn(*args), iters=ns.iters)[0])["median_us"]
-            line.append(us)
-        rows.append((B, line))
+                fns.append(None)
+        samples = [[] for _ in fns]
+        for i in turns(len(fns), ns.rounds):
+            if fns[i] is not None:
+                samples[i] += time_fn(functools.partial(fns[i], *args), iters=ns.iters)[0]
+        rows.append((B, [summarize(t)["median_us"] if t else float("nan") for t in samples]))
     print(f"{ns.layout} state={ns.state_dtype} T={ns.seq_len} pool={ns.pool} inter={ns.inter} token_slots={ns.token_slots}: median us (CUPTI, cold L2)")
     names = [str(t) if pf is None else f"{t}@{pf / (1 << 20):g}M" for t, pf in columns]
     width = max(10, max(len(n) for n in names) + 1)

@@ -262,6 +262,41 @@ def test_fused_table_times_its_columns_in_turns(monkeypatch, capsys):
         module.main(["--settings", "table", "--rounds", "0"])
 
 
+def test_tune_times_its_shapes_in_turns(monkeypatch, capsys):
+    """tune.py --rounds R: every CTA shape that builds, timed in turns (timing.turns), each the median
+    of its pooled samples; a shape that does not fit reads nan."""
+    import dataclasses
+    import sys
+
+    module = load_benchmark("tune")
+    timed = []
+
+    def build(spec, prefetch):
+        if spec.tile == (8, 8, 8):
+            raise ValueError("does not fit")
+        return lambda *args, tile=spec.tile: timed.append(tile)
+
+    def fake_time_fn(fn, iters):
+        fn()
+        return [float(len(timed))] * iters, "cupti"
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:  # a kernel spec's one field tune.py replaces
+        tile: tuple = None
+
+    monkeypatch.setattr(module, "facts_of", lambda device: None)
+    monkeypatch.setattr(module, "_args", lambda *a: ())
+    monkeypatch.setattr(module, "kernel_spec", lambda *a: Spec())
+    monkeypatch.setattr(module, "_build", build)
+    monkeypatch.setattr(module, "time_fn", fake_time_fn)
+    monkeypatch.setattr(sys, "argv", ["tune.py", "--batch-size", "4", "--tiles", "(4,1,8),(8,8,8),(4,2,8)",
+                                      "--rounds", "3", "--iters", "2"])
+    module.main()
+    assert timed == [(4, 1, 8), (4, 2, 8), (4, 2, 8), (4, 1, 8), (4, 1, 8), (4, 2, 8)]
+    # (4, 1, 8): samples 1, 4, 5 (twice each); (4, 2, 8): 2, 3, 6.
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["4", "4.00", "nan", "3.00"]
+
+
 def test_fused_timeline_summary():
     """Per kernel of a call its median duration, each later kernel's start after the first, and the
     call's span (µs), from (start, end, name) records in ns."""
