@@ -28,6 +28,7 @@ import sys
 import torch
 
 import flashgdn
+from flashgdn.bench.cli import positive_int
 from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.rows import Row
 from flashgdn.bench.table_setting import label, parse_setting, switched
@@ -99,13 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--decode-alone", action="store_true",
                    help="also time the decode alone (the packed decode on the same pool) as a last column")
     p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="time the columns in turns: this many rounds of --iters each, every other round in reverse "
                         "order; each column is the median of its rounds' medians (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if gpu_missing("fused_table"):
         return 2
     labels = ([label(s) for s in args.settings] + (["composed"] if args.composed else [])

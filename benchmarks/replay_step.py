@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from flashgdn.bench.cli import positive_int
 from flashgdn.bench.table_setting import label, parse_setting, switched
 from flashgdn.cache import CompileCache, compile_variant
 
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", nargs="+", type=int, default=[1, 4, 16, 64, 128, 256])
     p.add_argument("--layers", type=int, default=48, help="layers of the commit's checkpoint (default 48)")
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="time the calls in turns, this many rounds of --iters each, every other round in reverse "
                         "order: the verify's overhead is then the median of the rounds' ratios (a drift between the "
                         "calls' timings cancels), with their range")
@@ -60,10 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--settings", type=parse_setting, nargs="+", default=[{}],
                    help='device-table settings, each "table" or field=value[,field=value...] (field+={...} adds '
                         'entries to a dict field; default: table)')
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
-    return args
+    return p.parse_args(argv)
 
 
 def compile_only(args) -> int:

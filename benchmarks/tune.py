@@ -16,6 +16,7 @@ import torch
 from cutlass.cute.runtime import make_fake_stream
 
 from flashgdn.api import CallOptions, kernel_spec
+from flashgdn.bench.cli import positive_int
 from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn, turns
 from flashgdn.cache import kernel_cache
 from flashgdn.device import facts_of
@@ -140,7 +141,7 @@ def main():
     ap.add_argument("--inter", action="store_true")
     ap.add_argument("--token-slots", action="store_true", help="the state after each token to its own pool slot")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=positive_int, default=1,
                     help="time the shapes in turns: this many rounds of --iters each, every other round in reverse "
                          "order (flashgdn.bench.timing.turns); each figure is the median of its pooled samples")
     ap.add_argument("--tiles", default=None, help='CTA shapes to try, e.g. "(4,1),(8,4)"')
@@ -149,8 +150,6 @@ def main():
     ap.add_argument("--calibrate", action="store_true", help="time floors: a 1-element kernel and copies")
     ap.add_argument("--calibrate-writes", action="store_true", help="time the floors of MTP with intermediates")
     ns = ap.parse_args()
-    if ns.rounds < 1:
-        ap.error(f"--rounds must be at least 1, got {ns.rounds}")
     if ns.calibrate:
         return calibrate(ns.iters)
     if ns.calibrate_writes:

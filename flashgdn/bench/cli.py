@@ -99,7 +99,7 @@ def _int_from(lowest: int, what: str):
     return parse
 
 
-_positive_int = _int_from(1, "a positive integer")
+positive_int = _int_from(1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,16 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
              "fused_step)")
     add("--version", nargs="?", const=SHOW_VERSION, choices=VERSIONS + ("all",), metavar="API", dest="api_alias",
         help="alone: print flashgdn's version and exit; with a value: deprecated spelling of --api")
-    add("--batch-size", type=_positive_int, nargs="+",
+    add("--batch-size", type=positive_int, nargs="+",
         help="batch sizes B (default: 1 4 16 64 256 512; with --host: 1)")
-    add("--seq-len", type=_positive_int, nargs="+",
+    add("--seq-len", type=positive_int, nargs="+",
         help="tokens per sequence T of the mtp rows (default: 2 4 8), of the recurrent, sigmoid_vllm and sglang "
              "rows (default: 1 2 4 8; T > 1: varlen speculative-decode verify, SGLang's target verify) and, with "
              "--api pretranspose, of the pretranspose rows (default: 1; T > 1 rows read a pool, as mtp rows do)")
-    add("--num-q-heads", type=_positive_int, default=16, help="H, q and k heads (default: 16)")
-    add("--num-v-heads", type=_positive_int, default=32, help="HV, value heads, a multiple of H (default: 32)")
+    add("--num-q-heads", type=positive_int, default=16, help="H, q and k heads (default: 16)")
+    add("--num-v-heads", type=positive_int, default=32, help="HV, value heads, a multiple of H (default: 32)")
     add("--head-size", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K = V (default: 128)")
-    add("--hidden-size", type=_positive_int, metavar="N",
+    add("--hidden-size", type=positive_int, metavar="N",
         help=f"fused_step rows: the model's hidden size, a multiple of 64 (default: {DEFAULT_HIDDEN}, Qwen3-Next's; "
              f"Qwen3.5: 5120)")
     add("--dtype", choices=tuple(IO_DTYPES), default="bf16", help="q, k, v, a, b and output dtype (default: bf16)")
@@ -148,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-slots", action="store_true",
         help="mtp: write the state after every token to its own fresh pool slot (ssm_state_indices [B, T]; "
              "B*T more slots, no final write-back)")
-    add("--iters", type=_positive_int,
+    add("--iters", type=positive_int,
         help="timed iterations per row (default: 100; with --host: 2000 calls per run, 7 runs)")
     add("--warmup", type=int, default=10, help="untimed iterations first (default: 10)")
-    add("--rounds", type=_positive_int, default=1,
+    add("--rounds", type=positive_int, default=1,
         help="time a row's implementations in turns: this many rounds of --iters each, every other round in "
              "reverse order, so that an order effect (a block timed right after another measured up to 2 %% slower "
              "on small kernels) favours none; each figure is the median of all its rounds' samples (default: 1)")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="no GPU: compile every kernel variant the sweep needs; print kernel class, dynamic shared memory, "
              "registers (needs ptxas, e.g. from the nvidia-cuda-nvcc pip wheel) and compile time")
     add("--arch", choices=COMPILE_ARCHS, help="--compile-only target (default: sm_90a)")
-    add("--sm-count", type=_positive_int,
+    add("--sm-count", type=positive_int,
         help=f"--compile-only: SM count that picks the batch regime (default: {DEFAULT_SM_COUNT}, the H100's)")
     add("--host", action="store_true",
         help="host time per call of every public function and engine entry point (B = 1, output given and "
