@@ -54,20 +54,11 @@ import time
 from typing import Optional, Sequence, Tuple
 
 from . import engine_specs
+from .cli_args import positive_int
 from .spec import ARCHS, CONV_WIDTHS, LAYOUTS, MAX_TOKENS, REGIMES, SUPPORTED_HEAD_DIMS, KernelSpec
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
 ENTRIES = ("flashinfer", *engine_specs.ENTRIES)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--arch", nargs="+", choices=ARCHS, default=["sm_90a"], help="GPU architecture(s) (default: sm_90a)")
-    add("-H", "--num-q-heads", type=_positive_int, default=16, help="q and k heads (default: 16)")
-    add("-HV", "--num-v-heads", type=_positive_int, default=32, help="value heads, a multiple of H (default: 32)")
+    add("-H", "--num-q-heads", type=positive_int, default=16, help="q and k heads (default: 16)")
+    add("-HV", "--num-v-heads", type=positive_int, default=32, help="value heads, a multiple of H (default: 32)")
     add("--head-k", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="K (default: 128)")
     add("--head-v", type=int, choices=SUPPORTED_HEAD_DIMS, default=128, help="V (default: 128)")
     add("--io-dtype", choices=("bf16", "fp16"), default="bf16", help="q, k, v and output (default: bf16)")
     add("--state-dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"], help="state dtype(s) (default: fp32)")
     add("--gate-dtype", choices=("bf16", "fp16", "fp32"), help="a and b (default: the --io-dtype)")
     add("--dt-bias-dtype", choices=("fp32", "bf16"), default="fp32", help="dt_bias (default: fp32)")
-    add("--seq-len", nargs="+", type=_positive_int, default=[1],
+    add("--seq-len", nargs="+", type=positive_int, default=[1],
         help=f"tokens per sequence T: 1 = decode, 2..{MAX_TOKENS} = MTP (default: 1)")
     add("--layout", nargs="+", choices=LAYOUTS, default=["klast"],
         help="state layout(s) of the T = 1 kernels: klast (pretranspose), kmajor (nontranspose) (default: klast)")
@@ -103,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: that of the arch's first known device, as the API picks for it)")
     add("--entry", nargs="+", choices=ENTRIES, default=["flashinfer"],
         help="the functions whose variants to build (the list above) (default: flashinfer)")
-    add("--hidden", type=_positive_int, default=2048, help="fused-step: hidden size, a multiple of 64 (default: 2048)")
+    add("--hidden", type=positive_int, default=2048, help="fused-step: hidden size, a multiple of 64 (default: 2048)")
     add("--conv-width", type=int, choices=CONV_WIDTHS, default=4, help="fused-step: conv width (default: 4)")
     add("--conv-bias", action=argparse.BooleanOptionalAction, default=True,
         help="fused-step: the conv has a bias (default) or none (conv_bias=None)")
     add("--regime", nargs="+", choices=REGIMES, default=list(REGIMES), help="batch regime(s) (default: both)")
     add("--cache-dir", help="cache directory (default: FLASHGDN_CACHE_DIR, else $XDG_CACHE_HOME/flashgdn)")
-    add("--jobs", "-j", type=_positive_int, default=1, help="variants built at once, one process each (default: 1)")
+    add("--jobs", "-j", type=positive_int, default=1, help="variants built at once, one process each (default: 1)")
     add("--list", action="store_true", help="print the variants and exit")
     return p
 

@@ -47,6 +47,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from .. import __version__
+from ..cli_args import int_at_least, positive_int  # noqa: F401  (positive_int: the benchmark scripts' type)
 from ..spec import MAX_TOKENS, SUPPORTED_HEAD_DIMS
 from .plot import write_plot
 from .report import (  # noqa: F401  (the writers are part of this module's interface: host.py, tests)
@@ -83,23 +84,6 @@ SWEEP_ONLY = ("api", "seq_len", "pool", "pool_padding", "cache_intermediate", "t
 SHOW_VERSION = object()
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _int_from(lowest: int, what: str):
-    """An argparse type: an integer >= `lowest` (`what` names it in the error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = _int_from(1, "a positive integer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pool-slots", choices=POOL_SLOTS, default="scattered",
         help="pool rows: 'scattered', 2B slots read at a random permutation of B of them (default); "
              "'contiguous', B slots read in order (FlashInfer's MTP benchmark)")
-    add("--pool-padding", type=_int_from(0, "an integer >= 0"), default=0, metavar="N",
+    add("--pool-padding", type=int_at_least(0, "an integer >= 0"), default=0, metavar="N",
         help=f"pool rows: allocate the pool [P, HV, V, K + N] and pass its [..., :K] view (padded head and row "
              f"strides); N elements, a multiple of {POOL_PADDING_MULTIPLE} (default: 0)")
     add("--cache-intermediate", action="store_true", help="mtp and T > 1 rows: also write intermediate_states_buffer")
