@@ -71,12 +71,13 @@ def decode_alone_us(row: Row, iters: int, seed: int) -> float:
 
 
 def step_parser(doc: str, batch_sizes: list, **settings) -> argparse.ArgumentParser:
-    """The arguments of a script that runs the step at one layer shape under table settings
-    (`settings`: how --settings is given)."""
+    """The arguments of a script that runs the step at one layer shape, under table settings where
+    `settings` says how --settings is given (none: the script takes no --settings)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--settings", type=parse_setting, nargs="+",
-                   help="DeviceTable settings to compare, each field=value[,field=value...] (field+={...} adds "
-                   "entries to a dict field); the first is the baseline", **settings)
+    if settings:
+        p.add_argument("--settings", type=parse_setting, nargs="+",
+                       help="DeviceTable settings to compare, each field=value[,field=value...] (field+={...} adds "
+                       "entries to a dict field); the first is the baseline", **settings)
     p.add_argument("--batch-size", type=int, nargs="+", default=batch_sizes)
     p.add_argument("--state-dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--hidden-size", type=int, default=2048)

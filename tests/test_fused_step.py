@@ -231,6 +231,30 @@ def test_fused_table_without_a_gpu_says_so():
         pytest.skip("a GPU is present")
     assert load_benchmark("fused_table").main(["--settings", "conv_gate_threads=256"]) == 2  # times nothing
     assert load_benchmark("fused_timeline").main(["--settings", "table", "fused_step_pdl=False"]) == 2
+    assert load_benchmark("composed_parts").main(["--conv-configs"]) == 2
+
+
+def test_composed_parts_times_each_conv_config_and_restores_the_autotuner(monkeypatch):
+    """composed_parts.py --conv-configs: the composed path under each config of the conv kernel's
+    autotuner alone, fastest first, then the config the autotuner picks by itself; its configs and
+    cache are as they were afterwards."""
+    import types
+
+    module = load_benchmark("composed_parts")
+    tuner = types.SimpleNamespace(configs=["c1", "c2", "c3"], cache={("old",): "c3"})
+
+    def prepare(row, inp):
+        def call():  # a tuner of one config runs it; of several, it picks c2
+            tuner.cache[("key",)] = tuner.configs[0] if len(tuner.configs) == 1 else "c2"
+        return call, None
+
+    times = {"c1": 3.0, "c2": 1.0, "c3": 2.0}
+    monkeypatch.setattr(module, "fla_conv_autotuner", lambda: tuner)
+    monkeypatch.setattr(module, "fused_step_inputs", lambda row, device, seed: {})
+    monkeypatch.setattr(module, "COMPOSED", types.SimpleNamespace(prepare=prepare))
+    monkeypatch.setattr(module, "median_us", lambda call, iters: (call(), times[tuner.cache[("key",)]])[1])
+    assert module.by_conv_config(None, 1, 0) == [(1.0, "c2"), (2.0, "c3"), (3.0, "c1"), ["c2"]]
+    assert tuner.configs == ["c1", "c2", "c3"] and tuner.cache == {}
 
 
 def test_fused_table_times_its_columns_in_turns(monkeypatch, capsys):

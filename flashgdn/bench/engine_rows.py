@@ -424,7 +424,7 @@ CONV_KERNELS = {  # the composed path's conv update, in order of preference
 }
 
 
-def _conv_kernel() -> str:
+def conv_kernel() -> str:
     """The first importable of CONV_KERNELS."""
     for kind, module in (("causal-conv1d", "causal_conv1d"), ("fla", "fla.modules.causal_conv1d")):
         try:
@@ -435,16 +435,16 @@ def _conv_kernel() -> str:
     return "torch"
 
 
-def _conv_update(inp):
+def conv_update(inp):
     """(conv update of a step's arguments -> y, its rows' conv states after the update ->
-    [B, qkv_dim, width - 1]) by _conv_kernel(): causal-conv1d's update on the paged pool (as vLLM
+    [B, qkv_dim, width - 1]) by conv_kernel(): causal-conv1d's update on the paged pool (as vLLM
     calls it), FLA's Triton update or torch ops.
 
     FLA's update keeps one dense cache row [qkv_dim, width] per sequence (its last width - 1
     columns are the window; the update shifts them and writes the whole row) and takes no slot
     indices: the step's rows start as a dense copy of their pool rows (untimed), which spares the
     composed path the gather and scatter a paged pool would cost it: its best case."""
-    kind = _conv_kernel()
+    kind = conv_kernel()
     if kind == "causal-conv1d":
         from causal_conv1d import causal_conv1d_update
 
@@ -469,13 +469,13 @@ def _conv_update(inp):
 
 
 def composed_prepare(row, inp):
-    """The fused step as separate launches: torch `hidden @ w_ba`, a conv update (_conv_update),
+    """The fused step as separate launches: torch `hidden @ w_ba`, a conv update (conv_update),
     flashgdn's packed decode (b = ba[:, :HV], a = ba[:, HV:], as gdn_fused_decode_step splits them)."""
     if row.version != "fused_step":
         raise Unavailable("the composed path is the fused step's baseline")
     from ..engines import fused_recurrent_gated_delta_rule_packed_decode
 
-    conv, conv_rows = _conv_update(inp)
+    conv, conv_rows = conv_update(inp)
     HV = row.HV
 
     def call():
@@ -493,7 +493,7 @@ def composed_prepare(row, inp):
 def composed_note(row) -> Optional[str]:
     if row.version != "fused_step":
         return None
-    return f"torch hidden @ w_ba + conv update by {CONV_KERNELS[_conv_kernel()]} + flashgdn's packed decode"
+    return f"torch hidden @ w_ba + conv update by {CONV_KERNELS[conv_kernel()]} + flashgdn's packed decode"
 
 
 COMPOSED = Impl("composed", composed_prepare, composed_note, applies=lambda row: row.version == "fused_step")
