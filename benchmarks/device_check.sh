@@ -22,8 +22,9 @@
 #   bash benchmarks/device_check.sh window     # the ReplaySSM verify with window CTAs at small batch: GPU tests,
 #                                              # memcheck, racecheck, and timed beside frozen MTP and the table
 #   bash benchmarks/device_check.sh h200       # the fp32 token loop's L2 prefetch at 4 and 6 MiB (T = 3-7, and
-#                                              # the ReplaySSM verify beside frozen MTP); two batch rows per
-#                                              # split gate CTA at Qwen3.5 TP1
+#                                              # the ReplaySSM verify beside frozen MTP); frozen fp32 MTP on the
+#                                              # tensor cores from T = 4; two batch rows per split gate CTA at
+#                                              # Qwen3.5 TP1
 # Logs go to $OUT when it is set (a device call's output folder), else to ./device-logs. Every step has a
 # time limit (LIMIT seconds, default 240), so a session's budget is never spent on one hung step.
 set -uo pipefail
@@ -249,12 +250,18 @@ h200)
   timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype float32 --tokens 4 6 \
     --batch-size 64 256 --calls mtp_frozen verify --settings table "prefetch_bytes+={'mtp': 6291456}" \
     > "$out/verify_mtp_prefetch.log" 2>&1
+  # Frozen MTP and the verify on the tensor cores for an fp32 state below the table's T = 8 (the H100 table's
+  # mma_min_tokens_frozen: from T = 6, 1.07-1.29x there over the token loop).
+  timeout "$limit" python3 benchmarks/replay_step.py --timer cupti --state-dtype float32 --tokens 4 6 7 \
+    --batch-size 16 64 256 --calls mtp_frozen verify --rounds 2 --settings table \
+    "mma_min_tokens_frozen={'float32': 4}" > "$out/frozen_mma_fp32.log" 2>&1
   # Two batch rows per split gate CTA (the H100 table's from a 512 KiB w_ba, 1.03-1.05x there) at Qwen3.5 TP1.
   timeout "$limit" python3 benchmarks/fused_table.py --hidden-size 5120 --num-q-heads 16 --num-v-heads 48 \
     --batch-size 12 16 20 --state-dtype bf16 --settings table conv_gate_split_batch_rows=2 --composed --decode-alone \
     > "$out/split_rows.log" 2>&1
   TAIL=4 tails tune_f32_T3 tune_f32_T4 tune_f32_T5 tune_f32_T6 tune_f32_T7
-  TAIL=12 tails verify_mtp_prefetch split_rows ;;
+  TAIL=12 tails verify_mtp_prefetch split_rows
+  TAIL=20 tails frozen_mma_fp32 ;;
 floors)
   # What a plain copy of the same bytes in the same pattern costs: a padded pool against a packed one, T
   # scattered token slots against a contiguous buffer (the FlashInfer parity issue's two layout targets).

@@ -372,6 +372,13 @@ def test_mma_kernel_follows_the_measured_cases():
     assert not mma(T=7, **h200) and not mma(T=8, regime="small", **h200) and mma(T=16, **h200)
     assert not mma(T=8, has_intermediate=True, **h200)
     assert not mma(has_intermediate=True) and mma(has_intermediate=True, tile=(4, 2))
+    # MTP that leaves the state as it is from the table's mma_min_tokens_frozen on: in the H100 table
+    # from T = 3 for a bf16 state and T = 6 for an fp32 one; the H200 table names no dtype there.
+    frozen = dict(update_state=False)
+    assert mma(T=3, **frozen) and not mma(T=3) and not mma(T=2, **frozen) and not mma(T=3, regime="small", **frozen)
+    assert mma(T=6, state="float32", **frozen) and not mma(T=5, state="float32", **frozen)
+    assert not mma(T=6, state="float32") and not mma(T=7, **frozen, **h200) and mma(T=8, **frozen, **h200)
+    assert not mma(T=3, io="float16", **frozen)
     with pytest.raises(ValueError, match="2-tuple tile asks for the tensor-core MTP kernel"):
         mma(has_token_slots=True, zero_padding_output=False, tile=(4, 2), vllm_slots=True)
     assert not mma(io="float16") and not mma(T=1, has_accepted=True)

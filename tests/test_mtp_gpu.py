@@ -135,6 +135,17 @@ def test_mtp_fp32_tensor_core(monkeypatch, T, update, accepted, pad, ratio, K):
     assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
 
 
+@pytest.mark.parametrize("T,sdt,pad,ratio", [(3, torch.bfloat16, True, 2), (4, torch.bfloat16, False, 1),
+                                             (6, torch.float32, True, 2), (7, torch.float32, False, 1)])
+def test_mtp_frozen_tensor_core_in_the_h100_table(monkeypatch, T, sdt, pad, ratio):
+    """MTP without a state update on the tensor-core kernel, which the H100 table takes from its
+    mma_min_tokens_frozen on (a bf16 state from T = 3, an fp32 one from T = 6 on four warps of one
+    16-row block): outputs; the pool untouched; padding, GVA."""
+    specs = use_table(monkeypatch, "sm90-hbm3")
+    _run(T, 200, ratio, sdt, False, False, False, pad)
+    assert specs and all(policy.BuildConfig.for_spec(s).kernel == policy.KMTP_MMA for s in specs)
+
+
 @pytest.mark.parametrize("T,sdt,update,accepted,pad,ratio,K", [
     (2, torch.float32, True, True, True, 1, 128), (4, torch.bfloat16, True, False, False, 2, 128),
     (4, torch.float32, False, False, True, 2, 128), (8, torch.bfloat16, True, True, True, 1, 128),

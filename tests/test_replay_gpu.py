@@ -178,16 +178,24 @@ def _live_indices(B, P):
     return idx, torch.where(idx < P, idx, -1)
 
 
-@pytest.mark.parametrize("T,B,ratio,K,sdt", [(3, 100, 2, 128, torch.bfloat16), (4, 200, 1, 64, torch.bfloat16),
-                                             (4, 160, 1, 256, torch.bfloat16), (8, 100, 2, 128, torch.bfloat16),
-                                             (8, 100, 2, 256, torch.bfloat16),
-                                             (8, 100, 2, 128, torch.float32)])
-def test_tensor_core_verify_outputs_and_windows(tensor_core_specs, T, B, ratio, K, sdt):
-    """The tensor-core kernel's verify (large batch: a bf16 state, two or four warps of two 16-row
-    blocks, K = 256 one block and four CTAs per head, GVA 2 and 1; an fp32 state from T = 8, two
-    warps of one block): outputs equal the fp64 reference's plain MTP; the windows of live slots
-    hold the raw inputs bit for bit (v, k) and the gates; padding and invalid rows, the other
+H200, H100 = "sm90-hbm3e", "sm90-hbm3"
+
+
+@pytest.mark.parametrize("table,T,B,ratio,K,sdt", [
+    (H200, 3, 100, 2, 128, torch.bfloat16), (H200, 4, 200, 1, 64, torch.bfloat16),
+    (H200, 4, 160, 1, 256, torch.bfloat16), (H200, 8, 100, 2, 128, torch.bfloat16),
+    (H200, 8, 100, 2, 256, torch.bfloat16), (H200, 8, 100, 2, 128, torch.float32),
+    (H100, 3, 100, 2, 128, torch.bfloat16), (H100, 6, 100, 2, 128, torch.float32),
+    (H100, 7, 160, 1, 128, torch.float32)])
+def test_tensor_core_verify_outputs_and_windows(monkeypatch, table, T, B, ratio, K, sdt):
+    """The tensor-core kernel's verify at large batch, by each table's choice (the H200 table: a
+    bf16 state from T = 3, two or four warps of two 16-row blocks, K = 256 one block and four CTAs
+    per head, GVA 2 and 1; an fp32 state from T = 8, two warps of one block; the H100 table's
+    thresholds for MTP without a state update: a bf16 state from T = 3, an fp32 one from T = 6 on
+    four warps of one block): outputs equal the fp64 reference's plain MTP; the windows of live
+    slots hold the raw inputs bit for bit (v, k) and the gates; padding and invalid rows, the other
     slots' windows and the pool stay untouched."""
+    specs = use_table(monkeypatch, table)
     H = 2
     HV = H * ratio
     inputs = make_inputs(B, T, H, HV, K, K, device=DEV)
@@ -199,7 +207,7 @@ def test_tensor_core_verify_outputs_and_windows(tensor_core_specs, T, B, ratio, 
     win_before = [w.clone() for w in win]
     out = torch.full((B, T, HV, K), NAN, dtype=torch.bfloat16, device=DEV)
     verify(inputs, pool, idx, win, out)
-    assert_tensor_core_verify(tensor_core_specs)
+    assert_tensor_core_verify(specs)
     live = live_idx >= 0
     assert torch.isnan(out[~live]).all(), "a padding or invalid row's output is written"
     assert_close_output(out[live], ref_outputs(inputs, before, live_idx)[live])

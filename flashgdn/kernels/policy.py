@@ -100,6 +100,10 @@ class DeviceTable:
     # token slots), either state dtype; None: the token loop serves them (faster at T = 4 on the
     # H200: fp32 1.33-1.46x, bf16 1.06-1.07x; RESULTS.md "Tensor cores for an fp32 state").
     mma_min_tokens_writes: Optional[int] = None
+    # Fewest tokens for which it serves MTP that leaves the state as it is (disable_state_update:
+    # frozen MTP and the ReplaySSM verify), by state dtype; a dtype not named: the thresholds above.
+    # With no state to store, the token loop is bound by its arithmetic at fewer tokens.
+    mma_min_tokens_frozen: Dict[str, int] = dataclasses.field(default_factory=dict)
     # Fewest tokens of a window for which the tensor-core commit (ReplayCommitMma) replays it in the
     # large regime, by checkpoint dtype; a dtype not named: the token loop (ReplayCommit). On the H200
     # the token loop is faster for an fp32 checkpoint at T = 2-8 (92-93 % of copy bandwidth against
@@ -136,7 +140,8 @@ SM90_HBM3 = DeviceTable(
         ("mtp_inter", "large", "float32"): (8, 1, 16),
         ("mtp_inter", "large", "bfloat16"): (4, 2, 16),
         ("mtp_mma", "large", "bfloat16"): (4, 2),
-        ("mtp_mma", "large", "float32"): (4, 1),  # not measured: one block per warp (twice the registers)
+        # frozen MTP from T = 6 (mma_min_tokens_frozen); other shapes not measured here
+        ("mtp_mma", "large", "float32"): (4, 1),
         ("kmajor", "small", "float32"): (4, 4),
         ("kmajor", "large", "float32"): (8, 2),
         ("kmajor", "small", "bfloat16"): (4, 4),
@@ -152,6 +157,12 @@ SM90_HBM3 = DeviceTable(
     prefetch_bytes={"kmajor": 8 << 20, "klast": 4 << 20, "mtp": 4 << 20, "mtp_short": 6 << 20, "mtp_mma": 4 << 20,
                     "mtp_slots": 4 << 20, "commit": 2 << 20, "commit_mma": 2 << 20},
     commit_mma_min_tokens={"bfloat16": 8},
+    # Frozen MTP on the tensor cores against the token loop on the H100, B = 16 / 64 / 256 (timed in
+    # turns with the verify): bf16 T = 2 0.97 / 1.01 / 1.05x, T = 3 1.09 / 1.09 / 1.32x, T = 4 1.19 /
+    # 1.23 / 1.48x; fp32 T = 4 0.97 / 1.02 / 1.11x, T = 6 1.07 / 1.14 / 1.23x, T = 8 1.21 / 1.22 /
+    # 1.29x. The verify's overhead over it follows: bf16 T = 3 and 4 1-4 % against 6-9 % on the
+    # token loop, fp32 T = 8 2-4 % against 5 % (RESULTS.md "Tensor cores for MTP").
+    mma_min_tokens_frozen={"bfloat16": 3, "float32": 6},
     # On the H100 at B = 1-8, the verify's overhead over frozen MTP with window CTAs against without, bf16:
     # T = 2 B = 1 2.0 % against 5.0-5.5 %, T = 8 B = 8 0.9-1.7 % against 9.4-10.2 %, T = 16 0.4-0.8 %
     # against 5.3-8.7 %, the other cells within 0.9 points; fp32: 0.5-3.2 points slower. Window CTAs
@@ -189,6 +200,8 @@ SM90_HBM3E = dataclasses.replace(
            ("mtp_mma", "large", "float32"): (2, 1)},
     mma_min_tokens=3,
     mma_min_tokens_fp32=8,
+    # Frozen MTP takes the thresholds above: the H100's lower ones for it are not measured here.
+    mma_min_tokens_frozen={},
     # The ReplaySSM commit's L2 prefetch: the token loop 4 MiB ahead for an fp32 checkpoint (91.5-92.4 %
     # of copy bandwidth without it, 95.2-95.6 % with it at T = 4 and 8) and none for a bf16 one (every
     # distance from 1 MiB slows its commit of all T tokens at T = 4: 85.7-88.1 % against 89.7-90.6 %);
@@ -300,19 +313,20 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
     """The tensor-core MTP kernel serves bf16 q/k/v in the large-batch regime from a table's token
     threshold on: mma_min_tokens for a bf16 state without per-token state writes, mma_min_tokens_fp32
     for an fp32 state, mma_min_tokens_writes for intermediates or token slots (None: the token loop
-    serves them). For an fp32 state on the H200 with its (2, 1) shape: 1.07-1.13x faster than the
-    token loop at T = 8 for B = 16-256, 0.90-0.97x at T = 4 (RESULTS.md "Tensor cores for an fp32
-    state"); with per-token writes at T = 4 the token loop is faster for both state dtypes.
-    Measured for a bf16 state, on the H100:
-    1.4-1.5x faster than kmtp at T = 8 and 2.2x at T = 16 for B >= 16, 10 % at T = 6; slower at
-    T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %) and at B = 1 (5-47 %) (RESULTS.md
-    "Tensor cores for MTP"). On the H200,
-    where the token loop is compute-bound, from T = 3: 1.05x at T = 3 and 1.2x at T = 4 for
-    B = 16-256, slower at T = 2 (RESULTS.md "H200 tables"). A 2-tuple `spec.tile` (tuning runs)
-    asks for it, a 3-tuple for kmtp. vLLM's slot rule and varlen builds take kmtp (the tensor-core
-    kernel addresses tokens as [B, T] rows), and so do EAGLE trees (its closed form is a chain). A
-    ReplaySSM verify (replay_cache) follows the same choice as plain MTP without a state update:
-    both kernels store the windows from the raw inputs they load."""
+    serves them), mma_min_tokens_frozen (by state dtype) for MTP that leaves the state as it is.
+    Measured for a bf16 state, on the H100: 1.4-1.5x faster than kmtp at T = 8 and 2.2x at T = 16
+    for B >= 16, 10 % at T = 6; slower at T <= 4 for B >= 64 (1.5-6 %), with intermediates (1.6-12 %)
+    and at B = 1 (5-47 %) (RESULTS.md "Tensor cores for MTP"); without a state update faster from
+    T = 3 for a bf16 state and T = 6 for an fp32 one (the H100 table's mma_min_tokens_frozen). For an
+    fp32 state on the H200 with its (2, 1) shape: 1.07-1.13x faster than the token loop at T = 8 for
+    B = 16-256, 0.90-0.97x at T = 4 (RESULTS.md "Tensor cores for an fp32 state"); with per-token
+    writes at T = 4 the token loop is faster for both state dtypes. On the H200, where the token loop
+    is compute-bound, from T = 3 for a bf16 state: 1.05x at T = 3 and 1.2x at T = 4 for B = 16-256,
+    slower at T = 2 (RESULTS.md "H200 tables"). A 2-tuple `spec.tile` (tuning runs) asks for it, a
+    3-tuple for kmtp. vLLM's slot rule and varlen builds take kmtp (the tensor-core kernel addresses
+    tokens as [B, T] rows), and so do EAGLE trees (its closed form is a chain). A ReplaySSM verify
+    (replay_cache) follows the same choice as plain MTP without a state update: both kernels store
+    the windows from the raw inputs they load."""
     if spec.layout == "kmajor":
         return KMAJOR
     if not spec.multi_token:
@@ -325,6 +339,8 @@ def _kernel(spec: KernelSpec, table: DeviceTable) -> str:
         return KMTP_MMA if len(spec.tile) == 2 else KMTP
     if spec.writes_states:
         min_tokens = table.mma_min_tokens_writes
+    elif not spec.update_state and spec.state_dtype in table.mma_min_tokens_frozen:
+        min_tokens = table.mma_min_tokens_frozen[spec.state_dtype]
     else:
         min_tokens = table.mma_min_tokens if spec.state_dtype == "bfloat16" else table.mma_min_tokens_fp32
     return (KMTP_MMA if mma_ok and min_tokens is not None and spec.regime == "large" and spec.T >= min_tokens
