@@ -132,6 +132,10 @@ VARIANTS = [
     ("mtp-mma-replay-T8-large-float32-h200",
      dict(T=8, regime="large", state="float32", index_dtype="int32", update_state=False, zero_padding_output=False,
           replay_cache=True, device_class="sm90-hbm3e")),
+    # ... and from T = 6 on the H100 table (mma_min_tokens_frozen): its (4, 1) build
+    ("mtp-mma-replay-T6-large-float32",
+     dict(T=6, regime="large", state="float32", index_dtype="int32", update_state=False, zero_padding_output=False,
+          replay_cache=True)),
 ]
 
 # ReplaySSM commit variants (CommitSpec: H, HV, K, V, T, state dtype, l2norm, arch, regime, ...)
