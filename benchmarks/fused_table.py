@@ -32,7 +32,7 @@ from flashgdn.bench.cli import positive_int
 from flashgdn.bench.engine_rows import COMPOSED, composed_note, fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.rows import Row
 from flashgdn.bench.table_setting import label, parse_setting, switched
-from flashgdn.bench.timing import summarize, time_fn, turns
+from flashgdn.bench.timing import in_turns, summarize, time_fn
 from flashgdn.cache import CompileCache, compile_variant
 from flashgdn.device import facts_of, unavailable_reason
 
@@ -125,10 +125,7 @@ def main(argv=None) -> int:
                 columns.append(functools.partial(composed_us, row, args.iters, args.seed))
             if args.decode_alone:
                 columns.append(functools.partial(decode_alone_us, row, args.iters, args.seed))
-            medians = [[] for _ in columns]
-            for i in turns(len(columns), args.rounds):
-                medians[i].append(columns[i]())
-            us = [statistics.median(m) for m in medians]
+            us = [statistics.median(m) for m in in_turns(columns, args.rounds)]
             cells = [f"{t:10.2f} ({us[0] / t:5.2f}x)" for t in us]
             print(f"{sdt:5s} {B:5d}  " + "  ".join(f"{c:>24s}" for c in cells), flush=True)
     return 0

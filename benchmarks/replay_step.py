@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import statistics
 import sys
 import time
@@ -115,7 +116,7 @@ def _inputs(B, T, sdt, L, device):
 
 def measure(B, T, sdt, args, flusher, copy_bw):
     import flashgdn
-    from flashgdn.bench.timing import summarize, time_fn, turns
+    from flashgdn.bench.timing import in_turns, summarize, time_fn
 
     L, dev = args.layers, DEVICE
     inp, idx, ck, caches, acc = _inputs(B, T, sdt, L, dev)
@@ -149,15 +150,12 @@ def measure(B, T, sdt, args, flusher, copy_bw):
                                        ssm_state_indices=slots),
     }
     assert tuple(calls) == CALLS
-    times = {name: [] for name in args.calls}
-    rounds = {name: [] for name in args.calls}  # each round's median
-    timer = None
-    for i in turns(len(args.calls), args.rounds):
-        name = args.calls[i]
-        t, timer = time_fn(calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
-        times[name] += t
-        rounds[name].append(summarize(t)["median_us"])
-    us = {name: summarize(t)["median_us"] for name, t in times.items()}
+    timings = in_turns([functools.partial(time_fn, calls[name], iters=args.iters, timer=args.timer, flusher=flusher)
+                        for name in args.calls], args.rounds)
+    timed = dict(zip(args.calls, timings))  # per call, each round's (samples, timer)
+    timer = timed[args.calls[0]][0][1]
+    rounds = {name: [summarize(t)["median_us"] for t, _ in r] for name, r in timed.items()}  # each round's median
+    us = {name: summarize([x for t, _ in r for x in t])["median_us"] for name, r in timed.items()}
     state_bytes = 2 * L * B * HV * V * K * ck.element_size()  # one read and one write per layer and slot
     row = dict(state_dtype=sdt, T=T, B=B, layers=L, timer=timer, **{f"{n}_us": round(t, 2) for n, t in us.items()})
     derived = {  # column: (the calls it needs, its value, its decimals)

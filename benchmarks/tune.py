@@ -17,7 +17,7 @@ from cutlass.cute.runtime import make_fake_stream
 
 from flashgdn.api import CallOptions, kernel_spec
 from flashgdn.bench.cli import positive_int
-from flashgdn.bench.timing import copy_bandwidth, summarize, time_fn, turns
+from flashgdn.bench.timing import copy_bandwidth, in_turns, summarize, time_fn
 from flashgdn.cache import kernel_cache
 from flashgdn.device import facts_of
 from flashgdn.spec import KernelArgs
@@ -118,6 +118,11 @@ def calibrate(iters):
         print(f"{mib:9d} | {torch_us:14.2f} | {best[0]:10.2f} {best[1]} | {floor:8.2f} | {2 * (mib << 20) / floor / 1e6:.2f}")
 
 
+def _times(fn, args, iters):
+    """The samples (µs) of one timing of fn(*args)."""
+    return time_fn(functools.partial(fn, *args), iters=iters)[0]
+
+
 def _build(spec, prefetch_bytes):
     """The compiled variant of `spec`, with the policy's L2 prefetch distance replaced by
     `prefetch_bytes` (None: the policy's own, through the compile cache; 0: none)."""
@@ -173,10 +178,8 @@ def main():
                 fns.append(_build(spec, pf))
             except ValueError:
                 fns.append(None)
-        samples = [[] for _ in fns]
-        for i in turns(len(fns), ns.rounds):
-            if fns[i] is not None:
-                samples[i] += time_fn(functools.partial(fns[i], *args), iters=ns.iters)[0]
+        timed = [(lambda: []) if fn is None else functools.partial(_times, fn, args, ns.iters) for fn in fns]
+        samples = [sum(rounds, []) for rounds in in_turns(timed, ns.rounds)]
         rows.append((B, [summarize(t)["median_us"] if t else float("nan") for t in samples]))
     print(f"{ns.layout} state={ns.state_dtype} T={ns.seq_len} pool={ns.pool} inter={ns.inter} token_slots={ns.token_slots}: median us (CUPTI, cold L2)")
     names = [str(t) if pf is None else f"{t}@{pf / (1 << 20):g}M" for t, pf in columns]

@@ -260,10 +260,13 @@ def test_composed_parts_times_each_conv_config_and_restores_the_autotuner(monkey
 def test_fused_table_times_its_columns_in_turns(monkeypatch, capsys):
     """fused_table.py --rounds R: the columns (settings, composed, decode alone) timed in
     flashgdn.bench.timing.turns' order, each the median of its rounds."""
-    from flashgdn.bench.timing import turns
+    from flashgdn.bench.timing import in_turns, turns
 
     assert list(turns(3, 3)) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
     assert list(turns(2, 1)) == [0, 1]
+    ran = []
+    assert in_turns([lambda: ran.append("a") or len(ran), lambda: ran.append("b") or len(ran)], 3) == [[1, 4, 5], [2, 3, 6]]
+    assert ran == ["a", "b", "b", "a", "a", "b"]
     module = load_benchmark("fused_table")
     order = []
     times = {"step": iter([10.0, 30.0, 20.0]), "composed": iter([15.0, 45.0, 30.0])}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import statistics
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -156,6 +156,14 @@ def turns(count: int, rounds: int) -> Iterator[int]:
     on small kernels; benchmarks/RESULTS.md "ReplaySSM") favours none of them."""
     for r in range(rounds):
         yield from (range(count) if r % 2 == 0 else reversed(range(count)))
+
+
+def in_turns(calls: Sequence[Callable[[], Any]], rounds: int) -> List[List[Any]]:
+    """Each call's results, one per round: `rounds` rounds of `calls` in turns' order."""
+    results: List[List[Any]] = [[] for _ in calls]
+    for i in turns(len(calls), rounds):
+        results[i].append(calls[i]())
+    return results
 
 
 def summarize(times_us: List[float]) -> Dict[str, float]:
