@@ -188,7 +188,7 @@ class KLastMTP(KLastDecode):
                     head = hv // ratio if is_k else hv
                     live = i < G * T * per_row
                     if const_expr(is_k):
-                        live = live and hv % ratio == 0
+                        live = live and common.writes_window_k(spec, 0, hv)
                     copies.append((src[bi, ti, head, None], dst[slot, head, t, None], i % per_row, live))
             rVecs = [cute.make_rmem_tensor((n,), src_row.element_type) for src_row, *_ in copies]
             for (src_row, _, j, live), rVec in zip(copies, rVecs):
