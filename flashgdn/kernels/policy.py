@@ -498,11 +498,16 @@ def conv_gate_regimes(device_class_name: Optional[str], arch: str, regime: str, 
     return tuple(r for r, (a, b) in _conv_gate_ranges(table, split).items() if a < hi and b > lo)
 
 
+def _w_ba_bytes(hidden: int, HV: int) -> int:
+    """The bytes of the fused step's bf16 w_ba [hidden, 2 HV], which the conv/gate thresholds compare."""
+    return hidden * 2 * HV * 2
+
+
 def split_serves(device_class_name: Optional[str], arch: str, hidden: int, HV: int, state_dtype: str) -> bool:
     """Whether the split regime serves a step of this w_ba and state dtype (DeviceTable
     .conv_gate_split_min_bytes, conv_gate_split_max_bytes, conv_gate_split_state_dtypes)."""
     table = _table_of(device_class_name, arch)
-    w_ba = hidden * 2 * HV * 2
+    w_ba = _w_ba_bytes(hidden, HV)
     return (table.conv_gate_split_min_bytes <= w_ba <= table.conv_gate_split_max_bytes.get(state_dtype, w_ba)
             and state_dtype in table.conv_gate_split_state_dtypes)
 
@@ -556,7 +561,7 @@ class ConvGateConfig:
         if spec.regime == "gemm":
             return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1)
         split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
-        w_ba_bytes = spec.hidden * 2 * spec.HV * 2
+        w_ba_bytes = _w_ba_bytes(spec.hidden, spec.HV)
         if split:
             rows = table.conv_gate_split_batch_rows if w_ba_bytes >= table.conv_gate_split_batch_rows_min_bytes else 1
             return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=-(-spec.hidden // split), gate_prefetch=False,
