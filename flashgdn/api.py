@@ -100,8 +100,9 @@ def _launch(plan, layout: str, args: KernelArgs, options: CallOptions) -> torch.
         fn = plan.fn = kernel_cache.get(kernel_spec(layout, p, args, options, facts_of(plan.device)))
     if CHECK_INDICES:
         val.check_launch_indices(p, args, options.update_state)
-    if args.output is None:
-        args = args._replace(output=fastpath.new_output(args.v, not options.zero_padding_output))
+    if args.output is None:  # CallOptions.zero_padding_output
+        args = args._replace(output=fastpath.output(None, args.v) if options.zero_padding_output
+                             else fastpath.new_output(args.v, True))
     if p.B:
         fn(*args)
     return args.output

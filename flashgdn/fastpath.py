@@ -97,15 +97,24 @@ def find(skip: bool, key_of: Callable[..., Any], *args) -> tuple:
 
 
 def output(given, v: torch.Tensor) -> torch.Tensor:
-    """The output of a fast call: `given`, or when None a new one as the full way allocates it (a
-    call that allocates its output runs the variant that writes its padding rows)."""
-    return new_output(v, False) if given is None else given
+    """The output of an eager call (its fast path and its full way, api._launch): `given`, or when
+    None a new one (a call that allocates its output runs the variant that writes its padding rows):
+    an empty packed tensor of v's shape, dtype and device (the output [B, T, HV, V] of a call, v
+    being [B, T, HV, V] of q's dtype). empty_like without a memory_format costs less host time than
+    with one, and its tensor keeps v's order of dims, packed: contiguous for a contiguous v or a view
+    of a projection's rows (a size-1 dim may keep v's stride, which no kernel steps and no check
+    reads); a v whose dims are out of order gets a second, contiguous allocation."""
+    if given is not None:
+        return given
+    out = torch.empty_like(v)
+    return out if out.is_contiguous() else torch.empty_like(v, memory_format=CONTIGUOUS)
 
 
 def new_output(v: torch.Tensor, zero: bool) -> torch.Tensor:
-    """A packed tensor of v's shape, dtype and device (the output [B, T, HV, V] of a call, v being
-    [B, T, HV, V] of q's dtype): zeros where the kernel leaves padding rows' output as it is (a
-    traced call's output, allocated before the op)."""
+    """A packed tensor of v's shape, dtype and device, zeros where the kernel leaves padding rows'
+    output as it is: the output a traced call allocates before its op, or an eager call whose kernel
+    leaves them (api._launch). Its memory_format is explicit: output's empty_like would guard the
+    traced graph on the order of v's strides."""
     return (torch.zeros_like if zero else torch.empty_like)(v, memory_format=CONTIGUOUS)
 
 

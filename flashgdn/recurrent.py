@@ -204,14 +204,15 @@ def fused_recurrent_gated_delta_rule(
     _check_refused(NAME, initial_state, inplace_final_state, ssm_state_indices)
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
-    # v's layout packed: q's dtype on any call that runs (the checks, or the compiled function's, refuse
+    # `o`: v's layout packed: q's dtype on any call that runs (the checks, or the compiled function's, refuse
     # another), and empty_like costs less host time than torch.empty
-    o = fastpath.new_output(v, False)
     if api._is_compiling():  # traced: one custom op (flashgdn.api's module docstring)
+        o = fastpath.new_output(v, False)
         torch.ops.flashgdn.fused_recurrent_gated_delta_rule(
             q, k, v, g, beta, scale, initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
             use_qk_l2norm_in_kernel, o)
     else:
+        o = fastpath.output(None, v)
         _recurrent(q, k, v, g, beta, *PRECOMPUTED, scale, initial_state, cu_seqlens, ssm_state_indices,
                    num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     return o, initial_state
@@ -259,12 +260,13 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     if not (isinstance(A_log, torch.Tensor) and isinstance(dt_bias, torch.Tensor)):  # None: precomputed gates
         name, t = ("dt_bias", dt_bias) if isinstance(A_log, torch.Tensor) else ("A_log", A_log)
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    o = fastpath.new_output(v, False)  # as fused_recurrent_gated_delta_rule's
-    if api._is_compiling():
+    if api._is_compiling():  # `o` as fused_recurrent_gated_delta_rule's
+        o = fastpath.new_output(v, False)
         torch.ops.flashgdn.fused_sigmoid_gating_delta_rule_update_vllm(
             A_log, a, b, dt_bias, q, k, v, beta, threshold, scale, initial_state, cu_seqlens, ssm_state_indices,
             num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     else:
+        o = fastpath.output(None, v)
         _recurrent(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
                    ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     return o, initial_state

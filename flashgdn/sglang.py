@@ -348,7 +348,7 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
             raise ValueError(f"cu_seqlens must be arange(0, N * T + 1, T) with T = {T} (every sequence of T "
                              f"tokens), got {cu_seqlens.tolist()}")
     if o is None:
-        o = fastpath.new_output(v, False)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
+        o = fastpath.output(None, v)  # [q0, q1, HV, V] of q's dtype (v's, as checked)
     flat = _flat(q.shape[1], None if cu_seqlens is None else cu_seqlens.shape, a, b, inter, disable_state_update)
     plan = api._validated(api._check_pretranspose, *_pretranspose_args(
         q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, initial_state_source, initial_state_indices,

@@ -430,7 +430,7 @@ def test_profile_parts_hit_the_calls_memo_and_plan(monkeypatch, version, T):
 
 
 def test_allocating_floor_allocates_then_calls(monkeypatch):
-    """The allocating floor row's call allocates an output as flashgdn's calls do (fastpath.new_output of
+    """The allocating floor row's call allocates an output as flashgdn's calls do (fastpath.output of
     the decode's [1, 1, 32, 128] bf16 output), then calls the compiled floor on its tensors."""
     import flashgdn.device
     import flashgdn.kernels.floor
@@ -439,11 +439,11 @@ def test_allocating_floor_allocates_then_calls(monkeypatch):
     monkeypatch.setattr(flashgdn.device, "facts_of", lambda device: DeviceFacts("sm_90a", 132, "sm90-hbm3"))
     monkeypatch.setattr(flashgdn.kernels.floor, "compile_floor",
                         lambda launches, arch, tensors: (lambda *ts: events.append(("call", len(ts)))))
-    real = host.fastpath.new_output
-    monkeypatch.setattr(host.fastpath, "new_output",
-                        lambda v, zero: events.append(("alloc", tuple(v.shape), v.dtype, zero)) or real(v, zero))
+    real = host.fastpath.output
+    monkeypatch.setattr(host.fastpath, "output",
+                        lambda given, v: events.append(("alloc", given, tuple(v.shape), v.dtype)) or real(given, v))
     host.floor_call(torch.device("cpu"), 1, 10, output_given=False)()
-    assert events == [("alloc", (1, 1, 32, 128), torch.bfloat16, False), ("call", 10)]
+    assert events == [("alloc", None, (1, 1, 32, 128), torch.bfloat16), ("call", 10)]
     events.clear()
     host.floor_call(torch.device("cpu"), 2, 13)()
     assert events == [("call", 13)]

@@ -224,3 +224,16 @@ def test_the_key_reads_no_data_pointer_and_holds_no_tensor(calls):
         else:
             flat.append(x)
     assert not any(isinstance(x, torch.Tensor) for x in flat)
+
+
+def test_an_allocated_output_is_packed_whatever_the_order_of_vs_dims():
+    """fastpath.output: `given` as it is, else an empty contiguous tensor of v's shape and dtype, for a
+    contiguous v, a view of a projection's rows, and a v whose dims are out of order (its second,
+    contiguous allocation)."""
+    given = torch.empty(B, 1, HV, V)
+    assert fastpath.output(given, torch.empty(0)) is given
+    rows = torch.randn(B, 3 * HV * V).bfloat16()
+    for v in (torch.randn(B, 1, HV, V).bfloat16(), rows[:, HV * V:2 * HV * V].view(B, 1, HV, V),
+              torch.randn(HV, B, 2, V).bfloat16().permute(1, 2, 0, 3)):
+        out = fastpath.output(None, v)
+        assert out.shape == v.shape and out.dtype == v.dtype and out.is_contiguous()

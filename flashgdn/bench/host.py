@@ -10,7 +10,7 @@ moves both sides of a pair. Against TARGET_RATIO; the target is informational: i
 exit status. The "floor" rows time one compiled function (kernels/floor.py) that makes one or two
 empty launches with one or more one-element tensors (FLOOR_CASES): what a call making that many
 launches with that many tensors pays before its own Python (the fused step makes two launches); one
-of them also allocates an output as flashgdn's calls do (fastpath.new_output), the floor of a call
+of them also allocates an output as flashgdn's calls do (fastpath.output), the floor of a call
 that allocates its output.
 
 GPU time per call: GPU_CALLS calls queued behind a GPU spin, so that the GPU runs them back to
@@ -230,7 +230,7 @@ def floor_call(device, launches: int, tensors: int, output_given: bool = True) -
     v = torch.zeros(1, 1, 32, 128, dtype=torch.bfloat16, device=device)
 
     def allocating_call():
-        fastpath.new_output(v, False)
+        fastpath.output(None, v)
         return call()
 
     return allocating_call
