@@ -265,7 +265,8 @@ def test_fused_table_times_its_columns_in_turns(monkeypatch, capsys):
     assert list(turns(3, 3)) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
     assert list(turns(2, 1)) == [0, 1]
     ran = []
-    assert in_turns([lambda: ran.append("a") or len(ran), lambda: ran.append("b") or len(ran)], 3) == [[1, 4, 5], [2, 3, 6]]
+    calls = [lambda: ran.append("a") or len(ran), lambda: ran.append("b") or len(ran)]
+    assert in_turns(calls, 3) == [[1, 4, 5], [2, 3, 6]]
     assert ran == ["a", "b", "b", "a", "a", "b"]
     module = load_benchmark("fused_table")
     order = []
