@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from . import fastpath
+from . import fastpath, host
 from . import validation as val
 from .cache import kernel_cache
 from .device import DeviceFacts, facts_of
@@ -312,6 +312,16 @@ def gated_delta_rule_decode_pretranspose(
             disable_state_update, backend, softplus_beta, softplus_threshold,
         )
         return output, pool
+    if host.EXT is not None and not CHECK_INDICES:  # the C++ path (flashgdn.host); None: the Python way
+        try:
+            hosted = host.EXT.call(host.PRETRANSPOSE, q, k, v, state, A_log, a, dt_bias, b, scale, output,
+                                   use_qk_l2norm, initial_state, initial_state_indices, output_state_indices,
+                                   intermediate_states_buffer, disable_state_update, backend, softplus_beta,
+                                   softplus_threshold)
+            if hosted is not None:
+                return hosted
+        except fastpath.REFUSED:
+            pass
     return _decode_pretranspose(
         q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state, initial_state_indices,
         output_state_indices, intermediate_states_buffer, disable_state_update, backend, softplus_beta,
@@ -336,14 +346,32 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
     key, fast = fastpath.find(CHECK_INDICES, _pretranspose_key, q, pool, initial_state, output, initial_state_indices,
                               output_state_indices, intermediate_states_buffer, disable_state_update, use_qk_l2norm,
                               backend, scale, softplus_beta, softplus_threshold)
+    out = None
     if fast is not None:
         try:
             out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, pool, initial_state_indices, output_state_indices, None,
                     intermediate_states_buffer, out, *AFTER_OUTPUT)
-            return out, pool
         except fastpath.REFUSED:
-            pass
+            out = None
+    if out is None:
+        out = _full_pretranspose(key, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
+                                 initial_state_indices, output_state_indices, intermediate_states_buffer,
+                                 disable_state_update, backend, softplus_beta, softplus_threshold)
+    if host.ENABLED:
+        fastpath.host_remember(key, host.PRETRANSPOSE, host.PRETRANSPOSE_LAUNCH[initial_state is None], 9, q, k, v,
+                               state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
+                               initial_state_indices, output_state_indices, intermediate_states_buffer,
+                               disable_state_update, backend, softplus_beta, softplus_threshold)
+    return out, pool
+
+
+def _full_pretranspose(key, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
+                       initial_state_indices, output_state_indices, intermediate_states_buffer, disable_state_update,
+                       backend, softplus_beta, softplus_threshold) -> torch.Tensor:
+    """The full way of a pretranspose call: its checks (memoised), the kernel lookup and the launch;
+    its compiled function is kept for `key`. Returns the output."""
+    pool = state if initial_state is None else initial_state
     val.check_backend(backend)
     val.check_flags(use_qk_l2norm=use_qk_l2norm, disable_state_update=disable_state_update)
     plan = _validated(
@@ -359,7 +387,8 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                           zero_padding_output=plan.problem.T == 1 or output is None)
     out = _launch(plan, "klast", args, options)
     _remember_fast(key, plan)
-    return out, pool
+    return out
+
 
 
 @logged
@@ -381,6 +410,14 @@ def gated_delta_rule_decode(
             softplus_threshold,
         )
         return output, state
+    if host.EXT is not None and not CHECK_INDICES:  # the C++ path (flashgdn.host); None: the Python way
+        try:
+            hosted = host.EXT.call(host.DECODE, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm,
+                                   backend, softplus_beta, softplus_threshold)
+            if hosted is not None:
+                return hosted
+        except fastpath.REFUSED:
+            pass
     return _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
                    softplus_threshold)
 
@@ -397,21 +434,26 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
             softplus_threshold):
     key, fast = fastpath.find(CHECK_INDICES, _decode_key, q, state, output, use_qk_l2norm, backend, scale,
                               softplus_beta, softplus_threshold)
+    out = None
     if fast is not None:
         try:
             out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, state, None, None, None, None, out, *AFTER_OUTPUT)
-            return out, state
         except fastpath.REFUSED:
-            pass
-    val.check_backend(backend)
-    val.check_flags(use_qk_l2norm=use_qk_l2norm)
-    plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
-                      softplus_threshold, options=(use_qk_l2norm,))
-    args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
-    out = _launch(plan, "kmajor", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
-    _remember_fast(key, plan)
+            out = None
+    if out is None:
+        val.check_backend(backend)
+        val.check_flags(use_qk_l2norm=use_qk_l2norm)
+        plan = _validated(_check_decode, q, k, v, state, A_log, a, dt_bias, b, scale, output, softplus_beta,
+                          softplus_threshold, options=(use_qk_l2norm,))
+        args = KernelArgs(q, k, v, a, b, A_log, dt_bias, state, output=output)
+        out = _launch(plan, "kmajor", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
+        _remember_fast(key, plan)
+    if host.ENABLED:
+        fastpath.host_remember(key, host.DECODE, host.DECODE_LAUNCH, 9, q, k, v, state, A_log, a, dt_bias, b, scale,
+                               output, use_qk_l2norm, backend, softplus_beta, softplus_threshold)
     return out, state
+
 
 
 @logged
@@ -456,6 +498,17 @@ def gated_delta_rule_mtp(
             replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta,
         )
         return output, initial_state
+    if host.EXT is not None and not CHECK_INDICES and disable_state_update is not None:  # None warns: the Python way
+        try:  # the C++ path (flashgdn.host); None: the Python way
+            hosted = host.EXT.call(host.MTP, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale,
+                                   output, intermediate_states_buffer, ssm_state_indices, disable_state_update,
+                                   use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta,
+                                   softplus_threshold, cache_replayssm, replayssm_rawv, replayssm_rawk, replayssm_g,
+                                   replayssm_beta)
+            if hosted is not None:
+                return hosted
+        except fastpath.REFUSED:
+            pass
     return _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                 intermediate_states_buffer, ssm_state_indices, _mtp_disable_state_update(disable_state_update),
                 use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
@@ -483,15 +536,34 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
     key, fast = fastpath.find(CHECK_INDICES, _mtp_key, q, initial_state, output, intermediate_states_buffer,
                               ssm_state_indices, output_state_indices, accepted_tokens, rv, rk, rg, rb, cache_replayssm,
                               disable_state_update, use_qk_l2norm, scale, softplus_beta, softplus_threshold)
+    out = None
     if fast is not None:
         try:  # windows without cache_replayssm fail the full checks: no entry has them
             out = fastpath.output(output, v)
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, initial_state_indices, output_state_indices,
                     accepted_tokens, intermediate_states_buffer, out, ssm_state_indices, None, rv, rk, rg, rb,
                     *AFTER_REPLAY)
-            return out, initial_state
         except fastpath.REFUSED:
-            pass
+            out = None
+    if out is None:
+        out = _full_mtp(key, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+                        intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm,
+                        output_state_indices, accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm,
+                        rv, rk, rg, rb)
+    if host.ENABLED:
+        fastpath.host_remember(key, host.MTP, host.MTP_LAUNCH, 10, q, k, v, initial_state, initial_state_indices,
+                               A_log, a, dt_bias, b, scale, output, intermediate_states_buffer, ssm_state_indices,
+                               disable_state_update, use_qk_l2norm, output_state_indices, accepted_tokens,
+                               softplus_beta, softplus_threshold, cache_replayssm, rv, rk, rg, rb)
+    return out, initial_state
+
+
+def _full_mtp(key, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+              intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+              accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm, replayssm_rawv, replayssm_rawk,
+              replayssm_g, replayssm_beta) -> torch.Tensor:
+    """The full way of an MTP call: its checks (memoised), the kernel lookup and the launch; its
+    compiled function is kept for `key`. Returns the output."""
     val.check_flags(use_qk_l2norm=use_qk_l2norm, disable_state_update=disable_state_update,
                     cache_replayssm=cache_replayssm)
     plan = _validated(
@@ -510,4 +582,5 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                           zero_padding_output=output is None)  # CallOptions.zero_padding_output
     out = _launch(plan, "klast", args, options)
     _remember_fast(key, plan)
-    return out, initial_state
+    return out
+

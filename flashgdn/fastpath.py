@@ -39,6 +39,10 @@ keeps their dtypes, shapes and devices, and a call whose facts differ takes the 
 workspace is looked up per call, on the stream current at the call (its rows sliced once per
 stream and batch), as the full way does.
 
+With FLASHGDN_HOST=1 the FlashInfer functions first try flashgdn.host, the same repeated call in C++
+keyed by the call's whole signature, which gets each signature's function from this path
+(host_remember).
+
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and
 an unsigned index tensor (torch.uint32/uint64) where int32/int64 are expected (TVM-FFI treats
@@ -51,6 +55,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import host
 from .validation import MEMO_MAX
 
 # FLASHGDN_FAST_PATH=0: every call takes the full way (all of flashgdn's checks, on every call).
@@ -123,5 +128,23 @@ def remember(key, entry: Fast) -> None:
     (validation.MEMO_MAX)."""
     if key is not None:
         if len(FAST) >= MEMO_MAX:
-            FAST.clear()
+            forget()
         FAST[key] = entry
+
+
+def forget() -> None:
+    """Drop every entry, this module's and flashgdn.host's."""
+    FAST.clear()
+    host.forget()
+
+
+def host_remember(key, site: int, launch, output: int, *call) -> None:
+    """After a call that ran the Python way with fast key `key`: the C++ path (flashgdn.host) takes the
+    key's entry for calls with the signature of `call` (the call's arguments in the order its public
+    function hands them to host.EXT.call): the compiled function gets `launch` (host's templates), the
+    output is call[output] or, when None, a new tensor like v (call[2]), and the call returns (output,
+    the state at launch[7])."""
+    if host.ENABLED and ENABLED and key is not None:
+        entry = FAST.get(key)
+        if entry is not None:
+            host.remember(site, entry.fn, launch, (host.OUTPUT, launch[7]), output, 2, *call)

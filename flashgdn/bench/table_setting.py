@@ -60,7 +60,7 @@ def label(setting: dict) -> str:
 def _forget() -> None:
     api._VALIDATED.clear()
     fused_step._VALIDATED.clear()
-    fastpath.FAST.clear()
+    fastpath.forget()
 
 
 @contextlib.contextmanager

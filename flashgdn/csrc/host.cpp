@@ -1,0 +1,264 @@
+// The repeated-call path of flashgdn's public functions in C++ (flashgdn.host; FLASHGDN_HOST=1).
+//
+// A call site (one public function) passes all of its arguments. Their signature (per tensor its type,
+// dtype, device, layout, sizes, strides and requires_grad; None; bool, int and float with their values;
+// short strings) is looked up in the site's table, which the Python side fills after a call of that
+// signature ran the Python way (flashgdn.fastpath): the compiled function of that call, the order of
+// its launch arguments, where the output goes and what the call returns. The signature holds every
+// fact of the Python fast key and more, so a hit runs the function the fast key would have found. A
+// miss (or an argument of another kind) returns None and the call goes the Python way; an error of
+// the compiled function's own checks propagates, and the Python side then takes the full way.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+enum Tag : int64_t { kNone = 1, kTensor, kBool, kInt, kFloat, kStr };
+constexpr int kNoArg = -1;   // None in the launch
+constexpr int kOutput = -2;  // the output, given or allocated
+constexpr size_t kMaxArgs = 64;
+
+struct SigHash {
+  size_t operator()(const std::vector<int64_t>& s) const {
+    uint64_t h = 1469598103934665603ULL;
+    for (int64_t x : s) h = (h ^ static_cast<uint64_t>(x)) * 1099511628211ULL;
+    return static_cast<size_t>(h);
+  }
+};
+
+struct Entry {
+  PyObject* fn;              // the compiled function (a strong reference)
+  std::vector<int> launch;   // per launch argument: a call argument's index, kNoArg or kOutput
+  std::vector<int> ret;      // the returned tuple, the same way
+  int output;                // index of the output argument (None: allocate like `like`)
+  int like;                  // index of the tensor the output is allocated like
+};
+
+using Table = std::unordered_map<std::vector<int64_t>, Entry, SigHash>;
+std::vector<Table> tables;
+size_t max_entries = 256;
+int64_t hits = 0;
+
+// Appends the signature of `o` to `sig`; false for an argument of another kind.
+bool append_tensor(std::vector<int64_t>& sig, PyObject* o) {
+  const at::Tensor& t = THPVariable_Unpack(o);
+  if (t.layout() != at::kStrided) return false;
+  const at::Device device = t.device();
+  sig.push_back(kTensor);
+  sig.push_back(reinterpret_cast<int64_t>(Py_TYPE(o)));
+  // dtype, device type and index, requires_grad and ndim in one word (each well under 8 bits; the index
+  // under 16)
+  sig.push_back(static_cast<int64_t>(t.scalar_type()) | (static_cast<int64_t>(device.type()) << 8) |
+                ((static_cast<int64_t>(device.index()) & 0xffff) << 16) |
+                (static_cast<int64_t>(t.requires_grad()) << 32) | (static_cast<int64_t>(t.dim()) << 40));
+  for (int64_t s : t.sizes()) sig.push_back(s);
+  for (int64_t s : t.strides()) sig.push_back(s);
+  return true;
+}
+
+// Appends the signature of `o` to `sig`; false for an argument of another kind. The exact types go
+// first: THPVariable_Check goes through the tensor metaclass's instance check, slow for a scalar.
+bool append(std::vector<int64_t>& sig, PyObject* o) {
+  PyTypeObject* type = Py_TYPE(o);
+  if (o == Py_None) {
+    sig.push_back(kNone);
+  } else if (type == reinterpret_cast<PyTypeObject*>(THPVariableClass)) {
+    return append_tensor(sig, o);
+  } else if (type == &PyBool_Type) {
+    sig.push_back(kBool);
+    sig.push_back(o == Py_True);
+  } else if (type == &PyLong_Type) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow) return false;
+    sig.push_back(kInt);
+    sig.push_back(v);
+  } else if (type == &PyFloat_Type) {
+    double v = PyFloat_AS_DOUBLE(o);
+    int64_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    sig.push_back(kFloat);
+    sig.push_back(bits);
+  } else if (type == &PyUnicode_Type) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s == nullptr || n > 64) {
+      PyErr_Clear();
+      return false;
+    }
+    sig.push_back(kStr);
+    sig.push_back(n);
+    for (Py_ssize_t i = 0; i < n; ++i) sig.push_back(s[i]);
+  } else if (THPVariable_Check(o)) {  // a tensor subclass (nn.Parameter): its type is in the signature
+    return append_tensor(sig, o);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+bool signature(std::vector<int64_t>& sig, PyObject* const* args, Py_ssize_t n) {
+  sig.clear();
+  sig.push_back(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!append(sig, args[i])) return false;
+  }
+  return true;
+}
+
+// The call's site (argv[0], a table of its own) and, after `lead` leading arguments, its arguments.
+bool site_args(PyObject* const* argv, Py_ssize_t argc, Py_ssize_t lead, const char* usage, size_t& site,
+               PyObject* const*& args, Py_ssize_t& n) {
+  if (argc < lead) {
+    PyErr_SetString(PyExc_TypeError, usage);
+    return false;
+  }
+  long s = PyLong_AsLong(argv[0]);
+  if (s < 0 || PyErr_Occurred()) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "site must be a non-negative int");
+    return false;
+  }
+  site = static_cast<size_t>(s);
+  if (tables.size() <= site) tables.resize(site + 1);
+  args = argv + lead;
+  n = argc - lead;
+  return true;
+}
+
+PyObject* pick(int i, PyObject* const* args, PyObject* out) {
+  return i == kOutput ? out : (i == kNoArg ? Py_None : args[i]);
+}
+
+// call(site, *args): the call's result, or None where the site's table has no entry for the signature.
+PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  size_t site;
+  PyObject* const* args;
+  Py_ssize_t n;
+  if (!site_args(argv, argc, 1, "call(site, *args)", site, args, n)) return nullptr;
+  thread_local std::vector<int64_t> sig;
+  if (!signature(sig, args, n)) Py_RETURN_NONE;
+  auto it = tables[site].find(sig);
+  if (it == tables[site].end()) Py_RETURN_NONE;
+  const Entry& e = it->second;
+  PyObject* out = args[e.output];
+  if (out == Py_None) {
+    const at::Tensor& like = THPVariable_Unpack(args[e.like]);
+    at::Tensor t = at::empty_like(like);
+    if (!t.is_contiguous()) t = at::empty_like(like, at::MemoryFormat::Contiguous);
+    out = THPVariable_Wrap(std::move(t));
+    if (out == nullptr) return nullptr;
+  } else {
+    Py_INCREF(out);
+  }
+  PyObject* launch[kMaxArgs];
+  for (size_t i = 0; i < e.launch.size(); ++i) launch[i] = pick(e.launch[i], args, out);
+  PyObject* fn = e.fn;
+  Py_INCREF(fn);  // the table may be cleared while the function runs
+  PyObject* r = PyObject_Vectorcall(fn, launch, e.launch.size(), nullptr);
+  Py_DECREF(fn);
+  if (r == nullptr) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  Py_DECREF(r);
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(e.ret.size()));
+  for (size_t i = 0; i < e.ret.size(); ++i) {
+    PyObject* o = pick(e.ret[i], args, out);
+    Py_INCREF(o);
+    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), o);
+  }
+  Py_DECREF(out);
+  ++hits;
+  return result;
+}
+
+bool indices(PyObject* seq, std::vector<int>& into, Py_ssize_t n) {
+  PyObject* fast = PySequence_Fast(seq, "expected a sequence of ints");
+  if (fast == nullptr) return false;
+  Py_ssize_t m = PySequence_Fast_GET_SIZE(fast);
+  for (Py_ssize_t i = 0; i < m; ++i) {
+    long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+    if ((v == -1 && PyErr_Occurred()) || v < kOutput || v >= n) {
+      Py_DECREF(fast);
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "an index outside the call's arguments");
+      return false;
+    }
+    into.push_back(static_cast<int>(v));
+  }
+  Py_DECREF(fast);
+  return true;
+}
+
+// remember(site, fn, launch, ret, output, like, *args): later calls with this signature run `fn`.
+PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  size_t site;
+  PyObject* const* args;
+  Py_ssize_t n;
+  if (!site_args(argv, argc, 6, "remember(site, fn, launch, ret, output, like, *args)", site, args, n)) return nullptr;
+  Entry e{argv[1], {}, {}, static_cast<int>(PyLong_AsLong(argv[4])), static_cast<int>(PyLong_AsLong(argv[5]))};
+  if (PyErr_Occurred()) return nullptr;
+  if (!indices(argv[2], e.launch, n) || !indices(argv[3], e.ret, n)) return nullptr;
+  if (e.launch.size() > kMaxArgs || e.output < 0 || e.output >= n || e.like < 0 || e.like >= n ||
+      (args[e.output] == Py_None && !THPVariable_Check(args[e.like])))
+    return PyErr_Format(PyExc_ValueError,
+                        "a launch of at most %d arguments, an output and a tensor to allocate it like",
+                        static_cast<int>(kMaxArgs));
+  std::vector<int64_t> sig;
+  if (!signature(sig, args, n)) Py_RETURN_FALSE;
+  Table& table = tables[site];
+  if (table.size() >= max_entries) {
+    for (auto& kv : table) Py_DECREF(kv.second.fn);
+    table.clear();
+  }
+  Py_INCREF(e.fn);
+  auto found = table.find(sig);
+  if (found != table.end()) {
+    Py_DECREF(found->second.fn);
+    found->second = std::move(e);
+  } else {
+    table.emplace(std::move(sig), std::move(e));
+  }
+  Py_RETURN_TRUE;
+}
+
+// forget(): every site's entries dropped.
+PyObject* forget(PyObject*, PyObject* const*, Py_ssize_t) {
+  std::vector<Table> old;
+  old.swap(tables);  // a function's release may run Python code that calls back in
+  for (auto& table : old)
+    for (auto& kv : table) Py_DECREF(kv.second.fn);
+  Py_RETURN_NONE;
+}
+
+// stats(): (hits, entries).
+PyObject* stats(PyObject*, PyObject* const*, Py_ssize_t) {
+  size_t entries = 0;
+  for (auto& table : tables) entries += table.size();
+  return Py_BuildValue("(Ln)", static_cast<long long>(hits), static_cast<Py_ssize_t>(entries));
+}
+
+PyObject* set_max_entries(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 1) return PyErr_Format(PyExc_TypeError, "set_max_entries(n)");
+  long v = PyLong_AsLong(argv[0]);
+  if (v < 1 || PyErr_Occurred()) return PyErr_Format(PyExc_ValueError, "a positive entry count");
+  max_entries = static_cast<size_t>(v);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call)), METH_FASTCALL, nullptr},
+    {"remember", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(remember)), METH_FASTCALL, nullptr},
+    {"forget", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forget)), METH_FASTCALL, nullptr},
+    {"stats", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(stats)), METH_FASTCALL, nullptr},
+    {"set_max_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_max_entries)), METH_FASTCALL,
+     nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { PyModule_AddFunctions(m.ptr(), methods); }

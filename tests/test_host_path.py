@@ -1,0 +1,250 @@
+"""CPU tests of the C++ repeated-call path (flashgdn.host, FLASHGDN_HOST=1): built here with
+torch.utils.cpp_extension, on CPU tensors with the launches stubbed (flashgdn.bench.host.stubbed_launches),
+its launches must be the Python fast path's, argument for argument, and every signature it has not
+seen must go the Python way."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from flashgdn import api, fastpath, host
+from flashgdn.bench.host import stubbed_launches
+from flashgdn.device import DeviceFacts
+from flashgdn.spec import AFTER_OUTPUT, AFTER_REPLAY
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build flashgdn.host's extension")
+
+FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+B, T, H, HV, D = 3, 1, 2, 4, 64
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """FLASHGDN_HOST=1 for the test, the launches stubbed by a recorder: (launched arguments, extension)."""
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)  # built (or loaded) here; None again after the test
+    ext = host.extension()
+    assert ext is not None and host.EXT is ext
+    launched = []
+    with stubbed_launches(FACTS, lambda spec: (lambda *args: launched.append(args))):
+        yield launched, ext
+
+
+def _inputs(T=1, pool=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, generator=g).to(dtype)
+    kw = dict(q=r(B, T, H, D), k=r(B, T, H, D), v=r(B, T, HV, D), A_log=r(HV, dtype=torch.float32), a=r(B, T, HV),
+              dt_bias=r(HV, dtype=torch.float32), b=r(B, T, HV))
+    state = r(2 * B if pool else B, HV, D, D, dtype=torch.float32)
+    indices = torch.tensor([4, -1, 1], dtype=torch.int32)
+    return kw, state, indices
+
+
+def _hits(ext) -> int:
+    return ext.stats()[0]
+
+
+def _same(got, want) -> bool:
+    return len(got) == len(want) and all(x is y for x, y in zip(got, want))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["allocated", "given"])
+@pytest.mark.parametrize("pool", [False, True], ids=["dense", "pool"])
+def test_pretranspose_launches_as_the_python_way(on, pool, given):
+    """Second call served by the C++ path: the compiled function gets the Python fast path's arguments
+    (the same objects, in KernelArgs' order), the output is given or a new packed tensor like v, and
+    the result is (output, state or pool)."""
+    launched, ext = on
+    kw, state, idx = _inputs(pool=pool)
+    out = torch.empty(B, T, HV, D, dtype=torch.bfloat16) if given else None
+    extra = dict(initial_state=state, initial_state_indices=idx) if pool else {}
+    call = lambda: api.gated_delta_rule_decode_pretranspose(state=None if pool else state, output=out, **kw, **extra)
+    call()  # the full way: its function is remembered for the fast key and for this signature
+    hits = _hits(ext)
+    o, s = call()
+    assert _hits(ext) == hits + 1 and s is state and (o is out if given else o.is_contiguous())
+    assert o.shape == kw["v"].shape and o.dtype == kw["v"].dtype
+    want = (kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"], state,
+            idx if pool else None, None, None, None, o, *AFTER_OUTPUT)
+    assert _same(launched[1], want)
+    assert len(launched[0]) == len(want) and _same(launched[0][:12], want[:12])  # the full way's launch
+
+
+def test_decode_and_mtp_launch_as_the_python_way(on):
+    launched, ext = on
+    kw, state, idx = _inputs()
+    api.gated_delta_rule_decode(state=state.transpose(-1, -2).contiguous(), **kw)
+    hits = _hits(ext)
+    kstate = launched[-1][7]
+    o, s = api.gated_delta_rule_decode(state=kstate, **kw)
+    assert _hits(ext) == hits + 1 and s is kstate
+    assert _same(launched[-1], (kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"], kstate,
+                                None, None, None, None, o, *AFTER_OUTPUT))
+    kw, pool, idx = _inputs(T=4, pool=True, seed=1)
+    mtp = lambda: api.gated_delta_rule_mtp(initial_state=pool, initial_state_indices=idx, disable_state_update=False,
+                                           **kw)
+    mtp()
+    hits = _hits(ext)
+    o, s = mtp()
+    assert _hits(ext) == hits + 1 and s is pool and o.shape == kw["v"].shape
+    assert _same(launched[-1], (kw["q"], kw["k"], kw["v"], kw["a"], kw["b"], kw["A_log"], kw["dt_bias"], pool, idx,
+                                None, None, None, o, None, None, None, None, None, None, *AFTER_REPLAY))
+
+
+@pytest.mark.parametrize("change", ["scale_int", "scale_bool", "strided_v", "permuted_pool", "grad", "int64_indices"])
+def test_a_new_signature_goes_the_python_way(on, change):
+    """Whatever differs from the remembered call (a scalar's type, a stride, requires_grad, a dtype)
+    misses: the call runs the Python way, which checks it (and keeps it where it passes)."""
+    launched, ext = on
+    kw, state, idx = _inputs(pool=True)
+    base = dict(kw, state=None, initial_state=state, initial_state_indices=idx, scale=0.125)
+    api.gated_delta_rule_decode_pretranspose(**base)
+    hits = _hits(ext)
+    api.gated_delta_rule_decode_pretranspose(**base)
+    assert _hits(ext) == hits + 1
+    hits += 1
+    new = dict(base)
+    if change == "scale_int":
+        new["scale"] = 1
+    elif change == "scale_bool":
+        new["scale"] = True
+    elif change == "strided_v":
+        new["v"] = torch.cat([kw["v"], kw["v"]], dim=-1)[..., :D]
+    elif change == "permuted_pool":
+        new["initial_state"] = state.transpose(0, 1).contiguous().transpose(0, 1)
+    elif change == "grad":
+        new["A_log"] = kw["A_log"].clone().requires_grad_()
+    else:
+        new["initial_state_indices"] = idx.long()
+    try:
+        api.gated_delta_rule_decode_pretranspose(**new)
+    except (TypeError, ValueError):
+        pass  # the Python way's checks refuse it: the point is that the C++ path did not run it
+    assert _hits(ext) == hits
+
+
+def test_allocated_output_is_packed_for_a_permuted_v(on):
+    launched, ext = on
+    kw, state, idx = _inputs()
+    kw["v"] = kw["v"].transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, HV, V] with its dims out of order
+    for _ in range(3):
+        o, _ = api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+    assert _hits(ext) >= 1 and o.is_contiguous() and o.shape == kw["v"].shape
+
+
+def test_a_refusal_takes_the_python_way(monkeypatch):
+    """The compiled function's own checks refusing the arguments on the C++ path: the Python way runs
+    the call (here its fast path, whose try passes)."""
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    ext = host.extension()
+    tries = []
+
+    def compiled(*args):
+        tries.append(args)
+        if len(tries) == 2:  # the C++ path's first launch
+            raise ValueError("refused")
+
+    with stubbed_launches(FACTS, lambda spec: compiled):
+        kw, state, _ = _inputs()
+        api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+        hits = _hits(ext)
+        o, s = api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+        assert len(tries) == 3 and _hits(ext) == hits and s is state and tries[-1][12] is o
+        api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+        assert len(tries) == 4 and _hits(ext) == hits + 1
+
+
+def test_forget_and_the_bound(on, monkeypatch):
+    launched, ext = on
+    kw, state, _ = _inputs()
+    for _ in range(2):
+        api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+    assert ext.stats()[1] >= 1
+    fastpath.forget()
+    assert ext.stats()[1] == 0 and not fastpath.FAST
+    ext.set_max_entries(1)
+    try:
+        for scale in (0.5, 0.25, 0.125):
+            for _ in range(2):
+                api.gated_delta_rule_decode_pretranspose(state=state, scale=scale, **kw)
+        assert ext.stats()[1] == 1
+    finally:
+        ext.set_max_entries(256)
+
+
+def test_remember_refuses_bad_templates(on):
+    launched, ext = on
+    x = torch.zeros(2)
+    with pytest.raises(ValueError):
+        ext.remember(host.PRETRANSPOSE, print, (0, 5), (0,), 0, 0, x)  # index 5 of one argument
+    with pytest.raises(ValueError):
+        ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 1, x, None)  # an output allocated like None
+    assert ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 0, x, None) is True
+    assert ext.call(host.PRETRANSPOSE, object()) is None  # an argument of another kind: a miss
+
+
+def test_a_failed_build_warns_once_and_the_python_way_serves(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    monkeypatch.setattr(host, "_built", None)
+    monkeypatch.setattr(host, "_failed", False)
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.warns(RuntimeWarning, match="does not build"):
+        assert host.extension() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert host.extension() is None
+    launched = []
+    with stubbed_launches(FACTS, lambda spec: (lambda *args: launched.append(args))):
+        kw, state, _ = _inputs()
+        for _ in range(2):
+            o, s = api.gated_delta_rule_decode_pretranspose(state=state, **kw)
+    assert len(launched) == 2 and s is state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
+@pytest.mark.parametrize("name", ["dense", "pool", "pool-given", "decode", "mtp"])
+def test_gpu_results_equal_the_python_ways(monkeypatch, name):
+    """On the GPU: the third call of a signature (the C++ path's hit) gives the outputs and states of
+    the same call the Python way, bit for bit, from equal starting states (fresh random inputs, poisoned
+    outputs)."""
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, generator=g, device="cuda").to(dtype)
+    T = 4 if name == "mtp" else 1
+    kw = dict(q=r(B, T, H, 128), k=r(B, T, H, 128), v=r(B, T, HV, 128), A_log=r(HV, dtype=torch.float32),
+              a=r(B, T, HV), dt_bias=r(HV, dtype=torch.float32), b=r(B, T, HV))
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32, device="cuda")
+    state = r(2 * B, HV, 128, 128, dtype=torch.float32) * 0.1
+
+    def run(s, out):
+        if name == "dense":
+            return api.gated_delta_rule_decode_pretranspose(state=s[:B], output=out, **kw)
+        if name == "decode":
+            return api.gated_delta_rule_decode(state=s[:B], output=out, **kw)
+        if name == "mtp":
+            return api.gated_delta_rule_mtp(initial_state=s, initial_state_indices=idx, output=out,
+                                            disable_state_update=False, **kw)
+        return api.gated_delta_rule_decode_pretranspose(state=None, initial_state=s, initial_state_indices=idx,
+                                                        output=out, **kw)
+
+    given = name == "pool-given"
+    results = []
+    for hosted in (False, True):
+        s = state.clone()
+        fastpath.forget()
+        monkeypatch.setattr(host, "ENABLED", hosted)
+        for _ in range(3):
+            out = torch.full_like(kw["v"], float("nan")) if given else None
+            o, _ = run(s, out)
+        torch.cuda.synchronize()
+        results.append((o.clone(), s.clone()))
+    assert host.EXT is not None and host.EXT.stats()[0] >= 1
+    (o0, s0), (o1, s1) = results
+    assert torch.equal(o0, o1) and torch.equal(s0, s1) and o1[0].isfinite().all()
