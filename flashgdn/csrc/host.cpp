@@ -156,19 +156,26 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     Py_INCREF(out);
   }
   PyObject* launch[kMaxArgs];
-  for (size_t i = 0; i < e.launch.size(); ++i) launch[i] = pick(e.launch[i], args, out);
+  const size_t n_launch = e.launch.size();
+  for (size_t i = 0; i < n_launch; ++i) launch[i] = pick(e.launch[i], args, out);
+  // Python code may run during the call (a finalizer) and change the table: nothing of `e` is read after it.
   PyObject* fn = e.fn;
-  Py_INCREF(fn);  // the table may be cleared while the function runs
-  PyObject* r = PyObject_Vectorcall(fn, launch, e.launch.size(), nullptr);
+  Py_INCREF(fn);
+  const std::vector<int> ret = e.ret;
+  PyObject* r = PyObject_Vectorcall(fn, launch, n_launch, nullptr);
   Py_DECREF(fn);
   if (r == nullptr) {
     Py_DECREF(out);
     return nullptr;
   }
   Py_DECREF(r);
-  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(e.ret.size()));
-  for (size_t i = 0; i < e.ret.size(); ++i) {
-    PyObject* o = pick(e.ret[i], args, out);
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(ret.size()));
+  if (result == nullptr) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  for (size_t i = 0; i < ret.size(); ++i) {
+    PyObject* o = pick(ret[i], args, out);
     Py_INCREF(o);
     PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), o);
   }
@@ -210,19 +217,21 @@ PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
                         static_cast<int>(kMaxArgs));
   std::vector<int64_t> sig;
   if (!signature(sig, args, n)) Py_RETURN_FALSE;
-  Table& table = tables[site];
-  if (table.size() >= max_entries) {
-    for (auto& kv : table) Py_DECREF(kv.second.fn);
-    table.clear();
-  }
+  // Functions are released only after the table is consistent: a release may run Python code that calls
+  // back into this module.
+  Table dropped;
+  if (tables[site].size() >= max_entries) dropped.swap(tables[site]);
   Py_INCREF(e.fn);
-  auto found = table.find(sig);
-  if (found != table.end()) {
-    Py_DECREF(found->second.fn);
+  PyObject* replaced = nullptr;
+  auto found = tables[site].find(sig);
+  if (found != tables[site].end()) {
+    replaced = found->second.fn;
     found->second = std::move(e);
   } else {
-    table.emplace(std::move(sig), std::move(e));
+    tables[site].emplace(std::move(sig), std::move(e));
   }
+  Py_XDECREF(replaced);
+  for (auto& kv : dropped) Py_DECREF(kv.second.fn);
   Py_RETURN_TRUE;
 }
 
