@@ -390,7 +390,6 @@ def _full_pretranspose(key, q, k, v, state, A_log, a, dt_bias, b, scale, output,
     return out
 
 
-
 @logged
 def gated_delta_rule_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
@@ -453,7 +452,6 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
         fastpath.host_remember(key, host.DECODE, host.DECODE_LAUNCH, 9, q, k, v, state, A_log, a, dt_bias, b, scale,
                                output, use_qk_l2norm, backend, softplus_beta, softplus_threshold)
     return out, state
-
 
 
 @logged
