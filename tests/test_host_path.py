@@ -12,6 +12,7 @@ from flashgdn import api, fastpath, host
 from flashgdn.bench.host import stubbed_launches
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import AFTER_OUTPUT, AFTER_REPLAY
+from flashgdn.validation import MEMO_MAX
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler to build flashgdn.host's extension")
@@ -165,6 +166,7 @@ def test_forget_and_the_bound(on, monkeypatch):
     assert ext.stats()[1] >= 1
     fastpath.forget()
     assert ext.stats()[1] == 0 and not fastpath.FAST
+    assert ext.stats()[2] == MEMO_MAX  # bounded as fastpath.FAST is
     ext.set_max_entries(1)
     try:
         for scale in (0.5, 0.25, 0.125):
@@ -172,7 +174,7 @@ def test_forget_and_the_bound(on, monkeypatch):
                 api.gated_delta_rule_decode_pretranspose(state=state, scale=scale, **kw)
         assert ext.stats()[1] == 1
     finally:
-        ext.set_max_entries(256)
+        ext.set_max_entries(MEMO_MAX)
 
 
 def test_remember_refuses_bad_templates(on):

@@ -40,7 +40,7 @@ struct Entry {
 
 using Table = std::unordered_map<std::vector<int64_t>, Entry, SigHash>;
 std::vector<Table> tables;
-size_t max_entries = 256;
+size_t max_entries = 0;  // entries per site's table: flashgdn.host sets validation.MEMO_MAX once built
 int64_t hits = 0;
 
 // Appends the signature of `o` to `sig`; false for an argument of another kind.
@@ -220,7 +220,7 @@ PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   // Functions are released only after the table is consistent: a release may run Python code that calls
   // back into this module.
   Table dropped;
-  if (tables[site].size() >= max_entries) dropped.swap(tables[site]);
+  if (max_entries && tables[site].size() >= max_entries) dropped.swap(tables[site]);
   Py_INCREF(e.fn);
   PyObject* replaced = nullptr;
   auto found = tables[site].find(sig);
@@ -244,11 +244,12 @@ PyObject* forget(PyObject*, PyObject* const*, Py_ssize_t) {
   Py_RETURN_NONE;
 }
 
-// stats(): (hits, entries).
+// stats(): (hits, entries, the bound of each site's table).
 PyObject* stats(PyObject*, PyObject* const*, Py_ssize_t) {
   size_t entries = 0;
   for (auto& table : tables) entries += table.size();
-  return Py_BuildValue("(Ln)", static_cast<long long>(hits), static_cast<Py_ssize_t>(entries));
+  return Py_BuildValue("(Lnn)", static_cast<long long>(hits), static_cast<Py_ssize_t>(entries),
+                       static_cast<Py_ssize_t>(max_entries));
 }
 
 PyObject* set_max_entries(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
