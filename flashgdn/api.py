@@ -312,16 +312,11 @@ def gated_delta_rule_decode_pretranspose(
             disable_state_update, backend, softplus_beta, softplus_threshold,
         )
         return output, pool
-    if host.EXT is not None and not CHECK_INDICES:  # the C++ path (flashgdn.host); None: the Python way
-        try:
-            hosted = host.EXT.call(host.PRETRANSPOSE, q, k, v, state, A_log, a, dt_bias, b, scale, output,
-                                   use_qk_l2norm, initial_state, initial_state_indices, output_state_indices,
-                                   intermediate_states_buffer, disable_state_update, backend, softplus_beta,
-                                   softplus_threshold)
-            if hosted is not None:
-                return hosted
-        except fastpath.REFUSED:
-            pass
+    if host.EXT is not None and not CHECK_INDICES and (hosted := host.EXT.call(  # the C++ path (flashgdn.host)
+            host.PRETRANSPOSE, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
+            initial_state_indices, output_state_indices, intermediate_states_buffer, disable_state_update, backend,
+            softplus_beta, softplus_threshold)) is not None:
+        return hosted
     return _decode_pretranspose(
         q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state, initial_state_indices,
         output_state_indices, intermediate_states_buffer, disable_state_update, backend, softplus_beta,
@@ -359,7 +354,7 @@ def _decode_pretranspose(q, k, v, state, A_log, a, dt_bias, b, scale, output, us
                                  initial_state_indices, output_state_indices, intermediate_states_buffer,
                                  disable_state_update, backend, softplus_beta, softplus_threshold)
     if host.ENABLED:
-        fastpath.host_remember(key, host.PRETRANSPOSE, host.PRETRANSPOSE_LAUNCH[initial_state is None], 9, q, k, v,
+        fastpath.host_remember(key, host.PRETRANSPOSE, host.PRETRANSPOSE_LAUNCH[initial_state is None], 9, 2, q, k, v,
                                state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, initial_state,
                                initial_state_indices, output_state_indices, intermediate_states_buffer,
                                disable_state_update, backend, softplus_beta, softplus_threshold)
@@ -409,14 +404,10 @@ def gated_delta_rule_decode(
             softplus_threshold,
         )
         return output, state
-    if host.EXT is not None and not CHECK_INDICES:  # the C++ path (flashgdn.host); None: the Python way
-        try:
-            hosted = host.EXT.call(host.DECODE, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm,
-                                   backend, softplus_beta, softplus_threshold)
-            if hosted is not None:
-                return hosted
-        except fastpath.REFUSED:
-            pass
+    if host.EXT is not None and not CHECK_INDICES and (hosted := host.EXT.call(  # the C++ path (flashgdn.host)
+            host.DECODE, q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
+            softplus_threshold)) is not None:
+        return hosted
     return _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, backend, softplus_beta,
                    softplus_threshold)
 
@@ -449,7 +440,7 @@ def _decode(q, k, v, state, A_log, a, dt_bias, b, scale, output, use_qk_l2norm, 
         out = _launch(plan, "kmajor", args, CallOptions(scale, use_qk_l2norm, True, softplus_beta, softplus_threshold))
         _remember_fast(key, plan)
     if host.ENABLED:
-        fastpath.host_remember(key, host.DECODE, host.DECODE_LAUNCH, 9, q, k, v, state, A_log, a, dt_bias, b, scale,
+        fastpath.host_remember(key, host.DECODE, host.DECODE_LAUNCH, 9, 2, q, k, v, state, A_log, a, dt_bias, b, scale,
                                output, use_qk_l2norm, backend, softplus_beta, softplus_threshold)
     return out, state
 
@@ -496,17 +487,13 @@ def gated_delta_rule_mtp(
             replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta,
         )
         return output, initial_state
-    if host.EXT is not None and not CHECK_INDICES and disable_state_update is not None:  # None warns: the Python way
-        try:  # the C++ path (flashgdn.host); None: the Python way
-            hosted = host.EXT.call(host.MTP, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale,
-                                   output, intermediate_states_buffer, ssm_state_indices, disable_state_update,
-                                   use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta,
-                                   softplus_threshold, cache_replayssm, replayssm_rawv, replayssm_rawk, replayssm_g,
-                                   replayssm_beta)
-            if hosted is not None:
-                return hosted
-        except fastpath.REFUSED:
-            pass
+    # disable_state_update None warns: the Python way
+    if host.EXT is not None and not CHECK_INDICES and disable_state_update is not None and (hosted := host.EXT.call(
+            host.MTP, q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
+            intermediate_states_buffer, ssm_state_indices, disable_state_update, use_qk_l2norm, output_state_indices,
+            accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm, replayssm_rawv, replayssm_rawk,
+            replayssm_g, replayssm_beta)) is not None:
+        return hosted
     return _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, scale, output,
                 intermediate_states_buffer, ssm_state_indices, _mtp_disable_state_update(disable_state_update),
                 use_qk_l2norm, output_state_indices, accepted_tokens, softplus_beta, softplus_threshold,
@@ -549,7 +536,7 @@ def _mtp(q, k, v, initial_state, initial_state_indices, A_log, a, dt_bias, b, sc
                         output_state_indices, accepted_tokens, softplus_beta, softplus_threshold, cache_replayssm,
                         rv, rk, rg, rb)
     if host.ENABLED:
-        fastpath.host_remember(key, host.MTP, host.MTP_LAUNCH, 10, q, k, v, initial_state, initial_state_indices,
+        fastpath.host_remember(key, host.MTP, host.MTP_LAUNCH, 10, 2, q, k, v, initial_state, initial_state_indices,
                                A_log, a, dt_bias, b, scale, output, intermediate_states_buffer, ssm_state_indices,
                                disable_state_update, use_qk_l2norm, output_state_indices, accepted_tokens,
                                softplus_beta, softplus_threshold, cache_replayssm, rv, rk, rg, rb)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from . import api, fastpath
+from . import api, fastpath, host
 from . import validation as val
 from .logging_utils import logged
 from .recurrent import fused_recurrent_gated_delta_rule, fused_sigmoid_gating_delta_rule_update_vllm
@@ -136,6 +136,10 @@ def _packed_call(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm
             mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, use_qk_l2norm_in_kernel,
             vllm_padding)
         return out, initial_state
+    if host.EXT is not None and not api.CHECK_INDICES and (hosted := host.EXT.call(  # the C++ path (flashgdn.host)
+            host.PACKED_VLLM if vllm_padding else host.PACKED, mixed_qkv, a, b, A_log, dt_bias, scale, initial_state,
+            out, ssm_state_indices, use_qk_l2norm_in_kernel)) is not None:
+        return hosted
     return _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
                           use_qk_l2norm_in_kernel, vllm_padding)
 
@@ -195,17 +199,21 @@ def _packed_decode(mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, s
             slots, token_slots = _slot_args(ssm_state_indices, vllm_padding)
             fast.fn(mixed_qkv, None, None, a, b, A_log, dt_bias, initial_state, slots, None, None, None, out,
                     token_slots, *AFTER_TOKEN_SLOTS)
-            return out, initial_state
         except fastpath.REFUSED:
-            pass
-    H = val.checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
-    val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
-    plan = api._validated(api._check_pretranspose, *_pretranspose_check_args(
-        mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, H),
-        options=(use_qk_l2norm_in_kernel, "packed rows", vllm_padding))
-    args = _packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices, vllm_padding)
-    api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
-    api._remember_fast(key, plan)
+            fast = None
+    if fast is None:
+        H = val.checked(_check_packed, mixed_qkv, a, b, initial_state, out, ssm_state_indices)
+        val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+        plan = api._validated(api._check_pretranspose, *_pretranspose_check_args(
+            mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, H),
+            options=(use_qk_l2norm_in_kernel, "packed rows", vllm_padding))
+        args = _packed_args(mixed_qkv, a, b, A_log, dt_bias, initial_state, out, ssm_state_indices, vllm_padding)
+        api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel))
+        api._remember_fast(key, plan)
+    if host.ENABLED:  # the output is given (`out`)
+        fastpath.host_remember(key, host.PACKED_VLLM if vllm_padding else host.PACKED, host.PACKED_LAUNCH[vllm_padding],
+                               7, 7, mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices,
+                               use_qk_l2norm_in_kernel)
     return out, initial_state
 
 

@@ -39,9 +39,9 @@ keeps their dtypes, shapes and devices, and a call whose facts differ takes the 
 workspace is looked up per call, on the stream current at the call (its rows sliced once per
 stream and batch), as the full way does.
 
-With FLASHGDN_HOST=1 the FlashInfer functions first try flashgdn.host, the same repeated call in C++
-keyed by the call's whole signature, which gets each signature's function from this path
-(host_remember).
+With FLASHGDN_HOST=1 the FlashInfer functions and the engines' entry points but the fused step first try
+flashgdn.host, the same repeated call in C++ keyed by the call's whole signature, which gets each
+signature's function from this path (host_remember).
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and
@@ -138,13 +138,14 @@ def forget() -> None:
     host.forget()
 
 
-def host_remember(key, site: int, launch, output: int, *call) -> None:
+def host_remember(key, site: int, launch, output: int, like: int, *call, ret=None) -> None:
     """After a call that ran the Python way with fast key `key`: the C++ path (flashgdn.host) takes the
     key's entry for calls with the signature of `call` (the call's arguments in the order its public
     function hands them to host.EXT.call): the compiled function gets `launch` (host's templates), the
-    output is call[output] or, when None, a new tensor like v (call[2]), and the call returns (output,
-    the state at launch[7])."""
+    output is call[output] or, when that is None or `output` is host.NONE, a new tensor like
+    call[like], and the call returns `ret` (default: the output and the state, launch[7])."""
     if host.ENABLED and ENABLED and key is not None:
         entry = FAST.get(key)
         if entry is not None:
-            host.remember(site, entry.fn, launch, (host.OUTPUT, launch[7]), output, 2, *call)
+            host.remember(site, entry.fn, launch, (host.OUTPUT, launch[7]) if ret is None else ret, output, like,
+                          *call)

@@ -9,9 +9,14 @@ goes the Python way, which then remembers its function here (`remember`). The ex
 with torch.utils.cpp_extension (a C++ compiler and ninja; its build directory is torch's extension
 cache) the first time a call needs it; where the build fails, the Python way serves every call.
 
-Served: flashgdn.api's FlashInfer functions (pretranspose, K-major decode, MTP). Off by default: the
-first build takes 15-60 s. Each public function calls EXT.call itself, right after its tracing check:
-a Python helper in between cost about 0.2 µs per call on the CPU, a fifth of the whole path.
+Served: flashgdn.api's FlashInfer functions (pretranspose, K-major decode, MTP) and the engines' entry
+points (flashgdn.engines) in the forms whose tensors go to the kernel as the engine passes them: both
+packed decodes, vLLM's two recurrent ops, SGLang's update in its own varlen layout (its row views go
+the Python way). Not the fused step: it looks its workspace up per stream, and its two launches' floor
+alone is above the target the host path is for. Off by default: the first build takes 15-60 s. Each
+public function calls EXT.call itself, right after its tracing check (or with it): a Python helper in
+between cost about 0.2 µs per call on the CPU, a fifth of the whole path. A refusal by the compiled
+function's own checks (fastpath.REFUSED) is a miss, so the call site needs no try.
 """
 from __future__ import annotations
 
@@ -19,22 +24,56 @@ import os
 import warnings
 from typing import Any, Optional, Sequence
 
-from .spec import AFTER_OUTPUT, AFTER_REPLAY
+from .spec import KernelArgs
 from .validation import MEMO_MAX
 
 ENABLED = os.environ.get("FLASHGDN_HOST", "0") not in ("", "0")
 
 # The call sites: one table each.
-PRETRANSPOSE, DECODE, MTP = range(3)
+PRETRANSPOSE, DECODE, MTP, PACKED, PACKED_VLLM, RECURRENT, SIGMOID_VLLM, SGLANG = range(8)
 OUTPUT, NONE = -2, -1  # in a launch or return template: the output, None
 
-# Where each site's launch arguments (KernelArgs' order: the state at 7) come from: indices into the
-# arguments its public function hands to EXT.call (its private function's order), NONE, OUTPUT. A
-# pretranspose call's pool is `state` (3) or `initial_state` (11): keyed by `initial_state is None`.
-PRETRANSPOSE_LAUNCH = {dense: (0, 1, 2, 5, 7, 4, 6, 3 if dense else 11, 12, 13, NONE, 14, OUTPUT)
-                       + (NONE,) * len(AFTER_OUTPUT) for dense in (True, False)}
-DECODE_LAUNCH = (0, 1, 2, 5, 7, 4, 6, 3, NONE, NONE, NONE, NONE, OUTPUT) + (NONE,) * len(AFTER_OUTPUT)
-MTP_LAUNCH = (0, 1, 2, 6, 8, 5, 7, 3, 4, 15, 16, 11, OUTPUT, 12, NONE, 20, 21, 22, 23) + (NONE,) * len(AFTER_REPLAY)
+
+def launch(**where: int) -> tuple:
+    """A launch template: per KernelArgs field, in its order, the index of the call argument that
+    `where` names for it (into the arguments the public function hands to EXT.call, in its own
+    parameter order), OUTPUT, or NONE for a field it does not name."""
+    unknown = set(where) - set(KernelArgs._fields)
+    if unknown:
+        raise ValueError(f"not KernelArgs fields: {sorted(unknown)}")
+    return tuple(where.get(field, NONE) for field in KernelArgs._fields)
+
+
+# Each site's launch templates (the Python fast path's launch, argument for argument). A pretranspose
+# call's pool is `state` (3) or `initial_state` (11): keyed by `initial_state is None`.
+PRETRANSPOSE_LAUNCH = {dense: launch(q=0, k=1, v=2, a=5, b=7, A_log=4, dt_bias=6, state=3 if dense else 11,
+                                     state_indices=12, output_state_indices=13, intermediate_states=14, output=OUTPUT)
+                       for dense in (True, False)}
+DECODE_LAUNCH = launch(q=0, k=1, v=2, a=5, b=7, A_log=4, dt_bias=6, state=3, output=OUTPUT)
+MTP_LAUNCH = launch(q=0, k=1, v=2, a=6, b=8, A_log=5, dt_bias=7, state=3, state_indices=4, output_state_indices=15,
+                    accepted_tokens=16, intermediate_states=11, output=OUTPUT, token_state_indices=12, replay_v=20,
+                    replay_k=21, replay_g=22, replay_beta=23)
+# The packed decodes (mixed_qkv, a, b, A_log, dt_bias, scale, initial_state, out, ssm_state_indices, ...):
+# mixed_qkv goes as q (KernelSpec.row_form "packed"), vLLM's slots as token slots (engines._slot_args).
+PACKED_LAUNCH = {vllm: launch(q=0, a=1, b=2, A_log=3, dt_bias=4, state=6, output=OUTPUT,
+                              **{"token_state_indices" if vllm else "state_indices": 8}) for vllm in (False, True)}
+# vLLM's recurrent op (q, k, v, g, beta, scale, initial_state, inplace_final_state, cu_seqlens,
+# ssm_state_indices, num_accepted_tokens, ...): g and beta go as a and b (KernelSpec.precomputed_gates).
+RECURRENT_LAUNCH = launch(q=0, k=1, v=2, a=3, b=4, state=6, accepted_tokens=10, output=OUTPUT, token_state_indices=9,
+                          cu_seqlens=8)
+# vLLM's sigmoid-gating op (A_log, a, b, dt_bias, q, k, v, beta, threshold, scale, initial_state,
+# inplace_final_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, ...).
+SIGMOID_VLLM_LAUNCH = launch(q=4, k=5, v=6, a=1, b=2, A_log=0, dt_bias=3, state=10, accepted_tokens=14,
+                             output=OUTPUT, token_state_indices=13, cu_seqlens=12)
+# SGLang's update in its own varlen layout (sglang._flat; its row views go the Python way): (A_log, a,
+# dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source, initial_state_indices,
+# scale, use_qk_l2norm_in_kernel, cu_seqlens, is_kda, lower_bound, disable_state_update,
+# intermediate_states_buffer, intermediate_state_indices, cache_steps, retrieve_parent_token, ...); the
+# row table and the tree go only with a buffer (sglang._verify), keyed by `buffer is None`.
+SGLANG_LAUNCH = {bare: launch(q=5, k=6, v=7, a=1, b=8, A_log=0, dt_bias=2, state=9, state_indices=10,
+                              intermediate_states=17, output=OUTPUT,
+                              **({} if bare else dict(intermediate_indices=18, parent_tokens=20)))
+                 for bare in (True, False)}
 
 # The built extension: set by the first `remember` (a call that ran the Python way); the call sites
 # try it first while it is set.
@@ -54,6 +93,9 @@ def extension() -> Optional[Any]:
             if _built is None:
                 _built = load("flashgdn_host", [source], extra_cflags=["-O2"], verbose=False)
                 _built.set_max_entries(MEMO_MAX)  # each site's table bounded as fastpath.FAST is
+                from .fastpath import REFUSED  # fastpath imports this module
+
+                _built.set_refused(REFUSED)
             EXT = _built
         except Exception as exc:  # no compiler or ninja: the Python way serves every call
             _failed = True
@@ -64,8 +106,10 @@ def extension() -> Optional[Any]:
 
 def remember(site: int, fn, launch: Sequence[int], ret: Sequence[int], output: int, like: int, *args) -> None:
     """Later calls at `site` with the signature of `args` run `fn` with the launch arguments `launch`
-    (indices into `args`, NONE, OUTPUT) and return `ret`; the output is args[output], or when that is
-    None a new tensor like args[like] (packed, fastpath.output's rule)."""
+    (indices into `args`, NONE, OUTPUT) and return `ret` (a tuple, or its one element); the output is
+    args[output], or when that is None (or `output` is NONE) a new contiguous tensor of args[like]'s
+    shape, dtype and device: fastpath.output's tensor, but for the stride of a size-1 dim (which
+    empty_like may take from `like`, and no kernel steps)."""
     ext = extension()
     if ext is not None:
         ext.remember(site, fn, launch, ret, output, like, *args)

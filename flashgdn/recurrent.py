@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import api, fastpath
+from . import api, fastpath, host
 from . import validation as val
 from .logging_utils import logged
 from .spec import AFTER_CU_SEQLENS, MAX_TOKENS, KernelArgs
@@ -201,6 +201,10 @@ def fused_recurrent_gated_delta_rule(
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_recurrent_gated_delta_rule (flashgdn.ops), with `o` allocated here.
     """
+    if host.EXT is not None and not api.CHECK_INDICES and not api._is_compiling() and (hosted := host.EXT.call(
+            host.RECURRENT, q, k, v, g, beta, scale, initial_state, inplace_final_state, cu_seqlens, ssm_state_indices,
+            num_accepted_tokens, use_qk_l2norm_in_kernel)) is not None:  # the C++ path (flashgdn.host)
+        return hosted
     _check_refused(NAME, initial_state, inplace_final_state, ssm_state_indices)
     if beta is None:  # vLLM's default; not its serving path (an allocation per call)
         beta = torch.ones(g.shape, dtype=q.dtype, device=q.device)
@@ -213,8 +217,12 @@ def fused_recurrent_gated_delta_rule(
             use_qk_l2norm_in_kernel, o)
     else:
         o = fastpath.output(None, v)
-        _recurrent(q, k, v, g, beta, *PRECOMPUTED, scale, initial_state, cu_seqlens, ssm_state_indices,
-                   num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+        key = _recurrent(q, k, v, g, beta, *PRECOMPUTED, scale, initial_state, cu_seqlens, ssm_state_indices,
+                         num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+        if host.ENABLED:  # beta as it went to the kernel: a later call of beta None (ones) misses
+            fastpath.host_remember(key, host.RECURRENT, host.RECURRENT_LAUNCH, host.NONE, 2, q, k, v, g, beta, scale,
+                                   initial_state, inplace_final_state, cu_seqlens, ssm_state_indices,
+                                   num_accepted_tokens, use_qk_l2norm_in_kernel)
     return o, initial_state
 
 
@@ -254,6 +262,11 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_sigmoid_gating_delta_rule_update_vllm (flashgdn.ops), with `o` allocated here.
     """
+    if host.EXT is not None and not api.CHECK_INDICES and not api._is_compiling() and (hosted := host.EXT.call(
+            host.SIGMOID_VLLM, A_log, a, b, dt_bias, q, k, v, beta, threshold, scale, initial_state,
+            inplace_final_state, cu_seqlens, ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
+            is_kda)) is not None:  # the C++ path (flashgdn.host)
+        return hosted
     if is_kda:
         raise NotImplementedError(f"{SIGMOID_NAME}: is_kda=True (per-K gates, Kimi Delta Attention) is not supported")
     _check_refused(SIGMOID_NAME, initial_state, inplace_final_state, ssm_state_indices)
@@ -267,8 +280,12 @@ def fused_sigmoid_gating_delta_rule_update_vllm(
             num_accepted_tokens, use_qk_l2norm_in_kernel, o)
     else:
         o = fastpath.output(None, v)
-        _recurrent(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
-                   ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+        key = _recurrent(q, k, v, a, b, A_log, dt_bias, beta, threshold, scale, initial_state, cu_seqlens,
+                         ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o)
+        if host.ENABLED:
+            fastpath.host_remember(key, host.SIGMOID_VLLM, host.SIGMOID_VLLM_LAUNCH, host.NONE, 6, A_log, a, b, dt_bias,
+                                   q, k, v, beta, threshold, scale, initial_state, inplace_final_state, cu_seqlens,
+                                   ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, is_kda)
     return o, initial_state
 
 
@@ -289,13 +306,13 @@ def _recurrent_key(q, a, initial_state, cu_seqlens, ssm_state_indices, num_accep
 
 
 def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale, initial_state, cu_seqlens,
-               ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o) -> None:
+               ssm_state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, o):
     """The eager body of both ops (and their ops' implementation): checks, then one launch writing
-    `o` and the pool. Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call
-    (flashgdn.fastpath) skips the checks (_recurrent_key). Every tensor goes as it is (kernel_args),
-    q, k and v too: a size-1 dim's stride is never stepped, and neither flashgdn's checks nor the
-    compiled function's check it (vLLM's [1, tokens, ...] views of its projection carry an unpacked
-    one)."""
+    `o` and the pool; returns the call's fast key (None: nothing ran), which the C++ path learns.
+    Precomputed gates: a is g, b is beta, A_log and dt_bias None. A repeated call (flashgdn.fastpath)
+    skips the checks (_recurrent_key). Every tensor goes as it is (kernel_args), q, k and v too: a
+    size-1 dim's stride is never stepped, and neither flashgdn's checks nor the compiled function's
+    check it (vLLM's [1, tokens, ...] views of its projection carry an unpacked one)."""
     key, fast = fastpath.find(api.CHECK_INDICES, _recurrent_key, q, a, initial_state, cu_seqlens, ssm_state_indices,
                               num_accepted_tokens, A_log, softplus_beta, softplus_threshold, scale,
                               use_qk_l2norm_in_kernel, o)
@@ -303,15 +320,15 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
         try:  # KernelArgs' order
             fast.fn(q, k, v, a, b, A_log, dt_bias, initial_state, None, None, num_accepted_tokens, None, o,
                     ssm_state_indices, cu_seqlens, *AFTER_CU_SEQLENS)
-            return
+            return key
         except fastpath.REFUSED:
             pass
     val.check_flags(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     plan = api._validated(_check, q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold, scale,
                           initial_state, cu_seqlens, ssm_state_indices, num_accepted_tokens,
                           options=(use_qk_l2norm_in_kernel,))
-    if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run
-        return
+    if q.shape[1] == 0 or plan.problem.B == 0:  # no tokens or no sequences: nothing to run (nothing kept)
+        return None
     if api.CHECK_INDICES:
         _check_index_values(cu_seqlens, plan.problem.T, q.shape[1])
     args = kernel_args(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens, ssm_state_indices,
@@ -319,3 +336,4 @@ def _recurrent(q, k, v, a, b, A_log, dt_bias, softplus_beta, softplus_threshold,
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, True, softplus_beta,
                                                      softplus_threshold))
     api._remember_fast(key, plan)
+    return key

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import api, fastpath
+from . import api, fastpath, host
 from . import validation as val
 from .logging_utils import logged
 from .spec import AFTER_OUTPUT, AFTER_REPLAY, MAX_TOKENS, KernelArgs
@@ -244,6 +244,13 @@ def fused_sigmoid_gating_delta_rule_update(
     While torch.compile or torch.export traces, the call is the custom op
     flashgdn::fused_sigmoid_gating_delta_rule_update (flashgdn.ops), with the output allocated here.
     """
+    if host.EXT is not None and not api.CHECK_INDICES and not api._is_compiling() and (hosted := host.EXT.call(
+            host.SGLANG, A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, is_kda, lower_bound,
+            disable_state_update, intermediate_states_buffer, intermediate_state_indices, cache_steps,
+            retrieve_parent_token, cache_ring, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta,
+            num_warps)) is not None:  # the C++ path (flashgdn.host)
+        return hosted
     _refuse(initial_state_source, is_kda, lower_bound, cache_ring, replayssm_rawv, replayssm_rawk, replayssm_g,
             replayssm_beta)
     if api._is_compiling():  # traced: one custom op, which may not return a tensor: it writes `o`
@@ -255,7 +262,12 @@ def fused_sigmoid_gating_delta_rule_update(
         return o
     return update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
                   initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-                  intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, None)
+                  intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, None,
+                  (A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
+                   initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, is_kda, lower_bound,
+                   disable_state_update, intermediate_states_buffer, intermediate_state_indices, cache_steps,
+                   retrieve_parent_token, cache_ring, replayssm_rawv, replayssm_rawk, replayssm_g, replayssm_beta,
+                   num_warps) if host.ENABLED else None)
 
 
 def _launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices,
@@ -321,10 +333,11 @@ def _update_key(q, k, v, a, b, cu_seqlens, initial_state_source, initial_state_i
 
 def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, initial_state_source,
            initial_state_indices, scale, use_qk_l2norm_in_kernel, cu_seqlens, disable_state_update,
-           intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, o):
+           intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token, o, call=None):
     """The eager body of fused_sigmoid_gating_delta_rule_update (and its op's implementation, which
     passes the output `o` its caller allocated; None: allocated here); returns the output. The row
-    table and the tree go only with a buffer (_verify)."""
+    table and the tree go only with a buffer (_verify). `call`: the public function's arguments, in its
+    order, under whose signature the C++ path (flashgdn.host) learns a call in SGLang's own layout."""
     verify = _verify(intermediate_states_buffer, intermediate_state_indices, retrieve_parent_token)
     inter, rows, parents = verify
 
@@ -336,6 +349,7 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
             out = fastpath.output(o, v)
             fast.fn(*_launch_args(q, k, v, a, b, A_log, dt_bias, initial_state_source, initial_state_indices, *verify,
                                   out, fast.extra))
+            _host_remember(key, fast.extra, inter, call)
             return out
         except fastpath.REFUSED:
             pass
@@ -358,7 +372,16 @@ def update(A_log, a, dt_bias, softplus_beta, softplus_threshold, q, k, v, b, ini
     api._launch(plan, "klast", args, api.CallOptions(scale, use_qk_l2norm_in_kernel, not disable_state_update,
                                                      softplus_beta, softplus_threshold))
     api._remember_fast(key, plan, extra=extra)
+    _host_remember(key, extra, inter, call)
     return o
+
+
+def _host_remember(key, geometry, inter, call) -> None:
+    """The C++ path learns a call of the public function's arguments `call` (None: none) in SGLang's own
+    layout (no row views: `geometry` None); it allocates the output like v and returns it alone."""
+    if call is not None and geometry is None:
+        fastpath.host_remember(key, host.SGLANG, host.SGLANG_LAUNCH[inter is None], host.NONE, 7, *call,
+                               ret=(host.OUTPUT,))
 
 
 def _indices(indices):

@@ -144,6 +144,34 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
     assert fg[7].variant() == "pool T=4, output allocated" and fg[0].variant() == "dense, output given"
 
 
+def test_with_the_host_path_each_flashgdn_row_has_a_python_way_twin(monkeypatch):
+    """FLASHGDN_HOST=1: each flashgdn case is followed by its twin timed with flashgdn.host off (the fused
+    step, which that path does not serve, has none); the twin's measurement runs with it off, and it is
+    as it was afterwards."""
+    from flashgdn import host as host_path
+
+    a = _args("--batch-size", "1", "--state-dtype", "fp32")
+    plain = host.cases(a, flashinfer=False)
+    monkeypatch.setattr(host_path, "ENABLED", True)
+    twins = host.cases(a, flashinfer=False)
+    ours = [c for c in plain if c.impl == "flashgdn"]
+    assert len(twins) == len(plain) + len(ours) - 1
+    i = twins.index(ours[0])
+    assert twins[i + 1] == host.Case("flashgdn", ours[0].row, ours[0].output_given, python_way=True)
+    assert twins[i + 1].variant() == ours[0].variant() + ", Python way"
+    assert [c for c in twins if c.engine == "fused_step"] == [c for c in ours if c.engine == "fused_step"]
+    ext = object()
+    monkeypatch.setattr(host_path, "EXT", ext)
+    seen = []
+
+    def measure(call, gpu=True, baseline=None):
+        seen.append((host_path.ENABLED, host_path.EXT))
+        return {"host_median_us": 1.0, "host_min_us": 1.0, "gpu_us": None, "gpu_bound": False}
+
+    host.run_cases(twins[i:i + 2], lambda case: ("f", lambda: None), measure, 10, 1)
+    assert seen == [(True, ext), (False, None)] and (host_path.ENABLED, host_path.EXT) == (True, ext)
+
+
 def _fake_run():
     """Records of run_cases with stand-in binds and measurements (µs by function)."""
     row = Row("pretranspose", 1, 1, 16, 32, 128, 128, "bf16", "fp32", pool=True)

@@ -11,8 +11,9 @@ import torch
 from flashgdn import api, fastpath, host
 from flashgdn.bench.host import stubbed_launches
 from flashgdn.device import DeviceFacts
-from flashgdn.spec import AFTER_OUTPUT, AFTER_REPLAY
+from flashgdn.spec import AFTER_OUTPUT, AFTER_REPLAY, KernelArgs
 from flashgdn.validation import MEMO_MAX
+from test_fastpath_engines import ENTRIES, calls  # noqa: F401 (calls: a fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler to build flashgdn.host's extension")
@@ -184,6 +185,8 @@ def test_remember_refuses_bad_templates(on):
         ext.remember(host.PRETRANSPOSE, print, (0, 5), (0,), 0, 0, x)  # index 5 of one argument
     with pytest.raises(ValueError):
         ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 1, x, None)  # an output allocated like None
+    with pytest.raises(ValueError):
+        ext.remember(host.PRETRANSPOSE, print, (0,), (), 1, 0, x, None)  # nothing to return
     assert ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 0, x, None) is True
     assert ext.call(host.PRETRANSPOSE, object()) is None  # an argument of another kind: a miss
 
@@ -207,6 +210,69 @@ def test_a_failed_build_warns_once_and_the_python_way_serves(monkeypatch):
         for _ in range(2):
             o, s = api.gated_delta_rule_decode_pretranspose(state=state, **kw)
     assert len(launched) == 2 and s is state
+
+
+def _strides(t):
+    """t's strides but in size-1 dims, which no kernel steps: the C++ path allocates contiguous outputs,
+    the Python way's empty_like may keep v's stride there."""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n != 1)
+
+
+# The engine calls (test_fastpath_engines.ENTRIES) that the C++ path serves, and those it leaves to the
+# Python way: SGLang's row views (a batched layout) and the fused step.
+ENGINE_SERVED = ["packed", "packed_vllm", "sigmoid", "sigmoid_verify", "sigmoid_tree", "recurrent_varlen",
+                 "recurrent_one_token", "recurrent_padded", "sigmoid_vllm_verify", "sigmoid_vllm_decode",
+                 "sigmoid_vllm_padded_decode", "sigmoid_vllm_wide_decode"]
+ENGINE_PYTHON_WAY = ["sigmoid_batched", "fused_step"]
+
+
+@pytest.mark.parametrize("name", ENGINE_SERVED + ENGINE_PYTHON_WAY)
+def test_engine_calls_launch_as_the_python_way(calls, monkeypatch, name):
+    """An engine entry point's repeated call on the C++ path hands its compiled function (the stand-in
+    that checks arguments as TVM-FFI does) what the Python fast path hands it, the same objects in the
+    same places, an allocated output of the same layout; and it returns what the Python way returns."""
+    full, launched = calls
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    ext = host.extension()
+    fn, make = ENTRIES[name]
+    kw = make()
+    fn(**kw)  # the full way, which the C++ path learns
+    hits, n_full = _hits(ext), len(full)
+    hosted = fn(**kw)
+    assert _hits(ext) == hits + (name in ENGINE_SERVED)
+    monkeypatch.setattr(host, "ENABLED", False)
+    monkeypatch.setattr(host, "EXT", None)
+    python = fn(**kw)  # the Python fast path
+    assert len(full) == n_full
+    out = KernelArgs._fields.index("output")
+    for i, (x, y) in enumerate(zip(launched[-2], launched[-1])):
+        if x is y:
+            continue
+        # an output allocated by each call, or a view that the Python way builds per call
+        assert i == out or name in ENGINE_PYTHON_WAY, f"argument {i}"
+        assert (x.shape, _strides(x), x.dtype) == (y.shape, _strides(y), y.dtype), f"argument {i}"
+        assert i == out or x.data_ptr() == y.data_ptr(), f"argument {i}"
+    if isinstance(python, tuple):
+        assert isinstance(hosted, tuple) and len(hosted) == len(python) and _same(hosted[1:], python[1:])
+        hosted, python = hosted[0], python[0]
+    assert isinstance(hosted, torch.Tensor) and (hosted.shape, _strides(hosted), hosted.dtype) == (
+        python.shape, _strides(python), python.dtype)
+    assert (hosted is python) == ("packed" in name)  # the packed decodes return the `out` given
+
+
+def test_vllm_ones_beta_is_never_served(calls, monkeypatch):
+    """vLLM's beta=None (ones, allocated by each call) goes the Python way every time: what the C++ path
+    learns is the call with the beta that went to the kernel."""
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    ext = host.extension()
+    fn, make = ENTRIES["recurrent_varlen"]
+    kw = dict(make(), beta=None)
+    fn(**kw)
+    hits = _hits(ext)
+    fn(**kw)
+    assert _hits(ext) == hits
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
@@ -250,3 +316,34 @@ def test_gpu_results_equal_the_python_ways(monkeypatch, name):
     assert host.EXT is not None and host.EXT.stats()[0] >= 1
     (o0, s0), (o1, s1) = results
     assert torch.equal(o0, o1) and torch.equal(s0, s1) and o1[0].isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
+@pytest.mark.parametrize("name", ["packed", "packed_vllm", "sigmoid", "sigmoid_verify", "recurrent_varlen",
+                                  "sigmoid_vllm_verify", "sigmoid_vllm_decode"])
+def test_gpu_engine_results_equal_the_python_ways(monkeypatch, name):
+    """On the GPU: an engine entry point's third call (the C++ path's hit) writes the outputs, the pool
+    and the speculative buffer that the same call writes the Python way, bit for bit, from equal
+    starting tensors (test_fastpath_engines.ENTRIES' random inputs, on the GPU; outputs poisoned)."""
+    fn, make = ENTRIES[name]
+    cpu = make()
+    results = []
+    for hosted in (False, True):
+        fastpath.forget()
+        monkeypatch.setattr(host, "ENABLED", hosted)
+        monkeypatch.setattr(host, "EXT", None)
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in cpu.items()}
+        for _ in range(3):
+            if "out" in kw:
+                kw["out"].fill_(float("nan"))
+            got = fn(**kw)
+        torch.cuda.synchronize()
+        o = got[0] if isinstance(got, tuple) else got
+        written = [kw[k] for k in ("initial_state", "initial_state_source", "intermediate_states_buffer") if k in kw]
+        results.append([o.clone()] + [t.clone() for t in written])
+        if hosted:
+            assert host.EXT is not None and host.EXT.stats()[0] >= 1
+    assert len(results[0]) >= 2
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert results[1][0].float().isfinite().any()

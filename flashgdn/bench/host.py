@@ -24,6 +24,9 @@ allocated) into the steps of flashgdn.api's eager path for a repeated signature
 (flashgdn.fastpath), each timed the same way in isolation, and the cost of the full way (what the
 first call of a signature, or one the compiled function refuses, adds): flashgdn.bench.host_profile.
 
+With FLASHGDN_HOST=1 (flashgdn.host, the repeated call in C++) each flashgdn row is followed by its
+twin ("Python way") timed with that path off, in the same process, so the two compare in one run.
+
 `--python-only` needs no GPU: flashgdn's rows run on CPU tensors with every compiled function
 replaced by a no-op (stubbed_launches), which times their Python part alone (the fast key and its
 lookup, the views a call builds, the output allocation) beside `x.add_(1)` on the CPU. What it
@@ -99,6 +102,7 @@ class Case:
     engine: str = ""
     launches: int = 0
     tensors: int = 1
+    python_way: bool = False  # with FLASHGDN_HOST=1: the twin of a row, timed with flashgdn.host off
 
     def variant(self) -> str:
         if self.impl == "floor":
@@ -109,7 +113,7 @@ class Case:
         t = f" T={self.row.T}" if self.row.T > 1 else ""
         varlen = " varlen" if self.engine in RECURRENT_VERSIONS or self.row.version == "sglang" else ""
         return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
-                f"output {'given' if self.output_given else 'allocated'}")
+                f"output {'given' if self.output_given else 'allocated'}{', Python way' if self.python_way else ''}")
 
 
 def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
@@ -125,10 +129,33 @@ def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
                         l2norm=not args.no_l2norm, pool_slots=args.pool_slots)
                     for version, pool in API_ROWS]
             for impl in ("flashgdn", "flashinfer") if flashinfer else ("flashgdn",):
-                out += [Case(impl, row, given) for row in rows for given in (True, False)]
+                ours = [Case(impl, row, given) for row in rows for given in (True, False)]
                 if impl == "flashgdn":
-                    out += engine_cases(rows[API_ROWS.index(ENGINE_ROW)])
+                    ours = with_python_way(ours + engine_cases(rows[API_ROWS.index(ENGINE_ROW)]))
+                out += ours
     return out
+
+
+def with_python_way(ours: List[Case]) -> List[Case]:
+    """flashgdn's cases, each followed, while FLASHGDN_HOST=1 (flashgdn.host.ENABLED), by its twin timed
+    the Python way (flashgdn.host off: python_way), in the same process; not the fused step, which the
+    C++ path does not serve."""
+    if not host.ENABLED:
+        return ours
+    return [twin for case in ours for twin in
+            ((case,) if case.engine == "fused_step" else (case, dataclasses.replace(case, python_way=True)))]
+
+
+@contextlib.contextmanager
+def python_way(on: bool):
+    """flashgdn.host off within (`on`): its calls go the Python way; as it was on exit."""
+    saved = host.ENABLED, host.EXT
+    if on:
+        host.ENABLED, host.EXT = False, None
+    try:
+        yield
+    finally:
+        host.ENABLED, host.EXT = saved
 
 
 def engine_cases(row: Row) -> List[Case]:
@@ -289,7 +316,7 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
             paired = {} if case.impl == "torch" or baseline is None else {"baseline": baseline}
             if case.impl == "torch":
                 baseline = call
-            with counting_full_ways() as full_ways:
+            with counting_full_ways() as full_ways, python_way(case.python_way):
                 rec.update(measure_call(call, **paired))
             if case.impl == "flashgdn":
                 rec["full_way_calls"] = full_ways[0]
