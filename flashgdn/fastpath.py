@@ -138,14 +138,15 @@ def forget() -> None:
     host.forget()
 
 
-def host_remember(key, site: int, launch, output: int, like: int, *call, ret=None) -> None:
+def host_remember(key, site: int, launch, output: int, like: int, *call, ret=None, consts=(), stream_of=-1) -> None:
     """After a call that ran the Python way with fast key `key`: the C++ path (flashgdn.host) takes the
     key's entry for calls with the signature of `call` (the call's arguments in the order its public
     function hands them to host.EXT.call): the compiled function gets `launch` (host's templates), the
     output is call[output] or, when that is None or `output` is host.NONE, a new tensor like
-    call[like], and the call returns `ret` (default: the output and the state, launch[7])."""
+    call[like], and the call returns `ret` (default: the output and the state, launch[7]); `consts` and
+    `stream_of` as host.remember takes them."""
     if host.ENABLED and ENABLED and key is not None:
         entry = FAST.get(key)
         if entry is not None:
             host.remember(site, entry.fn, launch, (host.OUTPUT, launch[7]) if ret is None else ret, output, like,
-                          *call)
+                          *call, consts=consts, stream_of=stream_of)

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import api, fastpath
+from . import api, fastpath, host
 from . import validation as val
 from .cache import kernel_cache
 from .device import facts_of
@@ -223,6 +223,12 @@ def gdn_fused_decode_step(
 
     Returns (out, conv_state, ssm_state).
     """
+    if host.EXT is not None and not api.CHECK_INDICES and not api._is_compiling() and (hosted := host.EXT.call(
+            host.FUSED_STEP, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+            ssm_state, state_indices, use_qk_l2norm, out)) is not None:  # the C++ path (flashgdn.host)
+        return hosted
+    call = ((hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale, ssm_state,
+             state_indices, use_qk_l2norm, out) if host.ENABLED else None)  # the signature the C++ path learns
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale == 0.0:
         scale = None  # FlashInfer's rule: 0.0 means "unset"
     if api._is_compiling():  # traced: one custom op (flashgdn.ops), which may not return its inputs
@@ -235,7 +241,7 @@ def gdn_fused_decode_step(
         )
         return out, conv_state, ssm_state
     return _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
-                       ssm_state, state_indices, use_qk_l2norm, out), conv_state, ssm_state
+                       ssm_state, state_indices, use_qk_l2norm, out, call), conv_state, ssm_state
 
 
 def _step_key(hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, out, scale, use_qk_l2norm) -> tuple:
@@ -246,9 +252,10 @@ def _step_key(hidden_states, mixed_qkv, conv_bias, conv_state, ssm_state, out, s
 
 
 def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
-                ssm_state, state_indices, use_qk_l2norm, out) -> torch.Tensor:
+                ssm_state, state_indices, use_qk_l2norm, out, call=None) -> torch.Tensor:
     """The eager body (also the custom op's real implementation): validate, then launch; returns
-    the output.
+    the output. `call`: the public function's arguments, under whose signature the C++ path
+    (flashgdn.host) learns the call (_host_remember).
 
     A repeated call (flashgdn.fastpath) skips the checks. Its key holds what the compiled
     function does not check (the batch, the device, both pools' and the output's layouts, the
@@ -263,9 +270,10 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         try:
             if gemm_guard is None or gemm_guard == _gemm_facts(hidden_states, w_ba):
                 o = _output(out, p, device)
-                _launches(fast.fn, gemm_guard is not None, _workspace(device, p.B, p.H, p.HV, p.K, parts),
-                          hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log,
-                          dt_bias, ssm_state, o)
+                rows = _workspace(device, p.B, p.H, p.HV, p.K, parts)
+                _launches(fast.fn, gemm_guard is not None, rows, hidden_states, w_ba, mixed_qkv, conv_weight,
+                          conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
+                _host_remember(key, call, rows, p, gemm_guard is not None)
                 return o
         except fastpath.REFUSED:
             pass
@@ -288,7 +296,20 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
             # the gemm regime's guard (_fused_step), None in the other regimes
             gemm_guard = _gemm_facts(hidden_states, w_ba) if plan.gemm else None
             fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm_guard, plan.parts)))
+            _host_remember(key, call, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), p, plan.gemm)
     return o
+
+
+def _host_remember(key, call, rows, p, gemm: bool) -> None:
+    """The C++ path learns a call of the public function's arguments `call` (None: none) that ran its
+    compiled function on the workspace rows `rows` of the current stream, which it keeps; not in the
+    "gemm" regime, whose GEMM runs before that function. It allocates a missing output like a tensor of
+    the output's shape (its one element is all it holds)."""
+    if call is not None and not gemm:
+        qkv, ba = rows
+        like = torch.empty(1, dtype=torch.bfloat16, device=qkv.device).expand(p.B, 1, p.HV, p.V)
+        fastpath.host_remember(key, host.FUSED_STEP, host.FUSED_STEP_LAUNCH, 12, host.const(2), *call,
+                               ret=(host.OUTPUT, 5, 9), consts=(qkv, ba, like), stream_of=9)
 
 
 def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.dtype,

@@ -12,8 +12,8 @@ cache) the first time a call needs it; where the build fails, the Python way ser
 Served: flashgdn.api's FlashInfer functions (pretranspose, K-major decode, MTP) and the engines' entry
 points (flashgdn.engines) in the forms whose tensors go to the kernel as the engine passes them: both
 packed decodes, vLLM's two recurrent ops, SGLang's update in its own varlen layout (its row views go
-the Python way). Not the fused step: it looks its workspace up per stream, and its two launches' floor
-alone is above the target the host path is for. Off by default: the first build takes 15-60 s. Each
+the Python way) and the fused step outside its "gemm" regime (an entry keeps the workspace rows of the
+stream it was learnt on: another stream misses, and the Python way learns it anew). Off by default: the first build takes 15-60 s. Each
 public function calls EXT.call itself, right after its tracing check (or with it): a Python helper in
 between cost about 0.2 µs per call on the CPU, a fifth of the whole path. A refusal by the compiled
 function's own checks (fastpath.REFUSED) is a miss, so the call site needs no try.
@@ -24,24 +24,30 @@ import os
 import warnings
 from typing import Any, Optional, Sequence
 
-from .spec import KernelArgs
+from .spec import KernelArgs, StepArgs
 from .validation import MEMO_MAX
 
 ENABLED = os.environ.get("FLASHGDN_HOST", "0") not in ("", "0")
 
 # The call sites: one table each.
-PRETRANSPOSE, DECODE, MTP, PACKED, PACKED_VLLM, RECURRENT, SIGMOID_VLLM, SGLANG = range(8)
+PRETRANSPOSE, DECODE, MTP, PACKED, PACKED_VLLM, RECURRENT, SIGMOID_VLLM, SGLANG, FUSED_STEP = range(9)
 OUTPUT, NONE = -2, -1  # in a launch or return template: the output, None
 
 
-def launch(**where: int) -> tuple:
-    """A launch template: per KernelArgs field, in its order, the index of the call argument that
-    `where` names for it (into the arguments the public function hands to EXT.call, in its own
-    parameter order), OUTPUT, or NONE for a field it does not name."""
-    unknown = set(where) - set(KernelArgs._fields)
+def const(j: int) -> int:
+    """In a launch template or as `like`: the entry's constant j (remember's `consts`)."""
+    return -3 - j
+
+
+def launch(fields: Sequence[str] = KernelArgs._fields, **where: int) -> tuple:
+    """A launch template: per field of the compiled function's arguments (KernelArgs' by default), in
+    their order, the index of the call argument that `where` names for it (into the arguments the
+    public function hands to EXT.call, in its own parameter order), OUTPUT, a const(j), or NONE for a
+    field it does not name."""
+    unknown = set(where) - set(fields)
     if unknown:
-        raise ValueError(f"not KernelArgs fields: {sorted(unknown)}")
-    return tuple(where.get(field, NONE) for field in KernelArgs._fields)
+        raise ValueError(f"not fields of the launch: {sorted(unknown)}")
+    return tuple(where.get(field, NONE) for field in fields)
 
 
 # Each site's launch templates (the Python fast path's launch, argument for argument). A pretranspose
@@ -74,6 +80,13 @@ SGLANG_LAUNCH = {bare: launch(q=5, k=6, v=7, a=1, b=8, A_log=0, dt_bias=2, state
                               intermediate_states=17, output=OUTPUT,
                               **({} if bare else dict(intermediate_indices=18, parent_tokens=20)))
                  for bare in (True, False)}
+# The fused step (hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, A_log, dt_bias, scale,
+# ssm_state, state_indices, use_qk_l2norm, out): its one compiled function (StepArgs) on the workspace rows of
+# the stream current when it was learnt (constants 0 and 1: qkv and ba; 2: a tensor of the output's shape);
+# another stream misses (fused_step._workspace is per stream).
+FUSED_STEP_LAUNCH = launch(StepArgs._fields, hidden_states=0, w_ba=1, mixed_qkv=2, conv_weight=3, conv_bias=4,
+                           conv_state=5, state_indices=10, qkv_out=const(0), ba_out=const(1), A_log=6, dt_bias=7,
+                           ssm_state=9, output=OUTPUT)
 
 # The built extension: set by the first `remember` (a call that ran the Python way); the call sites
 # try it first while it is set.
@@ -104,15 +117,18 @@ def extension() -> Optional[Any]:
     return EXT
 
 
-def remember(site: int, fn, launch: Sequence[int], ret: Sequence[int], output: int, like: int, *args) -> None:
+def remember(site: int, fn, launch: Sequence[int], ret: Sequence[int], output: int, like: int, *args,
+             consts: Sequence[Any] = (), stream_of: int = NONE) -> None:
     """Later calls at `site` with the signature of `args` run `fn` with the launch arguments `launch`
-    (indices into `args`, NONE, OUTPUT) and return `ret` (a tuple, or its one element); the output is
+    (indices into `args`, NONE, OUTPUT, const(j) for consts[j]) and return `ret` (a tuple, or its one
+    element), where `stream_of` is NONE or the stream current on the device of args[stream_of] is the
+    one current now (an entry that keeps a stream's workspace); the output is
     args[output], or when that is None (or `output` is NONE) a new contiguous tensor of args[like]'s
     shape, dtype and device: fastpath.output's tensor, but for the stride of a size-1 dim (which
     empty_like may take from `like`, and no kernel steps)."""
     ext = extension()
     if ext is not None:
-        ext.remember(site, fn, launch, ret, output, like, *args)
+        ext.remember(site, fn, launch, ret, output, like, consts, stream_of, *args)
 
 
 def forget() -> None:

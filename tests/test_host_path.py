@@ -13,12 +13,14 @@ from flashgdn.bench.host import stubbed_launches
 from flashgdn.device import DeviceFacts
 from flashgdn.spec import AFTER_OUTPUT, AFTER_REPLAY, KernelArgs
 from flashgdn.validation import MEMO_MAX
-from test_fastpath_engines import ENTRIES, calls  # noqa: F401 (calls: a fixture)
+import test_fastpath_engines
+from test_fastpath_engines import ENTRIES
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler to build flashgdn.host's extension")
 
 FACTS = DeviceFacts("sm_90a", 132, "sm90-hbm3")
+calls = test_fastpath_engines.calls  # its fixture: compiled functions that check and record their arguments
 B, T, H, HV, D = 3, 1, 2, 4, 64
 
 
@@ -182,12 +184,16 @@ def test_remember_refuses_bad_templates(on):
     launched, ext = on
     x = torch.zeros(2)
     with pytest.raises(ValueError):
-        ext.remember(host.PRETRANSPOSE, print, (0, 5), (0,), 0, 0, x)  # index 5 of one argument
+        ext.remember(host.PRETRANSPOSE, print, (0, 5), (0,), 0, 0, (), -1, x)  # index 5 of one argument
     with pytest.raises(ValueError):
-        ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 1, x, None)  # an output allocated like None
+        ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 1, (), -1, x, None)  # an output allocated like None
     with pytest.raises(ValueError):
-        ext.remember(host.PRETRANSPOSE, print, (0,), (), 1, 0, x, None)  # nothing to return
-    assert ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 0, x, None) is True
+        ext.remember(host.PRETRANSPOSE, print, (0,), (), 1, 0, (), -1, x, None)  # nothing to return
+    with pytest.raises(ValueError):
+        ext.remember(host.PRETRANSPOSE, print, (host.const(1),), (0,), 1, 0, (x,), -1, x, None)  # one constant
+    with pytest.raises(ValueError):
+        ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 0, (), 1, x, None)  # a stream of None
+    assert ext.remember(host.PRETRANSPOSE, print, (0,), (0,), 1, 0, (), -1, x, None) is True
     assert ext.call(host.PRETRANSPOSE, object()) is None  # an argument of another kind: a miss
 
 
@@ -218,12 +224,12 @@ def _strides(t):
     return tuple(s for s, n in zip(t.stride(), t.shape) if n != 1)
 
 
-# The engine calls (test_fastpath_engines.ENTRIES) that the C++ path serves, and those it leaves to the
-# Python way: SGLang's row views (a batched layout) and the fused step.
+# The engine calls (test_fastpath_engines.ENTRIES) that the C++ path serves, and the one it leaves to the
+# Python way: SGLang's row views (a batched layout).
 ENGINE_SERVED = ["packed", "packed_vllm", "sigmoid", "sigmoid_verify", "sigmoid_tree", "recurrent_varlen",
                  "recurrent_one_token", "recurrent_padded", "sigmoid_vllm_verify", "sigmoid_vllm_decode",
-                 "sigmoid_vllm_padded_decode", "sigmoid_vllm_wide_decode"]
-ENGINE_PYTHON_WAY = ["sigmoid_batched", "fused_step"]
+                 "sigmoid_vllm_padded_decode", "sigmoid_vllm_wide_decode", "fused_step"]
+ENGINE_PYTHON_WAY = ["sigmoid_batched"]
 
 
 @pytest.mark.parametrize("name", ENGINE_SERVED + ENGINE_PYTHON_WAY)
@@ -320,7 +326,7 @@ def test_gpu_results_equal_the_python_ways(monkeypatch, name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
 @pytest.mark.parametrize("name", ["packed", "packed_vllm", "sigmoid", "sigmoid_verify", "recurrent_varlen",
-                                  "sigmoid_vllm_verify", "sigmoid_vllm_decode"])
+                                  "sigmoid_vllm_verify", "sigmoid_vllm_decode", "fused_step"])
 def test_gpu_engine_results_equal_the_python_ways(monkeypatch, name):
     """On the GPU: an engine entry point's third call (the C++ path's hit) writes the outputs, the pool
     and the speculative buffer that the same call writes the Python way, bit for bit, from equal
@@ -339,7 +345,8 @@ def test_gpu_engine_results_equal_the_python_ways(monkeypatch, name):
             got = fn(**kw)
         torch.cuda.synchronize()
         o = got[0] if isinstance(got, tuple) else got
-        written = [kw[k] for k in ("initial_state", "initial_state_source", "intermediate_states_buffer") if k in kw]
+        written = [kw[k] for k in ("initial_state", "initial_state_source", "intermediate_states_buffer", "conv_state",
+                                   "ssm_state") if k in kw]
         results.append([o.clone()] + [t.clone() for t in written])
         if hosted:
             assert host.EXT is not None and host.EXT.stats()[0] >= 1
@@ -347,3 +354,29 @@ def test_gpu_engine_results_equal_the_python_ways(monkeypatch, name):
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
     assert results[1][0].float().isfinite().any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
+def test_gpu_fused_step_on_another_stream_goes_the_python_way(monkeypatch):
+    """The fused step's entry keeps the workspace of the stream it was learnt on: a call on another stream
+    misses (the Python way runs it on that stream's workspace and the entry follows it), and its results
+    equal the first stream's from the same starting pools."""
+    monkeypatch.setattr(host, "ENABLED", True)
+    monkeypatch.setattr(host, "EXT", None)
+    fn, make = ENTRIES["fused_step"]
+    cpu = make()
+    results = []
+    ext = host.extension()
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in cpu.items()}
+        with torch.cuda.stream(stream):
+            hits = ext.stats()[0]
+            o, conv_state, ssm_state = fn(**kw)  # no entry yet, or one of the other stream: a miss
+            assert ext.stats()[0] == hits
+            for _ in range(2):
+                o, conv_state, ssm_state = fn(**kw)
+            assert ext.stats()[0] == hits + 2
+            stream.synchronize()
+        results.append((o.clone(), conv_state.clone(), ssm_state.clone()))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)

@@ -138,12 +138,10 @@ def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
 
 def with_python_way(ours: List[Case]) -> List[Case]:
     """flashgdn's cases, each followed, while FLASHGDN_HOST=1 (flashgdn.host.ENABLED), by its twin timed
-    the Python way (flashgdn.host off: python_way), in the same process; not the fused step, which the
-    C++ path does not serve."""
+    the Python way (flashgdn.host off: python_way), in the same process."""
     if not host.ENABLED:
         return ours
-    return [twin for case in ours for twin in
-            ((case,) if case.engine == "fused_step" else (case, dataclasses.replace(case, python_way=True)))]
+    return [twin for case in ours for twin in (case, dataclasses.replace(case, python_way=True))]
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@
 // miss (or an argument of another kind) returns None and the call goes the Python way, as does a
 // refusal by the compiled function's own checks (an exception of the kinds `set_refused` names:
 // nothing was launched), so that the Python way names the argument or runs a new variant.
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -21,6 +22,7 @@ namespace {
 enum Tag : int64_t { kNone = 1, kTensor, kBool, kInt, kFloat, kStr };
 constexpr int kNoArg = -1;   // None in the launch
 constexpr int kOutput = -2;  // the output, given or allocated
+constexpr int kConst = -3;   // kConst - j: the entry's constant j (a tensor it keeps: a workspace)
 constexpr size_t kMaxArgs = 64;
 
 struct SigHash {
@@ -33,11 +35,25 @@ struct SigHash {
 
 struct Entry {
   PyObject* fn;              // the compiled function (a strong reference)
-  std::vector<int> launch;   // per launch argument: a call argument's index, kNoArg or kOutput
+  std::vector<int> launch;   // per launch argument: a call argument's index, kNoArg, kOutput or a constant's
   std::vector<int> ret;      // the returned tuple, the same way
   int output;                // index of the output argument (None there, or kNoArg: allocate like `like`)
-  int like;                  // index of the tensor the output is allocated like
+  int like;                  // index of the tensor (an argument or a constant) the output is allocated like
+  std::vector<PyObject*> consts;  // strong references
+  int stream_of;             // an argument whose device's current stream must be `stream` (kNoArg: none)
+  int64_t stream;
 };
+
+void release(Entry& e) {
+  Py_DECREF(e.fn);
+  for (PyObject* c : e.consts) Py_DECREF(c);
+}
+
+// The id of the current stream of `t`'s device (under CUDA-graph capture, the capture stream's).
+int64_t current_stream(const at::Tensor& t) {
+  const c10::Device device = t.device();
+  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device).id();
+}
 
 using Table = std::unordered_map<std::vector<int64_t>, Entry, SigHash>;
 std::vector<Table> tables;
@@ -132,8 +148,9 @@ bool site_args(PyObject* const* argv, Py_ssize_t argc, Py_ssize_t lead, const ch
   return true;
 }
 
-PyObject* pick(int i, PyObject* const* args, PyObject* out) {
-  return i == kOutput ? out : (i == kNoArg ? Py_None : args[i]);
+PyObject* pick(int i, PyObject* const* args, PyObject* out, const std::vector<PyObject*>& consts) {
+  if (i >= 0) return args[i];
+  return i == kOutput ? out : (i == kNoArg ? Py_None : consts[kConst - i]);
 }
 
 // call(site, *args): the call's result (a tuple, or its one element where the entry returns one), or None
@@ -148,11 +165,22 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   auto it = tables[site].find(sig);
   if (it == tables[site].end()) Py_RETURN_NONE;
   const Entry& e = it->second;
+  if (e.stream_of != kNoArg && current_stream(THPVariable_Unpack(args[e.stream_of])) != e.stream) Py_RETURN_NONE;
+  // Python code may run during the call (a finalizer) and change the table: nothing of `e` is read after it,
+  // and what the call uses of it is held here.
+  const std::vector<PyObject*> consts = e.consts;
+  for (PyObject* c : consts) Py_INCREF(c);
+  struct Held {
+    const std::vector<PyObject*>& objects;
+    ~Held() {
+      for (PyObject* c : objects) Py_DECREF(c);
+    }
+  } held{consts};
   PyObject* out = e.output == kNoArg ? Py_None : args[e.output];
   if (out == Py_None) {
     // Packed, of `like`'s shape, dtype and device: at::empty costs about 0.35 µs less than empty_like on an
     // H100 host (one dispatch, no stride inference)
-    const at::Tensor& like = THPVariable_Unpack(args[e.like]);
+    const at::Tensor& like = THPVariable_Unpack(pick(e.like, args, nullptr, consts));
     out = THPVariable_Wrap(at::empty(like.sizes(), like.options()));
     if (out == nullptr) return nullptr;
   } else {
@@ -160,8 +188,7 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   PyObject* launch[kMaxArgs];
   const size_t n_launch = e.launch.size();
-  for (size_t i = 0; i < n_launch; ++i) launch[i] = pick(e.launch[i], args, out);
-  // Python code may run during the call (a finalizer) and change the table: nothing of `e` is read after it.
+  for (size_t i = 0; i < n_launch; ++i) launch[i] = pick(e.launch[i], args, out, consts);
   PyObject* fn = e.fn;
   Py_INCREF(fn);
   const std::vector<int> ret = e.ret;
@@ -176,7 +203,7 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   Py_DECREF(r);
   ++hits;
   if (ret.size() == 1) {
-    PyObject* o = pick(ret[0], args, out);
+    PyObject* o = pick(ret[0], args, out, consts);
     Py_INCREF(o);
     Py_DECREF(out);
     return o;
@@ -187,7 +214,7 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     return nullptr;
   }
   for (size_t i = 0; i < ret.size(); ++i) {
-    PyObject* o = pick(ret[i], args, out);
+    PyObject* o = pick(ret[i], args, out, consts);
     Py_INCREF(o);
     PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), o);
   }
@@ -195,13 +222,14 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   return result;
 }
 
-bool indices(PyObject* seq, std::vector<int>& into, Py_ssize_t n) {
+// The indices of `seq` into `into`: each an argument's (below n), kNoArg, kOutput or one of `consts` constants'.
+bool indices(PyObject* seq, std::vector<int>& into, Py_ssize_t n, Py_ssize_t consts) {
   PyObject* fast = PySequence_Fast(seq, "expected a sequence of ints");
   if (fast == nullptr) return false;
   Py_ssize_t m = PySequence_Fast_GET_SIZE(fast);
   for (Py_ssize_t i = 0; i < m; ++i) {
     long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-    if ((v == -1 && PyErr_Occurred()) || v < kOutput || v >= n) {
+    if ((v == -1 && PyErr_Occurred()) || v <= kConst - consts || v >= n) {
       Py_DECREF(fast);
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "an index outside the call's arguments");
       return false;
@@ -212,46 +240,71 @@ bool indices(PyObject* seq, std::vector<int>& into, Py_ssize_t n) {
   return true;
 }
 
-// remember(site, fn, launch, ret, output, like, *args): later calls with this signature run `fn`.
+// remember(site, fn, launch, ret, output, like, consts, stream_of, *args): later calls with this signature run
+// `fn` (on the stream current now on the device of args[stream_of], where that is not kNoArg).
 PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   size_t site;
   PyObject* const* args;
   Py_ssize_t n;
-  if (!site_args(argv, argc, 6, "remember(site, fn, launch, ret, output, like, *args)", site, args, n)) return nullptr;
-  Entry e{argv[1], {}, {}, static_cast<int>(PyLong_AsLong(argv[4])), static_cast<int>(PyLong_AsLong(argv[5]))};
-  if (PyErr_Occurred()) return nullptr;
-  if (!indices(argv[2], e.launch, n) || !indices(argv[3], e.ret, n)) return nullptr;
-  if (e.launch.size() > kMaxArgs || e.ret.empty() || e.output < kNoArg || e.output >= n || e.like < 0 ||
-      e.like >= n || ((e.output == kNoArg || args[e.output] == Py_None) && !THPVariable_Check(args[e.like])))
-    return PyErr_Format(PyExc_ValueError,
-                        "a launch of at most %d arguments, a result, an output and a tensor to allocate it like",
-                        static_cast<int>(kMaxArgs));
+  if (!site_args(argv, argc, 8, "remember(site, fn, launch, ret, output, like, consts, stream_of, *args)", site, args,
+                 n))
+    return nullptr;
+  PyObject* consts = PySequence_Fast(argv[6], "consts must be a sequence");
+  if (consts == nullptr) return nullptr;
+  const Py_ssize_t n_consts = PySequence_Fast_GET_SIZE(consts);
+  Entry e{argv[1], {}, {}, static_cast<int>(PyLong_AsLong(argv[4])), static_cast<int>(PyLong_AsLong(argv[5])), {},
+          static_cast<int>(PyLong_AsLong(argv[7])), 0};
+  for (Py_ssize_t i = 0; i < n_consts; ++i) e.consts.push_back(PySequence_Fast_GET_ITEM(consts, i));
+  auto allocates_like = [&](int i) {
+    return THPVariable_Check(i >= 0 ? args[i] : e.consts[kConst - i]);
+  };
+  bool ok = !PyErr_Occurred() && indices(argv[2], e.launch, n, n_consts) && indices(argv[3], e.ret, n, n_consts);
+  if (ok && (e.launch.size() > kMaxArgs || e.ret.empty() || e.output < kNoArg || e.output >= n ||
+             e.like <= kConst - n_consts || e.like >= n || (e.like < 0 && e.like > kConst) ||
+             ((e.output == kNoArg || args[e.output] == Py_None) && !allocates_like(e.like)) || e.stream_of < kNoArg ||
+             e.stream_of >= n || (e.stream_of >= 0 && !THPVariable_Check(args[e.stream_of])))) {
+    PyErr_Format(PyExc_ValueError,
+                 "a launch of at most %d arguments, a result, an output, a tensor to allocate it like and a tensor "
+                 "argument (or -1) whose stream is kept",
+                 static_cast<int>(kMaxArgs));
+    ok = false;
+  }
   std::vector<int64_t> sig;
-  if (!signature(sig, args, n)) Py_RETURN_FALSE;
-  // Functions are released only after the table is consistent: a release may run Python code that calls
-  // back into this module.
+  if (ok && !signature(sig, args, n)) {
+    Py_DECREF(consts);
+    Py_RETURN_FALSE;
+  }
+  if (!ok) {
+    Py_DECREF(consts);
+    return nullptr;
+  }
+  if (e.stream_of != kNoArg) e.stream = current_stream(THPVariable_Unpack(args[e.stream_of]));
+  Py_INCREF(e.fn);
+  for (PyObject* c : e.consts) Py_INCREF(c);
+  Py_DECREF(consts);
+  // Entries are released only after the table is consistent: a release may run Python code that calls back
+  // into this module.
   Table dropped;
   if (max_entries && tables[site].size() >= max_entries) dropped.swap(tables[site]);
-  Py_INCREF(e.fn);
-  PyObject* replaced = nullptr;
+  std::vector<Entry> replaced;
   auto found = tables[site].find(sig);
   if (found != tables[site].end()) {
-    replaced = found->second.fn;
+    replaced.push_back(std::move(found->second));
     found->second = std::move(e);
   } else {
     tables[site].emplace(std::move(sig), std::move(e));
   }
-  Py_XDECREF(replaced);
-  for (auto& kv : dropped) Py_DECREF(kv.second.fn);
+  for (auto& old : replaced) release(old);
+  for (auto& kv : dropped) release(kv.second);
   Py_RETURN_TRUE;
 }
 
 // forget(): every site's entries dropped.
 PyObject* forget(PyObject*, PyObject* const*, Py_ssize_t) {
   std::vector<Table> old;
-  old.swap(tables);  // a function's release may run Python code that calls back in
+  old.swap(tables);  // a release may run Python code that calls back in
   for (auto& table : old)
-    for (auto& kv : table) Py_DECREF(kv.second.fn);
+    for (auto& kv : table) release(kv.second);
   Py_RETURN_NONE;
 }
 
