@@ -197,6 +197,18 @@ def test_remember_refuses_bad_templates(on):
     assert ext.call(host.PRETRANSPOSE, object()) is None  # an argument of another kind: a miss
 
 
+def test_a_failed_allocation_raises_torchs_error(on):
+    """An output that cannot be allocated raises torch's Python exception from the C++ path (no crash, no
+    miss), as the Python way's allocation would."""
+    launched, ext = on
+    x = torch.zeros(2)
+    huge = torch.empty(1).expand(1 << 40, 1 << 22)  # 2^62 elements: no allocator serves them
+    assert ext.remember(host.PRETRANSPOSE, print, (host.OUTPUT,), (host.OUTPUT,), host.NONE, host.const(0), (huge,),
+                        host.NONE, x) is True
+    with pytest.raises(RuntimeError):
+        ext.call(host.PRETRANSPOSE, x)
+
+
 def test_a_failed_build_warns_once_and_the_python_way_serves(monkeypatch):
     import torch.utils.cpp_extension as cpp
 

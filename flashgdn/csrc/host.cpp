@@ -10,8 +10,9 @@
 // refusal by the compiled function's own checks (an exception of the kinds `set_refused` names:
 // nothing was launched), so that the Python way names the argument or runs a new variant.
 #include <c10/core/impl/DeviceGuardImplInterface.h>
-#include <torch/extension.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
 
 #include <cstring>
 #include <unordered_map>
@@ -156,6 +157,7 @@ PyObject* pick(int i, PyObject* const* args, PyObject* out, const std::vector<Py
 // call(site, *args): the call's result (a tuple, or its one element where the entry returns one), or None
 // where the site's table has no entry for the signature or the compiled function refuses the arguments.
 PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS  // a C++ exception (an allocation that fails) becomes torch's Python exception
   size_t site;
   PyObject* const* args;
   Py_ssize_t n;
@@ -220,6 +222,7 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   }
   Py_DECREF(out);
   return result;
+  END_HANDLE_TH_ERRORS
 }
 
 // The indices of `seq` into `into`: each an argument's (below n), kNoArg, kOutput or one of `consts` constants'.
@@ -243,6 +246,7 @@ bool indices(PyObject* seq, std::vector<int>& into, Py_ssize_t n, Py_ssize_t con
 // remember(site, fn, launch, ret, output, like, consts, stream_of, *args): later calls with this signature run
 // `fn` (on the stream current now on the device of args[stream_of], where that is not kNoArg).
 PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  HANDLE_TH_ERRORS
   size_t site;
   PyObject* const* args;
   Py_ssize_t n;
@@ -297,6 +301,7 @@ PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   for (auto& old : replaced) release(old);
   for (auto& kv : dropped) release(kv.second);
   Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
 }
 
 // forget(): every site's entries dropped.
