@@ -39,9 +39,9 @@ keeps their dtypes, shapes and devices, and a call whose facts differ takes the 
 workspace is looked up per call, on the stream current at the call (its rows sliced once per
 stream and batch), as the full way does.
 
-With FLASHGDN_HOST=1 the FlashInfer functions and the engines' entry points but the fused step first try
+With FLASHGDN_HOST=1 the FlashInfer functions, the engines' entry points and the fused step first try
 flashgdn.host, the same repeated call in C++ keyed by the call's whole signature, which gets each
-signature's function from this path (host_remember).
+signature's function from this path (host_remember; flashgdn.host says which call forms it serves).
 
 What the fast path still does not refuse, where the full checks do: an object that is not a
 torch.Tensor but exports DLPack (a CuPy or JAX array) as an argument the key does not read, and

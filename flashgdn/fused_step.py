@@ -296,7 +296,8 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
             # the gemm regime's guard (_fused_step), None in the other regimes
             gemm_guard = _gemm_facts(hidden_states, w_ba) if plan.gemm else None
             fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm_guard, plan.parts)))
-            _host_remember(key, call, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), p, plan.gemm)
+            if call is not None:
+                _host_remember(key, call, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), p, plan.gemm)
     return o
 
 

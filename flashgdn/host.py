@@ -13,9 +13,10 @@ Served: flashgdn.api's FlashInfer functions (pretranspose, K-major decode, MTP) 
 points (flashgdn.engines) in the forms whose tensors go to the kernel as the engine passes them: both
 packed decodes, vLLM's two recurrent ops, SGLang's update in its own varlen layout (its row views go
 the Python way) and the fused step outside its "gemm" regime (an entry keeps the workspace rows of the
-stream it was learnt on: another stream misses, and the Python way learns it anew). Off by default: the first build takes 15-60 s. Each
-public function calls EXT.call itself, right after its tracing check (or with it): a Python helper in
-between cost about 0.2 µs per call on the CPU, a fifth of the whole path. A refusal by the compiled
+stream it was learnt on: another stream misses, and the Python way learns it anew). Off by default:
+the first build takes 15-60 s. Each public function calls EXT.call itself, right after its tracing
+check (or with it): a Python helper in between cost about 0.2 µs per call on the CPU, a fifth of the
+whole path. A refusal by the compiled
 function's own checks (fastpath.REFUSED) is a miss, so the call site needs no try.
 """
 from __future__ import annotations

@@ -45,6 +45,14 @@ struct Entry {
   int64_t stream;
 };
 
+// Strong references, released when it goes out of scope (also when a C++ exception unwinds it).
+struct Refs {
+  std::vector<PyObject*> objects;
+  ~Refs() {
+    for (PyObject* o : objects) Py_DECREF(o);
+  }
+};
+
 void release(Entry& e) {
   Py_DECREF(e.fn);
   for (PyObject* c : e.consts) Py_DECREF(c);
@@ -170,14 +178,9 @@ PyObject* call(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   if (e.stream_of != kNoArg && current_stream(THPVariable_Unpack(args[e.stream_of])) != e.stream) Py_RETURN_NONE;
   // Python code may run during the call (a finalizer) and change the table: nothing of `e` is read after it,
   // and what the call uses of it is held here.
-  const std::vector<PyObject*> consts = e.consts;
-  for (PyObject* c : consts) Py_INCREF(c);
-  struct Held {
-    const std::vector<PyObject*>& objects;
-    ~Held() {
-      for (PyObject* c : objects) Py_DECREF(c);
-    }
-  } held{consts};
+  Refs held{e.consts};
+  for (PyObject* c : held.objects) Py_INCREF(c);
+  const std::vector<PyObject*>& consts = held.objects;
   PyObject* out = e.output == kNoArg ? Py_None : args[e.output];
   if (out == Py_None) {
     // Packed, of `like`'s shape, dtype and device: at::empty costs about 0.35 µs less than empty_like on an
@@ -255,6 +258,7 @@ PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     return nullptr;
   PyObject* consts = PySequence_Fast(argv[6], "consts must be a sequence");
   if (consts == nullptr) return nullptr;
+  const Refs owned{{consts}};
   const Py_ssize_t n_consts = PySequence_Fast_GET_SIZE(consts);
   Entry e{argv[1], {}, {}, static_cast<int>(PyLong_AsLong(argv[4])), static_cast<int>(PyLong_AsLong(argv[5])), {},
           static_cast<int>(PyLong_AsLong(argv[7])), 0};
@@ -262,30 +266,21 @@ PyObject* remember(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
   auto allocates_like = [&](int i) {
     return THPVariable_Check(i >= 0 ? args[i] : e.consts[kConst - i]);
   };
-  bool ok = !PyErr_Occurred() && indices(argv[2], e.launch, n, n_consts) && indices(argv[3], e.ret, n, n_consts);
-  if (ok && (e.launch.size() > kMaxArgs || e.ret.empty() || e.output < kNoArg || e.output >= n ||
-             e.like <= kConst - n_consts || e.like >= n || (e.like < 0 && e.like > kConst) ||
-             ((e.output == kNoArg || args[e.output] == Py_None) && !allocates_like(e.like)) || e.stream_of < kNoArg ||
-             e.stream_of >= n || (e.stream_of >= 0 && !THPVariable_Check(args[e.stream_of])))) {
-    PyErr_Format(PyExc_ValueError,
-                 "a launch of at most %d arguments, a result, an output, a tensor to allocate it like and a tensor "
-                 "argument (or -1) whose stream is kept",
-                 static_cast<int>(kMaxArgs));
-    ok = false;
-  }
-  std::vector<int64_t> sig;
-  if (ok && !signature(sig, args, n)) {
-    Py_DECREF(consts);
-    Py_RETURN_FALSE;
-  }
-  if (!ok) {
-    Py_DECREF(consts);
+  if (PyErr_Occurred() || !indices(argv[2], e.launch, n, n_consts) || !indices(argv[3], e.ret, n, n_consts))
     return nullptr;
-  }
+  if (e.launch.size() > kMaxArgs || e.ret.empty() || e.output < kNoArg || e.output >= n ||
+      e.like <= kConst - n_consts || e.like >= n || (e.like < 0 && e.like > kConst) ||
+      ((e.output == kNoArg || args[e.output] == Py_None) && !allocates_like(e.like)) || e.stream_of < kNoArg ||
+      e.stream_of >= n || (e.stream_of >= 0 && !THPVariable_Check(args[e.stream_of])))
+    return PyErr_Format(PyExc_ValueError,
+                        "a launch of at most %d arguments, a result, an output, a tensor to allocate it like and a "
+                        "tensor argument (or -1) whose stream is kept",
+                        static_cast<int>(kMaxArgs));
+  std::vector<int64_t> sig;
+  if (!signature(sig, args, n)) Py_RETURN_FALSE;
   if (e.stream_of != kNoArg) e.stream = current_stream(THPVariable_Unpack(args[e.stream_of]));
   Py_INCREF(e.fn);
   for (PyObject* c : e.consts) Py_INCREF(c);
-  Py_DECREF(consts);
   // Entries are released only after the table is consistent: a release may run Python code that calls back
   // into this module.
   Table dropped;
