@@ -18,6 +18,13 @@ the first build takes 15-60 s. Each public function calls EXT.call itself, right
 check (or with it): a Python helper in between cost about 0.2 µs per call on the CPU, a fifth of the
 whole path. A refusal by the compiled
 function's own checks (fastpath.REFUSED) is a miss, so the call site needs no try.
+
+An entry keeps up to two outputs it allocated (SPARE_BYTES over all entries) and hands one out again
+when nothing but the entry holds it any more (no other reference, weak reference, view or change of
+its shape, strides, dtype or autograd state), on the CPU or on the device's default stream only: no
+CUDA graph is captured there, and stream order puts the reuse after every earlier use of the memory,
+as the caching allocator's reuse of a freed block does. An allocation and its free cost about 2 µs of
+a call's host time on an H100 host (RESULTS.md "Host time per call").
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ ENABLED = os.environ.get("FLASHGDN_HOST", "0") not in ("", "0")
 # The call sites: one table each.
 PRETRANSPOSE, DECODE, MTP, PACKED, PACKED_VLLM, RECURRENT, SIGMOID_VLLM, SGLANG, FUSED_STEP = range(9)
 OUTPUT, NONE = -2, -1  # in a launch or return template: the output, None
+SPARE_BYTES = 64 << 20  # bytes of spare outputs the C++ path keeps over all entries
 
 
 def const(j: int) -> int:
@@ -107,6 +115,7 @@ def extension() -> Optional[Any]:
             if _built is None:
                 _built = load("flashgdn_host", [source], extra_cflags=["-O2"], verbose=False)
                 _built.set_max_entries(MEMO_MAX)  # each site's table bounded as fastpath.FAST is
+                _built.set_max_spare_bytes(SPARE_BYTES)
                 from .fastpath import REFUSED  # fastpath imports this module
 
                 _built.set_refused(REFUSED)

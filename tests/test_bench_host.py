@@ -4,6 +4,7 @@ stand-in calls, clocks and GPU timers, the ratio/target/table logic, the calls e
 internals (device facts and kernel cache stubbed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -145,8 +146,9 @@ def test_cases_cover_every_function_with_and_without_flashinfer():
 
 
 def test_with_the_host_path_each_flashgdn_row_has_a_python_way_twin(monkeypatch):
-    """FLASHGDN_HOST=1: each flashgdn case is followed by its twin timed with flashgdn.host off; the twin's
-    measurement runs with it off, and it is as it was afterwards."""
+    """FLASHGDN_HOST=1: each flashgdn case is followed by its twin timed with flashgdn.host off, and one
+    that allocates its output by a twin holding more outputs than the C++ path's spares; the Python-way
+    twin's measurement runs with it off, and it is as it was afterwards."""
     from flashgdn import host as host_path
 
     a = _args("--batch-size", "1", "--state-dtype", "fp32")
@@ -154,10 +156,14 @@ def test_with_the_host_path_each_flashgdn_row_has_a_python_way_twin(monkeypatch)
     monkeypatch.setattr(host_path, "ENABLED", True)
     twins = host.cases(a, flashinfer=False)
     ours = [c for c in plain if c.impl == "flashgdn"]
-    assert len(twins) == len(plain) + len(ours)
+    allocating = [c for c in ours if not c.output_given]
+    assert len(twins) == len(plain) + len(ours) + len(allocating) and allocating
     i = twins.index(ours[0])
     assert twins[i + 1] == host.Case("flashgdn", ours[0].row, ours[0].output_given, python_way=True)
     assert twins[i + 1].variant() == ours[0].variant() + ", Python way"
+    j = twins.index(allocating[0])
+    assert twins[j + 2] == dataclasses.replace(allocating[0], held=host.HELD_TWIN) and host.HELD_TWIN > 2
+    assert twins[j + 2].variant() == allocating[0].variant() + f", last {host.HELD_TWIN} held"
     ext = object()
     monkeypatch.setattr(host_path, "EXT", ext)
     seen = []
@@ -519,3 +525,23 @@ def test_run_end_to_end_with_the_gpu_stubbed(monkeypatch, capsys, tmp_path):
     assert "fused_recurrent_gated_delta_rule_packed_decode" in captured.out and "profile:" in captured.out
     if "cannot import flashinfer" in captured.err:
         assert "notes:" in captured.out
+
+
+def test_a_rows_loop_holds_its_last_results():
+    """holding(call, n): the results of the last n calls stay referenced (a caller's variables), older ones
+    are released; each call's result is returned."""
+    import weakref
+
+    class Result:
+        pass
+
+    made = []
+
+    def call():
+        made.append(Result())
+        return made[-1]
+
+    held = host.holding(call, 2)
+    refs = [weakref.ref(held()) for _ in range(4)]
+    made.clear()
+    assert [r() is not None for r in refs] == [False, False, True, True]

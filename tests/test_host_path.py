@@ -209,6 +209,93 @@ def test_a_failed_allocation_raises_torchs_error(on):
         ext.call(host.PRETRANSPOSE, x)
 
 
+def _allocating_entry(ext):
+    """An entry whose call launches a no-op on the output, allocated like a constant [2, 5] tensor, and
+    returns it alone."""
+    x, like = torch.zeros(3), torch.zeros(2, 5)
+    assert ext.remember(host.PRETRANSPOSE, lambda *args: None, (host.OUTPUT,), (host.OUTPUT,), host.NONE,
+                        host.const(0), (like,), host.NONE, x) is True
+    return lambda: ext.call(host.PRETRANSPOSE, x)
+
+
+def test_a_dropped_output_is_handed_out_again(on):
+    """An allocated output that only the entry holds any more is the next call's output; with both spares
+    held by the caller a call allocates (replacing the older spare), and the spares' bytes are counted."""
+    launched, ext = on
+    call = _allocating_entry(ext)
+    o = call()
+    first, reused = id(o), ext.stats()[3]
+    del o
+    o = call()
+    assert id(o) == first and ext.stats()[3] == reused + 1 and ext.stats()[4] == 40
+    p = call()  # o held: a new output, the second spare
+    q = call()  # both held: a new one again
+    assert len({id(o), id(p), id(q)}) == 3 and ext.stats()[3] == reused + 1 and ext.stats()[4] == 80
+    del o, p
+    r = call()  # p, now free, is a spare; o was replaced by q
+    assert ext.stats()[3] == reused + 2 and r.shape == (2, 5) and r is not q
+
+
+@pytest.mark.parametrize("keep", ["reference", "view", "weakref", "storage", "transposed", "requires_grad",
+                                  "inference", "float64"])
+def test_an_output_referenced_or_changed_is_not_handed_out(on, keep):
+    """A spare that something else still reaches (a view, a weak reference, a tensor of its storage) or
+    that the caller changed in place (shape, strides, dtype, autograd) is not reused; nor is an inference
+    tensor outside inference mode."""
+    import weakref
+
+    launched, ext = on
+    call = _allocating_entry(ext)
+    if keep == "inference":
+        with torch.inference_mode():
+            o = call()
+    else:
+        o = call()
+    reused, first = ext.stats()[3], id(o)
+    kept = {"reference": lambda: o, "view": lambda: o.view(-1), "weakref": lambda: weakref.ref(o),
+            "storage": lambda: torch.empty(0).set_(o.untyped_storage())}.get(keep, lambda: None)()
+    if keep == "transposed":
+        o.t_()
+    elif keep == "requires_grad":
+        o.requires_grad_()
+    elif keep == "float64":
+        o.data = torch.zeros(2, 5, dtype=torch.float64)
+    del o
+    fresh = call()
+    assert ext.stats()[3] == reused and id(fresh) != first and kept is not fresh
+    assert fresh.shape == (2, 5) and fresh.is_contiguous() and not fresh.requires_grad and not fresh.is_inference()
+
+
+def test_no_spares_under_a_zero_bound(on):
+    launched, ext = on
+    ext.set_max_spare_bytes(0)
+    try:
+        call = _allocating_entry(ext)
+        reused = ext.stats()[3]
+        for _ in range(3):
+            call()
+        assert ext.stats()[3] == reused and ext.stats()[4] == 0
+    finally:
+        ext.set_max_spare_bytes(host.SPARE_BYTES)
+    with pytest.raises(ValueError):
+        ext.set_max_spare_bytes(-1)
+
+
+def test_an_api_call_hands_its_dropped_output_to_the_kernel_again(on):
+    launched, ext = on
+    kw, state, _ = _inputs()
+    call = lambda: api.gated_delta_rule_decode_pretranspose(state=state, **kw)[0]
+    call()
+    o = call()
+    first = id(o)
+    launched.clear()  # the stub's record of its arguments holds the output
+    del o
+    o = call()
+    assert id(o) == first and launched[-1][12] is o and o.shape == kw["v"].shape
+    fastpath.forget()
+    assert ext.stats()[4] == 0  # forgetting the entries releases their spares
+
+
 def test_a_failed_build_warns_once_and_the_python_way_serves(monkeypatch):
     import torch.utils.cpp_extension as cpp
 
@@ -392,3 +479,53 @@ def test_gpu_fused_step_on_another_stream_goes_the_python_way(monkeypatch):
         results.append((o.clone(), conv_state.clone(), ssm_state.clone()))
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
+def test_gpu_spare_outputs_serve_the_default_stream_only(monkeypatch):
+    """On the GPU: outputs handed out again on the default stream hold the values the Python way's new
+    outputs hold, call after call (fresh random inputs, outputs dropped between calls); on another stream
+    and under CUDA-graph capture no spare is reused or kept, and the captured graph's replay equals the
+    eager call from the same state."""
+    monkeypatch.setattr(host, "EXT", None)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, generator=g, device="cuda").to(dtype)
+    kw = dict(q=r(B, 1, H, 128), k=r(B, 1, H, 128), v=r(B, 1, HV, 128), A_log=r(HV, dtype=torch.float32),
+              a=r(B, 1, HV), dt_bias=r(HV, dtype=torch.float32), b=r(B, 1, HV))
+    state = r(B, HV, 128, 128, dtype=torch.float32) * 0.1
+    call = lambda s: api.gated_delta_rule_decode_pretranspose(state=s, **kw)[0]
+    results = []
+    for hosted in (False, True):
+        fastpath.forget()
+        monkeypatch.setattr(host, "ENABLED", hosted)
+        s, outs = state.clone(), []
+        for _ in range(5):
+            o = call(s)
+            outs.append(o.clone())
+            del o
+        torch.cuda.synchronize()
+        results.append((outs, s.clone()))
+    ext = host.EXT
+    assert ext is not None and ext.stats()[3] >= 3
+    for x, y in zip(results[0][0] + [results[0][1]], results[1][0] + [results[1][1]]):
+        assert torch.equal(x, y)
+    assert results[1][0][-1].isfinite().all()
+    reused, held = ext.stats()[3], ext.stats()[4]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        s = state.clone()
+        for _ in range(3):
+            o = call(s)
+            del o
+        eager_state = state.clone()
+        eager = call(eager_state)
+        graph_state = state.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            captured = call(graph_state)
+    assert ext.stats()[3:] == (reused, held)
+    graph_state.copy_(state)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager) and torch.equal(graph_state, eager_state)

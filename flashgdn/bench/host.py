@@ -24,8 +24,11 @@ allocated) into the steps of flashgdn.api's eager path for a repeated signature
 (flashgdn.fastpath), each timed the same way in isolation, and the cost of the full way (what the
 first call of a signature, or one the compiled function refuses, adds): flashgdn.bench.host_profile.
 
-With FLASHGDN_HOST=1 (flashgdn.host, the repeated call in C++) each flashgdn row is followed by its
-twin ("Python way") timed with that path off, in the same process, so the two compare in one run.
+Each flashgdn and FlashInfer row's loop holds the result of its latest call, as `o = f(...)` in a
+caller's loop does. With FLASHGDN_HOST=1 (flashgdn.host, the repeated call in C++) each flashgdn row is
+followed by its twin ("Python way") timed with that path off, in the same process, so the two compare
+in one run, and a row that allocates its output by a twin whose loop holds more outputs (HELD_TWIN) than
+the C++ path keeps as spares: there every call allocates.
 
 `--python-only` needs no GPU: flashgdn's rows run on CPU tensors with every compiled function
 replaced by a no-op (stubbed_launches), which times their Python part alone (the fast key and its
@@ -39,6 +42,7 @@ stand-ins.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -59,6 +63,7 @@ from .rows import Row, call_api, make_inputs, sweep_title
 TARGET_RATIO = 1.5  # the issue's target: host time <= 1.5x that of x.add_(1)
 HOST_REPEATS = 7
 MTP_TOKENS = 4  # T of the gated_delta_rule_mtp rows
+HELD_TWIN = 3  # outputs held by the loop of an allocating row's third twin: more than the C++ path's spares
 
 BASELINE = "x.add_(1)"
 ENGINE_FUNCTION = "fused_recurrent_gated_delta_rule_packed_decode"
@@ -103,6 +108,7 @@ class Case:
     launches: int = 0
     tensors: int = 1
     python_way: bool = False  # with FLASHGDN_HOST=1: the twin of a row, timed with flashgdn.host off
+    held: int = 1  # the row's loop holds the results of its last `held` calls (1: `o = f(...)` in a loop)
 
     def variant(self) -> str:
         if self.impl == "floor":
@@ -112,8 +118,10 @@ class Case:
             return "one-element fp32 tensor"
         t = f" T={self.row.T}" if self.row.T > 1 else ""
         varlen = " varlen" if self.engine in RECURRENT_VERSIONS or self.row.version == "sglang" else ""
+        held = f", last {self.held} held" if self.held > 1 else ""
+        way = ", Python way" if self.python_way else ""
         return (f"{'pool' if self.row.pool else 'dense'}{t}{varlen}, "
-                f"output {'given' if self.output_given else 'allocated'}{', Python way' if self.python_way else ''}")
+                f"output {'given' if self.output_given else 'allocated'}{held}{way}")
 
 
 def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
@@ -138,10 +146,26 @@ def cases(args, flashinfer: bool, floors: bool = True) -> List[Case]:
 
 def with_python_way(ours: List[Case]) -> List[Case]:
     """flashgdn's cases, each followed, while FLASHGDN_HOST=1 (flashgdn.host.ENABLED), by its twin timed
-    the Python way (flashgdn.host off: python_way), in the same process."""
+    the Python way (flashgdn.host off: python_way), in the same process, and one that allocates its output
+    by the twin whose loop holds the last HELD_TWIN outputs: the C++ path's spare outputs all held, every
+    call allocates."""
     if not host.ENABLED:
         return ours
-    return [twin for case in ours for twin in (case, dataclasses.replace(case, python_way=True))]
+    return [twin for case in ours
+            for twin in (case, dataclasses.replace(case, python_way=True))
+            + (() if case.output_given else (dataclasses.replace(case, held=HELD_TWIN),))]
+
+
+def holding(call: Callable[[], Any], held: int) -> Callable[[], Any]:
+    """`call` whose results of its last `held` calls stay referenced, as a caller's variables hold them."""
+    results = collections.deque(maxlen=held)
+
+    def holding_call():
+        result = call()
+        results.append(result)
+        return result
+
+    return holding_call
 
 
 @contextlib.contextmanager
@@ -309,6 +333,8 @@ def run_cases(case_list: Sequence[Case], bind_case: Callable[[Case], Tuple[str, 
         function = function_name(case)
         try:
             function, call = bind_case(case)
+            if case.row is not None:
+                call = holding(call, case.held)
             rec = new_record(case, function, iters, repeats)
             progress(f"[{i}/{len(case_list)}] {case.impl} {function} {rec['variant']} ...")
             paired = {} if case.impl == "torch" or baseline is None else {"baseline": baseline}
