@@ -252,9 +252,16 @@ def test_an_output_referenced_or_changed_is_not_handed_out(on, keep):
     else:
         o = call()
     reused, first = ext.stats()[3], id(o)
-    kept = {"reference": lambda: o, "view": lambda: o.view(-1), "weakref": lambda: weakref.ref(o),
-            "storage": lambda: torch.empty(0).set_(o.untyped_storage())}.get(keep, lambda: None)()
-    if keep == "transposed":
+    kept = None
+    if keep == "reference":
+        kept = o
+    elif keep == "view":
+        kept = o.view(-1)
+    elif keep == "weakref":
+        kept = weakref.ref(o)
+    elif keep == "storage":
+        kept = torch.empty(0).set_(o.untyped_storage())
+    elif keep == "transposed":
         o.t_()
     elif keep == "requires_grad":
         o.requires_grad_()
