@@ -89,21 +89,44 @@ bool spares_serve(const at::Tensor& like) {
   return impl->getStream(device) == impl->getDefaultStream(device);
 }
 
+// Whether `o` has a Python weak reference (or that cannot be told). weakref.getweakrefcount: since Python
+// 3.12 a tensor's weak references sit where no public C API reads them.
+bool weakly_referenced(PyObject* o) {
+  static PyObject* count = nullptr;
+  if (count == nullptr) {
+    PyObject* module = PyImport_ImportModule("_weakref");
+    if (module != nullptr) {
+      count = PyObject_GetAttrString(module, "getweakrefcount");
+      Py_DECREF(module);
+    }
+    if (count == nullptr) {
+      PyErr_Clear();
+      return true;
+    }
+  }
+  PyObject* n = PyObject_CallOneArg(count, o);
+  if (n == nullptr) {
+    PyErr_Clear();
+    return true;
+  }
+  const long refs = PyLong_AsLong(n);
+  Py_DECREF(n);
+  return refs != 0;
+}
+
 // Whether the spare `s` can be the output of a call that allocates like `like`: nothing but the entry
 // holds it (no other Python reference or weak reference, no C++ reference, no view or other tensor of its
 // storage) and it is still what at::empty would give (the caller may have changed it in place before
 // dropping it).
 bool reusable(PyObject* s, const at::Tensor& like) {
   if (Py_REFCNT(s) != 1 || Py_TYPE(s) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
-  const Py_ssize_t weaklist = Py_TYPE(s)->tp_weaklistoffset;
-  if (weaklist > 0 && *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(s) + weaklist) != nullptr) return false;
   const at::Tensor& t = THPVariable_Unpack(s);
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   return t.use_count() == 1 && t.weak_use_count() == 1 && t.storage().use_count() == 1 &&
          impl->autograd_meta() == nullptr && t.layout() == at::kStrided &&
          t.dtype() == like.dtype() && t.device() == like.device() && t.sizes().equals(like.sizes()) &&
          t.storage_offset() == 0 && t.is_contiguous() && t.storage().nbytes() == t.nbytes() && !t.is_conj() &&
-         !t.is_neg() && t.is_inference() == c10::InferenceMode::is_enabled();
+         !t.is_neg() && t.is_inference() == c10::InferenceMode::is_enabled() && !weakly_referenced(s);
 }
 
 // A new output like `like` (a new reference): a spare of `e` that nothing else holds, or a new tensor that
