@@ -209,10 +209,10 @@ def test_a_failed_allocation_raises_torchs_error(on):
         ext.call(host.PRETRANSPOSE, x)
 
 
-def _allocating_entry(ext):
-    """An entry whose call launches a no-op on the output, allocated like a constant [2, 5] tensor, and
+def _allocating_entry(ext, shape=(2, 5)):
+    """An entry whose call launches a no-op on the output, allocated like a constant tensor of `shape`, and
     returns it alone."""
-    x, like = torch.zeros(3), torch.zeros(2, 5)
+    x, like = torch.zeros(3), torch.zeros(shape)
     assert ext.remember(host.PRETRANSPOSE, lambda *args: None, (host.OUTPUT,), (host.OUTPUT,), host.NONE,
                         host.const(0), (like,), host.NONE, x) is True
     return lambda: ext.call(host.PRETRANSPOSE, x)
@@ -236,8 +236,8 @@ def test_a_dropped_output_is_handed_out_again(on):
     assert ext.stats()[3] == reused + 2 and r.shape == (2, 5) and r is not q
 
 
-@pytest.mark.parametrize("keep", ["reference", "view", "weakref", "storage", "transposed", "requires_grad",
-                                  "inference", "float64"])
+@pytest.mark.parametrize("keep", ["reference", "view", "weakref", "storage", "transposed", "size1_stride",
+                                  "requires_grad", "inference", "float64"])
 def test_an_output_referenced_or_changed_is_not_handed_out(on, keep):
     """A spare that something else still reaches (a view, a weak reference, a tensor of its storage) or
     that the caller changed in place (shape, strides, dtype, autograd) is not reused; nor is an inference
@@ -245,7 +245,8 @@ def test_an_output_referenced_or_changed_is_not_handed_out(on, keep):
     import weakref
 
     launched, ext = on
-    call = _allocating_entry(ext)
+    shape = (2, 1, 5)
+    call = _allocating_entry(ext, shape)
     if keep == "inference":
         with torch.inference_mode():
             o = call()
@@ -262,15 +263,18 @@ def test_an_output_referenced_or_changed_is_not_handed_out(on, keep):
     elif keep == "storage":
         kept = torch.empty(0).set_(o.untyped_storage())
     elif keep == "transposed":
-        o.t_()
+        o.transpose_(0, 2)
+    elif keep == "size1_stride":  # still is_contiguous(), but not at::empty's strides
+        o.as_strided_(shape, (5, 7, 1))
     elif keep == "requires_grad":
         o.requires_grad_()
     elif keep == "float64":
-        o.data = torch.zeros(2, 5, dtype=torch.float64)
+        o.data = torch.zeros(shape, dtype=torch.float64)
     del o
     fresh = call()
     assert ext.stats()[3] == reused and id(fresh) != first and kept is not fresh
-    assert fresh.shape == (2, 5) and fresh.is_contiguous() and not fresh.requires_grad and not fresh.is_inference()
+    assert fresh.shape == shape and fresh.stride() == (5, 5, 1) and fresh.dtype == torch.float32
+    assert not fresh.requires_grad and not fresh.is_inference()
 
 
 def test_no_spares_under_a_zero_bound(on):

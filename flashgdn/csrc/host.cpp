@@ -89,6 +89,17 @@ bool spares_serve(const at::Tensor& like) {
   return impl->getStream(device) == impl->getDefaultStream(device);
 }
 
+// Whether `t`'s strides are the packed row-major ones at::empty gives, size-1 dims included (is_contiguous
+// accepts any stride there, which a compiled function may not).
+bool packed_strides(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
 // Whether `o` has a Python weak reference (or that cannot be told). weakref.getweakrefcount: since Python
 // 3.12 a tensor's weak references sit where no public C API reads them.
 bool weakly_referenced(PyObject* o) {
@@ -125,7 +136,7 @@ bool reusable(PyObject* s, const at::Tensor& like) {
   return t.use_count() == 1 && t.weak_use_count() == 1 && t.storage().use_count() == 1 &&
          impl->autograd_meta() == nullptr && t.layout() == at::kStrided &&
          t.dtype() == like.dtype() && t.device() == like.device() && t.sizes().equals(like.sizes()) &&
-         t.storage_offset() == 0 && t.is_contiguous() && t.storage().nbytes() == t.nbytes() && !t.is_conj() &&
+         packed_strides(t) && t.storage_offset() == 0 && t.storage().nbytes() == t.nbytes() && !t.is_conj() &&
          !t.is_neg() && t.is_inference() == c10::InferenceMode::is_enabled() && !weakly_referenced(s);
 }
 
