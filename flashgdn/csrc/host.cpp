@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <unordered_map>
 #include <vector>
@@ -95,7 +96,7 @@ bool packed_strides(const at::Tensor& t) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 0; --d) {
     if (t.stride(d) != expected) return false;
-    expected *= t.size(d);
+    expected *= std::max<int64_t>(t.size(d), 1);  // as torch strides a dim past a size-0 one
   }
   return true;
 }
