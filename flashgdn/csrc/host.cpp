@@ -26,6 +26,7 @@ constexpr int kNoArg = -1;   // None in the launch
 constexpr int kOutput = -2;  // the output, given or allocated
 constexpr int kConst = -3;   // kConst - j: the entry's constant j (a tensor it keeps: a workspace)
 constexpr size_t kMaxArgs = 64;
+constexpr size_t kSpares = 2;  // outputs an entry keeps: one the caller holds (`o = f(...)`), one free
 
 struct SigHash {
   size_t operator()(const std::vector<int64_t>& s) const {
@@ -46,8 +47,8 @@ struct Entry {
   int64_t stream;
   // Outputs this entry allocated, kept (strong references) to be handed out again once nothing but this
   // entry holds them: an allocation and its free cost about 2 µs of a call's host time on an H100 host.
-  PyObject* spare[2] = {nullptr, nullptr};
-  size_t spare_bytes[2] = {0, 0};  // as allocated (the caller may change a tensor's size in place)
+  PyObject* spare[kSpares] = {};
+  size_t spare_bytes[kSpares] = {};  // as allocated (the caller may change a tensor's size in place)
   size_t next_spare = 0;           // the slot a new output takes where none is empty
 };
 
@@ -74,9 +75,8 @@ void drop_spare(Entry& e, size_t i, std::vector<PyObject*>& later) {
 void release(Entry& e) {
   Py_DECREF(e.fn);
   for (PyObject* c : e.consts) Py_DECREF(c);
-  std::vector<PyObject*> spares;
-  for (size_t i = 0; i < 2; ++i) drop_spare(e, i, spares);
-  for (PyObject* s : spares) Py_DECREF(s);
+  Refs spares;
+  for (size_t i = 0; i < kSpares; ++i) drop_spare(e, i, spares.objects);
 }
 
 // Whether outputs of `like`'s device may be kept and handed out again now: on the CPU (the tests) or on the
@@ -160,10 +160,10 @@ PyObject* output_like(Entry& e, const at::Tensor& like, std::vector<PyObject*>& 
   PyObject* out = THPVariable_Wrap(at::empty(like.sizes(), like.options()));
   if (out == nullptr || !serve) return out;
   size_t slot = 0;
-  while (slot < 2 && e.spare[slot] != nullptr) ++slot;
-  if (slot == 2) {
+  while (slot < kSpares && e.spare[slot] != nullptr) ++slot;
+  if (slot == kSpares) {
     slot = e.next_spare;
-    e.next_spare ^= 1;
+    e.next_spare = (e.next_spare + 1) % kSpares;
     drop_spare(e, slot, later);
   }
   const size_t bytes = THPVariable_Unpack(out).nbytes();
