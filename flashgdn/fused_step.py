@@ -40,7 +40,7 @@ from .cache import kernel_cache
 from .device import facts_of
 from .kernels import policy
 from .logging_utils import logged
-from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, ConvGateSpec, KernelArgs, StepSpec, conv_gate_vec
+from .spec import CONV_WIDTHS, SUPPORTED_HEAD_DIMS, SYNC_WORDS, ConvGateSpec, KernelArgs, StepSpec, conv_gate_vec
 
 BF16 = (torch.bfloat16,)
 MIN_WORKSPACE_ROWS = 16
@@ -144,21 +144,23 @@ def _current_stream(device: torch.device) -> int:
 class _Workspace:
     """One stream's workspace: qkv [rows, qkv_dim] (bf16) and the b | a projection, ba [rows, 2 HV]
     (bf16) or, from the split projection, its `parts` fp32 partial sums [parts, rows, 2 HV]
-    (policy.ConvGateConfig.partial_sums); and per batch size B the rows a call of B rows takes of
-    them, sliced once."""
+    (policy.ConvGateConfig.partial_sums); the one-launch step's counters, sync [SYNC_WORDS] int32,
+    zero (each launch leaves them zero); and per batch size B the rows a call of B rows takes of
+    them (with sync), sliced once."""
 
-    __slots__ = ("qkv", "ba", "rows")
+    __slots__ = ("qkv", "ba", "sync", "rows")
 
     def __init__(self, rows: int, qkv_dim: int, HV: int, parts: int, device: torch.device):
         self.qkv = torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device)
         self.ba = (torch.empty((parts, rows, 2 * HV), dtype=torch.float32, device=device) if parts
                    else torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
+        self.sync = torch.zeros(SYNC_WORDS, dtype=torch.int32, device=device)
         self.rows = {}
 
 
 def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int):
-    """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV]): this stream's workspace rows (module
-    docstring)."""
+    """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV], sync): this stream's workspace rows and
+    counters (module docstring)."""
     qkv_dim = (2 * H + HV) * D
     key = (device, _current_stream(device), qkv_dim, HV, parts)
     ws = _WORKSPACES.get(key)
@@ -170,7 +172,7 @@ def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int
                                            parts, device)
     rows = ws.rows.get(B)
     if rows is None:
-        rows = ws.rows[B] = (ws.qkv[:B], ws.ba[..., :B, :])
+        rows = ws.rows[B] = (ws.qkv[:B], ws.ba[..., :B, :], ws.sync)
     return rows
 
 
@@ -307,10 +309,10 @@ def _host_remember(key, call, rows, p, gemm: bool) -> None:
     "gemm" regime, whose GEMM runs before that function. It allocates a missing output like a tensor of
     the output's shape (its one element is all it holds)."""
     if call is not None and not gemm:
-        qkv, ba = rows
+        qkv, ba, sync = rows
         like = torch.empty(1, dtype=torch.bfloat16, device=qkv.device).expand(p.B, 1, p.HV, p.V)
         fastpath.host_remember(key, host.FUSED_STEP, host.FUSED_STEP_LAUNCH, 12, host.const(2), *call,
-                               ret=(host.OUTPUT, 5, 9), consts=(qkv, ba, like), stream_of=9)
+                               ret=(host.OUTPUT, 5, 9), consts=(qkv, ba, like, sync), stream_of=9)
 
 
 def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.dtype,
@@ -335,7 +337,8 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.
         conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
         decode = api.kernel_spec("klast", p, decode_args(policy.ConvGateConfig.for_spec(conv).partial_sums), options,
                                  facts, regime)
-        steps.append(StepSpec(conv, dataclasses.replace(decode, pdl_wait=pdl)))
+        one = policy.fused_step_one_launch(conv, decode)
+        steps.append(StepSpec(conv, dataclasses.replace(decode, pdl_wait=pdl or one), one))
     return tuple(steps)
 
 
@@ -358,7 +361,8 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
     p = plan.problem
     if plan.fn is None:
         def decode_args(parts):
-            views = _decode_views(p.B, p.H, p.HV, p.K, *_workspace(plan.device, p.B, p.H, p.HV, p.K, parts))
+            qkv, ba, _ = _workspace(plan.device, p.B, p.H, p.HV, p.K, parts)
+            views = _decode_views(p.B, p.H, p.HV, p.K, qkv, ba)
             return KernelArgs(*views, A_log, dt_bias, ssm_state, state_indices=state_indices, output=out)
 
         [spec] = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, ssm_state.dtype,
@@ -374,7 +378,7 @@ def _launches(fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, c
     """The step's compiled function `fn` (spec.StepArgs' order) on the workspace `ws` (_workspace's
     rows; the decode's views of them are built in the compiled code), after the b/a GEMM into the
     workspace in the "gemm" regime."""
-    qkv, ba = ws
+    qkv, ba, sync = ws
     if gemm:
         # cuBLAS, as the engines' own projection; inference only: a weight that requires grad (an
         # nn.Parameter) goes detached, as the kernels take it
@@ -382,4 +386,4 @@ def _launches(fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, c
             hidden_states, w_ba = hidden_states.detach(), w_ba.detach()
         torch.mm(hidden_states, w_ba, out=ba)
     fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, A_log, dt_bias,
-       ssm_state, out)
+       ssm_state, out, sync)

@@ -95,7 +95,7 @@ SGLANG_LAUNCH = {bare: launch(q=5, k=6, v=7, a=1, b=8, A_log=0, dt_bias=2, state
 # another stream misses (fused_step._workspace is per stream).
 FUSED_STEP_LAUNCH = launch(StepArgs._fields, hidden_states=0, w_ba=1, mixed_qkv=2, conv_weight=3, conv_bias=4,
                            conv_state=5, state_indices=10, qkv_out=const(0), ba_out=const(1), A_log=6, dt_bias=7,
-                           ssm_state=9, output=OUTPUT)
+                           ssm_state=9, output=OUTPUT, sync=const(3))
 
 # The built extension: set by the first `remember` (a call that ran the Python way); the call sites
 # try it first while it is set.

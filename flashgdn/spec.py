@@ -389,9 +389,11 @@ class ConvGateSpec:
 # The tensors of the fused step's one compiled function (StepSpec), in order: ConvGateArgs', then the
 # decode's tensors that are not the workspace's views (its q, k, v, a and b are views of qkv_out and
 # ba_out; its slot indices are state_indices): A_log [HV], dt_bias [HV], ssm_state [P, HV, V, K] and
-# the output [B, 1, HV, V].
+# the output [B, 1, HV, V]; and sync [SYNC_WORDS] int32, zero between launches: the counters of a one-launch
+# step (StepSpec.one_launch; kernels/step.py), which its last CTA sets back to zero.
 StepArgs = NamedTuple("StepArgs", [(name, Any) for name in (*ConvGateArgs._fields, "A_log", "dt_bias", "ssm_state",
-                                                            "output")])
+                                                            "output", "sync")])
+SYNC_WORDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,12 +405,17 @@ class StepSpec:
 
     conv: ConvGateSpec
     decode: KernelSpec
+    # One launch (policy.fused_step_one_launch): the decode's CTAs in the conv/gate kernel's grid,
+    # waiting on a counter of finished conv/gate CTAs; the decode loads its state first (pdl_wait).
+    one_launch: bool = False
 
     def __post_init__(self) -> None:
         c, d = self.conv, self.decode
         _refuse_invalid(self, (
             (d.layout == "klast" and d.T == 1 and d.pool and d.row_form == "batch" and d.varlen is None,
              "the decode must be the K-last T = 1 pool decode on batch rows"),
+            (not self.one_launch or (d.pdl_wait and c.regime != "gemm"),
+             "one launch needs a decode that waits for its inputs (pdl_wait) and conv/gate CTAs that project"),
             ((d.H, d.HV, d.K, d.V) == (c.H, c.HV, c.D, c.D), "the two kernels' geometries differ"),
             (d.arch == c.arch and d.device_class == c.device_class, "the two kernels' targets differ"),
             (d.io_dtype == "bfloat16" and d.index_dtype == "int32", "the workspace is bf16, the slots int32"),
@@ -419,7 +426,7 @@ class StepSpec:
         return self.conv.arch
 
     def short_name(self) -> str:
-        return f"step[{self.conv.short_name()}+{self.decode.short_name()}]"
+        return f"step[{self.conv.short_name()}+{self.decode.short_name()}{'/1launch' if self.one_launch else ''}]"
 
 
 @dataclasses.dataclass(frozen=True)

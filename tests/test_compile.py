@@ -255,7 +255,8 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
 def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
     """The fused step's compiled functions (StepSpec: the conv/gate kernel and the decode on views
     of its workspace, one TVM-FFI function) as the H200 table lays them out on sm_90a and the arch's
-    own on sm_100a: the split projection's partial sums, read as [parts, B, 1, HV] views, included."""
+    own on sm_100a: the split projection's partial sums, read as [parts, B, 1, HV] views, and the one
+    launch of the small and split regimes included."""
     import torch
 
     from flashgdn import engine_specs
@@ -270,6 +271,9 @@ def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
                                       state=dtype, hidden=hidden, use_l2norm=True, regime=regime)
     steps = [s for s in specs if isinstance(s, StepSpec)]
     assert steps and (regime == "small" or any(s.decode.gate_parts for s in steps) or arch != "sm_90a")
+    # the small conv/gate regime's step is one launch (its decode CTAs waiting on a counter)
+    assert any(s.one_launch for s in steps) and all(s.one_launch == (s.conv.regime != "large") for s in steps
+                                                    if s.conv.regime != "gemm")
     for s in steps:
         fn = compile_kernel(s)
         assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"

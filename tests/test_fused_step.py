@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import flashgdn
 from flashgdn import api, fused_step
 from flashgdn import validation as val
-from flashgdn.spec import KernelArgs
+from flashgdn.kernels import policy
+from flashgdn.spec import SYNC_WORDS, KernelArgs
 from flashgdn import reference as ref
 from helpers import BF16, clone_fused, load_benchmark, make_fused_inputs
 
@@ -144,12 +145,15 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D = 2, 4, 64  # qkv_dim 512
-    q1, b1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
-    q2, b2 = fused_step._workspace(cpu, 16, H, HV, D, 0)
+    q1, b1, s1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
+    q2, b2, s2 = fused_step._workspace(cpu, 16, H, HV, D, 0)
     assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
     assert q1.shape == (3, 512) and b1.shape == (3, 8)
-    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1)))  # sliced once
-    q3, _ = fused_step._workspace(cpu, 17, H, HV, D, 0)
+    # the one-launch step's counters: zero, one tensor for every batch of the stream's workspace
+    assert s1 is s2 and s1.dtype == torch.int32 and s1.tolist() == [0] * SYNC_WORDS
+    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1, s1)))  # sliced once
+    q3, _, s3 = fused_step._workspace(cpu, 17, H, HV, D, 0)
+    assert s3 is not s1 and s3.tolist() == [0] * SYNC_WORDS  # a grown workspace: new counters, zero
     assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4, 0)].qkv.shape[0] == 32
     assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() == q3.data_ptr()
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
@@ -167,7 +171,7 @@ def test_workspace_of_partial_sums_feeds_the_decode_their_views(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D, B = 2, 4, 64, 3
-    qkv, ba = fused_step._workspace(cpu, B, H, HV, D, 5)
+    qkv, ba, _ = fused_step._workspace(cpu, B, H, HV, D, 5)
     q, k, v, a, b = fused_step._decode_views(B, H, HV, D, qkv, ba)
     assert [t.shape for t in (q, k, v)] == [(B, 1, H, D), (B, 1, H, D), (B, 1, HV, D)]
     assert ba.dtype == torch.float32 and ba.shape == (5, B, 2 * HV) and a.shape == b.shape == (5, B, 1, HV)
@@ -424,7 +428,9 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
     [step] = engine_specs.kernel_specs("fused-step", Problem(16, 1, 16, 48, 128, 128), facts, io=torch.bfloat16,
                                        state=torch.bfloat16, hidden=5120)
     assert step.conv.regime == "split" and step.decode.gate_parts == 20 and step.arch == "sm_90a"
-    assert step.short_name() == f"step[{step.conv.short_name()}+{step.decode.short_name()}]"
+    assert step.one_launch == policy.fused_step_one_launch(step.conv, step.decode)
+    one = "/1launch" if step.one_launch else ""
+    assert step.short_name() == f"step[{step.conv.short_name()}+{step.decode.short_name()}{one}]"
     for conv, decode, message in (
         (step.conv, dataclasses.replace(step.decode, row_form="flat", gate_parts=0, gate_dtype="bfloat16"),
          "K-last T = 1 pool decode"),
@@ -435,6 +441,11 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
     ):
         with pytest.raises(ValueError, match=message):
             StepSpec(conv, decode)
+    # one launch: the decode waits for its inputs, and the conv/gate CTAs project (not the gemm regime)
+    for conv, decode in ((step.conv, dataclasses.replace(step.decode, pdl_wait=False)),
+                         (dataclasses.replace(step.conv, regime="gemm"), step.decode)):
+        with pytest.raises(ValueError, match="one launch needs a decode that waits"):
+            StepSpec(conv, decode, one_launch=True)
     with pytest.raises(ValueError, match="adds up 0 partial sums of the projection, the conv/gate build writes 20"):
         build.make_kernel(StepSpec(step.conv, dataclasses.replace(step.decode, gate_parts=0, gate_dtype="bfloat16")))
 

@@ -253,6 +253,35 @@ def test_matches_reference_with_the_split_projection_at_qwen35_tp1(monkeypatch, 
         assert {s.gate_parts for s in _decodes(specs)} == {0, 20}
 
 
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
+def test_one_launch_equals_two_launches(monkeypatch, geom, sdt):
+    """The one-launch step (policy.fused_step_one_launch: the decode's CTAs in the conv/gate grid,
+    waiting on a counter) leaves bit for bit the two-launch step's outputs and pools, call after call
+    on the same pools (each launch leaves its counters at zero, which the next one needs), at B = 1
+    and at a batch of several waves of CTAs (B = 130 at 8 value heads: 1040 heads, the small regime,
+    2080 decode CTAs of 128 threads), padding and out-of-range slots included; and the reference's
+    results (run_and_check)."""
+    _, H, HV, D, hidden, width, bias = geom
+    for n, B in enumerate((1, 130 if HV <= 8 else 24)):
+        P = 2 * B + 5
+        kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout="SD", bias=bias,
+                               slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=70 + n)
+        results = {}
+        for one in (False, True):  # one launch last: run_and_check below runs it
+            specs = use_h200_table(monkeypatch, fused_step_one_launch=("small", "split") if one else ())
+            call = clone_fused(kw)
+            outs = [flashgdn.gdn_fused_decode_step(**call)[0] for _ in range(3)]
+            torch.cuda.synchronize()
+            results[one] = (*outs, call["conv_state"], call["ssm_state"])
+            steps = [s for s in specs if isinstance(s, StepSpec)]
+            assert steps and all(s.one_launch == one for s in steps), [s.short_name() for s in steps]
+            assert all(not ws.sync.any() for ws in fused_step._WORKSPACES.values()), "counters left non-zero"
+        for one, two in zip(results[True], results[False]):
+            assert torch.equal(one.nan_to_num(7.0), two.nan_to_num(7.0)), "one launch differs from two"
+        run_and_check(clone_fused(kw))
+
+
 GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0)  # from B * HV > 264
 
 

@@ -17,10 +17,13 @@ DYNAMIC_SMEM_FIELD = "array<i32: 0, 2>"
 
 def kernel_name(spec) -> str:
     """Name of the kernel class that builds `spec` (KLastDecode, KLastMTP, KLastMTPMma, KMajorDecode;
-    ConvGate for a ConvGateSpec; "ConvGate + KLastDecode" for a StepSpec, in launch order)."""
+    ConvGate for a ConvGateSpec; "ConvGate + KLastDecode" for a StepSpec, in launch order, and
+    "FusedStep(ConvGate, KLastDecode)" for a one-launch StepSpec: one kernel of both)."""
     from ..spec import ConvGateSpec, StepSpec
 
     if isinstance(spec, StepSpec):
+        if spec.one_launch:
+            return f"FusedStep({kernel_name(spec.conv)}, {kernel_name(spec.decode)})"
         return f"{kernel_name(spec.conv)} + {kernel_name(spec.decode)}"
     if isinstance(spec, ConvGateSpec):  # one kernel class, no build policy of the decode's
         from ..kernels.build import make_kernel

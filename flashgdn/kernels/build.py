@@ -16,7 +16,7 @@ import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
 from ..spec import (CommitArgs, CommitSpec, ConvGateArgs, ConvGateSpec, KernelArgs, KernelSpec, StepArgs, StepSpec,
-                    vec_elems)
+                    SYNC_WORDS, vec_elems)
 from . import policy
 from .common import CUTLASS_DTYPES
 from .conv_gate import ConvGate
@@ -64,7 +64,7 @@ def fake_arguments(spec: AnySpec, batch=None):
         B = cute.sym_int()
         decode = fake_arguments(spec.decode, B)
         return StepArgs(*_fake_conv_gate_arguments(spec.conv, B), decode.A_log, decode.dt_bias, decode.state,
-                        decode.output)
+                        decode.output, make_fake_tensor(cutlass.Int32, (SYNC_WORDS,), stride=(1,), assumed_align=16))
     io = CUTLASS_DTYPES[spec.io_dtype]
     st = CUTLASS_DTYPES[spec.state_dtype]
     gate = CUTLASS_DTYPES[spec.gate_dtype]

@@ -431,6 +431,9 @@ class DecodeKernel:
     tile_rows = 0
     window_ctas = 0
     pdl = False  # launched as a programmatic dependent of the previous kernel (KernelSpec.pdl_wait)
+    # In a fused step's one launch, the decode CTA that this thread's warps play while the kernel is
+    # traced (kernels/step.py DecodeCta: block, grid, thread, warp, wait); None: the launch's own.
+    cta = None
 
     def __init__(self, spec: KernelSpec, config):
         self.spec = spec
@@ -519,10 +522,24 @@ class DecodeKernel:
         sequences, cu_seqlens' sequences)."""
         return KernelArgs(*tensors).cu_seqlens.shape[0] - 1 if self.spec.varlen else tensors[0].shape[0]
 
+    def launch_coords(self):
+        """(block index, grid size, thread index, warp index) of this CTA: the launch's, or self.cta's."""
+        if self.cta is not None:
+            return self.cta.block, self.cta.grid, self.cta.thread, self.cta.warp
+        return cute.arch.block_idx()[0], cute.arch.grid_dim()[0], cute.arch.thread_idx()[0], cute.arch.warp_idx()
+
+    def wait_inputs(self):
+        """Wait until the kernel that writes this decode's inputs has written them: its grid's end after a
+        programmatic dependent launch, or in a fused step's one launch its conv/gate CTAs (self.cta)."""
+        if self.cta is not None:
+            self.cta.wait()
+        else:
+            cute.arch.griddepcontrol_wait()
+
     def cta_coords(self, bidx=None):
         """(tile, grid row b (the batch row), value head hv, q/k head h) of this CTA (or of CTA `bidx`)."""
         if bidx is None:
-            bidx, _, _ = cute.arch.block_idx()
+            bidx = self.launch_coords()[0]
         bh = bidx // self.num_tiles
         hv = bh % self.spec.HV
         return bidx % self.num_tiles, bh // self.spec.HV, hv, hv // (self.spec.HV // self.spec.H)
@@ -535,9 +552,7 @@ class DecodeKernel:
         row that would not read (padding, slot out of range: resolve_slots) fetches nothing.
         With prefetch_inputs and `with_inputs`, that CTA's q/k/v and gates follow (_prefetch_inputs)."""
         if const_expr(self.prefetch_ctas > 0):
-            bidx, _, _ = cute.arch.block_idx()
-            grid, _, _ = cute.arch.grid_dim()
-            tid, _, _ = cute.arch.thread_idx()
+            bidx, grid, tid, _ = self.launch_coords()
             later = bidx + self.prefetch_ctas
             # Builds without the inputs test the prefetching threads and the grid together (one branch).
             if const_expr(self.prefetch_inputs and with_inputs):

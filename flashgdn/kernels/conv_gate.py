@@ -61,20 +61,27 @@ class ConvGate:
     def __call__(self, *args_and_stream):
         """The tensors of spec.ConvGateArgs, then the stream."""
         *tensors, stream = args_and_stream
-        B = tensors[0].shape[0]
+        self.kernel(*tensors).launch(grid=[self.grid_size(tensors[0].shape[0]), 1, 1],
+                                     block=[self.config.threads, 1, 1], stream=stream)
+
+    def grid_size(self, B):
+        """CTAs of a batch of B rows."""
         groups = B if const_expr(self.rows == 1) else (B + self.rows - 1) // self.rows
-        grid = groups * self.ctas_per_group
-        self.kernel(*tensors).launch(grid=[grid, 1, 1], block=[self.config.threads, 1, 1], stream=stream)
+        return groups * self.ctas_per_group
 
     @common.kernel_params(ConvGateArgs._fields)
     @cute.kernel
     def kernel(self, *args):
         """The tensors of spec.ConvGateArgs, in its order."""
-        gmem = ConvGateArgs(*args)
         # The decode launched behind this kernel (KernelSpec.pdl_wait) may start once every CTA
         # here has: it loads its state meanwhile, and waits for this grid's end to read our outputs.
         cute.arch.griddepcontrol_launch_dependents()
         bidx, _, _ = cute.arch.block_idx()
+        self.body(ConvGateArgs(*args), bidx)
+
+    @cute.jit
+    def body(self, gmem: ConvGateArgs, bidx: Int32):
+        """The work of CTA `bidx` of the grid (kernels/step.py runs it in a fused step's one launch)."""
         group = bidx // self.ctas_per_group
         part = bidx % self.ctas_per_group
         if const_expr(not self.config.gate_ctas):

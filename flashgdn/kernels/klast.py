@@ -19,7 +19,7 @@ import cutlass.cute as cute
 from cutlass import Float32, const_expr
 
 from ..spec import KernelArgs, KernelSpec, vec_elems
-from . import common
+from . import common, policy
 from .common import CUTLASS_DTYPES
 
 
@@ -30,7 +30,7 @@ class KLastDecode(common.DecodeKernel):
         self.state_dtype = CUTLASS_DTYPES[spec.state_dtype]
         self.vec = vec_elems(spec.state_dtype)
         # Fewer lanes per row: fewer butterfly levels per dot product, more elements per lane.
-        self.lanes_per_row = min(lanes_per_row, spec.K // self.vec)
+        self.lanes_per_row = policy.klast_lanes_per_row(config.tile, spec.K, spec.state_dtype)
         self.chunks = spec.K // (self.lanes_per_row * self.vec)
         self.groups_per_warp = 32 // self.lanes_per_row
         self.num_warps = num_warps
@@ -38,7 +38,7 @@ class KLastDecode(common.DecodeKernel):
         # Rows handled together by one load instruction of the CTA; consecutive rows go to
         # consecutive lane groups and warps so every warp access is one contiguous segment.
         self.row_step = num_warps * self.groups_per_warp
-        self.rows_per_cta = self.row_step * rows_per_thread
+        self.rows_per_cta = policy.klast_cta_rows(config.tile, spec.K, spec.state_dtype)
         if spec.V % self.rows_per_cta:
             raise ValueError(f"V={spec.V} is not a multiple of the CTA tile ({self.rows_per_cta} rows)")
         self.num_tiles = spec.V // self.rows_per_cta
@@ -95,7 +95,7 @@ class KLastDecode(common.DecodeKernel):
     def _thread_coords(self):
         """(lane, warp, tile, b, hv, h, lane in its row group, first row of this thread)."""
         lane = cute.arch.lane_idx()
-        warp = cute.arch.warp_idx()
+        warp = self.launch_coords()[3]
         tile, b, hv, h = self.cta_coords()
         row0 = tile * self.rows_per_cta + warp * self.groups_per_warp + lane // self.lanes_per_row
         return lane, warp, tile, b, hv, h, lane % self.lanes_per_row, row0
@@ -126,7 +126,11 @@ class KLastDecode(common.DecodeKernel):
     @cute.kernel
     def kernel(self, *args):
         """The tensors of spec.KernelArgs, in its order."""
-        gmem = KernelArgs(*args)
+        self.body(KernelArgs(*args))
+
+    @cute.jit
+    def body(self, gmem: KernelArgs):
+        """The kernel's work on its tensors (kernels/step.py runs it in a fused step's one launch)."""
         spec = self.spec
         L = self.lanes_per_row
         R = self.rows_per_thread
@@ -142,7 +146,7 @@ class KLastDecode(common.DecodeKernel):
             # load while it finishes, the rest once its grid has ended (griddepcontrol.wait).
             rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)
             common.load_fence()
-            cute.arch.griddepcontrol_wait()
+            self.wait_inputs()
             v_raw, rQraw, rKraw, raw = self._io_loads(gmem, token, h, hv, row0, lane_in_row)
         elif const_expr(gmem.state_indices is None and gmem.token_state_indices is None):
             rRaw = self._load_rows(gmem.state[read_slot, hv, None, None], row0, lane_in_row)

@@ -123,6 +123,10 @@ class DeviceTable:
     # gap between the two closes: 1.02-1.12x over plain stream order on the H200 (RESULTS.md "Fused
     # decode step").
     fused_step_pdl: bool = True
+    # Conv/gate regimes in which the fused step is one launch (kernels/step.py): the decode's CTAs run
+    # in the conv/gate kernel's grid and wait on a counter of finished conv/gate CTAs instead of that
+    # grid's end, so the host makes one launch and no launch gap lies between them (fused_step_one_launch).
+    fused_step_one_launch: Tuple[str, ...] = ()
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -189,6 +193,7 @@ SM90_HBM3 = DeviceTable(
     # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
     # 1.02-1.18x from 3072 heads, 0.94-1.01x at 2048 (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_gemm_heads_per_sm=20,
+    fused_step_one_launch=("small", "split"),
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
@@ -581,6 +586,33 @@ def split_gate_rows(hidden: int, HV: int, threads: int, rows: int) -> int:
     if not rows or not per_pass:
         return 0
     return min(-(-rows // per_pass), -(-hidden // per_pass)) * per_pass
+
+
+def klast_lanes_per_row(tile: Tuple[int, ...], K: int, state_dtype: str) -> int:
+    """Lanes that share one state row in a K-last CTA of `tile` (warps, rows per thread, lanes per row):
+    fewer where K has fewer 16-byte chunks."""
+    return min(tile[2], K // vec_elems(state_dtype))
+
+
+def klast_cta_rows(tile: Tuple[int, ...], K: int, state_dtype: str) -> int:
+    """State rows of a K-last CTA of `tile`: each warp holds 32 / lanes_per_row rows per row of each thread."""
+    warps, rows_per_thread, _ = tile
+    return warps * (32 // klast_lanes_per_row(tile, K, state_dtype)) * rows_per_thread
+
+
+def fused_step_one_launch(conv: ConvGateSpec, decode: KernelSpec) -> bool:
+    """Whether the fused step of these two kernels is one launch: in the table's fused_step_one_launch
+    regimes, where the K-last decode's CTA (its table tile) divides the conv/gate CTA into whole decode
+    CTAs and a batch row's decode CTAs fill whole conv/gate-sized CTAs (kernels/step.py)."""
+    if conv.regime not in _table(decode).fused_step_one_launch:
+        return False
+    config = BuildConfig.for_spec(decode)
+    if config.kernel != KLAST:
+        return False
+    threads = ConvGateConfig.for_spec(conv).threads
+    decode_threads = config.tile[0] * 32
+    per_row = decode.HV * (decode.V // klast_cta_rows(config.tile, decode.K, decode.state_dtype))
+    return threads % decode_threads == 0 and per_row % (threads // decode_threads) == 0
 
 
 def fused_step_pdl(device_class: Optional[str], arch: str) -> bool:
