@@ -9,7 +9,7 @@ the median of the repeats' row / baseline ratios, so a drift of the host's speed
 moves both sides of a pair. Against TARGET_RATIO; the target is informational: it never sets the
 exit status. The "floor" rows time one compiled function (kernels/floor.py) that makes one or two
 empty launches with one or more one-element tensors (FLOOR_CASES): what a call making that many
-launches with that many tensors pays before its own Python (the fused step makes two launches); one
+launches with that many tensors pays before its own Python (the fused step makes one or two); one
 of them also allocates an output as flashgdn's calls do (fastpath.output), the floor of a call
 that allocates its output.
 
@@ -81,8 +81,8 @@ FLASHINFER_MODULE = "flashinfer.gdn_decode"
 # The floor rows: one compiled function making this many empty launches with this many one-element
 # tensors (kernels/floor.py), with the output given or allocated first: one launch, two; with the
 # tensors of the pretranspose pool call (10, one launch; its output given and allocated) and of the
-# fused step (13, two launches)
-FLOOR_CASES = ((1, 1, True), (2, 1, True), (1, 10, True), (1, 10, False), (2, 13, True))
+# fused step (14: one launch at small batch, two at large; StepSpec.one_launch)
+FLOOR_CASES = ((1, 1, True), (2, 1, True), (1, 10, True), (1, 10, False), (1, 14, True), (2, 14, True))
 FLOOR_FUNCTION = "compiled function (floor)"
 # (API version, pool) of the rows of each API module.
 API_ROWS = (("pretranspose", False), ("pretranspose", True), ("nontranspose", False), ("mtp", True))
