@@ -450,6 +450,51 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
         build.make_kernel(StepSpec(step.conv, dataclasses.replace(step.decode, gate_parts=0, gate_dtype="bfloat16")))
 
 
+@pytest.mark.parametrize("table", ["sm90-hbm3", "sm90-hbm3e"])
+def test_one_launch_where_the_table_names_the_regime_and_the_decode_fills_whole_ctas(monkeypatch, table):
+    """policy.fused_step_one_launch: a step is one launch in the table's fused_step_one_launch conv/gate regimes
+    (the small and split ones), where the decode's CTA divides the conv/gate CTA and a batch row's decode CTAs fill
+    whole conv/gate-sized CTAs; the kernel layer refuses a one-launch StepSpec that does not."""
+    import dataclasses
+
+    from flashgdn import engine_specs
+    from flashgdn.device import DeviceFacts
+    from flashgdn.kernels import build
+    from flashgdn.spec import StepSpec
+
+    def steps(B, H, HV, D, state):
+        return engine_specs.kernel_specs("fused-step", val.Problem(B, 1, H, HV, D, D), DeviceFacts("sm_90a", 132, table),
+                                         io=torch.bfloat16, state=state, hidden=2048)
+
+    t = policy.DEVICE_TABLES[table]
+    assert t.fused_step_one_launch == ("small", "split")
+    for B, regime in ((1, "small"), (24, "split"), (64, "large")):
+        [step] = steps(B, 16, 32, 128, torch.bfloat16)
+        assert step.conv.regime == regime and step.one_launch == (regime != "large")
+        assert step.one_launch == policy.fused_step_one_launch(step.conv, step.decode)
+    # the large regime's 128-thread conv/gate CTAs hold no 256-thread decode CTA (bf16 state, small decode)
+    [step] = steps(1, 16, 32, 128, torch.bfloat16)
+    assert policy.BuildConfig.for_spec(step.decode).tile[0] == 8
+    monkeypatch.setitem(policy.DEVICE_TABLES, table, dataclasses.replace(t, fused_step_one_launch=("large",)))
+    large = dataclasses.replace(step.conv, regime="large")
+    assert policy.ConvGateConfig.for_spec(large).threads == 128
+    assert not policy.fused_step_one_launch(large, step.decode)
+    with pytest.raises(ValueError, match="do not fill whole CTAs"):
+        build.make_kernel(StepSpec(large, step.decode, one_launch=True))
+    # one value head of 64 channels: 2 decode CTAs of 32 rows per batch row, 2 in a 512-thread CTA
+    monkeypatch.setitem(policy.DEVICE_TABLES, table, t)
+    [step] = steps(1, 1, 1, 64, torch.bfloat16)
+    tile = policy.BuildConfig.for_spec(step.decode).tile
+    assert (policy.klast_cta_rows(tile, 64, "bfloat16"), tile[0]) == (32, 8) and step.one_launch
+    # an odd count of decode CTAs per batch row (one value head of 64 rows in 64-row CTAs) does not fill them
+    monkeypatch.setitem(policy.DEVICE_TABLES, table, dataclasses.replace(t, tiles={
+        **t.tiles, ("klast", "small", "bfloat16"): (8, 2, 8)}))
+    [odd] = steps(1, 1, 1, 64, torch.bfloat16)
+    assert not odd.one_launch
+    with pytest.raises(ValueError, match="do not fill whole CTAs"):
+        build.make_kernel(StepSpec(odd.conv, odd.decode, one_launch=True))
+
+
 @pytest.mark.parametrize("table, batch, HV, given, expected", [
     ("sm90-hbm3e", 33, 32, None, "split"),  # B * HV = 1056 = 8 per SM
     ("sm90-hbm3e", 34, 32, None, "large"),
