@@ -2,9 +2,9 @@
 GEMV, the causal conv1d update with SiLU, the q/k/v split and the gated delta-rule decode), at its
 exact signature, for any geometry flashgdn's decode serves, on Hopper and Blackwell.
 
-One compiled function (spec.StepSpec, kernels/step.py) makes two launches on the current stream: the
-conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec) writes the post-conv q | k | v row and the
-b | a projection of every batch row into a workspace, and flashgdn's K-last decode kernel (the one
+One compiled function (spec.StepSpec, kernels/step.py) makes two launches on the current stream (or one:
+below): the conv/gate kernel (kernels/conv_gate.py; spec.ConvGateSpec) writes the post-conv q | k | v row
+and the b | a projection of every batch row into a workspace, and flashgdn's K-last decode kernel (the one
 gated_delta_rule_decode_pretranspose runs, with the pool) reads q, k, v, a and b as views of it, built
 in the compiled code; one host call checks the tensors of both launches before either runs. Where the
 table splits the projection over the hidden dimension (policy.ConvGateConfig.partial_sums) the workspace
@@ -14,11 +14,11 @@ it: it starts while that kernel ends, loads its slot indices and state, and wait
 it reads the workspace. Where the policy's "gemm" conv/gate regime holds (policy.conv_gate_regime: a
 large batch on a table that names it), the b/a projection is one cuBLAS GEMM (torch.mm into the
 workspace) before that function, whose conv/gate kernel then runs the conv only: three launches, as the
-composed path runs them, the decode a programmatic dependent of the conv. One launch would not pay here:
-the q/k channels of a head feed HV / H value heads and all their CTAs, and the conv state is updated in
-place, so either one CTA would serve a whole q/k head (a sixteenth of the CTAs at B = 1) or every CTA
-would need a grid-wide barrier. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV,
-partial sums): a call allocates only when its batch exceeds every earlier one on that stream (the
+composed path runs them, the decode a programmatic dependent of the conv. Where the table names the
+conv/gate regime (policy.fused_step_one_launch) the two kernels are one launch (StepSpec.one_launch,
+kernels/step.py): the decode's CTAs wait in the same grid on a counter of finished conv/gate CTAs, which
+the workspace holds. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV, partial
+sums): a call allocates only when its batch exceeds every earlier one on that stream (the
 capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond the output;
 calls on one stream run in order, so they can share it. An outgrown workspace is kept, not freed: a CUDA
 graph captured with it still reads and writes its address. While torch.compile or torch.export traces, a

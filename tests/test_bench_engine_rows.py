@@ -468,9 +468,9 @@ def test_compile_only_engine_rows(capsys, tmp_path):
     assert rc == 0, capsys.readouterr()
     recs = json.loads(out_json.read_text())["rows"]
     assert [r["kernel"] for r in recs] == ["step[convgate/H1/HV2/D64/hidden128/w4/small/sm_90a+"
-                                           "klast/T1/H1/HV2/K64/V64/bfloat16/state-float32/small/sm_90a/pool/pdl/1launch]"]
-    assert recs[0]["kernel_class"] == "FusedStep(ConvGate, KLastDecode)" and not any(r.get("error") for r in recs)
-    assert recs[0]["registers"] == "n/a" or len(recs[0]["registers"].split("/")) == 1  # one kernel: one launch
+                                           "klast/T1/H1/HV2/K64/V64/bfloat16/state-float32/small/sm_90a/pool/pdl]"]
+    assert recs[0]["kernel_class"] == "ConvGate + KLastDecode" and not any(r.get("error") for r in recs)
+    assert recs[0]["registers"] == "n/a" or len(recs[0]["registers"].split("/")) == 2  # one count per kernel
     rc = cli.main(small + ["--api", "recurrent", "--seq-len", "2", "--arch", "sm_100a", "--json", str(out_json)])
     assert rc == 0, capsys.readouterr()
     [rec] = json.loads(out_json.read_text())["rows"]

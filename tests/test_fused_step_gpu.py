@@ -339,12 +339,16 @@ def test_out_none_and_batch_dynamic_compiles_once():
     assert len(specs()) == 1, "one conv/gate build serves every batch size"
 
 
-@pytest.mark.parametrize("gemm", [False, True], ids=["conv-gate", "gemm"])
-def test_cuda_graph_replay_equals_eager(monkeypatch, gemm):
+@pytest.mark.parametrize("mode", ["conv-gate", "one-launch", "gemm"])
+def test_cuda_graph_replay_equals_eager(monkeypatch, mode):
     """New hidden states, inputs and slots (padding rows included) per replay, as a decode step;
-    also in the "gemm" conv/gate regime (torch.mm captured with the two kernels)."""
+    also as one launch (its counters back to zero after each replay) and in the "gemm" conv/gate regime
+    (torch.mm captured with the two kernels)."""
+    gemm = mode == "gemm"
     if gemm:
         use_h200_table(monkeypatch, **GEMM_REGIME)
+    elif mode == "one-launch":
+        specs = use_h200_table(monkeypatch, fused_step_one_launch=("small", "split"))
     B, H, HV, D, hidden = (40 if gemm else 9), 4, 8, 128, 2048
     P = 2 * B + 3
     kw = make_fused_inputs(B, H, HV, D, hidden, 4, P=P, state_dtype=F32, conv_layout="SD", page_pad=8,
@@ -363,3 +367,5 @@ def test_cuda_graph_replay_equals_eager(monkeypatch, gemm):
     bufs = dict(conv_state=kw["conv_state"], ssm_state=kw["ssm_state"],
                 out=torch.zeros(B, 1, HV, D, dtype=BF16, device=DEV))
     graph_replay_equals_eager(call, static, fresh, bufs)
+    if mode == "one-launch":
+        assert any(isinstance(s, StepSpec) and s.one_launch for s in specs)

@@ -81,7 +81,7 @@ FLASHINFER_MODULE = "flashinfer.gdn_decode"
 # The floor rows: one compiled function making this many empty launches with this many one-element
 # tensors (kernels/floor.py), with the output given or allocated first: one launch, two; with the
 # tensors of the pretranspose pool call (10, one launch; its output given and allocated) and of the
-# fused step (14: one launch at small batch, two at large; StepSpec.one_launch)
+# fused step (14: two launches, or one where the table says so; StepSpec.one_launch)
 FLOOR_CASES = ((1, 1, True), (2, 1, True), (1, 10, True), (1, 10, False), (1, 14, True), (2, 14, True))
 FLOOR_FUNCTION = "compiled function (floor)"
 # (API version, pool) of the rows of each API module.

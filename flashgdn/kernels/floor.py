@@ -3,7 +3,7 @@ doing nothing (one warp each) on the environment stream, taking `tensors` one-el
 (which it checks as every compiled function checks its arguments, and does not read). Timed beside
 flashgdn's calls (flashgdn-bench --host), it is what a call that makes that many launches with that
 many tensors pays before its own Python: the pretranspose pool call passes 10 tensors to one launch,
-the fused step 14 to one (small batch) or two.
+the fused step 14 to two, or to one (StepSpec.one_launch).
 """
 from __future__ import annotations
 

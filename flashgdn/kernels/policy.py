@@ -126,6 +126,8 @@ class DeviceTable:
     # Conv/gate regimes in which the fused step is one launch (kernels/step.py): the decode's CTAs run
     # in the conv/gate kernel's grid and wait on a counter of finished conv/gate CTAs instead of that
     # grid's end, so the host makes one launch and no launch gap lies between them (fused_step_one_launch).
+    # None in either table: the one launch has not run on a GPU yet (its GPU tests switch it on:
+    # tests/test_fused_step_gpu.py), so no measurement says where it pays.
     fused_step_one_launch: Tuple[str, ...] = ()
 
 
@@ -193,7 +195,6 @@ SM90_HBM3 = DeviceTable(
     # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
     # 1.02-1.18x from 3072 heads, 0.94-1.01x at 2048 (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_gemm_heads_per_sm=20,
-    fused_step_one_launch=("small", "split"),
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
