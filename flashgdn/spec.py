@@ -448,7 +448,7 @@ class CommitSpec:
     tile: Optional[Tuple[int, ...]] = None  # explicit CTA shape (tuning runs); None: the policy's
     device_class: Optional[str] = None  # as KernelSpec.device_class
 
-    # What the decode kernels' L2 prefetch (common.DecodeKernel) reads of a spec: the checkpoint is
+    # What the decode kernels' L2 prefetch (decode_kernel.DecodeKernel) reads of a spec: the checkpoint is
     # K-last, and a head's rows are one range (its strides past the slot are static).
     layout = "klast"
     strided_state = False

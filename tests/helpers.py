@@ -324,7 +324,7 @@ def compiled_ptx(spec, directory, monkeypatch) -> str:
 
 
 def batch_rows(args, problem):
-    """KernelArgs of a launch as the kernel takes them (kernels.common.DecodeKernel.batch_rows), in
+    """KernelArgs of a launch as the kernel takes them (kernels.decode_kernel.DecodeKernel.batch_rows), in
     torch views: a launch with packed rows (KernelSpec.row_form "packed": q holds mixed_qkv, k and v
     None) gets q | k | v of each row [B, 1, heads, dim]; one with flat rows ("flat": 2-D gates beside
     state indices) gets q, k, v and the output [1, B * T, ...] split into [B, T, ...]; both get a and

@@ -1,4 +1,4 @@
-"""The launch's views of the engines' rows (kernels.common.DecodeKernel.batch_rows: KernelSpec.row_form,
+"""The launch's views of the engines' rows (kernels.decode_kernel.DecodeKernel.batch_rows: KernelSpec.row_form,
 gate_rows, slot_column), traced on CPU: with fake tensors of static shapes and strides the views'
 layouts are Python values while the launch is traced, and each must equal the torch view of the same
 tensor that the CPU tests' reference launch takes (helpers.batch_rows): shapes, and strides where a

@@ -21,9 +21,10 @@ from cutlass import Float32, const_expr
 from ..spec import KernelArgs, KernelSpec, vec_elems
 from . import common, policy
 from .common import CUTLASS_DTYPES
+from .decode_kernel import DecodeKernel
 
 
-class KLastDecode(common.DecodeKernel):
+class KLastDecode(DecodeKernel):
     def __init__(self, spec: KernelSpec, config):
         super().__init__(spec, config)
         num_warps, rows_per_thread, lanes_per_row = config.tile

@@ -15,9 +15,10 @@ from cutlass import Float32, const_expr
 from ..spec import KernelArgs, KernelSpec, vec_elems
 from . import common
 from .common import CUTLASS_DTYPES
+from .decode_kernel import DecodeKernel
 
 
-class KMajorDecode(common.DecodeKernel):
+class KMajorDecode(DecodeKernel):
     def __init__(self, spec: KernelSpec, config):
         super().__init__(spec, config)
         num_warps, row_lanes = config.tile

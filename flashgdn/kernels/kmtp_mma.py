@@ -42,9 +42,10 @@ from cutlass import BFloat16, Float32, Int32, const_expr
 
 from ..spec import KernelArgs
 from . import common
+from .decode_kernel import DecodeKernel
 
 
-class KLastMTPMma(common.DecodeKernel):
+class KLastMTPMma(DecodeKernel):
     def __init__(self, spec, config):
         self._refuse_unsupported(spec)
         super().__init__(spec, config)

@@ -14,7 +14,7 @@ and stores its rows once (and the state at the tracked step into the track slot)
 not live reads and writes nothing: an accepted count of 0 is a no-op, as is an out-of-range slot
 or count. There are no outputs. Where the policy gives a distance (a table's "commit" /
 "commit_mma" entry, large regime), a live CTA, its state loads issued, brings a later CTA's
-checkpoint tile into L2 (common.DecodeKernel.prefetch_later). Two kernels, the policy's choice
+checkpoint tile into L2 (decode_kernel.DecodeKernel.prefetch_later). Two kernels, the policy's choice
 (policy.BuildConfig):
 
 - ReplayCommit, kmtp.KLastMTP's token loop in klast's register layout: it stages the window's

@@ -32,7 +32,7 @@ TICKET, DONE, EXIT = 0, 1, 2  # words of StepArgs.sync
 
 
 class DecodeCta(NamedTuple):
-    """The decode CTA that a thread's warps play in the one launch (common.DecodeKernel.cta)."""
+    """The decode CTA that a thread's warps play in the one launch (decode_kernel.DecodeKernel.cta)."""
 
     block: Any  # its block index in the decode's own grid
     grid: Any  # that grid's size
