@@ -603,10 +603,13 @@ def klast_cta_rows(tile: Tuple[int, ...], K: int, state_dtype: str) -> int:
 
 def fused_step_one_launch(conv: ConvGateSpec, decode: KernelSpec) -> bool:
     """Whether the fused step of these two kernels is one launch: in the table's fused_step_one_launch
-    regimes, where the K-last decode's CTA (its table tile) divides the conv/gate CTA into whole decode
-    CTAs and a batch row's decode CTAs fill whole conv/gate-sized CTAs (kernels/step.py)."""
-    if conv.regime not in _table(decode).fused_step_one_launch:
-        return False
+    regimes, where its CTAs fit one launch (one_launch_fits)."""
+    return conv.regime in _table(decode).fused_step_one_launch and one_launch_fits(conv, decode)
+
+
+def one_launch_fits(conv: ConvGateSpec, decode: KernelSpec) -> bool:
+    """Whether the K-last decode's CTA (its table tile) divides the conv/gate CTA into whole decode CTAs and
+    a batch row's decode CTAs fill whole conv/gate-sized CTAs: the one launch's grid (kernels/step.py)."""
     config = BuildConfig.for_spec(decode)
     if config.kernel != KLAST:
         return False

@@ -26,6 +26,7 @@ import cutlass.cute as cute
 from cutlass import Int32, const_expr
 
 from ..spec import AFTER_OUTPUT, ConvGateArgs, KernelArgs, StepArgs, StepSpec
+from . import policy
 from .common import kernel_params, packed_heads, tensor_view
 
 TICKET, DONE, EXIT = 0, 1, 2  # words of StepArgs.sync
@@ -55,8 +56,7 @@ class FusedStep:
         self.decode_threads = decode.num_warps * 32
         self.per_cta = self.threads // self.decode_threads  # decode CTAs per CTA of the one launch
         self.per_row = spec.decode.HV * decode.num_tiles  # decode CTAs per batch row
-        if spec.one_launch and (self.threads % self.decode_threads or self.per_row % self.per_cta
-                                or decode.views_rows):
+        if spec.one_launch and (decode.views_rows or not policy.one_launch_fits(spec.conv, spec.decode)):
             raise ValueError(f"one launch: {self.per_row} decode CTAs of {self.decode_threads} threads per batch row "
                              f"do not fill whole CTAs of {self.threads} threads")
 
