@@ -126,8 +126,8 @@ class DeviceTable:
     # Conv/gate regimes in which the fused step is one launch (kernels/step.py): the decode's CTAs run
     # in the conv/gate kernel's grid and wait on a counter of finished conv/gate CTAs instead of that
     # grid's end, so the host makes one launch and no launch gap lies between them (fused_step_one_launch).
-    # None in either table: on the H100 it runs 0.65-0.84x the speed of two launches with PDL at the TP1
-    # shapes, B = 1-16 (RESULTS.md "Fused decode step"); its GPU tests switch it on.
+    # None in either table: on the H100 it runs 0.70-0.91x the speed of two launches with PDL at the TP1 and
+    # TP4 shapes, B = 1-64 (RESULTS.md "Fused decode step"); its GPU tests switch it on.
     fused_step_one_launch: Tuple[str, ...] = ()
 
 

@@ -100,8 +100,13 @@ class FusedStep:
             self._decode_role(gmem)
         self.decode.cta = None
         if tid == 0:
+            # Relaxed: a release here would hold the CTA (and the SM slot a later CTA waits for) until
+            # its stores land. The counters need no more: a decode CTA counts itself after the fence
+            # that ends its wait (a release pattern), so the last count comes after every conv/gate
+            # CTA's done count, and the fence below makes the reset follow it.
             grid, _, _ = cute.arch.grid_dim()
-            if cute.arch.atomic_add(gmem.sync.iterator + EXIT, Int32(1), sem="acq_rel", scope="gpu") == grid - 1:
+            if cute.arch.atomic_add(gmem.sync.iterator + EXIT, Int32(1), sem="relaxed", scope="gpu") == grid - 1:
+                cute.arch.fence_acq_rel_gpu()
                 for word in cutlass.range_constexpr(EXIT + 1):
                     gmem.sync[word] = Int32(0)
 
@@ -112,7 +117,8 @@ class FusedStep:
         cute.arch.barrier()
         tid, _, _ = cute.arch.thread_idx()
         if tid == 0:
-            cute.arch.fence_acq_rel_gpu()
+            # A release is cumulative: the barrier orders every thread's stores before it (one
+            # membar; a fence before it would add a second).
             cute.arch.atomic_add(gmem.sync.iterator + DONE, Int32(1), sem="release", scope="gpu")
 
     @cute.jit
@@ -123,13 +129,15 @@ class FusedStep:
 
     @cute.jit
     def _wait_conv_gate(self, mSync: cute.Tensor, conv_ctas: Int32):
-        """Thread 0 waits (acquire loads) until every conv/gate CTA has counted itself done; the CTA
-        barrier then holds every thread's workspace loads behind that."""
+        """Thread 0 waits until every conv/gate CTA has counted itself done: relaxed loads, then one
+        fence (with the last load, an acquire pattern). An acquire load per poll would invalidate the
+        SM's L1 each time (CCTL.IVALL), under the conv/gate CTAs that share the SM. The CTA barrier
+        then holds every thread's workspace loads behind the fence."""
         tid, _, _ = cute.arch.thread_idx()
         if tid == 0:
-            done = cute.arch.load(mSync.iterator + DONE, Int32, sem="acquire", scope="gpu")
+            done = cute.arch.load(mSync.iterator + DONE, Int32, sem="relaxed", scope="gpu")
             while done < conv_ctas:
-                done = cute.arch.load(mSync.iterator + DONE, Int32, sem="acquire", scope="gpu")
+                done = cute.arch.load(mSync.iterator + DONE, Int32, sem="relaxed", scope="gpu")
             cute.arch.fence_acq_rel_gpu()
         cute.arch.barrier()
 
