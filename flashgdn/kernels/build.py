@@ -63,7 +63,7 @@ def fake_arguments(spec: AnySpec, batch=None):
     if isinstance(spec, StepSpec):
         B = cute.sym_int()
         decode = fake_arguments(spec.decode, B)
-        return StepArgs(*_fake_conv_gate_arguments(spec.conv, B), decode.A_log, decode.dt_bias, decode.state,
+        return StepArgs(*_fake_conv_gate_arguments(spec.conv, B, decode.state), decode.A_log, decode.dt_bias,
                         decode.output, make_fake_tensor(cutlass.Int32, (SYNC_WORDS,), stride=(1,), assumed_align=16))
     io = CUTLASS_DTYPES[spec.io_dtype]
     st = CUTLASS_DTYPES[spec.state_dtype]
@@ -133,10 +133,11 @@ def fake_arguments(spec: AnySpec, batch=None):
     )
 
 
-def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None) -> ConvGateArgs:
+def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None, state=None) -> ConvGateArgs:
     """Fake tensors of a conv/gate variant's arguments: batch (`batch` where given) and pool sizes
     symbolic, the conv weight, bias and state strides all dynamic (any layout), w_ba's rows whole
-    column blocks."""
+    column blocks; ssm_state the decode's fake `state` (a step's), or where the spec names a state
+    dtype and none is given, a packed one of its own."""
     bf16 = cutlass.BFloat16
     B, P = cute.sym_int() if batch is None else batch, cute.sym_int()
     C, W = spec.qkv_dim, spec.width
@@ -153,6 +154,9 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None) -> ConvGateArgs:
         # the split regime's fp32 partial sums, else the bf16 projection
         ba_out=(_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts
                 else _strided(bf16, (B, 2 * spec.HV), 1)),
+        ssm_state=state if state is not None or not spec.state_dtype else _strided(
+            CUTLASS_DTYPES[spec.state_dtype], (P, spec.HV, spec.D, spec.D), vec_elems(spec.state_dtype),
+            inner_static=(1,) if spec.strided_state else (spec.D * spec.D, spec.D, 1)),
     )
 
 
