@@ -44,9 +44,7 @@ from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 
 from ..spec import DTYPE_BYTES, ConvGateArgs, ConvGateSpec, conv_gate_blocks
 from . import common
-from .policy import ConvGateConfig
-
-PREFETCH_PIECE = 16 << 10  # bytes of one bulk prefetch of the state (a decode tile's size)
+from .policy import STATE_PREFETCH_PIECE, ConvGateConfig
 
 
 class ConvGate:
@@ -61,11 +59,12 @@ class ConvGate:
         # The split gate's lanes of one column block sit blocks_pad apart: its sums are added with a
         # butterfly over those offsets only (cute.arch's warp reductions add up adjacent lanes).
         self.block_lane_offsets = [off for off in (1, 2, 4, 8, 16) if off >= self.blocks_pad]
-        # The state prefetch's pieces: a head's rows in ranges of at most PREFETCH_PIECE bytes, or one
+        # The state prefetch's pieces: a head's rows in ranges of at most STATE_PREFETCH_PIECE bytes, or one
         # row each where the rows are separate ranges (a strided state)
         if spec.state_dtype:
             self.state_row_bytes = spec.D * DTYPE_BYTES[spec.state_dtype]
-            self.state_rows = 1 if spec.strided_state else max(1, min(spec.D, PREFETCH_PIECE // self.state_row_bytes))
+            piece_rows = max(1, min(spec.D, STATE_PREFETCH_PIECE // self.state_row_bytes))
+            self.state_rows = 1 if spec.strided_state else piece_rows
             self.pieces_per_head = spec.D // self.state_rows
 
     @cute.jit

@@ -536,6 +536,11 @@ def _conv_gate_ranges(table: DeviceTable, split_ok: bool = True) -> Dict[str, Tu
     return {r: bounds for r, bounds in ranges.items() if kept[r]}
 
 
+# Most bytes of one bulk prefetch of the conv CTAs' state prefetch (ConvGateConfig.state_prefetch_heads): a
+# large-batch decode CTA's tile, the size the decode's own L2 prefetch moves.
+STATE_PREFETCH_PIECE = 16 << 10
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvGateConfig:
     """How a ConvGateSpec is built: CTA threads and how many CTAs of each kind serve a batch row."""
