@@ -52,6 +52,13 @@ def _strided(dtype, shape, divisibility: int, inner_static: tuple = (1,)):
     return make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
 
 
+def _fake_state(dtype: str, slots, HV: int, rows: int, cols: int, strided: bool):
+    """Fake state [slots, HV, rows, cols]: a 16-byte-aligned slot stride, and head and row strides
+    static (packed) or, for a strided state (a padded pool), dynamic too: only the last dim static."""
+    return _strided(CUTLASS_DTYPES[dtype], (slots, HV, rows, cols), vec_elems(dtype),
+                    inner_static=(1,) if strided else (rows * cols, cols, 1))
+
+
 def fake_arguments(spec: AnySpec, batch=None):
     """Fake tensors of the variant's arguments (KernelArgs; CommitArgs for a CommitSpec,
     ConvGateArgs for a ConvGateSpec, StepArgs for a StepSpec), batch and pool sizes symbolic (the
@@ -79,8 +86,6 @@ def fake_arguments(spec: AnySpec, batch=None):
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
     inner = (rows * cols, cols, 1)
-    # A strided state (a padded pool) keeps only its last dim static.
-    state_inner = (1,) if spec.strided_state else inner
     raw_gates = not spec.precomputed_gates
     beta = CUTLASS_DTYPES[spec.beta_dtype or spec.gate_dtype]
     # Packed and flat rows (KernelSpec.row_form): the engine's tensors as they are, its slot indices of
@@ -107,7 +112,7 @@ def fake_arguments(spec: AnySpec, batch=None):
         b=_strided(beta, gate_shape, 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
-        state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
+        state=_fake_state(spec.state_dtype, cute.sym_int() if spec.pool else B, HV, rows, cols, spec.strided_state),
         # vLLM's slots come from token_state_indices alone
         state_indices=slot_index() if spec.pool and not spec.vllm_slots else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
@@ -154,9 +159,8 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None, state=None) -> Con
         # the split regime's fp32 partial sums, else the bf16 projection
         ba_out=(_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts
                 else _strided(bf16, (B, 2 * spec.HV), 1)),
-        ssm_state=state if state is not None or not spec.state_dtype else _strided(
-            CUTLASS_DTYPES[spec.state_dtype], (P, spec.HV, spec.D, spec.D), vec_elems(spec.state_dtype),
-            inner_static=(1,) if spec.strided_state else (spec.D * spec.D, spec.D, 1)),
+        ssm_state=(state if state is not None or not spec.state_dtype
+                   else _fake_state(spec.state_dtype, P, spec.HV, spec.D, spec.D, spec.strided_state)),
     )
 
 
