@@ -334,11 +334,9 @@ def kernel_specs(p, hidden: int, width: int, has_bias: bool, state_dtype: torch.
     pdl = policy.fused_step_pdl(facts.device_class, facts.arch)
     steps = []
     for r in conv_regimes:
-        conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r,
-                            val.dtype_name(state_dtype))
+        conv = ConvGateSpec(p.H, p.HV, p.K, hidden, width, has_bias, facts.arch, facts.device_class, r)
         decode = api.kernel_spec("klast", p, decode_args(policy.ConvGateConfig.for_spec(conv).partial_sums), options,
                                  facts, regime)
-        conv = dataclasses.replace(conv, strided_state=decode.strided_state)  # the prefetch's view of the state
         one = policy.fused_step_one_launch(conv, decode)
         steps.append(StepSpec(conv, dataclasses.replace(decode, pdl_wait=pdl or one), one))
     return tuple(steps)
@@ -387,5 +385,5 @@ def _launches(fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, c
         if hidden_states.requires_grad or w_ba.requires_grad:
             hidden_states, w_ba = hidden_states.detach(), w_ba.detach()
         torch.mm(hidden_states, w_ba, out=ba)
-    fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, ssm_state, A_log,
-       dt_bias, out, sync)
+    fn(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, qkv, ba, A_log, dt_bias,
+       ssm_state, out, sync)

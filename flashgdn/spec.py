@@ -333,8 +333,7 @@ class ConvGateArgs(NamedTuple):
     "DS" pools); state_indices [B] int32; qkv_out [B, qkv_dim] and ba_out [B, 2 HV], the
     workspace rows the decode kernel reads (post-conv q | k | v, and b | a); with the split
     projection (policy.ConvGateConfig.partial_sums = S) ba_out is [S, B, 2 HV] fp32, its partial
-    sums; ssm_state [P, HV, V, K], the fused step's state, which the conv CTAs prefetch into L2 for
-    the decode behind them (ConvGateSpec.state_dtype; None: a conv/gate kernel on its own)."""
+    sums."""
 
     hidden_states: Any
     w_ba: Any
@@ -345,7 +344,6 @@ class ConvGateArgs(NamedTuple):
     state_indices: Any
     qkv_out: Any
     ba_out: Any
-    ssm_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,16 +361,9 @@ class ConvGateSpec:
     arch: str
     device_class: Optional[str] = None  # the tuning table (kernels.policy); None: the arch's
     regime: str = "large"  # kernels.policy.conv_gate_regime: the CTA size, batch rows per gate CTA, gate CTAs
-    # The fused step's ssm_state (ConvGateArgs.ssm_state), whose heads the conv CTAs prefetch into L2
-    # where the table says so (policy.ConvGateConfig.state_prefetch_heads): its dtype (None: no state)
-    # and whether its head and row strides are dynamic (KernelSpec.strided_state).
-    state_dtype: Optional[str] = None
-    strided_state: bool = False
 
     def __post_init__(self) -> None:
         _refuse_invalid(self, (
-            (self.state_dtype is None or self.state_dtype in STATE_DTYPES,
-             f"state_dtype must be None or one of {STATE_DTYPES}"),
             (self.D in SUPPORTED_HEAD_DIMS, f"D must be one of {SUPPORTED_HEAD_DIMS}"),
             (self.regime in CONV_GATE_REGIMES, f"regime must be one of {CONV_GATE_REGIMES}"),
             (self.H >= 1 and self.HV >= 1 and self.HV % self.H == 0, "HV must be a multiple of H"),
@@ -392,16 +383,16 @@ class ConvGateSpec:
     def short_name(self) -> str:
         parts = ["convgate", f"H{self.H}", f"HV{self.HV}", f"D{self.D}", f"hidden{self.hidden}",
                  f"w{self.width}", self.regime, self.arch]
-        return "/".join(parts + ([] if self.has_bias else ["nobias"]))  # a step's decode names the state
+        return "/".join(parts + ([] if self.has_bias else ["nobias"]))
 
 
-# The tensors of the fused step's one compiled function (StepSpec), in order: ConvGateArgs' (its
-# ssm_state the decode's state), then the decode's tensors that are not the workspace's views (its q,
-# k, v, a and b are views of qkv_out and ba_out; its slot indices are state_indices): A_log [HV],
-# dt_bias [HV] and the output [B, 1, HV, V]; and sync [SYNC_WORDS] int32, zero between launches: the
-# counters of a one-launch step (StepSpec.one_launch; kernels/step.py), which its last CTA sets back to zero.
-StepArgs = NamedTuple("StepArgs", [(name, Any) for name in (*ConvGateArgs._fields, "A_log", "dt_bias", "output",
-                                                            "sync")])
+# The tensors of the fused step's one compiled function (StepSpec), in order: ConvGateArgs', then the
+# decode's tensors that are not the workspace's views (its q, k, v, a and b are views of qkv_out and
+# ba_out; its slot indices are state_indices): A_log [HV], dt_bias [HV], ssm_state [P, HV, V, K] and
+# the output [B, 1, HV, V]; and sync [SYNC_WORDS] int32, zero between launches: the counters of a one-launch
+# step (StepSpec.one_launch; kernels/step.py), which its last CTA sets back to zero.
+StepArgs = NamedTuple("StepArgs", [(name, Any) for name in (*ConvGateArgs._fields, "A_log", "dt_bias", "ssm_state",
+                                                            "output", "sync")])
 SYNC_WORDS = 4
 
 
@@ -427,8 +418,6 @@ class StepSpec:
              "one launch needs a decode that waits for its inputs (pdl_wait) and conv/gate CTAs that project"),
             ((d.H, d.HV, d.K, d.V) == (c.H, c.HV, c.D, c.D), "the two kernels' geometries differ"),
             (d.arch == c.arch and d.device_class == c.device_class, "the two kernels' targets differ"),
-            ((c.state_dtype, c.strided_state) == (d.state_dtype, d.strided_state),
-             "the conv/gate kernel's state is not the decode's"),
             (d.io_dtype == "bfloat16" and d.index_dtype == "int32", "the workspace is bf16, the slots int32"),
         ))
 

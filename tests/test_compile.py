@@ -227,15 +227,8 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
     ("split", dict(CONV_GATE_VARIANTS)["convgate-tp4-w2-nobias"], dict(conv_gate_split_rows=768), (512, 1, False)),
     ("split", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"],
      dict(conv_gate_threads_small=128, conv_gate_split_rows=64, conv_gate_split_batch_rows=3), (128, 3, False)),
-    # The step's state prefetched into L2 by the conv CTAs: a bf16 state in 16 KiB pieces of 64 rows, and
-    # padded fp32 rows (a strided state) one row per piece.
-    ("split", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True, state_dtype="bfloat16"),
-     dict(fused_step_state_prefetch={"split": 24 << 20}), (512, 1, False)),
-    ("gemm", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"] | dict(state_dtype="float32",
-                                                                                strided_state=True),
-     dict(conv_gate_gemm_heads_per_sm=16, fused_step_state_prefetch={"gemm": 1 << 20}), (128, 1, False)),
 ], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "small-1024", "h200-gemm", "split20-rows4",
-        "split768-tp4", "split64-hv6-rows3", "state-prefetch-bf16-split", "state-prefetch-strided-gemm"])
+        "split768-tp4", "split64-hv6-rows3"])
 def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
     """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses
@@ -250,7 +243,6 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
     config = policy.ConvGateConfig.for_spec(s)
     assert (config.threads, config.gate_rows, config.gate_prefetch) == expected
     assert (config.gate_ctas == 0) == (regime == "gemm")
-    assert bool(config.state_prefetch_heads) == bool(change.get("fused_step_state_prefetch"))
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 
@@ -263,9 +255,8 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
 def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
     """The fused step's compiled functions (StepSpec: the conv/gate kernel and the decode on views
     of its workspace, one TVM-FFI function) as the H200 table lays them out on sm_90a and the arch's
-    own on sm_100a: the split projection's partial sums, read as [parts, B, 1, HV] views, the one
-    launch of the small and split regimes and the conv CTAs' state prefetch (both switched on here)
-    included."""
+    own on sm_100a: the split projection's partial sums, read as [parts, B, 1, HV] views, and the one
+    launch of the small and split regimes (switched on here) included."""
     import dataclasses
 
     import torch
@@ -280,9 +271,8 @@ def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
     facts = DeviceFacts(arch, 132, "sm90-hbm3e" if arch == "sm_90a" else None)
     # the one launch, off in the tables (slower than two launches on the H100)
     for name, table in policy.DEVICE_TABLES.items():
-        monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(
-            table, fused_step_one_launch=("small", "split"),
-            fused_step_state_prefetch={r: 16 << 20 for r in ("small", "split", "large", "gemm")}))
+        monkeypatch.setitem(policy.DEVICE_TABLES, name, dataclasses.replace(table, fused_step_one_launch=("small",
+                                                                                                          "split")))
     dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[state]
     specs = engine_specs.kernel_specs("fused-step", Problem(1, 1, H, HV, 128, 128), facts, io=torch.bfloat16,
                                       state=dtype, hidden=hidden, use_l2norm=True, regime=regime)
@@ -291,7 +281,6 @@ def test_fused_step_compiles(monkeypatch, arch, state, H, HV, hidden, regime):
     # the small conv/gate regime's step is one launch (its decode CTAs waiting on a counter)
     assert any(s.one_launch for s in steps) and all(s.one_launch == (s.conv.regime != "large") for s in steps
                                                     if s.conv.regime != "gemm")
-    assert all(policy.ConvGateConfig.for_spec(s.conv).state_prefetch_heads for s in steps)
     for s in steps:
         fn = compile_kernel(s)
         assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"

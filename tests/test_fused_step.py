@@ -381,31 +381,6 @@ def test_conv_gate_settings_reach_the_build(monkeypatch, regime, change, expecte
         assert config.split_rows % (config.threads // 4) == 0 and -(-5120 // config.split_rows) == config.gate_ctas
 
 
-@pytest.mark.parametrize("regime", ["small", "split", "large", "gemm"])
-def test_state_prefetch_heads_follow_the_table(monkeypatch, regime):
-    """DeviceTable.fused_step_state_prefetch: the bytes of state the conv CTAs prefetch, in whole heads
-    of the spec's state dtype, in the regimes the table names; none without a state (a conv/gate build
-    on its own) or in a regime the table does not name. A state dtype past STATE_DTYPES is refused."""
-    import dataclasses
-
-    from flashgdn.kernels import policy
-    from flashgdn.spec import ConvGateSpec
-
-    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
-        policy.SM90_HBM3E, fused_step_state_prefetch={regime: (24 << 20) + 1000}))
-    spec = ConvGateSpec(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=False, arch="sm_90a",
-                        device_class="sm90-hbm3e", regime=regime)
-    heads = lambda s: policy.ConvGateConfig.for_spec(s).state_prefetch_heads  # noqa: E731
-    assert heads(spec) == 0
-    # a head of 128 x 128: 32 KiB in bf16, 64 KiB in fp32
-    assert heads(dataclasses.replace(spec, state_dtype="bfloat16")) == 768
-    assert heads(dataclasses.replace(spec, state_dtype="float32", strided_state=True)) == 384
-    other = "gemm" if regime != "gemm" else "small"
-    assert heads(dataclasses.replace(spec, state_dtype="bfloat16", regime=other)) == 0
-    with pytest.raises(ValueError, match="state_dtype must be None or one of"):
-        dataclasses.replace(spec, state_dtype="float16")
-
-
 @pytest.mark.parametrize("table, hidden, HV, rows", [
     ("sm90-hbm3", 5120, 48, 2),  # Qwen3.5 TP1: a 960 KiB w_ba
     ("sm90-hbm3", 2048, 32, 1),  # Qwen3-Next TP1: 256 KiB
@@ -463,8 +438,6 @@ def test_step_spec_pairs_one_conv_gate_build_with_its_decode():
         (dataclasses.replace(step.conv, HV=32), step.decode, "geometries differ"),
         (dataclasses.replace(step.conv, arch="sm_100a"), step.decode, "targets differ"),
         (step.conv, dataclasses.replace(step.decode, index_dtype="int64"), "slots int32"),
-        (dataclasses.replace(step.conv, state_dtype="float32"), step.decode, "state is not the decode's"),
-        (dataclasses.replace(step.conv, strided_state=True), step.decode, "state is not the decode's"),
     ):
         with pytest.raises(ValueError, match=message):
             StepSpec(conv, decode)

@@ -289,46 +289,6 @@ def test_one_launch_equals_two_launches(monkeypatch, geom, sdt):
     assert one_launches, "no batch size ran one launch"
 
 
-def _strided_rows(state):
-    """The same values in a state whose rows are padded past K (16 bytes: KernelSpec.strided_state),
-    the padding NaN."""
-    P, HV, V, K = state.shape
-    wide = torch.full((P, HV, V, K + 16 // state.element_size()), float("nan"), dtype=state.dtype, device=DEV)
-    wide[..., :K] = state
-    return wide[..., :K]
-
-
-# The conv CTAs' L2 prefetch of the step's state (DeviceTable.fused_step_state_prefetch) in every
-# conv/gate regime, 1 MiB: a budget that ends inside the batch (4 to 64 heads).
-STATE_PREFETCH = {regime: 1 << 20 for regime in ("small", "split", "large", "gemm")}
-
-
-@pytest.mark.parametrize("change", [{}, SPLIT_ANY], ids=["small-large", "split"])
-@pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen3next-tp4", "d64-hv6-w3", "d256-w2")],
-                         ids=lambda g: g[0])
-@pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
-def test_matches_reference_with_the_state_prefetch(monkeypatch, change, geom, sdt):
-    """The step with its conv CTAs prefetching the state into L2 (a hint: nothing it reads or writes
-    changes): the reference's results for rows inside and past the budget, padding and out-of-range
-    slots (which prefetch nothing), a packed state (pieces of up to 16 KiB of a head's rows) and one
-    whose rows are padded (a row per piece)."""
-    from flashgdn.kernels import policy
-
-    specs = use_h200_table(monkeypatch, fused_step_state_prefetch=STATE_PREFETCH, **change)
-    _, H, HV, D, hidden, width, bias = geom
-    for n, (B, strided) in enumerate(((1, False), (70, True), (130, False))):
-        P = 2 * B + 5
-        kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout="SD", bias=bias,
-                               slots=_slots(B, P, pad=B > 1, invalid=B > 1, seed=n), device=DEV, seed=80 + n)
-        if strided:
-            kw["ssm_state"] = _strided_rows(kw["ssm_state"])
-        run_and_check(kw)
-    convs = _convs(specs)
-    assert convs and all(policy.ConvGateConfig.for_spec(c).state_prefetch_heads for c in convs)
-    assert {c.strided_state for c in convs} == {False, True}
-    assert not change or any(c.regime == "split" for c in convs)
-
-
 GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0)  # from B * HV > 264
 
 

@@ -52,13 +52,6 @@ def _strided(dtype, shape, divisibility: int, inner_static: tuple = (1,)):
     return make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
 
 
-def _fake_state(dtype: str, slots, HV: int, rows: int, cols: int, strided: bool):
-    """Fake state [slots, HV, rows, cols]: a 16-byte-aligned slot stride, and head and row strides
-    static (packed) or, for a strided state (a padded pool), dynamic too: only the last dim static."""
-    return _strided(CUTLASS_DTYPES[dtype], (slots, HV, rows, cols), vec_elems(dtype),
-                    inner_static=(1,) if strided else (rows * cols, cols, 1))
-
-
 def fake_arguments(spec: AnySpec, batch=None):
     """Fake tensors of the variant's arguments (KernelArgs; CommitArgs for a CommitSpec,
     ConvGateArgs for a ConvGateSpec, StepArgs for a StepSpec), batch and pool sizes symbolic (the
@@ -70,7 +63,7 @@ def fake_arguments(spec: AnySpec, batch=None):
     if isinstance(spec, StepSpec):
         B = cute.sym_int()
         decode = fake_arguments(spec.decode, B)
-        return StepArgs(*_fake_conv_gate_arguments(spec.conv, B, decode.state), decode.A_log, decode.dt_bias,
+        return StepArgs(*_fake_conv_gate_arguments(spec.conv, B), decode.A_log, decode.dt_bias, decode.state,
                         decode.output, make_fake_tensor(cutlass.Int32, (SYNC_WORDS,), stride=(1,), assumed_align=16))
     io = CUTLASS_DTYPES[spec.io_dtype]
     st = CUTLASS_DTYPES[spec.state_dtype]
@@ -86,6 +79,8 @@ def fake_arguments(spec: AnySpec, batch=None):
     st_div = vec_elems(spec.state_dtype)
     rows, cols = (V, K) if spec.layout == "klast" else (K, V)
     inner = (rows * cols, cols, 1)
+    # A strided state (a padded pool) keeps only its last dim static.
+    state_inner = (1,) if spec.strided_state else inner
     raw_gates = not spec.precomputed_gates
     beta = CUTLASS_DTYPES[spec.beta_dtype or spec.gate_dtype]
     # Packed and flat rows (KernelSpec.row_form): the engine's tensors as they are, its slot indices of
@@ -112,7 +107,7 @@ def fake_arguments(spec: AnySpec, batch=None):
         b=_strided(beta, gate_shape, 1),
         A_log=make_fake_tensor(cutlass.Float32, (HV,), stride=(1,), assumed_align=4) if raw_gates else None,
         dt_bias=make_fake_tensor(CUTLASS_DTYPES[spec.dt_bias_dtype], (HV,), stride=(1,)) if raw_gates else None,
-        state=_fake_state(spec.state_dtype, cute.sym_int() if spec.pool else B, HV, rows, cols, spec.strided_state),
+        state=_strided(st, (cute.sym_int() if spec.pool else B, HV, rows, cols), st_div, inner_static=state_inner),
         # vLLM's slots come from token_state_indices alone
         state_indices=slot_index() if spec.pool and not spec.vllm_slots else None,
         output_state_indices=make_fake_tensor(idx_t, (B,), stride=(1,)) if spec.has_out_indices else None,
@@ -138,11 +133,10 @@ def fake_arguments(spec: AnySpec, batch=None):
     )
 
 
-def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None, state=None) -> ConvGateArgs:
+def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None) -> ConvGateArgs:
     """Fake tensors of a conv/gate variant's arguments: batch (`batch` where given) and pool sizes
     symbolic, the conv weight, bias and state strides all dynamic (any layout), w_ba's rows whole
-    column blocks; ssm_state the decode's fake `state` (a step's), or where the spec names a state
-    dtype and none is given, a packed one of its own."""
+    column blocks."""
     bf16 = cutlass.BFloat16
     B, P = cute.sym_int() if batch is None else batch, cute.sym_int()
     C, W = spec.qkv_dim, spec.width
@@ -159,8 +153,6 @@ def _fake_conv_gate_arguments(spec: ConvGateSpec, batch=None, state=None) -> Con
         # the split regime's fp32 partial sums, else the bf16 projection
         ba_out=(_strided(cutlass.Float32, (parts, B, 2 * spec.HV), 1) if parts
                 else _strided(bf16, (B, 2 * spec.HV), 1)),
-        ssm_state=(state if state is not None or not spec.state_dtype
-                   else _fake_state(spec.state_dtype, P, spec.HV, spec.D, spec.D, spec.strided_state)),
     )
 
 

@@ -13,10 +13,7 @@ gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) g
   writes the new window (old[1:], x) back. Each channel has exactly one reader and writer, so
   the in-place update has no race. The conv state is addressed through its dynamic strides: one
   build serves the "SD" pool (a transposed view, channels contiguous: coalesced) and the "DS"
-  pool (windows contiguous). In a fused step whose table says so (ConvGateConfig.state_prefetch_heads),
-  the row's conv threads first have the TMA engine bring the row's ssm_state into L2, one piece each:
-  the decode's CTAs find no room beside this kernel's until it ends, so its state reads would start
-  only then.
+  pool (windows contiguous).
 - gate CTA: one block of gate_vec columns of w_ba (one 16-byte load per row), its dot products
   with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
   the sums are rounded to bf16 as the projection's bf16 output is. A gate CTA serves its group's
@@ -42,9 +39,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 
-from ..spec import DTYPE_BYTES, ConvGateArgs, ConvGateSpec, conv_gate_blocks
+from ..spec import ConvGateArgs, ConvGateSpec, conv_gate_blocks
 from . import common
-from .policy import STATE_PREFETCH_PIECE, ConvGateConfig
+from .policy import ConvGateConfig
 
 
 class ConvGate:
@@ -59,13 +56,6 @@ class ConvGate:
         # The split gate's lanes of one column block sit blocks_pad apart: its sums are added with a
         # butterfly over those offsets only (cute.arch's warp reductions add up adjacent lanes).
         self.block_lane_offsets = [off for off in (1, 2, 4, 8, 16) if off >= self.blocks_pad]
-        # The state prefetch's pieces: a head's rows in ranges of at most STATE_PREFETCH_PIECE bytes, or one
-        # row each where the rows are separate ranges (a strided state)
-        if spec.state_dtype:
-            self.state_row_bytes = spec.D * DTYPE_BYTES[spec.state_dtype]
-            piece_rows = max(1, min(spec.D, STATE_PREFETCH_PIECE // self.state_row_bytes))
-            self.state_rows = 1 if spec.strided_state else piece_rows
-            self.pieces_per_head = spec.D // self.state_rows
 
     @cute.jit
     def __call__(self, *args_and_stream):
@@ -123,8 +113,6 @@ class ConvGate:
         tid, _, _ = cute.arch.thread_idx()
         c = part * self.config.threads + tid
         slot = Int64(gmem.state_indices[b])
-        if const_expr(self.config.state_prefetch_heads):
-            self._prefetch_state(gmem, b, c, slot)
         if c < spec.qkv_dim:
             if slot >= Int64(0):
                 if slot < Int64(gmem.conv_state.shape[0]):
@@ -140,21 +128,6 @@ class ConvGate:
                     for j in cutlass.range_constexpr(W - 2):
                         gmem.conv_state[slot, c, j] = window[j + 1]
                     gmem.conv_state[slot, c, W - 2] = x
-
-    @cute.jit
-    def _prefetch_state(self, gmem: ConvGateArgs, b: Int32, c: Int32, slot: Int64):
-        """Conv thread c of batch row b brings piece c of the row's ssm_state into L2 for the decode
-        behind this kernel: state_rows rows of head c // pieces_per_head, for the (row, head) pairs in
-        the decode's order below config.state_prefetch_heads (the row's qkv_dim threads outnumber its
-        HV * pieces_per_head pieces). Nothing where the slot reads no state (padding, past the pool)."""
-        mS = gmem.ssm_state
-        HV = self.spec.HV
-        hv = c // self.pieces_per_head
-        if hv < HV and b * HV + hv < self.config.state_prefetch_heads:
-            if slot >= Int64(0):
-                if slot < Int64(mS.shape[0]):
-                    row = (c % self.pieces_per_head) * self.state_rows
-                    common.bulk_prefetch(mS[slot, hv, row, None].iterator, self.state_rows * self.state_row_bytes)
 
     @cute.jit
     def _gate(self, gmem: ConvGateArgs, group: Int32, block: Int32):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Dict, Optional, Tuple, Union
 
-from ..spec import DTYPE_BYTES, CommitSpec, ConvGateSpec, KernelSpec, conv_gate_blocks, vec_elems
+from ..spec import CommitSpec, ConvGateSpec, KernelSpec, conv_gate_blocks, vec_elems
 
 # Kernel classes (names of the kernel layer's classes, kernels.build.KERNELS).
 KLAST, KMAJOR, KMTP, KMTP_MMA = "KLastDecode", "KMajorDecode", "KLastMTP", "KLastMTPMma"
@@ -129,12 +129,6 @@ class DeviceTable:
     # None in either table: on the H100 it runs 0.70-0.91x the speed of two launches with PDL at the TP1 and
     # TP4 shapes, B = 1-64 (RESULTS.md "Fused decode step"); its GPU tests switch it on.
     fused_step_one_launch: Tuple[str, ...] = ()
-    # Bytes of the fused step's state, from its first batch row on in the decode's order, that the conv
-    # CTAs have the TMA engine bring into L2 (bulk prefetches of whole heads' rows, no wait), by conv/gate
-    # regime (absent: none). The decode's CTAs find no room beside the conv/gate CTAs until those end, so
-    # without it the state's DRAM reads start after the conv/gate kernel's; with it they overlap it. Empty in
-    # both tables: not timed on a GPU yet (RESULTS.md "Fused decode step"); its GPU tests switch it on.
-    fused_step_state_prefetch: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # Tuned on the H100 (SM90, 132 SMs, HBM3).
@@ -536,11 +530,6 @@ def _conv_gate_ranges(table: DeviceTable, split_ok: bool = True) -> Dict[str, Tu
     return {r: bounds for r, bounds in ranges.items() if kept[r]}
 
 
-# Most bytes of one bulk prefetch of the conv CTAs' state prefetch (ConvGateConfig.state_prefetch_heads): a
-# large-batch decode CTA's tile, the size the decode's own L2 prefetch moves.
-STATE_PREFETCH_PIECE = 16 << 10
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvGateConfig:
     """How a ConvGateSpec is built: CTA threads and how many CTAs of each kind serve a batch row."""
@@ -553,9 +542,6 @@ class ConvGateConfig:
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
     gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows, conv_gate_split_batch_rows)
     split_rows: int = 0  # hidden rows per gate CTA of the split projection (0: column-block CTAs)
-    # (batch row, value head) pairs, in the decode's order, whose state the conv CTAs prefetch into L2
-    # (DeviceTable.fused_step_state_prefetch in whole heads; 0: none)
-    state_prefetch_heads: int = 0
 
     @property
     def partial_sums(self) -> int:
@@ -578,20 +564,17 @@ class ConvGateConfig:
         small = spec.regime in ("small", "split")
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
         conv_ctas = -(-spec.qkv_dim // threads)
-        head_bytes = spec.D * spec.D * DTYPE_BYTES[spec.state_dtype] if spec.state_dtype else 0
-        heads = table.fused_step_state_prefetch.get(spec.regime, 0) // head_bytes if head_bytes else 0
         if spec.regime == "gemm":
-            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1,
-                       state_prefetch_heads=heads)
+            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1)
         split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
         w_ba_bytes = _w_ba_bytes(spec.hidden, spec.HV)
         if split:
             rows = table.conv_gate_split_batch_rows if w_ba_bytes >= table.conv_gate_split_batch_rows_min_bytes else 1
             return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=-(-spec.hidden // split), gate_prefetch=False,
-                       gate_rows=rows, split_rows=split, state_prefetch_heads=heads)
+                       gate_rows=rows, split_rows=split)
         rows = table.conv_gate_rows if spec.regime == "large" and w_ba_bytes >= table.conv_gate_rows_min_bytes else 1
         return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=conv_gate_blocks(spec.HV)[0],
-                   gate_prefetch=table.conv_gate_prefetch, gate_rows=rows, state_prefetch_heads=heads)
+                   gate_prefetch=table.conv_gate_prefetch, gate_rows=rows)
 
 
 def split_gate_rows(hidden: int, HV: int, threads: int, rows: int) -> int:
