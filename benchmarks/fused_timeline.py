@@ -4,6 +4,11 @@ decode alone (the packed decode on the same pool), so that what the conv/gate ke
 
     python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 1 4 16 \\
         --settings table conv_gate_threads_small=128 fused_step_pdl=False
+    python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 16 --graph
+
+Eager, the second kernel's launch reaches the GPU several microseconds after the first kernel starts,
+so a start time there may be the launch's arrival, not the GPU's; --graph replays each call from a
+CUDA graph, as the events tables time it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import flashgdn
 from flashgdn.bench.engine_rows import fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.table_setting import label, switched
-from flashgdn.bench.timing import L2Flusher
+from flashgdn.bench.timing import L2Flusher, graph_replay
 from flashgdn.cache import CompileCache, compile_variant
 from flashgdn.device import facts_of
 from fused_table import gpu_missing, step_parser, step_row  # this script's folder is on sys.path
@@ -62,23 +67,29 @@ def summary(calls: list) -> str:
 def main(argv=None) -> int:
     p = step_parser(__doc__, [1, 4, 16], default=[{}])
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--graph", action="store_true", help="replay each call from a CUDA graph (no host launch gaps)")
     args = p.parse_args(argv)
     if gpu_missing("fused_timeline"):
         return 2
     device_class = facts_of(torch.device("cuda")).device_class
     caches = [CompileCache(compile_variant) for _ in args.settings]
-    print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads}; CUPTI kernel records, cold L2, "
-          f"median of {args.iters}: kN duration, kN@ start after k0, span (µs)")
+    mode = "CUDA graph replays" if args.graph else "eager calls"
+    print(f"hidden={args.hidden_size} H={args.num_q_heads} HV={args.num_v_heads}; CUPTI kernel records of {mode}, "
+          f"cold L2, median of {args.iters}: kN duration, kN@ start after k0, span (µs)")
+
+    def run(fn):
+        return graph_replay(fn) if args.graph else fn
+
     for sdt in args.state_dtype:
         for B in args.batch_size:
             row = step_row(args, sdt, B)
             inp = fused_step_inputs(row, "cuda", 0)
             for setting, cache in zip(args.settings, caches):
                 with switched(device_class, setting, cache):
-                    calls = kernel_records(lambda: flashgdn.gdn_fused_decode_step(**inp), args.iters)
+                    calls = kernel_records(run(lambda: flashgdn.gdn_fused_decode_step(**inp)), args.iters)
                 print(f"{sdt} B={B:<4d} {label(setting):40s} {summary(calls)}", flush=True)
             decode = fused_step_decode_call(row, inp)
-            print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(kernel_records(decode, args.iters))}",
+            print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(kernel_records(run(decode), args.iters))}",
                   flush=True)
     return 0
 

@@ -234,7 +234,7 @@ def test_fused_table_without_a_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert load_benchmark("fused_table").main(["--settings", "conv_gate_threads=256"]) == 2  # times nothing
-    assert load_benchmark("fused_timeline").main(["--settings", "table", "fused_step_pdl=False"]) == 2
+    assert load_benchmark("fused_timeline").main(["--settings", "table", "fused_step_pdl=False", "--graph"]) == 2
     assert load_benchmark("composed_parts").main(["--conv-configs"]) == 2
 
 
