@@ -18,7 +18,7 @@ composed path runs them, the decode a programmatic dependent of the conv. Where 
 conv/gate regime (policy.fused_step_one_launch) the two kernels are one launch (StepSpec.one_launch,
 kernels/step.py): the decode's CTAs wait in the same grid on a counter of finished conv/gate CTAs, which
 the workspace holds. The workspace (_Workspace) is cached per (device, stream, qkv_dim, HV, partial
-sums): a call allocates only when its batch exceeds every earlier one on that stream (the
+sums, one launch or not): a call allocates only when its batch exceeds every earlier one on that stream (the
 capacity then doubles), so steady-state calls and CUDA-graph replays allocate nothing beyond the output;
 calls on one stream run in order, so they can share it. An outgrown workspace is kept, not freed: a CUDA
 graph captured with it still reads and writes its address. While torch.compile or torch.export traces, a
@@ -122,16 +122,18 @@ def _check_rows_aligned(name: str, t: torch.Tensor, elems: int) -> None:
 class _Plan:
     """A validated call signature: its Problem, conv width, device, and (after the first call)
     its compiled function (a StepSpec build), whether the b/a projection is a GEMM before it (the
-    "gemm" conv/gate regime) and how many partial sums of it the workspace holds (_Workspace)."""
+    "gemm" conv/gate regime), how many partial sums of it the workspace holds and whether the step is
+    one launch, which reads the workspace's counters (_Workspace)."""
 
-    __slots__ = ("problem", "width", "device", "fn", "gemm", "parts")
+    __slots__ = ("problem", "width", "device", "fn", "gemm", "parts", "counters")
 
     def __init__(self, problem, width, device):
-        self.problem, self.width, self.device, self.fn, self.gemm, self.parts = problem, width, device, None, False, 0
+        self.problem, self.width, self.device, self.fn = problem, width, device, None
+        self.gemm, self.parts, self.counters = False, 0, False
 
 
 _VALIDATED: dict = {}
-_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV, parts) -> _Workspace
+_WORKSPACES: dict = {}  # (device, stream, qkv_dim, HV, parts, counters) -> _Workspace
 _RETIRED: list = []  # outgrown workspaces, kept alive for the CUDA graphs that captured them
 
 
@@ -144,32 +146,33 @@ def _current_stream(device: torch.device) -> int:
 class _Workspace:
     """One stream's workspace: qkv [rows, qkv_dim] (bf16) and the b | a projection, ba [rows, 2 HV]
     (bf16) or, from the split projection, its `parts` fp32 partial sums [parts, rows, 2 HV]
-    (policy.ConvGateConfig.partial_sums); the one-launch step's counters, sync [SYNC_WORDS] int32,
-    zero (each launch leaves them zero); and per batch size B the rows a call of B rows takes of
-    them (with sync), sliced once."""
+    (policy.ConvGateConfig.partial_sums); sync [SYNC_WORDS] int32, the one-launch step's counters,
+    zero (each launch leaves them zero) where `counters`, else never read and left unset: no fill
+    kernel, which a CUDA graph captured on a stream new to the step would replay with every call;
+    and per batch size B the rows a call of B rows takes of them (with sync), sliced once."""
 
     __slots__ = ("qkv", "ba", "sync", "rows")
 
-    def __init__(self, rows: int, qkv_dim: int, HV: int, parts: int, device: torch.device):
+    def __init__(self, rows: int, qkv_dim: int, HV: int, parts: int, counters: bool, device: torch.device):
         self.qkv = torch.empty((rows, qkv_dim), dtype=torch.bfloat16, device=device)
         self.ba = (torch.empty((parts, rows, 2 * HV), dtype=torch.float32, device=device) if parts
                    else torch.empty((rows, 2 * HV), dtype=torch.bfloat16, device=device))
-        self.sync = torch.zeros(SYNC_WORDS, dtype=torch.int32, device=device)
+        self.sync = (torch.zeros if counters else torch.empty)(SYNC_WORDS, dtype=torch.int32, device=device)
         self.rows = {}
 
 
-def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int):
+def _workspace(device: torch.device, B: int, H: int, HV: int, D: int, parts: int, counters: bool = False):
     """(qkv [B, qkv_dim], ba [B, 2 HV] or [parts, B, 2 HV], sync): this stream's workspace rows and
-    counters (module docstring)."""
+    counters (module docstring; `counters`: a one-launch step's workspace, whose counters are zero)."""
     qkv_dim = (2 * H + HV) * D
-    key = (device, _current_stream(device), qkv_dim, HV, parts)
+    key = (device, _current_stream(device), qkv_dim, HV, parts, counters)
     ws = _WORKSPACES.get(key)
     if ws is None or ws.qkv.shape[0] < B:
         if ws is not None:
             # A CUDA graph captured on the smaller workspace keeps using its address: never free it.
             _RETIRED.append(ws)
         ws = _WORKSPACES[key] = _Workspace(max(MIN_WORKSPACE_ROWS, 1 << math.ceil(math.log2(max(B, 1)))), qkv_dim, HV,
-                                           parts, device)
+                                           parts, counters, device)
     rows = ws.rows.get(B)
     if rows is None:
         rows = ws.rows[B] = (ws.qkv[:B], ws.ba[..., :B, :], ws.sync)
@@ -268,11 +271,11 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
     key, fast = fastpath.find(api.CHECK_INDICES, _step_key, hidden_states, mixed_qkv, conv_bias, conv_state,
                               ssm_state, out, scale, use_qk_l2norm)
     if fast is not None:
-        device, p, gemm_guard, parts = fast.extra
+        device, p, gemm_guard, parts, counters = fast.extra
         try:
             if gemm_guard is None or gemm_guard == _gemm_facts(hidden_states, w_ba):
                 o = _output(out, p, device)
-                rows = _workspace(device, p.B, p.H, p.HV, p.K, parts)
+                rows = _workspace(device, p.B, p.H, p.HV, p.K, parts, counters)
                 _launches(fast.fn, gemm_guard is not None, rows, hidden_states, w_ba, mixed_qkv, conv_weight,
                           conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, o)
                 _host_remember(key, call, rows, p, gemm_guard is not None)
@@ -297,9 +300,11 @@ def _fused_step(hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_sta
         if key is not None and plan.fn is not None:  # not when the launch is stubbed
             # the gemm regime's guard (_fused_step), None in the other regimes
             gemm_guard = _gemm_facts(hidden_states, w_ba) if plan.gemm else None
-            fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm_guard, plan.parts)))
+            fastpath.remember(key, fastpath.Fast(plan.fn, extra=(plan.device, p, gemm_guard, plan.parts,
+                                                                 plan.counters)))
             if call is not None:
-                _host_remember(key, call, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), p, plan.gemm)
+                _host_remember(key, call, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts, plan.counters), p,
+                               plan.gemm)
     return o
 
 
@@ -367,10 +372,11 @@ def _launch(plan, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_s
 
         [spec] = kernel_specs(p, hidden_states.shape[1], plan.width, conv_bias is not None, ssm_state.dtype,
                               decode_args, api.CallOptions(scale, use_qk_l2norm), facts_of(plan.device))
-        plan.gemm, plan.parts = spec.conv.regime == "gemm", spec.decode.gate_parts
+        plan.gemm, plan.parts, plan.counters = spec.conv.regime == "gemm", spec.decode.gate_parts, spec.one_launch
         plan.fn = kernel_cache.get(spec)
-    _launches(plan.fn, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts), hidden_states, w_ba,
-              mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias, ssm_state, out)
+    _launches(plan.fn, plan.gemm, _workspace(plan.device, p.B, p.H, p.HV, p.K, plan.parts, plan.counters),
+              hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices, A_log, dt_bias,
+              ssm_state, out)
 
 
 def _launches(fn, gemm: bool, ws, hidden_states, w_ba, mixed_qkv, conv_weight, conv_bias, conv_state, state_indices,

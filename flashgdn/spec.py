@@ -389,8 +389,8 @@ class ConvGateSpec:
 # The tensors of the fused step's one compiled function (StepSpec), in order: ConvGateArgs', then the
 # decode's tensors that are not the workspace's views (its q, k, v, a and b are views of qkv_out and
 # ba_out; its slot indices are state_indices): A_log [HV], dt_bias [HV], ssm_state [P, HV, V, K] and
-# the output [B, 1, HV, V]; and sync [SYNC_WORDS] int32, zero between launches: the counters of a one-launch
-# step (StepSpec.one_launch; kernels/step.py), which its last CTA sets back to zero.
+# the output [B, 1, HV, V]; and sync [SYNC_WORDS] int32: the counters of a one-launch step (StepSpec.one_launch;
+# kernels/step.py), zero between launches (its last CTA sets them back to zero); other steps never read it.
 StepArgs = NamedTuple("StepArgs", [(name, Any) for name in (*ConvGateArgs._fields, "A_log", "dt_bias", "ssm_state",
                                                             "output", "sync")])
 SYNC_WORDS = 4

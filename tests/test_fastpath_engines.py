@@ -418,7 +418,7 @@ def test_fused_step_workspace_follows_the_current_stream(calls, monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)
     STEP(**kw)
     assert len(full) == n  # the fast path
-    ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4, 0)] for s in (7, 8))
+    ws7, ws8 = (fused_step._WORKSPACES[(torch.device("cpu"), s, 512, 4, 0, False)] for s in (7, 8))
     # One compiled function per step (StepArgs: the conv/gate kernel writes qkv (argument 7) and ba
     # (8), which the decode reads)
     assert len(launched) == 2

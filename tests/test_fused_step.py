@@ -145,19 +145,24 @@ def test_workspace_is_reused_and_grows_by_doubling(monkeypatch):
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 7)
     cpu = torch.device("cpu")
     H, HV, D = 2, 4, 64  # qkv_dim 512
-    q1, b1, s1 = fused_step._workspace(cpu, 3, H, HV, D, 0)
-    q2, b2, s2 = fused_step._workspace(cpu, 16, H, HV, D, 0)
+    q1, b1, s1 = fused_step._workspace(cpu, 3, H, HV, D, 0, counters=True)
+    q2, b2, s2 = fused_step._workspace(cpu, 16, H, HV, D, 0, counters=True)
     assert q1.data_ptr() == q2.data_ptr() and q2.shape == (16, 512) and b2.shape == (16, 8)
     assert q1.shape == (3, 512) and b1.shape == (3, 8)
     # the one-launch step's counters: zero, one tensor for every batch of the stream's workspace
     assert s1 is s2 and s1.dtype == torch.int32 and s1.tolist() == [0] * SYNC_WORDS
-    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0), (q1, b1, s1)))  # sliced once
-    q3, _, s3 = fused_step._workspace(cpu, 17, H, HV, D, 0)
+    assert all(x is y for x, y in zip(fused_step._workspace(cpu, 3, H, HV, D, 0, True), (q1, b1, s1)))  # sliced once
+    q3, _, s3 = fused_step._workspace(cpu, 17, H, HV, D, 0, True)
     assert s3 is not s1 and s3.tolist() == [0] * SYNC_WORDS  # a grown workspace: new counters, zero
-    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4, 0)].qkv.shape[0] == 32
-    assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() == q3.data_ptr()
+    assert q3.data_ptr() != q1.data_ptr() and fused_step._WORKSPACES[(cpu, 7, 512, 4, 0, True)].qkv.shape[0] == 32
+    assert fused_step._workspace(cpu, 5, H, HV, D, 0, True)[0].data_ptr() == q3.data_ptr()
+    # a two-launch step's workspace is another, its counters never read: set by no fill (a CUDA graph captured on a
+    # stream new to the step would replay a fill kernel with every call)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("a two-launch workspace filled its counters"))
+    q4, _, s4 = fused_step._workspace(cpu, 5, H, HV, D, 0)
+    assert q4.data_ptr() != q3.data_ptr() and s4 is not s3 and s4.shape == (SYNC_WORDS,)
     monkeypatch.setattr(fused_step, "_current_stream", lambda device: 8)  # another stream: its own workspace
-    assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() != q3.data_ptr()
+    assert fused_step._workspace(cpu, 5, H, HV, D, 0)[0].data_ptr() != q4.data_ptr()
 
 
 def test_workspace_of_partial_sums_feeds_the_decode_their_views(monkeypatch):
