@@ -89,8 +89,8 @@ def main(argv=None) -> int:
                     calls = kernel_records(run(lambda: flashgdn.gdn_fused_decode_step(**inp)), args.iters)
                 print(f"{sdt} B={B:<4d} {label(setting):40s} {summary(calls)}", flush=True)
             decode = fused_step_decode_call(row, inp)
-            print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(kernel_records(run(decode), args.iters))}",
-                  flush=True)
+            calls = kernel_records(run(decode), args.iters)
+            print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(calls)}", flush=True)
     return 0
 
 
