@@ -5,6 +5,7 @@ decode alone (the packed decode on the same pool), so that what the conv/gate ke
     python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 1 4 16 \\
         --settings table conv_gate_threads_small=128 fused_step_pdl=False
     python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 16 --graph
+    python benchmarks/fused_timeline.py --hidden-size 5120 --num-v-heads 48 --batch-size 64 256 --graph --composed
 
 Eager, the second kernel's launch reaches the GPU several microseconds after the first kernel starts,
 so a start time there may be the launch's arrival, not the GPU's; --graph replays each call from a
@@ -18,7 +19,7 @@ import sys
 import torch
 
 import flashgdn
-from flashgdn.bench.engine_rows import fused_step_decode_call, fused_step_inputs
+from flashgdn.bench.engine_rows import COMPOSED, fused_step_decode_call, fused_step_inputs
 from flashgdn.bench.table_setting import label, switched
 from flashgdn.bench.timing import L2Flusher, graph_replay
 from flashgdn.cache import CompileCache, compile_variant
@@ -55,12 +56,14 @@ def kernel_records(fn, iters: int) -> list:
 
 
 def summary(calls: list) -> str:
-    """Median duration of each kernel, the start of each after the first, and the span (µs)."""
+    """Median duration of each kernel, the start of each after the first, the span (µs), and the
+    kernels' names (their first 24 characters)."""
     n = min(len(c) for c in calls)
     med = lambda xs: statistics.median(xs) / 1e3  # noqa: E731
     parts = [f"k{i} {med([c[i][1] - c[i][0] for c in calls]):6.2f}" for i in range(n)]
     parts += [f"k{i}@{med([c[i][0] - c[0][0] for c in calls]):5.2f}" for i in range(1, n)]
     parts.append(f"span {med([max(r[1] for r in c) - c[0][0] for c in calls]):6.2f}")
+    parts.append("[" + " | ".join(r[2][:24] for r in calls[0][:n]) + "]")
     return "  ".join(parts)
 
 
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
     p = step_parser(__doc__, [1, 4, 16], default=[{}])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--graph", action="store_true", help="replay each call from a CUDA graph (no host launch gaps)")
+    p.add_argument("--composed", action="store_true",
+                   help="also the composed path's kernels (torch GEMV + conv update + packed decode), same inputs")
     args = p.parse_args(argv)
     if gpu_missing("fused_timeline"):
         return 2
@@ -88,6 +93,10 @@ def main(argv=None) -> int:
                 with switched(device_class, setting, cache):
                     calls = kernel_records(run(lambda: flashgdn.gdn_fused_decode_step(**inp)), args.iters)
                 print(f"{sdt} B={B:<4d} {label(setting):40s} {summary(calls)}", flush=True)
+            if args.composed:
+                call, _ = COMPOSED.prepare(row, fused_step_inputs(row, "cuda", 0))
+                calls = kernel_records(run(call), args.iters)
+                print(f"{sdt} B={B:<4d} {'composed':40s} {summary(calls)}", flush=True)
             decode = fused_step_decode_call(row, inp)
             calls = kernel_records(run(decode), args.iters)
             print(f"{sdt} B={B:<4d} {'decode alone (packed decode)':40s} {summary(calls)}", flush=True)

@@ -220,6 +220,9 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
     # The "gemm" regime: conv CTAs only (the b/a projection is a cuBLAS GEMM before it).
     ("gemm", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True), dict(conv_gate_gemm_heads_per_sm=16),
      (128, 1, False)),
+    # ...with 512 threads of 3 batch rows each (partial last groups of rows), at an odd hidden size.
+    ("gemm", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"],
+     dict(conv_gate_gemm_heads_per_sm=16, conv_gate_gemm_threads=512, conv_gate_gemm_conv_rows=3), (512, 1, False)),
     # The split regime: 12 column blocks padded to 16 lanes (one butterfly step), 20 slices, 4 batch
     # rows; 2 blocks (four steps) with a partial last slice; 3 blocks of 4 columns, 3 rows.
     ("split", dict(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True),
@@ -227,8 +230,8 @@ def test_conv_gate_compiles(monkeypatch, arch, kw):
     ("split", dict(CONV_GATE_VARIANTS)["convgate-tp4-w2-nobias"], dict(conv_gate_split_rows=768), (512, 1, False)),
     ("split", dict(CONV_GATE_VARIANTS)["convgate-hv6-d64-w3-odd-hidden"],
      dict(conv_gate_threads_small=128, conv_gate_split_rows=64, conv_gate_split_batch_rows=3), (128, 3, False)),
-], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "small-1024", "h200-gemm", "split20-rows4",
-        "split768-tp4", "split64-hv6-rows3"])
+], ids=["rows3-prefetch", "h200-small", "h200-large-rows4", "small-1024", "h200-gemm", "gemm-512-conv3",
+        "split20-rows4", "split768-tp4", "split64-hv6-rows3"])
 def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, expected):
     """The conv/gate kernel as the H200 table (sm90-hbm3e) builds it, with `change` applied."""
     import dataclasses
@@ -243,6 +246,7 @@ def test_conv_gate_table_builds_compile(monkeypatch, arch, regime, kw, change, e
     config = policy.ConvGateConfig.for_spec(s)
     assert (config.threads, config.gate_rows, config.gate_prefetch) == expected
     assert (config.gate_ctas == 0) == (regime == "gemm")
+    assert config.conv_rows == change.get("conv_gate_gemm_conv_rows", 1)
     fn = compile_kernel(s)
     assert fn is not None and callable(fn), f"{s.short_name()}: compile returned {fn!r}"
 

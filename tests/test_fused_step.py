@@ -336,11 +336,11 @@ def test_tune_times_its_shapes_in_turns(monkeypatch, capsys):
 
 def test_fused_timeline_summary():
     """Per kernel of a call its median duration, each later kernel's start after the first, and the
-    call's span (µs), from (start, end, name) records in ns."""
+    call's span (µs), from (start, end, name) records in ns, and the first call's kernel names."""
     calls = [[(0, 5000, "conv"), (3000, 12000, "decode")], [(100, 4100, "conv"), (2100, 13100, "decode")],
              [(0, 6000, "conv"), (4000, 10000, "decode")]]
     assert load_benchmark("fused_timeline").summary(calls).split() == [
-        "k0", "5.00", "k1", "9.00", "k1@", "3.00", "span", "12.00"]
+        "k0", "5.00", "k1", "9.00", "k1@", "3.00", "span", "12.00", "[conv", "|", "decode]"]
 
 
 @pytest.mark.parametrize("regime, change, expected", [
@@ -604,3 +604,24 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     assert policy.ConvGateConfig.for_spec(specs[-1].conv).gate_ctas == 0  # the gemm regime's conv runs alone
 
 
+
+
+def test_conv_rows_reach_the_gemm_regime_only(monkeypatch):
+    """conv_gate_gemm_threads and conv_gate_gemm_conv_rows build the gemm regime's conv-only kernel;
+    the other regimes keep one batch row per conv thread, and a kernel with gate CTAs refuses more."""
+    import dataclasses
+
+    from flashgdn.kernels import policy
+    from flashgdn.spec import ConvGateSpec
+
+    spec = lambda regime: ConvGateSpec(H=16, HV=48, D=128, hidden=5120, width=4, has_bias=True,  # noqa: E731
+                                       arch="sm_90a", device_class="sm90-hbm3e", regime=regime)
+    monkeypatch.setitem(policy.DEVICE_TABLES, "sm90-hbm3e", dataclasses.replace(
+        policy.SM90_HBM3E, conv_gate_gemm_threads=256, conv_gate_gemm_conv_rows=4))
+    built = {r: policy.ConvGateConfig.for_spec(spec(r)) for r in ("small", "split", "large", "gemm")}
+    assert {r: (c.threads, c.conv_rows) for r, c in built.items()} == {
+        "small": (512, 1), "split": (512, 1), "large": (128, 1), "gemm": (256, 4)}
+    assert built["gemm"].conv_ctas == 10240 // 256 and built["gemm"].gate_ctas == 0
+    for rows in (0, 2):
+        with pytest.raises(ValueError, match=r"conv_rows \(%d\) must be 1" % rows):
+            dataclasses.replace(built["large"] if rows else built["gemm"], conv_rows=rows)

@@ -296,22 +296,26 @@ GEMM_REGIME = dict(conv_gate_gemm_heads_per_sm=2, conv_gate_small_heads_per_sm=0
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in ("qwen3next-tp1", "qwen35-tp4", "d64-hv6-w3")],
                          ids=lambda g: g[0])
 @pytest.mark.parametrize("sdt", [F32, BF16], ids=["fp32", "bf16"])
-def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt):
+@pytest.mark.parametrize("conv", [{}, dict(conv_gate_gemm_conv_rows=4),
+                                  dict(conv_gate_gemm_conv_rows=3, conv_gate_gemm_threads=512)],
+                         ids=["table", "conv4", "conv3-512"])
+def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt, conv):
     """The "gemm" conv/gate regime (the b/a projection by torch.mm into the workspace, then the step's
     compiled function: a conv-only conv/gate kernel and the decode as its programmatic dependent): the
     same results as the reference, padding and an out-of-range slot included, in the DS and SD
-    layouts; the second call's w_ba requires grad (an nn.Parameter), outside torch.no_grad."""
+    layouts; the second call's w_ba requires grad (an nn.Parameter), outside torch.no_grad. With
+    several batch rows per conv thread, B = 70 and 130 leave a partial last group of rows."""
     from flashgdn.kernels import policy
 
-    specs = use_h200_table(monkeypatch, **GEMM_REGIME)
+    specs = use_h200_table(monkeypatch, **GEMM_REGIME, **conv)
     _, H, HV, D, hidden, width, bias = geom
     for n, (B, layout) in enumerate(((70, "SD"), (130, "DS"))):
         P = 2 * B + 5
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
                                slots=_slots(B, P, pad=True, invalid=True, seed=n), device=DEV, seed=50 + n)
         run_and_check(kw, gemm=True, w_ba_param=n == 1)
-    built = _convs(specs)
-    assert built and all(s.regime == "gemm" and policy.ConvGateConfig.for_spec(s).gate_ctas == 0 for s in built)
+    built = [policy.ConvGateConfig.for_spec(s) for s in _convs(specs) if s.regime == "gemm"]
+    assert built and all(c.gate_ctas == 0 and c.conv_rows == conv.get("conv_gate_gemm_conv_rows", 1) for c in built)
 
 
 @pytest.mark.parametrize("layout", ["SD", "DS"])

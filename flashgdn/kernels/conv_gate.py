@@ -5,15 +5,18 @@ policy.ConvGateConfig) the projection is a cuBLAS GEMM launched before it, and i
 only.
 
 A 1-D grid of CTAs in groups of gate_rows batch rows (policy.ConvGateConfig): per group
-gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) groups.
+gate_rows x conv_ctas conv CTAs, then gate_ctas gate CTAs; ceil(B / gate_rows) groups. A kernel of
+conv CTAs only groups conv_rows batch rows instead: conv_ctas CTAs per group, a thread serving its
+channel in each of the group's rows.
 
 - conv CTA: one channel per thread. It reads the channel's old window (width - 1 values) at the
   row's conv-state slot and its new input x, writes the activated output
   silu(sum(window * weight) + bias), rounded to bf16 as the models' conv kernels store it, and
-  writes the new window (old[1:], x) back. Each channel has exactly one reader and writer, so
-  the in-place update has no race. The conv state is addressed through its dynamic strides: one
-  build serves the "SD" pool (a transposed view, channels contiguous: coalesced) and the "DS"
-  pool (windows contiguous).
+  writes the new window (old[1:], x) back. With conv_rows rows it loads the weights once and every
+  row's window and input before its first store, so that all of them are in flight at once. Each
+  channel of a row has exactly one reader and writer, so the in-place update has no race. The conv
+  state is addressed through its dynamic strides: one build serves the "SD" pool (a transposed
+  view, channels contiguous: coalesced) and the "DS" pool (windows contiguous).
 - gate CTA: one block of gate_vec columns of w_ba (one 16-byte load per row), its dot products
   with hidden_states[b] in fp32, the rows split over the threads, reduced through shared memory;
   the sums are rounded to bf16 as the projection's bf16 output is. A gate CTA serves its group's
@@ -49,8 +52,8 @@ class ConvGate:
         self.spec = spec
         self.config = config
         self.num_warps = config.threads // 32
-        self.rows = config.gate_rows
-        self.conv_parts = self.rows * config.conv_ctas
+        self.rows = config.gate_rows if config.gate_ctas else config.conv_rows
+        self.conv_parts = config.gate_rows * config.conv_ctas
         self.ctas_per_group = self.conv_parts + config.gate_ctas
         self.blocks, self.blocks_pad = conv_gate_blocks(spec.HV)  # w_ba column blocks of a row, padded
         # The split gate's lanes of one column block sit blocks_pad apart: its sums are added with a
@@ -85,7 +88,7 @@ class ConvGate:
         group = bidx // self.ctas_per_group
         part = bidx % self.ctas_per_group
         if const_expr(not self.config.gate_ctas):
-            self._conv(gmem, group, part)  # one batch row per group (policy.ConvGateConfig)
+            self._conv(gmem, group, part)  # conv_rows batch rows per group (policy.ConvGateConfig)
         else:
             if part < self.conv_parts:
                 if const_expr(self.rows == 1):
@@ -99,35 +102,43 @@ class ConvGate:
             else:
                 self._gate(gmem, group, part - self.conv_parts)
 
-    def _conv_loads(self, gmem: ConvGateArgs, b, c, slot):
-        """Channel c's old window, its new input and its weights (raw bf16)."""
-        W = self.spec.width
-        window = [gmem.conv_state[slot, c, j] for j in range(W - 1)]
-        weights = [gmem.conv_weight[c, j] for j in range(W)]
-        return window, gmem.mixed_qkv[b, c], weights
-
     @cute.jit
-    def _conv(self, gmem: ConvGateArgs, b: Int32, part: Int32):
+    def _conv(self, gmem: ConvGateArgs, group: Int32, part: Int32):
+        """Channel part * threads + tid of the group's batch rows (conv_rows of them; one where the
+        kernel has gate CTAs, whose groups hand a conv CTA its batch row as `group`)."""
         spec = self.spec
         W = spec.width
+        CR = self.config.conv_rows
         tid, _, _ = cute.arch.thread_idx()
         c = part * self.config.threads + tid
-        slot = Int64(gmem.state_indices[b])
         if c < spec.qkv_dim:
-            if slot >= Int64(0):
-                if slot < Int64(gmem.conv_state.shape[0]):
-                    window, x, weights = self._conv_loads(gmem, b, c, slot)
-                    acc = Float32(0.0)
+            B = gmem.hidden_states.shape[0]
+            pool = Int64(gmem.conv_state.shape[0])
+            rows = [group * CR + r for r in range(CR)]
+            # A row past the batch (a partial last group) reads the last row's slot and writes nothing.
+            index = rows if const_expr(CR == 1) else [cutlass.min(b, B - 1) for b in rows]
+            slots = [Int64(gmem.state_indices[b]) for b in index]
+            live = [(slot >= Int64(0)) & (slot < pool) for slot in slots]
+            if const_expr(CR > 1):
+                live = [ok & (b < B) for ok, b in zip(live, rows)]
+            rWin = cute.make_rmem_tensor((CR, W), BFloat16)  # the old window, then the new input
+            for r in cutlass.range_constexpr(CR):
+                if live[r]:
                     for j in cutlass.range_constexpr(W - 1):
-                        acc += window[j].to(Float32) * weights[j].to(Float32)
-                    acc += x.to(Float32) * weights[W - 1].to(Float32)
+                        rWin[r, j] = gmem.conv_state[slots[r], c, j]
+                    rWin[r, W - 1] = gmem.mixed_qkv[rows[r], c]
+            weights = [gmem.conv_weight[c, j].to(Float32) for j in range(W)]
+            for r in cutlass.range_constexpr(CR):
+                if live[r]:
+                    acc = Float32(0.0)
+                    for j in cutlass.range_constexpr(W):
+                        acc += rWin[r, j].to(Float32) * weights[j]
                     if const_expr(gmem.conv_bias is not None):
                         acc += gmem.conv_bias[c].to(Float32)
                     y = acc / (Float32(1.0) + cute.math.exp(-acc))  # SiLU
-                    gmem.qkv_out[b, c] = y.to(BFloat16)
-                    for j in cutlass.range_constexpr(W - 2):
-                        gmem.conv_state[slot, c, j] = window[j + 1]
-                    gmem.conv_state[slot, c, W - 2] = x
+                    gmem.qkv_out[rows[r], c] = y.to(BFloat16)
+                    for j in cutlass.range_constexpr(W - 1):
+                        gmem.conv_state[slots[r], c, j] = rWin[r, j + 1]
 
     @cute.jit
     def _gate(self, gmem: ConvGateArgs, group: Int32, block: Int32):

@@ -83,6 +83,11 @@ class DeviceTable:
     # (RESULTS.md "Fused step: conv/gate CTAs"). At least small_regime_heads_per_sm
     # (fused_step.kernel_specs' precompile pairs rely on it).
     conv_gate_gemm_heads_per_sm: int = 0
+    # The gemm regime's conv-only CTAs: threads (None: conv_gate_threads) and batch rows per thread. A
+    # thread loads its channel's weights once and every row's window and input at once, so that
+    # more of its loads are in flight per DRAM round trip. RESULTS.md "Fused step: the gemm regime's conv".
+    conv_gate_gemm_threads: Optional[int] = None
+    conv_gate_gemm_conv_rows: int = 1
     # Fewest tokens for which the tensor-core MTP kernel serves an fp32 state at large batch; None:
     # the token loop serves it (a tuning run asks for the tensor cores by tile). RESULTS.md "Tensor
     # cores for an fp32 state".
@@ -186,6 +191,10 @@ SM90_HBM3 = DeviceTable(
     # there; at 3072 heads and more of the other shapes 1.01-1.05x; at 2048 heads level. On the H200
     # 1.02-1.18x from 3072 heads, 0.94-1.01x at 2048 (RESULTS.md "Fused step: conv/gate CTAs").
     conv_gate_gemm_heads_per_sm=20,
+    # Four batch rows per conv thread there: with one, the conv kernel took 25.4 / 20.4 µs at Qwen3.5 /
+    # Qwen3-Next TP1 B = 256 where FLA's Triton conv update takes 19.4 / 16.1, and the step ran 0.98-0.99x
+    # the composed path; with four, 1.01-1.02x faster (level with it). 512 threads: no faster than 128.
+    conv_gate_gemm_conv_rows=4,
 )
 
 # Tuned on the H200 (SM90, 132 SMs, HBM3e: 1.4x the H100's copy bandwidth), where the H100's
@@ -215,6 +224,9 @@ SM90_HBM3E = dataclasses.replace(
     # on the H200).
     conv_gate_split_batch_rows=1,
     conv_gate_split_batch_rows_min_bytes=0,
+    # One batch row per conv thread in the gemm regime, as timed here (four are the H100's choice; not
+    # timed on the H200).
+    conv_gate_gemm_conv_rows=1,
 )
 
 # Tuning tables by device-class name: the name is what enters the cache key.

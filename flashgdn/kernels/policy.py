@@ -313,6 +313,12 @@ class ConvGateConfig:
     gate_prefetch: bool  # DeviceTable.conv_gate_prefetch
     gate_rows: int  # batch rows per gate CTA (DeviceTable.conv_gate_rows, conv_gate_split_batch_rows)
     split_rows: int = 0  # hidden rows per gate CTA of the split projection (0: column-block CTAs)
+    conv_rows: int = 1  # batch rows per conv thread (DeviceTable.conv_gate_gemm_conv_rows; no gate CTAs)
+
+    def __post_init__(self) -> None:
+        if self.conv_rows < 1 or (self.conv_rows > 1 and self.gate_ctas):
+            raise ValueError(f"conv_rows ({self.conv_rows}) must be 1, or more in a kernel without gate CTAs "
+                             f"(gate_ctas {self.gate_ctas})")
 
     @property
     def partial_sums(self) -> int:
@@ -330,13 +336,16 @@ class ConvGateConfig:
         from B = 64 on, 0.77-1.00x for a w_ba of 256 KiB or less and 0.64-0.96x at B <= 16. The "split"
         regime: the small one's CTA size, the split projection (DeviceTable.conv_gate_split_heads_per_sm;
         column-block gate CTAs where a w_ba row's padded blocks outnumber the threads). The "gemm"
-        regime: conv CTAs only, conv_gate_threads each (the projection is cuBLAS's)."""
+        regime: conv CTAs only, conv_gate_gemm_threads (or conv_gate_threads) each, conv_gate_gemm_conv_rows
+        batch rows per thread (the projection is cuBLAS's)."""
         table = _table_of(spec.device_class, spec.arch)
         small = spec.regime in ("small", "split")
         threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
-        conv_ctas = -(-spec.qkv_dim // threads)
         if spec.regime == "gemm":
-            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1)
+            threads = table.conv_gate_gemm_threads or threads
+            return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=0, gate_prefetch=False,
+                       gate_rows=1, conv_rows=table.conv_gate_gemm_conv_rows)
+        conv_ctas = -(-spec.qkv_dim // threads)
         split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
         w_ba_bytes = _w_ba_bytes(spec.hidden, spec.HV)
         if split:
