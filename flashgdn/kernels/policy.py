@@ -339,13 +339,13 @@ class ConvGateConfig:
         regime: conv CTAs only, conv_gate_gemm_threads (or conv_gate_threads) each, conv_gate_gemm_conv_rows
         batch rows per thread (the projection is cuBLAS's)."""
         table = _table_of(spec.device_class, spec.arch)
-        small = spec.regime in ("small", "split")
-        threads = (table.conv_gate_threads_small or table.conv_gate_threads) if small else table.conv_gate_threads
-        if spec.regime == "gemm":
-            threads = table.conv_gate_gemm_threads or threads
-            return cls(threads=threads, conv_ctas=-(-spec.qkv_dim // threads), gate_ctas=0, gate_prefetch=False,
-                       gate_rows=1, conv_rows=table.conv_gate_gemm_conv_rows)
+        own_threads = {"small": table.conv_gate_threads_small, "split": table.conv_gate_threads_small,
+                       "gemm": table.conv_gate_gemm_threads}
+        threads = own_threads.get(spec.regime) or table.conv_gate_threads
         conv_ctas = -(-spec.qkv_dim // threads)
+        if spec.regime == "gemm":
+            return cls(threads=threads, conv_ctas=conv_ctas, gate_ctas=0, gate_prefetch=False, gate_rows=1,
+                       conv_rows=table.conv_gate_gemm_conv_rows)
         split = split_gate_rows(spec.hidden, spec.HV, threads, table.conv_gate_split_rows) if spec.regime == "split" else 0
         w_ba_bytes = _w_ba_bytes(spec.hidden, spec.HV)
         if split:
