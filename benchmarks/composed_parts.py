@@ -14,18 +14,9 @@ import sys
 import torch
 
 import flashgdn
-from flashgdn.bench.engine_rows import COMPOSED, conv_kernel, conv_update, fused_step_decode_call, fused_step_inputs
+from flashgdn.bench.engine_rows import (COMPOSED, conv_kernel, conv_update, fla_conv_autotuner, fused_step_decode_call,
+                                        fused_step_inputs)
 from fused_table import gpu_missing, median_us, step_parser, step_row  # this script's folder is on sys.path
-
-
-def fla_conv_autotuner():
-    """The autotuner of FLA's Triton conv update kernel (under its heuristics wrapper)."""
-    from fla.modules.causal_conv1d import ops
-
-    kernel = ops.causal_conv1d_update_kernel
-    while not hasattr(kernel, "configs"):
-        kernel = kernel.fn
-    return kernel
 
 
 def parts(row, iters: int, seed: int) -> dict:
@@ -47,8 +38,8 @@ def by_conv_config(row, iters: int, seed: int) -> list:
     autotuner picks by itself (the last element)."""
     tuner = fla_conv_autotuner()
     configs, results = tuner.configs, []
-    tuner.cache.clear()
     composed, _ = COMPOSED.prepare(row, fused_step_inputs(row, "cuda", seed))
+    tuner.cache.clear()  # the configs tuned for this batch size (engine_rows.tune_fla_conv_for_batch)
     composed()
     picked = [str(c) for c in tuner.cache.values()]
     try:

@@ -438,6 +438,38 @@ def test_composed_path_with_flas_dense_conv_verifies(monkeypatch):
     assert "FLA" in COMPOSED.note(r)
 
 
+def test_flas_conv_is_tuned_for_each_batch_size(monkeypatch):
+    """FLA's conv autotuner keys on (D, W) and dtypes, not the batch: the composed path points it at
+    configs tuned for the row's batch size (tuned once per size and process) and turns Triton's disk
+    cache of autotuning results off, so no earlier batch's pick serves a row."""
+    tuner = types.SimpleNamespace(configs=["BD8", "BD64"], cache={("D", "W"): "picked by an earlier batch"},
+                                  cache_results=True)
+    tunings = []
+
+    def update(x, cache, residual=None, weight=None, bias=None, activation=None):
+        if ("D", "W") not in tuner.cache:  # the autotuner's run: tune on the first call of a key
+            tunings.append(x.shape[0])
+            tuner.cache[("D", "W")] = f"tuned at B = {x.shape[0]}"
+        return _fla_conv_update(x, cache, residual, weight, bias, activation)
+
+    ops = types.ModuleType("fla.modules.causal_conv1d.ops")
+    ops.causal_conv1d_update_kernel = types.SimpleNamespace(fn=tuner)  # the heuristics wrapper
+    fla_conv = types.ModuleType("fla.modules.causal_conv1d")
+    fla_conv.causal_conv1d_update, fla_conv.ops = update, ops
+    monkeypatch.setitem(sys.modules, "causal_conv1d", None)
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", fla_conv)
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d.ops", ops)
+    monkeypatch.setattr(engine_rows, "_FLA_CONV_TUNED", {})
+    monkeypatch.setattr(engines, "fused_recurrent_gated_delta_rule_packed_decode", _reference_packed_decode)
+    assert engine_rows.fla_conv_autotuner() is tuner
+    for B in (2, 5, 2):
+        r = row("fused_step", B=B)
+        call, _ = COMPOSED.prepare(r, make_inputs(r, "cpu", seed=B))
+        call()
+        assert tuner.cache == {("D", "W"): f"tuned at B = {B}"} and tuner.cache_results is False
+    assert tunings == [2, 5]
+
+
 # ----------------------------------------------------------------------------- table
 
 

@@ -435,6 +435,35 @@ def conv_kernel() -> str:
     return "torch"
 
 
+def fla_conv_autotuner():
+    """The autotuner (a triton Autotuner) under FLA's Triton conv update kernel and its heuristics
+    wrapper, or None where FLA has no such kernel."""
+    try:
+        from fla.modules.causal_conv1d import ops
+    except ImportError:
+        return None
+    kernel = getattr(ops, "causal_conv1d_update_kernel", None)
+    while kernel is not None and not hasattr(kernel, "configs"):
+        kernel = getattr(kernel, "fn", None)
+    return kernel
+
+
+# FLA's conv update autotunes its block on (D, W) and its tensors' dtypes, not on the batch: the
+# first batch size a process ran (and, through Triton's disk cache of autotuning results, the first
+# on the machine) would pick the config of every later row. Each batch size gets its own tuning,
+# kept here for the process: the composed path's best case.
+_FLA_CONV_TUNED: dict = {}
+
+
+def tune_fla_conv_for_batch(batch: int) -> None:
+    """Point FLA's conv autotuner at the configs tuned for `batch` rows (tuned on its next call if
+    none are), with Triton's disk cache of autotuning results off."""
+    tuner = fla_conv_autotuner()
+    if tuner is not None:
+        tuner.cache = _FLA_CONV_TUNED.setdefault(batch, {})
+        tuner.cache_results = False
+
+
 def conv_update(inp):
     """(conv update of a step's arguments -> y, its rows' conv states after the update ->
     [B, qkv_dim, width - 1]) by conv_kernel(): causal-conv1d's update on the paged pool (as vLLM
@@ -443,7 +472,8 @@ def conv_update(inp):
     FLA's update keeps one dense cache row [qkv_dim, width] per sequence (its last width - 1
     columns are the window; the update shifts them and writes the whole row) and takes no slot
     indices: the step's rows start as a dense copy of their pool rows (untimed), which spares the
-    composed path the gather and scatter a paged pool would cost it: its best case."""
+    composed path the gather and scatter a paged pool would cost it: its best case. Its block is
+    tuned for the row's batch size (tune_fla_conv_for_batch)."""
     kind = conv_kernel()
     if kind == "causal-conv1d":
         from causal_conv1d import causal_conv1d_update
@@ -457,6 +487,7 @@ def conv_update(inp):
         return _torch_conv_update, _pool_conv_rows
     from fla.modules.causal_conv1d import causal_conv1d_update as fla_update
 
+    tune_fla_conv_for_batch(inp["mixed_qkv"].shape[0])
     rows = _pool_conv_rows(inp)
     cache = torch.zeros(*rows.shape[:2], rows.shape[2] + 1, dtype=rows.dtype, device=rows.device)
     cache[..., 1:] = rows
