@@ -604,8 +604,6 @@ def test_conv_gate_gemm_regime_and_its_precompile_pairs(monkeypatch):
     assert policy.ConvGateConfig.for_spec(specs[-1].conv).gate_ctas == 0  # the gemm regime's conv runs alone
 
 
-
-
 def test_conv_rows_reach_the_gemm_regime_only(monkeypatch):
     """conv_gate_gemm_threads and conv_gate_gemm_conv_rows build the gemm regime's conv-only kernel;
     the other regimes keep one batch row per conv thread, and a kernel with gate CTAs refuses more."""
