@@ -314,8 +314,10 @@ def test_matches_reference_in_the_gemm_regime(monkeypatch, geom, sdt, conv):
         kw = make_fused_inputs(B, H, HV, D, hidden, width, P=P, state_dtype=sdt, conv_layout=layout, bias=bias,
                                slots=_slots(B, P, pad=True, invalid=True, seed=n), device=DEV, seed=50 + n)
         run_and_check(kw, gemm=True, w_ba_param=n == 1)
-    built = [policy.ConvGateConfig.for_spec(s) for s in _convs(specs) if s.regime == "gemm"]
-    assert built and all(c.gate_ctas == 0 and c.conv_rows == conv.get("conv_gate_gemm_conv_rows", 1) for c in built)
+    convs = _convs(specs)
+    assert convs and all(s.regime == "gemm" for s in convs)
+    built = [policy.ConvGateConfig.for_spec(s) for s in convs]
+    assert all(c.gate_ctas == 0 and c.conv_rows == conv.get("conv_gate_gemm_conv_rows", 1) for c in built)
 
 
 @pytest.mark.parametrize("layout", ["SD", "DS"])
