@@ -128,7 +128,6 @@ class ConvGate:
                         rWin[r, j] = gmem.conv_state[slots[r], c, j]
                     rWin[r, W - 1] = gmem.mixed_qkv[rows[r], c]
             weights = [gmem.conv_weight[c, j].to(Float32) for j in range(W)]
-            bias = Float32(0.0)
             if const_expr(gmem.conv_bias is not None):
                 bias = gmem.conv_bias[c].to(Float32)
             for r in cutlass.range_constexpr(CR):
@@ -136,7 +135,8 @@ class ConvGate:
                     acc = Float32(0.0)
                     for j in cutlass.range_constexpr(W):
                         acc += rWin[r, j].to(Float32) * weights[j]
-                    acc += bias  # added last, as the models' conv kernels do
+                    if const_expr(gmem.conv_bias is not None):
+                        acc += bias  # added last, as the models' conv kernels do
                     y = acc / (Float32(1.0) + cute.math.exp(-acc))  # SiLU
                     gmem.qkv_out[rows[r], c] = y.to(BFloat16)
                     for j in cutlass.range_constexpr(W - 1):
